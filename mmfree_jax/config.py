@@ -1,0 +1,216 @@
+"""Config schema (ml-collections) and the validated, frozen model config the modules take.
+
+`base_config()` is the whole schema of DESIGN.md §5 with defaults; the files in `configs/`
+start from it, change values and `lock()` it, so that an unknown key (a typo in a
+`--config.x.y=v` override or in a config file) raises instead of being silently ignored.
+`ModelConfig.from_config(cfg.model)` validates the model section once and gives the modules a
+hashable dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_dict
+
+from mmfree_jax.recurrence import SCAN_TYPES
+
+MODEL_KINDS = ("mmfree", "transformer")
+DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "float64": jnp.float64,
+}
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+
+def resolve_dtype(name: str):
+  """Maps a dtype name from the config to a jnp dtype, with an error naming the choices."""
+  try:
+    return DTYPES[name]
+  except (KeyError, TypeError):
+    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+
+
+def intermediate_size_for(d_model: int, hidden_ratio: int) -> int:
+  """The reference's GLU width: `256 * ceil(int(d * hidden_ratio * 2/3) / 256)`."""
+  return 256 * math.ceil(int(d_model * hidden_ratio * 2 / 3) / 256)
+
+
+def base_model_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      "kind": "mmfree",
+      "vocab_size": 32000,
+      "d_model": 1024,
+      "num_layers": 24,
+      "hidden_ratio": 4,
+      "intermediate_size": config_dict.placeholder(int),  # None = derived from d, ratio
+      "num_heads": 16,  # transformer only (the MLGRU has one head, as released)
+      "rope_theta": 10000.0,  # transformer only
+      "use_lower_bound": True,
+      "rms_norm_eps": 1e-6,
+      "scan_type": "sequential",
+      "chunk_size": 64,
+      "reset_at_doc_start": True,
+      "dtype": "float32",
+      "param_dtype": "float32",
+      "remat": "none",
+  })
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The full schema with defaults (DESIGN.md §5). Config files copy and edit it."""
+  cfg = ml_collections.ConfigDict()
+  cfg.model = base_model_config()
+  cfg.data = ml_collections.ConfigDict({
+      "source": "builtin_kjv",  # builtin_kjv | text | jsonl | tokens
+      "paths": "",  # comma-separated files or globs
+      "text_field": "text",
+      "tokenizer": "bpe:4096",  # bpe:<vocab> (trained+cached) | hf:<tokenizer.json> | spm:<model>
+      "seq_len": 256,
+      "val_fraction": 0.02,
+      "seed": 0,
+      "worker_count": 0,
+  })
+  cfg.train = ml_collections.ConfigDict({
+      "steps": 1000,
+      "global_batch": 16,
+      "microbatches": 1,
+      "seed": 0,
+      "log_every": 10,
+      "eval_every": 200,
+      "eval_batches": 8,
+      "checkpoint_every": 200,
+      "keep_checkpoints": 3,
+      "nan_policy": "skip",  # skip | stop
+      "sample_tokens": 64,
+  })
+  cfg.optim = ml_collections.ConfigDict({
+      "lr": 3e-3,
+      "schedule": "cosine",
+      "warmup_steps": 100,
+      "end_lr_ratio": 0.1,
+      "weight_decay": 0.01,
+      "b1": 0.9,
+      "b2": 0.95,
+      "eps": 1e-8,
+      "clip_norm": 1.0,
+      "z_loss": 0.0,
+  })
+  cfg.mesh = ml_collections.ConfigDict({
+      "shape": {"data": -1, "fsdp": 1, "tensor": 1},
+      "axis_rules": [
+          ("batch", ("data", "fsdp")),
+          ("seq", None),
+          ("embed", "fsdp"),
+          ("mlp", "tensor"),
+          ("inner", "tensor"),
+          ("heads", "tensor"),
+          ("vocab", "tensor"),
+          ("layers", None),
+      ],
+  })
+  cfg.dist = ml_collections.ConfigDict({
+      "coordinator": "",
+      "num_processes": 0,
+      "process_id": -1,
+  })
+  return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Validated model hyper-parameters (hashable: usable as a static jit argument)."""
+  kind: str
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  hidden_ratio: int
+  intermediate_size: int
+  num_heads: int
+  rope_theta: float
+  use_lower_bound: bool
+  rms_norm_eps: float
+  scan_type: str
+  chunk_size: int
+  reset_at_doc_start: bool
+  dtype: str
+  param_dtype: str
+  remat: str
+
+  @property
+  def compute_dtype(self):
+    return resolve_dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return resolve_dtype(self.param_dtype)
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @classmethod
+  def from_config(cls, model_cfg) -> "ModelConfig":
+    """Validates a `model` config section (ConfigDict or dict) and freezes it."""
+    values = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+    defaults = base_model_config().to_dict()
+    defaults.update(values)
+    values = defaults
+    if values["intermediate_size"] is None:
+      values["intermediate_size"] = intermediate_size_for(values["d_model"],
+                                                          values["hidden_ratio"])
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+  @classmethod
+  def tiny(cls, **overrides) -> "ModelConfig":
+    """A small model for tests and notebooks."""
+    values = base_model_config().to_dict()
+    values.update(vocab_size=256, d_model=64, num_layers=2, num_heads=4)
+    values.update(overrides)
+    return cls.from_config(values)
+
+  def validate(self) -> None:
+    if self.kind not in MODEL_KINDS:
+      raise ValueError(f"unknown model.kind {self.kind!r}; choose one of {MODEL_KINDS}")
+    resolve_dtype(self.dtype)
+    resolve_dtype(self.param_dtype)
+    for name in ("vocab_size", "d_model", "num_layers", "hidden_ratio", "intermediate_size",
+                 "num_heads", "chunk_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"model.{name} must be a positive int; got {value!r}")
+    if self.scan_type not in SCAN_TYPES:
+      raise ValueError(f"unknown model.scan_type {self.scan_type!r}; choose one of "
+                       f"{SCAN_TYPES}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"unknown model.remat {self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.kind == "transformer":
+      if self.d_model % self.num_heads:
+        raise ValueError(f"model.d_model={self.d_model} is not divisible by "
+                         f"model.num_heads={self.num_heads}; pick num_heads dividing d_model")
+      if self.head_dim % 2:
+        raise ValueError(f"head_dim={self.head_dim} must be even for RoPE; change "
+                         "model.num_heads")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ModelConfig:
+  """Checks a whole config before any compute; returns the frozen model config."""
+  model = ModelConfig.from_config(cfg.model)
+  seq_len = cfg.data.seq_len
+  if model.kind == "mmfree" and model.scan_type == "chunked" and seq_len % model.chunk_size:
+    raise ValueError(
+        f"data.seq_len={seq_len} is not divisible by model.chunk_size={model.chunk_size} "
+        "with model.scan_type='chunked'; set --config.model.chunk_size to a divisor of "
+        "seq_len or --config.model.scan_type=sequential")
+  return model

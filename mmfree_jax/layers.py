@@ -1,0 +1,213 @@
+"""Flax NNX layers. They own parameters (with logical axis names) and call the pure numerics
+in `quant`, `recurrence` and `attention`.
+
+MatMul-free: `BitLinear`, `MLGRU` (token mixer), `GLU` (ternary channel mixer).
+Transformer++: `Dense`, `Attention` (RoPE, causal, KV cache), `SwiGLU`.
+Shared: `RMSNorm`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mmfree_jax import attention as attn_lib
+from mmfree_jax import quant
+from mmfree_jax import recurrence
+from mmfree_jax.config import ModelConfig
+
+Initializer = nnx.initializers.Initializer
+
+
+def normal_init(stddev: float) -> Initializer:
+  return nnx.initializers.normal(stddev)
+
+
+def xavier_uniform_init(gain: float) -> Initializer:
+  """torch's `xavier_uniform_(gain=g)`: U(±g·sqrt(6/(fan_in+fan_out)))."""
+  return nnx.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
+
+
+def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+  key = rngs.params() if rngs is not None else jax.random.key(0)
+  # eager_sharding=False: params are placed by the trainer (jit out_shardings), so building a
+  # model needs no mesh (notebooks, eval_shape, tests).
+  return nnx.Param(init(key, shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm with scale `scale [dim]` (init 1). `[..., dim]` → same shape, x's dtype."""
+
+  def __init__(self, dim: int, *, eps: float, axis: str = "embed",
+               param_dtype=jnp.float32):
+    self.eps = eps
+    self.scale = _param(None, nnx.initializers.ones, (dim,), param_dtype, (axis,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return quant.rms_norm(x, self.scale[...], self.eps)
+
+
+class BitLinear(nnx.Module):
+  """RMSNorm + int8 activations + ternary weights, no bias (DESIGN.md §1).
+
+  Params: `kernel [in, out]` (latent full precision), `norm_scale [in]`.
+  `[..., in]` → `[..., out]` in the compute dtype.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+               kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
+               eps: float = quant.BITLINEAR_NORM_EPS, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.kernel = _param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
+    self.norm_scale = _param(None, nnx.initializers.ones, (in_features,), param_dtype,
+                             (axes[0],))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return quant.bitlinear(x, self.kernel[...], self.norm_scale[...], eps=self.eps,
+                           dtype=self.dtype)
+
+
+class Dense(nnx.Module):
+  """Plain linear layer without bias: `kernel [in, out]`. `[..., in]` → `[..., out]`."""
+
+  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+               kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = _param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+
+class MLGRU(nnx.Module):
+  """MatMul-free linear GRU token mixer (HGRNBitAttention, 1 head, expand_ratio 1).
+
+  `x [batch, seq, d]` → `y [batch, seq, d]`, final state `[batch, d_in]` fp32.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d = d_in = cfg.d_model
+    self.cfg = cfg
+    proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
+                kernel_init=xavier_uniform_init(2**-2.5))
+    self.i_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
+    self.f_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
+    self.g_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
+    self.o_proj = BitLinear(d_in, d, axes=("inner", "embed"), **proj)
+    self.g_norm = RMSNorm(d_in, eps=cfg.rms_norm_eps, axis="inner",
+                          param_dtype=cfg.weight_dtype)
+
+  def __call__(self, x: jax.Array, lower_bound: jax.Array, *,
+               initial_state: jax.Array | None = None,
+               reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """
+    Args:
+      x: `[batch, seq, d]`.
+      lower_bound: `[d_in]` forget-gate lower bound of this layer (zeros = none).
+      initial_state: `[batch, d_in]` fp32 or None.
+      reset: `[batch, seq]` bool, True where a new document starts (forget gate set to 0).
+    """
+    acc = jnp.promote_types(self.cfg.compute_dtype, jnp.float32)
+    f = jax.nn.sigmoid(self.f_proj(x).astype(acc))
+    lb = lower_bound.astype(acc)
+    f = lb + (1.0 - lb) * f
+    i = jax.nn.silu(self.i_proj(x).astype(acc)) * (1.0 - f)
+    if reset is not None:
+      f = jnp.where(reset[..., None], 0.0, f)
+    h, h_last = recurrence.linear_recurrence(
+        f, i, initial_state, scan_type=self.cfg.scan_type, chunk_size=self.cfg.chunk_size)
+    g = self.g_norm(self.g_proj(x).astype(acc))
+    o = g * h * jax.nn.sigmoid(h)  # FusedRMSNormSwishGate(x=g, o=h)
+    return self.o_proj(o.astype(self.cfg.compute_dtype)), h_last
+
+
+class GLU(nnx.Module):
+  """Ternary GLU channel mixer (HGRNBitMLP). `[batch, seq, d]` → `[batch, seq, d]`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, inter = cfg.d_model, cfg.intermediate_size
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    # gate and up are fused in one BitLinear: one input norm, one weight scale.
+    self.gate_proj = BitLinear(d, 2 * inter, axes=("embed", "mlp"),
+                               kernel_init=normal_init(0.02), **common)
+    self.down_proj = BitLinear(inter, d, axes=("mlp", "embed"),
+                               kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5),
+                               **common)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(self.gate_proj(x), 2, axis=-1)
+    return self.down_proj(jax.nn.silu(gate) * up)
+
+
+class SwiGLU(nnx.Module):
+  """LLaMA MLP, full precision, fused gate/up. `[batch, seq, d]` → `[batch, seq, d]`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, inter = cfg.d_model, cfg.intermediate_size
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.gate_proj = Dense(d, 2 * inter, axes=("embed", "mlp"),
+                           kernel_init=normal_init(0.02), **common)
+    self.down_proj = Dense(inter, d, axes=("mlp", "embed"),
+                           kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5), **common)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(self.gate_proj(x), 2, axis=-1)
+    return self.down_proj(jax.nn.silu(gate) * up)
+
+
+class Attention(nnx.Module):
+  """Causal multi-head attention with RoPE and an optional KV cache.
+
+  `x [batch, seq, d]` → `[batch, seq, d]`; with a cache `(k, v) [batch, max_len, heads,
+  head_dim]` the new keys/values are written at `cache_index` and the updated cache returned.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d = cfg.d_model
+    self.cfg = cfg
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    self.q_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
+    self.k_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
+    self.v_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
+    self.o_proj = Dense(d, d, axes=("inner", "embed"),
+                        kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5), **common)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None,
+               cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None):
+    """
+    Args:
+      x: `[batch, seq, d]`.
+      positions: `[batch, seq]` int, RoPE positions (restart at each document when packed).
+      segment_ids: `[batch, seq]` document ids (attention stays inside a document) or None.
+      cache: `(k, v)`, each `[batch, max_len, heads, head_dim]`, or None.
+      cache_index: scalar int, number of tokens already in the cache.
+    Returns:
+      y `[batch, seq, d]`, updated cache (or None).
+    """
+    batch, seq, _ = x.shape
+    heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
+    split = lambda t: t.reshape(batch, seq, heads, head_dim)
+    q = attn_lib.rope(split(self.q_proj(x)), positions, self.cfg.rope_theta)
+    k = attn_lib.rope(split(self.k_proj(x)), positions, self.cfg.rope_theta)
+    v = split(self.v_proj(x))
+    if cache is None:
+      # Positions restart at each document only when segment ids are given, and the segment
+      # mask then removes every cross-document pair, so causality by position is exact.
+      mask = attn_lib.causal_mask(positions, positions, None, segment_ids, segment_ids)
+      out = attn_lib.dot_product_attention(q, k, v, mask)
+      new_cache = None
+    else:
+      k_cache, v_cache = cache
+      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
+                                                    cache_index, axis=1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
+                                                    cache_index, axis=1)
+      key_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
+      mask = attn_lib.causal_mask(positions, key_pos, cache_index + seq)
+      out = attn_lib.dot_product_attention(q, k_cache.astype(q.dtype),
+                                           v_cache.astype(q.dtype), mask)
+      new_cache = (k_cache, v_cache)
+    return self.o_proj(out.reshape(batch, seq, heads * head_dim)), new_cache

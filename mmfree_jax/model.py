@@ -1,0 +1,295 @@
+"""Language models: the MatMul-free LM (HGRNBitForCausalLM) and the Transformer++ baseline.
+
+Both: `embed → L stacked blocks (lax.scan over a leading 'layers' axis) → RMSNorm → head`, and
+`model(tokens [batch, seq], segment_ids=None, state=None) -> (logits [batch, seq, vocab],
+state)`. The state is what decoding carries: for the MatMul-free LM a constant-size
+`RecurrentState` (`h [layers, batch, d]` fp32), for the Transformer++ a `KVCache`.
+`model.init_state(batch, max_len)` makes an empty one; feeding a prompt with it is the prefill,
+feeding `[batch, 1]` tokens with the returned state is a decode step.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mmfree_jax import layers
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.sharding import constrain
+
+
+class RecurrentState(NamedTuple):
+  """MatMul-free decoding state: `h [layers, batch, d]` fp32. Independent of context length."""
+  h: jax.Array
+
+
+class KVCache(NamedTuple):
+  """Transformer++ decoding state: `k, v [layers, batch, max_len, heads, head_dim]`, and
+  `index`, the int32 number of positions already filled."""
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+  """Host-side check at the data boundary: ids must lie in [0, vocab_size).
+
+  Inside jit an out-of-range id cannot raise, and `jnp.take` would return NaN rows, so the
+  data pipeline, eval and generation call this on concrete token arrays.
+  """
+  tokens = np.asarray(tokens)
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+    raise ValueError(
+        f"token ids must be in [0, {vocab_size}); got min {tokens.min()}, max {tokens.max()}. "
+        "The tokenizer and model.vocab_size disagree: set --config.model.vocab_size to the "
+        "tokenizer's vocabulary size (or larger)")
+
+
+def reset_mask(segment_ids: jax.Array) -> jax.Array:
+  """`[batch, seq]` bool: True where a new document starts inside the window (not at t=0)."""
+  change = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
+
+
+def positions_in_document(segment_ids: jax.Array) -> jax.Array:
+  """`[batch, seq]` int32 position of each token inside its document (restarts at resets)."""
+  seq = segment_ids.shape[1]
+  steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
+  starts = jax.lax.cummax(jnp.where(reset_mask(segment_ids), steps, 0), axis=1)
+  return steps - starts
+
+
+def _stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                  rngs: nnx.Rngs) -> nnx.Module:
+  """Builds `num_layers` blocks whose params carry a leading 'layers' axis."""
+
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(key):
+    return make_block(nnx.Rngs(params=key))
+
+  return make(jax.random.split(rngs.params(), num_layers))
+
+
+def _scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer, body, remat: str):
+  """Runs `body(block, x, per_layer_slice) -> (x, out)` over the stacked blocks with lax.scan.
+
+  Returns the final x and the per-layer outputs stacked on a leading axis.
+  """
+  graphdef, params = nnx.split(blocks)
+
+  def step(x, xs):
+    block_params, layer_inputs = xs
+    return body(nnx.merge(graphdef, block_params), x, layer_inputs)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(step, x, (params, per_layer))
+
+
+class _LMBase(nnx.Module):
+  """Embedding table and input checks shared by both models."""
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    if tokens.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+    if not isinstance(tokens, jax.core.Tracer):
+      check_token_ids(tokens, self.cfg.vocab_size)
+    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.cfg.compute_dtype)
+    return constrain(x, ("batch", "seq", "embed"))
+
+  def _check_segments(self, tokens, segment_ids):
+    if segment_ids is not None and segment_ids.shape != tokens.shape:
+      raise ValueError(f"segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
+
+
+class MatMulFreeBlock(nnx.Module):
+  """`x + MLGRU(RMSNorm(x))`, then `x + GLU(RMSNorm(x))`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
+                                    param_dtype=cfg.weight_dtype)
+    self.attn = layers.MLGRU(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
+                                   param_dtype=cfg.weight_dtype)
+    self.mlp = layers.GLU(cfg, rngs=rngs)
+
+  def __call__(self, x, lower_bound, *, initial_state=None, reset=None):
+    """`x [batch, seq, d]`, `lower_bound [d]` → `x`, final recurrent state `[batch, d]`."""
+    y, h_last = self.attn(self.attn_norm(x), lower_bound, initial_state=initial_state,
+                          reset=reset)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "seq", "embed")), h_last
+
+
+class MatMulFreeLM(_LMBase):
+  """HGRNBitForCausalLM: ternary BitLinear everywhere (lm_head included), MLGRU + GLU blocks."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.kind != "mmfree":
+      raise ValueError(f"MatMulFreeLM needs model.kind='mmfree'; got {cfg.kind!r}")
+    self.cfg = cfg
+    d, dtype = cfg.d_model, cfg.weight_dtype
+    self.embedding = layers._param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
+                                   ("vocab", "embed"))
+    if cfg.use_lower_bound:
+      self.lower_bounds = layers._param(None, nnx.initializers.zeros, (cfg.num_layers, d),
+                                        dtype, ("layers", "embed"))
+    self.blocks = _stack_blocks(lambda r: MatMulFreeBlock(cfg, rngs=r), cfg.num_layers, rngs)
+    self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
+    self.lm_head = layers.BitLinear(d, cfg.vocab_size, axes=("embed", "vocab"),
+                                    kernel_init=layers.normal_init(0.02),
+                                    dtype=cfg.compute_dtype, param_dtype=dtype, rngs=rngs)
+
+  def layer_lower_bounds(self) -> jax.Array:
+    """`[layers, d]` fp32: `cumsum(softmax(lower_bounds, 0), 0) - p[0]` (layer 0 gets 0)."""
+    cfg = self.cfg
+    if not cfg.use_lower_bound:
+      return jnp.zeros((cfg.num_layers, cfg.d_model), jnp.float32)
+    p = jax.nn.softmax(self.lower_bounds[...].astype(jnp.float32), axis=0)
+    return jnp.cumsum(p, axis=0) - p[0]
+
+  def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
+    """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""
+    del max_len
+    return RecurrentState(jnp.zeros((self.cfg.num_layers, batch, self.cfg.d_model),
+                                    jnp.promote_types(self.cfg.compute_dtype, jnp.float32)))
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
+    """
+    Args:
+      tokens: `[batch, seq]` int32 ids in [0, vocab).
+      segment_ids: `[batch, seq]` document ids of a packed window; with
+        `reset_at_doc_start` the recurrence restarts at each new document.
+      state: `RecurrentState` to continue from (prefill/decode) or None (zeros).
+    Returns:
+      logits `[batch, seq, vocab]` in the compute dtype, the final `RecurrentState`.
+    """
+    self._check_segments(tokens, segment_ids)
+    x = self._embed(tokens)
+    reset = None
+    if segment_ids is not None and self.cfg.reset_at_doc_start:
+      reset = reset_mask(segment_ids)
+
+    def body(block, x, layer_inputs):
+      lower_bound, h0 = layer_inputs
+      return block(x, lower_bound, initial_state=h0, reset=reset)
+
+    h0 = None if state is None else state.h
+    x, h_last = _scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
+                             self.cfg.remat)
+    logits = self.lm_head(self.final_norm(x))
+    return constrain(logits, ("batch", "seq", "vocab")), RecurrentState(h_last)
+
+
+class TransformerBlock(nnx.Module):
+  """LLaMA block: `x + Attention(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
+                                    param_dtype=cfg.weight_dtype)
+    self.attn = layers.Attention(cfg, rngs=rngs)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
+                                   param_dtype=cfg.weight_dtype)
+    self.mlp = layers.SwiGLU(cfg, rngs=rngs)
+
+  def __call__(self, x, positions, *, segment_ids=None, cache=None, cache_index=None):
+    y, new_cache = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids,
+                             cache=cache, cache_index=cache_index)
+    x = x + y
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ("batch", "seq", "embed")), new_cache
+
+
+class TransformerLM(_LMBase):
+  """Transformer++ baseline: RoPE attention, SwiGLU with the same I, untied full-precision head."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    if cfg.kind != "transformer":
+      raise ValueError(f"TransformerLM needs model.kind='transformer'; got {cfg.kind!r}")
+    self.cfg = cfg
+    d, dtype = cfg.d_model, cfg.weight_dtype
+    self.embedding = layers._param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
+                                   ("vocab", "embed"))
+    self.blocks = _stack_blocks(lambda r: TransformerBlock(cfg, rngs=r), cfg.num_layers, rngs)
+    self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
+    self.lm_head = layers.Dense(d, cfg.vocab_size, axes=("embed", "vocab"),
+                                kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
+                                param_dtype=dtype, rngs=rngs)
+
+  def init_state(self, batch: int, max_len: int) -> KVCache:
+    """Empty KV cache of `max_len` positions (memory grows with the context)."""
+    cfg = self.cfg
+    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+    zeros = jnp.zeros(shape, cfg.compute_dtype)
+    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               state: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without)."""
+    self._check_segments(tokens, segment_ids)
+    if state is not None and segment_ids is not None:
+      raise ValueError("segment_ids (packed training windows) cannot be combined with a KV "
+                       "cache; decode one document per row")
+    x = self._embed(tokens)
+    batch, seq = tokens.shape
+    if segment_ids is not None:
+      positions = positions_in_document(segment_ids)
+    else:
+      offset = 0 if state is None else state.index
+      positions = jnp.broadcast_to(offset + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    cache_index = None if state is None else state.index
+
+    def body(block, x, layer_cache):
+      return block(x, positions, segment_ids=segment_ids, cache=layer_cache,
+                   cache_index=cache_index)
+
+    layer_caches = None if state is None else (state.k, state.v)
+    x, new_caches = _scan_blocks(self.blocks, x, layer_caches, body, self.cfg.remat)
+    logits = self.lm_head(self.final_norm(x))
+    new_state = None
+    if state is not None:
+      new_state = KVCache(new_caches[0], new_caches[1], state.index + seq)
+    return constrain(logits, ("batch", "seq", "vocab")), new_state
+
+
+def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:
+  """Instantiates the model `cfg.kind` names (`mmfree` or `transformer`)."""
+  if isinstance(rngs, int):
+    rngs = nnx.Rngs(params=rngs)
+  if cfg.kind == "mmfree":
+    return MatMulFreeLM(cfg, rngs=rngs)
+  if cfg.kind == "transformer":
+    return TransformerLM(cfg, rngs=rngs)
+  raise ValueError(f"unknown model.kind {cfg.kind!r}")
+
+
+def abstract_model(cfg: ModelConfig) -> nnx.Module:
+  """The model with `jax.ShapeDtypeStruct` leaves: no allocation (count a 2.7B on a laptop)."""
+  return nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(params=0)))
+
+
+def count_params(model_or_state) -> int:
+  """Number of parameters (works on abstract models too)."""
+  state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) \
+      else model_or_state
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
+
+
+def decode(model: nnx.Module, tokens: jax.Array, state):
+  """One decode step: `tokens [batch, 1]`, state → `(logits [batch, 1, vocab], new state)`."""
+  if tokens.ndim != 2 or tokens.shape[1] != 1:
+    raise ValueError(f"decode takes tokens [batch, 1]; got {tokens.shape}")
+  return model(tokens, state=state)

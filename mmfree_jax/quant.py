@@ -1,0 +1,137 @@
+"""Ternary weight and int8 activation quantization with a straight-through estimator.
+
+Pure functions only; `layers.BitLinear` wraps parameters around `bitlinear`.
+The formulas are DESIGN.md §1 (they follow the reference's fused kernels):
+
+    xn = rmsnorm(x) * gamma                       eps 1e-6, statistics in fp32
+    sx = 127 / max(max|xn|, 1e-5)                 per token
+    xq = clip(round_half_away(xn * sx), -128, 127) / sx
+    sw = 1 / max(mean|W|, 1e-5)                   per tensor
+    wq = clip(round_half_even(W * sw), -1, 1) / sw
+    y  = xq @ wq
+
+Backward is the straight-through estimator: the quantizer (rounding, clipping and its scales)
+is the identity, i.e. `q(x) = x + stop_gradient(quantize(x) - x)`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BITLINEAR_NORM_EPS = 1e-6
+ACT_SCALE_FLOOR = 1e-5
+WEIGHT_SCALE_FLOOR = 1e-5
+ACT_QMAX = 127.0
+ACT_QMIN = -128.0
+
+
+def round_half_away_from_zero(x: jax.Array) -> jax.Array:
+  """Rounds to the nearest integer, ties away from zero (the reference's Triton kernel)."""
+  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
+  """RMSNorm over the last axis; statistics in fp32 (or f64), result in x's dtype.
+
+  Args:
+    x: `[..., d]` any float dtype.
+    scale: `[d]` or None (no scale).
+    eps: added to the mean square.
+  """
+  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)  # never accumulate in bf16
+  xf = x.astype(stat_dtype)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  if scale is not None:
+    y = y * scale.astype(stat_dtype)
+  return y.astype(x.dtype)
+
+
+def activation_scale(x: jax.Array) -> jax.Array:
+  """Per-token int8 absmax scale `127 / max(max|x|, 1e-5)`, `[..., 1]` in fp32 (or f64)."""
+  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  amax = jnp.max(jnp.abs(x.astype(stat_dtype)), axis=-1, keepdims=True)
+  return ACT_QMAX / jnp.maximum(amax, ACT_SCALE_FLOOR)
+
+
+def quantize_activations_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Int8 absmax codes and their scale.
+
+  Args:
+    x: `[..., d]` float.
+  Returns:
+    codes: `[..., d]` int8 in [-128, 127]; scale: `[..., 1]` fp32 with x ≈ codes / scale.
+  """
+  sx = activation_scale(x)
+  codes = jnp.clip(round_half_away_from_zero(x.astype(sx.dtype) * sx), ACT_QMIN, ACT_QMAX)
+  return codes.astype(jnp.int8), sx
+
+
+def fake_quantize_activations(x: jax.Array) -> jax.Array:
+  """De-quantized int8 absmax activations `codes / scale`, same shape and dtype as x (no STE)."""
+  codes, sx = quantize_activations_int8(x)
+  return (codes.astype(sx.dtype) / sx).astype(x.dtype)
+
+
+def weight_scale(w: jax.Array) -> jax.Array:
+  """Per-tensor ternary scale `1 / max(mean|W|, 1e-5)`, a 0-d fp32 (or f64) array."""
+  stat_dtype = jnp.promote_types(w.dtype, jnp.float32)
+  return 1.0 / jnp.maximum(jnp.mean(jnp.abs(w.astype(stat_dtype))), WEIGHT_SCALE_FLOOR)
+
+
+def quantize_weights_ternary(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Ternary codes and their scale.
+
+  Args:
+    w: latent full-precision kernel, any shape.
+  Returns:
+    codes: int8 in {-1, 0, 1}, w's shape; scale: 0-d fp32 with w ≈ codes / scale.
+  """
+  sw = weight_scale(w)
+  codes = jnp.clip(jnp.round(w.astype(sw.dtype) * sw), -1.0, 1.0)  # jnp.round is half-even
+  return codes.astype(jnp.int8), sw
+
+
+def fake_quantize_weights(w: jax.Array) -> jax.Array:
+  """De-quantized ternary weights `codes / scale` in {-1, 0, +1}·mean|W| (no STE)."""
+  codes, sw = quantize_weights_ternary(w)
+  return (codes.astype(sw.dtype) / sw).astype(w.dtype)
+
+
+def straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
+  """Forward value `quantized`, gradient of the identity with respect to x."""
+  return x + jax.lax.stop_gradient(quantized - x)
+
+
+def bitlinear(
+    x: jax.Array,
+    kernel: jax.Array,
+    norm_scale: jax.Array,
+    *,
+    eps: float = BITLINEAR_NORM_EPS,
+    dtype: jnp.dtype | None = None,
+    quantize: bool = True,
+) -> jax.Array:
+  """BitLinear forward: RMSNorm, int8 activations, ternary weights, matmul; STE backward.
+
+  Args:
+    x: `[..., d_in]`.
+    kernel: `[d_in, d_out]` latent full-precision weights.
+    norm_scale: `[d_in]` RMSNorm gamma.
+    eps: RMSNorm epsilon (1e-6 as in the reference's FusedBitLinear).
+    dtype: compute dtype of the matmul (default: x's dtype). Scales stay fp32.
+    quantize: False replaces both quantizers by the identity (a plain RMSNorm+Linear); used
+      to check that STE gradients equal those of the unquantized layer.
+  Returns:
+    `[..., d_out]` in the compute dtype.
+  """
+  dtype = dtype or x.dtype
+  # Norm and quantization in fp32 (f64 under x64); only the matmul runs in the compute dtype.
+  xn = rms_norm(x.astype(jnp.promote_types(x.dtype, jnp.float32)), norm_scale, eps)
+  if quantize:
+    xq = straight_through(xn, fake_quantize_activations(xn))
+    wq = straight_through(kernel, fake_quantize_weights(kernel))
+  else:
+    xq, wq = xn, kernel
+  # The matmul runs in the compute dtype (bf16 on accelerators), as the reference does.
+  return jnp.matmul(xq.astype(dtype), wq.astype(dtype))

@@ -1,0 +1,57 @@
+"""Logical axis names → mesh axes (MaxText's idea, cut down to `data, fsdp, tensor`).
+
+Parameters carry logical names (`nnx.Param(..., sharding_names=...)`); activations are
+constrained with `constrain(x, ("batch", "seq", "embed"))`, which is a no-op unless a mesh
+and rules are active (`with logical_sharding(mesh, rules): ...`). The rules live in the config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Sequence
+
+import jax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "inner", "heads", "vocab", "layers")
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_logical_sharding",
+                                                         default=None)
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+
+def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """Turns config rules (lists from ml-collections) into the tuple form flax expects."""
+  out = []
+  for name, target in rules:
+    if isinstance(target, list):
+      target = tuple(target)
+    out.append((name, target))
+  return tuple(out)
+
+
+@contextlib.contextmanager
+def logical_sharding(mesh: Mesh, rules: Rules):
+  """Activates activation-sharding constraints for code traced inside the block."""
+  token = _ACTIVE.set((mesh, normalize_rules(rules)))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
+  return nn.logical_to_mesh_axes(tuple(logical_axes), normalize_rules(rules))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """`with_sharding_constraint` by logical names when a mesh is active, else identity."""
+  active = _ACTIVE.get()
+  if active is None:
+    return x
+  mesh, rules = active
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
