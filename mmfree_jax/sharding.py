@@ -55,3 +55,43 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   mesh, rules = active
   return jax.lax.with_sharding_constraint(
       x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+
+
+def _mesh_axis_size(mesh: Mesh, axis) -> int:
+  if axis is None:
+    return 1
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  size = 1
+  for a in axes:
+    size *= mesh.shape[a]
+  return size
+
+
+def fit_spec_to_shape(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+  """Replicates any dimension the mesh axes do not divide (e.g. a vocab of 50257 on 2 shards)."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  fitted = [axis if dim % _mesh_axis_size(mesh, axis) == 0 else None
+            for axis, dim in zip(entries, shape)]
+  return PartitionSpec(*fitted)
+
+
+def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
+  """NamedShardings for a tree of arrays from a matching tree of logical PartitionSpecs."""
+  rules = normalize_rules(rules)
+
+  def one(leaf, logical):
+    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    return NamedSharding(mesh, fit_spec_to_shape(spec, leaf.shape, mesh))
+
+  return jax.tree.map(one, abstract_tree, logical_specs,
+                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
+  """Sharding of a `[batch, ...]` input: the 'batch' rule on dim 0, the rest replicated."""
+  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
+  return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

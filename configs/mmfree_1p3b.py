@@ -1,0 +1,9 @@
+"""Paper size 1.3B, mmfree (see mmfree_jax.config.paper_config for the recipe)."""
+
+from mmfree_jax.config import paper_config
+
+
+def get_config():
+  cfg = paper_config("1.3b", "mmfree")
+  cfg.lock()
+  return cfg

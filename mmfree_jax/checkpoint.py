@@ -1,0 +1,91 @@
+"""Checkpoints with orbax's CheckpointManager: train state, data iterator, config.
+
+Layout: `WORKDIR/checkpoints/<step>/{state, data, config}`. Orbax writes each step into a
+temporary directory and renames it when complete (atomic), asynchronously, keeping the newest
+`keep` steps. A checkpoint records the config it was made with; resuming with a different
+model architecture is refused before any compute.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grain
+import orbax.checkpoint as ocp
+
+ITEMS = ("state", "data", "config")
+# Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
+# config that agrees on all of them.
+ARCHITECTURE_KEYS = ("kind", "vocab_size", "d_model", "num_layers", "hidden_ratio",
+                     "intermediate_size", "num_heads", "use_lower_bound", "param_dtype")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be used (other architecture, unreadable files)."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with the items this project saves."""
+
+  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
+    self.directory = checkpoint_dir(workdir)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
+           force: bool = False) -> bool:
+    """Starts an (async) save of step; returns whether a save was started."""
+    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def read_config(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+    return restored["config"]
+
+  def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
+    """Restores the state (into abstract_state's shapes/shardings) and the data iterator."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax raises many types; name the step and directory
+      raise CheckpointError(
+          f"could not restore checkpoint step {step} from {self.directory}: {e}. Pick an older "
+          f"step with --restore_step (available: {self.all_steps()})") from e
+    return restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def check_compatible(saved_config: dict, model_config: dict, where: str) -> None:
+  """Raises CheckpointError if the saved model architecture differs from the current one."""
+  saved_model = saved_config.get("model", {})
+  diffs = [f"{k}: checkpoint={saved_model.get(k)!r} config={model_config.get(k)!r}"
+           for k in ARCHITECTURE_KEYS if saved_model.get(k) != model_config.get(k)]
+  if diffs:
+    raise CheckpointError(
+        f"the checkpoint in {where} was made by a different model architecture ("
+        + "; ".join(diffs) + "). Use a fresh --workdir, or pass the config it was trained with")

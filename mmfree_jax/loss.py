@@ -1,0 +1,37 @@
+"""Next-token cross-entropy with an optional z-loss, in fp32, as sums (exact accumulation)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def split_window(tokens: jax.Array, segment_ids: jax.Array):
+  """Turns packed `[batch, seq+1]` windows into model inputs and targets.
+
+  Returns:
+    inputs `[batch, seq]`, input segment ids `[batch, seq]`, targets `[batch, seq]`,
+    loss mask `[batch, seq]` bool (False where the target is padding, segment id 0).
+  """
+  return tokens[:, :-1], segment_ids[:, :-1], tokens[:, 1:], segment_ids[:, 1:] != 0
+
+
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                       z_loss: float = 0.0):
+  """Summed token losses.
+
+  Args:
+    logits: `[batch, seq, vocab]` any float dtype (upcast to fp32 here).
+    targets: `[batch, seq]` int.
+    mask: `[batch, seq]` bool.
+    z_loss: coefficient of `log(Z)^2` (PaLM's auxiliary loss), 0 to disable.
+  Returns:
+    (sum of NLL, sum of z-loss terms, number of counted tokens), fp32 scalars.
+  """
+  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  weights = mask.astype(logits.dtype)
+  nll = jnp.sum((log_z - target_logits) * weights)
+  z = jnp.sum(z_loss * jnp.square(log_z) * weights)
+  return nll, z, jnp.sum(weights)

@@ -1,0 +1,50 @@
+"""Train a MatMul-free LM (or the Transformer++ baseline).
+
+  python train.py                                   # tiny default on the built-in corpus
+  python train.py --config=configs/tiny.py:transformer --workdir=/tmp/tf
+  python train.py --config=configs/mmfree_370m.py --config.data.paths=/data/*.jsonl \
+      --workdir=gs://... --config.mesh.shape.fsdp=-1
+
+A workdir that already holds checkpoints is resumed from the latest.
+"""
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
+                                "Config file (ml-collections), optionally `file.py:arg`.",
+                                lock_config=True)
+flags.DEFINE_string("workdir", "workdir/tiny", "Checkpoints, metrics and logs go here.")
+flags.DEFINE_integer("stop_after_steps", None,
+                     "Stop (with a checkpoint) after this many steps, as if preempted.")
+flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def main(argv):
+  del argv
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      stream=sys.stderr)
+  for noisy in ("absl", "jax._src", "orbax", "grain"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  from mmfree_jax.training import train  # import after flags: jax picks up XLA_FLAGS
+  result = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress,
+                 stop_after_steps=flags.FLAGS.stop_after_steps)
+  last = result.history[-1] if result.history else None
+  if last:
+    print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
+          f"wall {result.wall_time_s:.1f}s")
+  if result.eval_history:
+    print(f"validation loss {result.eval_history[-1]['loss']:.4f}")
+  if result.interrupted:
+    print(f"stopped at step {int(result.state.step)}; rerun the same command to resume")
+  if result.sample is not None:
+    print("sample:", result.sample)
+
+
+if __name__ == "__main__":
+  app.run(main)
