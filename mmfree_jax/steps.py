@@ -62,8 +62,8 @@ def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation
   def train_step(state: TrainState, batch: dict):
     ctx = sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
     with ctx:
-      total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(
-          jnp.float32)
+      acc = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # fp32 (f64 under x64)
+      total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(acc)
       if microbatches == 1:
         (_, (nll, z, _)), grads = grad_fn(state.params, batch, total_tokens)
       else:
@@ -74,7 +74,7 @@ def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation
           return (grads_acc, nll_acc + nll, z_acc + z), None
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        init = (zeros, jnp.zeros((), acc), jnp.zeros((), acc))
         (grads, nll, z), _ = jax.lax.scan(accumulate, init,
                                           _split_microbatches(batch, microbatches))
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -84,7 +84,7 @@ def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation
           "loss": nll / total_tokens,
           "z_loss": z / total_tokens,
           "grad_norm": optax.global_norm(grads),
-          "lr": jnp.asarray(schedule(state.step), jnp.float32),
+          "lr": jnp.asarray(schedule(state.step), acc),
           "tokens": total_tokens,
           "finite": finite.astype(jnp.float32),
       }
