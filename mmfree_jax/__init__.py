@@ -1,10 +1,28 @@
-"""mmfree_jax: MatMul-free language models (ternary BitLinear + MLGRU) in JAX/Flax NNX."""
+"""mmfree_jax: MatMul-free language models (ternary BitLinear + MLGRU) in JAX/Flax NNX.
 
-from mmfree_jax.config import ModelConfig, base_config
-from mmfree_jax.model import (KVCache, MatMulFreeLM, RecurrentState, TransformerLM,
-                              abstract_model, build_model, count_params, decode)
+Top-level names are imported lazily, so `import mmfree_jax.data` (e.g. in grain worker
+processes) does not pay for importing jax and flax.
+"""
 
-__all__ = [
-    "ModelConfig", "base_config", "KVCache", "MatMulFreeLM", "RecurrentState", "TransformerLM",
-    "abstract_model", "build_model", "count_params", "decode",
-]
+import importlib
+
+_EXPORTS = {
+    "ModelConfig": "mmfree_jax.config",
+    "base_config": "mmfree_jax.config",
+    "KVCache": "mmfree_jax.model",
+    "MatMulFreeLM": "mmfree_jax.model",
+    "RecurrentState": "mmfree_jax.model",
+    "TransformerLM": "mmfree_jax.model",
+    "abstract_model": "mmfree_jax.model",
+    "build_model": "mmfree_jax.model",
+    "count_params": "mmfree_jax.model",
+    "decode": "mmfree_jax.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'mmfree_jax' has no attribute {name!r}")

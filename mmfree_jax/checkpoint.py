@@ -1,6 +1,8 @@
 """Checkpoints with orbax's CheckpointManager: train state, data iterator, config.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, data, config}`. Orbax writes each step into a
+Layout: `WORKDIR/checkpoints/<step>/{state, data, config}`; a step written by an importer
+(`mmfree_jax.hf import`) holds `{params, config}` only, and training starts from it with a
+fresh optimizer state (fine-tuning). Orbax writes each step into a
 temporary directory and renames it when complete (atomic), asynchronously, keeping the newest
 `keep` steps. A checkpoint records the config it was made with; resuming with a different
 model architecture is refused before any compute.
@@ -8,13 +10,17 @@ model architecture is refused before any compute.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import grain
+import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "config")
+from mmfree_jax.config import ModelConfig
+
+ITEMS = ("state", "params", "data", "config")
 # Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
 # config that agrees on all of them.
 ARCHITECTURE_KEYS = ("kind", "vocab_size", "d_model", "num_layers", "hidden_ratio",
@@ -54,6 +60,43 @@ class Checkpointer:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
+  def save_params(self, step: int, params: Any, config_dict: dict) -> None:
+    """Saves params alone (no optimizer state, no data position), e.g. imported weights."""
+    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                                    config=ocp.args.JsonSave(config_dict)),
+                      force=True)
+
+  def has_train_state(self, step: int) -> bool:
+    """True if step holds a full train state, False if it holds params only."""
+    return os.path.isdir(os.path.join(self.directory, str(step), "state"))
+
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Restores only the params (from a full train state or a params-only step).
+
+    abstract_params: tree of `jax.ShapeDtypeStruct` with shardings.
+    """
+    restore_args = jax.tree.map(
+        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
+                                       dtype=a.dtype), abstract_params)
+    # A fresh read-only manager: an item's handler is fixed by its first use, and the
+    # training manager registered StandardSave for `state`.
+    reader = ocp.CheckpointManager(self.directory, item_names=ITEMS,
+                                   options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+      if self.has_train_state(step):
+        args = ocp.args.PyTreeRestore(item={"params": abstract_params},
+                                      restore_args={"params": restore_args},
+                                      partial_restore=True)
+        return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+      args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args)
+      return reader.restore(step, args=ocp.args.Composite(params=args))["params"]
+    except Exception as e:
+      raise CheckpointError(
+          f"could not restore the params of checkpoint step {step} from {self.directory}: "
+          f"{e}. Pick another step (available: {self.all_steps()})") from e
+    finally:
+      reader.close()
+
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
     restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
@@ -81,10 +124,18 @@ class Checkpointer:
 
 
 def check_compatible(saved_config: dict, model_config: dict, where: str) -> None:
-  """Raises CheckpointError if the saved model architecture differs from the current one."""
-  saved_model = saved_config.get("model", {})
-  diffs = [f"{k}: checkpoint={saved_model.get(k)!r} config={model_config.get(k)!r}"
-           for k in ARCHITECTURE_KEYS if saved_model.get(k) != model_config.get(k)]
+  """Raises CheckpointError if the saved model architecture differs from the current one.
+
+  Both sides go through `ModelConfig.from_config`, so derived values (intermediate_size=None)
+  compare equal to their explicit form.
+  """
+  try:
+    saved = dataclasses.asdict(ModelConfig.from_config(saved_config.get("model", {})))
+  except ValueError as e:
+    raise CheckpointError(f"the checkpoint in {where} has an unreadable model config: {e}")
+  current = dataclasses.asdict(ModelConfig.from_config(model_config))
+  diffs = [f"{k}: checkpoint={saved.get(k)!r} config={current.get(k)!r}"
+           for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k)]
   if diffs:
     raise CheckpointError(
         f"the checkpoint in {where} was made by a different model architecture ("

@@ -153,11 +153,13 @@ class MatMulFreeLM(_LMBase):
                                     dtype=cfg.compute_dtype, param_dtype=dtype, rngs=rngs)
 
   def layer_lower_bounds(self) -> jax.Array:
-    """`[layers, d]` fp32: `cumsum(softmax(lower_bounds, 0), 0) - p[0]` (layer 0 gets 0)."""
+    """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
+    - p[0]` (layer 0 gets 0)."""
     cfg = self.cfg
+    acc = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # as the MLGRU gates; f64 stays f64
     if not cfg.use_lower_bound:
-      return jnp.zeros((cfg.num_layers, cfg.d_model), jnp.float32)
-    p = jax.nn.softmax(self.lower_bounds[...].astype(jnp.float32), axis=0)
+      return jnp.zeros((cfg.num_layers, cfg.d_model), acc)
+    p = jax.nn.softmax(self.lower_bounds[...].astype(acc), axis=0)
     return jnp.cumsum(p, axis=0) - p[0]
 
   def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:

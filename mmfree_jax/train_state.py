@@ -74,3 +74,14 @@ def create_sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformatio
   """Initializes the train state on device, each leaf born with its sharding."""
   init = jax.jit(lambda: init_train_state(cfg, tx, seed), out_shardings=shardings)
   return init()
+
+
+def train_state_from_params(params: dict, tx: optax.GradientTransformation, step: int,
+                            seed: int, shardings: TrainState) -> TrainState:
+  """A train state around given params (e.g. imported weights): fresh optimizer moments."""
+
+  def build(params):
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), 1))
+    return TrainState(jnp.asarray(step, jnp.int32), params, tx.init(params), rng)
+
+  return jax.jit(build, in_shardings=(shardings.params,), out_shardings=shardings)(params)

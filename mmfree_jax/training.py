@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 from mmfree_jax import checkpoint as ckpt_lib
 from mmfree_jax import config as config_lib
 from mmfree_jax import data as data_lib
-from mmfree_jax import distributed, flops, mesh as mesh_lib, metrics as metrics_lib
+from mmfree_jax import distributed, flops, loading, mesh as mesh_lib, metrics as metrics_lib
 from mmfree_jax import optim, sharding, steps
 from mmfree_jax import train_state as state_lib
 from mmfree_jax.generate import SamplingConfig, generate
@@ -152,6 +152,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   if train_cfg.nan_policy not in NAN_POLICIES:
     raise ValueError(f"unknown train.nan_policy {train_cfg.nan_policy!r}; choose one of "
                      f"{NAN_POLICIES}")
+  schedule = optim.learning_rate_schedule(cfg.optim, train_cfg.steps)
+  tx = optim.make_optimizer(cfg.optim, train_cfg.steps)
   mesh = mesh_lib.make_mesh(cfg.mesh.shape)
   rules = sharding.normalize_rules(cfg.mesh.axis_rules)
   check_batch_layout(train_cfg, mesh)
@@ -177,16 +179,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       process_index=jax.process_index(), process_count=jax.process_count(),
       cache_dir=cache_dir) if train_cfg.eval_batches > 0 else []
 
-  schedule = optim.learning_rate_schedule(cfg.optim, train_cfg.steps)
-  tx = optim.make_optimizer(cfg.optim, train_cfg.steps)
   graphdef = state_lib.model_graphdef(model_cfg)
   state_shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
 
-  if latest is not None:
+  if latest is not None and checkpointer.has_train_state(latest):
     abstract = state_lib.abstract_train_state(model_cfg, tx, state_shardings)
     state = checkpointer.restore(latest, abstract, train_iter)
     log.info("resumed from step %d in %s", latest, checkpointer.directory)
+  elif latest is not None:  # params only (imported weights): fine-tune with a fresh optimizer
+    abstract = state_lib.abstract_train_state(model_cfg, tx, state_shardings).params
+    params = checkpointer.restore_params(latest, abstract)
+    state = state_lib.train_state_from_params(params, tx, latest, train_cfg.seed,
+                                              state_shardings)
+    log.info("fine-tuning from the params of step %d in %s", latest, checkpointer.directory)
   else:
     state = state_lib.create_sharded_train_state(model_cfg, tx, train_cfg.seed, state_shardings)
 
@@ -203,8 +209,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 
   config_dict = json.loads(cfg.to_json())
   if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config_dict, f, indent=2)
+    loading.save_workdir_config(workdir, cfg)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   flops_per_token = flops.train_flops_per_token(model_cfg, cfg.data.seq_len)
   peak, peak_source = metrics_lib.device_peak_flops(train_cfg.peak_flops_per_device)

@@ -1,0 +1,28 @@
+"""Data pipeline: tokenizers, sources, tokenize-once caches, packing, grain iterators.
+
+  tokenizer.py  `load_tokenizer(spec)`: byte | bpe:<vocab> | hf:<json> | spm:<model>
+  sources.py    `data.source`/`data.paths` -> document texts (kjv chapters, paragraphs, jsonl)
+  corpus.py     tokenize once into a cached, memory-mapped `.npy` (+ document table)
+  split.py      train/validation split by document from `data.seed`, `data.val_fraction`
+  packing.py    concatenate-then-split windows `[seq_len+1]` with segment ids
+  pipeline.py   `train_iterator` (grain, per-process rows of a process-count-independent
+                global batch) and `validation_batches`
+
+Typical use:
+  tok = tokenizer_from_config(cfg.data, cache_dir=d)
+  check_vocab(tok, cfg.model.vocab_size)
+  it = train_iterator(cfg.data, tok, global_batch=16, cache_dir=d)
+  batch = next(it)  # {"tokens": int32 [16, seq_len+1], "segment_ids": int32 [16, seq_len+1]}
+"""
+
+from mmfree_jax.data.packing import PackedWindows, segment_ids_for
+from mmfree_jax.data.pipeline import (local_batch_size, split_windows, tokenizer_from_config,
+                                      train_iterator, validation_batches)
+from mmfree_jax.data.sources import SOURCES, source_from_config
+from mmfree_jax.data.tokenizer import SPEC_FORMS, Tokenizer, check_vocab, load_tokenizer
+
+__all__ = [
+    "PackedWindows", "SOURCES", "SPEC_FORMS", "Tokenizer", "check_vocab", "load_tokenizer",
+    "local_batch_size", "segment_ids_for", "source_from_config", "split_windows",
+    "tokenizer_from_config", "train_iterator", "validation_batches",
+]

