@@ -15,6 +15,7 @@ always marks a real document end. `encode_document` adds them: `[bos] + encode(t
 from __future__ import annotations
 
 import hashlib
+import importlib.resources
 import json
 import logging
 import os
@@ -22,7 +23,29 @@ from typing import Callable, Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
-SPEC_FORMS = ("byte", "bpe:<vocab_size>", "hf:<path/to/tokenizer.json>", "spm:<path/to/model>")
+SPEC_FORMS = ("byte", "bpe:<vocab_size>", "hf:<path/to/tokenizer.json>", "spm:<path/to/model>",
+              "spm:mistral")
+# The tokenizer of the released MMfreeLM checkpoints (Mistral-7B-v0.1, 32000 pieces), from the
+# copy inside the mistral_common package.
+MISTRAL_ALIAS = "spm:mistral"
+
+
+def mistral_tokenizer_path() -> str:
+  """Path of the Mistral-7B-v0.1 sentencepiece model shipped by mistral_common.
+
+  Raises FileNotFoundError naming the fix when mistral_common is not installed.
+  """
+  try:
+    path = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+  except ModuleNotFoundError:
+    raise FileNotFoundError(
+        "the Mistral tokenizer comes from the mistral_common package, which is not installed: "
+        "`pip install --no-deps mistral_common` (only its data file is used), or pass a "
+        "tokenizer.model path with spm:<path>") from None
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} is missing from the installed mistral_common; reinstall "
+                            "it (`pip install --no-deps --force-reinstall mistral_common`)")
+  return str(path)
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 BPE_FORMAT = "bytelevel-bpe-v1"  # bump when the trainer setup changes (invalidates caches)
@@ -264,6 +287,8 @@ def load_tokenizer(spec: str, *, corpus_texts: Callable[[], Iterable[str]] | Non
     from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
     return HFTokenizer(HFTok.from_file(_resolve_file(arg, "tokenizer.json", "tokenizer", spec)),
                        spec)
+  if spec == MISTRAL_ALIAS:
+    return SentencePieceTokenizer(mistral_tokenizer_path(), spec)
   if kind == "spm" and arg:
     return SentencePieceTokenizer(
         _resolve_file(arg, "tokenizer.model", "sentencepiece model", spec), spec)

@@ -1,0 +1,54 @@
+"""CLI: `python -m mmfree_jax.hf {import,export} ...` (see `mmfree_jax.hf`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmfree_jax.checkpoint import CheckpointError
+from mmfree_jax.hf import convert
+from mmfree_jax.hf.mapping import HFCheckpointError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m mmfree_jax.hf",
+      description="Convert between Hugging Face hgrn_bit checkpoints (ridger/MMfreeLM-*) and "
+                  "mmfree_jax workdirs.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  dtypes = sorted(convert.NUMPY_DTYPES)
+  imp = sub.add_parser("import", help="HF folder → workdir (params-only checkpoint step 0)")
+  imp.add_argument("--src", required=True, help="HF model folder (config.json + weights)")
+  imp.add_argument("--workdir", required=True, help="new workdir (must not exist or be empty)")
+  imp.add_argument("--dtype", default="float32", choices=dtypes,
+                   help="param and compute dtype of the imported model (default float32)")
+  exp = sub.add_parser("export", help="workdir → HF folder (config.json + model.safetensors)")
+  exp.add_argument("--workdir", required=True, help="training or import workdir")
+  exp.add_argument("--dst", required=True, help="new HF folder (must not exist or be empty)")
+  exp.add_argument("--dtype", default="bfloat16", choices=dtypes,
+                   help="dtype of the stored tensors (default bfloat16, as released)")
+  exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    if args.command == "import":
+      out = convert.import_checkpoint(args.src, args.workdir, dtype=args.dtype)
+      model = out["model"]
+      print(f"imported {out['num_params']:,} params (d_model={model['d_model']}, "
+            f"num_layers={model['num_layers']}, vocab_size={model['vocab_size']}, "
+            f"{args.dtype}) into {out['workdir']} as step 0; tokenizer {out['tokenizer']}")
+    else:
+      out = convert.export_checkpoint(args.workdir, args.dst, dtype=args.dtype, step=args.step)
+      print(f"exported step {out['step']} ({out['num_params']:,} params, {args.dtype}) to "
+            f"{out['dst']}; tokenizer file: {out['tokenizer'] or 'none'}")
+  except (HFCheckpointError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

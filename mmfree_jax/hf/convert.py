@@ -1,0 +1,317 @@
+"""Import an HF `hgrn_bit` checkpoint into a workdir, and export a workdir to that layout.
+
+Import: `config.json` → our config; weights (safetensors, sharded safetensors, or torch-only
+`pytorch_model.bin`) are checked by name and shape against `NAME_TABLE` before any byte is
+read, then read one tensor at a time into our stacked param arrays (one host copy of the
+model), kept as latent full-precision weights (never re-quantized: reference issue #18), and
+saved as a params-only checkpoint step 0 plus `config.json`.
+
+Export: params of a step → `config.json` + `model.safetensors` in the reference key layout and
+dtype (bf16 by default, as released), written tensor by tensor.
+
+Both write into a hidden temporary directory next to the destination and rename it at the
+end, so a failure leaves no half-written destination.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from mmfree_jax import loading
+from mmfree_jax.checkpoint import Checkpointer
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.data.tokenizer import MISTRAL_ALIAS, mistral_tokenizer_path
+from mmfree_jax.hf import mapping, tensors
+from mmfree_jax.hf.mapping import HFCheckpointError, Slot
+from mmfree_jax.model import abstract_model
+
+NUMPY_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+_SHOWN = 10  # names listed in an error before "... and N more"
+
+
+def numpy_dtype(name: str) -> np.dtype:
+  """`float32 | float64 | bfloat16 | float16` → numpy dtype (bf16 from ml_dtypes)."""
+  try:
+    return NUMPY_DTYPES[name]
+  except KeyError:
+    raise HFCheckpointError(f"unknown dtype {name!r}; choose one of {sorted(NUMPY_DTYPES)}")
+
+
+# ----------------------------------------------------------------------- staged destination
+
+
+def check_destination(path: str) -> str:
+  """Absolute path of a destination that does not exist or is an empty directory."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+    raise FileExistsError(f"{path} already exists and is not empty; pick a new directory or "
+                          "remove it first (nothing is overwritten)")
+  return path
+
+
+@contextlib.contextmanager
+def staged_directory(dst: str):
+  """Yields a temporary directory next to `dst`, renamed to `dst` if the block succeeds and
+  deleted if it raises."""
+  dst = check_destination(dst)
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
+  try:
+    yield tmp
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
+    if os.path.isdir(dst):
+      os.rmdir(dst)  # empty (check_destination); rename cannot replace a directory
+    os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+# ----------------------------------------------------------------------------------- import
+
+
+def read_hf_config(src: str) -> dict:
+  """The `config.json` of an HF model folder, as a dict."""
+  path = os.path.join(src, "config.json")
+  if not os.path.isfile(path):
+    raise HFCheckpointError(f"{path} not found: --src must be an HF model folder holding "
+                            "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except ValueError as e:
+    raise HFCheckpointError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(config, dict):
+    raise HFCheckpointError(f"{path} must hold a JSON object; got {type(config).__name__}")
+  return config
+
+
+def our_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """`{dotted param path: shape}` of the model the config describes (nothing allocated)."""
+  x64 = model_cfg.param_dtype == "float64"  # else eval_shape warns about f64 → f32
+  with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+    _, state = nnx.split(abstract_model(model_cfg))
+  return {path: tuple(leaf.shape) for path, leaf in
+          mapping.flatten(state.to_pure_dict()).items()}
+
+
+def _listing(names: list[str]) -> str:
+  more = f" ... and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
+  return f"{names[:_SHOWN]}{more}"
+
+
+def check_weights(weights: tensors.WeightFiles, layout: list[Slot], config_note: str) -> None:
+  """Names, shapes and dtypes of the stored tensors against the layout; raises on mismatch.
+
+  config_note: the config values the layout came from, quoted in the errors.
+  """
+  expected = {slot.hf_name: slot for slot in layout}
+  present = set(weights.names)
+  missing = sorted(set(expected) - present, key=_natural_key)
+  if missing:
+    raise HFCheckpointError(
+        f"{weights.description} lacks {len(missing)} tensor(s) that config.json ({config_note}) "
+        f"implies: {_listing(missing)}. The weights and config.json disagree, or the download "
+        "is incomplete")
+  unexpected = sorted(present - set(expected), key=_natural_key)
+  if unexpected:
+    raise HFCheckpointError(
+        f"{weights.description} holds {len(unexpected)} tensor(s) that the model of "
+        f"config.json ({config_note}) does not have: {_listing(unexpected)}. This variant "
+        "(or a config.json that does not match the weights) is not supported")
+  for slot in layout:
+    shape = weights.shape(slot.hf_name)
+    if shape != slot.hf_shape:
+      raise HFCheckpointError(
+          f"{slot.hf_name} in {weights.file_of(slot.hf_name)} has shape {shape}, but "
+          f"config.json ({config_note}) implies {slot.hf_shape}")
+    dtype = weights.dtype_name(slot.hf_name)
+    if dtype not in tensors.SAFETENSORS_DTYPES:
+      raise HFCheckpointError(
+          f"{slot.hf_name} is stored as {dtype}; expected latent floating-point weights "
+          f"({sorted(tensors.SAFETENSORS_DTYPES)}). Packed/quantized checkpoints are not "
+          "supported: export the latent weights")
+
+
+def _natural_key(name: str):
+  return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
+def read_params(weights: tensors.WeightFiles, layout: list[Slot],
+                shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> dict:
+  """Our nested param dict of numpy arrays in `dtype`, filled one HF tensor at a time.
+
+  Each HF tensor is read, transposed if it is a Linear weight, cast, and written into its
+  layer slice of the preallocated stacked array, then dropped: peak host memory is one copy
+  of the model plus one tensor.
+  """
+  flat = {path: np.empty(shape, dtype) for path, shape in shapes.items()}
+  for slot in layout:
+    tensor = weights.read(slot.hf_name)  # torch layout, stored dtype
+    if slot.transpose:
+      tensor = tensor.T
+    target = flat[slot.ours] if slot.layer is None else flat[slot.ours][slot.layer]
+    target[...] = tensor  # cast to dtype (exact for bf16/f16/f32 → f32/f64)
+    del tensor
+  return mapping.unflatten(flat)
+
+
+def _to_device_leaf_by_leaf(flat: dict[str, np.ndarray]) -> None:
+  """Replaces each numpy leaf of flat by a jax array, in place, freeing the numpy copy as it
+  goes (peak: the model plus one leaf). Orbax deep-copies numpy leaves before writing (a
+  second full copy); for jax arrays it does not."""
+  for path in list(flat):
+    flat[path] = jax.device_put(flat.pop(path))
+
+
+def _save_params(workdir: str, params: dict, cfg) -> None:
+  """Params-only checkpoint step 0 (synchronous) with the full config dict."""
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+  try:
+    checkpointer.save_params(0, params, cfg.to_dict())
+  finally:
+    checkpointer.close()
+
+
+def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32") -> dict:
+  """Converts an HF hgrn_bit folder into a workdir `loading.load_model` can open.
+
+  Args:
+    src: folder with `config.json` and `model.safetensors` (or an index and shards, or a
+      `pytorch_model.bin` when torch is installed); `tokenizer.model` is copied if present.
+    workdir: destination; must not exist or be empty.
+    dtype: param (and compute) dtype of the imported model: float32 (default), float64,
+      bfloat16 or float16. Weights stay latent full precision in that dtype.
+  Returns:
+    a summary dict (workdir, num_params, tokenizer, model config).
+  """
+  np_dtype = numpy_dtype(dtype)
+  hf_config = read_hf_config(src)
+  model_section = mapping.model_section_from_hf(hf_config, dtype)
+  model_cfg = ModelConfig.from_config(model_section)
+  shapes = our_shapes(model_cfg)
+  layout = list(mapping.slots(shapes, model_cfg.num_layers))
+  note = ", ".join(f"{k}={hf_config.get(k)}" for k in
+                   ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
+                    "hidden_ratio", "use_lower_bound"))
+  workdir = check_destination(workdir)
+  with tensors.open_weights(src) as weights:
+    check_weights(weights, layout, note)
+    with staged_directory(workdir) as tmp:
+      tokenizer = MISTRAL_ALIAS
+      if os.path.isfile(os.path.join(src, "tokenizer.model")):
+        shutil.copyfile(os.path.join(src, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
+        tokenizer = "spm:" + os.path.join(workdir, "tokenizer.model")
+      cfg = loading.config_from_dict({"model": model_section, "data": {"tokenizer": tokenizer}})
+      flat = mapping.flatten(read_params(weights, layout, shapes, np_dtype))
+      with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
+        _to_device_leaf_by_leaf(flat)
+        _save_params(tmp, mapping.unflatten(flat), cfg)
+      del flat
+      loading.save_workdir_config(tmp, cfg)
+  return {"workdir": workdir, "num_params": sum(int(np.prod(s)) for s in shapes.values()),
+          "tokenizer": tokenizer, "model": model_section}
+
+
+# ----------------------------------------------------------------------------------- export
+
+
+def tokenizer_file(spec: str) -> tuple[str, str] | None:
+  """`(source path, HF file name)` for the tokenizer a data config names, or None.
+
+  `spm:mistral` → the mistral_common model; `spm:<path>` → tokenizer.model;
+  `hf:<path>` → tokenizer.json; other kinds (e.g. `bpe:<vocab>`) have no file to copy.
+  """
+  kind, _, value = spec.partition(":")
+  if kind == "spm":
+    path, name = (mistral_tokenizer_path() if value == "mistral" else value), "tokenizer.model"
+  elif kind == "hf":
+    path, name = value, "tokenizer.json"
+  else:
+    return None
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"the workdir's config names tokenizer {spec!r}, but {path} does not "
+                            "exist; restore that file or fix data.tokenizer in config.json")
+  return path, name
+
+
+def special_token_ids(tokenizer: tuple[str, str] | None) -> tuple[int, int]:
+  """`(bos, eos)` of a sentencepiece tokenizer, else the reference defaults (1, 2)."""
+  bos, eos = mapping.REFERENCE_DEFAULTS["bos_token_id"], mapping.REFERENCE_DEFAULTS["eos_token_id"]
+  if tokenizer is not None and tokenizer[1] == "tokenizer.model":
+    import sentencepiece  # pylint: disable=import-outside-toplevel
+    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer[0])
+    bos = sp.bos_id() if sp.bos_id() >= 0 else bos
+    eos = sp.eos_id() if sp.eos_id() >= 0 else eos
+  return bos, eos
+
+
+def _tensor_producer(leaf: jax.Array, slot: Slot, dtype: np.dtype):
+  """A function returning the HF tensor of `slot` (one layer slice, transposed, cast)."""
+
+  def produce() -> np.ndarray:
+    part = leaf if slot.layer is None else leaf[slot.layer]
+    host = np.asarray(jax.device_get(part))
+    if slot.transpose:
+      host = host.T
+    return np.ascontiguousarray(host, dtype=dtype)
+
+  return produce
+
+
+def export_checkpoint(workdir: str, dst: str, *, dtype: str = "bfloat16",
+                      step: int | None = None) -> dict:
+  """Writes an HF hgrn_bit folder (config.json, model.safetensors, tokenizer) from a workdir.
+
+  Args:
+    workdir: a training or import workdir (config.json + checkpoints/).
+    dst: destination folder; must not exist or be empty.
+    dtype: dtype of the stored tensors: bfloat16 (default, as released), float32, float16,
+      float64.
+    step: checkpoint step (default: latest).
+  Returns:
+    a summary dict (dst, step, num_params, tokenizer file or None).
+  """
+  np_dtype = numpy_dtype(dtype)
+  cfg = loading.load_workdir_config(workdir)
+  model_cfg = ModelConfig.from_config(cfg.model)
+  tokenizer = tokenizer_file(cfg.data.tokenizer)
+  bos, eos = special_token_ids(tokenizer)
+  hf_config = mapping.hf_config_from_model(model_cfg, torch_dtype=dtype, bos_token_id=bos,
+                                           eos_token_id=eos)
+  dst = check_destination(dst)
+  x64 = model_cfg.param_dtype == "float64"
+  with jax.enable_x64(True) if x64 else contextlib.nullcontext():
+    params, step = loading.load_params(workdir, model_cfg, step)
+    flat = mapping.flatten(params)
+    layout = list(mapping.slots({p: tuple(a.shape) for p, a in flat.items()},
+                                model_cfg.num_layers))
+    with staged_directory(dst) as tmp:
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+        f.write("\n")
+      entries = [(s.hf_name, s.hf_shape, np_dtype, _tensor_producer(flat[s.ours], s, np_dtype))
+                 for s in layout]
+      tensors.write_safetensors(os.path.join(tmp, tensors.SINGLE_FILE), entries,
+                                metadata={"format": "pt"})
+      if tokenizer is not None:
+        shutil.copyfile(tokenizer[0], os.path.join(tmp, tokenizer[1]))
+  return {"dst": dst, "step": step, "num_params": sum(int(np.prod(s.hf_shape)) for s in layout),
+          "tokenizer": None if tokenizer is None else tokenizer[1]}

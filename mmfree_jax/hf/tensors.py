@@ -1,0 +1,266 @@
+"""Reading HF weight files tensor by tensor, and a streaming safetensors writer.
+
+Readers never load a whole file: safetensors shards are memory-mapped by `safe_open` and
+`read(name)` returns one tensor as a numpy array. `pytorch_model.bin` is a pickle; it is read
+only with `torch.load(weights_only=True, mmap=True)` when torch is importable.
+
+The writer emits the safetensors format directly (8-byte little-endian header length, JSON
+header with dtype/shape/data_offsets, raw little-endian bytes), one tensor at a time, so an
+export never holds a second full copy of the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Callable, Iterable
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from mmfree_jax.hf.mapping import HFCheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
+SAFETENSORS_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+SINGLE_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+
+TORCH_SAFE_ROUTE = (
+    "Convert it to safetensors once, on a machine that has torch:\n"
+    "  python -c \"import torch; from safetensors.torch import save_file; "
+    "sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); "
+    "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors', "
+    "metadata={'format': 'pt'})\"\n"
+    "(or download the repository's model.safetensors; never unpickle untrusted files without "
+    "weights_only=True)")
+
+
+class _SafetensorsShard:
+  """One memory-mapped `.safetensors` file."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      self._file = safe_open(path, framework="numpy")
+      self._file.__enter__()
+    except (SafetensorError, OSError) as e:
+      raise HFCheckpointError(
+          f"cannot read {path}: {e}. The file is truncated or not safetensors; download it "
+          "again (compare its size with the repository's)") from e
+
+  def names(self) -> list[str]:
+    return list(self._file.keys())
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._file.get_slice(name).get_shape())
+
+  def dtype_name(self, name: str) -> str:
+    return self._file.get_slice(name).get_dtype()
+
+  def read(self, name: str) -> np.ndarray:
+    """The tensor as stored (torch layout, stored dtype; bf16 as ml_dtypes.bfloat16)."""
+    return self._file.get_tensor(name)
+
+  def close(self) -> None:
+    self._file.__exit__(None, None, None)
+
+
+def _import_torch():
+  """torch, or HFCheckpointError explaining the safe route when it is not installed."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise HFCheckpointError(
+        "this checkpoint is a pytorch_model.bin (a pickle); reading it needs torch, which is "
+        "not installed here, and we will not unpickle it without torch.load(weights_only=True)."
+        " " + TORCH_SAFE_ROUTE) from None
+  return torch
+
+
+class _TorchShard:
+  """One `pytorch_model.bin`, loaded with `torch.load(weights_only=True, mmap=True)`."""
+
+  def __init__(self, path: str):
+    torch = _import_torch()
+    self.path = path
+    self._torch = torch
+    try:
+      self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
+      raise HFCheckpointError(f"torch.load(weights_only=True) could not read {path}: {e}. "
+                              + TORCH_SAFE_ROUTE) from e
+
+  def names(self) -> list[str]:
+    return list(self._tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._tensors[name].shape)
+
+  def dtype_name(self, name: str) -> str:
+    names = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16",
+             "torch.bfloat16": "BF16"}
+    return names.get(str(self._tensors[name].dtype), str(self._tensors[name].dtype))
+
+  def read(self, name: str) -> np.ndarray:
+    tensor = self._tensors[name].detach().cpu()
+    if tensor.dtype == self._torch.bfloat16:  # numpy has no bf16: reinterpret the bits
+      return tensor.view(self._torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+  def close(self) -> None:
+    self._tensors = None
+
+
+def _open_shard(path: str):
+  if path.endswith(".safetensors"):
+    return _SafetensorsShard(path)
+  return _TorchShard(path)
+
+
+class WeightFiles:
+  """All weight tensors of an HF folder, by name, read one at a time.
+
+  Use as a context manager; `names`, `shape(name)`, `dtype_name(name)`, `read(name)`.
+  """
+
+  def __init__(self, shards: list, where: dict[str, object], description: str):
+    self._shards = shards
+    self._where = where  # tensor name -> shard
+    self.description = description
+
+  @property
+  def names(self) -> list[str]:
+    return list(self._where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._where[name].shape(name)
+
+  def dtype_name(self, name: str) -> str:
+    return self._where[name].dtype_name(name)
+
+  def file_of(self, name: str) -> str:
+    return os.path.basename(self._where[name].path)
+
+  def read(self, name: str) -> np.ndarray:
+    return self._where[name].read(name)
+
+  def close(self) -> None:
+    for shard in self._shards:
+      shard.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def open_weights(folder: str) -> WeightFiles:
+  """Opens `model.safetensors`, or the shards of `model.safetensors.index.json`, or (torch
+  only) `pytorch_model.bin` / its index, in that order of preference."""
+  for single, index in ((SINGLE_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
+    if os.path.isfile(os.path.join(folder, single)):
+      return _open_single(os.path.join(folder, single))
+    if os.path.isfile(os.path.join(folder, index)):
+      return _open_index(folder, index)
+  present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "(folder does not exist)"
+  raise HFCheckpointError(
+      f"no weights in {folder}: expected {SINGLE_FILE}, or {SAFETENSORS_INDEX} with its "
+      f"shards (or {TORCH_FILE}, read only when torch is installed). Found: {present}. "
+      "Download the model's weights into that folder")
+
+
+def _open_single(path: str) -> WeightFiles:
+  shard = _open_shard(path)
+  return WeightFiles([shard], {n: shard for n in shard.names()}, path)
+
+
+def _open_index(folder: str, index_name: str) -> WeightFiles:
+  """Opens every shard the index names and checks that each holds the tensors listed for it."""
+  index_path = os.path.join(folder, index_name)
+  try:
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise HFCheckpointError(f"cannot read the weight_map of {index_path}: {e}") from e
+  files = sorted(set(weight_map.values()))
+  absent = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+  if absent:
+    raise HFCheckpointError(f"{index_path} references shards missing from {folder}: {absent}. "
+                            "Download all shards listed in the index")
+  shards = {}
+  try:
+    for name in files:
+      shards[name] = _open_shard(os.path.join(folder, name))
+    held = {name: set(shard.names()) for name, shard in shards.items()}
+    where = {}
+    for tensor, name in weight_map.items():
+      if tensor not in held[name]:
+        raise HFCheckpointError(f"{index_path} says {tensor!r} is in {name}, but {name} does "
+                                "not hold it: the shard and the index disagree (re-download)")
+      where[tensor] = shards[name]
+  except BaseException:
+    for shard in shards.values():
+      shard.close()
+    raise
+  return WeightFiles(list(shards.values()), where, index_path)
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def safetensors_header(tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
+                       metadata: dict[str, str] | None = None) -> bytes:
+  """The length-prefixed JSON header for tensors laid out back to back in the given order.
+
+  Returns `8-byte little-endian length + JSON`, the JSON padded with spaces to a multiple of 8
+  bytes so that the data section is aligned (as the safetensors library writes it).
+  """
+  header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+  offset = 0
+  for name, shape, dtype in tensors:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    header[name] = {"dtype": SAFETENSORS_NAME[np.dtype(dtype)], "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes]}
+    offset += nbytes
+  encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+  encoded += b" " * (-len(encoded) % 8)
+  return struct.pack("<Q", len(encoded)) + encoded
+
+
+def write_safetensors(path: str,
+                      tensors: list[tuple[str, tuple[int, ...], np.dtype,
+                                          Callable[[], np.ndarray]]],
+                      metadata: dict[str, str] | None = None) -> int:
+  """Writes a safetensors file tensor by tensor.
+
+  Args:
+    path: output file.
+    tensors: `(name, shape, dtype, produce)`; `produce()` returns that tensor as a numpy
+      array of exactly that shape and dtype. It is called once, in order, right before its
+      bytes are written, so at most one produced tensor is alive at a time.
+    metadata: string key/values for `__metadata__` (HF wants `{"format": "pt"}`).
+  Returns:
+    the number of bytes written.
+  """
+  with open(path, "wb") as f:
+    f.write(safetensors_header([(n, s, d) for n, s, d, _ in tensors], metadata))
+    for name, shape, dtype, produce in tensors:
+      array = np.ascontiguousarray(produce())
+      if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise AssertionError(f"{name}: produced {array.shape} {array.dtype}, header says "
+                             f"{tuple(shape)} {np.dtype(dtype)}")
+      if array.dtype.byteorder == ">":
+        array = array.byteswap().view(array.dtype.newbyteorder("<"))
+      f.write(memoryview(array.reshape(-1).view(np.uint8)))
+      del array
+    return f.tell()
