@@ -23,6 +23,9 @@ flags.DEFINE_string("workdir", "workdir/tiny", "Checkpoints, metrics and logs go
 flags.DEFINE_integer("stop_after_steps", None,
                      "Stop (with a checkpoint) after this many steps, as if preempted.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_integer("restore_step", None,
+                     "Resume from this checkpoint step instead of the latest (e.g. to skip a "
+                     "corrupted one); newer steps are moved to WORKDIR/abandoned_checkpoints.")
 
 
 def main(argv):
@@ -33,7 +36,8 @@ def main(argv):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   from mmfree_jax.training import train  # import after flags: jax picks up XLA_FLAGS
   result = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress,
-                 stop_after_steps=flags.FLAGS.stop_after_steps)
+                 stop_after_steps=flags.FLAGS.stop_after_steps,
+                 restore_step=flags.FLAGS.restore_step)
   last = result.history[-1] if result.history else None
   if last:
     print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "

@@ -99,8 +99,15 @@ class Checkpointer:
 
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-    return restored["config"]
+    path = os.path.join(self.directory, str(step), "config")
+    try:
+      restored = self.manager.restore(step,
+                                      args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      return restored["config"]
+    except Exception as e:
+      raise CheckpointError(
+          f"the config of checkpoint step {step} ({path}) is unreadable: {e}. Pick an older "
+          f"step with --restore_step (available: {self.all_steps()})") from e
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state (into abstract_state's shapes/shardings) and the data iterator."""

@@ -120,6 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
       "coordinator": "",
       "num_processes": 0,
       "process_id": -1,
+      "heartbeat_timeout_s": 100,  # a dead peer is detected (and this process stops) after this
+      "initialization_timeout_s": 300,
   })
   return cfg
 

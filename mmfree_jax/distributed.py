@@ -18,8 +18,10 @@ def maybe_initialize(dist_cfg) -> bool:
   coordinator = dist_cfg.coordinator or os.environ.get("MMFREE_COORDINATOR", "")
   if not coordinator:
     return False
+  timeouts = dict(heartbeat_timeout_seconds=int(dist_cfg.heartbeat_timeout_s),
+                  initialization_timeout=int(dist_cfg.initialization_timeout_s))
   if coordinator == "auto":
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
     return True
   num_processes = dist_cfg.num_processes or int(os.environ.get("MMFREE_NUM_PROCESSES", "0"))
   process_id = dist_cfg.process_id
@@ -34,5 +36,5 @@ def maybe_initialize(dist_cfg) -> bool:
   if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id)
+                             process_id=process_id, **timeouts)
   return True

@@ -87,6 +87,8 @@ def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation
           "lr": jnp.asarray(schedule(state.step), acc),
           "tokens": total_tokens,
           "finite": finite.astype(jnp.float32),
+          # updates skipped so far because of non-finite gradients (optax.apply_if_finite)
+          "skipped_steps": opt_state.total_notfinite.astype(jnp.float32),
       }
       new_state = TrainState(state.step + 1, params, opt_state, state.rng)
       return new_state, metrics

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -67,6 +68,50 @@ def check_workdir_writable(workdir: str) -> None:
   except OSError as e:
     raise OSError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a "
                   "writable disk with free space") from e
+
+
+def check_disk_space(workdir: str, needed_bytes: int) -> None:
+  """Fails before compute if the workdir's disk cannot hold one more checkpoint."""
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise OSError(f"workdir {workdir!r} has {free / 2**20:.1f} MiB free but one checkpoint "
+                  f"needs about {needed_bytes / 2**20:.1f} MiB; free space or pass another "
+                  "--workdir")
+
+
+def select_restore_step(workdir: str, restore_step: int | None) -> int | None:
+  """The step to resume from: the latest, or `restore_step` (newer ones are moved aside).
+
+  Steps newer than an explicitly chosen one go to `WORKDIR/abandoned_checkpoints/`, not
+  deleted, so a run can continue from an older step (e.g. past a corrupted checkpoint).
+  """
+  listing = ckpt_lib.Checkpointer(workdir, read_only=True)
+  try:
+    steps_found = listing.all_steps()
+  finally:
+    listing.close()
+  if restore_step is None:
+    return max(steps_found) if steps_found else None
+  if restore_step not in steps_found:
+    raise ckpt_lib.CheckpointError(
+        f"--restore_step={restore_step} is not in {ckpt_lib.checkpoint_dir(workdir)}; "
+        f"available steps: {steps_found}")
+  newer = [s for s in steps_found if s > restore_step]
+  if newer and jax.process_index() == 0:
+    aside = os.path.join(workdir, "abandoned_checkpoints", time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for step in newer:
+      shutil.move(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)), aside)
+    log.warning("moved checkpoints %s (newer than --restore_step=%d) to %s", newer,
+                restore_step, aside)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("select_restore_step")
+  return restore_step
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def check_batch_layout(train_cfg, mesh) -> None:
@@ -134,7 +179,7 @@ def _evaluate(eval_step, params, batches, batch_sharding) -> dict:
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
           stop_after_steps: int | None = None, sample_prompt: str | None = "In the beginning",
-          ) -> TrainResult:
+          restore_step: int | None = None) -> TrainResult:
   """Trains `cfg` in `workdir` (resuming from its latest checkpoint).
 
   Args:
@@ -144,6 +189,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     stop_after_steps: stop (with a checkpoint) after this many steps of this call, as if
       preempted; None runs to `train.steps`.
     sample_prompt: text to continue at the end (None: no sample).
+    restore_step: resume from this step instead of the latest (newer steps are moved to
+      `WORKDIR/abandoned_checkpoints/`).
   """
   start_time = time.time()
   distributed.maybe_initialize(cfg.dist)
@@ -160,8 +207,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   check_workdir_writable(workdir)
   is_main = jax.process_index() == 0
 
+  latest = select_restore_step(workdir, restore_step)
   checkpointer = ckpt_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
-  latest = checkpointer.latest_step()
   if latest is not None:  # refuse another architecture's checkpoint before any compute
     ckpt_lib.check_compatible(checkpointer.read_config(latest), cfg.model.to_dict(),
                               checkpointer.directory)
@@ -182,14 +229,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   graphdef = state_lib.model_graphdef(model_cfg)
   state_shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
+  abstract_state = state_lib.abstract_train_state(model_cfg, tx, state_shardings)
+  check_disk_space(workdir, sum(x.size * x.dtype.itemsize
+                                for x in jax.tree.leaves(abstract_state)))
 
   if latest is not None and checkpointer.has_train_state(latest):
-    abstract = state_lib.abstract_train_state(model_cfg, tx, state_shardings)
-    state = checkpointer.restore(latest, abstract, train_iter)
+    state = checkpointer.restore(latest, abstract_state, train_iter)
     log.info("resumed from step %d in %s", latest, checkpointer.directory)
   elif latest is not None:  # params only (imported weights): fine-tune with a fresh optimizer
-    abstract = state_lib.abstract_train_state(model_cfg, tx, state_shardings).params
-    params = checkpointer.restore_params(latest, abstract)
+    params = checkpointer.restore_params(latest, abstract_state.params)
     state = state_lib.train_state_from_params(params, tx, latest, train_cfg.seed,
                                               state_shardings)
     log.info("fine-tuning from the params of step %d in %s", latest, checkpointer.directory)
@@ -228,6 +276,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                desc=f"{model_cfg.kind} d={model_cfg.d_model} L={model_cfg.num_layers}")
 
   def save(step: int, force: bool = False):
+    if step in checkpointer.all_steps():  # e.g. a periodic save just wrote this step
+      return
+    if not bool(_all_finite(state.params)):  # never write a checkpoint with NaNs
+      raise NonFiniteLossError(f"params are not finite at step {step}; not checkpointing. The "
+                               f"last checkpoint ({checkpointer.latest_step()}) is intact")
     checkpointer.save(step, state, train_iter, config_dict, force=force)
 
   pending = None  # (step, metrics on device, dispatch time): read one step late, no stall
@@ -279,7 +332,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
         writer.write(step, {"loss": ev["loss"], "perplexity": ev["perplexity"]}, prefix="val_")
         if bar is not None:
           bar.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['perplexity']:.1f})")
-      if step % train_cfg.checkpoint_every == 0 and step < last_step:
+      if step % train_cfg.checkpoint_every == 0:
         save(step)
       if stop.any_process_requested():
         interrupted = True
