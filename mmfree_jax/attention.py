@@ -16,11 +16,12 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
     x rotated, same shape and dtype.
   """
   half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x.shape[-1])
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+  acc = jnp.promote_types(x.dtype, jnp.float32)  # fp32 angles (f64 under a float64 config)
+  inv_freq = theta ** (-jnp.arange(half, dtype=acc) * 2.0 / x.shape[-1])
+  angles = positions.astype(acc)[..., None] * inv_freq  # [B, T, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
-  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  xf = x.astype(acc)
   x1, x2 = xf[..., :half], xf[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
