@@ -1,6 +1,6 @@
 """Logical axis names → mesh axes (MaxText's idea, cut down to `data, fsdp, tensor`).
 
-Parameters carry logical names (`nnx.Param(..., sharding_names=...)`); activations are
+Parameters carry logical names (`nnx.Param(..., out_sharding=...)`); activations are
 constrained with `constrain(x, ("batch", "seq", "embed"))`, which is a no-op unless a mesh
 and rules are active (`with logical_sharding(mesh, rules): ...`). The rules live in the config.
 """
