@@ -112,8 +112,8 @@ def test_unknown_tokenizer_spec(tmp_path):
 def test_tokenizer_file_missing(tmp_path):
   with pytest.raises(ValueError, match=r"'/no/tok\.json'.*does not exist.*data\.tokenizer"):
     data.load_tokenizer("hf:/no/tok.json", cache_dir=str(tmp_path))
-  with pytest.raises(ValueError, match=r"mistral.*does not exist"):
-    data.load_tokenizer("spm:mistral", cache_dir=str(tmp_path))
+  with pytest.raises(ValueError, match=r"mistral7b.*does not exist"):
+    data.load_tokenizer("spm:mistral7b", cache_dir=str(tmp_path))
 
 
 def test_bpe_needs_text(tmp_path):

@@ -16,9 +16,13 @@ Model convention: inputs `tokens[:, :-1]` (with `segment_ids[:, :-1]`), targets
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from mmfree_jax.data.corpus import Runs
+
+_OPEN_LOCK = threading.Lock()
 
 
 def segment_ids_for(tokens: np.ndarray, eos_id: int, num_valid: int | None = None) -> np.ndarray:
@@ -67,7 +71,12 @@ class PackedWindows:
 
   def _shard(self, i: int) -> np.ndarray:
     if self._shards is None:
-      self._shards = [np.load(p, mmap_mode="r") for p in self.shard_paths]
+      # grain reads windows from several threads; np.load parses the .npy header with
+      # ast.literal_eval, which CPython 3.11 does not make thread-safe ("AST constructor
+      # recursion depth mismatch"), so the first opening is serialized.
+      with _OPEN_LOCK:
+        if self._shards is None:
+          self._shards = [np.load(p, mmap_mode="r") for p in self.shard_paths]
     return self._shards[i]
 
   def stream_slice(self, lo: int, hi: int) -> np.ndarray:
