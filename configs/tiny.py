@@ -10,7 +10,7 @@ from mmfree_jax.config import base_config
 def get_config(kind: str = "mmfree"):
   cfg = base_config()
   cfg.model.update(kind=kind or "mmfree", vocab_size=4096, d_model=256, num_layers=4,
-                   num_heads=4, scan_type="sequential", dtype="float32")
+                   num_heads=4, scan_type="sequential", dtype="auto")
   cfg.data.update(source="builtin_kjv", tokenizer="bpe:4096", seq_len=128)
   cfg.train.update(steps=600, global_batch=16, log_every=10, eval_every=200, eval_batches=4,
                    checkpoint_every=200, sample_tokens=48)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
+from mmfree_jax.bitlinear_lean import BITLINEAR_IMPLS
 from mmfree_jax.recurrence import SCAN_TYPES
 
 MODEL_KINDS = ("mmfree", "transformer")
@@ -29,11 +31,17 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
 
 def resolve_dtype(name: str):
-  """Maps a dtype name from the config to a jnp dtype, with an error naming the choices."""
+  """Maps a dtype name from the config to a jnp dtype, with an error naming the choices.
+
+  `auto` is bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are emulated).
+  """
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   try:
     return DTYPES[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}") from None
+    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES) + ['auto']}"
+                     ) from None
 
 
 def intermediate_size_for(d_model: int, hidden_ratio: int) -> int:
@@ -56,9 +64,12 @@ def base_model_config() -> ml_collections.ConfigDict:
       "scan_type": "sequential",
       "chunk_size": 64,
       "reset_at_doc_start": True,
-      "dtype": "float32",
+      "dtype": "auto",  # compute dtype: bf16 on accelerators, fp32 on CPU
       "param_dtype": "float32",
       "remat": "none",
+      # mmfree only: 'autodiff' (quant.bitlinear) or 'lean' (bitlinear_lean: custom backward
+      # that keeps int8 activation codes instead of fp32 intermediates; same numbers)
+      "bitlinear_impl": "autodiff",
   })
 
 
@@ -145,6 +156,7 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   remat: str
+  bitlinear_impl: str = "autodiff"
 
   @property
   def compute_dtype(self):
@@ -199,6 +211,9 @@ class ModelConfig:
                        f"{SCAN_TYPES}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"unknown model.remat {self.remat!r}; choose one of {REMAT_POLICIES}")
+    if self.bitlinear_impl not in BITLINEAR_IMPLS:
+      raise ValueError(f"unknown model.bitlinear_impl {self.bitlinear_impl!r}; choose one of "
+                       f"{BITLINEAR_IMPLS}")
     if self.kind == "transformer":
       if self.d_model % self.num_heads:
         raise ValueError(f"model.d_model={self.d_model} is not divisible by "

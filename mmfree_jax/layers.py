@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmfree_jax import attention as attn_lib
+from mmfree_jax import bitlinear_lean
 from mmfree_jax import quant
 from mmfree_jax import recurrence
 from mmfree_jax.config import ModelConfig
@@ -33,7 +34,7 @@ def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
   key = rngs.params() if rngs is not None else jax.random.key(0)
   # eager_sharding=False: params are placed by the trainer (jit out_shardings), so building a
   # model needs no mesh (notebooks, eval_shape, tests).
-  return nnx.Param(init(key, shape, dtype), sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(init(key, shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 class RMSNorm(nnx.Module):
@@ -52,21 +53,25 @@ class BitLinear(nnx.Module):
   """RMSNorm + int8 activations + ternary weights, no bias (DESIGN.md §1).
 
   Params: `kernel [in, out]` (latent full precision), `norm_scale [in]`.
-  `[..., in]` → `[..., out]` in the compute dtype.
+  `[..., in]` → `[..., out]` in the compute dtype. `impl` picks the backward:
+  'autodiff' (`quant.bitlinear`) or 'lean' (`bitlinear_lean`, same numbers, less memory).
   """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
                kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
-               eps: float = quant.BITLINEAR_NORM_EPS, rngs: nnx.Rngs):
+               eps: float = quant.BITLINEAR_NORM_EPS, impl: str = "autodiff",
+               rngs: nnx.Rngs):
+    bitlinear_lean.get_bitlinear(impl)  # fails early on an unknown impl
     self.eps = eps
     self.dtype = dtype
+    self.impl = impl
     self.kernel = _param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
     self.norm_scale = _param(None, nnx.initializers.ones, (in_features,), param_dtype,
                              (axes[0],))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return quant.bitlinear(x, self.kernel[...], self.norm_scale[...], eps=self.eps,
-                           dtype=self.dtype)
+    fn = bitlinear_lean.get_bitlinear(self.impl)
+    return fn(x, self.kernel[...], self.norm_scale[...], eps=self.eps, dtype=self.dtype)
 
 
 class Dense(nnx.Module):
@@ -92,7 +97,7 @@ class MLGRU(nnx.Module):
     d = d_in = cfg.d_model
     self.cfg = cfg
     proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
-                kernel_init=xavier_uniform_init(2**-2.5))
+                kernel_init=xavier_uniform_init(2**-2.5), impl=cfg.bitlinear_impl)
     self.i_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
     self.f_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
     self.g_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
@@ -129,7 +134,8 @@ class GLU(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, inter = cfg.d_model, cfg.intermediate_size
-    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
+                  impl=cfg.bitlinear_impl)
     # gate and up are fused in one BitLinear: one input norm, one weight scale.
     self.gate_proj = BitLinear(d, 2 * inter, axes=("embed", "mlp"),
                                kernel_init=normal_init(0.02), **common)

@@ -150,7 +150,8 @@ class MatMulFreeLM(_LMBase):
     self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
     self.lm_head = layers.BitLinear(d, cfg.vocab_size, axes=("embed", "vocab"),
                                     kernel_init=layers.normal_init(0.02),
-                                    dtype=cfg.compute_dtype, param_dtype=dtype, rngs=rngs)
+                                    dtype=cfg.compute_dtype, param_dtype=dtype,
+                                    impl=cfg.bitlinear_impl, rngs=rngs)
 
   def layer_lower_bounds(self) -> jax.Array:
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)

@@ -1,0 +1,1 @@
+"""Benchmarks for mmfree_jax; `python -m benchmarks.run_all` regenerates results/ and RESULTS.md."""

@@ -1,0 +1,147 @@
+"""Where a train step's time goes, by component: MatMul-free vs Transformer++ at one small
+shape (default d=256, L=4, T=128, B=16, vocab 4096).
+
+    python -m benchmarks.bench_components [--preset toy|cpu|accel]
+
+Each component is timed as forward+backward (grad of sum(y * cotangent)) on the step's
+activation shapes, all components and both full train steps round-robin in one run:
+
+    BitLinear (autodiff / lean) vs Dense for each projection shape (d->d, d->2I, I->d, head)
+    RMSNorm, the recurrence (each scan_type), the MLGRU gate arithmetic, softmax attention
+
+`estimate` sums the components with their per-step counts; `other` = measured step -
+estimate (embedding, loss, optimizer, scan-over-layers bookkeeping, fusion differences).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common, setups
+from mmfree_jax import attention, bitlinear_lean, quant, recurrence
+
+NAME = "bench_components"
+
+SHAPE = {"toy": (64, 2, 32, 4, 256), "cpu": (256, 4, 128, 16, 4096),
+         "accel": (1024, 24, 2048, 8, 32000)}
+ROUNDS = {"toy": 2, "cpu": 7, "accel": 10}
+
+
+def _fwd_bwd(fn, *args):
+  """Jitted grad of sum(fn(*args) * cotangent) w.r.t. all args; returns a thunk."""
+  out = jax.eval_shape(fn, *args)
+  ct = jnp.asarray(np.random.default_rng(0).normal(size=out.shape), out.dtype)
+  g = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * ct), argnums=tuple(range(len(args)))))
+  return functools.partial(g, *args)
+
+
+def run(preset: str) -> dict:
+  d, num_layers, seq, batch, vocab = SHAPE[preset]
+  mm_cfg = setups.model_config("mmfree", d, num_layers, vocab)
+  inter = mm_cfg.intermediate_size
+  n = batch * seq
+  rng = np.random.default_rng(0)
+  arr = lambda *shape, s=1.0: jnp.asarray(rng.normal(size=shape) * s, jnp.float32)
+  gamma = lambda k: jnp.ones((k,), jnp.float32)
+  proj_shapes = {"d->d": (d, d), "d->2I": (d, 2 * inter), "I->d": (inter, d),
+                 "head d->V": (d, vocab)}
+  fns, counts_mm, counts_tf = {}, {}, {}
+  per_layer = {"d->d": 4, "d->2I": 1, "I->d": 1}
+  for label, (din, dout) in proj_shapes.items():
+    x, w = arr(n, din), arr(din, dout, s=0.02)
+    count = 1 if label.startswith("head") else num_layers * per_layer[label]
+    fns[f"bitlinear {label}"] = _fwd_bwd(quant.bitlinear, x, w, gamma(din))
+    fns[f"bitlinear_lean {label}"] = _fwd_bwd(bitlinear_lean.bitlinear_lean, x, w, gamma(din))
+    fns[f"dense {label}"] = _fwd_bwd(lambda x, w: x @ w, x, w)
+    counts_mm[f"bitlinear {label}"] = count
+    counts_tf[f"dense {label}"] = count
+  x = arr(n, d)
+  fns["rmsnorm d"] = _fwd_bwd(lambda x, g: quant.rms_norm(x, g, 1e-6), x, gamma(d))
+  counts_mm["rmsnorm d"] = 3 * num_layers + 1  # attn_norm, mlp_norm, g_norm; final
+  counts_tf["rmsnorm d"] = 2 * num_layers + 1
+  f = jnp.asarray(rng.uniform(0.8, 1.0, (batch, seq, d)), jnp.float32)
+  i = arr(batch, seq, d, s=0.1)
+  for scan_type in recurrence.SCAN_TYPES:
+    rec = recurrence.get_recurrence(scan_type, mm_cfg.chunk_size)
+    fns[f"recurrence {scan_type}"] = _fwd_bwd(lambda f, i, rec=rec: rec(f, i)[0], f, i)
+  counts_mm[f"recurrence {mm_cfg.scan_type}"] = num_layers
+
+  def gates(fz, iz, gz, h, lb):  # the MLGRU element-wise arithmetic around the recurrence
+    fs = jax.nn.sigmoid(fz)
+    fs = lb + (1 - lb) * fs
+    ii = jax.nn.silu(iz) * (1 - fs)
+    g = quant.rms_norm(gz, None, 1e-6)
+    return (g * h * jax.nn.sigmoid(h) + ii + fs)
+
+  fns["mlgru gates"] = _fwd_bwd(gates, arr(batch, seq, d), arr(batch, seq, d),
+                                arr(batch, seq, d), arr(batch, seq, d), arr(d, s=0.1))
+  counts_mm["mlgru gates"] = num_layers
+  fns["glu silu*up"] = _fwd_bwd(lambda a, b: jax.nn.silu(a) * b, arr(n, inter), arr(n, inter))
+  counts_mm["glu silu*up"] = num_layers
+  counts_tf["glu silu*up"] = num_layers
+  heads = max(1, d // 64)
+  q = arr(batch, seq, heads, d // heads)
+  pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+
+  def attn(q, k, v):
+    mask = attention.causal_mask(pos, pos)
+    return attention.dot_product_attention(attention.rope(q, pos), attention.rope(k, pos), v,
+                                           mask)
+
+  fns["attention (rope+softmax)"] = _fwd_bwd(attn, q, q, q)
+  counts_tf["attention (rope+softmax)"] = num_layers
+
+  steps = {}
+  step_variants = [("step mmfree", "mmfree", {}),
+                   ("step mmfree_lean", "mmfree", {"bitlinear_impl": "lean"}),
+                   ("step transformer", "transformer", {})]
+  if preset == "toy":  # the smoke test keeps compiles few (bench_train runs toy steps)
+    step_variants = []
+  for name, kind, extra in step_variants:
+    cfg = setups.model_config(kind, d, num_layers, vocab, **extra)
+    setup = setups.train_setup(cfg)
+    compiled, _, _ = setups.compile_step(setup, batch, seq)
+    steps[name] = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, vocab))
+  times = common.interleaved_times({**fns, **steps}, ROUNDS[preset], warmup=1)
+  ms = {k: 1e3 * v["median_s"] for k, v in times.items()}
+  components = [{"component": k, "ms": ms[k], "count_mmfree": counts_mm.get(k, 0),
+                 "count_transformer": counts_tf.get(k, 0)} for k in fns]
+  est_mm = sum(ms[k] * c for k, c in counts_mm.items())
+  est_mm_lean = est_mm + sum(
+      (ms[k.replace("bitlinear", "bitlinear_lean")] - ms[k]) * c
+      for k, c in counts_mm.items() if k.startswith("bitlinear "))
+  est_tf = sum(ms[k] * c for k, c in counts_tf.items())
+  estimates = {"mmfree": est_mm, "mmfree_lean": est_mm_lean, "transformer": est_tf}
+  summary = {
+      "step_ms": {k: ms[k] for k in steps},
+      "estimate_ms": estimates,
+      "other_ms": {k: ms[f"step {k}"] - v for k, v in estimates.items() if f"step {k}" in ms},
+      "over_transformer": {k: ms[f"step {k}"] / ms["step transformer"] for k in estimates
+                           if f"step {k}" in ms and k != "transformer"},
+  }
+  for c in components:
+    print(f"{c['component']:32s} {c['ms']:8.2f} ms  x{c['count_mmfree']} mmfree  "
+          f"x{c['count_transformer']} transformer")
+  for k in steps:
+    print(f"{k:32s} {ms[k]:8.2f} ms")
+  print(summary)
+  return {"shape": {"d_model": d, "num_layers": num_layers, "seq_len": seq, "batch": batch,
+                    "vocab": vocab, "intermediate": inter, "scan_type": mm_cfg.scan_type},
+          "components": components, "summary": summary}
+
+
+def main(argv=None):
+  args = common.parse_args(NAME, __doc__, None, argv)
+  results = run(args.preset)
+  common.write_json(args.out, NAME, args.preset, results,
+                    ["each component: jitted grad of sum(y*ct) on the step's shapes; "
+                     "median of round-robin rounds with the full train steps",
+                     "estimate = sum(component ms x count per step); other = step - estimate"])
+
+
+if __name__ == "__main__":
+  main()

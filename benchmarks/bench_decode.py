@@ -1,0 +1,162 @@
+"""Decode throughput and memory vs context length: MatMul-free (constant recurrent state) vs
+Transformer++ (KV cache), batch 1 by default.
+
+    python -m benchmarks.bench_decode [--preset toy|cpu|accel]
+
+Each variant is `model.init_state` + `mmfree_jax.decode` in a jitted `lax.fori_loop` of
+`steps` greedy decode steps (one dispatch per loop). The Transformer++ cache is made for
+`context + steps` positions with `index = context`, i.e. as after a prefill of `context`
+tokens (the step's cost does not depend on the cached values, and a 32k-token prefill is not
+what is measured). The MatMul-free state is the same size at any context (the compiled loop
+is the same program); it is timed at each context anyway.
+
+Also `mmfree_exported`: the same MatMul-free model exported once with
+`packed_model.export_packed(fmt='float32')` (ternary codes as fp32 + one scale per matrix),
+the inference form that does not re-quantize the latent weights at every token, and
+`mmfree_packed`: the same export at 2 bits per weight (`fmt='2bit'`, lookup-table matvec).
+
+The parameters pass through `lax.optimization_barrier` at every step so that XLA cannot hoist
+per-token weight work (the latent weights' quantization) out of the loop: every step pays
+for what a step of `generate` pays for.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import mmfree_jax
+from benchmarks import common, setups
+from mmfree_jax import packed_model
+
+NAME = "bench_decode"
+
+CONTEXTS = {"toy": [64, 256], "cpu": [1024, 2048, 4096, 8192, 16384, 32768],
+            "accel": [1024, 4096, 16384, 32768, 131072]}
+SHAPE = {"toy": (64, 2, 256), "cpu": (256, 4, 4096), "accel": (1024, 24, 32000)}
+STEPS = {"toy": 4, "cpu": 16, "accel": 64}
+ROUNDS = {"toy": 2, "cpu": 3, "accel": 5}
+
+
+def _tree_bytes(tree) -> int:
+  return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def model_decode_loop(model, steps: int):
+  """`loop(params, tokens [B,1], state) -> (tokens, state)`: `steps` greedy decode steps."""
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def loop(params, tokens, state):
+    def body(_, carry):
+      tokens, state, params = carry
+      params = jax.lax.optimization_barrier(params)
+      logits, state = mmfree_jax.decode(nnx.merge(graphdef, params), tokens, state)
+      tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+      return tokens, state, params
+    tokens, state, _ = jax.lax.fori_loop(0, steps, body, (tokens, state, params))
+    return tokens, state
+
+  return loop, params
+
+
+def packed_decode_loop(spec, steps: int):
+  step = functools.partial(packed_model.decode, spec=spec)
+
+  @jax.jit
+  def loop(params, tokens, state):
+    def body(_, carry):
+      tokens, state, params = carry
+      params = jax.lax.optimization_barrier(params)
+      logits, state = step(params, tokens, state)
+      tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
+      return tokens, state, params
+    tokens, state, _ = jax.lax.fori_loop(0, steps, body, (tokens, state, params))
+    return tokens, state
+
+  return loop
+
+
+def run(preset: str, batch: int = 1) -> dict:
+  d, num_layers, vocab = SHAPE[preset]
+  steps = STEPS[preset]
+  tokens = jnp.zeros((batch, 1), jnp.int32)
+  mm_cfg = setups.model_config("mmfree", d, num_layers, vocab)
+  tf_cfg = setups.model_config("transformer", d, num_layers, vocab)
+  mm_model = mmfree_jax.build_model(mm_cfg, 0)
+  tf_model = mmfree_jax.build_model(tf_cfg, 0)
+  mm_loop, mm_params = model_decode_loop(mm_model, steps)
+  tf_loop, tf_params = model_decode_loop(tf_model, steps)
+  ex_params, ex_spec = packed_model.export_packed(mm_model, "float32")
+  ex_loop = packed_decode_loop(ex_spec, steps)
+  pk_params, pk_spec = packed_model.export_packed(mm_model, "2bit", "lut")
+  pk_loop = packed_decode_loop(pk_spec, steps)
+
+  mm_state = mm_model.init_state(batch)
+  ex_state = packed_model.init_state(ex_spec, batch)
+  mm_compiled = mm_loop.lower(mm_params, tokens, mm_state).compile()
+  ex_compiled = ex_loop.lower(ex_params, tokens, ex_state).compile()
+  pk_compiled = pk_loop.lower(pk_params, tokens, ex_state).compile()
+  copy, copy_bytes = common.copy_probe({"toy": 16, "cpu": 256, "accel": 2048}[preset])
+  bws = []
+  tf_weight_bytes = _tree_bytes(nnx.state(tf_model, nnx.Param))
+  rows = []
+  for context in CONTEXTS[preset]:
+    tf_state = tf_model.init_state(batch, context + steps)
+    tf_state = tf_state._replace(index=jnp.asarray(context, jnp.int32))
+    tf_compiled = tf_loop.lower(tf_params, tokens, tf_state).compile()
+    fns = {"mmfree": functools.partial(mm_compiled, mm_params, tokens, mm_state),
+           "mmfree_exported": functools.partial(ex_compiled, ex_params, tokens, ex_state),
+           "mmfree_packed": functools.partial(pk_compiled, pk_params, tokens, ex_state),
+           "transformer": functools.partial(tf_compiled, tf_params, tokens, tf_state)}
+    mems = {"mmfree": (common.memory_stats(mm_compiled), _tree_bytes(mm_state)),
+            "mmfree_exported": (common.memory_stats(ex_compiled), _tree_bytes(ex_state)),
+            "mmfree_packed": (common.memory_stats(pk_compiled), _tree_bytes(ex_state)),
+            "transformer": (common.memory_stats(tf_compiled), _tree_bytes(tf_state))}
+    times = common.interleaved_times({**fns, "_copy": copy}, ROUNDS[preset], warmup=1)
+    bw = {"gb_per_s": copy_bytes / times.pop("_copy")["median_s"] / 1e9}  # same rounds
+    bws.append(bw["gb_per_s"])
+    tf_tok_s = batch * steps / times["transformer"]["median_s"]
+    # What an ideal KV-cache decode could reach: every step reads the weights and the cache
+    # filled so far (bytes at the measured copy bandwidth), nothing else.
+    kv_bytes = _tree_bytes(tf_state) * context / (context + steps)
+    tf_bound = bw["gb_per_s"] * 1e9 / (tf_weight_bytes + kv_bytes)
+    for name, t in times.items():
+      tok_s = batch * steps / t["median_s"]
+      mem, state_bytes = mems[name]
+      rows.append({"variant": name, "context": context, "batch": batch, "steps": steps,
+                   "tokens_per_s": tok_s, "ms_per_token": 1e3 * t["median_s"] / steps,
+                   "state_bytes": state_bytes, "peak_bytes": mem.get("peak_bytes"),
+                   "temp_bytes": mem.get("temp_bytes"),
+                   "speedup_vs_transformer": tok_s / tf_tok_s,
+                   "transformer_bandwidth_bound_tokens_per_s": tf_bound,
+                   "speedup_vs_transformer_bound": tok_s / tf_bound})
+      print(f"ctx={context:6d} {name:16s} {tok_s:9.1f} tok/s  state "
+            f"{common.fmt_bytes(state_bytes):>10s}  peak {common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
+            f"  x{tok_s / tf_tok_s:.2f}", flush=True)
+    del tf_state, tf_compiled, fns
+  return {"d_model": d, "num_layers": num_layers, "vocab": vocab, "rows": rows,
+          "copy_gb_per_s": float(np.median(bws))}
+
+
+def main(argv=None):
+  def extra(p):
+    p.add_argument("--batch", type=int, default=1)
+  args = common.parse_args(NAME, __doc__, extra, argv)
+  results = run(args.preset, args.batch)
+  common.write_json(args.out, NAME, args.preset, results,
+                    ["jitted fori_loop of greedy decode steps; params through an optimization "
+                     "barrier per step (no hoisting of per-token weight work)",
+                     "Transformer++ cache sized context+steps with index=context (no prefill)",
+                     "peak = XLA compiled memory of the decode loop (params + state + temps)",
+                     "transformer bound = copy GB/s (timed in the same rounds) / (weight bytes "
+                     "+ filled KV bytes): an ideal KV-cache step; speedup_vs_transformer_bound "
+                     "compares against it"])
+
+
+if __name__ == "__main__":
+  main()

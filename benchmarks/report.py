@@ -1,0 +1,283 @@
+"""Builds `benchmarks/RESULTS.md` from the JSON files in `benchmarks/results/`.
+
+    python -m benchmarks.report [--results_dir DIR] [--markdown PATH]
+
+(`python -m benchmarks.run_all` runs every benchmark and then this.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from benchmarks import common
+
+COMMAND = "python -m benchmarks.run_all"
+
+
+def _load(results_dir: str) -> dict:
+  out = {}
+  if not os.path.isdir(results_dir):
+    return out
+  for name in sorted(os.listdir(results_dir)):
+    if name.endswith(".json"):
+      with open(os.path.join(results_dir, name)) as f:
+        data = json.load(f)
+      out[data["benchmark"]] = data
+  return out
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _mib(b):
+  return None if b is None else b / 2**20
+
+
+def _gflops(x):
+  return x / 1e9
+
+
+def _yes(ok: bool | None) -> str:
+  return "n/a" if ok is None else ("**yes**" if ok else "no")
+
+
+def targets(res: dict) -> list[list]:
+  rows = []
+  tr = res.get("bench_train", {}).get("results")
+  if tr:
+    at = [r for r in tr["rows"] if r["seq_len"] == 2048 and r["variant"] != "transformer"]
+    for r in at:
+      rows.append([f"train tokens/s >= 1.2x Transformer++ at T=2048 ({r['variant']}, "
+                   f"d={r['d_model']}, L={r['num_layers']})",
+                   f"{r['speedup_vs_transformer']:.2f}x", _yes(r["speedup_vs_transformer"] >= 1.2)])
+    big = [r for r in tr["rows"] if r["d_model"] >= 512 and r["variant"] != "transformer"]
+    standalone = _standalone_peak(res, tr["peak_dtype"])
+    for r in big:
+      also = ""
+      if standalone:
+        also = (f" (vs the bench_peak peak {_gflops(standalone):.0f} GFLOP/s: "
+                f"{r['mfu'] * r['peak_flops_per_s'] / standalone:.1%})")
+      rows.append([f"MFU >= 50% of measured {tr['peak_dtype']} peak at d>=512 ({r['variant']}, "
+                   f"d={r['d_model']}, T={r['seq_len']})",
+                   f"{r['mfu']:.1%} vs the peak timed in the same rounds "
+                   f"({_gflops(r['peak_flops_per_s']):.0f} GFLOP/s){also}", _yes(r["mfu"] >= 0.5)])
+  mem = res.get("bench_memory", {}).get("results")
+  if mem:
+    for r in mem["rows"]:
+      if r["variant"] == "mmfree_lean":
+        red = 1 - r["peak_vs_autodiff"]
+        rows.append([f"lean BitLinear >= 40% lower peak train memory than autodiff "
+                     f"(d={r['d_model']}, L={r['num_layers']}, B={r['batch']}, T={r['seq_len']}, "
+                     f"remat={r['remat']})",
+                     f"{red:.0%} lower peak ({1 - r['temp_vs_autodiff']:.0%} lower temporaries)",
+                     _yes(red >= 0.4)])
+    st = mem["bitlinear_stack"]
+    rows.append([f"  (BitLinear-only stack, N={st['tokens']}, d={st['d']}, {st['layers']} layers)",
+                 f"{1 - st['peak_lean_over_autodiff']:.0%} lower peak "
+                 f"({1 - st['temp_lean_over_autodiff']:.0%} lower temporaries)",
+                 _yes(1 - st["peak_lean_over_autodiff"] >= 0.4)])
+  comp = res.get("bench_compile", {}).get("results")
+  if comp:
+    for kind in sorted({r["kind"] for r in comp["rows"]}):
+      at = [r for r in comp["rows"] if r["kind"] == kind]
+      deep = at[-1]
+      rows.append([f"compile time at L={deep['num_layers']} <= 1.5x L={at[0]['num_layers']} ({kind})",
+                   f"{deep['total_vs_shallowest']:.2f}x", _yes(deep["total_vs_shallowest"] <= 1.5)])
+  dec = res.get("bench_decode", {}).get("results")
+  if dec:
+    for variant in ("mmfree", "mmfree_exported", "mmfree_packed"):
+      at = [r for r in dec["rows"] if r["variant"] == variant]
+      if not at:
+        continue
+      peaks = [r["peak_bytes"] for r in at]
+      flat = max(peaks) == min(peaks) and len({r["state_bytes"] for r in at}) == 1
+      rows.append([f"decode memory flat in context ({variant}, {at[0]['context']}..{at[-1]['context']})",
+                   f"state {common.fmt_bytes(at[0]['state_bytes'])}, peak "
+                   f"{common.fmt_bytes(min(peaks))}..{common.fmt_bytes(max(peaks))}", _yes(flat)])
+      ctx16 = [r for r in at if r["context"] == 16384]
+      if ctx16:
+        s = ctx16[0]["speedup_vs_transformer"]
+        b = ctx16[0]["speedup_vs_transformer_bound"]
+        rows.append([f"decode >= 5x Transformer++ tokens/s at 16k context ({variant})",
+                     f"{s:.1f}x measured ({b:.1f}x an ideal bandwidth-bound KV-cache decode)",
+                     _yes(s >= 5)])
+  pk = res.get("bench_packed", {}).get("results")
+  if pk:
+    packed = [r for r in pk["rows"] if r["variant"].startswith(("2bit", "base3"))]
+    best = max(packed, key=lambda r: r["tokens_per_s"])
+    rows.append(["packed weights <= 2 bits/weight",
+                 ", ".join(f"{r['variant']}: {r['bits_per_weight']:.2f}" for r in packed
+                           if r["variant"].endswith("lut")),
+                 _yes(all(r["bits_per_weight"] <= 2.0 for r in packed))])
+    rows.append([f"packed batch-1 decode faster than fp32 weights (best: {best['variant']})",
+                 f"{best['speedup_vs_float32_codes']:.2f}x fp32 codes, "
+                 f"{best['tokens_per_s'] / _latent(pk):.1f}x the latent-fp32 model",
+                 _yes(best["speedup_vs_float32_codes"] > 1)])
+  return rows
+
+
+def _standalone_peak(res, dtype):
+  p = res.get("bench_peak", {}).get("results")
+  return p["matmul"][dtype]["flops_per_s"] if p and dtype in p["matmul"] else None
+
+
+def _latent(pk):
+  return [r for r in pk["rows"] if r["variant"].startswith("latent")][0]["tokens_per_s"]
+
+
+def sections(res: dict) -> list[str]:
+  out = []
+  p = res.get("bench_peak", {}).get("results")
+  if p:
+    m = p["matmul"]
+    out.append("## 1. Machine peaks (`bench_peak`)\n\n" + _table(
+        ["quantity", "value"],
+        [["fp32 matmul", f"{_gflops(m['float32']['flops_per_s']):.1f} GFLOP/s (n={m['float32']['best_n']})"],
+         ["bf16 matmul", f"{_gflops(m['bfloat16']['flops_per_s']):.1f} GFLOP/s (n={m['bfloat16']['best_n']})"],
+         ["copy bandwidth (in place, read+write)", f"{p['copy']['gb_per_s']:.1f} GB/s"],
+         ["read bandwidth (max reduction)", f"{p['copy']['read_gb_per_s']:.1f} GB/s"]]))
+  t = res.get("bench_train", {}).get("results")
+  if t:
+    rows = [[r["d_model"], r["num_layers"], r["seq_len"], r["batch"], r["variant"],
+             r["tokens_per_s"], f"{r['mfu']:.1%}", f"{r['speedup_vs_transformer']:.2f}x",
+             f"{r['compile_s']:.1f}", f"{_gflops(r['peak_flops_per_s']):.0f}"]
+            for r in t["rows"]]
+    out.append(f"## 2. Train step (`bench_train`, {t['dtype']}, remat={t['remat']}; MFU vs the "
+               f"{t['peak_dtype']} matmul peak timed in the same rounds)\n\n"
+               + _table(["d", "L", "T", "B", "variant", "tokens/s", "MFU", "vs Transformer++",
+                         "compile s", "peak GFLOP/s"], rows))
+  c = res.get("bench_components", {}).get("results")
+  if c:
+    sh, sm = c["shape"], c["summary"]
+    rows = [[x["component"], x["ms"], x["count_mmfree"], x["count_transformer"]]
+            for x in c["components"]]
+    rows += [[k, v, "", ""] for k, v in sm["step_ms"].items()]
+    rows += [[f"sum of counted components: {k}", v, "", ""] for k, v in sm["estimate_ms"].items()]
+    out.append(f"### Train step by component (`bench_components`, d={sh['d_model']}, "
+               f"L={sh['num_layers']}, T={sh['seq_len']}, B={sh['batch']}, vocab {sh['vocab']}; "
+               "fwd+bwd ms, median of round-robin rounds)\n\n"
+               + _table(["component", "ms", "x per mmfree step", "x per Transformer++ step"],
+                        rows)
+               + "\n\nstep time / Transformer++ step time: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in sm["over_transformer"].items()))
+  r = res.get("bench_recurrence", {}).get("results")
+  if r:
+    seqs = sorted({x["seq_len"] for x in r["rows"]})
+    types = list(dict.fromkeys(x["scan_type"] for x in r["rows"]))
+    get = {(x["scan_type"], x["seq_len"]): x for x in r["rows"]}
+    rows = [[st] + [f"{1e3 * get[(st, s)]['fwd_bwd_s']:.2f} ms / {_mib(get[(st, s)]['temp_bytes']):.1f} MiB"
+                    for s in seqs] for st in types]
+    x0 = r["rows"][0]
+    out.append(f"## 3. Recurrence fwd+bwd time / compiled temp memory vs T (`bench_recurrence`, "
+               f"batch {x0['batch']}, dim {x0['dim']}, chunk {r['chunk_size']})\n\n"
+               + _table(["scan_type"] + [f"T={s}" for s in seqs], rows)
+               + "\n\nfastest: " + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items()))
+  m = res.get("bench_memory", {}).get("results")
+  if m:
+    rows = [[x["d_model"], x["num_layers"], x["batch"], x["seq_len"], x["remat"], x["variant"],
+             f"{_mib(x['peak_bytes']):,.0f}", f"{_mib(x['temp_bytes']):,.0f}",
+             f"{_mib(x['argument_bytes']):,.0f}", f"{x['peak_vs_autodiff']:.2f}"] for x in m["rows"]]
+    st = m["bitlinear_stack"]
+    out.append("## 4. Peak training memory, XLA compiled memory analysis (`bench_memory`)\n\n"
+               + _table(["d", "L", "B", "T", "remat", "variant", "peak MiB", "temp MiB",
+                         "args MiB", "peak / autodiff"], rows)
+               + f"\n\nBitLinear-only stack (N={st['tokens']}, d={st['d']}, {st['layers']} layers): "
+                 f"temp autodiff {_mib(st['stats']['autodiff']['temp_bytes']):.1f} MiB, lean "
+                 f"{_mib(st['stats']['lean']['temp_bytes']):.1f} MiB "
+                 f"({st['temp_lean_over_autodiff']:.2f}x)")
+  cp = res.get("bench_compile", {}).get("results")
+  if cp:
+    rows = [[x["kind"], x["num_layers"], x["lower_s"], x["compile_s"], x["total_s"],
+             f"{x['total_vs_shallowest']:.2f}x"] for x in cp["rows"]]
+    out.append(f"## 5. Compile time vs depth (`bench_compile`, d={cp['rows'][0]['d_model']}, "
+               f"remat={cp['rows'][0]['remat']})\n\n"
+               + _table(["model", "L", "trace+lower s", "XLA compile s", "total s",
+                         "vs shallowest"], rows))
+  d = res.get("bench_decode", {}).get("results")
+  if d:
+    rows = [[x["context"], x["variant"], x["tokens_per_s"], x["ms_per_token"],
+             common.fmt_bytes(x["state_bytes"]), common.fmt_bytes(x["peak_bytes"] or 0),
+             f"{x['speedup_vs_transformer']:.2f}x",
+             f"{x['speedup_vs_transformer_bound']:.2f}x"] for x in d["rows"]]
+    out.append(f"## 6. Decode vs context (`bench_decode`, d={d['d_model']}, L={d['num_layers']}, "
+               f"vocab {d['vocab']}, batch {d['rows'][0]['batch']})\n\n"
+               + _table(["context", "variant", "tokens/s", "ms/token", "state", "compiled peak",
+                         "vs Transformer++ (measured)", "vs ideal KV-cache bound"], rows)
+               + f"\n\nideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
+                 "(Transformer++ weight bytes + filled cache bytes) per token")
+  pk = res.get("bench_packed", {}).get("results")
+  if pk:
+    rows = [[x["variant"], f"{x['bits_per_weight']:.2f}", common.fmt_bytes(x["weight_bytes"]),
+             x["tokens_per_s"], x["bandwidth_bound_tokens_per_s"],
+             f"{x['fraction_of_bound']:.1%}", f"{x['speedup_vs_float32_codes']:.2f}x",
+             "yes" if x["same_tokens_as_float32"] else "NO"] for x in pk["rows"]]
+    out.append(f"## 7. Packed ternary decode, batch 1 (`bench_packed`, d={pk['d_model']}, "
+               f"L={pk['num_layers']}, vocab {pk['vocab']}, {pk['bitlinear_params']:,} BitLinear "
+               f"weights; copy bandwidth {pk['copy_gb_per_s']:.1f} GB/s)\n\n"
+               + _table(["weights", "bits/weight", "weight bytes", "tokens/s",
+                         "bandwidth bound tokens/s", "of bound", "vs fp32 codes",
+                         "same tokens"], rows))
+  return out
+
+
+def make_markdown(res: dict, preset: str | None = None) -> str:
+  if not res:
+    return "# Benchmarks\n\nNo results yet: run `" + COMMAND + "`.\n"
+  any_run = next(iter(res.values()))
+  mach = any_run["machine"]
+  loads = [(v["benchmark"], v["machine"].get("load_average_1m_start"),
+            v["machine"].get("load_average_1m_end")) for v in res.values()]
+  presets = sorted({v["preset"] for v in res.values()})
+  head = [
+      "# Benchmarks",
+      "",
+      "Regenerate everything (results/*.json and this file) with one command:",
+      "",
+      "    " + COMMAND + "                  # CPU-sized defaults (each script < 3 min on 2 cores)",
+      "    " + COMMAND + " --preset accel   # bigger shapes for a GPU/TPU",
+      "",
+      "One benchmark: `python -m benchmarks.bench_train [--preset toy|cpu|accel]` (see each "
+      "script's docstring); `python -m benchmarks.report` rebuilds this file from the JSON.",
+      "Every number is measured in the run that reports it; comparisons are ratios inside one "
+      "run with the variants timed round-robin.",
+      "",
+      f"Machine: {mach.get('cpu_model')} ({mach.get('cpu_count')} cores visible), backend "
+      f"{mach['backend']}, jax {mach['jax_version']}; preset {', '.join(presets)}.",
+      "1-minute load average (start → end) per benchmark: "
+      + ", ".join(f"{n.replace('bench_', '')} {a}→{b}" for n, a, b in loads) + ".",
+      "",
+      "## Targets",
+      "",
+      _table(["target", "measured", "met"], targets(res)),
+  ]
+  return "\n".join(head) + "\n\n" + "\n\n".join(sections(res)) + "\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+  parser.add_argument("--results_dir", default=common.RESULTS_DIR)
+  parser.add_argument("--markdown", default=os.path.join(os.path.dirname(common.RESULTS_DIR),
+                                                         "RESULTS.md"))
+  args = parser.parse_args()
+  write(args.results_dir, args.markdown)
+
+
+def write(results_dir: str, markdown: str) -> str:
+  text = make_markdown(_load(results_dir))
+  with open(markdown, "w") as f:
+    f.write(text)
+  print(f"wrote {markdown}")
+  return text
+
+
+if __name__ == "__main__":
+  main()

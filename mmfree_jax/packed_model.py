@@ -1,0 +1,207 @@
+"""Inference export of a MatMul-free LM with packed ternary weights, and its decode step.
+
+`export_packed(model, fmt)` quantizes every BitLinear kernel of a trained `MatMulFreeLM`
+once (DESIGN.md §1: codes = clip(round_even(W / mean|W|), -1, 1), scale = mean|W| with the
+1e-5 floor) and stores the codes as
+
+    '2bit'      4 codes per byte (2 bits/weight)        } packing.pack_ternary, unpacked on
+    'base3'     5 codes per byte (1.6 bits/weight)      } the fly by packing.packed_matvec
+    'int8'      one int8 code per weight
+    'float32' / 'bfloat16'  the codes as floats (the plain-storage baselines)
+
+with the per-tensor scale; embeddings, norm scales and lower bounds stay full precision.
+`decode(params, tokens [B, 1], state, spec=...)` is one decode step of the MLGRU model on
+these weights with int8 activation codes: every BitLinear computes
+`y = (x_codes @ w_codes) * mean|W| / sx` with an exact integer accumulator, so all formats
+give bit-identical logits, equal to `model.decode` up to float round-off (the float model
+multiplies de-quantized values, `sum (c_x / sx)(c_w / sw)`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from mmfree_jax import packing, quant
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.model import MatMulFreeLM, RecurrentState
+
+FORMATS = ("2bit", "base3", "int8", "float32", "bfloat16")
+_FLOAT_FORMATS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class PackedLinear(NamedTuple):
+  """One BitLinear (or a stack of them with a leading layer axis).
+
+  `w`: packed uint8 `[..., packed_length(in), out]`, or codes `[..., in, out]` (int8/float);
+  `scale`: `[...]` fp32 `max(mean|W|, 1e-5)`; `norm_scale`: `[..., in]` the RMSNorm gamma.
+  """
+  w: jax.Array
+  scale: jax.Array
+  norm_scale: jax.Array
+
+
+class PackedBlock(NamedTuple):
+  """The parameters of one layer."""
+  attn_norm: jax.Array
+  i_proj: PackedLinear
+  f_proj: PackedLinear
+  g_proj: PackedLinear
+  o_proj: PackedLinear
+  g_norm: jax.Array
+  mlp_norm: jax.Array
+  gate_proj: PackedLinear
+  down_proj: PackedLinear
+  lower_bound: jax.Array  # [d] the effective forget-gate lower bound of this layer
+
+
+class PackedParams(NamedTuple):
+  """Layers are stored one by one (a tuple), not stacked: a decode step then reads each
+  weight matrix where it lies. (Slicing a stacked `[layers, ...]` array inside a scan copies
+  the slice before the matmul on XLA:CPU, which doubles the bytes a decode step moves.)"""
+  embedding: jax.Array
+  blocks: tuple[PackedBlock, ...]
+  final_norm: jax.Array
+  lm_head: PackedLinear
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedSpec:
+  """Static description (hashable): the model config, storage format and matvec method."""
+  cfg: ModelConfig
+  fmt: str
+  method: str = "lut"
+
+
+def _pack_kernel(kernel: jax.Array, fmt: str) -> PackedLinear:
+  """`kernel [in, out]` → codes in `fmt` and the scale mean|W| (floored)."""
+  codes, _ = quant.quantize_weights_ternary(kernel)
+  stat = jnp.promote_types(kernel.dtype, jnp.float32)  # fp32 (f64 under x64), as quant
+  scale = jnp.maximum(jnp.mean(jnp.abs(kernel.astype(stat))), quant.WEIGHT_SCALE_FLOOR)
+  if fmt in packing.FORMATS:
+    w = packing.pack_ternary(codes, fmt, axis=0)
+  elif fmt == "int8":
+    w = codes
+  else:
+    w = codes.astype(_FLOAT_FORMATS[fmt])
+  return w, scale
+
+
+def _export_linear(layer, fmt: str, index: int | None = None) -> PackedLinear:
+  """Packs `layer`'s kernel (layer `index` of a stacked one if given)."""
+  kernel, norm_scale = layer.kernel[...], layer.norm_scale[...]
+  if index is not None:
+    kernel, norm_scale = kernel[index], norm_scale[index]
+  w, scale = _pack_kernel(kernel, fmt)
+  return PackedLinear(w, scale, norm_scale)
+
+
+def export_packed(model: MatMulFreeLM, fmt: str = "2bit",
+                  method: str = "lut") -> tuple[PackedParams, PackedSpec]:
+  """Quantizes and packs every BitLinear of `model` (latent weights are quantized once).
+
+  Returns the packed parameter pytree and the static spec to decode with.
+  """
+  if not isinstance(model, MatMulFreeLM):
+    raise TypeError(f"export_packed needs a MatMulFreeLM; got {type(model).__name__}")
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown packed format {fmt!r}; choose one of {FORMATS}")
+  if method not in packing.MATVEC_METHODS:
+    raise ValueError(f"unknown matvec method {method!r}; choose one of "
+                     f"{packing.MATVEC_METHODS}")
+  b = model.blocks
+  lower_bounds = model.layer_lower_bounds()
+  blocks = []
+  for l in range(model.cfg.num_layers):
+    lin = functools.partial(_export_linear, fmt=fmt, index=l)
+    blocks.append(PackedBlock(
+        attn_norm=b.attn_norm.scale[l], i_proj=lin(b.attn.i_proj), f_proj=lin(b.attn.f_proj),
+        g_proj=lin(b.attn.g_proj), o_proj=lin(b.attn.o_proj), g_norm=b.attn.g_norm.scale[l],
+        mlp_norm=b.mlp_norm.scale[l], gate_proj=lin(b.mlp.gate_proj),
+        down_proj=lin(b.mlp.down_proj), lower_bound=lower_bounds[l]))
+  params = PackedParams(model.embedding[...], tuple(blocks), model.final_norm.scale[...],
+                        _export_linear(model.lm_head, fmt))
+  return params, PackedSpec(model.cfg, fmt, method)
+
+
+def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) -> int:
+  """Bytes of all BitLinear weights (codes, and their per-matrix scales if asked): what a
+  decode step must read."""
+  linears = [params.lm_head] + [getattr(block, name) for block in params.blocks for name in
+                                ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj",
+                                 "down_proj")]
+  return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
+
+
+def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int) -> jax.Array:
+  """Exact `x_codes @ w_codes` (integers), `[batch, in]` int8 → `[batch, out]`."""
+  if spec.fmt in packing.FORMATS:
+    return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method)
+  if spec.fmt == "int8":
+    return jax.lax.dot(x_codes, w, preferred_element_type=jnp.int32)
+  # float storage: products and sums of small integers are exact in the fp32 accumulator
+  return jnp.matmul(x_codes.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec) -> jax.Array:
+  """BitLinear on stored codes: `[batch, in]` → `[batch, out]` in the compute dtype."""
+  cfg = spec.cfg
+  stat = jnp.promote_types(x.dtype, jnp.float32)  # norm statistics and scales in fp32 (f64)
+  xn = quant.rms_norm(x.astype(stat), p.norm_scale, quant.BITLINEAR_NORM_EPS)
+  codes, sx = quant.quantize_activations_int8(xn)  # int8 codes, per-row scale
+  acc = _matvec(codes, p.w, spec, x.shape[-1])
+  y = acc.astype(stat) * p.scale.astype(stat) / sx
+  return y.astype(cfg.compute_dtype)
+
+
+def _block(x, h, layer: PackedBlock, spec: PackedSpec):
+  """One MLGRU + GLU block for one token: `x [B, d]`, `h [B, d]` fp32 → (x, h)."""
+  cfg = spec.cfg
+  acc = jnp.promote_types(cfg.compute_dtype, jnp.float32)
+  a = quant.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+  f = jax.nn.sigmoid(_bitlinear(layer.f_proj, a, spec).astype(acc))
+  lb = layer.lower_bound.astype(acc)
+  f = lb + (1.0 - lb) * f
+  i = jax.nn.silu(_bitlinear(layer.i_proj, a, spec).astype(acc)) * (1.0 - f)
+  h = f * h + i  # the recurrence, one step, fp32 state
+  g = quant.rms_norm(_bitlinear(layer.g_proj, a, spec).astype(acc), layer.g_norm,
+                     cfg.rms_norm_eps)
+  o = g * h * jax.nn.sigmoid(h)
+  x = x + _bitlinear(layer.o_proj, o.astype(cfg.compute_dtype), spec)
+  m = quant.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
+  gate, up = jnp.split(_bitlinear(layer.gate_proj, m, spec), 2, axis=-1)
+  x = x + _bitlinear(layer.down_proj, jax.nn.silu(gate) * up, spec)
+  return x, h
+
+
+def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
+  """Zero state `[layers, batch, d]` fp32, as `MatMulFreeLM.init_state`."""
+  cfg = spec.cfg
+  return RecurrentState(jnp.zeros((cfg.num_layers, batch, cfg.d_model),
+                                  jnp.promote_types(cfg.compute_dtype, jnp.float32)))
+
+
+def decode(params: PackedParams, tokens: jax.Array, state: RecurrentState, *,
+           spec: PackedSpec) -> tuple[jax.Array, RecurrentState]:
+  """One decode step: `tokens [batch, 1]` int32 → `(logits [batch, 1, vocab], new state)`.
+
+  Same contract as `mmfree_jax.decode` on the float model. Jit it with `spec` bound
+  (`jax.jit(functools.partial(decode, spec=spec))`).
+  """
+  if tokens.ndim != 2 or tokens.shape[1] != 1:
+    raise ValueError(f"decode takes tokens [batch, 1]; got {tokens.shape}")
+  cfg = spec.cfg
+  x = jnp.take(params.embedding, tokens[:, 0], axis=0).astype(cfg.compute_dtype)
+
+  h = []
+  for l, layer in enumerate(params.blocks):  # unrolled: each layer's weights read in place
+    x, h_l = _block(x, state.h[l], layer, spec)
+    h.append(h_l)
+  h = jnp.stack(h)
+  x = quant.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+  logits = _bitlinear(params.lm_head, x, spec)
+  return logits[:, None, :], RecurrentState(h)

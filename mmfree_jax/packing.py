@@ -1,0 +1,143 @@
+"""Ternary weight packing: codes {-1, 0, +1} stored at 2 bits (4 per byte) or in base 3
+(5 per byte, 1.6 bits), and the batch-1 friendly matrix-vector product that reads them.
+
+Layout: codes are packed along one axis (for a BitLinear kernel `[in, out]`, the `in` axis,
+so each byte holds `k` consecutive input rows of one output column). Code `c` is stored as
+the digit `c + 1` in {0, 1, 2}:
+
+    "2bit":  byte = sum_j (c_j + 1) << 2j,   j < 4      (digit 3 never occurs)
+    "base3": byte = sum_j (c_j + 1) * 3^j,   j < 5      (bytes 0..242)
+
+A length that `k` does not divide is padded with code 0 (digit 1), which adds nothing to a
+product. `unpack_ternary(pack_ternary(c, f), f, n) == c` exactly.
+
+`packed_matvec` computes `x_codes @ W_codes` for integer activation codes (int8) without
+materializing the weights in a float type: each packed byte indexes a per-group table of the
+3^k (or 4^4) partial sums of `k` activations (T-MAC/bitnet.cpp's lookup-table idea), or the
+codes are unpacked to int8 and multiplied with an int32 accumulator. Both are exact integer
+arithmetic, so every storage format gives bit-identical results.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# format -> (codes per byte, radix of a digit)
+FORMATS = {"2bit": (4, 4), "base3": (5, 3)}
+MATVEC_METHODS = ("lut", "unpack")
+
+
+def _format(fmt: str) -> tuple[int, int]:
+  try:
+    return FORMATS[fmt]
+  except KeyError:
+    raise ValueError(f"unknown packing format {fmt!r}; choose one of {sorted(FORMATS)}") from None
+
+
+def bits_per_weight(fmt: str) -> float:
+  """Storage bits per ternary weight: 2.0 for '2bit', 1.6 for 'base3' (padding excluded)."""
+  return 8.0 / _format(fmt)[0]
+
+
+def packed_length(n: int, fmt: str) -> int:
+  """Bytes along the packed axis for `n` codes."""
+  k, _ = _format(fmt)
+  return -(-n // k)
+
+
+def _check_codes(codes) -> None:
+  if isinstance(codes, jax.core.Tracer):
+    return  # values cannot be checked inside jit
+  values = np.asarray(codes)
+  if values.size and (values.min() < -1 or values.max() > 1 or
+                      not np.array_equal(values, np.round(values))):
+    raise ValueError("pack_ternary expects ternary codes in {-1, 0, 1} (e.g. from "
+                     "quant.quantize_weights_ternary); got values outside that set")
+
+
+def pack_ternary(codes, fmt: str = "2bit", axis: int = 0) -> jax.Array:
+  """Packs ternary codes along `axis`.
+
+  Args:
+    codes: integer or float array of values in {-1, 0, 1}, any shape.
+    fmt: '2bit' (4 per byte) or 'base3' (5 per byte).
+    axis: the axis to pack (its length becomes `ceil(n / k)`).
+  Returns:
+    uint8 array, `codes`' shape with `axis` shortened to `packed_length(n, fmt)`.
+  """
+  k, radix = _format(fmt)
+  _check_codes(codes)
+  codes = jnp.moveaxis(jnp.asarray(codes), axis, -1)
+  n = codes.shape[-1]
+  pad = (-n) % k
+  digits = codes.astype(jnp.int32) + 1
+  if pad:
+    digits = jnp.concatenate([digits, jnp.ones(digits.shape[:-1] + (pad,), jnp.int32)], -1)
+  digits = digits.reshape(digits.shape[:-1] + ((n + pad) // k, k))
+  weights = jnp.asarray(radix ** np.arange(k), jnp.int32)
+  packed = jnp.sum(digits * weights, axis=-1).astype(jnp.uint8)
+  return jnp.moveaxis(packed, -1, axis)
+
+
+def unpack_ternary(packed, fmt: str, n: int, axis: int = 0) -> jax.Array:
+  """Inverse of `pack_ternary`: int8 codes in {-1, 0, 1} with `n` entries along `axis`."""
+  k, radix = _format(fmt)
+  packed = jnp.moveaxis(jnp.asarray(packed), axis, -1)
+  if packed.shape[-1] != packed_length(n, fmt):
+    raise ValueError(f"packed axis has {packed.shape[-1]} bytes; {n} codes in {fmt!r} need "
+                     f"{packed_length(n, fmt)}")
+  p = packed.astype(jnp.int32)[..., None]
+  if fmt == "2bit":
+    digits = (p >> (2 * jnp.arange(k, dtype=jnp.int32))) & 3
+  else:
+    digits = (p // jnp.asarray(radix ** np.arange(k), jnp.int32)) % radix
+  codes = (digits - 1).astype(jnp.int8).reshape(packed.shape[:-1] + (-1,))[..., :n]
+  return jnp.moveaxis(codes, -1, axis)
+
+
+def _digit_table(fmt: str, dtype) -> jax.Array:
+  """`[256, k]` codes of every byte value (bytes that cannot occur decode to zeros)."""
+  k, radix = _format(fmt)
+  b = np.arange(256)
+  digits = np.stack([(b // radix**j) % radix for j in range(k)], -1) - 1
+  digits[b >= radix**k] = 0
+  return jnp.asarray(digits, dtype)
+
+
+def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
+                  method: str = "lut") -> jax.Array:
+  """`x_codes @ unpack(packed)` exactly, for a kernel packed along its input axis.
+
+  Args:
+    x_codes: `[batch, n_in]` integer activation codes (int8 range).
+    packed: `[packed_length(n_in), n_out]` uint8.
+    fmt: the packing format.
+    n_in: the unpacked input size.
+    method: 'lut' (per-group table of partial sums, one lookup per byte) or 'unpack'
+      (unpack to int8, int32-accumulating dot).
+  Returns:
+    `[batch, n_out]` float32 holding exact integers (|value| <= 128 * n_in < 2^24 for
+    n_in < 131072) for 'lut', int32 for 'unpack'.
+  """
+  k, _ = _format(fmt)
+  groups = packed.shape[0]
+  if method == "unpack":
+    w = unpack_ternary(packed, fmt, n_in, axis=0)
+    return jax.lax.dot(x_codes.astype(jnp.int8), w, preferred_element_type=jnp.int32)
+  if method != "lut":
+    raise ValueError(f"unknown packed matvec method {method!r}; choose one of "
+                     f"{MATVEC_METHODS}")
+  batch = x_codes.shape[0]
+  x = x_codes.astype(jnp.float32)  # small integers: every partial sum below is exact
+  x = jnp.pad(x, ((0, 0), (0, groups * k - n_in))).reshape(batch, groups, k)
+  # table[b, g, v] = sum_j x[b, g*k + j] * code_j(v): the 256 possible partial sums per group
+  table = jnp.einsum("bgk,vk->bgv", x, _digit_table(fmt, jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  gathered = jax.vmap(lambda t: jax.vmap(lambda t_g, p_g: t_g[p_g])(t, packed))(table)
+  # Sum over groups as a dot with ones: the matmul kernel streams it, where a float reduce
+  # over a major axis is not vectorized on XLA:CPU (about 10x slower). Exact: all partial
+  # sums are integers below 2^24.
+  return jnp.einsum("g,bgo->bo", jnp.ones((groups,), jnp.float32), gathered,
+                    precision=jax.lax.Precision.HIGHEST)  # [batch, n_out]

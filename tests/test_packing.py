@@ -1,0 +1,190 @@
+"""Ternary packing (2-bit and base-3): exact round trips, byte layout, the packed matvec, and
+the packed decode path (`packed_model`) against the float model's decode.
+
+Packed decoding accumulates `x_codes @ w_codes` exactly in integers and scales once; the float
+model multiplies de-quantized values. In float64 the two agree to ~1e-15 relative (tolerance
+1e-9 of the logit scale); in float32 to ~1e-6 on this tiny model (tolerance 1e-4: no int8
+rounding decision flips for this seed; a flip would move a logit by ~1e-2 relative). All
+storage formats give bit-identical logits (same integers, same scaling).
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import mmfree_jax
+from mmfree_jax import ModelConfig, packed_model, packing, quant
+
+PACKED = sorted(packing.FORMATS)
+
+
+def _random_codes(shape, seed=0):
+  return np.random.default_rng(seed).integers(-1, 2, shape).astype(np.int8)
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+@pytest.mark.parametrize("fmt", PACKED)
+def test_round_trip_every_group_value(fmt):
+  k, _ = packing.FORMATS[fmt]
+  groups = np.array(list(itertools.product([-1, 0, 1], repeat=k)), np.int8)  # [3^k, k]
+  packed = np.asarray(packing.pack_ternary(groups, fmt, axis=1))
+  assert packed.dtype == np.uint8 and packed.shape == (3**k, 1)
+  assert len(np.unique(packed)) == 3**k  # every group has its own byte
+  np.testing.assert_array_equal(np.asarray(packing.unpack_ternary(packed, fmt, k, axis=1)),
+                                groups)
+
+
+@pytest.mark.parametrize("fmt", PACKED)
+@pytest.mark.parametrize("n", [7, 20])
+@pytest.mark.parametrize("axis", [0, -1])
+def test_round_trip_shapes_and_padding(fmt, n, axis):
+  shape = [3, 5]
+  shape[axis] = n
+  codes = _random_codes(tuple(shape), seed=n)
+  packed = packing.pack_ternary(codes, fmt, axis=axis)
+  expected_shape = list(shape)
+  expected_shape[axis] = packing.packed_length(n, fmt)
+  assert packed.shape == tuple(expected_shape) and packed.dtype == jnp.uint8
+  back = packing.unpack_ternary(packed, fmt, n, axis=axis)
+  assert back.dtype == jnp.int8
+  np.testing.assert_array_equal(np.asarray(back), codes)
+
+
+def test_byte_layout():
+  # 2bit: digits c+1 at bits 2j; base3: digits c+1 times 3^j
+  assert int(packing.pack_ternary(np.array([-1, 0, 1, 1]), "2bit")[0]) == 0 + (1 << 2) + (2 << 4) + (2 << 6)
+  assert int(packing.pack_ternary(np.array([-1, 0, 1, 1, 0]), "base3")[0]) == 3 + 18 + 54 + 81
+  # padding is code 0 (digit 1)
+  assert int(packing.pack_ternary(np.array([1]), "2bit")[0]) == 2 + (1 << 2) + (1 << 4) + (1 << 6)
+
+
+def test_bits_per_weight_and_sizes():
+  assert packing.bits_per_weight("2bit") == 2.0
+  assert packing.bits_per_weight("base3") == 1.6
+  codes = _random_codes((4000, 3))
+  assert packing.pack_ternary(codes, "2bit").nbytes == 1000 * 3
+  assert packing.pack_ternary(codes, "base3").nbytes == 800 * 3
+
+
+def test_rejects_non_ternary_and_bad_format():
+  with pytest.raises(ValueError, match="ternary codes"):
+    packing.pack_ternary(np.array([0, 2, 1, 0]), "2bit")
+  with pytest.raises(ValueError, match="unknown packing format"):
+    packing.pack_ternary(np.array([0, 1, 1, 0]), "3bit")
+  with pytest.raises(ValueError, match="need"):
+    packing.unpack_ternary(np.zeros((3, 2), np.uint8), "2bit", 20)
+
+
+# --------------------------------------------------------------------------------- matvec
+
+
+@pytest.mark.parametrize("fmt", PACKED)
+@pytest.mark.parametrize("method", packing.MATVEC_METHODS)
+@pytest.mark.parametrize("n_in", [16, 37])
+def test_packed_matvec_exact(fmt, method, n_in):
+  rng = np.random.default_rng(n_in)
+  codes = _random_codes((n_in, 24), seed=1)
+  x = rng.integers(-128, 128, (3, n_in)).astype(np.int8)
+  x[0] = 127  # extremes: the largest partial sums
+  x[1] = -128
+  packed = packing.pack_ternary(codes, fmt, axis=0)
+  got = jax.jit(functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in, method=method))(
+      jnp.asarray(x), packed)
+  np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
+                                x.astype(np.int64) @ codes.astype(np.int64))
+
+
+# ---------------------------------------------------------------------------- packed model
+
+
+def _model(dtype):
+  # d=72 and I=200: neither divisible by 5, so base-3 padding is exercised.
+  cfg = ModelConfig.tiny(dtype=dtype, param_dtype=dtype, d_model=72, intermediate_size=200)
+  model = mmfree_jax.build_model(cfg, 0)
+  rng = np.random.default_rng(1)
+  state = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, 0.3, p.shape), p.dtype), state))
+  return model
+
+
+_TOKENS = np.random.default_rng(2).integers(0, 256, (2, 4)).astype(np.int32)
+
+
+def _decode_all(step, state):
+  out = []
+  for t in range(_TOKENS.shape[1]):
+    logits, state = step(jnp.asarray(_TOKENS[:, t:t + 1]), state)
+    out.append(np.asarray(logits))
+  return np.concatenate(out, axis=1), state
+
+
+def _packed_logits(model, fmt, method="lut"):
+  params, spec = packed_model.export_packed(model, fmt, method)
+  step = jax.jit(functools.partial(packed_model.decode, spec=spec))
+  return _decode_all(lambda t, s: step(params, t, s), packed_model.init_state(spec, 2))
+
+
+def _model_logits(model):
+  step = nnx.jit(mmfree_jax.decode)
+  return _decode_all(lambda t, s: step(model, t, s), model.init_state(2))
+
+
+def test_packed_decode_equals_model_decode_f64():
+  with jax.enable_x64(True):
+    model = _model("float64")
+    expected, expected_state = _model_logits(model)
+    scale = np.max(np.abs(expected))
+    for fmt in ("2bit", "base3"):
+      got, state = _packed_logits(model, fmt)
+      assert got.shape == expected.shape == (2, 4, 256)
+      np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * scale, err_msg=fmt)
+      np.testing.assert_allclose(np.asarray(state.h), np.asarray(expected_state.h),
+                                 rtol=1e-9, atol=1e-9)
+
+
+def test_packed_decode_fp32_all_formats_identical_and_close_to_model():
+  model = _model("float32")
+  expected, _ = _model_logits(model)
+  reference, _ = _packed_logits(model, "float32")
+  assert reference.dtype == np.float32
+  scale = np.max(np.abs(expected))
+  np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-4 * scale)
+  for fmt, method in [("2bit", "lut"), ("base3", "unpack"), ("bfloat16", "lut")]:
+    got, _ = _packed_logits(model, fmt, method)
+    np.testing.assert_array_equal(got, reference, err_msg=f"{fmt}/{method}")
+
+
+def test_export_stores_codes_and_mean_abs_scale():
+  model = _model("float32")
+  params, spec = packed_model.export_packed(model, "2bit")
+  assert spec.fmt == "2bit" and len(params.blocks) == model.cfg.num_layers
+  kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])  # layer 1, [72, 400]
+  lin = params.blocks[1].gate_proj
+  assert lin.w.dtype == jnp.uint8 and lin.w.shape == (18, 400)
+  codes, _ = quant.quantize_weights_ternary(jnp.asarray(kernel))
+  np.testing.assert_array_equal(np.asarray(packing.unpack_ternary(lin.w, "2bit", 72)),
+                                np.asarray(codes))
+  np.testing.assert_allclose(float(lin.scale), np.mean(np.abs(kernel)), rtol=1e-6)
+  # all BitLinear weights at <= 2 bits each (+ one fp32 scale per matrix)
+  n_weights = sum(np.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param))) if getattr(path[-1], "key", "") == "kernel")
+  n_matrices = 6 * model.cfg.num_layers + 1
+  assert packed_model.bitlinear_weight_bytes(params) <= n_weights * 2 / 8 + 4 * n_matrices + 64 * 8
+
+
+def test_export_errors():
+  with pytest.raises(TypeError, match="MatMulFreeLM"):
+    packed_model.export_packed(mmfree_jax.build_model(ModelConfig.tiny(kind="transformer")))
+  model = mmfree_jax.build_model(ModelConfig.tiny())
+  with pytest.raises(ValueError, match="unknown packed format"):
+    packed_model.export_packed(model, "4bit")
+  with pytest.raises(ValueError, match="unknown matvec"):
+    packed_model.export_packed(model, "2bit", "simd")
