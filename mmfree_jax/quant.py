@@ -27,8 +27,14 @@ ACT_QMIN = -128.0
 
 
 def round_half_away_from_zero(x: jax.Array) -> jax.Array:
-  """Rounds to the nearest integer, ties away from zero (the reference's Triton kernel)."""
-  return jnp.sign(x) * jnp.floor(jnp.abs(x) + 0.5)
+  """Rounds to the nearest integer, ties away from zero (the reference's Triton kernel).
+
+  Exact for every float: only true ties (|x - trunc(x)| == 0.5) move away from zero; the rest
+  use round-to-nearest (`floor(|x| + 0.5)` would send 0.49999997 to 1).
+  """
+  truncated = jnp.trunc(x)
+  is_tie = jnp.abs(x - truncated) == 0.5
+  return jnp.where(is_tie, truncated + jnp.sign(x), jnp.round(x))
 
 
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:

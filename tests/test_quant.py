@@ -192,6 +192,12 @@ def test_round_half_away_from_zero_exact_ties():
   expected = np.array([1, -1, 2, -2, 3, -3, 127, -128, 0, -1, 3, 0], np.float32)
   got = np.asarray(quant.round_half_away_from_zero(jnp.asarray(x)))
   np.testing.assert_array_equal(got, expected)
+  # the largest floats below 0.5 and 1.5 are not ties: they round down / to nearest
+  below_half = np.nextafter(np.float32(0.5), np.float32(0))
+  near = np.array([below_half, -below_half, np.nextafter(np.float32(1.5), np.float32(0))],
+                  np.float32)
+  np.testing.assert_array_equal(
+      np.asarray(quant.round_half_away_from_zero(jnp.asarray(near))), [0, 0, 1])
 
 
 # 16 entries, sum of squares 16384, so mean(x^2) = 1024 and with eps = 0 the RMSNorm factor is
