@@ -32,8 +32,8 @@ def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       stream=sys.stderr)
-  for noisy in ("absl", "jax._src", "orbax", "grain"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+  for noisy in ("absl", "jax._src", "orbax", "grain"):  # orbax logs read-only listings at WARNING
+    logging.getLogger(noisy).setLevel(logging.ERROR)
   from mmfree_jax.training import train  # import after flags: jax picks up XLA_FLAGS
   result = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress,
                  stop_after_steps=flags.FLAGS.stop_after_steps,
