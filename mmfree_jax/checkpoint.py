@@ -39,12 +39,19 @@ class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the items this project saves."""
 
   def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-               read_only: bool = False):
+               read_only: bool = False, save_concurrent_gb: int | None = None):
+    """save_concurrent_gb: cap on the bytes orbax serializes at once (its default, 96 GB,
+    lets it stage a second full copy of the arrays in host memory; importers set 1)."""
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=not read_only, read_only=read_only,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
-    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+    handlers = None
+    if save_concurrent_gb is not None:
+      handlers = {item: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
+                  for item in ("state", "params")}
+    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS,
+                                         item_handlers=handlers, options=options)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -183,7 +183,7 @@ def _to_device_leaf_by_leaf(flat: dict[str, np.ndarray]) -> None:
 
 def _save_params(workdir: str, params: dict, cfg) -> None:
   """Params-only checkpoint step 0 (synchronous) with the full config dict."""
-  checkpointer = Checkpointer(workdir, keep=1, async_save=False)
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False, save_concurrent_gb=1)
   try:
     checkpointer.save_params(0, params, cfg.to_dict())
   finally:
