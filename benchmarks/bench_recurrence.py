@@ -68,7 +68,20 @@ def run(preset: str, chunk_size: int = 64) -> dict:
   for seq in SEQ_LENS[preset]:
     at = [r for r in rows if r["seq_len"] == seq]
     summary[str(seq)] = min(at, key=lambda r: r["fwd_bwd_s"])["scan_type"]
-  return {"chunk_size": chunk_size, "rows": rows, "fastest_by_seq_len": summary}
+  # Recommendation: the lowest total time over all T (long sequences dominate, as they do a
+  # training step's recurrence cost; sub-millisecond short-T timings are the noisiest); within
+  # 5% of it, the one with the least total memory.
+  types = list(recurrence.SCAN_TYPES)
+  total = {t: sum(r["fwd_bwd_s"] for r in rows if r["scan_type"] == t) for t in types}
+  mem = {t: sum(r["temp_bytes"] or 0 for r in rows if r["scan_type"] == t) for t in types}
+  best = min(total.values())
+  rel_time = {t: total[t] / best for t in types}
+  close = [t for t in types if total[t] <= 1.05 * best]
+  recommended = min(close, key=lambda t: mem[t])
+  print(f"recommended scan_type on {jax.default_backend()}: {recommended}", flush=True)
+  return {"chunk_size": chunk_size, "rows": rows, "fastest_by_seq_len": summary,
+          "total_time_vs_best": rel_time, "recommended": recommended,
+          "backend": jax.default_backend()}
 
 
 def main(argv=None):

@@ -180,7 +180,12 @@ def sections(res: dict) -> list[str]:
     out.append(f"## 3. Recurrence fwd+bwd time / compiled temp memory vs T (`bench_recurrence`, "
                f"batch {x0['batch']}, dim {x0['dim']}, chunk {r['chunk_size']})\n\n"
                + _table(["scan_type"] + [f"T={s}" for s in seqs], rows)
-               + "\n\nfastest: " + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items()))
+               + "\n\nfastest: " + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items())
+               + (f"\n\ntotal time over all T relative to the fastest: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["total_time_vs_best"].items())
+                  + f". **Recommended default `scan_type` on {r['backend']}: "
+                    f"`{r['recommended']}`** (least total time; within 5% of it, least memory)"
+                  if "recommended" in r else ""))
   m = res.get("bench_memory", {}).get("results")
   if m:
     rows = [[x["d_model"], x["num_layers"], x["batch"], x["seq_len"], x["remat"], x["variant"],
@@ -229,6 +234,35 @@ def sections(res: dict) -> list[str]:
   return out
 
 
+NOTES = """## Notes on reading these numbers
+
+- **MFU** counts 6N matmul FLOPs per token (+ causal attention for Transformer++) against a
+  matmul peak timed round-robin with the train steps of each shape; `bench_peak` times the
+  same matmul alone, and can come out higher (the targets table gives MFU against both).
+- **Transformer++ training** uses plain softmax attention over the full `T x T` scores (no
+  fused attention kernel on CPU); at T=2048 attention dominates its step.
+- **Lean BitLinear memory**: at the model level (remat=none) most of what remains is the
+  MLGRU/GLU element-wise intermediates that autodiff keeps around the BitLinears (sigmoid,
+  SiLU, gate products), which no BitLinear implementation can drop; the BitLinear-only stack
+  shows what the BitLinear itself keeps. With a remat policy (`dots_no_batch`) those are
+  recomputed and both BitLinears need the same memory; lean is still the faster step.
+- **Decode**: the Transformer++ step here is dominated by moving its KV cache (each layer's
+  slice is copied out of the stacked `[layers, ...]` cache inside the layer scan, the stacked
+  output is re-materialized, K is transposed for the score matmul), not by attention FLOPs;
+  `vs ideal KV-cache bound` compares against a decode that only reads the weights and the filled
+  cache once at the measured copy bandwidth. The latent-weight MatMul-free decode
+  (`mmfree_jax.decode`) re-quantizes the fp32 latent weights at every token and also copies each
+  layer's weights out of the stacked params; the exported forms (`packed_model`) store codes per
+  layer.
+- **Packed weights on XLA:CPU**: bf16 and int8 matrix-vector products have no fast kernels
+  (slower than fp32 here), and element-wise unpacking to int8 costs more than the bytes it
+  saves; the lookup-table path (one table lookup per packed byte, groups summed by a dot with a
+  ones vector) is the packed form that beats fp32, and it is compute-bound, far below the
+  bandwidth bound: reaching that needs a fused unpack-and-multiply kernel (Pallas/Triton on a
+  GPU, or a hand-written CPU kernel as in bitnet.cpp / T-MAC).
+"""
+
+
 def make_markdown(res: dict, preset: str | None = None) -> str:
   if not res:
     return "# Benchmarks\n\nNo results yet: run `" + COMMAND + "`.\n"
@@ -259,7 +293,7 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
       "",
       _table(["target", "measured", "met"], targets(res)),
   ]
-  return "\n".join(head) + "\n\n" + "\n\n".join(sections(res)) + "\n"
+  return "\n".join(head) + "\n\n" + "\n\n".join(sections(res)) + "\n\n" + NOTES
 
 
 def main():
