@@ -1,7 +1,8 @@
 """Every benchmark script runs at its toy size and writes the JSON fields RESULTS.md needs.
 
 One subprocess runs all of them (`benchmarks.run_all --preset toy --in_process`) with XLA's
-backend optimizations lowered (compile time dominates at toy sizes). Nothing here asserts a
+backend optimizations lowered and the tests' persistent jit cache allowed (compile time
+dominates at toy sizes). Nothing here asserts a
 timing: only that the numbers exist, are finite and positive, and that the accounting is
 consistent (ratios, identical decoded tokens across weight formats, flat decode state).
 """
@@ -27,6 +28,8 @@ def toy_run(tmp_path_factory):
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  # toy timings mean nothing: reuse the tests' persistent jit cache if conftest set one
+  env["MMFREE_BENCH_ALLOW_COMPILATION_CACHE"] = "1"
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.run_all", "--preset", "toy", "--in_process",
        "--results_dir", str(results), "--markdown", str(markdown)],
