@@ -216,7 +216,6 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
   cache_dir = default_cache_dir()
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=cache_dir)
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
-  local_batch = train_cfg.global_batch // jax.process_count()
   train_iter = data_lib.train_iterator(
       cfg.data, tokenizer, global_batch=train_cfg.global_batch,
       process_index=jax.process_index(), process_count=jax.process_count(),
@@ -283,11 +282,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
                                f"last checkpoint ({checkpointer.latest_step()}) is intact")
     checkpointer.save(step, state, train_iter, config_dict, force=force)
 
-  pending = None  # (step, metrics on device, dispatch time): read one step late, no stall
+  pending = None  # (step, metrics on device): read one step late, no stall
   interrupted = False
   last_time = time.perf_counter()
 
-  def consume(pending_step, device_metrics, dispatch_time):
+  def consume(pending_step, device_metrics):
     nonlocal last_time
     m = jax.device_get(device_metrics)
     now = time.perf_counter()
@@ -322,7 +321,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       step += 1
       if pending is not None:
         consume(*pending)
-      pending = (step, device_metrics, time.perf_counter())
+      pending = (step, device_metrics)
       if val_batches and (step % train_cfg.eval_every == 0 or step == train_cfg.steps):
         consume(*pending)
         pending = None
@@ -350,7 +349,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     if bar is not None:
       bar.close()
 
-  model = nnx.merge(graphdef, jax.device_get(state.params))
+  params = state.params
+  if jax.process_count() > 1:  # other processes' shards are not addressable here
+    params = multihost_utils.process_allgather(params, tiled=True)
+  model = nnx.merge(graphdef, jax.device_get(params))
   sample = None
   if sample_prompt and not interrupted and train_cfg.sample_tokens > 0:
     prompt = np.asarray([tokenizer.encode(sample_prompt)], np.int32)
