@@ -1,0 +1,234 @@
+"""Fused BitLinear input path as Pallas kernels: RMSNorm + per-token int8 absmax in one pass.
+
+Per row (token) of `x [N, d]`, reading `x` once (statistics in fp32):
+
+    r     = rsqrt(mean(x^2) + eps)                 [N, 1] fp32 (kept for the backward)
+    xn    = x r gamma
+    scale = 127 / max(max|xn|, 1e-5)               [N, 1] fp32
+    codes = clip(round_half_away(xn scale), -128, 127)   [N, d] int8
+
+the formulas of `ops.quant.rms_norm` and `ops.quant.quantize_activations_int8` (the pure-JAX
+reference, `rmsnorm_quantize_reference`), in the same order, so the codes are equal. The matmul
+stays an XLA dot. GPU: one program per row, the row padded to a power of two in registers with
+masked loads (the reference's Triton kernel). TPU: blocks of rows with the whole row in lanes.
+
+`bitlinear_fused` is the 'fused' BitLinear: this quantizer in the forward, the memory-lean
+backward of `ops.bitlinear` (same residuals: x, r, codes, scale) in the backward.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as plgpu
+
+from mmfree_jax.kernels import common
+from mmfree_jax.kernels import sharding as kernel_sharding
+from mmfree_jax.ops import bitlinear as bitlinear_ops
+from mmfree_jax.ops import quant
+from mmfree_jax.ops.dtypes import acc_dtype
+
+_F32 = jnp.float32
+PLATFORMS = ("gpu", "tpu")
+GPU_PLATFORMS = ("cuda", "rocm")  # lowering platforms Pallas compiles through Triton
+# Rows per TPU block: a multiple of 32 (int8 tiles are 32 x 128), about 2 MiB of fp32 rows.
+_TPU_BLOCK_BYTES = 2 * 1024 * 1024
+_TPU_MAX_ROWS = 512
+# A row lives in registers (GPU) or 32 rows in VMEM (TPU): wider rows run the reference.
+MAX_FEATURES = 16384
+
+
+def _round_half_away(v):
+  """`quant.round_half_away_from_zero` without `round` (Triton has none): `t = trunc(v)`, and
+  one step away from zero when `|v - t| >= 0.5`. `v - trunc(v)` is exact for every float, so
+  the result equals the reference's for every input (tested)."""
+  t = jnp.trunc(v)
+  away = jnp.where(v > 0, 1.0, -1.0).astype(v.dtype)
+  return jnp.where(jnp.abs(v - t) >= 0.5, t + away, t)
+
+
+def _quantize_rows(x, gamma, eps):
+  """x: [rows, d] (loaded), gamma: [1, d] → (codes int8, scale fp32 [rows, 1], r [rows, 1])."""
+  x = x.astype(_F32)
+  r = quant.rms_factor(x, eps)
+  xn = x * r * gamma.astype(_F32)
+  amax = jnp.max(jnp.abs(xn), axis=-1, keepdims=True)
+  scale = quant.ACT_QMAX / jnp.maximum(amax, quant.ACT_SCALE_FLOOR)
+  codes = jnp.clip(_round_half_away(xn * scale), quant.ACT_QMIN, quant.ACT_QMAX)
+  return codes, scale, r
+
+
+def rmsnorm_quantize_reference(x: jax.Array, gamma: jax.Array, eps: float):
+  """Pure JAX (`ops.quant.bitlinear_input`, `ops.quant.rms_factor`): `x [..., d]`, `gamma [d]`
+  → codes int8 `[..., d]`, scale and r fp32 `[..., 1]`."""
+  _, codes, scale = quant.bitlinear_input(x, gamma, eps)
+  return codes, scale, quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)
+
+
+def _tpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps):
+  codes, scale, r = _quantize_rows(x_ref[...], g_ref[...], eps)
+  codes_ref[...] = codes.astype(jnp.int32).astype(jnp.int8)
+  scale_ref[...] = scale
+  r_ref[...] = r
+
+
+def _gpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps, d, d_pow2):
+  # One row per program; the row is padded to d_pow2 lanes with zeros (they change no sum/max).
+  cols = pl.ds(0, d_pow2)
+  mask = jnp.arange(d_pow2) < d
+  x = plgpu.load(x_ref.at[cols], mask=mask, other=0.0)[None]
+  g = plgpu.load(g_ref.at[cols], mask=mask, other=0.0)[None]
+  xf = x.astype(_F32)
+  # The mean over the true d (the padded zeros add nothing to the sum).
+  r = jax.lax.rsqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True) / d + eps)
+  xn = xf * r * g.astype(_F32)
+  amax = jnp.max(jnp.abs(xn), axis=-1, keepdims=True)
+  scale = quant.ACT_QMAX / jnp.maximum(amax, quant.ACT_SCALE_FLOOR)
+  codes = jnp.clip(_round_half_away(xn * scale), quant.ACT_QMIN, quant.ACT_QMAX)
+  plgpu.store(codes_ref.at[cols], codes[0].astype(jnp.int8), mask=mask)
+  scale_ref[...] = scale[0]
+  r_ref[...] = r[0]
+
+
+def _tpu_rows(n: int, d: int) -> int:
+  rows = max(32, min(_TPU_MAX_ROWS, _TPU_BLOCK_BYTES // (4 * d)) // 32 * 32)
+  return n if n <= rows else rows
+
+
+def _out_shapes(n, d):
+  return (jax.ShapeDtypeStruct((n, d), jnp.int8), jax.ShapeDtypeStruct((n, 1), _F32),
+          jax.ShapeDtypeStruct((n, 1), _F32))
+
+
+def _call_tpu(x2, gamma, eps, interpret):
+  n, d = x2.shape
+  rows = _tpu_rows(n, d)
+  row_block = pl.BlockSpec((rows, d), lambda r: (r, 0))
+  stat_block = pl.BlockSpec((rows, 1), lambda r: (r, 0))
+  call = lambda interpret: pl.pallas_call(
+      functools.partial(_tpu_kernel, eps=eps),
+      out_shape=_out_shapes(n, d),
+      grid=(pl.cdiv(n, rows),),
+      in_specs=[row_block, pl.BlockSpec((1, d), lambda r: (0, 0))],
+      out_specs=[row_block, stat_block, stat_block],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+      interpret=pltpu.InterpretParams() if interpret == "tpu" else bool(interpret),
+      name="mmfree_rmsnorm_quantize",
+  )(x2, gamma.reshape(1, d))
+  return common.run_kernel(call, compiled_on=("tpu",), interpret=interpret)
+
+
+def _call_gpu(x2, gamma, eps, interpret):
+  n, d = x2.shape
+  d_pow2 = pl.next_power_of_2(d)
+  row = pl.BlockSpec((None, d), lambda r: (r, 0))
+  stat = pl.BlockSpec((None, 1), lambda r: (r, 0))
+  call = lambda interpret: pl.pallas_call(
+      functools.partial(_gpu_kernel, eps=eps, d=d, d_pow2=d_pow2),
+      out_shape=_out_shapes(n, d),
+      grid=(n,),
+      in_specs=[row, pl.BlockSpec((d,), lambda r: (0,))],
+      out_specs=[row, stat, stat],
+      compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, d_pow2 // 512)),
+                                           num_stages=1),
+      interpret=bool(interpret),
+      name="mmfree_rmsnorm_quantize",
+  )(x2, gamma)
+  return common.run_kernel(call, compiled_on=GPU_PLATFORMS, interpret=interpret)
+
+
+def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEAR_NORM_EPS, *,
+                     platform: str, interpret: bool | str | None = None):
+  """Fused RMSNorm + int8 absmax quantization (module docstring).
+
+  Args:
+    x: `[..., d]` fp32 / bf16 / fp16.
+    gamma: `[d]` RMSNorm scale.
+    eps: RMSNorm epsilon.
+    platform: 'gpu' (Triton) or 'tpu' (Mosaic) kernel.
+    Under `kernels.sharding.kernel_sharding(mesh)` it runs per shard of x's leading dim.
+    interpret: None (the compiled kernel when the program is lowered for `platform`, also AOT
+      from a CPU host; Pallas' interpreter elsewhere), False (always compile), True (the
+      generic interpreter) or "tpu" (the TPU interpreter; platform 'tpu' only).
+  Returns:
+    codes int8 `[..., d]`, scale fp32 `[..., 1]` (x·r·gamma ≈ codes / scale), r fp32 `[..., 1]`.
+  """
+  if platform not in PLATFORMS:
+    raise ValueError(f"platform must be one of {PLATFORMS}; got {platform!r}")
+  d = x.shape[-1]
+  if gamma.shape != (d,):
+    raise ValueError(f"gamma must be [d] = ({d},); got {gamma.shape}")
+  reason = common.unsupported_dtype(x)
+  if reason is None and x.size == 0:
+    reason = "empty input"
+  if reason is None and d > MAX_FEATURES:
+    reason = f"rows of {d} features exceed the kernel's {MAX_FEATURES}"
+  if reason is not None:
+    common.warn_fallback(f"rmsnorm_quantize[{platform}]", reason)
+    return rmsnorm_quantize_reference(x, gamma, eps)
+  call = _call_gpu if platform == "gpu" else _call_tpu
+
+  def local(x, gamma):  # one shard: rows of x whole
+    codes, scale, r = call(x.reshape(-1, d), gamma, float(eps), interpret)
+    lead = x.shape[:-1]
+    return codes.reshape(*lead, d), scale.reshape(*lead, 1), r.reshape(*lead, 1)
+
+  if x.ndim == 1:
+    return local(x, gamma)
+  return kernel_sharding.rowwise(local, x, gamma)
+
+
+def _forward(x, kernel, norm_scale, eps, dtype, platform, interpret):
+  codes_x, sx, r = rmsnorm_quantize(x, norm_scale, eps, platform=platform, interpret=interpret)
+  xq = (codes_x.astype(_F32) / sx).astype(dtype)
+  wq = quant.straight_through(kernel, quant.fake_quantize_weights(kernel))
+  y = jnp.matmul(xq, wq.astype(dtype))  # the compute dtype, as in quant.bitlinear_fake_quant
+  return y, (x, r, codes_x, sx, kernel, norm_scale)  # the residuals of ops.bitlinear's lean
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _bitlinear_fused(x, kernel, norm_scale, eps, dtype, platform, interpret):
+  return _forward(x, kernel, norm_scale, eps, dtype, platform, interpret)[0]
+
+
+def _bitlinear_fused_fwd(x, kernel, norm_scale, eps, dtype, platform, interpret):
+  return _forward(x, kernel, norm_scale, eps, dtype, platform, interpret)
+
+
+def _bitlinear_fused_bwd(eps, dtype, platform, interpret, residuals, dy):
+  del platform, interpret
+  return bitlinear_ops._bitlinear_lean_bwd(eps, dtype, residuals, dy)  # pylint: disable=protected-access
+
+
+_bitlinear_fused.defvjp(_bitlinear_fused_fwd, _bitlinear_fused_bwd)
+
+
+def bitlinear_fused(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
+                    eps: float = quant.BITLINEAR_NORM_EPS, dtype=None, platform: str,
+                    interpret: bool | str | None = None) -> jax.Array:
+  """BitLinear with the fused quantizer kernel forward and the lean STE backward.
+
+  Args:
+    x: `[..., d_in]` fp32 / bf16 / fp16.
+    kernel: `[d_in, d_out]` latent full-precision weights.
+    norm_scale: `[d_in]` RMSNorm gamma.
+    eps: RMSNorm epsilon.
+    dtype: compute dtype of the matmul (default: x's dtype).
+    platform, interpret: as in `rmsnorm_quantize`.
+  Returns:
+    `[..., d_out]` in the compute dtype. Equals `ops.bitlinear.bitlinear_lean` up to the
+    de-quantized activations: `codes / scale` here, `xn + (codes / scale - xn)` there (the STE
+    form), which differ by at most one fp32 ulp before the cast to the compute dtype.
+  """
+  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"bitlinear_fused: x {x.shape} and kernel {kernel.shape} do not match "
+                     "([..., d_in] and [d_in, d_out])")
+  dtype = jnp.dtype(dtype or x.dtype)
+  if common.unsupported_dtype(x) is not None:
+    common.warn_fallback(f"bitlinear_fused[{platform}]", common.unsupported_dtype(x))
+    return bitlinear_ops.bitlinear_lean(x, kernel, norm_scale, eps=eps, dtype=dtype)
+  return _bitlinear_fused(x, kernel, norm_scale, float(eps), dtype, platform, interpret)

@@ -1,0 +1,65 @@
+"""What the Pallas kernels share: the supported dtypes, the fallback warning, small helpers.
+
+A kernel asked for something it cannot run (a dtype it was not written for, a shape it cannot
+tile) never shows the user a Triton/Mosaic trace: it falls back to its pure-JAX reference and
+says why in one `KernelFallbackWarning` line, or raises a ValueError that names the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+# Inputs the kernels load and upcast to their fp32 state/statistics.
+KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+class KernelFallbackWarning(UserWarning):
+  """A Pallas kernel could not run these inputs; the pure-JAX reference ran instead."""
+
+
+def warn_fallback(kernel: str, reason: str) -> None:
+  """One line: which kernel, why, and that the reference runs instead."""
+  warnings.warn(f"{kernel}: {reason}; running the pure-JAX reference instead",
+                KernelFallbackWarning, stacklevel=3)
+
+
+def unsupported_dtype(*arrays) -> str | None:
+  """A reason string when the arrays' dtypes differ or one is not a kernel dtype, else None."""
+  dtypes = {jnp.dtype(a.dtype) for a in arrays}
+  if len(dtypes) != 1:
+    return f"mixed input dtypes {sorted(str(d) for d in dtypes)} (cast them to one dtype)"
+  (dtype,) = dtypes
+  if dtype not in KERNEL_DTYPES:
+    return (f"dtype {dtype} is not supported (kernels take "
+            f"{', '.join(str(d) for d in KERNEL_DTYPES)})")
+  return None
+
+
+def largest_pow2_divisor(n: int, cap: int) -> int:
+  """The largest power of two that divides n and is at most cap."""
+  block = 1
+  while block * 2 <= cap and n % (block * 2) == 0:
+    block *= 2
+  return block
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def run_kernel(call: Callable, *, compiled_on: tuple[str, ...], interpret):
+  """Runs `call(interpret_arg)`, a pallas_call wrapper.
+
+  `interpret=None` decides when lowering (`lax.platform_dependent`): the compiled kernel where
+  the program is lowered for one of `compiled_on` (e.g. ('tpu',), also for an AOT target from
+  a CPU host), Pallas' interpreter anywhere else. Any other value is passed through.
+  """
+  if interpret is not None:
+    return call(interpret)
+  branches = {platform: functools.partial(call, False) for platform in compiled_on}
+  return jax.lax.platform_dependent(**branches, default=functools.partial(call, True))

@@ -1,0 +1,107 @@
+"""Running the Pallas kernels under a device mesh (`jax.shard_map`).
+
+XLA cannot partition a Mosaic or Triton custom call ("Mosaic kernels cannot be automatically
+partitioned"), so each kernel runs per shard inside `shard_map`:
+
+- the recurrence is element-wise over batch and features: `f, i, h [batch, seq, dim]` are split
+  as `(batch_axes, None, feature_axes)` and the states `[batch, dim]` as `(batch_axes,
+  feature_axes)`; time stays whole, so there is no communication at all;
+- the quantizer reduces over a row: `x [..., d]` is split over its rows (`batch_axes` on the
+  leading dim) with `d` whole on every shard (a `d` sharded elsewhere is gathered first).
+
+The mesh comes from `kernel_sharding(...)` (the trainer enters it through
+`parallel.sharding.logical_sharding`) or is passed explicitly. A dimension the mesh axes do not
+divide is replicated (each shard computes it whole: still correct). Without a mesh, or on a
+single device, the kernel runs as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+from jax.sharding import Mesh, PartitionSpec as P
+
+Axes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSharding:
+  """Where the kernels' batch and feature dims live on `mesh`."""
+  mesh: Mesh
+  batch_axes: Axes = ("data", "fsdp")
+  feature_axes: Axes = "tensor"
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding",
+                                                         default=None)
+
+
+@contextlib.contextmanager
+def kernel_sharding(mesh: Mesh, batch_axes: Axes = ("data", "fsdp"),
+                    feature_axes: Axes = "tensor"):
+  """Kernels traced inside the block run per shard of `mesh` (module docstring)."""
+  token = _ACTIVE.set(KernelSharding(mesh, batch_axes, feature_axes))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+def active() -> KernelSharding | None:
+  return _ACTIVE.get()
+
+
+def _axes_size(mesh: Mesh, axes: Axes) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def _fit(mesh: Mesh, axes: Axes, size: int) -> Axes:
+  """The axes when their product divides `size`, else None (replicated)."""
+  return axes if size % _axes_size(mesh, axes) == 0 else None
+
+
+def _get(sharding: KernelSharding | None) -> KernelSharding | None:
+  sharding = sharding or _ACTIVE.get()
+  if sharding is None or sharding.mesh.size == 1:
+    return None
+  return sharding
+
+
+def recurrence(fn: Callable, f: jax.Array, i: jax.Array, initial_state: jax.Array | None = None,
+               *, sharding: KernelSharding | None = None):
+  """`fn(f, i, initial_state) -> (h, final_state)` per shard; shapes as in `ops.recurrence`."""
+  sharding = _get(sharding)
+  if sharding is None:
+    return fn(f, i, initial_state)
+  batch, _, dim = f.shape
+  b = _fit(sharding.mesh, sharding.batch_axes, batch)
+  d = _fit(sharding.mesh, sharding.feature_axes, dim)
+  seq_spec, state_spec = P(b, None, d), P(b, d)
+  if initial_state is None:
+    body, args, in_specs = (lambda f, i: fn(f, i, None)), (f, i), (seq_spec, seq_spec)
+  else:
+    body, args = fn, (f, i, initial_state)
+    in_specs = (seq_spec, seq_spec, state_spec)
+  return jax.shard_map(body, mesh=sharding.mesh, in_specs=in_specs,
+                       out_specs=(seq_spec, state_spec), check_vma=False)(*args)
+
+
+def rowwise(fn: Callable, x: jax.Array, *replicated: jax.Array,
+            sharding: KernelSharding | None = None):
+  """`fn(x, *replicated) -> outputs [..., k]` per shard of x's rows (the leading dim on the
+  batch axes, the last dim whole); `replicated` (e.g. gamma) is on every shard whole."""
+  sharding = _get(sharding)
+  if sharding is None:
+    return fn(x, *replicated)
+  b = _fit(sharding.mesh, sharding.batch_axes, x.shape[0])
+  row_spec = P(b, *([None] * (x.ndim - 1)))
+  return jax.shard_map(fn, mesh=sharding.mesh,
+                       in_specs=(row_spec,) + tuple(P() for _ in replicated),
+                       out_specs=row_spec, check_vma=False)(x, *replicated)

@@ -1,0 +1,259 @@
+"""Pallas kernels in interpret mode on CPU against their pure-JAX references.
+
+Recurrence (`kernels.recurrence_gpu`, `kernels.recurrence_tpu`) vs `ops.recurrence.sequential`
+differentiated by JAX: with fp32 inputs both evaluate the same expressions in the same order, so
+the forward, the final state and all three gradients must be bitwise equal. With bf16 inputs the
+outputs are equal too, and `df` uses h rounded to bf16 (the kernels keep h in the output dtype,
+as fla does): stated tolerance below. Quantizer (`kernels.bitlinear_quant`) vs
+`ops.quant.bitlinear_input`: int8 codes exactly equal; scale and r to 1e-6 relative (a row sum
+reduced in another order by XLA's CPU vectorizer).
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from mmfree_jax.kernels import bitlinear_quant
+from mmfree_jax.kernels import common
+from mmfree_jax.kernels import dispatch
+from mmfree_jax.kernels import recurrence_gpu
+from mmfree_jax.kernels import recurrence_tpu
+from mmfree_jax.kernels import sharding as kernel_sharding
+from mmfree_jax.ops import bitlinear as bitlinear_ops
+from mmfree_jax.ops import quant
+from mmfree_jax.ops import recurrence as reference
+
+
+def _gates(batch, seq, dim, dtype=jnp.float32, seed=0, resets=True):
+  kf, ki, kh = jax.random.split(jax.random.key(seed), 3)
+  f = jax.nn.sigmoid(jax.random.normal(kf, (batch, seq, dim)) + 1.0)
+  i = jax.random.normal(ki, (batch, seq, dim))
+  if resets:  # document starts inside the window: the caller's f = 0
+    f = f.at[0, seq // 3].set(0.0).at[-1, seq // 2].set(0.0)
+  return f.astype(dtype), i.astype(dtype), jax.random.normal(kh, (batch, dim))
+
+
+def _run(fn, f, i, h0):
+  """Outputs and the gradients of f, i (and h0) for fixed cotangents of h and the final state,
+  in one compiled program."""
+  def both(f, i, h0):
+    out, vjp = jax.vjp(fn, f, i, h0)
+    h, h_last = out
+    dh = jnp.cos(jnp.arange(h.size, dtype=jnp.float32)).reshape(h.shape).astype(h.dtype)
+    return out, vjp((dh, jnp.sin(h_last)))
+  if h0 is None:
+    out, (df, di, _) = jax.jit(lambda f, i: both(f, i, None))(f, i)
+    return out, (df, di, None)
+  return jax.jit(both)(f, i, h0)
+
+
+GPU = lambda **kw: (lambda f, i, h0: recurrence_gpu.recurrence_gpu(f, i, h0, **kw))
+TPU = lambda **kw: (lambda f, i, h0: recurrence_tpu.recurrence_tpu(f, i, h0, **kw))
+
+# (name, kernel, shape, with initial state): odd lengths; a GPU feature dim without a factor
+# 128 (block 16) and one that is padded (100 -> 128); TPU rows of 128 lanes with several time
+# blocks and a padded tail, a ragged feature block (10 rows = 8 + 2), the TPU interpreter
+# (pltpu.InterpretParams), and interpret=None (lowered for CPU, so interpreted).
+RECURRENCE_CASES = [
+    ("gpu", GPU(interpret=True), (2, 37, 48), True),
+    ("gpu_pad_features", GPU(interpret=True), (3, 9, 100), False),
+    ("tpu_time_blocks", TPU(interpret=True, time_block=8), (2, 37, 256), True),
+    ("tpu_ragged_rows", TPU(interpret=True, time_block=4), (1, 6, 1280), False),
+    ("tpu_interpreter", TPU(interpret="tpu", time_block=4), (1, 7, 128), True),
+    ("tpu_auto", TPU(), (2, 11, 128), False),
+]
+
+
+@pytest.mark.parametrize("name,fn,shape,with_state", RECURRENCE_CASES,
+                         ids=[c[0] for c in RECURRENCE_CASES])
+def test_recurrence_fp32_bitwise_equals_sequential(name, fn, shape, with_state):
+  f, i, h0 = _gates(*shape)
+  h0 = h0 if with_state else None
+  (h, h_last), grads = _run(fn, f, i, h0)
+  (h_ref, h_last_ref), grads_ref = _run(reference.sequential, f, i, h0)
+  assert h.dtype == jnp.float32 and h_last.dtype == jnp.float32 and h.shape == shape
+  np.testing.assert_array_equal(h, h_ref)
+  np.testing.assert_array_equal(h_last, h_last_ref)
+  for g, g_ref, what in zip(grads, grads_ref, ("df", "di", "dh0")):
+    if g_ref is not None:
+      np.testing.assert_array_equal(g, g_ref, err_msg=what)
+
+
+@pytest.mark.parametrize("fn", [GPU(interpret=True), TPU(interpret=True, time_block=8)],
+                         ids=["gpu", "tpu"])
+def test_recurrence_bf16_inputs(fn):
+  f, i, h0 = _gates(2, 19, 128, dtype=jnp.bfloat16)
+  (h, h_last), (df, di, dh0) = _run(fn, f, i, h0)
+  (h_ref, h_last_ref), (df_ref, di_ref, dh0_ref) = _run(reference.sequential, f, i, h0)
+  assert h.dtype == jnp.bfloat16 and h_last.dtype == jnp.float32
+  assert df.dtype == di.dtype == jnp.bfloat16
+  # fp32 state in both, the same expressions: outputs and the gradients that do not read h
+  # are equal.
+  np.testing.assert_array_equal(h, h_ref)
+  np.testing.assert_array_equal(h_last, h_last_ref)
+  np.testing.assert_array_equal(di, di_ref)
+  np.testing.assert_array_equal(dh0, dh0_ref)
+  # df_t = dh_t h_{t-1}: the kernel's h_{t-1} is bf16 (relative error <= 2^-9), then the
+  # product is rounded to bf16 in both: within 2 bf16 ulps of the magnitude.
+  df, df_ref = np.asarray(df, np.float32), np.asarray(df_ref, np.float32)
+  np.testing.assert_allclose(df, df_ref, rtol=2**-7, atol=2**-7 * np.abs(df_ref).max())
+
+
+def test_recurrence_fallbacks_warn_and_match_reference():
+  f, i, h0 = _gates(2, 5, 100)
+  with pytest.warns(common.KernelFallbackWarning, match="not a multiple of the 128 TPU lanes"):
+    h, h_last = recurrence_tpu.recurrence_tpu(f, i, h0, interpret=True)
+  np.testing.assert_array_equal(h, reference.sequential(f, i, h0)[0])
+  with pytest.warns(common.KernelFallbackWarning, match="mixed input dtypes"):
+    recurrence_gpu.recurrence_gpu(f, i.astype(jnp.bfloat16), h0, interpret=True)
+  with jax.enable_x64(True):
+    f64, i64 = f.astype(jnp.float64), i.astype(jnp.float64)
+    with pytest.warns(common.KernelFallbackWarning, match="float64 is not supported"):
+      h, h_last = recurrence_gpu.recurrence_gpu(f64, i64, None, interpret=True)
+    assert h_last.dtype == jnp.float64
+  with pytest.raises(ValueError, match="initial_state must be"):
+    recurrence_tpu.recurrence_tpu(f, i, h0[:1], interpret=True)
+  with pytest.raises(ValueError, match="block_d=24 must be a power of two"):
+    recurrence_gpu.recurrence_gpu(f, i, h0, interpret=True, block_d=24)
+
+
+def test_round_half_away_equals_reference_for_every_float_class():
+  ties = jnp.arange(-130, 130) + 0.5
+  near = jnp.array([0.49999997, -0.49999997, 0.50000006, -0.50000006, 1.4999999, -1.4999999,
+                    0.0, -0.0, 1e-30, -1e-30, 127.0, -128.0])
+  rand = jax.random.uniform(jax.random.key(0), (20000,), minval=-130.0, maxval=130.0)
+  v = jnp.concatenate([ties, near, rand])
+  np.testing.assert_array_equal(bitlinear_quant._round_half_away(v),
+                                quant.round_half_away_from_zero(v))
+
+
+QUANT_CASES = [("gpu", True, (3, 7, 100), jnp.float32), ("gpu", True, (2, 5, 256), jnp.bfloat16),
+               ("tpu", True, (77, 384), jnp.float32), ("tpu", True, (2, 5, 256), jnp.bfloat16),
+               ("tpu", "tpu", (3, 11, 128), jnp.float32)]
+
+
+@pytest.mark.parametrize("platform,interpret,shape,dtype", QUANT_CASES)
+def test_quantizer_codes_equal_reference(platform, interpret, shape, dtype):
+  kx, kg = jax.random.split(jax.random.key(1))
+  x = (3.0 * jax.random.normal(kx, shape)).astype(dtype)
+  x = x.reshape(-1, shape[-1]).at[0].set(0.0).reshape(shape)  # an all-zero row: scale floor
+  gamma = 1.0 + 0.3 * jax.random.normal(kg, shape[-1:])
+  codes, scale, r = jax.jit(lambda x, g: bitlinear_quant.rmsnorm_quantize(
+      x, g, 1e-6, platform=platform, interpret=interpret))(x, gamma)
+  codes_ref, scale_ref = quant.bitlinear_input(x, gamma, 1e-6)[1:]
+  r_ref = quant.rms_factor(x.astype(jnp.float32), 1e-6)
+  assert codes.dtype == jnp.int8 and scale.dtype == r.dtype == jnp.float32
+  assert codes.shape == shape and scale.shape == r.shape == shape[:-1] + (1,)
+  np.testing.assert_array_equal(codes, codes_ref)
+  np.testing.assert_allclose(scale, scale_ref, rtol=1e-6)
+  np.testing.assert_allclose(r, r_ref, rtol=1e-6)
+
+
+def test_quantizer_many_row_blocks():
+  # More rows than one TPU block (512 rows at d=128): a ragged last block.
+  x = jax.random.normal(jax.random.key(2), (1100, 128))
+  gamma = jnp.ones((128,))
+  codes = bitlinear_quant.rmsnorm_quantize(x, gamma, 1e-6, platform="tpu", interpret=True)[0]
+  np.testing.assert_array_equal(codes, quant.bitlinear_input(x, gamma, 1e-6)[1])
+
+
+@pytest.mark.parametrize("platform,dtype", [("gpu", jnp.float32), ("tpu", jnp.bfloat16)])
+def test_bitlinear_fused_matches_lean(platform, dtype):
+  kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+  x = jax.random.normal(kx, (2, 5, 128))
+  w = 0.05 * jax.random.normal(kw, (128, 64))
+  g = 1.0 + 0.1 * jax.random.normal(kg, (128,))
+
+  def loss(fn):
+    return lambda x, w, g: jnp.sum(jnp.sin(fn(x, w, g).astype(jnp.float32)))
+
+  fused = lambda x, w, g: bitlinear_quant.bitlinear_fused(x, w, g, dtype=dtype,
+                                                          platform=platform, interpret=True)
+  lean = lambda x, w, g: bitlinear_ops.bitlinear_lean(x, w, g, dtype=dtype)
+  y, y_ref = jax.jit(fused)(x, w, g), jax.jit(lean)(x, w, g)
+  assert y.dtype == dtype
+  # codes / scale vs the STE form xn + (codes / scale - xn): at most 1 fp32 ulp per input
+  # before the cast to the compute dtype; a bf16 output is rounded after that.
+  tol = 1e-6 if dtype == jnp.float32 else 2**-8
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
+                             rtol=tol, atol=tol * float(jnp.abs(y_ref).max()))
+  grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(x, w, g)
+  grads_ref = jax.jit(jax.grad(loss(lean), argnums=(0, 1, 2)))(x, w, g)
+  for a, b, what in zip(grads, grads_ref, ("dx", "dW", "dgamma")):  # the same lean backward
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=what)
+
+
+def test_quantizer_fallback_and_errors():
+  with jax.enable_x64(True):
+    x = jnp.ones((2, 3, 16), jnp.float64)
+    with pytest.warns(common.KernelFallbackWarning, match="float64"):
+      codes = bitlinear_quant.rmsnorm_quantize(x, jnp.ones(16), platform="gpu", interpret=True)[0]
+    np.testing.assert_array_equal(codes, 127)
+  with pytest.raises(ValueError, match="platform must be one of"):
+    bitlinear_quant.rmsnorm_quantize(x.astype(jnp.float32), jnp.ones(16), platform="cpu")
+  with pytest.raises(ValueError, match="gamma must be"):
+    bitlinear_quant.rmsnorm_quantize(x.astype(jnp.float32), jnp.ones(8), platform="tpu")
+
+
+def test_platform_names():
+  assert [dispatch.platform_of(p) for p in ("cuda", "rocm", "gpu", "tpu", "cpu", "METAL")] == [
+      "gpu", "gpu", "gpu", "tpu", "cpu", "cpu"]
+  assert dispatch.default_platform() == "cpu"
+
+
+def _collectives(hlo_text: str) -> int:
+  return sum(hlo_text.count(op) for op in ("all-gather", "all-reduce", "all-to-all",
+                                           "collective-permute", "reduce-scatter"))
+
+
+def _kernels_step(platform):
+  """Recurrence forward + VJP with fixed cotangents, and the quantizer: all element/row-wise."""
+  def step(f, i, h0, dh, dh_last, x, gamma):
+    fn = lambda f, i, h0: dispatch.recurrence(f, i, h0, platform=platform, interpret=True)
+    out, vjp = jax.vjp(fn, f, i, h0)
+    codes = bitlinear_quant.rmsnorm_quantize(x, gamma, platform=platform, interpret=True)[0]
+    return out, vjp((dh, dh_last)), codes
+  return step
+
+
+@pytest.mark.parametrize("platform", ["tpu"])
+def test_sharded_kernels_equal_unsharded_without_communication(platform):
+  """shard_map over a data x fsdp x tensor mesh of 8 fake devices: the recurrence is split on
+  batch and features, the quantizer on rows; bitwise equal to one device, no collectives."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  f, i, h0 = _gates(4, 9, 256)
+  dh, dh_last = jnp.cos(i), jnp.sin(h0)
+  x = jax.random.normal(jax.random.key(4), (4, 9, 128))
+  gamma = jnp.ones((128,))
+  step = _kernels_step(platform)
+
+  def sharded(*args):
+    with kernel_sharding.kernel_sharding(mesh):
+      return step(*args)
+
+  seq = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+  state = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  args = (jax.device_put(f, seq), jax.device_put(i, seq), jax.device_put(h0, state),
+          jax.device_put(dh, seq), jax.device_put(dh_last, state), jax.device_put(x, rows),
+          gamma)
+  compiled = jax.jit(sharded).lower(*args).compile()
+  assert _collectives(compiled.as_text()) == 0
+  got = compiled(*args)
+  want = jax.jit(step)(f, i, h0, dh, dh_last, x, gamma)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert got[1][0].sharding.spec == seq.spec  # df stays split like f
+
+
+def test_no_warning_on_supported_inputs():
+  f, i, h0 = _gates(1, 4, 128)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", common.KernelFallbackWarning)
+    recurrence_tpu.recurrence_tpu(f, i, h0, interpret=True)
+    recurrence_gpu.recurrence_gpu(f, i, h0, interpret=True)
+    bitlinear_quant.rmsnorm_quantize(i, jnp.ones(128), platform="gpu", interpret=True)
