@@ -1,0 +1,595 @@
+"""TPU memory fit and roofline ESTIMATES for the paper's recipes, compiled on a CPU host.
+
+    python -m benchmarks.aot_tpu [--only mmfree/370m/v5e] [--refresh] [--jobs 2] [--dry_run]
+
+For MatMul-free and Transformer++ at 370M / 1.3B / 2.7B (`mmfree_jax.config.paper_config`:
+bf16 compute, fp32 params, AdamW) and three TPU slices, the real train step (the trainer's
+`steps.make_train_step` under a `data x fsdp x tensor` mesh, the same shardings and donation)
+is lowered and compiled for the TPU topology with libtpu (`pip install "jax[tpu]"`; no TPU
+needed: `jax.experimental.topologies.get_topology_desc`). 256 x 2048 tokens per step.
+
+Slices (GCP name -> libtpu topology name; a v5p "-8" slice counts TensorCores, 2 per chip):
+
+    v5e-8 -> v5e:2x4 (8 chips)   v5p-8 -> v5p:2x2x1 (4 chips)   v6e-8 -> v6e:2x4 (8 chips)
+
+Search, per (model, size, slice): the grid mesh x microbatches (gradient accumulation) x remat
+policy is ranked by the analytic step-time ESTIMATE below, then compiled in that order until
+one fits the chip's HBM (the compiler refuses a program that does not); that one is reported.
+Points predicted (from the points compiled so far, temporaries linear in the rows per
+microbatch) to need more than the HBM are skipped without compiling (a compile takes minutes). Each compiled point is cached in `results/aot_tpu.json` (key = the point,
+with the code version it was compiled from), so the script can be stopped and resumed, and run
+in pieces with `--only`; `--refresh` recompiles the selected searches after a code change.
+
+Reported per point: compiled per-chip memory (XLA memory_analysis: arguments, temporaries,
+peak = arguments + outputs + temporaries - donated aliases), XLA `cost_analysis()` FLOPs and
+bytes AS REPORTED (XLA counts a while-loop body once: the scans over microbatches, layers and
+time are undercounted, so these are NOT used for the estimate), and the ESTIMATE:
+
+    step time = max(compute, HBM, ICI)            (a roofline: perfect overlap, upper bound
+                                                   on throughput)
+    compute   = hardware FLOPs / peak;  FLOPs = analytic 6N + attention (train.flops) per
+                token, plus the forward recomputed by the remat policy (full: +2N)
+    HBM       = optimizer state read+written once, weights read 3x per microbatch (forward,
+                backward, remat), activations ACT_BYTES[kind] x d bytes per token per layer
+                (a hand count of the tensor passes of today's step, not a measurement), and
+                for Transformer++ the materialized T x T attention logits (XLA attention)
+    ICI       = FSDP weight all-gathers (2 per microbatch) and gradient reduce-scatters,
+                tensor-parallel activation all-reduces (4 per layer), data-parallel gradient
+                all-reduce; ring cost bytes * (n-1)/n at half the chip's ICI bandwidth
+
+`int8` estimate (MatMul-free): the forward's BitLinear matmuls (2N of the 6N) at the int8 peak
+(`model.bitlinear_impl=int8`), the backward at the bf16 peak.
+
+Every step time and tokens/s here is an ESTIMATE from datasheet peaks, never a measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU from this host; run nothing
+# Several compiles (ours in parallel, other users' tests) may load libtpu at once; only one
+# could hold its lock file otherwise.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            "aot_tpu.json")
+GLOBAL_BATCH, SEQ_LEN = 256, 2048
+SIZES = ("370m", "1.3b", "2.7b")
+KINDS = ("mmfree", "transformer")
+REMATS = ("none", "dots_no_batch", "full")
+SKIP_FACTOR = 1.0  # do not compile a point predicted to need more than the HBM
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Datasheet values per chip (cloud.google.com/tpu/docs/{v5e,v5p,v6e}; v5p int8 from the
+  Cloud TPU v5p launch post, 2023-12-06)."""
+  slice_name: str
+  topology: str
+  chips: int
+  bf16_flops: float
+  int8_ops: float
+  hbm_bytes: float
+  hbm_bytes_per_s: float
+  ici_bytes_per_s: float  # bidirectional, per chip
+
+
+CHIPS = {
+    "v5e": Chip("v5e-8", "v5e:2x4", 8, 197e12, 393e12, 16e9, 819e9, 400e9),
+    "v5p": Chip("v5p-8", "v5p:2x2x1", 4, 459e12, 918e12, 95e9, 2765e9, 1200e9),
+    "v6e": Chip("v6e-8", "v6e:2x4", 8, 918e12, 1836e12, 32e9, 1638e9, 800e9),
+}
+# The paper's training throughput per H100 (tokens/s/GPU), the target's reference.
+PAPER_H100_TOKENS_PER_S = {"370m": 104e3, "1.3b": 41e3, "2.7b": 20e3}
+TARGET_RATIO = 1.3
+
+# Activation HBM traffic per token per layer, in units of d_model bytes, forward + backward
+# (a hand count of the [tokens, width] tensor passes of today's step in bf16/fp32: MatMul-free
+# has 7 BitLinear input paths (norm, absmax, codes), the gates and the recurrence in fp32;
+# Transformer++ has 7 plain matmul inputs). Remat adds a forward's worth (about 1/3).
+ACT_BYTES = {"mmfree": 300, "transformer": 180}
+REMAT_RECOMPUTE = {"none": 0.0, "dots_no_batch": 1 / 3, "full": 1 / 3}
+ATTN_LOGIT_PASSES = 8  # fp32 logits/probs written and read, forward and backward (XLA path)
+
+
+def _code_version() -> str:
+  """`git describe --always --dirty` of the checkout, stored with each compiled point."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    return subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root,
+                          capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+  except (OSError, subprocess.SubprocessError):
+    return "?"
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+def mesh_candidates(chips: int) -> list[dict]:
+  out = [{"data": 1, "fsdp": chips, "tensor": 1}]
+  if chips >= 4:
+    out.append({"data": 1, "fsdp": chips // 2, "tensor": 2})
+    out.append({"data": 2, "fsdp": chips // 2, "tensor": 1})
+  return out
+
+
+def model_config(kind: str, size: str, remat: str, overrides: dict | None = None):
+  from mmfree_jax import config as config_lib
+  cfg = config_lib.paper_config(size, kind)
+  cfg.model.remat = remat
+  for key, value in (overrides or {}).items():
+    cfg.model[key] = value
+  return cfg, config_lib.validate(cfg)
+
+
+def param_count(model_cfg) -> int:
+  from mmfree_jax.nn import model as model_lib
+  return model_lib.count_params(model_lib.abstract_model(model_cfg))
+
+
+def estimate(kind: str, model_cfg, n_params: int, chip: Chip, mesh: dict, micro: int,
+             remat: str) -> dict:
+  """The analytic roofline ESTIMATE of one step per chip (see the module docstring)."""
+  from mmfree_jax.train import flops as flops_lib
+  d, L, T = model_cfg.d_model, model_cfg.num_layers, SEQ_LEN
+  dp, f, t = mesh["data"] * mesh["fsdp"], mesh["fsdp"], mesh["tensor"]
+  tokens_chip = GLOBAL_BATCH * T / chip.chips
+  n_mm = flops_lib.matmul_params(model_cfg)
+  model_flops = flops_lib.train_flops_per_token(model_cfg, T) * tokens_chip
+  recompute = {"none": 0.0, "dots_no_batch": 0.0, "full": 2.0 * n_mm}[remat] * tokens_chip
+  if kind == "transformer" and remat != "none":  # batched attention dots are recomputed
+    recompute += 2.0 * L * d * T * tokens_chip
+  hw_flops = model_flops + recompute
+  compute_s = hw_flops / chip.bf16_flops
+  # int8 forward: the forward's 2N BitLinear FLOPs at the int8 rate.
+  int8_s = None
+  if kind == "mmfree":
+    fwd = 2.0 * n_mm * tokens_chip
+    int8_s = fwd / chip.int8_ops + (hw_flops - fwd) / chip.bf16_flops
+  shards = f * t
+  state_bytes = n_params * (4 + 4 + 4) / shards  # params, two AdamW moments (fp32)
+  hbm = 2 * state_bytes + 2 * 4 * n_params / shards  # + grads written and read
+  hbm += micro * 3 * 2 * n_params / t  # bf16 weights read: forward, backward, remat
+  if micro > 1:
+    hbm += micro * 2 * 4 * n_params / shards  # gradient accumulation (read + write fp32)
+  # Tensor parallelism does not shrink a chip's activation traffic: it holds t x the rows
+  # (the batch is split dp ways, not chips ways) with the sharded widths cut by t.
+  act = ACT_BYTES[kind] * d * L * tokens_chip * (1 + REMAT_RECOMPUTE[remat])
+  if kind == "transformer":
+    heads = model_cfg.num_heads
+    act += ATTN_LOGIT_PASSES * 4 * heads * T * L * tokens_chip / 2  # causal half
+  act += 3 * 4 * model_cfg.vocab_size * tokens_chip  # fp32 logits fwd + bwd
+  hbm += act
+  hbm_s = hbm / chip.hbm_bytes_per_s
+  ici = 0.0
+  if f > 1:
+    ici += micro * (2 * 4 + 4) * n_params / t * (f - 1) / f  # gathers + reduce-scatter fp32
+  if t > 1:
+    # 4 all-reduces per layer of the [rows, T, d] bf16 activations a chip holds (t x its share
+    # of the tokens), ring all-reduce moves 2 (t-1)/t of it
+    ici += 4 * L * 2 * 2 * tokens_chip * t * d * (t - 1) / t
+  if mesh["data"] > 1:
+    ici += 2 * 4 * n_params / shards * (mesh["data"] - 1) / mesh["data"]
+  ici_s = ici / (chip.ici_bytes_per_s / 2)
+  step_s = max(compute_s, hbm_s, ici_s)
+  out = {"flops_analytic_model": model_flops, "flops_analytic_hw": hw_flops,
+         "compute_s": compute_s, "hbm_bytes": hbm, "hbm_s": hbm_s, "ici_bytes": ici,
+         "ici_s": ici_s, "step_s": step_s, "bound": ("compute", "HBM", "ICI")[
+             [compute_s, hbm_s, ici_s].index(step_s)],
+         "tokens_per_s_chip": tokens_chip / step_s,
+         "mfu_at_estimate": model_flops / step_s / chip.bf16_flops}
+  if int8_s is not None:
+    step8 = max(int8_s, hbm_s, ici_s)
+    out.update(int8_step_s=step8, int8_tokens_per_s_chip=tokens_chip / step8)
+  return out
+
+
+# ------------------------------------------------------------------------------ compilation
+
+_UNIT = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = r"([\d.]+)([KMGT]?)"
+# libtpu's two ways of refusing a program that does not fit the HBM
+_OOM_USED = re.compile(rf"Used {_SIZE} of {_SIZE} hbm.*?[Ee]xceeded hbm capacity by {_SIZE}",
+                       re.S)
+_OOM_TEMPS = re.compile(rf"memory required for HLO temporaries \({_SIZE}\) exceeds available "
+                        rf"HBM \({_SIZE}\)")
+
+
+def parse_oom(msg: str) -> dict | None:
+  """`{used_bytes, capacity_bytes, exceeded_bytes}` from a TPU compiler OOM, else None.
+
+  The 'HLO temporaries' form counts temporaries only: the excess it gives is a lower bound
+  (the arguments come on top)."""
+  size = lambda v, u: float(v) * _UNIT[u]
+  m = _OOM_USED.search(msg)
+  if m:
+    return {"used_bytes": size(*m.group(1, 2)), "capacity_bytes": size(*m.group(3, 4)),
+            "exceeded_bytes": size(*m.group(5, 6)), "oom_counts": "all"}
+  m = _OOM_TEMPS.search(msg)
+  if m:
+    used, cap = size(*m.group(1, 2)), size(*m.group(3, 4))
+    return {"used_bytes": used, "capacity_bytes": cap, "exceeded_bytes": used - cap,
+            "oom_counts": "temporaries"}
+  return None
+
+
+def compile_point(kind: str, size: str, chip_name: str, mesh_shape: dict, micro: int,
+                  remat: str, overrides: dict | None = None) -> dict:
+  """Lowers and compiles the sharded train step for the TPU topology; memory and XLA costs."""
+  import jax
+  import jax.numpy as jnp
+  from jax.experimental import topologies
+  from jax.sharding import AxisType
+  from mmfree_jax.parallel import sharding
+  from mmfree_jax.train import optim, steps
+  from mmfree_jax.train import state as state_lib
+
+  chip = CHIPS[chip_name]
+  cfg, model_cfg = model_config(kind, size, remat, overrides)
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=chip.topology)
+  axes = ("data", "fsdp", "tensor")
+  mesh = jax.make_mesh(tuple(mesh_shape[a] for a in axes), axes,
+                       axis_types=(AxisType.Auto,) * 3, devices=topo.devices)
+  rules = sharding.normalize_rules(cfg.mesh.axis_rules)
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  schedule = optim.learning_rate_schedule(cfg.optim, cfg.train.steps)
+  state_shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  abstract_state = state_lib.abstract_train_state(model_cfg, tx, state_shardings)
+  step = jax.jit(
+      steps.make_train_step(model_cfg, state_lib.model_graphdef(model_cfg), tx, schedule,
+                            microbatches=micro, mesh=mesh, rules=rules),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  window = jax.ShapeDtypeStruct((GLOBAL_BATCH, SEQ_LEN + 1), jnp.int32, sharding=batch_sharding)
+  t0 = time.perf_counter()
+  lowered = step.lower(abstract_state, {"tokens": window, "segment_ids": window})
+  t1 = time.perf_counter()
+  out = {"device_kind": topo.devices[0].device_kind, "lower_s": t1 - t0}
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # the TPU compiler refuses a program that does not fit
+    msg = str(e)
+    out["compile_s"] = time.perf_counter() - t1
+    oom = parse_oom(msg)
+    if oom:
+      out.update(status="oom", **oom)
+    else:
+      out.update(status="error", error=f"{type(e).__name__}: {msg[:600]}")
+    return out
+  out["compile_s"] = time.perf_counter() - t1
+  mem = compiled.memory_analysis()
+  stats = {"argument_bytes": int(mem.argument_size_in_bytes),
+           "output_bytes": int(mem.output_size_in_bytes),
+           "temp_bytes": int(mem.temp_size_in_bytes),
+           "alias_bytes": int(mem.alias_size_in_bytes),
+           "generated_code_bytes": int(mem.generated_code_size_in_bytes)}
+  stats["peak_bytes"] = (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
+                         - stats["alias_bytes"])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out.update(status="fits", memory=stats,
+             xla_flops=float(cost.get("flops", -1)),
+             xla_bytes_accessed=float(cost.get("bytes accessed", -1)))
+  return out
+
+
+def _worker_main(argv) -> int:
+  """`--_point JSON`: compile one point in this process, print its JSON as the last line."""
+  spec = json.loads(argv[0])
+  result = compile_point(**spec)
+  print("AOT_RESULT " + json.dumps(result), flush=True)
+  return 0
+
+
+def run_point_subprocess(spec: dict, timeout_s: int) -> dict:
+  """One compile per process: libtpu's compiler memory is returned when the process ends."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+  try:
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.aot_tpu", "--_point",
+                           json.dumps(spec)], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    return {"status": "error", "error": f"compile timed out after {timeout_s} s"}
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith("AOT_RESULT "):
+      return json.loads(line[len("AOT_RESULT "):])
+  return {"status": "error", "error": f"exit {proc.returncode}: {proc.stderr[-600:]}"}
+
+
+# ---------------------------------------------------------------------------------- search
+
+
+def _key(kind, size, chip, mesh, micro, remat) -> str:
+  return (f"{kind}/{size}/{chip}/d{mesh['data']}f{mesh['fsdp']}t{mesh['tensor']}/"
+          f"mb{micro}/{remat}")
+
+
+class Cache:
+  """The compiled points, `{key: result}`, in one JSON file shared by resumed/parallel runs."""
+
+  def __init__(self, path: str, code: str, refresh: bool = False):
+    self.path, self.code, self.refresh = path, code, refresh
+    self.lock = threading.Lock()
+    self.fresh = set()  # keys compiled by this run
+    self.points = {}
+    if os.path.exists(path):
+      with open(path) as f:
+        self.points = json.load(f).get("points", {})
+
+  def get(self, key):
+    """A cached point; errors (a crashed or timed-out compile) are retried, not cached."""
+    if self.refresh and key not in self.fresh:
+      return None
+    point = self.points.get(key)
+    return None if point is None or point.get("status") == "error" else point
+
+  def put(self, key, value):
+    value["code"] = self.code
+    with self.lock:
+      self.fresh.add(key)
+      self.points[key] = value
+    self.save()
+
+  def save(self, extra: dict | None = None):
+    with self.lock:
+      self._save(extra)
+
+  def _save(self, extra):
+    payload = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        payload = json.load(f)
+    on_disk = payload.get("points", {})
+    on_disk.update(self.points)  # other processes (--only pieces) may have written points
+    self.points = on_disk
+    payload["points"] = on_disk
+    extra = dict(extra or {})
+    if "searches" in extra:  # merge: parallel searches each add their own entry
+      extra["searches"] = {**payload.get("searches", {}), **extra["searches"]}
+    payload.update(extra)
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    tmp = self.path + f".tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+      json.dump(payload, f, indent=1, sort_keys=True)
+    os.replace(tmp, self.path)
+
+
+# Prior for the temporaries per token per layer, in units of d_model bytes, before a point of
+# the same model is compiled (370M MatMul-free on v5e: remat none 20.4 GiB at 2 rows/chip,
+# dots_no_batch 7.5 GiB at 4 rows/chip); compiled points replace it.
+PRIOR_SAVED_BYTES = {"none": 200, "dots_no_batch": 40, "full": 12}
+
+
+def _prior_peak(model_cfg, n_params, mesh, rows, remat) -> float:
+  state = 16 * n_params / (mesh["fsdp"] * mesh["tensor"])  # params, moments, grads (fp32)
+  act = PRIOR_SAVED_BYTES[remat] * model_cfg.d_model * model_cfg.num_layers * rows * SEQ_LEN
+  logits = 3 * 4 * model_cfg.vocab_size * rows * SEQ_LEN
+  if model_cfg.kind == "transformer" and remat == "none":  # saved T x T probabilities
+    act += 6 * model_cfg.num_layers * model_cfg.num_heads * SEQ_LEN**2 * rows
+  return state + (act + logits) / mesh["tensor"]
+
+
+def _predicted_peak(cache: Cache, kind, size, chip_name, mesh, micro, remat) -> float | None:
+  """Peak bytes predicted from a compiled point of the same model/mesh/remat (temporaries
+  scale with the rows per microbatch, arguments stay), else from another slice's point of
+  the same size; None without one (then the prior decides)."""
+  rows = GLOBAL_BATCH // micro // (mesh["data"] * mesh["fsdp"])
+  best = None
+  for key, p in cache.points.items():
+    if p.get("status") not in ("fits", "oom") or (cache.refresh and key not in cache.fresh):
+      continue
+    k_kind, k_size, k_chip, k_mesh, k_mb, k_remat = key.split("/")
+    if (k_kind, k_remat) != (kind, remat):
+      continue
+    k_micro = int(k_mb[2:])
+    dd, ff, tt = (int(x) for x in re.findall(r"\d+", k_mesh))
+    k_rows = GLOBAL_BATCH // k_micro // (dd * ff)
+    same = (k_size, k_chip, k_mesh) == (size, chip_name, _mesh_str(mesh))
+    if p["status"] == "fits":
+      args, temp = p["memory"]["argument_bytes"], p["memory"]["temp_bytes"]
+    else:
+      args, temp = 0.0, p["used_bytes"]
+    pred = args + temp * rows / k_rows
+    if same:
+      return pred
+    if best is None and k_size == size:
+      best = pred * (tt / mesh["tensor"])
+  return best
+
+
+def _mesh_str(mesh):
+  return f"d{mesh['data']}f{mesh['fsdp']}t{mesh['tensor']}"
+
+
+def search(kind: str, size: str, chip_name: str, cache: Cache, *, jobs_timeout: int,
+           dry_run: bool, log=print) -> dict:
+  chip = CHIPS[chip_name]
+  _, model_cfg0 = model_config(kind, size, "none")
+  n_params = param_count(model_cfg0)
+  candidates = []
+  for mesh in mesh_candidates(chip.chips):
+    dp = mesh["data"] * mesh["fsdp"]
+    for rows in (1, 2, 4, 8, 16, 32, 64):
+      if GLOBAL_BATCH % (rows * dp):
+        continue
+      micro = GLOBAL_BATCH // (rows * dp)
+      for remat in REMATS:
+        _, model_cfg = model_config(kind, size, remat)
+        est = estimate(kind, model_cfg, n_params, chip, mesh, micro, remat)
+        candidates.append((est["step_s"], mesh, micro, remat, est))
+  # ties (compute-bound points) go to fewer microbatches, then less recomputation
+  candidates.sort(key=lambda c: (round(c[0], 6), c[2], REMATS.index(c[3])))
+  tried = []
+  for _, mesh, micro, remat, est in candidates:
+    key = _key(kind, size, chip_name, mesh, micro, remat)
+    point = cache.get(key)
+    if point is None:
+      pred = _predicted_peak(cache, kind, size, chip_name, mesh, micro, remat)
+      if pred is None:
+        rows = GLOBAL_BATCH // micro // (mesh["data"] * mesh["fsdp"])
+        _, model_cfg = model_config(kind, size, remat)
+        pred = _prior_peak(model_cfg, n_params, mesh, rows, remat)
+      if pred > SKIP_FACTOR * chip.hbm_bytes:
+        tried.append({"key": key, "status": "skipped", "predicted_peak_bytes": pred})
+        continue
+      if dry_run:
+        log(f"would compile {key} (estimate {est['step_s']:.3f} s)")
+        return {"chosen": None, "tried": tried}
+      log(f"compiling {key} (estimate {est['step_s']:.3f} s/step) ...")
+      spec = dict(kind=kind, size=size, chip_name=chip_name, mesh_shape=mesh, micro=micro,
+                  remat=remat)
+      point = run_point_subprocess(spec, jobs_timeout)
+      point.update(mesh=mesh, microbatches=micro, remat=remat, estimate=est,
+                   n_params=n_params)
+      cache.put(key, point)
+      log(f"  {key}: {point['status']} in {point.get('compile_s', 0):.0f} s"
+          + (f", peak {point['memory']['peak_bytes'] / 2**30:.2f} GiB"
+             if point["status"] == "fits" else ""))
+    tried.append({"key": key, "status": point["status"]})
+    if point["status"] == "fits":
+      return {"chosen": key, "tried": tried}
+  return {"chosen": None, "tried": tried}
+
+
+def summarize(cache: Cache) -> list[dict]:
+  """One row per (model, size, slice): the chosen point or the closest miss."""
+  rows = []
+  searches = cache_searches(cache)
+  for (kind, size, chip_name), s in sorted(searches.items()):
+    chip = CHIPS[chip_name]
+    row = {"kind": kind, "size": size, "slice": chip.slice_name, "topology": chip.topology,
+           "chips": chip.chips, "hbm_bytes": chip.hbm_bytes, "tried": s["tried"]}
+    if s["chosen"]:
+      p = cache.points[s["chosen"]]
+      est = p["estimate"]
+      tokens_chip = GLOBAL_BATCH * SEQ_LEN / chip.chips
+      row.update(fits=True, key=s["chosen"], mesh=p["mesh"], microbatches=p["microbatches"],
+                 remat=p["remat"], memory=p["memory"], compile_s=p["compile_s"],
+                 xla_flops=p["xla_flops"], xla_bytes_accessed=p["xla_bytes_accessed"],
+                 xla_flops_over_analytic=p["xla_flops"] / est["flops_analytic_hw"],
+                 estimate=est, n_params=p["n_params"], tokens_per_chip_step=tokens_chip)
+      if chip_name == "v5p" and kind == "mmfree":
+        ref = PAPER_H100_TOKENS_PER_S[size]
+        row["vs_paper_h100"] = est["tokens_per_s_chip"] / ref
+        if "int8_tokens_per_s_chip" in est:
+          row["int8_vs_paper_h100"] = est["int8_tokens_per_s_chip"] / ref
+    else:
+      misses = [cache.points[t["key"]] for t in s["tried"] if t["status"] == "oom"]
+      row["fits"] = False
+      if misses:
+        best = min(misses, key=lambda p: p["exceeded_bytes"])
+        row.update(closest_miss=best, exceeded_bytes=best["exceeded_bytes"])
+    rows.append(row)
+  return rows
+
+
+def cache_searches(cache: Cache) -> dict:
+  return {tuple(k.split("/")): v for k, v in cache_searches_raw(cache).items()}
+
+
+def cache_searches_raw(cache: Cache) -> dict:
+  if not os.path.exists(cache.path):
+    return {}
+  with open(cache.path) as f:
+    return json.load(f).get("searches", {})
+
+
+def save_search(cache: Cache, kind, size, chip_name, result):
+  searches = cache_searches_raw(cache)
+  searches[f"{kind}/{size}/{chip_name}"] = result
+  cache.save({"searches": searches})
+
+
+def print_table(rows: list[dict]) -> None:
+  print(f"{'model':12s} {'slice':6s} {'mesh d/f/t':10s} {'mb':>3s} {'remat':14s} "
+        f"{'args GiB':>8s} {'temp GiB':>8s} {'peak GiB':>8s} {'est tok/s/chip':>14s} "
+        f"{'bound':>7s}  (ESTIMATE)")
+  for r in rows:
+    name = f"{r['kind']}-{r['size']}"
+    if not r["fits"]:
+      by = r.get("exceeded_bytes")
+      print(f"{name:12s} {r['slice']:6s} does not fit"
+            + (f" (closest: over HBM by {by / 2**30:.2f} GiB)" if by else " (nothing compiled)"))
+      continue
+    m, e = r["memory"], r["estimate"]
+    mesh = f"{r['mesh']['data']}/{r['mesh']['fsdp']}/{r['mesh']['tensor']}"
+    print(f"{name:12s} {r['slice']:6s} {mesh:10s} {r['microbatches']:3d} {r['remat']:14s} "
+          f"{m['argument_bytes'] / 2**30:8.2f} {m['temp_bytes'] / 2**30:8.2f} "
+          f"{m['peak_bytes'] / 2**30:8.2f} {e['tokens_per_s_chip']:14,.0f} {e['bound']:>7s}")
+
+
+def main(argv=None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] == "--_point":
+    return _worker_main(argv[1:])
+  parser = argparse.ArgumentParser(prog="python -m benchmarks.aot_tpu", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--only", default="",
+                      help="comma-separated filters kind/size/chip, '*' for any part, e.g. "
+                           "'mmfree/370m/v5e,transformer/*/v5p'")
+  parser.add_argument("--jobs", type=int, default=1, help="searches run in parallel")
+  parser.add_argument("--timeout_s", type=int, default=1800, help="per compile")
+  parser.add_argument("--results", default=RESULTS_PATH)
+  parser.add_argument("--dry_run", action="store_true", help="print what would compile")
+  parser.add_argument("--refresh", action="store_true",
+                      help="recompile the selected searches (ignore cached points)")
+  parser.add_argument("--table", action="store_true", help="only print the cached table")
+  args = parser.parse_args(argv)
+  try:
+    import libtpu  # noqa: F401  (jax[tpu] brings it)
+  except ImportError:
+    print("aot_tpu needs libtpu to compile for TPU: pip install 'jax[tpu]==<your jax>'",
+          file=sys.stderr)
+    return 2
+  cache = Cache(args.results, _code_version(), refresh=args.refresh)
+  if not args.table:
+    filters = [f.split("/") for f in args.only.split(",") if f] or [["*", "*", "*"]]
+
+    def wanted(k, s, c):
+      return any(all(p in ("*", v) for p, v in zip(flt + ["*"] * 3, (k, s, c)))
+                 for flt in filters)
+
+    todo = [(k, s, c) for k in KINDS for s in SIZES for c in CHIPS if wanted(k, s, c)]
+
+    def one(item):
+      kind, size, chip_name = item
+      result = search(kind, size, chip_name, cache, jobs_timeout=args.timeout_s,
+                      dry_run=args.dry_run, log=lambda m: print(f"[{kind}/{size}/{chip_name}] "
+                                                                f"{m}", flush=True))
+      if not args.dry_run:
+        save_search(cache, kind, size, chip_name, result)
+      return result
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+      list(pool.map(one, todo))
+  rows = summarize(cache)
+  cache.save({"rows": rows, "global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN,
+              "chips": {k: dataclasses.asdict(v) for k, v in CHIPS.items()},
+              "paper_h100_tokens_per_s": PAPER_H100_TOKENS_PER_S,
+              "act_bytes_per_d": ACT_BYTES, "unix_time": time.time(),
+              "notes": ["every step time / tokens/s is an ESTIMATE from datasheet peaks "
+                        "(roofline: max of compute, HBM, ICI terms), not a measurement",
+                        "xla_flops/xla_bytes_accessed are XLA cost_analysis as reported: "
+                        "loop bodies (microbatch, layer and time scans) are counted once",
+                        "memory is XLA's compiled memory_analysis per chip for the TPU target"]})
+  print_table(rows)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
