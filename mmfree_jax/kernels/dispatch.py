@@ -9,9 +9,14 @@ one of them, so a model can be resolved for the devices of its mesh, including a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import warnings
+
 import jax
 
 from mmfree_jax.kernels import bitlinear_quant
+from mmfree_jax.kernels import common
 from mmfree_jax.kernels import recurrence_gpu
 from mmfree_jax.kernels import recurrence_tpu
 from mmfree_jax.kernels import sharding
@@ -33,6 +38,47 @@ def platform_of(backend: str) -> str:
 def default_platform() -> str:
   """The platform of `jax.default_backend()` (the devices a plain `jax.jit` runs on)."""
   return platform_of(jax.default_backend())
+
+
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_platform",
+                                                           default=None)
+
+
+@contextlib.contextmanager
+def kernel_platform(platform: str):
+  """Kernels traced inside the block are those of `platform` ('gpu' or 'tpu'), whatever the
+  backend: on a CPU backend they run interpreted (tests); lowered for that platform, compiled."""
+  _check(platform)
+  token = _OVERRIDE.set(platform)
+  try:
+    yield
+  finally:
+    _OVERRIDE.reset(token)
+
+
+def current_platform() -> str:
+  """The platform kernels are traced for: a `kernel_platform` override, else the devices of the
+  active `sharding.kernel_sharding` mesh (TPU topology devices for an AOT compile from a CPU
+  host), else `jax.default_backend()`."""
+  override = _OVERRIDE.get()
+  if override is not None:
+    return override
+  active = sharding.active()
+  if active is not None:
+    return platform_of(active.mesh.devices.flat[0].platform)
+  return default_platform()
+
+
+def kernel_platform_or_interpret(what: str) -> str:
+  """`current_platform()` when it has kernels; on CPU the TPU kernels, interpreted, with a
+  warning (Pallas' interpreter is for tests: `auto` picks the pure-JAX paths on CPU)."""
+  platform = current_platform()
+  if platform in KERNEL_PLATFORMS:
+    return platform
+  warnings.warn(f"{what}: no Pallas kernel for the {platform} backend; running the TPU kernel "
+                "in Pallas interpret mode (slow, meant for tests; 'auto' picks the pure-JAX "
+                "implementation on CPU)", common.KernelFallbackWarning, stacklevel=3)
+  return "tpu"
 
 
 def _check(platform: str) -> None:

@@ -44,7 +44,11 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding
 @contextlib.contextmanager
 def kernel_sharding(mesh: Mesh, batch_axes: Axes = ("data", "fsdp"),
                     feature_axes: Axes = "tensor"):
-  """Kernels traced inside the block run per shard of `mesh` (module docstring)."""
+  """Kernels traced inside the block run per shard of `mesh` (module docstring).
+
+  It is read while tracing, and `jax.jit` caches traces by function and argument types only:
+  enter it inside the jitted function (as `train.steps` does with `logical_sharding`).
+  """
   token = _ACTIVE.set(KernelSharding(mesh, batch_axes, feature_axes))
   try:
     yield

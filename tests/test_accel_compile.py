@@ -1,0 +1,125 @@
+"""Accelerator programs built on the CPU host, no accelerator needed.
+
+- CUDA: `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` with jax-cuda12-plugin and
+  jax-cuda12-pjrt installed: the Pallas kernels lower to Triton custom calls.
+- TPU: libtpu (from `jax[tpu]`) compiles for the devices of a `v5e:2x2` topology description;
+  the Mosaic kernels compile on one device and, through `shard_map`, on the topology's mesh.
+
+JAX itself still runs on CPU (tests/conftest.py sets JAX_PLATFORMS=cpu).
+"""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import topologies
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from mmfree_jax.kernels import bitlinear_quant
+from mmfree_jax.kernels import dispatch
+from mmfree_jax.kernels import sharding as kernel_sharding
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "tpu_custom_call"
+TPU_TOPOLOGY = "v5e:2x2"
+
+
+def _require(module: str, install: str):
+  if importlib.util.find_spec(module) is None:
+    pytest.fail(f"{module} is not installed: {install} (requirements.txt / "
+                "requirements-nodeps.txt install it in CI)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def no_persistent_cache_writes():
+  """Executables compiled for a topology without a client cannot be read back from the
+  persistent compilation cache (a warning on every later run): do not write them."""
+  key = "jax_persistent_cache_min_compile_time_secs"
+  saved = getattr(jax.config, key)
+  jax.config.update(key, 1e9)
+  yield
+  jax.config.update(key, saved)
+
+
+@pytest.fixture(scope="module")
+def tpu_devices():
+  _require("libtpu", 'pip install "jax[tpu]==0.10.2"')
+  return topologies.get_topology_desc(platform="tpu", topology_name=TPU_TOPOLOGY).devices
+
+
+@pytest.fixture(scope="module")
+def cuda_plugin():
+  _require("jax_cuda12_plugin",
+           "pip install --no-deps jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2")
+
+
+def _kernels_loss(platform):
+  """Recurrence and fused BitLinear in one differentiated program."""
+  def loss(f, i, h0, x, w, g):
+    h, h_last = dispatch.recurrence(f, i, h0, platform=platform)
+    y = dispatch.bitlinear(x, w, g, eps=1e-6, dtype=jnp.bfloat16, platform=platform)
+    return (jnp.sum(h.astype(jnp.float32)) + jnp.sum(h_last)
+            + jnp.sum(y.astype(jnp.float32)))
+  return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+
+def _kernel_args(dtype, sharding=None, batch=2, seq=64, dim=256):
+  s = lambda shape, dt=jnp.float32, sh=sharding: jax.ShapeDtypeStruct(shape, dt, sharding=sh)
+  return (s((batch, seq, dim), dtype), s((batch, seq, dim), dtype), s((batch, dim)),
+          s((batch, seq, dim), dtype), s((dim, 384)), s((dim,)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_cuda_lowering_of_gpu_kernels(cuda_plugin, dtype):
+  lowered = jax.jit(_kernels_loss("gpu")).trace(*_kernel_args(dtype)).lower(
+      lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  # recurrence forward + backward, quantizer forward (its backward is XLA)
+  assert text.count(TRITON_CALL) == 3, text.count(TRITON_CALL)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_tpu_compile_of_tpu_kernels_single_device(tpu_devices, dtype):
+  sharding = SingleDeviceSharding(tpu_devices[0])
+  compiled = jax.jit(_kernels_loss("tpu")).lower(*_kernel_args(dtype, sharding)).compile()
+  assert compiled.as_text().count(MOSAIC_CALL) == 3
+  assert compiled.memory_analysis() is not None
+
+
+def test_tpu_compile_of_tpu_kernels_under_shard_map(tpu_devices):
+  mesh = Mesh(np.asarray(tpu_devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"),
+              axis_types=(AxisType.Auto,) * 3)
+  seq = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
+  state = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
+  rows = NamedSharding(mesh, P(("data", "fsdp")))
+  rep = NamedSharding(mesh, P())
+  f, i, h0, x, w, g = _kernel_args(jnp.bfloat16, batch=4)
+  with_sharding = lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
+  args = (with_sharding(f, seq), with_sharding(i, seq), with_sharding(h0, state),
+          with_sharding(x, rows), with_sharding(w, rep), with_sharding(g, rep))
+
+  def sharded(*args):
+    with kernel_sharding.kernel_sharding(mesh):
+      return _kernels_loss("tpu")(*args)
+
+  compiled = jax.jit(sharded).lower(*args).compile()
+  assert compiled.as_text().count(MOSAIC_CALL) == 3
+
+
+def test_tpu_kernels_need_shard_map_on_a_mesh(tpu_devices):
+  """Without `kernel_sharding` a Mosaic call on a mesh sharding fails (why the wrapper exists)."""
+  mesh = Mesh(np.asarray(tpu_devices).reshape(4), ("data",))
+  rows = NamedSharding(mesh, P("data"))
+  x = jax.ShapeDtypeStruct((4, 8, 128), jnp.float32, sharding=rows)
+  gamma = jax.ShapeDtypeStruct((128,), jnp.float32, sharding=NamedSharding(mesh, P()))
+  quantize = lambda x, g: bitlinear_quant.rmsnorm_quantize(x, g, platform="tpu")[0]
+  with pytest.raises(NotImplementedError, match="shard_map"):
+    jax.jit(quantize).lower(x, gamma).compile()
+
+  def sharded(x, g):  # the context is read when tracing: enter it inside the jitted function
+    with kernel_sharding.kernel_sharding(mesh, batch_axes="data", feature_axes=None):
+      return quantize(x, g)
+
+  assert MOSAIC_CALL in jax.jit(sharded).lower(x, gamma).compile().as_text()
