@@ -1,0 +1,534 @@
+"""Tokenize a corpus once into ArrayRecord shards: `python -m mmfree_jax.data.prepare`.
+
+  python -m mmfree_jax.data.prepare --inputs 'data/*.parquet' --format parquet \\
+      --text_field text --tokenizer spm:mistral --out /data/web --num_proc 16 --val_shards 2
+
+Reads Parquet, JSONL (`.gz`, `.zst`), text or `datasets.save_to_disk` folders (`formats.py`),
+tokenizes in `--num_proc` processes, and writes `DIR/shard-NNNNN.array_record` plus
+`DIR/manifest.json`; training reads DIR with `data.source=array_record` (`prepared.py`).
+
+What a shard holds. Each shard is a contiguous piece of the corpus token stream: its documents
+in input order, each `[bos] + ids + [eos]` (`Tokenizer.encode_document`), concatenated, and cut
+into records of exactly `--record_tokens` tokens (the last record of a shard shorter), stored
+as little-endian uint16 (vocab <= 65536) or int32 bytes, ArrayRecord `group_size:1`,
+uncompressed.
+Fixed-size records rather than one document per record, because the training pipeline packs
+by concatenate-then-split: a window of `seq_len + 1` tokens is a slice of the split's token
+stream, its segment ids and the model's document resets come from the EOS tokens inside it
+(`sequence_packing.py`). With fixed records a window's records follow from arithmetic (no
+per-document index), any window touches at most `ceil(seq_len / record_tokens) + 1` records
+whatever the document lengths (a book-long document is not one huge record, and 20-token
+documents are not 100 reads per window), and `seq_len` stays free at training time (not fixed
+windows written for one seq_len). Documents never straddle shards, so held-out validation
+shards hold whole documents.
+
+Deterministic and restartable. Shards are cut from the token stream alone (a shard closes
+after the document that brings it to `--shard_tokens`), so the output is byte-identical
+whatever `--num_proc`: processes only tokenize chunks of documents, and the results are
+written in input order. Each shard is written to `*.tmp`, renamed, then its sidecar
+`shard-NNNNN.json` (counts, sha256, the input position where it ends) is written and renamed:
+the sidecar is the commit. Rerunning the same command keeps every committed shard whose
+checksum verifies, deletes anything after it and resumes reading at the recorded input
+position. `manifest.json` is written last; training refuses a folder without it.
+
+Held-out validation: `--val_shards N` (or `--val_fraction F` of the shards) marks N shards
+spread evenly over the corpus as validation in the manifest; rerunning with another value
+only rewrites the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+from concurrent import futures
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from typing import Iterator
+
+import numpy as np
+
+from mmfree_jax.data import formats
+from mmfree_jax.data import tokenizer as tok_lib
+from mmfree_jax.data.cache import default_cache_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "mmfree-tokens-array-record-v1"
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+# group_size 1: one record per random read. Uncompressed: BPE ids are near-incompressible
+# (zstd:3 stored spm:mistral KJV tokens at 2.03 bytes/token vs 2.0 raw uint16) and each
+# decompression would cost every read.
+WRITER_OPTIONS = "group_size:1,uncompressed"
+_CHUNK_CHARS = 1 << 20  # text per tokenize task
+_CHUNK_DOCS = 4096
+_TOKENIZER_FILES = {"hf": "tokenizer.json", "bpe": "tokenizer.json", "spm": "tokenizer.model"}
+
+
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}.array_record"
+
+
+def sidecar_name(index: int) -> str:
+  return f"shard-{index:05d}.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """Stored id type: uint16 when every id fits, else int32 (little-endian)."""
+  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+@dataclasses.dataclass
+class PrepareOptions:
+  """What `prepare` reads and writes (the CLI flags of the same names)."""
+  inputs: str
+  format: str
+  tokenizer: str
+  out: str
+  text_field: str = "text"
+  num_proc: int = 1
+  shard_tokens: int = 100_000_000
+  record_tokens: int = 4096
+  val_shards: int = 0
+  val_fraction: float = 0.0
+  hf_split: str = "train"
+  cache_dir: str | None = None
+
+  def validate(self) -> None:
+    if not isinstance(self.num_proc, int) or self.num_proc < 1:
+      raise ValueError(f"--num_proc={self.num_proc} must be a positive int")
+    if self.record_tokens < 1:
+      raise ValueError(f"--record_tokens={self.record_tokens} must be >= 1")
+    if self.shard_tokens < self.record_tokens:
+      raise ValueError(f"--shard_tokens={self.shard_tokens} must be >= --record_tokens="
+                       f"{self.record_tokens}")
+    if self.val_shards < 0:
+      raise ValueError(f"--val_shards={self.val_shards} must be >= 0")
+    if not 0.0 <= self.val_fraction < 1.0:
+      raise ValueError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
+    if self.val_shards and self.val_fraction:
+      raise ValueError("pass --val_shards or --val_fraction, not both")
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def _tokenizer_source_file(spec: str) -> str | None:
+  """The file a `hf:`/`spm:` spec loads (copied into the output folder), None for byte."""
+  kind, _, arg = spec.partition(":")
+  if spec == tok_lib.MISTRAL_ALIAS:
+    return tok_lib.mistral_tokenizer_path()
+  if kind in ("hf", "spm") and arg:
+    return tok_lib._resolve_file(arg, _TOKENIZER_FILES[kind], "tokenizer", spec)  # pylint: disable=protected-access
+  return None
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+  tmp = f"{dst}.{os.getpid()}.tmp"
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def load_prepare_tokenizer(opts: PrepareOptions, paths: list[str], out: str):
+  """(tokenizer, its file or None for `byte`), loaded from that file as training will.
+
+  A `bpe:<vocab>` spec is trained on the inputs once (cached in the cache dir), or read back
+  from `out/tokenizer.json` where an interrupted run of this prepare stored it.
+  """
+  spec = opts.tokenizer
+  kind, _, arg = spec.partition(":")
+  cache_dir = opts.cache_dir or default_cache_dir()
+  if kind == "bpe":
+    source = os.path.join(out, "tokenizer.json")
+    if not os.path.isfile(source):
+      corpus_id = hashlib.sha256(json.dumps(
+          ["prepare", opts.format, opts.text_field, opts.hf_split,
+           [formats.input_identity(p) for p in paths]]).encode()).hexdigest()
+      tok_lib.load_tokenizer(spec, corpus_texts=lambda: _texts(paths, opts),
+                             corpus_id=corpus_id, cache_dir=cache_dir)
+      source = tok_lib.bpe_cache_path(cache_dir, int(arg), corpus_id)
+  else:
+    source = _tokenizer_source_file(spec)
+    if source is None:  # byte: no file
+      return tok_lib.load_tokenizer(spec, cache_dir=cache_dir), None
+  file_kind = "hf" if source.endswith(".json") else "spm"
+  return tok_lib.load_tokenizer(f"{file_kind}:{source}", cache_dir=cache_dir), source
+
+
+def store_tokenizer(source: str | None, out: str, spec: str) -> str:
+  """Copies the tokenizer file into `out`; returns the spec that loads the copy."""
+  if source is None:
+    return spec
+  local = os.path.join(out, _TOKENIZER_FILES[spec.partition(":")[0]])
+  if os.path.abspath(source) != local:
+    _copy_atomic(source, local)
+  return f"{'hf' if local.endswith('.json') else 'spm'}:{local}"
+
+
+def tokenizer_record(tok, spec: str, local_spec: str) -> dict:
+  """The manifest's description of the tokenizer (training checks the fingerprint)."""
+  file = os.path.basename(local_spec.partition(":")[2]) if ":" in local_spec else None
+  return {"spec": spec, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
+          "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id, "file": file}
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _texts(paths, opts) -> Iterator[str]:
+  for path in paths:
+    for _, text in formats.read_units(path, opts.format, opts.text_field,
+                                      hf_split=opts.hf_split):
+      if text:
+        yield text
+
+
+def _chunks(paths, opts, start: tuple[int, int]):
+  """Chunks of documents from input position `start`: (texts, positions [(file, unit)])."""
+  texts, where, chars = [], [], 0
+  for f in range(start[0], len(paths)):
+    first = start[1] if f == start[0] else 0
+    for unit, text in formats.read_units(paths[f], opts.format, opts.text_field, first,
+                                         hf_split=opts.hf_split):
+      if not text:
+        continue
+      texts.append(text)
+      where.append((f, unit))
+      chars += len(text)
+      if chars >= _CHUNK_CHARS or len(texts) >= _CHUNK_DOCS:
+        yield texts, where
+        texts, where, chars = [], [], 0
+  if texts:
+    yield texts, where
+
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(spec: str, fingerprint: str, cache_dir: str) -> None:
+  global _WORKER_TOKENIZER
+  _WORKER_TOKENIZER = tok_lib.load_tokenizer(spec, cache_dir=cache_dir)
+  if _WORKER_TOKENIZER.fingerprint != fingerprint:
+    raise RuntimeError(f"worker tokenizer {spec} has fingerprint "
+                       f"{_WORKER_TOKENIZER.fingerprint}, expected {fingerprint}")
+
+
+def encode_chunk(tok, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens `[sum L]` of dtype, document lengths int64 `[D]`) of `encode_documents`."""
+  docs = tok.encode_documents(texts)
+  lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+  tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype, int(lengths.sum()))
+  return tokens, lengths
+
+
+def _encode_in_worker(texts, dtype_str):
+  return encode_chunk(_WORKER_TOKENIZER, texts, np.dtype(dtype_str))
+
+
+def _tokenized(chunks, tok, worker_spec: str, num_proc: int, dtype, cache_dir: str):
+  """(tokens, lengths, positions) per chunk, in input order; num_proc > 1 uses processes."""
+  if num_proc == 1:
+    for texts, where in chunks:
+      yield (*encode_chunk(tok, texts, dtype), where)
+    return
+  # spawn: never fork a process holding tokenizer (or jax) thread pools; one thread each.
+  os.environ.setdefault("RAYON_NUM_THREADS", "1")
+  with futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker,
+                                   initargs=(worker_spec, tok.fingerprint, cache_dir)) as pool:
+    pending = collections.deque()
+    for texts, where in chunks:
+      pending.append((pool.submit(_encode_in_worker, texts, dtype.str), where))
+      if len(pending) >= 2 * num_proc:  # bounded: never read the corpus far ahead
+        result, w = pending.popleft()
+        yield (*result.result(), w)
+    while pending:
+      result, w = pending.popleft()
+      yield (*result.result(), w)
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _write_json_atomic(path: str, value) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class _ShardWriter:
+  """Writes one shard's token stream as fixed-size records to `*.tmp`; `commit` publishes."""
+
+  def __init__(self, out: str, index: int, record_tokens: int, dtype, start):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    self.out, self.index, self.record_tokens, self.dtype = out, index, record_tokens, dtype
+    self.path = os.path.join(out, shard_name(index))
+    self.tmp = self.path + ".tmp"
+    self._writer = array_record_module.ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
+    self._buffer = np.zeros(0, dtype)
+    self.tokens = self.documents = self.records = 0
+    self.start = list(start)
+
+  def add(self, tokens: np.ndarray, num_documents: int) -> None:
+    self._buffer = np.concatenate([self._buffer, tokens])
+    self.tokens += len(tokens)
+    self.documents += num_documents
+    full = len(self._buffer) // self.record_tokens * self.record_tokens
+    for lo in range(0, full, self.record_tokens):
+      self._writer.write(self._buffer[lo:lo + self.record_tokens].tobytes())
+    self.records += full // self.record_tokens
+    self._buffer = self._buffer[full:]
+
+  def commit(self, end, final: bool, plan_id: str) -> dict:
+    if len(self._buffer):
+      self._writer.write(self._buffer.tobytes())
+      self.records += 1
+    self._writer.close()
+    self._writer = None
+    with open(self.tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    meta = {"index": self.index, "path": shard_name(self.index), "documents": self.documents,
+            "tokens": self.tokens, "records": self.records,
+            "bytes": os.path.getsize(self.tmp), "sha256": _sha256(self.tmp),
+            "start": self.start, "end": list(end), "final": final, "plan": plan_id}
+    os.replace(self.tmp, self.path)
+    _write_json_atomic(os.path.join(self.out, sidecar_name(self.index)), meta)
+    return meta
+
+  def abort(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+    if os.path.exists(self.tmp):
+      os.remove(self.tmp)
+
+
+def committed_shards(out: str, plan_id: str) -> list[dict]:
+  """The sidecars of shards 0..k-1 that are committed and verify; removes everything after.
+
+  A shard counts only if its sidecar belongs to this plan and its file has the recorded size
+  and sha256; the first one that does not, and every later shard, are deleted (redone).
+  """
+  done = []
+  while True:
+    side = os.path.join(out, sidecar_name(len(done)))
+    if not os.path.isfile(side):
+      break
+    try:
+      with open(side) as f:
+        meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      meta = {}
+    path = os.path.join(out, str(meta.get("path", "")))
+    if (meta.get("plan") != plan_id or not os.path.isfile(path)
+        or os.path.getsize(path) != meta["bytes"] or _sha256(path) != meta["sha256"]):
+      log.warning("shard %d does not verify; redoing it and every later shard", len(done))
+      break
+    done.append(meta)
+  stale = [name for name in os.listdir(out) if name.endswith(".tmp") or (
+      name.startswith("shard-") and int(name.split(".")[0][6:]) >= len(done))]
+  if stale and os.path.exists(os.path.join(out, MANIFEST)):
+    os.remove(os.path.join(out, MANIFEST))  # first: the folder stops being complete
+  for name in stale:
+    os.remove(os.path.join(out, name))
+  return done
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+def validation_shards(num_shards: int, val_shards: int, val_fraction: float) -> list[int]:
+  """Indices of the held-out shards: `n` spread evenly over `range(num_shards)`."""
+  n = val_shards or (max(1, round(val_fraction * num_shards)) if val_fraction else 0)
+  if n and n >= num_shards:
+    raise ValueError(f"the corpus made {num_shards} shard(s): too few to hold out {n} for "
+                     "validation and train on the rest; rerun with a smaller --val_shards/"
+                     "--val_fraction (finished shards are kept, only the manifest is "
+                     "rewritten) or a smaller --shard_tokens (re-tokenizes, in a new --out)")
+  return sorted({int((i + 0.5) * num_shards / n) for i in range(n)})
+
+
+def _check_out_dir(out: str) -> None:
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f"--out {out!r} is a file; pass a folder")
+  if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, PLAN)):
+    raise ValueError(f"--out {out!r} is not empty and holds no {PLAN} (not a prepare output); "
+                     "pass a new or empty folder")
+
+
+def _check_plan(out: str, plan: dict) -> None:
+  path = os.path.join(out, PLAN)
+  if os.path.isfile(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != plan:
+      keys = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+      raise ValueError(f"--out {out!r} holds a prepare with other settings (differing: {keys}); "
+                       "pass a new --out, or delete the folder to start over")
+  else:
+    _write_json_atomic(path, plan)
+
+
+def prepare(opts: PrepareOptions) -> dict:
+  """Tokenizes opts.inputs into shards in opts.out (resuming a partial run); returns the
+  manifest. Raises ValueError for bad input before any tokenizing."""
+  opts.validate()
+  paths = formats.resolve_inputs(opts.inputs, opts.format)
+  formats.check_inputs(paths, opts.format, opts.text_field, opts.hf_split)
+  out = os.path.abspath(os.path.expanduser(opts.out))
+  _check_out_dir(out)
+  os.makedirs(out, exist_ok=True)
+  tok, tokenizer_file = load_prepare_tokenizer(opts, paths, out)
+  dtype = token_dtype(tok.vocab_size)
+  plan = {"format": FORMAT_VERSION, "input_format": opts.format, "text_field": opts.text_field,
+          "hf_split": opts.hf_split, "inputs": [[p, formats.input_identity(p)] for p in paths],
+          "tokenizer_fingerprint": tok.fingerprint, "shard_tokens": int(opts.shard_tokens),
+          "record_tokens": int(opts.record_tokens), "dtype": dtype.str,
+          "writer_options": WRITER_OPTIONS}
+  _check_plan(out, plan)
+  worker_spec = store_tokenizer(tokenizer_file, out, opts.tokenizer)
+  plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
+
+  shards = committed_shards(out, plan_id)
+  if not (shards and shards[-1]["final"]) and os.path.exists(os.path.join(out, MANIFEST)):
+    os.remove(os.path.join(out, MANIFEST))
+  start_time = time.perf_counter()
+  new_tokens = 0
+  if not (shards and shards[-1]["final"]):
+    start = tuple(shards[-1]["end"]) if shards else (0, 0)
+    if shards:
+      log.info("resuming after %d committed shards at input %d, unit %d", len(shards), *start)
+    cache_dir = opts.cache_dir or default_cache_dir()
+    chunks = _chunks(paths, opts, start)
+    writer = None
+    try:
+      for tokens, lengths, where in _tokenized(chunks, tok, worker_spec, opts.num_proc, dtype,
+                                               cache_dir):
+        new_tokens += len(tokens)
+        ends = np.cumsum(lengths)
+        lo_doc, lo_tok = 0, 0
+        while lo_doc < len(lengths):
+          if writer is None:
+            writer = _ShardWriter(out, len(shards), opts.record_tokens, dtype, where[lo_doc])
+          room = opts.shard_tokens - writer.tokens  # > 0
+          # The first document whose end brings the shard to shard_tokens closes it.
+          last = int(np.searchsorted(ends - lo_tok, room, side="left"))
+          hi_doc = min(last + 1, len(lengths))
+          hi_tok = int(ends[hi_doc - 1])
+          writer.add(tokens[lo_tok:hi_tok], hi_doc - lo_doc)
+          if writer.tokens >= opts.shard_tokens:
+            f, unit = where[hi_doc - 1]
+            shards.append(writer.commit((f, unit + 1), final=False, plan_id=plan_id))
+            writer = None
+          lo_doc, lo_tok = hi_doc, hi_tok
+      if writer is not None:
+        shards.append(writer.commit((len(paths), 0), final=True, plan_id=plan_id))
+        writer = None
+      elif shards:  # the stream ended exactly at a shard boundary: mark the last one final
+        shards[-1]["final"] = True
+        _write_json_atomic(os.path.join(out, sidecar_name(len(shards) - 1)), shards[-1])
+    finally:
+      if writer is not None:
+        writer.abort()
+  if not shards:
+    raise ValueError(f"the inputs ({', '.join(paths)}) hold no documents (every "
+                     f"{opts.text_field!r} is empty?); fix --inputs/--text_field")
+  if new_tokens:
+    log.info("tokenized %d tokens in %.1f s (%.0f tokens/s)", new_tokens,
+             time.perf_counter() - start_time, new_tokens / (time.perf_counter() - start_time))
+  val = validation_shards(len(shards), opts.val_shards, opts.val_fraction)
+  return write_manifest(out, tokenizer_record(tok, opts.tokenizer, worker_spec), plan, shards,
+                        val)
+
+
+def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], val) -> dict:
+  """Writes manifest.json (atomically, last): the folder is complete from then on."""
+  manifest = {
+      "format": FORMAT_VERSION,
+      "tokenizer": tokenizer,
+      "dtype": plan["dtype"], "record_tokens": plan["record_tokens"],
+      "writer_options": plan["writer_options"],
+      "inputs": {"format": plan["input_format"], "text_field": plan["text_field"],
+                 "files": [p for p, _ in plan["inputs"]]},
+      "num_documents": sum(s["documents"] for s in shards),
+      "num_tokens": sum(s["tokens"] for s in shards),
+      "shards": [{k: s[k] for k in ("path", "documents", "tokens", "records", "bytes", "sha256")}
+                 for s in shards],
+      "splits": {"train": [i for i in range(len(shards)) if i not in val],
+                 "validation": list(val)},
+  }
+  _write_json_atomic(os.path.join(out, MANIFEST), manifest)
+  return manifest
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv=None) -> PrepareOptions:
+  parser = argparse.ArgumentParser(
+      prog="python -m mmfree_jax.data.prepare",
+      description="Tokenize a corpus once into ArrayRecord shards for data.source=array_record.")
+  parser.add_argument("--inputs", required=True,
+                      help="comma-separated files, folders (hf_disk) or globs, in sorted order")
+  parser.add_argument("--format", required=True, choices=formats.FORMATS)
+  parser.add_argument("--text_field", default="text",
+                      help="Parquet column / JSON field / dataset column holding the text")
+  parser.add_argument("--tokenizer", required=True,
+                      help=f"tokenizer spec, one of {', '.join(tok_lib.SPEC_FORMS)}")
+  parser.add_argument("--out", required=True, help="output folder (new, or a partial run's)")
+  parser.add_argument("--num_proc", type=int, default=1, help="tokenizer processes")
+  parser.add_argument("--shard_tokens", type=float, default=1e8,
+                      help="tokens per shard (a shard closes at the document reaching it)")
+  parser.add_argument("--record_tokens", type=int, default=4096,
+                      help="tokens per ArrayRecord record (random-read unit)")
+  parser.add_argument("--val_shards", type=int, default=0, help="held-out validation shards")
+  parser.add_argument("--val_fraction", type=float, default=0.0,
+                      help="held-out fraction of the shards (instead of --val_shards)")
+  parser.add_argument("--hf_split", default="train",
+                      help="split of a DatasetDict folder (--format hf_disk)")
+  args = parser.parse_args(argv)
+  return PrepareOptions(inputs=args.inputs, format=args.format, tokenizer=args.tokenizer,
+                        out=args.out, text_field=args.text_field, num_proc=args.num_proc,
+                        shard_tokens=int(args.shard_tokens), record_tokens=args.record_tokens,
+                        val_shards=args.val_shards, val_fraction=args.val_fraction,
+                        hf_split=args.hf_split)
+
+
+def main(argv=None) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(message)s")
+  opts = parse_args(argv)
+  t = time.perf_counter()
+  try:
+    manifest = prepare(opts)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  splits = manifest["splits"]
+  print(f"{opts.out}: {len(manifest['shards'])} shards ({len(splits['validation'])} "
+        f"validation), {manifest['num_documents']:,} documents, {manifest['num_tokens']:,} "
+        f"tokens ({manifest['dtype']}), tokenizer {manifest['tokenizer']['spec']}; "
+        f"{time.perf_counter() - t:.1f} s")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
