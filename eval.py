@@ -2,7 +2,7 @@
 
   python eval.py --workdir=/tmp/tiny --ppl_split=val
   python eval.py --workdir=/tmp/tiny --ppl_file=notes.txt --ppl_file=docs.jsonl --text_field=text
-  python eval.py --workdir=/tmp/tiny --mc_file=mmfree_jax/eval_data/sample_mc.jsonl
+  python eval.py --workdir=/tmp/tiny --mc_file=mmfree_jax/eval/samples/sample_mc.jsonl
   python eval.py --workdir=/tmp/tiny --prompt="In the beginning" --temperature=0.8 --top_k=40
   python eval.py --workdir=/tmp/tiny --step=400 --lm_eval_tasks=lambada_openai   # needs lm-eval
 
@@ -51,7 +51,7 @@ def _split(values):
 
 
 def _options():
-  from mmfree_jax.evaluation import EvalOptions  # import after flags: jax sees XLA_FLAGS
+  from mmfree_jax.eval import EvalOptions  # import after flags: jax sees XLA_FLAGS
   from mmfree_jax.generate import SamplingConfig
   f = flags.FLAGS
   return EvalOptions(
@@ -64,7 +64,8 @@ def _options():
 
 def _run_lm_eval() -> str:
   """Runs --lm_eval_tasks through the adapter; returns the JSON path."""
-  from mmfree_jax import evaluation, lm_eval_adapter
+  from mmfree_jax import eval as evaluation
+  from mmfree_jax.eval import lm_eval_adapter
   f = flags.FLAGS
   out = lm_eval_adapter.evaluate_tasks(
       f.workdir, f.lm_eval_tasks, step=f.step, config=f.config, batch_size=f.batch_size,
@@ -81,8 +82,8 @@ def main(argv):
   for noisy in ("jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
-  from mmfree_jax import evaluation
-  from mmfree_jax.checkpoint import CheckpointError
+  from mmfree_jax import eval as evaluation
+  from mmfree_jax.checkpoint.manager import CheckpointError
   f = flags.FLAGS
   try:
     options = _options()

@@ -23,6 +23,8 @@ flags.DEFINE_string("workdir", "workdir/tiny", "Checkpoints, metrics and logs go
 flags.DEFINE_integer("stop_after_steps", None,
                      "Stop (with a checkpoint) after this many steps, as if preempted.")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_string("sample_prompt", "In the beginning",
+                    "Text to continue after training (train.sample_tokens tokens; '' = none).")
 flags.DEFINE_integer("restore_step", None,
                      "Resume from this checkpoint step instead of the latest (e.g. to skip a "
                      "corrupted one); newer steps are moved to WORKDIR/abandoned_checkpoints.")
@@ -34,7 +36,7 @@ def main(argv):
                       stream=sys.stderr)
   for noisy in ("absl", "jax._src", "orbax", "grain"):  # orbax logs read-only listings at WARNING
     logging.getLogger(noisy).setLevel(logging.ERROR)
-  from mmfree_jax.training import train  # import after flags: jax picks up XLA_FLAGS
+  from mmfree_jax.train.trainer import train  # import after flags: jax picks up XLA_FLAGS
   result = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress,
                  stop_after_steps=flags.FLAGS.stop_after_steps,
                  restore_step=flags.FLAGS.restore_step)
@@ -46,8 +48,14 @@ def main(argv):
     print(f"validation loss {result.eval_history[-1]['loss']:.4f}")
   if result.interrupted:
     print(f"stopped at step {int(result.state.step)}; rerun the same command to resume")
-  if result.sample is not None:
-    print("sample:", result.sample)
+  cfg = flags.FLAGS.config
+  if flags.FLAGS.sample_prompt and not result.interrupted and cfg.train.sample_tokens > 0:
+    from mmfree_jax import generate as generate_lib  # pylint: disable=g-import-not-at-top
+    sampling = generate_lib.SamplingConfig(max_new_tokens=cfg.train.sample_tokens,
+                                           temperature=0.8, top_k=40)
+    g = generate_lib.generate_text(result.model, result.tokenizer, flags.FLAGS.sample_prompt,
+                                   sampling, seed=cfg.train.seed)
+    print("sample:", g.prompt + g.text)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, setups
-from mmfree_jax import attention, bitlinear_lean, quant, recurrence
+from mmfree_jax.ops import attention, quant, recurrence
+from mmfree_jax.ops import bitlinear as bitlinear_lean
 
 NAME = "bench_components"
 

@@ -31,7 +31,7 @@ from flax import nnx
 
 import mmfree_jax
 from benchmarks import common, setups
-from mmfree_jax import packed_model
+from mmfree_jax.nn import packed as packed_model
 
 NAME = "bench_decode"
 

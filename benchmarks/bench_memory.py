@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, setups
-from mmfree_jax import bitlinear_lean
+from mmfree_jax.ops import bitlinear as bitlinear_lean
 
 NAME = "bench_memory"
 

@@ -22,7 +22,7 @@ from flax import nnx
 import mmfree_jax
 from benchmarks import common, setups
 from benchmarks.bench_decode import model_decode_loop, packed_decode_loop
-from mmfree_jax import packed_model
+from mmfree_jax.nn import packed as packed_model
 
 NAME = "bench_packed"
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from mmfree_jax import recurrence
+from mmfree_jax.ops import recurrence
 
 NAME = "bench_recurrence"
 

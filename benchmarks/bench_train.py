@@ -11,7 +11,7 @@ timed round-robin; tokens/s uses the median step time.
 from __future__ import annotations
 
 from benchmarks import common, setups
-from mmfree_jax import flops
+from mmfree_jax.train import flops
 
 NAME = "bench_train"
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from mmfree_jax import config as config_lib
-from mmfree_jax import optim, steps
-from mmfree_jax import train_state as state_lib
+from mmfree_jax.train import optim, steps
+from mmfree_jax.train import state as state_lib
 
 
 def model_config(kind: str, d_model: int, num_layers: int, vocab_size: int,

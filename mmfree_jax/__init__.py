@@ -9,14 +9,14 @@ import importlib
 _EXPORTS = {
     "ModelConfig": "mmfree_jax.config",
     "base_config": "mmfree_jax.config",
-    "KVCache": "mmfree_jax.model",
-    "MatMulFreeLM": "mmfree_jax.model",
-    "RecurrentState": "mmfree_jax.model",
-    "TransformerLM": "mmfree_jax.model",
-    "abstract_model": "mmfree_jax.model",
-    "build_model": "mmfree_jax.model",
-    "count_params": "mmfree_jax.model",
-    "decode": "mmfree_jax.model",
+    "KVCache": "mmfree_jax.nn.model",
+    "MatMulFreeLM": "mmfree_jax.nn.model",
+    "RecurrentState": "mmfree_jax.nn.model",
+    "TransformerLM": "mmfree_jax.nn.model",
+    "abstract_model": "mmfree_jax.nn.model",
+    "build_model": "mmfree_jax.nn.model",
+    "count_params": "mmfree_jax.nn.model",
+    "decode": "mmfree_jax.nn.model",
 }
 
 __all__ = sorted(_EXPORTS)

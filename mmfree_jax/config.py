@@ -1,6 +1,6 @@
 """Config schema (ml-collections) and the validated, frozen model config the modules take.
 
-`base_config()` is the whole schema of DESIGN.md §5 with defaults; the files in `configs/`
+`base_config()` is the whole schema of docs/architecture.md §5 with defaults; the files in `configs/`
 start from it, change values and `lock()` it, so that an unknown key (a typo in a
 `--config.x.y=v` override or in a config file) raises instead of being silently ignored.
 `ModelConfig.from_config(cfg.model)` validates the model section once and gives the modules a
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from mmfree_jax.bitlinear_lean import BITLINEAR_IMPLS
-from mmfree_jax.recurrence import SCAN_TYPES
+from mmfree_jax.ops.bitlinear import BITLINEAR_IMPLS
+from mmfree_jax.ops.recurrence import SCAN_TYPES
 
 MODEL_KINDS = ("mmfree", "transformer")
 DTYPES = {
@@ -27,7 +27,14 @@ DTYPES = {
     "float16": jnp.float16,
     "float64": jnp.float64,
 }
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# The `model.remat` registry: name -> what the layer scan saves for the backward (None: no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+NAN_POLICIES = ("skip", "stop")
 
 
 def resolve_dtype(name: str):
@@ -74,7 +81,7 @@ def base_model_config() -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """The full schema with defaults (DESIGN.md §5). Config files copy and edit it."""
+  """The full schema with defaults (docs/architecture.md §5). Config files copy and edit it."""
   cfg = ml_collections.ConfigDict()
   cfg.model = base_model_config()
   cfg.data = ml_collections.ConfigDict({
@@ -208,12 +215,12 @@ class ModelConfig:
         raise ValueError(f"model.{name} must be a positive int; got {value!r}")
     if self.scan_type not in SCAN_TYPES:
       raise ValueError(f"unknown model.scan_type {self.scan_type!r}; choose one of "
-                       f"{SCAN_TYPES}")
+                       f"{tuple(SCAN_TYPES)}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"unknown model.remat {self.remat!r}; choose one of {REMAT_POLICIES}")
+      raise ValueError(f"unknown model.remat {self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
     if self.bitlinear_impl not in BITLINEAR_IMPLS:
       raise ValueError(f"unknown model.bitlinear_impl {self.bitlinear_impl!r}; choose one of "
-                       f"{BITLINEAR_IMPLS}")
+                       f"{tuple(BITLINEAR_IMPLS)}")
     if self.kind == "transformer":
       if self.d_model % self.num_heads:
         raise ValueError(f"model.d_model={self.d_model} is not divisible by "
@@ -226,6 +233,9 @@ class ModelConfig:
 def validate(cfg: ml_collections.ConfigDict) -> ModelConfig:
   """Checks a whole config before any compute; returns the frozen model config."""
   model = ModelConfig.from_config(cfg.model)
+  if cfg.train.nan_policy not in NAN_POLICIES:
+    raise ValueError(f"unknown train.nan_policy {cfg.train.nan_policy!r}; choose one of "
+                     f"{NAN_POLICIES}")
   seq_len = cfg.data.seq_len
   if model.kind == "mmfree" and model.scan_type == "chunked" and seq_len % model.chunk_size:
     raise ValueError(

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmfree_jax.evaluation import document_start
-from mmfree_jax.model import check_token_ids
+from mmfree_jax.data.tokenizer import document_start
+from mmfree_jax.nn.model import check_token_ids
+from mmfree_jax.ops.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
 
@@ -65,7 +66,7 @@ def _static_sampling(cfg: SamplingConfig) -> dict:
 
 def _sample(logits, rng, temperature, top_p, *, greedy: bool, top_k: int, nucleus: bool):
   """`sample_from_logits` with temperature and top_p as traced scalars."""
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  logits = logits.astype(acc_dtype(logits.dtype))
   if greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = logits / temperature.astype(logits.dtype)

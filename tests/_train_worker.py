@@ -14,15 +14,15 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
+from mmfree_jax.train.trainer import train  # noqa: E402
 from tests.train_configs import small_config  # noqa: E402
-from mmfree_jax.training import train  # noqa: E402
 
 
 def main():
   workdir, out_prefix, overrides = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
   stop_after = int(sys.argv[4]) if len(sys.argv) > 4 else None
   cfg = small_config(**overrides)
-  result = train(cfg, workdir, progress=False, stop_after_steps=stop_after, sample_prompt=None)
+  result = train(cfg, workdir, progress=False, stop_after_steps=stop_after)
   params = result.state.params
   if jax.process_count() > 1:
     params = multihost_utils.process_allgather(params, tiled=True)

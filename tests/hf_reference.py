@@ -1,11 +1,11 @@
 """An independent HF-side oracle for tests/test_hf.py: it never imports mmfree_jax.
 
 - `hf_tensor_names` / `random_hf_weights`: the HF key layout of `ridger/MMfreeLM-*`
-  (DESIGN.md §2) with torch shapes (`Linear.weight` is `[out, in]`), random values.
+  (docs/architecture.md §1.6) with torch shapes (`Linear.weight` is `[out, in]`), random values.
 - `write_hf_checkpoint`: config.json + model.safetensors written with the safetensors
   library (not our writer).
 - `forward`: HGRNBitForCausalLM logits in plain numpy float64, written from the formulas of
-  DESIGN.md §1, reading the HF tensor names directly.
+  docs/architecture.md §1, reading the HF tensor names directly.
 """
 
 from __future__ import annotations

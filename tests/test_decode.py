@@ -14,7 +14,7 @@ from flax import nnx
 
 import mmfree_jax
 from mmfree_jax import ModelConfig
-from mmfree_jax.recurrence import SCAN_TYPES
+from mmfree_jax.ops.recurrence import SCAN_TYPES
 
 B, T, PREFIX = 2, 8, 4
 TOL = 1e-9

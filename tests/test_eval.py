@@ -20,13 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmfree_jax import checkpoint as ckpt_lib
-from mmfree_jax import evaluation as ev
+from mmfree_jax import eval as ev
 from mmfree_jax import generate as generate_lib
-from mmfree_jax import loading
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.config import ModelConfig, base_config
-from mmfree_jax.eval_data import SAMPLE_MC
-from mmfree_jax.model import build_model
+from mmfree_jax.eval import scoring
+from mmfree_jax.eval.samples import SAMPLE_MC
+from mmfree_jax.nn.model import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -133,7 +134,7 @@ def test_continuation_loglik_equals_full_forward_softmax(kind, resets):
 
 def test_state_reuse_equals_scoring_each_choice_from_scratch(monkeypatch):
   prefilled = []
-  prefill = ev._prefill
+  prefill = scoring._prefill
 
   def counting_prefill(graphdef, params, contexts, rows, chunk_len):
     prefilled.extend(map(tuple, contexts))
@@ -148,7 +149,7 @@ def test_state_reuse_equals_scoring_each_choice_from_scratch(monkeypatch):
     assert sorted(prefilled) == sorted(distinct)  # each context prefilled exactly once
     alone = [ev.score_continuations(model, [r], batch_size=8, chunk_len=8)[0]
              for r in requests]
-    recomputed = ev._score_full_forward(model, requests, 8, None)  # context + choice, no state
+    recomputed = scoring._score_full_forward(model, requests, 8, None)  # context + choice, no state
   np.testing.assert_allclose([s.logprob for s in shared], [s.logprob for s in alone],
                              rtol=0, atol=TOL)
   np.testing.assert_allclose([s.logprob for s in shared], [s.logprob for s in recomputed],
@@ -391,7 +392,8 @@ def test_lm_eval_adapter_runs_local_tasks_offline(tmp_path, monkeypatch):
   lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed")
   from lm_eval.api.instance import Instance
   from lm_eval.tasks import TaskManager
-  from mmfree_jax.lm_eval_adapter import MMFreeLM
+
+  from mmfree_jax.eval.lm_eval_adapter import MMFreeLM
 
   mc_path = tmp_path / "mc.jsonl"
   mc_path.write_text("".join(open(SAMPLE_MC).readlines()[:8]))

@@ -14,9 +14,9 @@ import numpy as np
 import portpicker
 import pytest
 
-from mmfree_jax import checkpoint as ckpt_lib
-from mmfree_jax import loading
-from mmfree_jax import training
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.train import trainer as training
 from tests.train_configs import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,7 +131,7 @@ def test_kill9_at_random_points_always_restores_last_complete_checkpoint(tmp_pat
 def test_corrupted_checkpoint_names_step_and_file_and_older_step_recovers(tmp_path):
   work = tmp_path / "work"
   cfg = small_config(**{**OVERRIDES, "train.steps": 6})
-  training.train(cfg, str(work), progress=False, sample_prompt=None)
+  training.train(cfg, str(work), progress=False)
   ckpt_dir = ckpt_lib.checkpoint_dir(str(work))
   steps = sorted(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
   assert steps[-1] == 6 and 4 in steps
@@ -143,23 +143,21 @@ def test_corrupted_checkpoint_names_step_and_file_and_older_step_recovers(tmp_pa
         f.truncate(max(os.path.getsize(path) // 3, 1))
   cfg8 = small_config(**{**OVERRIDES, "train.steps": 8})
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 6.*--restore_step"):
-    training.train(cfg8, str(work), progress=False, sample_prompt=None)
-  result = training.train(cfg8, str(work), progress=False, sample_prompt=None, restore_step=4)
+    training.train(cfg8, str(work), progress=False)
+  result = training.train(cfg8, str(work), progress=False, restore_step=4)
   assert int(result.state.step) == 8
   assert os.listdir(os.path.join(work, "abandoned_checkpoints"))
 
 
 def test_corrupted_checkpoint_config_is_a_clear_error(tmp_path):
   work = tmp_path / "work"
-  training.train(small_config(**{"train.steps": 2}), str(work), progress=False,
-                 sample_prompt=None)
+  training.train(small_config(**{"train.steps": 2}), str(work), progress=False)
   config_dir = os.path.join(ckpt_lib.checkpoint_dir(str(work)), "2", "config")
   for name in os.listdir(config_dir):
     with open(os.path.join(config_dir, name), "w") as f:
       f.write("{not json")
   with pytest.raises(ckpt_lib.CheckpointError, match=r"config of checkpoint step 2"):
-    training.train(small_config(**{"train.steps": 4}), str(work), progress=False,
-                   sample_prompt=None)
+    training.train(small_config(**{"train.steps": 4}), str(work), progress=False)
 
 
 def _exploding(**extra):
@@ -171,7 +169,7 @@ def _exploding(**extra):
 
 def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
   result = training.train(_exploding(**{"train.nan_policy": "skip"}), str(tmp_path),
-                          progress=False, sample_prompt=None)
+                          progress=False)
   skipped = [r["skipped_steps"] for r in result.history]
   assert skipped[-1] >= 3 and skipped == sorted(skipped)  # counted, monotone
   assert [r["finite"] for r in result.history][0] == 1.0
@@ -182,8 +180,7 @@ def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
 
 def test_nan_policy_stop_names_the_step(tmp_path):
   with pytest.raises(training.NonFiniteLossError, match=r"at step 2\b"):
-    training.train(_exploding(**{"train.nan_policy": "stop"}), str(tmp_path), progress=False,
-                   sample_prompt=None)
+    training.train(_exploding(**{"train.nan_policy": "stop"}), str(tmp_path), progress=False)
   checkpointer = ckpt_lib.Checkpointer(str(tmp_path), read_only=True)
   assert checkpointer.all_steps() and max(checkpointer.all_steps()) <= 2
   checkpointer.close()
@@ -193,7 +190,7 @@ def test_unwritable_workdir_fails_before_compute(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("x")
   with pytest.raises(OSError, match="not writable"):
-    training.train(small_config(), str(blocker / "workdir"), progress=False, sample_prompt=None)
+    training.train(small_config(), str(blocker / "workdir"), progress=False)
 
 
 def test_full_disk_fails_before_compute(tmp_path, monkeypatch):
@@ -201,7 +198,7 @@ def test_full_disk_fails_before_compute(tmp_path, monkeypatch):
   monkeypatch.setattr(training.shutil, "disk_usage",
                       lambda p: real(p)._replace(free=1024))
   with pytest.raises(OSError, match="MiB free"):
-    training.train(small_config(), str(tmp_path), progress=False, sample_prompt=None)
+    training.train(small_config(), str(tmp_path), progress=False)
   assert not os.path.exists(ckpt_lib.checkpoint_dir(str(tmp_path))) or not os.listdir(
       ckpt_lib.checkpoint_dir(str(tmp_path)))
 

@@ -16,7 +16,7 @@ from flax import nnx
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.generate import (SamplingConfig, context_notes, generate, generate_text,
                                  sample_from_logits)
-from mmfree_jax.model import build_model
+from mmfree_jax.nn.model import build_model
 
 VOCAB, LEN = 260, 32  # reference forwards run on [batch, LEN] right-padded rows (one compile)
 PROMPT, NEW, SEQ_LEN = 12, 6, 8  # the prompt is longer than the "trained" seq_len

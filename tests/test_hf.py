@@ -2,7 +2,7 @@
 
 The HF side is independent of our code: `tests/hf_reference.py` writes HF-layout checkpoints
 with the safetensors library and computes HGRNBitForCausalLM logits in plain numpy from the
-DESIGN.md §1 formulas, reading the HF tensor names. Semantics are compared in float64
+docs/architecture.md §1 formulas, reading the HF tensor names. Semantics are compared in float64
 (tolerance 1e-9: both sides run the same formulas in f64 and agree to ~1e-15); one float32
 import is compared with a stated looser tolerance (F32_TOL).
 """
@@ -21,8 +21,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from mmfree_jax import abstract_model, loading
-from mmfree_jax.checkpoint import Checkpointer
+from mmfree_jax import abstract_model
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.hf import HFCheckpointError, convert, mapping, tensors
 from mmfree_jax.hf.__main__ import main as hf_main
@@ -30,7 +31,7 @@ from tests import hf_reference as ref
 
 F64_TOL = 1e-9
 # fp32 vs the f64 oracle (logits of magnitude ~1): where no int8 activation rounding flips,
-# only fp32 round-off (measured <= 4e-7); a flip at a .5 boundary (DESIGN.md §1) shifts the
+# only fp32 round-off (measured <= 4e-7); a flip at a .5 boundary (docs/architecture.md §1) shifts the
 # logits by ~1e-2 from that position on (the recurrence carries it). Measured at this shape:
 # one flip, in 5 of 24 positions, max 1.6e-2. So: most positions within F32_TOL, all within
 # F32_FLIP_TOL.

@@ -8,15 +8,16 @@ import pytest
 from flax import nnx
 
 import mmfree_jax
-from mmfree_jax import ModelConfig, config as config_lib, sharding
-from mmfree_jax.recurrence import SCAN_TYPES
-
+from mmfree_jax import ModelConfig
+from mmfree_jax import config as config_lib
+from mmfree_jax.ops.recurrence import SCAN_TYPES
+from mmfree_jax.parallel import sharding
 
 # ------------------------------------------------------------------------ parameter counts
 
 
 @pytest.mark.parametrize("d_model,num_layers,expected", [
-    (1024, 24, 374_108_160),      # 370M, measured on the reference (DESIGN.md §1)
+    (1024, 24, 374_108_160),      # 370M, measured on the reference (docs/architecture.md §1)
     (2048, 24, 1_364_779_008),    # 1.3B
     (2560, 32, 2_702_357_504),    # 2.7B
 ])
@@ -27,7 +28,7 @@ def test_param_counts_match_reference(d_model, num_layers, expected):
 
 
 def test_released_intermediate_sizes():
-  # DESIGN.md §1: I = 2816 / 5632 / 6912 for the released sizes
+  # docs/architecture.md §1: I = 2816 / 5632 / 6912 for the released sizes
   for d, inter in ((1024, 2816), (2048, 5632), (2560, 6912)):
     assert ModelConfig.from_config(dict(d_model=d)).intermediate_size == inter
 

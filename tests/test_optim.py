@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from mmfree_jax import config as config_lib
-from mmfree_jax import model as model_lib
-from mmfree_jax import optim
+from mmfree_jax.nn import model as model_lib
+from mmfree_jax.train import optim
 
 
 def _optim_cfg(**kw):

@@ -18,7 +18,10 @@ import pytest
 from flax import nnx
 
 import mmfree_jax
-from mmfree_jax import ModelConfig, packed_model, packing, quant
+from mmfree_jax import ModelConfig
+from mmfree_jax.nn import packed as packed_model
+from mmfree_jax.ops import quant
+from mmfree_jax.ops import ternary_packing as packing
 
 PACKED = sorted(packing.FORMATS)
 

@@ -1,6 +1,6 @@
-"""BitLinear (quant.bitlinear, layers.BitLinear) against a numpy implementation of DESIGN.md §1.
+"""BitLinear (quant.bitlinear, layers.BitLinear) against a numpy implementation of docs/architecture.md §1.
 
-The numpy side is written from the DESIGN formulas only; it never calls mmfree_jax. Semantics
+The numpy side is written from the spec formulas (docs/architecture.md §1) only; it never calls mmfree_jax. Semantics
 are compared in float64 (tolerance 1e-10: both sides are the same formula in f64, so they
 differ by a few ulps); one float32 check has a looser, stated tolerance. Rounding modes are
 tested on exact .5 inputs, which random f64 data never produces.
@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmfree_jax import layers, quant
+from mmfree_jax.nn import layers
+from mmfree_jax.ops import quant
 
 F64_TOL = 1e-10
-EPS = 1e-6  # the BitLinear RMSNorm epsilon of DESIGN.md §1
+EPS = 1e-6  # the BitLinear RMSNorm epsilon of docs/architecture.md §1
 
 # Jitted once per shape/dtype: eager op-by-op dispatch would compile every primitive.
 bitlinear = jax.jit(quant.bitlinear, static_argnames=("eps", "dtype", "quantize"))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmfree_jax import recurrence
+from mmfree_jax.ops import recurrence
 
 F64_TOL = 1e-12
 B, D = 2, 3

@@ -1,14 +1,14 @@
 """Sharded train step (8 fake CPU devices) vs 1 device; gradient accumulation vs big batch."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from mmfree_jax import config as config_lib
-from mmfree_jax import mesh as mesh_lib
-from mmfree_jax import optim, sharding, steps
-from mmfree_jax import train_state as state_lib
+from mmfree_jax.parallel import mesh as mesh_lib
+from mmfree_jax.parallel import sharding
+from mmfree_jax.train import optim, steps
+from mmfree_jax.train import state as state_lib
 
 RULES = sharding.normalize_rules(config_lib.base_config().mesh.axis_rules)
 

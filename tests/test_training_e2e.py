@@ -10,8 +10,8 @@ import numpy as np
 import portpicker
 import pytest
 
-from mmfree_jax import checkpoint as ckpt_lib
-from mmfree_jax.training import train
+from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.train.trainer import train
 from tests.train_configs import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +26,7 @@ def _params_close(a, b, atol=0.0):
 def test_tiny_loss_goes_down(tmp_path):
   cfg = small_config(**{"train.steps": 60, "train.global_batch": 8, "optim.warmup_steps": 5,
                         "train.eval_every": 60, "train.eval_batches": 2})
-  result = train(cfg, str(tmp_path), progress=False, sample_prompt=None)
+  result = train(cfg, str(tmp_path), progress=False)
   losses = [r["loss"] for r in result.history]
   assert len(losses) == 60
   # ln(320) = 5.77 at init; byte-level KJV drops well below 3.5 nats in 60 steps of lr 3e-3.
@@ -39,13 +39,11 @@ def test_tiny_loss_goes_down(tmp_path):
 
 def test_interrupt_and_resume_is_exact(tmp_path):
   overrides = {"train.steps": 8, "train.global_batch": 8, "train.checkpoint_every": 3}
-  full = train(small_config(**overrides), str(tmp_path / "full"), progress=False,
-               sample_prompt=None)
+  full = train(small_config(**overrides), str(tmp_path / "full"), progress=False)
   first = train(small_config(**overrides), str(tmp_path / "split"), progress=False,
-                stop_after_steps=4, sample_prompt=None)
+                stop_after_steps=4)
   assert first.interrupted and int(first.state.step) == 4
-  second = train(small_config(**overrides), str(tmp_path / "split"), progress=False,
-                 sample_prompt=None)
+  second = train(small_config(**overrides), str(tmp_path / "split"), progress=False)
   assert int(second.state.step) == 8 and not second.interrupted
   # Same data order and same arithmetic: bitwise-equal params and per-step losses.
   _params_close(jax.device_get(second.state.params), jax.device_get(full.state.params))
@@ -55,10 +53,10 @@ def test_interrupt_and_resume_is_exact(tmp_path):
 
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
   train(small_config(**{"train.steps": 1, "train.global_batch": 8}), str(tmp_path),
-        progress=False, sample_prompt=None)
+        progress=False)
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
     train(small_config(**{"train.steps": 2, "train.global_batch": 8, "model.d_model": 32}),
-          str(tmp_path), progress=False, sample_prompt=None)
+          str(tmp_path), progress=False)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -70,7 +68,7 @@ def test_checkpoint_of_other_architecture_is_refused(tmp_path):
 ])
 def test_bad_config_fails_before_compute(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
-    train(small_config(**overrides), str(tmp_path), progress=False, sample_prompt=None)
+    train(small_config(**overrides), str(tmp_path), progress=False)
   assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
 
 

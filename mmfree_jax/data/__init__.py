@@ -4,7 +4,7 @@
   sources.py    `data.source`/`data.paths` -> document texts (kjv chapters, paragraphs, jsonl)
   corpus.py     tokenize once into a cached, memory-mapped `.npy` (+ document table)
   split.py      train/validation split by document from `data.seed`, `data.val_fraction`
-  packing.py    concatenate-then-split windows `[seq_len+1]` with segment ids
+  sequence_packing.py  concatenate-then-split windows `[seq_len+1]` with segment ids
   pipeline.py   `train_iterator` (grain, per-process rows of a process-count-independent
                 global batch) and `validation_batches`
 
@@ -15,9 +15,9 @@ Typical use:
   batch = next(it)  # {"tokens": int32 [16, seq_len+1], "segment_ids": int32 [16, seq_len+1]}
 """
 
-from mmfree_jax.data.packing import PackedWindows, segment_ids_for
 from mmfree_jax.data.pipeline import (local_batch_size, split_windows, tokenizer_from_config,
                                       train_iterator, validation_batches)
+from mmfree_jax.data.sequence_packing import PackedWindows, segment_ids_for
 from mmfree_jax.data.sources import SOURCES, source_from_config
 from mmfree_jax.data.tokenizer import SPEC_FORMS, Tokenizer, check_vocab, load_tokenizer
 

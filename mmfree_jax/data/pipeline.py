@@ -20,7 +20,7 @@ import numpy as np
 
 from mmfree_jax.data import corpus as corpus_lib
 from mmfree_jax.data import split as split_lib
-from mmfree_jax.data.packing import PackedWindows
+from mmfree_jax.data.sequence_packing import PackedWindows
 from mmfree_jax.data.sources import source_from_config
 from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 

@@ -161,6 +161,7 @@ class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model with its own bos/eos (pad = its pad id, else eos)."""
 
   def __init__(self, path: str, spec: str):
+    # Only spm: specs need it; importing it here keeps grain workers' start-up light.
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
     self._sp = spm.SentencePieceProcessor(model_file=path)
     self.spec = spec
@@ -179,6 +180,22 @@ class SentencePieceTokenizer(Tokenizer):
 
   def _decode(self, ids):
     return self._sp.decode(ids)
+
+
+def document_start(tokenizer: Tokenizer) -> list[int]:
+  """`[bos]` where the tokenizer has one, else `[]`: how training documents begin
+  (`Tokenizer.encode_document` is `[bos] + encode(text) + [eos]`)."""
+  return [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+
+
+def prefix_token(tokenizer: Tokenizer) -> int:
+  """The token a document is predicted from: BOS if the tokenizer has one, else EOS (which
+  precedes every document of a packed training stream)."""
+  token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+  if token is None:
+    raise ValueError(f"tokenizer {tokenizer!r} has neither a BOS nor an EOS id; the first "
+                     "token of a document needs one to be predicted from")
+  return token
 
 
 def _first_id(tok, candidates) -> int | None:
@@ -226,6 +243,7 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
 
 def train_bpe(texts: Iterable[str], vocab_size: int):
   """A byte-level BPE `tokenizers.Tokenizer` with `<|endoftext|>` (id 0) and `<|pad|>` (1)."""
+  # `tokenizers` (Rust, ~0.2 s to import) only for bpe:/hf: specs, not in grain workers.
   from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers, trainers
   tok = HFTok(models.BPE())

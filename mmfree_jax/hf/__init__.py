@@ -5,7 +5,7 @@
 
 `mapping` holds the config translation and the one name table import and export share,
 `tensors` the tensor-by-tensor readers and the streaming safetensors writer, `convert` the two
-conversions (DESIGN.md §2).
+conversions (docs/architecture.md §1.6).
 """
 
 from mmfree_jax.hf.convert import (export_checkpoint, import_checkpoint,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfree_jax.checkpoint import CheckpointError
+from mmfree_jax.checkpoint.manager import CheckpointError
 from mmfree_jax.hf import convert
 from mmfree_jax.hf.mapping import HFCheckpointError
 

@@ -26,13 +26,13 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from mmfree_jax import loading
-from mmfree_jax.checkpoint import Checkpointer
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.data.tokenizer import MISTRAL_ALIAS, mistral_tokenizer_path
 from mmfree_jax.hf import mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError, Slot
-from mmfree_jax.model import abstract_model
+from mmfree_jax.nn.model import abstract_model
 
 NUMPY_DTYPES = {
     "float32": np.dtype(np.float32),
@@ -256,7 +256,7 @@ def special_token_ids(tokenizer: tuple[str, str] | None) -> tuple[int, int]:
   """`(bos, eos)` of a sentencepiece tokenizer, else the reference defaults (1, 2)."""
   bos, eos = mapping.REFERENCE_DEFAULTS["bos_token_id"], mapping.REFERENCE_DEFAULTS["eos_token_id"]
   if tokenizer is not None and tokenizer[1] == "tokenizer.model":
-    import sentencepiece  # pylint: disable=import-outside-toplevel
+    import sentencepiece  # pylint: disable=import-outside-toplevel  # only with a tokenizer.model
     sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer[0])
     bos = sp.bos_id() if sp.bos_id() >= 0 else bos
     eos = sp.eos_id() if sp.eos_id() >= 0 else eos

@@ -12,11 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfree_jax import attention as attn_lib
-from mmfree_jax import bitlinear_lean
-from mmfree_jax import quant
-from mmfree_jax import recurrence
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.ops import attention as attn_lib
+from mmfree_jax.ops import bitlinear, mlgru, quant, recurrence
 
 Initializer = nnx.initializers.Initializer
 
@@ -30,7 +28,7 @@ def xavier_uniform_init(gain: float) -> Initializer:
   return nnx.initializers.variance_scaling(gain**2, "fan_avg", "uniform")
 
 
-def _param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
+def param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
   key = rngs.params() if rngs is not None else jax.random.key(0)
   # eager_sharding=False: params are placed by the trainer (jit out_shardings), so building a
   # model needs no mesh (notebooks, eval_shape, tests).
@@ -43,14 +41,14 @@ class RMSNorm(nnx.Module):
   def __init__(self, dim: int, *, eps: float, axis: str = "embed",
                param_dtype=jnp.float32):
     self.eps = eps
-    self.scale = _param(None, nnx.initializers.ones, (dim,), param_dtype, (axis,))
+    self.scale = param(None, nnx.initializers.ones, (dim,), param_dtype, (axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return quant.rms_norm(x, self.scale[...], self.eps)
 
 
 class BitLinear(nnx.Module):
-  """RMSNorm + int8 activations + ternary weights, no bias (DESIGN.md §1).
+  """RMSNorm + int8 activations + ternary weights, no bias (docs/architecture.md §1).
 
   Params: `kernel [in, out]` (latent full precision), `norm_scale [in]`.
   `[..., in]` → `[..., out]` in the compute dtype. `impl` picks the backward:
@@ -61,16 +59,16 @@ class BitLinear(nnx.Module):
                kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
                eps: float = quant.BITLINEAR_NORM_EPS, impl: str = "autodiff",
                rngs: nnx.Rngs):
-    bitlinear_lean.get_bitlinear(impl)  # fails early on an unknown impl
+    bitlinear.get_bitlinear(impl)  # fails early on an unknown impl
     self.eps = eps
     self.dtype = dtype
     self.impl = impl
-    self.kernel = _param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
-    self.norm_scale = _param(None, nnx.initializers.ones, (in_features,), param_dtype,
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
+    self.norm_scale = param(None, nnx.initializers.ones, (in_features,), param_dtype,
                              (axes[0],))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    fn = bitlinear_lean.get_bitlinear(self.impl)
+    fn = bitlinear.get_bitlinear(self.impl)
     return fn(x, self.kernel[...], self.norm_scale[...], eps=self.eps, dtype=self.dtype)
 
 
@@ -81,7 +79,7 @@ class Dense(nnx.Module):
                kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.dtype = dtype
-    self.kernel = _param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
+    self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return jnp.matmul(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -115,17 +113,13 @@ class MLGRU(nnx.Module):
       initial_state: `[batch, d_in]` fp32 or None.
       reset: `[batch, seq]` bool, True where a new document starts (forget gate set to 0).
     """
-    acc = jnp.promote_types(self.cfg.compute_dtype, jnp.float32)
-    f = jax.nn.sigmoid(self.f_proj(x).astype(acc))
-    lb = lower_bound.astype(acc)
-    f = lb + (1.0 - lb) * f
-    i = jax.nn.silu(self.i_proj(x).astype(acc)) * (1.0 - f)
+    f, i = mlgru.gates(self.f_proj(x), self.i_proj(x), lower_bound)
     if reset is not None:
       f = jnp.where(reset[..., None], 0.0, f)
     h, h_last = recurrence.linear_recurrence(
         f, i, initial_state, scan_type=self.cfg.scan_type, chunk_size=self.cfg.chunk_size)
-    g = self.g_norm(self.g_proj(x).astype(acc))
-    o = g * h * jax.nn.sigmoid(h)  # FusedRMSNormSwishGate(x=g, o=h)
+    g = self.g_norm(self.g_proj(x).astype(f.dtype))
+    o = mlgru.output(g, h)
     return self.o_proj(o.astype(self.cfg.compute_dtype)), h_last
 
 

@@ -10,9 +10,9 @@ import jax
 import ml_collections
 from flax import nnx
 
-from mmfree_jax import checkpoint as ckpt_lib
 from mmfree_jax import config as config_lib
-from mmfree_jax.model import abstract_model
+from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.nn.model import abstract_model
 
 
 def config_from_dict(values: dict) -> ml_collections.ConfigDict:

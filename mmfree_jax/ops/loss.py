@@ -1,9 +1,18 @@
-"""Next-token cross-entropy with an optional z-loss, in fp32, as sums (exact accumulation)."""
+"""Next-token cross-entropy with an optional z-loss, in fp32, as sums (exact accumulation), and
+perplexity from a mean loss."""
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+
+from mmfree_jax.ops.dtypes import acc_dtype
+
+# exp(700) is near float64's largest finite value: a diverged loss reports a huge, finite
+# perplexity rather than inf.
+PERPLEXITY_LOG_CAP = 700.0
 
 
 def split_window(tokens: jax.Array, segment_ids: jax.Array):
@@ -28,10 +37,15 @@ def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
   Returns:
     (sum of NLL, sum of z-loss terms, number of counted tokens), fp32 scalars.
   """
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+  logits = logits.astype(acc_dtype(logits.dtype))
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   weights = mask.astype(logits.dtype)
   nll = jnp.sum((log_z - target_logits) * weights)
   z = jnp.sum(z_loss * jnp.square(log_z) * weights)
   return nll, z, jnp.sum(weights)
+
+
+def perplexity(mean_nll: float) -> float:
+  """`exp(mean NLL in nats)` as a Python float, capped at `exp(PERPLEXITY_LOG_CAP)`."""
+  return float(math.exp(min(float(mean_nll), PERPLEXITY_LOG_CAP)))

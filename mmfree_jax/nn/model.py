@@ -17,9 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmfree_jax import layers
-from mmfree_jax.config import ModelConfig
-from mmfree_jax.sharding import constrain
+from mmfree_jax.config import REMAT_POLICIES, ModelConfig
+from mmfree_jax.nn import layers
+from mmfree_jax.ops import mlgru
+from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.parallel.sharding import constrain
 
 
 class RecurrentState(NamedTuple):
@@ -35,11 +37,6 @@ class KVCache(NamedTuple):
   index: jax.Array
 
 
-_REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def check_token_ids(tokens, vocab_size: int) -> None:
@@ -70,7 +67,7 @@ def positions_in_document(segment_ids: jax.Array) -> jax.Array:
   return steps - starts
 
 
-def _stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+def stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
                   rngs: nnx.Rngs) -> nnx.Module:
   """Builds `num_layers` blocks whose params carry a leading 'layers' axis."""
 
@@ -81,7 +78,7 @@ def _stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
   return make(jax.random.split(rngs.params(), num_layers))
 
 
-def _scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer, body, remat: str):
+def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer, body, remat: str):
   """Runs `body(block, x, per_layer_slice) -> (x, out)` over the stacked blocks with lax.scan.
 
   Returns the final x and the per-layer outputs stacked on a leading axis.
@@ -92,8 +89,8 @@ def _scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer, body, remat: str):
     block_params, layer_inputs = xs
     return body(nnx.merge(graphdef, block_params), x, layer_inputs)
 
-  if remat != "none":
-    step = jax.checkpoint(step, policy=_REMAT_POLICIES[remat], prevent_cse=False)
+  if REMAT_POLICIES[remat] is not None:
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
   return jax.lax.scan(step, x, (params, per_layer))
 
 
@@ -141,12 +138,12 @@ class MatMulFreeLM(_LMBase):
       raise ValueError(f"MatMulFreeLM needs model.kind='mmfree'; got {cfg.kind!r}")
     self.cfg = cfg
     d, dtype = cfg.d_model, cfg.weight_dtype
-    self.embedding = layers._param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
+    self.embedding = layers.param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
                                    ("vocab", "embed"))
     if cfg.use_lower_bound:
-      self.lower_bounds = layers._param(None, nnx.initializers.zeros, (cfg.num_layers, d),
+      self.lower_bounds = layers.param(None, nnx.initializers.zeros, (cfg.num_layers, d),
                                         dtype, ("layers", "embed"))
-    self.blocks = _stack_blocks(lambda r: MatMulFreeBlock(cfg, rngs=r), cfg.num_layers, rngs)
+    self.blocks = stack_blocks(lambda r: MatMulFreeBlock(cfg, rngs=r), cfg.num_layers, rngs)
     self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
     self.lm_head = layers.BitLinear(d, cfg.vocab_size, axes=("embed", "vocab"),
                                     kernel_init=layers.normal_init(0.02),
@@ -157,17 +154,15 @@ class MatMulFreeLM(_LMBase):
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
     - p[0]` (layer 0 gets 0)."""
     cfg = self.cfg
-    acc = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # as the MLGRU gates; f64 stays f64
     if not cfg.use_lower_bound:
-      return jnp.zeros((cfg.num_layers, cfg.d_model), acc)
-    p = jax.nn.softmax(self.lower_bounds[...].astype(acc), axis=0)
-    return jnp.cumsum(p, axis=0) - p[0]
+      return jnp.zeros((cfg.num_layers, cfg.d_model), acc_dtype(cfg.compute_dtype))
+    return mlgru.layer_lower_bounds(self.lower_bounds[...], cfg.compute_dtype)
 
   def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
     """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""
     del max_len
     return RecurrentState(jnp.zeros((self.cfg.num_layers, batch, self.cfg.d_model),
-                                    jnp.promote_types(self.cfg.compute_dtype, jnp.float32)))
+                                    acc_dtype(self.cfg.compute_dtype)))
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
@@ -191,7 +186,7 @@ class MatMulFreeLM(_LMBase):
       return block(x, lower_bound, initial_state=h0, reset=reset)
 
     h0 = None if state is None else state.h
-    x, h_last = _scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
+    x, h_last = scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
                              self.cfg.remat)
     logits = self.lm_head(self.final_norm(x))
     return constrain(logits, ("batch", "seq", "vocab")), RecurrentState(h_last)
@@ -224,9 +219,9 @@ class TransformerLM(_LMBase):
       raise ValueError(f"TransformerLM needs model.kind='transformer'; got {cfg.kind!r}")
     self.cfg = cfg
     d, dtype = cfg.d_model, cfg.weight_dtype
-    self.embedding = layers._param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
+    self.embedding = layers.param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
                                    ("vocab", "embed"))
-    self.blocks = _stack_blocks(lambda r: TransformerBlock(cfg, rngs=r), cfg.num_layers, rngs)
+    self.blocks = stack_blocks(lambda r: TransformerBlock(cfg, rngs=r), cfg.num_layers, rngs)
     self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
     self.lm_head = layers.Dense(d, cfg.vocab_size, axes=("embed", "vocab"),
                                 kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
@@ -260,7 +255,7 @@ class TransformerLM(_LMBase):
                    cache_index=cache_index)
 
     layer_caches = None if state is None else (state.k, state.v)
-    x, new_caches = _scan_blocks(self.blocks, x, layer_caches, body, self.cfg.remat)
+    x, new_caches = scan_blocks(self.blocks, x, layer_caches, body, self.cfg.remat)
     logits = self.lm_head(self.final_norm(x))
     new_state = None
     if state is not None:

@@ -2,7 +2,7 @@
 
 lm-eval is an OPTIONAL dependency (`pip install lm-eval`); only this module imports it.
 
-  from mmfree_jax.lm_eval_adapter import MMFreeLM
+  from mmfree_jax.eval.lm_eval_adapter import MMFreeLM
   import lm_eval
   lm = MMFreeLM(workdir="/tmp/tiny")                 # or MMFreeLM(model=m, tokenizer=tok)
   out = lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"], limit=100)
@@ -11,7 +11,7 @@ Importing this module also registers the model name `mmfree_jax` with the harnes
 `lm_eval.simple_evaluate(model="mmfree_jax", model_args="workdir=/tmp/tiny,step=400", ...)`
 works from Python once the module is imported.
 
-The three request types map onto `mmfree_jax.evaluation` / `mmfree_jax.generate`:
+The three request types map onto `mmfree_jax.eval` / `mmfree_jax.generate`:
 - `loglikelihood`: `score_continuations` (lm-eval's context/continuation token split; the
   MatMul-free LM prefills each distinct context once and reuses its state for every
   continuation, the Transformer++ recomputes);
@@ -30,11 +30,12 @@ try:
   from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
   raise ImportError(
-      "mmfree_jax.lm_eval_adapter needs lm-eval-harness, an optional dependency: "
+      "mmfree_jax.eval.lm_eval_adapter needs lm-eval-harness, an optional dependency: "
       "pip install lm-eval") from e
 
-from mmfree_jax import evaluation
 from mmfree_jax import generate as generate_lib
+from mmfree_jax.data.tokenizer import document_start, prefix_token
+from mmfree_jax.eval import multiple_choice, perplexity, runner, scoring
 
 log = logging.getLogger("mmfree_jax")
 
@@ -48,7 +49,7 @@ class MMFreeLM(LM):
   """A MatMul-free LM or Transformer++ behind lm-eval's `LM` interface.
 
   Args:
-    workdir, step, config: load the checkpoint (`evaluation.load_for_eval`); or
+    workdir, step, config: load the checkpoint (`runner.load_for_eval`); or
     model, tokenizer: an in-memory model and tokenizer (`mmfree_jax.data.Tokenizer`-like).
     batch_size: rows per forward ("auto" = 16).
     max_length: Transformer++ context window (default: the workdir's data.seq_len, else
@@ -68,8 +69,8 @@ class MMFreeLM(LM):
       raise ValueError("MMFreeLM needs either workdir=... or model=... and tokenizer=...")
     seq_len = None
     if workdir is not None:
-      model, cfg, step = evaluation.load_for_eval(workdir, _int_or_none(step), config)
-      tokenizer = tokenizer or evaluation.load_tokenizer_for(cfg, model.cfg)
+      model, cfg, step = runner.load_for_eval(workdir, _int_or_none(step), config)
+      tokenizer = tokenizer or runner.load_tokenizer_for(cfg, model.cfg)
       seq_len = int(cfg.data.seq_len)
     elif tokenizer is None:
       raise ValueError("MMFreeLM(model=...) also needs tokenizer=...")
@@ -84,7 +85,7 @@ class MMFreeLM(LM):
   def _score(self, pairs):
     """`(ll, is_greedy)` per (context ids, continuation ids); an empty continuation is 0."""
     scorable = [k for k, (_, cont) in enumerate(pairs) if cont]
-    scored = evaluation.score_continuations(
+    scored = scoring.score_continuations(
         self.model, [pairs[k] for k in scorable], batch_size=self.batch_size,
         max_len=self.max_length, chunk_len=self.chunk_len)
     out = [(0.0, True)] * len(pairs)
@@ -94,7 +95,7 @@ class MMFreeLM(LM):
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     args = [req.args for req in requests]
-    pairs = [evaluation.encode_pair(self.tokenizer, context, continuation)
+    pairs = [multiple_choice.encode_pair(self.tokenizer, context, continuation)
              for context, continuation in args]
     out = self._score(pairs)
     for (context, continuation), result in zip(args, out):
@@ -102,10 +103,10 @@ class MMFreeLM(LM):
     return out
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-    prefix = evaluation.prefix_token(self.tokenizer)
+    prefix = prefix_token(self.tokenizer)
     pairs, owner = [], []
     for k, req in enumerate(requests):
-      windows = evaluation.rolling_requests(self.tokenizer.encode(req.args[0]), prefix,
+      windows = perplexity.rolling_requests(self.tokenizer.encode(req.args[0]), prefix,
                                             self.max_length)
       pairs += windows
       owner += [k] * len(windows)
@@ -134,8 +135,8 @@ class MMFreeLM(LM):
     for req in requests:
       context, gen_kwargs = req.args
       cfg, until = self._sampling(gen_kwargs)
-      ids = (evaluation.document_start(self.tokenizer) + self.tokenizer.encode(context)
-             if context else [evaluation.prefix_token(self.tokenizer)])
+      ids = (document_start(self.tokenizer) + self.tokenizer.encode(context)
+             if context else [prefix_token(self.tokenizer)])
       if self.max_length is not None:  # Transformer++: keep the newest tokens that fit
         ids = ids[-max(self.max_length - cfg.max_new_tokens, 1):]
       new = generate_lib.generate(self.model, [ids], cfg, seed=self.seed)[0].tolist()

@@ -1,4 +1,4 @@
-"""The gated linear recurrence `h_t = f_t * h_{t-1} + i_t` of the MLGRU (DESIGN.md §1).
+"""The gated linear recurrence `h_t = f_t * h_{t-1} + i_t` of the MLGRU (docs/architecture.md §1).
 
 Every implementation takes `f, i: [batch, seq, dim]` and an optional `initial_state:
 [batch, dim]`, accumulates in fp32 (f64 when the inputs are f64), and returns
@@ -22,11 +22,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-SCAN_TYPES = ("sequential", "associative", "chunked", "sequential_custom_vjp")
-
-
-def _accumulation_dtype(dtype) -> jnp.dtype:
-  return jnp.promote_types(dtype, jnp.float32)  # fp32 carry always; f64 stays f64
+from mmfree_jax.ops.dtypes import acc_dtype
 
 
 def _prepare(f, i, initial_state):
@@ -34,7 +30,7 @@ def _prepare(f, i, initial_state):
     raise ValueError(
         f"recurrence expects f and i of the same shape [batch, seq, dim]; got f{f.shape} "
         f"and i{i.shape}")
-  acc = _accumulation_dtype(f.dtype)
+  acc = acc_dtype(f.dtype)
   batch, _, dim = f.shape
   if initial_state is None:
     h0 = jnp.zeros((batch, dim), acc)
@@ -151,19 +147,24 @@ def sequential_custom_vjp(f, i, initial_state=None):
   return h.astype(out_dtype), h_last
 
 
+# The `model.scan_type` registry: name -> `fn(f, i, initial_state=None, *, chunk_size)`.
+# The config validation and `get_recurrence` both read it.
+SCAN_TYPES: dict[str, Callable] = {
+    "sequential": lambda f, i, h0=None, *, chunk_size: sequential(f, i, h0),
+    "associative": lambda f, i, h0=None, *, chunk_size: associative(f, i, h0),
+    "chunked": chunked,
+    "sequential_custom_vjp": lambda f, i, h0=None, *, chunk_size: sequential_custom_vjp(f, i, h0),
+}
+
+
 def get_recurrence(scan_type: str, chunk_size: int = 64) -> Callable:
   """Returns `fn(f, i, initial_state=None) -> (h, final_state)` for a `scan_type` name."""
-  if scan_type == "sequential":
-    return sequential
-  if scan_type == "associative":
-    return associative
-  if scan_type == "chunked":
-    return functools.partial(chunked, chunk_size=chunk_size)
-  if scan_type == "sequential_custom_vjp":
-    return sequential_custom_vjp
-  raise ValueError(
-      f"unknown scan_type {scan_type!r}; choose one of {SCAN_TYPES} (model.scan_type in the "
-      "config)")
+  try:
+    impl = SCAN_TYPES[scan_type]
+  except KeyError:
+    raise ValueError(f"unknown scan_type {scan_type!r}; choose one of {tuple(SCAN_TYPES)} "
+                     "(model.scan_type in the config)") from None
+  return functools.partial(impl, chunk_size=chunk_size)
 
 
 def linear_recurrence(f, i, initial_state=None, *, scan_type: str = "sequential",

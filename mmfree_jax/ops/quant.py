@@ -1,7 +1,7 @@
 """Ternary weight and int8 activation quantization with a straight-through estimator.
 
 Pure functions only; `layers.BitLinear` wraps parameters around `bitlinear`.
-The formulas are DESIGN.md §1 (they follow the reference's fused kernels):
+The formulas are docs/architecture.md §1 (they follow the reference's fused kernels):
 
     xn = rmsnorm(x) * gamma                       eps 1e-6, statistics in fp32
     sx = 127 / max(max|xn|, 1e-5)                 per token
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from mmfree_jax.ops.dtypes import acc_dtype
 
 BITLINEAR_NORM_EPS = 1e-6
 ACT_SCALE_FLOOR = 1e-5
@@ -37,6 +39,11 @@ def round_half_away_from_zero(x: jax.Array) -> jax.Array:
   return jnp.where(is_tie, truncated + jnp.sign(x), jnp.round(x))
 
 
+def rms_factor(x: jax.Array, eps: float) -> jax.Array:
+  """`rsqrt(mean(x^2) + eps)` over the last axis, `[..., 1]` in x's dtype (pass fp32/f64)."""
+  return jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
   """RMSNorm over the last axis; statistics in fp32 (or f64), result in x's dtype.
 
@@ -45,9 +52,9 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
     scale: `[d]` or None (no scale).
     eps: added to the mean square.
   """
-  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)  # never accumulate in bf16
+  stat_dtype = acc_dtype(x.dtype)
   xf = x.astype(stat_dtype)
-  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  y = xf * rms_factor(xf, eps)
   if scale is not None:
     y = y * scale.astype(stat_dtype)
   return y.astype(x.dtype)
@@ -55,7 +62,7 @@ def rms_norm(x: jax.Array, scale: jax.Array | None, eps: float) -> jax.Array:
 
 def activation_scale(x: jax.Array) -> jax.Array:
   """Per-token int8 absmax scale `127 / max(max|x|, 1e-5)`, `[..., 1]` in fp32 (or f64)."""
-  stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+  stat_dtype = acc_dtype(x.dtype)
   amax = jnp.max(jnp.abs(x.astype(stat_dtype)), axis=-1, keepdims=True)
   return ACT_QMAX / jnp.maximum(amax, ACT_SCALE_FLOOR)
 
@@ -81,8 +88,12 @@ def fake_quantize_activations(x: jax.Array) -> jax.Array:
 
 def weight_scale(w: jax.Array) -> jax.Array:
   """Per-tensor ternary scale `1 / max(mean|W|, 1e-5)`, a 0-d fp32 (or f64) array."""
-  stat_dtype = jnp.promote_types(w.dtype, jnp.float32)
-  return 1.0 / jnp.maximum(jnp.mean(jnp.abs(w.astype(stat_dtype))), WEIGHT_SCALE_FLOOR)
+  return 1.0 / weight_mean_abs(w)
+
+
+def weight_mean_abs(w: jax.Array) -> jax.Array:
+  """`max(mean|W|, 1e-5)`, 0-d fp32 (or f64): the value of a ternary code 1."""
+  return jnp.maximum(jnp.mean(jnp.abs(w.astype(acc_dtype(w.dtype)))), WEIGHT_SCALE_FLOOR)
 
 
 def quantize_weights_ternary(w: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -109,6 +120,42 @@ def straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
   return x + jax.lax.stop_gradient(quantized - x)
 
 
+def bitlinear_input(x: jax.Array, norm_scale: jax.Array, eps: float):
+  """The BitLinear input path: RMSNorm in fp32, then per-token int8 absmax.
+
+  Args:
+    x: `[..., d_in]` any float dtype.
+    norm_scale: `[d_in]` RMSNorm gamma.
+  Returns:
+    `(xn, codes, sx)`: the normalized input `[..., d_in]` fp32 (f64 under x64), its int8 codes
+    `[..., d_in]` and per-token scale `[..., 1]` fp32, with `xn ≈ codes / sx`.
+  """
+  xn = rms_norm(x.astype(acc_dtype(x.dtype)), norm_scale, eps)
+  codes, sx = quantize_activations_int8(xn)
+  return xn, codes, sx
+
+
+def bitlinear_fake_quant(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, eps: float,
+                         dtype) -> tuple[jax.Array, tuple]:
+  """The one BitLinear forward with de-quantized operands and STE (every float impl runs it).
+
+  Returns `y [..., d_out]` in `dtype` and `(xn, codes_x, sx)` for custom backwards.
+  """
+  xn, codes_x, sx = bitlinear_input(x, norm_scale, eps)
+  xq = straight_through(xn, (codes_x.astype(sx.dtype) / sx).astype(xn.dtype))
+  wq = straight_through(kernel, fake_quantize_weights(kernel))
+  # The matmul runs in the compute dtype (bf16 on accelerators), as the reference does.
+  y = jnp.matmul(xq.astype(dtype), wq.astype(dtype))
+  return y, (xn, codes_x, sx)
+
+
+def integer_output(acc: jax.Array, w_mean_abs: jax.Array, sx: jax.Array, dtype) -> jax.Array:
+  """`y = (x_codes @ w_codes) * mean|W| / sx`: a BitLinear output from its exact integer
+  accumulator `acc [..., d_out]`, in `dtype` (the integer and packed paths)."""
+  stat = sx.dtype
+  return (acc.astype(stat) * w_mean_abs.astype(stat) / sx).astype(dtype)
+
+
 def bitlinear(
     x: jax.Array,
     kernel: jax.Array,
@@ -132,12 +179,7 @@ def bitlinear(
     `[..., d_out]` in the compute dtype.
   """
   dtype = dtype or x.dtype
-  # Norm and quantization in fp32 (f64 under x64); only the matmul runs in the compute dtype.
-  xn = rms_norm(x.astype(jnp.promote_types(x.dtype, jnp.float32)), norm_scale, eps)
   if quantize:
-    xq = straight_through(xn, fake_quantize_activations(xn))
-    wq = straight_through(kernel, fake_quantize_weights(kernel))
-  else:
-    xq, wq = xn, kernel
-  # The matmul runs in the compute dtype (bf16 on accelerators), as the reference does.
-  return jnp.matmul(xq.astype(dtype), wq.astype(dtype))
+    return bitlinear_fake_quant(x, kernel, norm_scale, eps, dtype)[0]
+  xn = rms_norm(x.astype(acc_dtype(x.dtype)), norm_scale, eps)
+  return jnp.matmul(xn.astype(dtype), kernel.astype(dtype))

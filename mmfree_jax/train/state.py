@@ -15,9 +15,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mmfree_jax import sharding
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.model import abstract_model, build_model
+from mmfree_jax.nn.model import abstract_model, build_model
+from mmfree_jax.parallel import sharding
 
 
 class TrainState(NamedTuple):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mmfree_jax.ops.dtypes import acc_dtype
+
 
 def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Array:
   """Rotary position embedding, LLaMA's rotate-half layout.
@@ -16,7 +18,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
     x rotated, same shape and dtype.
   """
   half = x.shape[-1] // 2
-  acc = jnp.promote_types(x.dtype, jnp.float32)  # fp32 angles (f64 under a float64 config)
+  acc = acc_dtype(x.dtype)  # fp32 angles (f64 under a float64 config)
   inv_freq = theta ** (-jnp.arange(half, dtype=acc) * 2.0 / x.shape[-1])
   angles = positions.astype(acc)[..., None] * inv_freq  # [B, T, half]
   sin = jnp.sin(angles)[:, :, None, :]
@@ -53,7 +55,7 @@ def dot_product_attention(q, k, v, mask) -> jax.Array:
   Returns:
     `[batch, q_len, heads, head_dim]` in q's dtype.
   """
-  acc = jnp.promote_types(q.dtype, jnp.float32)
+  acc = acc_dtype(q.dtype)
   logits = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=acc)
   logits = logits / jnp.sqrt(jnp.asarray(q.shape[-1], acc))
   logits = jnp.where(mask[:, None], logits, jnp.finfo(acc).min)

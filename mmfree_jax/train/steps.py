@@ -8,8 +8,8 @@ optimizer update, so k microbatches equal one batch k times larger.
 
 from __future__ import annotations
 
-from typing import Callable
 import contextlib
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -17,10 +17,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mmfree_jax import loss as loss_lib
-from mmfree_jax import sharding
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.train_state import TrainState
+from mmfree_jax.ops import loss as loss_lib
+from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.parallel import sharding
+from mmfree_jax.train.state import TrainState
 
 
 def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float):
@@ -62,7 +63,7 @@ def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation
   def train_step(state: TrainState, batch: dict):
     ctx = sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
     with ctx:
-      acc = jnp.promote_types(cfg.compute_dtype, jnp.float32)  # fp32 (f64 under x64)
+      acc = acc_dtype(cfg.compute_dtype)  # fp32 (f64 under x64)
       total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(acc)
       if microbatches == 1:
         (_, (nll, z, _)), grads = grad_fn(state.params, batch, total_tokens)

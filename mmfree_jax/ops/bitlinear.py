@@ -1,5 +1,8 @@
-"""Memory-lean BitLinear: the same forward and STE gradients as `quant.bitlinear`, with a
-hand-written backward that keeps only what it needs.
+"""BitLinear implementations: the `model.bitlinear_impl` registry (`BITLINEAR_IMPLS`).
+
+  autodiff  `quant.bitlinear` differentiated by JAX
+  lean      the same forward and STE gradients, with a hand-written backward that keeps only
+            what it needs (below)
 
 `quant.bitlinear` differentiated by autodiff keeps, per layer, the fp32 de-quantized
 activations `xq [..., in]` (for dW), the fp32 de-quantized weights `wq [in, out]` (for dx)
@@ -9,11 +12,11 @@ and the RMSNorm intermediates. This `jax.custom_vjp` keeps instead:
                          MLGRU's i/f/g projections share one)
     r        [..., 1]    the RMSNorm factor rsqrt(mean(x^2) + eps), fp32
     codes_x  [..., in]   int8 activation codes, and their scale sx [..., 1] fp32
-    sw       []          the ternary weight scale; the codes are recomputed from the kernel,
+    (kernel)             the ternary codes and their scale are recomputed from the kernel,
                          a parameter that is alive anyway (inside the scan over layers JAX
                          forwards the per-layer kernel slice instead of stacking a copy)
 
-Backward (DESIGN.md §1, straight-through estimator, no gradient through sx or sw):
+Backward (docs/architecture.md §1.1, straight-through estimator, no gradient through sx or sw):
 
     xq = codes_x / sx,  wq = clip(round_even(W sw), -1, 1) / sw
     dW = xq^T · dy,     d(xn) = dy · wq^T
@@ -34,27 +37,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax import quant
-
-BITLINEAR_IMPLS = ("autodiff", "lean")
-
-
-def _stat_dtype(dtype):
-  return jnp.promote_types(dtype, jnp.float32)  # norm statistics and scales: fp32 (f64 stays)
+from mmfree_jax.ops import quant
+from mmfree_jax.ops.dtypes import acc_dtype
 
 
 def _forward(x, kernel, norm_scale, eps, dtype):
-  stat = _stat_dtype(x.dtype)
-  xf = x.astype(stat)  # upcast as quant.bitlinear does
-  r = jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
-  xn = quant.rms_norm(xf, norm_scale, eps)  # the same expression as r above (CSE'd by XLA)
-  codes_x, sx = quant.quantize_activations_int8(xn)
-  xq = quant.straight_through(xn, (codes_x.astype(sx.dtype) / sx).astype(xn.dtype))
-  codes_w, sw = quant.quantize_weights_ternary(kernel)
-  wq = quant.straight_through(kernel, (codes_w.astype(sw.dtype) / sw).astype(kernel.dtype))
-  # The matmul runs in the compute dtype (bf16 on accelerators), as in quant.bitlinear.
-  y = jnp.matmul(xq.astype(dtype), wq.astype(dtype))
-  return y, (x, r, codes_x, sx, kernel, sw, norm_scale)
+  y, (_, codes_x, sx) = quant.bitlinear_fake_quant(x, kernel, norm_scale, eps, dtype)
+  r = quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)  # CSE'd with the norm's by XLA
+  return y, (x, r, codes_x, sx, kernel, norm_scale)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -68,13 +58,12 @@ def _bitlinear_lean_fwd(x, kernel, norm_scale, eps, dtype):
 
 def _bitlinear_lean_bwd(eps, dtype, residuals, dy):
   del eps  # r was saved
-  x, r, codes_x, sx, kernel, sw, norm_scale = residuals
-  stat = _stat_dtype(x.dtype)
+  x, r, codes_x, sx, kernel, norm_scale = residuals
+  stat = acc_dtype(x.dtype)
   d_in, d_out = kernel.shape
   # Re-materialize the de-quantized operands (STE: the quantizers are the identity).
   xq = (codes_x.astype(stat) / sx).astype(dtype).reshape(-1, d_in)             # [N, in]
-  codes_w = jnp.clip(jnp.round(kernel.astype(sw.dtype) * sw), -1.0, 1.0)       # half-even
-  wq = (codes_w / sw).astype(kernel.dtype).astype(dtype)                       # [in, out]
+  wq = quant.fake_quantize_weights(kernel).astype(dtype)                       # [in, out]
   dy2 = dy.astype(dtype).reshape(-1, d_out)                                    # [N, out]
   d_kernel = jnp.matmul(xq.T, dy2).astype(kernel.dtype)                        # xq^T dy
   dxn = jnp.matmul(dy2, wq.T).astype(stat).reshape(x.shape)                    # dy wq^T
@@ -112,11 +101,18 @@ def bitlinear_lean(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   return _bitlinear_lean(x, kernel, norm_scale, float(eps), dtype)
 
 
+# The `model.bitlinear_impl` registry: name -> `fn(x, kernel, norm_scale, *, eps, dtype)`.
+# The config validation and `get_bitlinear` both read it.
+BITLINEAR_IMPLS: dict[str, Callable] = {
+    "autodiff": quant.bitlinear,
+    "lean": bitlinear_lean,
+}
+
+
 def get_bitlinear(impl: str) -> Callable:
   """`fn(x, kernel, norm_scale, *, eps, dtype)` for `model.bitlinear_impl`."""
-  if impl == "autodiff":
-    return quant.bitlinear
-  if impl == "lean":
-    return bitlinear_lean
-  raise ValueError(f"unknown bitlinear_impl {impl!r}; choose one of {BITLINEAR_IMPLS} "
-                   "(model.bitlinear_impl in the config)")
+  try:
+    return BITLINEAR_IMPLS[impl]
+  except KeyError:
+    raise ValueError(f"unknown bitlinear_impl {impl!r}; choose one of "
+                     f"{tuple(BITLINEAR_IMPLS)} (model.bitlinear_impl in the config)") from None

@@ -59,7 +59,7 @@ class MetricsWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
       try:
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # optional: metrics.jsonl works without it
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       except ImportError:  # TensorBoard output is optional
         self._tb = None

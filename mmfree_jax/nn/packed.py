@@ -1,7 +1,7 @@
 """Inference export of a MatMul-free LM with packed ternary weights, and its decode step.
 
 `export_packed(model, fmt)` quantizes every BitLinear kernel of a trained `MatMulFreeLM`
-once (DESIGN.md §1: codes = clip(round_even(W / mean|W|), -1, 1), scale = mean|W| with the
+once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), scale = mean|W| with the
 1e-5 floor) and stores the codes as
 
     '2bit'      4 codes per byte (2 bits/weight)        } packing.pack_ternary, unpacked on
@@ -26,12 +26,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax import packing, quant
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.model import MatMulFreeLM, RecurrentState
+from mmfree_jax.nn.model import MatMulFreeLM, RecurrentState
+from mmfree_jax.ops import mlgru, quant
+from mmfree_jax.ops import ternary_packing as packing
+from mmfree_jax.ops.dtypes import acc_dtype
 
-FORMATS = ("2bit", "base3", "int8", "float32", "bfloat16")
-_FLOAT_FORMATS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# The packed-format registry: name -> how the ternary codes are stored (PACKED = bit-packed by
+# `ternary_packing`, else that dtype). Export, loading and decode all read it.
+PACKED = "packed"
+FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
+           "bfloat16": jnp.bfloat16}
 
 
 class PackedLinear(NamedTuple):
@@ -80,14 +85,11 @@ class PackedSpec:
 def _pack_kernel(kernel: jax.Array, fmt: str) -> PackedLinear:
   """`kernel [in, out]` → codes in `fmt` and the scale mean|W| (floored)."""
   codes, _ = quant.quantize_weights_ternary(kernel)
-  stat = jnp.promote_types(kernel.dtype, jnp.float32)  # fp32 (f64 under x64), as quant
-  scale = jnp.maximum(jnp.mean(jnp.abs(kernel.astype(stat))), quant.WEIGHT_SCALE_FLOOR)
-  if fmt in packing.FORMATS:
+  scale = quant.weight_mean_abs(kernel)
+  if FORMATS[fmt] == PACKED:
     w = packing.pack_ternary(codes, fmt, axis=0)
-  elif fmt == "int8":
-    w = codes
   else:
-    w = codes.astype(_FLOAT_FORMATS[fmt])
+    w = codes.astype(FORMATS[fmt])
   return w, scale
 
 
@@ -109,7 +111,7 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit",
   if not isinstance(model, MatMulFreeLM):
     raise TypeError(f"export_packed needs a MatMulFreeLM; got {type(model).__name__}")
   if fmt not in FORMATS:
-    raise ValueError(f"unknown packed format {fmt!r}; choose one of {FORMATS}")
+    raise ValueError(f"unknown packed format {fmt!r}; choose one of {tuple(FORMATS)}")
   if method not in packing.MATVEC_METHODS:
     raise ValueError(f"unknown matvec method {method!r}; choose one of "
                      f"{packing.MATVEC_METHODS}")
@@ -139,7 +141,7 @@ def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) ->
 
 def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int) -> jax.Array:
   """Exact `x_codes @ w_codes` (integers), `[batch, in]` int8 → `[batch, out]`."""
-  if spec.fmt in packing.FORMATS:
+  if FORMATS[spec.fmt] == PACKED:
     return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method)
   if spec.fmt == "int8":
     return jax.lax.dot(x_codes, w, preferred_element_type=jnp.int32)
@@ -149,28 +151,21 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int) -> ja
 
 def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec) -> jax.Array:
   """BitLinear on stored codes: `[batch, in]` → `[batch, out]` in the compute dtype."""
-  cfg = spec.cfg
-  stat = jnp.promote_types(x.dtype, jnp.float32)  # norm statistics and scales in fp32 (f64)
-  xn = quant.rms_norm(x.astype(stat), p.norm_scale, quant.BITLINEAR_NORM_EPS)
-  codes, sx = quant.quantize_activations_int8(xn)  # int8 codes, per-row scale
+  _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
   acc = _matvec(codes, p.w, spec, x.shape[-1])
-  y = acc.astype(stat) * p.scale.astype(stat) / sx
-  return y.astype(cfg.compute_dtype)
+  return quant.integer_output(acc, p.scale, sx, spec.cfg.compute_dtype)
 
 
 def _block(x, h, layer: PackedBlock, spec: PackedSpec):
   """One MLGRU + GLU block for one token: `x [B, d]`, `h [B, d]` fp32 → (x, h)."""
   cfg = spec.cfg
-  acc = jnp.promote_types(cfg.compute_dtype, jnp.float32)
   a = quant.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-  f = jax.nn.sigmoid(_bitlinear(layer.f_proj, a, spec).astype(acc))
-  lb = layer.lower_bound.astype(acc)
-  f = lb + (1.0 - lb) * f
-  i = jax.nn.silu(_bitlinear(layer.i_proj, a, spec).astype(acc)) * (1.0 - f)
+  f, i = mlgru.gates(_bitlinear(layer.f_proj, a, spec), _bitlinear(layer.i_proj, a, spec),
+                     layer.lower_bound)
   h = f * h + i  # the recurrence, one step, fp32 state
-  g = quant.rms_norm(_bitlinear(layer.g_proj, a, spec).astype(acc), layer.g_norm,
+  g = quant.rms_norm(_bitlinear(layer.g_proj, a, spec).astype(f.dtype), layer.g_norm,
                      cfg.rms_norm_eps)
-  o = g * h * jax.nn.sigmoid(h)
+  o = mlgru.output(g, h)
   x = x + _bitlinear(layer.o_proj, o.astype(cfg.compute_dtype), spec)
   m = quant.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
   gate, up = jnp.split(_bitlinear(layer.gate_proj, m, spec), 2, axis=-1)
@@ -182,7 +177,7 @@ def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
   """Zero state `[layers, batch, d]` fp32, as `MatMulFreeLM.init_state`."""
   cfg = spec.cfg
   return RecurrentState(jnp.zeros((cfg.num_layers, batch, cfg.d_model),
-                                  jnp.promote_types(cfg.compute_dtype, jnp.float32)))
+                                  acc_dtype(cfg.compute_dtype)))
 
 
 def decode(params: PackedParams, tokens: jax.Array, state: RecurrentState, *,
