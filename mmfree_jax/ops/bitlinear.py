@@ -3,6 +3,10 @@
   autodiff  `quant.bitlinear` differentiated by JAX
   lean      the same forward and STE gradients, with a hand-written backward that keeps only
             what it needs (below)
+  int8      the integer forward the paper promises: int8 activation codes x ternary weight
+            codes on the int8 matmul units (`lax.dot_general`, int32 accumulator), the two
+            scales applied after (`quant.integer_output`); lean's backward (STE in the compute
+            dtype). Exact integers: its accumulator is the fake-quant product times sx·sw.
 
 `quant.bitlinear` differentiated by autodiff keeps, per layer, the fp32 de-quantized
 activations `xq [..., in]` (for dW), the fp32 de-quantized weights `wq [in, out]` (for dx)
@@ -101,11 +105,52 @@ def bitlinear_lean(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   return _bitlinear_lean(x, kernel, norm_scale, float(eps), dtype)
 
 
+def _int8_forward(x, kernel, norm_scale, eps, dtype):
+  _, codes_x, sx = quant.bitlinear_input(x, norm_scale, eps)
+  codes_w, _ = quant.quantize_weights_ternary(kernel)
+  acc = jax.lax.dot_general(codes_x, codes_w, (((codes_x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.int32)  # exact: |acc| <= 128 d_in
+  y = quant.integer_output(acc, quant.weight_mean_abs(kernel), sx, dtype)
+  r = quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)
+  return y, (x, r, codes_x, sx, kernel, norm_scale)  # lean's residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _bitlinear_int8(x, kernel, norm_scale, eps, dtype):
+  return _int8_forward(x, kernel, norm_scale, eps, dtype)[0]
+
+
+_bitlinear_int8.defvjp(_int8_forward, _bitlinear_lean_bwd)
+
+
+def bitlinear_int8(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
+                   eps: float = quant.BITLINEAR_NORM_EPS,
+                   dtype: jnp.dtype | None = None) -> jax.Array:
+  """BitLinear with an integer forward (int8 x ternary codes, int32 accumulator) and the lean
+  STE backward.
+
+  Args:
+    x: `[..., d_in]`.
+    kernel: `[d_in, d_out]` latent full-precision weights.
+    norm_scale: `[d_in]` RMSNorm gamma.
+    eps: RMSNorm epsilon.
+    dtype: output dtype and the backward's matmul dtype (default: x's dtype).
+  Returns:
+    `[..., d_out]` in `dtype`.
+  """
+  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"bitlinear_int8: x {x.shape} and kernel {kernel.shape} do not match "
+                     "([..., d_in] and [d_in, d_out])")
+  dtype = jnp.dtype(dtype or x.dtype)
+  return _bitlinear_int8(x, kernel, norm_scale, float(eps), dtype)
+
+
 # The `model.bitlinear_impl` registry: name -> `fn(x, kernel, norm_scale, *, eps, dtype)`.
 # The config validation and `get_bitlinear` both read it.
 BITLINEAR_IMPLS: dict[str, Callable] = {
     "autodiff": quant.bitlinear,
     "lean": bitlinear_lean,
+    "int8": bitlinear_int8,
 }
 
 
