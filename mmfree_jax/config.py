@@ -65,6 +65,8 @@ def base_model_config() -> ml_collections.ConfigDict:
       "hidden_ratio": 4,
       "intermediate_size": config_dict.placeholder(int),  # None = derived from d, ratio
       "num_heads": 16,  # transformer only (the MLGRU has one head, as released)
+      # transformer only: grouped-query K/V heads (Llama's num_key_value_heads); None = num_heads
+      "num_kv_heads": config_dict.placeholder(int),
       "rope_theta": 10000.0,  # transformer only
       "use_lower_bound": True,
       "rms_norm_eps": 1e-6,
@@ -121,6 +123,15 @@ def base_config() -> ml_collections.ConfigDict:
       "z_loss": 0.0,
       "decay_embeddings": False,
   })
+  cfg.distill = ml_collections.ConfigDict({  # mmfree_jax.train.distill
+      "teacher": "",  # '' = plain training; a Transformer++ workdir or an HF Llama folder
+      "teacher_step": config_dict.placeholder(int),  # teacher workdir step (None: latest)
+      "init": "teacher",  # student init: 'teacher' (mmfree_jax.convert) | 'random'
+      "stage1_steps": 0,  # per-layer hidden-state alignment steps before logit distillation
+      "temperature": 1.0,
+      "alpha": 0.5,  # stage 2 loss: alpha * T^2 KL(teacher || student) + (1 - alpha) * CE
+      "quant_ramp_steps": 0,  # 0: ternary throughout; N: quantization strength 1/N .. 1
+  })
   cfg.mesh = ml_collections.ConfigDict({
       "shape": {"data": -1, "fsdp": 1, "tensor": 1},
       "axis_rules": [
@@ -164,6 +175,7 @@ class ModelConfig:
   param_dtype: str
   remat: str
   bitlinear_impl: str = "autodiff"
+  num_kv_heads: int | None = None  # from_config resolves None to num_heads
 
   @property
   def compute_dtype(self):
@@ -191,6 +203,8 @@ class ModelConfig:
     if values["intermediate_size"] is None:
       values["intermediate_size"] = intermediate_size_for(values["d_model"],
                                                           values["hidden_ratio"])
+    if values.get("num_kv_heads") is None:
+      values["num_kv_heads"] = values["num_heads"]
     cfg = cls(**values)
     cfg.validate()
     return cfg
@@ -225,6 +239,10 @@ class ModelConfig:
       if self.d_model % self.num_heads:
         raise ValueError(f"model.d_model={self.d_model} is not divisible by "
                          f"model.num_heads={self.num_heads}; pick num_heads dividing d_model")
+      if (not isinstance(self.num_kv_heads, int) or self.num_kv_heads < 1
+          or self.num_heads % self.num_kv_heads):
+        raise ValueError(f"model.num_kv_heads={self.num_kv_heads!r} must be a positive divisor "
+                         f"of model.num_heads={self.num_heads} (grouped-query attention)")
       if self.head_dim % 2:
         raise ValueError(f"head_dim={self.head_dim} must be even for RoPE; change "
                          "model.num_heads")

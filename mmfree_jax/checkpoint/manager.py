@@ -24,7 +24,8 @@ ITEMS = ("state", "params", "data", "config")
 # Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
 # config that agrees on all of them.
 ARCHITECTURE_KEYS = ("kind", "vocab_size", "d_model", "num_layers", "hidden_ratio",
-                     "intermediate_size", "num_heads", "use_lower_bound", "param_dtype")
+                     "intermediate_size", "num_heads", "num_kv_heads", "use_lower_bound",
+                     "param_dtype")
 
 
 class CheckpointError(RuntimeError):

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mmfree_jax.checkpoint.manager import CheckpointError
-from mmfree_jax.hf import convert
+from mmfree_jax.hf import convert, llama
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 
@@ -18,6 +18,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   sub = parser.add_subparsers(dest="command", required=True)
   dtypes = sorted(convert.NUMPY_DTYPES)
   imp = sub.add_parser("import", help="HF folder → workdir (params-only checkpoint step 0)")
+  imp.add_argument("--arch", default="hgrn_bit", choices=("hgrn_bit", "llama"),
+                   help="hgrn_bit: a MatMul-free LM (ridger/MMfreeLM-*); llama: a "
+                        "LlamaForCausalLM-layout Transformer, imported as model.kind="
+                        "'transformer' (e.g. a distillation teacher)")
   imp.add_argument("--src", required=True, help="HF model folder (config.json + weights)")
   imp.add_argument("--workdir", required=True, help="new workdir (must not exist or be empty)")
   imp.add_argument("--dtype", default="float32", choices=dtypes,
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     if args.command == "import":
-      out = convert.import_checkpoint(args.src, args.workdir, dtype=args.dtype)
+      importer = llama.import_llama if args.arch == "llama" else convert.import_checkpoint
+      out = importer(args.src, args.workdir, dtype=args.dtype)
       model = out["model"]
       print(f"imported {out['num_params']:,} params (d_model={model['d_model']}, "
             f"num_layers={model['num_layers']}, vocab_size={model['vocab_size']}, "

@@ -159,10 +159,12 @@ class SwiGLU(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Causal multi-head attention with RoPE and an optional KV cache.
+  """Causal multi-head attention with RoPE, grouped K/V heads and an optional KV cache.
 
-  `x [batch, seq, d]` → `[batch, seq, d]`; with a cache `(k, v) [batch, max_len, heads,
+  `x [batch, seq, d]` → `[batch, seq, d]`; with a cache `(k, v) [batch, max_len, kv_heads,
   head_dim]` the new keys/values are written at `cache_index` and the updated cache returned.
+  With `num_kv_heads < num_heads` query head h attends with K/V head `h // (heads /
+  kv_heads)` (Llama's `repeat_kv`); the cache holds only the kv_heads.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -170,8 +172,11 @@ class Attention(nnx.Module):
     self.cfg = cfg
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
     self.q_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
-    self.k_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
-    self.v_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
+    kv_width = (cfg.num_kv_heads or cfg.num_heads) * cfg.head_dim  # grouped-query K/V
+    self.k_proj = Dense(d, kv_width, axes=("embed", "inner"), kernel_init=normal_init(0.02),
+                        **common)
+    self.v_proj = Dense(d, kv_width, axes=("embed", "inner"), kernel_init=normal_init(0.02),
+                        **common)
     self.o_proj = Dense(d, d, axes=("inner", "embed"),
                         kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5), **common)
 
@@ -182,22 +187,25 @@ class Attention(nnx.Module):
       x: `[batch, seq, d]`.
       positions: `[batch, seq]` int, RoPE positions (restart at each document when packed).
       segment_ids: `[batch, seq]` document ids (attention stays inside a document) or None.
-      cache: `(k, v)`, each `[batch, max_len, heads, head_dim]`, or None.
+      cache: `(k, v)`, each `[batch, max_len, kv_heads, head_dim]`, or None.
       cache_index: scalar int, number of tokens already in the cache.
     Returns:
       y `[batch, seq, d]`, updated cache (or None).
     """
     batch, seq, _ = x.shape
     heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
-    split = lambda t: t.reshape(batch, seq, heads, head_dim)
-    q = attn_lib.rope(split(self.q_proj(x)), positions, self.cfg.rope_theta)
-    k = attn_lib.rope(split(self.k_proj(x)), positions, self.cfg.rope_theta)
-    v = split(self.v_proj(x))
+    kv_heads = self.cfg.num_kv_heads or heads
+    split = lambda t, n: t.reshape(batch, seq, n, head_dim)
+    # K/V head j serves query heads [j * group, (j + 1) * group).
+    widen = lambda t: t if kv_heads == heads else jnp.repeat(t, heads // kv_heads, axis=2)
+    q = attn_lib.rope(split(self.q_proj(x), heads), positions, self.cfg.rope_theta)
+    k = attn_lib.rope(split(self.k_proj(x), kv_heads), positions, self.cfg.rope_theta)
+    v = split(self.v_proj(x), kv_heads)
     if cache is None:
       # Positions restart at each document only when segment ids are given, and the segment
       # mask then removes every cross-document pair, so causality by position is exact.
       mask = attn_lib.causal_mask(positions, positions, None, segment_ids, segment_ids)
-      out = attn_lib.dot_product_attention(q, k, v, mask)
+      out = attn_lib.dot_product_attention(q, widen(k), widen(v), mask)
       new_cache = None
     else:
       k_cache, v_cache = cache
@@ -207,7 +215,7 @@ class Attention(nnx.Module):
                                                     cache_index, axis=1)
       key_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
       mask = attn_lib.causal_mask(positions, key_pos, cache_index + seq)
-      out = attn_lib.dot_product_attention(q, k_cache.astype(q.dtype),
-                                           v_cache.astype(q.dtype), mask)
+      out = attn_lib.dot_product_attention(q, widen(k_cache.astype(q.dtype)),
+                                           widen(v_cache.astype(q.dtype)), mask)
       new_cache = (k_cache, v_cache)
     return self.o_proj(out.reshape(batch, seq, heads * head_dim)), new_cache

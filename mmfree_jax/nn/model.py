@@ -30,7 +30,7 @@ class RecurrentState(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """Transformer++ decoding state: `k, v [layers, batch, max_len, heads, head_dim]`, and
+  """Transformer++ decoding state: `k, v [layers, batch, max_len, kv_heads, head_dim]`, and
   `index`, the int32 number of positions already filled."""
   k: jax.Array
   v: jax.Array
@@ -230,7 +230,7 @@ class TransformerLM(_LMBase):
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
     cfg = self.cfg
-    shape = (cfg.num_layers, batch, max_len, cfg.num_heads, cfg.head_dim)
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads or cfg.num_heads, cfg.head_dim)
     zeros = jnp.zeros(shape, cfg.compute_dtype)
     return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
 
