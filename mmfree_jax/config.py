@@ -87,8 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   cfg.model = base_model_config()
   cfg.data = ml_collections.ConfigDict({
-      "source": "builtin_kjv",  # builtin_kjv | text | jsonl | tokens
-      "paths": "",  # comma-separated files or globs
+      "source": "builtin_kjv",  # builtin_kjv | text | jsonl | tokens | array_record
+      "paths": "",  # comma-separated files or globs (array_record: prepared folders)
+      # array_record only: one weight per data.paths folder ("0.7,0.3"); "" = by train tokens
+      "mixture": "",
       "text_field": "text",
       "tokenizer": "bpe:4096",  # bpe:<vocab> (trained+cached) | hf:<tokenizer.json> | spm:<model>
       "seq_len": 256,
@@ -254,6 +256,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ModelConfig:
   if cfg.train.nan_policy not in NAN_POLICIES:
     raise ValueError(f"unknown train.nan_policy {cfg.train.nan_policy!r}; choose one of "
                      f"{NAN_POLICIES}")
+  validate_data(cfg.data)
   seq_len = cfg.data.seq_len
   if model.kind == "mmfree" and model.scan_type == "chunked" and seq_len % model.chunk_size:
     raise ValueError(
@@ -261,6 +264,29 @@ def validate(cfg: ml_collections.ConfigDict) -> ModelConfig:
         "with model.scan_type='chunked'; set --config.model.chunk_size to a divisor of "
         "seq_len or --config.model.scan_type=sequential")
   return model
+
+
+def mixture_weights(mixture: str) -> list[float] | None:
+  """`data.mixture` parsed: None when empty, else finite weights >= 0 with a positive sum."""
+  if not (mixture or "").strip():
+    return None
+  try:
+    weights = [float(w) for w in mixture.split(",")]
+  except ValueError:
+    raise ValueError(f"data.mixture={mixture!r} must be comma-separated numbers, one weight "
+                     "per data.paths folder (e.g. 0.7,0.3)") from None
+  if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+    raise ValueError(f"data.mixture={mixture!r}: weights must be finite, >= 0 and sum to a "
+                     "positive number")
+  return weights
+
+
+def validate_data(data_cfg) -> None:
+  """The data section's own checks (files and folders are checked when the data is opened)."""
+  if data_cfg.get("mixture") and data_cfg.source != "array_record":
+    raise ValueError("data.mixture weights prepared folders: set --config.data.source="
+                     "array_record, or clear --config.data.mixture")
+  mixture_weights(data_cfg.get("mixture", ""))
 
 
 # The paper's three MatMul-free sizes (d_model, num_layers); I is derived (hidden_ratio 4).

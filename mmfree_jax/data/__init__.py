@@ -7,6 +7,9 @@
   sequence_packing.py  concatenate-then-split windows `[seq_len+1]` with segment ids
   pipeline.py   `train_iterator` (grain, per-process rows of a process-count-independent
                 global batch) and `validation_batches`
+  formats.py    corpus files for prepare: Parquet, JSONL/text (.gz, .zst), save_to_disk dirs
+  prepare.py    `python -m mmfree_jax.data.prepare`: tokenize once into ArrayRecord shards
+  prepared.py   `data.source=array_record`: prepared folders as windows, weighted mixtures
 
 Typical use:
   tok = tokenizer_from_config(cfg.data, cache_dir=d)

@@ -156,7 +156,7 @@ def _hf_table(path: str, text_field: str, split: str):
 
 
 def _first_json_line(path: str, text_field: str) -> None:
-  for lineno, line in enumerate(_open_text(path), start=1):
+  for lineno, line in enumerate(_lines(path), start=1):
     if line.strip():
       _json_text(line, f"{path}:{lineno}", text_field)
       return
@@ -181,7 +181,7 @@ def check_inputs(paths: list[str], fmt: str, text_field: str, hf_split: str = "t
 # ---------------------------------------------------------------------------- reading
 
 
-def _open_text(path: str):
+def open_text(path: str):
   """A UTF-8 text stream of a plain, `.gz` or `.zst` file."""
   if path.endswith(".gz"):
     return gzip.open(path, "rt", encoding="utf-8")
@@ -232,7 +232,7 @@ def _lines(path: str) -> Iterator[str]:
   """Lines of a text file; decompression and encoding errors name the file and the fix."""
   import zstandard  # pylint: disable=g-import-not-at-top
   try:
-    with _open_text(path) as f:
+    with open_text(path) as f:
       yield from f
   except UnicodeDecodeError as e:
     raise ValueError(f"input file {path!r} is not UTF-8 text ({e}); convert it or remove it "

@@ -19,6 +19,7 @@ import grain
 import numpy as np
 
 from mmfree_jax.data import corpus as corpus_lib
+from mmfree_jax.data import prepared as prepared_lib
 from mmfree_jax.data import split as split_lib
 from mmfree_jax.data.sequence_packing import PackedWindows
 from mmfree_jax.data.sources import source_from_config
@@ -34,7 +35,11 @@ def tokenizer_from_config(data_cfg, *, cache_dir: str) -> Tokenizer:
   """The tokenizer `data.tokenizer` names; a `bpe:` one is trained on the configured corpus.
 
   Resolves `data.source`/`data.paths` first, so a missing file fails here, before compute.
+  For `array_record` it is checked against every prepared folder's manifest.
   """
+  if data_cfg.source == prepared_lib.SOURCE:
+    prepared, _ = prepared_lib.open_sources(data_cfg)
+    return prepared_lib.tokenizer_for(data_cfg, prepared, cache_dir=cache_dir)
   source = source_from_config(data_cfg)
   texts = source.documents if source.is_text else None
   return load_tokenizer(data_cfg.tokenizer, corpus_texts=texts, cache_dir=cache_dir,
@@ -89,9 +94,13 @@ def train_iterator(data_cfg, tokenizer: Tokenizer, *, global_batch: int, process
   `data.worker_count > 0` reads in that many grain worker processes (same batches).
   """
   local = local_batch_size(global_batch, process_index, process_count)
-  train, _ = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
-  ds = train_dataset(train, seed=data_cfg.seed, local_batch=local,
-                     process_index=process_index, process_count=process_count)
+  if data_cfg.source == prepared_lib.SOURCE:
+    ds = prepared_lib.train_dataset(data_cfg, tokenizer, local_batch=local,
+                                    process_index=process_index, process_count=process_count)
+  else:
+    train, _ = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
+    ds = train_dataset(train, seed=data_cfg.seed, local_batch=local,
+                       process_index=process_index, process_count=process_count)
   iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
                                                  prefetch_buffer_size=PREFETCH_BATCHES))
   workers = int(data_cfg.worker_count)
@@ -113,7 +122,14 @@ def validation_batches(data_cfg, tokenizer: Tokenizer, *, batch_size: int, num_b
   Each: {"tokens", "segment_ids"} int32 `[batch_size // process_count, seq_len + 1]`.
   """
   local = local_batch_size(batch_size, process_index, process_count)
-  _, val = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
+  if data_cfg.source == prepared_lib.SOURCE:
+    val = prepared_lib.validation_windows(data_cfg, tokenizer)
+    if val is None:
+      raise ValueError("the prepared folders in data.paths hold no validation shards; rerun "
+                       "their prepare command with --val_shards N (only the manifest is "
+                       "rewritten) or set --config.train.eval_batches=0")
+  else:
+    _, val = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
   if val is None:
     raise ValueError("data.val_fraction=0 leaves no validation documents; set "
                      "--config.data.val_fraction > 0 or --config.train.eval_batches=0")

@@ -121,16 +121,6 @@ class PrepareOptions:
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_source_file(spec: str) -> str | None:
-  """The file a `hf:`/`spm:` spec loads (copied into the output folder), None for byte."""
-  kind, _, arg = spec.partition(":")
-  if spec == tok_lib.MISTRAL_ALIAS:
-    return tok_lib.mistral_tokenizer_path()
-  if kind in ("hf", "spm") and arg:
-    return tok_lib._resolve_file(arg, _TOKENIZER_FILES[kind], "tokenizer", spec)  # pylint: disable=protected-access
-  return None
-
-
 def _copy_atomic(src: str, dst: str) -> None:
   tmp = f"{dst}.{os.getpid()}.tmp"
   shutil.copyfile(src, tmp)
@@ -156,7 +146,7 @@ def load_prepare_tokenizer(opts: PrepareOptions, paths: list[str], out: str):
                              corpus_id=corpus_id, cache_dir=cache_dir)
       source = tok_lib.bpe_cache_path(cache_dir, int(arg), corpus_id)
   else:
-    source = _tokenizer_source_file(spec)
+    source = tok_lib.tokenizer_file(spec)
     if source is None:  # byte: no file
       return tok_lib.load_tokenizer(spec, cache_dir=cache_dir), None
   file_kind = "hf" if source.endswith(".json") else "spm"

@@ -26,11 +26,13 @@ import os
 import grain
 import numpy as np
 
+from mmfree_jax import config as config_lib
 from mmfree_jax.data import split as split_lib
 from mmfree_jax.data.corpus import Runs
 from mmfree_jax.data.sequence_packing import PackedWindows
 from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 
+SOURCE = "array_record"  # the data.source value
 FORMAT_VERSION = "mmfree-tokens-array-record-v1"  # = prepare.FORMAT_VERSION
 MANIFEST = "manifest.json"
 _COMPONENT_STREAM = 3  # seed stream of the per-folder shuffles of a mixture
@@ -99,27 +101,21 @@ def resolve_dirs(paths: str) -> list[str]:
 
 
 def mixture_weights(mixture: str, prepared: list[PreparedDir]) -> list[float]:
-  """Weights of the folders: `data.mixture` parsed, or train tokens when it is empty."""
-  if not (mixture or "").strip():
+  """Weights of the folders: `data.mixture` (`config.mixture_weights`), or their train
+  tokens when it is empty."""
+  weights = config_lib.mixture_weights(mixture)
+  if weights is None:
     return [float(p.split_tokens("train")) for p in prepared]
-  try:
-    weights = [float(w) for w in mixture.split(",")]
-  except ValueError:
-    raise ValueError(f"data.mixture={mixture!r} must be comma-separated numbers, one weight "
-                     "per data.paths folder (e.g. 0.7,0.3)") from None
   if len(weights) != len(prepared):
     raise ValueError(f"data.mixture has {len(weights)} weights but data.paths names "
                      f"{len(prepared)} folders; give one weight per folder")
-  if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-    raise ValueError(f"data.mixture={mixture!r}: weights must be finite, >= 0 and sum to a "
-                     "positive number")
   return weights
 
 
 def open_sources(data_cfg) -> tuple[list[PreparedDir], list[float]]:
   """The configured prepared folders and their mixture weights, all checked."""
   prepared = [open_prepared(d) for d in resolve_dirs(data_cfg.paths)]
-  weights = mixture_weights(data_cfg.mixture, prepared)
+  weights = mixture_weights(data_cfg.get("mixture", ""), prepared)
   for p, w in zip(prepared, weights):
     if w > 0 and not p.split_shards("train"):
       raise ValueError(f"{p.directory} has no training shards (all are held out); re-run "

@@ -10,6 +10,8 @@ Sources and what one document is:
                `data.text_field`; blank lines and empty strings are skipped.
   tokens       pre-tokenized `.npy` files of flat int arrays, documents separated by the
                tokenizer's EOS id (handled by `corpus.py`; no text here).
+  array_record folders written by `python -m mmfree_jax.data.prepare` (`prepared.py`; no
+               documents here).
 `data.paths` is a comma-separated list of files or globs, expanded in sorted order.
 Every bad input raises ValueError naming the path and the fix, before any training compute.
 """
@@ -18,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import gzip
 import hashlib
 import importlib.util
 import json
 import os
 from typing import Iterator
 
-SOURCES = ("builtin_kjv", "text", "jsonl", "tokens")
+from mmfree_jax.data import formats
+
+SOURCES = ("builtin_kjv", "text", "jsonl", "tokens", "array_record")
 PARSE_VERSION = "v1"  # bump when what counts as a document changes (invalidates caches)
 
 
@@ -111,6 +114,9 @@ def source_from_config(data_cfg) -> Source:
   kind = data_cfg.source
   if kind not in SOURCES:
     raise ValueError(f"unknown data.source {kind!r}; choose one of {SOURCES}")
+  if kind == "array_record":
+    raise ValueError("data.source=array_record reads prepared folders through "
+                     "mmfree_jax.data.prepared, not documents")
   if kind == "builtin_kjv":
     if (data_cfg.paths or "").strip():
       raise ValueError("data.paths is set but data.source=builtin_kjv ignores it; set "
@@ -127,9 +133,7 @@ def source_from_config(data_cfg) -> Source:
 
 
 def _open_text(path: str):
-  if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, "r", encoding="utf-8")
+  return formats.open_text(path)  # plain, .gz or .zst
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:

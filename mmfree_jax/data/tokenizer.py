@@ -217,6 +217,19 @@ def _resolve_file(path: str, default_name: str, kind: str, spec: str) -> str:
   return path
 
 
+def tokenizer_file(spec: str) -> str | None:
+  """The file an `hf:`/`spm:` spec loads (a folder resolved to the file in it); None for
+  `byte` and `bpe:` (whose file is trained: `bpe_cache_path`)."""
+  kind, _, arg = spec.partition(":")
+  if spec == MISTRAL_ALIAS:
+    return mistral_tokenizer_path()
+  if kind == "hf" and arg:
+    return _resolve_file(arg, "tokenizer.json", "tokenizer", spec)
+  if kind == "spm" and arg:
+    return _resolve_file(arg, "tokenizer.model", "sentencepiece model", spec)
+  return None
+
+
 def bpe_cache_path(cache_dir: str, vocab_size: int, corpus_id: str) -> str:
   """Where the BPE of vocab_size trained on the corpus identified by corpus_id is cached."""
   key = hashlib.sha256(json.dumps(

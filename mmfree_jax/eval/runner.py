@@ -30,7 +30,8 @@ log = logging.getLogger("mmfree_jax")
 class EvalOptions:
   """What to evaluate. Empty fields are skipped.
 
-  ppl_split: "val" scores `val_batches` validation batches of the workdir's data config.
+  ppl_split: "val" scores `val_batches` validation batches of the workdir's data config
+    (for `data.source=array_record`: the prepared folders' held-out shards).
   ppl_files: text files (one document per paragraph, as `data.source=text`) or `.jsonl`
     files (one document per line, field `text_field`).
   mc_files: multiple-choice JSONL files (`{"context", "choices", "label"}` per line).
