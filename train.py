@@ -5,7 +5,8 @@
   python train.py --config=configs/mmfree_370m.py --config.data.paths=/data/*.jsonl \
       --workdir=gs://... --config.mesh.shape.fsdp=-1
 
-A workdir that already holds checkpoints is resumed from the latest.
+A workdir that already holds checkpoints is resumed from the latest; one run per workdir (a
+lock file). `--print_config` shows the resolved config with every key's help and exits.
 """
 
 import logging
@@ -16,18 +17,51 @@ from absl import app, flags
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _check_config_overrides(argv):
+  """An unknown `--config.x` key in one line; ml_collections fails on it while the flag is
+  being defined, with a ~70-line traceback."""
+  from mmfree_jax.config import check_override_keys  # pylint: disable=g-import-not-at-top
+  try:
+    check_override_keys(argv[1:])
+  except ValueError as e:
+    print(f"{os.path.basename(argv[0])}: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  _check_config_overrides(sys.argv)
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.py"),
                                 "Config file (ml-collections), optionally `file.py:arg`.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "workdir/tiny", "Checkpoints, metrics and logs go here.")
 flags.DEFINE_integer("stop_after_steps", None,
                      "Stop (with a checkpoint) after this many steps, as if preempted.")
-flags.DEFINE_bool("progress", True, "Show a progress bar.")
+flags.DEFINE_bool("progress", True, "Progress bar on a terminal; --noprogress (or no TTY) "
+                  "prints a log line every train.log_every steps instead.")
 flags.DEFINE_string("sample_prompt", "In the beginning",
                     "Text to continue after training (train.sample_tokens tokens; '' = none).")
 flags.DEFINE_integer("restore_step", None,
                      "Resume from this checkpoint step instead of the latest (e.g. to skip a "
                      "corrupted one); newer steps are moved to WORKDIR/abandoned_checkpoints.")
+flags.DEFINE_bool("allow_steps_change", False,
+                  "Resume although train.steps differs from the checkpoint's (the LR schedule "
+                  "changes mid-run).")
+flags.DEFINE_bool("print_config", False, "Print the resolved config (every key with its help "
+                  "text) and exit.")
+flags.DEFINE_bool("traceback", False, "Show the full traceback of user errors (bad config, "
+                  "data, checkpoints) instead of one message.")
+_HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+
+
+def _parse_flags(argv):
+  """absl parsing, with a bad flag reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"train.py: error: {e}\nPass --help for usage.", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -36,16 +70,36 @@ def main(argv):
                       stream=sys.stderr)
   for noisy in ("absl", "jax._src", "orbax", "grain"):  # orbax logs read-only listings at WARNING
     logging.getLogger(noisy).setLevel(logging.ERROR)
-  from mmfree_jax.train.trainer import train  # import after flags: jax picks up XLA_FLAGS
-  result = train(flags.FLAGS.config, flags.FLAGS.workdir, progress=flags.FLAGS.progress,
-                 stop_after_steps=flags.FLAGS.stop_after_steps,
-                 restore_step=flags.FLAGS.restore_step)
+  if flags.FLAGS.print_config:
+    from mmfree_jax.config import describe  # pylint: disable=g-import-not-at-top
+    print(describe(flags.FLAGS.config))
+    return
+  # import after flags: jax picks up XLA_FLAGS
+  from mmfree_jax.checkpoint.manager import CheckpointError  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.train.workdir_lock import WorkdirLockedError  # pylint: disable=g-import-not-at-top
+  user_errors = (ValueError, OSError, ImportError, CheckpointError, WorkdirLockedError,
+                 trainer.NonFiniteLossError)
+  try:
+    result = trainer.train(flags.FLAGS.config, flags.FLAGS.workdir,
+                           progress=flags.FLAGS.progress,
+                           stop_after_steps=flags.FLAGS.stop_after_steps,
+                           restore_step=flags.FLAGS.restore_step,
+                           allow_steps_change=flags.FLAGS.allow_steps_change)
+  except user_errors as e:
+    if flags.FLAGS.traceback:
+      raise
+    print(f"train.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
   last = result.history[-1] if result.history else None
   if last:
     print(f"step {last['step']}: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s, "
           f"wall {result.wall_time_s:.1f}s")
   if result.eval_history:
     print(f"validation loss {result.eval_history[-1]['loss']:.4f}")
+  if result.skipped_steps:
+    print(f"skipped {len(result.skipped_steps)} step(s) with non-finite loss or gradient "
+          f"(updates not applied): {result.skipped_steps[:20]}")
   if result.interrupted:
     print(f"stopped at step {int(result.state.step)}; rerun the same command to resume")
   cfg = flags.FLAGS.config
@@ -59,4 +113,9 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main, flags_parser=_parse_flags)
+  except SystemExit as exit_:  # absl exits 1 after printing --help: asking for help succeeded
+    if exit_.code == 1 and any(a in _HELP_FLAGS for a in sys.argv[1:]):
+      sys.exit(0)
+    raise

@@ -109,8 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint_every": 200,
       "keep_checkpoints": 3,
       "nan_policy": "skip",  # skip | stop
+      "max_consecutive_skips": 10,  # nan_policy=skip gives up (as 'stop') past this many
       "sample_tokens": 64,
       "peak_flops_per_device": 0.0,  # for MFU; 0 = datasheet value or a CPU measurement
+      "tracker": "tensorboard",  # none | tensorboard | wandb | mlflow (metrics.jsonl always)
   })
   cfg.optim = ml_collections.ConfigDict({
       "lr": 3e-3,
@@ -324,3 +326,171 @@ def paper_config(size: str, kind: str = "mmfree") -> ml_collections.ConfigDict:
                    clip_norm=1.0)
   cfg.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
   return cfg
+
+
+# ------------------------------------------------------------------ run settings, help text
+
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")
+# `*_every` keys: 0 turns the periodic action off.
+EVERY_KEYS = ("log_every", "eval_every", "checkpoint_every")
+
+
+def validate_run(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the train/optim/mesh values a training run reads; errors name the key to fix."""
+  train, optim = cfg.train, cfg.optim
+
+  def integer(section: str, key: str, minimum: int, what: str) -> None:
+    value = cfg[section][key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ValueError(f"{section}.{key} must be an int >= {minimum} ({what}); got {value!r}")
+
+  integer("train", "steps", 1, "the number of optimizer steps")
+  integer("train", "global_batch", 1, "rows per step")
+  integer("train", "microbatches", 1, "gradient accumulation steps")
+  integer("train", "keep_checkpoints", 1, "checkpoints kept")
+  integer("train", "eval_batches", 0, "0 = no validation")
+  integer("train", "max_consecutive_skips", 1, "non-finite updates in a row before stopping")
+  for key in EVERY_KEYS:
+    integer("train", key, 0, "0 = off")
+  integer("optim", "warmup_steps", 0, "0 = no warmup")
+  lr = optim.lr
+  if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    raise ValueError(f"optim.lr must be a finite number >= 0; got {lr!r}")
+  if not 0 <= optim.end_lr_ratio or not math.isfinite(optim.end_lr_ratio):
+    raise ValueError(f"optim.end_lr_ratio must be >= 0; got {optim.end_lr_ratio!r}")
+  if train.nan_policy not in NAN_POLICIES:
+    raise ValueError(f"unknown train.nan_policy {train.nan_policy!r}; choose one of "
+                     f"{NAN_POLICIES}")
+  if train.tracker not in TRACKERS:
+    raise ValueError(f"unknown train.tracker {train.tracker!r}; choose one of {TRACKERS}")
+
+
+def fit_warmup(cfg: ml_collections.ConfigDict) -> str | None:
+  """Scales `optim.warmup_steps` down for a run shorter than it (in place); returns a note.
+
+  A warmup of at least `train.steps` would leave no decay (and the smoke test
+  `--config.train.steps=20` would trip over a default warmup of 30): it becomes 10% of the run.
+  """
+  steps, warmup = cfg.train.steps, cfg.optim.warmup_steps
+  if warmup < steps:
+    return None
+  cfg.optim.warmup_steps = steps // 10
+  return (f"optim.warmup_steps={warmup} is not shorter than train.steps={steps}; using "
+          f"{cfg.optim.warmup_steps} (10% of the run). Set --config.optim.warmup_steps to "
+          "choose another")
+
+
+# Help for keys whose schema line has no comment (the others use that comment).
+_HELP = {
+    "model.kind": f"architecture: {' | '.join(MODEL_KINDS)}",
+    "model.vocab_size": "embedding / output rows (>= the tokenizer's ids)",
+    "model.d_model": "hidden width",
+    "model.num_layers": "number of blocks",
+    "model.hidden_ratio": "GLU width = 256 * ceil(int(d * ratio * 2/3) / 256)",
+    "model.rope_theta": "RoPE base (transformer only)",
+    "model.num_kv_heads": "transformer: key/value heads (None = num_heads)",
+    "model.use_lower_bound": "MLGRU forget-gate lower bounds per layer",
+    "model.rms_norm_eps": "RMSNorm epsilon",
+    "model.scan_type": "MLGRU recurrence implementation (ops.recurrence / kernels registry)",
+    "model.chunk_size": "tokens per chunk for scan_type=chunked",
+    "model.reset_at_doc_start": "zero the recurrent state at each packed document start",
+    "model.param_dtype": "dtype of the stored (latent) weights",
+    "model.bitlinear_impl": "BitLinear implementation (ops.bitlinear registry)",
+    "data.mixture": "array_record: one weight per data.paths folder ('' = by train tokens)",
+    "model.remat": f"rematerialization of the layer scan: {' | '.join(REMAT_POLICIES)}",
+    "data.text_field": "the JSONL field holding the text",
+    "data.seq_len": "tokens per training window",
+    "data.val_fraction": "share of documents held out for validation",
+    "data.seed": "shuffle seed of the data pipeline",
+    "data.worker_count": "grain worker processes (0 = in-process)",
+    "train.steps": "optimizer steps of the whole run (the LR schedule spans them)",
+    "train.global_batch": "rows per step over all devices",
+    "train.microbatches": "gradient accumulation: the batch is split into this many parts",
+    "train.seed": "init / dropout seed",
+    "train.log_every": "metrics.jsonl row and log line every N steps (0 = only the last)",
+    "train.eval_every": "validation every N steps (0 = off)",
+    "train.eval_batches": "validation batches per evaluation (0 = no validation)",
+    "train.checkpoint_every": "checkpoint every N steps (0 = only at the end / on stop)",
+    "train.keep_checkpoints": "newest checkpoints kept",
+    "train.sample_tokens": "tokens sampled by train.py after training (0 = none)",
+    "optim.lr": "peak learning rate (>= 0)",
+    "optim.schedule": "cosine | linear | constant (after a linear warmup)",
+    "optim.warmup_steps": "linear warmup steps (scaled to 10% of a shorter run)",
+    "optim.end_lr_ratio": "final LR / peak LR for cosine and linear",
+    "optim.weight_decay": "AdamW decoupled weight decay (dense kernels only)",
+    "optim.b1": "Adam beta1",
+    "optim.b2": "Adam beta2",
+    "optim.eps": "Adam epsilon",
+    "optim.clip_norm": "global gradient norm clip (0 = off)",
+    "optim.z_loss": "weight of the log-sum-exp^2 auxiliary loss (0 = off)",
+    "optim.decay_embeddings": "apply weight decay to the embedding too",
+    "mesh.shape": "device mesh sizes per axis (data, fsdp, tensor; one may be -1 = the rest)",
+    "mesh.axis_rules": "logical axis -> mesh axes (MaxText style)",
+    "dist.coordinator": "host:port of process 0 for multi-process runs ('' = single/auto)",
+    "dist.num_processes": "processes of a multi-process run (0 = auto)",
+    "dist.process_id": "this process's index (-1 = auto)",
+    "dist.initialization_timeout_s": "seconds to wait for every process at start-up",
+    "distill.temperature": "distillation softmax temperature",
+}
+
+
+def _schema_comments() -> dict[str, str]:
+  """`{section.key: inline comment}` read from the schema's source lines."""
+  import inspect  # pylint: disable=import-outside-toplevel
+  import re  # pylint: disable=import-outside-toplevel
+  out, section = {}, "model"
+  source = inspect.getsource(base_model_config) + inspect.getsource(base_config)
+  for line in source.splitlines():
+    opened = re.match(r"\s*cfg\.(\w+) = ml_collections\.ConfigDict", line)
+    if opened:
+      section = opened.group(1)
+    entry = re.match(r'\s*"(\w+)":.*?#\s*(.+)$', line)
+    if entry:
+      out.setdefault(f"{section}.{entry.group(1)}", entry.group(2).strip())
+  return out
+
+
+def config_help() -> dict[str, str]:
+  """Help text of every schema key, `{section.key: text}`."""
+  comments = _schema_comments()
+  keys = [f"{s}.{k}" for s, sub in base_config().items() for k in sub]
+  return {key: _HELP.get(key) or comments.get(key, "") for key in keys}
+
+
+def describe(cfg: ml_collections.ConfigDict) -> str:
+  """The resolved config, one `section.key = value  # help` line per key (`--print_config`)."""
+  help_text = config_help()
+  lines = []
+  for section, sub in cfg.items():
+    lines.append(f"[{section}]")
+    for key, value in sub.items():
+      value = value.to_dict() if hasattr(value, "to_dict") else value
+      text = help_text.get(f"{section}.{key}", "")
+      lines.append(f"  {section}.{key} = {value!r}" + (f"    # {text}" if text else ""))
+  return "\n".join(lines)
+
+
+def check_override_keys(argv, flag: str = "config") -> None:
+  """Raises ValueError naming the fix for a `--config.a.b=v` whose key is not in the schema.
+
+  (ml_collections reports it as a ~70-line traceback with the suggestion buried in it.)
+  """
+  import difflib  # pylint: disable=import-outside-toplevel
+  schema = base_config()
+  prefix = f"--{flag}."
+  for arg in argv:
+    if not arg.startswith(prefix):
+      continue
+    path = arg[len(prefix):].split("=", 1)[0]
+    node, walked = schema, []
+    for key in path.split("."):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(walked) or "the config"
+        known = sorted(node.keys()) if hasattr(node, "keys") else []
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f" (did you mean {'.'.join(walked + close)!r}?)" if close else ""
+        raise ValueError(f"unknown config key {path!r} in {arg!r}: {where} has no key "
+                         f"{key!r}{hint}. Known keys there: {known}; --print_config lists "
+                         "every key with its help")
+      node = node[key]
+      walked.append(key)

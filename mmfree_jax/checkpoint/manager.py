@@ -11,14 +11,20 @@ model architecture is refused before any compute.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from mmfree_jax.config import ModelConfig
+
+log = logging.getLogger("mmfree_jax")
+# Orbax writes this into a step's folder when the whole step is committed.
+COMMIT_MARKER = "commit_success.txt"
 
 ITEMS = ("state", "params", "data", "config")
 # Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
@@ -26,6 +32,10 @@ ITEMS = ("state", "params", "data", "config")
 ARCHITECTURE_KEYS = ("kind", "vocab_size", "d_model", "num_layers", "hidden_ratio",
                      "intermediate_size", "num_heads", "num_kv_heads", "use_lower_bound",
                      "param_dtype")
+
+
+# Architecture keys that only a Transformer++ has (the MatMul-free LM ignores them).
+TRANSFORMER_ONLY_KEYS = ("num_heads", "num_kv_heads")
 
 
 class CheckpointError(RuntimeError):
@@ -55,10 +65,27 @@ class Checkpointer:
                                          item_handlers=handlers, options=options)
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    steps = self.all_steps()
+    return max(steps) if steps else None
+
+  def has_step(self, step: int) -> bool:
+    """Whether `step` exists at all (committed, or being saved right now)."""
+    return step in self.manager.all_steps()
+
+  def is_committed(self, step: int) -> bool:
+    return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
 
   def all_steps(self) -> list[int]:
-    return list(self.manager.all_steps())
+    """Committed steps; a step folder without orbax's commit marker (a save cut short, files
+    copied by hand) is not a checkpoint and is skipped with a warning."""
+    steps, saving = [], self.manager.is_saving_in_progress()
+    for step in sorted(self.manager.all_steps()):
+      if saving or self.is_committed(step):  # our own save in flight commits when it ends
+        steps.append(step)
+      else:
+        log.warning("ignoring checkpoint step %d in %s: it has no %s (an interrupted save?); "
+                    "move it away to silence this", step, self.directory, COMMIT_MARKER)
+    return steps
 
   def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
            force: bool = False) -> bool:
@@ -86,6 +113,7 @@ class Checkpointer:
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
                                        dtype=a.dtype), abstract_params)
+    self.check_item(step, "state" if self.has_train_state(step) else "params")
     # A fresh read-only manager: an item's handler is fixed by its first use, and the
     # training manager registered StandardSave for `state`.
     reader = ocp.CheckpointManager(self.directory, item_names=ITEMS,
@@ -117,8 +145,20 @@ class Checkpointer:
           f"the config of checkpoint step {step} ({path}) is unreadable: {e}. Pick an older "
           f"step with --restore_step (available: {self.all_steps()})") from e
 
+  def check_item(self, step: int, item: str) -> None:
+    """Raises CheckpointError naming the step and the fix if `item`'s metadata is missing."""
+    metadata = epath.Path(self.directory) / str(step) / item / "_METADATA"
+    if not metadata.exists():
+      others = [s for s in self.all_steps() if s != step]
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} is incomplete: {metadata} is missing. "
+          + (f"Resume from another step with --restore_step (available: {others}), or "
+             if others else "Move it away (or delete it) and start again, or ")
+          + "restore the file")
+
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state (into abstract_state's shapes/shardings) and the data iterator."""
+    self.check_item(step, "state")
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -149,8 +189,10 @@ def check_compatible(saved_config: dict, model_config: dict, where: str) -> None
   except ValueError as e:
     raise CheckpointError(f"the checkpoint in {where} has an unreadable model config: {e}")
   current = dataclasses.asdict(ModelConfig.from_config(model_config))
+  keys = [k for k in ARCHITECTURE_KEYS  # the MLGRU has one head: head counts shape nothing
+          if not (k in TRANSFORMER_ONLY_KEYS and saved["kind"] == current["kind"] == "mmfree")]
   diffs = [f"{k}: checkpoint={saved.get(k)!r} config={current.get(k)!r}"
-           for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k)]
+           for k in keys if saved.get(k) != current.get(k)]
   if diffs:
     raise CheckpointError(
         f"the checkpoint in {where} was made by a different model architecture ("

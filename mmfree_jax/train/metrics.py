@@ -49,20 +49,16 @@ def device_peak_flops(configured: float = 0.0) -> tuple[float, str]:
 
 
 class MetricsWriter:
-  """Writes scalar rows to `metrics.jsonl` and TensorBoard; no-op on processes other than 0."""
+  """Writes scalar rows to `metrics.jsonl` and an optional tracker (`trackers.py`); no-op on
+  processes other than 0."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, tracker=None):
     self.enabled = enabled
     self._jsonl = None
-    self._tb = None
+    self._tracker = tracker if enabled else None
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-      try:
-        from tensorboardX import SummaryWriter  # optional: metrics.jsonl works without it
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:  # TensorBoard output is optional
-        self._tb = None
 
   def write(self, step: int, scalars: dict, prefix: str = "") -> None:
     if not self.enabled:
@@ -71,12 +67,38 @@ class MetricsWriter:
     row.update({prefix + k: float(v) for k, v in scalars.items()})
     self._jsonl.write(json.dumps(row) + "\n")
     self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in scalars.items():
-        self._tb.add_scalar(prefix + k, float(v), int(step))
+    if self._tracker is not None:
+      self._tracker.log(int(step), {prefix + k: float(v) for k, v in scalars.items()})
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
-    if self._tb is not None:
-      self._tb.close()
+      self._jsonl = None
+    if self._tracker is not None:
+      self._tracker.close()
+      self._tracker = None
+
+
+def drop_rows_after(workdir: str, step: int) -> int:
+  """Removes the `metrics.jsonl` rows of steps after `step` (a resumed run redoes them);
+  returns how many were dropped. The file is replaced atomically."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row_step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+      continue
+    if row_step <= step:
+      kept.append(line if line.endswith("\n") else line + "\n")
+  dropped = len(lines) - len(kept)
+  if dropped:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped

@@ -34,9 +34,10 @@ from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.ops.loss import perplexity
 from mmfree_jax.parallel import distributed, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
-from mmfree_jax.train import flops, optim, steps
+from mmfree_jax.train import banner, flops, optim, steps, trackers
 from mmfree_jax.train import metrics as metrics_lib
 from mmfree_jax.train import state as state_lib
+from mmfree_jax.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger("mmfree_jax")
 
@@ -55,6 +56,7 @@ class TrainResult:
   eval_history: list[dict]
   interrupted: bool
   wall_time_s: float
+  skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite, not applied
 
 
 def check_workdir_writable(workdir: str) -> None:
@@ -198,10 +200,12 @@ class Run:
   last_step: int
   resumed_from: int | None
   started: float
+  lock: WorkdirLock | None = None
+  banner: list[str] = dataclasses.field(default_factory=list)
 
   def save(self, step: int, force: bool = False) -> None:
     """Checkpoints `state` at `step` (once per step; never with non-finite params)."""
-    if step in self.checkpointer.all_steps():  # e.g. a periodic save just wrote this step
+    if self.checkpointer.has_step(step):  # e.g. a periodic save just wrote this step
       return
     if not bool(_all_finite(self.state.params)):
       raise NonFiniteLossError(
@@ -214,8 +218,12 @@ class Run:
     return _evaluate(self.eval_step, self.state.params, self.val_batches, self.batch_sharding)
 
   def close(self) -> None:
-    self.checkpointer.close()
-    self.writer.close()
+    try:
+      self.checkpointer.close()
+      self.writer.close()
+    finally:
+      if self.lock is not None:
+        self.lock.release()
 
 
 @dataclasses.dataclass
@@ -233,12 +241,40 @@ class Throughput:
             "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.devices)}
 
 
+def check_steps_unchanged(saved_config: dict, cfg, step: int, allow: bool) -> None:
+  """Refuses (unless `allow`) a resume whose train.steps differs from the checkpoint's: the LR
+  schedule spans train.steps, so changing it moves the decay under a run already in it."""
+  saved = saved_config.get("train", {}).get("steps")
+  if saved is None or saved == cfg.train.steps:
+    return
+  msg = (f"train.steps changed from {saved} (checkpoint step {step}) to {cfg.train.steps}: the "
+         f"{cfg.optim.schedule} LR schedule spans train.steps, so the learning rate would jump "
+         "mid-run")
+  if not allow:
+    raise ValueError(msg + "; pass --allow_steps_change (train(..., allow_steps_change=True)) "
+                     f"to accept that, or keep --config.train.steps={saved}")
+  log.warning("%s (accepted: allow_steps_change)", msg)
+
+
+def _note(text: str) -> None:
+  log.warning(text)
+  if jax.process_index() == 0:
+    print(f"note: {text}", flush=True)
+
+
 def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None,
-          restore_step: int | None = None) -> Run:
-  """Validates `cfg` and builds the run: every user error is raised here, before compute."""
+          restore_step: int | None = None, allow_steps_change: bool = False) -> Run:
+  """Validates `cfg` and builds the run: every user error is raised here, before compute.
+
+  Takes the workdir lock (process 0) and closes everything it opened when it raises.
+  """
   started = time.time()
   distributed.maybe_initialize(cfg.dist)
   model_cfg = config_lib.validate(cfg)
+  config_lib.validate_run(cfg)
+  warmup_note = config_lib.fit_warmup(cfg)
+  if warmup_note:
+    _note(warmup_note)
   train_cfg = cfg.train
   schedule = optim.learning_rate_schedule(cfg.optim, train_cfg.steps)
   tx = optim.make_optimizer(cfg.optim, train_cfg.steps)
@@ -247,13 +283,16 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
   check_batch_layout(train_cfg, mesh)
   check_workdir_writable(workdir)
   is_main = jax.process_index() == 0
-
-  latest = select_restore_step(workdir, restore_step)
-  checkpointer = ckpt_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+  lock = WorkdirLock(workdir).acquire() if is_main else None
+  checkpointer = writer = None
   try:
+    latest = select_restore_step(workdir, restore_step)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
     if latest is not None:  # refuse another architecture's checkpoint before any compute
-      ckpt_lib.check_compatible(checkpointer.read_config(latest), cfg.model.to_dict(),
-                                checkpointer.directory)
+      saved_config = checkpointer.read_config(latest)
+      ckpt_lib.check_compatible(saved_config, cfg.model.to_dict(), checkpointer.directory)
+      if checkpointer.has_train_state(latest):
+        check_steps_unchanged(saved_config, cfg, latest, allow_steps_change)
 
     cache_dir = default_cache_dir()
     procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -275,19 +314,47 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
 
     if latest is not None and checkpointer.has_train_state(latest):
       state = checkpointer.restore(latest, abstract_state, train_iter)
-      log.info("resumed from step %d in %s", latest, checkpointer.directory)
+      resume = f"resumed from step {latest}"
     elif latest is not None:  # params only (imported weights): fine-tune with a fresh optimizer
       params = checkpointer.restore_params(latest, abstract_state.params)
       state = state_lib.train_state_from_params(params, tx, latest, train_cfg.seed,
                                                 state_shardings)
-      log.info("fine-tuning from the params of step %d in %s", latest, checkpointer.directory)
+      resume = f"fine-tuning from the params of step {latest}"
     else:
       state = state_lib.create_sharded_train_state(model_cfg, tx, train_cfg.seed,
                                                    state_shardings)
+      resume = "fresh start"
+    log.info("%s in %s", resume, checkpointer.directory)
+    if is_main:  # rows of steps after the restored one are redone by this run
+      dropped = metrics_lib.drop_rows_after(workdir, latest or 0)
+      if dropped:
+        _note(f"dropped {dropped} metrics.jsonl row(s) after step {latest or 0}: this run "
+              "redoes those steps")
+    run = _finish_setup(cfg, model_cfg, workdir, tx, schedule, mesh, rules, state_shardings,
+                        batch_sharding, graphdef, state, tokenizer, train_iter, val_batches,
+                        checkpointer, stop_after_steps, latest, started, lock)
+    writer = run.writer
+    run.banner = banner.banner_lines(cfg, model_cfg, mesh, abstract_state.params,
+                                     os.path.abspath(workdir), resume)
+    return run
   except BaseException:
-    checkpointer.close()
+    try:
+      if checkpointer is not None:
+        checkpointer.close()
+      if writer is not None:
+        writer.close()
+    finally:
+      if lock is not None:
+        lock.release()
     raise
 
+
+def _finish_setup(cfg, model_cfg, workdir, tx, schedule, mesh, rules, state_shardings,
+                  batch_sharding, graphdef, state, tokenizer, train_iter, val_batches,
+                  checkpointer, stop_after_steps, latest, started, lock) -> Run:
+  """The jitted steps, workdir config, metrics sinks and step range of a run."""
+  train_cfg = cfg.train
+  is_main = jax.process_index() == 0
   train_step = jax.jit(
       steps.make_train_step(model_cfg, graphdef, tx, schedule,
                             microbatches=train_cfg.microbatches, z_loss=cfg.optim.z_loss,
@@ -309,25 +376,32 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
   last_step = train_cfg.steps
   if stop_after_steps is not None:
     last_step = min(last_step, first_step + stop_after_steps)
+  tracker = trackers.make_tracker(train_cfg.tracker, workdir, cfg.to_dict()) if is_main else None
   return Run(cfg, model_cfg, workdir, graphdef, state, train_step, eval_step, batch_sharding,
              tokenizer, train_iter, val_batches, checkpointer,
-             metrics_lib.MetricsWriter(workdir, enabled=is_main), throughput, first_step,
-             last_step, latest, started)
+             metrics_lib.MetricsWriter(workdir, enabled=is_main, tracker=tracker), throughput,
+             first_step, last_step, latest, started, lock)
 
 
 class StepLog:
   """Reads a step's metrics one step late (no device stall), applies the NaN policy, writes
-  metric rows and drives the progress bar."""
+  metric rows and drives the progress bar (a terminal) or the log lines (batch jobs)."""
 
   def __init__(self, run: Run, progress: bool):
     self.run = run
     self.cfg = run.cfg.train
     self.history: list[dict] = []
     self.eval_history: list[dict] = []
+    self.skipped: list[int] = []  # steps whose non-finite update was not applied
+    self.consecutive_skips = 0
     self.pending = None  # (step, metrics on device)
     self.last_time = time.perf_counter()
-    self.bar = None
-    if progress and jax.process_index() == 0:
+    self.bar = self.lines = None
+    is_main = jax.process_index() == 0
+    if is_main and not (progress and banner.is_interactive()):
+      self.lines = banner.StepLines(run.first_step, run.last_step, self.cfg.steps,
+                                    self.cfg.log_every)
+    elif is_main:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top  # optional terminal UI
       m = run.model_cfg
       self.bar = tqdm(total=self.cfg.steps, initial=run.first_step, unit="step",
@@ -351,21 +425,37 @@ class StepLog:
     row["perplexity"] = perplexity(row["loss"])
     row["step"] = step
     self.history.append(row)
-    if step % self.cfg.log_every == 0 or step == self.run.last_step:
+    if _due(step, self.cfg.log_every, self.run.last_step):
       self.run.writer.write(step, {k: v for k, v in row.items() if k != "step"})
+    if self.lines is not None:
+      self.lines.maybe_print(step, row)
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
       self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
                            lr=f"{row['lr']:.2e}")
 
+  @property
+  def last_skipped(self) -> bool:
+    """Whether the last flushed step's update was skipped (then nothing is checkpointed)."""
+    return self.consecutive_skips > 0
+
   def check_finite(self, step: int, row: dict) -> None:
     if row["finite"] >= 1.0:
+      self.consecutive_skips = 0
       return
+    self.skipped.append(step)
+    self.consecutive_skips += 1
     msg = (f"non-finite loss or gradient at step {step} (loss={row['loss']}, "
            f"grad_norm={row['grad_norm']}); the update was skipped")
+    stop = ("Lower optim.lr or check the data; the last checkpoint "
+            f"({self.run.checkpointer.latest_step()}) is intact")
     if self.cfg.nan_policy == "stop":
-      raise NonFiniteLossError(msg + "; stopping (train.nan_policy='stop'). Lower optim.lr or "
-                               "check the data; the last checkpoint is intact")
+      raise NonFiniteLossError(f"{msg}; stopping (train.nan_policy='stop'). {stop}")
+    if self.consecutive_skips > self.cfg.max_consecutive_skips:
+      raise NonFiniteLossError(
+          f"{msg}; {self.consecutive_skips} updates in a row were non-finite, more than "
+          f"train.max_consecutive_skips={self.cfg.max_consecutive_skips}: giving up "
+          f"({len(self.skipped)} skipped steps in all). {stop}")
     log.warning(msg)
 
   def validation(self, step: int, ev: dict) -> None:
@@ -381,52 +471,90 @@ class StepLog:
 
 
 def _due(step: int, every: int, last: int | None = None) -> bool:
-  return step % every == 0 or step == last
+  """Every `every` steps (0 = never) and at `last`."""
+  return (every > 0 and step % every == 0) or step == last
+
+
+def _save_unless_skipped(run: Run, logger: StepLog, step: int, force: bool = False) -> None:
+  """Checkpoints `step` unless its update was skipped for non-finite values."""
+  logger.flush()  # the step's metrics say whether its update was applied
+  if logger.last_skipped:
+    log.warning("not checkpointing step %d: its update was skipped (non-finite); the last "
+                "checkpoint is %s", step, run.checkpointer.latest_step())
+    return
+  run.save(step, force=force)
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          stop_after_steps: int | None = None, restore_step: int | None = None) -> TrainResult:
+          stop_after_steps: int | None = None, restore_step: int | None = None,
+          allow_steps_change: bool = False) -> TrainResult:
   """Trains `cfg` in `workdir` (resuming from its latest checkpoint).
 
   Args:
     cfg: a full config (see `mmfree_jax.config.base_config`).
     workdir: checkpoints, metrics.jsonl, TensorBoard files and the config go here.
-    progress: show a tqdm progress bar on process 0.
+    progress: show a tqdm progress bar on process 0 when stderr is a terminal; otherwise (or
+      with False) print a log line every train.log_every steps.
     stop_after_steps: stop (with a checkpoint) after this many steps of this call, as if
       preempted; None runs to `train.steps`.
     restore_step: resume from this step instead of the latest (newer steps are moved to
       `WORKDIR/abandoned_checkpoints/`).
+    allow_steps_change: accept a resume whose train.steps differs from the checkpoint's (the
+      LR schedule changes mid-run); refused otherwise.
   """
-  run = setup(cfg, workdir, stop_after_steps=stop_after_steps, restore_step=restore_step)
-  stop, logger = _StopSignal(), StepLog(run, progress)
+  run = setup(cfg, workdir, stop_after_steps=stop_after_steps, restore_step=restore_step,
+              allow_steps_change=allow_steps_change)
+  try:
+    stop, logger = _StopSignal(), StepLog(run, progress)
+  except BaseException:
+    run.close()
+    raise
+  is_main = jax.process_index() == 0
+  if is_main:
+    print("\n".join(run.banner), flush=True)
   interrupted, step = False, run.first_step
+  eval_every = cfg.train.eval_every
   try:
     while step < run.last_step:
       batch = _to_global(next(run.train_iter), run.batch_sharding)
+      if step == run.first_step and is_main:
+        print("compiling the train step...", end="", flush=True)
+        compile_started = time.perf_counter()
       run.state, device_metrics = run.train_step(run.state, batch)
+      if step == run.first_step:
+        jax.block_until_ready(device_metrics)
+        if is_main:
+          print(f" done: first step {time.perf_counter() - compile_started:.1f}s (compile + "
+                "run)", flush=True)
       step += 1
       logger.push(step, device_metrics)
-      if run.val_batches and _due(step, cfg.train.eval_every, cfg.train.steps):
+      if run.val_batches and eval_every > 0 and _due(step, eval_every, cfg.train.steps):
         logger.flush()
         logger.validation(step, run.evaluate())
       if _due(step, cfg.train.checkpoint_every):
-        run.save(step)
+        _save_unless_skipped(run, logger, step)
       if stop.any_process_requested():
         interrupted = True
         break
     logger.flush()
     interrupted = interrupted or step < cfg.train.steps
     if step != run.first_step or run.resumed_from is None:
-      run.save(step, force=True)
+      _save_unless_skipped(run, logger, step, force=True)
   finally:
-    run.close()
-    logger.close()
-    stop.restore()
+    try:
+      run.close()
+    finally:
+      logger.close()
+      stop.restore()
 
+  if logger.skipped:
+    log.warning("%d step(s) had non-finite values and were skipped: %s", len(logger.skipped),
+                logger.skipped[:20])
   log.info("peak FLOP/s per device for MFU: %.3g (%s)", run.throughput.peak_flops,
            run.throughput.peak_source)
   return TrainResult(run.state, final_model(run), run.tokenizer, logger.history,
-                     logger.eval_history, interrupted, time.time() - run.started)
+                     logger.eval_history, interrupted, time.time() - run.started,
+                     list(logger.skipped))
 
 
 def final_model(run: Run) -> nnx.Module:
