@@ -25,7 +25,7 @@ from mmfree_jax import generate as generate_lib
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.config import ModelConfig, base_config
-from mmfree_jax.eval import scoring
+from mmfree_jax.eval import multiple_choice, scoring
 from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.nn.model import build_model
 
@@ -140,7 +140,7 @@ def test_state_reuse_equals_scoring_each_choice_from_scratch(monkeypatch):
     prefilled.extend(map(tuple, contexts))
     return prefill(graphdef, params, contexts, rows, chunk_len)
 
-  monkeypatch.setattr(ev, "_prefill", counting_prefill)
+  monkeypatch.setattr(scoring, "_prefill", counting_prefill)
   with jax.enable_x64(True):
     model = _model("mmfree")
     requests = _requests(seed=1)
@@ -212,7 +212,7 @@ def test_multiple_choice_acc_and_length_normalised_acc(monkeypatch):
               ev.MCExample("", ("x", "yy", "z"), 2)]
   # summed log-likelihoods: acc picks the higher sum, acc_norm the higher sum per byte.
   lls = [-2.0, -4.0, -3.0, -2.5, -1.0, -3.0, -0.5]
-  monkeypatch.setattr(ev, "score_continuations",
+  monkeypatch.setattr(multiple_choice, "score_continuations",
                       lambda model, requests, **kw: [ev.Scored(v, False, 1) for v in lls])
   out = ev.evaluate_multiple_choice(None, ByteTok(), examples)
   assert out["predictions"] == [0, 1, 2]  # argmax of sums
