@@ -102,7 +102,11 @@ class _LMBase(nnx.Module):
       raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
     if not isinstance(tokens, jax.core.Tracer):
       check_token_ids(tokens, self.cfg.vocab_size)
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.cfg.compute_dtype)
+    # Gather from a table whole along 'embed' (vocab stays split on its axis): the table's
+    # 'embed' axis (fsdp) would meet the batch's (data x fsdp) in the gathered activations,
+    # a move the SPMD partitioner can only make by replicating them (and their gradient).
+    table = constrain(self.embedding[...], ("vocab", None))
+    x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
     return constrain(x, ("batch", "seq", "embed"))
 
   def _check_segments(self, tokens, segment_ids):
