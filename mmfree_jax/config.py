@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mmfree_jax.ops.bitlinear import BITLINEAR_IMPLS
+from mmfree_jax.ops.attention import ATTENTION_IMPLS
 from mmfree_jax.ops.recurrence import SCAN_TYPES
 
 MODEL_KINDS = ("mmfree", "transformer")
@@ -68,6 +69,9 @@ def base_model_config() -> ml_collections.ConfigDict:
       # transformer only: grouped-query K/V heads (Llama's num_key_value_heads); None = num_heads
       "num_kv_heads": config_dict.placeholder(int),
       "rope_theta": 10000.0,  # transformer only
+      # transformer only (ops.attention.ATTENTION_IMPLS): auto = cuDNN flash attention on GPU,
+      # XLA's jax.nn.dot_product_attention elsewhere; naive = the T x T reference
+      "attention_impl": "auto",
       "use_lower_bound": True,
       "rms_norm_eps": 1e-6,
       "scan_type": "sequential",
@@ -180,6 +184,7 @@ class ModelConfig:
   remat: str
   bitlinear_impl: str = "autodiff"
   num_kv_heads: int | None = None  # from_config resolves None to num_heads
+  attention_impl: str = "auto"
 
   @property
   def compute_dtype(self):
@@ -239,6 +244,9 @@ class ModelConfig:
     if self.bitlinear_impl not in BITLINEAR_IMPLS:
       raise ValueError(f"unknown model.bitlinear_impl {self.bitlinear_impl!r}; choose one of "
                        f"{tuple(BITLINEAR_IMPLS)}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown model.attention_impl {self.attention_impl!r}; choose one of "
+                       f"{ATTENTION_IMPLS}")
     if self.kind == "transformer":
       if self.d_model % self.num_heads:
         raise ValueError(f"model.d_model={self.d_model} is not divisible by "

@@ -196,16 +196,12 @@ class Attention(nnx.Module):
     heads, head_dim = self.cfg.num_heads, self.cfg.head_dim
     kv_heads = self.cfg.num_kv_heads or heads
     split = lambda t, n: t.reshape(batch, seq, n, head_dim)
-    # K/V head j serves query heads [j * group, (j + 1) * group).
-    widen = lambda t: t if kv_heads == heads else jnp.repeat(t, heads // kv_heads, axis=2)
+    impl = self.cfg.attention_impl
     q = attn_lib.rope(split(self.q_proj(x), heads), positions, self.cfg.rope_theta)
     k = attn_lib.rope(split(self.k_proj(x), kv_heads), positions, self.cfg.rope_theta)
     v = split(self.v_proj(x), kv_heads)
     if cache is None:
-      # Positions restart at each document only when segment ids are given, and the segment
-      # mask then removes every cross-document pair, so causality by position is exact.
-      mask = attn_lib.causal_mask(positions, positions, None, segment_ids, segment_ids)
-      out = attn_lib.dot_product_attention(q, widen(k), widen(v), mask)
+      out = attn_lib.causal_attention(q, k, v, segment_ids, impl=impl)
       new_cache = None
     else:
       k_cache, v_cache = cache
@@ -215,7 +211,7 @@ class Attention(nnx.Module):
                                                     cache_index, axis=1)
       key_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
       mask = attn_lib.causal_mask(positions, key_pos, cache_index + seq)
-      out = attn_lib.dot_product_attention(q, widen(k_cache.astype(q.dtype)),
-                                           widen(v_cache.astype(q.dtype)), mask)
+      out = attn_lib.masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
+                                      mask, impl=impl)
       new_cache = (k_cache, v_cache)
     return self.o_proj(out.reshape(batch, seq, heads * head_dim)), new_cache

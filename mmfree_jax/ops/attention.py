@@ -1,6 +1,14 @@
-"""Pure attention numerics for the Transformer++ baseline: RoPE, masks, softmax attention."""
+"""Pure attention numerics for the Transformer++ baseline: RoPE, masks, softmax attention.
+
+The layers call `causal_attention` (training windows) and `masked_attention` (KV-cache
+decode), which dispatch on `model.attention_impl` to `jax.nn.dot_product_attention` (cuDNN
+flash attention on GPU, XLA's elsewhere); `dot_product_attention` is the naive T x T softmax
+kept as the numerics reference.
+"""
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -61,3 +69,88 @@ def dot_product_attention(q, k, v, mask) -> jax.Array:
   logits = jnp.where(mask[:, None], logits, jnp.finfo(acc).min)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+# `model.attention_impl`: how the Transformer++ runs softmax attention.
+#   auto   cuDNN flash attention on a GPU when it takes the inputs (bf16/fp16, head_dim a
+#          multiple of 8 up to 128), XLA's attention (`jax.nn.dot_product_attention`)
+#          elsewhere, the naive path for float64 (jax.nn's softmax runs in fp32)
+#   xla    `jax.nn.dot_product_attention(implementation='xla')`
+#   cudnn  `jax.nn.dot_product_attention(implementation='cudnn')` (GPU only)
+#   naive  `dot_product_attention` below: the numerics reference of the tests
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "naive")
+
+
+def resolve_attention_impl(impl: str, dtype, head_dim: int) -> str:
+  """The implementation `impl` names on this backend for these inputs (see ATTENTION_IMPLS)."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"unknown model.attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
+  if impl != "auto":
+    return impl
+  dtype = jnp.dtype(dtype)
+  if dtype == jnp.float64:
+    return "naive"
+  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return "cudnn"
+  return "xla"
+
+
+def causal_attention(q, k, v, segment_ids=None, *, impl: str = "auto") -> jax.Array:
+  """Causal self-attention over one window, inside each document when segment ids are given.
+
+  Args:
+    q: `[batch, seq, heads, head_dim]`; k, v: `[batch, seq, kv_heads, head_dim]` (kv_heads
+      dividing heads: grouped-query attention), q's dtype.
+    segment_ids: `[batch, seq]` document ids of a packed window (contiguous runs) or None.
+    impl: a `model.attention_impl` name.
+  Returns:
+    `[batch, seq, heads, head_dim]` in q's dtype.
+  """
+  resolved = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+  if resolved == "naive":
+    batch, seq = q.shape[:2]
+    pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+    mask = causal_mask(pos, pos, None, segment_ids, segment_ids)
+    return dot_product_attention(q, repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2]), mask)
+  # Causal by index within a window equals causal by in-document position (documents are
+  # contiguous runs and the segment mask removes every cross-document pair).
+  mask = None
+  if segment_ids is not None:
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
+  return _jax_nn_attention(q, k, v, mask, True, resolved, explicit=impl == "cudnn")
+
+
+def masked_attention(q, k, v, mask, *, impl: str = "auto") -> jax.Array:
+  """Attention under an explicit `[batch, q_len, k_len]` bool mask (the KV-cache path); q
+  `[batch, q_len, heads, head_dim]`, k, v `[batch, k_len, kv_heads, head_dim]`.
+
+  cuDNN's causal mask is aligned for q_len == k_len only and decode is bandwidth-bound, so
+  'cudnn' runs XLA's implementation here.
+  """
+  resolved = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+  if resolved == "naive":
+    return dot_product_attention(q, repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2]), mask)
+  return _jax_nn_attention(q, k, v, mask[:, None], False, "xla", explicit=False)
+
+
+def _jax_nn_attention(q, k, v, mask, is_causal: bool, impl: str, *, explicit: bool):
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                          implementation="cudnn")
+    except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
+      reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+      if explicit:
+        raise ValueError(f"model.attention_impl='cudnn' cannot run q{q.shape} {q.dtype} here "
+                         f"({reason}); use 'auto' or 'xla'") from None
+      warnings.warn(f"cuDNN attention unavailable ({reason}); using XLA's", stacklevel=3)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
+                                      implementation="xla")
+
+
+def repeat_kv(t: jax.Array, heads: int) -> jax.Array:
+  """`[b, s, kv_heads, d]` -> `[b, s, heads, d]`: K/V head j serves query heads
+  `[j * group, (j + 1) * group)` (Llama's `repeat_kv`)."""
+  kv_heads = t.shape[2]
+  return t if kv_heads == heads else jnp.repeat(t, heads // kv_heads, axis=2)
