@@ -136,9 +136,10 @@ def test_parquet_row_groups_and_other_field(tmp_path):
 def test_text_paragraphs_plain_and_zst(tmp_path):
   (tmp_path / "a.txt").write_text("first line\nsecond line\n\n  \n\nthird\n")
   write_zst(tmp_path / "b.txt.zst", "\n\nlast one\nwith é\n".encode())
-  manifest = run(tmp_path, f"{tmp_path}/a.txt,{tmp_path}/b.txt.zst", "text")
+  manifest = run(tmp_path, f"{tmp_path}/a.txt,{tmp_path}/b.txt.zst", "text", compression="none")
   check_output(tmp_path / "out", manifest,
                ["first line\nsecond line", "third", "last one\nwith é"])
+  assert manifest["writer_options"] == "group_size:1,uncompressed"
 
 
 def test_hf_save_to_disk_dataset_and_dict(tmp_path):

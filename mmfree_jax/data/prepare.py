@@ -11,7 +11,7 @@ What a shard holds. Each shard is a contiguous piece of the corpus token stream:
 in input order, each `[bos] + ids + [eos]` (`Tokenizer.encode_document`), concatenated, and cut
 into records of exactly `--record_tokens` tokens (the last record of a shard shorter), stored
 as little-endian uint16 (vocab <= 65536) or int32 bytes, ArrayRecord `group_size:1`,
-uncompressed.
+zstd-compressed per record (`--compression none` to store them raw).
 Fixed-size records rather than one document per record, because the training pipeline packs
 by concatenate-then-split: a window of `seq_len + 1` tokens is a slice of the split's token
 stream, its segment ids and the model's document resets come from the EOS tokens inside it
@@ -64,10 +64,10 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = "mmfree-tokens-array-record-v1"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
-# group_size 1: one record per random read. Uncompressed: BPE ids are near-incompressible
-# (zstd:3 stored spm:mistral KJV tokens at 2.03 bytes/token vs 2.0 raw uint16) and each
-# decompression would cost every read.
-WRITER_OPTIONS = "group_size:1,uncompressed"
+# group_size 1: one record per random read. zstd level 1: spm:mistral ids of the KJV took 1.1
+# bytes/token (vs 2.0 raw uint16) at ~2x the read time of an uncompressed record (~130 vs
+# ~60 us under load), far below what the loader needs (bench_data); `--compression none` skips it.
+COMPRESSION = {"zstd": "group_size:1,zstd:1", "none": "group_size:1,uncompressed"}
 _CHUNK_CHARS = 1 << 20  # text per tokenize task
 _CHUNK_DOCS = 4096
 _TOKENIZER_FILES = {"hf": "tokenizer.json", "bpe": "tokenizer.json", "spm": "tokenizer.model"}
@@ -100,6 +100,7 @@ class PrepareOptions:
   val_shards: int = 0
   val_fraction: float = 0.0
   hf_split: str = "train"
+  compression: str = "zstd"
   cache_dir: str | None = None
 
   def validate(self) -> None:
@@ -114,6 +115,9 @@ class PrepareOptions:
       raise ValueError(f"--val_shards={self.val_shards} must be >= 0")
     if not 0.0 <= self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
+    if self.compression not in COMPRESSION:
+      raise ValueError(f"--compression={self.compression!r}; choose one of "
+                       f"{sorted(COMPRESSION)}")
     if self.val_shards and self.val_fraction:
       raise ValueError("pass --val_shards or --val_fraction, not both")
 
@@ -268,12 +272,12 @@ def _write_json_atomic(path: str, value) -> None:
 class _ShardWriter:
   """Writes one shard's token stream as fixed-size records to `*.tmp`; `commit` publishes."""
 
-  def __init__(self, out: str, index: int, record_tokens: int, dtype, start):
+  def __init__(self, out: str, index: int, record_tokens: int, dtype, start, options: str):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
     self.out, self.index, self.record_tokens, self.dtype = out, index, record_tokens, dtype
     self.path = os.path.join(out, shard_name(index))
     self.tmp = self.path + ".tmp"
-    self._writer = array_record_module.ArrayRecordWriter(self.tmp, WRITER_OPTIONS)
+    self._writer = array_record_module.ArrayRecordWriter(self.tmp, options)
     self._buffer = np.zeros(0, dtype)
     self.tokens = self.documents = self.records = 0
     self.start = list(start)
@@ -393,7 +397,7 @@ def prepare(opts: PrepareOptions) -> dict:
           "hf_split": opts.hf_split, "inputs": [[p, formats.input_identity(p)] for p in paths],
           "tokenizer_fingerprint": tok.fingerprint, "shard_tokens": int(opts.shard_tokens),
           "record_tokens": int(opts.record_tokens), "dtype": dtype.str,
-          "writer_options": WRITER_OPTIONS}
+          "writer_options": COMPRESSION[opts.compression]}
   _check_plan(out, plan)
   worker_spec = store_tokenizer(tokenizer_file, out, opts.tokenizer)
   plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
@@ -418,7 +422,8 @@ def prepare(opts: PrepareOptions) -> dict:
         lo_doc, lo_tok = 0, 0
         while lo_doc < len(lengths):
           if writer is None:
-            writer = _ShardWriter(out, len(shards), opts.record_tokens, dtype, where[lo_doc])
+            writer = _ShardWriter(out, len(shards), opts.record_tokens, dtype, where[lo_doc],
+                                  plan["writer_options"])
           room = opts.shard_tokens - writer.tokens  # > 0
           # The first document whose end brings the shard to shard_tokens closes it.
           last = int(np.searchsorted(ends - lo_tok, room, side="left"))
@@ -495,12 +500,14 @@ def parse_args(argv=None) -> PrepareOptions:
                       help="held-out fraction of the shards (instead of --val_shards)")
   parser.add_argument("--hf_split", default="train",
                       help="split of a DatasetDict folder (--format hf_disk)")
+  parser.add_argument("--compression", default="zstd", choices=sorted(COMPRESSION),
+                      help="per-record compression of the shards")
   args = parser.parse_args(argv)
   return PrepareOptions(inputs=args.inputs, format=args.format, tokenizer=args.tokenizer,
                         out=args.out, text_field=args.text_field, num_proc=args.num_proc,
                         shard_tokens=int(args.shard_tokens), record_tokens=args.record_tokens,
                         val_shards=args.val_shards, val_fraction=args.val_fraction,
-                        hf_split=args.hf_split)
+                        hf_split=args.hf_split, compression=args.compression)
 
 
 def main(argv=None) -> int:
