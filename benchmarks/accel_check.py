@@ -38,6 +38,7 @@ import numpy as np
 
 from benchmarks import common, setups
 from mmfree_jax import config as config_lib
+from mmfree_jax.ops import attention
 from mmfree_jax.ops import bitlinear as bitlinear_lib
 from mmfree_jax.ops import recurrence
 from mmfree_jax.train import flops as flops_lib
@@ -162,20 +163,18 @@ def parity(smoke: bool) -> list[dict]:
 
 
 def train_variants() -> list[tuple[str, str, dict]]:
-  """(name, kind, model overrides): every scan_type and bitlinear_impl, and Transformer++."""
+  """(name, kind, model overrides): every scan_type and bitlinear_impl, and Transformer++ per
+  attention implementation ('auto' entries are aliases of concrete ones and are skipped)."""
   scans = [s for s in recurrence.SCAN_TYPES if s != "auto"]
-  impls = list(bitlinear_lib.BITLINEAR_IMPLS)
+  impls = [b for b in bitlinear_lib.BITLINEAR_IMPLS if b != "auto"]
   best_scan = "pallas" if "pallas" in scans else "sequential"
   out = [(f"mmfree scan={s}", "mmfree", {"scan_type": s, "bitlinear_impl": "autodiff"})
          for s in scans]
   out += [(f"mmfree scan={best_scan} bitlinear={b}", "mmfree",
            {"scan_type": best_scan, "bitlinear_impl": b}) for b in impls if b != "autodiff"]
-  attn_impls = getattr(config_lib, "ATTENTION_IMPLS", None)
-  if attn_impls:
-    out += [(f"transformer attention={a}", "transformer", {"attention_impl": a})
-            for a in attn_impls if a != "auto"]
-  else:
-    out.append(("transformer", "transformer", {}))
+  attn = [a for a in attention.ATTENTION_IMPLS if a != "auto"
+          and (a != "cudnn" or jax.default_backend() == "gpu")]
+  out += [(f"transformer attention={a}", "transformer", {"attention_impl": a}) for a in attn]
   return out
 
 

@@ -257,7 +257,10 @@ def compile_point(kind: str, size: str, chip_name: str, mesh_shape: dict, micro:
   t0 = time.perf_counter()
   lowered = step.lower(abstract_state, {"tokens": window, "segment_ids": window})
   t1 = time.perf_counter()
-  out = {"device_kind": topo.devices[0].device_kind, "lower_s": t1 - t0}
+  out = {"device_kind": topo.devices[0].device_kind, "lower_s": t1 - t0,
+         "model": {k: getattr(model_cfg, k) for k in ("scan_type", "bitlinear_impl", "dtype",
+                                                      "param_dtype", "remat")
+                   if hasattr(model_cfg, k)}}
   try:
     compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses a program that does not fit
@@ -362,6 +365,7 @@ class Cache:
     if "searches" in extra:  # merge: parallel searches each add their own entry
       extra["searches"] = {**payload.get("searches", {}), **extra["searches"]}
     payload.update(extra)
+    payload["benchmark"] = "aot_tpu"  # benchmarks.report indexes result files by this
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     tmp = self.path + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -470,8 +474,16 @@ def summarize(cache: Cache) -> list[dict]:
   """One row per (model, size, slice): the chosen point or the closest miss."""
   rows = []
   searches = cache_searches(cache)
-  for (kind, size, chip_name), s in sorted(searches.items()):
+  for kind, size, chip_name in [(k, s, c) for k in KINDS for s in SIZES for c in CHIPS]:
+    s = searches.get((kind, size, chip_name))
     chip = CHIPS[chip_name]
+    if s is None:  # never searched (or a search that was stopped before it finished)
+      tried = [{"key": k, "status": p["status"]} for k, p in cache.points.items()
+               if k.startswith(f"{kind}/{size}/{chip_name}/")]
+      rows.append({"kind": kind, "size": size, "slice": chip.slice_name, "chips": chip.chips,
+                   "topology": chip.topology, "hbm_bytes": chip.hbm_bytes, "fits": None,
+                   "tried": tried})
+      continue
     row = {"kind": kind, "size": size, "slice": chip.slice_name, "topology": chip.topology,
            "chips": chip.chips, "hbm_bytes": chip.hbm_bytes, "tried": s["tried"]}
     if s["chosen"]:
@@ -521,6 +533,9 @@ def print_table(rows: list[dict]) -> None:
         f"{'bound':>7s}  (ESTIMATE)")
   for r in rows:
     name = f"{r['kind']}-{r['size']}"
+    if r["fits"] is None:
+      print(f"{name:12s} {r['slice']:6s} not searched yet")
+      continue
     if not r["fits"]:
       by = r.get("exceeded_bytes")
       print(f"{name:12s} {r['slice']:6s} does not fit"

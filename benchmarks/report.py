@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 
-from benchmarks import common
+from benchmarks import common, report_accel
 
 COMMAND = "python -m benchmarks.run_all"
 
@@ -301,6 +301,8 @@ NOTES = """## Notes on reading these numbers
 
 
 def make_markdown(res: dict, preset: str | None = None) -> str:
+  res = dict(res)  # the accelerator results (no CPU machine block) get their own sections
+  accel = {k: res.pop(k) for k in report_accel.RESULT_NAMES if k in res}
   if not res:
     return "# Benchmarks\n\nNo results yet: run `" + COMMAND + "`.\n"
   any_run = next(iter(res.values()))
@@ -328,9 +330,10 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
       "",
       "## Targets",
       "",
-      _table(["target", "measured", "met"], targets(res)),
+      _table(["target", "measured", "met"], targets(res) + report_accel.targets(accel)),
   ]
-  return "\n".join(head) + "\n\n" + "\n\n".join(sections(res)) + "\n\n" + NOTES
+  return ("\n".join(head) + "\n\n" + "\n\n".join(sections(res) + report_accel.sections(accel))
+          + "\n\n" + NOTES)
 
 
 def main():
