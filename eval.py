@@ -5,6 +5,7 @@
   python eval.py --workdir=/tmp/tiny --mc_file=mmfree_jax/eval/samples/sample_mc.jsonl
   python eval.py --workdir=/tmp/tiny --prompt="In the beginning" --temperature=0.8 --top_k=40
   python eval.py --workdir=/tmp/tiny --step=400 --lm_eval_tasks=lambada_openai   # needs lm-eval
+  python eval.py --packed=/tmp/tiny_2bit --prompt="In the beginning"   # python -m mmfree_jax.export
 
 Uses the latest checkpoint (or --step) with the workdir's config.json, or with --config (same
 architecture; e.g. another data split: --config=configs/tiny.py --config.data.seq_len=512).
@@ -23,6 +24,8 @@ config_flags.DEFINE_config_file("config", None, "Optional config overriding the 
                                 "config.json (same model architecture).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Training or import workdir (config.json, checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("packed", None, "A packed directory (python -m mmfree_jax.export) to "
+                    "evaluate instead of --workdir; results go to DIR/eval.")
 flags.DEFINE_enum("ppl_split", "", ["", "val"], "Perplexity of the validation split.")
 flags.DEFINE_multi_string("ppl_file", [], "Perplexity of a text file (one document per "
                           "paragraph) or .jsonl file (one per line); repeatable.")
@@ -43,7 +46,7 @@ flags.DEFINE_list("lm_eval_tasks", [], "lm-eval-harness tasks to run through the
                   "(needs `pip install lm-eval`).")
 flags.DEFINE_string("lm_eval_include_path", None, "Folder of extra lm-eval task YAMLs.")
 flags.DEFINE_integer("lm_eval_limit", None, "lm-eval: at most this many documents per task.")
-flags.mark_flag_as_required("workdir")
+flags.mark_flags_as_mutual_exclusive(["workdir", "packed"], required=True)
 
 
 def _split(values):
@@ -68,10 +71,11 @@ def _run_lm_eval() -> str:
   from mmfree_jax.eval import lm_eval_adapter
   f = flags.FLAGS
   out = lm_eval_adapter.evaluate_tasks(
-      f.workdir, f.lm_eval_tasks, step=f.step, config=f.config, batch_size=f.batch_size,
-      limit=f.lm_eval_limit, include_path=f.lm_eval_include_path)
+      f.workdir or f.packed, f.lm_eval_tasks, step=f.step, config=f.config,
+      batch_size=f.batch_size, limit=f.lm_eval_limit, include_path=f.lm_eval_include_path,
+      packed=f.packed is not None)
   print(json.dumps(out["lm_eval"], indent=2, default=str))
-  return evaluation.write_results(out, os.path.join(f.workdir, "eval"))
+  return evaluation.write_results(out, os.path.join(f.workdir or f.packed, "eval"))
 
 
 def main(argv):
@@ -85,10 +89,15 @@ def main(argv):
   from mmfree_jax import eval as evaluation
   from mmfree_jax.checkpoint.manager import CheckpointError
   f = flags.FLAGS
+  if f.packed is not None and f.step is not None:
+    print("eval.py: error: --step picks a checkpoint of --workdir; a --packed directory holds "
+          "the one step it was exported from", file=sys.stderr)
+    sys.exit(1)
   try:
     options = _options()
     if not f.lm_eval_tasks or evaluation.has_work(options):
-      results = evaluation.evaluate_workdir(f.workdir, options, step=f.step, config=f.config)
+      results = evaluation.evaluate_workdir(f.workdir or f.packed, options, step=f.step,
+                                            config=f.config, packed=f.packed is not None)
       print(evaluation.format_table(results))
       for note in results["notes"]:
         print("note:", note)

@@ -3,15 +3,19 @@ steps carrying the model state: the constant-size recurrent state `h [layers, ba
 the MatMul-free LM (no KV cache, no context limit), a KV cache of `prompt + max_new_tokens`
 positions for the Transformer++.
 
-`generate(model, prompt_ids, cfg)` works on token ids; `generate_text(model, tokenizer,
-prompt, cfg)` on text (what `eval.py --prompt` and the lm-eval adapter use).
+`generate_batch(model, [ids, ...], cfg)` continues prompts of different lengths in one loop
+(per-row EOS), `generate(model, prompt_ids [B, P], cfg)` equal-length rows; `generate_text(model,
+tokenizer, prompt, cfg)` works on text (`eval.py --prompt`). Any model with the
+`model(tokens, state=) -> (logits, state)` / `init_state` contract works: the latent
+MatMul-free LM, the Transformer++ and the packed `nn.packed.PackedLM`.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple
+import os
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +27,9 @@ from mmfree_jax.nn.model import check_token_ids
 from mmfree_jax.ops.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
+# A decode loop longer than this is a mistake (1e9 would pre-allocate 4 GB of output and run for
+# days); generate in pieces, carrying the text forward, if you really need more.
+MAX_NEW_TOKENS = 1 << 20
 
 
 class SamplingConfig(NamedTuple):
@@ -40,6 +47,10 @@ class SamplingConfig(NamedTuple):
   def validate(self) -> "SamplingConfig":
     if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
+    if self.max_new_tokens > MAX_NEW_TOKENS:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} is more than {MAX_NEW_TOKENS} "
+                       "(the decode loop pre-allocates its output and would run for hours); "
+                       "ask for fewer tokens")
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
     if self.top_k < 0:
@@ -47,6 +58,68 @@ class SamplingConfig(NamedTuple):
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p}")
     return self
+
+
+def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+  """Rough device bytes of a `generate` call by part (the big allocations only).
+
+  prefill_logits `[batch, prompt_len, vocab]` fp32; Transformer++: KV cache of prompt + new
+  positions and the prefill's `[batch, heads, prompt_len, prompt_len]` fp32 attention scores
+  (the XLA / naive attention materializes them); output ids `[batch, max_new_tokens]` int32.
+  """
+  acc = 4
+  total_len = prompt_len + max_new_tokens
+  parts = {"prefill_logits": batch * prompt_len * model_cfg.vocab_size * acc,
+           "prefill_activations": 8 * batch * prompt_len * model_cfg.d_model * acc,
+           "output_ids": batch * max_new_tokens * 4}
+  if model_cfg.kind == "transformer":
+    itemsize = np.dtype(model_cfg.compute_dtype).itemsize
+    kv_heads = getattr(model_cfg, "num_kv_heads", None) or model_cfg.num_heads
+    parts["kv_cache"] = (2 * model_cfg.num_layers * batch * total_len * kv_heads
+                         * model_cfg.head_dim * itemsize)
+    parts["prefill_attention_scores"] = batch * model_cfg.num_heads * prompt_len**2 * acc
+  return parts
+
+
+def available_memory_bytes() -> int | None:
+  """Free memory of the first local device (its allocator's limit minus use), or the host's
+  available RAM on CPU; None when unknown."""
+  device = jax.local_devices()[0]
+  try:
+    stats = device.memory_stats()
+  except Exception:  # pylint: disable=broad-except  # not implemented on some backends
+    stats = None
+  if stats and "bytes_limit" in stats:
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
+def check_generation_fits(model_cfg, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+  """Raises ValueError, before anything is allocated, when a generation cannot fit memory."""
+  if prompt_len + max_new_tokens >= 2**31 - 1:
+    raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) positions do "
+                     "not fit int32 positions; shorten them")
+  parts = generation_memory_bytes(model_cfg, batch, prompt_len, max_new_tokens)
+  need, free = sum(parts.values()), available_memory_bytes()
+  if free is not None and need > free:
+    detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(parts.items(),
+                                                                  key=lambda kv: -kv[1]) if v)
+    raise ValueError(
+        f"generating {max_new_tokens} tokens after a {prompt_len}-token prompt (batch {batch}) "
+        f"needs about {need / 2**30:.1f} GiB ({detail} GiB) but {free / 2**30:.1f} GiB are "
+        f"free on {jax.local_devices()[0].platform}; shorten the prompt or max_new_tokens")
+
+
+_STREAM_SINK: list = []  # the `on_tokens` callback of the generate call running now
+
+
+def _emit_tokens(position, tokens, emitting):
+  """Host side of streaming: forwards a step's tokens when row 0 emitted one."""
+  if _STREAM_SINK and bool(np.asarray(emitting)[0]):
+    _STREAM_SINK[-1](int(np.asarray(position)[0]), np.asarray(tokens))
 
 
 def sample_from_logits(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -83,54 +156,134 @@ def _sample(logits, rng, temperature, top_p, *, greedy: bool, top_k: int, nucleu
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "greedy", "top_k",
-                                             "nucleus"))
-def _generate(graphdef, params, prompt, rng, temperature, top_p, eos, *, max_new_tokens: int,
-              greedy: bool, top_k: int, nucleus: bool):
-  """`prompt [batch, prompt_len]` → (`[batch, max_new_tokens]` int32, number generated).
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "min_len", "greedy",
+                                             "top_k", "nucleus", "vocab_limit", "stream"))
+def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *,
+              max_new_tokens: int, min_len: int, greedy: bool, top_k: int, nucleus: bool,
+              vocab_limit: int | None = None, stream: bool = False):
+  """`prompt [batch, P]` right-padded, `lengths [batch]` int32 (min_len <= lengths <= P).
 
+  Returns `[batch, max_new_tokens]` int32 and the per-row count of generated tokens `[batch]`.
   `temperature, top_p` fp32 scalars, `eos` int32 scalar (-1 = none) are traced: changing them
   does not recompile.
+
+  Prompts of different lengths share one loop: the first `min_len` tokens of every row are
+  prefilled in parallel, then each step feeds every row its next prompt token while it has
+  one (teacher forcing) and its last sampled token after; a row emits from the step its prompt
+  is consumed and stops at its own EOS. Every row sits at the same position, so one
+  `[batch, 1]` decode step serves all (no padding masks, exact for both model kinds).
+  vocab_limit: only ids below it are sampled. stream: each step's tokens go to
+  `_emit_tokens` (host callback, in order).
   """
   model = nnx.merge(graphdef, params)
   batch, prompt_len = prompt.shape
+  rows = jnp.arange(batch)
   sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
                              top_k=top_k, nucleus=nucleus)
+  fill = jnp.maximum(eos, 0)  # what a finished row is fed (its output repeats the EOS)
   # MatMul-free: `h [layers, batch, d]` whatever the length; Transformer++: KV cache of
   # prompt_len + max_new_tokens positions.
   state = model.init_state(batch, prompt_len + max_new_tokens)
-  logits, state = model(prompt, state=state)  # prefill: parallel over the prompt
-  rng, key = jax.random.split(rng)
-  first = sample(logits[:, -1], key)
-  out = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-  done = first == eos
+  logits, state = model(prompt[:, :min_len], state=state)  # prefill: parallel
+
+  def emit(t, logits, out, count, done, rng):
+    """Samples after `t` consumed tokens; rows past their prompt record it."""
+    rng, key = jax.random.split(rng)
+    if vocab_limit is not None:
+      keep = jnp.arange(logits.shape[-1]) < vocab_limit
+      logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+    token = sample(logits, key)
+    emitting = (t >= lengths) & ~done
+    slot = jnp.minimum(count, max_new_tokens - 1)
+    if stream:
+      jax.debug.callback(_emit_tokens, slot, token, emitting, ordered=True)
+    out = out.at[rows, slot].set(jnp.where(emitting, token, out[rows, slot]))
+    count = count + emitting
+    done = done | (emitting & ((token == eos) | (count >= max_new_tokens)))
+    prompt_next = jax.lax.dynamic_index_in_dim(prompt, jnp.minimum(t, prompt_len - 1), 1,
+                                               keepdims=False)
+    feed = jnp.where(t < lengths, prompt_next, jnp.where(done, fill, token))
+    return feed, out, count, done, rng
+
+  out = jnp.zeros((batch, max_new_tokens), jnp.int32)
+  count = jnp.zeros((batch,), jnp.int32)
+  t = jnp.int32(min_len)
+  feed, out, count, done, rng = emit(t, logits[:, -1], out, count,
+                                     jnp.zeros((batch,), bool), rng)
 
   def cond(carry):
-    i, _, _, done, _ = carry
-    return (i < max_new_tokens) & ~jnp.all(done)
+    return ~jnp.all(carry[5])
 
   def body(carry):
-    i, out, state, done, rng = carry
-    previous = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)  # [batch, 1]
-    logits, state = model(previous, state=state)  # one decode step
-    rng, key = jax.random.split(rng)
-    token = jnp.where(done, jnp.maximum(eos, 0), sample(logits[:, -1], key))
-    out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], i, axis=1)
-    return i + 1, out, state, done | (token == eos), rng
+    t, feed, state, out, count, done, rng = carry
+    logits, state = model(feed[:, None], state=state)  # one decode step
+    t = t + 1
+    feed, out, count, done, rng = emit(t, logits[:, -1], out, count, done, rng)
+    return t, feed, state, out, count, done, rng
 
-  n, out, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out, state, done, rng))
-  return out, n
+  carry = jax.lax.while_loop(cond, body, (t, feed, state, out, count, done, rng))
+  return carry[3], carry[4]
+
+
+def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingConfig(), *,
+                   seed: int = 0, vocab_limit: int | None = None,
+                   on_tokens: Callable[[int, np.ndarray], None] | None = None
+                   ) -> list[list[int]]:
+  """Continues prompts of different lengths in one decode loop.
+
+  Args:
+    model: a `MatMulFreeLM`, `TransformerLM` or packed `PackedLM`.
+    prompts: token-id lists (each >= 1 token), any lengths.
+    cfg: sampling settings; each row stops at its own `eos_id` (kept as its last token).
+    seed: PRNG seed of the sampling (unused when greedy).
+    vocab_limit: sample only ids below it (a model vocab padded past the tokenizer's).
+    on_tokens: called as `on_tokens(position, tokens [batch])` at every step where row 0
+      emits (streaming; the whole batch's sampled tokens of that step).
+  Returns:
+    the new tokens of each prompt, in order (at most max_new_tokens; ends with the EOS when
+    it stopped there).
+  """
+  prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
+  if not prompts or any(p.size == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token (e.g. BOS); got "
+                     f"{[int(p.size) for p in prompts]} tokens")
+  cfg.validate()
+  lengths = np.asarray([p.size for p in prompts], np.int32)
+  padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
+  for row, p in enumerate(prompts):
+    padded[row, :p.size] = p
+  check_token_ids(padded, model.cfg.vocab_size)
+  check_generation_fits(model.cfg, len(prompts), padded.shape[1], cfg.max_new_tokens)
+  graphdef, params = nnx.split(model)
+  eos = -1 if cfg.eos_id is None else cfg.eos_id
+  if on_tokens is not None:
+    _STREAM_SINK.append(on_tokens)
+  try:
+    out, count = _generate(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
+                           jax.random.key(seed), jnp.float32(cfg.temperature),
+                           jnp.float32(cfg.top_p), jnp.int32(eos),
+                           max_new_tokens=cfg.max_new_tokens, min_len=int(lengths.min()),
+                           vocab_limit=vocab_limit, stream=on_tokens is not None,
+                           **_static_sampling(cfg))
+    out, count = np.asarray(out), np.asarray(count)
+  finally:
+    if on_tokens is not None:
+      _STREAM_SINK.pop()
+  return [out[row, :count[row]].tolist() for row in range(len(prompts))]
 
 
 def generate(model: nnx.Module, prompt_tokens, cfg: SamplingConfig = SamplingConfig(), *,
-             seed: int = 0) -> np.ndarray:
+             seed: int = 0, vocab_limit: int | None = None,
+             on_tokens: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
   """Continues each prompt row.
 
   Args:
-    model: a `MatMulFreeLM` or `TransformerLM`.
-    prompt_tokens: `[batch, prompt_len]` int ids (rows of equal length, prompt_len >= 1).
+    model: a `MatMulFreeLM`, `TransformerLM` or packed `PackedLM`.
+    prompt_tokens: `[batch, prompt_len]` int ids (rows of equal length, prompt_len >= 1; for
+      rows of different lengths use `generate_batch`).
     cfg: sampling settings.
     seed: PRNG seed of the sampling (unused when greedy).
+    vocab_limit, on_tokens: as `generate_batch`.
   Returns:
     `[batch, n]` int32 new tokens, n <= max_new_tokens (fewer when every row hit EOS);
     after a row's EOS, its remaining slots repeat the EOS id.
@@ -139,14 +292,11 @@ def generate(model: nnx.Module, prompt_tokens, cfg: SamplingConfig = SamplingCon
   if prompt.ndim != 2 or prompt.shape[1] == 0:
     raise ValueError(f"prompt must be [batch, prompt_len >= 1] token ids; got {prompt.shape}. "
                      "An empty prompt has no context: pass at least one token (e.g. BOS)")
-  cfg.validate()
-  check_token_ids(prompt, model.cfg.vocab_size)
-  graphdef, params = nnx.split(model)
-  eos = -1 if cfg.eos_id is None else cfg.eos_id
-  out, n = _generate(graphdef, params, jnp.asarray(prompt), jax.random.key(seed),
-                     jnp.float32(cfg.temperature), jnp.float32(cfg.top_p), jnp.int32(eos),
-                     max_new_tokens=cfg.max_new_tokens, **_static_sampling(cfg))
-  return np.asarray(out)[:, :int(n)]
+  rows = generate_batch(model, list(prompt), cfg, seed=seed, vocab_limit=vocab_limit,
+                        on_tokens=on_tokens)
+  n = max(len(r) for r in rows)
+  fill = 0 if cfg.eos_id is None else cfg.eos_id
+  return np.asarray([r + [fill] * (n - len(r)) for r in rows], np.int32).reshape(len(rows), n)
 
 
 class Generation(NamedTuple):
@@ -183,13 +333,39 @@ def context_notes(model_cfg, prompt_len: int, max_new_tokens: int,
   return notes
 
 
+class _TextStream:
+  """Turns streamed token ids into text pieces for `on_text` (stops at EOS; a piece is what
+  decoding the ids so far adds, so multi-token characters come out whole)."""
+
+  def __init__(self, tokenizer, eos_id, on_text):
+    self.tokenizer, self.eos_id, self.on_text = tokenizer, eos_id, on_text
+    self.ids, self.shown, self.done = [], "", False
+
+  def __call__(self, position, tokens):
+    del position
+    token = int(tokens[0])
+    if self.done or token == self.eos_id:
+      self.done = True
+      return
+    self.ids.append(token)
+    text = self.tokenizer.decode(self.ids)
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+      return
+    if text.startswith(self.shown):
+      self.on_text(text[len(self.shown):])
+    self.shown = text
+
+
 def generate_text(model: nnx.Module, tokenizer, prompt: str,
                   cfg: SamplingConfig = SamplingConfig(), *, seed: int = 0,
-                  context_limit: int | None = None) -> Generation:
+                  context_limit: int | None = None,
+                  on_text: Callable[[str], None] | None = None) -> Generation:
   """Continues `prompt` (text) until EOS or `cfg.max_new_tokens`.
 
   The prompt starts as a training document does (`[bos]` where the tokenizer has one);
-  `cfg.eos_id` defaults to the tokenizer's EOS. The returned text stops before the EOS.
+  `cfg.eos_id` defaults to the tokenizer's EOS. The returned text stops before the EOS. Only
+  ids the tokenizer has are sampled (a model vocab padded past them never emits the rest).
+  on_text: called with each new piece of text as it is generated (e.g. print it).
   """
   if not prompt:
     raise ValueError("empty prompt: generation needs some text to continue; pass --prompt "
@@ -202,7 +378,10 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str,
   notes = context_notes(model.cfg, len(ids), cfg.max_new_tokens, context_limit)
   for note in notes:
     log.info(note)
-  new = generate(model, np.asarray([ids], np.int32), cfg, seed=seed)[0].tolist()
+  limit = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
+  stream = _TextStream(tokenizer, cfg.eos_id, on_text) if on_text is not None else None
+  new = generate(model, np.asarray([ids], np.int32), cfg, seed=seed, vocab_limit=limit,
+                 on_tokens=stream)[0].tolist()
   stopped = cfg.eos_id in new
   if stopped:
     new = new[:new.index(cfg.eos_id)]

@@ -108,7 +108,8 @@ class Checkpointer:
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only the params (from a full train state or a params-only step).
 
-    abstract_params: tree of `jax.ShapeDtypeStruct` with shardings.
+    abstract_params: tree of `jax.ShapeDtypeStruct` with shardings; a subtree of the params
+      restores only those leaves.
     """
     restore_args = jax.tree.map(
         lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
@@ -124,7 +125,9 @@ class Checkpointer:
                                       restore_args={"params": restore_args},
                                       partial_restore=True)
         return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
-      args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args)
+      # partial_restore: a subtree of the params (e.g. one leaf, as `mmfree_jax.export` reads)
+      args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args,
+                                    partial_restore=True)
       return reader.restore(step, args=ocp.args.Composite(params=args))["params"]
     except Exception as e:
       raise CheckpointError(

@@ -17,7 +17,8 @@ The three request types map onto `mmfree_jax.eval` / `mmfree_jax.generate`:
   continuation, the Transformer++ recomputes);
 - `loglikelihood_rolling`: lm-eval's rolling windows of `max_length` tokens for the
   Transformer++, the whole document with full context for the MatMul-free LM;
-- `generate_until`: `generate` (prefill + jitted decode loop), cut at the first stop string.
+- `generate_until`: `generate_batch` (prefill + one jitted decode loop for `batch_size`
+  requests of different lengths), cut at the first stop string.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class MMFreeLM(LM):
   """A MatMul-free LM or Transformer++ behind lm-eval's `LM` interface.
 
   Args:
-    workdir, step, config: load the checkpoint (`runner.load_for_eval`); or
+    workdir, step, config: load the checkpoint (`runner.load_for_eval`), or with
+      `packed=True` the packed directory `workdir` (`runner.load_packed_for_eval`); or
     model, tokenizer: an in-memory model and tokenizer (`mmfree_jax.data.Tokenizer`-like).
     batch_size: rows per forward ("auto" = 16).
     max_length: Transformer++ context window (default: the workdir's data.seq_len, else
@@ -61,7 +63,7 @@ class MMFreeLM(LM):
 
   def __init__(self, workdir: str | None = None, step=None, *, model=None, tokenizer=None,
                config=None, batch_size: Any = 16, max_length=None, max_gen_toks: int = 256,
-               chunk_len: int = 512, seed: int = 0, **unused):
+               chunk_len: int = 512, seed: int = 0, packed=False, **unused):
     super().__init__()
     if unused:
       log.info("MMFreeLM ignores lm-eval arguments %s", sorted(unused))
@@ -69,7 +71,10 @@ class MMFreeLM(LM):
       raise ValueError("MMFreeLM needs either workdir=... or model=... and tokenizer=...")
     seq_len = None
     if workdir is not None:
-      model, cfg, step = runner.load_for_eval(workdir, _int_or_none(step), config)
+      if packed not in (False, None, "", "False", "false", "0"):  # a packed directory
+        model, cfg, step = runner.load_packed_for_eval(workdir, config)
+      else:
+        model, cfg, step = runner.load_for_eval(workdir, _int_or_none(step), config)
       tokenizer = tokenizer or runner.load_tokenizer_for(cfg, model.cfg)
       seq_len = int(cfg.data.seq_len)
     elif tokenizer is None:
@@ -131,36 +136,51 @@ class MMFreeLM(LM):
     return cfg.validate(), until
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-    outputs = []
-    for req in requests:
+    """Requests with the same generation settings run `batch_size` at a time through
+    `generate_batch` (one decode loop, per-row EOS), sorted by prompt length so a batch's
+    prompts are close in length (the shorter ones are fed their last prompt tokens inside
+    the loop)."""
+    jobs = []  # (sampling, until, ids, request index)
+    for k, req in enumerate(requests):
       context, gen_kwargs = req.args
       cfg, until = self._sampling(gen_kwargs)
       ids = (document_start(self.tokenizer) + self.tokenizer.encode(context)
              if context else [prefix_token(self.tokenizer)])
       if self.max_length is not None:  # Transformer++: keep the newest tokens that fit
         ids = ids[-max(self.max_length - cfg.max_new_tokens, 1):]
-      new = generate_lib.generate(self.model, [ids], cfg, seed=self.seed)[0].tolist()
-      if cfg.eos_id in new:
-        new = new[:new.index(cfg.eos_id)]
-      text = self.tokenizer.decode(new)
-      for stop in until:
-        if stop and stop in text:
-          text = text[:text.index(stop)]
-      self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-      outputs.append(text)
+      jobs.append((cfg, tuple(until), ids, k))
+    groups: dict = {}
+    for job in jobs:
+      groups.setdefault(job[:2], []).append(job)
+    outputs: list[str | None] = [None] * len(requests)
+    for (cfg, until), group in groups.items():
+      group.sort(key=lambda job: len(job[2]))
+      for start in range(0, len(group), self.batch_size):
+        batch = group[start:start + self.batch_size]
+        news = generate_lib.generate_batch(self.model, [job[2] for job in batch], cfg,
+                                           seed=self.seed)
+        for (_, _, _, k), new in zip(batch, news):
+          if cfg.eos_id in new:
+            new = new[:new.index(cfg.eos_id)]
+          text = self.tokenizer.decode(new)
+          for stop in until:
+            if stop and stop in text:
+              text = text[:text.index(stop)]
+          self.cache_hook.add_partial("generate_until", requests[k].args, text)
+          outputs[k] = text
     return outputs
 
 
 def evaluate_tasks(workdir: str, tasks: list[str], *, step: int | None = None, config=None,
                    batch_size: int = 16, limit: int | None = None,
-                   include_path: str | None = None) -> dict:
-  """Runs harness `tasks` on a workdir's checkpoint.
+                   include_path: str | None = None, packed: bool = False) -> dict:
+  """Runs harness `tasks` on a workdir's checkpoint (a packed directory with `packed`).
 
   Returns `{"step": N, "lm_eval": {task: {metric: value}}}` (what `eval.py` writes).
   """
   import lm_eval  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-  lm = MMFreeLM(workdir, step, config=config, batch_size=batch_size)
+  lm = MMFreeLM(workdir, step, config=config, batch_size=batch_size, packed=packed)
   manager = TaskManager(include_path=include_path) if include_path else None
   out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
   return {"step": lm.step, "lm_eval": out["results"]}

@@ -16,6 +16,7 @@ from mmfree_jax import config as config_lib
 from mmfree_jax import data as data_lib
 from mmfree_jax import generate as generate_lib
 from mmfree_jax.checkpoint import loading
+from mmfree_jax.checkpoint.manager import check_compatible
 from mmfree_jax.data import sources
 from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.eval.multiple_choice import MCExample, evaluate_multiple_choice, load_mc_jsonl
@@ -105,6 +106,16 @@ def load_for_eval(workdir: str, step: int | None = None, config=None):
   return nnx.merge(graphdef, params), config, step
 
 
+def load_packed_for_eval(directory: str, config=None):
+  """`(PackedLM, config, step)` from a packed directory (`python -m mmfree_jax.export`); its
+  stored config, or `config` for the data/inference settings (same architecture)."""
+  from mmfree_jax.export import packed_dir  # pylint: disable=g-import-not-at-top
+  model, stored, manifest = packed_dir.load_packed(directory)
+  if config is not None:
+    check_compatible({"model": stored.model.to_dict()}, config.model.to_dict(), directory)
+  return model, config or stored, manifest["step"]
+
+
 def load_tokenizer_for(cfg, model_cfg) -> Tokenizer:
   """The tokenizer of a config's `data` section, checked against the model's vocabulary."""
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
@@ -130,9 +141,12 @@ def scoring_note(model_cfg, seq_len: int) -> str:
 
 def _model_summary(model, seq_len: int, tokenizer) -> dict:
   cfg = model.cfg
-  return {"kind": cfg.kind, "params": count_params(model), "d_model": cfg.d_model,
-          "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "seq_len": seq_len,
-          "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__)}
+  out = {"kind": cfg.kind, "params": count_params(abstract_model(cfg)), "d_model": cfg.d_model,
+         "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "seq_len": seq_len,
+         "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__)}
+  if getattr(model, "fmt", None) is not None:  # a PackedLM
+    out["packed_format"] = model.fmt
+  return out
 
 
 def _validation_perplexity(model, cfg, tokenizer, options: EvalOptions) -> dict:
@@ -155,11 +169,12 @@ def _generation(model, tokenizer, prompt: str, options: EvalOptions, seq_len: in
 
 def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = None,
                      config=None, tokenizer: Tokenizer | None = None,
-                     output_dir: str | None = None) -> dict:
+                     output_dir: str | None = None, packed: bool = False) -> dict:
   """Loads a checkpoint, runs `options`, writes and returns the results.
 
   Args:
-    workdir: a training or import workdir (config.json + checkpoints/).
+    workdir: a training or import workdir (config.json + checkpoints/), or with `packed` a
+      packed directory (`python -m mmfree_jax.export`; `step` is then the exported one).
     step: checkpoint step (None = latest).
     config: a full config overriding the workdir's (architecture must match).
     tokenizer: None = `data.tokenizer_from_config(config.data)`.
@@ -171,7 +186,10 @@ def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = N
   """
   started = time.time()
   mc_examples = _check_options(options)  # bad options and files fail before loading
-  model, cfg, step = load_for_eval(workdir, step, config)
+  if packed:
+    model, cfg, step = load_packed_for_eval(workdir, config)
+  else:
+    model, cfg, step = load_for_eval(workdir, step, config)
   tokenizer = tokenizer or load_tokenizer_for(cfg, model.cfg)
   seq_len = int(cfg.data.seq_len)
   max_len = seq_len if model.cfg.kind == "transformer" else None

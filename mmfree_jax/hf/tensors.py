@@ -29,6 +29,8 @@ SAFETENSORS_DTYPES = {
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 SAFETENSORS_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+# Integer tensors are written (packed ternary codes, `mmfree_jax.export`), never imported.
+SAFETENSORS_NAME.update({np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8"})
 SINGLE_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"

@@ -94,6 +94,19 @@ def scan_blocks(blocks: nnx.Module, x: jax.Array, per_layer, body, remat: str):
   return jax.lax.scan(step, x, (params, per_layer))
 
 
+def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
+  """The stacked blocks as one module per layer, whose params are static slices `p[l]`.
+
+  For decode steps, unrolled: a `lax.scan` copies each layer's weights (and cache slice) out
+  of the stacked arrays at every token, while a static slice feeding the layer's first fusion
+  is read in place.
+  """
+  graphdef, params = nnx.split(blocks)
+  num_layers = jax.tree.leaves(params)[0].shape[0]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, l=l: a[l], params))
+          for l in range(num_layers)]
+
+
 class _LMBase(nnx.Module):
   """Embedding table and input checks shared by both models."""
 
@@ -190,8 +203,15 @@ class MatMulFreeLM(_LMBase):
       return block(x, lower_bound, initial_state=h0, reset=reset)
 
     h0 = None if state is None else state.h
-    x, h_last = scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
-                             self.cfg.remat)
+    if state is not None and tokens.shape[1] == 1:  # decode step: layers unrolled
+      lower_bounds, h_last = self.layer_lower_bounds(), []
+      for l, block in enumerate(layer_blocks(self.blocks)):
+        x, h_l = body(block, x, (lower_bounds[l], h0[l]))
+        h_last.append(h_l)
+      h_last = jnp.stack(h_last)
+    else:
+      x, h_last = scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
+                               self.cfg.remat)
     logits = self.lm_head(self.final_norm(x))
     return constrain(logits, ("batch", "seq", "vocab")), RecurrentState(h_last)
 

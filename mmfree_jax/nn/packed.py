@@ -11,7 +11,10 @@ once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), sc
 
 with the per-tensor scale; embeddings, norm scales and lower bounds stay full precision.
 `decode(params, tokens [B, 1], state, spec=...)` is one decode step of the MLGRU model on
-these weights with int8 activation codes: every BitLinear computes
+these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
+scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,
+segment_ids=, state=) -> (logits, RecurrentState)`, `init_state`, `cfg`), so generation and
+every evaluation run on it unchanged. Every BitLinear uses int8 activation codes: every BitLinear computes
 `y = (x_codes @ w_codes) * mean|W| / sx` with an exact integer accumulator, so all formats
 give bit-identical logits, equal to `model.decode` up to float round-off (the float model
 multiplies de-quantized values, `sum (c_x / sx)(c_w / sw)`).
@@ -26,9 +29,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flax import nnx
+
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.nn.model import MatMulFreeLM, RecurrentState
-from mmfree_jax.ops import mlgru, quant
+from mmfree_jax.nn.model import MatMulFreeLM, RecurrentState, check_token_ids, reset_mask
+from mmfree_jax.ops import mlgru, quant, recurrence
 from mmfree_jax.ops import ternary_packing as packing
 from mmfree_jax.ops.dtypes import acc_dtype
 
@@ -37,6 +42,10 @@ from mmfree_jax.ops.dtypes import acc_dtype
 PACKED = "packed"
 FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
            "bfloat16": jnp.bfloat16}
+# Packed formats use the lookup-table matvec up to this many rows (tokens) per product: its
+# table and gathered partial sums grow with the rows, so past a few rows unpacking the codes
+# once (per layer, transient) and running one float matmul is cheaper. Both are exact.
+LUT_MAX_ROWS = 4
 
 
 class PackedLinear(NamedTuple):
@@ -82,7 +91,7 @@ class PackedSpec:
   method: str = "lut"
 
 
-def _pack_kernel(kernel: jax.Array, fmt: str) -> PackedLinear:
+def pack_kernel(kernel: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
   """`kernel [in, out]` → codes in `fmt` and the scale mean|W| (floored)."""
   codes, _ = quant.quantize_weights_ternary(kernel)
   scale = quant.weight_mean_abs(kernel)
@@ -98,7 +107,7 @@ def _export_linear(layer, fmt: str, index: int | None = None) -> PackedLinear:
   kernel, norm_scale = layer.kernel[...], layer.norm_scale[...]
   if index is not None:
     kernel, norm_scale = kernel[index], norm_scale[index]
-  w, scale = _pack_kernel(kernel, fmt)
+  w, scale = pack_kernel(kernel, fmt)
   return PackedLinear(w, scale, norm_scale)
 
 
@@ -140,8 +149,14 @@ def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) ->
 
 
 def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int) -> jax.Array:
-  """Exact `x_codes @ w_codes` (integers), `[batch, in]` int8 → `[batch, out]`."""
+  """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`."""
   if FORMATS[spec.fmt] == PACKED:
+    if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS:
+      # many rows (prefill, big batches): unpack once; codes and integer sums below 2^24
+      # are exact in fp32
+      codes = packing.unpack_ternary(w, spec.fmt, n_in, axis=0).astype(jnp.float32)
+      return jnp.matmul(x_codes.astype(jnp.float32), codes,
+                        precision=jax.lax.Precision.HIGHEST)
     return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method)
   if spec.fmt == "int8":
     return jax.lax.dot(x_codes, w, preferred_element_type=jnp.int32)
@@ -150,19 +165,31 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int) -> ja
 
 
 def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec) -> jax.Array:
-  """BitLinear on stored codes: `[batch, in]` → `[batch, out]` in the compute dtype."""
+  """BitLinear on stored codes: `[..., in]` → `[..., out]` in the compute dtype."""
   _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
-  acc = _matvec(codes, p.w, spec, x.shape[-1])
-  return quant.integer_output(acc, p.scale, sx, spec.cfg.compute_dtype)
+  lead = codes.shape[:-1]
+  acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1])
+  return quant.integer_output(acc.reshape(lead + acc.shape[-1:]), p.scale, sx,
+                              spec.cfg.compute_dtype)
 
 
-def _block(x, h, layer: PackedBlock, spec: PackedSpec):
-  """One MLGRU + GLU block for one token: `x [B, d]`, `h [B, d]` fp32 → (x, h)."""
+def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None):
+  """One MLGRU + GLU block: `x [B, T, d]`, `h0 [B, d]` fp32 or None → (x, final h [B, d]).
+
+  `reset [B, T]` bool restarts the recurrence (forget gate 0) where a new document starts.
+  """
   cfg = spec.cfg
   a = quant.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
   f, i = mlgru.gates(_bitlinear(layer.f_proj, a, spec), _bitlinear(layer.i_proj, a, spec),
                      layer.lower_bound)
-  h = f * h + i  # the recurrence, one step, fp32 state
+  if reset is not None:
+    f = jnp.where(reset[..., None], 0.0, f)
+  if x.shape[1] == 1 and h0 is not None:  # one decode step: no scan
+    h = f * h0[:, None] + i
+    h_last = h[:, 0]
+  else:
+    h, h_last = recurrence.linear_recurrence(f, i, h0, scan_type=cfg.scan_type,
+                                             chunk_size=cfg.chunk_size)
   g = quant.rms_norm(_bitlinear(layer.g_proj, a, spec).astype(f.dtype), layer.g_norm,
                      cfg.rms_norm_eps)
   o = mlgru.output(g, h)
@@ -170,7 +197,7 @@ def _block(x, h, layer: PackedBlock, spec: PackedSpec):
   m = quant.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
   gate, up = jnp.split(_bitlinear(layer.gate_proj, m, spec), 2, axis=-1)
   x = x + _bitlinear(layer.down_proj, jax.nn.silu(gate) * up, spec)
-  return x, h
+  return x, h_last
 
 
 def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
@@ -189,14 +216,75 @@ def decode(params: PackedParams, tokens: jax.Array, state: RecurrentState, *,
   """
   if tokens.ndim != 2 or tokens.shape[1] != 1:
     raise ValueError(f"decode takes tokens [batch, 1]; got {tokens.shape}")
-  cfg = spec.cfg
-  x = jnp.take(params.embedding, tokens[:, 0], axis=0).astype(cfg.compute_dtype)
+  return forward(params, tokens, spec=spec, state=state)
 
+
+def forward(params: PackedParams, tokens: jax.Array, *, spec: PackedSpec,
+            segment_ids: jax.Array | None = None,
+            state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
+  """The full-sequence forward (prefill, scoring) on stored codes: `MatMulFreeLM.__call__`'s
+  contract. `tokens [B, T]` int32 → (logits `[B, T, vocab]` compute dtype, final state).
+
+  Layers run unrolled, each reading its own weights where they lie; a one-token step with a
+  state skips the scan.
+  """
+  cfg = spec.cfg
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
+  if not isinstance(tokens, jax.core.Tracer):
+    check_token_ids(tokens, cfg.vocab_size)
+  if segment_ids is not None and segment_ids.shape != tokens.shape:
+    raise ValueError(f"segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
+  reset = None
+  if segment_ids is not None and cfg.reset_at_doc_start:
+    reset = reset_mask(segment_ids)
+  x = jnp.take(params.embedding, tokens, axis=0).astype(cfg.compute_dtype)
   h = []
-  for l, layer in enumerate(params.blocks):  # unrolled: each layer's weights read in place
-    x, h_l = _block(x, state.h[l], layer, spec)
+  for l, layer in enumerate(params.blocks):
+    x, h_l = _block(x, None if state is None else state.h[l], layer, spec, reset)
     h.append(h_l)
-  h = jnp.stack(h)
   x = quant.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-  logits = _bitlinear(params.lm_head, x, spec)
-  return logits[:, None, :], RecurrentState(h)
+  return _bitlinear(params.lm_head, x, spec), RecurrentState(jnp.stack(h))
+
+
+class PackedWeight(nnx.Variable):
+  """A stored inference tensor of `PackedLM` (codes, scales, embeddings, norms)."""
+
+
+class PackedLM(nnx.Module):
+  """A packed model behind the `MatMulFreeLM` interface: `model(tokens [B, T], segment_ids=,
+  state=) -> (logits, RecurrentState)`, `init_state(batch)`, `cfg`; `nnx.split` gives the
+  stored tensors (`PackedWeight` variables), so `generate`, `eval` and the lm-eval adapter
+  take it as they take the latent model.
+  """
+
+  def __init__(self, params: PackedParams, spec: PackedSpec):
+    if spec.fmt not in FORMATS:
+      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of {tuple(FORMATS)}")
+    self.cfg = spec.cfg
+    self.fmt = spec.fmt
+    self.method = spec.method
+    self.weights = nnx.data(jax.tree.map(PackedWeight, params))
+
+  @classmethod
+  def from_model(cls, model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut"):
+    """Packs an in-memory latent model (`export_packed`)."""
+    return cls(*export_packed(model, fmt, method))
+
+  @property
+  def spec(self) -> PackedSpec:
+    return PackedSpec(self.cfg, self.fmt, self.method)
+
+  def packed_params(self) -> PackedParams:
+    return jax.tree.map(lambda v: v[...], self.weights,
+                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+
+  def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
+    """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""
+    del max_len
+    return init_state(self.spec, batch)
+
+  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
+               state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
+    return forward(self.packed_params(), tokens, spec=self.spec, segment_ids=segment_ids,
+                   state=state)

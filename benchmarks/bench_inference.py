@@ -1,0 +1,252 @@
+"""Packed ternary inference as a user runs it: bytes on disk and in memory, load, generate.
+
+    python -m benchmarks.bench_inference [--preset toy|cpu] [--parts shapes,batched,packed27,latent27]
+
+Parts (each measured in its own process where memory matters; results merged into one JSON):
+- shapes: bytes of the packed forms vs the latent bf16 model for the paper's sizes and a 13B
+  shape (d=5120, L=40, vocab 32000; assumed, the paper gives 4.19 GB vs 48.5 GB), from
+  `jax.eval_shape` of `nn.packed.export_packed` (nothing allocated).
+- batched: `generate_batch` of 32 prompts of different lengths in one decode loop vs the same
+  32 prompts one at a time (each compiled before timing), tokens/s ratio, latent and packed.
+- packed27: a 2.7B-shaped packed directory with random ternary codes (bf16 embedding) written
+  by `export.write_packed`, then in a fresh process `load_packed` + `generate_batch` at batch 1
+  and 8: file size, resident memory (RSS after load, peak RSS while generating), tokens/s.
+- latent27: the latent bf16 2.7B (random init) in a fresh process: `generate_batch` at batch 1
+  and 8, tokens/s and peak RSS (about 5.4 GB of weights: run it alone).
+
+The machine is shared: timings are noisy; compare the ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import common, setups
+
+NAME = "bench_inference"
+SIZES = {"370m": (1024, 24), "1.3b": (2048, 24), "2.7b": (2560, 32), "13b": (5120, 40)}
+
+
+def _rss() -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def _peak_rss() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def shapes() -> dict:
+  from mmfree_jax.nn import packed as packed_lib  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.nn.model import build_model, count_params  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  rows = []
+  for size, (d, layers) in SIZES.items():
+    cfg = setups.model_config("mmfree", d, layers, 32000, param_dtype="bfloat16",
+                              dtype="bfloat16")
+    n = count_params(nnx.eval_shape(lambda: build_model(cfg, 0)))
+    row = {"size": size, "d_model": d, "num_layers": layers, "params": n,
+           "latent_bf16_bytes": 2 * n}
+    for fmt in ("2bit", "base3"):
+      tree = jax.eval_shape(lambda: packed_lib.export_packed(build_model(cfg, 0), fmt)[0])
+      nbytes = int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+      emb = cfg.vocab_size * d * 2
+      row[f"{fmt}_bytes"] = nbytes  # embedding in bf16 (the param dtype), norms fp32
+      row[f"{fmt}_vs_bf16"] = 2 * n / nbytes
+      row[f"{fmt}_embedding_share"] = emb / nbytes
+    rows.append(row)
+    print(f"{size:5s} {n / 1e9:6.2f}B params  bf16 {2 * n / 1e9:6.2f} GB  2bit "
+          f"{row['2bit_bytes'] / 1e9:5.2f} GB  base3 {row['base3_bytes'] / 1e9:5.2f} GB", flush=True)
+  return {"rows": rows}
+
+
+def batched(preset: str) -> dict:
+  from mmfree_jax import generate as gen  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.nn.model import build_model  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.nn.packed import PackedLM  # pylint: disable=import-outside-toplevel
+  d, layers, vocab, n, new = {"toy": (64, 2, 256, 8, 4), "cpu": (256, 4, 4096, 32, 32)}[preset]
+  model = build_model(setups.model_config("mmfree", d, layers, vocab), 0)
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(8, 24, n)
+  prompts = [rng.integers(0, vocab, int(k)).tolist() for k in lengths]
+  cfg = gen.SamplingConfig(max_new_tokens=new)
+  out = {"d_model": d, "num_layers": layers, "vocab": vocab, "prompts": n,
+         "prompt_lengths": [int(k) for k in lengths], "max_new_tokens": new, "rows": []}
+  for name, m in (("latent", model), ("packed_2bit", PackedLM.from_model(model, "2bit"))):
+    gen.generate_batch(m, prompts, cfg)  # compile
+    for p in prompts:
+      gen.generate_batch(m, [p], cfg)  # compile every single-prompt shape first
+    times = {}
+    for _ in range(2):
+      t0 = time.perf_counter()
+      rows = gen.generate_batch(m, prompts, cfg)
+      times.setdefault("batched", []).append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      for p in prompts:
+        gen.generate_batch(m, [p], cfg)
+      times.setdefault("one_at_a_time", []).append(time.perf_counter() - t0)
+    tokens = sum(map(len, rows))
+    b, s = min(times["batched"]), min(times["one_at_a_time"])
+    row = {"model": name, "tokens": tokens, "batched_tokens_per_s": tokens / b,
+           "one_at_a_time_tokens_per_s": tokens / s, "speedup": s / b}
+    out["rows"].append(row)
+    print(f"batched generation {name}: {row['batched_tokens_per_s']:.0f} tok/s vs "
+          f"{row['one_at_a_time_tokens_per_s']:.0f} one at a time: x{row['speedup']:.1f}",
+          flush=True)
+  return out
+
+
+def _config_27b(preset: str):
+  from mmfree_jax import config as config_lib  # pylint: disable=import-outside-toplevel
+  cfg = config_lib.base_config()
+  d, layers = SIZES["2.7b"] if preset != "toy" else (64, 2)
+  cfg.model.update(kind="mmfree", d_model=d, num_layers=layers, vocab_size=32000,
+                   param_dtype="bfloat16", dtype="bfloat16")
+  cfg.data.update(tokenizer="byte")
+  return cfg
+
+
+def write_random_packed(dst: str, preset: str, fmt: str = "2bit") -> dict:
+  """A packed directory of the 2.7B shape with random ternary codes (written streaming)."""
+  from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.export import packed_dir  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.ops import ternary_packing  # pylint: disable=import-outside-toplevel
+  cfg = _config_27b(preset)
+  model_cfg = ModelConfig.from_config(cfg.model)
+  emb = packed_dir.EMBEDDING_DTYPES["bfloat16"]
+  rng = np.random.default_rng(0)
+  produce = {}
+  for name, shape, dtype in packed_dir.layout(model_cfg, fmt, emb):
+    if name.endswith(".codes"):
+      n_in = {"down_proj": model_cfg.intermediate_size}.get(name.split(".")[-2],
+                                                             model_cfg.d_model)
+      n_out = shape[1]
+      produce[name] = lambda n_in=n_in, n_out=n_out: np.asarray(ternary_packing.pack_ternary(
+          rng.integers(-1, 2, (n_in, n_out), dtype=np.int8), fmt, axis=0))
+    elif name == "embedding":
+      produce[name] = lambda shape=shape: (rng.standard_normal(shape, np.float32) * 0.02
+                                           ).astype(emb)
+    elif name.endswith(".scale"):
+      produce[name] = lambda: np.full((1,), 0.02, np.float32)
+    elif name == "lower_bounds":
+      produce[name] = lambda shape=shape: np.linspace(0, 0.9, shape[0], dtype=np.float32
+                                                      )[:, None].repeat(shape[1], 1)
+    else:
+      produce[name] = lambda shape=shape: np.ones(shape, np.float32)
+  return packed_dir.write_packed(dst, cfg, fmt, produce, embedding_dtype="bfloat16", step=0,
+                                 source="random (bench_inference)")
+
+
+def _time_generate(model, batch: int, new: int, vocab: int) -> dict:
+  from mmfree_jax import generate as gen  # pylint: disable=import-outside-toplevel
+  prompts = [[int(t)] for t in np.random.default_rng(batch).integers(0, vocab, batch)]
+  cfg = gen.SamplingConfig(max_new_tokens=new)
+  t0 = time.perf_counter()
+  gen.generate_batch(model, prompts, cfg)
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  gen.generate_batch(model, prompts, cfg)
+  seconds = time.perf_counter() - t0
+  return {"batch": batch, "new_tokens": new, "tokens_per_s": batch * new / seconds,
+          "first_call_s": compile_s, "peak_rss_bytes": _peak_rss()}
+
+
+def packed27_child(directory: str, preset: str) -> dict:
+  from mmfree_jax.export import packed_dir  # pylint: disable=import-outside-toplevel
+  base = _rss()
+  t0 = time.perf_counter()
+  model, _, manifest = packed_dir.load_packed(directory)
+  load_s = time.perf_counter() - t0
+  after_load = _rss()
+  new = 8 if preset != "toy" else 2
+  runs = [_time_generate(model, b, new, 32000) for b in (1, 8)]
+  return {"format": manifest["format"], "file_bytes": manifest["bytes"], "load_s": load_s,
+          "rss_before_load": base, "rss_after_load": after_load, "runs": runs,
+          "peak_rss_bytes": _peak_rss()}
+
+
+def latent27_child(preset: str) -> dict:
+  from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.nn.model import build_model  # pylint: disable=import-outside-toplevel
+  base = _rss()
+  model = build_model(ModelConfig.from_config(_config_27b(preset).model), 0)
+  after = _rss()
+  new = 4 if preset != "toy" else 2
+  runs = [_time_generate(model, b, new, 32000) for b in (1, 8)]
+  return {"rss_before_build": base, "rss_after_build": after, "runs": runs,
+          "peak_rss_bytes": _peak_rss()}
+
+
+def _child(args: list[str]) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_inference", *args],
+                        capture_output=True, text=True, env=env, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(proc.stderr[-3000:])
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+  def extra(p):
+    p.add_argument("--parts", default="shapes,batched,packed27,latent27")
+    p.add_argument("--child", default=None, help="internal: one measurement in this process")
+    p.add_argument("--dir", default=None)
+  args = common.parse_args(NAME, __doc__, extra, argv)
+  if args.child == "packed27":
+    print(json.dumps(packed27_child(args.dir, args.preset)))
+    return
+  if args.child == "latent27":
+    print(json.dumps(latent27_child(args.preset)))
+    return
+  results = {}
+  if os.path.exists(args.out):  # parts run separately accumulate
+    with open(args.out) as f:
+      results = json.load(f).get("results", {})
+  parts = args.parts.split(",")
+  if "shapes" in parts:
+    results["shapes"] = shapes()
+  if "batched" in parts:
+    results["batched"] = batched(args.preset)
+  if "packed27" in parts:
+    out = {}
+    for fmt in ("2bit", "base3"):
+      with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
+        t0 = time.perf_counter()
+        manifest = write_random_packed(os.path.join(tmp, "p"), args.preset, fmt)
+        write_s = time.perf_counter() - t0
+        child = _child(["--child", "packed27", "--dir", os.path.join(tmp, "p"), "--preset",
+                        args.preset])
+        out[fmt] = dict(child, write_s=write_s, file_bytes=manifest["bytes"])
+        print(f"packed 2.7B {fmt}: file {manifest['bytes'] / 1e9:.3f} GB, RSS after load "
+              f"{child['rss_after_load'] / 1e9:.2f} GB, peak {child['peak_rss_bytes'] / 1e9:.2f}"
+              f" GB; " + ", ".join(f"batch {r['batch']}: {r['tokens_per_s']:.2f} tok/s"
+                                   for r in child["runs"]), flush=True)
+    results["packed27"] = out
+  if "latent27" in parts:
+    child = _child(["--child", "latent27", "--preset", args.preset])
+    results["latent27"] = child
+    print("latent bf16 2.7B: peak RSS " f"{child['peak_rss_bytes'] / 1e9:.2f} GB; "
+          + ", ".join(f"batch {r['batch']}: {r['tokens_per_s']:.3f} tok/s" for r in child["runs"]),
+          flush=True)
+  common.write_json(args.out, NAME, args.preset, results, [
+      "shared machine, noisy timings (load average in machine); ratios are from one run",
+      "packed27 / latent27 run in fresh processes; RSS from /proc (VmRSS) and ru_maxrss",
+      "tokens/s exclude the first (compiling) call; greedy, 1-token prompts",
+      "13b shape assumed d=5120, L=40, vocab 32000; bytes from jax.eval_shape of export_packed"])
+
+
+if __name__ == "__main__":
+  main()

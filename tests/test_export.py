@@ -1,0 +1,199 @@
+"""Packed export → load → generate / evaluate, against the latent model it came from.
+
+The latent model and the packed one compute the same integers (int8 activation codes x ternary
+weight codes); they differ only in float round-off: the latent model multiplies de-quantized
+values `(c_x / sx)(c_w * mean|W|)`, the packed one accumulates exact integers and scales once.
+Round-off can move an activation across a rounding boundary of its int8 code, after which the
+two drift apart; in float64 (these tests) that does not happen at these sizes, so: logits
+within 1e-12 of their scale, greedy tokens and multiple-choice predictions identical,
+perplexity within 1e-4 relative (it agrees to ~1e-13). In fp32 the same flips make greedy
+continuations of an untrained model part after a few tokens (docs/architecture.md).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmfree_jax import eval as ev
+from mmfree_jax import export
+from mmfree_jax import generate as generate_lib
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.nn.model import build_model
+from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.eval.samples import SAMPLE_MC
+from mmfree_jax.export import __main__ as export_cli
+from mmfree_jax.export import packed_dir
+from mmfree_jax.ops import ternary_packing
+from tests.test_eval import ByteTok, _make_workdir, _perturb, _tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["In the beginning", "And God said", "Let there be light, and"]
+
+
+def _make_f64_workdir(workdir):
+  """A tiny float64 workdir with perturbed params (logits spread, no near-ties) at step 1."""
+  cfg = _tiny_config()
+  with cfg.unlocked():
+    cfg.model.update(dtype="float64", param_dtype="float64")
+  model = _perturb(build_model(ModelConfig.from_config(cfg.model), 0))
+  checkpointer = ckpt_lib.Checkpointer(str(workdir))
+  checkpointer.save_params(1, nnx.split(model)[1].to_pure_dict(), json.loads(cfg.to_json()))
+  checkpointer.close()
+  loading.save_workdir_config(str(workdir), cfg)
+  return model
+
+
+@pytest.fixture(autouse=True)
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  with jax.enable_x64(True):
+    model = _make_f64_workdir(root / "wd")
+    dirs = {}
+    for fmt in ("2bit", "base3", "int8"):
+      dirs[fmt] = root / fmt
+      assert export_cli.main(["--workdir", str(root / "wd"), "--dst", str(dirs[fmt]),
+                              "--format", fmt]) == 0
+  return root, model, dirs
+
+
+def test_stored_codes_are_the_latent_weights_quantized(exported):
+  root, model, dirs = exported
+  packed_model, cfg, manifest = export.load_packed(str(dirs["2bit"]))
+  assert manifest["format"] == "2bit" and manifest["step"] == 1 and cfg.model.d_model == 32
+  kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])
+  scale = np.maximum(np.mean(np.abs(kernel)), 1e-5)
+  codes = np.clip(np.round(kernel / scale), -1, 1)  # numpy: half-even, as the quantizer
+  stored = packed_model.packed_params().blocks[1].gate_proj
+  unpacked = ternary_packing.unpack_ternary(stored.w, "2bit", kernel.shape[0])
+  np.testing.assert_array_equal(np.asarray(unpacked), codes)
+  np.testing.assert_allclose(float(stored.scale), scale, rtol=1e-6)
+  with open(dirs["2bit"] / "model.safetensors", "rb") as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+  assert header["blocks.1.gate_proj.codes"]["dtype"] == "U8"
+  assert header["embedding"]["dtype"] == "F64"  # full precision, as the checkpoint
+
+
+def test_packed_logits_and_greedy_tokens_equal_latent(exported):
+  _, model, dirs = exported
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (3, 11)), jnp.int32)
+  latent, latent_state = model(tokens)
+  scale = float(np.max(np.abs(np.asarray(latent))))
+  for fmt in ("2bit", "base3", "int8"):
+    packed_model, _, _ = export.load_packed(str(dirs[fmt]))
+    logits, state = packed_model(tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(latent), atol=1e-12 * scale)
+    np.testing.assert_allclose(np.asarray(state.h), np.asarray(latent_state.h), atol=1e-12)
+  sampling = generate_lib.SamplingConfig(max_new_tokens=8)
+  prompts = [[ByteTok.bos_id] + ByteTok().encode(p) for p in PROMPTS]
+  latent_tokens = generate_lib.generate_batch(model, prompts, sampling)
+  assert generate_lib.generate_batch(packed_model, prompts, sampling) == latent_tokens
+
+
+def test_packed_perplexity_and_multiple_choice_equal_latent(exported, tmp_path):
+  root, _, dirs = exported
+  doc = tmp_path / "doc.txt"
+  doc.write_text("In the beginning God created the heaven.\n\nAnd the earth was void.\n")
+  options = ev.EvalOptions(ppl_files=[str(doc)], mc_files=[SAMPLE_MC], mc_limit=8,
+                           batch_size=8, chunk_len=8)
+  latent = ev.evaluate_workdir(str(root / "wd"), options, tokenizer=ByteTok(),
+                               output_dir=str(tmp_path / "a"))
+  packed = ev.evaluate_workdir(str(dirs["base3"]), options, tokenizer=ByteTok(), packed=True,
+                               output_dir=str(tmp_path / "b"))
+  assert packed["model"]["packed_format"] == "base3"
+  a, b = latent["perplexity"][str(doc)], packed["perplexity"][str(doc)]
+  assert a["tokens"] == b["tokens"]
+  assert abs(b["perplexity"] - a["perplexity"]) <= 1e-4 * a["perplexity"]
+  mc_a, mc_b = latent["multiple_choice"]["sample_mc"], packed["multiple_choice"]["sample_mc"]
+  assert mc_a["acc"] == mc_b["acc"] and mc_a["acc_norm"] == mc_b["acc_norm"]
+  assert mc_a["predictions"] == mc_b["predictions"]
+
+
+def test_lm_eval_generate_until_from_packed(exported):
+  pytest.importorskip("lm_eval", reason="lm-eval not installed")
+  from mmfree_jax.eval.lm_eval_adapter import MMFreeLM
+
+  _, model, dirs = exported
+  packed_model, _, _ = export.load_packed(str(dirs["2bit"]))
+  requests = [type("R", (), {"args": (p, {"until": ["\n"], "max_gen_toks": 6})})()
+              for p in PROMPTS]
+  latent = MMFreeLM(model=model, tokenizer=ByteTok()).generate_until(requests)
+  packed = MMFreeLM(model=packed_model, tokenizer=ByteTok()).generate_until(requests)
+  assert latent == packed and len(packed) == len(PROMPTS)
+
+
+def test_eval_cli_packed(exported):
+  _, _, dirs = exported
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
+  cmd = [sys.executable, os.path.join(REPO, "eval.py"), f"--packed={dirs['2bit']}",
+         "--prompt=In the beginning", "--max_new_tokens=4"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(dirs["2bit"] / "eval" / "step_1.json") as f:
+    out = json.load(f)
+  assert out["model"]["packed_format"] == "2bit" and len(out["generation"]) == 1
+
+
+def _copy(src, dst):
+  dst.mkdir()
+  for name in os.listdir(src):
+    if os.path.isfile(src / name):
+      (dst / name).write_bytes((src / name).read_bytes())
+  return dst
+
+
+def test_bad_packed_directories_name_the_file(exported, tmp_path):
+  root, _, dirs = exported
+  src = dirs["2bit"]
+  missing = _copy(src, tmp_path / "missing")
+  os.remove(missing / "model.safetensors")
+  with pytest.raises(export.PackedDirError, match=r"missing/model.safetensors not found"):
+    export.load_packed(str(missing))
+  truncated = _copy(src, tmp_path / "truncated")
+  data = (truncated / "model.safetensors").read_bytes()
+  (truncated / "model.safetensors").write_bytes(data[:len(data) - 100])
+  with pytest.raises(export.PackedDirError, match=r"truncated/model.safetensors"):
+    export.load_packed(str(truncated))
+  unknown = _copy(src, tmp_path / "unknown")
+  manifest = json.loads((unknown / "packed.json").read_text())
+  (unknown / "packed.json").write_text(json.dumps(dict(manifest, format="1bit")))
+  with pytest.raises(export.PackedDirError, match=r"unknown/packed.json: unknown packed format"):
+    export.load_packed(str(unknown))
+  shapes = _copy(src, tmp_path / "shapes")
+  config = json.loads((shapes / "config.json").read_text())
+  config["model"]["d_model"] = 64
+  (shapes / "config.json").write_text(json.dumps(config))
+  with pytest.raises(export.PackedDirError, match=r"shapes/model.safetensors: tensor .* has "
+                     r"shape .* the config and the codes disagree"):
+    export.load_packed(str(shapes))
+  wrong_format = _copy(src, tmp_path / "wrong_format")
+  (wrong_format / "packed.json").write_text(json.dumps(dict(manifest, format="base3")))
+  with pytest.raises(export.PackedDirError, match=r"wrong_format/model.safetensors"):
+    export.load_packed(str(wrong_format))
+
+
+def test_bad_export_requests(exported, tmp_path):
+  root, _, dirs = exported
+  _make_workdir(tmp_path / "tf", kind="transformer")
+  with pytest.raises(export.PackedDirError, match="no ternary BitLinear layers"):
+    export.export_workdir(str(tmp_path / "tf"), str(tmp_path / "out"))
+  with pytest.raises(export.PackedDirError, match="unknown packed format '1bit'"):
+    export.export_workdir(str(root / "wd"), str(tmp_path / "out"), fmt="1bit")
+  with pytest.raises(FileExistsError, match="not empty"):
+    export.export_workdir(str(root / "wd"), str(dirs["2bit"]))
+  assert export_cli.main(["--workdir", str(tmp_path / "tf"), "--dst",
+                          str(tmp_path / "out")]) == 1
+  assert not os.path.exists(tmp_path / "out")  # staged: nothing left behind
