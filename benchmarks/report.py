@@ -297,6 +297,13 @@ NOTES = """## Notes on reading these numbers
   ones vector) is the packed form that beats fp32, and it is compute-bound, far below the
   bandwidth bound: reaching that needs a fused unpack-and-multiply kernel (Pallas/Triton on a
   GPU, or a hand-written CPU kernel as in bitnet.cpp / T-MAC).
+- **Data** (`bench_data`): `prepare` throughput is bounded by the tokenizer library's
+  single-thread encode (the `encode` column: `prepare.encode_chunk` alone, pinned to one core);
+  reading JSON, writing ArrayRecord and hashing add little. It scales with `--num_proc` on a
+  machine with free cores (the 2-process column here includes starting two spawned workers on
+  2 shared cores). The loader's 370M target compares with a CPU train step, which consumes
+  almost nothing; the H100 line puts the same loader next to an accelerator's consumption. Look
+  at the load average of the run before reading absolute tokens/s.
 """
 
 
