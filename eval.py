@@ -9,7 +9,9 @@
 
 Uses the latest checkpoint (or --step) with the workdir's config.json, or with --config (same
 architecture; e.g. another data split: --config=configs/tiny.py --config.data.seq_len=512).
-Prints a table and writes WORKDIR/eval/step_<N>.json (updated by later runs of that step).
+Prints a table, then writes WORKDIR/eval/step_<N>.json (or --output_dir; updated by later runs
+of that step; a failed write is a warning after the results). Generated text is streamed as it
+is produced. A float64 workdir runs with x64 enabled.
 """
 
 import json
@@ -19,6 +21,14 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+if __name__ == "__main__":  # an unknown --config.x key: one line, not ml_collections' ~70
+  from mmfree_jax.config import check_override_keys  # pylint: disable=g-import-not-at-top
+  try:
+    check_override_keys(sys.argv[1:])
+  except ValueError as e:
+    print(f"eval.py: error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 config_flags.DEFINE_config_file("config", None, "Optional config overriding the workdir's "
                                 "config.json (same model architecture).", lock_config=True)
@@ -46,6 +56,14 @@ flags.DEFINE_list("lm_eval_tasks", [], "lm-eval-harness tasks to run through the
                   "(needs `pip install lm-eval`).")
 flags.DEFINE_string("lm_eval_include_path", None, "Folder of extra lm-eval task YAMLs.")
 flags.DEFINE_integer("lm_eval_limit", None, "lm-eval: at most this many documents per task.")
+flags.DEFINE_string("output_dir", None, "Where step_<N>.json goes (default WORKDIR/eval).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer spec overriding the workdir's data.tokenizer "
+                    "(byte | bpe:<n> | hf:<tokenizer.json> | spm:<model> | spm:mistral), e.g. "
+                    "for an HF import that had no tokenizer file.")
+flags.DEFINE_string("mc_delimiter", " ", "Put between a multiple-choice context and each "
+                    "choice (lm-eval's target_delimiter, default one space); --mc_delimiter= "
+                    "for choices that start with their own space.")
+flags.DEFINE_bool("stream", True, "Print generated text as it is produced.")
 flags.mark_flags_as_mutual_exclusive(["workdir", "packed"], required=True)
 
 
@@ -60,6 +78,7 @@ def _options():
   return EvalOptions(
       ppl_split=f.ppl_split, ppl_files=_split(f.ppl_file), text_field=f.text_field,
       val_batches=f.val_batches, mc_files=_split(f.mc_file), mc_limit=f.mc_limit,
+      mc_delimiter=f.mc_delimiter, stream_to=sys.stdout if f.stream else None,
       prompts=list(f.prompt), seed=f.seed, batch_size=f.batch_size, chunk_len=f.chunk_len,
       sampling=SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                               top_k=f.top_k, top_p=f.top_p))
@@ -75,7 +94,45 @@ def _run_lm_eval() -> str:
       batch_size=f.batch_size, limit=f.lm_eval_limit, include_path=f.lm_eval_include_path,
       packed=f.packed is not None)
   print(json.dumps(out["lm_eval"], indent=2, default=str))
-  return evaluation.write_results(out, os.path.join(f.workdir or f.packed, "eval"))
+  return _write(out)
+
+
+def _output_dir() -> str:
+  f = flags.FLAGS
+  return f.output_dir or os.path.join(f.workdir or f.packed, "eval")
+
+
+def _write(results: dict) -> str | None:
+  """Writes the results file; a failure (read-only workdir, full disk) is a warning, since the
+  results are already on screen."""
+  from mmfree_jax import eval as evaluation  # pylint: disable=g-import-not-at-top
+  try:
+    return evaluation.write_results(results, _output_dir())
+  except OSError as e:
+    print(f"eval.py: warning: could not write the results to {_output_dir()} ({e}); they are "
+          "printed above. Pass --output_dir=<a writable folder> to keep them", file=sys.stderr)
+    return None
+
+
+def _config():
+  """The config to evaluate with: --config or the workdir's, with --tokenizer applied; enables
+  x64 when its dtypes are float64 (else JAX would silently compute in float32)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.checkpoint import loading  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  cfg = f.config
+  if cfg is None and f.workdir is not None and (f.tokenizer or os.path.exists(
+      os.path.join(f.workdir, "config.json"))):
+    cfg = loading.load_workdir_config(f.workdir)
+  if cfg is None:
+    return None
+  if f.tokenizer:
+    with cfg.unlocked():
+      cfg.data.tokenizer = f.tokenizer
+  if "float64" in (cfg.model.param_dtype, cfg.model.dtype) and not jax.config.jax_enable_x64:
+    jax.config.update("jax_enable_x64", True)
+    print("note: float64 model: x64 enabled")
+  return cfg
 
 
 def main(argv):
@@ -97,17 +154,28 @@ def main(argv):
     options = _options()
     if not f.lm_eval_tasks or evaluation.has_work(options):
       results = evaluation.evaluate_workdir(f.workdir or f.packed, options, step=f.step,
-                                            config=f.config, packed=f.packed is not None)
-      print(evaluation.format_table(results))
+                                            config=_config(), packed=f.packed is not None,
+                                            write=False)
+      print(evaluation.format_table(results), flush=True)
       for note in results["notes"]:
         print("note:", note)
-      print(f"results: {results['output']}")
+      path = _write(results)
+      if path:
+        print(f"results: {path}")
     if f.lm_eval_tasks:
-      print(f"results: {_run_lm_eval()}")
+      path = _run_lm_eval()
+      if path:
+        print(f"results: {path}")
   except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  try:
+    app.run(main)
+  except SystemExit as exit_:  # absl exits 1 after printing --help: asking for help succeeded
+    if exit_.code == 1 and any(a in ("--help", "-h", "--helpfull", "--helpshort")
+                               for a in sys.argv[1:]):
+      sys.exit(0)
+    raise

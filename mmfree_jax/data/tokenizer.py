@@ -93,6 +93,14 @@ class Tokenizer:
     `[0, vocab_size)` (a model vocab padded past the tokenizer's) are skipped."""
     return self._decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
+  # The file a Hugging Face folder holds this tokenizer in (None: it has no file form).
+  file_name: str | None = None
+
+  def save(self, folder: str) -> str | None:
+    """Writes the tokenizer as `folder/<file_name>` (HF layout); returns the path, or None
+    when it has no file form (the byte tokenizer)."""
+    return None
+
   def _wrap(self, ids: list[int]) -> list[int]:
     return ([self.bos_id] if self.bos_id is not None else []) + ids + [self.eos_id]
 
@@ -150,6 +158,13 @@ class HFTokenizer(Tokenizer):
     self.pad_id = self.eos_id if pad is None else pad
     self.fingerprint = "hf-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
 
+  file_name = "tokenizer.json"
+
+  def save(self, folder: str) -> str:
+    path = os.path.join(folder, self.file_name)
+    self._tok.save(path)
+    return path
+
   def _encode_batch(self, texts):
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -174,6 +189,14 @@ class SentencePieceTokenizer(Tokenizer):
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
     proto = self._sp.serialized_model_proto()
     self.fingerprint = "spm-" + hashlib.sha256(proto).hexdigest()[:16]
+
+  file_name = "tokenizer.model"
+
+  def save(self, folder: str) -> str:
+    path = os.path.join(folder, self.file_name)
+    with open(path, "wb") as f:
+      f.write(self._sp.serialized_model_proto())
+    return path
 
   def _encode_batch(self, texts):
     return self._sp.encode(texts, out_type=int)

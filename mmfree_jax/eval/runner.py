@@ -37,7 +37,11 @@ class EvalOptions:
     files (one document per line, field `text_field`).
   mc_files: multiple-choice JSONL files (`{"context", "choices", "label"}` per line).
   mc_limit: score at most this many items per file (0 = all).
+  mc_delimiter: put between the context and each choice (lm-eval's `target_delimiter`,
+    default " "); "" for choices that carry their own leading space.
   prompts: texts to continue with `sampling` (its eos_id defaults to the tokenizer's).
+  stream_to: a text stream (e.g. sys.stdout) the generated text is written to as it is
+    produced; None = no streaming.
   """
   ppl_split: str = ""
   ppl_files: Sequence[str] = ()
@@ -45,11 +49,13 @@ class EvalOptions:
   val_batches: int = 8
   mc_files: Sequence[str] = ()
   mc_limit: int = 0
+  mc_delimiter: str = " "
   prompts: Sequence[str] = ()
   sampling: Any = None  # generate.SamplingConfig
   seed: int = 0
   batch_size: int = 16
   chunk_len: int = 512
+  stream_to: Any = None
 
 
 def read_documents(path: str, text_field: str = "text") -> list[str]:
@@ -118,6 +124,9 @@ def load_packed_for_eval(directory: str, config=None):
 
 def load_tokenizer_for(cfg, model_cfg) -> Tokenizer:
   """The tokenizer of a config's `data` section, checked against the model's vocabulary."""
+  if not cfg.data.tokenizer:
+    raise ValueError("this workdir records no tokenizer (its HF import folder had none): pass "
+                     "--tokenizer=spm:<tokenizer.model>|hf:<tokenizer.json>|byte|spm:mistral")
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
   return tokenizer
@@ -160,16 +169,29 @@ def _generation(model, tokenizer, prompt: str, options: EvalOptions, seq_len: in
   sampling = options.sampling or generate_lib.SamplingConfig()
   if sampling.eos_id is None:
     sampling = sampling._replace(eos_id=tokenizer.eos_id)
+  on_text = None
+  if options.stream_to is not None:
+    options.stream_to.write(f"prompt: {prompt!r}\n→ ")
+    options.stream_to.flush()
+
+    def on_text(piece):
+      options.stream_to.write(piece)
+      options.stream_to.flush()
+
   g = generate_lib.generate_text(model, tokenizer, prompt, sampling, seed=options.seed,
-                                 context_limit=seq_len)
+                                 context_limit=seq_len, on_text=on_text)
+  if options.stream_to is not None:
+    options.stream_to.write("\n")
   return {"prompt": prompt, "text": g.text, "prompt_tokens": g.prompt_tokens,
-          "new_tokens": len(g.new_tokens), "stopped_at_eos": g.stopped_at_eos,
+          "new_tokens": len(g.new_tokens), "token_ids": list(g.new_tokens),
+          "stopped_at_eos": g.stopped_at_eos,
           "notes": g.notes, "sampling": dict(sampling._asdict(), seed=options.seed)}
 
 
 def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = None,
                      config=None, tokenizer: Tokenizer | None = None,
-                     output_dir: str | None = None, packed: bool = False) -> dict:
+                     output_dir: str | None = None, packed: bool = False,
+                     write: bool = True) -> dict:
   """Loads a checkpoint, runs `options`, writes and returns the results.
 
   Args:
@@ -180,6 +202,8 @@ def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = N
     tokenizer: None = `data.tokenizer_from_config(config.data)`.
     output_dir: where `step_<N>.json` goes (default `WORKDIR/eval`); an existing file of that
       step is updated (sections not run now are kept).
+    write: False leaves the writing to the caller (`write_results`; eval.py shows the
+      results first, so a read-only workdir loses nothing).
   Returns:
     `{"step", "workdir", "model", "perplexity": {name: ...}, "multiple_choice": {name: ...},
     "generation": [...], "notes": [...], "seconds", "output": path}`.
@@ -205,13 +229,15 @@ def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = N
                               max_len=max_len, **common)
     results["perplexity"][path] = dict(out, file=os.path.abspath(path))
   for path, examples in mc_examples.items():
-    out = evaluate_multiple_choice(model, tokenizer, examples, max_len=max_len, **common)
+    out = evaluate_multiple_choice(model, tokenizer, examples, max_len=max_len,
+                                   delimiter=options.mc_delimiter, **common)
     results["multiple_choice"][_mc_name(path, results["multiple_choice"])] = dict(
         out, file=os.path.abspath(path))
   for prompt in options.prompts:
     results["generation"].append(_generation(model, tokenizer, prompt, options, seq_len))
   results["seconds"] = time.time() - started
-  results["output"] = write_results(results, output_dir or os.path.join(workdir, "eval"))
+  results["output"] = (write_results(results, output_dir or os.path.join(workdir, "eval"))
+                       if write else None)
   return results
 
 

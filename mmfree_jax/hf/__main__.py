@@ -26,11 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   imp.add_argument("--workdir", required=True, help="new workdir (must not exist or be empty)")
   imp.add_argument("--dtype", default="float32", choices=dtypes,
                    help="param and compute dtype of the imported model (default float32)")
+  imp.add_argument("--tokenizer", default=None,
+                   help="hgrn_bit: data.tokenizer spec to record (e.g. spm:mistral, "
+                        "hf:<tokenizer.json>, byte); default: the folder's tokenizer.model / "
+                        "tokenizer.json, or none")
   exp = sub.add_parser("export", help="workdir → HF folder (config.json + model.safetensors)")
   exp.add_argument("--workdir", required=True, help="training or import workdir")
   exp.add_argument("--dst", required=True, help="new HF folder (must not exist or be empty)")
-  exp.add_argument("--dtype", default="bfloat16", choices=dtypes,
-                   help="dtype of the stored tensors (default bfloat16, as released)")
+  exp.add_argument("--dtype", default=None, choices=dtypes,
+                   help="dtype of the stored tensors (default: the weights' own dtype, a "
+                        "bit-exact round trip; bfloat16 as released)")
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   return parser.parse_args(argv)
 
@@ -39,17 +44,25 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   try:
     if args.command == "import":
-      importer = llama.import_llama if args.arch == "llama" else convert.import_checkpoint
-      out = importer(args.src, args.workdir, dtype=args.dtype)
+      if args.arch == "llama":
+        out = llama.import_llama(args.src, args.workdir, dtype=args.dtype)
+      else:
+        out = convert.import_checkpoint(args.src, args.workdir, dtype=args.dtype,
+                                        tokenizer=args.tokenizer)
       model = out["model"]
+      tokenizer = out["tokenizer"] or ("none (the folder has no tokenizer file; pass "
+                                       "--tokenizer to eval.py)")
       print(f"imported {out['num_params']:,} params (d_model={model['d_model']}, "
             f"num_layers={model['num_layers']}, vocab_size={model['vocab_size']}, "
-            f"{args.dtype}) into {out['workdir']} as step 0; tokenizer {out['tokenizer']}")
+            f"{args.dtype}) into {out['workdir']} as step 0; tokenizer {tokenizer}")
+      for note in out.get("notes", []):
+        print("note:", note)
     else:
       out = convert.export_checkpoint(args.workdir, args.dst, dtype=args.dtype, step=args.step)
-      print(f"exported step {out['step']} ({out['num_params']:,} params, {args.dtype}) to "
+      print(f"exported step {out['step']} ({out['num_params']:,} params, {out['dtype']}) to "
             f"{out['dst']}; tokenizer file: {out['tokenizer'] or 'none'}")
-  except (HFCheckpointError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+  except (HFCheckpointError, CheckpointError, FileNotFoundError, FileExistsError,
+          ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -4,10 +4,12 @@ Import: `config.json` → our config; weights (safetensors, sharded safetensors,
 `pytorch_model.bin`) are checked by name and shape against `NAME_TABLE` before any byte is
 read, then read one tensor at a time into our stacked param arrays (one host copy of the
 model), kept as latent full-precision weights (never re-quantized: reference issue #18), and
-saved as a params-only checkpoint step 0 plus `config.json`.
+saved as a params-only checkpoint step 0 plus `config.json`. The tokenizer recorded is the one
+the folder holds (`tokenizer.model`, else `tokenizer.json`), or `--tokenizer`, or none.
 
-Export: params of a step → `config.json` + `model.safetensors` in the reference key layout and
-dtype (bf16 by default, as released), written tensor by tensor.
+Export: params of a step → `config.json` + `model.safetensors` in the reference key layout, in
+the dtype of the weights by default (bit-exact round trip; `--dtype bfloat16` as released),
+written tensor by tensor, with the workdir's tokenizer file and its true special ids.
 
 Both write into a hidden temporary directory next to the destination and rename it at the
 end, so a failure leaves no half-written destination.
@@ -29,7 +31,9 @@ from flax import nnx
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.data.tokenizer import MISTRAL_ALIAS, mistral_tokenizer_path
+from mmfree_jax.data import tokenizer_from_config
+from mmfree_jax.data.cache import default_cache_dir
+from mmfree_jax.data.tokenizer import load_tokenizer, mistral_tokenizer_path
 from mmfree_jax.hf import mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError, Slot
 from mmfree_jax.nn.model import abstract_model
@@ -41,6 +45,11 @@ NUMPY_DTYPES = {
     "float16": np.dtype(np.float16),
 }
 _SHOWN = 10  # names listed in an error before "... and N more"
+# Orbax's cap on bytes serialized at once while an import saves (bounds the host copies); it
+# is raised to fit the largest single array, which orbax cannot split.
+SAVE_CONCURRENT_GB = 1.0
+# Tokenizer files of an HF folder, in the order import looks for them, with their spec kind.
+TOKENIZER_FILES = (("tokenizer.model", "spm"), ("tokenizer.json", "hf"))
 
 
 def numpy_dtype(name: str) -> np.dtype:
@@ -181,16 +190,55 @@ def _to_device_leaf_by_leaf(flat: dict[str, np.ndarray]) -> None:
     flat[path] = jax.device_put(flat.pop(path))
 
 
+def save_concurrent_gb(params: dict) -> float:
+  """`SAVE_CONCURRENT_GB`, or just above the largest array when that is bigger: orbax refuses
+  any array over its cap (the 1.3B/2.7B fp32 `gate_proj` stacks are 2.2 GB)."""
+  largest = max(int(np.prod(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(params))
+  return max(SAVE_CONCURRENT_GB, (largest + 1) * 1.01 / 1e9)
+
+
 def _save_params(workdir: str, params: dict, cfg) -> None:
   """Params-only checkpoint step 0 (synchronous) with the full config dict."""
-  checkpointer = Checkpointer(workdir, keep=1, async_save=False, save_concurrent_gb=1)
+  checkpointer = Checkpointer(workdir, keep=1, async_save=False,
+                              save_concurrent_gb=save_concurrent_gb(params))
   try:
     checkpointer.save_params(0, params, cfg.to_dict())
   finally:
     checkpointer.close()
 
 
-def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32") -> dict:
+def _import_tokenizer(src: str, tmp: str, workdir: str, spec: str | None) -> str:
+  """The `data.tokenizer` of an import: `spec` if given, else the folder's tokenizer file
+  (copied into the workdir), else '' (none: eval needs --tokenizer)."""
+  if spec:
+    return spec
+  for name, kind in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+      return f"{kind}:{os.path.join(workdir, name)}"
+  return ""
+
+
+def _check_special_ids(spec: str, hf_config: dict, tmp: str, workdir: str) -> list[str]:
+  """Loads the recorded tokenizer (a bad `--tokenizer` fails here) and notes where
+  config.json's bos/eos disagree with it (the tokenizer's ids are what the model uses)."""
+  kind, _, path = spec.partition(":")
+  if not spec or kind == "bpe":  # bpe: is trained on a corpus, not loadable here
+    return []
+  if path.startswith(workdir + os.sep):  # still in the staging folder
+    spec = f"{kind}:{os.path.join(tmp, os.path.relpath(path, workdir))}"
+  tok = load_tokenizer(spec, cache_dir=default_cache_dir())
+  notes = []
+  for key, ours in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
+    theirs = hf_config.get(key)
+    if theirs is not None and ours is not None and theirs != ours:
+      notes.append(f"config.json says {key}={theirs} but the tokenizer's is {ours}; the "
+                   "tokenizer's is used")
+  return notes
+
+
+def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
+                      tokenizer: str | None = None) -> dict:
   """Converts an HF hgrn_bit folder into a workdir `loading.load_model` can open.
 
   Args:
@@ -199,8 +247,9 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32") -> dict
     workdir: destination; must not exist or be empty.
     dtype: param (and compute) dtype of the imported model: float32 (default), float64,
       bfloat16 or float16. Weights stay latent full precision in that dtype.
+    tokenizer: a `data.tokenizer` spec to record instead of the folder's tokenizer file.
   Returns:
-    a summary dict (workdir, num_params, tokenizer, model config).
+    a summary dict (workdir, num_params, tokenizer ('' = none), notes, model config).
   """
   np_dtype = numpy_dtype(dtype)
   hf_config = read_hf_config(src)
@@ -215,10 +264,8 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32") -> dict
   with tensors.open_weights(src) as weights:
     check_weights(weights, layout, note)
     with staged_directory(workdir) as tmp:
-      tokenizer = MISTRAL_ALIAS
-      if os.path.isfile(os.path.join(src, "tokenizer.model")):
-        shutil.copyfile(os.path.join(src, "tokenizer.model"), os.path.join(tmp, "tokenizer.model"))
-        tokenizer = "spm:" + os.path.join(workdir, "tokenizer.model")
+      tokenizer = _import_tokenizer(src, tmp, workdir, tokenizer)
+      notes = _check_special_ids(tokenizer, hf_config, tmp, workdir)
       cfg = loading.config_from_dict({"model": model_section, "data": {"tokenizer": tokenizer}})
       flat = mapping.flatten(read_params(weights, layout, shapes, np_dtype))
       with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
@@ -227,40 +274,32 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32") -> dict
       del flat
       loading.save_workdir_config(tmp, cfg)
   return {"workdir": workdir, "num_params": sum(int(np.prod(s)) for s in shapes.values()),
-          "tokenizer": tokenizer, "model": model_section}
+          "tokenizer": tokenizer, "notes": notes, "model": model_section}
 
 
 # ----------------------------------------------------------------------------------- export
 
 
-def tokenizer_file(spec: str) -> tuple[str, str] | None:
-  """`(source path, HF file name)` for the tokenizer a data config names, or None.
-
-  `spm:mistral` → the mistral_common model; `spm:<path>` → tokenizer.model;
-  `hf:<path>` → tokenizer.json; other kinds (e.g. `bpe:<vocab>`) have no file to copy.
-  """
-  kind, _, value = spec.partition(":")
-  if kind == "spm":
-    path, name = (mistral_tokenizer_path() if value == "mistral" else value), "tokenizer.model"
-  elif kind == "hf":
-    path, name = value, "tokenizer.json"
-  else:
+def workdir_tokenizer(cfg):
+  """The tokenizer a workdir's config names (a `bpe:` one from its cache, trained on the
+  configured corpus if missing), or None when it records none."""
+  if not cfg.data.tokenizer:
     return None
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"the workdir's config names tokenizer {spec!r}, but {path} does not "
-                            "exist; restore that file or fix data.tokenizer in config.json")
-  return path, name
+  try:
+    return tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
+  except (OSError, ValueError) as e:
+    raise FileNotFoundError(f"the workdir's tokenizer {cfg.data.tokenizer!r} cannot be loaded "
+                            f"({e}); restore its file or fix data.tokenizer in config.json"
+                            ) from e
 
 
-def special_token_ids(tokenizer: tuple[str, str] | None) -> tuple[int, int]:
-  """`(bos, eos)` of a sentencepiece tokenizer, else the reference defaults (1, 2)."""
-  bos, eos = mapping.REFERENCE_DEFAULTS["bos_token_id"], mapping.REFERENCE_DEFAULTS["eos_token_id"]
-  if tokenizer is not None and tokenizer[1] == "tokenizer.model":
-    import sentencepiece  # pylint: disable=import-outside-toplevel  # only with a tokenizer.model
-    sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer[0])
-    bos = sp.bos_id() if sp.bos_id() >= 0 else bos
-    eos = sp.eos_id() if sp.eos_id() >= 0 else eos
-  return bos, eos
+def special_token_ids(tokenizer) -> dict:
+  """`{bos,eos,pad}_token_id` of our tokenizer (bos None when it has none), or the reference
+  defaults (1, 2) without one."""
+  if tokenizer is None:
+    return {k: mapping.REFERENCE_DEFAULTS[k] for k in ("bos_token_id", "eos_token_id")}
+  return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+          "pad_token_id": tokenizer.pad_id}
 
 
 def _tensor_producer(leaf: jax.Array, slot: Slot, dtype: np.dtype):
@@ -276,26 +315,26 @@ def _tensor_producer(leaf: jax.Array, slot: Slot, dtype: np.dtype):
   return produce
 
 
-def export_checkpoint(workdir: str, dst: str, *, dtype: str = "bfloat16",
+def export_checkpoint(workdir: str, dst: str, *, dtype: str | None = None,
                       step: int | None = None) -> dict:
   """Writes an HF hgrn_bit folder (config.json, model.safetensors, tokenizer) from a workdir.
 
   Args:
     workdir: a training or import workdir (config.json + checkpoints/).
     dst: destination folder; must not exist or be empty.
-    dtype: dtype of the stored tensors: bfloat16 (default, as released), float32, float16,
-      float64.
+    dtype: dtype of the stored tensors: None (default) = the weights' own `param_dtype` (a
+      bit-exact round trip), or bfloat16 (as released), float32, float16, float64.
     step: checkpoint step (default: latest).
   Returns:
-    a summary dict (dst, step, num_params, tokenizer file or None).
+    a summary dict (dst, step, dtype, num_params, tokenizer file name or None).
   """
-  np_dtype = numpy_dtype(dtype)
   cfg = loading.load_workdir_config(workdir)
   model_cfg = ModelConfig.from_config(cfg.model)
-  tokenizer = tokenizer_file(cfg.data.tokenizer)
-  bos, eos = special_token_ids(tokenizer)
-  hf_config = mapping.hf_config_from_model(model_cfg, torch_dtype=dtype, bos_token_id=bos,
-                                           eos_token_id=eos)
+  dtype = dtype or model_cfg.param_dtype
+  np_dtype = numpy_dtype(dtype)
+  tokenizer = workdir_tokenizer(cfg)
+  hf_config = mapping.hf_config_from_model(model_cfg, torch_dtype=dtype,
+                                           **special_token_ids(tokenizer))
   dst = check_destination(dst)
   x64 = model_cfg.param_dtype == "float64"
   with jax.enable_x64(True) if x64 else contextlib.nullcontext():
@@ -311,7 +350,7 @@ def export_checkpoint(workdir: str, dst: str, *, dtype: str = "bfloat16",
                  for s in layout]
       tensors.write_safetensors(os.path.join(tmp, tensors.SINGLE_FILE), entries,
                                 metadata={"format": "pt"})
-      if tokenizer is not None:
-        shutil.copyfile(tokenizer[0], os.path.join(tmp, tokenizer[1]))
-  return {"dst": dst, "step": step, "num_params": sum(int(np.prod(s.hf_shape)) for s in layout),
-          "tokenizer": None if tokenizer is None else tokenizer[1]}
+      written = tokenizer.save(tmp) if tokenizer is not None else None
+  return {"dst": dst, "step": step, "dtype": dtype,
+          "num_params": sum(int(np.prod(s.hf_shape)) for s in layout),
+          "tokenizer": None if written is None else os.path.basename(written)}

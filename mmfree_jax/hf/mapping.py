@@ -221,7 +221,8 @@ def model_section_from_hf(hf_config: dict, dtype: str) -> dict:
 
 
 def hf_config_from_model(model_cfg: config_lib.ModelConfig, *, torch_dtype: str,
-                         bos_token_id: int = 1, eos_token_id: int = 2) -> dict:
+                         bos_token_id: int | None = 1, eos_token_id: int = 2,
+                         pad_token_id: int | None = None) -> dict:
   """The `config.json` HGRNBitForCausalLM would write for this model (reference keys)."""
   if model_cfg.kind != "mmfree":
     raise HFCheckpointError(f"only model.kind='mmfree' exports to the {MODEL_TYPE} layout; "
@@ -238,6 +239,7 @@ def hf_config_from_model(model_cfg: config_lib.ModelConfig, *, torch_dtype: str,
       rms_norm_eps=model_cfg.rms_norm_eps,
       bos_token_id=bos_token_id,
       eos_token_id=eos_token_id,
+      pad_token_id=pad_token_id,
       torch_dtype=torch_dtype,
   )
   return dict(sorted(cfg.items()))

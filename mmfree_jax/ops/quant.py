@@ -12,9 +12,16 @@ The formulas are docs/architecture.md §1 (they follow the reference's fused ker
 
 Backward is the straight-through estimator: the quantizer (rounding, clipping and its scales)
 is the identity, i.e. `q(x) = x + stop_gradient(quantize(x) - x)`.
+
+`quantization_strength(s)` (distillation's quantization ramp) makes `bitlinear` use
+`x + s * stop_gradient(quantize(x) - x)` for both operands: s = 0 is the float layer, s = 1
+the ternary one. It is read when `bitlinear` is traced, like a logical-axis-rules context.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +122,26 @@ def fake_quantize_weights(w: jax.Array) -> jax.Array:
   return (codes.astype(sw.dtype) / sw).astype(w.dtype)
 
 
-def straight_through(x: jax.Array, quantized: jax.Array) -> jax.Array:
-  """Forward value `quantized`, gradient of the identity with respect to x."""
-  return x + jax.lax.stop_gradient(quantized - x)
+def straight_through(x: jax.Array, quantized: jax.Array, strength=None) -> jax.Array:
+  """Forward value `quantized` (or `x + strength * (quantized - x)`), gradient of the identity
+  with respect to x."""
+  if strength is None:
+    return x + jax.lax.stop_gradient(quantized - x)
+  return x + jnp.asarray(strength, x.dtype) * jax.lax.stop_gradient(quantized - x)
+
+
+_STRENGTH = contextvars.ContextVar("quantization_strength", default=None)
+
+
+@contextlib.contextmanager
+def quantization_strength(strength):
+  """Within the block, `bitlinear` fake-quantizes with this strength (a float or a traced
+  scalar in [0, 1]); only the autodiff BitLinear reads it."""
+  token = _STRENGTH.set(strength)
+  try:
+    yield
+  finally:
+    _STRENGTH.reset(token)
 
 
 def bitlinear_input(x: jax.Array, norm_scale: jax.Array, eps: float):
@@ -136,14 +160,15 @@ def bitlinear_input(x: jax.Array, norm_scale: jax.Array, eps: float):
 
 
 def bitlinear_fake_quant(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, eps: float,
-                         dtype) -> tuple[jax.Array, tuple]:
+                         dtype, strength=None) -> tuple[jax.Array, tuple]:
   """The one BitLinear forward with de-quantized operands and STE (every float impl runs it).
 
   Returns `y [..., d_out]` in `dtype` and `(xn, codes_x, sx)` for custom backwards.
+  strength: None (full quantization) or s in [0, 1], see `quantization_strength`.
   """
   xn, codes_x, sx = bitlinear_input(x, norm_scale, eps)
-  xq = straight_through(xn, (codes_x.astype(sx.dtype) / sx).astype(xn.dtype))
-  wq = straight_through(kernel, fake_quantize_weights(kernel))
+  xq = straight_through(xn, (codes_x.astype(sx.dtype) / sx).astype(xn.dtype), strength)
+  wq = straight_through(kernel, fake_quantize_weights(kernel), strength)
   # The matmul runs in the compute dtype (bf16 on accelerators), as the reference does.
   y = jnp.matmul(xq.astype(dtype), wq.astype(dtype))
   return y, (xn, codes_x, sx)
@@ -180,6 +205,6 @@ def bitlinear(
   """
   dtype = dtype or x.dtype
   if quantize:
-    return bitlinear_fake_quant(x, kernel, norm_scale, eps, dtype)[0]
+    return bitlinear_fake_quant(x, kernel, norm_scale, eps, dtype, _STRENGTH.get())[0]
   xn = rms_norm(x.astype(acc_dtype(x.dtype)), norm_scale, eps)
   return jnp.matmul(xn.astype(dtype), kernel.astype(dtype))

@@ -34,6 +34,7 @@ from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.ops.loss import perplexity
 from mmfree_jax.parallel import distributed, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
+from mmfree_jax.train import distill
 from mmfree_jax.train import banner, flops, optim, steps, trackers
 from mmfree_jax.train import metrics as metrics_lib
 from mmfree_jax.train import state as state_lib
@@ -294,6 +295,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
       if checkpointer.has_train_state(latest):
         check_steps_unchanged(saved_config, cfg, latest, allow_steps_change)
 
+    distiller = distill.setup(cfg, model_cfg, mesh, rules)  # None: plain training
     cache_dir = default_cache_dir()
     procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
     tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=cache_dir)
@@ -323,6 +325,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
     else:
       state = state_lib.create_sharded_train_state(model_cfg, tx, train_cfg.seed,
                                                    state_shardings)
+      if distiller is not None:  # the student starts from the teacher (distill.init)
+        state = distiller.init_state(state, tx, train_cfg.seed, state_shardings)
       resume = "fresh start"
     log.info("%s in %s", resume, checkpointer.directory)
     if is_main:  # rows of steps after the restored one are redone by this run
@@ -333,6 +337,10 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
     run = _finish_setup(cfg, model_cfg, workdir, tx, schedule, mesh, rules, state_shardings,
                         batch_sharding, graphdef, state, tokenizer, train_iter, val_batches,
                         checkpointer, stop_after_steps, latest, started, lock)
+    if distiller is not None:  # same contract: (state, batch) -> (state, metrics)
+      run.train_step = distiller.stepper(
+          graphdef, tx, schedule, microbatches=train_cfg.microbatches, z_loss=cfg.optim.z_loss,
+          shardings=state_shardings, batch_sharding=batch_sharding, first_step=run.first_step)
     writer = run.writer
     run.banner = banner.banner_lines(cfg, model_cfg, mesh, abstract_state.params,
                                      os.path.abspath(workdir), resume)

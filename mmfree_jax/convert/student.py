@@ -1,0 +1,128 @@
+"""A MatMul-free student initialised from a Transformer++ teacher (same d, L, vocab, I).
+
+What is copied where (teacher → student), and why:
+
+- `embedding` → `embedding`; teacher `lm_head.kernel` → the ternary `lm_head.kernel` (latent
+  weights; the BitLinear quantizes them in its forward).
+- Norms are *folded* into the BitLinears that consume them. Every student projection is a
+  BitLinear that RMS-normalises its own input with its `norm_scale`; an RMSNorm of an
+  RMSNormed vector is the identity (up to eps). So the block norms (`attn_norm`, `mlp_norm`,
+  `final_norm`) are set to 1 and the teacher's gammas go into the `norm_scale` of the
+  projections reading them (i/f/g ← attn_norm, gate ← mlp_norm, lm_head ← final_norm): each
+  student projection then sees exactly the teacher's normalised input. `o_proj`, `down_proj`
+  and `g_norm` have no teacher counterpart norm and keep scale 1.
+- MLP: the teacher's fused `[d, 2I]` gate/up kernel → the GLU's fused ternary gate/up kernel
+  (same gate-then-up column order), `down_proj` → `down_proj`. Widths must match.
+- Attention → MLGRU (`h_t = f_t h_{t-1} + (1 - f_t) silu(i_t)`, `y = o(rmsnorm(g) swish(h))`):
+  **V → i** (the content written into the state, as values are what attention mixes),
+  **K → f** (the forget gate: Liger builds its gates from the key projection, the per-token
+  "how much to remember" signal of a gated linear RNN comes from the same side as keys),
+  **Q → g** (the output gate reads the state out, the role the query has; Mamba-in-the-Llama
+  likewise maps Q → the state read-out C, K → B, V → x), **O → o**. Grouped K/V
+  (`num_kv_heads < num_heads`) are widened to d by repeating each K/V head for the query
+  heads that share it (query head h reads K/V head h // group, as attention does).
+- `lower_bounds` keep the student's own initialisation (zeros: layer l's forget-gate floor
+  starts at l / L, as the reference initialises it): the teacher has nothing comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from mmfree_jax.config import ModelConfig
+
+
+class ConversionError(ValueError):
+  """A teacher/student pair whose shapes cannot map onto each other."""
+
+
+MATCHING = ("vocab_size", "d_model", "num_layers", "intermediate_size")
+
+
+def student_config(teacher: ModelConfig, **overrides) -> ModelConfig:
+  """The MatMul-free config with the teacher's d, L, vocab, I and eps (overrides on top)."""
+  if teacher.kind != "transformer":
+    raise ConversionError(f"the teacher must be a Transformer++ (model.kind='transformer'); got "
+                          f"{teacher.kind!r}")
+  values = dataclasses.asdict(teacher)
+  values.update(kind="mmfree")
+  values.update(overrides)
+  student = ModelConfig.from_config(values)
+  check_compatible(teacher, student)
+  return student
+
+
+def check_compatible(teacher: ModelConfig, student: ModelConfig,
+                     keys: tuple[str, ...] = MATCHING) -> None:
+  """Raises ConversionError naming every shape in `keys` that differs (before any compute)."""
+  if teacher.kind != "transformer" or student.kind != "mmfree":
+    raise ConversionError(f"conversion maps a Transformer++ teacher onto a MatMul-free student; "
+                          f"got teacher kind {teacher.kind!r}, student kind {student.kind!r}")
+  diffs = [f"{k}: teacher {getattr(teacher, k)} vs student {getattr(student, k)}"
+           for k in keys if getattr(teacher, k) != getattr(student, k)]
+  if diffs:
+    raise ConversionError(
+        "the student does not fit this teacher: " + "; ".join(diffs) + ". Give the student "
+        f"the teacher's {', '.join(keys)} (mmfree_jax.convert.student_config(teacher) does)")
+
+
+def _widen_kv(kernel: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
+  """`[L, d, kv_heads * hd]` → `[L, d, heads * hd]`: K/V head j repeated for its query heads."""
+  kv_heads = getattr(cfg, "num_kv_heads", None) or cfg.num_heads
+  if kv_heads == cfg.num_heads:
+    return kernel
+  layers, d, _ = kernel.shape
+  blocks = kernel.reshape(layers, d, kv_heads, cfg.head_dim)
+  blocks = jnp.repeat(blocks, cfg.num_heads // kv_heads, axis=2)
+  return blocks.reshape(layers, d, cfg.num_heads * cfg.head_dim)
+
+
+def init_student_params(teacher_params: dict, teacher_cfg: ModelConfig, student_params: dict,
+                        student_cfg: ModelConfig) -> dict:
+  """Student params from the teacher's (pure; jit it with out_shardings for big models).
+
+  Args:
+    teacher_params: the TransformerLM's nested param dict.
+    student_params: a freshly initialised MatMulFreeLM param dict (gives the leaves the
+      teacher has no counterpart for, and the dtypes).
+  Returns:
+    a new nested dict with the student's structure and dtypes.
+  """
+  check_compatible(teacher_cfg, student_cfg)
+  t, s = teacher_params, student_params
+  tb, sb = t["blocks"], s["blocks"]
+  cast = lambda x, like: jnp.asarray(x, like.dtype)
+  ones = lambda like: jnp.ones_like(like)
+  attn_gamma = tb["attn_norm"]["scale"]
+  mlgru_source = {"i": _widen_kv(tb["attn"]["v_proj"]["kernel"], teacher_cfg),
+                  "f": _widen_kv(tb["attn"]["k_proj"]["kernel"], teacher_cfg),
+                  "g": tb["attn"]["q_proj"]["kernel"],
+                  "o": tb["attn"]["o_proj"]["kernel"]}
+  attn = {}
+  for name, kernel in mlgru_source.items():
+    proj = sb["attn"][f"{name}_proj"]
+    norm = ones(proj["norm_scale"]) if name == "o" else cast(attn_gamma, proj["norm_scale"])
+    attn[f"{name}_proj"] = {"kernel": cast(kernel, proj["kernel"]), "norm_scale": norm}
+  attn["g_norm"] = {"scale": ones(sb["attn"]["g_norm"]["scale"])}
+  mlp = {
+      "gate_proj": {"kernel": cast(tb["mlp"]["gate_proj"]["kernel"],
+                                   sb["mlp"]["gate_proj"]["kernel"]),
+                    "norm_scale": cast(tb["mlp_norm"]["scale"],
+                                       sb["mlp"]["gate_proj"]["norm_scale"])},
+      "down_proj": {"kernel": cast(tb["mlp"]["down_proj"]["kernel"],
+                                   sb["mlp"]["down_proj"]["kernel"]),
+                    "norm_scale": ones(sb["mlp"]["down_proj"]["norm_scale"])},
+  }
+  out = {
+      "embedding": cast(t["embedding"], s["embedding"]),
+      "blocks": {"attn_norm": {"scale": ones(sb["attn_norm"]["scale"])}, "attn": attn,
+                 "mlp_norm": {"scale": ones(sb["mlp_norm"]["scale"])}, "mlp": mlp},
+      "final_norm": {"scale": ones(s["final_norm"]["scale"])},
+      "lm_head": {"kernel": cast(t["lm_head"]["kernel"], s["lm_head"]["kernel"]),
+                  "norm_scale": cast(t["final_norm"]["scale"], s["lm_head"]["norm_scale"])},
+  }
+  if "lower_bounds" in s:
+    out["lower_bounds"] = s["lower_bounds"]
+  return out

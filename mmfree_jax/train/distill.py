@@ -1,0 +1,359 @@
+"""Distilling a Transformer++ teacher into a MatMul-free student (the `distill` config section).
+
+    python train.py --config=configs/distill_tiny.py --config.distill.teacher=TEACHER --workdir=W
+
+TEACHER is one of our Transformer++ workdirs or an HF Llama folder (`mmfree_jax.hf.llama`).
+Stages, by step:
+
+1. `step < distill.stage1_steps`: per-layer hidden-state alignment. The frozen teacher runs
+   once; every student block gets the teacher's input to that block and is trained to produce
+   the teacher block's output (`ops.distill_loss.hidden_mse_sums`, averaged over layers).
+   Embedding and head get no gradient in this stage.
+2. afterwards: end to end, `alpha * T^2 KL(teacher || student) + (1 - alpha) * CE`.
+
+The ternary quantization is on from the first step, or ramped in over
+`distill.quant_ramp_steps` (activation and weight fake-quantization `x + s (q(x) - x)`, s
+rising linearly from 1/N to 1; needs `model.bitlinear_impl='autodiff'`).
+
+The teacher's params are an argument of the same jitted step (never in the train state: no
+gradient, no optimizer state, not checkpointed), placed with the shardings its own logical
+axes give on the student's mesh. Checkpoints hold the student's train state and data
+position exactly as plain training does, so resume is the trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.convert import student as student_lib
+from mmfree_jax.hf import convert, llama
+from mmfree_jax.hf import mapping as hf_mapping
+from mmfree_jax.nn import blockwise
+from mmfree_jax.nn.model import abstract_model
+from mmfree_jax.ops import distill_loss
+from mmfree_jax.ops import loss as loss_lib
+from mmfree_jax.ops import quant
+from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.parallel import sharding
+from mmfree_jax.train import steps as steps_lib
+from mmfree_jax.train import state as state_lib
+from mmfree_jax.train.state import TrainState
+
+INITS = ("teacher", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillSettings:
+  """The validated `distill` config section (hashable)."""
+  teacher: str
+  teacher_step: int | None = None
+  init: str = "teacher"
+  stage1_steps: int = 0
+  temperature: float = 1.0
+  alpha: float = 0.5
+  quant_ramp_steps: int = 0
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.teacher)
+
+  @classmethod
+  def from_config(cls, section) -> "DistillSettings":
+    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown distill config keys {unknown}; known: {sorted(known)}")
+    settings = cls(**values)
+    settings.validate()
+    return settings
+
+  def validate(self) -> None:
+    if self.init not in INITS:
+      raise ValueError(f"unknown distill.init {self.init!r}; choose one of {INITS}")
+    if not isinstance(self.stage1_steps, int) or self.stage1_steps < 0:
+      raise ValueError(f"distill.stage1_steps must be an int >= 0; got {self.stage1_steps!r}")
+    if not isinstance(self.quant_ramp_steps, int) or self.quant_ramp_steps < 0:
+      raise ValueError("distill.quant_ramp_steps must be an int >= 0 (0: ternary throughout); "
+                       f"got {self.quant_ramp_steps!r}")
+    if not self.temperature > 0:
+      raise ValueError(f"distill.temperature must be > 0; got {self.temperature!r}")
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"distill.alpha must be in [0, 1] (weight of the KL term); got "
+                       f"{self.alpha!r}")
+    if self.teacher and not os.path.isfile(os.path.join(self.teacher, "config.json")):
+      raise FileNotFoundError(
+          f"distill.teacher={self.teacher!r} has no config.json: pass one of our Transformer++ "
+          "workdirs or an HF Llama folder (config.json + safetensors)")
+
+  def check_student(self, student: ModelConfig) -> None:
+    if student.kind != "mmfree":
+      raise ValueError(f"distillation trains a MatMul-free student: set model.kind='mmfree' "
+                       f"(got {student.kind!r})")
+    if self.quant_ramp_steps and student.bitlinear_impl != "autodiff":
+      raise ValueError("distill.quant_ramp_steps > 0 needs model.bitlinear_impl='autodiff' (the "
+                       "lean BitLinear's custom backward assumes full quantization)")
+
+
+# -------------------------------------------------------------------------------- teacher
+
+
+def teacher_source(path: str) -> str:
+  """'workdir' (ours: config.json with a model section) or 'llama' (an HF folder)."""
+  with open(os.path.join(path, "config.json")) as f:
+    config = json.load(f)
+  if isinstance(config, dict) and "model" in config:
+    return "workdir"
+  if isinstance(config, dict) and "model_type" in config:
+    return "llama"
+  raise ValueError(f"{path}/config.json is neither an mmfree_jax workdir config nor an HF "
+                   "config (no 'model' section, no 'model_type')")
+
+
+def read_teacher_config(settings: DistillSettings, student: ModelConfig) -> ModelConfig:
+  """The teacher's model config, from its config.json only (nothing loaded).
+
+  The teacher computes in the student's compute dtype (`model.dtype`) with the student's remat
+  policy; its params keep their stored dtype (an HF teacher is read in the student's
+  param_dtype).
+  """
+  overrides = {"dtype": student.dtype, "remat": student.remat}
+  if teacher_source(settings.teacher) == "workdir":
+    section = loading.load_workdir_config(settings.teacher).model.to_dict()
+  else:
+    section = llama.model_section_from_llama(convert.read_hf_config(settings.teacher),
+                                             student.param_dtype)
+  section.update(overrides)
+  teacher = ModelConfig.from_config(section)
+  if teacher.kind != "transformer":
+    raise ValueError(f"distill.teacher={settings.teacher!r} holds a model.kind={teacher.kind!r} "
+                     "model; the teacher must be a Transformer++ (kind 'transformer') or an HF "
+                     "Llama")
+  return teacher
+
+
+def load_teacher_params(settings: DistillSettings, teacher: ModelConfig, shardings) -> dict:
+  """The teacher's params, placed with `shardings` (a workdir restores straight into them)."""
+  if teacher_source(settings.teacher) == "workdir":
+    params, _ = loading.load_params(settings.teacher, teacher, settings.teacher_step,
+                                    param_shardings=shardings)
+    return params
+  _, flat = llama.load_llama(settings.teacher, dtype=teacher.param_dtype)
+  return jax.device_put(hf_mapping.unflatten(flat), shardings)
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+  """NamedShardings of a model's params from their logical axes (as the train state's)."""
+  _, abstract = nnx.split(abstract_model(cfg))
+  logical = nnx.get_partition_spec(abstract).to_pure_dict()
+  return sharding.tree_shardings(abstract.to_pure_dict(), logical, mesh, rules)
+
+
+def student_params_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig,
+                                student_params: dict, student_cfg: ModelConfig,
+                                shardings=None) -> dict:
+  """`convert.init_student_params`, jitted (sharded output when `shardings` is given)."""
+  fn = lambda t, s: student_lib.init_student_params(t, teacher_cfg, s, student_cfg)
+  return jax.jit(fn, out_shardings=shardings)(teacher_params, student_params)
+
+
+# ----------------------------------------------------------------------------------- steps
+
+
+def quant_strength(step, ramp_steps: int):
+  """Quantization strength at `step` (0-based): `min(1, (step + 1) / ramp_steps)`, or None
+  (plain ternary) without a ramp."""
+  if not ramp_steps:
+    return None
+  return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
+
+
+def make_distill_loss(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
+                      teacher_graphdef, settings: DistillSettings, stage: int,
+                      z_loss: float = 0.0) -> Callable:
+  """`loss_fn(student_params, teacher_params, batch, total_tokens, strength) -> (loss, aux)`.
+
+  aux: `(nll, kl, hidden_err, hidden_ref)` sums (zeros for the terms a stage lacks). Stage 1
+  has no logits (nll = kl = 0); stage 2 has no hidden terms.
+  """
+  if stage not in (1, 2):
+    raise ValueError(f"stage must be 1 or 2; got {stage}")
+  student_lib.check_compatible(teacher_cfg, student_cfg, student_lib.MATCHING[:3])
+
+  def loss_fn(student_params, teacher_params, batch, total_tokens, strength):
+    inputs, segments, targets, mask = loss_lib.split_window(batch["tokens"],
+                                                            batch["segment_ids"])
+    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    student = nnx.merge(student_graphdef, student_params)
+    t_seg = segments if teacher_cfg.reset_at_doc_start else None
+    s_seg = segments if student_cfg.reset_at_doc_start else None
+    zero = jnp.zeros((), acc_dtype(student_cfg.compute_dtype))
+    ctx = quant.quantization_strength(strength) if strength is not None \
+        else contextlib.nullcontext()
+    with ctx:
+      if stage == 1:
+        hidden = jax.lax.stop_gradient(blockwise.transformer_hidden_states(teacher, inputs, t_seg))
+        outputs = blockwise.mmfree_block_outputs(student, hidden[:-1], s_seg)
+        err, ref, _ = distill_loss.hidden_mse_sums(outputs, hidden[1:], mask)
+        loss = err / (total_tokens * student_cfg.num_layers)
+        return loss, (zero, zero, err, ref)
+      teacher_logits = jax.lax.stop_gradient(teacher(inputs, segment_ids=t_seg)[0])
+      logits, _ = student(inputs, segment_ids=s_seg)
+    kl, _ = distill_loss.kl_divergence_sums(logits, teacher_logits, mask, settings.temperature)
+    nll, z, _ = loss_lib.cross_entropy_sums(logits, targets, mask, z_loss)
+    loss = (settings.alpha * kl + (1.0 - settings.alpha) * (nll + z)) / total_tokens
+    return loss, (nll, kl, zero, zero)
+
+  return loss_fn
+
+
+def make_distill_step(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
+                      teacher_graphdef, tx: optax.GradientTransformation,
+                      schedule: optax.Schedule, settings: DistillSettings, stage: int, *,
+                      microbatches: int = 1, z_loss: float = 0.0, mesh: Mesh | None = None,
+                      rules=None) -> Callable:
+  """Returns `step(state, teacher_params, batch) -> (state, metrics)` (pure; not yet jitted).
+
+  Metrics (fp32 scalars): `loss` (stage 2: the student's next-token NLL; stage 1, which
+  computes no logits: the hidden-state MSE), `stage`, `distill_loss` (what is minimised),
+  `kl`, `hidden_mse` (mean over layers), `hidden_rel_err` (`hidden_mse / mean t^2`),
+  `quant_strength`, `grad_norm`, `lr`, `tokens`, `finite`, `skipped_steps`, `z_loss` (0).
+  """
+  loss_fn = make_distill_loss(student_cfg, student_graphdef, teacher_cfg, teacher_graphdef,
+                              settings, stage, z_loss)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step(state: TrainState, teacher_params: dict, batch: dict):
+    ctx = sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
+    with ctx:
+      acc = acc_dtype(student_cfg.compute_dtype)
+      total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(acc)
+      strength = quant_strength(state.step, settings.quant_ramp_steps)
+      if microbatches == 1:
+        (loss, sums), grads = grad_fn(state.params, teacher_params, batch, total_tokens,
+                                      strength)
+      else:
+        def accumulate(carry, microbatch):
+          grads_acc, loss_acc, sums_acc = carry
+          (loss, sums), grads = grad_fn(state.params, teacher_params, microbatch, total_tokens,
+                                        strength)
+          return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
+                  jax.tree.map(jnp.add, sums_acc, sums)), None
+
+        init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), acc),
+                tuple(jnp.zeros((), acc) for _ in range(4)))
+        (grads, loss, sums), _ = jax.lax.scan(
+            accumulate, init, steps_lib._split_microbatches(batch, microbatches))  # pylint: disable=protected-access
+      nll, kl, err, ref = sums
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      grad_norm = optax.global_norm(grads)
+      finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+      layers = student_cfg.num_layers
+      metrics = {
+          "loss": nll / total_tokens if stage == 2 else err / (total_tokens * layers),
+          "stage": jnp.asarray(stage, acc),
+          "distill_loss": loss,
+          "kl": kl / total_tokens,
+          "hidden_mse": err / (total_tokens * layers),
+          "hidden_rel_err": err / jnp.maximum(ref, jnp.finfo(acc).tiny),
+          "quant_strength": jnp.asarray(1.0 if strength is None else strength, acc),
+          "z_loss": jnp.zeros((), acc),
+          "grad_norm": grad_norm,
+          "lr": jnp.asarray(schedule(state.step), acc),
+          "tokens": total_tokens,
+          "finite": finite.astype(jnp.float32),
+          "skipped_steps": opt_state.total_notfinite.astype(jnp.float32),
+      }
+      return TrainState(state.step + 1, params, opt_state, state.rng), metrics
+
+  return step
+
+
+class DistillStepper:
+  """The trainer's `train_step(state, batch)` in distill mode: the stage-1 or stage-2 jitted
+  step by the (host-side) step count, with the placed teacher params bound."""
+
+  def __init__(self, stage1: Callable | None, stage2: Callable, teacher_params: dict,
+               stage1_steps: int, first_step: int):
+    self._stage1, self._stage2 = stage1, stage2
+    self.teacher_params = teacher_params
+    self.stage1_steps = stage1_steps
+    self.step = first_step
+
+  def stage(self) -> int:
+    return 1 if self.step < self.stage1_steps else 2
+
+  def __call__(self, state: TrainState, batch: dict):
+    fn = self._stage1 if self.stage() == 1 else self._stage2
+    self.step += 1
+    return fn(state, self.teacher_params, batch)
+
+
+@dataclasses.dataclass
+class Distillation:
+  """A loaded, placed teacher and what the trainer asks of it (see `setup`)."""
+  settings: DistillSettings
+  student_cfg: ModelConfig
+  teacher_cfg: ModelConfig
+  teacher_params: dict
+  teacher_shardings: dict
+  mesh: Mesh
+  rules: tuple
+
+  def init_state(self, state: TrainState, tx: optax.GradientTransformation, seed: int,
+                 shardings: TrainState) -> TrainState:
+    """A fresh train state whose params come from the teacher (`distill.init='teacher'`)."""
+    if self.settings.init != "teacher":
+      return state
+    params = student_params_from_teacher(self.teacher_params, self.teacher_cfg, state.params,
+                                         self.student_cfg, shardings.params)
+    return state_lib.train_state_from_params(params, tx, 0, seed, shardings)
+
+  def stepper(self, graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+              microbatches: int, z_loss: float, shardings: TrainState, batch_sharding,
+              first_step: int) -> DistillStepper:
+    """The jitted stage steps (stage 1 only if it still has steps to run), teacher bound."""
+    teacher_graphdef = state_lib.model_graphdef(self.teacher_cfg)
+
+    def jitted(stage):
+      step = make_distill_step(self.student_cfg, graphdef, self.teacher_cfg, teacher_graphdef,
+                               tx, schedule, self.settings, stage, microbatches=microbatches,
+                               z_loss=z_loss, mesh=self.mesh, rules=self.rules)
+      return jax.jit(step, in_shardings=(shardings, self.teacher_shardings, batch_sharding),
+                     out_shardings=(shardings, sharding.replicated(self.mesh)),
+                     donate_argnums=0)
+
+    stage1 = jitted(1) if first_step < self.settings.stage1_steps else None
+    return DistillStepper(stage1, jitted(2), self.teacher_params, self.settings.stage1_steps,
+                          first_step)
+
+
+def setup(cfg, student: ModelConfig, mesh: Mesh, rules) -> Distillation | None:
+  """Validates the `distill` section, checks the teacher against the student from configs,
+  then loads and places the teacher. None when `distill.teacher` is empty (plain training)."""
+  if "distill" not in cfg:
+    return None
+  settings = DistillSettings.from_config(cfg.distill)
+  if not settings.enabled:
+    return None
+  settings.check_student(student)
+  teacher = read_teacher_config(settings, student)
+  # Stage 1 needs the same d and L, the KL the same vocabulary; copying the MLP also the same I.
+  keys = student_lib.MATCHING if settings.init == "teacher" else student_lib.MATCHING[:3]
+  student_lib.check_compatible(teacher, student, keys)
+  shardings = param_shardings(teacher, mesh, rules)
+  params = load_teacher_params(settings, teacher, shardings)
+  return Distillation(settings, student, teacher, params, shardings, mesh, rules)
