@@ -514,6 +514,13 @@ def test_prepare_train_resume_is_exact_on_a_mixture(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
                jax.device_get(second.state.params), jax.device_get(full.state.params))
   assert full.eval_history and np.isfinite(full.eval_history[-1]["loss"])
+  # eval.py --ppl_split=val scores the same held-out windows as training's validation.
+  from mmfree_jax.eval.runner import EvalOptions, evaluate_workdir
+  results = evaluate_workdir(str(tmp_path / "full"), EvalOptions(
+      ppl_split="val", val_batches=1, batch_size=8))
+  val = results["perplexity"]["val"]
+  assert val["tokens"] == full.eval_history[-1]["tokens"]
+  np.testing.assert_allclose(val["loss"], full.eval_history[-1]["loss"], rtol=1e-5)
   # A config whose tokenizer is not the folders' fails before any compute.
   with pytest.raises(ValueError, match="tokenized with 'byte'"):
     train(small_config(**overrides, **{"data.tokenizer": "bpe:300"}),
