@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, setups
+from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import attention, quant, recurrence
 from mmfree_jax.ops import bitlinear as bitlinear_lean
 
@@ -66,10 +67,11 @@ def run(preset: str) -> dict:
   counts_tf["rmsnorm d"] = 2 * num_layers + 1
   f = jnp.asarray(rng.uniform(0.8, 1.0, (batch, seq, d)), jnp.float32)
   i = arr(batch, seq, d, s=0.1)
-  for scan_type in recurrence.SCAN_TYPES:
+  for scan_type in recurrence.native_scan_types(dispatch.default_platform()):
     rec = recurrence.get_recurrence(scan_type, mm_cfg.chunk_size)
     fns[f"recurrence {scan_type}"] = _fwd_bwd(lambda f, i, rec=rec: rec(f, i)[0], f, i)
-  counts_mm[f"recurrence {mm_cfg.scan_type}"] = num_layers
+  scan_type = recurrence.resolve_scan_type(mm_cfg.scan_type, dispatch.default_platform())
+  counts_mm[f"recurrence {scan_type}"] = num_layers
 
   def gates(fz, iz, gz, h, lb):  # the MLGRU element-wise arithmetic around the recurrence
     fs = jax.nn.sigmoid(fz)
@@ -97,7 +99,7 @@ def run(preset: str) -> dict:
   counts_tf["attention (rope+softmax)"] = num_layers
 
   steps = {}
-  step_variants = [("step mmfree", "mmfree", {}),
+  step_variants = [("step mmfree", "mmfree", {"bitlinear_impl": "autodiff"}),
                    ("step mmfree_lean", "mmfree", {"bitlinear_impl": "lean"}),
                    ("step transformer", "transformer", {})]
   if preset == "toy":  # the smoke test keeps compiles few (bench_train runs toy steps)
@@ -131,7 +133,7 @@ def run(preset: str) -> dict:
     print(f"{k:32s} {ms[k]:8.2f} ms")
   print(summary)
   return {"shape": {"d_model": d, "num_layers": num_layers, "seq_len": seq, "batch": batch,
-                    "vocab": vocab, "intermediate": inter, "scan_type": mm_cfg.scan_type},
+                    "vocab": vocab, "intermediate": inter, "scan_type": scan_type},
           "components": components, "summary": summary}
 
 

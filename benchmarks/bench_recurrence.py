@@ -1,6 +1,11 @@
 """The MLGRU recurrence `h_t = f_t h_{t-1} + i_t`: forward+backward time and compiled peak
 memory vs sequence length, for every `scan_type` (sequential, associative, chunked,
-sequential_custom_vjp).
+sequential_custom_vjp, and on GPU/TPU the Pallas kernel `pallas`; `auto` is an alias).
+
+On CPU the Pallas kernels can only run in Pallas' interpreter, whose timings mean nothing:
+there each kernel (GPU and TPU) runs once, interpreted, and the result records only that it ran
+and how far it is from `sequential` (`kernels_interpret`). Device timings of `pallas` come from
+this benchmark with `--preset accel` on a GPU/TPU, or from `benchmarks.accel_check`.
 
     python -m benchmarks.bench_recurrence [--preset toy|cpu|accel]
 
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import recurrence
 
 NAME = "bench_recurrence"
@@ -26,6 +32,30 @@ SEQ_LENS = {"toy": [64, 256], "cpu": [256, 1024, 4096, 16384],
             "accel": [256, 1024, 4096, 16384, 65536]}
 BATCH_DIM = {"toy": (1, 32), "cpu": (2, 256), "accel": (8, 2048)}
 ROUNDS = {"toy": 2, "cpu": 5, "accel": 10}
+
+
+def timed_scan_types() -> list[str]:
+  """All but the alias `auto`; `pallas` only on GPU/TPU (on CPU: `kernels_interpret`)."""
+  return list(recurrence.native_scan_types(dispatch.default_platform()))
+
+
+def kernels_interpret(batch: int = 2, seq: int = 37, dim: int = 256) -> list[dict]:
+  """Each Pallas kernel once in interpret mode vs `sequential` (CPU: it ran, and its error)."""
+  rng = np.random.default_rng(0)
+  f = jnp.asarray(rng.uniform(0.8, 1.0, (batch, seq, dim)), jnp.float32)
+  i = jnp.asarray(rng.normal(size=(batch, seq, dim)) * 0.1, jnp.float32)
+  w = jnp.asarray(rng.normal(size=(batch, seq, dim)), jnp.float32)
+  want = _grad_fn("sequential", 64)(f, i, w)
+  rows = []
+  for platform in dispatch.KERNEL_PLATFORMS:
+    with dispatch.kernel_platform(platform, interpret=True):
+      got = _grad_fn("pallas", 64)(f, i, w)
+    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
+    rows.append({"kernel": platform, "ran": True, "shape": [batch, seq, dim],
+                 "grad_max_abs_err_vs_sequential": err})
+    print(f"pallas ({platform} kernel, interpreted) ran; grad max |err| vs sequential {err:.1e} "
+          "(interpret timings are meaningless: not timed)", flush=True)
+  return rows
 
 
 def _grad_fn(scan_type: str, chunk_size: int):
@@ -47,7 +77,7 @@ def run(preset: str, chunk_size: int = 64) -> dict:
     i = jnp.asarray(rng.normal(size=(batch, seq, dim)) * 0.1, jnp.float32)
     w = jnp.asarray(rng.normal(size=(batch, seq, dim)), jnp.float32)
     fns, mem = {}, {}
-    for scan_type in recurrence.SCAN_TYPES:
+    for scan_type in timed_scan_types():
       g = _grad_fn(scan_type, chunk_size)
       compiled = g.lower(f, i, w).compile()
       mem[scan_type] = common.memory_stats(compiled)
@@ -71,7 +101,7 @@ def run(preset: str, chunk_size: int = 64) -> dict:
   # Recommendation: the lowest total time over all T (long sequences dominate, as they do a
   # training step's recurrence cost; sub-millisecond short-T timings are the noisiest); within
   # 5% of it, the one with the least total memory.
-  types = list(recurrence.SCAN_TYPES)
+  types = timed_scan_types()
   total = {t: sum(r["fwd_bwd_s"] for r in rows if r["scan_type"] == t) for t in types}
   mem = {t: sum(r["temp_bytes"] or 0 for r in rows if r["scan_type"] == t) for t in types}
   best = min(total.values())
@@ -79,9 +109,12 @@ def run(preset: str, chunk_size: int = 64) -> dict:
   close = [t for t in types if total[t] <= 1.05 * best]
   recommended = min(close, key=lambda t: mem[t])
   print(f"recommended scan_type on {jax.default_backend()}: {recommended}", flush=True)
-  return {"chunk_size": chunk_size, "rows": rows, "fastest_by_seq_len": summary,
-          "total_time_vs_best": rel_time, "recommended": recommended,
-          "backend": jax.default_backend()}
+  out = {"chunk_size": chunk_size, "rows": rows, "fastest_by_seq_len": summary,
+         "total_time_vs_best": rel_time, "recommended": recommended,
+         "backend": jax.default_backend()}
+  if dispatch.default_platform() not in dispatch.KERNEL_PLATFORMS:
+    out["kernels_interpret"] = kernels_interpret()
+  return out
 
 
 def main(argv=None):

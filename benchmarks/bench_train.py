@@ -25,7 +25,7 @@ SHAPES = {
 VOCAB = {"toy": 256, "cpu": 4096, "accel": 32000}
 ROUNDS = {"toy": 2, "cpu": 3, "accel": 5}
 VARIANTS = {  # name -> (kind, model overrides)
-    "mmfree": ("mmfree", {}),
+    "mmfree": ("mmfree", {"bitlinear_impl": "autodiff"}),  # explicit: the default is auto
     "mmfree_lean": ("mmfree", {"bitlinear_impl": "lean"}),
     "transformer": ("transformer", {}),
 }

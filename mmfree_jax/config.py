@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from mmfree_jax.ops.bitlinear import BITLINEAR_IMPLS
+from mmfree_jax.ops.bitlinear import BITLINEAR_IMPLS, resolve_bitlinear_impl
 from mmfree_jax.ops.attention import ATTENTION_IMPLS
-from mmfree_jax.ops.recurrence import SCAN_TYPES
+from mmfree_jax.ops.recurrence import SCAN_TYPES, resolve_scan_type
 
 MODEL_KINDS = ("mmfree", "transformer")
 DTYPES = {
@@ -74,15 +74,17 @@ def base_model_config() -> ml_collections.ConfigDict:
       "attention_impl": "auto",
       "use_lower_bound": True,
       "rms_norm_eps": 1e-6,
-      "scan_type": "sequential",
+      # auto: the Pallas kernel on GPU/TPU, sequential on CPU (ops.recurrence.SCAN_TYPES)
+      "scan_type": "auto",
       "chunk_size": 64,
       "reset_at_doc_start": True,
       "dtype": "auto",  # compute dtype: bf16 on accelerators, fp32 on CPU
       "param_dtype": "float32",
       "remat": "none",
-      # mmfree only: 'autodiff' (quant.bitlinear) or 'lean' (bitlinear_lean: custom backward
-      # that keeps int8 activation codes instead of fp32 intermediates; same numbers)
-      "bitlinear_impl": "autodiff",
+      # mmfree only (ops.bitlinear.BITLINEAR_IMPLS): 'autodiff' (quant.bitlinear), 'lean'
+      # (custom backward keeping int8 codes instead of fp32 intermediates; same numbers),
+      # 'fused' (lean with the Pallas quantizer kernel); auto = fused on GPU/TPU, lean on CPU
+      "bitlinear_impl": "auto",
   })
 
 
@@ -182,7 +184,7 @@ class ModelConfig:
   dtype: str
   param_dtype: str
   remat: str
-  bitlinear_impl: str = "autodiff"
+  bitlinear_impl: str = "auto"
   num_kv_heads: int | None = None  # from_config resolves None to num_heads
   attention_impl: str = "auto"
 
@@ -297,6 +299,25 @@ def validate_data(data_cfg) -> None:
     raise ValueError("data.mixture weights prepared folders: set --config.data.source="
                      "array_record, or clear --config.data.mixture")
   mixture_weights(data_cfg.get("mixture", ""))
+
+
+def describe_impls(cfg: ModelConfig, platform: str) -> str:
+  """One line naming what `model.scan_type` and `model.bitlinear_impl` run on `platform`
+  ('gpu', 'tpu' or 'cpu': `kernels.dispatch.platform_of` of the mesh's devices), for a run's
+  startup banner, e.g. "scan_type=auto -> pallas (Mosaic kernel); bitlinear_impl=auto -> fused
+  (Mosaic quantizer kernel + XLA matmul)"."""
+  if cfg.kind != "mmfree":
+    return "Transformer++: no recurrence, no BitLinear (scan_type/bitlinear_impl unused)"
+  kernel = {"gpu": "Triton", "tpu": "Mosaic"}.get(platform)
+  scan = resolve_scan_type(cfg.scan_type, platform)
+  impl = resolve_bitlinear_impl(cfg.bitlinear_impl, platform)
+  scan_what = (f"{kernel} kernel" if kernel else "TPU kernel in Pallas interpret mode, slow"
+               ) if scan == "pallas" else "pure JAX"
+  impl_what = (f"{kernel} quantizer kernel + XLA matmul" if kernel
+               else "TPU quantizer kernel in Pallas interpret mode, slow"
+               ) if impl == "fused" else "pure JAX"
+  return (f"scan_type={cfg.scan_type} -> {scan} ({scan_what}); "
+          f"bitlinear_impl={cfg.bitlinear_impl} -> {impl} ({impl_what}) on {platform}")
 
 
 # The paper's three MatMul-free sizes (d_model, num_layers); I is derived (hidden_ratio 4).

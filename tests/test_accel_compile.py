@@ -20,6 +20,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, Sing
 from mmfree_jax.kernels import bitlinear_quant
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.kernels import sharding as kernel_sharding
+from mmfree_jax.ops import bitlinear as bitlinear_ops
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 MOSAIC_CALL = "tpu_custom_call"
@@ -59,7 +60,7 @@ def _kernels_loss(platform):
   """Recurrence and fused BitLinear in one differentiated program."""
   def loss(f, i, h0, x, w, g):
     h, h_last = dispatch.recurrence(f, i, h0, platform=platform)
-    y = dispatch.bitlinear(x, w, g, eps=1e-6, dtype=jnp.bfloat16, platform=platform)
+    y = bitlinear_ops.bitlinear_fused(x, w, g, dtype=jnp.bfloat16, platform=platform)
     return (jnp.sum(h.astype(jnp.float32)) + jnp.sum(h_last)
             + jnp.sum(y.astype(jnp.float32)))
   return jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
@@ -123,3 +124,64 @@ def test_tpu_kernels_need_shard_map_on_a_mesh(tpu_devices):
       return quantize(x, g)
 
   assert MOSAIC_CALL in jax.jit(sharded).lower(x, gamma).compile().as_text()
+
+
+# ---- the full sharded train step ----
+
+def _train_step(kind, mesh, *, d_model=256, num_layers=1, vocab=256, seq=64, batch=8):
+  """The trainer's jitted step (same shardings, donation) for abstract inputs on `mesh`."""
+  from mmfree_jax import config as config_lib
+  from mmfree_jax.parallel import sharding
+  from mmfree_jax.train import optim, steps
+  from mmfree_jax.train import state as state_lib
+  cfg = config_lib.base_config()
+  cfg.model.update(kind=kind, vocab_size=vocab, d_model=d_model, num_layers=num_layers,
+                   num_heads=max(1, d_model // 64), dtype="bfloat16", remat="dots_no_batch")
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model)
+  assert (model_cfg.scan_type, model_cfg.bitlinear_impl) == ("auto", "auto")  # the defaults
+  rules = sharding.normalize_rules(cfg.mesh.axis_rules)
+  tx = optim.make_optimizer(cfg.optim, 100)
+  schedule = optim.learning_rate_schedule(cfg.optim, 100)
+  state_shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  step = jax.jit(
+      steps.make_train_step(model_cfg, state_lib.model_graphdef(model_cfg), tx, schedule,
+                            mesh=mesh, rules=rules),
+      in_shardings=(state_shardings, batch_sharding),
+      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  window = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32, sharding=batch_sharding)
+  args = (state_lib.abstract_train_state(model_cfg, tx, state_shardings),
+          {"tokens": window, "segment_ids": window})
+  return step, args
+
+
+def _tpu_mesh(devices, data=2, fsdp=1, tensor=2):
+  return jax.make_mesh((data, fsdp, tensor), ("data", "fsdp", "tensor"),
+                       axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+@pytest.mark.parametrize("kind", ["mmfree", "transformer"])
+def test_tpu_compile_of_sharded_train_step(tpu_devices, kind):
+  """scan_type/bitlinear_impl 'auto' resolve to the Mosaic kernels from the mesh's TPU devices
+  (the host is a CPU), and the step compiles for v5e:2x2 with data=2 x tensor=2."""
+  step, args = _train_step(kind, _tpu_mesh(tpu_devices))
+  compiled = step.lower(*args).compile()
+  text = compiled.as_text()
+  if kind == "mmfree":
+    # per layer scan body: recurrence fwd + bwd, and the quantizer of each BitLinear input
+    assert text.count(MOSAIC_CALL) >= 3
+    assert "mmfree_recurrence_bwd" in text and "mmfree_rmsnorm_quantize" in text
+  else:
+    assert MOSAIC_CALL not in text
+  assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_cuda_lowering_of_sharded_train_step(cuda_plugin):
+  """The MatMul-free step on 8 (CPU) devices lowered for CUDA with the GPU kernels (chosen by
+  `kernel_platform`, since these mesh devices are CPUs): Triton calls inside."""
+  mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+  step, args = _train_step("mmfree", mesh)
+  with dispatch.kernel_platform("gpu"):
+    lowered = step.trace(*args).lower(lowering_platforms=("cuda",))
+  text = lowered.as_text()
+  assert text.count(TRITON_CALL) >= 3 and "mmfree_recurrence_bwd" in text

@@ -126,11 +126,11 @@ def test_lean_backward_keeps_less():
 
 
 def test_config_key_and_validation():
-  assert ModelConfig.tiny().bitlinear_impl == "autodiff"
+  assert ModelConfig.tiny().bitlinear_impl == "auto"  # fused on GPU/TPU, lean on CPU
   assert ModelConfig.tiny(bitlinear_impl="lean").bitlinear_impl == "lean"
-  with pytest.raises(ValueError, match="bitlinear_impl.*autodiff.*lean"):
-    ModelConfig.tiny(bitlinear_impl="fused")
-  assert mmfree_jax.base_config().model.bitlinear_impl == "autodiff"
+  with pytest.raises(ValueError, match="bitlinear_impl.*autodiff.*lean.*fused"):
+    ModelConfig.tiny(bitlinear_impl="fast")
+  assert mmfree_jax.base_config().model.bitlinear_impl == "auto"
   with pytest.raises(ValueError, match="bitlinear_impl"):
     layers.BitLinear(4, 4, axes=("embed", "mlp"), kernel_init=layers.normal_init(0.02),
                      impl="nope", rngs=nnx.Rngs(0))

@@ -105,16 +105,23 @@ def test_recurrence_bf16_inputs(fn):
 
 def test_recurrence_fallbacks_warn_and_match_reference():
   f, i, h0 = _gates(2, 5, 100)
+  seq = reference.sequential
   with pytest.warns(common.KernelFallbackWarning, match="not a multiple of the 128 TPU lanes"):
-    h, h_last = recurrence_tpu.recurrence_tpu(f, i, h0, interpret=True)
-  np.testing.assert_array_equal(h, reference.sequential(f, i, h0)[0])
+    h, h_last = recurrence_tpu.recurrence_tpu(f, i, h0, interpret=True, fallback=seq)
+  np.testing.assert_array_equal(h, seq(f, i, h0)[0])
+  with pytest.raises(ValueError, match="make d_model a multiple of 128"):  # no fallback given
+    recurrence_tpu.recurrence_tpu(f, i, h0, interpret=True)
   with pytest.warns(common.KernelFallbackWarning, match="mixed input dtypes"):
-    recurrence_gpu.recurrence_gpu(f, i.astype(jnp.bfloat16), h0, interpret=True)
+    recurrence_gpu.recurrence_gpu(f, i.astype(jnp.bfloat16), h0, interpret=True, fallback=seq)
   with jax.enable_x64(True):
     f64, i64 = f.astype(jnp.float64), i.astype(jnp.float64)
     with pytest.warns(common.KernelFallbackWarning, match="float64 is not supported"):
-      h, h_last = recurrence_gpu.recurrence_gpu(f64, i64, None, interpret=True)
+      h, h_last = recurrence_gpu.recurrence_gpu(f64, i64, None, interpret=None, fallback=seq)
     assert h_last.dtype == jnp.float64
+    # the registry entry: the kernel, or sequential with the warning
+    with dispatch.kernel_platform("tpu"), pytest.warns(common.KernelFallbackWarning):
+      h, _ = reference.get_recurrence("pallas")(f64, i64, None)
+    np.testing.assert_array_equal(h, seq(f64, i64)[0])
   with pytest.raises(ValueError, match="initial_state must be"):
     recurrence_tpu.recurrence_tpu(f, i, h0[:1], interpret=True)
   with pytest.raises(ValueError, match="block_d=24 must be a power of two"):
@@ -171,8 +178,8 @@ def test_bitlinear_fused_matches_lean(platform, dtype):
   def loss(fn):
     return lambda x, w, g: jnp.sum(jnp.sin(fn(x, w, g).astype(jnp.float32)))
 
-  fused = lambda x, w, g: bitlinear_quant.bitlinear_fused(x, w, g, dtype=dtype,
-                                                          platform=platform, interpret=True)
+  fused = lambda x, w, g: bitlinear_ops.bitlinear_fused(x, w, g, dtype=dtype,
+                                                         platform=platform, interpret=True)
   lean = lambda x, w, g: bitlinear_ops.bitlinear_lean(x, w, g, dtype=dtype)
   y, y_ref = jax.jit(fused)(x, w, g), jax.jit(lean)(x, w, g)
   assert y.dtype == dtype
@@ -191,9 +198,14 @@ def test_bitlinear_fused_matches_lean(platform, dtype):
 def test_quantizer_fallback_and_errors():
   with jax.enable_x64(True):
     x = jnp.ones((2, 3, 16), jnp.float64)
-    with pytest.warns(common.KernelFallbackWarning, match="float64"):
-      codes = bitlinear_quant.rmsnorm_quantize(x, jnp.ones(16), platform="gpu", interpret=True)[0]
+    with pytest.warns(common.KernelFallbackWarning, match="float64"):  # not compiled in f64
+      codes = bitlinear_quant.rmsnorm_quantize(x, jnp.ones(16), platform="gpu")[0]
     np.testing.assert_array_equal(codes, 127)
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16), jnp.float64)  # interpreted: f64 runs
+    codes, scale, _ = bitlinear_quant.rmsnorm_quantize(x, jnp.ones(16), platform="tpu",
+                                                       interpret=True)
+    assert scale.dtype == jnp.float64
+    np.testing.assert_array_equal(codes, quant.bitlinear_input(x, jnp.ones(16), 1e-6)[1])
   with pytest.raises(ValueError, match="platform must be one of"):
     bitlinear_quant.rmsnorm_quantize(x.astype(jnp.float32), jnp.ones(16), platform="cpu")
   with pytest.raises(ValueError, match="gamma must be"):
@@ -257,3 +269,43 @@ def test_no_warning_on_supported_inputs():
     recurrence_tpu.recurrence_tpu(f, i, h0, interpret=True)
     recurrence_gpu.recurrence_gpu(f, i, h0, interpret=True)
     bitlinear_quant.rmsnorm_quantize(i, jnp.ones(128), platform="gpu", interpret=True)
+
+
+# ---- the kernels inside the model and the train step ----
+
+def _kernel_model_setup(scan_type, bitlinear_impl):
+  from mmfree_jax import config as config_lib
+  from mmfree_jax.train import optim
+  cfg = config_lib.base_config()
+  # f64 as in test_train_step (the kernels take f64 in interpret mode); d = 256: on the 2x2x2
+  # mesh each tensor shard holds 128 features, the TPU lane width.
+  cfg.model.update(kind="mmfree", vocab_size=128, d_model=256, num_layers=1, num_heads=4,
+                   dtype="float64", param_dtype="float64", scan_type=scan_type,
+                   bitlinear_impl=bitlinear_impl)
+  cfg.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
+  model_cfg = config_lib.ModelConfig.from_config(cfg.model)
+  return (model_cfg, optim.make_optimizer(cfg.optim, 10),
+          optim.learning_rate_schedule(cfg.optim, 10))
+
+
+@pytest.mark.parametrize("platform", ["tpu"])  # the GPU kernel's shard_map: test above
+def test_sharded_train_step_with_kernels_equals_unsharded(platform):
+  """scan_type=pallas, bitlinear_impl=fused (Pallas interpret mode on CPU): a train step on a
+  data x fsdp x tensor mesh of 8 fake devices equals one device. f64, tolerances of
+  test_train_step. (Each kernel equals its pure-JAX reference: the tests above.)"""
+  from tests.test_train_step import _batch, _run
+  batches = [_batch(0, vocab=128)]
+  one = {"data": 1, "fsdp": 1, "tensor": 1}
+  with jax.enable_x64(True):
+    model_cfg, tx, schedule = _kernel_model_setup("pallas", "fused")
+    with dispatch.kernel_platform(platform, interpret=True), warnings.catch_warnings():
+      warnings.simplefilter("error", common.KernelFallbackWarning)  # the kernels really run
+      losses, params, _ = _run(model_cfg, tx, schedule, one, jax.devices()[:1], batches)
+      sharded_losses, sharded_params, _ = _run(model_cfg, tx, schedule,
+                                               {"data": 2, "fsdp": 2, "tensor": 2},
+                                               jax.devices(), batches)
+  # f64 reductions in another order (see test_train_step): losses to 1e-10 relative,
+  # parameters after an Adam step of lr 1e-2 to 1e-8 absolute.
+  np.testing.assert_allclose(sharded_losses, losses, rtol=1e-10)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), sharded_params, params)
+  assert np.isfinite(losses).all() and losses[0] > 1.0  # a real loss (log 128 = 4.85 at init)

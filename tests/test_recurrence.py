@@ -17,7 +17,11 @@ B, D = 2, 3
 FULL = tuple((t, h0) for t in (1, 7, 13) for h0 in (False, True))
 IMPLS = [("sequential", 4, FULL), ("associative", 4, FULL), ("chunked", 4, FULL),
          ("chunked", 16, ((13, True), (7, False))), ("chunked", 1, ((7, True),)),
-         ("sequential_custom_vjp", 4, FULL)]
+         ("sequential_custom_vjp", 4, FULL),
+         # on CPU: `auto` is sequential; `pallas` runs the TPU kernel interpreted, which falls
+         # back to sequential here (D = 3 is no multiple of 128; f64). The kernels themselves
+         # are tested in test_kernels.py.
+         ("auto", 4, FULL), ("pallas", 4, ((7, True), (13, False)))]
 IDS = [f"{s}-c{c}" for s, c, _ in IMPLS]
 
 

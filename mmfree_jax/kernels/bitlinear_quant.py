@@ -11,9 +11,10 @@ the formulas of `ops.quant.rms_norm` and `ops.quant.quantize_activations_int8` (
 reference, `rmsnorm_quantize_reference`), in the same order, so the codes are equal. The matmul
 stays an XLA dot. GPU: one program per row, the row padded to a power of two in registers with
 masked loads (the reference's Triton kernel). TPU: blocks of rows with the whole row in lanes.
+Statistics are fp32 (f64 for f64 inputs, interpret mode only).
 
-`bitlinear_fused` is the 'fused' BitLinear: this quantizer in the forward, the memory-lean
-backward of `ops.bitlinear` (same residuals: x, r, codes, scale) in the backward.
+`ops.bitlinear.bitlinear_fused` (`model.bitlinear_impl=fused`) runs it in the forward, with
+the memory-lean backward (same residuals: x, r, codes, scale).
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from mmfree_jax.kernels import common
 from mmfree_jax.kernels import sharding as kernel_sharding
-from mmfree_jax.ops import bitlinear as bitlinear_ops
 from mmfree_jax.ops import quant
 from mmfree_jax.ops.dtypes import acc_dtype
 
-_F32 = jnp.float32
 PLATFORMS = ("gpu", "tpu")
 GPU_PLATFORMS = ("cuda", "rocm")  # lowering platforms Pallas compiles through Triton
 # Rows per TPU block: a multiple of 32 (int8 tiles are 32 x 128), about 2 MiB of fp32 rows.
@@ -51,11 +50,11 @@ def _round_half_away(v):
   return jnp.where(jnp.abs(v - t) >= 0.5, t + away, t)
 
 
-def _quantize_rows(x, gamma, eps):
-  """x: [rows, d] (loaded), gamma: [1, d] → (codes int8, scale fp32 [rows, 1], r [rows, 1])."""
-  x = x.astype(_F32)
+def _quantize_rows(x, gamma, eps, acc):
+  """x: [rows, d] (loaded), gamma: [1, d] → (codes, scale [rows, 1], r [rows, 1]) in acc."""
+  x = x.astype(acc)
   r = quant.rms_factor(x, eps)
-  xn = x * r * gamma.astype(_F32)
+  xn = x * r * gamma.astype(acc)
   amax = jnp.max(jnp.abs(xn), axis=-1, keepdims=True)
   scale = quant.ACT_QMAX / jnp.maximum(amax, quant.ACT_SCALE_FLOOR)
   codes = jnp.clip(_round_half_away(xn * scale), quant.ACT_QMIN, quant.ACT_QMAX)
@@ -70,7 +69,7 @@ def rmsnorm_quantize_reference(x: jax.Array, gamma: jax.Array, eps: float):
 
 
 def _tpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps):
-  codes, scale, r = _quantize_rows(x_ref[...], g_ref[...], eps)
+  codes, scale, r = _quantize_rows(x_ref[...], g_ref[...], eps, scale_ref.dtype)
   codes_ref[...] = codes.astype(jnp.int32).astype(jnp.int8)
   scale_ref[...] = scale
   r_ref[...] = r
@@ -82,10 +81,11 @@ def _gpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps, d, d_pow2):
   mask = jnp.arange(d_pow2) < d
   x = plgpu.load(x_ref.at[cols], mask=mask, other=0.0)[None]
   g = plgpu.load(g_ref.at[cols], mask=mask, other=0.0)[None]
-  xf = x.astype(_F32)
+  acc = scale_ref.dtype
+  xf = x.astype(acc)
   # The mean over the true d (the padded zeros add nothing to the sum).
   r = jax.lax.rsqrt(jnp.sum(jnp.square(xf), axis=-1, keepdims=True) / d + eps)
-  xn = xf * r * g.astype(_F32)
+  xn = xf * r * g.astype(acc)
   amax = jnp.max(jnp.abs(xn), axis=-1, keepdims=True)
   scale = quant.ACT_QMAX / jnp.maximum(amax, quant.ACT_SCALE_FLOOR)
   codes = jnp.clip(_round_half_away(xn * scale), quant.ACT_QMIN, quant.ACT_QMAX)
@@ -99,9 +99,10 @@ def _tpu_rows(n: int, d: int) -> int:
   return n if n <= rows else rows
 
 
-def _out_shapes(n, d):
-  return (jax.ShapeDtypeStruct((n, d), jnp.int8), jax.ShapeDtypeStruct((n, 1), _F32),
-          jax.ShapeDtypeStruct((n, 1), _F32))
+def _out_shapes(n, d, dtype):
+  acc = acc_dtype(dtype)
+  return (jax.ShapeDtypeStruct((n, d), jnp.int8), jax.ShapeDtypeStruct((n, 1), acc),
+          jax.ShapeDtypeStruct((n, 1), acc))
 
 
 def _call_tpu(x2, gamma, eps, interpret):
@@ -111,7 +112,7 @@ def _call_tpu(x2, gamma, eps, interpret):
   stat_block = pl.BlockSpec((rows, 1), lambda r: (r, 0))
   call = lambda interpret: pl.pallas_call(
       functools.partial(_tpu_kernel, eps=eps),
-      out_shape=_out_shapes(n, d),
+      out_shape=_out_shapes(n, d, x2.dtype),
       grid=(pl.cdiv(n, rows),),
       in_specs=[row_block, pl.BlockSpec((1, d), lambda r: (0, 0))],
       out_specs=[row_block, stat_block, stat_block],
@@ -129,7 +130,7 @@ def _call_gpu(x2, gamma, eps, interpret):
   stat = pl.BlockSpec((None, 1), lambda r: (r, 0))
   call = lambda interpret: pl.pallas_call(
       functools.partial(_gpu_kernel, eps=eps, d=d, d_pow2=d_pow2),
-      out_shape=_out_shapes(n, d),
+      out_shape=_out_shapes(n, d, x2.dtype),
       grid=(n,),
       in_specs=[row, pl.BlockSpec((d,), lambda r: (0,))],
       out_specs=[row, stat, stat],
@@ -162,12 +163,12 @@ def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEA
   d = x.shape[-1]
   if gamma.shape != (d,):
     raise ValueError(f"gamma must be [d] = ({d},); got {gamma.shape}")
-  reason = common.unsupported_dtype(x)
+  reason = common.unsupported_dtype(x, interpret=interpret)
   if reason is None and x.size == 0:
     reason = "empty input"
   if reason is None and d > MAX_FEATURES:
     reason = f"rows of {d} features exceed the kernel's {MAX_FEATURES}"
-  if reason is not None:
+  if reason is not None:  # the reference is ops.quant: always there to fall back on
     common.warn_fallback(f"rmsnorm_quantize[{platform}]", reason)
     return rmsnorm_quantize_reference(x, gamma, eps)
   call = _call_gpu if platform == "gpu" else _call_tpu
@@ -180,55 +181,3 @@ def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEA
   if x.ndim == 1:
     return local(x, gamma)
   return kernel_sharding.rowwise(local, x, gamma)
-
-
-def _forward(x, kernel, norm_scale, eps, dtype, platform, interpret):
-  codes_x, sx, r = rmsnorm_quantize(x, norm_scale, eps, platform=platform, interpret=interpret)
-  xq = (codes_x.astype(_F32) / sx).astype(dtype)
-  wq = quant.straight_through(kernel, quant.fake_quantize_weights(kernel))
-  y = jnp.matmul(xq, wq.astype(dtype))  # the compute dtype, as in quant.bitlinear_fake_quant
-  return y, (x, r, codes_x, sx, kernel, norm_scale)  # the residuals of ops.bitlinear's lean
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _bitlinear_fused(x, kernel, norm_scale, eps, dtype, platform, interpret):
-  return _forward(x, kernel, norm_scale, eps, dtype, platform, interpret)[0]
-
-
-def _bitlinear_fused_fwd(x, kernel, norm_scale, eps, dtype, platform, interpret):
-  return _forward(x, kernel, norm_scale, eps, dtype, platform, interpret)
-
-
-def _bitlinear_fused_bwd(eps, dtype, platform, interpret, residuals, dy):
-  del platform, interpret
-  return bitlinear_ops._bitlinear_lean_bwd(eps, dtype, residuals, dy)  # pylint: disable=protected-access
-
-
-_bitlinear_fused.defvjp(_bitlinear_fused_fwd, _bitlinear_fused_bwd)
-
-
-def bitlinear_fused(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
-                    eps: float = quant.BITLINEAR_NORM_EPS, dtype=None, platform: str,
-                    interpret: bool | str | None = None) -> jax.Array:
-  """BitLinear with the fused quantizer kernel forward and the lean STE backward.
-
-  Args:
-    x: `[..., d_in]` fp32 / bf16 / fp16.
-    kernel: `[d_in, d_out]` latent full-precision weights.
-    norm_scale: `[d_in]` RMSNorm gamma.
-    eps: RMSNorm epsilon.
-    dtype: compute dtype of the matmul (default: x's dtype).
-    platform, interpret: as in `rmsnorm_quantize`.
-  Returns:
-    `[..., d_out]` in the compute dtype. Equals `ops.bitlinear.bitlinear_lean` up to the
-    de-quantized activations: `codes / scale` here, `xn + (codes / scale - xn)` there (the STE
-    form), which differ by at most one fp32 ulp before the cast to the compute dtype.
-  """
-  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"bitlinear_fused: x {x.shape} and kernel {kernel.shape} do not match "
-                     "([..., d_in] and [d_in, d_out])")
-  dtype = jnp.dtype(dtype or x.dtype)
-  if common.unsupported_dtype(x) is not None:
-    common.warn_fallback(f"bitlinear_fused[{platform}]", common.unsupported_dtype(x))
-    return bitlinear_ops.bitlinear_lean(x, kernel, norm_scale, eps=eps, dtype=dtype)
-  return _bitlinear_fused(x, kernel, norm_scale, float(eps), dtype, platform, interpret)

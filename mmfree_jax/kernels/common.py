@@ -1,8 +1,9 @@
 """What the Pallas kernels share: the supported dtypes, the fallback warning, small helpers.
 
 A kernel asked for something it cannot run (a dtype it was not written for, a shape it cannot
-tile) never shows the user a Triton/Mosaic trace: it falls back to its pure-JAX reference and
-says why in one `KernelFallbackWarning` line, or raises a ValueError that names the fix.
+tile) never shows the user a Triton/Mosaic trace: it falls back to its pure-JAX reference (the
+registries in `ops` pass it in) and says why in one `KernelFallbackWarning` line, or, called
+without a fallback, raises a ValueError that names the fix.
 """
 
 from __future__ import annotations
@@ -28,12 +29,27 @@ def warn_fallback(kernel: str, reason: str) -> None:
                 KernelFallbackWarning, stacklevel=3)
 
 
-def unsupported_dtype(*arrays) -> str | None:
-  """A reason string when the arrays' dtypes differ or one is not a kernel dtype, else None."""
+def fall_back(kernel: str, reason: str, fallback: Callable | None, *args):
+  """`fallback(*args)` after the one-line warning, or a ValueError with the reason if there
+  is no fallback (a kernel called directly)."""
+  if fallback is None:
+    raise ValueError(f"{kernel}: {reason}")
+  warn_fallback(kernel, reason)
+  return fallback(*args)
+
+
+def unsupported_dtype(*arrays, interpret=None) -> str | None:
+  """A reason string when the arrays' dtypes differ or one is not a kernel dtype, else None.
+
+  float64 (state and statistics in f64, for the f64 reference tests) is accepted only in an
+  explicit interpret mode: Mosaic has no f64 and the compiled kernels are written for fp32.
+  """
   dtypes = {jnp.dtype(a.dtype) for a in arrays}
   if len(dtypes) != 1:
     return f"mixed input dtypes {sorted(str(d) for d in dtypes)} (cast them to one dtype)"
   (dtype,) = dtypes
+  if dtype == jnp.float64 and interpret:
+    return None
   if dtype not in KERNEL_DTYPES:
     return (f"dtype {dtype} is not supported (kernels take "
             f"{', '.join(str(d) for d in KERNEL_DTYPES)})")

@@ -1,5 +1,5 @@
-"""Which kernel runs where: the platform names, and the sharded entry points the registries
-in `ops.recurrence` and `ops.bitlinear` call.
+"""Which kernel runs where: the platform names and how the registries in `ops.recurrence` and
+`ops.bitlinear` resolve them, and the sharded recurrence entry point.
 
 Platforms are 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) and 'cpu' (no kernel: the pure-JAX
 paths). `platform_of` maps a JAX backend or device platform ('cuda', 'rocm', 'tpu', 'cpu') to
@@ -15,7 +15,6 @@ import warnings
 
 import jax
 
-from mmfree_jax.kernels import bitlinear_quant
 from mmfree_jax.kernels import common
 from mmfree_jax.kernels import recurrence_gpu
 from mmfree_jax.kernels import recurrence_tpu
@@ -45,11 +44,12 @@ _OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_platfo
 
 
 @contextlib.contextmanager
-def kernel_platform(platform: str):
+def kernel_platform(platform: str, interpret=None):
   """Kernels traced inside the block are those of `platform` ('gpu' or 'tpu'), whatever the
-  backend: on a CPU backend they run interpreted (tests); lowered for that platform, compiled."""
+  backend: on a CPU backend they run interpreted (tests); lowered for that platform, compiled.
+  `interpret` (True / "tpu") forces the interpreter, which also takes float64 (f64 tests)."""
   _check(platform)
-  token = _OVERRIDE.set(platform)
+  token = _OVERRIDE.set((platform, interpret))
   try:
     yield
   finally:
@@ -62,7 +62,7 @@ def current_platform() -> str:
   host), else `jax.default_backend()`."""
   override = _OVERRIDE.get()
   if override is not None:
-    return override
+    return override[0]
   active = sharding.active()
   if active is not None:
     return platform_of(active.mesh.devices.flat[0].platform)
@@ -81,25 +81,28 @@ def kernel_platform_or_interpret(what: str) -> str:
   return "tpu"
 
 
+def interpret_mode(interpret=None):
+  """An explicit `interpret`, else the `kernel_platform` block's, else None (decided when
+  lowering)."""
+  if interpret is not None:
+    return interpret
+  override = _OVERRIDE.get()
+  return None if override is None else override[1]
+
+
 def _check(platform: str) -> None:
   if platform not in KERNEL_PLATFORMS:
     raise ValueError(f"kernel platform must be one of {KERNEL_PLATFORMS}; got {platform!r}")
 
 
-def recurrence(f, i, initial_state=None, *, platform: str, interpret=None):
+def recurrence(f, i, initial_state=None, *, platform: str, interpret=None, fallback=None):
   """`h_t = f_t h_{t-1} + i_t` with the `platform` kernel, per shard under
-  `sharding.kernel_sharding`. Shapes as in `ops.recurrence`; `interpret` as in the kernels
-  (None: compiled when lowered for the platform, interpreted elsewhere)."""
+  `sharding.kernel_sharding`. Shapes as in `ops.recurrence`; `interpret` and `fallback` as in
+  the kernels (interpret None: compiled when lowered for the platform, interpreted elsewhere,
+  or as a `kernel_platform` block says)."""
   _check(platform)
-  if platform == "gpu":
-    fn = lambda f, i, h0: recurrence_gpu.recurrence_gpu(f, i, h0, interpret=interpret)
-  else:
-    fn = lambda f, i, h0: recurrence_tpu.recurrence_tpu(f, i, h0, interpret=interpret)
+  interpret = interpret_mode(interpret)
+  kernel = (recurrence_gpu.recurrence_gpu if platform == "gpu"
+            else recurrence_tpu.recurrence_tpu)
+  fn = lambda f, i, h0: kernel(f, i, h0, interpret=interpret, fallback=fallback)
   return sharding.recurrence(fn, f, i, initial_state)
-
-
-def bitlinear(x, kernel, norm_scale, *, eps, dtype=None, platform: str, interpret=None):
-  """The 'fused' BitLinear (`bitlinear_quant.bitlinear_fused`) for `platform`."""
-  _check(platform)
-  return bitlinear_quant.bitlinear_fused(x, kernel, norm_scale, eps=eps, dtype=dtype,
-                                         platform=platform, interpret=interpret)

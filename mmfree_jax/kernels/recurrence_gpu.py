@@ -22,7 +22,7 @@ kernel when lowered for a GPU and the interpreter elsewhere.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +30,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mmfree_jax.kernels import common
-from mmfree_jax.ops import recurrence as reference
+from mmfree_jax.ops.dtypes import acc_dtype
 
-_F32 = jnp.float32
 GPU_PLATFORMS = ("cuda", "rocm")  # lowering platforms Pallas compiles through Triton
 # Two programs per SM of an H100/H200 (132 SMs) before a feature block grows past 32.
 _TARGET_PROGRAMS = 264
@@ -53,9 +52,11 @@ def choose_block_d(batch: int, dim: int) -> int:
 
 
 def _forward_kernel(f_ref, i_ref, h0_ref, h_ref, h_last_ref):
-  # f_ref, i_ref, h_ref: [seq, block_d]; h0_ref, h_last_ref: [block_d] fp32.
+  # f_ref, i_ref, h_ref: [seq, block_d]; h0_ref, h_last_ref: [block_d] in the state dtype.
+  acc = h0_ref.dtype
+
   def step(t, h):
-    h = f_ref[t, :].astype(_F32) * h + i_ref[t, :].astype(_F32)
+    h = f_ref[t, :].astype(acc) * h + i_ref[t, :].astype(acc)
     h_ref[t, :] = h.astype(h_ref.dtype)
     return h
 
@@ -65,14 +66,15 @@ def _forward_kernel(f_ref, i_ref, h0_ref, h_ref, h_last_ref):
 def _backward_kernel(f_ref, h_ref, dh_ref, h0_ref, dh_last_ref, df_ref, di_ref, dh0_ref):
   seq = f_ref.shape[0]
   h0 = h0_ref[...]
+  acc = h0.dtype
 
   def step(k, carry):  # carry = f_{t+1} dh_{t+1}
     t = seq - 1 - k
-    dh = dh_ref[t, :].astype(_F32) + carry
+    dh = dh_ref[t, :].astype(acc) + carry
     di_ref[t, :] = dh.astype(di_ref.dtype)
-    h_prev = jnp.where(t > 0, h_ref[jnp.maximum(t - 1, 0), :].astype(_F32), h0)
+    h_prev = jnp.where(t > 0, h_ref[jnp.maximum(t - 1, 0), :].astype(acc), h0)
     df_ref[t, :] = (dh * h_prev).astype(df_ref.dtype)
-    return f_ref[t, :].astype(_F32) * dh
+    return f_ref[t, :].astype(acc) * dh
 
   dh0_ref[...] = jax.lax.fori_loop(0, seq, step, dh_last_ref[...])
 
@@ -98,7 +100,7 @@ def _call(kernel, tiling: _Tiling, args, out_shape, n_seq_in: int, n_state_in: i
 def _forward(f, i, h0, tiling):
   batch, seq, dim = f.shape
   out_shape = (jax.ShapeDtypeStruct((batch, seq, dim), i.dtype),
-               jax.ShapeDtypeStruct((batch, dim), _F32))
+               jax.ShapeDtypeStruct((batch, dim), h0.dtype))
   return _call(_forward_kernel, tiling, (f, i, h0), out_shape, 2, 1, 1, 1)
 
 
@@ -116,9 +118,9 @@ def _recurrence_bwd(tiling, residuals, cotangents):
   f, h, h0 = residuals
   dh, dh_last = cotangents
   out_shape = (jax.ShapeDtypeStruct(f.shape, f.dtype), jax.ShapeDtypeStruct(f.shape, h.dtype),
-               jax.ShapeDtypeStruct(h0.shape, _F32))
+               jax.ShapeDtypeStruct(h0.shape, h0.dtype))
   df, di, dh0 = _call(_backward_kernel, tiling,
-                      (f, h, dh.astype(h.dtype), h0, dh_last.astype(_F32)), out_shape,
+                      (f, h, dh.astype(h.dtype), h0, dh_last.astype(h0.dtype)), out_shape,
                       3, 2, 2, 1)
   return df, di, dh0
 
@@ -128,7 +130,8 @@ _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 def recurrence_gpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None = None, *,
                    interpret: bool | None = None, block_d: int | None = None,
-                   num_warps: int | None = None) -> tuple[jax.Array, jax.Array]:
+                   num_warps: int | None = None, fallback: Callable | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
   """`h_t = f_t h_{t-1} + i_t` with the Triton kernel (module docstring for shapes).
 
   Args:
@@ -138,6 +141,9 @@ def recurrence_gpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
       CPU host; Pallas' interpreter elsewhere), False (always compile) or True (interpret).
     block_d: feature block (a power of two dividing dim); default `choose_block_d`.
     num_warps: Triton warps per program; default 1 per 64 features.
+    fallback: `fn(f, i, initial_state)` run (with a `KernelFallbackWarning`) for inputs the
+      kernel cannot take (the registry passes `ops.recurrence.sequential`); None raises a
+      ValueError naming the reason instead.
   Returns:
     `(h [batch, seq, dim] in i's dtype, final_state [batch, dim] fp32)`.
   """
@@ -148,14 +154,13 @@ def recurrence_gpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
   if initial_state is not None and initial_state.shape != (batch, dim):
     raise ValueError(
         f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}")
-  reason = common.unsupported_dtype(f, i)
+  reason = common.unsupported_dtype(f, i, interpret=interpret)
   if reason is None and seq == 0:
     reason = "empty sequence"
   if reason is not None:
-    common.warn_fallback("recurrence_gpu", reason)
-    return reference.sequential(f, i, initial_state)
-  h0 = (jnp.zeros((batch, dim), _F32) if initial_state is None
-        else initial_state.astype(_F32))
+    return common.fall_back("recurrence_gpu", reason, fallback, f, i, initial_state)
+  acc = acc_dtype(f.dtype)
+  h0 = jnp.zeros((batch, dim), acc) if initial_state is None else initial_state.astype(acc)
   pad = 0
   if block_d is None:
     if common.largest_pow2_divisor(dim, 16) < 16:  # e.g. dim = 100: pad to a multiple of 32

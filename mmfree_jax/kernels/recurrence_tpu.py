@@ -26,7 +26,7 @@ seq, dim]` in i's dtype and the final state `[batch, dim]` fp32.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mmfree_jax.kernels import common
-from mmfree_jax.ops import recurrence as reference
+from mmfree_jax.ops.dtypes import acc_dtype
 
-_F32 = jnp.float32
 LANES = 128
 # Sublane rows of 128 features per grid step: 8 rows = one fp32 vreg (1024 features).
 _MAX_ROWS = 8
@@ -72,8 +71,10 @@ def _forward_kernel(f_ref, i_ref, h0_ref, h_ref, h_last_ref, carry_ref):
   def _():
     carry_ref[...] = h0_ref[...]
 
+  acc = carry_ref.dtype
+
   def step(t, h):
-    h = f_ref[t].astype(_F32) * h + i_ref[t].astype(_F32)
+    h = f_ref[t].astype(acc) * h + i_ref[t].astype(acc)
     h_ref[t] = h.astype(h_ref.dtype)
     return h
 
@@ -90,16 +91,17 @@ def _backward_kernel(f_ref, h_ref, dh_ref, h_prev_ref, dh_last_ref, df_ref, di_r
     carry_ref[...] = dh_last_ref[...]
 
   block = f_ref.shape[0]
+  acc = carry_ref.dtype
 
   def grads(t, carry, h_prev):
-    dh = dh_ref[t].astype(_F32) + carry
+    dh = dh_ref[t].astype(acc) + carry
     di_ref[t] = dh.astype(di_ref.dtype)
     df_ref[t] = (dh * h_prev).astype(df_ref.dtype)
-    return f_ref[t].astype(_F32) * dh
+    return f_ref[t].astype(acc) * dh
 
   def step(k, carry):
     t = block - 1 - k
-    return grads(t, carry, h_ref[t - 1].astype(_F32))
+    return grads(t, carry, h_ref[t - 1].astype(acc))
 
   carry = jax.lax.fori_loop(0, block - 1, step, carry_ref[...])
   carry = grads(0, carry, h_prev_ref[...])
@@ -116,14 +118,14 @@ def _specs(tiling: _Tiling, n_blocks: int, reverse: bool):
   return seq, state, boundary
 
 
-def _pallas(kernel, tiling, grid, in_specs, out_specs, out_shape, name, *args):
+def _pallas(kernel, tiling, grid, in_specs, out_specs, out_shape, name, acc, *args):
   call = lambda interpret: pl.pallas_call(
       kernel,
       out_shape=out_shape,
       grid=grid,
       in_specs=in_specs,
       out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((tiling.rows, LANES), _F32)],
+      scratch_shapes=[pltpu.VMEM((tiling.rows, LANES), acc)],
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=_interpret_arg(interpret),
@@ -142,9 +144,9 @@ def _forward(f, i, h0, tiling):
   grid = _grid(f.shape, tiling)
   seq, state, _ = _specs(tiling, grid[2], reverse=False)
   out_shape = (jax.ShapeDtypeStruct(f.shape, i.dtype),
-               jax.ShapeDtypeStruct(h0.shape, _F32))
+               jax.ShapeDtypeStruct(h0.shape, h0.dtype))
   return _pallas(_forward_kernel, tiling, grid, [seq, seq, state], [seq, state], out_shape,
-                 "mmfree_recurrence_fwd", f, i, h0)
+                 "mmfree_recurrence_fwd", h0.dtype, f, i, h0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -163,21 +165,21 @@ def _recurrence_bwd(tiling, residuals, cotangents):
   grid = _grid(f.shape, tiling)
   block = tiling.time_block
   # The state entering each time block: h0, then the last row of every block but the last.
-  h_prev = jnp.concatenate([h0[:, None], h[:, block - 1:-1:block].astype(_F32)], axis=1)
+  h_prev = jnp.concatenate([h0[:, None], h[:, block - 1:-1:block].astype(h0.dtype)], axis=1)
   seq, state, boundary = _specs(tiling, grid[2], reverse=True)
   out_shape = (jax.ShapeDtypeStruct(f.shape, f.dtype), jax.ShapeDtypeStruct(f.shape, h.dtype),
-               jax.ShapeDtypeStruct(h0.shape, _F32))
+               jax.ShapeDtypeStruct(h0.shape, h0.dtype))
   return tuple(_pallas(_backward_kernel, tiling, grid, [seq, seq, seq, boundary, state],
-                       [seq, seq, state], out_shape, "mmfree_recurrence_bwd",
-                       f, h, dh.astype(h.dtype), h_prev, dh_last.astype(_F32)))
+                       [seq, seq, state], out_shape, "mmfree_recurrence_bwd", h0.dtype,
+                       f, h, dh.astype(h.dtype), h_prev, dh_last.astype(h0.dtype)))
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
 def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None = None, *,
-                   interpret: bool | str | None = None, time_block: int | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+                   interpret: bool | str | None = None, time_block: int | None = None,
+                   fallback: Callable | None = None) -> tuple[jax.Array, jax.Array]:
   """`h_t = f_t h_{t-1} + i_t` with the Mosaic kernel (module docstring for shapes).
 
   Args:
@@ -187,6 +189,9 @@ def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
       a CPU host; Pallas' interpreter elsewhere), False (always compile for TPU), True (the
       generic interpreter) or "tpu" (the TPU interpreter, `pltpu.InterpretParams()`).
     time_block: steps per grid step; default `choose_time_block(seq)`.
+    fallback: `fn(f, i, initial_state)` run (with a `KernelFallbackWarning`) for inputs the
+      kernel cannot take (the registry passes `ops.recurrence.sequential`); None raises a
+      ValueError naming the reason instead.
   Returns:
     `(h [batch, seq, dim] in i's dtype, final_state [batch, dim] fp32)`.
   """
@@ -197,23 +202,22 @@ def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
   if initial_state is not None and initial_state.shape != (batch, dim):
     raise ValueError(
         f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}")
-  reason = common.unsupported_dtype(f, i)
+  reason = common.unsupported_dtype(f, i, interpret=interpret)
   if reason is None and dim % LANES:
     reason = (f"feature dim {dim} is not a multiple of the {LANES} TPU lanes (make d_model a "
               f"multiple of {LANES})")
   if reason is None and seq == 0:
     reason = "empty sequence"
   if reason is not None:
-    common.warn_fallback("recurrence_tpu", reason)
-    return reference.sequential(f, i, initial_state)
+    return common.fall_back("recurrence_tpu", reason, fallback, f, i, initial_state)
   if time_block is None:
     time_block = choose_time_block(seq)
   elif not isinstance(time_block, int) or time_block < 1:
     raise ValueError(f"time_block must be a positive int; got {time_block!r}")
   rows_total = dim // LANES
   tiling = _Tiling(time_block, min(_MAX_ROWS, rows_total), interpret)
-  h0 = (jnp.zeros((batch, dim), _F32) if initial_state is None
-        else initial_state.astype(_F32))
+  acc = acc_dtype(f.dtype)
+  h0 = jnp.zeros((batch, dim), acc) if initial_state is None else initial_state.astype(acc)
   pad = common.round_up(seq, time_block) - seq
   if pad:  # f = 1, i = 0: the state passes through the padded tail unchanged
     f = jnp.concatenate([f, jnp.ones((batch, pad, dim), f.dtype)], axis=1)

@@ -3,6 +3,9 @@
   autodiff  `quant.bitlinear` differentiated by JAX
   lean      the same forward and STE gradients, with a hand-written backward that keeps only
             what it needs (below)
+  fused     lean with its input path (RMSNorm, absmax, int8 codes) in one Pallas kernel
+            pass (`kernels.bitlinear_quant`, GPU/TPU)
+  auto      fused on GPU/TPU, lean on CPU (`resolve_bitlinear_impl`)
   int8      the integer forward the paper promises: int8 activation codes x ternary weight
             codes on the int8 matmul units (`lax.dot_general`, int32 accumulator), the two
             scales applied after (`quant.integer_output`); lean's backward (STE in the compute
@@ -41,6 +44,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mmfree_jax.kernels import bitlinear_quant
+from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import quant
 from mmfree_jax.ops.dtypes import acc_dtype
 
@@ -145,12 +150,87 @@ def bitlinear_int8(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   return _bitlinear_int8(x, kernel, norm_scale, float(eps), dtype)
 
 
+def resolve_bitlinear_impl(impl: str, platform: str) -> str:
+  """The implementation `impl` names on `platform` ('gpu', 'tpu' or 'cpu', as
+  `kernels.dispatch.platform_of` gives it): `auto` is `fused` on gpu/tpu and `lean` on cpu
+  (there is no CPU kernel; lean is the CPU benchmarks' choice); other names stand for
+  themselves."""
+  if impl == "auto":
+    return "fused" if platform in ("gpu", "tpu") else "lean"
+  return impl
+
+
+def _fused_forward(x, kernel, norm_scale, eps, dtype, platform, interpret):
+  codes_x, sx, r = bitlinear_quant.rmsnorm_quantize(x, norm_scale, eps, platform=platform,
+                                                    interpret=interpret)
+  xq = (codes_x.astype(sx.dtype) / sx).astype(dtype)
+  wq = quant.straight_through(kernel, quant.fake_quantize_weights(kernel))
+  y = jnp.matmul(xq, wq.astype(dtype))  # the compute dtype, as in quant.bitlinear_fake_quant
+  return y, (x, r, codes_x, sx, kernel, norm_scale)  # lean's residuals
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _bitlinear_fused(x, kernel, norm_scale, eps, dtype, platform, interpret):
+  return _fused_forward(x, kernel, norm_scale, eps, dtype, platform, interpret)[0]
+
+
+def _bitlinear_fused_bwd(eps, dtype, platform, interpret, residuals, dy):
+  del platform, interpret
+  return _bitlinear_lean_bwd(eps, dtype, residuals, dy)
+
+
+_bitlinear_fused.defvjp(_fused_forward, _bitlinear_fused_bwd)
+
+
+def bitlinear_fused(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
+                    eps: float = quant.BITLINEAR_NORM_EPS, dtype: jnp.dtype | None = None,
+                    platform: str | None = None, interpret=None) -> jax.Array:
+  """`bitlinear_lean` with its input path (RMSNorm, per-token absmax, int8 codes) in one
+  Pallas kernel pass (`kernels.bitlinear_quant`); the matmul stays an XLA dot.
+
+  Args:
+    x: `[..., d_in]`.
+    kernel: `[d_in, d_out]` latent full-precision weights.
+    norm_scale: `[d_in]` RMSNorm gamma.
+    eps: RMSNorm epsilon.
+    dtype: compute dtype of the matmul (default: x's dtype).
+    platform: 'gpu' or 'tpu' kernel; None = `kernels.dispatch.current_platform()` (on CPU the
+      TPU kernel, interpreted, with a warning).
+    interpret: see `kernels.bitlinear_quant.rmsnorm_quantize`.
+  Returns:
+    `[..., d_out]` in the compute dtype. The codes equal lean's; the matmul reads
+    `codes / sx` where lean reads `xn + (codes / sx - xn)` (its STE form), at most one ulp
+    apart before the cast to the compute dtype. The backward is lean's.
+  """
+  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"bitlinear_fused: x {x.shape} and kernel {kernel.shape} do not match "
+                     "([..., d_in] and [d_in, d_out])")
+  dtype = jnp.dtype(dtype or x.dtype)
+  platform = platform or dispatch.kernel_platform_or_interpret("bitlinear_impl=fused")
+  interpret = dispatch.interpret_mode(interpret)
+  return _bitlinear_fused(x, kernel, norm_scale, float(eps), dtype, platform, interpret)
+
+
+def native_bitlinear_impls(platform: str) -> tuple[str, ...]:
+  """The distinct implementations worth running (timing, comparing) on `platform`: all but
+  the alias `auto`, and `fused` only on gpu/tpu (on cpu it is Pallas' interpreter)."""
+  return tuple(b for b in BITLINEAR_IMPLS
+               if b != "auto" and (b != "fused" or platform in ("gpu", "tpu")))
+
+
+def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
+  impl = resolve_bitlinear_impl("auto", dispatch.current_platform())
+  return BITLINEAR_IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
+
+
 # The `model.bitlinear_impl` registry: name -> `fn(x, kernel, norm_scale, *, eps, dtype)`.
 # The config validation and `get_bitlinear` both read it.
 BITLINEAR_IMPLS: dict[str, Callable] = {
     "autodiff": quant.bitlinear,
     "lean": bitlinear_lean,
     "int8": bitlinear_int8,
+    "fused": bitlinear_fused,
+    "auto": _auto,
 }
 
 

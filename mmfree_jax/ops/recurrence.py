@@ -10,6 +10,10 @@ Every implementation takes `f, i: [batch, seq, dim]` and an optional `initial_st
   chunk, the state carried across chunks (activation memory bounded by the chunk).
 - `sequential_custom_vjp`: `sequential` forward with the reverse-time recurrence as backward
   (`dh_t = do_t + f_{t+1} dh_{t+1}`, `di_t = dh_t`, `df_t = dh_t h_{t-1}`); saves only h.
+- `pallas`: the Pallas kernel (`kernels/`) of the platform the program is built for (Triton on
+  GPU, Mosaic on TPU; `kernels.dispatch.current_platform`), forward and reverse-time backward
+  in one pass each, sharded with `shard_map`. On CPU it runs the TPU kernel interpreted (tests).
+- `auto` (default): `pallas` on GPU/TPU, `sequential` on CPU (`resolve_scan_type`).
 
 Document resets (packed windows) are the caller's `f = 0` at each document start.
 """
@@ -149,11 +153,46 @@ def sequential_custom_vjp(f, i, initial_state=None):
 
 # The `model.scan_type` registry: name -> `fn(f, i, initial_state=None, *, chunk_size)`.
 # The config validation and `get_recurrence` both read it.
+def resolve_scan_type(scan_type: str, platform: str) -> str:
+  """The implementation `scan_type` names on `platform` ('gpu', 'tpu' or 'cpu', as
+  `kernels.dispatch.platform_of` gives it for a backend or a mesh's devices): `auto` is
+  `pallas` on gpu/tpu and `sequential` on cpu (the fastest there, benchmarks/RESULTS.md);
+  every other name stands for itself."""
+  if scan_type == "auto":
+    return "pallas" if platform in ("gpu", "tpu") else "sequential"
+  return scan_type
+
+
+def native_scan_types(platform: str) -> tuple[str, ...]:
+  """The distinct implementations worth running (timing, comparing) on `platform`: all but the
+  alias `auto`, and `pallas` only on gpu/tpu (on cpu it is Pallas' interpreter)."""
+  return tuple(t for t in SCAN_TYPES
+               if t != "auto" and (t != "pallas" or platform in ("gpu", "tpu")))
+
+
+def pallas(f, i, initial_state=None):
+  """The Pallas kernel for the current platform; inputs it cannot take (see the kernels) run
+  `sequential` with a one-line warning. Shapes as in the module docstring."""
+  from mmfree_jax.kernels import dispatch  # pylint: disable=import-outside-toplevel
+  platform = dispatch.kernel_platform_or_interpret("scan_type=pallas")
+  return dispatch.recurrence(f, i, initial_state, platform=platform, fallback=sequential)
+
+
+def _auto(f, i, h0=None, *, chunk_size):
+  from mmfree_jax.kernels import dispatch  # pylint: disable=import-outside-toplevel
+  if f.shape[1] == 1:  # a decode step: one fused XLA op beats a kernel launch per token
+    return sequential(f, i, h0)
+  name = resolve_scan_type("auto", dispatch.current_platform())
+  return SCAN_TYPES[name](f, i, h0, chunk_size=chunk_size)
+
+
 SCAN_TYPES: dict[str, Callable] = {
     "sequential": lambda f, i, h0=None, *, chunk_size: sequential(f, i, h0),
     "associative": lambda f, i, h0=None, *, chunk_size: associative(f, i, h0),
     "chunked": chunked,
     "sequential_custom_vjp": lambda f, i, h0=None, *, chunk_size: sequential_custom_vjp(f, i, h0),
+    "pallas": lambda f, i, h0=None, *, chunk_size: pallas(f, i, h0),
+    "auto": _auto,
 }
 
 

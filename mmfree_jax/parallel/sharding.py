@@ -15,6 +15,8 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from mmfree_jax.kernels import sharding as kernel_sharding
+
 LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "inner", "heads", "vocab", "layers")
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_logical_sharding",
@@ -35,10 +37,15 @@ def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ..
 
 @contextlib.contextmanager
 def logical_sharding(mesh: Mesh, rules: Rules):
-  """Activates activation-sharding constraints for code traced inside the block."""
+  """Activates activation-sharding constraints for code traced inside the block, and runs the
+  Pallas kernels there per shard (`kernels.sharding`: batch on the 'batch' rule's axes,
+  features on the 'inner' rule's)."""
   token = _ACTIVE.set((mesh, normalize_rules(rules)))
   try:
-    yield
+    batch_axes = logical_to_spec(("batch",), rules)[0]
+    feature_axes = logical_to_spec(("inner",), rules)[0]
+    with kernel_sharding.kernel_sharding(mesh, batch_axes, feature_axes):
+      yield
   finally:
     _ACTIVE.reset(token)
 
