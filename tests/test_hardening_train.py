@@ -201,3 +201,41 @@ def test_cli_help_print_config_and_user_errors(tmp_path):
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr and "cannot schedule new futures" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: sentencepiece")
+
+
+# ------------------------------------------------------------------------------ trackers
+
+
+def _tfrecords(path):
+  """The records of a TFRecord file (length, crc, data, crc), read by hand."""
+  import struct  # pylint: disable=import-outside-toplevel
+  data, records, at = open(path, "rb").read(), [], 0
+  while at < len(data):
+    (length,) = struct.unpack("<Q", data[at:at + 8])
+    records.append(data[at + 12:at + 12 + length])
+    at += 12 + length + 4
+  return records
+
+
+def test_tracker_interface_tensorboard_none_and_missing_packages(tmp_path):
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.train import metrics, trackers  # pylint: disable=import-outside-toplevel
+  assert trackers.make_tracker("none", str(tmp_path), {}) is None
+  writer = metrics.MetricsWriter(str(tmp_path), tracker=trackers.make_tracker(
+      "tensorboard", str(tmp_path), {}))
+  writer.write(3, {"loss": 1.5})
+  writer.write(4, {"loss": 1.25}, prefix="val_")
+  writer.close()
+  (events,) = os.listdir(tmp_path / "tensorboard")
+  scalars = []
+  for record in _tfrecords(tmp_path / "tensorboard" / events):
+    event = event_pb2.Event.FromString(record)
+    scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+  assert scalars == [(3, "loss", 1.5), (4, "val_loss", 1.25)]
+  assert _rows(tmp_path) == [{"step": 3, "loss": 1.5}, {"step": 4, "val_loss": 1.25}]
+  for name, package in (("wandb", "wandb"), ("mlflow", "mlflow")):  # optional installs
+    try:
+      __import__(package)
+    except ImportError:
+      with pytest.raises(ImportError, match=f"pip install {package}"):
+        trackers.make_tracker(name, str(tmp_path), {})
