@@ -31,8 +31,6 @@ import time
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before `tokenizers` starts its pool
 
-import numpy as np  # pylint: disable=g-import-not-at-top
-
 from benchmarks import common, setups  # pylint: disable=g-import-not-at-top
 from mmfree_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax import data as data_lib  # pylint: disable=g-import-not-at-top
