@@ -81,7 +81,7 @@ def packed_decode_loop(spec, steps: int):
   return loop
 
 
-def run(preset: str, batch: int = 1) -> dict:
+def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
   d, num_layers, vocab = SHAPE[preset]
   steps = STEPS[preset]
   tokens = jnp.zeros((batch, 1), jnp.int32)
@@ -104,8 +104,9 @@ def run(preset: str, batch: int = 1) -> dict:
   copy, copy_bytes = common.copy_probe({"toy": 16, "cpu": 256, "accel": 2048}[preset])
   bws = []
   tf_weight_bytes = _tree_bytes(nnx.state(tf_model, nnx.Param))
+  mm_weight_bytes = _tree_bytes(nnx.state(mm_model, nnx.Param))
   rows = []
-  for context in CONTEXTS[preset]:
+  for context in contexts or CONTEXTS[preset]:
     tf_state = tf_model.init_state(batch, context + steps)
     tf_state = tf_state._replace(index=jnp.asarray(context, jnp.int32))
     tf_compiled = tf_loop.lower(tf_params, tokens, tf_state).compile()
@@ -125,6 +126,8 @@ def run(preset: str, batch: int = 1) -> dict:
     # filled so far (bytes at the measured copy bandwidth), nothing else.
     kv_bytes = _tree_bytes(tf_state) * context / (context + steps)
     tf_bound = bw["gb_per_s"] * 1e9 / (tf_weight_bytes + kv_bytes)
+    # The latent MatMul-free step's own ideal: read its latent weights and state once.
+    mm_bound = bw["gb_per_s"] * 1e9 / (mm_weight_bytes + _tree_bytes(mm_state))
     for name, t in times.items():
       tok_s = batch * steps / t["median_s"]
       mem, state_bytes = mems[name]
@@ -134,7 +137,9 @@ def run(preset: str, batch: int = 1) -> dict:
                    "temp_bytes": mem.get("temp_bytes"),
                    "speedup_vs_transformer": tok_s / tf_tok_s,
                    "transformer_bandwidth_bound_tokens_per_s": tf_bound,
-                   "speedup_vs_transformer_bound": tok_s / tf_bound})
+                   "speedup_vs_transformer_bound": tok_s / tf_bound,
+                   **({"own_bound_tokens_per_s": mm_bound, "fraction_of_own_bound":
+                       tok_s / mm_bound} if name == "mmfree" else {})})
       print(f"ctx={context:6d} {name:16s} {tok_s:9.1f} tok/s  state "
             f"{common.fmt_bytes(state_bytes):>10s}  peak {common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
             f"  x{tok_s / tf_tok_s:.2f}", flush=True)
@@ -146,8 +151,10 @@ def run(preset: str, batch: int = 1) -> dict:
 def main(argv=None):
   def extra(p):
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--contexts", default="", help="comma-separated (default: the preset's)")
   args = common.parse_args(NAME, __doc__, extra, argv)
-  results = run(args.preset, args.batch)
+  contexts = [int(c) for c in args.contexts.split(",") if c]
+  results = run(args.preset, args.batch, contexts or None)
   common.write_json(args.out, NAME, args.preset, results,
                     ["jitted fori_loop of greedy decode steps; params through an optimization "
                      "barrier per step (no hoisting of per-token weight work)",

@@ -204,6 +204,7 @@ def main(argv=None):
     p.add_argument("--parts", default="shapes,batched,packed27,latent27")
     p.add_argument("--child", default=None, help="internal: one measurement in this process")
     p.add_argument("--dir", default=None)
+    p.add_argument("--formats", default="2bit,base3", help="packed27: formats to write")
   args = common.parse_args(NAME, __doc__, extra, argv)
   if args.child == "packed27":
     print(json.dumps(packed27_child(args.dir, args.preset)))
@@ -222,7 +223,7 @@ def main(argv=None):
     results["batched"] = batched(args.preset)
   if "packed27" in parts:
     out = {}
-    for fmt in ("2bit", "base3"):
+    for fmt in args.formats.split(","):
       with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         t0 = time.perf_counter()
         manifest = write_random_packed(os.path.join(tmp, "p"), args.preset, fmt)

@@ -134,6 +134,17 @@ def targets(res: dict) -> list[list]:
                  f"{best['prepare_1proc_tokens_per_s']:,.0f} tokens/s ({best['spec']}; encode "
                  f"alone {best['encode_tokens_per_s']:,.0f})",
                  _yes(best["prepare_1proc_tokens_per_s"] >= 1e6)])
+  inf = res.get("bench_inference", {}).get("results") or {}
+  for fmt, r in inf.get("packed27", {}).items():
+    rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt}, bf16 embedding)",
+                 f"{r['file_bytes'] / 1e9:.3f} GB", _yes(r["file_bytes"] <= 0.75e9)])
+    rows.append([f"packed 2.7B resident memory while generating <= 1.2 GB ({fmt})",
+                 f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB (after load "
+                 f"{r['rss_after_load'] / 1e9:.2f} GB, before {r['rss_before_load'] / 1e9:.2f})",
+                 _yes(r["peak_rss_bytes"] <= 1.2e9)])
+  for r in inf.get("batched", {}).get("rows", []):
+    rows.append([f"batched generation of 32 prompts >= 10x one at a time ({r['model']})",
+                 f"{r['speedup']:.1f}x", _yes(r["speedup"] >= 10)])
   return rows
 
 
@@ -268,7 +279,47 @@ def sections(res: dict) -> list[str]:
           f"{big['h100_tokens_per_s_at_50pct_mfu']:,.0f} tokens/s of a 370M step (arithmetic); "
           f"the 1-worker loader here is {dt['targets']['loader_1_worker_370m_over_h100_50pct']:.1f}x "
           "that.")
+  out += _inference_section(res.get("bench_inference", {}).get("results"))
   return out
+
+
+def _inference_section(inf: dict | None) -> list[str]:
+  """`bench_inference`: packed sizes (eval_shape), the 2.7B packed directory, batched generation."""
+  if not inf:
+    return []
+  parts = []
+  if "shapes" in inf:
+    rows = [[r["size"], f"{r['params'] / 1e9:.2f}B", f"{r['latent_bf16_bytes'] / 1e9:.2f}",
+             f"{r['2bit_bytes'] / 1e9:.3f}", f"{r['base3_bytes'] / 1e9:.3f}",
+             f"{r['2bit_vs_bf16']:.1f}x", f"{r['2bit_embedding_share']:.0%}"]
+            for r in inf["shapes"]["rows"]]
+    parts.append(_table(["size", "params", "latent bf16 GB", "2bit GB", "base3 GB",
+                         "bf16 / 2bit", "embedding share of 2bit"], rows))
+  if "packed27" in inf:
+    rows = []
+    for fmt, r in inf["packed27"].items():
+      for run in r["runs"]:
+        rows.append([f"packed {fmt}", f"{r['file_bytes'] / 1e9:.3f}",
+                     f"{r['rss_after_load'] / 1e9:.2f}", f"{run['peak_rss_bytes'] / 1e9:.2f}",
+                     run["batch"], f"{run['tokens_per_s']:.3g}"])
+    lat = inf.get("latent27")
+    if lat:
+      for run in lat["runs"]:
+        rows.append(["latent bf16", "", f"{lat['rss_after_build'] / 1e9:.2f}",
+                     f"{run['peak_rss_bytes'] / 1e9:.2f}", run["batch"],
+                     f"{run['tokens_per_s']:.3g}"])
+    parts.append(_table(["2.7B model", "file GB", "RSS after load GB",
+                         "peak RSS generating GB", "batch", "tokens/s"], rows))
+  if "batched" in inf:
+    b = inf["batched"]
+    rows = [[r["model"], r["tokens"], r["batched_tokens_per_s"], r["one_at_a_time_tokens_per_s"],
+             f"{r['speedup']:.1f}x"] for r in b["rows"]]
+    parts.append(f"{b['prompts']} prompts of {min(b['prompt_lengths'])}-"
+                 f"{max(b['prompt_lengths'])} tokens, {b['max_new_tokens']} new tokens each "
+                 f"(d={b['d_model']}, L={b['num_layers']}, vocab {b['vocab']}):\n\n"
+                 + _table(["model", "tokens", "batched tokens/s", "one at a time tokens/s",
+                           "speedup"], rows))
+  return ["## 9. Packed inference (`bench_inference`)\n\n" + "\n\n".join(parts)]
 
 
 NOTES = """## Notes on reading these numbers

@@ -63,11 +63,16 @@ def test_batched_sampling_stays_in_the_top_k():
     cfg = SamplingConfig(max_new_tokens=4, temperature=1.0, top_k=3)
     rows = generate_batch(model, prompts, cfg, seed=5)
     assert rows == generate_batch(model, prompts, cfg, seed=5)  # seeded
-    for prompt, row in zip(prompts, rows):  # each token among the 3 best after its prefix
+    # each token among the 3 best after its prefix: one causal forward over right-padded rows
+    seqs = [prompt + row for prompt, row in zip(prompts, rows)]
+    padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for r, seq in enumerate(seqs):
+      padded[r, :len(seq)] = seq
+    logits = np.asarray(model(jnp.asarray(padded))[0])
+    for r, (prompt, row) in enumerate(zip(prompts, rows)):
+      assert len(row) == 4
       for k, token in enumerate(row):
-        logits, _ = model(jnp.asarray([prompt + row[:k]], jnp.int32))
-        top = np.argsort(np.asarray(logits[0, -1]))[-3:]
-        assert token in top
+        assert token in np.argsort(logits[r, len(prompt) + k - 1])[-3:]
 
 
 def test_batch_input_errors():
