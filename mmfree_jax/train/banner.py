@@ -14,7 +14,7 @@ import time
 import jax
 import numpy as np
 
-from mmfree_jax.ops import bitlinear, recurrence
+from mmfree_jax.config import describe_impls
 
 
 def _human(n: float) -> str:
@@ -31,13 +31,6 @@ def _seconds(s: float) -> str:
   return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
-def _resolved(name: str, resolver: str, module, platform: str) -> str:
-  """`auto -> sequential` where the ops registry can resolve the name for this platform."""
-  resolve = getattr(module, resolver, None)  # the registries' platform resolution (issue 12)
-  picked = resolve(name, platform) if resolve is not None else name
-  return name if picked == name else f"{name} -> {picked}"
-
-
 def banner_lines(cfg, model_cfg, mesh, params, workdir: str, resume: str) -> list[str]:
   """The start-up banner; `params` may be abstract (shapes only)."""
   n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
@@ -48,12 +41,8 @@ def banner_lines(cfg, model_cfg, mesh, params, workdir: str, resume: str) -> lis
   m = model_cfg
   compute = np.dtype(m.compute_dtype).name
   dtype = f"{m.dtype} -> {compute}" if m.dtype != compute else compute
-  impls = f"dtype={dtype} param_dtype={m.param_dtype} remat={m.remat}"
-  if m.kind == "mmfree":
-    platform = mesh.devices.flat[0].platform
-    scan = _resolved(m.scan_type, "resolve_scan_type", recurrence, platform)
-    bitl = _resolved(m.bitlinear_impl, "resolve_bitlinear_impl", bitlinear, platform)
-    impls = f"scan_type={scan} bitlinear_impl={bitl} " + impls
+  impls = (describe_impls(m, mesh.devices.flat[0].platform)
+           + f"; dtype={dtype} param_dtype={m.param_dtype} remat={m.remat}")
   return [
       f"model: {m.kind} d_model={m.d_model} num_layers={m.num_layers} vocab={m.vocab_size}: "
       f"{n_params:,} params ({_human(n_params)})",
