@@ -425,6 +425,7 @@ _HELP = {
     "model.reset_at_doc_start": "zero the recurrent state at each packed document start",
     "model.param_dtype": "dtype of the stored (latent) weights",
     "model.bitlinear_impl": "BitLinear implementation (ops.bitlinear registry)",
+    "model.attention_impl": "transformer attention (ops.attention registry; auto per platform)",
     "data.mixture": "array_record: one weight per data.paths folder ('' = by train tokens)",
     "model.remat": f"rematerialization of the layer scan: {' | '.join(REMAT_POLICIES)}",
     "data.text_field": "the JSONL field holding the text",
