@@ -58,7 +58,8 @@ def banner_lines(cfg, model_cfg, mesh, params, workdir: str, resume: str) -> lis
 
 
 def is_interactive() -> bool:
-  return sys.stderr.isatty()
+  """A terminal or a notebook (tqdm.auto draws a widget there); batch jobs get log lines."""
+  return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 class StepLines:
