@@ -161,7 +161,8 @@ def _time_generate(model, batch: int, new: int, vocab: int) -> dict:
   gen.generate_batch(model, prompts, cfg)
   seconds = time.perf_counter() - t0
   return {"batch": batch, "new_tokens": new, "tokens_per_s": batch * new / seconds,
-          "first_call_s": compile_s, "peak_rss_bytes": _peak_rss()}
+          "first_call_s": compile_s, "rss_after_generate": _rss(),
+          "peak_rss_bytes": _peak_rss()}
 
 
 def packed27_child(directory: str, preset: str) -> dict:

@@ -348,6 +348,22 @@ NOTES = """## Notes on reading these numbers
   ones vector) is the packed form that beats fp32, and it is compute-bound, far below the
   bandwidth bound: reaching that needs a fused unpack-and-multiply kernel (Pallas/Triton on a
   GPU, or a hand-written CPU kernel as in bitnet.cpp / T-MAC).
+- **Packed inference** (`bench_inference`): sizes come from `jax.eval_shape` of the export
+  (nothing allocated; embedding in bf16, norms and scales fp32; the 13B shape d=5120, L=40 is
+  assumed). The 2.7B rows load a directory of random ternary codes written by
+  `export.write_packed` and generate in a fresh process; RSS includes the JAX/XLA runtime and
+  the compiler's peak (measure `rss_before_load` for the runtime alone, about 0.45 GB here).
+  At 2 bits the 2.7B's codes are 0.66 GB and its bf16 embedding another 0.16 GB, so the 0.75 GB
+  file target needs base-3 codes (1.6 bits). Batched generation feeds shorter prompts their
+  remaining prompt tokens inside the shared loop (one program for both model kinds), so its
+  gain shrinks as prompt lengths spread.
+- **Transformer++ decode with a KV cache**: the decode step still copies each layer's cache
+  (the `dynamic_update_slice` into the layer's slice inside `layers.Attention` materializes a
+  new `[batch, max_len, heads, head_dim]` buffer) and transposes K and V for the score and
+  value matmuls (`[b, s, h, d]` → `[b, h, d, s]`), about 3x the cache bytes an ideal step reads;
+  unrolling the layers alone does not remove them (checked in the optimized HLO). Reaching the
+  bound needs a heads-major cache (`[layers, batch, heads, max_len, head_dim]`) updated in place
+  on the donated stacked array, inside `Attention`.
 - **Data** (`bench_data`): `prepare` throughput is bounded by the tokenizer library's
   single-thread encode (the `encode` column: `prepare.encode_chunk` alone, pinned to one core);
   reading JSON, writing ArrayRecord and hashing add little. It scales with `--num_proc` on a
