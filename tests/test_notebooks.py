@@ -13,7 +13,7 @@ from nbclient import NotebookClient
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
-NOTEBOOKS = ("quickstart", "recurrence", "scaling")
+NOTEBOOKS = ("quickstart", "recurrence", "scaling", "convert")
 NB_STEPS = 5
 # Tiny models: compile fast (less LLVM optimisation) on one CPU device.
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -24,8 +24,9 @@ EXPECTED_TEXT = {
     "recurrence": ["sequential_custom_vjp", "decode steps vs one parallel forward",
                    "recurrent state"],
     "scaling": ["transformer", "mmfree", "gap"],
+    "convert": ["converted student, step 0", "ConversionError", "val loss: teacher"],
 }
-MIN_PLOTS = {"quickstart": 2, "recurrence": 2, "scaling": 1}
+MIN_PLOTS = {"quickstart": 2, "recurrence": 2, "scaling": 1, "convert": 1}
 
 
 def _strip_module():

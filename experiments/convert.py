@@ -1,0 +1,381 @@
+"""Converting a Transformer++ into a MatMul-free LM vs training one from scratch (issue 15).
+
+On the built-in KJV corpus (BPE tokenizer), with identical data, batch order and validation
+set for every run:
+
+  (a) teacher      Transformer++ trained for T tokens
+  (b) converted    MatMul-free student initialised from (a) (`mmfree_jax.convert`) and
+                   distilled with `fraction` x T tokens: stage 1 (per-layer hidden alignment)
+                   then stage 2 (alpha KL + (1 - alpha) CE), ternary throughout or ramped in
+  (c) scratch_full MatMul-free from scratch with T tokens
+  (d) scratch_frac MatMul-free from scratch with fraction x T tokens
+
+(b) and (d) run with several seeds (the seed changes the data order and any random
+initialisation). Their peak learning rates are tuned first: each candidate of --lr_student /
+--lr_scratch runs on the first seed, the lowest validation loss picks the rate for the other
+seeds (the sweep rows stay in the JSON, marked `sweep`). The teacher and (c) use 3e-3, the
+better of {1e-3, 3e-3} for both kinds in configs/tiny.py's check. Output:
+
+  OUT_DIR/convert_results.json   one row per run + settings + summary (gap closed, margins)
+  OUT_DIR/convert.png            val loss per variant (each seed a point) and training curves
+
+  python experiments/convert.py                        # the committed run (see --help)
+  python experiments/convert.py --toy --out_dir /tmp/c  # seconds; what the test runs
+  python experiments/convert.py --replot
+
+Everything goes through the library (`train.trainer.train` with a `distill` section), as a
+notebook or `train.py` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+  sys.path.insert(0, REPO_ROOT)
+
+RESULTS_FILE = "convert_results.json"
+PLOT_FILE = "convert.png"
+VARIANTS = ("teacher", "converted", "scratch_full", "scratch_frac")
+LABELS = {"teacher": "(a) Transformer++ teacher, T tokens",
+          "converted": "(b) converted MatMul-free, fraction x T",
+          "scratch_full": "(c) MatMul-free from scratch, T tokens",
+          "scratch_frac": "(d) MatMul-free from scratch, fraction x T"}
+
+DEFAULTS = dict(d_model=128, num_layers=2, head_dim=32, tokenizer="bpe:4096", seq_len=128,
+                batch=16, teacher_steps=600, fraction=0.1, seeds="0,1,2", full_seeds="0",
+                lr_teacher=3e-3, lr_full=3e-3, lr_scratch="3e-3,1e-2", lr_student="1e-3,3e-3",
+                warmup_fraction=0.1,
+                stage1_fraction=0.25, alpha=0.5, temperature=1.0, quant_ramp_fraction=0.0,
+                eval_batches=8)
+TOY = dict(d_model=32, num_layers=1, head_dim=16, tokenizer="byte", seq_len=32, batch=8,
+           teacher_steps=10, seeds="0", full_seeds="0", eval_batches=1)
+
+
+def model_vocab_size(tokenizer_vocab: int) -> int:
+  return 64 * math.ceil(tokenizer_vocab / 64)
+
+
+def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: int,
+                teacher: str = ""):
+  """One run's full config; only kind, steps, lr, seed and the distill section vary."""
+  from mmfree_jax.config import base_config
+  cfg = base_config()
+  cfg.model.update(kind=kind, vocab_size=vocab_size, d_model=args.d_model,
+                   num_layers=args.num_layers, num_heads=args.d_model // args.head_dim,
+                   scan_type="sequential", dtype="float32")
+  cfg.data.update(source="builtin_kjv", tokenizer=args.tokenizer, seq_len=args.seq_len,
+                  seed=seed)
+  cfg.train.update(steps=steps, global_batch=args.batch, seed=seed,
+                   log_every=max(1, steps // 20), eval_every=steps,
+                   eval_batches=args.eval_batches, checkpoint_every=10**9, keep_checkpoints=1,
+                   sample_tokens=0)
+  cfg.optim.update(lr=lr, schedule="cosine",
+                   warmup_steps=max(1, int(round(args.warmup_fraction * steps))))
+  if teacher:
+    cfg.distill.update(teacher=teacher, init="teacher",
+                       stage1_steps=int(round(args.stage1_fraction * steps)),
+                       temperature=args.temperature, alpha=args.alpha,
+                       quant_ramp_steps=int(round(args.quant_ramp_fraction * steps)))
+  cfg.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
+  cfg.lock()
+  return cfg
+
+
+def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: int,
+            workdir: str, teacher: str = "") -> dict:
+  import numpy as np
+  from mmfree_jax.nn.model import count_params
+  from mmfree_jax.train.trainer import train
+
+  kind = "transformer" if variant == "teacher" else "mmfree"
+  cfg = make_config(args, kind, steps, lr, seed, vocab_size, teacher)
+  if os.path.exists(workdir):  # never resume a previous study's run
+    shutil.rmtree(workdir)
+  result = train(cfg, workdir, progress=args.progress)
+  if not result.eval_history:
+    raise RuntimeError(f"{variant} seed {seed}: no validation loss was computed")
+  tokens_per_step = args.batch * args.seq_len
+  curve = [(int(r["step"]) * tokens_per_step, float(r["loss"]), int(r.get("stage", 0)))
+           for r in result.history]
+  val = result.eval_history[-1]
+  return {
+      "variant": variant, "kind": kind, "seed": seed, "steps": steps,
+      "tokens": steps * tokens_per_step, "peak_lr": lr, "params": count_params(result.model),
+      "val_loss": float(val["loss"]), "val_tokens": float(val["tokens"]),
+      "final_train_loss": float(np.mean([c[1] for c in curve[-10:] if c[2] != 1] or [np.nan])),
+      "wall_time_s": float(result.wall_time_s),
+      "distill": dict(cfg.distill.to_dict()) if teacher else None,
+      "curve": curve,
+  }
+
+
+def teacher_row(args, workdir: str) -> dict:
+  """The teacher's row from a finished teacher workdir (its metrics.jsonl and config.json),
+  for `--teacher_workdir` (a study split over several invocations trains it once)."""
+  import numpy as np
+  from mmfree_jax.checkpoint import loading
+  cfg = loading.load_workdir_config(workdir)
+  rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  val = [r for r in rows if "val_loss" in r]
+  if not val or val[-1]["step"] != cfg.train.steps:
+    raise ValueError(f"{workdir} has no final validation loss (train.steps={cfg.train.steps})")
+  expected = make_config(args, "transformer", cfg.train.steps, cfg.optim.lr, 0,
+                         cfg.model.vocab_size)
+  if expected.model.to_dict() != cfg.model.to_dict() or \
+      expected.data.to_dict() != cfg.data.to_dict():
+    raise ValueError(f"{workdir} was trained with other model/data settings than these flags")
+  tokens_per_step = args.batch * args.seq_len
+  return {"variant": "teacher", "kind": "transformer", "seed": 0, "steps": cfg.train.steps,
+          "tokens": cfg.train.steps * tokens_per_step, "peak_lr": cfg.optim.lr, "params": None,
+          "val_loss": float(val[-1]["val_loss"]), "val_tokens": None,
+          "final_train_loss": float(np.mean([r["loss"] for r in rows if "loss" in r][-3:])),
+          "wall_time_s": None, "distill": None, "reused": workdir,
+          "curve": [(int(r["step"]) * tokens_per_step, float(r["loss"]), 0)
+                    for r in rows if "loss" in r]}
+
+
+def summarize(runs: list[dict]) -> dict:
+  import numpy as np
+  counted = [r for r in runs if r["variant"] in ("teacher", "scratch_full") or r.get("chosen")]
+  by = {v: [r["val_loss"] for r in counted if r["variant"] == v] for v in VARIANTS}
+  stats = {v: {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else
+               None, "n": len(x), "values": x} for v, x in by.items() if x}
+  out = {"val_loss": stats,
+         "chosen_lr": {v: next((r["peak_lr"] for r in counted if r["variant"] == v), None)
+                       for v in VARIANTS}}
+  if {"teacher", "converted", "scratch_frac"} <= set(stats):
+    a, b, d = (stats[v]["mean"] for v in ("teacher", "converted", "scratch_frac"))
+    out["gap_closed"] = (d - b) / (d - a) if d != a else None
+    out["converted_minus_scratch_frac"] = b - d
+    noise = [s for s in (stats["converted"]["std"], stats["scratch_frac"]["std"]) if s]
+    out["seed_noise_std"] = float(max(noise)) if noise else None
+    out["target_gap_closed_0.8"] = bool(out["gap_closed"] is not None and
+                                        out["gap_closed"] >= 0.8)
+    out["target_beats_scratch_frac_beyond_noise"] = bool(
+        noise and d - b > max(noise))
+  return out
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+  colors = {"teacher": "C1", "converted": "C2", "scratch_full": "C0", "scratch_frac": "C4"}
+  for i, v in enumerate(VARIANTS):
+    rows = [r for r in results["runs"] if r["variant"] == v]
+    vals = [r["val_loss"] for r in rows if r.get("chosen") or not r.get("sweep")]
+    if not vals:
+      continue
+    left.scatter([i] * len(vals), vals, color=colors[v], zorder=3)
+    left.hlines(np.mean(vals), i - 0.3, i + 0.3, color=colors[v])
+    for r in rows:
+      if r.get("sweep") and not r.get("chosen"):
+        left.scatter([i + 0.12], [r["val_loss"]], color=colors[v], marker="x", zorder=3)
+        left.annotate(f"lr {r['peak_lr']:g}", (i + 0.12, r["val_loss"]), fontsize=6,
+                      xytext=(3, 0), textcoords="offset points")
+  left.set_xticks(range(len(VARIANTS)))
+  left.set_xticklabels(["(a) teacher", "(b) converted", "(c) scratch\nT tokens",
+                        "(d) scratch\nfraction"], fontsize=8)
+  left.set_ylabel("validation loss (nats/token); x: LR-sweep runs not chosen")
+  left.grid(True, axis="y", alpha=0.3)
+  s = results.get("summary", {})
+  if s.get("gap_closed") is not None:
+    left.set_title(f"gap (d)->(a) closed by (b): {100 * s['gap_closed']:.0f}%", fontsize=9)
+  for r in results["runs"]:
+    if r.get("sweep") and not r.get("chosen"):
+      continue
+    xs = [c[0] for c in r["curve"] if c[2] != 1]
+    ys = [c[1] for c in r["curve"] if c[2] != 1]
+    offset = 0
+    if r["variant"] == "converted":  # after the teacher's tokens
+      offset = results["settings"]["teacher_tokens"]
+    label = LABELS[r["variant"]] if r["seed"] == min(
+        x["seed"] for x in results["runs"] if x["variant"] == r["variant"]) else None
+    right.plot([x + offset for x in xs], ys, color=colors[r["variant"]], alpha=0.7, lw=1,
+               label=label)
+  right.set_xlabel("training tokens (converted: after the teacher's)")
+  right.set_ylabel("train loss (CE; stage-1 steps omitted)")
+  right.set_ylim(top=min(right.get_ylim()[1], 9.0))
+  right.grid(True, alpha=0.3)
+  right.legend(fontsize=7)
+  st = results["settings"]
+  fig.suptitle(f"KJV {st['tokenizer']}, d={st['d_model']} L={st['num_layers']}, teacher "
+               f"{st['teacher_tokens']:,} tokens, fraction {st['fraction']}", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  for key, value in DEFAULTS.items():
+    p.add_argument(f"--{key}", type=type(value), default=value)
+  p.add_argument("--skip", default="", help="variants not to run, e.g. scratch_full")
+  p.add_argument("--teacher_workdir", default="",
+                 help="a finished teacher run of these settings: reuse it, train no teacher")
+  p.add_argument("--merge", default="",
+                 help="comma-separated results JSONs of one study run in parts: write their "
+                      "union (one teacher row) to OUT_DIR, train nothing")
+  p.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "experiments", "results"))
+  p.add_argument("--workdir", default=None, help="run directories (default: a temp dir)")
+  p.add_argument("--toy", action="store_true", help="tiny and fast (the test)")
+  p.add_argument("--replot", action="store_true")
+  p.add_argument("--no_plot", action="store_true")
+  p.add_argument("--progress", action="store_true")
+  return p
+
+
+def parse_args(argv=None):
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.toy:
+    for key, value in TOY.items():
+      if getattr(args, key) == parser.get_default(key):
+        setattr(args, key, value)
+  args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
+  args.lr_student_list = [float(v) for v in args.lr_student.split(",") if v.strip()]
+  args.lr_scratch_list = [float(v) for v in args.lr_scratch.split(",") if v.strip()]
+  args.full_seed_list = [int(s) for s in args.full_seeds.split(",") if s.strip()]
+  args.skip_list = [s.strip() for s in args.skip.split(",") if s.strip()]
+  bad = [s for s in args.skip_list if s not in VARIANTS]
+  if bad or "teacher" in args.skip_list:
+    parser.error(f"--skip {args.skip!r}: choose from {VARIANTS[1:]}")
+  if not 0 < args.fraction <= 1:
+    parser.error("--fraction must be in (0, 1]")
+  if args.d_model % args.head_dim:
+    parser.error("--d_model must be a multiple of --head_dim")
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  if args.merge:
+    parts = []
+    for path in args.merge.split(","):
+      with open(path) as f:
+        parts.append(json.load(f))
+    results = dict(parts[0])
+    runs = [r for r in parts[0]["runs"]]
+    for part in parts[1:]:
+      runs += [r for r in part["runs"] if r["variant"] != "teacher"]
+    results.update(runs=runs, summary=summarize(runs),
+                   command=" ; ".join(p["command"] for p in parts),
+                   total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
+                   merged_from=[os.path.basename(p) for p in args.merge.split(",")])
+    with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
+      json.dump(results, f, indent=1)
+    plot(results, os.path.join(args.out_dir, PLOT_FILE))
+    print(json.dumps(results["summary"], indent=1))
+    return results
+  if args.replot:
+    with open(os.path.join(args.out_dir, RESULTS_FILE)) as f:
+      results = json.load(f)
+    plot(results, os.path.join(args.out_dir, PLOT_FILE))
+    return results
+  start = time.time()
+  import jax
+  from mmfree_jax import data as data_lib
+  from mmfree_jax.data.cache import default_cache_dir
+
+  data_cfg = make_config(args, "mmfree", 1, 1e-3, 0, 1 << 20).data
+  tokenizer = data_lib.tokenizer_from_config(data_cfg, cache_dir=default_cache_dir())
+  vocab_size = model_vocab_size(tokenizer.vocab_size)
+  frac_steps = max(1, int(round(args.fraction * args.teacher_steps)))
+  own = args.workdir is None
+  root = tempfile.mkdtemp(prefix="mmfree_convert_") if own else args.workdir
+  os.makedirs(args.out_dir, exist_ok=True)
+  runs = []
+
+  def record(row):
+    runs.append(row)
+    write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs, plot_it=False)
+    print(f"{row['variant']:13s} seed={row['seed']} steps={row['steps']:5d} "
+          f"val_loss={row['val_loss']:.4f} wall={row['wall_time_s'] or 0:.0f}s", flush=True)
+
+  try:
+    if args.teacher_workdir:
+      teacher_dir = args.teacher_workdir
+      record(teacher_row(args, teacher_dir))
+    else:
+      teacher_dir = os.path.join(root, "teacher")
+      record(run_one(args, "teacher", 0, args.teacher_steps, args.lr_teacher, vocab_size,
+                     teacher_dir))
+    for variant, lrs in (("converted", args.lr_student_list),
+                         ("scratch_frac", args.lr_scratch_list)):
+      if variant in args.skip_list:
+        continue
+      teacher = teacher_dir if variant == "converted" else ""
+      first, rest = args.seed_list[0], args.seed_list[1:]
+      sweep = []
+      for lr in lrs:  # tune on the first seed
+        row = run_one(args, variant, first, frac_steps, lr, vocab_size,
+                      os.path.join(root, f"{variant}_{first}_{lr}"), teacher=teacher)
+        row["sweep"] = len(lrs) > 1
+        sweep.append(row)
+        record(row)
+      best = min(sweep, key=lambda r: r["val_loss"])
+      best["chosen"] = True
+      for seed in rest:
+        row = run_one(args, variant, seed, frac_steps, best["peak_lr"], vocab_size,
+                      os.path.join(root, f"{variant}_{seed}"), teacher=teacher)
+        row["chosen"] = True
+        record(row)
+    if "scratch_full" not in args.skip_list:
+      for seed in args.full_seed_list:
+        record(run_one(args, "scratch_full", seed, args.teacher_steps,
+                       args.lr_full, vocab_size, os.path.join(root, f"scratch_full_{seed}")))
+  finally:
+    if own:
+      shutil.rmtree(root, ignore_errors=True)
+
+  return write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs,
+                       plot_it=not args.no_plot)
+
+
+def write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs, plot_it):
+  """Writes OUT_DIR/convert_results.json (after every run: a partial study is kept)."""
+  import jax
+  results = {
+      "description": __doc__.split("\n\n")[0],
+      "command": ("python experiments/convert.py " + " ".join(
+          argv if argv is not None else sys.argv[1:])).strip(),
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "total_wall_time_s": time.time() - start,
+      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                  "jax": jax.__version__, "backend": jax.default_backend(),
+                  "devices": jax.device_count()},
+      "settings": {**{k: getattr(args, k) for k in DEFAULTS}, "toy": bool(args.toy),
+                   "tokenizer_vocab": tokenizer.vocab_size, "model_vocab": vocab_size,
+                   "teacher_tokens": args.teacher_steps * args.batch * args.seq_len,
+                   "student_steps": frac_steps,
+                   "student_tokens": frac_steps * args.batch * args.seq_len},
+      "summary": summarize(runs),
+      "runs": runs,
+  }
+  with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
+    json.dump(results, f, indent=1)
+  if plot_it:
+    print(json.dumps(results["summary"], indent=1))
+    plot(results, os.path.join(args.out_dir, PLOT_FILE))
+  return results
+
+
+if __name__ == "__main__":
+  main()
