@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+
 RESULT_NAMES = ("aot_tpu", "accel_check")  # the `benchmark` keys of their JSON files
 
 
@@ -103,6 +105,13 @@ def sections(res: dict) -> list[str]:
           f"{e['tokens_per_s_chip']:,.0f} | {e['bound']} | "
           + (f"{int8:,.0f}" if int8 else "-") + f" | {tried} |")
     lines += table
+    codes = sorted({aot["points"][r["key"]].get("code", "?") for r in aot["rows"]
+                    if r.get("fits") and r.get("key") in aot.get("points", {})})
+    models = sorted({json.dumps(aot["points"][r["key"]].get("model", {}), sort_keys=True)
+                     for r in aot["rows"] if r.get("fits") and r.get("key") in aot["points"]})
+    if codes:
+      lines += ["", "Compiled from code " + "; ".join(codes) + " with model choices "
+                + "; ".join(models) + "."]
     if not_run:
       lines += ["", "Not compiled yet (one compile took 19-30+ minutes on this shared, loaded "
                 "2-core host; `python -m benchmarks.aot_tpu --only kind/size/chip` resumes): "
