@@ -279,7 +279,6 @@ def sections(res: dict) -> list[str]:
           f"{big['h100_tokens_per_s_at_50pct_mfu']:,.0f} tokens/s of a 370M step (arithmetic); "
           f"the 1-worker loader here is {dt['targets']['loader_1_worker_370m_over_h100_50pct']:.1f}x "
           "that.")
-  out += _inference_section(res.get("bench_inference", {}).get("results"))
   return out
 
 
@@ -319,7 +318,7 @@ def _inference_section(inf: dict | None) -> list[str]:
                  f"(d={b['d_model']}, L={b['num_layers']}, vocab {b['vocab']}):\n\n"
                  + _table(["model", "tokens", "batched tokens/s", "one at a time tokens/s",
                            "speedup"], rows))
-  return ["## 9. Packed inference (`bench_inference`)\n\n" + "\n\n".join(parts)]
+  return ["## 11. Packed inference (`bench_inference`)\n\n" + "\n\n".join(parts)]
 
 
 NOTES = """## Notes on reading these numbers
@@ -406,7 +405,9 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
       "",
       _table(["target", "measured", "met"], targets(res) + report_accel.targets(accel)),
   ]
-  return ("\n".join(head) + "\n\n" + "\n\n".join(sections(res) + report_accel.sections(accel))
+  inference = _inference_section(res.get("bench_inference", {}).get("results"))
+  return ("\n".join(head) + "\n\n"
+          + "\n\n".join(sections(res) + report_accel.sections(accel) + inference)
           + "\n\n" + NOTES)
 
 
