@@ -278,7 +278,8 @@ def main(argv=None) -> dict:
     results.update(runs=runs, summary=summarize(runs),
                    command=" ; ".join(p["command"] for p in parts),
                    total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
-                   merged_from=[os.path.basename(p) for p in args.merge.split(",")])
+                   merged_from=args.merge.split(","))
+    os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=1)
     plot(results, os.path.join(args.out_dir, PLOT_FILE))
