@@ -258,7 +258,8 @@ def compile_point(kind: str, size: str, chip_name: str, mesh_shape: dict, micro:
   lowered = step.lower(abstract_state, {"tokens": window, "segment_ids": window})
   t1 = time.perf_counter()
   out = {"device_kind": topo.devices[0].device_kind, "lower_s": t1 - t0,
-         "model": {k: getattr(model_cfg, k) for k in ("scan_type", "bitlinear_impl", "dtype",
+         "model": {k: getattr(model_cfg, k) for k in ("scan_type", "bitlinear_impl",
+                                                      "attention_impl", "dtype",
                                                       "param_dtype", "remat")
                    if hasattr(model_cfg, k)}}
   try:
