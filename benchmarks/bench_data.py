@@ -82,7 +82,7 @@ def prepare_throughput(corpus: str, work: str, spec: str, label: str, with_two: 
                              val_shards=1, cache_dir=os.path.join(work, "cache"))
   tok, _ = prep.load_prepare_tokenizer(opts, [corpus], work)  # trains a bpe: spec (untimed)
   dtype = prep.token_dtype(tok.vocab_size)
-  chunks = list(prep._chunks([corpus], opts, (0, 0)))  # pylint: disable=protected-access
+  chunks = list(prep.input_chunks([corpus], opts, (0, 0)))
   chars = sum(len(t) for texts, _ in chunks for t in texts)
 
   def encode_all():

@@ -130,12 +130,27 @@ def test_eval_and_generation_never_import_training():
       assert not any(d.startswith("mmfree_jax.train") for d in _imports(name)), name
 
 
+def _private(attr: str) -> bool:
+  return attr.startswith("_") and not attr.startswith("__")
+
+
 def test_no_cross_module_private_names():
+  """Neither `from m import _x` nor `m._x` on an imported mmfree_jax module."""
   bad = []
   for name in _modules():
     tree = ast.parse(open(_source(name), encoding="utf-8").read())
+    module_aliases = set()
     for node in ast.walk(tree):
       if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmfree_jax"):
         bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
-                if a.name.startswith("_") and not a.name.startswith("__")]
+                if _private(a.name)]
+        module_aliases.update(a.asname or a.name for a in node.names
+                              if _is_module(f"{node.module}.{a.name}"))
+      elif isinstance(node, ast.Import):
+        module_aliases.update(a.asname for a in node.names
+                              if a.asname and a.name.startswith("mmfree_jax"))
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in module_aliases and _private(node.attr)):
+        bad.append(f"{name}: {node.value.id}.{node.attr}")
   assert not bad, "\n".join(bad)

@@ -195,7 +195,7 @@ def test_blockwise_paths_reproduce_the_full_forward(pair):
     hidden = blockwise.transformer_hidden_states(teacher, tokens, segments)
     t_logits = teacher.lm_head(teacher.final_norm(hidden[-1]))
     # Student: feed each block the output of the previous one (two passes for two layers).
-    x0 = student._embed(tokens)  # pylint: disable=protected-access
+    x0 = student.embed_tokens(tokens)
     x1 = blockwise.mmfree_block_outputs(student, jnp.stack([x0, x0]), segments)[0]
     x2 = blockwise.mmfree_block_outputs(student, jnp.stack([x0, x1]), segments)[1]
     s_logits = student.lm_head(student.final_norm(x2))

@@ -382,7 +382,7 @@ def test_failure_while_writing_leaves_no_destination(hf_dir, tmp_path, monkeypat
   def broken_save(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(convert, "_save_params", broken_save)
+  monkeypatch.setattr(convert, "save_params", broken_save)
   _expect_import_error(hf_dir, tmp_path, ["disk full"], error=OSError)
 
 

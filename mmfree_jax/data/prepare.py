@@ -185,7 +185,7 @@ def _texts(paths, opts) -> Iterator[str]:
         yield text
 
 
-def _chunks(paths, opts, start: tuple[int, int]):
+def input_chunks(paths, opts, start: tuple[int, int]):
   """Chunks of documents from input position `start`: (texts, positions [(file, unit)])."""
   texts, where, chars = [], [], 0
   for f in range(start[0], len(paths)):
@@ -412,7 +412,7 @@ def prepare(opts: PrepareOptions) -> dict:
     if shards:
       log.info("resuming after %d committed shards at input %d, unit %d", len(shards), *start)
     cache_dir = opts.cache_dir or default_cache_dir()
-    chunks = _chunks(paths, opts, start)
+    chunks = input_chunks(paths, opts, start)
     writer = None
     try:
       for tokens, lengths, where in _tokenized(chunks, tok, worker_spec, opts.num_proc, dtype,

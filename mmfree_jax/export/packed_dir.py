@@ -125,7 +125,7 @@ def _tokenizer_files(cfg, tmp: str) -> str | None:
     return None
   if kind == "bpe":  # trained on the corpus and cached: store the trained file itself
     tok = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
-    tok._tok.save(os.path.join(tmp, "tokenizer.json"))  # pylint: disable=protected-access
+    tok.save(tmp)
     name, new_spec = "tokenizer.json", "hf:tokenizer.json"
   else:
     src = tokenizer_file(spec)

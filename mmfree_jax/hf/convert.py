@@ -133,13 +133,13 @@ def check_weights(weights: tensors.WeightFiles, layout: list[Slot], config_note:
   """
   expected = {slot.hf_name: slot for slot in layout}
   present = set(weights.names)
-  missing = sorted(set(expected) - present, key=_natural_key)
+  missing = sorted(set(expected) - present, key=natural_key)
   if missing:
     raise HFCheckpointError(
         f"{weights.description} lacks {len(missing)} tensor(s) that config.json ({config_note}) "
         f"implies: {_listing(missing)}. The weights and config.json disagree, or the download "
         "is incomplete")
-  unexpected = sorted(present - set(expected), key=_natural_key)
+  unexpected = sorted(present - set(expected), key=natural_key)
   if unexpected:
     raise HFCheckpointError(
         f"{weights.description} holds {len(unexpected)} tensor(s) that the model of "
@@ -159,7 +159,7 @@ def check_weights(weights: tensors.WeightFiles, layout: list[Slot], config_note:
           "supported: export the latent weights")
 
 
-def _natural_key(name: str):
+def natural_key(name: str):
   return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
@@ -182,7 +182,7 @@ def read_params(weights: tensors.WeightFiles, layout: list[Slot],
   return mapping.unflatten(flat)
 
 
-def _to_device_leaf_by_leaf(flat: dict[str, np.ndarray]) -> None:
+def to_device_leaf_by_leaf(flat: dict[str, np.ndarray]) -> None:
   """Replaces each numpy leaf of flat by a jax array, in place, freeing the numpy copy as it
   goes (peak: the model plus one leaf). Orbax deep-copies numpy leaves before writing (a
   second full copy); for jax arrays it does not."""
@@ -197,7 +197,7 @@ def save_concurrent_gb(params: dict) -> float:
   return max(SAVE_CONCURRENT_GB, (largest + 1) * 1.01 / 1e9)
 
 
-def _save_params(workdir: str, params: dict, cfg) -> None:
+def save_params(workdir: str, params: dict, cfg) -> None:
   """Params-only checkpoint step 0 (synchronous) with the full config dict."""
   checkpointer = Checkpointer(workdir, keep=1, async_save=False,
                               save_concurrent_gb=save_concurrent_gb(params))
@@ -269,8 +269,8 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
       cfg = loading.config_from_dict({"model": model_section, "data": {"tokenizer": tokenizer}})
       flat = mapping.flatten(read_params(weights, layout, shapes, np_dtype))
       with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
-        _to_device_leaf_by_leaf(flat)
-        _save_params(tmp, mapping.unflatten(flat), cfg)
+        to_device_leaf_by_leaf(flat)
+        save_params(tmp, mapping.unflatten(flat), cfg)
       del flat
       loading.save_workdir_config(tmp, cfg)
   return {"workdir": workdir, "num_params": sum(int(np.prod(s)) for s in shapes.values()),

@@ -140,7 +140,7 @@ def model_section_from_llama(hf_config: dict, dtype: str) -> dict:
   """Our `model` config section (kind 'transformer') for an HF Llama config."""
   check_supported(hf_config)
   values = {**DEFAULTS, **{k: v for k, v in hf_config.items() if v is not None}}
-  positive_int = mapping._positive_int  # pylint: disable=protected-access
+  positive_int = mapping.positive_int
   ints = {k: positive_int(values, k) for k in REQUIRED_KEYS}
   kv_heads = values.get("num_key_value_heads") or ints["num_attention_heads"]
   return {
@@ -198,7 +198,7 @@ def check_weights(weights: tensors.WeightFiles, layout: list[Slot], note: str) -
   if experts:
     raise HFCheckpointError(f"{weights.description} holds mixture-of-experts tensors "
                             f"{experts[:3]}: only dense Llama-layout MLPs can be imported")
-  natural = convert._natural_key  # pylint: disable=protected-access
+  natural = convert.natural_key
   missing = sorted(expected - present, key=natural)
   if missing:
     raise HFCheckpointError(
@@ -294,8 +294,8 @@ def import_llama(src: str, workdir: str, *, dtype: str = "float32") -> dict:
       data["tokenizer"] = f"{kind}:{os.path.join(workdir, name)}"
     cfg = loading.config_from_dict({"model": section, "data": data})
     with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
-      convert._to_device_leaf_by_leaf(flat)  # pylint: disable=protected-access
-      convert._save_params(tmp, mapping.unflatten(flat), cfg)  # pylint: disable=protected-access
+      convert.to_device_leaf_by_leaf(flat)
+      convert.save_params(tmp, mapping.unflatten(flat), cfg)
     loading.save_workdir_config(tmp, cfg)
   num_params = sum(int(np.prod(v.shape)) for v in flat.values())
   tokenizer = cfg.data.tokenizer if found else (

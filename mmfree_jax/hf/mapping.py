@@ -180,7 +180,7 @@ def check_supported(hf_config: dict) -> None:
           f"{key} in {list(allowed)} (the released MMfreeLM models use {allowed[0]!r})")
 
 
-def _positive_int(hf_config: dict, key: str) -> int:
+def positive_int(hf_config: dict, key: str) -> int:
   value = hf_config[key]
   if isinstance(value, float) and value.is_integer():
     value = int(value)
@@ -199,18 +199,18 @@ def model_section_from_hf(hf_config: dict, dtype: str) -> dict:
   values = {**REFERENCE_DEFAULTS, **{k: v for k, v in hf_config.items() if v is not None}}
   if values.get("hidden_ratio") is None:
     values["hidden_ratio"] = 4  # HGRNBitMLP's fallback
-  d_model = _positive_int(values, "hidden_size")
-  hidden_ratio = _positive_int(values, "hidden_ratio")
+  d_model = positive_int(values, "hidden_size")
+  hidden_ratio = positive_int(values, "hidden_ratio")
   intermediate = values.get("intermediate_size")
   if intermediate is None:
     intermediate = config_lib.intermediate_size_for(d_model, hidden_ratio)
   else:
-    intermediate = _positive_int(values, "intermediate_size")
+    intermediate = positive_int(values, "intermediate_size")
   return {
       "kind": "mmfree",
-      "vocab_size": _positive_int(values, "vocab_size"),
+      "vocab_size": positive_int(values, "vocab_size"),
       "d_model": d_model,
-      "num_layers": _positive_int(values, "num_hidden_layers"),
+      "num_layers": positive_int(values, "num_hidden_layers"),
       "hidden_ratio": hidden_ratio,
       "intermediate_size": intermediate,
       "use_lower_bound": bool(values["use_lower_bound"]),

@@ -22,8 +22,8 @@ def transformer_hidden_states(model: TransformerLM, tokens: jax.Array,
 
   tokens, segment_ids: `[batch, seq]`, as for `model(tokens, segment_ids=...)`.
   """
-  model._check_segments(tokens, segment_ids)  # pylint: disable=protected-access
-  x = model._embed(tokens)  # pylint: disable=protected-access
+  model.check_segments(tokens, segment_ids)
+  x = model.embed_tokens(tokens)
   batch, seq = tokens.shape
   if segment_ids is not None:
     positions = positions_in_document(segment_ids)

@@ -110,7 +110,7 @@ def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
 class _LMBase(nnx.Module):
   """Embedding table and input checks shared by both models."""
 
-  def _embed(self, tokens: jax.Array) -> jax.Array:
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     if tokens.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
     if not isinstance(tokens, jax.core.Tracer):
@@ -122,7 +122,7 @@ class _LMBase(nnx.Module):
     x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
     return constrain(x, ("batch", "seq", "embed"))
 
-  def _check_segments(self, tokens, segment_ids):
+  def check_segments(self, tokens, segment_ids):
     if segment_ids is not None and segment_ids.shape != tokens.shape:
       raise ValueError(f"segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
 
@@ -192,8 +192,8 @@ class MatMulFreeLM(_LMBase):
     Returns:
       logits `[batch, seq, vocab]` in the compute dtype, the final `RecurrentState`.
     """
-    self._check_segments(tokens, segment_ids)
-    x = self._embed(tokens)
+    self.check_segments(tokens, segment_ids)
+    x = self.embed_tokens(tokens)
     reset = None
     if segment_ids is not None and self.cfg.reset_at_doc_start:
       reset = reset_mask(segment_ids)
@@ -261,11 +261,11 @@ class TransformerLM(_LMBase):
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                state: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without)."""
-    self._check_segments(tokens, segment_ids)
+    self.check_segments(tokens, segment_ids)
     if state is not None and segment_ids is not None:
       raise ValueError("segment_ids (packed training windows) cannot be combined with a KV "
                        "cache; decode one document per row")
-    x = self._embed(tokens)
+    x = self.embed_tokens(tokens)
     batch, seq = tokens.shape
     if segment_ids is not None:
       positions = positions_in_document(segment_ids)

@@ -255,7 +255,7 @@ def make_distill_step(student_cfg: ModelConfig, student_graphdef, teacher_cfg: M
         init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), acc),
                 tuple(jnp.zeros((), acc) for _ in range(4)))
         (grads, loss, sums), _ = jax.lax.scan(
-            accumulate, init, steps_lib._split_microbatches(batch, microbatches))  # pylint: disable=protected-access
+            accumulate, init, steps_lib.split_microbatches(batch, microbatches))
       nll, kl, err, ref = sums
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)

@@ -33,7 +33,7 @@ def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float):
   return loss_lib.cross_entropy_sums(logits, targets, mask, z_loss)
 
 
-def _split_microbatches(batch: dict, microbatches: int) -> dict:
+def split_microbatches(batch: dict, microbatches: int) -> dict:
   """`[B, ...]` → `[microbatches, B / microbatches, ...]`, microbatch j = rows j, j+k, ...
 
   Strided rather than contiguous, so every data shard holds an equal part of every
@@ -77,7 +77,7 @@ def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         init = (zeros, jnp.zeros((), acc), jnp.zeros((), acc))
         (grads, nll, z), _ = jax.lax.scan(accumulate, init,
-                                          _split_microbatches(batch, microbatches))
+                                          split_microbatches(batch, microbatches))
       updates, opt_state = tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       finite = jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(nll)
