@@ -239,3 +239,57 @@ def test_tracker_interface_tensorboard_none_and_missing_packages(tmp_path):
     except ImportError:
       with pytest.raises(ImportError, match=f"pip install {package}"):
         trackers.make_tracker(name, str(tmp_path), {})
+
+
+def test_wandb_and_mlflow_trackers_offline_against_recording_fakes(tmp_path, monkeypatch):
+  """wandb/mlflow are optional installs (not in CI): their adapters run against minimal
+  stand-ins that record the calls, in their offline forms (WANDB_MODE=offline, a file: URI
+  under the workdir). What is checked is our side: ids kept across a resume, the URI, the
+  flattened params, every scalar row with its step, the run closed."""
+  import sys  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.train import trackers  # pylint: disable=import-outside-toplevel
+
+  calls = []
+
+  class Run:
+    def log(self, row, step):
+      calls.append(("wandb.log", step, dict(row)))
+
+    def finish(self):
+      calls.append(("wandb.finish",))
+
+  def init(**kw):
+    calls.append(("wandb.init", kw["id"], kw["resume"], kw["dir"], os.environ.get("WANDB_MODE")))
+    return Run()
+
+  wandb = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "run42"))
+  mlflow = types.SimpleNamespace(
+      set_tracking_uri=lambda uri: calls.append(("mlflow.uri", uri)),
+      set_experiment=lambda name: calls.append(("mlflow.experiment", name)),
+      start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
+      log_params=lambda params: calls.append(("mlflow.params", dict(params))),
+      log_metrics=lambda row, step: calls.append(("mlflow.log", step, dict(row))),
+      end_run=lambda: calls.append(("mlflow.end",)))
+  monkeypatch.setitem(sys.modules, "wandb", wandb)
+  monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+  work = str(tmp_path)
+  config = {"model": {"d_model": 64}, "train": {"steps": 3}}
+
+  for _ in range(2):  # a run and its resume continue the same wandb run
+    t = trackers.make_tracker("wandb", work, config)
+    t.log(1, {"loss": 2.5})
+    t.close()
+  inits = [c for c in calls if c[0] == "wandb.init"]
+  assert inits == [("wandb.init", "run42", "allow", work, "offline")] * 2
+  assert ("wandb.log", 1, {"loss": 2.5}) in calls and ("wandb.finish",) in calls
+
+  calls.clear()
+  t = trackers.make_tracker("mlflow", work, config)
+  t.log(7, {"loss": 1.0, "lr": 3e-3})
+  t.close()
+  assert calls[0] == ("mlflow.uri", "file:" + os.path.join(os.path.abspath(work), "mlruns"))
+  assert ("mlflow.params", {"model.d_model": "64", "train.steps": "3"}) in calls
+  assert ("mlflow.log", 7, {"loss": 1.0, "lr": 3e-3}) in calls and calls[-1] == ("mlflow.end",)
