@@ -158,7 +158,7 @@ def _hf_table(path: str, text_field: str, split: str):
 def _first_json_line(path: str, text_field: str) -> None:
   for lineno, line in enumerate(_lines(path), start=1):
     if line.strip():
-      _json_text(line, f"{path}:{lineno}", text_field)
+      json_text(line, f"{path}:{lineno}", text_field)
       return
   raise ValueError(f"input file {path!r} holds no JSON lines; remove it from --inputs")
 
@@ -243,19 +243,22 @@ def _lines(path: str) -> Iterator[str]:
                      "kept: rerun prepare to resume") from None
 
 
-def _json_text(line: str, where: str, text_field: str) -> str:
+def json_text(line: str, where: str, text_field: str, *, flag: str = "--text_field",
+              allow_null: bool = True) -> str:
+  """The string `text_field` of one JSON line (`""` for a JSON null when `allow_null`); errors
+  name `where` (file:line) and the `flag` that picks the field."""
   try:
     row = json.loads(line)
   except json.JSONDecodeError as e:
     raise ValueError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
   if not isinstance(row, dict) or text_field not in row:
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise ValueError(f"{where} has no field {text_field!r} (has {keys}); set --text_field to "
-                     "the field holding the text")
+    raise ValueError(f"{where} has no field {text_field!r} (has {keys}); set {flag} to the "
+                     "field holding the text")
   text = row[text_field]
-  if text is not None and not isinstance(text, str):
+  if not isinstance(text, str) and not (text is None and allow_null):
     raise ValueError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a "
-                     "string; set --text_field to the text field")
+                     f"string; set {flag} to the text field")
   return text or ""
 
 
@@ -263,7 +266,7 @@ def _jsonl_units(path: str, text_field: str, start: int) -> Iterator[tuple[int, 
   for unit, line in enumerate(_lines(path)):
     if unit < start:
       continue
-    yield unit, (_json_text(line, f"{path}:{unit + 1}", text_field) if line.strip() else "")
+    yield unit, (json_text(line, f"{path}:{unit + 1}", text_field) if line.strip() else "")
 
 
 def _text_units(path: str, start: int) -> Iterator[tuple[int, str]]:

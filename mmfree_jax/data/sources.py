@@ -191,18 +191,7 @@ def jsonl_documents(path: str, text_field: str) -> Iterator[str]:
   for lineno, line in _lines(path):
     if not line.strip():
       continue
-    where = f"{path}:{lineno}"
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
-    if not isinstance(row, dict) or text_field not in row:
-      keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-      raise ValueError(f"{where} has no field {text_field!r} (has {keys}); set "
-                       "--config.data.text_field to the field holding the text")
-    text = row[text_field]
-    if not isinstance(text, str):
-      raise ValueError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a "
-                       "string; set --config.data.text_field to the text field")
+    text = formats.json_text(line, f"{path}:{lineno}", text_field,
+                             flag="--config.data.text_field", allow_null=False)
     if text:
       yield text

@@ -56,6 +56,19 @@ def unsupported_dtype(*arrays, interpret=None) -> str | None:
   return None
 
 
+def check_recurrence_shapes(f, i, initial_state) -> tuple[int, int, int]:
+  """`(batch, seq, dim)` of `f, i: [batch, seq, dim]`; a ValueError for mismatched shapes or an
+  `initial_state` that is not `[batch, dim]` (the same checks as `ops.recurrence`)."""
+  if f.shape != i.shape or f.ndim != 3:
+    raise ValueError(f"recurrence expects f and i of the same shape [batch, seq, dim]; got "
+                     f"f{f.shape} and i{i.shape}")
+  batch, seq, dim = f.shape
+  if initial_state is not None and initial_state.shape != (batch, dim):
+    raise ValueError(
+        f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}")
+  return batch, seq, dim
+
+
 def largest_pow2_divisor(n: int, cap: int) -> int:
   """The largest power of two that divides n and is at most cap."""
   block = 1

@@ -195,13 +195,7 @@ def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
   Returns:
     `(h [batch, seq, dim] in i's dtype, final_state [batch, dim] fp32)`.
   """
-  if f.shape != i.shape or f.ndim != 3:
-    raise ValueError(f"recurrence expects f and i of the same shape [batch, seq, dim]; got "
-                     f"f{f.shape} and i{i.shape}")
-  batch, seq, dim = f.shape
-  if initial_state is not None and initial_state.shape != (batch, dim):
-    raise ValueError(
-        f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}")
+  batch, seq, dim = common.check_recurrence_shapes(f, i, initial_state)
   reason = common.unsupported_dtype(f, i, interpret=interpret)
   if reason is None and dim % LANES:
     reason = (f"feature dim {dim} is not a multiple of the {LANES} TPU lanes (make d_model a "
