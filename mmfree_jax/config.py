@@ -265,9 +265,6 @@ class ModelConfig:
 def validate(cfg: ml_collections.ConfigDict) -> ModelConfig:
   """Checks a whole config before any compute; returns the frozen model config."""
   model = ModelConfig.from_config(cfg.model)
-  if cfg.train.nan_policy not in NAN_POLICIES:
-    raise ValueError(f"unknown train.nan_policy {cfg.train.nan_policy!r}; choose one of "
-                     f"{NAN_POLICIES}")
   validate_data(cfg.data)
   seq_len = cfg.data.seq_len
   if model.kind == "mmfree" and model.scan_type == "chunked" and seq_len % model.chunk_size:
