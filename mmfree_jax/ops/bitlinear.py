@@ -50,6 +50,15 @@ from mmfree_jax.ops import quant
 from mmfree_jax.ops.dtypes import acc_dtype
 
 
+def _check_operands(name: str, x, kernel, dtype) -> jnp.dtype:
+  """The compute dtype (default: x's) after checking `x [..., d_in]` against `kernel
+  [d_in, d_out]`."""
+  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
+    raise ValueError(f"{name}: x {x.shape} and kernel {kernel.shape} do not match "
+                     "([..., d_in] and [d_in, d_out])")
+  return jnp.dtype(dtype or x.dtype)
+
+
 def _forward(x, kernel, norm_scale, eps, dtype):
   y, (_, codes_x, sx) = quant.bitlinear_fake_quant(x, kernel, norm_scale, eps, dtype)
   r = quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)  # CSE'd with the norm's by XLA
@@ -103,10 +112,7 @@ def bitlinear_lean(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   Returns:
     `[..., d_out]` in the compute dtype.
   """
-  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"bitlinear_lean: x {x.shape} and kernel {kernel.shape} do not match "
-                     "([..., d_in] and [d_in, d_out])")
-  dtype = jnp.dtype(dtype or x.dtype)
+  dtype = _check_operands("bitlinear_lean", x, kernel, dtype)
   return _bitlinear_lean(x, kernel, norm_scale, float(eps), dtype)
 
 
@@ -143,10 +149,7 @@ def bitlinear_int8(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   Returns:
     `[..., d_out]` in `dtype`.
   """
-  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"bitlinear_int8: x {x.shape} and kernel {kernel.shape} do not match "
-                     "([..., d_in] and [d_in, d_out])")
-  dtype = jnp.dtype(dtype or x.dtype)
+  dtype = _check_operands("bitlinear_int8", x, kernel, dtype)
   return _bitlinear_int8(x, kernel, norm_scale, float(eps), dtype)
 
 
@@ -202,10 +205,7 @@ def bitlinear_fused(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
     `codes / sx` where lean reads `xn + (codes / sx - xn)` (its STE form), at most one ulp
     apart before the cast to the compute dtype. The backward is lean's.
   """
-  if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"bitlinear_fused: x {x.shape} and kernel {kernel.shape} do not match "
-                     "([..., d_in] and [d_in, d_out])")
-  dtype = jnp.dtype(dtype or x.dtype)
+  dtype = _check_operands("bitlinear_fused", x, kernel, dtype)
   platform = platform or dispatch.kernel_platform_or_interpret("bitlinear_impl=fused")
   interpret = dispatch.interpret_mode(interpret)
   return _bitlinear_fused(x, kernel, norm_scale, float(eps), dtype, platform, interpret)
