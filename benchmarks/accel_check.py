@@ -38,6 +38,7 @@ import numpy as np
 
 from benchmarks import common, setups
 from mmfree_jax import config as config_lib
+from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import attention
 from mmfree_jax.ops import bitlinear as bitlinear_lib
 from mmfree_jax.ops import recurrence
@@ -117,8 +118,18 @@ def _check_grads(fn, ref_fn, args, dtype_name) -> dict:
           "ok": bool(fwd <= tol and bwd <= tol)}
 
 
+def attention_impls() -> list[str]:
+  """The attention implementations that are themselves here: not the alias `auto` nor the
+  reference `naive`; cudnn only on a GPU, the splash kernel on a TPU and on CPU (interpreted:
+  the smoke run checks its plumbing; on a GPU it would be XLA's under another name)."""
+  backend = dispatch.platform_of(jax.default_backend())
+  return [a for a in attention.ATTENTION_IMPLS if a not in ("auto", "naive")
+          and (a != "cudnn" or backend == "gpu") and (a != "splash" or backend != "gpu")]
+
+
 def parity(smoke: bool) -> list[dict]:
-  """Each scan_type vs `sequential`, each bitlinear_impl vs `autodiff`, on the device."""
+  """Each scan_type vs `sequential`, each bitlinear_impl vs `autodiff`, each attention_impl vs
+  `naive`, on the device."""
   rows = []
   batch, seq, dim = (2, 37, 128) if smoke else (2, 1031, 384)
   rng = np.random.default_rng(0)
@@ -154,6 +165,25 @@ def parity(smoke: bool) -> list[dict]:
         row = {"dtype": dname, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
       rows.append({"check": f"bitlinear_impl={name} vs autodiff", "shape": list(x.shape) +
                    [d_out], **row})
+    # causal attention over packed documents with grouped-query K/V, vs the naive T x T path
+    shape = (1, 128, 2, 1, 16) if smoke else (2, 2048, 8, 4, 128)  # b, t, heads, kv, head_dim
+    b, t, heads, kv_heads, hd = shape
+    q = jnp.asarray(rng.normal(size=(b, t, heads, hd)), dtype)
+    k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, hd)), dtype) for _ in range(2))
+    seg = jnp.asarray(np.repeat([[1, 2, 3]], b, 0).repeat([t // 2, t // 4, t - 3 * t // 4], 1),
+                      jnp.int32)
+    ref_attn = lambda q, k, v: attention.causal_attention(
+        *(a.astype(jnp.float32) for a in (q, k, v)), seg, impl="naive")
+    # smoke: fp32 only (each interpreted splash program costs ~7 s of CPU compile)
+    names = attention_impls() if dtype == jnp.float32 or not smoke else []
+    for name in names:
+      try:
+        row = _check_grads(
+            lambda q, k, v, name=name: attention.causal_attention(q, k, v, seg, impl=name),
+            ref_attn, (q, k, v), dname)
+      except Exception as e:
+        row = {"dtype": dname, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+      rows.append({"check": f"attention_impl={name} vs naive", "shape": list(shape), **row})
   for r in rows:
     status = "ok" if r["ok"] else "FAIL"
     detail = r.get("error") or (f"fwd {r['forward_rel_err']:.2e} grad {r['grad_rel_err']:.2e} "
@@ -172,8 +202,7 @@ def train_variants() -> list[tuple[str, str, dict]]:
          for s in scans]
   out += [(f"mmfree scan={best_scan} bitlinear={b}", "mmfree",
            {"scan_type": best_scan, "bitlinear_impl": b}) for b in impls if b != "autodiff"]
-  attn = [a for a in attention.ATTENTION_IMPLS if a != "auto"
-          and (a != "cudnn" or jax.default_backend() == "gpu")]
+  attn = attention_impls() + ["naive"]
   out += [(f"transformer attention={a}", "transformer", {"attention_impl": a}) for a in attn]
   return out
 

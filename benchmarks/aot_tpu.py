@@ -32,7 +32,10 @@ time are undercounted, so these are NOT used for the estimate), and the ESTIMATE
     HBM       = optimizer state read+written once, weights read 3x per microbatch (forward,
                 backward, remat), activations ACT_BYTES[kind] x d bytes per token per layer
                 (a hand count of the tensor passes of today's step, not a measurement), and
-                for Transformer++ the materialized T x T attention logits (XLA attention)
+                for Transformer++ its attention's traffic: with the splash kernel (what
+                `attention_impl=auto` compiles to on TPU) Q/K/V/dO re-read once per 512-block
+                by its three kernels, causal half (no T x T array); with XLA's attention the
+                materialized T x T logits
     ICI       = FSDP weight all-gathers (2 per microbatch) and gradient reduce-scatters,
                 tensor-parallel activation all-reduces (4 per layer), data-parallel gradient
                 all-reduce; ring cost bytes * (n-1)/n at half the chip's ICI bandwidth
@@ -102,6 +105,18 @@ TARGET_RATIO = 1.3
 ACT_BYTES = {"mmfree": 300, "transformer": 180}
 REMAT_RECOMPUTE = {"none": 0.0, "dots_no_batch": 1 / 3, "full": 1 / 3}
 ATTN_LOGIT_PASSES = 8  # fp32 logits/probs written and read, forward and backward (XLA path)
+# splash, bytes per token per layer per (T / block), in units of d: the forward and dq kernels
+# re-read K and V, the dkv kernel Q and dO, once per block of the other side over the causal
+# half: 3 kernels x 2 tensors x 2 bytes (bf16) / 2 (an upper bound: GQA K/V are narrower)
+SPLASH_PASSES_PER_BLOCK = 3 * 2 * 2 / 2
+
+
+def tpu_attention(model_cfg) -> str:
+  """What `model.attention_impl` runs in the step compiled for TPU at SEQ_LEN (`ops.attention`
+  resolves 'auto' from the mesh's TPU devices): 'splash', 'xla' or 'naive'."""
+  from mmfree_jax.ops import attention
+  return attention.resolve_attention_impl(model_cfg.attention_impl, model_cfg.compute_dtype,
+                                          model_cfg.head_dim, seq=SEQ_LEN, platform="tpu")
 
 
 def _code_version() -> str:
@@ -167,7 +182,11 @@ def estimate(kind: str, model_cfg, n_params: int, chip: Chip, mesh: dict, micro:
   # Tensor parallelism does not shrink a chip's activation traffic: it holds t x the rows
   # (the batch is split dp ways, not chips ways) with the sharded widths cut by t.
   act = ACT_BYTES[kind] * d * L * tokens_chip * (1 + REMAT_RECOMPUTE[remat])
-  if kind == "transformer":
+  if kind == "transformer" and tpu_attention(model_cfg) == "splash":
+    from mmfree_jax.kernels import attention_tpu
+    blocks = T / attention_tpu.block_size(T)
+    act += SPLASH_PASSES_PER_BLOCK * blocks * d * L * tokens_chip
+  elif kind == "transformer":
     heads = model_cfg.num_heads
     act += ATTN_LOGIT_PASSES * 4 * heads * T * L * tokens_chip / 2  # causal half
   act += 3 * 4 * model_cfg.vocab_size * tokens_chip  # fp32 logits fwd + bwd
@@ -262,6 +281,8 @@ def compile_point(kind: str, size: str, chip_name: str, mesh_shape: dict, micro:
                                                       "attention_impl", "dtype",
                                                       "param_dtype", "remat")
                    if hasattr(model_cfg, k)}}
+  if kind == "transformer":  # what 'auto' resolved to in this step
+    out["model"]["attention"] = tpu_attention(model_cfg)
   try:
     compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses a program that does not fit
@@ -384,7 +405,8 @@ def _prior_peak(model_cfg, n_params, mesh, rows, remat) -> float:
   state = 16 * n_params / (mesh["fsdp"] * mesh["tensor"])  # params, moments, grads (fp32)
   act = PRIOR_SAVED_BYTES[remat] * model_cfg.d_model * model_cfg.num_layers * rows * SEQ_LEN
   logits = 3 * 4 * model_cfg.vocab_size * rows * SEQ_LEN
-  if model_cfg.kind == "transformer" and remat == "none":  # saved T x T probabilities
+  if (model_cfg.kind == "transformer" and remat == "none"
+      and tpu_attention(model_cfg) != "splash"):  # saved T x T probabilities (XLA attention)
     act += 6 * model_cfg.num_layers * model_cfg.num_heads * SEQ_LEN**2 * rows
   return state + (act + logits) / mesh["tensor"]
 

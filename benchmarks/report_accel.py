@@ -112,6 +112,22 @@ def sections(res: dict) -> list[str]:
     if codes:
       lines += ["", "Compiled from code " + "; ".join(codes) + " with model choices "
                 + "; ".join(models) + "."]
+    attention = {}  # what the compiled Transformer++ steps ran, -> rows
+    for r in aot["rows"]:
+      if r["kind"] == "transformer" and r.get("fits") and r.get("key") in aot["points"]:
+        name = aot["points"][r["key"]].get("model", {}).get("attention", "pre-splash")
+        attention.setdefault(name, []).append(f"{r['size']} {r['slice']}")
+    described = {
+        "splash": "the Pallas splash attention kernel (`kernels.attention_tpu`, Mosaic; what "
+                  "`attention_impl=auto` compiles to on TPU)",
+        "xla": "XLA's `jax.nn.dot_product_attention`",
+        "pre-splash": "XLA's `jax.nn.dot_product_attention` (compiled before the TPU splash "
+                      "path existed; `attention_impl=auto` now compiles to the splash kernel: "
+                      "`--refresh` recompiles these)"}
+    if attention:
+      lines += ["", "Transformer++ attention in these compiled steps: " + "; ".join(
+          f"{described.get(k, k)}: {', '.join(v)}" for k, v in sorted(attention.items()))
+                + "."]
     if not_run:
       lines += ["", "Not compiled yet (one compile took 19-30+ minutes on this shared, loaded "
                 "2-core host; `python -m benchmarks.aot_tpu --only kind/size/chip` resumes): "

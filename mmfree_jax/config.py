@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from mmfree_jax.ops.bitlinear import BITLINEAR_IMPLS, resolve_bitlinear_impl
-from mmfree_jax.ops.attention import ATTENTION_IMPLS
+from mmfree_jax.ops.attention import ATTENTION_IMPLS, SPLASH_MIN_SEQ, resolve_attention_impl
 from mmfree_jax.ops.recurrence import SCAN_TYPES, resolve_scan_type
 
 MODEL_KINDS = ("mmfree", "transformer")
@@ -69,8 +69,9 @@ def base_model_config() -> ml_collections.ConfigDict:
       # transformer only: grouped-query K/V heads (Llama's num_key_value_heads); None = num_heads
       "num_kv_heads": config_dict.placeholder(int),
       "rope_theta": 10000.0,  # transformer only
-      # transformer only (ops.attention.ATTENTION_IMPLS): auto = cuDNN flash attention on GPU,
-      # XLA's jax.nn.dot_product_attention elsewhere; naive = the T x T reference
+      # transformer only (ops.attention.ATTENTION_IMPLS): auto = the Pallas splash attention
+      # kernel on TPU, cuDNN flash attention on GPU, XLA's jax.nn.dot_product_attention
+      # elsewhere; naive = the T x T reference
       "attention_impl": "auto",
       "use_lower_bound": True,
       "rms_norm_eps": 1e-6,
@@ -299,12 +300,24 @@ def validate_data(data_cfg) -> None:
 
 
 def describe_impls(cfg: ModelConfig, platform: str) -> str:
-  """One line naming what `model.scan_type` and `model.bitlinear_impl` run on `platform`
-  ('gpu', 'tpu' or 'cpu': `kernels.dispatch.platform_of` of the mesh's devices), for a run's
-  startup banner, e.g. "scan_type=auto -> pallas (Mosaic kernel); bitlinear_impl=auto -> fused
-  (Mosaic quantizer kernel + XLA matmul)"."""
+  """One line naming what `model.scan_type` and `model.bitlinear_impl` (MatMul-free) or
+  `model.attention_impl` (Transformer++) run on `platform` ('gpu', 'tpu' or 'cpu':
+  `kernels.dispatch.platform_of` of the mesh's devices), for a run's startup banner, e.g.
+  "scan_type=auto -> pallas (Mosaic kernel); bitlinear_impl=auto -> fused (Mosaic quantizer
+  kernel + XLA matmul)"."""
   if cfg.kind != "mmfree":
-    return "Transformer++: no recurrence, no BitLinear (scan_type/bitlinear_impl unused)"
+    attn = resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim,
+                                  platform=platform)
+    attn_what = {"cudnn": "cuDNN flash attention", "xla": "XLA attention",
+                 "naive": "T x T reference"}.get(attn)
+    if attn == "splash":
+      attn_what = {"tpu": "Pallas splash attention, Mosaic kernel",
+                   "gpu": "no GPU kernel: XLA attention"}.get(
+                       platform, "TPU kernel in Pallas interpret mode, slow")
+      if cfg.attention_impl == "auto":
+        attn_what += f"; XLA's for windows under {SPLASH_MIN_SEQ} tokens"
+    return (f"Transformer++: attention_impl={cfg.attention_impl} -> {attn} ({attn_what}) on "
+            f"{platform}; no recurrence, no BitLinear (scan_type/bitlinear_impl unused)")
   kernel = {"gpu": "Triton", "tpu": "Mosaic"}.get(platform)
   scan = resolve_scan_type(cfg.scan_type, platform)
   impl = resolve_bitlinear_impl(cfg.bitlinear_impl, platform)

@@ -45,6 +45,8 @@ def test_smoke_writes_every_section(tmp_path):
   for name in bitlinear.BITLINEAR_IMPLS:
     if name != "autodiff":
       assert (f"bitlinear_impl={name} vs autodiff", "float32") in checks
+  for name in ("xla", "splash"):  # splash interpreted on CPU
+    assert (f"attention_impl={name} vs naive", "float32") in checks
   assert all(r["ok"] for r in res["parity"]), res["parity"]
   kinds = {r["kind"] for r in res["train"] if "tokens_per_s" in r}
   assert kinds == {"mmfree", "transformer"}, res["train"]

@@ -1,5 +1,5 @@
 """Which kernel runs where: the platform names and how the registries in `ops.recurrence` and
-`ops.bitlinear` resolve them, and the sharded recurrence entry point.
+`ops.bitlinear` resolve them, and the sharded recurrence and attention entry points.
 
 Platforms are 'gpu' (Triton kernels), 'tpu' (Mosaic kernels) and 'cpu' (no kernel: the pure-JAX
 paths). `platform_of` maps a JAX backend or device platform ('cuda', 'rocm', 'tpu', 'cpu') to
@@ -15,6 +15,7 @@ import warnings
 
 import jax
 
+from mmfree_jax.kernels import attention_tpu
 from mmfree_jax.kernels import common
 from mmfree_jax.kernels import recurrence_gpu
 from mmfree_jax.kernels import recurrence_tpu
@@ -106,3 +107,16 @@ def recurrence(f, i, initial_state=None, *, platform: str, interpret=None, fallb
             else recurrence_tpu.recurrence_tpu)
   fn = lambda f, i, h0: kernel(f, i, h0, interpret=interpret, fallback=fallback)
   return sharding.recurrence(fn, f, i, initial_state)
+
+
+def attention(q, k, v, segment_ids=None, *, interpret=None, fallback=None):
+  """Causal (segment-masked) attention with the TPU splash kernel (`kernels.attention_tpu`),
+  per shard under `sharding.kernel_sharding` (batch and heads split). Shapes as in
+  `ops.attention.causal_attention`; inputs the kernel cannot take run `fallback(q, k, v,
+  segment_ids)` on the whole arrays with a one-line warning (a ValueError without one)."""
+  interpret = interpret_mode(interpret)
+  reason = attention_tpu.unsupported(q, k, v, segment_ids)
+  if reason is not None:
+    return common.fall_back("splash attention", reason, fallback, q, k, v, segment_ids)
+  fn = lambda q, k, v, s: attention_tpu.splash_attention(q, k, v, s, interpret=interpret)
+  return sharding.attention(fn, q, k, v, segment_ids)

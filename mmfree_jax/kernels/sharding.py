@@ -7,7 +7,9 @@ partitioned"), so each kernel runs per shard inside `shard_map`:
   as `(batch_axes, None, feature_axes)` and the states `[batch, dim]` as `(batch_axes,
   feature_axes)`; time stays whole, so there is no communication at all;
 - the quantizer reduces over a row: `x [..., d]` is split over its rows (`batch_axes` on the
-  leading dim) with `d` whole on every shard (a `d` sharded elsewhere is gathered first).
+  leading dim) with `d` whole on every shard (a `d` sharded elsewhere is gathered first);
+- attention over whole windows is independent per example and per head: q, k, v `[batch, seq,
+  heads, head_dim]` are split as `(batch_axes, None, feature_axes, None)`.
 
 The mesh comes from `kernel_sharding(...)` (the trainer enters it through
 `parallel.sharding.logical_sharding`) or is passed explicitly. A dimension the mesh axes do not
@@ -24,6 +26,7 @@ import math
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 Axes = str | tuple[str, ...] | None
@@ -109,3 +112,31 @@ def rowwise(fn: Callable, x: jax.Array, *replicated: jax.Array,
   return jax.shard_map(fn, mesh=sharding.mesh,
                        in_specs=(row_spec,) + tuple(P() for _ in replicated),
                        out_specs=row_spec, check_vma=False)(x, *replicated)
+
+
+def attention(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
+              segment_ids: jax.Array | None = None, *, sharding: KernelSharding | None = None):
+  """`fn(q, k, v, segment_ids) -> out` per shard for attention over whole windows: q, out
+  `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, segment_ids
+  `[batch, seq]` or None. Batch goes on `batch_axes`, heads on `feature_axes` (the projections'
+  'inner' features are the heads side by side); seq and head_dim stay whole, so there is no
+  communication. K/V heads the feature axes do not divide are repeated first, each `r` times
+  with the smallest `r` that makes them divide (query head h keeps reading the copy of its
+  K/V head `h // (heads / kv_heads)`); heads the axes do not divide are replicated."""
+  sharding = _get(sharding)
+  if sharding is None:
+    return fn(q, k, v, segment_ids)
+  mesh = sharding.mesh
+  heads, kv_heads = q.shape[2], k.shape[2]
+  b = _fit(mesh, sharding.batch_axes, q.shape[0])
+  h = _fit(mesh, sharding.feature_axes, heads)
+  if h is not None and kv_heads % _axes_size(mesh, h):
+    repeat = math.lcm(kv_heads, _axes_size(mesh, h)) // kv_heads  # divides heads // kv_heads
+    k, v = (jnp.repeat(t, repeat, axis=2) for t in (k, v))
+  spec = P(b, None, h, None)
+  if segment_ids is None:
+    body, args, in_specs = (lambda q, k, v: fn(q, k, v, None)), (q, k, v), (spec,) * 3
+  else:
+    body, args, in_specs = fn, (q, k, v, segment_ids), (spec,) * 3 + (P(b, None),)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec,
+                       check_vma=False)(*args)

@@ -1,9 +1,10 @@
 """Pure attention numerics for the Transformer++ baseline: RoPE, masks, softmax attention.
 
 The layers call `causal_attention` (training windows) and `masked_attention` (KV-cache
-decode), which dispatch on `model.attention_impl` to `jax.nn.dot_product_attention` (cuDNN
-flash attention on GPU, XLA's elsewhere); `dot_product_attention` is the naive T x T softmax
-kept as the numerics reference.
+decode), which dispatch on `model.attention_impl` to the Pallas splash attention kernel on TPU
+(`kernels.attention_tpu`, training windows) or `jax.nn.dot_product_attention` (cuDNN flash
+attention on GPU, XLA's elsewhere); `dot_product_attention` is the naive T x T softmax kept as
+the numerics reference.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
+from mmfree_jax.kernels import common as kernel_common
+from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops.dtypes import acc_dtype
 
 
@@ -72,25 +75,40 @@ def dot_product_attention(q, k, v, mask) -> jax.Array:
 
 
 # `model.attention_impl`: how the Transformer++ runs softmax attention.
-#   auto   cuDNN flash attention on a GPU when it takes the inputs (bf16/fp16, head_dim a
-#          multiple of 8 up to 128), XLA's attention (`jax.nn.dot_product_attention`)
-#          elsewhere, the naive path for float64 (jax.nn's softmax runs in fp32)
-#   xla    `jax.nn.dot_product_attention(implementation='xla')`
-#   cudnn  `jax.nn.dot_product_attention(implementation='cudnn')` (GPU only)
-#   naive  `dot_product_attention` below: the numerics reference of the tests
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "naive")
+#   auto    on a TPU the splash kernel for training windows of fp32/bf16 and at least
+#           SPLASH_MIN_SEQ tokens; on a GPU cuDNN flash attention when it takes the inputs
+#           (bf16/fp16, head_dim a multiple of 8 up to 128); XLA's attention
+#           (`jax.nn.dot_product_attention`) elsewhere; the naive path for float64 (jax.nn's
+#           softmax runs in fp32)
+#   xla     `jax.nn.dot_product_attention(implementation='xla')`
+#   cudnn   `jax.nn.dot_product_attention(implementation='cudnn')` (GPU only)
+#   splash  the Pallas splash attention kernel (`kernels.attention_tpu`; TPU: compiled, CPU:
+#           interpreted, for tests; GPU: XLA's with a warning). Training windows only: the
+#           KV-cache path runs XLA's
+#   naive   `dot_product_attention` below: the numerics reference of the tests
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash", "naive")
+# One 128-token block: a shorter window has no masked block to skip, and padding it to a
+# block would mostly compute padding, so `auto` leaves it to XLA.
+SPLASH_MIN_SEQ = 128
 
 
-def resolve_attention_impl(impl: str, dtype, head_dim: int) -> str:
-  """The implementation `impl` names on this backend for these inputs (see ATTENTION_IMPLS)."""
+def resolve_attention_impl(impl: str, dtype, head_dim: int, *, seq: int | None = None,
+                           platform: str | None = None) -> str:
+  """The implementation `impl` names for these inputs (see ATTENTION_IMPLS) on `platform`
+  ('gpu', 'tpu' or 'cpu'; None = `kernels.dispatch.current_platform()`, which sees an AOT
+  target's TPU mesh from a CPU host). `seq` None: a training window of any length."""
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"unknown model.attention_impl {impl!r}; choose one of {ATTENTION_IMPLS}")
   if impl != "auto":
     return impl
+  platform = platform or dispatch.current_platform()
   dtype = jnp.dtype(dtype)
   if dtype == jnp.float64:
     return "naive"
-  if (jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+  if (platform == "tpu" and dtype in (jnp.float32, jnp.bfloat16)
+      and (seq is None or seq >= SPLASH_MIN_SEQ)):
+    return "splash"
+  if (platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
       and head_dim % 8 == 0 and head_dim <= 128):
     return "cudnn"
   return "xla"
@@ -107,18 +125,33 @@ def causal_attention(q, k, v, segment_ids=None, *, impl: str = "auto") -> jax.Ar
   Returns:
     `[batch, seq, heads, head_dim]` in q's dtype.
   """
-  resolved = resolve_attention_impl(impl, q.dtype, q.shape[-1])
+  resolved = resolve_attention_impl(impl, q.dtype, q.shape[-1], seq=q.shape[1])
   if resolved == "naive":
     batch, seq = q.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
     mask = causal_mask(pos, pos, None, segment_ids, segment_ids)
     return dot_product_attention(q, repeat_kv(k, q.shape[2]), repeat_kv(v, q.shape[2]), mask)
+  if resolved == "splash":
+    return _splash_attention(q, k, v, segment_ids)
   # Causal by index within a window equals causal by in-document position (documents are
   # contiguous runs and the segment mask removes every cross-document pair).
   mask = None
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
   return _jax_nn_attention(q, k, v, mask, True, resolved, explicit=impl == "cudnn")
+
+
+def _splash_attention(q, k, v, segment_ids):
+  """The splash kernel where it runs (TPU; CPU interpreted, with the dispatcher's warning);
+  XLA's attention, with a warning, on a GPU and for inputs the kernel cannot take."""
+  fallback = lambda q, k, v, s: causal_attention(
+      q, k, v, s, impl="naive" if q.dtype == jnp.float64 else "xla")
+  if dispatch.kernel_platform_or_interpret("attention_impl=splash") != "tpu":
+    warnings.warn("model.attention_impl='splash' is a TPU (Mosaic) kernel; running XLA's "
+                  "attention on this GPU (use 'auto' or 'cudnn')",
+                  kernel_common.KernelFallbackWarning, stacklevel=3)
+    return fallback(q, k, v, segment_ids)
+  return dispatch.attention(q, k, v, segment_ids, fallback=fallback)
 
 
 def masked_attention(q, k, v, mask, *, impl: str = "auto") -> jax.Array:
@@ -154,3 +187,4 @@ def repeat_kv(t: jax.Array, heads: int) -> jax.Array:
   `[j * group, (j + 1) * group)` (Llama's `repeat_kv`)."""
   kv_heads = t.shape[2]
   return t if kv_heads == heads else jnp.repeat(t, heads // kv_heads, axis=2)
+
