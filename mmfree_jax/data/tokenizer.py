@@ -10,6 +10,15 @@ Spec strings (`data.tokenizer`):
 `<|endoftext|>` in a document is encoded as ordinary text), so an EOS id in a token stream
 always marks a real document end. `encode_document` adds them: `[bos] + encode(text) + [eos]`
 (bos only where the tokenizer has one: sentencepiece, some HF files).
+
+Encode backends of byte-level BPE (`bpe:` and GPT-2-style `hf:` files). `tokenizers` is the
+reference; `tiktoken` encodes the same ids several times faster single-threaded (what
+`prepare` runs per process). A tokenizer is encoded with tiktoken only when it is provably
+equivalent (`tiktoken_ranks`: ByteLevel GPT-2 regex, no normalizer, a plain BPE whose merge
+order follows the token ids, every vocabulary token reachable the way tiktoken reaches it);
+anything else stays on `tokenizers`, and so does decoding. `MMFREE_TOKENIZER_BACKEND=tokenizers`
+forces the reference (`tiktoken` demands the fast path). The fingerprint names the vocabulary,
+never the backend: both give identical ids (tests/test_tokenizer_fast.py).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import functools
 import logging
 import os
 from typing import Callable, Iterable, Sequence
@@ -53,6 +63,12 @@ BPE_TRAIN_MAX_CHARS = 200_000_000  # BPE learns from at most this much text (the
 _HF_EOS = (EOS_TOKEN, "</s>", "<|end_of_text|>", "<eos>")
 _HF_BOS = ("<s>", "<|begin_of_text|>", "<bos>")
 _HF_PAD = (PAD_TOKEN, "<pad>")
+BACKEND_ENV = "MMFREE_TOKENIZER_BACKEND"
+# auto: tiktoken where exact, else tokenizers; tiktoken: fail unless exact; tokenizers: always.
+BACKENDS = ("auto", "tiktoken", "tokenizers")
+# The GPT-2 split regex of the `tokenizers` ByteLevel pre-tokenizer (use_regex=True), verbatim.
+BYTELEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+                     r"|\s+")
 
 
 class Tokenizer:
@@ -65,6 +81,8 @@ class Tokenizer:
     bos_id: id starting every document, or None (byte, byte-level BPE).
     pad_id: id used for padding (masked out of the loss by segment id 0).
     fingerprint: a string identifying the exact vocabulary (keys token caches).
+    backend: the library encoding text ("python", "tiktoken", "tokenizers",
+      "sentencepiece"); never part of the fingerprint (every backend gives the same ids).
   """
 
   spec: str
@@ -73,6 +91,7 @@ class Tokenizer:
   bos_id: int | None
   pad_id: int
   fingerprint: str
+  backend: str = "python"
 
   def encode(self, text: str) -> list[int]:
     """Ids of text, without special tokens."""
@@ -140,9 +159,13 @@ class ByteTokenizer(Tokenizer):
 
 
 class HFTokenizer(Tokenizer):
-  """A `tokenizers.Tokenizer` (byte-level BPE we trained, or a user's tokenizer.json)."""
+  """A `tokenizers.Tokenizer` (byte-level BPE we trained, or a user's tokenizer.json).
 
-  def __init__(self, tok, spec: str):
+  Encodes with tiktoken where that gives the same ids (module docstring); `backend` says
+  which one runs ("tiktoken" or "tokenizers"), `backend_reason` why tiktoken does not.
+  """
+
+  def __init__(self, tok, spec: str, backend: str | None = None):
     self._tok = tok
     # Text spelling a special token stays ordinary text: EOS only comes from encode_document.
     tok.encode_special_tokens = True
@@ -157,8 +180,48 @@ class HFTokenizer(Tokenizer):
     pad = _first_id(tok, _HF_PAD)
     self.pad_id = self.eos_id if pad is None else pad
     self.fingerprint = "hf-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
+    self._requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+    if self._requested not in BACKENDS:
+      raise ValueError(f"tokenizer backend {self._requested!r} (from {BACKEND_ENV} or the "
+                       f"backend argument) is not one of {BACKENDS}")
+    self._core = None  # the tiktoken encoder, built on first use (decode-only users skip it)
+    self._resolved = self._requested == "tokenizers"
+    self._reason = f"{BACKEND_ENV}=tokenizers" if self._resolved else None
+    if self._requested == "tiktoken":
+      self._resolve()  # fails now, naming why, rather than at the first encode
 
   file_name = "tokenizer.json"
+
+  @property
+  def backend(self) -> str:
+    """"tiktoken" or "tokenizers": what `encode` runs."""
+    self._resolve()
+    return "tokenizers" if self._core is None else "tiktoken"
+
+  @property
+  def backend_reason(self) -> str | None:
+    """Why encode runs on `tokenizers` (None when it runs on tiktoken)."""
+    self._resolve()
+    return self._reason
+
+  def _resolve(self) -> None:
+    if self._resolved:
+      return
+    self._resolved = True
+    try:
+      self._core = tiktoken_core(self._tok, self.fingerprint)
+    except NotConvertible as e:
+      self._reason = str(e)
+      if self._requested == "tiktoken":
+        raise ValueError(f"tokenizer {self.spec!r} cannot be encoded with tiktoken exactly: "
+                         f"{e}; unset {BACKEND_ENV} (or set it to auto) to use tokenizers") from None
+      log.info("tokenizer %s encodes with `tokenizers`: %s", self.spec, e)
+
+  def __getstate__(self):  # tiktoken's core does not pickle; a copy rebuilds it on first use
+    state = dict(self.__dict__)
+    if state["_requested"] != "tokenizers":
+      state.update(_core=None, _resolved=False, _reason=None)
+    return state
 
   def save(self, folder: str) -> str:
     path = os.path.join(folder, self.file_name)
@@ -166,10 +229,133 @@ class HFTokenizer(Tokenizer):
     return path
 
   def _encode_batch(self, texts):
+    self._resolve()
+    if self._core is None:
+      return self._hf_encode(texts)
+    out = []
+    for text in texts:
+      try:
+        out.append(self._core.encode_ordinary(text))
+      except UnicodeEncodeError:  # lone surrogates: tokenizers' own error, not tiktoken's U+FFFD
+        out += self._hf_encode([text])
+    return out
+
+  def _hf_encode(self, texts):
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def _decode(self, ids):
     return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class NotConvertible(ValueError):
+  """A `tokenizers` tokenizer whose ids tiktoken would not reproduce exactly (says why)."""
+
+
+@functools.lru_cache(maxsize=1)
+def bytelevel_alphabet() -> dict[str, int]:
+  """GPT-2's byte-level alphabet: the printable character standing for each byte, -> byte."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]
+  chars, n = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + n)] = b
+      n += 1
+  return chars
+
+
+_POST_PROCESSORS = ("ByteLevel", "TemplateProcessing", "RobertaProcessing", "BertProcessing")
+
+
+def _check_structure(cfg: dict) -> None:
+  """Raises NotConvertible unless the pipeline is GPT-2's: ByteLevel regex split, plain BPE."""
+  def need(ok, why):
+    if not ok:
+      raise NotConvertible(why)
+  need(cfg.get("normalizer") is None,
+       f"it has a normalizer ({(cfg.get('normalizer') or {}).get('type')})")
+  pre = cfg.get("pre_tokenizer") or {}
+  if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
+    pre = pre["pretokenizers"][0]
+  need(pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+       and not pre.get("add_prefix_space", False),
+       f"its pre-tokenizer is not ByteLevel(use_regex=True, add_prefix_space=False): {pre}")
+  post = cfg.get("post_processor") or {"type": "Sequence", "processors": []}
+  posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+  need(all(p.get("type") in _POST_PROCESSORS for p in posts),
+       f"unknown post-processor {post.get('type')}")
+  need(cfg.get("truncation") is None and cfg.get("padding") is None,
+       "it truncates or pads encodings")
+  model = cfg.get("model") or {}
+  need(model.get("type") == "BPE", f"its model is {model.get('type')}, not BPE")
+  for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
+    need(not model.get(key), f"its BPE sets {key}={model.get(key)!r}")
+  for key in ("byte_fallback", "ignore_merges"):
+    need(not model.get(key), f"its BPE sets {key}")
+  # Added tokens are skipped by encode only when special (encode_special_tokens); a
+  # non-special one is still cut out of the text, which tiktoken would not do.
+  plain = [t["content"] for t in cfg.get("added_tokens", []) if not t.get("special")]
+  need(not plain, f"it has non-special added tokens {plain[:3]} (matched inside text)")
+
+
+def tiktoken_ranks(tok) -> dict[bytes, int]:
+  """tiktoken's `mergeable_ranks` for a byte-level BPE `tokenizers.Tokenizer` (rank = id).
+
+  Exact (same ids as `tok.encode` on every text, given the same regex splits) when, as
+  checked here, the merges' result ids increase with merge priority (tiktoken ranks pairs by
+  the id of their concatenation). Only R, the tokens that BPE of their own bytes gives back
+  whole (`tok.model.tokenize`), enter the ranks: a token formed anywhere is formed by the same
+  merges as alone (merges inside its span compete only with each other), so nothing outside R
+  is ever formed, and tiktoken's shortcut (a piece found in the ranks is returned whole) agrees.
+  Merging any adjacent pair whose concatenation is in R is also what `tokenizers` does: if x
+  and y are ever adjacent with x + y = t in R, BPE of t alone passes through [x, y] (same
+  merges) and ends at [t], so (x, y) is t's merge (unique: the ids increase strictly).
+  Trained BPEs (ours, GPT-2) pass. Raises NotConvertible naming the first violation.
+  """
+  cfg = json.loads(tok.to_str())
+  _check_structure(cfg)
+  model = cfg["model"]
+  vocab: dict[str, int] = model["vocab"]
+  alphabet = bytelevel_alphabet()
+  missing = [c for c in alphabet if c not in vocab]
+  if missing:
+    raise NotConvertible(f"its vocabulary lacks {len(missing)} of the 256 byte symbols")
+  reachable: dict[str, int] = {}
+  for text, token_id in vocab.items():
+    if all(c in alphabet for c in text):
+      got = tok.model.tokenize(text)
+      if len(got) == 1 and got[0].id == token_id:
+        reachable[text] = token_id
+  last = -1
+  for merge in model["merges"]:
+    left, right = merge.split(" ") if isinstance(merge, str) else merge
+    token_id = reachable.get(left + right)
+    if token_id is None:
+      continue  # never applied: its result is never formed
+    if token_id <= last:
+      raise NotConvertible(f"merge {left!r} + {right!r} -> id {token_id} comes after a merge "
+                           f"giving id {last}: merge priority does not follow the ids")
+    last = token_id
+  return {bytes(alphabet[c] for c in text): i for text, i in reachable.items()}
+
+
+def tiktoken_core(tok, name: str):
+  """A `tiktoken.Encoding` equal to `tok`'s encoder (see tiktoken_ranks), or NotConvertible."""
+  try:
+    import tiktoken  # pylint: disable=g-import-not-at-top
+  except ModuleNotFoundError:
+    raise NotConvertible("tiktoken is not installed (`pip install tiktoken`)") from None
+  ranks = tiktoken_ranks(tok)
+  encoding = tiktoken.Encoding(f"mmfree-{name}", pat_str=BYTELEVEL_PATTERN,
+                               mergeable_ranks=ranks, special_tokens={})
+  # The core itself: Encoding.encode_ordinary turns lone surrogates into U+FFFD, where
+  # tokenizers refuses the text; _encode_batch hands those texts to tokenizers.
+  core = getattr(encoding, "_core_bpe", None)
+  if core is None:
+    raise NotConvertible(f"tiktoken {tiktoken.__version__} has no Encoding._core_bpe")
+  return core
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -191,6 +377,7 @@ class SentencePieceTokenizer(Tokenizer):
     self.fingerprint = "spm-" + hashlib.sha256(proto).hexdigest()[:16]
 
   file_name = "tokenizer.model"
+  backend = "sentencepiece"
 
   def save(self, folder: str) -> str:
     path = os.path.join(folder, self.file_name)
