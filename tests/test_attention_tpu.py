@@ -159,3 +159,24 @@ def test_tpu_compile_of_transformer_step_with_splash(tpu_devices):
   for name in attention_tpu.KERNEL_NAMES:
     assert f"{name}_segmented" in text, name
   assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_tpu_compile_of_gqa_splash_under_shard_map(tpu_devices):
+  """Grouped-query K/V on the tensor axis: 4 query heads on 1 K/V head, tensor=2 (K/V repeated
+  to 2 heads, one per shard), bf16, forward and backward compiled for v5e:2x2."""
+  mesh = _tpu_mesh(tpu_devices)
+  spec = lambda shape, heads: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=jax.NamedSharding(
+      mesh, jax.P(("data", "fsdp"), None, heads, None)))
+  ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=jax.NamedSharding(
+      mesh, jax.P(("data", "fsdp"), None)))
+
+  def loss(q, k, v, segment_ids):
+    with kernel_sharding.kernel_sharding(mesh):
+      out = attention.causal_attention(q, k, v, segment_ids)  # auto: splash from the mesh
+    return jnp.sum(out.astype(jnp.float32))
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  kv = spec((4, 256, 1, 64), None)
+  text = grads.lower(spec((4, 256, 4, 64), "tensor"), kv, kv, ids).compile().as_text()
+  for name in attention_tpu.KERNEL_NAMES:
+    assert f"{name}_segmented" in text, name
