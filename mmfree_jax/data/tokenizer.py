@@ -23,10 +23,11 @@ never the backend: both give identical ids (tests/test_tokenizer_fast.py).
 
 from __future__ import annotations
 
+from concurrent import futures
+import functools
 import hashlib
 import importlib.resources
 import json
-import functools
 import logging
 import os
 from typing import Callable, Iterable, Sequence
@@ -214,7 +215,8 @@ class HFTokenizer(Tokenizer):
       self._reason = str(e)
       if self._requested == "tiktoken":
         raise ValueError(f"tokenizer {self.spec!r} cannot be encoded with tiktoken exactly: "
-                         f"{e}; unset {BACKEND_ENV} (or set it to auto) to use tokenizers") from None
+                         f"{e}; unset {BACKEND_ENV} (or set it to auto) to use tokenizers"
+                         ) from None
       log.info("tokenizer %s encodes with `tokenizers`: %s", self.spec, e)
 
   def __getstate__(self):  # tiktoken's core does not pickle; a copy rebuilds it on first use
@@ -232,13 +234,20 @@ class HFTokenizer(Tokenizer):
     self._resolve()
     if self._core is None:
       return self._hf_encode(texts)
-    out = []
-    for text in texts:
-      try:
-        out.append(self._core.encode_ordinary(text))
-      except UnicodeEncodeError:  # lone surrogates: tokenizers' own error, not tiktoken's U+FFFD
-        out += self._hf_encode([text])
-    return out
+    # As many threads as tokenizers' encode_batch would use (RAYON_NUM_THREADS, else every
+    # allowed core); tiktoken releases the GIL. A pool per call: nothing to carry over a fork.
+    threads = min(len(texts), int(os.environ.get("RAYON_NUM_THREADS") or 0)
+                  or len(os.sched_getaffinity(0)))
+    if threads <= 1:
+      return [self._encode_one(text) for text in texts]
+    with futures.ThreadPoolExecutor(threads) as pool:
+      return list(pool.map(self._encode_one, texts))
+
+  def _encode_one(self, text: str) -> list[int]:
+    try:
+      return self._core.encode_ordinary(text)
+    except UnicodeEncodeError:  # lone surrogates: tokenizers' own error, not tiktoken's U+FFFD
+      return self._hf_encode([text])[0]
 
   def _hf_encode(self, texts):
     return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
@@ -264,6 +273,23 @@ def bytelevel_alphabet() -> dict[str, int]:
       chars[chr(256 + n)] = b
       n += 1
   return chars
+
+
+@functools.lru_cache(maxsize=1)
+def _to_latin1() -> dict[int, str]:
+  # str.translate table: alphabet character -> the latin-1 character of its byte; any other
+  # character below 256 -> U+FFFF, so that only byte-level strings encode as latin-1.
+  table = {c: "\uffff" for c in range(256)}
+  table.update({ord(c): chr(b) for c, b in bytelevel_alphabet().items()})
+  return table
+
+
+def bytelevel_bytes(text: str) -> bytes | None:
+  """The bytes a byte-level token string stands for; None if it is not byte-level."""
+  try:
+    return text.translate(_to_latin1()).encode("latin-1")
+  except UnicodeEncodeError:
+    return None
 
 
 _POST_PROCESSORS = ("ByteLevel", "TemplateProcessing", "RobertaProcessing", "BertProcessing")
@@ -322,23 +348,24 @@ def tiktoken_ranks(tok) -> dict[bytes, int]:
   missing = [c for c in alphabet if c not in vocab]
   if missing:
     raise NotConvertible(f"its vocabulary lacks {len(missing)} of the 256 byte symbols")
-  reachable: dict[str, int] = {}
+  reachable: dict[str, tuple[bytes, int]] = {}
   for text, token_id in vocab.items():
-    if all(c in alphabet for c in text):
+    raw = bytelevel_bytes(text)
+    if raw is not None:
       got = tok.model.tokenize(text)
       if len(got) == 1 and got[0].id == token_id:
-        reachable[text] = token_id
+        reachable[text] = raw, token_id
   last = -1
   for merge in model["merges"]:
     left, right = merge.split(" ") if isinstance(merge, str) else merge
-    token_id = reachable.get(left + right)
-    if token_id is None:
+    if left + right not in reachable:
       continue  # never applied: its result is never formed
+    token_id = reachable[left + right][1]
     if token_id <= last:
       raise NotConvertible(f"merge {left!r} + {right!r} -> id {token_id} comes after a merge "
                            f"giving id {last}: merge priority does not follow the ids")
     last = token_id
-  return {bytes(alphabet[c] for c in text): i for text, i in reachable.items()}
+  return dict(reachable.values())
 
 
 def tiktoken_core(tok, name: str):
