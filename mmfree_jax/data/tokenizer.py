@@ -73,7 +73,8 @@ BYTELEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N
 
 
 class Tokenizer:
-  """Text <-> int ids. Subclasses implement `_encode_batch`, `_decode` and set the fields.
+  """Text <-> int ids. Subclasses implement `_encode_batch` (new lists, which the caller may
+  modify), `_decode` and set the fields.
 
   Attributes:
     spec: the spec string it was made from.
@@ -122,7 +123,12 @@ class Tokenizer:
     return None
 
   def _wrap(self, ids: list[int]) -> list[int]:
-    return ([self.bos_id] if self.bos_id is not None else []) + ids + [self.eos_id]
+    # In place (ids is always a fresh list from _encode_batch): list concatenation would copy
+    # every document twice, ~10% of prepare's time per token on the tiktoken backend.
+    if self.bos_id is not None:
+      ids.insert(0, self.bos_id)
+    ids.append(self.eos_id)
+    return ids
 
   def _encode_batch(self, texts: list[str]) -> list[list[int]]:
     raise NotImplementedError
