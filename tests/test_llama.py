@@ -139,8 +139,9 @@ def test_gqa_kv_cache_holds_kv_heads_and_decodes_like_the_full_forward(tmp_path)
   llama.import_llama(src, workdir, dtype="float64")
   with jax.enable_x64(True):
     model, _, _ = loading.load_model(workdir)
-    state = model.init_state(2, 16)
-    assert state.k.shape == (2, 2, 16, 2, 16)  # [layers, batch, max_len, kv_heads, head_dim]
+    state = model.init_state(2, 24)
+    # per layer: k, v [batch * kv_heads, head_dim, max_len]
+    assert [a.shape for a in state.k + state.v] == [(4, 16, 24)] * 4
 
     @nnx.jit
     def prefill_then_decode(model, state):

@@ -158,13 +158,29 @@ class SwiGLU(nnx.Module):
     return self.down_proj(jax.nn.silu(gate) * up)
 
 
+def kv_cache_shape(batch: int, max_len: int, kv_heads: int, head_dim: int) -> tuple:
+  """The shape of one layer's K cache and of its V cache: `[batch * kv_heads, head_dim,
+  max_len]`, row `b * kv_heads + j` = batch row b, K/V head j; `[head_dim, max_len]` when
+  there is a single row (batch 1, one K/V head).
+
+  Heads-major with positions on the minor axis, so a decode step streams every cached byte
+  once, in long contiguous rows: both attention matmuls (`ops.attention.kv_cache_attention`)
+  then run at close to copy bandwidth on XLA:CPU, ~1.4x faster than with `[max_len,
+  head_dim]` rows (measured). The batch and head axes are fused, and a size-1 one dropped,
+  because XLA:CPU's dot does so, and any reshape between the in-place update and the dot costs
+  a full copy of the layer's cache at every token (seen in the optimized HLO).
+  """
+  rows = batch * kv_heads
+  return ((rows,) if rows > 1 else ()) + (head_dim, max_len)
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with RoPE, grouped K/V heads and an optional KV cache.
 
-  `x [batch, seq, d]` → `[batch, seq, d]`; with a cache `(k, v) [batch, max_len, kv_heads,
-  head_dim]` the new keys/values are written at `cache_index` and the updated cache returned.
-  With `num_kv_heads < num_heads` query head h attends with K/V head `h // (heads /
-  kv_heads)` (Llama's `repeat_kv`); the cache holds only the kv_heads.
+  `x [batch, seq, d]` → `[batch, seq, d]`; with a cache (`kv_cache_shape`) the new
+  keys/values are written at `cache_index` and the updated cache returned. With
+  `num_kv_heads < num_heads` query head h attends with K/V head `h // (heads / kv_heads)`
+  (Llama's `repeat_kv`); the cache holds only the kv_heads.
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -187,7 +203,8 @@ class Attention(nnx.Module):
       x: `[batch, seq, d]`.
       positions: `[batch, seq]` int, RoPE positions (restart at each document when packed).
       segment_ids: `[batch, seq]` document ids (attention stays inside a document) or None.
-      cache: `(k, v)`, each `[batch, max_len, kv_heads, head_dim]`, or None.
+      cache: `(k, v)`, each `[batch * kv_heads, head_dim, max_len]` (`kv_cache_shape`), or
+        None.
       cache_index: scalar int, number of tokens already in the cache.
     Returns:
       y `[batch, seq, d]`, updated cache (or None).
@@ -205,13 +222,13 @@ class Attention(nnx.Module):
       new_cache = None
     else:
       k_cache, v_cache = cache
-      k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype),
-                                                    cache_index, axis=1)
-      v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype),
-                                                    cache_index, axis=1)
-      key_pos = jnp.broadcast_to(jnp.arange(k_cache.shape[1]), (batch, k_cache.shape[1]))
-      mask = attn_lib.causal_mask(positions, key_pos, cache_index + seq)
-      out = attn_lib.masked_attention(q, k_cache.astype(q.dtype), v_cache.astype(q.dtype),
-                                      mask, impl=impl)
+      # Only the `seq` new positions move; the update is in place on the loop-carried (or
+      # donated) buffer, which the attention then reads as stored.
+      to_cache = lambda t: t.transpose(0, 2, 3, 1).reshape(k_cache.shape[:-1] + (seq,))
+      k_cache = jax.lax.dynamic_update_slice_in_dim(
+          k_cache, to_cache(k).astype(k_cache.dtype), cache_index, axis=-1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(
+          v_cache, to_cache(v).astype(v_cache.dtype), cache_index, axis=-1)
+      out = attn_lib.kv_cache_attention(q, k_cache, v_cache, positions, cache_index + seq)
       new_cache = (k_cache, v_cache)
     return self.o_proj(out.reshape(batch, seq, heads * head_dim)), new_cache

@@ -30,10 +30,16 @@ class RecurrentState(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """Transformer++ decoding state: `k, v [layers, batch, max_len, kv_heads, head_dim]`, and
-  `index`, the int32 number of positions already filled."""
-  k: jax.Array
-  v: jax.Array
+  """Transformer++ decoding state: one array per layer in `k` and in `v`, each `[batch *
+  kv_heads, head_dim, max_len]` (`layers.kv_cache_shape`: heads-major, positions minor; no
+  row axis for batch 1 with one K/V head), and `index`, the int32 number of positions
+  already filled.
+
+  Per-layer arrays rather than one stacked `[layers, ...]` array: XLA slices a layer out of a
+  stacked array with a copy, so every decode step would move the whole cache once more.
+  """
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   index: jax.Array
 
 
@@ -250,13 +256,35 @@ class TransformerLM(_LMBase):
     self.lm_head = layers.Dense(d, cfg.vocab_size, axes=("embed", "vocab"),
                                 kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
                                 param_dtype=dtype, rngs=rngs)
+    self.frozen_layers = None  # one block per layer once `freeze_weights` ran
+
+  def freeze_weights(self) -> None:
+    """Inference only, in place: slices the stacked blocks into one block per layer once
+    (`layer_blocks`) for the KV-cache path. XLA copies a layer's weights out of the stacked
+    arrays wherever it slices them, so without this every decode step copies every weight;
+    outputs are unchanged. Generation calls it on its own copy, before its decode loop."""
+    if self.frozen_layers is None:
+      self.frozen_layers = nnx.data(nnx.List(layer_blocks(self.blocks)))
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
     cfg = self.cfg
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads or cfg.num_heads, cfg.head_dim)
-    zeros = jnp.zeros(shape, cfg.compute_dtype)
-    return KVCache(zeros, zeros, jnp.zeros((), jnp.int32))
+    shape = layers.kv_cache_shape(batch, max_len, cfg.num_kv_heads or cfg.num_heads,
+                                  cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers))
+    return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32))
+
+  def _check_state(self, state: KVCache, batch: int) -> None:
+    """The cache must be one `init_state(batch, max_len)` makes (shapes are static)."""
+    cfg = self.cfg
+    shapes = [tuple(a.shape) for a in state.k + state.v]
+    max_len = shapes[0][-1] if shapes and shapes[0] else 0
+    want = layers.kv_cache_shape(batch, max_len, cfg.num_kv_heads or cfg.num_heads,
+                                 cfg.head_dim)
+    if (len(state.k), len(state.v)) != (cfg.num_layers,) * 2 or any(s != want for s in shapes):
+      raise ValueError(f"KV cache of {len(state.k)} layers of {shapes[:1]} does not fit this "
+                       f"model ({cfg.num_layers} layers of {want} at batch {batch}); make it "
+                       f"with model.init_state({batch}, max_len)")
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                state: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
@@ -265,6 +293,8 @@ class TransformerLM(_LMBase):
     if state is not None and segment_ids is not None:
       raise ValueError("segment_ids (packed training windows) cannot be combined with a KV "
                        "cache; decode one document per row")
+    if state is not None:
+      self._check_state(state, tokens.shape[0])
     x = self.embed_tokens(tokens)
     batch, seq = tokens.shape
     if segment_ids is not None:
@@ -278,12 +308,18 @@ class TransformerLM(_LMBase):
       return block(x, positions, segment_ids=segment_ids, cache=layer_cache,
                    cache_index=cache_index)
 
-    layer_caches = None if state is None else (state.k, state.v)
-    x, new_caches = scan_blocks(self.blocks, x, layer_caches, body, self.cfg.remat)
-    logits = self.lm_head(self.final_norm(x))
     new_state = None
-    if state is not None:
-      new_state = KVCache(new_caches[0], new_caches[1], state.index + seq)
+    if state is None:
+      x, _ = scan_blocks(self.blocks, x, None, body, self.cfg.remat)
+    else:  # prefill and decode: layers unrolled, each updating its own cache in place
+      new_k, new_v = [], []
+      blocks = self.frozen_layers or layer_blocks(self.blocks)
+      for block, k, v in zip(blocks, state.k, state.v, strict=True):
+        x, (k, v) = body(block, x, (k, v))
+        new_k.append(k)
+        new_v.append(v)
+      new_state = KVCache(tuple(new_k), tuple(new_v), state.index + seq)
+    logits = self.lm_head(self.final_norm(x))
     return constrain(logits, ("batch", "seq", "vocab")), new_state
 
 
