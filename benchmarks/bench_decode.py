@@ -10,6 +10,12 @@ tokens (the step's cost does not depend on the cached values, and a 32k-token pr
 what is measured). The MatMul-free state is the same size at any context (the compiled loop
 is the same program); it is timed at each context anyway.
 
+The Transformer++ runs as `generate` runs it: its weights frozen once per loop
+(`freeze_weights`: one block per layer, so steps do not slice the stacked weights), and its
+cache donated and carried from call to call, so the loop updates it in place. Its row
+records `cache_moves_in_hlo`: copies and transposes of a cache-sized array in the optimized
+HLO of the loop (0 = every step reads the cache where it lies and writes one position).
+
 Also `mmfree_exported`: the same MatMul-free model exported once with
 `packed_model.export_packed(fmt='float32')` (ternary codes as fp32 + one scale per matrix),
 the inference form that does not re-quantize the latent weights at every token, and
@@ -23,6 +29,7 @@ for what a step of `generate` pays for.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -46,22 +53,53 @@ def _tree_bytes(tree) -> int:
   return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
-def model_decode_loop(model, steps: int):
-  """`loop(params, tokens [B,1], state) -> (tokens, state)`: `steps` greedy decode steps."""
+def model_decode_loop(model, steps: int, *, freeze: bool = False, donate_state: bool = False):
+  """`loop(params, tokens [B,1], state) -> (tokens, state)`: `steps` greedy decode steps.
+
+  freeze: call `model.freeze_weights()` (where it has one) once per loop, before the steps,
+  as `generate` does. donate_state: the state argument is donated (updated in place; pass
+  the returned state to the next call).
+  """
   graphdef, params = nnx.split(model)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(2,) if donate_state else ())
   def loop(params, tokens, state):
+    model = nnx.merge(graphdef, params)
+    if freeze and hasattr(model, "freeze_weights"):
+      model.freeze_weights()
+    step_graphdef, step_params = nnx.split(model)
+
     def body(_, carry):
       tokens, state, params = carry
       params = jax.lax.optimization_barrier(params)
-      logits, state = mmfree_jax.decode(nnx.merge(graphdef, params), tokens, state)
+      logits, state = mmfree_jax.decode(nnx.merge(step_graphdef, params), tokens, state)
       tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
       return tokens, state, params
-    tokens, state, _ = jax.lax.fori_loop(0, steps, body, (tokens, state, params))
+    tokens, state, _ = jax.lax.fori_loop(0, steps, body, (tokens, state, step_params))
     return tokens, state
 
   return loop, params
+
+
+def cache_moves(hlo_text: str, max_len: int) -> list[str]:
+  """The copy and transpose instructions of an optimized HLO whose result has a `max_len`
+  axis: what a decode step spends moving (rather than reading) its KV cache."""
+  return [line.strip() for line in hlo_text.splitlines()
+          if re.search(r"= \S+ (copy|transpose)\(", line)
+          and re.search(rf"[\[,]{max_len}[\],]", line.split("(")[0])]
+
+
+def _carried(compiled, params, tokens, state, context: int):
+  """A thunk that runs a donating loop and keeps its returned state for the next call, with
+  `index` reset to `context` (each call times the same positions)."""
+  box = [state]
+
+  def run():
+    out = compiled(params, tokens, box[0])
+    box[0] = out[1]._replace(index=jnp.asarray(context, jnp.int32))
+    return out
+
+  return run
 
 
 def packed_decode_loop(spec, steps: int):
@@ -90,7 +128,7 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
   mm_model = mmfree_jax.build_model(mm_cfg, 0)
   tf_model = mmfree_jax.build_model(tf_cfg, 0)
   mm_loop, mm_params = model_decode_loop(mm_model, steps)
-  tf_loop, tf_params = model_decode_loop(tf_model, steps)
+  tf_loop, tf_params = model_decode_loop(tf_model, steps, freeze=True, donate_state=True)
   ex_params, ex_spec = packed_model.export_packed(mm_model, "float32")
   ex_loop = packed_decode_loop(ex_spec, steps)
   pk_params, pk_spec = packed_model.export_packed(mm_model, "2bit", "lut")
@@ -110,21 +148,23 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
     tf_state = tf_model.init_state(batch, context + steps)
     tf_state = tf_state._replace(index=jnp.asarray(context, jnp.int32))
     tf_compiled = tf_loop.lower(tf_params, tokens, tf_state).compile()
+    tf_moves = cache_moves(tf_compiled.as_text(), context + steps)
+    state_bytes = _tree_bytes(tf_state)
     fns = {"mmfree": functools.partial(mm_compiled, mm_params, tokens, mm_state),
            "mmfree_exported": functools.partial(ex_compiled, ex_params, tokens, ex_state),
            "mmfree_packed": functools.partial(pk_compiled, pk_params, tokens, ex_state),
-           "transformer": functools.partial(tf_compiled, tf_params, tokens, tf_state)}
+           "transformer": _carried(tf_compiled, tf_params, tokens, tf_state, context)}
     mems = {"mmfree": (common.memory_stats(mm_compiled), _tree_bytes(mm_state)),
             "mmfree_exported": (common.memory_stats(ex_compiled), _tree_bytes(ex_state)),
             "mmfree_packed": (common.memory_stats(pk_compiled), _tree_bytes(ex_state)),
-            "transformer": (common.memory_stats(tf_compiled), _tree_bytes(tf_state))}
+            "transformer": (common.memory_stats(tf_compiled), state_bytes)}
     times = common.interleaved_times({**fns, "_copy": copy}, ROUNDS[preset], warmup=1)
     bw = {"gb_per_s": copy_bytes / times.pop("_copy")["median_s"] / 1e9}  # same rounds
     bws.append(bw["gb_per_s"])
     tf_tok_s = batch * steps / times["transformer"]["median_s"]
     # What an ideal KV-cache decode could reach: every step reads the weights and the cache
     # filled so far (bytes at the measured copy bandwidth), nothing else.
-    kv_bytes = _tree_bytes(tf_state) * context / (context + steps)
+    kv_bytes = state_bytes * context / (context + steps)
     tf_bound = bw["gb_per_s"] * 1e9 / (tf_weight_bytes + kv_bytes)
     # The latent MatMul-free step's own ideal: read its latent weights and state once.
     mm_bound = bw["gb_per_s"] * 1e9 / (mm_weight_bytes + _tree_bytes(mm_state))
@@ -139,7 +179,8 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
                    "transformer_bandwidth_bound_tokens_per_s": tf_bound,
                    "speedup_vs_transformer_bound": tok_s / tf_bound,
                    **({"own_bound_tokens_per_s": mm_bound, "fraction_of_own_bound":
-                       tok_s / mm_bound} if name == "mmfree" else {})})
+                       tok_s / mm_bound} if name == "mmfree" else {}),
+                   **({"cache_moves_in_hlo": len(tf_moves)} if name == "transformer" else {})})
       print(f"ctx={context:6d} {name:16s} {tok_s:9.1f} tok/s  state "
             f"{common.fmt_bytes(state_bytes):>10s}  peak {common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
             f"  x{tok_s / tf_tok_s:.2f}", flush=True)
@@ -158,7 +199,10 @@ def main(argv=None):
   common.write_json(args.out, NAME, args.preset, results,
                     ["jitted fori_loop of greedy decode steps; params through an optimization "
                      "barrier per step (no hoisting of per-token weight work)",
-                     "Transformer++ cache sized context+steps with index=context (no prefill)",
+                     "Transformer++ cache sized context+steps with index=context (no prefill); "
+                     "weights frozen once per loop (per-layer blocks) and the cache donated and "
+                     "carried between calls, as in generate; cache_moves_in_hlo = copies and "
+                     "transposes of cache-sized arrays in its optimized HLO",
                      "peak = XLA compiled memory of the decode loop (params + state + temps)",
                      "transformer bound = copy GB/s (timed in the same rounds) / (weight bytes "
                      "+ filled KV bytes): an ideal KV-cache step; speedup_vs_transformer_bound "

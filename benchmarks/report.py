@@ -110,6 +110,14 @@ def targets(res: dict) -> list[list]:
         rows.append([f"decode >= 5x Transformer++ tokens/s at 16k context ({variant})",
                      f"{s:.1f}x measured ({b:.1f}x an ideal bandwidth-bound KV-cache decode)",
                      _yes(s >= 5)])
+    tf16 = [r for r in dec["rows"] if r["variant"] == "transformer" and r["context"] == 16384]
+    if tf16:
+      b = tf16[0]["speedup_vs_transformer_bound"]
+      moves = tf16[0].get("cache_moves_in_hlo")
+      rows.append(["Transformer++ decode at 16k context >= 0.7x its ideal bandwidth bound",
+                   f"{b:.2f}x" + ("" if moves is None else
+                                  f" ({moves} cache copies/transposes in its optimized HLO)"),
+                   _yes(b >= 0.7)])
   pk = res.get("bench_packed", {}).get("results")
   if pk:
     packed = [r for r in pk["rows"] if r["variant"].startswith(("2bit", "base3"))]
@@ -236,12 +244,17 @@ def sections(res: dict) -> list[str]:
              common.fmt_bytes(x["state_bytes"]), common.fmt_bytes(x["peak_bytes"] or 0),
              f"{x['speedup_vs_transformer']:.2f}x",
              f"{x['speedup_vs_transformer_bound']:.2f}x"] for x in d["rows"]]
+    footer = (f"ideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
+              "(Transformer++ weight bytes + filled cache bytes) per token")
+    moves = [x["cache_moves_in_hlo"] for x in d["rows"] if "cache_moves_in_hlo" in x]
+    if moves:
+      footer += ("; copies/transposes of a cache-sized array in the optimized HLO of the "
+                 f"Transformer++ decode loop, per context: {', '.join(map(str, moves))}")
     out.append(f"## 6. Decode vs context (`bench_decode`, d={d['d_model']}, L={d['num_layers']}, "
                f"vocab {d['vocab']}, batch {d['rows'][0]['batch']})\n\n"
                + _table(["context", "variant", "tokens/s", "ms/token", "state", "compiled peak",
                          "vs Transformer++ (measured)", "vs ideal KV-cache bound"], rows)
-               + f"\n\nideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
-                 "(Transformer++ weight bytes + filled cache bytes) per token")
+               + "\n\n" + footer)
   pk = res.get("bench_packed", {}).get("results")
   if pk:
     rows = [[x["variant"], f"{x['bits_per_weight']:.2f}", common.fmt_bytes(x["weight_bytes"]),
@@ -333,11 +346,10 @@ NOTES = """## Notes on reading these numbers
   SiLU, gate products), which no BitLinear implementation can drop; the BitLinear-only stack
   shows what the BitLinear itself keeps. With a remat policy (`dots_no_batch`) those are
   recomputed and both BitLinears need the same memory; lean is still the faster step.
-- **Decode**: the Transformer++ step here is dominated by moving its KV cache (each layer's
-  slice is copied out of the stacked `[layers, ...]` cache inside the layer scan, the stacked
-  output is re-materialized, K is transposed for the score matmul), not by attention FLOPs;
-  `vs ideal KV-cache bound` compares against a decode that only reads the weights and the filled
-  cache once at the measured copy bandwidth. The latent-weight MatMul-free decode
+- **Decode**: `vs ideal KV-cache bound` compares against a Transformer++ decode that only
+  reads the weights and the filled cache once at the measured copy bandwidth (read+write bytes
+  of an in-place `x + 1`; a read-only stream, a `max` or a matrix-vector product over 16 MiB,
+  measured 0.3-0.9x of that rate on this shared machine). The latent-weight MatMul-free decode
   (`mmfree_jax.decode`) re-quantizes the fp32 latent weights at every token and also copies each
   layer's weights out of the stacked params; the exported forms (`packed_model`) store codes per
   layer.
@@ -356,13 +368,19 @@ NOTES = """## Notes on reading these numbers
   file target needs base-3 codes (1.6 bits). Batched generation feeds shorter prompts their
   remaining prompt tokens inside the shared loop (one program for both model kinds), so its
   gain shrinks as prompt lengths spread.
-- **Transformer++ decode with a KV cache**: the decode step still copies each layer's cache
-  (the `dynamic_update_slice` into the layer's slice inside `layers.Attention` materializes a
-  new `[batch, max_len, heads, head_dim]` buffer) and transposes K and V for the score and
-  value matmuls (`[b, s, h, d]` → `[b, h, d, s]`), about 3x the cache bytes an ideal step reads;
-  unrolling the layers alone does not remove them (checked in the optimized HLO). Reaching the
-  bound needs a heads-major cache (`[layers, batch, heads, max_len, head_dim]`) updated in place
-  on the donated stacked array, inside `Attention`.
+- **Transformer++ decode with a KV cache** (as `generate` runs it): one cache array per layer
+  (`[batch * kv_heads, head_dim, max_len]`, heads-major, positions minor), layers unrolled,
+  the new position written with `dynamic_update_slice` in place on the loop-carried (in the
+  benchmark also donated) buffer, and `kv_cache_attention` reading the cache as stored; the
+  weights are sliced per layer once per call (`freeze_weights`). The optimized HLO of the
+  decode loop holds no copy or transpose of a cache-sized array (the count is in the section
+  footer; `tests/test_decode.py` checks it with XLA's memory analysis). What XLA:CPU forced:
+  a stacked `[layers, ...]` cache is sliced per layer with a copy; any reshape between the
+  in-place update and the dot (XLA fuses a dot's batch and head axes and drops size-1 ones)
+  duplicates the update into a full copy, hence the fused row axis; and matrix-vector products
+  over `[max_len, head_dim]` rows (64 floats) ran ~1.35x slower than over `[head_dim, max_len]`
+  rows, hence positions minor for K as for V. A profile of the 16k loop has the 8 attention
+  matmuls on top, then the `lm_head` matrix-vector product, and nothing that moves the cache.
 - **Data** (`bench_data`): `prepare` throughput is bounded by the tokenizer library's
   single-thread encode (the `encode` column: `prepare.encode_chunk` alone, pinned to one core);
   reading JSON, writing ArrayRecord and hashing add little. It scales with `--num_proc` on a
