@@ -10,8 +10,9 @@ against what the training step consumes.
    default where exact). Timed in this process pinned to one core with `RAYON_NUM_THREADS=1`
    (one process = one core): the encode alone (`prepare.encode_chunk`, what a worker runs) and
    the whole `prepare --num_proc 1` (load the tokenizer + read JSON + encode + write zstd
-   ArrayRecord + checksums); then `--num_proc 2` unpinned. The two backends' shards are
-   compared (identical sha256 expected).
+   ArrayRecord + checksums), the backends round-robin, fastest of `ROUNDS` kept; then
+   `--num_proc 2` unpinned, once. The two backends' shards are compared (identical sha256
+   expected).
 2. Loader: `data.train_iterator` over the spm prepared folder (`data.source=array_record`),
    the batches training pulls, for the tiny config (seq 128, batch 16) and the 370M config
    (seq 2048, batch 256), with 0, 1 and 2 grain worker processes; tokens/s = batches x
@@ -52,6 +53,7 @@ LOADER_SHAPES = {"toy": [("tiny", 128, 16, 5), ("370m", 2048, 256, 1)],
                  "cpu": [("tiny", 128, 16, 300), ("370m", 2048, 256, 6)],
                  "accel": [("tiny", 128, 16, 1000), ("370m", 2048, 256, 20)]}
 SHARD_TOKENS = {"toy": 20_000, "cpu": 250_000, "accel": 1_000_000}
+ROUNDS = {"toy": 1, "cpu": 2, "accel": 3}  # round-robin timings of encode and prepare
 WORKERS = (0, 1, 2)
 H100_BF16_FLOPS = 989e12
 TARGET_LOADER_X = 20.0
@@ -96,54 +98,85 @@ def _backend(backend: str):
       os.environ[tok_lib.BACKEND_ENV] = old
 
 
-def prepare_throughput(corpus: str, work: str, spec: str, label: str, backend: str,
-                       with_two: bool, shard_tokens: int) -> tuple[dict, str]:
-  """(throughput row, the prepared folder) for one tokenizer on one encode backend."""
-  opts = prep.PrepareOptions(inputs=corpus, format="jsonl", tokenizer=spec,
-                             out=os.path.join(work, f"{label}_1"), shard_tokens=shard_tokens,
-                             val_shards=1, cache_dir=os.path.join(work, "cache"))
-  with _backend(backend):
-    prep.load_prepare_tokenizer(opts, [corpus], work)  # trains a bpe: spec (untimed)
+def prepare_throughput(corpus: str, work: str, spec: str, label: str, backends: tuple[str, ...],
+                       with_two: bool, shard_tokens: int, rounds: int) -> tuple[list[dict], str]:
+  """(one throughput row per encode backend, the first backend's prepared folder).
 
-    def load():  # what every prepare process pays once: read the file, build the encoder
-      loaded, _ = prep.load_prepare_tokenizer(opts, [corpus], work)
-      loaded.encode("warm up")
-      return loaded
+  The backends' encode and 1-process prepare are timed round-robin, `rounds` times with the
+  order alternating, each pinned to one core; a row keeps its fastest round (the one least
+  disturbed by the other jobs on the machine) and lists them all.
+  """
+  names = {b: label if len(backends) == 1 else f"{label}_{b}" for b in backends}
+  opts = {b: prep.PrepareOptions(inputs=corpus, format="jsonl", tokenizer=spec,
+                                 out=os.path.join(work, f"{names[b]}_1"),
+                                 shard_tokens=shard_tokens, val_shards=1,
+                                 cache_dir=os.path.join(work, "cache")) for b in backends}
+  first = opts[backends[0]]
+  prep.load_prepare_tokenizer(first, [corpus], work)  # trains a bpe: spec (untimed)
+  chunks = list(prep.input_chunks([corpus], first, (0, 0)))
+  chars = sum(len(t) for texts, _ in chunks for t in texts)
 
-    tok, load_s = _pinned(load)
-    if tok.backend != backend:
-      raise RuntimeError(f"{spec} encodes with {tok.backend}, not {backend}: "
-                         f"{getattr(tok, 'backend_reason', '')}")
-    dtype = prep.token_dtype(tok.vocab_size)
-    chunks = list(prep.input_chunks([corpus], opts, (0, 0)))
-    chars = sum(len(t) for texts, _ in chunks for t in texts)
+  def load(b):  # what every prepare process pays once: read the file, build the encoder
+    loaded, _ = prep.load_prepare_tokenizer(opts[b], [corpus], work)
+    loaded.encode("warm up")
+    return loaded
 
-    def encode_all():
-      return sum(len(prep.encode_chunk(tok, texts, dtype)[0]) for texts, _ in chunks)
-
-    load = os.getloadavg()[0]
-    tokens, encode_s = _pinned(encode_all)
-    manifest, prepare_s = _pinned(lambda: prep.prepare(opts))
-    assert manifest["num_tokens"] == tokens
-    row = {"tokenizer": label, "spec": f"{spec} [{backend}]", "tokenizer_spec": spec,
-           "backend": backend, "tokenizer_load_s": load_s, "vocab_size": tok.vocab_size,
+  toks, load_s = {}, {}
+  for b in backends:
+    with _backend(b):
+      load(b)  # imports (tiktoken) and file cache warm, as for the prepare timed below
+      toks[b], load_s[b] = _pinned(lambda: load(b))
+    if toks[b].backend != b:
+      raise RuntimeError(f"{spec} encodes with {toks[b].backend}, not {b}: "
+                         f"{getattr(toks[b], 'backend_reason', '')}")
+  dtype = prep.token_dtype(toks[backends[0]].vocab_size)
+  load_avg = [round(os.getloadavg()[0], 2)]
+  encode_s = {b: [] for b in backends}
+  prepare_s = {b: [] for b in backends}
+  counts, manifests = set(), {}
+  for r in range(rounds):
+    order = backends if r % 2 == 0 else backends[::-1]
+    for b in order:
+      count, dt = _pinned(lambda: sum(
+          len(prep.encode_chunk(toks[b], texts, dtype)[0]) for texts, _ in chunks))
+      counts.add(count)
+      encode_s[b].append(dt)
+    for b in order:
+      shutil.rmtree(opts[b].out, ignore_errors=True)
+      with _backend(b):
+        manifests[b], dt = _pinned(lambda: prep.prepare(opts[b]))
+      prepare_s[b].append(dt)
+      counts.add(manifests[b]["num_tokens"])
+  assert len(counts) == 1, counts
+  tokens = counts.pop()
+  load_avg.append(round(os.getloadavg()[0], 2))
+  rows = []
+  for b in backends:
+    manifest = manifests[b]
+    row = {"tokenizer": names[b], "spec": f"{spec} [{b}]", "tokenizer_spec": spec,
+           "backend": b, "tokenizer_load_s": load_s[b], "vocab_size": toks[b].vocab_size,
            "documents": manifest["num_documents"], "tokens": tokens,
-           "chars_per_token": chars / tokens, "encode_tokens_per_s": tokens / encode_s,
-           "prepare_1proc_tokens_per_s": tokens / prepare_s,
-           "prepare_1proc_tokens_per_s_after_load": tokens / (prepare_s - load_s),
-           "shards": len(manifest["shards"]),
-           "writer_options": manifest["writer_options"],
+           "chars_per_token": chars / tokens, "rounds": rounds, "encode_s": encode_s[b],
+           "prepare_1proc_s": prepare_s[b],
+           "encode_tokens_per_s": tokens / min(encode_s[b]),
+           "prepare_1proc_tokens_per_s": tokens / min(prepare_s[b]),
+           "prepare_1proc_tokens_per_s_after_load": (  # None: noise larger than the load
+               tokens / (min(prepare_s[b]) - load_s[b]) if min(prepare_s[b]) > load_s[b]
+               else None),
+           "shards": len(manifest["shards"]), "writer_options": manifest["writer_options"],
            "bytes_per_token_on_disk": sum(s["bytes"] for s in manifest["shards"]) / tokens,
-           "shards_sha256": [s["sha256"] for s in manifest["shards"]]}
+           "shards_sha256": [s["sha256"] for s in manifest["shards"]],
+           "load_average_1m": load_avg}
     if with_two:
-      two = prep.PrepareOptions(**{**opts.__dict__, "out": os.path.join(work, f"{label}_2"),
-                                   "num_proc": 2})
-      t = time.perf_counter()
-      manifest2 = prep.prepare(two)
-      row["prepare_2proc_tokens_per_s"] = tokens / (time.perf_counter() - t)
+      two = prep.PrepareOptions(**{**opts[b].__dict__, "num_proc": 2,
+                                   "out": os.path.join(work, f"{names[b]}_2")})
+      with _backend(b):
+        t = time.perf_counter()
+        manifest2 = prep.prepare(two)
+        row["prepare_2proc_tokens_per_s"] = tokens / (time.perf_counter() - t)
       row["num_proc_1_and_2_identical"] = manifest2["shards"] == manifest["shards"]
-    row["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
-  return row, opts.out
+    rows.append(row)
+  return rows, first.out
 
 
 def loader_throughput(prepared_dir: str, spec: str, shapes) -> list[dict]:
@@ -222,16 +255,15 @@ def run(preset: str) -> dict:
     except FileNotFoundError:
       pass
     for label, spec, backends in tokenizers:
-      for backend in backends:
-        name = label if len(backends) == 1 else f"{label}_{backend}"
-        row, out = prepare_throughput(corpus, work, spec, name, backend, preset != "toy",
-                                      SHARD_TOKENS[preset])
-        prepare_rows.append(row)
-        spm_dir = spm_dir or out
-        print(f"prepare {name}: load {row['tokenizer_load_s']:.2f} s, encode "
+      rows, out = prepare_throughput(corpus, work, spec, label, backends, preset != "toy",
+                                     SHARD_TOKENS[preset], ROUNDS[preset])
+      prepare_rows += rows
+      spm_dir = spm_dir or out
+      for row in rows:
+        print(f"prepare {row['tokenizer']}: load {row['tokenizer_load_s']:.2f} s, encode "
               f"{row['encode_tokens_per_s']:,.0f} tokens/s/process, prepare "
               f"{row['prepare_1proc_tokens_per_s']:,.0f} tokens/s (1 process; "
-              f"{row['prepare_1proc_tokens_per_s_after_load']:,.0f} after the load), "
+              f"{row['prepare_1proc_tokens_per_s_after_load'] or 0:,.0f} after the load), "
               f"{row.get('prepare_2proc_tokens_per_s', 0):,.0f} (2 processes); load "
               f"{row['load_average_1m']}", flush=True)
     bpe_rows = [r for r in prepare_rows if r["tokenizer_spec"].startswith("bpe:")]
@@ -275,7 +307,9 @@ def main(argv=None):
       "spawned workers (each loads the tokenizer)",
       "prepare rows are per (tokenizer, encode backend): `spec [backend]`; bpe:32000 on "
       "tokenizers (MMFREE_TOKENIZER_BACKEND=tokenizers) and tiktoken (the default, exact), "
-      "timed in the same run; load_average_1m = [before, after] each row; tokenizer_load_s = "
+      "encode and 1-process prepare timed round-robin (`rounds`, order alternating), each "
+      "row's fastest round reported (all in encode_s / prepare_1proc_s); load_average_1m = "
+      "[before, after] the timed rounds of a tokenizer; tokenizer_load_s = "
       "what each prepare process pays once (read the file, build the encoder), timed alone; "
       "prepare_1proc_tokens_per_s_after_load = tokens / (prepare time - tokenizer_load_s)",
       "loader: data.train_iterator (data.source=array_record) batches after the first; the "
