@@ -381,6 +381,9 @@ NOTES = """## Notes on reading these numbers
   over `[max_len, head_dim]` rows (64 floats) ran ~1.35x slower than over `[head_dim, max_len]`
   rows, hence positions minor for K as for V. A profile of the 16k loop has the 8 attention
   matmuls on top, then the `lm_head` matrix-vector product, and nothing that moves the cache.
+  Not at the bound yet: grouped K/V heads (group > 1), whose attention matmuls become small
+  matrix-matrix products that XLA:CPU hands to YNNPACK, several times slower per byte (one
+  K/V head at 16k: ~0.25x of its own bound, measured once outside this table).
 - **Data** (`bench_data`): `prepare` throughput is bounded by the tokenizer library's
   single-thread encode (the `encode` column: `prepare.encode_chunk` alone, pinned to one core);
   reading JSON, writing ArrayRecord and hashing add little. It scales with `--num_proc` on a
