@@ -176,6 +176,8 @@ def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *
   `_emit_tokens` (host callback, in order).
   """
   model = nnx.merge(graphdef, params)
+  if hasattr(model, "freeze_weights"):  # weights per layer (MatMul-free: quantized) once
+    model.freeze_weights()
   batch, prompt_len = prompt.shape
   rows = jnp.arange(batch)
   sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,

@@ -63,11 +63,24 @@ class BitLinear(nnx.Module):
     self.eps = eps
     self.dtype = dtype
     self.impl = impl
+    self.frozen = None  # the resolved impl once `freeze` ran
     self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
     self.norm_scale = param(None, nnx.initializers.ones, (in_features,), param_dtype,
                              (axes[0],))
 
+  def freeze(self) -> None:
+    """Inference only: replaces the latent `kernel` by its quantized weights, computed once
+    (`bitlinear.freeze_weights`), and adds their `w_mean_abs`; the outputs stay identical and
+    a decode step no longer re-quantizes every weight at every token. Not trainable after."""
+    self.frozen, weights, mean_abs = bitlinear.freeze_weights(self.kernel[...], self.impl)
+    self.kernel = nnx.Param(weights)
+    self.w_mean_abs = nnx.Param(mean_abs)
+
   def __call__(self, x: jax.Array) -> jax.Array:
+    if self.frozen is not None:
+      return bitlinear.bitlinear_frozen(x, self.kernel[...], self.w_mean_abs[...],
+                                        self.norm_scale[...], impl=self.frozen, eps=self.eps,
+                                        dtype=self.dtype)
     fn = bitlinear.get_bitlinear(self.impl)
     return fn(x, self.kernel[...], self.norm_scale[...], eps=self.eps, dtype=self.dtype)
 

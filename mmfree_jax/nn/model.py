@@ -172,6 +172,21 @@ class MatMulFreeLM(_LMBase):
                                     kernel_init=layers.normal_init(0.02),
                                     dtype=cfg.compute_dtype, param_dtype=dtype,
                                     impl=cfg.bitlinear_impl, rngs=rngs)
+    self.frozen_layers = None  # one block per layer, quantized, once `freeze_weights` ran
+
+  def freeze_weights(self) -> None:
+    """Inference only, in place: slices the stacked blocks into one block per layer
+    (`layer_blocks`) and has every BitLinear quantize its weights once (`BitLinear.freeze`)
+    instead of at every call; calls with a state then run these layers unrolled. Outputs are
+    unchanged (up to a dot's summation order). Per layer, because XLA copies a layer's
+    weights out of a stacked array wherever a dot reads a slice of it. Generation calls it
+    on its own copy, before its decode loop."""
+    if self.frozen_layers is None:
+      self.frozen_layers = nnx.data(nnx.List(layer_blocks(self.blocks)))
+      for _, module in nnx.iter_modules(self.frozen_layers):
+        if isinstance(module, layers.BitLinear):
+          module.freeze()
+      self.lm_head.freeze()
 
   def layer_lower_bounds(self) -> jax.Array:
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
@@ -209,9 +224,10 @@ class MatMulFreeLM(_LMBase):
       return block(x, lower_bound, initial_state=h0, reset=reset)
 
     h0 = None if state is None else state.h
-    if state is not None and tokens.shape[1] == 1:  # decode step: layers unrolled
+    if state is not None and (tokens.shape[1] == 1 or self.frozen_layers is not None):
+      # decode step (or frozen weights): layers unrolled
       lower_bounds, h_last = self.layer_lower_bounds(), []
-      for l, block in enumerate(layer_blocks(self.blocks)):
+      for l, block in enumerate(self.frozen_layers or layer_blocks(self.blocks)):
         x, h_l = body(block, x, (lower_bounds[l], h0[l]))
         h_last.append(h_l)
       h_last = jnp.stack(h_last)

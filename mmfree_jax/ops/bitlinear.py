@@ -116,12 +116,17 @@ def bitlinear_lean(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   return _bitlinear_lean(x, kernel, norm_scale, float(eps), dtype)
 
 
-def _int8_forward(x, kernel, norm_scale, eps, dtype):
+def _int8_output(x, codes_w, w_mean_abs, norm_scale, eps, dtype):
   _, codes_x, sx = quant.bitlinear_input(x, norm_scale, eps)
-  codes_w, _ = quant.quantize_weights_ternary(kernel)
   acc = jax.lax.dot_general(codes_x, codes_w, (((codes_x.ndim - 1,), (0,)), ((), ())),
                             preferred_element_type=jnp.int32)  # exact: |acc| <= 128 d_in
-  y = quant.integer_output(acc, quant.weight_mean_abs(kernel), sx, dtype)
+  return quant.integer_output(acc, w_mean_abs, sx, dtype), (codes_x, sx)
+
+
+def _int8_forward(x, kernel, norm_scale, eps, dtype):
+  codes_w, _ = quant.quantize_weights_ternary(kernel)
+  y, (codes_x, sx) = _int8_output(x, codes_w, quant.weight_mean_abs(kernel), norm_scale, eps,
+                                  dtype)
   r = quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)
   return y, (x, r, codes_x, sx, kernel, norm_scale)  # lean's residuals
 
@@ -163,11 +168,11 @@ def resolve_bitlinear_impl(impl: str, platform: str) -> str:
   return impl
 
 
-def _fused_forward(x, kernel, norm_scale, eps, dtype, platform, interpret):
+def _fused_forward(x, kernel, norm_scale, eps, dtype, platform, interpret, frozen=False):
   codes_x, sx, r = bitlinear_quant.rmsnorm_quantize(x, norm_scale, eps, platform=platform,
                                                     interpret=interpret)
   xq = (codes_x.astype(sx.dtype) / sx).astype(dtype)
-  wq = quant.straight_through(kernel, quant.fake_quantize_weights(kernel))
+  wq = kernel if frozen else quant.ste_weights(kernel)
   y = jnp.matmul(xq, wq.astype(dtype))  # the compute dtype, as in quant.bitlinear_fake_quant
   return y, (x, r, codes_x, sx, kernel, norm_scale)  # lean's residuals
 
@@ -221,6 +226,48 @@ def native_bitlinear_impls(platform: str) -> tuple[str, ...]:
 def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
   impl = resolve_bitlinear_impl("auto", dispatch.current_platform())
   return BITLINEAR_IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
+
+
+def freeze_weights(kernel: jax.Array, impl: str) -> tuple[str, jax.Array, jax.Array]:
+  """Quantizes a BitLinear's latent kernel once, for inference loops (a decode step would
+  otherwise re-quantize every weight at every token).
+
+  Args:
+    kernel: `[..., d_in, d_out]` latent weights; leading axes (stacked layers) each get their
+      own scale.
+    impl: `model.bitlinear_impl`; `auto` is resolved for the current platform here.
+  Returns:
+    `(impl, weights, w_mean_abs)` for `bitlinear_frozen`: for int8 the ternary codes (int8)
+    and `mean|W|` `[...]` fp32; for the float impls `quant.ste_weights(kernel)` (the very
+    values their forward multiplies by, so the outputs are identical) and `mean|W|`.
+  """
+  get_bitlinear(impl)  # fails early on an unknown impl
+  impl = resolve_bitlinear_impl(impl, dispatch.current_platform())
+  if impl == "int8":
+    weights = lambda k: quant.quantize_weights_ternary(k)[0]
+  else:
+    weights = quant.ste_weights
+  mean_abs = quant.weight_mean_abs
+  for _ in range(kernel.ndim - 2):
+    weights, mean_abs = jax.vmap(weights), jax.vmap(mean_abs)
+  kernel = jax.lax.stop_gradient(kernel)
+  return impl, weights(kernel), mean_abs(kernel)
+
+
+def bitlinear_frozen(x: jax.Array, weights: jax.Array, w_mean_abs: jax.Array,
+                     norm_scale: jax.Array, *, impl: str, eps: float = quant.BITLINEAR_NORM_EPS,
+                     dtype: jnp.dtype | None = None) -> jax.Array:
+  """The forward of `impl` (resolved, as `freeze_weights` returns it) on frozen weights:
+  `x [..., d_in]` → `[..., d_out]` in `dtype`, equal to the latent layer's output. Forward
+  only (the weights carry no gradient)."""
+  dtype = _check_operands("bitlinear_frozen", x, weights, dtype)
+  if impl == "int8":
+    return _int8_output(x, weights, w_mean_abs, norm_scale, eps, dtype)[0]
+  if impl == "fused":
+    platform = dispatch.kernel_platform_or_interpret("bitlinear_impl=fused")
+    return _fused_forward(x, weights, norm_scale, float(eps), dtype, platform,
+                          dispatch.interpret_mode(None), frozen=True)[0]
+  return quant.bitlinear_fake_quant(x, weights, norm_scale, eps, dtype, frozen=True)[0]
 
 
 # The `model.bitlinear_impl` registry: name -> `fn(x, kernel, norm_scale, *, eps, dtype)`.

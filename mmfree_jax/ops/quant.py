@@ -159,16 +159,24 @@ def bitlinear_input(x: jax.Array, norm_scale: jax.Array, eps: float):
   return xn, codes, sx
 
 
+def ste_weights(kernel: jax.Array, strength=None) -> jax.Array:
+  """The weights the float BitLinear forward multiplies by: the STE form of the de-quantized
+  ternary kernel, `[d_in, d_out]` in the kernel's dtype."""
+  return straight_through(kernel, fake_quantize_weights(kernel), strength)
+
+
 def bitlinear_fake_quant(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, eps: float,
-                         dtype, strength=None) -> tuple[jax.Array, tuple]:
+                         dtype, strength=None, *, frozen: bool = False
+                         ) -> tuple[jax.Array, tuple]:
   """The one BitLinear forward with de-quantized operands and STE (every float impl runs it).
 
   Returns `y [..., d_out]` in `dtype` and `(xn, codes_x, sx)` for custom backwards.
   strength: None (full quantization) or s in [0, 1], see `quantization_strength`.
+  frozen: `kernel` already is `ste_weights(latent)` (decode: quantized once, not per token).
   """
   xn, codes_x, sx = bitlinear_input(x, norm_scale, eps)
   xq = straight_through(xn, (codes_x.astype(sx.dtype) / sx).astype(xn.dtype), strength)
-  wq = straight_through(kernel, fake_quantize_weights(kernel), strength)
+  wq = kernel if frozen else ste_weights(kernel, strength)
   # The matmul runs in the compute dtype (bf16 on accelerators), as the reference does.
   y = jnp.matmul(xq.astype(dtype), wq.astype(dtype))
   return y, (xn, codes_x, sx)

@@ -1,0 +1,110 @@
+"""Frozen BitLinear weights (quantized once for generation) give the outputs of the latent
+model, for the prefill and a decode step, every BitLinear impl that runs on CPU; and generation
+uses them.
+
+The frozen weights are the very values the latent forward multiplies by, but the frozen
+model runs its layers unrolled (the latent prefill scans them) and XLA:CPU may order a dot's
+sums differently when its operand is a parameter instead of a fusion, so outputs agree to fp32
+round-off: 1e-5 of the largest value (a wrong scale or a weight quantized twice changes logits
+by O(1)).
+"""
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmfree_jax import ModelConfig, generate
+from mmfree_jax.nn import layers
+from mmfree_jax.nn.model import build_model
+from mmfree_jax.ops import quant
+
+
+def _model(impl):
+  cfg = ModelConfig.tiny(vocab_size=97, d_model=32, num_layers=2, bitlinear_impl=impl)
+  model = build_model(cfg, 0)
+  rng = np.random.default_rng(1)  # norm scales != 1 and lower bounds != 0 matter here
+  state = nnx.state(model, nnx.Param)
+  nnx.update(model, jax.tree.map(
+      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, 0.3, p.shape), p.dtype), state))
+  return model
+
+
+def _prefill_and_step(model, tokens, freeze):
+  """As generate runs it: jax.jit over (graphdef, params), the model merged inside."""
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(params):
+    model = nnx.merge(graphdef, params)
+    if freeze:
+      model.freeze_weights()
+    state = model.init_state(tokens.shape[0])
+    prefill, state = model(tokens[:, :-1], state=state)
+    step, state = model(tokens[:, -1:], state=state)
+    return prefill, step, state.h
+
+  return run(params)
+
+
+@pytest.mark.parametrize("impl", ["autodiff", "lean", "int8", "auto"])
+def test_frozen_outputs_equal_latent(impl):
+  model = _model(impl)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 7)), jnp.int32)
+  latent = _prefill_and_step(model, tokens, False)
+  frozen = _prefill_and_step(model, tokens, True)
+  for a, b in zip(latent, frozen):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5 * np.abs(a).max())
+  # the caller's model is untouched (the freeze ran on the copy merged inside jit)
+  assert all(m.frozen is None for _, m in nnx.iter_modules(model)
+             if isinstance(m, layers.BitLinear))
+
+
+def test_freeze_stores_quantized_weights_per_layer():
+  model = _model("int8")
+  latent = np.asarray(model.blocks.attn.i_proj.kernel[...])  # [layers, in, out]
+  model.freeze_weights()
+  for l, block in enumerate(model.frozen_layers):  # one scale per layer, as the scan uses
+    proj = block.attn.i_proj
+    assert proj.frozen == "int8" and proj.kernel[...].dtype == jnp.int8
+    codes, _ = quant.quantize_weights_ternary(jnp.asarray(latent[l]))
+    np.testing.assert_array_equal(np.asarray(proj.kernel[...]), np.asarray(codes))
+    np.testing.assert_allclose(float(proj.w_mean_abs[...]), np.abs(latent[l]).mean(),
+                               rtol=1e-6)
+  assert model.lm_head.frozen == "int8"
+
+
+def _weight_abs_in_decode_loop(model) -> int:
+  """How many `abs` ops on a weight-shaped operand (`[..., in, out]`, in > 1; activations in
+  a decode step are `[batch, 1, d]`) the jaxpr of `generate` runs inside its while loop."""
+  graphdef, params = nnx.split(model)
+  jaxpr = jax.make_jaxpr(lambda p: generate._generate.__wrapped__(  # pylint: disable=protected-access
+      graphdef, p, jnp.zeros((1, 4), jnp.int32), jnp.asarray([4], jnp.int32),
+      jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(-1), max_new_tokens=3,
+      min_len=4, greedy=True, top_k=0, nucleus=False))(params)
+
+  def count(jaxpr, in_loop):
+    n = 0
+    for eqn in jaxpr.eqns:
+      if in_loop and eqn.primitive.name == "abs":
+        shape = eqn.invars[0].aval.shape
+        n += len(shape) >= 2 and shape[-2] > 1
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        n += count(sub, in_loop or eqn.primitive.name == "while")
+    return n
+
+  return count(jaxpr.jaxpr, False)
+
+
+def test_generate_quantizes_weights_outside_the_decode_loop(monkeypatch):
+  model = _model("lean")
+  assert _weight_abs_in_decode_loop(model) == 0
+  out = generate.generate(model, np.zeros((1, 4), np.int32),
+                          generate.SamplingConfig(max_new_tokens=3))
+  assert out.shape == (1, 3)
+  # control: without the freeze every BitLinear re-quantizes its weights at every step
+  monkeypatch.setattr(type(model), "freeze_weights", lambda self: None)
+  assert _weight_abs_in_decode_loop(model) >= 2 * 6 + 1  # 2 layers x (4 MLGRU + 2 GLU) + head
