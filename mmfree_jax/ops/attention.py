@@ -1,10 +1,12 @@
 """Pure attention numerics for the Transformer++ baseline: RoPE, masks, softmax attention.
 
-The layers call `causal_attention` (training windows) and `masked_attention` (KV-cache
-decode), which dispatch on `model.attention_impl` to the Pallas splash attention kernel on TPU
-(`kernels.attention_tpu`, training windows) or `jax.nn.dot_product_attention` (cuDNN flash
-attention on GPU, XLA's elsewhere); `dot_product_attention` is the naive T x T softmax kept as
-the numerics reference.
+The layers call `causal_attention` (training windows), which dispatches on
+`model.attention_impl` to the Pallas splash attention kernel on TPU (`kernels.attention_tpu`)
+or `jax.nn.dot_product_attention` (cuDNN flash attention on GPU, XLA's elsewhere), and
+`kv_cache_attention` (prefill and decode against a KV cache: two einsums over the cache as
+stored, any backend, whatever `attention_impl` says); `dot_product_attention` is the naive
+T x T softmax kept as the numerics reference, `masked_attention` the same under an explicit
+mask through `jax.nn`.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def _splash_attention(q, k, v, segment_ids):
 
 
 def masked_attention(q, k, v, mask, *, impl: str = "auto") -> jax.Array:
-  """Attention under an explicit `[batch, q_len, k_len]` bool mask (the KV-cache path); q
+  """Attention under an explicit `[batch, q_len, k_len]` bool mask; q
   `[batch, q_len, heads, head_dim]`, k, v `[batch, k_len, kv_heads, head_dim]`.
 
   cuDNN's causal mask is aligned for q_len == k_len only and decode is bandwidth-bound, so
