@@ -10,9 +10,11 @@ tokens (the step's cost does not depend on the cached values, and a 32k-token pr
 what is measured). The MatMul-free state is the same size at any context (the compiled loop
 is the same program); it is timed at each context anyway.
 
-The Transformer++ runs as `generate` runs it: its weights frozen once per loop
-(`freeze_weights`: one block per layer, so steps do not slice the stacked weights), and its
-cache donated and carried from call to call, so the loop updates it in place. Its row
+Both models run as `generate` runs them: their weights frozen once per loop
+(`freeze_weights`: one block per layer, so steps do not slice the stacked weights; the
+MatMul-free BitLinears also quantize their weights there, once, instead of at every token),
+and the Transformer++ cache donated and carried from call to call, so the loop updates it in
+place. Its row
 records `cache_moves_in_hlo`: copies and transposes of a cache-sized array in the optimized
 HLO of the loop (0 = every step reads the cache where it lies and writes one position).
 
@@ -21,9 +23,10 @@ Also `mmfree_exported`: the same MatMul-free model exported once with
 the inference form that does not re-quantize the latent weights at every token, and
 `mmfree_packed`: the same export at 2 bits per weight (`fmt='2bit'`, lookup-table matvec).
 
-The parameters pass through `lax.optimization_barrier` at every step so that XLA cannot hoist
-per-token weight work (the latent weights' quantization) out of the loop: every step pays
-for what a step of `generate` pays for.
+The (frozen) parameters pass through `lax.optimization_barrier` at every step so that XLA
+cannot hoist per-token work out of the loop: every step pays for what a step of `generate`
+pays for. The MatMul-free row's own bound reads its latent-sized weights (fp32) and state
+once per token at the copy bandwidth timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ def cache_moves(hlo_text: str, max_len: int) -> list[str]:
           and re.search(rf"[\[,]{max_len}[\],]", line.split("(")[0])]
 
 
-def _carried(compiled, params, tokens, state, context: int):
+def carried(compiled, params, tokens, state, context: int):
   """A thunk that runs a donating loop and keeps its returned state for the next call, with
   `index` reset to `context` (each call times the same positions)."""
   box = [state]
@@ -127,7 +130,7 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
   tf_cfg = setups.model_config("transformer", d, num_layers, vocab)
   mm_model = mmfree_jax.build_model(mm_cfg, 0)
   tf_model = mmfree_jax.build_model(tf_cfg, 0)
-  mm_loop, mm_params = model_decode_loop(mm_model, steps)
+  mm_loop, mm_params = model_decode_loop(mm_model, steps, freeze=True)  # as generate runs it
   tf_loop, tf_params = model_decode_loop(tf_model, steps, freeze=True, donate_state=True)
   ex_params, ex_spec = packed_model.export_packed(mm_model, "float32")
   ex_loop = packed_decode_loop(ex_spec, steps)
@@ -153,7 +156,7 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
     fns = {"mmfree": functools.partial(mm_compiled, mm_params, tokens, mm_state),
            "mmfree_exported": functools.partial(ex_compiled, ex_params, tokens, ex_state),
            "mmfree_packed": functools.partial(pk_compiled, pk_params, tokens, ex_state),
-           "transformer": _carried(tf_compiled, tf_params, tokens, tf_state, context)}
+           "transformer": carried(tf_compiled, tf_params, tokens, tf_state, context)}
     mems = {"mmfree": (common.memory_stats(mm_compiled), _tree_bytes(mm_state)),
             "mmfree_exported": (common.memory_stats(ex_compiled), _tree_bytes(ex_state)),
             "mmfree_packed": (common.memory_stats(pk_compiled), _tree_bytes(ex_state)),

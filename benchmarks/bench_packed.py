@@ -1,7 +1,8 @@
 """Packed ternary inference: weight bytes and batch-1 decode tokens/s for BitLinear weights
 stored as 2-bit (4/byte) or base-3 (5/byte) packed codes, int8 codes, bf16 or fp32 codes
-(`packed_model.export_packed`), and the latent-weight model (`mmfree_jax.decode`, which
-re-quantizes the fp32 latent weights every step); against the memory-bandwidth bound
+(`packed_model.export_packed`), and the latent-weight model as `generate` runs it
+(`freeze_weights` once per loop: per-layer fp32 weights quantized once, then
+`mmfree_jax.decode` steps); against the memory-bandwidth bound
 `copy GB/s / bytes read per token` with the copy bandwidth measured in this run.
 
     python -m benchmarks.bench_packed [--preset toy|cpu|accel]
@@ -31,7 +32,7 @@ STEPS = {"toy": 2, "cpu": 8, "accel": 32}
 ROUNDS = {"toy": 2, "cpu": 3, "accel": 5}
 # name -> (format, matvec method); None = the latent-weight model
 VARIANTS = {
-    "latent_fp32 (model.decode)": None,
+    "latent_fp32 (as generate: frozen once)": None,
     "float32": ("float32", "lut"),
     "bfloat16": ("bfloat16", "lut"),
     "int8": ("int8", "lut"),
@@ -41,7 +42,7 @@ VARIANTS = {
     "base3_unpack": ("base3", "unpack"),
 }
 
-TOY_VARIANTS = ("latent_fp32 (model.decode)", "float32", "2bit_lut", "base3_unpack")
+TOY_VARIANTS = ("latent_fp32 (as generate: frozen once)", "float32", "2bit_lut", "base3_unpack")
 
 
 def run(preset: str) -> dict:
@@ -58,7 +59,7 @@ def run(preset: str) -> dict:
   variants = VARIANTS if preset != "toy" else {k: VARIANTS[k] for k in TOY_VARIANTS}
   for name, variant in variants.items():
     if variant is None:
-      loop, params = model_decode_loop(model, steps)
+      loop, params = model_decode_loop(model, steps, freeze=True)
       state = model.init_state(1)
       weight_bytes = code_bytes = 4 * n_bitlinear
     else:

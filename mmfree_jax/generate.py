@@ -60,20 +60,29 @@ class SamplingConfig(NamedTuple):
     return self
 
 
-def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *,
+                            frozen_copy: bool = False) -> dict:
   """Rough device bytes of a `generate` call by part (the big allocations only).
 
   prefill_logits `[batch, prompt_len, vocab]` fp32; Transformer++: KV cache of prompt + new
   positions and the prefill's `[batch, heads, prompt_len, prompt_len]` fp32 attention scores
-  (the XLA / naive attention materializes them); output ids `[batch, max_new_tokens]` int32.
+  (the XLA / naive attention materializes them); output ids `[batch, max_new_tokens]` int32;
+  decode_weights: the per-layer copy of the block and head weights `freeze_weights` makes
+  (compute dtype; int8 codes for a MatMul-free `bitlinear_impl=int8`; none for packed models).
   """
   acc = 4
   total_len = prompt_len + max_new_tokens
+  itemsize = np.dtype(model_cfg.compute_dtype).itemsize
   parts = {"prefill_logits": batch * prompt_len * model_cfg.vocab_size * acc,
            "prefill_activations": 8 * batch * prompt_len * model_cfg.d_model * acc,
            "output_ids": batch * max_new_tokens * 4}
+  if frozen_copy:
+    d = model_cfg.d_model
+    weights = model_cfg.num_layers * (4 * d * d + 3 * d * model_cfg.intermediate_size)
+    weights += d * model_cfg.vocab_size
+    int8 = model_cfg.kind == "mmfree" and model_cfg.bitlinear_impl == "int8"
+    parts["decode_weights"] = weights * (1 if int8 else itemsize)
   if model_cfg.kind == "transformer":
-    itemsize = np.dtype(model_cfg.compute_dtype).itemsize
     kv_heads = getattr(model_cfg, "num_kv_heads", None) or model_cfg.num_heads
     parts["kv_cache"] = (2 * model_cfg.num_layers * batch * total_len * kv_heads
                          * model_cfg.head_dim * itemsize)
@@ -97,12 +106,14 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_generation_fits(model_cfg, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+def check_generation_fits(model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *,
+                          frozen_copy: bool = False) -> None:
   """Raises ValueError, before anything is allocated, when a generation cannot fit memory."""
   if prompt_len + max_new_tokens >= 2**31 - 1:
     raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) positions do "
                      "not fit int32 positions; shorten them")
-  parts = generation_memory_bytes(model_cfg, batch, prompt_len, max_new_tokens)
+  parts = generation_memory_bytes(model_cfg, batch, prompt_len, max_new_tokens,
+                                  frozen_copy=frozen_copy)
   need, free = sum(parts.values()), available_memory_bytes()
   if free is not None and need > free:
     detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(parts.items(),
@@ -255,7 +266,8 @@ def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingCon
   for row, p in enumerate(prompts):
     padded[row, :p.size] = p
   check_token_ids(padded, model.cfg.vocab_size)
-  check_generation_fits(model.cfg, len(prompts), padded.shape[1], cfg.max_new_tokens)
+  check_generation_fits(model.cfg, len(prompts), padded.shape[1], cfg.max_new_tokens,
+                        frozen_copy=hasattr(model, "freeze_weights"))
   graphdef, params = nnx.split(model)
   eos = -1 if cfg.eos_id is None else cfg.eos_id
   if on_tokens is not None:

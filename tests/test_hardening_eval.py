@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -57,6 +58,10 @@ def test_generation_limits_are_checked_before_anything_is_allocated():
   parts = gen.generation_memory_bytes(model.cfg, 2, 10, 6)
   assert parts["kv_cache"] == 2 * 2 * 2 * 16 * 4 * 4 * 4  # K+V, layers, batch, pos, heads, hd
   assert parts["output_ids"] == 2 * 6 * 4
+  assert "decode_weights" not in parts
+  frozen = gen.generation_memory_bytes(model.cfg, 2, 10, 6, frozen_copy=True)["decode_weights"]
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model.blocks, nnx.Param))) + 16 * 64
+  assert n - 4 * 16 * model.cfg.num_layers <= frozen // 4 <= n  # all but the norms, fp32
 
 
 def test_streaming_sees_each_token_and_ids_stay_in_the_tokenizer():

@@ -72,7 +72,8 @@ class BitLinear(nnx.Module):
     """Inference only: replaces the latent `kernel` by its quantized weights, computed once
     (`bitlinear.freeze_weights`), and adds their `w_mean_abs`; the outputs stay identical and
     a decode step no longer re-quantizes every weight at every token. Not trainable after."""
-    self.frozen, weights, mean_abs = bitlinear.freeze_weights(self.kernel[...], self.impl)
+    self.frozen, weights, mean_abs = bitlinear.freeze_weights(self.kernel[...], self.impl,
+                                                              self.dtype)
     self.kernel = nnx.Param(weights)
     self.w_mean_abs = nnx.Param(mean_abs)
 

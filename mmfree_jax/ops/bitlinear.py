@@ -228,7 +228,7 @@ def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
   return BITLINEAR_IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
 
 
-def freeze_weights(kernel: jax.Array, impl: str) -> tuple[str, jax.Array, jax.Array]:
+def freeze_weights(kernel: jax.Array, impl: str, dtype=None) -> tuple[str, jax.Array, jax.Array]:
   """Quantizes a BitLinear's latent kernel once, for inference loops (a decode step would
   otherwise re-quantize every weight at every token).
 
@@ -236,17 +236,19 @@ def freeze_weights(kernel: jax.Array, impl: str) -> tuple[str, jax.Array, jax.Ar
     kernel: `[..., d_in, d_out]` latent weights; leading axes (stacked layers) each get their
       own scale.
     impl: `model.bitlinear_impl`; `auto` is resolved for the current platform here.
+    dtype: the layer's compute dtype (default: the kernel's).
   Returns:
     `(impl, weights, w_mean_abs)` for `bitlinear_frozen`: for int8 the ternary codes (int8)
-    and `mean|W|` `[...]` fp32; for the float impls `quant.ste_weights(kernel)` (the very
-    values their forward multiplies by, so the outputs are identical) and `mean|W|`.
+    and `mean|W|` `[...]` fp32; for the float impls `quant.ste_weights(kernel)` cast to the
+    compute dtype (the very values their forward's matmul reads, so the outputs are the same;
+    an fp32 latent kernel under bf16 compute freezes to half its bytes) and `mean|W|`.
   """
   get_bitlinear(impl)  # fails early on an unknown impl
   impl = resolve_bitlinear_impl(impl, dispatch.current_platform())
   if impl == "int8":
     weights = lambda k: quant.quantize_weights_ternary(k)[0]
   else:
-    weights = quant.ste_weights
+    weights = lambda k: quant.ste_weights(k).astype(dtype or k.dtype)
   mean_abs = quant.weight_mean_abs
   for _ in range(kernel.ndim - 2):
     weights, mean_abs = jax.vmap(weights), jax.vmap(mean_abs)
