@@ -227,14 +227,21 @@ def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *
   def cond(carry):
     return ~jnp.all(carry[5])
 
+  # The weights ride in the carry through an optimization barrier: XLA would otherwise hoist
+  # loop-invariant weight work out of the loop and keep its (larger) result for every layer
+  # at once, e.g. a packed model's codes unpacked to fp32 or their gather indices to int32
+  # (a 0.8 GB 2-bit 2.7B then needs 7-23 GB).
+  step_graphdef, step_params = nnx.split(model)
+
   def body(carry):
-    t, feed, state, out, count, done, rng = carry
-    logits, state = model(feed[:, None], state=state)  # one decode step
+    t, feed, state, out, count, done, rng, params = carry
+    params = jax.lax.optimization_barrier(params)
+    logits, state = nnx.merge(step_graphdef, params)(feed[:, None], state=state)  # decode step
     t = t + 1
     feed, out, count, done, rng = emit(t, logits[:, -1], out, count, done, rng)
-    return t, feed, state, out, count, done, rng
+    return t, feed, state, out, count, done, rng, params
 
-  carry = jax.lax.while_loop(cond, body, (t, feed, state, out, count, done, rng))
+  carry = jax.lax.while_loop(cond, body, (t, feed, state, out, count, done, rng, step_params))
   return carry[3], carry[4]
 
 
