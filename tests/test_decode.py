@@ -19,6 +19,7 @@ from mmfree_jax import ModelConfig
 from mmfree_jax.nn import layers
 from mmfree_jax.ops import attention
 from mmfree_jax.ops.recurrence import SCAN_TYPES
+from tests.perturb import perturb_params
 
 B, T, PREFIX = 2, 8, 4
 TOL = 1e-9
@@ -54,19 +55,10 @@ def _decoding_paths(model, tokens):
               continued=continued, from_empty=from_empty), final_state
 
 
-def _perturb_params(model, seed):
-  """Adds N(0, 0.3) noise to every parameter (norm scales != 1, lower bounds != 0)."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(model, nnx.Param)
-  state = jax.tree.map(  # in numpy: no eager jax ops (each would compile)
-      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, 0.3, p.shape), p.dtype), state)
-  nnx.update(model, state)
-
-
 def _model(**overrides):
   cfg = ModelConfig.tiny(dtype="float64", param_dtype="float64", **overrides)
   model = mmfree_jax.build_model(cfg, 0)
-  _perturb_params(model, seed=1)
+  perturb_params(model, seed=1)
   return model
 
 

@@ -28,6 +28,7 @@ from mmfree_jax.config import ModelConfig, base_config
 from mmfree_jax.eval import multiple_choice, scoring
 from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.nn.model import build_model
+from tests.perturb import perturb_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -50,20 +51,11 @@ class ByteTokNoBos(ByteTok):
   bos_id = None
 
 
-def _perturb(model, seed=1):
-  """N(0, 0.3) noise on every parameter (norm scales != 1, lower bounds != 0)."""
-  rng = np.random.default_rng(seed)
-  state = nnx.state(model, nnx.Param)
-  state = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype), state)
-  nnx.update(model, state)
-  return model
-
-
 @functools.lru_cache(maxsize=None)
 def _model(kind):
   """A float64 tiny model (build inside `jax.enable_x64`)."""
   cfg = ModelConfig.tiny(kind=kind, vocab_size=VOCAB, dtype="float64", param_dtype="float64")
-  return _perturb(build_model(cfg, 0))
+  return perturb_params(build_model(cfg, 0))
 
 
 def _without_resets(model):

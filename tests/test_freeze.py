@@ -20,16 +20,12 @@ from mmfree_jax import ModelConfig, generate
 from mmfree_jax.nn import layers
 from mmfree_jax.nn.model import build_model
 from mmfree_jax.ops import quant
+from tests.perturb import perturb_params
 
 
 def _model(impl):
   cfg = ModelConfig.tiny(vocab_size=97, d_model=32, num_layers=2, bitlinear_impl=impl)
-  model = build_model(cfg, 0)
-  rng = np.random.default_rng(1)  # norm scales != 1 and lower bounds != 0 matter here
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, 0.3, p.shape), p.dtype), state))
-  return model
+  return perturb_params(build_model(cfg, 0))  # norm scales, lower bounds matter here
 
 
 def _prefill_and_step(model, tokens, freeze):

@@ -17,6 +17,7 @@ from mmfree_jax.config import ModelConfig
 from mmfree_jax.generate import (SamplingConfig, context_notes, generate, generate_text,
                                  sample_from_logits)
 from mmfree_jax.nn.model import build_model
+from tests.perturb import perturb_params
 
 VOCAB, LEN = 260, 32  # reference forwards run on [batch, LEN] right-padded rows (one compile)
 PROMPT, NEW, SEQ_LEN = 12, 6, 8  # the prompt is longer than the "trained" seq_len
@@ -25,12 +26,7 @@ PROMPT, NEW, SEQ_LEN = 12, 6, 8  # the prompt is longer than the "trained" seq_l
 @functools.lru_cache(maxsize=None)
 def _model(kind):
   cfg = ModelConfig.tiny(kind=kind, vocab_size=VOCAB, dtype="float64", param_dtype="float64")
-  model = build_model(cfg, 0)
-  rng = np.random.default_rng(1)
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: p + jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype), state))
-  return model
+  return perturb_params(build_model(cfg, 0))
 
 
 _full_logits = nnx.jit(lambda m, t: m(t)[0])

@@ -16,6 +16,7 @@ from mmfree_jax.config import ModelConfig
 from mmfree_jax.generate import SamplingConfig, generate_batch
 from mmfree_jax.nn.model import build_model
 from mmfree_jax.nn.packed import PackedLM
+from tests.perturb import perturb_params
 
 VOCAB = 260
 LENGTHS = (3, 9, 5, 1)
@@ -24,12 +25,7 @@ LENGTHS = (3, 9, 5, 1)
 @functools.lru_cache(maxsize=None)
 def _model(kind):
   cfg = ModelConfig.tiny(kind=kind, vocab_size=VOCAB, dtype="float64", param_dtype="float64")
-  model = build_model(cfg, 0)
-  rng = np.random.default_rng(1)
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: p + jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype), state))
-  return model
+  return perturb_params(build_model(cfg, 0))
 
 
 def _prompts(seed=0):

@@ -22,6 +22,7 @@ from mmfree_jax import ModelConfig
 from mmfree_jax.nn import packed as packed_model
 from mmfree_jax.ops import quant
 from mmfree_jax.ops import ternary_packing as packing
+from tests.perturb import perturb_params
 
 PACKED = sorted(packing.FORMATS)
 
@@ -110,12 +111,7 @@ def test_packed_matvec_exact(fmt, method, n_in):
 def _model(dtype):
   # d=72 and I=200: neither divisible by 5, so base-3 padding is exercised.
   cfg = ModelConfig.tiny(dtype=dtype, param_dtype=dtype, d_model=72, intermediate_size=200)
-  model = mmfree_jax.build_model(cfg, 0)
-  rng = np.random.default_rng(1)
-  state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, 0.3, p.shape), p.dtype), state))
-  return model
+  return perturb_params(mmfree_jax.build_model(cfg, 0))
 
 
 _TOKENS = np.random.default_rng(2).integers(0, 256, (2, 4)).astype(np.int32)
