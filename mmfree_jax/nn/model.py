@@ -114,7 +114,7 @@ def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
 
 
 class _LMBase(nnx.Module):
-  """Embedding table and input checks shared by both models."""
+  """Embedding table, input checks and the per-layer decode blocks shared by both models."""
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     if tokens.ndim != 2:
@@ -127,6 +127,15 @@ class _LMBase(nnx.Module):
     table = constrain(self.embedding[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
     return constrain(x, ("batch", "seq", "embed"))
+
+  def freeze_weights(self) -> None:
+    """Inference only, in place: slices the stacked blocks into one block per layer once
+    (`layer_blocks`, kept in `frozen_layers`); calls with a state then run these, unrolled.
+    XLA copies a layer's weights out of a stacked array wherever a dot reads a slice of it,
+    so without this every decode step copies every weight; outputs are unchanged.
+    Generation calls it on its own copy, before its decode loop."""
+    if self.frozen_layers is None:
+      self.frozen_layers = nnx.data(nnx.List(layer_blocks(self.blocks)))
 
   def check_segments(self, tokens, segment_ids):
     if segment_ids is not None and segment_ids.shape != tokens.shape:
@@ -175,18 +184,14 @@ class MatMulFreeLM(_LMBase):
     self.frozen_layers = None  # one block per layer, quantized, once `freeze_weights` ran
 
   def freeze_weights(self) -> None:
-    """Inference only, in place: slices the stacked blocks into one block per layer
-    (`layer_blocks`) and has every BitLinear quantize its weights once (`BitLinear.freeze`)
-    instead of at every call; calls with a state then run these layers unrolled. Outputs are
-    unchanged (up to a dot's summation order). Per layer, because XLA copies a layer's
-    weights out of a stacked array wherever a dot reads a slice of it. Generation calls it
-    on its own copy, before its decode loop."""
-    if self.frozen_layers is None:
-      self.frozen_layers = nnx.data(nnx.List(layer_blocks(self.blocks)))
-      for _, module in nnx.iter_modules(self.frozen_layers):
-        if isinstance(module, layers.BitLinear):
+    """`_LMBase.freeze_weights`, and every BitLinear of those layers and the head quantizes
+    its weights once (`BitLinear.freeze`) instead of at every call. Outputs are unchanged
+    (up to a dot's summation order)."""
+    super().freeze_weights()
+    for root in (self.frozen_layers, self.lm_head):
+      for _, module in nnx.iter_modules(root):
+        if isinstance(module, layers.BitLinear) and module.frozen is None:
           module.freeze()
-      self.lm_head.freeze()
 
   def layer_lower_bounds(self) -> jax.Array:
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
@@ -273,14 +278,6 @@ class TransformerLM(_LMBase):
                                 kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
                                 param_dtype=dtype, rngs=rngs)
     self.frozen_layers = None  # one block per layer once `freeze_weights` ran
-
-  def freeze_weights(self) -> None:
-    """Inference only, in place: slices the stacked blocks into one block per layer once
-    (`layer_blocks`) for the KV-cache path. XLA copies a layer's weights out of the stacked
-    arrays wherever it slices them, so without this every decode step copies every weight;
-    outputs are unchanged. Generation calls it on its own copy, before its decode loop."""
-    if self.frozen_layers is None:
-      self.frozen_layers = nnx.data(nnx.List(layer_blocks(self.blocks)))
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
