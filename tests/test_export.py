@@ -32,7 +32,8 @@ from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.export import __main__ as export_cli
 from mmfree_jax.export import packed_dir
 from mmfree_jax.ops import ternary_packing
-from tests.test_eval import ByteTok, _make_workdir, _perturb, _tiny_config
+from tests.perturb import perturb_params
+from tests.test_eval import ByteTok, _make_workdir, _tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["In the beginning", "And God said", "Let there be light, and"]
@@ -43,7 +44,7 @@ def _make_f64_workdir(workdir):
   cfg = _tiny_config()
   with cfg.unlocked():
     cfg.model.update(dtype="float64", param_dtype="float64")
-  model = _perturb(build_model(ModelConfig.from_config(cfg.model), 0))
+  model = perturb_params(build_model(ModelConfig.from_config(cfg.model), 0))
   checkpointer = ckpt_lib.Checkpointer(str(workdir))
   checkpointer.save_params(1, nnx.split(model)[1].to_pure_dict(), json.loads(cfg.to_json()))
   checkpointer.close()
