@@ -134,8 +134,10 @@ def teacher_row(args, workdir: str) -> dict:
     raise ValueError(f"{workdir} has no final validation loss (train.steps={cfg.train.steps})")
   expected = make_config(args, "transformer", cfg.train.steps, cfg.optim.lr, 0,
                          cfg.model.vocab_size)
-  if expected.model.to_dict() != cfg.model.to_dict() or \
-      expected.data.to_dict() != cfg.data.to_dict():
+  # The MatMul-free-only fields (recurrence, BitLinear) do not touch a Transformer++ teacher.
+  unused = ("scan_type", "chunk_size", "bitlinear_impl")
+  model_of = lambda c: {k: v for k, v in c.model.to_dict().items() if k not in unused}
+  if model_of(expected) != model_of(cfg) or expected.data.to_dict() != cfg.data.to_dict():
     raise ValueError(f"{workdir} was trained with other model/data settings than these flags")
   tokens_per_step = args.batch * args.seq_len
   return {"variant": "teacher", "kind": "transformer", "seed": 0, "steps": cfg.train.steps,
