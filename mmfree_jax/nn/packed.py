@@ -151,13 +151,28 @@ def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) ->
   return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
 
 
-def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int) -> jax.Array:
-  """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`."""
+def _after(w: jax.Array, sx: jax.Array) -> jax.Array:
+  """`w` unchanged, but computed only once `sx` (the layer input's activation scales) exists.
+
+  XLA:CPU's scheduler runs work that needs only the weights first and keeps its results, so
+  unpacking every layer's codes to fp32 for a prefill held all of them at once (~10 GB for
+  the 2.7B; an optimization barrier is dropped before scheduling). A select on a flag XLA
+  cannot fold makes each layer's unpack wait for its input: one layer's fp32 codes are alive
+  at a time. `sx = 127 / max(absmax, eps)` is positive or NaN, so the flag is always false.
+  """
+  return jnp.where(sx.reshape(-1)[0] < 0, jnp.zeros((), w.dtype), w)
+
+
+def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
+            sx: jax.Array) -> jax.Array:
+  """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `sx [rows, 1]`
+  the rows' activation scales (only ordered after, never read)."""
   if FORMATS[spec.fmt] == PACKED:
     if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS:
       # many rows (prefill, big batches): unpack once; codes and integer sums below 2^24
       # are exact in fp32
-      codes = packing.unpack_ternary(w, spec.fmt, n_in, axis=0).astype(jnp.float32)
+      codes = packing.unpack_ternary(_after(w, sx), spec.fmt, n_in, axis=0
+                                     ).astype(jnp.float32)
       return jnp.matmul(x_codes.astype(jnp.float32), codes,
                         precision=jax.lax.Precision.HIGHEST)
     return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method)
@@ -171,7 +186,8 @@ def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec) -> jax.Array:
   """BitLinear on stored codes: `[..., in]` → `[..., out]` in the compute dtype."""
   _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
   lead = codes.shape[:-1]
-  acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1])
+  acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1],
+                sx.reshape(-1, 1))
   return quant.integer_output(acc.reshape(lead + acc.shape[-1:]), p.scale, sx,
                               spec.cfg.compute_dtype)
 
