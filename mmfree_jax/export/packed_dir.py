@@ -334,6 +334,34 @@ def _open(path: str):
   return handle
 
 
+class _TensorReader:
+  """Reads one tensor at a time from a (validated) safetensors file into a fresh array.
+
+  Plain reads, not safetensors' memory map: the map's touched pages stay resident until the
+  file is closed, so loading held the file twice (a 0.82 GB 2.7B peaked at 2.09 GB RSS)."""
+
+  def __init__(self, path: str, dtypes: dict[str, np.dtype]):
+    self._file = open(path, "rb")  # pylint: disable=consider-using-with
+    header_len = int.from_bytes(self._file.read(8), "little")
+    self._header = json.loads(self._file.read(header_len))
+    self._base = 8 + header_len
+    self._dtypes = dtypes
+
+  def read(self, name: str) -> np.ndarray:
+    entry = self._header[name]
+    begin, end = entry["data_offsets"]
+    out = np.empty(tuple(entry["shape"]), self._dtypes[name])
+    if out.nbytes != end - begin:
+      raise ValueError(f"tensor {name} has {end - begin} bytes, its shape needs {out.nbytes}")
+    self._file.seek(self._base + begin)
+    if self._file.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
+      raise ValueError(f"tensor {name} is truncated")
+    return out
+
+  def close(self) -> None:
+    self._file.close()
+
+
 def _expected_size(path: str, expected: list) -> None:
   """A truncated file fails here, before any tensor is read (safetensors maps lazily)."""
   with open(path, "rb") as f:
@@ -397,10 +425,12 @@ def load_packed(directory: str, *, method: str = "lut"):
           f"{model_cfg.vocab_size}, intermediate_size={model_cfg.intermediate_size}) and "
           f"format {fmt!r} need {tuple(shape)}: the config and the codes disagree")
   _expected_size(path, expected)
+  handle.__exit__(None, None, None)
   try:
-    read = lambda name: jnp.asarray(handle.get_tensor(name))
+    reader = _TensorReader(path, {n: d for n, _, d in expected})
+    read = lambda name: jnp.asarray(reader.read(name))
     blocks = []
-    lower_bounds = handle.get_tensor("lower_bounds")
+    lower_bounds = reader.read("lower_bounds")
     linear = lambda prefix: packed.PackedLinear(
         read(f"{prefix}.codes"), read(f"{prefix}.scale").reshape(()),
         read(f"{prefix}.norm_scale"))
@@ -415,8 +445,9 @@ def load_packed(directory: str, *, method: str = "lut"):
           lower_bound=jnp.asarray(lower_bounds[l], acc_dtype(model_cfg.compute_dtype))))
     params = packed.PackedParams(read("embedding"), tuple(blocks), read("final_norm"),
                                  linear("lm_head"))
-  except (SafetensorError, OSError) as e:
+  except (ValueError, KeyError, OSError) as e:
     raise PackedDirError(f"cannot read {path}: {e}; export it again") from e
   finally:
-    handle.__exit__(None, None, None)
+    if "reader" in locals():
+      reader.close()
   return packed.PackedLM(params, packed.PackedSpec(model_cfg, fmt, method)), cfg, manifest
