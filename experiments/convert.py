@@ -11,10 +11,15 @@ set for every run:
   (d) scratch_frac MatMul-free from scratch with fraction x T tokens
 
 (b) and (d) run with several seeds (the seed changes the data order and any random
-initialisation). Their peak learning rates are tuned first: each candidate of --lr_student /
---lr_scratch runs on the first seed, the lowest validation loss picks the rate for the other
-seeds (the sweep rows stay in the JSON, marked `sweep`). The teacher and (c) use 3e-3, the
-better of {1e-3, 3e-3} for both kinds in configs/tiny.py's check. Output:
+initialisation). Their hyperparameters are tuned first, on the first seed: (d) over
+--lr_scratch, (b) over the product of the comma-separated lists --lr_student, --alpha,
+--temperature, --stage1_fraction and --quant_ramp_fraction (a ramp > 0 runs with
+model.bitlinear_impl='autodiff', which the ramp needs; the rest use the default 'auto').
+The lowest validation loss picks the setting the other seeds run with; every tuning row stays
+in the JSON, marked `sweep`, and `chosen` marks the rows (all seeds) of the picked setting.
+A study run in several invocations (coordinate-wise tuning, then the other seeds) is
+combined with --merge, which re-picks the best tuning-seed row over all parts. (c) runs
+--lr_full (a list: tuned the same way on its seed) and the teacher --lr_teacher. Output:
 
   OUT_DIR/convert_results.json   one row per run + settings + summary (gap closed, margins)
   OUT_DIR/convert.png            val loss per variant (each seed a point) and training curves
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -56,10 +62,12 @@ LABELS = {"teacher": "(a) Transformer++ teacher, T tokens",
 
 DEFAULTS = dict(d_model=128, num_layers=2, head_dim=32, tokenizer="bpe:4096", seq_len=128,
                 batch=16, teacher_steps=600, fraction=0.1, seeds="0,1,2", full_seeds="0",
-                lr_teacher=3e-3, lr_full=3e-3, lr_scratch="3e-3,1e-2", lr_student="1e-3,3e-3",
+                lr_teacher=3e-3, lr_full="3e-3", lr_scratch="3e-3,1e-2", lr_student="1e-3,3e-3",
                 warmup_fraction=0.1,
-                stage1_fraction=0.25, alpha=0.5, temperature=1.0, quant_ramp_fraction=0.0,
-                eval_batches=8)
+                stage1_fraction="0.25", alpha="0.5", temperature="1.0",
+                quant_ramp_fraction="0.0", eval_batches=8)
+# The (b) hyperparameters tuned as a product of lists (each a comma-separated flag).
+STUDENT_HP = ("lr_student", "alpha", "temperature", "stage1_fraction", "quant_ramp_fraction")
 TOY = dict(d_model=32, num_layers=1, head_dim=16, tokenizer="byte", seq_len=32, batch=8,
            teacher_steps=10, seeds="0", full_seeds="0", eval_batches=1)
 
@@ -69,8 +77,10 @@ def model_vocab_size(tokenizer_vocab: int) -> int:
 
 
 def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: int,
-                teacher: str = ""):
-  """One run's full config; only kind, steps, lr, seed and the distill section vary."""
+                teacher: str = "", hp: dict | None = None):
+  """One run's full config; only kind, steps, lr, seed and the distill section (its knobs
+  from `hp`, keys of STUDENT_HP) vary."""
+  hp = dict(hp or {})
   from mmfree_jax.config import base_config
   cfg = base_config()
   cfg.model.update(kind=kind, vocab_size=vocab_size, d_model=args.d_model,
@@ -85,23 +95,26 @@ def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: i
   cfg.optim.update(lr=lr, schedule="cosine",
                    warmup_steps=max(1, int(round(args.warmup_fraction * steps))))
   if teacher:
+    ramp = int(round(hp["quant_ramp_fraction"] * steps))
     cfg.distill.update(teacher=teacher, init="teacher",
-                       stage1_steps=int(round(args.stage1_fraction * steps)),
-                       temperature=args.temperature, alpha=args.alpha,
-                       quant_ramp_steps=int(round(args.quant_ramp_fraction * steps)))
+                       stage1_steps=int(round(hp["stage1_fraction"] * steps)),
+                       temperature=hp["temperature"], alpha=hp["alpha"],
+                       quant_ramp_steps=ramp)
+    if ramp:  # the ramp blends x + s (q(x) - x) inside the autodiff BitLinear only
+      cfg.model.bitlinear_impl = "autodiff"
   cfg.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
   cfg.lock()
   return cfg
 
 
 def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: int,
-            workdir: str, teacher: str = "") -> dict:
+            workdir: str, teacher: str = "", hp: dict | None = None) -> dict:
   import numpy as np
   from mmfree_jax.nn.model import count_params
   from mmfree_jax.train.trainer import train
 
   kind = "transformer" if variant == "teacher" else "mmfree"
-  cfg = make_config(args, kind, steps, lr, seed, vocab_size, teacher)
+  cfg = make_config(args, kind, steps, lr, seed, vocab_size, teacher, hp)
   if os.path.exists(workdir):  # never resume a previous study's run
     shutil.rmtree(workdir)
   result = train(cfg, workdir, progress=args.progress)
@@ -118,6 +131,8 @@ def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: in
       "final_train_loss": float(np.mean([c[1] for c in curve[-10:] if c[2] != 1] or [np.nan])),
       "wall_time_s": float(result.wall_time_s),
       "distill": dict(cfg.distill.to_dict()) if teacher else None,
+      "hp": {"peak_lr": lr, **(dict(hp or {}) if teacher else {})},
+      "bitlinear_impl": cfg.model.bitlinear_impl,
       "curve": curve,
   }
 
@@ -149,15 +164,44 @@ def teacher_row(args, workdir: str) -> dict:
                     for r in rows if "loss" in r]}
 
 
+def _hp(row: dict) -> tuple:
+  """A row's tuned hyperparameters, comparable across rows (old rows: the peak LR only)."""
+  hp = row.get("hp") or {"peak_lr": row["peak_lr"]}
+  return tuple(sorted((k, round(float(v), 12)) for k, v in hp.items()))
+
+
+def mark_chosen(runs: list[dict]) -> list[dict]:
+  """Per tuned variant: the lowest-val-loss row on its tuning seed (the smallest seed it ran)
+  picks the setting; `chosen` marks every row (any seed) with that setting, `sweep` every
+  tuning-seed row when more than one setting was tried there. In place; returns runs."""
+  for v in VARIANTS[1:]:
+    rows = [r for r in runs if r["variant"] == v]
+    if not rows:
+      continue
+    first = min(r["seed"] for r in rows)
+    tuning = [r for r in rows if r["seed"] == first]
+    best = _hp(min(tuning, key=lambda r: r["val_loss"]))
+    several = len({_hp(r) for r in tuning}) > 1
+    for r in rows:
+      r["chosen"] = _hp(r) == best
+      if r["seed"] == first:
+        r["sweep"] = several
+  return runs
+
+
 def summarize(runs: list[dict]) -> dict:
   import numpy as np
-  counted = [r for r in runs if r["variant"] in ("teacher", "scratch_full") or r.get("chosen")]
+  counted = [r for r in runs if r["variant"] == "teacher" or r.get("chosen")]
   by = {v: [r["val_loss"] for r in counted if r["variant"] == v] for v in VARIANTS}
   stats = {v: {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else
                None, "n": len(x), "values": x} for v, x in by.items() if x}
   out = {"val_loss": stats,
          "chosen_lr": {v: next((r["peak_lr"] for r in counted if r["variant"] == v), None)
-                       for v in VARIANTS}}
+                       for v in VARIANTS},
+         "chosen_hp": {v: next((r.get("hp") for r in counted if r["variant"] == v), None)
+                       for v in VARIANTS[1:]},
+         "tuning_runs": {v: sum(1 for r in runs if r["variant"] == v and r.get("sweep"))
+                         for v in VARIANTS[1:]}}
   if {"teacher", "converted", "scratch_frac"} <= set(stats):
     a, b, d = (stats[v]["mean"] for v in ("teacher", "converted", "scratch_frac"))
     out["gap_closed"] = (d - b) / (d - a) if d != a else None
@@ -177,7 +221,8 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import numpy as np
 
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4))
+  fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.8),
+                                        gridspec_kw={"width_ratios": [1, 1.1, 1.2]})
   colors = {"teacher": "C1", "converted": "C2", "scratch_full": "C0", "scratch_frac": "C4"}
   for i, v in enumerate(VARIANTS):
     rows = [r for r in results["runs"] if r["variant"] == v]
@@ -188,17 +233,35 @@ def plot(results: dict, path: str) -> None:
     left.hlines(np.mean(vals), i - 0.3, i + 0.3, color=colors[v])
     for r in rows:
       if r.get("sweep") and not r.get("chosen"):
-        left.scatter([i + 0.12], [r["val_loss"]], color=colors[v], marker="x", zorder=3)
-        left.annotate(f"lr {r['peak_lr']:g}", (i + 0.12, r["val_loss"]), fontsize=6,
-                      xytext=(3, 0), textcoords="offset points")
+        left.scatter([i + 0.15], [r["val_loss"]], color=colors[v], marker="x", zorder=3)
   left.set_xticks(range(len(VARIANTS)))
   left.set_xticklabels(["(a) teacher", "(b) converted", "(c) scratch\nT tokens",
                         "(d) scratch\nfraction"], fontsize=8)
-  left.set_ylabel("validation loss (nats/token); x: LR-sweep runs not chosen")
+  left.set_ylabel("validation loss (nats/token); x: tuning runs not chosen", fontsize=8)
   left.grid(True, axis="y", alpha=0.3)
   s = results.get("summary", {})
   if s.get("gap_closed") is not None:
     left.set_title(f"gap (d)->(a) closed by (b): {100 * s['gap_closed']:.0f}%", fontsize=9)
+  # Middle: every tuning run (first seed), labelled with its setting; the chosen one bold.
+  short = {"peak_lr": "lr", "alpha": "alpha", "temperature": "T", "stage1_fraction": "stage1",
+           "quant_ramp_fraction": "ramp"}
+  tuning = [r for r in results["runs"] if r.get("sweep")]
+  for j, r in enumerate(sorted(tuning, key=lambda r: (VARIANTS.index(r["variant"]),
+                                                      -r["val_loss"]))):
+    hp = r.get("hp") or {"peak_lr": r["peak_lr"]}
+    label = f"({'abcd'[VARIANTS.index(r['variant'])]}) " + " ".join(
+        f"{short.get(k, k)} {x:g}" for k, x in hp.items())
+    mid.barh(j, r["val_loss"], color=colors[r["variant"]], alpha=1.0 if r.get("chosen") else 0.45)
+    mid.annotate(f"{r['val_loss']:.3f}", (r["val_loss"], j), xytext=(2, 0), fontsize=6,
+                 textcoords="offset points", va="center")
+    mid.text(0.02, j, label, transform=mid.get_yaxis_transform(), fontsize=6, va="center",
+             fontweight="bold" if r.get("chosen") else "normal")
+  if tuning:
+    lo = min(r["val_loss"] for r in tuning)
+    mid.set_xlim(lo - 0.9, max(r["val_loss"] for r in tuning) + 0.15)
+  mid.set_yticks([])
+  mid.set_xlabel("validation loss, tuning seed (bold/solid: chosen)", fontsize=8)
+  mid.set_title("tuning runs", fontsize=9)
   for r in results["runs"]:
     if r.get("sweep") and not r.get("chosen"):
       continue
@@ -252,8 +315,21 @@ def parse_args(argv=None):
       if getattr(args, key) == parser.get_default(key):
         setattr(args, key, value)
   args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-  args.lr_student_list = [float(v) for v in args.lr_student.split(",") if v.strip()]
-  args.lr_scratch_list = [float(v) for v in args.lr_scratch.split(",") if v.strip()]
+  floats = lambda text: [float(v) for v in text.split(",") if v.strip()]
+  try:
+    args.student_grid = [dict(zip(STUDENT_HP, values)) for values in itertools.product(
+        *(floats(getattr(args, k)) for k in STUDENT_HP))]
+    args.lr_scratch_list = floats(args.lr_scratch)
+    args.lr_full_list = floats(args.lr_full)
+  except ValueError as e:
+    parser.error(f"a list flag is not comma-separated numbers: {e}")
+  if not (args.student_grid and args.lr_scratch_list and args.lr_full_list):
+    parser.error("every tuned list flag needs at least one value")
+  for hp in args.student_grid:
+    if not 0 <= hp["alpha"] <= 1 or hp["temperature"] <= 0:
+      parser.error("--alpha values must be in [0, 1] and --temperature values > 0")
+    if not (0 <= hp["stage1_fraction"] < 1 and 0 <= hp["quant_ramp_fraction"] <= 1):
+      parser.error("--stage1_fraction values must be in [0, 1), --quant_ramp_fraction in [0, 1]")
   args.full_seed_list = [int(s) for s in args.full_seeds.split(",") if s.strip()]
   args.skip_list = [s.strip() for s in args.skip.split(",") if s.strip()]
   bad = [s for s in args.skip_list if s not in VARIANTS]
@@ -277,6 +353,7 @@ def main(argv=None) -> dict:
     runs = [r for r in parts[0]["runs"]]
     for part in parts[1:]:
       runs += [r for r in part["runs"] if r["variant"] != "teacher"]
+    mark_chosen(runs)
     results.update(runs=runs, summary=summarize(runs),
                    command=" ; ".join(p["command"] for p in parts),
                    total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
@@ -320,30 +397,35 @@ def main(argv=None) -> dict:
       teacher_dir = os.path.join(root, "teacher")
       record(run_one(args, "teacher", 0, args.teacher_steps, args.lr_teacher, vocab_size,
                      teacher_dir))
-    for variant, lrs in (("converted", args.lr_student_list),
-                         ("scratch_frac", args.lr_scratch_list)):
+    scratch_grid = lambda lrs: [{"peak_lr": lr} for lr in lrs]
+    student_grid = [{"peak_lr": hp["lr_student"], **{k: hp[k] for k in STUDENT_HP[1:]}}
+                    for hp in args.student_grid]
+    plan = (("converted", student_grid, frac_steps, args.seed_list),
+            ("scratch_frac", scratch_grid(args.lr_scratch_list), frac_steps, args.seed_list),
+            ("scratch_full", scratch_grid(args.lr_full_list), args.teacher_steps,
+             args.full_seed_list))
+    for variant, grid, steps, seeds in plan:
       if variant in args.skip_list:
         continue
       teacher = teacher_dir if variant == "converted" else ""
-      first, rest = args.seed_list[0], args.seed_list[1:]
+      first, rest = seeds[0], seeds[1:]
       sweep = []
-      for lr in lrs:  # tune on the first seed
-        row = run_one(args, variant, first, frac_steps, lr, vocab_size,
-                      os.path.join(root, f"{variant}_{first}_{lr}"), teacher=teacher)
-        row["sweep"] = len(lrs) > 1
+      for hp in grid:  # tune on the first seed
+        name = "_".join(f"{v:g}" for v in hp.values())
+        row = run_one(args, variant, first, steps, hp["peak_lr"], vocab_size,
+                      os.path.join(root, f"{variant}_{first}_{name}"), teacher=teacher,
+                      hp={k: v for k, v in hp.items() if k != "peak_lr"})
+        row["sweep"] = len(grid) > 1
         sweep.append(row)
         record(row)
       best = min(sweep, key=lambda r: r["val_loss"])
       best["chosen"] = True
       for seed in rest:
-        row = run_one(args, variant, seed, frac_steps, best["peak_lr"], vocab_size,
-                      os.path.join(root, f"{variant}_{seed}"), teacher=teacher)
+        row = run_one(args, variant, seed, steps, best["peak_lr"], vocab_size,
+                      os.path.join(root, f"{variant}_{seed}"), teacher=teacher,
+                      hp={k: v for k, v in best["hp"].items() if k != "peak_lr"})
         row["chosen"] = True
         record(row)
-    if "scratch_full" not in args.skip_list:
-      for seed in args.full_seed_list:
-        record(run_one(args, "scratch_full", seed, args.teacher_steps,
-                       args.lr_full, vocab_size, os.path.join(root, f"scratch_full_{seed}")))
   finally:
     if own:
       shutil.rmtree(root, ignore_errors=True)
@@ -369,7 +451,7 @@ def write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs, pl
                    "teacher_tokens": args.teacher_steps * args.batch * args.seq_len,
                    "student_steps": frac_steps,
                    "student_tokens": frac_steps * args.batch * args.seq_len},
-      "summary": summarize(runs),
+      "summary": summarize(mark_chosen(runs)),
       "runs": runs,
   }
   with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
