@@ -298,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--merge", default="",
                  help="comma-separated results JSONs of one study run in parts: write their "
                       "union (one teacher row) to OUT_DIR, train nothing")
+  p.add_argument("--note", default="",
+                 help="with --merge: free text stored as the JSON's `notes` (what was cut, why)")
   p.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "experiments", "results"))
   p.add_argument("--workdir", default=None, help="run directories (default: a temp dir)")
   p.add_argument("--toy", action="store_true", help="tiny and fast (the test)")
@@ -358,6 +360,8 @@ def main(argv=None) -> dict:
                    command=" ; ".join(p["command"] for p in parts),
                    total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
                    merged_from=args.merge.split(","))
+    if args.note:
+      results["notes"] = args.note
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=1)
