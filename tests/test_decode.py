@@ -181,3 +181,16 @@ def test_transformer_decode_step_updates_the_cache_in_place(batch, kv_heads):
   np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, 5]), rtol=0,
                              atol=1e-5 * np.max(np.abs(np.asarray(full))))
   assert int(state.index) == 6
+
+
+def test_kv_cache_past_its_length_is_a_clear_error():
+  """Writing past `max_len` would clamp the update offset and overwrite the last positions."""
+  model = mmfree_jax.build_model(mmfree_jax.ModelConfig.tiny(kind="transformer"), 0)
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  state = model.init_state(1, 6)
+  with pytest.raises(ValueError, match="cannot take 7 more"):
+    model(jnp.zeros((1, 7), jnp.int32), state=state)  # static: checked under jit too
+  _, state = model(tokens, state=state)
+  _, state = model(tokens[:, :2], state=state)  # exactly full
+  with pytest.raises(ValueError, match="6 positions has 6 filled"):
+    model(tokens[:, :1], state=state)

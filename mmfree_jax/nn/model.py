@@ -299,6 +299,18 @@ class TransformerLM(_LMBase):
                        f"model ({cfg.num_layers} layers of {want} at batch {batch}); make it "
                        f"with model.init_state({batch}, max_len)")
 
+  @staticmethod
+  def _check_room(state: KVCache, seq: int) -> None:
+    """`seq` more positions must fit: past the end, the in-place cache write would clamp its
+    offset and overwrite the last positions silently. Checked where the fill is known (always
+    for the static `seq`; the filled count only outside jit, where it is concrete)."""
+    max_len = state.k[0].shape[-1] if state.k else 0
+    filled = None if isinstance(state.index, jax.core.Tracer) else int(state.index)
+    if seq + (filled or 0) > max_len:
+      raise ValueError(f"KV cache of {max_len} positions has {filled or 0} filled and cannot "
+                       f"take {seq} more; make it with model.init_state(batch, max_len) for "
+                       f"max_len >= prompt + new tokens")
+
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                state: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
     """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without)."""
@@ -308,6 +320,7 @@ class TransformerLM(_LMBase):
                        "cache; decode one document per row")
     if state is not None:
       self._check_state(state, tokens.shape[0])
+      self._check_room(state, tokens.shape[1])
     x = self.embed_tokens(tokens)
     batch, seq = tokens.shape
     if segment_ids is not None:
