@@ -9,8 +9,9 @@ Parts (each measured in its own process where memory matters; results merged int
 - batched: `generate_batch` of 32 prompts of different lengths in one decode loop vs the same
   32 prompts one at a time (each compiled before timing), tokens/s ratio, latent and packed.
 - packed27: a 2.7B-shaped packed directory with random ternary codes (bf16 embedding) written
-  by `export.write_packed`, then in a fresh process `load_packed` + `generate_batch` at batch 1
-  and 8: file size, resident memory (RSS after load, peak RSS while generating), tokens/s.
+  by `export.write_packed`, then, each in a fresh process, `load_packed` + `generate_batch` at batch 1
+  and 8 and a 64-token prompt: file size, resident memory (RSS after load, RSS sampled while
+  generating, process peak incl. loading and compiling), tokens/s.
 - latent27: the latent bf16 2.7B (random init) in a fresh process: `generate_batch` at batch 1
   and 8, tokens/s and peak RSS (about 5.4 GB of weights: run it alone).
 
@@ -25,6 +26,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import jax
@@ -150,32 +152,58 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit") -> dict:
                                  source="random (bench_inference)")
 
 
-def _time_generate(model, batch: int, new: int, vocab: int) -> dict:
+def _time_generate(model, batch: int, new: int, vocab: int, prompt_len: int = 1) -> dict:
+  """Second-call tokens/s of `generate_batch`; RSS sampled every 20 ms during that call (the
+  steady decode: weights, state, temporaries and the compiled program, not the load or the
+  compiler's peak, which `peak_rss_bytes` includes)."""
   from mmfree_jax import generate as gen  # pylint: disable=import-outside-toplevel
-  prompts = [[int(t)] for t in np.random.default_rng(batch).integers(0, vocab, batch)]
+  rng = np.random.default_rng(batch)
+  prompts = [list(map(int, rng.integers(0, vocab, prompt_len))) for _ in range(batch)]
   cfg = gen.SamplingConfig(max_new_tokens=new)
   t0 = time.perf_counter()
   gen.generate_batch(model, prompts, cfg)
   compile_s = time.perf_counter() - t0
+  samples, running = [], threading.Event()
+  running.set()
+
+  def sample():
+    while running.is_set():
+      samples.append(_rss())
+      time.sleep(0.02)
+
+  sampler = threading.Thread(target=sample)
+  sampler.start()
   t0 = time.perf_counter()
   gen.generate_batch(model, prompts, cfg)
   seconds = time.perf_counter() - t0
-  return {"batch": batch, "new_tokens": new, "tokens_per_s": batch * new / seconds,
+  running.clear()
+  sampler.join()
+  return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new,
+          "tokens_per_s": batch * new / seconds, "seconds": seconds,
           "first_call_s": compile_s, "rss_after_generate": _rss(),
+          "rss_max_while_generating": max(samples + [_rss()]),
           "peak_rss_bytes": _peak_rss()}
 
 
-def packed27_child(directory: str, preset: str) -> dict:
+PACKED27_RUNS = ((1, 1), (8, 1), (1, 64))  # (batch, prompt tokens), each in a fresh process
+
+
+def packed27_child(directory: str, preset: str, batch: int, prompt_len: int) -> dict:
+  """Loads the packed directory and times one (batch, prompt) configuration: in its own process
+  so that its resident memory holds one compiled program, as a serving process would."""
   from mmfree_jax.export import packed_dir  # pylint: disable=import-outside-toplevel
   base = _rss()
   t0 = time.perf_counter()
   model, _, manifest = packed_dir.load_packed(directory)
   load_s = time.perf_counter() - t0
   after_load = _rss()
+  peak_after_load = _peak_rss()
   new = 8 if preset != "toy" else 2
-  runs = [_time_generate(model, b, new, 32000) for b in (1, 8)]
+  prompt_len = prompt_len if preset != "toy" else min(prompt_len, 4)
+  run = _time_generate(model, batch, new, 32000, prompt_len=prompt_len)
   return {"format": manifest["format"], "file_bytes": manifest["bytes"], "load_s": load_s,
-          "rss_before_load": base, "rss_after_load": after_load, "runs": runs,
+          "rss_before_load": base, "rss_after_load": after_load,
+          "peak_rss_after_load": peak_after_load, "runs": [run],
           "peak_rss_bytes": _peak_rss()}
 
 
@@ -205,10 +233,12 @@ def main(argv=None):
     p.add_argument("--parts", default="shapes,batched,packed27,latent27")
     p.add_argument("--child", default=None, help="internal: one measurement in this process")
     p.add_argument("--dir", default=None)
+    p.add_argument("--run", default="1,1", help="internal: packed27 child's batch,prompt")
     p.add_argument("--formats", default="2bit,base3", help="packed27: formats to write")
   args = common.parse_args(NAME, __doc__, extra, argv)
   if args.child == "packed27":
-    print(json.dumps(packed27_child(args.dir, args.preset)))
+    batch, prompt_len = map(int, args.run.split(","))
+    print(json.dumps(packed27_child(args.dir, args.preset, batch, prompt_len)))
     return
   if args.child == "latent27":
     print(json.dumps(latent27_child(args.preset)))
@@ -229,12 +259,18 @@ def main(argv=None):
         t0 = time.perf_counter()
         manifest = write_random_packed(os.path.join(tmp, "p"), args.preset, fmt)
         write_s = time.perf_counter() - t0
-        child = _child(["--child", "packed27", "--dir", os.path.join(tmp, "p"), "--preset",
-                        args.preset])
+        children = [_child(["--child", "packed27", "--dir", os.path.join(tmp, "p"), "--preset",
+                             args.preset, "--run", f"{b},{p}"]) for b, p in PACKED27_RUNS]
+        child = dict(children[0], runs=[c["runs"][0] for c in children],
+                     peak_rss_bytes=max(c["peak_rss_bytes"] for c in children),
+                     rss_after_load=max(c["rss_after_load"] for c in children),
+                     rss_before_load=min(c["rss_before_load"] for c in children))
         out[fmt] = dict(child, write_s=write_s, file_bytes=manifest["bytes"])
         print(f"packed 2.7B {fmt}: file {manifest['bytes'] / 1e9:.3f} GB, RSS after load "
               f"{child['rss_after_load'] / 1e9:.2f} GB, peak {child['peak_rss_bytes'] / 1e9:.2f}"
-              f" GB; " + ", ".join(f"batch {r['batch']}: {r['tokens_per_s']:.2f} tok/s"
+              f" GB; " + ", ".join(f"batch {r['batch']} prompt {r['prompt_len']}: "
+                                   f"{r['tokens_per_s']:.2f} tok/s, RSS "
+                                   f"{r['rss_max_while_generating'] / 1e9:.2f} GB"
                                    for r in child["runs"]), flush=True)
     results["packed27"] = out
   if "latent27" in parts:
