@@ -119,9 +119,11 @@ LUT_CHUNK_BYTES = 1 << 20
 
 
 def _lut_chunk(rows: int, groups: int, n_out: int, chunk_bytes: int) -> int:
-  """Groups per loop step: the largest power of two whose gathered block fits `chunk_bytes`."""
+  """Groups per loop step: as few steps as keep each gathered block within `chunk_bytes`, of
+  equal size (the padding of the last block is under one group per step)."""
   fit = max(1, chunk_bytes // (rows * n_out * 4))
-  return min(1 << (fit.bit_length() - 1), groups)
+  steps = -(-groups // fit)
+  return -(-groups // steps)
 
 
 def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
