@@ -153,22 +153,16 @@ def targets(res: dict) -> list[list]:
   for fmt, r in inf.get("packed27", {}).items():
     rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt}, bf16 embedding)",
                  f"{r['file_bytes'] / 1e9:.3f} GB", _yes(r["file_bytes"] <= 0.75e9)])
-    steady = [run["rss_max_while_generating"] for run in r["runs"]
-              if "rss_max_while_generating" in run and run.get("prompt_len", 1) == 1]
-    prefill = [run for run in r["runs"] if run.get("prompt_len", 1) > 1]
-    if steady:  # sampled during the timed (second) call: no load or compiler peak in it
-      rows.append([f"packed 2.7B resident memory while generating <= 1.2 GB ({fmt})",
-                   f"{max(steady) / 1e9:.2f} GB RSS decoding at batch 1 and 8 "
-                   f"({(max(steady) - r['rss_before_load']) / 1e9:.2f} GB above the bare "
-                   f"runtime's {r['rss_before_load'] / 1e9:.2f})" + "".join(
-                       f"; {run['rss_max_while_generating'] / 1e9:.2f} GB with a "
-                       f"{run['prompt_len']}-token prefill" for run in prefill),
-                   _yes(max(steady) <= 1.2e9)])
-    else:
-      rows.append([f"packed 2.7B resident memory while generating <= 1.2 GB ({fmt})",
-                   f"peak RSS {r['peak_rss_bytes'] / 1e9:.2f} GB (after load "
-                   f"{r['rss_after_load'] / 1e9:.2f} GB, before "
-                   f"{r['rss_before_load'] / 1e9:.2f})", _yes(r["peak_rss_bytes"] <= 1.2e9)])
+    # sampled during the timed (second) call: no load or compiler peak in it
+    steady = [run["rss_max_while_generating"] for run in r["runs"] if run["prompt_len"] == 1]
+    prefill = [run for run in r["runs"] if run["prompt_len"] > 1]
+    rows.append([f"packed 2.7B resident memory while generating <= 1.2 GB ({fmt})",
+                 f"{max(steady) / 1e9:.2f} GB RSS decoding at batch 1 and 8 "
+                 f"({(max(steady) - r['rss_before_load']) / 1e9:.2f} GB above the bare "
+                 f"runtime's {r['rss_before_load'] / 1e9:.2f})" + "".join(
+                     f"; {run['rss_max_while_generating'] / 1e9:.2f} GB with a "
+                     f"{run['prompt_len']}-token prefill" for run in prefill),
+                 _yes(max(steady) <= 1.2e9)])
   for r in inf.get("batched", {}).get("rows", []):
     rows.append([f"batched generation of 32 prompts >= 10x one at a time ({r['model']})",
                  f"{r['speedup']:.1f}x", _yes(r["speedup"] >= 10)])
@@ -327,23 +321,15 @@ def _inference_section(inf: dict | None) -> list[str]:
     parts.append(_table(["size", "params", "latent bf16 GB", "2bit GB", "base3 GB",
                          "bf16 / 2bit", "embedding share of 2bit"], rows))
   if "packed27" in inf:
-    rows = []
-    for fmt, r in inf["packed27"].items():
-      for run in r["runs"]:
-        steady = run.get("rss_max_while_generating")
-        rows.append([f"packed {fmt}", f"{r['file_bytes'] / 1e9:.3f}",
-                     f"{r['rss_after_load'] / 1e9:.2f}",
-                     f"{steady / 1e9:.2f}" if steady else "",
-                     f"{run['peak_rss_bytes'] / 1e9:.2f}", run["batch"],
-                     run.get("prompt_len", 1), f"{run['tokens_per_s']:.3g}"])
+    row = lambda model, file_gb, loaded, run: [
+        model, file_gb, f"{loaded / 1e9:.2f}", f"{run['rss_max_while_generating'] / 1e9:.2f}",
+        f"{run['peak_rss_bytes'] / 1e9:.2f}", run["batch"], run["prompt_len"],
+        f"{run['tokens_per_s']:.3g}"]
+    rows = [row(f"packed {fmt}", f"{r['file_bytes'] / 1e9:.3f}", r["rss_after_load"], run)
+            for fmt, r in inf["packed27"].items() for run in r["runs"]]
     lat = inf.get("latent27")
     if lat:
-      for run in lat["runs"]:
-        steady = run.get("rss_max_while_generating")
-        rows.append(["latent bf16", "", f"{lat['rss_after_build'] / 1e9:.2f}",
-                     f"{steady / 1e9:.2f}" if steady else "",
-                     f"{run['peak_rss_bytes'] / 1e9:.2f}", run["batch"],
-                     run.get("prompt_len", 1), f"{run['tokens_per_s']:.3g}"])
+      rows += [row("latent bf16", "", lat["rss_after_build"], run) for run in lat["runs"]]
     parts.append(_table(["2.7B model", "file GB", "RSS after load GB",
                          "RSS while generating GB", "process peak RSS GB", "batch",
                          "prompt tokens", "tokens/s"], rows))
