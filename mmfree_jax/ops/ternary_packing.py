@@ -120,7 +120,7 @@ LUT_CHUNK_BYTES = 1 << 20
 
 def _lut_chunk(rows: int, groups: int, n_out: int, chunk_bytes: int) -> int:
   """Groups per loop step: as few steps as keep each gathered block within `chunk_bytes`, of
-  equal size (the padding of the last block is under one group per step)."""
+  about equal size (the last, remainder block is smaller by under one group per step)."""
   fit = max(1, chunk_bytes // (rows * n_out * 4))
   steps = -(-groups // fit)
   return -(-groups // steps)
@@ -152,23 +152,29 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
                      f"{MATVEC_METHODS}")
   batch = x_codes.shape[0]
   chunk = _lut_chunk(batch, groups, n_out, chunk_bytes)
-  steps = -(-groups // chunk)
-  # Padded groups get zero activations, so their table rows are 0 whatever byte they index.
-  packed = jnp.pad(packed, ((0, steps * chunk - groups), (0, 0)))
+  full, tail = divmod(groups, chunk)
   x = x_codes.astype(jnp.float32)  # small integers: every partial sum below is exact
-  x = jnp.pad(x, ((0, 0), (0, steps * chunk * k - n_in))).reshape(batch, steps * chunk, k)
+  x = jnp.pad(x, ((0, 0), (0, groups * k - n_in))).reshape(batch, groups, k)
   # table[b, g, v] = sum_j x[b, g*k + j] * code_j(v): the 256 possible partial sums per group
   table = jnp.einsum("bgk,vk->bgv", x, _digit_table(fmt, jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
 
-  def block(step, acc):
-    t = jax.lax.dynamic_slice_in_dim(table, step * chunk, chunk, axis=1)
-    p = jax.lax.dynamic_slice_in_dim(packed, step * chunk, chunk, axis=0)
+  def partial_sum(t, p):
     gathered = jax.vmap(lambda t: jax.vmap(lambda t_g, p_g: t_g[p_g])(t, p))(t)
     # Sum over groups as a dot with ones: the matmul kernel streams it, where a float reduce
     # over a major axis is not vectorized on XLA:CPU (about 10x slower). Exact: all partial
     # sums are integers below 2^24.
-    return acc + jnp.einsum("g,bgo->bo", jnp.ones((chunk,), jnp.float32), gathered,
-                            precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("g,bgo->bo", jnp.ones((p.shape[0],), jnp.float32), gathered,
+                      precision=jax.lax.Precision.HIGHEST)
 
-  return jax.lax.fori_loop(0, steps, block, jnp.zeros((batch, n_out), jnp.float32))
+  def block(step, acc):
+    return acc + partial_sum(jax.lax.dynamic_slice_in_dim(table, step * chunk, chunk, axis=1),
+                             jax.lax.dynamic_slice_in_dim(packed, step * chunk, chunk, axis=0))
+
+  acc = jax.lax.fori_loop(0, full, block, jnp.zeros((batch, n_out), jnp.float32))
+  if tail:
+    # The remainder as its own (smaller) block: padding the codes to whole blocks would copy
+    # them, and XLA:CPU schedules that weight-only copy for every layer before the first
+    # (a 2-bit 2.7B's decode then held 0.65 GB of padded codes).
+    acc = acc + partial_sum(table[:, full * chunk:], packed[full * chunk:])
+  return acc
