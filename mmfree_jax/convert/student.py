@@ -32,6 +32,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.convert.calibrate import Calibration, ternary_gain
 
 
 class ConversionError(ValueError):
@@ -80,21 +81,37 @@ def _widen_kv(kernel: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
 
 
 def init_student_params(teacher_params: dict, teacher_cfg: ModelConfig, student_params: dict,
-                        student_cfg: ModelConfig) -> dict:
+                        student_cfg: ModelConfig, calibration: Calibration | None = None
+                        ) -> dict:
   """Student params from the teacher's (pure; jit it with out_shardings for big models).
 
   Args:
     teacher_params: the TransformerLM's nested param dict.
     student_params: a freshly initialised MatMulFreeLM param dict (gives the leaves the
       teacher has no counterpart for, and the dtypes).
+    calibration: scale factors folded into the BitLinear norm_scales (`convert.calibrate`:
+      the ternary gain of each copied kernel, the RMS of the teacher's o_proj/down_proj
+      inputs); None: the plain copy (o_proj/down_proj norm_scale 1, no gain).
   Returns:
     a new nested dict with the student's structure and dtypes.
   """
   check_compatible(teacher_cfg, student_cfg)
+  calibration = calibration or Calibration()
   t, s = teacher_params, student_params
   tb, sb = t["blocks"], s["blocks"]
   cast = lambda x, like: jnp.asarray(x, like.dtype)
-  ones = lambda like: jnp.ones_like(like)
+  layers = student_cfg.num_layers
+  one = jnp.ones((layers,), jnp.float32)
+
+  def norm_scale(gamma, kernel, like, rms=None):
+    """`[L, in]` gamma (or 1) x ternary gain of `kernel` x rms, per layer, in like's dtype."""
+    factor = ternary_gain(kernel) if calibration.ternary else one
+    if rms is not None:
+      factor = factor * jnp.asarray(rms, jnp.float32).reshape(layers)
+    base = jnp.ones(like.shape, jnp.float32) if gamma is None else jnp.asarray(gamma,
+                                                                               jnp.float32)
+    return (base * factor[:, None]).astype(like.dtype)
+
   attn_gamma = tb["attn_norm"]["scale"]
   mlgru_source = {"i": _widen_kv(tb["attn"]["v_proj"]["kernel"], teacher_cfg),
                   "f": _widen_kv(tb["attn"]["k_proj"]["kernel"], teacher_cfg),
@@ -103,25 +120,32 @@ def init_student_params(teacher_params: dict, teacher_cfg: ModelConfig, student_
   attn = {}
   for name, kernel in mlgru_source.items():
     proj = sb["attn"][f"{name}_proj"]
-    norm = ones(proj["norm_scale"]) if name == "o" else cast(attn_gamma, proj["norm_scale"])
+    if name == "o":
+      norm = norm_scale(None, kernel, proj["norm_scale"], calibration.o_proj_rms)
+    else:
+      norm = norm_scale(attn_gamma, kernel, proj["norm_scale"])
     attn[f"{name}_proj"] = {"kernel": cast(kernel, proj["kernel"]), "norm_scale": norm}
-  attn["g_norm"] = {"scale": ones(sb["attn"]["g_norm"]["scale"])}
+  attn["g_norm"] = {"scale": jnp.ones_like(sb["attn"]["g_norm"]["scale"])}
+  gate_kernel, down_kernel = tb["mlp"]["gate_proj"]["kernel"], tb["mlp"]["down_proj"]["kernel"]
   mlp = {
-      "gate_proj": {"kernel": cast(tb["mlp"]["gate_proj"]["kernel"],
-                                   sb["mlp"]["gate_proj"]["kernel"]),
-                    "norm_scale": cast(tb["mlp_norm"]["scale"],
-                                       sb["mlp"]["gate_proj"]["norm_scale"])},
-      "down_proj": {"kernel": cast(tb["mlp"]["down_proj"]["kernel"],
-                                   sb["mlp"]["down_proj"]["kernel"]),
-                    "norm_scale": ones(sb["mlp"]["down_proj"]["norm_scale"])},
+      "gate_proj": {"kernel": cast(gate_kernel, sb["mlp"]["gate_proj"]["kernel"]),
+                    "norm_scale": norm_scale(tb["mlp_norm"]["scale"], gate_kernel,
+                                             sb["mlp"]["gate_proj"]["norm_scale"])},
+      "down_proj": {"kernel": cast(down_kernel, sb["mlp"]["down_proj"]["kernel"]),
+                    "norm_scale": norm_scale(None, down_kernel,
+                                             sb["mlp"]["down_proj"]["norm_scale"],
+                                             calibration.down_proj_rms)},
   }
+  ones = lambda like: jnp.ones_like(like)
+  head_gain = ternary_gain(t["lm_head"]["kernel"]) if calibration.ternary else 1.0
   out = {
       "embedding": cast(t["embedding"], s["embedding"]),
       "blocks": {"attn_norm": {"scale": ones(sb["attn_norm"]["scale"])}, "attn": attn,
                  "mlp_norm": {"scale": ones(sb["mlp_norm"]["scale"])}, "mlp": mlp},
       "final_norm": {"scale": ones(s["final_norm"]["scale"])},
       "lm_head": {"kernel": cast(t["lm_head"]["kernel"], s["lm_head"]["kernel"]),
-                  "norm_scale": cast(t["final_norm"]["scale"], s["lm_head"]["norm_scale"])},
+                  "norm_scale": cast(jnp.asarray(t["final_norm"]["scale"], jnp.float32) * head_gain,
+                                     s["lm_head"]["norm_scale"])},
   }
   if "lower_bounds" in s:
     out["lower_bounds"] = s["lower_bounds"]
