@@ -78,7 +78,7 @@ def test_stored_codes_are_the_latent_weights_quantized(exported):
   kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])
   scale = np.maximum(np.mean(np.abs(kernel)), 1e-5)
   codes = np.clip(np.round(kernel / scale), -1, 1)  # numpy: half-even, as the quantizer
-  stored = packed_model.packed_params().blocks[1].gate_proj
+  stored = jax.tree.map(lambda a: a[1], packed_model.packed_params().blocks.gate_proj)
   unpacked = ternary_packing.unpack_ternary(stored.w, "2bit", kernel.shape[0])
   np.testing.assert_array_equal(np.asarray(unpacked), codes)
   np.testing.assert_allclose(float(stored.scale), scale, rtol=1e-6)
@@ -102,6 +102,41 @@ def test_packed_logits_and_greedy_tokens_equal_latent(exported):
   prompts = [[ByteTok.bos_id] + ByteTok().encode(p) for p in PROMPTS]
   latent_tokens = generate_lib.generate_batch(model, prompts, sampling)
   assert generate_lib.generate_batch(packed_model, prompts, sampling) == latent_tokens
+
+
+def _data_bytes(path) -> int:
+  """Bytes of the tensors of a safetensors file (its header's offsets)."""
+  with open(path, "rb") as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+  return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
+             if k != "__metadata__")
+
+
+def test_int8_embedding_is_the_rows_quantized_and_the_rest_exact(exported, tmp_path):
+  """--embedding_dtype int8: each row is stored as absmax int8 codes with one scale (error
+  at most half a step, max|row| / 254); the model then equals the latent model whose
+  embedding is those de-quantized rows (same 1e-12 tolerance as the other formats)."""
+  root, model, dirs = exported
+  assert export_cli.main(["--workdir", str(root / "wd"), "--dst", str(tmp_path / "e8"),
+                          "--format", "2bit", "--embedding_dtype", "int8"]) == 0
+  packed_model, _, manifest = export.load_packed(str(tmp_path / "e8"))
+  assert manifest["embedding_dtype"] == "int8"
+  params = packed_model.packed_params()
+  table = np.asarray(model.embedding[...])
+  rows = np.asarray(params.embedding, np.float64) / np.asarray(params.embedding_scale)[:, None]
+  assert params.embedding.dtype == jnp.int8
+  step = np.max(np.abs(table), axis=1, keepdims=True) / 127
+  assert np.all(np.abs(rows - table) <= 0.5 * step * (1 + 1e-9))
+  assert np.max(np.abs(rows - table)) > 0  # it is lossy: the check above can fail
+  full, small = (_data_bytes(d / "model.safetensors") for d in (dirs["2bit"], tmp_path / "e8"))
+  assert full - small == table.size * 7 - table.shape[0] * 8  # f64 → int8 + an f64 scale/row
+  reference = nnx.clone(model)
+  reference.embedding[...] = jnp.asarray(rows)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, 259, (2, 9)), jnp.int32)
+  latent, _ = reference(tokens)
+  logits, _ = packed_model(tokens)
+  scale = float(np.max(np.abs(np.asarray(latent))))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(latent), atol=1e-12 * scale)
 
 
 def test_packed_perplexity_and_multiple_choice_equal_latent(exported, tmp_path):

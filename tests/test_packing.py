@@ -201,9 +201,11 @@ def test_packed_decode_fp32_all_formats_identical_and_close_to_model():
 def test_export_stores_codes_and_mean_abs_scale():
   model = _model("float32")
   params, spec = packed_model.export_packed(model, "2bit")
-  assert spec.fmt == "2bit" and len(params.blocks) == model.cfg.num_layers
+  layers = model.cfg.num_layers
+  assert spec.fmt == "2bit" and params.blocks.gate_proj.w.shape == (layers, 18, 400)
+  assert len(packed_model.export_packed(model, "int8")[0].blocks) == layers  # unrolled
   kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])  # layer 1, [72, 400]
-  lin = params.blocks[1].gate_proj
+  lin = jax.tree.map(lambda a: a[1], params.blocks.gate_proj)  # stacked: layer 1
   assert lin.w.dtype == jnp.uint8 and lin.w.shape == (18, 400)
   codes, _ = quant.quantize_weights_ternary(jnp.asarray(kernel))
   np.testing.assert_array_equal(np.asarray(packing.unpack_ternary(lin.w, "2bit", 72)),
@@ -230,7 +232,7 @@ def test_prefill_unpacks_one_layer_at_a_time():
   """A prefill past `LUT_MAX_ROWS` rows unpacks each layer's codes to fp32 for one matmul.
   XLA:CPU used to unpack every layer's up front and hold them all (~10 GB for the 2.7B):
   compiled temporaries must stay well under all layers' fp32 codes (they were 1.03x of
-  them before `_after`; 0.07x with it at d=512, L=8)."""
+  them with layers unrolled; ~one layer's, 0.13x, in the layer scan at d=512, L=8)."""
   layers = 6
   cfg = ModelConfig.tiny(dtype="float32", d_model=256, num_layers=layers, vocab_size=256)
   params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit")
@@ -239,7 +241,6 @@ def test_prefill_unpacks_one_layer_at_a_time():
       params, jnp.zeros((1, rows), jnp.int32)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   names = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
-  fp32_codes = [sum(4 * getattr(b, n).w.shape[1] * (cfg.intermediate_size if n == "down_proj"
-                                                    else cfg.d_model) for n in names)
-                for b in params.blocks]
+  fp32_codes = [4 * layers * getattr(params.blocks, n).w.shape[-1] * (
+      cfg.intermediate_size if n == "down_proj" else cfg.d_model) for n in names]
   assert temp < 0.5 * sum(fp32_codes), (temp, fp32_codes)

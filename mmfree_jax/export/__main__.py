@@ -22,7 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--embedding_dtype", default=None,
                       choices=sorted(packed_dir.EMBEDDING_DTYPES),
-                      help="stored embedding dtype (default: the checkpoint's param dtype)")
+                      help="stored embedding dtype (default: the checkpoint's param dtype); int8: "
+                           "per-row absmax codes + fp32 scales, the one lossy choice")
   return parser.parse_args(argv)
 
 

@@ -10,6 +10,8 @@ Layout of `DIR` (docs/architecture.md; `python -m mmfree_jax.export`):
 Tensors (L layers, P = every BitLinear: i/f/g/o_proj, gate_proj, down_proj, lm_head):
 
     embedding                      [vocab, d]          checkpoint dtype (or --embedding_dtype)
+    embedding.scale                [vocab]             fp32, only for --embedding_dtype int8:
+                                                       row ≈ codes / scale (lossy, opt-in)
     final_norm, lower_bounds       [d], [L, d]          fp32 (the effective forget-gate bounds)
     blocks.<l>.{attn,g,mlp}_norm   [d]                  fp32
     <P>.codes                      uint8 [packed_length(in), out] ('2bit', 'base3') or int8 /
@@ -19,8 +21,9 @@ Tensors (L layers, P = every BitLinear: i/f/g/o_proj, gate_proj, down_proj, lm_h
 
 Export never holds the latent model: each stacked checkpoint leaf is restored alone (orbax
 partial restore), quantized layer by layer and written, so the peak is about one leaf (the
-largest is gate_proj's `[L, d, 2I]`). Loading reads only the stored tensors (memory-mapped),
-checks every name, shape and dtype against the config first, and never makes fp32 weights.
+largest is gate_proj's `[L, d, 2I]`). Loading checks every name, shape and dtype against the config
+first, then reads each tensor into a fresh array (the bit-packed formats' layers into one
+stacked array per tensor: `nn.packed.PackedParams`); it never makes fp32 weights.
 Both write into a hidden temporary directory renamed at the end (as `mmfree_jax.hf`).
 """
 
@@ -63,7 +66,8 @@ LAYER_LINEARS = (("attn", "i_proj"), ("attn", "f_proj"), ("attn", "g_proj"), ("a
 LAYER_NORMS = {"attn_norm": ("attn_norm", "scale"), "g_norm": ("attn", "g_norm", "scale"),
                "mlp_norm": ("mlp_norm", "scale")}
 EMBEDDING_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                    "float64": np.dtype(np.float64)}
+                    "float64": np.dtype(np.float64), "int8": np.dtype(np.int8)}
+INT8 = np.dtype(np.int8)
 F32 = np.dtype(np.float32)
 _STORED_DTYPES = {**tensors.SAFETENSORS_DTYPES, "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8)}
 
@@ -100,8 +104,10 @@ def layout(cfg: ModelConfig, fmt: str,
   one after another (so export restores each leaf once)."""
   d, layers = cfg.d_model, cfg.num_layers
   stat = stat_dtype(cfg)
-  out = [("embedding", (cfg.vocab_size, d), embedding_dtype), ("final_norm", (d,), stat),
-         ("lower_bounds", (layers, d), stat)]
+  out = [("embedding", (cfg.vocab_size, d), embedding_dtype)]
+  if embedding_dtype == INT8:
+    out.append(("embedding.scale", (cfg.vocab_size,), stat))
+  out += [("final_norm", (d,), stat), ("lower_bounds", (layers, d), stat)]
   for name in LAYER_NORMS:
     out += [(f"blocks.{l}.{name}", (d,), stat) for l in range(layers)]
   linears = [(f"blocks.{l}.{proj}", shape) for proj, shape in _linear_shapes(cfg).items()
@@ -182,7 +188,17 @@ def _producers(reader: _LeafReader, cfg: ModelConfig, fmt: str,
   stat = stat_dtype(cfg)
   f32 = lambda path, index=None: lambda: np.asarray(
       reader.get(path) if index is None else reader.get(path)[index], stat)
-  out = {"embedding": lambda: np.asarray(reader.get(("embedding",)), embedding_dtype),
+  embedding_scale: list[np.ndarray] = []
+
+  def embedding():
+    table = reader.get(("embedding",))
+    if embedding_dtype != INT8:
+      return np.asarray(table, embedding_dtype)
+    codes, scale = packed.quantize_embedding(jnp.asarray(table))
+    embedding_scale.append(np.asarray(scale, stat))
+    return np.asarray(codes)
+
+  out = {"embedding": embedding, "embedding.scale": lambda: embedding_scale.pop(),
          "final_norm": f32(("final_norm", "scale"))}
 
   def lower_bounds():
@@ -227,7 +243,8 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
     fmt: '2bit', 'base3' or 'int8' (also the float code formats of `nn.packed.FORMATS`).
     step: checkpoint step (default: the latest).
     embedding_dtype: dtype of the stored embedding (default: the checkpoint's param dtype;
-      'bfloat16' halves its bytes, as the released models store it).
+      'bfloat16' halves its bytes, as the released models store it; 'int8' stores per-row
+      absmax codes and scales, a quarter of fp32, and is the one lossy choice).
   Returns:
     a summary: dst, step, format, bytes of model.safetensors, peak restored leaf bytes.
   """
@@ -347,15 +364,28 @@ class _TensorReader:
     self._base = 8 + header_len
     self._dtypes = dtypes
 
-  def read(self, name: str) -> np.ndarray:
+  def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+    """The tensor `name`, into `out` (a C-contiguous array of its shape and dtype) if given."""
     entry = self._header[name]
     begin, end = entry["data_offsets"]
-    out = np.empty(tuple(entry["shape"]), self._dtypes[name])
+    if out is None:
+      out = np.empty(tuple(entry["shape"]), self._dtypes[name])
+    elif out.shape != tuple(entry["shape"]) or out.dtype != self._dtypes[name]:
+      raise ValueError(f"tensor {name} is {entry['shape']} {self._dtypes[name]}, not "
+                       f"{list(out.shape)} {out.dtype}")
     if out.nbytes != end - begin:
       raise ValueError(f"tensor {name} has {end - begin} bytes, its shape needs {out.nbytes}")
     self._file.seek(self._base + begin)
     if self._file.readinto(out.reshape(-1).view(np.uint8)) != out.nbytes:
       raise ValueError(f"tensor {name} is truncated")
+    return out
+
+  def read_stacked(self, names: list[str]) -> np.ndarray:
+    """Tensors of one shape and dtype stacked on a new leading axis, each read into its slice."""
+    first = names[0]
+    out = np.empty((len(names),) + tuple(self._header[first]["shape"]), self._dtypes[first])
+    for i, name in enumerate(names):
+      self.read(name, out[i])
     return out
 
   def close(self) -> None:
@@ -429,22 +459,27 @@ def load_packed(directory: str, *, method: str = "lut"):
   try:
     reader = _TensorReader(path, {n: d for n, _, d in expected})
     read = lambda name: jnp.asarray(reader.read(name))
-    blocks = []
-    lower_bounds = reader.read("lower_bounds")
-    linear = lambda prefix: packed.PackedLinear(
-        read(f"{prefix}.codes"), read(f"{prefix}.scale").reshape(()),
-        read(f"{prefix}.norm_scale"))
-    for l in range(model_cfg.num_layers):
-      p = f"blocks.{l}"
-      blocks.append(packed.PackedBlock(
-          attn_norm=read(f"{p}.attn_norm"), i_proj=linear(f"{p}.i_proj"),
-          f_proj=linear(f"{p}.f_proj"), g_proj=linear(f"{p}.g_proj"),
-          o_proj=linear(f"{p}.o_proj"), g_norm=read(f"{p}.g_norm"),
-          mlp_norm=read(f"{p}.mlp_norm"), gate_proj=linear(f"{p}.gate_proj"),
-          down_proj=linear(f"{p}.down_proj"),
-          lower_bound=jnp.asarray(lower_bounds[l], acc_dtype(model_cfg.compute_dtype))))
-    params = packed.PackedParams(read("embedding"), tuple(blocks), read("final_norm"),
-                                 linear("lm_head"))
+    lower_bounds = jnp.asarray(reader.read("lower_bounds"), acc_dtype(model_cfg.compute_dtype))
+    linear = lambda get, prefix: packed.PackedLinear(
+        get(f"{prefix}.codes"), get(f"{prefix}.scale")[..., 0], get(f"{prefix}.norm_scale"))
+
+    def block(get, lower_bound):
+      return packed.PackedBlock(
+          attn_norm=get("attn_norm"), i_proj=linear(get, "i_proj"), f_proj=linear(get, "f_proj"),
+          g_proj=linear(get, "g_proj"), o_proj=linear(get, "o_proj"), g_norm=get("g_norm"),
+          mlp_norm=get("mlp_norm"), gate_proj=linear(get, "gate_proj"),
+          down_proj=linear(get, "down_proj"), lower_bound=lower_bound)
+
+    layers = range(model_cfg.num_layers)
+    if packed.stacked(fmt):  # one [layers, ...] array per tensor (nn.packed.PackedParams)
+      blocks = block(lambda name: jnp.asarray(reader.read_stacked(
+          [f"blocks.{l}.{name}" for l in layers])), lower_bounds)
+    else:
+      blocks = tuple(block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l])
+                     for l in layers)
+    params = packed.PackedParams(
+        read("embedding"), blocks, read("final_norm"), linear(read, "lm_head"),
+        read("embedding.scale") if emb_dtype == INT8 else None)
   except (ValueError, KeyError, OSError) as e:
     raise PackedDirError(f"cannot read {path}: {e}; export it again") from e
   finally:

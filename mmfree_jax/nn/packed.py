@@ -9,7 +9,9 @@ once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), sc
     'int8'      one int8 code per weight
     'float32' / 'bfloat16'  the codes as floats (the plain-storage baselines)
 
-with the per-tensor scale; embeddings, norm scales and lower bounds stay full precision.
+with the per-tensor scale; norm scales and lower bounds stay full precision, and so does the
+embedding unless it is stored as int8 rows with per-row absmax scales (`int8_embedding`: half
+the bytes of bf16, and a lossy step the rest of the model then sees exactly).
 `decode(params, tokens [B, 1], state, spec=...)` is one decode step of the MLGRU model on
 these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
 scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,
@@ -63,7 +65,7 @@ class PackedLinear(NamedTuple):
 
 
 class PackedBlock(NamedTuple):
-  """The parameters of one layer."""
+  """The parameters of one layer, or of all layers stacked (every leaf `[layers, ...]`)."""
   attn_norm: jax.Array
   i_proj: PackedLinear
   f_proj: PackedLinear
@@ -77,13 +79,21 @@ class PackedBlock(NamedTuple):
 
 
 class PackedParams(NamedTuple):
-  """Layers are stored one by one (a tuple), not stacked: a decode step then reads each
-  weight matrix where it lies. (Slicing a stacked `[layers, ...]` array inside a scan copies
-  the slice before the matmul on XLA:CPU, which doubles the bytes a decode step moves.)"""
-  embedding: jax.Array
-  blocks: tuple[PackedBlock, ...]
+  """`blocks` is how the layers are stored, so that a decode step reads every weight where it
+  lies (slicing a stacked `[layers, ...]` array for a matmul copies the slice on XLA:CPU,
+  which doubles the bytes a step moves):
+
+  - bit-packed formats ('2bit', 'base3'): one `PackedBlock` of stacked leaves, scanned over.
+    The LUT matvec reads a layer's codes in place (`packed_matvec(layer=)`), so the scan
+    copies nothing, and the program holds one layer, not all of them unrolled (compiled, the
+    unrolled 2.7B generate took ~0.3 GB of the process's memory).
+  - integer and float code formats: a tuple of per-layer `PackedBlock`s, unrolled.
+  """
+  embedding: jax.Array  # [vocab, d] float, or int8 codes when embedding_scale is given
+  blocks: PackedBlock | tuple[PackedBlock, ...]
   final_norm: jax.Array
   lm_head: PackedLinear
+  embedding_scale: jax.Array | None = None  # [vocab] fp32: row ≈ codes / scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +102,21 @@ class PackedSpec:
   cfg: ModelConfig
   fmt: str
   method: str = "lut"
+
+
+def stacked(fmt: str) -> bool:
+  """Whether `fmt` stores its layers stacked (see `PackedParams`)."""
+  return FORMATS[fmt] == PACKED
+
+
+def stack_blocks(blocks: list[PackedBlock]) -> PackedBlock:
+  """Per-layer blocks → one block of `[layers, ...]` leaves."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
+
+
+def layer_blocks(params: PackedParams) -> tuple[PackedBlock, ...]:
+  """The stored blocks as a tuple (one stacked block for the bit-packed formats)."""
+  return (params.blocks,) if isinstance(params.blocks, PackedBlock) else params.blocks
 
 
 def pack_kernel(kernel: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
@@ -105,6 +130,22 @@ def pack_kernel(kernel: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
   return w, scale
 
 
+def quantize_embedding(embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`[vocab, d]` float → int8 codes `[vocab, d]` and per-row scales `[vocab]` fp32 (the
+  int8 absmax quantizer of the activations, applied to each row)."""
+  codes, scale = quant.quantize_activations_int8(embedding)
+  return codes, scale[:, 0]
+
+
+def embed(params: PackedParams, tokens: jax.Array, dtype) -> jax.Array:
+  """`tokens [B, T]` → rows `[B, T, d]` in `dtype` (de-quantized if stored as int8)."""
+  rows = jnp.take(params.embedding, tokens, axis=0)
+  if params.embedding_scale is None:
+    return rows.astype(dtype)
+  scale = jnp.take(params.embedding_scale, tokens, axis=0)[..., None]
+  return quant.dequantize_int8(rows, scale, dtype)
+
+
 def _export_linear(layer, fmt: str, index: int | None = None) -> PackedLinear:
   """Packs `layer`'s kernel (layer `index` of a stacked one if given)."""
   kernel, norm_scale = layer.kernel[...], layer.norm_scale[...]
@@ -114,9 +155,10 @@ def _export_linear(layer, fmt: str, index: int | None = None) -> PackedLinear:
   return PackedLinear(w, scale, norm_scale)
 
 
-def export_packed(model: MatMulFreeLM, fmt: str = "2bit",
-                  method: str = "lut") -> tuple[PackedParams, PackedSpec]:
-  """Quantizes and packs every BitLinear of `model` (latent weights are quantized once).
+def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut",
+                  int8_embedding: bool = False) -> tuple[PackedParams, PackedSpec]:
+  """Quantizes and packs every BitLinear of `model` (latent weights are quantized once), and
+  the embedding to int8 rows if `int8_embedding`.
 
   Returns the packed parameter pytree and the static spec to decode with.
   """
@@ -137,15 +179,19 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit",
         g_proj=lin(b.attn.g_proj), o_proj=lin(b.attn.o_proj), g_norm=b.attn.g_norm.scale[l],
         mlp_norm=b.mlp_norm.scale[l], gate_proj=lin(b.mlp.gate_proj),
         down_proj=lin(b.mlp.down_proj), lower_bound=lower_bounds[l]))
-  params = PackedParams(model.embedding[...], tuple(blocks), model.final_norm.scale[...],
-                        _export_linear(model.lm_head, fmt))
+  embedding, embedding_scale = model.embedding[...], None
+  if int8_embedding:
+    embedding, embedding_scale = quantize_embedding(embedding)
+  blocks = stack_blocks(blocks) if stacked(fmt) else tuple(blocks)
+  params = PackedParams(embedding, blocks, model.final_norm.scale[...],
+                        _export_linear(model.lm_head, fmt), embedding_scale)
   return params, PackedSpec(model.cfg, fmt, method)
 
 
 def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) -> int:
   """Bytes of all BitLinear weights (codes, and their per-matrix scales if asked): what a
   decode step must read."""
-  linears = [params.lm_head] + [getattr(block, name) for block in params.blocks for name in
+  linears = [params.lm_head] + [getattr(block, name) for block in layer_blocks(params) for name in
                                 ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj",
                                  "down_proj")]
   return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
@@ -155,51 +201,68 @@ def _after(w: jax.Array, sx: jax.Array) -> jax.Array:
   """`w` unchanged, but computed only once `sx` (the layer input's activation scales) exists.
 
   XLA:CPU's scheduler runs work that needs only the weights first and keeps its results, so
-  unpacking every layer's codes to fp32 for a prefill held all of them at once (~10 GB for
-  the 2.7B; an optimization barrier is dropped before scheduling). A select on a flag XLA
-  cannot fold makes each layer's unpack wait for its input: one layer's fp32 codes are alive
-  at a time. `sx = 127 / max(absmax, eps)` is positive or NaN, so the flag is always false.
+  unpacking codes to fp32 for a prefill held all of them at once: every layer's with the
+  layers unrolled (~10 GB for the 2.7B), a layer's seven projections in the layer scan (0.65
+  GB of temporaries at 64 rows; an optimization barrier is dropped before scheduling). A
+  select on a flag XLA cannot fold makes each unpack wait for its own input (0.34 GB).
+  `sx = 127 / max(absmax, eps)` is positive or NaN, so the flag is always false.
   """
   return jnp.where(sx.reshape(-1)[0] < 0, jnp.zeros((), w.dtype), w)
 
 
 def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
-            sx: jax.Array) -> jax.Array:
+            sx: jax.Array, layer: jax.Array | None = None) -> jax.Array:
   """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `sx [rows, 1]`
-  the rows' activation scales (only ordered after, never read)."""
+  the rows' activation scales (only ordered after, never read); `layer`: the layer of a
+  stacked `w [layers, ...]`."""
   if FORMATS[spec.fmt] == PACKED:
     if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS:
       # many rows (prefill, big batches): unpack once; codes and integer sums below 2^24
       # are exact in fp32
+      if layer is not None:
+        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
       codes = packing.unpack_ternary(_after(w, sx), spec.fmt, n_in, axis=0
                                      ).astype(jnp.float32)
       return jnp.matmul(x_codes.astype(jnp.float32), codes,
                         precision=jax.lax.Precision.HIGHEST)
-    return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method)
+    return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method, layer=layer)
   if spec.fmt == "int8":
     return jax.lax.dot(x_codes, w, preferred_element_type=jnp.int32)
   # float storage: products and sums of small integers are exact in the fp32 accumulator
   return jnp.matmul(x_codes.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec) -> jax.Array:
-  """BitLinear on stored codes: `[..., in]` → `[..., out]` in the compute dtype."""
+def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec,
+               layer: jax.Array | None = None) -> jax.Array:
+  """BitLinear on stored codes: `[..., in]` → `[..., out]` in the compute dtype (`layer`: of
+  stacked codes; the scales are that layer's already)."""
   _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
   lead = codes.shape[:-1]
   acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1],
-                sx.reshape(-1, 1))
+                sx.reshape(-1, 1), layer)
   return quant.integer_output(acc.reshape(lead + acc.shape[-1:]), p.scale, sx,
                               spec.cfg.compute_dtype)
 
 
-def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None):
+def _at(block: PackedBlock, index: jax.Array) -> PackedBlock:
+  """Layer `index` of a stacked block: norms and scales sliced, codes left stacked."""
+  take = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
+  return PackedBlock(*(PackedLinear(v.w, take(v.scale), take(v.norm_scale))
+                       if isinstance(v, PackedLinear) else take(v) for v in block))
+
+
+def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None, index=None):
   """One MLGRU + GLU block: `x [B, T, d]`, `h0 [B, d]` fp32 or None → (x, final h [B, d]).
 
   `reset [B, T]` bool restarts the recurrence (forget gate 0) where a new document starts.
+  `index`: with a stacked `layer`, the (traced) layer to run.
   """
   cfg = spec.cfg
+  if index is not None:
+    layer = _at(layer, index)
+  bitlinear = functools.partial(_bitlinear, spec=spec, layer=index)
   a = quant.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-  f, i = mlgru.gates(_bitlinear(layer.f_proj, a, spec), _bitlinear(layer.i_proj, a, spec),
+  f, i = mlgru.gates(bitlinear(layer.f_proj, a), bitlinear(layer.i_proj, a),
                      layer.lower_bound)
   if reset is not None:
     f = jnp.where(reset[..., None], 0.0, f)
@@ -209,13 +272,13 @@ def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None):
   else:
     h, h_last = recurrence.linear_recurrence(f, i, h0, scan_type=cfg.scan_type,
                                              chunk_size=cfg.chunk_size)
-  g = quant.rms_norm(_bitlinear(layer.g_proj, a, spec).astype(f.dtype), layer.g_norm,
+  g = quant.rms_norm(bitlinear(layer.g_proj, a).astype(f.dtype), layer.g_norm,
                      cfg.rms_norm_eps)
   o = mlgru.output(g, h)
-  x = x + _bitlinear(layer.o_proj, o.astype(cfg.compute_dtype), spec)
+  x = x + bitlinear(layer.o_proj, o.astype(cfg.compute_dtype))
   m = quant.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-  gate, up = jnp.split(_bitlinear(layer.gate_proj, m, spec), 2, axis=-1)
-  x = x + _bitlinear(layer.down_proj, jax.nn.silu(gate) * up, spec)
+  gate, up = jnp.split(bitlinear(layer.gate_proj, m), 2, axis=-1)
+  x = x + bitlinear(layer.down_proj, jax.nn.silu(gate) * up)
   return x, h_last
 
 
@@ -244,8 +307,9 @@ def forward(params: PackedParams, tokens: jax.Array, *, spec: PackedSpec,
   """The full-sequence forward (prefill, scoring) on stored codes: `MatMulFreeLM.__call__`'s
   contract. `tokens [B, T]` int32 → (logits `[B, T, vocab]` compute dtype, final state).
 
-  Layers run unrolled, each reading its own weights where they lie; a one-token step with a
-  state skips the scan.
+  Layers run as stored (`PackedParams`): scanned over for the bit-packed formats, unrolled
+  for the others, each reading its weights where they lie; a one-token step with a state
+  skips the recurrence's scan.
   """
   cfg = spec.cfg
   if tokens.ndim != 2:
@@ -257,13 +321,19 @@ def forward(params: PackedParams, tokens: jax.Array, *, spec: PackedSpec,
   reset = None
   if segment_ids is not None and cfg.reset_at_doc_start:
     reset = reset_mask(segment_ids)
-  x = jnp.take(params.embedding, tokens, axis=0).astype(cfg.compute_dtype)
-  h = []
-  for l, layer in enumerate(params.blocks):
-    x, h_l = _block(x, None if state is None else state.h[l], layer, spec, reset)
-    h.append(h_l)
+  x = embed(params, tokens, cfg.compute_dtype)
+  h0 = None if state is None else state.h
+  if not isinstance(params.blocks, PackedBlock):  # a tuple of layers
+    h = []
+    for l, layer in enumerate(params.blocks):
+      x, h_l = _block(x, None if h0 is None else h0[l], layer, spec, reset)
+      h.append(h_l)
+    h = jnp.stack(h)
+  else:
+    body = lambda x, xs: _block(x, xs[1], params.blocks, spec, reset, index=xs[0])
+    x, h = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers), h0))
   x = quant.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-  return _bitlinear(params.lm_head, x, spec), RecurrentState(jnp.stack(h))
+  return _bitlinear(params.lm_head, x, spec), RecurrentState(h)
 
 
 class PackedWeight(nnx.Variable):
@@ -286,9 +356,10 @@ class PackedLM(nnx.Module):
     self.weights = nnx.data(jax.tree.map(PackedWeight, params))
 
   @classmethod
-  def from_model(cls, model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut"):
+  def from_model(cls, model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut",
+                 int8_embedding: bool = False):
     """Packs an in-memory latent model (`export_packed`)."""
-    return cls(*export_packed(model, fmt, method))
+    return cls(*export_packed(model, fmt, method, int8_embedding))
 
   @property
   def spec(self) -> PackedSpec:

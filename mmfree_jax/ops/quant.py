@@ -87,10 +87,16 @@ def quantize_activations_int8(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes.astype(jnp.int8), sx
 
 
+def dequantize_int8(codes: jax.Array, scale: jax.Array, dtype) -> jax.Array:
+  """`codes / scale` in `dtype`: the inverse of `quantize_activations_int8` (scale broadcasts
+  against codes, e.g. `[..., 1]` against `[..., d]`)."""
+  return (codes.astype(scale.dtype) / scale).astype(dtype)
+
+
 def fake_quantize_activations(x: jax.Array) -> jax.Array:
   """De-quantized int8 absmax activations `codes / scale`, same shape and dtype as x (no STE)."""
   codes, sx = quantize_activations_int8(x)
-  return (codes.astype(sx.dtype) / sx).astype(x.dtype)
+  return dequantize_int8(codes, sx, x.dtype)
 
 
 def weight_scale(w: jax.Array) -> jax.Array:

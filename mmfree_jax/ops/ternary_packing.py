@@ -127,7 +127,8 @@ def _lut_chunk(rows: int, groups: int, n_out: int, chunk_bytes: int) -> int:
 
 
 def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
-                  method: str = "lut", chunk_bytes: int = LUT_CHUNK_BYTES) -> jax.Array:
+                  method: str = "lut", chunk_bytes: int = LUT_CHUNK_BYTES,
+                  layer: jax.Array | None = None) -> jax.Array:
   """`x_codes @ unpack(packed)` exactly, for a kernel packed along its input axis.
 
   Args:
@@ -138,14 +139,21 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
     method: 'lut' (per-group table of partial sums, one lookup per byte) or 'unpack'
       (unpack to int8, int32-accumulating dot).
     chunk_bytes: 'lut' gathers and sums the groups in blocks of about this many bytes.
+    layer: with `packed [layers, packed_length(n_in), n_out]`, the (traced) layer to use. The
+      LUT reads that layer's codes where they lie (one dynamic slice per block), where
+      slicing the layer out first would copy it.
   Returns:
     `[batch, n_out]` float32 holding exact integers (|value| <= 128 * n_in < 2^24 for
     n_in < 131072) for 'lut', int32 for 'unpack'.
   """
   k, _ = _format(fmt)
-  groups, n_out = packed.shape
+  if layer is None:
+    packed, layer = packed[None], 0
+  groups, n_out = packed.shape[1:]
+  codes = lambda start, size: jax.lax.dynamic_slice(packed, (layer, start, 0),
+                                                    (1, size, n_out))[0]
   if method == "unpack":
-    w = unpack_ternary(packed, fmt, n_in, axis=0)
+    w = unpack_ternary(codes(0, groups), fmt, n_in, axis=0)
     return jax.lax.dot(x_codes.astype(jnp.int8), w, preferred_element_type=jnp.int32)
   if method != "lut":
     raise ValueError(f"unknown packed matvec method {method!r}; choose one of "
@@ -169,12 +177,12 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
 
   def block(step, acc):
     return acc + partial_sum(jax.lax.dynamic_slice_in_dim(table, step * chunk, chunk, axis=1),
-                             jax.lax.dynamic_slice_in_dim(packed, step * chunk, chunk, axis=0))
+                             codes(step * chunk, chunk))
 
   acc = jax.lax.fori_loop(0, full, block, jnp.zeros((batch, n_out), jnp.float32))
   if tail:
     # The remainder as its own (smaller) block: padding the codes to whole blocks would copy
     # them, and XLA:CPU schedules that weight-only copy for every layer before the first
     # (a 2-bit 2.7B's decode then held 0.65 GB of padded codes).
-    acc = acc + partial_sum(table[:, full * chunk:], packed[full * chunk:])
+    acc = acc + partial_sum(table[:, full * chunk:], codes(full * chunk, tail))
   return acc
