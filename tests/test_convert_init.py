@@ -134,3 +134,18 @@ def test_calibrated_student_blocks_match_the_teacher_update_scale(setup):
   calibrated, plain = ratios(calibration), ratios(None)
   assert all(0.5 <= r <= 2.0 for r in calibrated), calibrated
   assert all(r > 5.0 for r in plain), plain
+
+
+def test_mapping_picks_the_mlgru_sources(setup):
+  from mmfree_jax.convert import ConversionError
+  teacher_cfg, student_cfg, teacher, student, _, _ = setup
+  t, fresh = _params(teacher), _params(student)
+  default = init_student_params(t, teacher_cfg, fresh, student_cfg)
+  swapped = init_student_params(t, teacher_cfg, fresh, student_cfg, mapping="qkv")
+  s, d = swapped["blocks"]["attn"], default["blocks"]["attn"]
+  np.testing.assert_array_equal(s["i_proj"]["kernel"], d["g_proj"]["kernel"])  # Q -> i
+  np.testing.assert_array_equal(s["g_proj"]["kernel"], d["i_proj"]["kernel"])  # V -> g
+  np.testing.assert_array_equal(s["f_proj"]["kernel"], d["f_proj"]["kernel"])
+  for bad in ("vvq", "vk", "abc"):
+    with pytest.raises(ConversionError, match="permutation of 'vkq'"):
+      init_student_params(t, teacher_cfg, fresh, student_cfg, mapping=bad)

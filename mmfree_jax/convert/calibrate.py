@@ -22,6 +22,10 @@ per-tensor factor):
    gamma is folded in by `init_student_params`), so they need no input factor.
 
 `Calibration` holds the factors; `init_student_params` multiplies them into the norm_scales.
+The input RMS needs a batch of text, which `train.distill`'s own init (`distill.init='teacher'`,
+from the teacher's params alone) does not have: experiments/convert.py computes the
+calibration on the run's first training batch and starts training from the calibrated params
+(a params-only step-0 checkpoint, as for imported weights).
 """
 
 from __future__ import annotations
