@@ -351,6 +351,20 @@ def _open(path: str):
   return handle
 
 
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+  """`np.empty` with `align`-byte aligned data: on CPU `jax.device_put(may_alias=True)` then
+  uses it in place (XLA's minimum alignment is 64), where numpy's 16-byte aligned arrays are
+  copied (a stacked 2.7B gate_proj: +0.28 GB at load)."""
+  nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _to_device(array: np.ndarray) -> jax.Array:
+  return jax.device_put(array, may_alias=True)
+
+
 class _TensorReader:
   """Reads one tensor at a time from a (validated) safetensors file into a fresh array.
 
@@ -369,7 +383,7 @@ class _TensorReader:
     entry = self._header[name]
     begin, end = entry["data_offsets"]
     if out is None:
-      out = np.empty(tuple(entry["shape"]), self._dtypes[name])
+      out = _aligned_empty(tuple(entry["shape"]), self._dtypes[name])
     elif out.shape != tuple(entry["shape"]) or out.dtype != self._dtypes[name]:
       raise ValueError(f"tensor {name} is {entry['shape']} {self._dtypes[name]}, not "
                        f"{list(out.shape)} {out.dtype}")
@@ -383,7 +397,7 @@ class _TensorReader:
   def read_stacked(self, names: list[str]) -> np.ndarray:
     """Tensors of one shape and dtype stacked on a new leading axis, each read into its slice."""
     first = names[0]
-    out = np.empty((len(names),) + tuple(self._header[first]["shape"]), self._dtypes[first])
+    out = _aligned_empty((len(names),) + tuple(self._header[first]["shape"]), self._dtypes[first])
     for i, name in enumerate(names):
       self.read(name, out[i])
     return out
@@ -458,7 +472,7 @@ def load_packed(directory: str, *, method: str = "lut"):
   handle.__exit__(None, None, None)
   try:
     reader = _TensorReader(path, {n: d for n, _, d in expected})
-    read = lambda name: jnp.asarray(reader.read(name))
+    read = lambda name: _to_device(reader.read(name))
     lower_bounds = jnp.asarray(reader.read("lower_bounds"), acc_dtype(model_cfg.compute_dtype))
     linear = lambda get, prefix: packed.PackedLinear(
         get(f"{prefix}.codes"), get(f"{prefix}.scale")[..., 0], get(f"{prefix}.norm_scale"))
@@ -472,7 +486,7 @@ def load_packed(directory: str, *, method: str = "lut"):
 
     layers = range(model_cfg.num_layers)
     if packed.stacked(fmt):  # one [layers, ...] array per tensor (nn.packed.PackedParams)
-      blocks = block(lambda name: jnp.asarray(reader.read_stacked(
+      blocks = block(lambda name: _to_device(reader.read_stacked(
           [f"blocks.{l}.{name}" for l in layers])), lower_bounds)
     else:
       blocks = tuple(block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l])

@@ -197,34 +197,14 @@ def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) ->
   return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
 
 
-def _after(w: jax.Array, sx: jax.Array) -> jax.Array:
-  """`w` unchanged, but computed only once `sx` (the layer input's activation scales) exists.
-
-  XLA:CPU's scheduler runs work that needs only the weights first and keeps its results, so
-  unpacking codes to fp32 for a prefill held all of them at once: every layer's with the
-  layers unrolled (~10 GB for the 2.7B), a layer's seven projections in the layer scan (0.65
-  GB of temporaries at 64 rows; an optimization barrier is dropped before scheduling). A
-  select on a flag XLA cannot fold makes each unpack wait for its own input (0.34 GB).
-  `sx = 127 / max(absmax, eps)` is positive or NaN, so the flag is always false.
-  """
-  return jnp.where(sx.reshape(-1)[0] < 0, jnp.zeros((), w.dtype), w)
-
-
 def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
-            sx: jax.Array, layer: jax.Array | None = None) -> jax.Array:
-  """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `sx [rows, 1]`
-  the rows' activation scales (only ordered after, never read); `layer`: the layer of a
-  stacked `w [layers, ...]`."""
+            layer: jax.Array | None = None) -> jax.Array:
+  """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `layer`: the
+  layer of a stacked `w [layers, ...]`."""
   if FORMATS[spec.fmt] == PACKED:
     if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS:
-      # many rows (prefill, big batches): unpack once; codes and integer sums below 2^24
-      # are exact in fp32
-      if layer is not None:
-        w = jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
-      codes = packing.unpack_ternary(_after(w, sx), spec.fmt, n_in, axis=0
-                                     ).astype(jnp.float32)
-      return jnp.matmul(x_codes.astype(jnp.float32), codes,
-                        precision=jax.lax.Precision.HIGHEST)
+      # many rows (prefill, big batches): unpack and multiply, a block of columns at a time
+      return packing.unpacked_matmul(x_codes, w, spec.fmt, n_in, layer=layer)
     return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method, layer=layer)
   if spec.fmt == "int8":
     return jax.lax.dot(x_codes, w, preferred_element_type=jnp.int32)
@@ -238,8 +218,7 @@ def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec,
   stacked codes; the scales are that layer's already)."""
   _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
   lead = codes.shape[:-1]
-  acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1],
-                sx.reshape(-1, 1), layer)
+  acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1], layer)
   return quant.integer_output(acc.reshape(lead + acc.shape[-1:]), p.scale, sx,
                               spec.cfg.compute_dtype)
 

@@ -186,3 +186,46 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
     # (a 2-bit 2.7B's decode then held 0.65 GB of padded codes).
     acc = acc + partial_sum(table[:, full * chunk:], codes(full * chunk, tail))
   return acc
+
+
+# fp32 codes `unpacked_matmul` makes per loop step: one block of output columns. Unpacking a
+# whole matrix at once held the 2.7B's gate_proj as int32 digits and fp32 codes (~0.3 GB) and
+# was slower: 64 rows x gate_proj 215 ms whole, 89 ms in 2 MiB blocks (1 MiB: 110, 8 MiB:
+# 230; 2 MiB also the fastest for down_proj and the square projections, one CPU run).
+UNPACK_BLOCK_BYTES = 2 << 20
+
+
+def unpacked_matmul(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
+                    layer: jax.Array | None = None,
+                    block_bytes: int = UNPACK_BLOCK_BYTES) -> jax.Array:
+  """`x_codes @ unpack(packed)` for many rows (a prefill), exactly: the codes are unpacked to
+  fp32 one block of output columns (about `block_bytes`) at a time and multiplied.
+
+  Args:
+    x_codes: `[rows, n_in]` integer activation codes (int8 range).
+    packed: `[packed_length(n_in), n_out]` uint8, or `[layers, ...]` with `layer` (traced).
+    fmt, n_in: the packing format and the unpacked input size.
+    block_bytes: fp32 codes per block.
+  Returns:
+    `[rows, n_out]` float32 holding exact integers (codes and sums below 2^24).
+  """
+  if layer is None:
+    packed, layer = packed[None], 0
+  groups, n_out = packed.shape[1:]
+  cols = min(n_out, max(1, block_bytes // (4 * n_in)))
+  full, tail = divmod(n_out, cols)
+  x = x_codes.astype(jnp.float32)
+
+  def product(start, size):
+    w = jax.lax.dynamic_slice(packed, (layer, 0, start), (1, groups, size))[0]
+    codes = unpack_ternary(w, fmt, n_in, axis=0).astype(jnp.float32)
+    return jnp.matmul(x, codes, precision=jax.lax.Precision.HIGHEST)
+
+  def block(step, out):
+    return jax.lax.dynamic_update_slice_in_dim(out, product(step * cols, cols), step * cols,
+                                               axis=1)
+
+  out = jax.lax.fori_loop(0, full, block, jnp.zeros((x.shape[0], n_out), jnp.float32))
+  if tail:
+    out = out.at[:, full * cols:].set(product(full * cols, tail))
+  return out
