@@ -8,10 +8,12 @@ Parts (each measured in its own process where memory matters; results merged int
   `jax.eval_shape` of `nn.packed.export_packed` (nothing allocated).
 - batched: `generate_batch` of 32 prompts of different lengths in one decode loop vs the same
   32 prompts one at a time (each compiled before timing), tokens/s ratio, latent and packed.
-- packed27: a 2.7B-shaped packed directory with random ternary codes (bf16 embedding) written
-  by `export.write_packed`, then, each in a fresh process, `load_packed` + `generate_batch` at batch 1
-  and 8 and a 64-token prompt: file size, resident memory (RSS after load, RSS sampled while
-  generating, process peak incl. loading and compiling), tokens/s.
+- packed27: a 2.7B-shaped packed directory with random ternary codes written by
+  `export.write_packed` for each of --formats (`FMT` or `FMT:EMBEDDING_DTYPE`; bf16 embedding
+  by default, `int8` the opt-in lossy one), then, each in a fresh process, `load_packed` +
+  `generate_batch` at batch 1 and 8 and a 64-token prompt: file size, resident memory (RSS
+  after load, RSS sampled while generating, process peak incl. loading and compiling),
+  tokens/s.
 - latent27: the latent bf16 2.7B (random init) in a fresh process: `generate_batch` at batch 1
   and 8, tokens/s and peak RSS (about 5.4 GB of weights: run it alone).
 
@@ -69,6 +71,10 @@ def shapes() -> dict:
       row[f"{fmt}_bytes"] = nbytes  # embedding in bf16 (the param dtype), norms fp32
       row[f"{fmt}_vs_bf16"] = 2 * n / nbytes
       row[f"{fmt}_embedding_share"] = emb / nbytes
+    tree = jax.eval_shape(lambda: packed_lib.export_packed(build_model(cfg, 0), "2bit",
+                                                           int8_embedding=True)[0])
+    row["2bit_int8_embedding_bytes"] = int(sum(np.prod(x.shape) * x.dtype.itemsize
+                                               for x in jax.tree.leaves(tree)))
     rows.append(row)
     print(f"{size:5s} {n / 1e9:6.2f}B params  bf16 {2 * n / 1e9:6.2f} GB  2bit "
           f"{row['2bit_bytes'] / 1e9:5.2f} GB  base3 {row['base3_bytes'] / 1e9:5.2f} GB", flush=True)
@@ -121,14 +127,15 @@ def _config_27b(preset: str):
   return cfg
 
 
-def write_random_packed(dst: str, preset: str, fmt: str = "2bit") -> dict:
+def write_random_packed(dst: str, preset: str, fmt: str = "2bit",
+                        embedding: str = "bfloat16") -> dict:
   """A packed directory of the 2.7B shape with random ternary codes (written streaming)."""
   from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mmfree_jax.export import packed_dir  # pylint: disable=import-outside-toplevel
   from mmfree_jax.ops import ternary_packing  # pylint: disable=import-outside-toplevel
   cfg = _config_27b(preset)
   model_cfg = ModelConfig.from_config(cfg.model)
-  emb = packed_dir.EMBEDDING_DTYPES["bfloat16"]
+  emb = packed_dir.EMBEDDING_DTYPES[embedding]
   rng = np.random.default_rng(0)
   produce = {}
   for name, shape, dtype in packed_dir.layout(model_cfg, fmt, emb):
@@ -138,9 +145,13 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit") -> dict:
       n_out = shape[1]
       produce[name] = lambda n_in=n_in, n_out=n_out: np.asarray(ternary_packing.pack_ternary(
           rng.integers(-1, 2, (n_in, n_out), dtype=np.int8), fmt, axis=0))
+    elif name == "embedding" and emb == packed_dir.INT8:
+      produce[name] = lambda shape=shape: rng.integers(-127, 128, shape, dtype=np.int8)
     elif name == "embedding":
       produce[name] = lambda shape=shape: (rng.standard_normal(shape, np.float32) * 0.02
                                            ).astype(emb)
+    elif name == "embedding.scale":  # rows of absmax ~0.06
+      produce[name] = lambda shape=shape: np.full(shape, 127 / 0.06, np.float32)
     elif name.endswith(".scale"):
       produce[name] = lambda: np.full((1,), 0.02, np.float32)
     elif name == "lower_bounds":
@@ -148,7 +159,7 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit") -> dict:
                                                       )[:, None].repeat(shape[1], 1)
     else:
       produce[name] = lambda shape=shape: np.ones(shape, np.float32)
-  return packed_dir.write_packed(dst, cfg, fmt, produce, embedding_dtype="bfloat16", step=0,
+  return packed_dir.write_packed(dst, cfg, fmt, produce, embedding_dtype=embedding, step=0,
                                  source="random (bench_inference)")
 
 
@@ -234,7 +245,8 @@ def main(argv=None):
     p.add_argument("--child", default=None, help="internal: one measurement in this process")
     p.add_argument("--dir", default=None)
     p.add_argument("--run", default="1,1", help="internal: packed27 child's batch,prompt")
-    p.add_argument("--formats", default="2bit,base3", help="packed27: formats to write")
+    p.add_argument("--formats", default="2bit,base3,2bit:int8,base3:int8",
+                   help="packed27: FMT or FMT:EMBEDDING_DTYPE (default embedding bfloat16)")
   args = common.parse_args(NAME, __doc__, extra, argv)
   if args.child == "packed27":
     batch, prompt_len = map(int, args.run.split(","))
@@ -254,10 +266,12 @@ def main(argv=None):
     results["batched"] = batched(args.preset)
   if "packed27" in parts:
     out = {}
-    for fmt in args.formats.split(","):
+    for key in args.formats.split(","):
+      fmt, _, embedding = key.partition(":")
+      embedding = embedding or "bfloat16"
       with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as tmp:
         t0 = time.perf_counter()
-        manifest = write_random_packed(os.path.join(tmp, "p"), args.preset, fmt)
+        manifest = write_random_packed(os.path.join(tmp, "p"), args.preset, fmt, embedding)
         write_s = time.perf_counter() - t0
         children = [_child(["--child", "packed27", "--dir", os.path.join(tmp, "p"), "--preset",
                              args.preset, "--run", f"{b},{p}"]) for b, p in PACKED27_RUNS]
@@ -265,8 +279,9 @@ def main(argv=None):
                      peak_rss_bytes=max(c["peak_rss_bytes"] for c in children),
                      rss_after_load=max(c["rss_after_load"] for c in children),
                      rss_before_load=min(c["rss_before_load"] for c in children))
-        out[fmt] = dict(child, write_s=write_s, file_bytes=manifest["bytes"])
-        print(f"packed 2.7B {fmt}: file {manifest['bytes'] / 1e9:.3f} GB, RSS after load "
+        out[key] = dict(child, write_s=write_s, file_bytes=manifest["bytes"],
+                        embedding_dtype=embedding)
+        print(f"packed 2.7B {key}: file {manifest['bytes'] / 1e9:.3f} GB, RSS after load "
               f"{child['rss_after_load'] / 1e9:.2f} GB, peak {child['peak_rss_bytes'] / 1e9:.2f}"
               f" GB; " + ", ".join(f"batch {r['batch']} prompt {r['prompt_len']}: "
                                    f"{r['tokens_per_s']:.2f} tok/s, RSS "

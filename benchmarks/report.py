@@ -150,8 +150,9 @@ def targets(res: dict) -> list[list]:
                  f"alone {best['encode_tokens_per_s']:,.0f})",
                  _yes(best["prepare_1proc_tokens_per_s"] >= 1e6)])
   inf = res.get("bench_inference", {}).get("results") or {}
-  for fmt, r in inf.get("packed27", {}).items():
-    rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt}, bf16 embedding)",
+  for key, r in inf.get("packed27", {}).items():
+    fmt = f"{r['format']}, {r['embedding_dtype']} embedding"
+    rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt})",
                  f"{r['file_bytes'] / 1e9:.3f} GB", _yes(r["file_bytes"] <= 0.75e9)])
     # sampled during the timed (second) call: no load or compiler peak in it
     steady = [run["rss_max_while_generating"] for run in r["runs"] if run["prompt_len"] == 1]
@@ -316,17 +317,20 @@ def _inference_section(inf: dict | None) -> list[str]:
   if "shapes" in inf:
     rows = [[r["size"], f"{r['params'] / 1e9:.2f}B", f"{r['latent_bf16_bytes'] / 1e9:.2f}",
              f"{r['2bit_bytes'] / 1e9:.3f}", f"{r['base3_bytes'] / 1e9:.3f}",
-             f"{r['2bit_vs_bf16']:.1f}x", f"{r['2bit_embedding_share']:.0%}"]
+             f"{r['2bit_int8_embedding_bytes'] / 1e9:.3f}", f"{r['2bit_vs_bf16']:.1f}x",
+             f"{r['2bit_embedding_share']:.0%}"]
             for r in inf["shapes"]["rows"]]
     parts.append(_table(["size", "params", "latent bf16 GB", "2bit GB", "base3 GB",
-                         "bf16 / 2bit", "embedding share of 2bit"], rows))
+                         "2bit, int8 embedding GB", "bf16 / 2bit",
+                         "embedding share of 2bit"], rows))
   if "packed27" in inf:
     row = lambda model, file_gb, loaded, run: [
         model, file_gb, f"{loaded / 1e9:.2f}", f"{run['rss_max_while_generating'] / 1e9:.2f}",
         f"{run['peak_rss_bytes'] / 1e9:.2f}", run["batch"], run["prompt_len"],
         f"{run['tokens_per_s']:.3g}"]
-    rows = [row(f"packed {fmt}", f"{r['file_bytes'] / 1e9:.3f}", r["rss_after_load"], run)
-            for fmt, r in inf["packed27"].items() for run in r["runs"]]
+    rows = [row(f"packed {r['format']}, {r['embedding_dtype']} embedding",
+                f"{r['file_bytes'] / 1e9:.3f}", r["rss_after_load"], run)
+            for r in inf["packed27"].values() for run in r["runs"]]
     lat = inf.get("latent27")
     if lat:
       rows += [row("latent bf16", "", lat["rss_after_build"], run) for run in lat["runs"]]
