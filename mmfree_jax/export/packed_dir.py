@@ -369,7 +369,8 @@ class _TensorReader:
   """Reads one tensor at a time from a (validated) safetensors file into a fresh array.
 
   Plain reads, not safetensors' memory map: the map's touched pages stay resident until the
-  file is closed, so loading held the file twice (a 0.82 GB 2.7B peaked at 2.09 GB RSS)."""
+  file is closed, so loading held the file twice (a 0.82 GB 2.7B peaked at 2.09 GB RSS).
+  A truncated file fails on opening, before any tensor is read (safetensors maps lazily)."""
 
   def __init__(self, path: str, dtypes: dict[str, np.dtype]):
     self._file = open(path, "rb")  # pylint: disable=consider-using-with
@@ -377,6 +378,13 @@ class _TensorReader:
     self._header = json.loads(self._file.read(header_len))
     self._base = 8 + header_len
     self._dtypes = dtypes
+    need = self._base + max((e["data_offsets"][1] for k, e in self._header.items()
+                             if k != "__metadata__"), default=0)
+    size = os.fstat(self._file.fileno()).st_size
+    if size < need:
+      self._file.close()
+      raise PackedDirError(f"{path} is truncated: {size} bytes, its tensors need {need}; "
+                           "export it again")
 
   def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
     """The tensor `name`, into `out` (a C-contiguous array of its shape and dtype) if given."""
@@ -404,20 +412,6 @@ class _TensorReader:
 
   def close(self) -> None:
     self._file.close()
-
-
-def _expected_size(path: str, expected: list) -> None:
-  """A truncated file fails here, before any tensor is read (safetensors maps lazily)."""
-  with open(path, "rb") as f:
-    head = f.read(8)
-  if len(head) < 8:
-    raise PackedDirError(f"{path} is truncated ({os.path.getsize(path)} bytes); export again")
-  header_len = int.from_bytes(head, "little")
-  data = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in expected)
-  size = os.path.getsize(path)
-  if size < 8 + header_len + data:
-    raise PackedDirError(f"{path} is truncated: {size} bytes, its tensors need "
-                         f"{8 + header_len + data}; export it again")
 
 
 def load_packed(directory: str, *, method: str = "lut"):
@@ -468,10 +462,9 @@ def load_packed(directory: str, *, method: str = "lut"):
           f"{model_cfg.d_model}, num_layers={model_cfg.num_layers}, vocab_size="
           f"{model_cfg.vocab_size}, intermediate_size={model_cfg.intermediate_size}) and "
           f"format {fmt!r} need {tuple(shape)}: the config and the codes disagree")
-  _expected_size(path, expected)
   handle.__exit__(None, None, None)
+  reader = _TensorReader(path, {n: d for n, _, d in expected})
   try:
-    reader = _TensorReader(path, {n: d for n, _, d in expected})
     read = lambda name: _to_device(reader.read(name))
     lower_bounds = jnp.asarray(reader.read("lower_bounds"), acc_dtype(model_cfg.compute_dtype))
     linear = lambda get, prefix: packed.PackedLinear(
@@ -497,6 +490,5 @@ def load_packed(directory: str, *, method: str = "lut"):
   except (ValueError, KeyError, OSError) as e:
     raise PackedDirError(f"cannot read {path}: {e}; export it again") from e
   finally:
-    if "reader" in locals():
-      reader.close()
+    reader.close()
   return packed.PackedLM(params, packed.PackedSpec(model_cfg, fmt, method)), cfg, manifest
