@@ -297,7 +297,8 @@ def main(argv=None):
   common.write_json(args.out, NAME, args.preset, results, [
       "shared machine, noisy timings (load average in machine); ratios are from one run",
       "packed27 / latent27 run in fresh processes; RSS from /proc (VmRSS) and ru_maxrss",
-      "tokens/s exclude the first (compiling) call; greedy, 1-token prompts",
+      "tokens/s exclude the first (compiling) call; greedy, 1-token prompts except the "
+      "64-token prefill run",
       "13b shape assumed d=5120, L=40, vocab 32000; bytes from jax.eval_shape of export_packed"])
 
 

@@ -380,22 +380,34 @@ NOTES = """## Notes on reading these numbers
   bandwidth bound: reaching that needs a fused unpack-and-multiply kernel (Pallas/Triton on a
   GPU, or a hand-written CPU kernel as in bitnet.cpp / T-MAC).
 - **Packed inference** (`bench_inference`): sizes come from `jax.eval_shape` of the export
-  (nothing allocated; embedding in bf16, norms and scales fp32; the 13B shape d=5120, L=40 is
-  assumed). The 2.7B rows load a directory of random ternary codes written by
-  `export.write_packed` and generate in a fresh process; RSS includes the JAX/XLA runtime and
-  the compiler's peak (measure `rss_before_load` for the runtime alone, about 0.24 GB here);
-  each (batch, prompt) runs in its own process, and "RSS while generating" is sampled during
-  the timed second call. At batch 1 it is about runtime 0.24 + codes and embedding 0.82 +
-  load remnants ~0.1 + the compiled program ~0.2-0.3 + heap the compiler freed but glibc kept
-  ~0.2 GB (`malloc_trim(0)` after the first call returned 0.2 GB in a probe, 1.72 -> 1.52 GB);
-  compiled temporaries are 7 MB (batch 1) and 48 MB (batch 8) since the LUT sums its groups in
-  1 MiB blocks (0.08 and 0.66 GB before). A prefill past 16 rows unpacks one layer's codes to
-  fp32 at a time (before this round XLA:CPU unpacked all layers' up front: ~10 GB for the 2.7B).
-  The latent bf16 2.7B peaks at 22.6 GB: XLA:CPU upcasts bf16 dot operands to fp32 and its
-  scheduler converts every layer's frozen weights up front (the packed prefill's problem; its
-  fix is not applied to the latent decode step, which every platform shares).
-  At 2 bits the 2.7B's codes are 0.66 GB and its bf16 embedding another 0.16 GB, so the 0.75 GB
-  file target needs base-3 codes (1.6 bits). Batched generation feeds shorter prompts their
+  (nothing allocated; embedding in bf16 unless a column says int8, norms and scales fp32; the
+  13B shape d=5120, L=40 is assumed). The 2.7B rows load a directory of random ternary codes
+  written by `export.write_packed` and generate in a fresh process; RSS includes the JAX/XLA
+  runtime and the compiler's peak (`rss_before_load`, the imports, is 0.24 GB; the XLA:CPU
+  client adds ~0.12 GB when it starts); each (batch, prompt) runs in its own process, and
+  "RSS while generating" is sampled during the timed second call. 2-bit with a bf16 embedding
+  at batch 1, 1.35 GB: imports 0.24 + CPU client ~0.12 + codes and embedding 0.82 + compiled
+  program, jit caches and heap the compiler freed but glibc kept ~0.17 (`malloc_trim(0)`
+  returns ~0.1 of it in a probe; glibc's tunables did not). The bit-packed formats stack their
+  layers and scan over them (the LUT reads a layer's codes in place), so the program holds one
+  layer: compiling the 2.7B generate adds 41 MB of RSS, 316 MB with the layers unrolled.
+  Loading hands 64-byte aligned arrays to `device_put(may_alias=True)`, which keeps them
+  without a copy (load peak 1.59 -> 1.18 GB). The LUT's remainder block does not pad the
+  codes (a pad is a copy, which XLA:CPU ran for every layer up front: 0.65 GB of temporaries
+  at batch 1). A prefill past 16 rows unpacks 2 MiB blocks of columns (31 MB of temporaries
+  at 64 tokens; whole matrices ordered one at a time took 0.34 GB, all layers' at once ~10
+  GB). The 1.2 GB resident target is met by base-3 codes with an int8 embedding (1.15 GB) and
+  missed by 2-bit with an int8 (1.27) or bf16 (1.34) embedding and base-3 with bf16 (1.22):
+  with ~0.36 GB of runtime and ~0.17 of compiler, the weights must stay under ~0.67 GB. The
+  int8 embedding (per-row absmax codes, opt-in and lossy: `--embedding_dtype int8`) is also
+  what brings 2-bit under the 0.75 GB file target (0.741 GB): 2-bit codes alone are 0.66 GB
+  and a bf16 embedding adds 0.16. Tokens/s of these rows were measured while another job
+  trained on the same 2 cores (load 3-4): batch 1 and batch 8 vary up to 2x between formats
+  that do the same work. The latent bf16 2.7B peaks at 22.6 GB: its frozen per-layer copies
+  (5.4 GB) sit next to the stacked weights, XLA:CPU upcasts bf16 dot operands to fp32, and
+  its scheduler quantizes and converts every layer's frozen weights up front (the packed
+  prefill's old problem; not fixed for the latent decode step, which every platform shares).
+  Batched generation feeds shorter prompts their
   remaining prompt tokens inside the shared loop (one program for both model kinds), so its
   gain shrinks as prompt lengths spread. Its ceiling here is set by XLA:CPU, not by the loop:
   a frozen-weight decode step of this d=256 model takes 2.0 ms at batch 1 and 10.1 ms at batch
