@@ -13,8 +13,10 @@ set for every run:
 (b) and (d) run with several seeds (the seed changes the data order and any random
 initialisation). Their hyperparameters are tuned first, on the first seed: (d) over
 --lr_scratch, (b) over the product of the comma-separated lists --lr_student, --alpha,
---temperature, --stage1_fraction and --quant_ramp_fraction (a ramp > 0 runs with
-model.bitlinear_impl='autodiff', which the ramp needs; the rest use the default 'auto').
+--temperature, --stage1_fraction, --quant_ramp_fraction (a ramp > 0 runs with
+model.bitlinear_impl='autodiff', which the ramp needs; the rest use the default 'auto'),
+--calibrate and --mapping (the student's init: see CALIBRATIONS below; any but the plain copy
+is written as a params-only step-0 checkpoint that `train` starts from).
 The lowest validation loss picks the setting the other seeds run with; every tuning row stays
 in the JSON, marked `sweep`, and `chosen` marks the rows (all seeds) of the picked setting.
 A study run in several invocations (coordinate-wise tuning, then the other seeds) is
@@ -63,15 +65,28 @@ LABELS = {"teacher": "(a) Transformer++ teacher, T tokens",
           "scratch_frac": "(d) MatMul-free from scratch, fraction x T"}
 
 # The (b) and (d) values are the ones the committed study's seed-0 tuning picked (its JSON has
-# every tuning run): (b) LR 3e-3, alpha 1 (pure KL), T 1, stage 1 a quarter, no ramp; (d) 1e-2.
+# every tuning run): (b) the calibrated init 'all_norm', LR 3e-3, alpha 0.8, T 1, stage 1 a
+# tenth, no ramp, mapping V/K/Q -> i/f/g; (d) 1e-2.
 DEFAULTS = dict(d_model=128, num_layers=2, head_dim=32, tokenizer="bpe:4096", seq_len=128,
                 batch=16, teacher_steps=500, fraction=0.1, seeds="0,1,2", full_seeds="0",
                 lr_teacher=3e-3, lr_full="3e-3,1e-2", lr_scratch="3e-3,1e-2,3e-2",
                 lr_student="3e-3", warmup_fraction=0.1,
-                stage1_fraction="0.25", alpha="1.0", temperature="1.0",
-                quant_ramp_fraction="0.0", eval_batches=8)
+                stage1_fraction="0.1", alpha="0.8", temperature="1.0",
+                quant_ramp_fraction="0.0", calibrate="all_norm", mapping="vkq",
+                eval_batches=8)
 # The (b) hyperparameters tuned as a product of lists (each a comma-separated flag).
-STUDENT_HP = ("lr_student", "alpha", "temperature", "stage1_fraction", "quant_ramp_fraction")
+STUDENT_HP = ("lr_student", "alpha", "temperature", "stage1_fraction", "quant_ramp_fraction",
+              "calibrate", "mapping")
+STRING_HP = ("calibrate", "mapping")
+# --calibrate: the student's init scales (mmfree_jax.convert.calibrate) folded into its
+# BitLinear norm_scales: 'ternary' the ternary gain of each copied kernel (data-free), 'rms'
+# the mean per-token RMS of the teacher's o_proj/down_proj inputs on the run's first training
+# batch (the batch step 0 trains on: no extra tokens), 'all' both, 'all_norm' both with the
+# norm-preserving gain ||W|| / ||Q(W)|| inside the blocks (the head's stays least-squares),
+# 'none' the plain copy.
+# --mapping: the teacher projections (v, k, q) copied into the MLGRU's i, f, g, in order
+# (mmfree_jax.convert.init_student_params(mapping=); 'vkq' = V -> i, K -> f, Q -> g).
+CALIBRATIONS = ("none", "ternary", "rms", "all", "all_norm")
 TOY = dict(d_model=32, num_layers=1, head_dim=16, tokenizer="byte", seq_len=32, batch=8,
            teacher_steps=10, seeds="0", full_seeds="0", eval_batches=1, lr_scratch="1e-2",
            lr_full="3e-3")
@@ -112,6 +127,50 @@ def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: i
   return cfg
 
 
+def write_student_init(cfg, workdir: str, calibrate: str, mapping: str) -> dict:
+  """The converted student's init with `calibrate` scales and the i/f/g `mapping`, as a
+  params-only step-0 checkpoint in `workdir`: `train` then fine-tunes from it (the path of
+  imported weights) with the same distill section, instead of initialising the student itself
+  (`distill.init='teacher'`: the plain copy, which has no data for the RMS calibration and
+  the default mapping). Returns the calibration factors (for the row)."""
+  from flax import nnx
+  from mmfree_jax import convert as convert_lib
+  from mmfree_jax import data as data_lib
+  from mmfree_jax.config import validate
+  from mmfree_jax.data.cache import default_cache_dir
+  from mmfree_jax.hf.convert import save_params
+  from mmfree_jax.nn.model import build_model
+  from mmfree_jax.ops import loss as loss_lib
+  from mmfree_jax.train import distill
+  from mmfree_jax.train import state as state_lib
+
+  student = validate(cfg)
+  settings = distill.DistillSettings.from_config(cfg.distill)
+  teacher_cfg = distill.read_teacher_config(settings, student)
+  teacher_params = distill.load_teacher_params(settings, teacher_cfg, None)
+  _, fresh = nnx.split(build_model(student, nnx.Rngs(params=cfg.train.seed)))
+  calibration = convert_lib.Calibration(ternary=calibrate in ("ternary", "all", "all_norm"),
+                                        block_gain="norm" if calibrate == "all_norm" else "lsq")
+  if calibrate in ("rms", "all", "all_norm"):
+    cache_dir = default_cache_dir()
+    tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=cache_dir)
+    batch = next(iter(data_lib.train_iterator(cfg.data, tokenizer,
+                                              global_batch=cfg.train.global_batch,
+                                              cache_dir=cache_dir)))
+    inputs, segments, _, mask = loss_lib.split_window(batch["tokens"], batch["segment_ids"])
+    teacher = nnx.merge(state_lib.model_graphdef(teacher_cfg), teacher_params)
+    calibration = convert_lib.calibration_from_teacher(
+        teacher, inputs, segments if teacher_cfg.reset_at_doc_start else None, mask,
+        ternary=calibration.ternary, block_gain=calibration.block_gain)
+  params = convert_lib.init_student_params(teacher_params, teacher_cfg, fresh.to_pure_dict(),
+                                           student, calibration, mapping)
+  save_params(workdir, params, cfg)
+  as_list = lambda x: None if x is None else [float(v) for v in x]
+  return {"calibrate": calibrate, "mapping": mapping,
+          "o_proj_rms": as_list(calibration.o_proj_rms),
+          "down_proj_rms": as_list(calibration.down_proj_rms)}
+
+
 def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: int,
             workdir: str, teacher: str = "", hp: dict | None = None) -> dict:
   import numpy as np
@@ -122,6 +181,11 @@ def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: in
   cfg = make_config(args, kind, steps, lr, seed, vocab_size, teacher, hp)
   if os.path.exists(workdir):  # never resume a previous study's run
     shutil.rmtree(workdir)
+  calibration = None
+  hp_ = dict(hp or {})
+  if teacher and (hp_.get("calibrate", "none"), hp_.get("mapping", "vkq")) != ("none", "vkq"):
+    calibration = write_student_init(cfg, workdir, hp_.get("calibrate", "none"),
+                                     hp_.get("mapping", "vkq"))
   result = train(cfg, workdir, progress=args.progress)
   if not result.eval_history:
     raise RuntimeError(f"{variant} seed {seed}: no validation loss was computed")
@@ -136,6 +200,7 @@ def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: in
       "final_train_loss": float(np.mean([c[1] for c in curve[-10:] if c[2] != 1] or [np.nan])),
       "wall_time_s": float(result.wall_time_s),
       "distill": dict(cfg.distill.to_dict()) if teacher else None,
+      "calibration": calibration,
       "hp": {"peak_lr": lr, **(dict(hp or {}) if teacher else {})},
       "bitlinear_impl": cfg.model.bitlinear_impl,
       "curve": curve,
@@ -170,9 +235,14 @@ def teacher_row(args, workdir: str) -> dict:
 
 
 def _hp(row: dict) -> tuple:
-  """A row's tuned hyperparameters, comparable across rows (old rows: the peak LR only)."""
-  hp = row.get("hp") or {"peak_lr": row["peak_lr"]}
-  return tuple(sorted((k, round(float(v), 12)) for k, v in hp.items()))
+  """A row's tuned hyperparameters, comparable across rows (old rows: the peak LR only;
+  converted rows from before --calibrate/--mapping: 'none'/'vkq', the plain copy they ran)."""
+  hp = dict(row.get("hp") or {"peak_lr": row["peak_lr"]})
+  if row["variant"] == "converted":
+    hp.setdefault("calibrate", "none")
+    hp.setdefault("mapping", "vkq")
+  norm = lambda v: v if isinstance(v, str) else round(float(v), 12)
+  return tuple(sorted((k, norm(v)) for k, v in hp.items()))
 
 
 def mark_chosen(runs: list[dict]) -> list[dict]:
@@ -226,36 +296,42 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt
   import numpy as np
 
-  fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, 4.8),
+  n_tuning = sum(1 for r in results["runs"] if r.get("sweep"))
+  fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, max(4.8, 1.2 + 0.18 * n_tuning)),
                                         gridspec_kw={"width_ratios": [1, 1.1, 1.2]})
   colors = {"teacher": "C1", "converted": "C2", "scratch_full": "C0", "scratch_frac": "C4"}
   for i, v in enumerate(VARIANTS):
     rows = [r for r in results["runs"] if r["variant"] == v]
-    vals = [r["val_loss"] for r in rows if r.get("chosen") or not r.get("sweep")]
+    counted = lambda r: v == "teacher" or r.get("chosen")
+    vals = [r["val_loss"] for r in rows if counted(r)]
     if not vals:
       continue
     left.scatter([i] * len(vals), vals, color=colors[v], zorder=3)
     left.hlines(np.mean(vals), i - 0.3, i + 0.3, color=colors[v])
-    for r in rows:
-      if r.get("sweep") and not r.get("chosen"):
+    for r in rows:  # tuning runs and other seeds of settings that were not picked
+      if not counted(r):
         left.scatter([i + 0.15], [r["val_loss"]], color=colors[v], marker="x", zorder=3)
   left.set_xticks(range(len(VARIANTS)))
   left.set_xticklabels(["(a) teacher", "(b) converted", "(c) scratch\nT tokens",
                         "(d) scratch\nfraction"], fontsize=8)
-  left.set_ylabel("validation loss (nats/token); x: tuning runs not chosen", fontsize=8)
+  left.set_ylabel("validation loss (nats/token); x: runs of settings not chosen", fontsize=8)
   left.grid(True, axis="y", alpha=0.3)
   s = results.get("summary", {})
   if s.get("gap_closed") is not None:
-    left.set_title(f"gap (d)->(a) closed by (b): {100 * s['gap_closed']:.0f}%", fontsize=9)
+    left.set_title(f"gap (d)->(a) closed by (b): {100 * s['gap_closed']:.1f}%", fontsize=9)
   # Middle: every tuning run (first seed), labelled with its setting; the chosen one bold.
-  short = {"peak_lr": "lr", "alpha": "alpha", "temperature": "T", "stage1_fraction": "stage1",
-           "quant_ramp_fraction": "ramp"}
+  short = {"peak_lr": "lr", "alpha": "a", "temperature": "T", "stage1_fraction": "s1",
+           "quant_ramp_fraction": "ramp", "calibrate": "init", "mapping": "ifg<-"}
   tuning = [r for r in results["runs"] if r.get("sweep")]
   for j, r in enumerate(sorted(tuning, key=lambda r: (VARIANTS.index(r["variant"]),
                                                       -r["val_loss"]))):
-    hp = r.get("hp") or {"peak_lr": r["peak_lr"]}
+    hp = dict(r.get("hp") or {"peak_lr": r["peak_lr"]})
+    if r["variant"] == "converted":  # rows from before --calibrate/--mapping (see _hp)
+      hp.setdefault("calibrate", "none")
+      hp.setdefault("mapping", "vkq")
     label = f"({'abcd'[VARIANTS.index(r['variant'])]}) " + " ".join(
-        f"{short.get(k, k)} {x:g}" for k, x in hp.items())
+        f"{short.get(k, k)} {x if isinstance(x, str) else format(x, 'g')}"
+        for k, x in hp.items())
     mid.barh(j, r["val_loss"], color=colors[r["variant"]], alpha=1.0 if r.get("chosen") else 0.45)
     mid.annotate(f"{r['val_loss']:.3f}", (r["val_loss"], j), xytext=(2, 0), fontsize=6,
                  textcoords="offset points", va="center")
@@ -263,12 +339,12 @@ def plot(results: dict, path: str) -> None:
              fontweight="bold" if r.get("chosen") else "normal")
   if tuning:
     lo = min(r["val_loss"] for r in tuning)
-    mid.set_xlim(lo - 0.9, max(r["val_loss"] for r in tuning) + 0.15)
+    mid.set_xlim(lo - 1.8, max(r["val_loss"] for r in tuning) + 0.15)
   mid.set_yticks([])
   mid.set_xlabel("validation loss, tuning seed (bold/solid: chosen)", fontsize=8)
   mid.set_title("tuning runs", fontsize=9)
   for r in results["runs"]:
-    if r.get("sweep") and not r.get("chosen"):
+    if r["variant"] != "teacher" and not r.get("chosen"):
       continue
     xs = [c[0] for c in r["curve"] if c[2] != 1]
     ys = [c[1] for c in r["curve"] if c[2] != 1]
@@ -323,9 +399,16 @@ def parse_args(argv=None):
         setattr(args, key, value)
   args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
   floats = lambda text: [float(v) for v in text.split(",") if v.strip()]
+  strings = lambda text: [v.strip() for v in text.split(",") if v.strip()]
+  bad = [c for c in strings(args.calibrate) if c not in CALIBRATIONS]
+  if bad:
+    parser.error(f"--calibrate {bad}: choose from {CALIBRATIONS}")
+  bad = [m for m in strings(args.mapping) if sorted(m) != sorted("vkq")]
+  if bad:
+    parser.error(f"--mapping {bad}: each a permutation of 'vkq' (the sources of i, f, g)")
   try:
     args.student_grid = [dict(zip(STUDENT_HP, values)) for values in itertools.product(
-        *(floats(getattr(args, k)) for k in STUDENT_HP))]
+        *((strings if k in STRING_HP else floats)(getattr(args, k)) for k in STUDENT_HP))]
     args.lr_scratch_list = floats(args.lr_scratch)
     args.lr_full_list = floats(args.lr_full)
   except ValueError as e:
@@ -420,7 +503,7 @@ def main(argv=None) -> dict:
       first, rest = seeds[0], seeds[1:]
       sweep = []
       for hp in grid:  # tune on the first seed
-        name = "_".join(f"{v:g}" for v in hp.values())
+        name = "_".join(v if isinstance(v, str) else format(v, "g") for v in hp.values())
         row = run_one(args, variant, first, steps, hp["peak_lr"], vocab_size,
                       os.path.join(root, f"{variant}_{first}_{name}"), teacher=teacher,
                       hp={k: v for k, v in hp.items() if k != "peak_lr"})

@@ -71,7 +71,7 @@ def test_mark_chosen_picks_over_merged_parts_by_setting(study):
 
 def test_student_grid_is_the_product_of_the_list_flags(study):
   args = study.parse_args(["--lr_student", "3e-3,1e-2", "--alpha", "0.5,1",
-                           "--quant_ramp_fraction", "0.5"])
+                           "--quant_ramp_fraction", "0.5", "--stage1_fraction", "0.25"])
   assert len(args.student_grid) == 4
   assert {(g["lr_student"], g["alpha"]) for g in args.student_grid} == {
       (3e-3, 0.5), (3e-3, 1.0), (1e-2, 0.5), (1e-2, 1.0)}
@@ -97,3 +97,24 @@ def test_bad_flags_are_refused(study):
     study.parse_args(["--alpha", "1.5"])
   with pytest.raises(SystemExit):
     study.parse_args(["--lr_scratch", ","])
+  with pytest.raises(SystemExit):
+    study.parse_args(["--calibrate", "none,some"])
+  with pytest.raises(SystemExit):
+    study.parse_args(["--mapping", "vkk"])
+
+
+def test_init_flags_are_string_hyperparameters(study):
+  """--calibrate/--mapping take part in the grid; rows from before them (no such hp) are the
+  plain copy with the default mapping, so they compare equal to 'none'/'vkq' rows."""
+  args = study.parse_args(["--calibrate", "none,all", "--mapping", "vkq,kqv"])
+  assert {(g["calibrate"], g["mapping"]) for g in args.student_grid} == {
+      ("none", "vkq"), ("none", "kqv"), ("all", "vkq"), ("all", "kqv")}
+  hp = {"peak_lr": 3e-3, "alpha": 1.0}
+  old = _row("converted", 0, 4.0, hp=dict(hp))
+  plain = _row("converted", 0, 4.1, hp={**hp, "calibrate": "none", "mapping": "vkq"})
+  calibrated = _row("converted", 0, 3.9, hp={**hp, "calibrate": "all", "mapping": "vkq"})
+  assert study._hp(old) == study._hp(plain) != study._hp(calibrated)
+  other_seed = _row("converted", 1, 4.2, hp=dict(hp))
+  runs = [_row("teacher", 0, 3.0), old, plain, calibrated, other_seed]
+  study.mark_chosen(runs)
+  assert [r["chosen"] for r in runs[1:]] == [False, False, True, False]

@@ -53,6 +53,15 @@ def test_ternary_gain_is_the_least_squares_fit():
   assert float(ternary_gain(w[0])) == pytest.approx(float(gain[0]))
   with pytest.raises(ValueError, match="kernel must be"):
     ternary_gain(w[0, 0])
+  norm = ternary_gain(w, "norm")  # ||W|| / ||Q(W)||: lsq / norm is the cosine of W and Q(W)
+  for layer in range(3):
+    q = np.asarray(quant.fake_quantize_weights(w[layer]), np.float64)
+    wl = np.asarray(w[layer], np.float64)
+    assert float(norm[layer]) == pytest.approx(np.linalg.norm(wl) / np.linalg.norm(q), rel=1e-5)
+    cosine = (wl * q).sum() / (np.linalg.norm(wl) * np.linalg.norm(q))
+    assert float(gain[layer] / norm[layer]) == pytest.approx(cosine, rel=1e-5)
+  with pytest.raises(ValueError, match="unknown gain"):
+    ternary_gain(w, "rms")
 
 
 def test_input_rms_is_the_mean_token_rms_over_counted_tokens():
@@ -108,6 +117,15 @@ def test_calibration_is_folded_into_the_norm_scales(setup):
                              * gain(tb["mlp"]["gate_proj"]["kernel"]), rtol=1e-6)
   np.testing.assert_allclose(cal["lm_head"]["norm_scale"], plain["lm_head"]["norm_scale"]
                              * float(ternary_gain(t["lm_head"]["kernel"])), rtol=1e-6)
+  norm = init_student_params(t, teacher_cfg, fresh, student_cfg,
+                             Calibration(ternary=True, block_gain="norm"))
+  np.testing.assert_allclose(norm["blocks"]["mlp"]["down_proj"]["norm_scale"],
+                             np.broadcast_to(np.asarray(ternary_gain(
+                                 tb["mlp"]["down_proj"]["kernel"], "norm"))[:, None],
+                                 plain["blocks"]["mlp"]["down_proj"]["norm_scale"].shape),
+                             rtol=1e-6)
+  np.testing.assert_allclose(norm["lm_head"]["norm_scale"], cal["lm_head"]["norm_scale"],
+                             rtol=1e-6)  # the head keeps the least-squares gain
   for key in ("kernel",):  # the weights themselves are the plain copy's
     np.testing.assert_array_equal(cal["blocks"]["attn"]["o_proj"][key],
                                   plain["blocks"]["attn"]["o_proj"][key])

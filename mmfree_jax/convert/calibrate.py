@@ -11,6 +11,10 @@ per-tensor factor):
    `a = <W, Q(W)> / <Q(W), Q(W)>` (the least-squares fit of W by `a Q(W)`, i.e. of `W x` by
    `a Q(W) x` for isotropic x) is ~1.34 for every kernel of a trained Transformer++.
    `ternary_gain` computes it per kernel (per layer for stacked `[L, in, out]` kernels).
+   Its 'norm' kind, `||W|| / ||Q(W)||` (~1.51), keeps the output norm instead (the least-
+   squares gain shrinks by the cosine of W and Q(W), ~0.89, and the shrinkage compounds
+   through gate x up and the layers); `Calibration.block_gain` picks it inside the blocks, the
+   head keeps the least-squares gain (its logits are the prediction: shrunk is calibrated).
 2. **Input RMS** (needs teacher activations). Every student BitLinear RMS-normalises its
    input; the teacher's `o_proj` and `down_proj` see their input raw (the attention output,
    `silu(gate) * up`), whose per-token RMS r_t is far from 1 (0.07-0.6 in the d=128 teacher
@@ -37,22 +41,26 @@ import jax.numpy as jnp
 
 from mmfree_jax.ops import quant
 
-# Student BitLinears, as (group, name) in the block params, with their teacher kernel.
-ATTN = ("i_proj", "f_proj", "g_proj", "o_proj")
-MLP = ("gate_proj", "down_proj")
+GAINS = ("lsq", "norm")
 
 
-def ternary_gain(kernel: jax.Array) -> jax.Array:
-  """Least-squares gain `<W, Q(W)> / <Q(W), Q(W)>` of the ternary quantization, fp32.
+def ternary_gain(kernel: jax.Array, kind: str = "lsq") -> jax.Array:
+  """Gain of the ternary quantization Q, fp32: 'lsq' the least-squares `<W, Q(W)> /
+  <Q(W), Q(W)>`, 'norm' the norm-preserving `||W|| / ||Q(W)||` (larger: lsq = norm x the
+  cosine of W and Q(W), ~0.89 for a Gaussian W).
 
   kernel: `[in, out]` (one gain, 0-d) or stacked `[layers, in, out]` (`[layers]`). Q is the
   BitLinear's own absmean quantizer (`quant.fake_quantize_weights`), per tensor.
   """
+  if kind not in GAINS:
+    raise ValueError(f"unknown gain {kind!r}; choose one of {GAINS}")
+
   def one(w):
     w = w.astype(jnp.float32)
     q = quant.fake_quantize_weights(w)
     den = jnp.sum(q * q)
-    return jnp.where(den > 0, jnp.sum(w * q) / jnp.maximum(den, 1e-30), 1.0)
+    num = jnp.sum(w * q) if kind == "lsq" else jnp.sqrt(jnp.sum(w * w) * den)
+    return jnp.where(den > 0, num / jnp.maximum(den, 1e-30), 1.0)
 
   if kernel.ndim == 2:
     return one(kernel)
@@ -77,9 +85,11 @@ class Calibration:
   """Per-layer factors folded into the student's norm_scales (None: factor 1).
 
   ternary: apply `ternary_gain` of each copied kernel (i/f/g/o, gate/up, down, lm_head).
+  block_gain: its kind inside the blocks ('lsq' or 'norm'); the lm_head's is always 'lsq'.
   o_proj_rms, down_proj_rms: `[layers]` `input_rms` of the teacher's o_proj / down_proj inputs.
   """
   ternary: bool = False
+  block_gain: str = "lsq"
   o_proj_rms: jax.Array | None = None
   down_proj_rms: jax.Array | None = None
 
@@ -123,9 +133,9 @@ def teacher_projection_inputs(teacher, tokens: jax.Array,
 
 
 def calibration_from_teacher(teacher, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                             mask: jax.Array | None = None, *, ternary: bool = True
-                             ) -> Calibration:
+                             mask: jax.Array | None = None, *, ternary: bool = True,
+                             block_gain: str = "lsq") -> Calibration:
   """`Calibration` with the input RMS of the teacher's o_proj/down_proj on this batch."""
   o_in, down_in = teacher_projection_inputs(teacher, tokens, segment_ids)
-  return Calibration(ternary=ternary, o_proj_rms=input_rms(o_in, mask),
+  return Calibration(ternary=ternary, block_gain=block_gain, o_proj_rms=input_rms(o_in, mask),
                      down_proj_rms=input_rms(down_in, mask))
