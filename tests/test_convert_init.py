@@ -85,9 +85,15 @@ def test_projection_inputs_rebuild_the_teacher_blocks(setup):
     rebuilt = (hidden[layer] + o_in[layer] @ p["attn"]["o_proj"]["kernel"][layer]
                + down_in[layer] @ p["mlp"]["down_proj"]["kernel"][layer])
     np.testing.assert_allclose(rebuilt, hidden[layer + 1], atol=1e-6)
-  # The teacher module is left as it was (its o_proj is swapped only in per-layer copies).
-  np.testing.assert_array_equal(_params(teacher)["blocks"]["attn"]["o_proj"]["kernel"],
-                                p["attn"]["o_proj"]["kernel"])
+  # The teacher is left as it was, also with writable numpy leaves (whose per-layer slices are
+  # views): its o_proj is swapped, not written into.
+  graphdef, state = nnx.split(teacher)
+  numpy_params = jax.tree.map(lambda x: np.array(x), state.to_pure_dict())
+  state.replace_by_pure_dict(numpy_params)
+  before = np.array(numpy_params["blocks"]["attn"]["o_proj"]["kernel"])
+  o_np, _ = teacher_projection_inputs(nnx.merge(graphdef, state), tokens, segments)
+  np.testing.assert_array_equal(numpy_params["blocks"]["attn"]["o_proj"]["kernel"], before)
+  np.testing.assert_allclose(o_np, o_in, atol=1e-6)
 
 
 def test_calibration_is_folded_into_the_norm_scales(setup):

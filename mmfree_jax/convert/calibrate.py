@@ -119,12 +119,14 @@ def teacher_projection_inputs(teacher, tokens: jax.Array,
     x = hidden[layer]
     attn = block.attn
     kernel = attn.o_proj.kernel[...]
-    # Attention(x) = o_in @ W_o; with W_o = I the module returns o_in itself.
-    attn.o_proj.kernel[...] = jnp.eye(kernel.shape[0], dtype=kernel.dtype)
+    # Attention(x) = o_in @ W_o; with W_o = I the module returns o_in itself. set_value swaps
+    # the array (`kernel[...] = ` would write into it, and a numpy leaf is a view of the
+    # teacher's stacked params).
+    attn.o_proj.kernel.set_value(jnp.eye(kernel.shape[0], dtype=kernel.dtype))
     try:
       o_in, _ = attn(block.attn_norm(x), positions, segment_ids=segment_ids)
     finally:
-      attn.o_proj.kernel[...] = kernel
+      attn.o_proj.kernel.set_value(kernel)
     mid = x + block.attn.o_proj(o_in)
     gate, up = jnp.split(block.mlp.gate_proj(block.mlp_norm(mid)), 2, axis=-1)
     o_inputs.append(o_in)
