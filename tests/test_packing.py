@@ -267,14 +267,14 @@ def test_export_errors():
 
 
 def test_prefill_unpacks_one_layer_at_a_time():
-  """A prefill past `LUT_MAX_ROWS` rows unpacks each layer's codes to fp32 for one matmul.
+  """A prefill past `LUT_MAX_ROWS[fmt]` rows unpacks the codes to fp32 (a block at a time).
   XLA:CPU used to unpack every layer's up front and hold them all (~10 GB for the 2.7B):
   compiled temporaries must stay well under all layers' fp32 codes (1.03x of them with the
   layers unrolled; about one layer's in the layer scan: 0.2x here)."""
   layers = 6
   cfg = ModelConfig.tiny(dtype="float32", d_model=256, num_layers=layers, vocab_size=256)
   params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit")
-  rows = 4 * packed_model.LUT_MAX_ROWS
+  rows = 4 * packed_model.LUT_MAX_ROWS["2bit"]
   compiled = jax.jit(functools.partial(packed_model.forward, spec=spec)).lower(
       params, jnp.zeros((1, rows), jnp.int32)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes

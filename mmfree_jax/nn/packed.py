@@ -16,8 +16,9 @@ the bytes of bf16, and a lossy step the rest of the model then sees exactly).
 these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
 scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,
 segment_ids=, state=) -> (logits, RecurrentState)`, `init_state`, `cfg`), so generation and
-every evaluation run on it unchanged. Every BitLinear uses int8 activation codes: every BitLinear computes
-`y = (x_codes @ w_codes) * mean|W| / sx` with an exact integer accumulator, so all formats
+every evaluation run on it unchanged. Every BitLinear computes
+`y = (x_codes @ w_codes) * mean|W| / sx` from int8 activation codes with an exact integer
+accumulator, so all formats
 give bit-identical logits, equal to `model.decode` up to float round-off (the float model
 multiplies de-quantized values, `sum (c_x / sx)(c_w / sw)`).
 """
@@ -44,13 +45,13 @@ from mmfree_jax.ops.dtypes import acc_dtype
 PACKED = "packed"
 FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
            "bfloat16": jnp.bfloat16}
-# Packed formats use the lookup-table matvec up to this many rows (tokens) per product: its
-# table and gathered partial sums grow with the rows, so past that unpacking the codes and
-# running one float matmul is cheaper (prefill). Both are exact. 16 covers decode batches:
-# XLA:CPU keeps the unpacked fp32 weights of every layer alive at once (a 2-bit 2.7B decoding
-# at batch 8 peaked at 12.3 GB RSS with the limit at 4, 2.5 GB with the LUT, which was also
-# faster: 2.33 vs 1.88 tokens/s).
-LUT_MAX_ROWS = 16
+# Bit-packed formats use the lookup-table matvec up to this many rows (tokens) per product:
+# its table and gathered partial sums grow with the rows, while unpacking a block of codes
+# and multiplying costs about the same for any row count. Both are exact. Measured on the
+# 2.7B's matrices (one loaded CPU run, ms for gate_proj 2560 x 13824 at 1 / 2 / 4 / 8 rows):
+# 2-bit LUT 9 / 29 / 55 / 66 against unpack 24 / 35 / 41 / 27 (shifts); base-3 LUT 6 / 21 /
+# 35 / 77 against unpack 178-232 (divisions by powers of 3 are slow on XLA:CPU).
+LUT_MAX_ROWS = {"2bit": 2, "base3": 16}
 
 
 class PackedLinear(NamedTuple):
@@ -202,7 +203,7 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
   """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `layer`: the
   layer of a stacked `w [layers, ...]`."""
   if FORMATS[spec.fmt] == PACKED:
-    if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS:
+    if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS[spec.fmt]:
       # many rows (prefill, big batches): unpack and multiply, a block of columns at a time
       return packing.unpacked_matmul(x_codes, w, spec.fmt, n_in, layer=layer)
     return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method, layer=layer)
