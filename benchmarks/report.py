@@ -394,22 +394,26 @@ NOTES = """## Notes on reading these numbers
   Loading hands 64-byte aligned arrays to `device_put(may_alias=True)`, which keeps them
   without a copy (load peak 1.59 -> 1.18 GB). The LUT's remainder block does not pad the
   codes (a pad is a copy, which XLA:CPU ran for every layer up front: 0.65 GB of temporaries
-  at batch 1). A prefill past 16 rows unpacks 2 MiB blocks of columns (31 MB of temporaries
-  at 64 tokens; whole matrices ordered one at a time took 0.34 GB, all layers' at once ~10
-  GB). The 1.2 GB resident target is met by base-3 codes with an int8 embedding (1.15 GB) and
-  missed by 2-bit with an int8 (1.27) or bf16 (1.34) embedding and base-3 with bf16 (1.22):
+  at batch 1). Past `LUT_MAX_ROWS` rows (2-bit: 2, base-3: 16) a product unpacks 2 MiB blocks
+  of columns and multiplies (31 MB of temporaries at 64 tokens; whole matrices ordered one at
+  a time took 0.34 GB, all layers' at once ~10 GB); for 2-bit codes that is faster than the
+  LUT from 4 rows on, so batch 8 now decodes more tokens/s than batch 1 (base-3's unpack,
+  divisions by powers of 3, is 5-7x slower, so it keeps the LUT to 16 rows). The 1.2 GB
+  resident target is met by base-3 codes with an int8 embedding (1.15 GB) and missed by
+  2-bit with an int8 (1.28) or bf16 (1.36) embedding and base-3 with bf16 (1.22):
   with ~0.36 GB of runtime and ~0.17 of compiler, the weights must stay under ~0.67 GB. The
   int8 embedding (per-row absmax codes, opt-in and lossy: `--embedding_dtype int8`) is also
   what brings 2-bit under the 0.75 GB file target (0.741 GB): 2-bit codes alone are 0.66 GB
-  and a bf16 embedding adds 0.16. Tokens/s of these rows were measured while another job
-  trained on the same 2 cores (load 3-4): batch 1 and batch 8 vary up to 2x between formats
-  that do the same work. The latent bf16 2.7B peaks at 22.6 GB: its frozen per-layer copies
+  and a bf16 embedding adds 0.16. The latent bf16 2.7B peaks at 22.6 GB: its frozen per-layer copies
   (5.4 GB) sit next to the stacked weights, XLA:CPU upcasts bf16 dot operands to fp32, and
   its scheduler quantizes and converts every layer's frozen weights up front (the packed
   prefill's old problem; not fixed for the latent decode step, which every platform shares).
   Batched generation feeds shorter prompts their
   remaining prompt tokens inside the shared loop (one program for both model kinds), so its
-  gain shrinks as prompt lengths spread. Its ceiling here is set by XLA:CPU, not by the loop:
+  gain shrinks as prompt lengths spread. In this run batched tokens/s matched the previous
+  run's (latent 2298 vs 2362, packed 2263 vs 2406) while one prompt at a time got faster
+  (latent 624 vs 416 at a lower load; packed 826 vs 375, its one-layer scan program), so the
+  ratios fell from 5.7x / 6.4x to 3.7x / 2.7x. Its ceiling here is set by XLA:CPU, not by the loop:
   a frozen-weight decode step of this d=256 model takes 2.0 ms at batch 1 and 10.1 ms at batch
   32 (timed round-robin in one run, load ~1.5), i.e. at most 32 x 2.0 / 10.1 = 6.3x more tokens/s
   from batching, before prompt spread; batch-32 matmuls run at 5-20% of the 218 GFLOP/s square
