@@ -126,6 +126,21 @@ def _lut_chunk(rows: int, groups: int, n_out: int, chunk_bytes: int) -> int:
   return -(-groups // steps)
 
 
+def _stacked(packed: jax.Array, layer: jax.Array | None) -> tuple[jax.Array, jax.Array | int]:
+  """`(codes [layers, ...], layer)`: a single matrix becomes a stack of one."""
+  return (packed[None], 0) if layer is None else (packed, layer)
+
+
+def _over_blocks(total: int, size: int, step, init):
+  """`step(acc, start, size)` over `[0, total)` in blocks of `size` (a `fori_loop`), then the
+  remainder as one smaller step. Padding to whole blocks instead would copy the codes, and
+  XLA:CPU schedules that weight-only copy for every layer before the first (a 2-bit 2.7B's
+  decode then held 0.65 GB of padded codes)."""
+  full, tail = divmod(total, size)
+  acc = jax.lax.fori_loop(0, full, lambda i, acc: step(acc, i * size, size), init)
+  return step(acc, full * size, tail) if tail else acc
+
+
 def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
                   method: str = "lut", chunk_bytes: int = LUT_CHUNK_BYTES,
                   layer: jax.Array | None = None) -> jax.Array:
@@ -147,8 +162,7 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
     n_in < 131072) for 'lut', int32 for 'unpack'.
   """
   k, _ = _format(fmt)
-  if layer is None:
-    packed, layer = packed[None], 0
+  packed, layer = _stacked(packed, layer)
   groups, n_out = packed.shape[1:]
   codes = lambda start, size: jax.lax.dynamic_slice(packed, (layer, start, 0),
                                                     (1, size, n_out))[0]
@@ -159,33 +173,24 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
     raise ValueError(f"unknown packed matvec method {method!r}; choose one of "
                      f"{MATVEC_METHODS}")
   batch = x_codes.shape[0]
-  chunk = _lut_chunk(batch, groups, n_out, chunk_bytes)
-  full, tail = divmod(groups, chunk)
   x = x_codes.astype(jnp.float32)  # small integers: every partial sum below is exact
   x = jnp.pad(x, ((0, 0), (0, groups * k - n_in))).reshape(batch, groups, k)
   # table[b, g, v] = sum_j x[b, g*k + j] * code_j(v): the 256 possible partial sums per group
   table = jnp.einsum("bgk,vk->bgv", x, _digit_table(fmt, jnp.float32),
                      precision=jax.lax.Precision.HIGHEST)
 
-  def partial_sum(t, p):
+  def block(acc, start, size):
+    t = jax.lax.dynamic_slice_in_dim(table, start, size, axis=1)
+    p = codes(start, size)
     gathered = jax.vmap(lambda t: jax.vmap(lambda t_g, p_g: t_g[p_g])(t, p))(t)
     # Sum over groups as a dot with ones: the matmul kernel streams it, where a float reduce
     # over a major axis is not vectorized on XLA:CPU (about 10x slower). Exact: all partial
     # sums are integers below 2^24.
-    return jnp.einsum("g,bgo->bo", jnp.ones((p.shape[0],), jnp.float32), gathered,
-                      precision=jax.lax.Precision.HIGHEST)
+    return acc + jnp.einsum("g,bgo->bo", jnp.ones((size,), jnp.float32), gathered,
+                            precision=jax.lax.Precision.HIGHEST)
 
-  def block(step, acc):
-    return acc + partial_sum(jax.lax.dynamic_slice_in_dim(table, step * chunk, chunk, axis=1),
-                             codes(step * chunk, chunk))
-
-  acc = jax.lax.fori_loop(0, full, block, jnp.zeros((batch, n_out), jnp.float32))
-  if tail:
-    # The remainder as its own (smaller) block: padding the codes to whole blocks would copy
-    # them, and XLA:CPU schedules that weight-only copy for every layer before the first
-    # (a 2-bit 2.7B's decode then held 0.65 GB of padded codes).
-    acc = acc + partial_sum(table[:, full * chunk:], codes(full * chunk, tail))
-  return acc
+  return _over_blocks(groups, _lut_chunk(batch, groups, n_out, chunk_bytes), block,
+                      jnp.zeros((batch, n_out), jnp.float32))
 
 
 # fp32 codes `unpacked_matmul` makes per loop step: one block of output columns. Unpacking a
@@ -209,23 +214,15 @@ def unpacked_matmul(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
   Returns:
     `[rows, n_out]` float32 holding exact integers (codes and sums below 2^24).
   """
-  if layer is None:
-    packed, layer = packed[None], 0
+  packed, layer = _stacked(packed, layer)
   groups, n_out = packed.shape[1:]
   cols = min(n_out, max(1, block_bytes // (4 * n_in)))
-  full, tail = divmod(n_out, cols)
   x = x_codes.astype(jnp.float32)
 
-  def product(start, size):
+  def block(out, start, size):
     w = jax.lax.dynamic_slice(packed, (layer, 0, start), (1, groups, size))[0]
     codes = unpack_ternary(w, fmt, n_in, axis=0).astype(jnp.float32)
-    return jnp.matmul(x, codes, precision=jax.lax.Precision.HIGHEST)
+    product = jnp.matmul(x, codes, precision=jax.lax.Precision.HIGHEST)
+    return jax.lax.dynamic_update_slice_in_dim(out, product, start, axis=1)
 
-  def block(step, out):
-    return jax.lax.dynamic_update_slice_in_dim(out, product(step * cols, cols), step * cols,
-                                               axis=1)
-
-  out = jax.lax.fori_loop(0, full, block, jnp.zeros((x.shape[0], n_out), jnp.float32))
-  if tail:
-    out = out.at[:, full * cols:].set(product(full * cols, tail))
-  return out
+  return _over_blocks(n_out, cols, block, jnp.zeros((x.shape[0], n_out), jnp.float32))
