@@ -65,11 +65,11 @@ LAYER_LINEARS = (("attn", "i_proj"), ("attn", "f_proj"), ("attn", "g_proj"), ("a
                  ("mlp", "gate_proj"), ("mlp", "down_proj"))
 LAYER_NORMS = {"attn_norm": ("attn_norm", "scale"), "g_norm": ("attn", "g_norm", "scale"),
                "mlp_norm": ("mlp_norm", "scale")}
-EMBEDDING_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                    "float64": np.dtype(np.float64), "int8": np.dtype(np.int8)}
 INT8 = np.dtype(np.int8)
 F32 = np.dtype(np.float32)
-_STORED_DTYPES = {**tensors.SAFETENSORS_DTYPES, "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8)}
+EMBEDDING_DTYPES = {"float32": F32, "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                    "float64": np.dtype(np.float64), "int8": INT8}
+_STORED_DTYPES = {**tensors.SAFETENSORS_DTYPES, "U8": np.dtype(np.uint8), "I8": INT8}
 
 
 class PackedDirError(ValueError):
