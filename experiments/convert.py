@@ -234,15 +234,20 @@ def teacher_row(args, workdir: str) -> dict:
                     for r in rows if "loss" in r]}
 
 
-def _hp(row: dict) -> tuple:
-  """A row's tuned hyperparameters, comparable across rows (old rows: the peak LR only;
-  converted rows from before --calibrate/--mapping: 'none'/'vkq', the plain copy they ran)."""
+def _row_hp(row: dict) -> dict:
+  """A row's tuned hyperparameters (old rows: the peak LR only; converted rows from before
+  --calibrate/--mapping: 'none'/'vkq', the plain copy they ran)."""
   hp = dict(row.get("hp") or {"peak_lr": row["peak_lr"]})
   if row["variant"] == "converted":
     hp.setdefault("calibrate", "none")
     hp.setdefault("mapping", "vkq")
+  return hp
+
+
+def _hp(row: dict) -> tuple:
+  """`_row_hp`, comparable across rows."""
   norm = lambda v: v if isinstance(v, str) else round(float(v), 12)
-  return tuple(sorted((k, norm(v)) for k, v in hp.items()))
+  return tuple(sorted((k, norm(v)) for k, v in _row_hp(row).items()))
 
 
 def mark_chosen(runs: list[dict]) -> list[dict]:
@@ -325,10 +330,7 @@ def plot(results: dict, path: str) -> None:
   tuning = [r for r in results["runs"] if r.get("sweep")]
   for j, r in enumerate(sorted(tuning, key=lambda r: (VARIANTS.index(r["variant"]),
                                                       -r["val_loss"]))):
-    hp = dict(r.get("hp") or {"peak_lr": r["peak_lr"]})
-    if r["variant"] == "converted":  # rows from before --calibrate/--mapping (see _hp)
-      hp.setdefault("calibrate", "none")
-      hp.setdefault("mapping", "vkq")
+    hp = _row_hp(r)
     label = f"({'abcd'[VARIANTS.index(r['variant'])]}) " + " ".join(
         f"{short.get(k, k)} {x if isinstance(x, str) else format(x, 'g')}"
         for k, x in hp.items())
