@@ -405,9 +405,12 @@ def parse_args(argv=None):
   bad = [c for c in strings(args.calibrate) if c not in CALIBRATIONS]
   if bad:
     parser.error(f"--calibrate {bad}: choose from {CALIBRATIONS}")
-  bad = [m for m in strings(args.mapping) if sorted(m) != sorted("vkq")]
-  if bad:
-    parser.error(f"--mapping {bad}: each a permutation of 'vkq' (the sources of i, f, g)")
+  from mmfree_jax.convert.student import ConversionError, check_mapping
+  for mapping in strings(args.mapping):
+    try:
+      check_mapping(mapping)
+    except ConversionError as e:
+      parser.error(f"--mapping: {e}")
   try:
     args.student_grid = [dict(zip(STUDENT_HP, values)) for values in itertools.product(
         *((strings if k in STRING_HP else floats)(getattr(args, k)) for k in STUDENT_HP))]
