@@ -46,6 +46,11 @@ def _gflops(x):
   return x / 1e9
 
 
+def _packed_name(r: dict) -> str:
+  """A bench_inference packed27 entry as '<format>, <dtype> embedding'."""
+  return f"{r['format']}, {r['embedding_dtype']} embedding"
+
+
 def _yes(ok: bool | None) -> str:
   return "n/a" if ok is None else ("**yes**" if ok else "no")
 
@@ -151,7 +156,7 @@ def targets(res: dict) -> list[list]:
                  _yes(best["prepare_1proc_tokens_per_s"] >= 1e6)])
   inf = res.get("bench_inference", {}).get("results") or {}
   for key, r in inf.get("packed27", {}).items():
-    fmt = f"{r['format']}, {r['embedding_dtype']} embedding"
+    fmt = _packed_name(r)
     rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt})",
                  f"{r['file_bytes'] / 1e9:.3f} GB", _yes(r["file_bytes"] <= 0.75e9)])
     # sampled during the timed (second) call: no load or compiler peak in it
@@ -328,7 +333,7 @@ def _inference_section(inf: dict | None) -> list[str]:
         model, file_gb, f"{loaded / 1e9:.2f}", f"{run['rss_max_while_generating'] / 1e9:.2f}",
         f"{run['peak_rss_bytes'] / 1e9:.2f}", run["batch"], run["prompt_len"],
         f"{run['tokens_per_s']:.3g}"]
-    rows = [row(f"packed {r['format']}, {r['embedding_dtype']} embedding",
+    rows = [row(f"packed {_packed_name(r)}",
                 f"{r['file_bytes'] / 1e9:.3f}", r["rss_after_load"], run)
             for r in inf["packed27"].values() for run in r["runs"]]
     lat = inf.get("latent27")
