@@ -15,8 +15,8 @@ initialisation). Their hyperparameters are tuned first, on the first seed: (d) o
 --lr_scratch, (b) over the product of the comma-separated lists --lr_student, --alpha,
 --temperature, --stage1_fraction, --quant_ramp_fraction (a ramp > 0 runs with
 model.bitlinear_impl='autodiff', which the ramp needs; the rest use the default 'auto'),
---calibrate and --mapping (the student's init: see CALIBRATIONS below; any but the plain copy
-is written as a params-only step-0 checkpoint that `train` starts from).
+--calibrate and --mapping (the student's init: the config's distill.calibrate and
+distill.mapping, which `train` applies on the run's first batch).
 The lowest validation loss picks the setting the other seeds run with; every tuning row stays
 in the JSON, marked `sweep`, and `chosen` marks the rows (all seeds) of the picked setting.
 A study run in several invocations (coordinate-wise tuning, then the other seeds) is
@@ -78,15 +78,14 @@ DEFAULTS = dict(d_model=128, num_layers=2, head_dim=32, tokenizer="bpe:4096", se
 STUDENT_HP = ("lr_student", "alpha", "temperature", "stage1_fraction", "quant_ramp_fraction",
               "calibrate", "mapping")
 STRING_HP = ("calibrate", "mapping")
-# --calibrate: the student's init scales (mmfree_jax.convert.calibrate) folded into its
-# BitLinear norm_scales: 'ternary' the ternary gain of each copied kernel (data-free), 'rms'
-# the mean per-token RMS of the teacher's o_proj/down_proj inputs on the run's first training
-# batch (the batch step 0 trains on: no extra tokens), 'all' both, 'all_norm' both with the
-# norm-preserving gain ||W|| / ||Q(W)|| inside the blocks (the head's stays least-squares),
-# 'none' the plain copy.
-# --mapping: the teacher projections (v, k, q) copied into the MLGRU's i, f, g, in order
-# (mmfree_jax.convert.init_student_params(mapping=); 'vkq' = V -> i, K -> f, Q -> g).
-CALIBRATIONS = ("none", "ternary", "rms", "all", "all_norm")
+# --calibrate: distill.calibrate, the student's init scales (mmfree_jax.convert.calibrate.
+# CALIBRATIONS) folded into its BitLinear norm_scales: 'ternary' the ternary gain of each
+# copied kernel (data-free), 'rms' the mean per-token RMS of the teacher's o_proj/down_proj
+# inputs on the run's first training batch (the batch step 0 trains on: no extra tokens),
+# 'all' both, 'all_norm' both with the norm-preserving gain ||W|| / ||Q(W)|| inside the
+# blocks (the head's stays least-squares), 'none' the plain copy.
+# --mapping: distill.mapping, the teacher projections (v, k, q) copied into the MLGRU's i, f, g,
+# in order (mmfree_jax.convert.init_student_params(mapping=); 'vkq' = V -> i, K -> f, Q -> g).
 TOY = dict(d_model=32, num_layers=1, head_dim=16, tokenizer="byte", seq_len=32, batch=8,
            teacher_steps=10, seeds="0", full_seeds="0", eval_batches=1, lr_scratch="1e-2",
            lr_full="3e-3")
@@ -119,56 +118,13 @@ def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: i
     cfg.distill.update(teacher=teacher, init="teacher",
                        stage1_steps=int(round(hp["stage1_fraction"] * steps)),
                        temperature=hp["temperature"], alpha=hp["alpha"],
-                       quant_ramp_steps=ramp)
+                       quant_ramp_steps=ramp, calibrate=hp["calibrate"],
+                       mapping=hp["mapping"])
     if ramp:  # the ramp blends x + s (q(x) - x) inside the autodiff BitLinear only
       cfg.model.bitlinear_impl = "autodiff"
   cfg.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
   cfg.lock()
   return cfg
-
-
-def write_student_init(cfg, workdir: str, calibrate: str, mapping: str) -> dict:
-  """The converted student's init with `calibrate` scales and the i/f/g `mapping`, as a
-  params-only step-0 checkpoint in `workdir`: `train` then fine-tunes from it (the path of
-  imported weights) with the same distill section, instead of initialising the student itself
-  (`distill.init='teacher'`: the plain copy, which has no data for the RMS calibration and
-  the default mapping). Returns the calibration factors (for the row)."""
-  from flax import nnx
-  from mmfree_jax import convert as convert_lib
-  from mmfree_jax import data as data_lib
-  from mmfree_jax.config import validate
-  from mmfree_jax.data.cache import default_cache_dir
-  from mmfree_jax.hf.convert import save_params
-  from mmfree_jax.nn.model import build_model
-  from mmfree_jax.ops import loss as loss_lib
-  from mmfree_jax.train import distill
-  from mmfree_jax.train import state as state_lib
-
-  student = validate(cfg)
-  settings = distill.DistillSettings.from_config(cfg.distill)
-  teacher_cfg = distill.read_teacher_config(settings, student)
-  teacher_params = distill.load_teacher_params(settings, teacher_cfg, None)
-  _, fresh = nnx.split(build_model(student, nnx.Rngs(params=cfg.train.seed)))
-  calibration = convert_lib.Calibration(ternary=calibrate in ("ternary", "all", "all_norm"),
-                                        block_gain="norm" if calibrate == "all_norm" else "lsq")
-  if calibrate in ("rms", "all", "all_norm"):
-    cache_dir = default_cache_dir()
-    tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=cache_dir)
-    batch = next(iter(data_lib.train_iterator(cfg.data, tokenizer,
-                                              global_batch=cfg.train.global_batch,
-                                              cache_dir=cache_dir)))
-    inputs, segments, _, mask = loss_lib.split_window(batch["tokens"], batch["segment_ids"])
-    teacher = nnx.merge(state_lib.model_graphdef(teacher_cfg), teacher_params)
-    calibration = convert_lib.calibration_from_teacher(
-        teacher, inputs, segments if teacher_cfg.reset_at_doc_start else None, mask,
-        ternary=calibration.ternary, block_gain=calibration.block_gain)
-  params = convert_lib.init_student_params(teacher_params, teacher_cfg, fresh.to_pure_dict(),
-                                           student, calibration, mapping)
-  save_params(workdir, params, cfg)
-  as_list = lambda x: None if x is None else [float(v) for v in x]
-  return {"calibrate": calibrate, "mapping": mapping,
-          "o_proj_rms": as_list(calibration.o_proj_rms),
-          "down_proj_rms": as_list(calibration.down_proj_rms)}
 
 
 def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: int,
@@ -181,11 +137,6 @@ def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: in
   cfg = make_config(args, kind, steps, lr, seed, vocab_size, teacher, hp)
   if os.path.exists(workdir):  # never resume a previous study's run
     shutil.rmtree(workdir)
-  calibration = None
-  hp_ = dict(hp or {})
-  if teacher and (hp_.get("calibrate", "none"), hp_.get("mapping", "vkq")) != ("none", "vkq"):
-    calibration = write_student_init(cfg, workdir, hp_.get("calibrate", "none"),
-                                     hp_.get("mapping", "vkq"))
   result = train(cfg, workdir, progress=args.progress)
   if not result.eval_history:
     raise RuntimeError(f"{variant} seed {seed}: no validation loss was computed")
@@ -200,7 +151,6 @@ def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: in
       "final_train_loss": float(np.mean([c[1] for c in curve[-10:] if c[2] != 1] or [np.nan])),
       "wall_time_s": float(result.wall_time_s),
       "distill": dict(cfg.distill.to_dict()) if teacher else None,
-      "calibration": calibration,
       "hp": {"peak_lr": lr, **(dict(hp or {}) if teacher else {})},
       "bitlinear_impl": cfg.model.bitlinear_impl,
       "curve": curve,
@@ -402,9 +352,10 @@ def parse_args(argv=None):
   args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
   floats = lambda text: [float(v) for v in text.split(",") if v.strip()]
   strings = lambda text: [v.strip() for v in text.split(",") if v.strip()]
+  from mmfree_jax.convert.calibrate import CALIBRATIONS
   bad = [c for c in strings(args.calibrate) if c not in CALIBRATIONS]
   if bad:
-    parser.error(f"--calibrate {bad}: choose from {CALIBRATIONS}")
+    parser.error(f"--calibrate {bad}: choose from {tuple(CALIBRATIONS)}")
   from mmfree_jax.convert.student import ConversionError, check_mapping
   for mapping in strings(args.mapping):
     try:

@@ -142,6 +142,8 @@ def base_config() -> ml_collections.ConfigDict:
       "temperature": 1.0,
       "alpha": 0.5,  # stage 2 loss: alpha * T^2 KL(teacher || student) + (1 - alpha) * CE
       "quant_ramp_steps": 0,  # 0: ternary throughout; N: quantization strength 1/N .. 1
+      "calibrate": "all_norm",  # init='teacher' scales (mmfree_jax.convert.calibrate)
+      "mapping": "vkq",  # init='teacher': teacher V, K, Q -> the MLGRU's i, f, g (any order)
   })
   cfg.mesh = ml_collections.ConfigDict({
       "shape": {"data": -1, "fsdp": 1, "tensor": 1},
@@ -471,6 +473,10 @@ _HELP = {
     "dist.process_id": "this process's index (-1 = auto)",
     "dist.initialization_timeout_s": "seconds to wait for every process at start-up",
     "distill.temperature": "distillation softmax temperature",
+    "distill.calibrate": "scales of the student's init from the teacher: none | ternary | rms | "
+                         "all | all_norm (the ternary gain of each copied kernel and/or the "
+                         "teacher's o_proj/down_proj input RMS on step 0's batch; "
+                         "mmfree_jax.convert.calibrate)",
 }
 
 

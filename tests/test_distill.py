@@ -336,11 +336,55 @@ def test_distill_through_train_resumes_exactly(tmp_path):
       [r["loss"] for r in full.history]
 
 
+def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path):
+  """`distill.calibrate` through train(): with lr 0 the state after step 1 is the init, which
+  must equal the library's calibrated copy computed here from a fresh iterator's first batch
+  (and differ from the plain copy by far more than that tolerance)."""
+  from mmfree_jax import data as data_lib
+  from mmfree_jax.convert import named_calibration
+  from mmfree_jax.data.cache import default_cache_dir
+  from mmfree_jax.nn.model import build_model
+  from mmfree_jax.ops import loss as loss_lib
+
+  teacher_dir = _teacher_workdir(tmp_path / "teacher")
+  cfg = _distill_config(teacher_dir, **{"train.steps": 1, "optim.lr": 0.0,
+                                        "distill.stage1_steps": 0, "distill.quant_ramp_steps": 0,
+                                        "distill.calibrate": "all_norm",
+                                        "distill.mapping": "kqv"})
+  got = jax.device_get(train(cfg, str(tmp_path / "run"), progress=False).state.params)
+
+  student = config_lib.validate(cfg)
+  settings = distill.DistillSettings.from_config(cfg.distill)
+  teacher_cfg = distill.read_teacher_config(settings, student)
+  teacher_params = distill.load_teacher_params(settings, teacher_cfg, None)
+  tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
+  batch = next(iter(data_lib.train_iterator(cfg.data, tokenizer,
+                                            global_batch=cfg.train.global_batch,
+                                            cache_dir=default_cache_dir())))
+  inputs, segments, _, mask = loss_lib.split_window(jnp.asarray(batch["tokens"]),
+                                                    jnp.asarray(batch["segment_ids"]))
+  teacher = nnx.merge(state_lib.model_graphdef(teacher_cfg), teacher_params)
+  calibration = named_calibration(
+      "all_norm", teacher, inputs, segments if teacher_cfg.reset_at_doc_start else None, mask)
+  _, fresh = nnx.split(build_model(student, nnx.Rngs(params=cfg.train.seed)))
+  fresh = fresh.to_pure_dict()
+  want = init_student_params(teacher_params, teacher_cfg, fresh, student, calibration, "kqv")
+  plain = init_student_params(teacher_params, teacher_cfg, fresh, student)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-6), got, want)
+  o_scale = lambda p: np.asarray(p["blocks"]["attn"]["o_proj"]["norm_scale"])
+  assert np.abs(o_scale(got) - o_scale(plain)).max() > 1e-2
+  i_kernel = lambda p: np.asarray(p["blocks"]["attn"]["i_proj"]["kernel"])
+  assert np.abs(i_kernel(got) - i_kernel(plain)).max() > 1e-2  # i <- K, not V
+
+
 @pytest.mark.parametrize("overrides,error,match", [
     ({"model.d_model": 32}, ConversionError, "d_model"),
     ({"model.kind": "transformer"}, ValueError, "MatMul-free student"),
     ({"distill.alpha": 1.5}, ValueError, "alpha"),
     ({"model.bitlinear_impl": "lean"}, ValueError, "autodiff"),
+    ({"distill.calibrate": "most"}, ValueError, "all_norm"),
+    ({"distill.mapping": "vvq"}, ConversionError, "permutation of 'vkq'"),
 ])
 def test_bad_distill_config_fails_before_compute(tmp_path, overrides, error, match):
   teacher = _teacher_workdir(tmp_path / "teacher")

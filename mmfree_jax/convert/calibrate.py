@@ -26,10 +26,10 @@ per-tensor factor):
    gamma is folded in by `init_student_params`), so they need no input factor.
 
 `Calibration` holds the factors; `init_student_params` multiplies them into the norm_scales.
-The input RMS needs a batch of text, which `train.distill`'s own init (`distill.init='teacher'`,
-from the teacher's params alone) does not have: experiments/convert.py computes the
-calibration on the run's first training batch and starts training from the calibrated params
-(a params-only step-0 checkpoint, as for imported weights).
+`CALIBRATIONS` names the combinations (`distill.calibrate`, experiments/convert.py's
+--calibrate); `named_calibration` builds one. The input RMS needs a batch of text:
+`train.distill` takes the run's first training batch (the batch step 0 trains on, so no extra
+tokens are read).
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ import jax.numpy as jnp
 from mmfree_jax.ops import quant
 
 GAINS = ("lsq", "norm")
+# name -> (ternary gain, its kind inside the blocks, teacher input RMS): 'none' the plain copy,
+# 'ternary' the gain alone (data-free), 'rms' the input RMS alone, 'all' both, 'all_norm' both
+# with the norm-preserving gain inside the blocks (the head's stays least-squares).
+CALIBRATIONS = {"none": (False, "lsq", False), "ternary": (True, "lsq", False),
+                "rms": (False, "lsq", True), "all": (True, "lsq", True),
+                "all_norm": (True, "norm", True)}
 
 
 def ternary_gain(kernel: jax.Array, kind: str = "lsq") -> jax.Array:
@@ -141,3 +147,29 @@ def calibration_from_teacher(teacher, tokens: jax.Array, segment_ids: jax.Array 
   o_in, down_in = teacher_projection_inputs(teacher, tokens, segment_ids)
   return Calibration(ternary=ternary, block_gain=block_gain, o_proj_rms=input_rms(o_in, mask),
                      down_proj_rms=input_rms(down_in, mask))
+
+
+def check_calibration(name: str) -> None:
+  if name not in CALIBRATIONS:
+    raise ValueError(f"unknown calibration {name!r}; choose one of {tuple(CALIBRATIONS)}")
+
+
+def needs_batch(name: str) -> bool:
+  """Whether calibration `name` reads the teacher's activations on a batch of text."""
+  check_calibration(name)
+  return CALIBRATIONS[name][2]
+
+
+def named_calibration(name: str, teacher=None, tokens: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None, mask: jax.Array | None = None
+                      ) -> Calibration:
+  """The `Calibration` that `CALIBRATIONS[name]` describes; the input-RMS kinds run `teacher`
+  (a `TransformerLM`) on `tokens [batch, seq]` (`calibration_from_teacher`)."""
+  check_calibration(name)
+  ternary, block_gain, rms = CALIBRATIONS[name]
+  if not rms:
+    return Calibration(ternary=ternary, block_gain=block_gain)
+  if teacher is None or tokens is None:
+    raise ValueError(f"calibration {name!r} needs the teacher and a batch of tokens")
+  return calibration_from_teacher(teacher, tokens, segment_ids, mask, ternary=ternary,
+                                  block_gain=block_gain)

@@ -3,7 +3,11 @@
     python train.py --config=configs/distill_tiny.py --config.distill.teacher=TEACHER --workdir=W
 
 TEACHER is one of our Transformer++ workdirs or an HF Llama folder (`mmfree_jax.hf.llama`).
-Stages, by step:
+With `distill.init='teacher'` the student starts from `convert.init_student_params`: the
+teacher's V/K/Q in the MLGRU's i/f/g in `distill.mapping`'s order, norm_scales scaled by
+`distill.calibrate` (default 'all_norm': each kernel's ternary gain and the teacher's
+o_proj/down_proj input RMS on the batch step 0 trains on; 'none' the plain copy). Stages, by
+step:
 
 1. `step < distill.stage1_steps`: per-layer hidden-state alignment. The frozen teacher runs
    once; every student block gets the teacher's input to that block and is trained to produce
@@ -37,6 +41,7 @@ from jax.sharding import Mesh
 
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.convert import calibrate as calibrate_lib
 from mmfree_jax.convert import student as student_lib
 from mmfree_jax.hf import convert, llama
 from mmfree_jax.hf import mapping as hf_mapping
@@ -64,6 +69,8 @@ class DistillSettings:
   temperature: float = 1.0
   alpha: float = 0.5
   quant_ramp_steps: int = 0
+  calibrate: str = "all_norm"
+  mapping: str = student_lib.DEFAULT_MAPPING
 
   @property
   def enabled(self) -> bool:
@@ -93,6 +100,8 @@ class DistillSettings:
     if not 0.0 <= self.alpha <= 1.0:
       raise ValueError(f"distill.alpha must be in [0, 1] (weight of the KL term); got "
                        f"{self.alpha!r}")
+    calibrate_lib.check_calibration(self.calibrate)
+    student_lib.check_mapping(self.mapping)
     if self.teacher and not os.path.isfile(os.path.join(self.teacher, "config.json")):
       raise FileNotFoundError(
           f"distill.teacher={self.teacher!r} has no config.json: pass one of our Transformer++ "
@@ -163,10 +172,17 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
 
 def student_params_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig,
                                 student_params: dict, student_cfg: ModelConfig,
-                                shardings=None) -> dict:
+                                shardings=None, calibration: calibrate_lib.Calibration | None = None,
+                                mapping: str = student_lib.DEFAULT_MAPPING) -> dict:
   """`convert.init_student_params`, jitted (sharded output when `shardings` is given)."""
-  fn = lambda t, s: student_lib.init_student_params(t, teacher_cfg, s, student_cfg)
-  return jax.jit(fn, out_shardings=shardings)(teacher_params, student_params)
+  calibration = calibration or calibrate_lib.Calibration()
+  rms = (calibration.o_proj_rms, calibration.down_proj_rms)
+
+  def fn(t, s, rms):
+    calib = dataclasses.replace(calibration, o_proj_rms=rms[0], down_proj_rms=rms[1])
+    return student_lib.init_student_params(t, teacher_cfg, s, student_cfg, calib, mapping)
+
+  return jax.jit(fn, out_shardings=shardings)(teacher_params, student_params, rms)
 
 
 # ----------------------------------------------------------------------------------- steps
@@ -314,13 +330,32 @@ class Distillation:
   rules: tuple
 
   def init_state(self, state: TrainState, tx: optax.GradientTransformation, seed: int,
-                 shardings: TrainState) -> TrainState:
-    """A fresh train state whose params come from the teacher (`distill.init='teacher'`)."""
+                 shardings: TrainState, first_batch: Callable[[], dict] | None = None
+                 ) -> TrainState:
+    """A fresh train state whose params come from the teacher (`distill.init='teacher'`),
+    scaled by `distill.calibrate`, whose input-RMS kinds run the teacher on `first_batch()`
+    (the global batch `{'tokens', 'segment_ids'} [batch, seq + 1]` step 0 trains on)."""
     if self.settings.init != "teacher":
       return state
+    calibration = self.calibration(first_batch)
     params = student_params_from_teacher(self.teacher_params, self.teacher_cfg, state.params,
-                                         self.student_cfg, shardings.params)
+                                         self.student_cfg, shardings.params, calibration,
+                                         self.settings.mapping)
     return state_lib.train_state_from_params(params, tx, 0, seed, shardings)
+
+  def calibration(self, first_batch: Callable[[], dict] | None) -> calibrate_lib.Calibration:
+    """`distill.calibrate`'s factors (the input RMS on `first_batch()` where it needs data)."""
+    name = self.settings.calibrate
+    if not calibrate_lib.needs_batch(name):
+      return calibrate_lib.named_calibration(name)
+    if first_batch is None:
+      raise ValueError(f"distill.calibrate={name!r} needs a batch of text for the teacher's "
+                       "input RMS; pass first_batch, or use calibrate='ternary' (data-free)")
+    batch = first_batch()
+    inputs, segments, _, mask = loss_lib.split_window(batch["tokens"], batch["segment_ids"])
+    teacher = nnx.merge(state_lib.model_graphdef(self.teacher_cfg), self.teacher_params)
+    return calibrate_lib.named_calibration(
+        name, teacher, inputs, segments if self.teacher_cfg.reset_at_doc_start else None, mask)
 
   def stepper(self, graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
               microbatches: int, z_loss: float, shardings: TrainState, batch_sharding,

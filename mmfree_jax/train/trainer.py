@@ -326,7 +326,11 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
       state = state_lib.create_sharded_train_state(model_cfg, tx, train_cfg.seed,
                                                    state_shardings)
       if distiller is not None:  # the student starts from the teacher (distill.init)
-        state = distiller.init_state(state, tx, train_cfg.seed, state_shardings)
+        # distill.calibrate reads the batch step 0 trains on, from an iterator of its own.
+        first_batch = lambda: _to_global(next(iter(data_lib.train_iterator(
+            cfg.data, tokenizer, global_batch=train_cfg.global_batch, cache_dir=cache_dir,
+            **procs))), batch_sharding)
+        state = distiller.init_state(state, tx, train_cfg.seed, state_shardings, first_batch)
       resume = "fresh start"
     log.info("%s in %s", resume, checkpointer.directory)
     if is_main:  # rows of steps after the restored one are redone by this run
