@@ -6,7 +6,8 @@ The frozen weights are the very values the latent forward multiplies by, but the
 model runs its layers unrolled (the latent prefill scans them) and XLA:CPU may order a dot's
 sums differently when its operand is a parameter instead of a fusion, so outputs agree to fp32
 round-off: 1e-5 of the largest value (a wrong scale or a weight quantized twice changes logits
-by O(1)).
+by O(1)). Under bf16 compute on CPU the freeze keeps the latent kernels and the layers run
+in a loop over the stacked weights instead (`keeps_latent_weights`).
 """
 
 import jax
@@ -18,7 +19,7 @@ from flax import nnx
 
 from mmfree_jax import ModelConfig, generate
 from mmfree_jax.nn import layers
-from mmfree_jax.nn.model import build_model
+from mmfree_jax.nn.model import build_model, keeps_latent_weights
 from mmfree_jax.ops import quant
 from tests.perturb import perturb_params
 
@@ -104,3 +105,52 @@ def test_generate_quantizes_weights_outside_the_decode_loop(monkeypatch):
   # control: without the freeze every BitLinear re-quantizes its weights at every step
   monkeypatch.setattr(type(model), "freeze_weights", lambda self: None)
   assert _weight_abs_in_decode_loop(model) >= 2 * 6 + 1  # 2 layers x (4 MLGRU + 2 GLU) + head
+
+
+def _bf16_model(num_layers=2, d_model=32):
+  cfg = ModelConfig.tiny(vocab_size=97, d_model=d_model, num_layers=num_layers,
+                         dtype="bfloat16", param_dtype="bfloat16")
+  return perturb_params(build_model(cfg, 0))
+
+
+def test_bf16_on_cpu_keeps_the_latent_weights_and_equals_the_latent_model():
+  """XLA:CPU under bf16 compute (`keeps_latent_weights`): the freeze stores only each stacked
+  kernel's per-layer scale, and the prefill and a decode step through the in-place layer loop
+  give the unfrozen model's outputs. Both sides round every op to bf16 in another order, so
+  the tolerance is bf16's: 2e-2 of the largest value (a wrong scale: O(1))."""
+  model = _bf16_model()
+  assert keeps_latent_weights(model.cfg)
+  assert not keeps_latent_weights(_model("lean").cfg)  # fp32: the per-layer frozen copy
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 97, (2, 7)), jnp.int32)
+  latent = _prefill_and_step(model, tokens, False)
+  frozen = _prefill_and_step(model, tokens, True)
+  for a, b in zip(latent, frozen):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * np.abs(a).max())
+  kernel = np.asarray(model.blocks.mlp.down_proj.kernel[...], np.float32)  # [layers, in, out]
+  model.freeze_weights()
+  assert model.frozen_layers is None and model.frozen_stacked
+  proj = model.blocks.mlp.down_proj
+  assert proj.frozen_latent and proj.kernel[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(proj.kernel[...], np.float32), kernel)
+  np.testing.assert_allclose(np.asarray(proj.w_mean_abs[...]), np.abs(kernel).mean((1, 2)),
+                             rtol=1e-5)
+
+
+def _generate_temp_bytes(model) -> int:
+  graphdef, params = nnx.split(model)
+  compiled = generate._generate.lower(  # pylint: disable=protected-access
+      graphdef, params, jnp.zeros((1, 4), jnp.int32), jnp.asarray([4], jnp.int32),
+      jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(-1), max_new_tokens=3,
+      min_len=4, greedy=True, top_k=0, nucleus=False).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries():
+  """The compiled generate's temporaries do not grow with depth: each decode step converts
+  one layer's weights to fp32 at a time. Before, XLA converted (and froze) every layer's up
+  front: 3x each layer's bf16 bytes more per layer (here 1.6 MB per layer)."""
+  one, four = (_generate_temp_bytes(_bf16_model(n, d_model=128)) for n in (1, 4))
+  layer_bf16 = sum(x.size * 2 for x in jax.tree.leaves(
+      nnx.state(_bf16_model(1, d_model=128).blocks, nnx.Param)))
+  assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)

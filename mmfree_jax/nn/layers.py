@@ -64,16 +64,20 @@ class BitLinear(nnx.Module):
     self.dtype = dtype
     self.impl = impl
     self.frozen = None  # the resolved impl once `freeze` ran
+    self.frozen_latent = False  # `freeze(keep_latent=True)`: kernel latent, scale stored
     self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
     self.norm_scale = param(None, nnx.initializers.ones, (in_features,), param_dtype,
                              (axes[0],))
 
-  def freeze(self) -> None:
+  def freeze(self, keep_latent: bool = False) -> None:
     """Inference only: replaces the latent `kernel` by its quantized weights, computed once
     (`bitlinear.freeze_weights`), and adds their `w_mean_abs`; the outputs stay identical and
-    a decode step no longer re-quantizes every weight at every token. Not trainable after."""
-    self.frozen, weights, mean_abs = bitlinear.freeze_weights(self.kernel[...], self.impl,
-                                                              self.dtype)
+    a decode step no longer re-quantizes every weight at every token. keep_latent: keep the
+    kernel and add only its scale (each call derives the weights in one fused pass; no second
+    copy of them). Not trainable after."""
+    self.frozen, weights, mean_abs = bitlinear.freeze_weights(
+        self.kernel[...], self.impl, self.dtype, keep_latent=keep_latent)
+    self.frozen_latent = keep_latent
     self.kernel = nnx.Param(weights)
     self.w_mean_abs = nnx.Param(mean_abs)
 
@@ -81,7 +85,7 @@ class BitLinear(nnx.Module):
     if self.frozen is not None:
       return bitlinear.bitlinear_frozen(x, self.kernel[...], self.w_mean_abs[...],
                                         self.norm_scale[...], impl=self.frozen, eps=self.eps,
-                                        dtype=self.dtype)
+                                        dtype=self.dtype, latent=self.frozen_latent)
     fn = bitlinear.get_bitlinear(self.impl)
     return fn(x, self.kernel[...], self.norm_scale[...], eps=self.eps, dtype=self.dtype)
 

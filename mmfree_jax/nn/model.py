@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from mmfree_jax.config import REMAT_POLICIES, ModelConfig
+from mmfree_jax.kernels import dispatch
 from mmfree_jax.nn import layers
-from mmfree_jax.ops import mlgru
+from mmfree_jax.ops import bitlinear, mlgru
 from mmfree_jax.ops.dtypes import acc_dtype
 from mmfree_jax.parallel.sharding import constrain
 
@@ -113,6 +114,43 @@ def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
           for l in range(num_layers)]
 
 
+def keeps_latent_weights(cfg: ModelConfig) -> bool:
+  """Whether a MatMul-free model's `freeze_weights` keeps its stacked latent kernels (scales
+  only) and decodes with the layer scan: on XLA:CPU under a bf16/fp16 compute dtype with a
+  float BitLinear. XLA:CPU converts such dot operands to fp32 at every call, so a frozen
+  per-layer copy saves no work there, and it costs memory: XLA ran every layer's freeze and
+  conversion up front (the bf16 2.7B: 22.6 GB peak for 5.4 GB of weights). In the scan, each
+  layer's ternary weights come from one fused pass over its latent kernel."""
+  platform = dispatch.current_platform()
+  return (platform == "cpu" and jnp.dtype(cfg.compute_dtype).itemsize < 4
+          and bitlinear.resolve_bitlinear_impl(cfg.bitlinear_impl, platform) != "int8")
+
+
+def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outputs):
+  """`scan_blocks` for inference where the weights need an element-wise pass before their dot
+  (`keeps_latent_weights`): a loop over the layers whose carry holds the stacked params behind
+  an optimization barrier. Given them as scanned inputs, XLA:CPU moves such a pass (at least
+  the fp32 conversion of bf16 weights) ahead of the loop and keeps its result for every layer
+  at once; here each step computes its own layer's slice of it, fused.
+
+  `body(block, x, per_layer_slice) -> (x, out)`; `outputs`: an array shaped like the stacked
+  outs (`[layers, ...]`), which they overwrite. Returns the final x and the stacked outs.
+  """
+  graphdef, params = nnx.split(blocks)
+  take = lambda tree, l: jax.tree.map(
+      lambda a: jax.lax.dynamic_index_in_dim(a, l, 0, keepdims=False), tree)
+
+  def step(l, carry):
+    x, outs, params = carry
+    params = jax.lax.optimization_barrier(params)
+    x, out = body(nnx.merge(graphdef, take(params, l)), x, take(per_layer, l))
+    return x, jax.lax.dynamic_update_index_in_dim(outs, out.astype(outs.dtype), l, 0), params
+
+  num_layers = jax.tree.leaves(params)[0].shape[0]
+  x, outs, _ = jax.lax.fori_loop(0, num_layers, step, (x, outputs, params))
+  return x, outs
+
+
 class _LMBase(nnx.Module):
   """Embedding table, input checks and the per-layer decode blocks shared by both models."""
 
@@ -182,16 +220,25 @@ class MatMulFreeLM(_LMBase):
                                     dtype=cfg.compute_dtype, param_dtype=dtype,
                                     impl=cfg.bitlinear_impl, rngs=rngs)
     self.frozen_layers = None  # one block per layer, quantized, once `freeze_weights` ran
+    self.frozen_stacked = False  # `freeze_weights` kept the stacked latent kernels
 
   def freeze_weights(self) -> None:
     """`_LMBase.freeze_weights`, and every BitLinear of those layers and the head quantizes
     its weights once (`BitLinear.freeze`) instead of at every call. Outputs are unchanged
-    (up to a dot's summation order)."""
-    super().freeze_weights()
-    for root in (self.frozen_layers, self.lm_head):
+    (up to a dot's summation order).
+
+    Where `keeps_latent_weights`, instead: the stacked blocks and the head store only their
+    scales (`BitLinear.freeze(keep_latent=True)`) and calls with a state scan the stacked
+    blocks."""
+    if self.frozen_layers is not None or self.frozen_stacked:
+      return
+    self.frozen_stacked = keeps_latent_weights(self.cfg)
+    if not self.frozen_stacked:
+      super().freeze_weights()
+    for root in (self.blocks if self.frozen_stacked else self.frozen_layers, self.lm_head):
       for _, module in nnx.iter_modules(root):
         if isinstance(module, layers.BitLinear) and module.frozen is None:
-          module.freeze()
+          module.freeze(keep_latent=self.frozen_stacked)
 
   def layer_lower_bounds(self) -> jax.Array:
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
@@ -229,13 +276,17 @@ class MatMulFreeLM(_LMBase):
       return block(x, lower_bound, initial_state=h0, reset=reset)
 
     h0 = None if state is None else state.h
-    if state is not None and (tokens.shape[1] == 1 or self.frozen_layers is not None):
+    if state is not None and not self.frozen_stacked and (tokens.shape[1] == 1
+                                                          or self.frozen_layers is not None):
       # decode step (or frozen weights): layers unrolled
       lower_bounds, h_last = self.layer_lower_bounds(), []
       for l, block in enumerate(self.frozen_layers or layer_blocks(self.blocks)):
         x, h_l = body(block, x, (lower_bounds[l], h0[l]))
         h_last.append(h_l)
       h_last = jnp.stack(h_last)
+    elif state is not None and self.frozen_stacked:
+      x, h_last = loop_blocks_in_place(self.blocks, x, (self.layer_lower_bounds(), h0), body,
+                                       h0)
     else:
       x, h_last = scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
                                self.cfg.remat)

@@ -228,7 +228,8 @@ def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
   return BITLINEAR_IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
 
 
-def freeze_weights(kernel: jax.Array, impl: str, dtype=None) -> tuple[str, jax.Array, jax.Array]:
+def freeze_weights(kernel: jax.Array, impl: str, dtype=None, *, keep_latent: bool = False
+                   ) -> tuple[str, jax.Array, jax.Array]:
   """Quantizes a BitLinear's latent kernel once, for inference loops (a decode step would
   otherwise re-quantize every weight at every token).
 
@@ -237,6 +238,11 @@ def freeze_weights(kernel: jax.Array, impl: str, dtype=None) -> tuple[str, jax.A
       own scale.
     impl: `model.bitlinear_impl`; `auto` is resolved for the current platform here.
     dtype: the layer's compute dtype (default: the kernel's).
+    keep_latent: compute only the scales and return the latent kernel itself: each
+      `bitlinear_frozen(..., latent=True)` call then derives the weights with the stored scale
+      in one element-wise pass, and no second copy of the weights exists. For a platform
+      whose dots convert their operands anyway (XLA:CPU and bf16), that pass is the
+      conversion, fused.
   Returns:
     `(impl, weights, w_mean_abs)` for `bitlinear_frozen`: for int8 the ternary codes (int8)
     and `mean|W|` `[...]` fp32; for the float impls `quant.ste_weights(kernel)` cast to the
@@ -245,24 +251,34 @@ def freeze_weights(kernel: jax.Array, impl: str, dtype=None) -> tuple[str, jax.A
   """
   get_bitlinear(impl)  # fails early on an unknown impl
   impl = resolve_bitlinear_impl(impl, dispatch.current_platform())
-  if impl == "int8":
-    weights = lambda k: quant.quantize_weights_ternary(k)[0]
-  else:
-    weights = lambda k: quant.ste_weights(k).astype(dtype or k.dtype)
+  weights = lambda k, m: _weights_from_latent(k, m, impl, dtype)
   mean_abs = quant.weight_mean_abs
   for _ in range(kernel.ndim - 2):
     weights, mean_abs = jax.vmap(weights), jax.vmap(mean_abs)
   kernel = jax.lax.stop_gradient(kernel)
-  return impl, weights(kernel), mean_abs(kernel)
+  scale = mean_abs(kernel)
+  return impl, kernel if keep_latent else weights(kernel, scale), scale
+
+
+def _weights_from_latent(kernel, w_mean_abs, impl: str, dtype):
+  """What `bitlinear_frozen` multiplies by: the int8 codes or the float impls' STE weights in
+  the compute dtype, of `kernel [d_in, d_out]` with its stored `w_mean_abs` (0-d)."""
+  sw = 1.0 / w_mean_abs  # quant.weight_scale of the kernel
+  if impl == "int8":
+    return quant.quantize_weights_ternary(kernel, sw)[0]
+  return quant.ste_weights(kernel, sw=sw).astype(dtype or kernel.dtype)
 
 
 def bitlinear_frozen(x: jax.Array, weights: jax.Array, w_mean_abs: jax.Array,
                      norm_scale: jax.Array, *, impl: str, eps: float = quant.BITLINEAR_NORM_EPS,
-                     dtype: jnp.dtype | None = None) -> jax.Array:
+                     dtype: jnp.dtype | None = None, latent: bool = False) -> jax.Array:
   """The forward of `impl` (resolved, as `freeze_weights` returns it) on frozen weights:
   `x [..., d_in]` → `[..., d_out]` in `dtype`, equal to the latent layer's output. Forward
-  only (the weights carry no gradient)."""
+  only (the weights carry no gradient). latent: `weights` is the latent kernel
+  (`freeze_weights(keep_latent=True)`), quantized here with the stored scale."""
   dtype = _check_operands("bitlinear_frozen", x, weights, dtype)
+  if latent:
+    weights = _weights_from_latent(weights, w_mean_abs, impl, dtype)
   if impl == "int8":
     return _int8_output(x, weights, w_mean_abs, norm_scale, eps, dtype)[0]
   if impl == "fused":

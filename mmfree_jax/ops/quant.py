@@ -109,22 +109,25 @@ def weight_mean_abs(w: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.mean(jnp.abs(w.astype(acc_dtype(w.dtype)))), WEIGHT_SCALE_FLOOR)
 
 
-def quantize_weights_ternary(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+def quantize_weights_ternary(w: jax.Array, sw: jax.Array | None = None
+                             ) -> tuple[jax.Array, jax.Array]:
   """Ternary codes and their scale.
 
   Args:
     w: latent full-precision kernel, any shape.
+    sw: its `weight_scale`, if already computed (frozen inference); None computes it.
   Returns:
     codes: int8 in {-1, 0, 1}, w's shape; scale: 0-d fp32 with w ≈ codes / scale.
   """
-  sw = weight_scale(w)
+  sw = weight_scale(w) if sw is None else sw
   codes = jnp.clip(jnp.round(w.astype(sw.dtype) * sw), -1.0, 1.0)  # jnp.round is half-even
   return codes.astype(jnp.int8), sw
 
 
-def fake_quantize_weights(w: jax.Array) -> jax.Array:
-  """De-quantized ternary weights `codes / scale` in {-1, 0, +1}·mean|W| (no STE)."""
-  codes, sw = quantize_weights_ternary(w)
+def fake_quantize_weights(w: jax.Array, sw: jax.Array | None = None) -> jax.Array:
+  """De-quantized ternary weights `codes / scale` in {-1, 0, +1}·mean|W| (no STE); `sw` as
+  in `quantize_weights_ternary`."""
+  codes, sw = quantize_weights_ternary(w, sw)
   return (codes.astype(sw.dtype) / sw).astype(w.dtype)
 
 
@@ -165,10 +168,11 @@ def bitlinear_input(x: jax.Array, norm_scale: jax.Array, eps: float):
   return xn, codes, sx
 
 
-def ste_weights(kernel: jax.Array, strength=None) -> jax.Array:
+def ste_weights(kernel: jax.Array, strength=None, sw: jax.Array | None = None) -> jax.Array:
   """The weights the float BitLinear forward multiplies by: the STE form of the de-quantized
-  ternary kernel, `[d_in, d_out]` in the kernel's dtype."""
-  return straight_through(kernel, fake_quantize_weights(kernel), strength)
+  ternary kernel, `[d_in, d_out]` in the kernel's dtype (`sw` as in
+  `quantize_weights_ternary`)."""
+  return straight_through(kernel, fake_quantize_weights(kernel, sw), strength)
 
 
 def bitlinear_fake_quant(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, eps: float,
