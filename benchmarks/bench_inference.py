@@ -53,6 +53,21 @@ def _peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _hwm_rss() -> int:
+  """The process's peak RSS since the last `_reset_peak_rss` (VmHWM)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) * 1024
+  return 0
+
+
+def _reset_peak_rss() -> None:
+  """Resets VmHWM to the current RSS (Linux `clear_refs` 5); `ru_maxrss` keeps the peak."""
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
 def shapes() -> dict:
   from mmfree_jax.nn import packed as packed_lib  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn.model import build_model, count_params  # pylint: disable=import-outside-toplevel
@@ -221,18 +236,17 @@ def packed27_child(directory: str, preset: str, batch: int, prompt_len: int) -> 
 def latent27_child(preset: str) -> dict:
   from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn.model import build_model  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  cfg = ModelConfig.from_config(_config_27b(preset).model)
   base = _rss()
-  # The random init runs jitted, so only the bf16 params are ever allocated, as when a
-  # checkpoint is restored (an eager init peaks at 22.7 GB in its fp32 RNG temporaries).
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(cfg, 0)))
-  model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(build_model(cfg, 0)))())
+  model = build_model(ModelConfig.from_config(_config_27b(preset).model), 0)
   after = _rss()
+  build_peak = _peak_rss()  # the eager random init's fp32 RNG temporaries (a restore has none)
   new = 4 if preset != "toy" else 2
-  runs = [_time_generate(model, b, new, 32000) for b in (1, 8)]
-  return {"rss_before_build": base, "rss_after_build": after, "runs": runs,
-          "peak_rss_bytes": _peak_rss()}
+  runs = []
+  for batch in (1, 8):
+    _reset_peak_rss()
+    runs.append(dict(_time_generate(model, batch, new, 32000), generate_peak_rss=_hwm_rss()))
+  return {"rss_before_build": base, "rss_after_build": after, "build_peak_rss": build_peak,
+          "runs": runs, "peak_rss_bytes": _peak_rss()}
 
 
 def _child(args: list[str]) -> dict:
