@@ -245,8 +245,8 @@ def latent27_child(preset: str) -> dict:
   keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
   normal = jax.jit(lambda key, scale, shape, dtype: (scale * jax.random.normal(key, shape, dtype)),
                    static_argnums=(2, 3))
-  model = nnx.merge(graphdef, jax.tree.map(
-      lambda x: normal(next(keys), 0.02, x.shape, x.dtype), state))
+  model = nnx.merge(graphdef, jax.tree.map(  # one leaf at a time, each finished
+      lambda x: normal(next(keys), 0.02, x.shape, x.dtype).block_until_ready(), state))
   after = _rss()
   build_peak = _peak_rss()
   new = 4 if preset != "toy" else 2
