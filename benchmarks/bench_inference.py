@@ -286,10 +286,16 @@ def main(argv=None):
     print(json.dumps(latent27_child(args.preset)))
     return
   results = {}
-  if os.path.exists(args.out):  # parts run separately accumulate
-    with open(args.out) as f:
-      results = json.load(f).get("results", {})
   parts = args.parts.split(",")
+  if os.path.exists(args.out):  # parts run separately accumulate, each with its run's load
+    with open(args.out) as f:
+      previous = json.load(f)
+    results = previous.get("results", {})
+    machine = previous.get("machine", {})
+    loads = results.setdefault("part_loads", {})
+    for part in set(results) - {"part_loads"} - set(parts) - set(loads):
+      loads[part] = [machine.get("load_average_1m_start"), machine.get("load_average_1m_end")]
+  start_load = common.machine_info()["load_average_1m_end"]
   if "shapes" in parts:
     results["shapes"] = shapes()
   if "batched" in parts:
@@ -324,6 +330,8 @@ def main(argv=None):
     print("latent bf16 2.7B: peak RSS " f"{child['peak_rss_bytes'] / 1e9:.2f} GB; "
           + ", ".join(f"batch {r['batch']}: {r['tokens_per_s']:.3f} tok/s" for r in child["runs"]),
           flush=True)
+  end_load = common.machine_info()["load_average_1m_end"]
+  results.setdefault("part_loads", {}).update({part: [start_load, end_load] for part in parts})
   common.write_json(args.out, NAME, args.preset, results, [
       "shared machine, noisy timings (load average in machine); ratios are from one run",
       "packed27 / latent27 run in fresh processes; RSS from /proc (VmRSS) and ru_maxrss",

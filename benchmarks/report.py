@@ -314,6 +314,18 @@ def sections(res: dict) -> list[str]:
   return out
 
 
+def _load_text(run: dict) -> str:
+  """'name start→end', or each part's where a benchmark's parts ran separately."""
+  name = run["benchmark"].replace("bench_", "")
+  results = run.get("results")
+  part_loads = results.get("part_loads") if isinstance(results, dict) else None
+  if part_loads:
+    return f"{name} (" + ", ".join(f"{part} {a}→{b}"
+                                   for part, (a, b) in sorted(part_loads.items())) + ")"
+  return (f"{name} {run['machine'].get('load_average_1m_start')}→"
+          f"{run['machine'].get('load_average_1m_end')}")
+
+
 def _inference_section(inf: dict | None) -> list[str]:
   """`bench_inference`: packed sizes (eval_shape), the 2.7B packed directory, batched generation."""
   if not inf:
@@ -462,8 +474,6 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
     return "# Benchmarks\n\nNo results yet: run `" + COMMAND + "`.\n"
   any_run = next(iter(res.values()))
   mach = any_run["machine"]
-  loads = [(v["benchmark"], v["machine"].get("load_average_1m_start"),
-            v["machine"].get("load_average_1m_end")) for v in res.values()]
   presets = sorted({v["preset"] for v in res.values()})
   head = [
       "# Benchmarks",
@@ -481,7 +491,7 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
       f"Machine: {mach.get('cpu_model')} ({mach.get('cpu_count')} cores visible), backend "
       f"{mach['backend']}, jax {mach['jax_version']}; preset {', '.join(presets)}.",
       "1-minute load average (start → end) per benchmark: "
-      + ", ".join(f"{n.replace('bench_', '')} {a}→{b}" for n, a, b in loads) + ".",
+      + ", ".join(_load_text(v) for v in res.values()) + ".",
       "",
       "## Targets",
       "",
