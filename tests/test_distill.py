@@ -336,10 +336,13 @@ def test_distill_through_train_resumes_exactly(tmp_path):
       [r["loss"] for r in full.history]
 
 
-def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path):
+@pytest.mark.parametrize("mesh_shape", [{"data": -1, "fsdp": 1, "tensor": 1},
+                                        {"data": 2, "fsdp": 2, "tensor": 2}])
+def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh_shape):
   """`distill.calibrate` through train(): with lr 0 the state after step 1 is the init, which
-  must equal the library's calibrated copy computed here from a fresh iterator's first batch
-  (and differ from the plain copy by far more than that tolerance)."""
+  must equal the library's calibrated copy computed here, unsharded, from a fresh iterator's
+  first batch (and differ from the plain copy by far more than that tolerance); the teacher
+  and the batch are sharded like training's in train()."""
   from mmfree_jax import data as data_lib
   from mmfree_jax.convert import named_calibration
   from mmfree_jax.data.cache import default_cache_dir
@@ -350,7 +353,7 @@ def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path):
   cfg = _distill_config(teacher_dir, **{"train.steps": 1, "optim.lr": 0.0,
                                         "distill.stage1_steps": 0, "distill.quant_ramp_steps": 0,
                                         "distill.calibrate": "all_norm",
-                                        "distill.mapping": "kqv"})
+                                        "distill.mapping": "kqv", "mesh.shape": mesh_shape})
   got = jax.device_get(train(cfg, str(tmp_path / "run"), progress=False).state.params)
 
   student = config_lib.validate(cfg)
