@@ -284,7 +284,9 @@ class MatMulFreeLM(_LMBase):
         x, h_l = body(block, x, (lower_bounds[l], h0[l]))
         h_last.append(h_l)
       h_last = jnp.stack(h_last)
-    elif state is not None and self.frozen_stacked:
+    elif self.frozen_stacked:  # inference where keeps_latent_weights: one layer at a time
+      if h0 is None:
+        h0 = self.init_state(tokens.shape[0]).h
       x, h_last = loop_blocks_in_place(self.blocks, x, (self.layer_lower_bounds(), h0), body,
                                        h0)
     else:
@@ -398,6 +400,16 @@ class TransformerLM(_LMBase):
       new_state = KVCache(tuple(new_k), tuple(new_v), state.index + seq)
     logits = self.lm_head(self.final_norm(x))
     return constrain(logits, ("batch", "seq", "vocab")), new_state
+
+
+def prepare_for_scoring(model: nnx.Module) -> None:
+  """In place, inside a jitted inference function that runs the model once (scoring,
+  perplexity): a MatMul-free model that `keeps_latent_weights` freezes its scales, so its
+  layers convert one layer's weights at a time (XLA:CPU otherwise converts every layer's bf16
+  weights to fp32 up front: 3x the weights' bytes). Other models stay as they are: a
+  per-layer frozen copy pays for itself over many decode steps, where `generate` makes one."""
+  if isinstance(model, MatMulFreeLM) and keeps_latent_weights(model.cfg):
+    model.freeze_weights()
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:
