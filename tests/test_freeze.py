@@ -107,8 +107,8 @@ def test_generate_quantizes_weights_outside_the_decode_loop(monkeypatch):
   assert _weight_abs_in_decode_loop(model) >= 2 * 6 + 1  # 2 layers x (4 MLGRU + 2 GLU) + head
 
 
-def _bf16_model(num_layers=2, d_model=32):
-  cfg = ModelConfig.tiny(vocab_size=97, d_model=d_model, num_layers=num_layers,
+def _bf16_model(num_layers=2, d_model=32, kind="mmfree"):
+  cfg = ModelConfig.tiny(vocab_size=97, d_model=d_model, num_layers=num_layers, kind=kind,
                          dtype="bfloat16", param_dtype="bfloat16")
   return perturb_params(build_model(cfg, 0))
 
@@ -156,12 +156,14 @@ def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries():
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
 
 
-def test_bf16_scoring_on_cpu_equals_the_latent_forward_and_holds_one_layer():
-  """Perplexity's forward (`scoring.target_logprobs`) prepares the bf16 MatMul-free model
-  (`prepare_for_scoring`: scales frozen, layers in the in-place loop): its log-probs equal the
-  plain forward's at bf16 tolerance (2e-2 nats: a wrong scale moves them by O(1)), and its
-  compiled temporaries do not grow with depth (the plain forward's grow by 3x each layer's
-  bf16 bytes: XLA:CPU converts every layer's weights to fp32 ahead of the scan)."""
+@pytest.mark.parametrize("kind", ["mmfree", "transformer"])
+def test_bf16_scoring_on_cpu_equals_the_plain_forward_and_holds_one_layer(kind):
+  """Perplexity's forward (`scoring.target_logprobs`) prepares a bf16 model
+  (`prepare_for_scoring`: layers in the in-place loop; MatMul-free: scales frozen): its
+  log-probs equal the plain forward's at bf16 tolerance (2e-2 nats: a wrong scale moves them
+  by O(1)), and its compiled temporaries do not grow with depth (the plain forward's grow by
+  ~3x each layer's bf16 bytes: XLA:CPU converts every layer's weights to fp32 ahead of the
+  scan)."""
   from mmfree_jax.eval import scoring
 
   def temp(model, prepared):
@@ -173,7 +175,7 @@ def test_bf16_scoring_on_cpu_equals_the_latent_forward_and_holds_one_layer():
       lowered = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0]).lower(params, tokens)
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
-  model = _bf16_model()
+  model = _bf16_model(kind=kind)
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 97, (2, 9)), jnp.int32)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   got, _ = scoring.target_logprobs(*nnx.split(model), inputs, targets, None)
@@ -182,8 +184,8 @@ def test_bf16_scoring_on_cpu_equals_the_latent_forward_and_holds_one_layer():
                             np.asarray(targets)[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-2)
   layer_bf16 = sum(x.size * 2 for x in jax.tree.leaves(
-      nnx.state(_bf16_model(1, d_model=128).blocks, nnx.Param)))
-  one, four = (temp(_bf16_model(n, d_model=128), True) for n in (1, 4))
+      nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param)))
+  one, four = (temp(_bf16_model(n, d_model=128, kind=kind), True) for n in (1, 4))
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
-  one, four = (temp(_bf16_model(n, d_model=128), False) for n in (1, 4))
+  one, four = (temp(_bf16_model(n, d_model=128, kind=kind), False) for n in (1, 4))
   assert four - one > 2 * 3 * layer_bf16, (one, four, layer_bf16)  # the control

@@ -114,16 +114,22 @@ def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
           for l in range(num_layers)]
 
 
+def converts_dot_operands(cfg: ModelConfig) -> bool:
+  """XLA:CPU under a bf16/fp16 compute dtype: it converts the operands of every dot to fp32,
+  and given stacked (or per-layer) weights it runs every layer's conversion up front and keeps
+  them all (3x the weights' bytes); `loop_blocks_in_place` converts one layer at a time."""
+  return (dispatch.current_platform() == "cpu"
+          and jnp.dtype(cfg.compute_dtype).itemsize < 4)
+
+
 def keeps_latent_weights(cfg: ModelConfig) -> bool:
   """Whether a MatMul-free model's `freeze_weights` keeps its stacked latent kernels (scales
-  only) and decodes with the layer scan: on XLA:CPU under a bf16/fp16 compute dtype with a
-  float BitLinear. XLA:CPU converts such dot operands to fp32 at every call, so a frozen
-  per-layer copy saves no work there, and it costs memory: XLA ran every layer's freeze and
-  conversion up front (the bf16 2.7B: 22.6 GB peak for 5.4 GB of weights). In the scan, each
-  layer's ternary weights come from one fused pass over its latent kernel."""
-  platform = dispatch.current_platform()
-  return (platform == "cpu" and jnp.dtype(cfg.compute_dtype).itemsize < 4
-          and bitlinear.resolve_bitlinear_impl(cfg.bitlinear_impl, platform) != "int8")
+  only) and runs its layers in `loop_blocks_in_place`: where `converts_dot_operands`, with a
+  float BitLinear. A frozen per-layer copy saves no work there (each call converts it again)
+  and cost memory: the bf16 2.7B generate peaked at 22.6 GB for 5.4 GB of weights. In the
+  loop, each layer's ternary weights come from one fused pass over its latent kernel."""
+  return converts_dot_operands(cfg) and bitlinear.resolve_bitlinear_impl(
+      cfg.bitlinear_impl, dispatch.current_platform()) != "int8"
 
 
 def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outputs):
@@ -134,7 +140,8 @@ def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outp
   at once; here each step computes its own layer's slice of it, fused.
 
   `body(block, x, per_layer_slice) -> (x, out)`; `outputs`: an array shaped like the stacked
-  outs (`[layers, ...]`), which they overwrite. Returns the final x and the stacked outs.
+  outs (`[layers, ...]`), which they overwrite, or None (the outs are dropped). Returns the
+  final x and the stacked outs (None).
   """
   graphdef, params = nnx.split(blocks)
   take = lambda tree, l: jax.tree.map(
@@ -144,7 +151,9 @@ def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outp
     x, outs, params = carry
     params = jax.lax.optimization_barrier(params)
     x, out = body(nnx.merge(graphdef, take(params, l)), x, take(per_layer, l))
-    return x, jax.lax.dynamic_update_index_in_dim(outs, out.astype(outs.dtype), l, 0), params
+    if outs is not None:
+      outs = jax.lax.dynamic_update_index_in_dim(outs, out.astype(outs.dtype), l, 0)
+    return x, outs, params
 
   num_layers = jax.tree.leaves(params)[0].shape[0]
   x, outs, _ = jax.lax.fori_loop(0, num_layers, step, (x, outputs, params))
@@ -331,6 +340,7 @@ class TransformerLM(_LMBase):
                                 kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
                                 param_dtype=dtype, rngs=rngs)
     self.frozen_layers = None  # one block per layer once `freeze_weights` ran
+    self.layers_in_place = False  # `prepare_for_scoring`: stateless calls loop in place
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
@@ -388,7 +398,9 @@ class TransformerLM(_LMBase):
                    cache_index=cache_index)
 
     new_state = None
-    if state is None:
+    if state is None and self.layers_in_place:
+      x, _ = loop_blocks_in_place(self.blocks, x, None, body, None)
+    elif state is None:
       x, _ = scan_blocks(self.blocks, x, None, body, self.cfg.remat)
     else:  # prefill and decode: layers unrolled, each updating its own cache in place
       new_k, new_v = [], []
@@ -404,12 +416,16 @@ class TransformerLM(_LMBase):
 
 def prepare_for_scoring(model: nnx.Module) -> None:
   """In place, inside a jitted inference function that runs the model once (scoring,
-  perplexity): a MatMul-free model that `keeps_latent_weights` freezes its scales, so its
-  layers convert one layer's weights at a time (XLA:CPU otherwise converts every layer's bf16
-  weights to fp32 up front: 3x the weights' bytes). Other models stay as they are: a
-  per-layer frozen copy pays for itself over many decode steps, where `generate` makes one."""
+  perplexity), where `converts_dot_operands`: the layers run in `loop_blocks_in_place`, which
+  converts one layer's weights at a time (XLA:CPU otherwise converts every layer's bf16
+  weights to fp32 up front: 3x the weights' bytes) - a MatMul-free model through its
+  scales-only freeze (`keeps_latent_weights`), a Transformer++ for its stateless calls.
+  Elsewhere nothing changes: a per-layer frozen copy pays for itself over many decode steps,
+  where `generate` makes one."""
   if isinstance(model, MatMulFreeLM) and keeps_latent_weights(model.cfg):
     model.freeze_weights()
+  elif isinstance(model, TransformerLM) and converts_dot_operands(model.cfg):
+    model.layers_in_place = True
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:
