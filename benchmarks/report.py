@@ -428,7 +428,11 @@ NOTES = """## Notes on reading these numbers
   latent kernels (scales only) and a loop over the layers, its carry behind an optimization
   barrier, converts one layer at a time (`keeps_latent_weights`). Before, per-layer frozen
   copies sat next to the stacked weights and XLA converted every layer's up front: 22.2 GB
-  resident at 0.11 tokens/s (batch 1), on this 23 GB machine.
+  resident at 0.11 tokens/s (batch 1), on this 23 GB machine. Scoring (perplexity, multiple
+  choice) loops the same way under bf16 on CPU, for Transformer++ too (a bf16 forward held
+  3x each layer's weights in temporaries); the Transformer++ decode step does not yet (its
+  per-layer KV caches are not stacked), so a bf16 Transformer++ still converts every layer's
+  weights at each decode step on CPU.
   Batched generation feeds shorter prompts their
   remaining prompt tokens inside the shared loop (one program for both model kinds), so its
   gain shrinks as prompt lengths spread. In this run batched tokens/s matched the previous
