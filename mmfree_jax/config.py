@@ -540,3 +540,21 @@ def check_override_keys(argv, flag: str = "config") -> None:
                          "every key with its help")
       node = node[key]
       walked.append(key)
+
+
+def config_from_dict(values: dict) -> ml_collections.ConfigDict:
+  """A locked full config: the schema's defaults updated with `values` (unknown keys raise)."""
+  cfg = base_config()
+
+  def merge(node, updates, where):
+    for key, value in updates.items():
+      if key not in node:
+        raise ValueError(f"unknown config key {where}{key}")
+      if isinstance(value, dict) and isinstance(node[key], ml_collections.ConfigDict):
+        merge(node[key], value, f"{where}{key}.")
+      else:
+        node[key] = value
+
+  merge(cfg, values, "")
+  cfg.lock()
+  return cfg

@@ -12,6 +12,7 @@ MatMul-free LM, the Transformer++ and the packed `nn.packed.PackedLM`.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
@@ -246,6 +247,16 @@ def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *
   return carry[3], carry[4]
 
 
+def _return_freed_heap() -> None:
+  """Hands the heap the compiler freed back to the OS (glibc's `malloc_trim`), which glibc
+  would otherwise keep resident for the process's life: ~0.1 GB after compiling the packed
+  2.7B generate, 8% of its decode-time RSS. A no-op without glibc."""
+  try:
+    ctypes.CDLL(None).malloc_trim(0)
+  except (OSError, AttributeError):  # not glibc
+    pass
+
+
 def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingConfig(), *,
                    seed: int = 0, vocab_limit: int | None = None,
                    on_tokens: Callable[[int, np.ndarray], None] | None = None
@@ -280,6 +291,7 @@ def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingCon
   eos = -1 if cfg.eos_id is None else cfg.eos_id
   if on_tokens is not None:
     _STREAM_SINK.append(on_tokens)
+  compiled = _generate._cache_size()  # pylint: disable=protected-access
   try:
     out, count = _generate(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
                            jax.random.key(seed), jnp.float32(cfg.temperature),
@@ -291,6 +303,8 @@ def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingCon
   finally:
     if on_tokens is not None:
       _STREAM_SINK.pop()
+  if _generate._cache_size() > compiled:  # pylint: disable=protected-access
+    _return_freed_heap()
   return [out[row, :count[row]].tolist() for row in range(len(prompts))]
 
 

@@ -94,3 +94,32 @@ def test_batch_input_errors():
     generate_batch(model, [[1, 2], []], SamplingConfig(max_new_tokens=2))
   with pytest.raises(ValueError, match="token ids must be in"):
     generate_batch(model, [[1, 2], [VOCAB]], SamplingConfig(max_new_tokens=2))
+
+
+def test_freed_heap_is_returned_once_per_compiled_program(monkeypatch):
+  """generate_batch trims glibc's heap after a call that compiled (the compiler's freed
+  memory would otherwise stay resident), not after calls that reuse a program."""
+  from mmfree_jax import generate as gen
+  calls = []
+  monkeypatch.setattr(gen, "_return_freed_heap", lambda: calls.append(1))
+  model = build_model(ModelConfig.tiny(vocab_size=61, d_model=24, num_layers=1), 0)
+  cfg = SamplingConfig(max_new_tokens=3)
+  generate_batch(model, [[1, 2, 3]], cfg)
+  generate_batch(model, [[4, 5, 6]], cfg)  # same shapes: the compiled program is reused
+  assert len(calls) == 1
+  generate_batch(model, [[1, 2, 3, 4, 5]], cfg)  # a new prompt length compiles again
+  assert len(calls) == 2
+
+
+def test_packed_inference_imports_no_checkpoint_or_data_stack():
+  """Loading a packed directory and generating from it import neither orbax/tensorstore nor
+  grain/array_record (~55 MB of resident memory in a serving process)."""
+  import os
+  import subprocess
+  import sys
+  code = ("import sys, mmfree_jax.export.packed_dir, mmfree_jax.generate; "
+          "print(sorted(m for m in ('orbax', 'tensorstore', 'grain', 'array_record') "
+          "if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

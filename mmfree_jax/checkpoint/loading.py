@@ -15,22 +15,7 @@ from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.nn.model import abstract_model
 
 
-def config_from_dict(values: dict) -> ml_collections.ConfigDict:
-  """A locked full config: the schema's defaults updated with `values` (unknown keys raise)."""
-  cfg = config_lib.base_config()
-
-  def merge(node, updates, where):
-    for key, value in updates.items():
-      if key not in node:
-        raise ValueError(f"unknown config key {where}{key}")
-      if isinstance(value, dict) and isinstance(node[key], ml_collections.ConfigDict):
-        merge(node[key], value, f"{where}{key}.")
-      else:
-        node[key] = value
-
-  merge(cfg, values, "")
-  cfg.lock()
-  return cfg
+config_from_dict = config_lib.config_from_dict  # it lives with the schema; callers use both
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:

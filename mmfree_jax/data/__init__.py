@@ -18,14 +18,24 @@ Typical use:
   batch = next(it)  # {"tokens": int32 [16, seq_len+1], "segment_ids": int32 [16, seq_len+1]}
 """
 
-from mmfree_jax.data.pipeline import (local_batch_size, split_windows, tokenizer_from_config,
-                                      train_iterator, validation_batches)
-from mmfree_jax.data.sequence_packing import PackedWindows, segment_ids_for
-from mmfree_jax.data.sources import SOURCES, source_from_config
-from mmfree_jax.data.tokenizer import SPEC_FORMS, Tokenizer, check_vocab, load_tokenizer
+import importlib
 
-__all__ = [
-    "PackedWindows", "SOURCES", "SPEC_FORMS", "Tokenizer", "check_vocab", "load_tokenizer",
-    "local_batch_size", "segment_ids_for", "source_from_config", "split_windows",
-    "tokenizer_from_config", "train_iterator", "validation_batches",
-]
+# Imported on first use, so that a module needing one light piece (e.g. the tokenizer's
+# `document_start`, for generation) does not pay for grain and its readers.
+_EXPORTS = {
+    "local_batch_size": "pipeline", "split_windows": "pipeline",
+    "tokenizer_from_config": "pipeline", "train_iterator": "pipeline",
+    "validation_batches": "pipeline",
+    "PackedWindows": "sequence_packing", "segment_ids_for": "sequence_packing",
+    "SOURCES": "sources", "source_from_config": "sources",
+    "SPEC_FORMS": "tokenizer", "Tokenizer": "tokenizer", "check_vocab": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"mmfree_jax.data.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'mmfree_jax.data' has no attribute {name!r}")

@@ -42,14 +42,8 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from mmfree_jax import data as data_lib
-from mmfree_jax.checkpoint import loading
-from mmfree_jax.checkpoint.manager import Checkpointer, CheckpointError, check_compatible
-from mmfree_jax.config import ModelConfig
-from mmfree_jax.data.cache import default_cache_dir
-from mmfree_jax.data.tokenizer import tokenizer_file
+from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.hf import tensors
-from mmfree_jax.hf.convert import check_destination, staged_directory
 from mmfree_jax.nn import packed
 from mmfree_jax.nn.model import abstract_model
 from mmfree_jax.ops import mlgru
@@ -125,6 +119,9 @@ def layout(cfg: ModelConfig, fmt: str,
 def _tokenizer_files(cfg, tmp: str) -> str | None:
   """Copies (or saves, for a trained BPE) the tokenizer into `tmp`; rewrites data.tokenizer to
   the copy (relative to the directory). Returns the file name or None (`byte`)."""
+  from mmfree_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.data.cache import default_cache_dir  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.data.tokenizer import tokenizer_file  # pylint: disable=import-outside-toplevel
   spec = cfg.data.tokenizer
   kind = spec.partition(":")[0]
   if spec == "byte":
@@ -149,6 +146,7 @@ class _LeafReader:
   """Restores one checkpoint leaf at a time (the latest one asked for stays cached)."""
 
   def __init__(self, workdir: str, step: int, model_cfg: ModelConfig):
+    from mmfree_jax.checkpoint.manager import Checkpointer  # pylint: disable=import-outside-toplevel
     self.checkpointer = Checkpointer(workdir, read_only=True)
     self.step = step
     _, abstract = nnx.split(abstract_model(model_cfg))
@@ -248,6 +246,11 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
   Returns:
     a summary: dst, step, format, bytes of model.safetensors, peak restored leaf bytes.
   """
+  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.checkpoint import loading
+  from mmfree_jax.checkpoint.manager import Checkpointer, CheckpointError, check_compatible
+  from mmfree_jax.hf.convert import check_destination
+  # pylint: enable=import-outside-toplevel
   if fmt not in packed.FORMATS:
     raise PackedDirError(f"unknown packed format {fmt!r}; choose one of {EXPORT_FORMATS}")
   cfg = loading.load_workdir_config(workdir)
@@ -292,9 +295,10 @@ def write_packed(dst: str, cfg, fmt: str, produce: dict[str, Callable[[], np.nda
                  embedding_dtype: str, step: int | None, source: str) -> dict:
   """Writes a packed directory (staged, renamed at the end) from a full config and one
   producer per `layout` tensor, called in file order. Returns the manifest."""
+  from mmfree_jax.hf.convert import staged_directory  # pylint: disable=import-outside-toplevel
   model_cfg = ModelConfig.from_config(cfg.model)
   emb_dtype = EMBEDDING_DTYPES[embedding_dtype]
-  cfg = loading.config_from_dict(json.loads(cfg.to_json()))  # a copy: the tokenizer moves
+  cfg = config_from_dict(json.loads(cfg.to_json()))  # a copy: the tokenizer moves
   with staged_directory(dst) as tmp:
     tok_name = _tokenizer_files(cfg, tmp)
     entries = [(name, shape, dtype, produce[name])
@@ -328,7 +332,7 @@ def load_config(directory: str):
   """The full config stored with a packed directory, tokenizer paths made absolute."""
   path = os.path.join(directory, CONFIG)
   try:
-    cfg = loading.config_from_dict(_read_json(path))
+    cfg = config_from_dict(_read_json(path))
   except (KeyError, TypeError) as e:
     raise PackedDirError(f"{path}: not a mmfree_jax config ({e})") from e
   kind, _, arg = cfg.data.tokenizer.partition(":")

@@ -10,9 +10,18 @@ conversions (docs/architecture.md §1.6); `llama` imports LlamaForCausalLM-layou
 Transformers.
 """
 
-from mmfree_jax.hf.convert import (export_checkpoint, import_checkpoint,
-                                   mistral_tokenizer_path)
-from mmfree_jax.hf.mapping import NAME_TABLE, HFCheckpointError
+import importlib
 
-__all__ = ["NAME_TABLE", "HFCheckpointError", "export_checkpoint", "import_checkpoint",
-           "mistral_tokenizer_path"]
+# Imported on first use: `mmfree_jax.hf.tensors` (the safetensors reader the packed format
+# uses) must not pull in the conversions' checkpoint and data stacks.
+_EXPORTS = {"export_checkpoint": "convert", "import_checkpoint": "convert",
+            "mistral_tokenizer_path": "convert", "NAME_TABLE": "mapping",
+            "HFCheckpointError": "mapping"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(f"mmfree_jax.hf.{_EXPORTS[name]}"), name)
+  raise AttributeError(f"module 'mmfree_jax.hf' has no attribute {name!r}")
