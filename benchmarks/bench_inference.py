@@ -228,6 +228,8 @@ def packed27_child(directory: str, preset: str, batch: int, prompt_len: int) -> 
   prompt_len = prompt_len if preset != "toy" else min(prompt_len, 4)
   run = _time_generate(model, batch, new, 32000, prompt_len=prompt_len)
   return {"format": manifest["format"], "file_bytes": manifest["bytes"], "load_s": load_s,
+          # requirements-accel's CUDA plugin loads into every jax process, even a CPU one
+          "cuda_plugin_loaded": "jax_cuda12_plugin" in sys.modules,
           "rss_before_load": base, "rss_after_load": after_load,
           "peak_rss_after_load": peak_after_load, "runs": [run],
           "peak_rss_bytes": _peak_rss()}
