@@ -167,7 +167,9 @@ def targets(res: dict) -> list[list]:
                  f"({(max(steady) - r['rss_before_load']) / 1e9:.2f} GB above the bare "
                  f"runtime's {r['rss_before_load'] / 1e9:.2f})" + "".join(
                      f"; {run['rss_max_while_generating'] / 1e9:.2f} GB with a "
-                     f"{run['prompt_len']}-token prefill" for run in prefill),
+                     f"{run['prompt_len']}-token prefill" for run in prefill)
+                 + ("" if r.get("cuda_plugin_loaded", True) else
+                    "; the README's install (with requirements-accel's CUDA plugin: +0.11)"),
                  _yes(max(steady) <= 1.2e9)])
   for r in inf.get("batched", {}).get("rows", []):
     rows.append([f"batched generation of 32 prompts >= 10x one at a time ({r['model']})",
@@ -401,15 +403,19 @@ NOTES = """## Notes on reading these numbers
   (nothing allocated; embedding in bf16 unless a column says int8, norms and scales fp32; the
   13B shape d=5120, L=40 is assumed). The 2.7B rows load a directory of random ternary codes
   written by `export.write_packed` and generate in a fresh process; RSS includes the JAX/XLA
-  runtime and the compiler's peak (`rss_before_load`, the imports, is 0.25 GB; the XLA:CPU
-  client adds ~0.12 GB when it starts); each (batch, prompt) runs in its own process, and
-  "RSS while generating" is sampled during the timed second call. 2-bit with a bf16 embedding
-  at batch 1, 1.28 GB: imports 0.25 + CPU client ~0.12 + codes and embedding 0.82 + compiled
-  program and jit caches ~0.07. Two changes of this round took 0.07 GB each off every row:
-  `generate` hands the heap the compiler freed back to the OS after a call that compiled
-  (glibc `malloc_trim`; glibc kept it resident before, and its tunables did not help), and
-  the packed loader and `generate` no longer import orbax, tensorstore or grain (imports
-  0.30 -> 0.24 GB in a probe). The bit-packed formats stack their
+  runtime and the compiler's peak; each (batch, prompt) runs in its own process, and "RSS
+  while generating" is sampled during the timed second call. These rows ran in a venv made by
+  the README's install command (requirements.txt + requirements-nodeps.txt), as a CPU user
+  serves: `requirements-accel.txt`, which the test command adds, brings the CUDA plugin, and
+  jax loads it into every process even under JAX_PLATFORMS=cpu, 0.11 GB more RSS (the same
+  code in that venv, same session: 2bit 1.29, base3 1.17, 2bit + int8 embedding 1.21, base3 +
+  int8 1.08 GB). 2-bit with a bf16 embedding at batch 1, 1.17 GB: imports 0.24 + CPU client
+  and allocator ~0.04 + codes and embedding 0.82 + compiled program and jit caches ~0.07.
+  Two changes of this round took ~0.07 GB each off every row: `generate` hands the heap the
+  compiler freed back to the OS after a call that compiled (glibc `malloc_trim`; glibc kept it
+  resident before, and its tunables did not help), and the packed loader and `generate` no
+  longer import orbax, tensorstore or grain (0.30 -> 0.24 GB of imports in a probe). The
+  bit-packed formats stack their
   layers and scan over them (the LUT reads a layer's codes in place), so the program holds one
   layer: compiling the 2.7B generate adds 41 MB of RSS, 316 MB with the layers unrolled.
   Loading hands 64-byte aligned arrays to `device_put(may_alias=True)`, which keeps them
@@ -420,9 +426,9 @@ NOTES = """## Notes on reading these numbers
   a time took 0.34 GB, all layers' at once ~10 GB); for 2-bit codes that is faster than the
   LUT from 4 rows on, so batch 8 now decodes more tokens/s than batch 1 (base-3's unpack,
   divisions by powers of 3, is 5-7x slower, so it keeps the LUT to 16 rows). The 1.2 GB
-  resident target is met by base-3 codes with an int8 (1.08 GB) or bf16 (1.17) embedding and
-  missed by 2-bit with an int8 (1.21: by 0.01) or bf16 (1.29) embedding: with ~0.37 GB of
-  runtime and ~0.07 of compiled program, the weights must stay under ~0.76 GB. The
+  resident target is met by every format while decoding (2-bit 1.18 with a bf16, 1.10 with an
+  int8 embedding; base-3 1.05 / 0.97); a 64-token prefill takes 2-bit with a bf16 embedding to
+  1.21. The
   int8 embedding (per-row absmax codes, opt-in and lossy: `--embedding_dtype int8`) is also
   what brings 2-bit under the 0.75 GB file target (0.741 GB): 2-bit codes alone are 0.66 GB
   and a bf16 embedding adds 0.16. The latent bf16 2.7B's weights are a pseudo-random pattern
