@@ -134,7 +134,7 @@ def keeps_latent_weights(cfg: ModelConfig) -> bool:
 
 def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outputs):
   """`scan_blocks` for inference where the weights need an element-wise pass before their dot
-  (`keeps_latent_weights`): a loop over the layers whose carry holds the stacked params behind
+  (`converts_dot_operands`): a loop over the layers whose carry holds the stacked params behind
   an optimization barrier. Given them as scanned inputs, XLA:CPU moves such a pass (at least
   the fp32 conversion of bf16 weights) ahead of the loop and keeps its result for every layer
   at once; here each step computes its own layer's slice of it, fused.
@@ -237,8 +237,8 @@ class MatMulFreeLM(_LMBase):
     (up to a dot's summation order).
 
     Where `keeps_latent_weights`, instead: the stacked blocks and the head store only their
-    scales (`BitLinear.freeze(keep_latent=True)`) and calls with a state scan the stacked
-    blocks."""
+    scales (`BitLinear.freeze(keep_latent=True)`) and every call runs the stacked blocks in
+    `loop_blocks_in_place`."""
     if self.frozen_layers is not None or self.frozen_stacked:
       return
     self.frozen_stacked = keeps_latent_weights(self.cfg)
