@@ -433,9 +433,10 @@ NOTES = """## Notes on reading these numbers
   what brings 2-bit under the 0.75 GB file target (0.741 GB): 2-bit codes alone are 0.66 GB
   and a bf16 embedding adds 0.16. The latent bf16 2.7B's weights are a pseudo-random pattern
   placed leaf by leaf (as a restore places them; a threefry init peaks at ~23 GB of RNG
-  temporaries) and its peak is generate's own (reset after that): XLA:CPU upcasts bf16 dot operands to fp32, so on CPU under bf16 the freeze keeps the
-  latent kernels (scales only) and a loop over the layers, its carry behind an optimization
-  barrier, converts one layer at a time (`keeps_latent_weights`). Before, per-layer frozen
+  temporaries) and its peak is generate's own (reset after that): XLA:CPU upcasts bf16 dot
+  operands to fp32, so on CPU under bf16 the freeze keeps the latent kernels (scales only)
+  and a loop over the layers, its carry behind an optimization barrier, converts one layer at
+  a time (`keeps_latent_weights`). Before, per-layer frozen
   copies sat next to the stacked weights and XLA converted every layer's up front: 22.2 GB
   resident at 0.11 tokens/s (batch 1), on this 23 GB machine. Scoring (perplexity, multiple
   choice) loops the same way under bf16 on CPU, for Transformer++ too (a bf16 forward held

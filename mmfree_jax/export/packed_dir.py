@@ -146,7 +146,8 @@ class _LeafReader:
   """Restores one checkpoint leaf at a time (the latest one asked for stays cached)."""
 
   def __init__(self, workdir: str, step: int, model_cfg: ModelConfig):
-    from mmfree_jax.checkpoint.manager import Checkpointer  # pylint: disable=import-outside-toplevel
+    # pylint: disable-next=import-outside-toplevel
+    from mmfree_jax.checkpoint.manager import Checkpointer
     self.checkpointer = Checkpointer(workdir, read_only=True)
     self.step = step
     _, abstract = nnx.split(abstract_model(model_cfg))

@@ -172,7 +172,8 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
 
 def student_params_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig,
                                 student_params: dict, student_cfg: ModelConfig,
-                                shardings=None, calibration: calibrate_lib.Calibration | None = None,
+                                shardings=None,
+                                calibration: calibrate_lib.Calibration | None = None,
                                 mapping: str = student_lib.DEFAULT_MAPPING) -> dict:
   """`convert.init_student_params`, jitted (sharded output when `shardings` is given)."""
   calibration = calibration or calibrate_lib.Calibration()
