@@ -1,6 +1,6 @@
 """Distilling a Transformer++ teacher into a MatMul-free student (the `distill` config section).
 
-    python train.py --config=configs/distill_tiny.py --config.distill.teacher=TEACHER --workdir=W
+    python train.py --config=configs/tiny.py --config.distill.teacher=TEACHER --workdir=W
 
 TEACHER is one of our Transformer++ workdirs or an HF Llama folder (`mmfree_jax.hf.llama`).
 With `distill.init='teacher'` the student starts from `convert.init_student_params`: the
