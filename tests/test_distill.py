@@ -338,7 +338,7 @@ def test_distill_through_train_resumes_exactly(tmp_path):
 
 @pytest.mark.parametrize("mesh_shape", [{"data": -1, "fsdp": 1, "tensor": 1},
                                         {"data": 2, "fsdp": 2, "tensor": 2}])
-def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh_shape):
+def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh_shape, capsys):
   """`distill.calibrate` through train(): with lr 0 the state after step 1 is the init, which
   must equal the library's calibrated copy computed here, unsharded, from a fresh iterator's
   first batch (and differ from the plain copy by far more than that tolerance); the teacher
@@ -355,6 +355,9 @@ def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh
                                         "distill.calibrate": "all_norm",
                                         "distill.mapping": "kqv", "mesh.shape": mesh_shape})
   got = jax.device_get(train(cfg, str(tmp_path / "run"), progress=False).state.params)
+  line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("distill: ")]
+  assert len(line) == 1 and "calibrate all_norm, o_proj input RMS [" in line[0], line
+  assert "mapping kqv" in line[0]
 
   student = config_lib.validate(cfg)
   settings = distill.DistillSettings.from_config(cfg.distill)

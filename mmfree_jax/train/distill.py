@@ -329,6 +329,18 @@ class Distillation:
   teacher_shardings: dict
   mesh: Mesh
   rules: tuple
+  init_note: str = ""  # how `init_state` initialised the student (for the banner)
+
+  def banner_line(self) -> str:
+    """The start-up banner's line for this distillation."""
+    s = self.settings
+    t = self.teacher_cfg
+    stages = (f"stage 1 (per-layer hidden states) {s.stage1_steps} steps, then "
+              if s.stage1_steps else "")
+    ramp = f", ternary ramped in over {s.quant_ramp_steps} steps" if s.quant_ramp_steps else ""
+    init = f"init {s.init}" + (f" ({self.init_note})" if self.init_note else "")
+    return (f"distill: teacher {s.teacher} ({t.kind} d={t.d_model} L={t.num_layers}); {init}; "
+            f"{stages}KL T={s.temperature:g} alpha={s.alpha:g}{ramp}")
 
   def init_state(self, state: TrainState, tx: optax.GradientTransformation, seed: int,
                  shardings: TrainState, first_batch: Callable[[], dict] | None = None
@@ -339,6 +351,7 @@ class Distillation:
     if self.settings.init != "teacher":
       return state
     calibration = self.calibration(first_batch)
+    self.init_note = _describe_calibration(self.settings, calibration)
     params = student_params_from_teacher(self.teacher_params, self.teacher_cfg, state.params,
                                          self.student_cfg, shardings.params, calibration,
                                          self.settings.mapping)
@@ -375,6 +388,17 @@ class Distillation:
     stage1 = jitted(1) if first_step < self.settings.stage1_steps else None
     return DistillStepper(stage1, jitted(2), self.teacher_params, self.settings.stage1_steps,
                           first_step)
+
+
+def _describe_calibration(settings: DistillSettings,
+                          calibration: calibrate_lib.Calibration) -> str:
+  """'calibrate all_norm: o_proj input RMS [...], down_proj [...]; mapping vkq'."""
+  parts = [f"calibrate {settings.calibrate}"]
+  for name, rms in (("o_proj input RMS", calibration.o_proj_rms),
+                    ("down_proj", calibration.down_proj_rms)):
+    if rms is not None:
+      parts.append(f"{name} [{', '.join(f'{float(v):.3g}' for v in jax.device_get(rms))}]")
+  return ", ".join(parts) + f"; mapping {settings.mapping}"
 
 
 def setup(cfg, student: ModelConfig, mesh: Mesh, rules) -> Distillation | None:

@@ -348,6 +348,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
     writer = run.writer
     run.banner = banner.banner_lines(cfg, model_cfg, mesh, abstract_state.params,
                                      os.path.abspath(workdir), resume)
+    if distiller is not None:
+      run.banner.append(distiller.banner_line())
     return run
   except BaseException:
     try:
