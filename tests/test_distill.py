@@ -298,7 +298,7 @@ def test_sharded_distill_step_equals_one_device(pair):
 
 def _teacher_workdir(path, **model):
   """A params-only Transformer++ workdir (random weights), as an import would leave it."""
-  cfg = loading.config_from_dict({
+  cfg = config_lib.config_from_dict({
       "model": {"kind": "transformer", "vocab_size": 320, "d_model": 64, "num_layers": 2,
                 "num_heads": 4, "num_kv_heads": 2, **model},
       "data": {"tokenizer": "byte"}})

@@ -17,7 +17,7 @@ from mmfree_jax import eval as ev
 from mmfree_jax import generate as gen
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint import manager as ckpt_lib
-from mmfree_jax.config import ModelConfig
+from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data.tokenizer import ByteTokenizer
 from mmfree_jax.hf import convert, mapping
 from mmfree_jax.nn.model import abstract_model, build_model
@@ -30,7 +30,7 @@ TEXT = "In the beginning God created the heaven and the earth.\n\nAnd the earth 
 
 def _random_workdir(path, *, param_dtype="float32", tokenizer="byte", vocab=320, seed=0):
   """A params-only workdir (as an importer writes it) with random weights, built in numpy."""
-  cfg = loading.config_from_dict({
+  cfg = config_from_dict({
       "model": {"vocab_size": vocab, "d_model": 32, "num_layers": 2, "num_heads": 4,
                 "param_dtype": param_dtype, "dtype": param_dtype},
       "data": {"tokenizer": tokenizer, "seq_len": 16}})

@@ -24,7 +24,7 @@ from safetensors.numpy import save_file
 from mmfree_jax import abstract_model
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
-from mmfree_jax.config import ModelConfig
+from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.hf import HFCheckpointError, convert, mapping, tensors
 from mmfree_jax.hf.__main__ import main as hf_main
 from tests import hf_reference as ref
@@ -126,7 +126,7 @@ def test_import_float32_matches_numpy_reference_and_keeps_latent_weights(
 
 def random_workdir(path, seed=0):
   """A workdir holding random params of the tiny model (every leaf randomized)."""
-  cfg = loading.config_from_dict({"model": {"vocab_size": 256, "d_model": 64, "num_layers": 2},
+  cfg = config_from_dict({"model": {"vocab_size": 256, "d_model": 64, "num_layers": 2},
                                   "data": {"tokenizer": "spm:mistral"}})
   model_cfg = ModelConfig.from_config(cfg.model)
   _, state = nnx.split(abstract_model(model_cfg))  # shapes only: eager init is slow
@@ -396,7 +396,7 @@ def test_existing_destination_is_not_touched(hf_dir, tmp_path):
 
 
 def test_export_refuses_transformer_workdir(tmp_path):
-  cfg = loading.config_from_dict({"model": {"kind": "transformer", "vocab_size": 256,
+  cfg = config_from_dict({"model": {"kind": "transformer", "vocab_size": 256,
                                             "d_model": 64, "num_layers": 2, "num_heads": 4}})
   loading.save_workdir_config(str(tmp_path / "w"), cfg)
   with pytest.raises(HFCheckpointError, match="only model.kind='mmfree'"):

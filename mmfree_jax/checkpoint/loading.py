@@ -15,9 +15,6 @@ from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.nn.model import abstract_model
 
 
-config_from_dict = config_lib.config_from_dict  # it lives with the schema; callers use both
-
-
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained (or imported) with, from `WORKDIR/config.json`."""
   path = os.path.join(workdir, "config.json")
@@ -25,7 +22,7 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training or import workdir "
                             "(train.py and `python -m mmfree_jax.hf import` write it)")
   with open(path) as f:
-    return config_from_dict(json.load(f))
+    return config_lib.config_from_dict(json.load(f))
 
 
 def save_workdir_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:

@@ -30,7 +30,7 @@ from flax import nnx
 
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
-from mmfree_jax.config import ModelConfig
+from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data import tokenizer_from_config
 from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.data.tokenizer import load_tokenizer, mistral_tokenizer_path
@@ -266,7 +266,7 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
     with staged_directory(workdir) as tmp:
       tokenizer = _import_tokenizer(src, tmp, workdir, tokenizer)
       notes = _check_special_ids(tokenizer, hf_config, tmp, workdir)
-      cfg = loading.config_from_dict({"model": model_section, "data": {"tokenizer": tokenizer}})
+      cfg = config_from_dict({"model": model_section, "data": {"tokenizer": tokenizer}})
       flat = mapping.flatten(read_params(weights, layout, shapes, np_dtype))
       with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
         to_device_leaf_by_leaf(flat)

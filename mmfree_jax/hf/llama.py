@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from mmfree_jax.checkpoint import loading
-from mmfree_jax.config import ModelConfig
+from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.hf import convert, mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError
 
@@ -292,7 +292,7 @@ def import_llama(src: str, workdir: str, *, dtype: str = "float32") -> dict:
       name, kind = found
       shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
       data["tokenizer"] = f"{kind}:{os.path.join(workdir, name)}"
-    cfg = loading.config_from_dict({"model": section, "data": data})
+    cfg = config_from_dict({"model": section, "data": data})
     with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
       convert.to_device_leaf_by_leaf(flat)
       convert.save_params(tmp, mapping.unflatten(flat), cfg)
