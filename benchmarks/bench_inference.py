@@ -41,12 +41,17 @@ NAME = "bench_inference"
 SIZES = {"370m": (1024, 24), "1.3b": (2048, 24), "2.7b": (2560, 32), "13b": (5120, 40)}
 
 
-def _rss() -> int:
+def _status_bytes(field: str) -> int:
+  """A `/proc/self/status` memory field (e.g. 'VmRSS'), in bytes (0 where absent)."""
   with open("/proc/self/status") as f:
     for line in f:
-      if line.startswith("VmRSS:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024
   return 0
+
+
+def _rss() -> int:
+  return _status_bytes("VmRSS")
 
 
 def _peak_rss() -> int:
@@ -55,11 +60,7 @@ def _peak_rss() -> int:
 
 def _hwm_rss() -> int:
   """The process's peak RSS since the last `_reset_peak_rss` (VmHWM)."""
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmHWM:"):
-        return int(line.split()[1]) * 1024
-  return 0
+  return _status_bytes("VmHWM")
 
 
 def _reset_peak_rss() -> None:
