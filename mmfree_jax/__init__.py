@@ -22,7 +22,16 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
-  raise AttributeError(f"module 'mmfree_jax' has no attribute {name!r}")
+def lazy_exports(package: str, exports: dict[str, str]):
+  """A package's module `__getattr__` that imports `exports[name]` (a module path) on the
+  first access to `name`, so that importing the package stays light."""
+
+  def __getattr__(name):  # pylint: disable=invalid-name
+    if name in exports:
+      return getattr(importlib.import_module(exports[name]), name)
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+  return __getattr__
+
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

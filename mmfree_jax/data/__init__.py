@@ -18,24 +18,17 @@ Typical use:
   batch = next(it)  # {"tokens": int32 [16, seq_len+1], "segment_ids": int32 [16, seq_len+1]}
 """
 
-import importlib
+from mmfree_jax import lazy_exports
 
 # Imported on first use, so that a module needing one light piece (e.g. the tokenizer's
 # `document_start`, for generation) does not pay for grain and its readers.
-_EXPORTS = {
-    "local_batch_size": "pipeline", "split_windows": "pipeline",
-    "tokenizer_from_config": "pipeline", "train_iterator": "pipeline",
-    "validation_batches": "pipeline",
-    "PackedWindows": "sequence_packing", "segment_ids_for": "sequence_packing",
-    "SOURCES": "sources", "source_from_config": "sources",
-    "SPEC_FORMS": "tokenizer", "Tokenizer": "tokenizer", "check_vocab": "tokenizer",
-    "load_tokenizer": "tokenizer",
-}
+_EXPORTS = {name: f"mmfree_jax.data.{module}" for module, names in {
+    "pipeline": ("local_batch_size", "split_windows", "tokenizer_from_config", "train_iterator",
+                 "validation_batches"),
+    "sequence_packing": ("PackedWindows", "segment_ids_for"),
+    "sources": ("SOURCES", "source_from_config"),
+    "tokenizer": ("SPEC_FORMS", "Tokenizer", "check_vocab", "load_tokenizer"),
+}.items() for name in names}
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f"mmfree_jax.data.{_EXPORTS[name]}"), name)
-  raise AttributeError(f"module 'mmfree_jax.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -10,18 +10,14 @@ conversions (docs/architecture.md §1.6); `llama` imports LlamaForCausalLM-layou
 Transformers.
 """
 
-import importlib
+from mmfree_jax import lazy_exports
 
 # Imported on first use: `mmfree_jax.hf.tensors` (the safetensors reader the packed format
 # uses) must not pull in the conversions' checkpoint and data stacks.
-_EXPORTS = {"export_checkpoint": "convert", "import_checkpoint": "convert",
-            "mistral_tokenizer_path": "convert", "NAME_TABLE": "mapping",
-            "HFCheckpointError": "mapping"}
+_EXPORTS = {"export_checkpoint": "mmfree_jax.hf.convert",
+            "import_checkpoint": "mmfree_jax.hf.convert",
+            "mistral_tokenizer_path": "mmfree_jax.hf.convert",
+            "NAME_TABLE": "mmfree_jax.hf.mapping", "HFCheckpointError": "mmfree_jax.hf.mapping"}
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-  if name in _EXPORTS:
-    return getattr(importlib.import_module(f"mmfree_jax.hf.{_EXPORTS[name]}"), name)
-  raise AttributeError(f"module 'mmfree_jax.hf' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
