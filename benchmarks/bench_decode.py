@@ -134,7 +134,7 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
   tf_loop, tf_params = model_decode_loop(tf_model, steps, freeze=True, donate_state=True)
   ex_params, ex_spec = packed_model.export_packed(mm_model, "float32")
   ex_loop = packed_decode_loop(ex_spec, steps)
-  pk_params, pk_spec = packed_model.export_packed(mm_model, "2bit", "lut")
+  pk_params, pk_spec = packed_model.export_packed(mm_model, "2bit")  # the default method
   pk_loop = packed_decode_loop(pk_spec, steps)
 
   mm_state = mm_model.init_state(batch)

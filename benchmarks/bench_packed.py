@@ -1,5 +1,6 @@
 """Packed ternary inference: weight bytes and batch-1 decode tokens/s for BitLinear weights
-stored as 2-bit (4/byte) or base-3 (5/byte) packed codes, int8 codes, bf16 or fp32 codes
+stored as 2-bit (4/byte) or base-3 (5/byte) packed codes (read by table lookup, by unpacking,
+or as bit planes by popcount), int8 codes, bf16 or fp32 codes
 (`packed_model.export_packed`), and the latent-weight model as `generate` runs it
 (`freeze_weights` once per loop: per-layer fp32 weights quantized once, then
 `mmfree_jax.decode` steps); against the memory-bandwidth bound
@@ -36,13 +37,15 @@ VARIANTS = {
     "float32": ("float32", "lut"),
     "bfloat16": ("bfloat16", "lut"),
     "int8": ("int8", "lut"),
+    "2bit_popcount": ("2bit", "popcount"),
     "2bit_lut": ("2bit", "lut"),
     "2bit_unpack": ("2bit", "unpack"),
     "base3_lut": ("base3", "lut"),
     "base3_unpack": ("base3", "unpack"),
 }
 
-TOY_VARIANTS = ("latent_fp32 (as generate: frozen once)", "float32", "2bit_lut", "base3_unpack")
+TOY_VARIANTS = ("latent_fp32 (as generate: frozen once)", "float32", "2bit_popcount", "2bit_lut",
+                "base3_unpack")
 
 
 def run(preset: str) -> dict:
@@ -108,8 +111,11 @@ def main(argv=None):
                      "bytes/token = BitLinear weights (+scales) + one embedding row + norm "
                      "scales + state; bound = copy GB/s (an in-place copy timed in the same "
                      "rounds) / bytes per token",
-                     "lut: per-group table of partial sums indexed by each packed byte; unpack: "
-                     "codes unpacked to int8 then an int32-accumulating dot"])
+                     "popcount (the default): codes held as +1/-1 bit planes (2 bits/weight; "
+                     "base-3 loads into the same planes), AND + popcount against the int8 "
+                     "activations' 8 bit planes; lut: per-group table of partial sums indexed "
+                     "by each packed byte; unpack: codes unpacked to int8 then an "
+                     "int32-accumulating dot"])
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def exported(tmp_path_factory):
 
 def test_stored_codes_are_the_latent_weights_quantized(exported):
   root, model, dirs = exported
-  packed_model, cfg, manifest = export.load_packed(str(dirs["2bit"]))
+  packed_model, cfg, manifest = export.load_packed(str(dirs["2bit"]), method="lut")
   assert manifest["format"] == "2bit" and manifest["step"] == 1 and cfg.model.d_model == 32
   kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])
   scale = np.maximum(np.mean(np.abs(kernel)), 1e-5)
@@ -82,6 +82,18 @@ def test_stored_codes_are_the_latent_weights_quantized(exported):
   unpacked = ternary_packing.unpack_ternary(stored.w, "2bit", kernel.shape[0])
   np.testing.assert_array_equal(np.asarray(unpacked), codes)
   np.testing.assert_allclose(float(stored.scale), scale, rtol=1e-6)
+  # the default method holds the same codes as bit planes, converted while loading: bit j of
+  # word w of column o is input 32w + j (numpy's little-endian packbits of each column)
+  for fmt in ("2bit", "base3"):
+    planes_model, _, _ = export.load_packed(str(dirs[fmt]))
+    planes = np.asarray(planes_model.packed_params().blocks.gate_proj.w[1])
+    words = -(-kernel.shape[0] // 32)
+    padded = np.zeros((words * 32, kernel.shape[1]), bool)
+    for plane, value in enumerate((1, -1)):
+      padded[:kernel.shape[0]] = codes == value
+      expected = np.ascontiguousarray(np.packbits(padded.T, axis=-1, bitorder="little"))
+      expected = expected.view("<u4")
+      np.testing.assert_array_equal(planes[plane], expected, err_msg=f"{fmt} plane {value}")
   with open(dirs["2bit"] / "model.safetensors", "rb") as f:
     header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
   assert header["blocks.1.gate_proj.codes"]["dtype"] == "U8"
@@ -93,8 +105,9 @@ def test_packed_logits_and_greedy_tokens_equal_latent(exported):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (3, 11)), jnp.int32)
   latent, latent_state = model(tokens)
   scale = float(np.max(np.abs(np.asarray(latent))))
-  for fmt in ("2bit", "base3", "int8"):
-    packed_model, _, _ = export.load_packed(str(dirs[fmt]))
+  for fmt, method in [("2bit", "popcount"), ("2bit", "lut"), ("base3", "popcount"),
+                      ("base3", "lut"), ("int8", "lut")]:
+    packed_model, _, _ = export.load_packed(str(dirs[fmt]), method=method)
     logits, state = packed_model(tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(latent), atol=1e-12 * scale)
     np.testing.assert_allclose(np.asarray(state.h), np.asarray(latent_state.h), atol=1e-12)

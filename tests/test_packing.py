@@ -113,7 +113,7 @@ def test_packed_matvec_lut_blocks(fmt, chunk):
   n_in, rows, n_out = 37, 3, 24  # 10 groups of 4 (2bit), 8 of 5 (base3)
   groups = packing.packed_length(n_in, fmt)
   chunk_bytes = chunk * rows * n_out * 4
-  got = packing._lut_chunk(rows, groups, n_out, chunk_bytes)
+  got = packing._block_size(rows, groups, n_out, chunk_bytes)
   steps = -(-groups // got)
   assert got <= chunk and steps == -(-groups // chunk) and 0 <= steps * got - groups < steps
   rng = np.random.default_rng(chunk)
@@ -171,13 +171,57 @@ def test_packed_matvec_lut_does_not_copy_the_codes():
   without). Compiled temporaries stay under half the codes' bytes (a copy is all of them)."""
   fmt, rows, n_in, n_out = "2bit", 1, 200, 16384  # 50 groups; blocks of 3: 16 + remainder 2
   chunk_bytes = 3 * rows * n_out * 4
-  assert packing._lut_chunk(rows, 50, n_out, chunk_bytes) == 3
+  assert packing._block_size(rows, 50, n_out, chunk_bytes) == 3
   packed = jax.ShapeDtypeStruct((packing.packed_length(n_in, fmt), n_out), jnp.uint8)
   compiled = jax.jit(functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in,
                                        chunk_bytes=chunk_bytes)).lower(
       jax.ShapeDtypeStruct((rows, n_in), jnp.int8), packed).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 0.5 * 50 * n_out, temp
+
+
+def _numpy_planes(codes: np.ndarray) -> np.ndarray:
+  """Independent reference of `to_planes`: each column's +1 / -1 masks packed
+  little-endian (numpy's packbits), 4 bytes to a word."""
+  n_in, n_out = codes.shape
+  words = -(-n_in // 32)
+  out = np.zeros((2, n_out, words), np.uint32)
+  for plane, value in enumerate((1, -1)):
+    mask = np.zeros((n_out, words * 32), bool)
+    mask[:, :n_in] = (codes == value).T
+    out[plane] = np.packbits(mask, axis=-1, bitorder="little").view("<u4")
+  return out
+
+
+@pytest.mark.parametrize("n_in", [5, 32, 37, 100])
+def test_to_planes_layout(n_in):
+  codes = _random_codes((n_in, 7), seed=n_in)
+  np.testing.assert_array_equal(np.asarray(packing.to_planes(codes)), _numpy_planes(codes))
+  for fmt in PACKED:  # the loader's conversion from the stored bytes
+    np.testing.assert_array_equal(
+        np.asarray(packing.packed_to_planes(packing.pack_ternary(codes, fmt), fmt, n_in)),
+        _numpy_planes(codes))
+
+
+@pytest.mark.parametrize("cols", [1, 5, 24])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_planes_matvec_exact_in_blocks_and_stacked(cols, rows):
+  """Exact for any block of output columns (with and without a remainder), at the int8
+  extremes, on a stack of layers read at a traced index."""
+  n_in, n_out = 100, 24  # 4 words, the last one part padding
+  rng = np.random.default_rng(cols + rows)
+  codes = [_random_codes((n_in, n_out), seed=s) for s in range(3)]
+  x = rng.integers(-128, 128, (rows, n_in)).astype(np.int8)
+  x[0, :50], x[0, 50:] = 127, -128
+  planes = jnp.stack([jnp.asarray(_numpy_planes(c)) for c in codes])
+  chunk = cols * rows * 4 * 4
+  assert packing._block_size(rows, n_out, 4, chunk) == cols
+  matvec = jax.jit(functools.partial(packing.planes_matvec, n_in=n_in, chunk_bytes=chunk))
+  for layer in range(3):
+    got = matvec(jnp.asarray(x), planes, layer=jnp.int32(layer))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
+                                  x.astype(np.int64) @ codes[layer].astype(np.int64))
 
 
 # ---------------------------------------------------------------------------- packed model
@@ -216,8 +260,8 @@ def test_packed_decode_equals_model_decode_f64():
     model = _model("float64")
     expected, expected_state = _model_logits(model)
     scale = np.max(np.abs(expected))
-    for fmt in ("2bit", "base3"):
-      got, state = _packed_logits(model, fmt)
+    for fmt, method in [("2bit", "lut"), ("base3", "lut"), ("2bit", "popcount")]:
+      got, state = _packed_logits(model, fmt, method)
       assert got.shape == expected.shape == (2, 4, 256)
       np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * scale, err_msg=fmt)
       np.testing.assert_allclose(np.asarray(state.h), np.asarray(expected_state.h),
@@ -231,16 +275,23 @@ def test_packed_decode_fp32_all_formats_identical_and_close_to_model():
   assert reference.dtype == np.float32
   scale = np.max(np.abs(expected))
   np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-4 * scale)
-  for fmt, method in [("2bit", "lut"), ("base3", "unpack"), ("bfloat16", "lut")]:
+  for fmt, method in [("2bit", "lut"), ("base3", "unpack"), ("bfloat16", "lut"),
+                      ("2bit", "popcount"), ("base3", "popcount")]:
     got, _ = _packed_logits(model, fmt, method)
     np.testing.assert_array_equal(got, reference, err_msg=f"{fmt}/{method}")
 
 
 def test_export_stores_codes_and_mean_abs_scale():
   model = _model("float32")
-  params, spec = packed_model.export_packed(model, "2bit")
+  params, spec = packed_model.export_packed(model, "2bit", "lut")
   layers = model.cfg.num_layers
   assert spec.fmt == "2bit" and params.blocks.gate_proj.w.shape == (layers, 18, 400)
+  planes, _ = packed_model.export_packed(model, "2bit")  # the default method: bit planes
+  assert planes.blocks.gate_proj.w.shape == (layers, 2, 400, 3)  # 72 inputs: 3 words
+  # 2 bits per weight, each column's inputs padded to whole 32-bit words (d=72 -> 96)
+  shapes = [(72, 72)] * 4 * layers + [(72, 400), (200, 72)] * layers + [(72, 256)]
+  assert packed_model.bitlinear_weight_bytes(planes, include_scales=False) == sum(
+      2 * n_out * 4 * -(-n_in // 32) for n_in, n_out in shapes)
   assert len(packed_model.export_packed(model, "int8")[0].blocks) == layers  # unrolled
   kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])  # layer 1, [72, 400]
   lin = jax.tree.map(lambda a: a[1], params.blocks.gate_proj)  # stacked: layer 1
@@ -266,19 +317,33 @@ def test_export_errors():
     packed_model.export_packed(model, "2bit", "simd")
 
 
-def test_prefill_unpacks_one_layer_at_a_time():
+def test_popcount_decode_reads_the_planes_in_place():
+  """The decode step's layer scan reads each layer's planes where they lie: its compiled
+  temporaries stay under half of one layer's gate_proj planes. A copy of the stack (as padding
+  the words would make, checked: 9.5x a layer's planes) or of a layer fails this."""
+  cfg = ModelConfig.tiny(dtype="float32", d_model=512, num_layers=4, vocab_size=256)
+  params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit", "popcount")
+  compiled = jax.jit(functools.partial(packed_model.decode, spec=spec)).lower(
+      params, jnp.zeros((1, 1), jnp.int32), packed_model.init_state(spec, 1)).compile()
+  layer_bytes = params.blocks.gate_proj.w[0].nbytes
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * layer_bytes
+
+
+@pytest.mark.parametrize("method", ["lut", "popcount"])
+def test_prefill_unpacks_one_layer_at_a_time(method):
   """A prefill past `LUT_MAX_ROWS[fmt]` rows unpacks the codes to fp32 (a block at a time).
   XLA:CPU used to unpack every layer's up front and hold them all (~10 GB for the 2.7B):
   compiled temporaries must stay well under all layers' fp32 codes (1.03x of them with the
   layers unrolled; about one layer's in the layer scan: 0.2x here)."""
   layers = 6
   cfg = ModelConfig.tiny(dtype="float32", d_model=256, num_layers=layers, vocab_size=256)
-  params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit")
+  params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit", method)
   rows = 4 * packed_model.LUT_MAX_ROWS["2bit"]
   compiled = jax.jit(functools.partial(packed_model.forward, spec=spec)).lower(
       params, jnp.zeros((1, rows), jnp.int32)).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
   names = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
-  fp32_codes = [4 * layers * getattr(params.blocks, n).w.shape[-1] * (
+  n_out = lambda n: getattr(params.blocks, n).w.shape[-1 if method == "lut" else -2]
+  fp32_codes = [4 * layers * n_out(n) * (
       cfg.intermediate_size if n == "down_proj" else cfg.d_model) for n in names]
   assert temp < 0.5 * sum(fp32_codes), (temp, fp32_codes)

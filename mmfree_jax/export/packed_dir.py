@@ -391,6 +391,9 @@ class _TensorReader:
       raise PackedDirError(f"{path} is truncated: {size} bytes, its tensors need {need}; "
                            "export it again")
 
+  def shape(self, name: str) -> list[int]:
+    return self._header[name]["shape"]
+
   def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
     """The tensor `name`, into `out` (a C-contiguous array of its shape and dtype) if given."""
     entry = self._header[name]
@@ -419,11 +422,28 @@ class _TensorReader:
     self._file.close()
 
 
-def load_packed(directory: str, *, method: str = "lut"):
+# one compile per matrix shape, reused across layers
+_packed_to_planes = jax.jit(packing.packed_to_planes, static_argnames=("fmt", "n_in"))
+
+
+def _read_planes(reader: _TensorReader, names: list[str], fmt: str, n_in: int) -> np.ndarray:
+  """Byte-packed codes of one shape (a tensor per layer) → their bit planes stacked
+  `[len(names), 2, n_out, words]` uint32, converted a layer at a time (so loading holds one
+  layer's codes besides the planes)."""
+  shape = tuple(reader.shape(names[0]))
+  out = _aligned_empty((len(names), 2, shape[-1], packing.plane_words(n_in)),
+                       np.dtype(np.uint32))
+  for i, name in enumerate(names):
+    out[i] = np.asarray(_packed_to_planes(reader.read(name), fmt=fmt, n_in=n_in))
+  return out
+
+
+def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
   """Reads a packed directory. Returns `(PackedLM, config, manifest)`.
 
   Every tensor's name, shape and dtype is checked against `config.json` and the format before
-  any is read; errors name the file.
+  any is read; errors name the file. With `method='popcount'` the bit-packed codes are
+  converted to bit planes while loading (`nn.packed`).
   """
   manifest = _read_json(os.path.join(directory, MANIFEST))
   fmt = manifest.get("format")
@@ -483,14 +503,28 @@ def load_packed(directory: str, *, method: str = "lut"):
           down_proj=linear(get, "down_proj"), lower_bound=lower_bound)
 
     layers = range(model_cfg.num_layers)
+    n_in = {f"{proj}.codes": shape[0] for proj, shape in _linear_shapes(model_cfg).items()}
+    n_in["lm_head.codes"] = model_cfg.d_model
+    planes = method == "popcount" and packed.stacked(fmt)
+
+    def stacked(name):
+      names = [f"blocks.{l}.{name}" for l in layers]
+      if planes and name in n_in:
+        return _to_device(_read_planes(reader, names, fmt, n_in[name]))
+      return _to_device(reader.read_stacked(names))
+
+    def head(name):
+      if planes and name in n_in:
+        return _to_device(_read_planes(reader, [name], fmt, n_in[name])[0])
+      return read(name)
+
     if packed.stacked(fmt):  # one [layers, ...] array per tensor (nn.packed.PackedParams)
-      blocks = block(lambda name: _to_device(reader.read_stacked(
-          [f"blocks.{l}.{name}" for l in layers])), lower_bounds)
+      blocks = block(stacked, lower_bounds)
     else:
       blocks = tuple(block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l])
                      for l in layers)
     params = packed.PackedParams(
-        read("embedding"), blocks, read("final_norm"), linear(read, "lm_head"),
+        read("embedding"), blocks, read("final_norm"), linear(head, "lm_head"),
         read("embedding.scale") if emb_dtype == INT8 else None)
   except (ValueError, KeyError, OSError) as e:
     raise PackedDirError(f"cannot read {path}: {e}; export it again") from e

@@ -12,6 +12,10 @@ once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), sc
 with the per-tensor scale; norm scales and lower bounds stay full precision, and so does the
 embedding unless it is stored as int8 rows with per-row absmax scales (`int8_embedding`: half
 the bytes of bf16, and a lossy step the rest of the model then sees exactly).
+In memory the bit-packed formats hold their codes as the matvec method reads them: bytes as
+stored for 'lut' and 'unpack', bit planes (`ternary_packing.to_planes`, 2 bits/weight, so
+base-3 grows by a quarter) for 'popcount', the default: AND + popcount over whole words is
+the fastest exact product on XLA:CPU at every batch we measured (benchmarks/RESULTS.md §7).
 `decode(params, tokens [B, 1], state, spec=...)` is one decode step of the MLGRU model on
 these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
 scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,
@@ -52,12 +56,14 @@ FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.flo
 # 2-bit LUT 9 / 29 / 55 / 66 against unpack 24 / 35 / 41 / 27 (shifts); base-3 LUT 6 / 21 /
 # 35 / 77 against unpack 178-232 (divisions by powers of 3 are slow on XLA:CPU).
 LUT_MAX_ROWS = {"2bit": 2, "base3": 16}
+DEFAULT_METHOD = "popcount"
 
 
 class PackedLinear(NamedTuple):
   """One BitLinear (or a stack of them with a leading layer axis).
 
-  `w`: packed uint8 `[..., packed_length(in), out]`, or codes `[..., in, out]` (int8/float);
+  `w`: packed uint8 `[..., packed_length(in), out]`, bit planes uint32 `[..., 2, out,
+  plane_words(in)]` (method 'popcount'), or codes `[..., in, out]` (int8/float);
   `scale`: `[...]` fp32 `max(mean|W|, 1e-5)`; `norm_scale`: `[..., in]` the RMSNorm gamma.
   """
   w: jax.Array
@@ -102,7 +108,7 @@ class PackedSpec:
   """Static description (hashable): the model config, storage format and matvec method."""
   cfg: ModelConfig
   fmt: str
-  method: str = "lut"
+  method: str = DEFAULT_METHOD
 
 
 def stacked(fmt: str) -> bool:
@@ -121,7 +127,7 @@ def layer_blocks(params: PackedParams) -> tuple[PackedBlock, ...]:
 
 
 def pack_kernel(kernel: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
-  """`kernel [in, out]` → codes in `fmt` and the scale mean|W| (floored)."""
+  """`kernel [in, out]` → codes stored in `fmt` and the scale mean|W| (floored)."""
   codes, _ = quant.quantize_weights_ternary(kernel)
   scale = quant.weight_mean_abs(kernel)
   if FORMATS[fmt] == PACKED:
@@ -147,16 +153,18 @@ def embed(params: PackedParams, tokens: jax.Array, dtype) -> jax.Array:
   return quant.dequantize_int8(rows, scale, dtype)
 
 
-def _export_linear(layer, fmt: str, index: int | None = None) -> PackedLinear:
+def _export_linear(layer, fmt: str, method: str, index: int | None = None) -> PackedLinear:
   """Packs `layer`'s kernel (layer `index` of a stacked one if given)."""
   kernel, norm_scale = layer.kernel[...], layer.norm_scale[...]
   if index is not None:
     kernel, norm_scale = kernel[index], norm_scale[index]
   w, scale = pack_kernel(kernel, fmt)
+  if method == "popcount" and stacked(fmt):  # as loading a stored directory does
+    w = packing.packed_to_planes(w, fmt, kernel.shape[0])
   return PackedLinear(w, scale, norm_scale)
 
 
-def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut",
+def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_METHOD,
                   int8_embedding: bool = False) -> tuple[PackedParams, PackedSpec]:
   """Quantizes and packs every BitLinear of `model` (latent weights are quantized once), and
   the embedding to int8 rows if `int8_embedding`.
@@ -174,7 +182,7 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut",
   lower_bounds = model.layer_lower_bounds()
   blocks = []
   for l in range(model.cfg.num_layers):
-    lin = functools.partial(_export_linear, fmt=fmt, index=l)
+    lin = functools.partial(_export_linear, fmt=fmt, method=method, index=l)
     blocks.append(PackedBlock(
         attn_norm=b.attn_norm.scale[l], i_proj=lin(b.attn.i_proj), f_proj=lin(b.attn.f_proj),
         g_proj=lin(b.attn.g_proj), o_proj=lin(b.attn.o_proj), g_norm=b.attn.g_norm.scale[l],
@@ -185,7 +193,7 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut",
     embedding, embedding_scale = quantize_embedding(embedding)
   blocks = stack_blocks(blocks) if stacked(fmt) else tuple(blocks)
   params = PackedParams(embedding, blocks, model.final_norm.scale[...],
-                        _export_linear(model.lm_head, fmt), embedding_scale)
+                        _export_linear(model.lm_head, fmt, method), embedding_scale)
   return params, PackedSpec(model.cfg, fmt, method)
 
 
@@ -203,6 +211,8 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
   """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `layer`: the
   layer of a stacked `w [layers, ...]`."""
   if FORMATS[spec.fmt] == PACKED:
+    if spec.method == "popcount":
+      return packing.planes_matvec(x_codes, w, n_in, layer=layer)
     if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS[spec.fmt]:
       # many rows (prefill, big batches): unpack and multiply, a block of columns at a time
       return packing.unpacked_matmul(x_codes, w, spec.fmt, n_in, layer=layer)
@@ -336,7 +346,7 @@ class PackedLM(nnx.Module):
     self.weights = nnx.data(jax.tree.map(PackedWeight, params))
 
   @classmethod
-  def from_model(cls, model: MatMulFreeLM, fmt: str = "2bit", method: str = "lut",
+  def from_model(cls, model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_METHOD,
                  int8_embedding: bool = False):
     """Packs an in-memory latent model (`export_packed`)."""
     return cls(*export_packed(model, fmt, method, int8_embedding))
