@@ -147,21 +147,21 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit",
                         embedding: str = "bfloat16") -> dict:
   """A packed directory of the 2.7B shape with random ternary codes (written streaming)."""
   from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
-  from mmfree_jax.export import packed_dir  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.export import layout, writer  # pylint: disable=import-outside-toplevel
   from mmfree_jax.ops import ternary_packing  # pylint: disable=import-outside-toplevel
   cfg = _config_27b(preset)
   model_cfg = ModelConfig.from_config(cfg.model)
-  emb = packed_dir.EMBEDDING_DTYPES[embedding]
+  emb = layout.EMBEDDING_DTYPES[embedding]
   rng = np.random.default_rng(0)
   produce = {}
-  for name, shape, dtype in packed_dir.layout(model_cfg, fmt, emb):
+  for name, shape, dtype in layout.layout(model_cfg, fmt, emb):
     if name.endswith(".codes"):
       n_in = {"down_proj": model_cfg.intermediate_size}.get(name.split(".")[-2],
                                                              model_cfg.d_model)
       n_out = shape[1]
       produce[name] = lambda n_in=n_in, n_out=n_out: np.asarray(ternary_packing.pack_ternary(
           rng.integers(-1, 2, (n_in, n_out), dtype=np.int8), fmt, axis=0))
-    elif name == "embedding" and emb == packed_dir.INT8:
+    elif name == "embedding" and emb == layout.INT8:
       produce[name] = lambda shape=shape: rng.integers(-127, 128, shape, dtype=np.int8)
     elif name == "embedding":
       produce[name] = lambda shape=shape: (rng.standard_normal(shape, np.float32) * 0.02
@@ -175,8 +175,8 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit",
                                                       )[:, None].repeat(shape[1], 1)
     else:
       produce[name] = lambda shape=shape: np.ones(shape, np.float32)
-  return packed_dir.write_packed(dst, cfg, fmt, produce, embedding_dtype=embedding, step=0,
-                                 source="random (bench_inference)")
+  return writer.write_packed(dst, cfg, fmt, produce, embedding_dtype=embedding, step=0,
+                             source="random (bench_inference)")
 
 
 def _time_generate(model, batch: int, new: int, vocab: int, prompt_len: int = 1) -> dict:
@@ -218,17 +218,18 @@ PACKED27_RUNS = ((1, 1), (8, 1), (1, 64))  # (batch, prompt tokens), each in a f
 def packed27_child(directory: str, preset: str, batch: int, prompt_len: int) -> dict:
   """Loads the packed directory and times one (batch, prompt) configuration: in its own process
   so that its resident memory holds one compiled program, as a serving process would."""
-  from mmfree_jax.export import packed_dir  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.export import reader  # pylint: disable=import-outside-toplevel
   base = _rss()
   t0 = time.perf_counter()
-  model, _, manifest = packed_dir.load_packed(directory)
+  model, _, manifest = reader.load_packed(directory)
   load_s = time.perf_counter() - t0
   after_load = _rss()
   peak_after_load = _peak_rss()
   new = 8 if preset != "toy" else 2
   prompt_len = prompt_len if preset != "toy" else min(prompt_len, 4)
   run = _time_generate(model, batch, new, 32000, prompt_len=prompt_len)
-  return {"format": manifest["format"], "file_bytes": manifest["bytes"], "load_s": load_s,
+  return {"format": manifest["format"], "method": model.method,
+          "file_bytes": manifest["bytes"], "load_s": load_s,
           # requirements-accel's CUDA plugin loads into every jax process, even a CPU one
           "cuda_plugin_loaded": "jax_cuda12_plugin" in sys.modules,
           "rss_before_load": base, "rss_after_load": after_load,

@@ -30,7 +30,6 @@ from mmfree_jax.nn.model import build_model
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.export import __main__ as export_cli
-from mmfree_jax.export import packed_dir
 from mmfree_jax.ops import ternary_packing
 from tests.perturb import perturb_params
 from tests.test_eval import ByteTok, _make_workdir, _tiny_config

@@ -117,7 +117,7 @@ def test_packed_inference_imports_no_checkpoint_or_data_stack():
   import os
   import subprocess
   import sys
-  code = ("import sys, mmfree_jax.export.packed_dir, mmfree_jax.generate; "
+  code = ("import sys, mmfree_jax.generate; from mmfree_jax.export import load_packed; "
           "print(sorted(m for m in ('orbax', 'tensorstore', 'grain', 'array_record') "
           "if m in sys.modules))")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

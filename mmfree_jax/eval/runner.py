@@ -115,8 +115,8 @@ def load_for_eval(workdir: str, step: int | None = None, config=None):
 def load_packed_for_eval(directory: str, config=None):
   """`(PackedLM, config, step)` from a packed directory (`python -m mmfree_jax.export`); its
   stored config, or `config` for the data/inference settings (same architecture)."""
-  from mmfree_jax.export import packed_dir  # pylint: disable=g-import-not-at-top
-  model, stored, manifest = packed_dir.load_packed(directory)
+  from mmfree_jax.export import reader  # pylint: disable=g-import-not-at-top
+  model, stored, manifest = reader.load_packed(directory)
   if config is not None:
     check_compatible({"model": stored.model.to_dict()}, config.model.to_dict(), directory)
   return model, config or stored, manifest["step"]

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from mmfree_jax.checkpoint.manager import CheckpointError
-from mmfree_jax.export import packed_dir
+from mmfree_jax.export import layout, writer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -17,11 +17,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                   "(safetensors + config + tokenizer) for `eval.py --packed DIR`.")
   parser.add_argument("--workdir", required=True, help="training or import workdir")
   parser.add_argument("--dst", required=True, help="new directory (must not exist or be empty)")
-  parser.add_argument("--format", default="2bit", choices=packed_dir.EXPORT_FORMATS,
+  parser.add_argument("--format", default="2bit", choices=layout.EXPORT_FORMATS,
                       help="2bit: 4 codes/byte; base3: 5 codes/byte (1.6 bits); int8: 1/byte")
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument("--embedding_dtype", default=None,
-                      choices=sorted(packed_dir.EMBEDDING_DTYPES),
+                      choices=sorted(layout.EMBEDDING_DTYPES),
                       help="stored embedding dtype (default: the checkpoint's param dtype); int8: "
                            "per-row absmax codes + fp32 scales, the one lossy choice")
   return parser.parse_args(argv)
@@ -31,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
-    out = packed_dir.export_workdir(args.workdir, args.dst, fmt=args.format, step=args.step,
-                                    embedding_dtype=args.embedding_dtype)
-  except (packed_dir.PackedDirError, CheckpointError, FileNotFoundError, FileExistsError,
+    out = writer.export_workdir(args.workdir, args.dst, fmt=args.format, step=args.step,
+                                embedding_dtype=args.embedding_dtype)
+  except (layout.PackedDirError, CheckpointError, FileNotFoundError, FileExistsError,
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
