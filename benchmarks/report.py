@@ -47,8 +47,9 @@ def _gflops(x):
 
 
 def _packed_name(r: dict) -> str:
-  """A bench_inference packed27 entry as '<format>, <dtype> embedding'."""
-  return f"{r['format']}, {r['embedding_dtype']} embedding"
+  """A bench_inference packed27 entry as '<format>, <dtype> embedding[, <matvec method>]'."""
+  method = f", {r['method']}" if "method" in r else ""
+  return f"{r['format']}, {r['embedding_dtype']} embedding{method}"
 
 
 def _yes(ok: bool | None) -> str:
@@ -395,10 +396,18 @@ NOTES = """## Notes on reading these numbers
   and the same dots), not diagnosed further.
 - **Packed weights on XLA:CPU**: bf16 and int8 matrix-vector products have no fast kernels
   (slower than fp32 here), and element-wise unpacking to int8 costs more than the bytes it
-  saves; the lookup-table path (one table lookup per packed byte, groups summed by a dot with a
-  ones vector) is the packed form that beats fp32, and it is compute-bound, far below the
-  bandwidth bound: reaching that needs a fused unpack-and-multiply kernel (Pallas/Triton on a
-  GPU, or a hand-written CPU kernel as in bitnet.cpp / T-MAC).
+  saves. Two packed forms beat fp32: the lookup table (one scalar gather per packed byte,
+  groups summed by a dot with a ones vector) and, faster, bit planes (`popcount`, the default
+  since this round): each matrix held as a +1 plane and a -1 plane, 32 inputs to a uint32
+  word, and `x @ w` as sum over the int8 activations' 8 two's-complement bit planes of
+  `c_b * (popcount(P & X_b) - popcount(N & X_b))`, which XLA:CPU fuses into one vectorized
+  loop per block of output columns (this machine has AVX-512 VPOPCNTDQ). One CPU probe on the
+  2.7B's gate_proj (2560 x 13824), 1 row: popcount 1.0 ms, base-3 LUT 2.1, 2-bit LUT 2.5,
+  fp32 codes 5.9; at 8 rows 7-12 ms against 10 for 2-bit unpack-and-multiply (the old
+  many-rows path); at 256 rows 1.1-1.7x slower than that (prefill), which the popcount path
+  accepts to hold one form of the codes. Both remain compute-bound, well below the bandwidth
+  bound; reaching it needs a fused kernel (Pallas/Triton on a GPU, or a hand-written CPU
+  kernel as in bitnet.cpp / T-MAC).
 - **Packed inference** (`bench_inference`): sizes come from `jax.eval_shape` of the export
   (nothing allocated; embedding in bf16 unless a column says int8, norms and scales fp32; the
   13B shape d=5120, L=40 is assumed). The 2.7B rows load a directory of random ternary codes
@@ -416,8 +425,8 @@ NOTES = """## Notes on reading these numbers
   resident before, and its tunables did not help), and the packed loader and `generate` no
   longer import orbax, tensorstore or grain (0.30 -> 0.24 GB of imports in a probe). The
   bit-packed formats stack their
-  layers and scan over them (the LUT reads a layer's codes in place), so the program holds one
-  layer: compiling the 2.7B generate adds 41 MB of RSS, 316 MB with the layers unrolled.
+  layers and scan over them (the popcount and LUT products read a layer's codes in place), so
+  the program holds one layer: compiling the 2.7B generate adds 41 MB of RSS, 316 MB with the layers unrolled.
   Loading hands 64-byte aligned arrays to `device_put(may_alias=True)`, which keeps them
   without a copy (load peak 1.59 -> 1.18 GB). The LUT's remainder block does not pad the
   codes (a pad is a copy, which XLA:CPU ran for every layer up front: 0.65 GB of temporaries
