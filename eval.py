@@ -36,6 +36,9 @@ flags.DEFINE_string("workdir", None, "Training or import workdir (config.json, c
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("packed", None, "A packed directory (python -m mmfree_jax.export) to "
                     "evaluate instead of --workdir; results go to DIR/eval.")
+flags.DEFINE_enum("packed_method", "popcount", ["popcount", "lut", "unpack"],
+                  "With --packed: the ternary product. popcount (fastest on CPU) holds the codes "
+                  "as bit planes, 2 bits/weight; lut keeps base-3 files at 1.6 bits in memory.")
 flags.DEFINE_enum("ppl_split", "", ["", "val"], "Perplexity of the validation split.")
 flags.DEFINE_multi_string("ppl_file", [], "Perplexity of a text file (one document per "
                           "paragraph) or .jsonl file (one per line); repeatable.")
@@ -92,7 +95,7 @@ def _run_lm_eval() -> str:
   out = lm_eval_adapter.evaluate_tasks(
       f.workdir or f.packed, f.lm_eval_tasks, step=f.step, config=f.config,
       batch_size=f.batch_size, limit=f.lm_eval_limit, include_path=f.lm_eval_include_path,
-      packed=f.packed is not None)
+      packed=f.packed is not None, packed_method=f.packed_method)
   print(json.dumps(out["lm_eval"], indent=2, default=str))
   return _write(out)
 
@@ -150,12 +153,16 @@ def main(argv):
     print("eval.py: error: --step picks a checkpoint of --workdir; a --packed directory holds "
           "the one step it was exported from", file=sys.stderr)
     sys.exit(1)
+  if f.packed is None and f["packed_method"].present:
+    print("eval.py: error: --packed_method applies to a --packed directory; a --workdir "
+          "checkpoint runs its latent weights", file=sys.stderr)
+    sys.exit(1)
   try:
     options = _options()
     if not f.lm_eval_tasks or evaluation.has_work(options):
       results = evaluation.evaluate_workdir(f.workdir or f.packed, options, step=f.step,
                                             config=_config(), packed=f.packed is not None,
-                                            write=False)
+                                            packed_method=f.packed_method, write=False)
       print(evaluation.format_table(results), flush=True)
       for note in results["notes"]:
         print("note:", note)

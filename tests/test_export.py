@@ -183,7 +183,7 @@ def test_lm_eval_generate_until_from_packed(exported):
   assert latent == packed and len(packed) == len(PROMPTS)
 
 
-def test_eval_cli_packed(exported):
+def test_eval_cli_packed(exported, tmp_path):
   _, _, dirs = exported
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
   cmd = [sys.executable, os.path.join(REPO, "eval.py"), f"--packed={dirs['2bit']}",
@@ -193,6 +193,32 @@ def test_eval_cli_packed(exported):
   with open(dirs["2bit"] / "eval" / "step_1.json") as f:
     out = json.load(f)
   assert out["model"]["packed_format"] == "2bit" and len(out["generation"]) == 1
+  assert out["model"]["packed_method"] == "popcount"
+  # the table-lookup product: the same tokens (exact integers either way)
+  proc = subprocess.run(cmd + ["--packed_method=lut", f"--output_dir={tmp_path}"],
+                        capture_output=True, text=True, env=env, timeout=240)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(tmp_path / "step_1.json") as f:
+    lut = json.load(f)
+  assert lut["model"]["packed_method"] == "lut"
+  assert lut["generation"][0]["text"] == out["generation"][0]["text"]
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--workdir=/nonexistent",
+                         "--packed_method=lut", "--prompt=x"],
+                        capture_output=True, text=True, env=env, timeout=240)
+  assert proc.returncode == 1 and "--packed_method applies to a --packed" in proc.stderr
+
+
+def test_eval_cli_packed_method_choices_are_the_library_s():
+  """eval.py spells the choices for its --help (it imports no jax at module level): they
+  must be the library's methods and default."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.nn import packed  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(REPO, "eval.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  flag = module.flags.FLAGS["packed_method"]
+  assert set(flag.parser.enum_values) == set(ternary_packing.MATVEC_METHODS)
+  assert flag.default == packed.DEFAULT_METHOD
 
 
 def _copy(src, dst):

@@ -51,7 +51,8 @@ class MMFreeLM(LM):
 
   Args:
     workdir, step, config: load the checkpoint (`runner.load_for_eval`), or with
-      `packed=True` the packed directory `workdir` (`runner.load_packed_for_eval`); or
+      `packed=True` the packed directory `workdir` (`runner.load_packed_for_eval`, with the
+      `packed_method` product); or
     model, tokenizer: an in-memory model and tokenizer (`mmfree_jax.data.Tokenizer`-like).
     batch_size: rows per forward ("auto" = 16).
     max_length: Transformer++ context window (default: the workdir's data.seq_len, else
@@ -63,7 +64,8 @@ class MMFreeLM(LM):
 
   def __init__(self, workdir: str | None = None, step=None, *, model=None, tokenizer=None,
                config=None, batch_size: Any = 16, max_length=None, max_gen_toks: int = 256,
-               chunk_len: int = 512, seed: int = 0, packed=False, **unused):
+               chunk_len: int = 512, seed: int = 0, packed=False,
+               packed_method: str = runner.DEFAULT_METHOD, **unused):
     super().__init__()
     if unused:
       log.info("MMFreeLM ignores lm-eval arguments %s", sorted(unused))
@@ -72,7 +74,7 @@ class MMFreeLM(LM):
     seq_len = None
     if workdir is not None:
       if packed not in (False, None, "", "False", "false", "0"):  # a packed directory
-        model, cfg, step = runner.load_packed_for_eval(workdir, config)
+        model, cfg, step = runner.load_packed_for_eval(workdir, config, packed_method)
       else:
         model, cfg, step = runner.load_for_eval(workdir, _int_or_none(step), config)
       tokenizer = tokenizer or runner.load_tokenizer_for(cfg, model.cfg)
@@ -173,14 +175,16 @@ class MMFreeLM(LM):
 
 def evaluate_tasks(workdir: str, tasks: list[str], *, step: int | None = None, config=None,
                    batch_size: int = 16, limit: int | None = None,
-                   include_path: str | None = None, packed: bool = False) -> dict:
+                   include_path: str | None = None, packed: bool = False,
+                   packed_method: str = runner.DEFAULT_METHOD) -> dict:
   """Runs harness `tasks` on a workdir's checkpoint (a packed directory with `packed`).
 
   Returns `{"step": N, "lm_eval": {task: {metric: value}}}` (what `eval.py` writes).
   """
   import lm_eval  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-  lm = MMFreeLM(workdir, step, config=config, batch_size=batch_size, packed=packed)
+  lm = MMFreeLM(workdir, step, config=config, batch_size=batch_size, packed=packed,
+                packed_method=packed_method)
   manager = TaskManager(include_path=include_path) if include_path else None
   out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
   return {"step": lm.step, "lm_eval": out["results"]}

@@ -23,6 +23,7 @@ from mmfree_jax.eval.multiple_choice import MCExample, evaluate_multiple_choice,
 from mmfree_jax.eval.perplexity import perplexity_of_batches, perplexity_of_texts
 from mmfree_jax.eval.scoring import Tokenizer
 from mmfree_jax.nn.model import abstract_model, count_params
+from mmfree_jax.nn.packed import DEFAULT_METHOD
 
 log = logging.getLogger("mmfree_jax")
 
@@ -112,11 +113,12 @@ def load_for_eval(workdir: str, step: int | None = None, config=None):
   return nnx.merge(graphdef, params), config, step
 
 
-def load_packed_for_eval(directory: str, config=None):
+def load_packed_for_eval(directory: str, config=None, method: str = DEFAULT_METHOD):
   """`(PackedLM, config, step)` from a packed directory (`python -m mmfree_jax.export`); its
-  stored config, or `config` for the data/inference settings (same architecture)."""
+  stored config, or `config` for the data/inference settings (same architecture). `method`:
+  the ternary product (`nn.packed`; 'lut' holds base-3 codes at 1.6 bits, slower)."""
   from mmfree_jax.export import reader  # pylint: disable=g-import-not-at-top
-  model, stored, manifest = reader.load_packed(directory)
+  model, stored, manifest = reader.load_packed(directory, method=method)
   if config is not None:
     check_compatible({"model": stored.model.to_dict()}, config.model.to_dict(), directory)
   return model, config or stored, manifest["step"]
@@ -155,6 +157,7 @@ def _model_summary(model, seq_len: int, tokenizer) -> dict:
          "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__)}
   if getattr(model, "fmt", None) is not None:  # a PackedLM
     out["packed_format"] = model.fmt
+    out["packed_method"] = model.method
   return out
 
 
@@ -191,12 +194,13 @@ def _generation(model, tokenizer, prompt: str, options: EvalOptions, seq_len: in
 def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = None,
                      config=None, tokenizer: Tokenizer | None = None,
                      output_dir: str | None = None, packed: bool = False,
-                     write: bool = True) -> dict:
+                     packed_method: str = DEFAULT_METHOD, write: bool = True) -> dict:
   """Loads a checkpoint, runs `options`, writes and returns the results.
 
   Args:
     workdir: a training or import workdir (config.json + checkpoints/), or with `packed` a
-      packed directory (`python -m mmfree_jax.export`; `step` is then the exported one).
+      packed directory (`python -m mmfree_jax.export`; `step` is then the exported one),
+      loaded for the `packed_method` product.
     step: checkpoint step (None = latest).
     config: a full config overriding the workdir's (architecture must match).
     tokenizer: None = `data.tokenizer_from_config(config.data)`.
@@ -211,7 +215,7 @@ def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = N
   started = time.time()
   mc_examples = _check_options(options)  # bad options and files fail before loading
   if packed:
-    model, cfg, step = load_packed_for_eval(workdir, config)
+    model, cfg, step = load_packed_for_eval(workdir, config, packed_method)
   else:
     model, cfg, step = load_for_eval(workdir, step, config)
   tokenizer = tokenizer or load_tokenizer_for(cfg, model.cfg)
