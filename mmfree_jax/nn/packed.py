@@ -15,7 +15,8 @@ the bytes of bf16, and a lossy step the rest of the model then sees exactly).
 In memory the bit-packed formats hold their codes as the matvec method reads them: bytes as
 stored for 'lut' and 'unpack', bit planes (`ternary_packing.to_planes`, 2 bits/weight, so
 base-3 grows by a quarter) for 'popcount', the default: AND + popcount over whole words is
-the fastest exact product on XLA:CPU at every batch we measured (benchmarks/RESULTS.md §7).
+the fastest exact product on XLA:CPU from 1 to 64 rows (decoding; benchmarks/RESULTS.md §7),
+and within ~1.1-1.7x of unpacking to fp32 on a 256-token prefill.
 `decode(params, tokens [B, 1], state, spec=...)` is one decode step of the MLGRU model on
 these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
 scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,

@@ -125,11 +125,12 @@ def _digit_table(fmt: str, dtype) -> jax.Array:
   return jnp.asarray(digits, dtype)
 
 
-# Bytes of gathered partial sums ([rows, groups, out] fp32) the LUT matvec holds per loop step:
-# about what stays in cache. Gathering all groups at once wrote and re-read them from memory:
-# the 2.7B's gate_proj (2560 x 13824) took 40 ms at batch 1 and 268 ms at batch 8 with 36 and
-# 288 MB of temporaries; in 1 MiB blocks 5 and 48 ms with 4 and 13 MB (one loaded 2-core run).
-LUT_CHUNK_BYTES = 1 << 20
+# Bytes of partial sums a matvec holds per loop step (the LUT's gathered `[rows, groups, out]`
+# fp32, popcount's per-word `[rows, out, words]` int32): about what stays in cache. Gathering
+# all groups at once wrote and re-read them from memory: the 2.7B's gate_proj (2560 x 13824)
+# took 40 ms at batch 1 and 268 ms at batch 8 with 36 and 288 MB of temporaries; in 1 MiB
+# blocks 5 and 48 ms with 4 and 13 MB (one loaded 2-core run).
+MATVEC_BLOCK_BYTES = 1 << 20
 
 
 def _block_size(rows: int, total: int, width: int, chunk_bytes: int) -> int:
@@ -158,7 +159,7 @@ def _over_blocks(total: int, size: int, step, init):
 
 
 def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
-                  method: str = "lut", chunk_bytes: int = LUT_CHUNK_BYTES,
+                  method: str = "lut", chunk_bytes: int = MATVEC_BLOCK_BYTES,
                   layer: jax.Array | None = None) -> jax.Array:
   """`x_codes @ unpack(packed)` exactly, for a kernel packed along its input axis.
 
@@ -288,7 +289,7 @@ def _activation_planes(x_codes: jax.Array, words: int) -> jax.Array:
 
 def planes_matvec(x_codes: jax.Array, planes: jax.Array, n_in: int,
                   layer: jax.Array | None = None,
-                  chunk_bytes: int = LUT_CHUNK_BYTES) -> jax.Array:
+                  chunk_bytes: int = MATVEC_BLOCK_BYTES) -> jax.Array:
   """`x_codes @ codes` exactly from bit planes, by AND and popcount.
 
   Args:
