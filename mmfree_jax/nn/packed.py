@@ -50,13 +50,14 @@ from mmfree_jax.ops.dtypes import acc_dtype
 PACKED = "packed"
 FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
            "bfloat16": jnp.bfloat16}
-# Bit-packed formats use the lookup-table matvec up to this many rows (tokens) per product:
-# its table and gathered partial sums grow with the rows, while unpacking a block of codes
-# and multiplying costs about the same for any row count. Both are exact. Measured on the
-# 2.7B's matrices (one loaded CPU run, ms for gate_proj 2560 x 13824 at 1 / 2 / 4 / 8 rows):
-# 2-bit LUT 9 / 29 / 55 / 66 against unpack 24 / 35 / 41 / 27 (shifts); base-3 LUT 6 / 21 /
-# 35 / 77 against unpack 178-232 (divisions by powers of 3 are slow on XLA:CPU).
-LUT_MAX_ROWS = {"2bit": 2, "base3": 16}
+# With method 'lut', bit-packed formats use the lookup-table matvec up to this many rows
+# (tokens) per product: its table and gathered partial sums grow with the rows, while
+# unpacking a block of codes and multiplying costs about the same for any row count. Both
+# are exact. One CPU run, ms for the 2.7B's gate_proj (2560 x 13824) at 1 / 2 / 4 / 8 rows:
+# 2-bit LUT 2.5 / 10.7 / 21 / 59 against unpack 7.3 / 7.4 / 8.6 / 10; base-3 LUT 2.2 / 9.7 /
+# 25 / 57 against unpack 12.9 / 13.7 / 13.4 / 13.0 (a 1024 x 1024 matrix: the LUT wins to 2
+# rows for both formats).
+LUT_MAX_ROWS = {"2bit": 2, "base3": 2}
 DEFAULT_METHOD = "popcount"
 
 

@@ -97,7 +97,7 @@ def pack_ternary(codes, fmt: str = "2bit", axis: int = 0) -> jax.Array:
 
 def unpack_ternary(packed, fmt: str, n: int, axis: int = 0) -> jax.Array:
   """Inverse of `pack_ternary`: int8 codes in {-1, 0, 1} with `n` entries along `axis`."""
-  k, radix = _format(fmt)
+  k, _ = _format(fmt)
   packed = jnp.asarray(packed)
   axis = axis % packed.ndim
   if packed.shape[axis] != packed_length(n, fmt):
@@ -105,15 +105,15 @@ def unpack_ternary(packed, fmt: str, n: int, axis: int = 0) -> jax.Array:
                      f"{packed_length(n, fmt)}")
   # The k digits of each byte go on a new axis right after `axis` (no transpose: for a kernel
   # packed along `in`, the unpacked rows come out in memory order).
-  p = jnp.expand_dims(packed.astype(jnp.int32), axis + 1)
-  j = np.arange(k).reshape((k,) + (1,) * (packed.ndim - axis - 1))
   if fmt == "2bit":
-    digits = (p >> jnp.asarray(2 * j, jnp.int32)) & 3
-  else:
-    digits = (p // jnp.asarray(radix ** j, jnp.int32)) % radix
+    p = jnp.expand_dims(packed.astype(jnp.int32), axis + 1)
+    j = np.arange(k).reshape((k,) + (1,) * (packed.ndim - axis - 1))
+    codes = (((p >> jnp.asarray(2 * j, jnp.int32)) & 3) - 1).astype(jnp.int8)
+  else:  # each byte's digits looked up: divisions by powers of 3 are slow on XLA:CPU
+    codes = jnp.take(_digit_table(fmt, jnp.int8), packed.astype(jnp.int32), axis=0)
+    codes = jnp.moveaxis(codes, -1, axis + 1)
   shape = packed.shape[:axis] + (packed.shape[axis] * k,) + packed.shape[axis + 1:]
-  codes = (digits - 1).astype(jnp.int8).reshape(shape)
-  return jax.lax.slice_in_dim(codes, 0, n, axis=axis)
+  return jax.lax.slice_in_dim(codes.reshape(shape), 0, n, axis=axis)
 
 
 def _digit_table(fmt: str, dtype) -> jax.Array:
