@@ -437,13 +437,14 @@ NOTES = """## Notes on reading these numbers
   while the LUT past `LUT_MAX_ROWS` rows (2) unpacks 2 MiB blocks of columns and multiplies
   (base-3 bytes are now unpacked by a 256-entry table: 2.5x faster than the divisions by
   powers of 3, which had kept base-3 on the LUT to 16 rows; its load-time conversion to bit
-  planes takes 2.9x less time). This round's popcount product made the 2.7B decode 2.3-3.7x
-  faster than last round's LUT at batch 1 (2-bit 14.1 vs 4.89 tok/s, base-3 16.1 vs 6.15)
-  and 2.3-10x at batch 8 (2-bit 17.1 vs 7.5), and a 64-token prefill 1.5-3.1x faster. Its cost is base-3 in memory:
-  the planes take 2 bits/weight, so base-3 loads to the same 1.19 GB as 2-bit (1.05 with the
-  LUT last round; `load_packed(method="lut")` keeps that). The 1.2 GB resident target is met
-  by every format while decoding (1.19 with a bf16 embedding, 1.11 with int8); a 64-token
-  prefill takes the bf16-embedding rows to 1.21. The
+  planes takes 2.9x less time). This round's popcount product made the 2.7B decode 2.2-3.6x
+  faster than last round's LUT at batch 1 (2-bit 17.6 vs 4.89 tok/s, base-3 17.6 vs 6.15)
+  and 2.6-11x at batch 8 (2-bit 20.0 vs 7.5), and a 64-token prefill 1.4-2.7x faster. Its
+  cost is base-3 in memory: the planes take 2 bits/weight, so base-3 loads to the same
+  1.19 GB as 2-bit (1.05 with the LUT last round; `load_packed(method="lut")` keeps that),
+  and converting base-3 bytes at load takes ~10 s for the 2.7B (2-bit: ~4). The 1.2 GB
+  resident target is met by every format while decoding (1.19 with a bf16 embedding, 1.11
+  with int8), and with a 64-token prefill (1.20 / 1.12). The
   int8 embedding (per-row absmax codes, opt-in and lossy: `--embedding_dtype int8`) is also
   what brings 2-bit under the 0.75 GB file target (0.741 GB): 2-bit codes alone are 0.66 GB
   and a bf16 embedding adds 0.16. The latent bf16 2.7B's weights are a pseudo-random pattern
