@@ -10,6 +10,8 @@ by O(1)). Under bf16 compute on CPU the freeze keeps the latent kernels and the 
 in a loop over the stacked weights instead (`keeps_latent_weights`).
 """
 
+import functools
+
 import jax
 import jax.extend
 import jax.numpy as jnp
@@ -146,14 +148,47 @@ def _generate_temp_bytes(model) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
-def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries():
+@pytest.mark.parametrize("kind", ["mmfree", "transformer"])
+def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries(kind, monkeypatch):
   """The compiled generate's temporaries do not grow with depth: each decode step converts
-  one layer's weights to fp32 at a time. Before, XLA converted (and froze) every layer's up
-  front: 3x each layer's bf16 bytes more per layer (here 1.6 MB per layer)."""
-  one, four = (_generate_temp_bytes(_bf16_model(n, d_model=128)) for n in (1, 4))
+  one layer's weights to fp32 at a time (MatMul-free: `loop_blocks_in_place`; Transformer++,
+  whose per-layer KV caches keep its layers unrolled: `ordered_after`). Before, XLA converted
+  (and froze) every layer's up front: 3x each layer's bf16 bytes more per layer (here 1.6 MB
+  per layer), which the Transformer++ control below still shows."""
+  one, four = (_generate_temp_bytes(_bf16_model(n, d_model=128, kind=kind)) for n in (1, 4))
   layer_bf16 = sum(x.size * 2 for x in jax.tree.leaves(
-      nnx.state(_bf16_model(1, d_model=128).blocks, nnx.Param)))
+      nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param)))
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
+  if kind == "transformer":  # control: per-layer frozen copies, no ordering
+    from mmfree_jax.nn import model as model_lib  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(model_lib.TransformerLM, "freeze_weights",
+                        model_lib._LMBase.freeze_weights)  # pylint: disable=protected-access
+    jax.clear_caches()  # generate's jitted function would reuse its trace
+    one, four = (_generate_temp_bytes(_bf16_model(n, d_model=128, kind=kind)) for n in (1, 4))
+    assert four - one > 2 * 3 * layer_bf16, (one, four, layer_bf16)
+
+
+def test_bf16_transformer_decode_on_cpu_equals_the_unfrozen_model():
+  """The in-place Transformer++ prefill and decode step (`layers_in_place`, weights ordered
+  after the previous layer by adding an exact zero) give the plain per-layer path's logits
+  and cache, bit for bit."""
+  model = _bf16_model(kind="transformer")
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (2, 7)), jnp.int32)
+  graphdef, params = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def run(params, freeze):
+    model = nnx.merge(graphdef, params)
+    if freeze:
+      model.freeze_weights()
+      assert model.layers_in_place and model.frozen_layers is None
+    state = model.init_state(tokens.shape[0], 8)
+    prefill, state = model(tokens[:, :-1], state=state)
+    step, state = model(tokens[:, -1:], state=state)
+    return prefill, step, state.k, state.v
+
+  for a, b in zip(jax.tree.leaves(run(params, False)), jax.tree.leaves(run(params, True))):
+    np.testing.assert_array_equal(np.asarray(b, np.float32), np.asarray(a, np.float32))
 
 
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])

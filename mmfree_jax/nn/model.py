@@ -160,6 +160,19 @@ def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outp
   return x, outs
 
 
+def ordered_after(tree, x: jax.Array):
+  """`tree`'s float arrays, unchanged in value (+0), computed only once `x` is: the element-wise
+  pass XLA:CPU puts before a bf16 dot (`converts_dot_operands`) then runs where the weights
+  are used. XLA:CPU drops an optimization barrier outside a loop and ran every unrolled
+  layer's conversion up front (a Transformer++ bf16 decode step held all layers' fp32
+  weights: 3x the bf16 bytes). The zero is a finite element of `x` times 0, which XLA does
+  not fold for floats."""
+  v = x.reshape(-1)[0]
+  zero = jnp.where(jnp.isfinite(v), v, 0) * 0
+  return jax.tree.map(lambda a: a + zero.astype(a.dtype)
+                      if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
 class _LMBase(nnx.Module):
   """Embedding table, input checks and the per-layer decode blocks shared by both models."""
 
@@ -340,7 +353,20 @@ class TransformerLM(_LMBase):
                                 kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
                                 param_dtype=dtype, rngs=rngs)
     self.frozen_layers = None  # one block per layer once `freeze_weights` ran
-    self.layers_in_place = False  # `prepare_for_scoring`: stateless calls loop in place
+    # `prepare_for_scoring` / `freeze_weights` where `converts_dot_operands`: one layer's
+    # weights converted at a time, in stateless calls (`loop_blocks_in_place`) and in prefill
+    # and decode steps (`ordered_after`)
+    self.layers_in_place = False
+
+  def freeze_weights(self) -> None:
+    """`_LMBase.freeze_weights`; where `converts_dot_operands`, instead, the layers stay
+    stacked and calls convert one layer's weights at a time (`layers_in_place`): a per-layer
+    copy saves no work there (each step converts it again), and XLA:CPU held every layer's
+    copy and fp32 conversion at once (3x the bf16 weights in temporaries)."""
+    if converts_dot_operands(self.cfg):
+      self.layers_in_place = True
+    else:
+      super().freeze_weights()
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
@@ -404,8 +430,15 @@ class TransformerLM(_LMBase):
       x, _ = scan_blocks(self.blocks, x, None, body, self.cfg.remat)
     else:  # prefill and decode: layers unrolled, each updating its own cache in place
       new_k, new_v = [], []
-      blocks = self.frozen_layers or layer_blocks(self.blocks)
-      for block, k, v in zip(blocks, state.k, state.v, strict=True):
+      graphdef, params = nnx.split(self.blocks)
+      blocks = (None if self.layers_in_place else self.frozen_layers
+                or layer_blocks(self.blocks))
+      for l, (k, v) in enumerate(zip(state.k, state.v, strict=True)):
+        if self.layers_in_place:  # layer l's weights are read (and converted) after layer l-1
+          block = nnx.merge(graphdef, ordered_after(
+              jax.tree.map(lambda a, l=l: a[l], params), x))
+        else:
+          block = blocks[l]
         x, (k, v) = body(block, x, (k, v))
         new_k.append(k)
         new_v.append(v)
