@@ -212,7 +212,7 @@ def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
     layers = range(model_cfg.num_layers)
     n_in = {f"{proj}.codes": shape[0] for proj, shape in linear_shapes(model_cfg).items()}
     n_in["lm_head.codes"] = model_cfg.d_model
-    planes = method == "popcount" and packed.stacked(fmt)
+    planes = packed.holds_planes(fmt, method)
 
     def stacked(name):
       names = [f"blocks.{l}.{name}" for l in layers]

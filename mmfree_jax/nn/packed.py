@@ -118,6 +118,12 @@ def stacked(fmt: str) -> bool:
   return FORMATS[fmt] == PACKED
 
 
+def holds_planes(fmt: str, method: str) -> bool:
+  """Whether codes of `fmt` are held in memory as bit planes (`ternary_packing.to_planes`)
+  for `method`: 'popcount' on a bit-packed format."""
+  return method == "popcount" and stacked(fmt)
+
+
 def stack_blocks(blocks: list[PackedBlock]) -> PackedBlock:
   """Per-layer blocks → one block of `[layers, ...]` leaves."""
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
@@ -161,7 +167,7 @@ def _export_linear(layer, fmt: str, method: str, index: int | None = None) -> Pa
   if index is not None:
     kernel, norm_scale = kernel[index], norm_scale[index]
   w, scale = pack_kernel(kernel, fmt)
-  if method == "popcount" and stacked(fmt):  # as loading a stored directory does
+  if holds_planes(fmt, method):  # as loading a stored directory does
     w = packing.packed_to_planes(w, fmt, kernel.shape[0])
   return PackedLinear(w, scale, norm_scale)
 
@@ -212,9 +218,9 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
             layer: jax.Array | None = None) -> jax.Array:
   """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `layer`: the
   layer of a stacked `w [layers, ...]`."""
+  if holds_planes(spec.fmt, spec.method):
+    return packing.planes_matvec(x_codes, w, n_in, layer=layer)
   if FORMATS[spec.fmt] == PACKED:
-    if spec.method == "popcount":
-      return packing.planes_matvec(x_codes, w, n_in, layer=layer)
     if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS[spec.fmt]:
       # many rows (prefill, big batches): unpack and multiply, a block of columns at a time
       return packing.unpacked_matmul(x_codes, w, spec.fmt, n_in, layer=layer)
