@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from mmfree_jax.data.tokenizer import document_start
-from mmfree_jax.nn.model import check_token_ids, keeps_latent_weights
+from mmfree_jax.nn.model import check_token_ids, freeze_copies_layers
 from mmfree_jax.ops.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
@@ -70,7 +70,7 @@ def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_toke
   (the XLA / naive attention materializes them); output ids `[batch, max_new_tokens]` int32;
   decode_weights: the per-layer copy of the block and head weights `freeze_weights` makes
   (compute dtype; int8 codes for a MatMul-free `bitlinear_impl=int8`; none for packed models,
-  nor where a MatMul-free model `keeps_latent_weights`).
+  nor where the freeze keeps the layers stacked: `nn.model.freeze_copies_layers`).
   """
   acc = 4
   total_len = prompt_len + max_new_tokens
@@ -78,7 +78,7 @@ def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_toke
   parts = {"prefill_logits": batch * prompt_len * model_cfg.vocab_size * acc,
            "prefill_activations": 8 * batch * prompt_len * model_cfg.d_model * acc,
            "output_ids": batch * max_new_tokens * 4}
-  if frozen_copy and not (model_cfg.kind == "mmfree" and keeps_latent_weights(model_cfg)):
+  if frozen_copy and freeze_copies_layers(model_cfg):
     d = model_cfg.d_model
     weights = model_cfg.num_layers * (4 * d * d + 3 * d * model_cfg.intermediate_size)
     weights += d * model_cfg.vocab_size

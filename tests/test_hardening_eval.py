@@ -62,6 +62,10 @@ def test_generation_limits_are_checked_before_anything_is_allocated():
   frozen = gen.generation_memory_bytes(model.cfg, 2, 10, 6, frozen_copy=True)["decode_weights"]
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model.blocks, nnx.Param))) + 16 * 64
   assert n - 4 * 16 * model.cfg.num_layers <= frozen // 4 <= n  # all but the norms, fp32
+  # bf16 on CPU: the freeze keeps the layers stacked for both kinds, so no copy is counted
+  for kind in ("transformer", "mmfree"):
+    bf16 = ModelConfig.tiny(kind=kind, vocab_size=64, d_model=16, dtype="bfloat16")
+    assert "decode_weights" not in gen.generation_memory_bytes(bf16, 2, 10, 6, frozen_copy=True)
 
 
 def test_streaming_sees_each_token_and_ids_stay_in_the_tokenizer():

@@ -132,6 +132,15 @@ def keeps_latent_weights(cfg: ModelConfig) -> bool:
       cfg.bitlinear_impl, dispatch.current_platform()) != "int8"
 
 
+def freeze_copies_layers(cfg: ModelConfig) -> bool:
+  """Whether `freeze_weights` copies the blocks' weights per layer (`frozen_layers`): not
+  where every call converts them anyway (`converts_dot_operands`; a MatMul-free model there
+  with a float BitLinear, `keeps_latent_weights`), which keeps them stacked instead."""
+  if cfg.kind == "mmfree":
+    return not keeps_latent_weights(cfg)
+  return not converts_dot_operands(cfg)
+
+
 def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outputs):
   """`scan_blocks` for inference where the weights need an element-wise pass before their dot
   (`converts_dot_operands`): a loop over the layers whose carry holds the stacked params behind
@@ -160,17 +169,19 @@ def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outp
   return x, outs
 
 
-def ordered_after(tree, x: jax.Array):
-  """`tree`'s float arrays, unchanged in value (+0), computed only once `x` is: the element-wise
-  pass XLA:CPU puts before a bf16 dot (`converts_dot_operands`) then runs where the weights
-  are used. XLA:CPU drops an optimization barrier outside a loop and ran every unrolled
-  layer's conversion up front (a Transformer++ bf16 decode step held all layers' fp32
-  weights: 3x the bf16 bytes). The zero is a finite element of `x` times 0, which XLA does
-  not fold for floats."""
+def ordered_after(module: nnx.Module, x: jax.Array) -> nnx.Module:
+  """`module` with its float params unchanged in value (+0) but computed only once `x` is:
+  the element-wise pass XLA:CPU puts before a bf16 dot (`converts_dot_operands`) then runs
+  where the weights are used. XLA:CPU drops an optimization barrier outside a loop and ran
+  every unrolled layer's conversion up front (a Transformer++ bf16 decode step held all
+  layers' fp32 weights: 3x the bf16 bytes). The zero is a finite element of `x` times 0,
+  which XLA does not fold for floats."""
   v = x.reshape(-1)[0]
   zero = jnp.where(jnp.isfinite(v), v, 0) * 0
-  return jax.tree.map(lambda a: a + zero.astype(a.dtype)
-                      if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+  graphdef, params = nnx.split(module)
+  return nnx.merge(graphdef, jax.tree.map(
+      lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+      params))
 
 
 class _LMBase(nnx.Module):
@@ -254,7 +265,7 @@ class MatMulFreeLM(_LMBase):
     `loop_blocks_in_place`."""
     if self.frozen_layers is not None or self.frozen_stacked:
       return
-    self.frozen_stacked = keeps_latent_weights(self.cfg)
+    self.frozen_stacked = not freeze_copies_layers(self.cfg)
     if not self.frozen_stacked:
       super().freeze_weights()
     for root in (self.blocks if self.frozen_stacked else self.frozen_layers, self.lm_head):
@@ -363,10 +374,10 @@ class TransformerLM(_LMBase):
     stacked and calls convert one layer's weights at a time (`layers_in_place`): a per-layer
     copy saves no work there (each step converts it again), and XLA:CPU held every layer's
     copy and fp32 conversion at once (3x the bf16 weights in temporaries)."""
-    if converts_dot_operands(self.cfg):
-      self.layers_in_place = True
-    else:
+    if freeze_copies_layers(self.cfg):
       super().freeze_weights()
+    else:
+      self.layers_in_place = True
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
@@ -430,15 +441,10 @@ class TransformerLM(_LMBase):
       x, _ = scan_blocks(self.blocks, x, None, body, self.cfg.remat)
     else:  # prefill and decode: layers unrolled, each updating its own cache in place
       new_k, new_v = [], []
-      graphdef, params = nnx.split(self.blocks)
-      blocks = (None if self.layers_in_place else self.frozen_layers
-                or layer_blocks(self.blocks))
-      for l, (k, v) in enumerate(zip(state.k, state.v, strict=True)):
-        if self.layers_in_place:  # layer l's weights are read (and converted) after layer l-1
-          block = nnx.merge(graphdef, ordered_after(
-              jax.tree.map(lambda a, l=l: a[l], params), x))
-        else:
-          block = blocks[l]
+      blocks = self.frozen_layers or layer_blocks(self.blocks)
+      for block, k, v in zip(blocks, state.k, state.v, strict=True):
+        if self.layers_in_place:  # this layer's weights are read (and converted) after the last
+          block = ordered_after(block, x)
         x, (k, v) = body(block, x, (k, v))
         new_k.append(k)
         new_v.append(v)
