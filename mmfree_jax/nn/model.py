@@ -458,13 +458,11 @@ def prepare_for_scoring(model: nnx.Module) -> None:
   perplexity), where `converts_dot_operands`: the layers run in `loop_blocks_in_place`, which
   converts one layer's weights at a time (XLA:CPU otherwise converts every layer's bf16
   weights to fp32 up front: 3x the weights' bytes) - a MatMul-free model through its
-  scales-only freeze (`keeps_latent_weights`), a Transformer++ for its stateless calls.
-  Elsewhere nothing changes: a per-layer frozen copy pays for itself over many decode steps,
+  scales-only freeze (`keeps_latent_weights`), a Transformer++ through its in-place freeze
+  (`freeze_copies_layers` is false for both there). Elsewhere nothing changes: a per-layer frozen copy pays for itself over many decode steps,
   where `generate` makes one."""
-  if isinstance(model, MatMulFreeLM) and keeps_latent_weights(model.cfg):
-    model.freeze_weights()
-  elif isinstance(model, TransformerLM) and converts_dot_operands(model.cfg):
-    model.layers_in_place = True
+  if isinstance(model, (MatMulFreeLM, TransformerLM)) and not freeze_copies_layers(model.cfg):
+    model.freeze_weights()  # there: stacked layers, converted one at a time
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:
