@@ -1,0 +1,72 @@
+"""Issue 28, checkpoint and process side: uncommitted steps are set aside and re-saved,
+corrupted checkpoint bytes are refused (checksums), the stale-lock takeover is atomic, and
+grain workers die with their trainer."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from mmfree_jax.train.workdir_lock import LOCK_NAME
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env():
+  return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _dead_pid():
+  proc = subprocess.Popen([sys.executable, "-c", "pass"])
+  proc.wait()
+  return proc.pid
+
+
+# ------------------------------------------------------------------ stale-lock takeover race
+
+# Waits for a common start time, tries the lock once, then holds it (never releases) until its
+# stdin closes, so a racer that comes late finds a live holder, not a free workdir.
+_RACER = r"""
+import sys, time
+from mmfree_jax.train.workdir_lock import WorkdirLock, WorkdirLockedError
+work, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+try:
+  WorkdirLock(work).acquire()
+except WorkdirLockedError:
+  print("verdict: refused", flush=True)
+  sys.exit(0)
+print("verdict: held", flush=True)
+sys.stdin.read()
+"""
+
+
+def _verdict(proc):
+  for line in proc.stdout:  # the takeover prints a note first
+    if line.startswith("verdict: "):
+      return line.split()[1]
+  return "exited"
+
+
+def test_stale_lock_race_has_exactly_one_holder(tmp_path):
+  racers, trials = 6, 10
+  for trial in range(trials):
+    work = tmp_path / str(trial)
+    work.mkdir()
+    (work / LOCK_NAME).write_text(json.dumps(
+        {"pid": _dead_pid(), "host": socket.gethostname(), "started": "earlier"}))
+    start = time.time() + 1.5
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(work), str(start)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=_env())
+             for _ in range(racers)]
+    verdicts = [_verdict(p) for p in procs]
+    for p in procs:
+      p.stdin.close()
+    errors = [p.stderr.read() for p in procs]
+    for p in procs:
+      p.wait(timeout=30)
+    assert set(verdicts) <= {"held", "refused"}, (verdicts, errors)
+    assert verdicts.count("held") == 1, f"trial {trial}: {verdicts}"
