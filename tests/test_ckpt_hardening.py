@@ -9,7 +9,15 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+from flax import nnx
+
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.train import trainer
 from mmfree_jax.train.workdir_lock import LOCK_NAME
+from tests.train_configs import small_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,6 +30,27 @@ def _dead_pid():
   proc = subprocess.Popen([sys.executable, "-c", "pass"])
   proc.wait()
   return proc.pid
+
+
+# -------------------------------------------------------------------- uncommitted step folders
+
+
+def test_uncommitted_final_step_is_set_aside_and_saved_again(tmp_path):
+  work = str(tmp_path)
+  over = {"train.steps": 4, "train.checkpoint_every": 2}
+  trainer.train(small_config(**over), work, progress=False)
+  os.remove(tmp_path / "checkpoints" / "4" / ckpt_lib.COMMIT_MARKER)  # a save cut short
+  result = trainer.train(small_config(**over), work, progress=False)
+  assert [r["step"] for r in result.history] == [3, 4]  # resumed from 2, redid 3 and 4
+  model, _, step = loading.load_model(work)
+  assert step == 4  # saved again, not skipped because a folder named 4 was there
+  _, saved = nnx.split(model)
+  jax.tree.map(np.testing.assert_array_equal, saved.to_pure_dict(), result.state.params)
+  aside = tmp_path / "abandoned_checkpoints"
+  (moved,) = os.listdir(aside)
+  assert moved.endswith("-uncommitted") and os.listdir(aside / moved) == ["4"]
+  with open(tmp_path / "metrics.jsonl") as f:
+    assert json.loads(f.readlines()[-1])["step"] == 4
 
 
 # ------------------------------------------------------------------ stale-lock takeover race

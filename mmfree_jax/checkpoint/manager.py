@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -44,6 +46,35 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def move_aside(workdir: str, steps: list[int], why: str) -> str:
+  """Moves the folders of `steps` to `WORKDIR/abandoned_checkpoints/<time>-<why>/` (kept, not
+  deleted: a person may still want them); returns that folder."""
+  aside = os.path.join(os.path.abspath(workdir), "abandoned_checkpoints",
+                       f"{time.strftime('%Y%m%d-%H%M%S')}-{why}")
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), aside)
+  return aside
+
+
+def set_aside_uncommitted(workdir: str) -> list[int]:
+  """Moves step folders without orbax's commit marker (a save cut short: on object storage
+  orbax writes the marker last) out of `checkpoints/`, so the run saves those steps again
+  instead of finding them taken. Call only while no save is in flight (the start of a run, on
+  process 0). Returns the steps moved."""
+  directory = checkpoint_dir(workdir)
+  if not os.path.isdir(directory):
+    return []
+  steps = sorted(int(name) for name in os.listdir(directory)
+                 if name.isdigit() and os.path.isdir(os.path.join(directory, name))
+                 and not os.path.exists(os.path.join(directory, name, COMMIT_MARKER)))
+  if steps:
+    aside = move_aside(workdir, steps, "uncommitted")
+    log.warning("checkpoint steps %s in %s have no %s (a save cut short): moved to %s; they "
+                "will be saved again", steps, directory, COMMIT_MARKER, aside)
+  return steps
 
 
 class Checkpointer:
@@ -84,7 +115,8 @@ class Checkpointer:
         steps.append(step)
       else:
         log.warning("ignoring checkpoint step %d in %s: it has no %s (an interrupted save?); "
-                    "move it away to silence this", step, self.directory, COMMIT_MARKER)
+                    "train.py moves it to abandoned_checkpoints/ and saves the step again",
+                    step, self.directory, COMMIT_MARKER)
     return steps
 
   def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,

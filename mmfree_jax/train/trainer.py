@@ -86,8 +86,11 @@ def select_restore_step(workdir: str, restore_step: int | None) -> int | None:
   """The step to resume from: the latest, or `restore_step` (newer ones are moved aside).
 
   Steps newer than an explicitly chosen one go to `WORKDIR/abandoned_checkpoints/`, not
-  deleted, so a run can continue from an older step (e.g. past a corrupted checkpoint).
+  deleted, so a run can continue from an older step (e.g. past a corrupted checkpoint); so do
+  uncommitted step folders, which this run then saves again.
   """
+  if jax.process_index() == 0:
+    ckpt_lib.set_aside_uncommitted(workdir)
   listing = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps_found = listing.all_steps()
@@ -101,10 +104,7 @@ def select_restore_step(workdir: str, restore_step: int | None) -> int | None:
         f"available steps: {steps_found}")
   newer = [s for s in steps_found if s > restore_step]
   if newer and jax.process_index() == 0:
-    aside = os.path.join(workdir, "abandoned_checkpoints", time.strftime("%Y%m%d-%H%M%S"))
-    os.makedirs(aside, exist_ok=True)
-    for step in newer:
-      shutil.move(os.path.join(ckpt_lib.checkpoint_dir(workdir), str(step)), aside)
+    aside = ckpt_lib.move_aside(workdir, newer, "newer")
     log.warning("moved checkpoints %s (newer than --restore_step=%d) to %s", newer,
                 restore_step, aside)
   if jax.process_count() > 1:
