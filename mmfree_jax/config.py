@@ -148,8 +148,11 @@ def base_config() -> ml_collections.ConfigDict:
   cfg.mesh = ml_collections.ConfigDict({
       "shape": {"data": -1, "fsdp": 1, "tensor": 1},
       "axis_rules": [
-          ("batch", ("data", "fsdp")),
-          ("seq", None),
+          ("activation_batch", ("data", "fsdp")),
+          ("activation_seq", None),
+          ("activation_embed", None),
+          ("activation_inner", "tensor"),
+          ("activation_vocab", "tensor"),
           ("embed", "fsdp"),
           ("mlp", "tensor"),
           ("inner", "tensor"),

@@ -197,7 +197,7 @@ class _LMBase(nnx.Module):
     # a move the SPMD partitioner can only make by replicating them (and their gradient).
     table = constrain(self.embedding[...], ("vocab", None))
     x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
-    return constrain(x, ("batch", "seq", "embed"))
+    return constrain(x, ("activation_batch", "activation_seq", "activation_embed"))
 
   def freeze_weights(self) -> None:
     """Inference only, in place: slices the stacked blocks into one block per layer once
@@ -230,7 +230,7 @@ class MatMulFreeBlock(nnx.Module):
                           reset=reset)
     x = x + y
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "seq", "embed")), h_last
+    return constrain(x, ("activation_batch", "activation_seq", "activation_embed")), h_last
 
 
 class MatMulFreeLM(_LMBase):
@@ -326,7 +326,8 @@ class MatMulFreeLM(_LMBase):
       x, h_last = scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
                                self.cfg.remat)
     logits = self.lm_head(self.final_norm(x))
-    return constrain(logits, ("batch", "seq", "vocab")), RecurrentState(h_last)
+    return (constrain(logits, ("activation_batch", "activation_seq", "activation_vocab")),
+            RecurrentState(h_last))
 
 
 class TransformerBlock(nnx.Module):
@@ -345,7 +346,7 @@ class TransformerBlock(nnx.Module):
                              cache=cache, cache_index=cache_index)
     x = x + y
     x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("batch", "seq", "embed")), new_cache
+    return constrain(x, ("activation_batch", "activation_seq", "activation_embed")), new_cache
 
 
 class TransformerLM(_LMBase):
@@ -450,7 +451,8 @@ class TransformerLM(_LMBase):
         new_v.append(v)
       new_state = KVCache(tuple(new_k), tuple(new_v), state.index + seq)
     logits = self.lm_head(self.final_norm(x))
-    return constrain(logits, ("batch", "seq", "vocab")), new_state
+    return (constrain(logits, ("activation_batch", "activation_seq", "activation_vocab")),
+            new_state)
 
 
 def prepare_for_scoring(model: nnx.Module) -> None:

@@ -1,8 +1,13 @@
 """Logical axis names → mesh axes (MaxText's idea, cut down to `data, fsdp, tensor`).
 
-Parameters carry logical names (`nnx.Param(..., out_sharding=...)`); activations are
-constrained with `constrain(x, ("batch", "seq", "embed"))`, which is a no-op unless a mesh
-and rules are active (`with logical_sharding(mesh, rules): ...`). The rules live in the config.
+Parameters carry logical names (`nnx.Param(..., out_sharding=...)`) from `PARAM_AXES`;
+activations are constrained with names from `ACTIVATION_AXES`, e.g.
+`constrain(x, ("activation_batch", "activation_seq", "activation_embed"))`, a no-op unless a
+mesh and rules are active (`with logical_sharding(mesh, rules): ...`). The two sets are
+separate (as MaxText's `activation_embed` vs `embed`), so a parameter's `embed` may go to `fsdp`
+while the activations' batch takes `data x fsdp`, without a rule both use. The rules live in
+the config (`mesh.axis_rules`); each name has one rule, and a spec whose names would use one
+mesh axis twice is an error here instead of a conflict flax resolves silently.
 """
 
 from __future__ import annotations
@@ -12,12 +17,16 @@ import contextvars
 from typing import Sequence
 
 import jax
-from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfree_jax.kernels import sharding as kernel_sharding
 
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "inner", "heads", "vocab", "layers")
+PARAM_AXES = ("embed", "mlp", "inner", "heads", "vocab", "layers")
+# activation_inner: the features of the MLGRU recurrence and of attention heads (the Pallas
+# kernels run per shard of them, `kernels.sharding`).
+ACTIVATION_AXES = ("activation_batch", "activation_seq", "activation_embed", "activation_inner",
+                   "activation_vocab")
+LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_logical_sharding",
                                                          default=None)
@@ -38,20 +47,56 @@ def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ..
 @contextlib.contextmanager
 def logical_sharding(mesh: Mesh, rules: Rules):
   """Activates activation-sharding constraints for code traced inside the block, and runs the
-  Pallas kernels there per shard (`kernels.sharding`: batch on the 'batch' rule's axes,
-  features on the 'inner' rule's)."""
+  Pallas kernels there per shard (`kernels.sharding`: batch on the 'activation_batch' rule's axes,
+  features on the 'activation_inner' rule's)."""
   token = _ACTIVE.set((mesh, normalize_rules(rules)))
   try:
-    batch_axes = logical_to_spec(("batch",), rules)[0]
-    feature_axes = logical_to_spec(("inner",), rules)[0]
+    batch_axes = logical_to_spec(("activation_batch",), rules)[0]
+    feature_axes = logical_to_spec(("activation_inner",), rules)[0]
     with kernel_sharding.kernel_sharding(mesh, batch_axes, feature_axes):
       yield
   finally:
     _ACTIVE.reset(token)
 
 
+def check_rules(rules) -> list[str]:
+  """Problems of a rule list, one line each (empty when fine): every name of `LOGICAL_AXES`
+  has exactly one rule, and no other name has one."""
+  names = [name for name, _ in normalize_rules(rules)]
+  problems = [f"mesh.axis_rules: unknown logical axis {n!r}; known: {list(LOGICAL_AXES)}"
+              for n in dict.fromkeys(names) if n not in LOGICAL_AXES]
+  problems += [f"mesh.axis_rules: {n!r} has {names.count(n)} rules; give it one"
+               for n in dict.fromkeys(names) if names.count(n) > 1]
+  missing = [n for n in LOGICAL_AXES if n not in names]
+  if missing:
+    problems.append(f"mesh.axis_rules: no rule for {missing}; add one per name (None = "
+                    "replicated), e.g. as in mmfree_jax.config's defaults")
+  return problems
+
+
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:
-  return nn.logical_to_mesh_axes(tuple(logical_axes), normalize_rules(rules))
+  """The PartitionSpec of `logical_axes` under `rules` (None: a replicated dim).
+
+  Raises ValueError for a name without a rule, or when two dims would take one mesh axis
+  (flax's `logical_to_mesh_axes` would drop it from the later dim without a word)."""
+  table = dict(reversed(normalize_rules(rules)))  # the first rule of a name wins
+  spec, used = [], {}
+  for name in logical_axes:
+    if name is None:
+      spec.append(None)
+      continue
+    if name not in table:
+      raise ValueError(f"logical axis {name!r} has no rule in mesh.axis_rules ("
+                       f"{sorted(table)}); add one")
+    target = table[name]
+    for axis in (target if isinstance(target, tuple) else (target,)):
+      if axis is not None and axis in used:
+        raise ValueError(f"logical axes {used[axis]!r} and {name!r} both map to mesh axis "
+                         f"{axis!r} in {tuple(logical_axes)}; change mesh.axis_rules so that "
+                         "each mesh axis appears once per array")
+      used[axis] = name
+    spec.append(target)
+  return PartitionSpec(*spec)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -87,7 +132,7 @@ def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
   rules = normalize_rules(rules)
 
   def one(leaf, logical):
-    spec = nn.logical_to_mesh_axes(tuple(logical), rules)
+    spec = logical_to_spec(tuple(logical), rules)
     return NamedSharding(mesh, fit_spec_to_shape(spec, leaf.shape, mesh))
 
   return jax.tree.map(one, abstract_tree, logical_specs,
@@ -95,8 +140,9 @@ def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
-  """Sharding of a `[batch, ...]` input: the 'batch' rule on dim 0, the rest replicated."""
-  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules)
+  """Sharding of a `[batch, ...]` input: the 'activation_batch' rule on dim 0, the rest
+  replicated."""
+  spec = logical_to_spec(("activation_batch",) + (None,) * (ndim - 1), rules)
   return NamedSharding(mesh, spec)
 
 

@@ -41,7 +41,7 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
   """
   def split(x):
     x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
-    return sharding.constrain(jnp.swapaxes(x, 0, 1), (None, "batch", None))
+    return sharding.constrain(jnp.swapaxes(x, 0, 1), (None, "activation_batch", None))
   return jax.tree.map(split, batch)
 
 
