@@ -4,6 +4,7 @@ grain workers die with their trainer."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from mmfree_jax.checkpoint import loading
@@ -99,3 +101,56 @@ def test_stale_lock_race_has_exactly_one_holder(tmp_path):
       p.wait(timeout=30)
     assert set(verdicts) <= {"held", "refused"}, (verdicts, errors)
     assert verdicts.count("held") == 1, f"trial {trial}: {verdicts}"
+
+
+# --------------------------------------------------------------- grain workers die with parent
+
+
+def _children():
+  """{pid: parent pid} of every live (not zombie) process, from /proc."""
+  table = {}
+  for name in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{name}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+      continue
+    if fields[0] != "Z":
+      table[int(name)] = int(fields[1])
+  return table
+
+
+def _descendants(pid):
+  table, found, frontier = _children(), set(), {pid}
+  while frontier:
+    frontier = {c for c, parent in table.items() if parent in frontier} - found
+    found |= frontier
+  return found
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
+def test_grain_workers_die_with_a_sigkilled_trainer(tmp_path):
+  work = tmp_path / "work"
+  overrides = {"data.worker_count": 2, "train.steps": 100000, "train.checkpoint_every": 0,
+               "train.log_every": 1}
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(REPO, "tests", "_train_worker.py"), str(work),
+       str(tmp_path / "out"), json.dumps(overrides)],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+  try:
+    deadline = time.time() + 300
+    while not (work / "metrics.jsonl").exists() or not (work / "metrics.jsonl").read_text():
+      assert proc.poll() is None and time.time() < deadline, "the trainer made no step"
+      time.sleep(0.2)
+    children = _descendants(proc.pid)
+    assert len(children) >= 2, children  # the two grain workers (and spawn's helpers)
+  finally:
+    proc.kill()
+    proc.wait()
+  killed = time.time()
+  while (alive := children & set(_children())) and time.time() < killed + 10:
+    time.sleep(0.1)
+  print(f"{len(children)} child processes, gone {time.time() - killed:.1f} s after the kill")
+  for pid in alive:  # do not leave them behind when the test fails
+    os.kill(pid, signal.SIGKILL)
+  assert not alive, f"processes {sorted(alive)} outlived their SIGKILLed trainer by 10 s"

@@ -15,6 +15,11 @@ global_batch)`. Cutting the stream into chunks of local_batch, global batch s is
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+import time
+
 import grain
 import numpy as np
 
@@ -29,6 +34,8 @@ from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 # far more than a training step needs).
 READ_THREADS = 4
 PREFETCH_BATCHES = 8
+# How often a grain worker process checks that its trainer is still alive.
+PARENT_POLL_S = 0.5
 
 
 def tokenizer_from_config(data_cfg, *, cache_dir: str) -> Tokenizer:
@@ -85,6 +92,22 @@ def _allow_worker_processes() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain worker init: a daemon thread ends this worker once `parent_pid` (the trainer that
+  spawned it) is gone, seen as this process being re-parented. Without it a SIGKILLed trainer
+  leaves its workers (and spawn's resource tracker) running, each holding its memory.
+  PR_SET_PDEATHSIG is not used: it fires when the spawning *thread* exits, and grain starts
+  workers from short-lived threads."""
+  del worker_index, worker_count
+
+  def watch():
+    while os.getppid() == parent_pid:
+      time.sleep(PARENT_POLL_S)
+    os._exit(1)  # pylint: disable=protected-access
+
+  threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def train_iterator(data_cfg, tokenizer: Tokenizer, *, global_batch: int, process_index: int = 0,
                    process_count: int = 1, cache_dir: str) -> grain.DatasetIterator:
   """Endless training batches for this process, as a checkpointable grain iterator.
@@ -108,7 +131,9 @@ def train_iterator(data_cfg, tokenizer: Tokenizer, *, global_batch: int, process
     raise ValueError(f"data.worker_count={workers} must be >= 0; set --config.data.worker_count")
   if workers:
     _allow_worker_processes()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                                  worker_init_fn=functools.partial(_exit_with_parent,
+                                                                   os.getpid()))
   return iter(iter_ds)
 
 
