@@ -40,6 +40,7 @@ from benchmarks import common, setups  # pylint: disable=g-import-not-at-top
 from mmfree_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import prepare as prep  # pylint: disable=g-import-not-at-top
+from mmfree_jax.data import shards as shards_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import sources  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax.train import flops  # pylint: disable=g-import-not-at-top
@@ -129,7 +130,7 @@ def prepare_throughput(corpus: str, work: str, spec: str, label: str, backends: 
     if toks[b].backend != b:
       raise RuntimeError(f"{spec} encodes with {toks[b].backend}, not {b}: "
                          f"{getattr(toks[b], 'backend_reason', '')}")
-  dtype = prep.token_dtype(toks[backends[0]].vocab_size)
+  dtype = shards_lib.token_dtype(toks[backends[0]].vocab_size)
   load_avg = [round(os.getloadavg()[0], 2)]
   encode_s = {b: [] for b in backends}
   prepare_s = {b: [] for b in backends}

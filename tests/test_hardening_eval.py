@@ -19,7 +19,7 @@ from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data.tokenizer import ByteTokenizer
-from mmfree_jax.hf import convert, mapping
+from mmfree_jax.hf import checkpoint_io, mapping
 from mmfree_jax.nn.model import abstract_model, build_model
 from mmfree_jax.train import trainer
 from tests.train_configs import small_config
@@ -114,12 +114,12 @@ def test_import_of_a_tensor_over_the_concurrency_cap(tmp_path, monkeypatch):
   src = tmp_path / "src"
   flat = _random_workdir(src, tokenizer="spm:mistral")
   hf = str(tmp_path / "hf")
-  convert.export_checkpoint(str(src), hf)
+  checkpoint_io.export_checkpoint(str(src), hf)
   # A 1 kB cap: every stacked kernel is larger, as the 2.2 GB gate_proj is over orbax's 1 GB.
-  monkeypatch.setattr(convert, "SAVE_CONCURRENT_GB", 1e-6)
-  assert convert.save_concurrent_gb(mapping.unflatten(flat)) > 1e-6
+  monkeypatch.setattr(checkpoint_io, "SAVE_CONCURRENT_GB", 1e-6)
+  assert checkpoint_io.save_concurrent_gb(mapping.unflatten(flat)) > 1e-6
   back = str(tmp_path / "back")
-  convert.import_checkpoint(hf, back)
+  checkpoint_io.import_checkpoint(hf, back)
   params, _ = loading.load_params(back, ModelConfig.from_config(
       loading.load_workdir_config(back).model))
   for path, value in mapping.flatten(params).items():
@@ -130,17 +130,17 @@ def test_import_records_the_tokenizer_it_has_and_compares_only_architecture(tmp_
   src = tmp_path / "src"
   _random_workdir(src, tokenizer="byte")  # the byte tokenizer has no file form
   hf = str(tmp_path / "hf")
-  out = convert.export_checkpoint(str(src), hf)
+  out = checkpoint_io.export_checkpoint(str(src), hf)
   assert out["tokenizer"] is None and out["dtype"] == "float32"
   hf_config = json.load(open(os.path.join(hf, "config.json")))
   assert (hf_config["eos_token_id"], hf_config["bos_token_id"]) == (256, None)
   assert hf_config["torch_dtype"] == "float32"
   back = str(tmp_path / "back")
-  assert convert.import_checkpoint(hf, back)["tokenizer"] == ""  # none, not spm:mistral
+  assert checkpoint_io.import_checkpoint(hf, back)["tokenizer"] == ""  # none, not spm:mistral
   with pytest.raises(ValueError, match="records no tokenizer.*--tokenizer"):
     ev.evaluate_workdir(back, ev.EvalOptions(prompts=["x"]), write=False)
   named = str(tmp_path / "named")
-  convert.import_checkpoint(hf, named, tokenizer="byte")
+  checkpoint_io.import_checkpoint(hf, named, tokenizer="byte")
   assert loading.load_workdir_config(named).data.tokenizer == "byte"
   # Another config of the same MLGRU shapes but num_heads 16: the MLGRU has no heads.
   cfg = loading.load_workdir_config(named)
@@ -156,11 +156,11 @@ def test_trained_bpe_model_round_trips_through_hf(tmp_path):
                         "train.tracker": "none"})
   trainer.train(cfg, work, progress=False)
   hf, back = str(tmp_path / "hf"), str(tmp_path / "back")
-  out = convert.export_checkpoint(work, hf)  # default: the weights' float32
+  out = checkpoint_io.export_checkpoint(work, hf)  # default: the weights' float32
   assert out["tokenizer"] == "tokenizer.json" and out["dtype"] == "float32"
   hf_config = json.load(open(os.path.join(hf, "config.json")))
   assert hf_config["eos_token_id"] == 0 and hf_config["bos_token_id"] is None  # our BPE's
-  imported = convert.import_checkpoint(hf, back)
+  imported = checkpoint_io.import_checkpoint(hf, back)
   assert imported["tokenizer"] == "hf:" + os.path.join(back, "tokenizer.json")
   assert not imported["notes"]
   doc = tmp_path / "doc.txt"

@@ -25,7 +25,7 @@ from mmfree_jax import abstract_model
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig, config_from_dict
-from mmfree_jax.hf import HFCheckpointError, convert, mapping, tensors
+from mmfree_jax.hf import HFCheckpointError, checkpoint_io, mapping, tensors
 from mmfree_jax.hf.__main__ import main as hf_main
 from tests import hf_reference as ref
 
@@ -105,7 +105,7 @@ def test_import_float64_matches_numpy_reference(hf_dir, hf_weights, tmp_path):
 def test_import_float32_matches_numpy_reference_and_keeps_latent_weights(
     hf_dir, hf_weights, tmp_path):
   workdir = str(tmp_path / "imported")
-  convert.import_checkpoint(hf_dir, workdir)  # default float32
+  checkpoint_io.import_checkpoint(hf_dir, workdir)  # default float32
   got = logits_of(workdir)
   assert got.dtype == np.float32
   diff = np.abs(got - ref.forward(hf_weights, HF_CONFIG, TOKENS)).max(axis=-1)  # [B, T]
@@ -166,7 +166,7 @@ def test_round_trip_float32_is_exact(tmp_path):
   assert os.path.isfile(os.path.join(hf, "tokenizer.model"))
 
   back = str(tmp_path / "back")
-  convert.import_checkpoint(hf, back)
+  checkpoint_io.import_checkpoint(hf, back)
   cfg = loading.load_workdir_config(back)
   params, _ = loading.load_params(back, ModelConfig.from_config(cfg.model))
   imported = mapping.flatten(params)
@@ -181,7 +181,7 @@ def test_export_to_bfloat16_of_the_latent_weights(tmp_path):
   src = str(tmp_path / "src")
   original = random_workdir(src, seed=1)
   hf = str(tmp_path / "hf")
-  out = convert.export_checkpoint(src, hf, dtype="bfloat16")  # default: the weights' float32
+  out = checkpoint_io.export_checkpoint(src, hf, dtype="bfloat16")  # default: the weights' float32
   assert out["step"] == 7
   with open(os.path.join(hf, "config.json")) as f:
     assert json.load(f)["torch_dtype"] == "bfloat16"
@@ -200,11 +200,11 @@ def test_export_to_bfloat16_of_the_latent_weights(tmp_path):
 def _read_all(folder, dtype=np.float32):
   """Our flat params read from an HF folder (no checkpoint written)."""
   model_cfg = ModelConfig.from_config(mapping.model_section_from_hf(HF_CONFIG, "float32"))
-  shapes = convert.our_shapes(model_cfg)
+  shapes = checkpoint_io.our_shapes(model_cfg)
   layout = list(mapping.slots(shapes, model_cfg.num_layers))
   with tensors.open_weights(folder) as weights:
-    convert.check_weights(weights, layout, "test")
-    return mapping.flatten(convert.read_params(weights, layout, shapes, np.dtype(dtype)))
+    checkpoint_io.check_weights(weights, layout, "test")
+    return mapping.flatten(checkpoint_io.read_params(weights, layout, shapes, np.dtype(dtype)))
 
 
 def write_sharded(folder, weights, config=HF_CONFIG):
@@ -324,7 +324,7 @@ def test_import_errors_name_the_problem_and_write_nothing(case, hf_weights, tmp_
   src = _variant(tmp_path, hf_weights, **variant)
   workdir = tmp_path / "out" / "workdir"
   with pytest.raises(HFCheckpointError) as err:
-    convert.import_checkpoint(src, str(workdir))
+    checkpoint_io.import_checkpoint(src, str(workdir))
   for fragment in fragments:
     assert fragment in str(err.value)
   assert not workdir.exists()
@@ -334,7 +334,7 @@ def test_import_errors_name_the_problem_and_write_nothing(case, hf_weights, tmp_
 def _expect_import_error(src, tmp_path, fragments, error=HFCheckpointError):
   workdir = tmp_path / "workdir"
   with pytest.raises(error) as err:
-    convert.import_checkpoint(str(src), str(workdir))
+    checkpoint_io.import_checkpoint(str(src), str(workdir))
   for fragment in fragments:
     assert fragment in str(err.value)
   assert not workdir.exists() and leftovers(tmp_path) == []
@@ -382,7 +382,7 @@ def test_failure_while_writing_leaves_no_destination(hf_dir, tmp_path, monkeypat
   def broken_save(*args, **kwargs):
     raise OSError("disk full")
 
-  monkeypatch.setattr(convert, "save_params", broken_save)
+  monkeypatch.setattr(checkpoint_io, "save_params", broken_save)
   _expect_import_error(hf_dir, tmp_path, ["disk full"], error=OSError)
 
 
@@ -391,7 +391,7 @@ def test_existing_destination_is_not_touched(hf_dir, tmp_path):
   workdir.mkdir()
   (workdir / "keep.txt").write_text("mine")
   with pytest.raises(FileExistsError, match="not empty"):
-    convert.import_checkpoint(hf_dir, str(workdir))
+    checkpoint_io.import_checkpoint(hf_dir, str(workdir))
   assert os.listdir(workdir) == ["keep.txt"]
 
 
@@ -400,7 +400,7 @@ def test_export_refuses_transformer_workdir(tmp_path):
                                             "d_model": 64, "num_layers": 2, "num_heads": 4}})
   loading.save_workdir_config(str(tmp_path / "w"), cfg)
   with pytest.raises(HFCheckpointError, match="only model.kind='mmfree'"):
-    convert.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "hf"))
+    checkpoint_io.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "hf"))
   assert not (tmp_path / "hf").exists()
 
 
@@ -428,7 +428,7 @@ def test_released_sizes_derive_the_reference_intermediate_size(d, layers, inter)
 
 
 def test_mistral_tokenizer_from_mistral_common():
-  sp = sentencepiece.SentencePieceProcessor(model_file=convert.mistral_tokenizer_path())
+  sp = sentencepiece.SentencePieceProcessor(model_file=checkpoint_io.mistral_tokenizer_path())
   assert sp.get_piece_size() == 32000
   assert (sp.bos_id(), sp.eos_id()) == (1, 2)
   assert sp.decode(sp.encode("MatMul-free language models")) == "MatMul-free language models"
@@ -437,7 +437,7 @@ def test_mistral_tokenizer_from_mistral_common():
 def test_mistral_tokenizer_missing_package_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "mistral_common", None)
   with pytest.raises(FileNotFoundError, match="pip install --no-deps mistral_common"):
-    convert.mistral_tokenizer_path()
+    checkpoint_io.mistral_tokenizer_path()
 
 
 def test_spm_mistral_alias_resolves_in_the_data_package(tmp_path):

@@ -20,6 +20,7 @@ from mmfree_jax import data
 from mmfree_jax.config import base_config
 from mmfree_jax.data import prepare as prep
 from mmfree_jax.data import prepared as prepared_lib
+from mmfree_jax.data import shards as shards_lib
 
 EOS = 256
 BYTE = data.load_tokenizer("byte", cache_dir="/nonexistent")
@@ -83,7 +84,7 @@ def run(tmp_path, inputs, fmt, out="out", **kw):
 def check_output(out_dir, manifest, texts, shard_tokens=300, record_tokens=64):
   """Shards hold exactly the expected documents' tokens, cut into fixed-size records."""
   groups = expected_shards(texts, shard_tokens)
-  assert [s["path"] for s in manifest["shards"]] == [prep.shard_name(i)
+  assert [s["path"] for s in manifest["shards"]] == [shards_lib.shard_name(i)
                                                      for i in range(len(groups))]
   for shard, group in zip(manifest["shards"], groups):
     path = os.path.join(out_dir, shard["path"])
@@ -173,7 +174,7 @@ def test_spm_tokenizer_is_stored_and_large_vocab_is_int32(tmp_path):
   assert open(tmp_path / "out" / "tokenizer.model", "rb").read() == open(model, "rb").read()
   (records,) = [read_shard(tmp_path / "out" / s["path"]) for s in manifest["shards"]]
   assert np.concatenate(records).tolist() == [i for t in texts for i in tok.encode_document(t)]
-  assert prep.token_dtype(65536) == np.dtype("<u2") and prep.token_dtype(65537) == "<i4"
+  assert shards_lib.token_dtype(65536) == np.dtype("<u2") and shards_lib.token_dtype(65537) == "<i4"
 
 
 # ---------------------------------------------------------------------------- determinism
@@ -199,7 +200,7 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, monkeypatc
   inputs = f"{tmp_path}/*.jsonl"
   full = run(tmp_path, inputs, "jsonl", out="full", val_shards=2)
   commits = []
-  real_commit = prep._ShardWriter.commit
+  real_commit = shards_lib.ShardWriter.commit
 
   def crash_on_fourth(self, *a, **kw):
     if self.index == 3:
@@ -207,7 +208,7 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, monkeypatc
     commits.append(self.index)
     return real_commit(self, *a, **kw)
 
-  monkeypatch.setattr(prep._ShardWriter, "commit", crash_on_fourth)
+  monkeypatch.setattr(shards_lib.ShardWriter, "commit", crash_on_fourth)
   with pytest.raises(KeyboardInterrupt):
     run(tmp_path, inputs, "jsonl", out="part", val_shards=2)
   out = tmp_path / "part"
@@ -216,22 +217,22 @@ def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, monkeypatc
   assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the open shard is removed
   with pytest.raises(ValueError, match="did not finish; rerun the same prepare"):
     prepared_lib.open_prepared(str(out))
-  kept = {i: os.stat(out / prep.shard_name(i)).st_mtime_ns for i in range(3)}
+  kept = {i: os.stat(out / shards_lib.shard_name(i)).st_mtime_ns for i in range(3)}
   # A committed shard that no longer verifies is redone, with everything after it.
-  sidecar = (out / prep.sidecar_name(2)).read_text()
-  (out / prep.sidecar_name(2)).write_text(sidecar.replace('"sha256": "', '"sha256": "0'))
+  sidecar = (out / shards_lib.sidecar_name(2)).read_text()
+  (out / shards_lib.sidecar_name(2)).write_text(sidecar.replace('"sha256": "', '"sha256": "0'))
   started = []
-  real_init = prep._ShardWriter.__init__
+  real_init = shards_lib.ShardWriter.__init__
 
   def record_start(self, out_dir, index, *a, **kw):
     started.append(index)
     real_init(self, out_dir, index, *a, **kw)
 
-  monkeypatch.setattr(prep._ShardWriter, "commit", real_commit)
-  monkeypatch.setattr(prep._ShardWriter, "__init__", record_start)
+  monkeypatch.setattr(shards_lib.ShardWriter, "commit", real_commit)
+  monkeypatch.setattr(shards_lib.ShardWriter, "__init__", record_start)
   resumed = run(tmp_path, inputs, "jsonl", out="part", val_shards=2)
   assert started == list(range(2, len(full["shards"])))  # shards 0 and 1 not redone
-  assert {i: os.stat(out / prep.shard_name(i)).st_mtime_ns for i in range(2)} == {
+  assert {i: os.stat(out / shards_lib.shard_name(i)).st_mtime_ns for i in range(2)} == {
       i: kept[i] for i in range(2)}
   assert resumed == full
   # Rerunning a finished prepare reads no input; another split only rewrites the manifest.
@@ -319,9 +320,9 @@ def test_truncated_zst_mid_stream_keeps_committed_shards_only(tmp_path):
   assert not os.path.exists(out / "manifest.json")
   assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
   for i in range(len([n for n in os.listdir(out) if n.endswith(".array_record")])):
-    meta = json.load(open(out / prep.sidecar_name(i)))  # every shard file is committed
+    meta = json.load(open(out / shards_lib.sidecar_name(i)))  # every shard file is committed
     assert meta["sha256"] == hashlib.sha256(
-        open(out / prep.shard_name(i), "rb").read()).hexdigest()
+        open(out / shards_lib.shard_name(i), "rb").read()).hexdigest()
 
 
 def test_other_settings_in_the_same_out_are_refused(tmp_path):

@@ -1,6 +1,6 @@
 """Data pipeline: tokenizers, sources, tokenize-once caches, packing, grain iterators.
 
-  tokenizer.py  `load_tokenizer(spec)`: byte | bpe:<vocab> | hf:<json> | spm:<model>
+  tokenizer/    `load_tokenizer(spec)`: byte | bpe:<vocab> | hf:<json> | spm:<model>
   sources.py    `data.source`/`data.paths` -> document texts (kjv chapters, paragraphs, jsonl)
   corpus.py     tokenize once into a cached, memory-mapped `.npy` (+ document table)
   split.py      train/validation split by document from `data.seed`, `data.val_fraction`

@@ -26,7 +26,7 @@ import json
 import os
 from typing import Iterator
 
-FORMATS = ("parquet", "jsonl", "text", "hf_disk")
+SOURCE_FORMATS = ("parquet", "jsonl", "text", "hf_disk")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PARQUET_BATCH_ROWS = 4096
@@ -34,8 +34,8 @@ _PARQUET_BATCH_ROWS = 4096
 
 def resolve_inputs(inputs: str, fmt: str) -> list[str]:
   """Expands `--inputs` (comma-separated files, dirs for hf_disk, or globs), in sorted order."""
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown --format {fmt!r}; choose one of {FORMATS}")
+  if fmt not in SOURCE_FORMATS:
+    raise ValueError(f"unknown --format {fmt!r}; choose one of {SOURCE_FORMATS}")
   entries = [e.strip() for e in (inputs or "").split(",") if e.strip()]
   if not entries:
     raise ValueError("--inputs is empty; pass files or globs, e.g. --inputs 'data/*.parquet'")
@@ -321,4 +321,4 @@ def read_units(path: str, fmt: str, text_field: str, start: int = 0,
   elif fmt == "hf_disk":
     yield from _column_units(_hf_table(path, text_field, hf_split).chunks, start)
   else:
-    raise ValueError(f"unknown --format {fmt!r}; choose one of {FORMATS}")
+    raise ValueError(f"unknown --format {fmt!r}; choose one of {SOURCE_FORMATS}")

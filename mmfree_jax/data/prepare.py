@@ -55,13 +55,14 @@ from typing import Iterator
 import numpy as np
 
 from mmfree_jax.data import formats
+from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import tokenizer as tok_lib
 from mmfree_jax.data.cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "mmfree-tokens-array-record-v1"
-MANIFEST = "manifest.json"
+FORMAT_VERSION = shards_lib.FORMAT_VERSION
+MANIFEST = shards_lib.MANIFEST
 PLAN = "plan.json"
 # group_size 1: one record per random read. zstd level 1: spm:mistral ids of the KJV took 1.1
 # bytes/token (vs 2.0 raw uint16) at ~2x the read time of an uncompressed record (~130 vs
@@ -70,19 +71,6 @@ COMPRESSION = {"zstd": "group_size:1,zstd:1", "none": "group_size:1,uncompressed
 _CHUNK_CHARS = 1 << 20  # text per tokenize task
 _CHUNK_DOCS = 4096
 _TOKENIZER_FILES = {"hf": "tokenizer.json", "bpe": "tokenizer.json", "spm": "tokenizer.model"}
-
-
-def shard_name(index: int) -> str:
-  return f"shard-{index:05d}.array_record"
-
-
-def sidecar_name(index: int) -> str:
-  return f"shard-{index:05d}.json"
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-  """Stored id type: uint16 when every id fits, else int32 (little-endian)."""
-  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
 
 
 @dataclasses.dataclass
@@ -251,104 +239,6 @@ def _tokenized(chunks, tok, worker_spec: str, num_proc: int, dtype, cache_dir: s
       yield (*result.result(), w)
 
 
-# ---------------------------------------------------------------------------- writing
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 24), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
-def _write_json_atomic(path: str, value) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-class _ShardWriter:
-  """Writes one shard's token stream as fixed-size records to `*.tmp`; `commit` publishes."""
-
-  def __init__(self, out: str, index: int, record_tokens: int, dtype, start, options: str):
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    self.out, self.index, self.record_tokens, self.dtype = out, index, record_tokens, dtype
-    self.path = os.path.join(out, shard_name(index))
-    self.tmp = self.path + ".tmp"
-    self._writer = array_record_module.ArrayRecordWriter(self.tmp, options)
-    self._buffer = np.zeros(0, dtype)
-    self.tokens = self.documents = self.records = 0
-    self.start = list(start)
-
-  def add(self, tokens: np.ndarray, num_documents: int) -> None:
-    self._buffer = np.concatenate([self._buffer, tokens])
-    self.tokens += len(tokens)
-    self.documents += num_documents
-    full = len(self._buffer) // self.record_tokens * self.record_tokens
-    for lo in range(0, full, self.record_tokens):
-      self._writer.write(self._buffer[lo:lo + self.record_tokens].tobytes())
-    self.records += full // self.record_tokens
-    self._buffer = self._buffer[full:]
-
-  def commit(self, end, final: bool, plan_id: str) -> dict:
-    if len(self._buffer):
-      self._writer.write(self._buffer.tobytes())
-      self.records += 1
-    self._writer.close()
-    self._writer = None
-    with open(self.tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    meta = {"index": self.index, "path": shard_name(self.index), "documents": self.documents,
-            "tokens": self.tokens, "records": self.records,
-            "bytes": os.path.getsize(self.tmp), "sha256": _sha256(self.tmp),
-            "start": self.start, "end": list(end), "final": final, "plan": plan_id}
-    os.replace(self.tmp, self.path)
-    _write_json_atomic(os.path.join(self.out, sidecar_name(self.index)), meta)
-    return meta
-
-  def abort(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._writer = None
-    if os.path.exists(self.tmp):
-      os.remove(self.tmp)
-
-
-def committed_shards(out: str, plan_id: str) -> list[dict]:
-  """The sidecars of shards 0..k-1 that are committed and verify; removes everything after.
-
-  A shard counts only if its sidecar belongs to this plan and its file has the recorded size
-  and sha256; the first one that does not, and every later shard, are deleted (redone).
-  """
-  done = []
-  while True:
-    side = os.path.join(out, sidecar_name(len(done)))
-    if not os.path.isfile(side):
-      break
-    try:
-      with open(side) as f:
-        meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
-      meta = {}
-    path = os.path.join(out, str(meta.get("path", "")))
-    if (meta.get("plan") != plan_id or not os.path.isfile(path)
-        or os.path.getsize(path) != meta["bytes"] or _sha256(path) != meta["sha256"]):
-      log.warning("shard %d does not verify; redoing it and every later shard", len(done))
-      break
-    done.append(meta)
-  stale = [name for name in os.listdir(out) if name.endswith(".tmp") or (
-      name.startswith("shard-") and int(name.split(".")[0][6:]) >= len(done))]
-  if stale and os.path.exists(os.path.join(out, MANIFEST)):
-    os.remove(os.path.join(out, MANIFEST))  # first: the folder stops being complete
-  for name in stale:
-    os.remove(os.path.join(out, name))
-  return done
-
-
 # ---------------------------------------------------------------------------- prepare
 
 
@@ -381,7 +271,7 @@ def _check_plan(out: str, plan: dict) -> None:
       raise ValueError(f"--out {out!r} holds a prepare with other settings (differing: {keys}); "
                        "pass a new --out, or delete the folder to start over")
   else:
-    _write_json_atomic(path, plan)
+    shards_lib.write_json_atomic(path, plan)
 
 
 def prepare(opts: PrepareOptions) -> dict:
@@ -394,7 +284,7 @@ def prepare(opts: PrepareOptions) -> dict:
   _check_out_dir(out)
   os.makedirs(out, exist_ok=True)
   tok, tokenizer_file = load_prepare_tokenizer(opts, paths, out)
-  dtype = token_dtype(tok.vocab_size)
+  dtype = shards_lib.token_dtype(tok.vocab_size)
   plan = {"format": FORMAT_VERSION, "input_format": opts.format, "text_field": opts.text_field,
           "hf_split": opts.hf_split, "inputs": [[p, formats.input_identity(p)] for p in paths],
           "tokenizer_fingerprint": tok.fingerprint, "shard_tokens": int(opts.shard_tokens),
@@ -404,7 +294,7 @@ def prepare(opts: PrepareOptions) -> dict:
   worker_spec = store_tokenizer(tokenizer_file, out, opts.tokenizer)
   plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
-  shards = committed_shards(out, plan_id)
+  shards = shards_lib.committed_shards(out, plan_id)
   if not (shards and shards[-1]["final"]) and os.path.exists(os.path.join(out, MANIFEST)):
     os.remove(os.path.join(out, MANIFEST))
   start_time = time.perf_counter()
@@ -424,8 +314,8 @@ def prepare(opts: PrepareOptions) -> dict:
         lo_doc, lo_tok = 0, 0
         while lo_doc < len(lengths):
           if writer is None:
-            writer = _ShardWriter(out, len(shards), opts.record_tokens, dtype, where[lo_doc],
-                                  plan["writer_options"])
+            writer = shards_lib.ShardWriter(out, len(shards), opts.record_tokens, dtype,
+                                            where[lo_doc], plan["writer_options"])
           room = opts.shard_tokens - writer.tokens  # > 0
           # The first document whose end brings the shard to shard_tokens closes it.
           last = int(np.searchsorted(ends - lo_tok, room, side="left"))
@@ -442,7 +332,8 @@ def prepare(opts: PrepareOptions) -> dict:
         writer = None
       elif shards:  # the stream ended exactly at a shard boundary: mark the last one final
         shards[-1]["final"] = True
-        _write_json_atomic(os.path.join(out, sidecar_name(len(shards) - 1)), shards[-1])
+        shards_lib.write_json_atomic(
+            os.path.join(out, shards_lib.sidecar_name(len(shards) - 1)), shards[-1])
     finally:
       if writer is not None:
         writer.abort()
@@ -473,7 +364,7 @@ def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], va
       "splits": {"train": [i for i in range(len(shards)) if i not in val],
                  "validation": list(val)},
   }
-  _write_json_atomic(os.path.join(out, MANIFEST), manifest)
+  shards_lib.write_json_atomic(os.path.join(out, MANIFEST), manifest)
   return manifest
 
 
@@ -486,7 +377,7 @@ def parse_args(argv=None) -> PrepareOptions:
       description="Tokenize a corpus once into ArrayRecord shards for data.source=array_record.")
   parser.add_argument("--inputs", required=True,
                       help="comma-separated files, folders (hf_disk) or globs, in sorted order")
-  parser.add_argument("--format", required=True, choices=formats.FORMATS)
+  parser.add_argument("--format", required=True, choices=formats.SOURCE_FORMATS)
   parser.add_argument("--text_field", default="text",
                       help="Parquet column / JSON field / dataset column holding the text")
   parser.add_argument("--tokenizer", required=True,

@@ -27,14 +27,15 @@ import grain
 import numpy as np
 
 from mmfree_jax import config as config_lib
+from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import split as split_lib
 from mmfree_jax.data.corpus import Runs
 from mmfree_jax.data.sequence_packing import PackedWindows
 from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 SOURCE = "array_record"  # the data.source value
-FORMAT_VERSION = "mmfree-tokens-array-record-v1"  # = prepare.FORMAT_VERSION
-MANIFEST = "manifest.json"
+FORMAT_VERSION = shards_lib.FORMAT_VERSION
+MANIFEST = shards_lib.MANIFEST
 _COMPONENT_STREAM = 3  # seed stream of the per-folder shuffles of a mixture
 
 

@@ -30,7 +30,7 @@ from mmfree_jax.export.layout import (CONFIG, EMBEDDING_DTYPES, EXPORT_FORMATS, 
                                       LAYER_LINEARS, LAYER_NORMS, MANIFEST, VERSION, WEIGHTS,
                                       PackedDirError, layout, stat_dtype)
 from mmfree_jax.hf import tensors
-from mmfree_jax.hf.convert import check_destination, staged_directory
+from mmfree_jax.hf.checkpoint_io import check_destination, staged_directory
 from mmfree_jax.nn import packed
 from mmfree_jax.nn.model import abstract_model
 from mmfree_jax.ops import mlgru

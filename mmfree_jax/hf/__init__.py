@@ -5,18 +5,18 @@
     python -m mmfree_jax.hf export --workdir DIR --dst HF_DIR [--dtype bfloat16] [--step N]
 
 `mapping` holds the config translation and the one name table import and export share,
-`tensors` the tensor-by-tensor readers and the streaming safetensors writer, `convert` the two
-conversions (docs/architecture.md §1.6); `llama` imports LlamaForCausalLM-layout
-Transformers.
+`tensors` the tensor-by-tensor readers and the streaming safetensors writer, `checkpoint_io`
+the checkpoint import and export (docs/architecture.md §1.6); `llama` imports
+LlamaForCausalLM-layout Transformers.
 """
 
 from mmfree_jax import lazy_exports
 
 # Imported on first use: `mmfree_jax.hf.tensors` (the safetensors reader the packed format
 # uses) must not pull in the conversions' checkpoint and data stacks.
-_EXPORTS = {"export_checkpoint": "mmfree_jax.hf.convert",
-            "import_checkpoint": "mmfree_jax.hf.convert",
-            "mistral_tokenizer_path": "mmfree_jax.hf.convert",
+_EXPORTS = {"export_checkpoint": "mmfree_jax.hf.checkpoint_io",
+            "import_checkpoint": "mmfree_jax.hf.checkpoint_io",
+            "mistral_tokenizer_path": "mmfree_jax.hf.checkpoint_io",
             "NAME_TABLE": "mmfree_jax.hf.mapping", "HFCheckpointError": "mmfree_jax.hf.mapping"}
 
 __all__ = sorted(_EXPORTS)

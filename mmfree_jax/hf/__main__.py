@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from mmfree_jax.checkpoint.manager import CheckpointError
-from mmfree_jax.hf import convert, llama
+from mmfree_jax.hf import checkpoint_io, llama
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 
@@ -16,7 +16,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       description="Convert between Hugging Face hgrn_bit checkpoints (ridger/MMfreeLM-*) and "
                   "mmfree_jax workdirs.")
   sub = parser.add_subparsers(dest="command", required=True)
-  dtypes = sorted(convert.NUMPY_DTYPES)
+  dtypes = sorted(checkpoint_io.NUMPY_DTYPES)
   imp = sub.add_parser("import", help="HF folder → workdir (params-only checkpoint step 0)")
   imp.add_argument("--arch", default="hgrn_bit", choices=("hgrn_bit", "llama"),
                    help="hgrn_bit: a MatMul-free LM (ridger/MMfreeLM-*); llama: a "
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
       if args.arch == "llama":
         out = llama.import_llama(args.src, args.workdir, dtype=args.dtype)
       else:
-        out = convert.import_checkpoint(args.src, args.workdir, dtype=args.dtype,
+        out = checkpoint_io.import_checkpoint(args.src, args.workdir, dtype=args.dtype,
                                         tokenizer=args.tokenizer)
       model = out["model"]
       tokenizer = out["tokenizer"] or ("none (the folder has no tokenizer file; pass "
@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
       for note in out.get("notes", []):
         print("note:", note)
     else:
-      out = convert.export_checkpoint(args.workdir, args.dst, dtype=args.dtype, step=args.step)
+      out = checkpoint_io.export_checkpoint(args.workdir, args.dst, dtype=args.dtype,
+                                            step=args.step)
       print(f"exported step {out['step']} ({out['num_params']:,} params, {out['dtype']}) to "
             f"{out['dst']}; tokenizer file: {out['tokenizer'] or 'none'}")
   except (HFCheckpointError, CheckpointError, FileNotFoundError, FileExistsError,

@@ -26,7 +26,7 @@ import numpy as np
 
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig, config_from_dict
-from mmfree_jax.hf import convert, mapping, tensors
+from mmfree_jax.hf import checkpoint_io, mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 MODEL_TYPES = ("llama", "mistral")  # mistral: only without a sliding window (= Llama layout)
@@ -198,7 +198,7 @@ def check_weights(weights: tensors.WeightFiles, layout: list[Slot], note: str) -
   if experts:
     raise HFCheckpointError(f"{weights.description} holds mixture-of-experts tensors "
                             f"{experts[:3]}: only dense Llama-layout MLPs can be imported")
-  natural = convert.natural_key
+  natural = checkpoint_io.natural_key
   missing = sorted(expected - present, key=natural)
   if missing:
     raise HFCheckpointError(
@@ -256,11 +256,11 @@ def load_llama(src: str, *, dtype: str = "float32") -> tuple[dict, dict[str, np.
 
   What `import_llama` writes to a workdir, and what distillation uses directly as a teacher.
   """
-  np_dtype = convert.numpy_dtype(dtype)
-  hf_config = convert.read_hf_config(src)
+  np_dtype = checkpoint_io.numpy_dtype(dtype)
+  hf_config = checkpoint_io.read_hf_config(src)
   section = model_section_from_llama(hf_config, dtype)
   model_cfg = ModelConfig.from_config(section)
-  shapes = convert.our_shapes(model_cfg)
+  shapes = checkpoint_io.our_shapes(model_cfg)
   layout = slots(shapes, model_cfg.num_layers, is_tied(hf_config))
   with tensors.open_weights(src) as weights:
     check_weights(weights, layout, _config_note(hf_config))
@@ -283,9 +283,9 @@ def import_llama(src: str, workdir: str, *, dtype: str = "float32") -> dict:
   workdir's data config; without one, data.tokenizer keeps its default and must be set to the
   teacher's tokenizer before training on it.
   """
-  workdir = convert.check_destination(workdir)
+  workdir = checkpoint_io.check_destination(workdir)
   section, flat = load_llama(src, dtype=dtype)
-  with convert.staged_directory(workdir) as tmp:
+  with checkpoint_io.staged_directory(workdir) as tmp:
     data = {}
     found = tokenizer_spec(src)
     if found is not None:
@@ -294,8 +294,8 @@ def import_llama(src: str, workdir: str, *, dtype: str = "float32") -> dict:
       data["tokenizer"] = f"{kind}:{os.path.join(workdir, name)}"
     cfg = config_from_dict({"model": section, "data": data})
     with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
-      convert.to_device_leaf_by_leaf(flat)
-      convert.save_params(tmp, mapping.unflatten(flat), cfg)
+      checkpoint_io.to_device_leaf_by_leaf(flat)
+      checkpoint_io.save_params(tmp, mapping.unflatten(flat), cfg)
     loading.save_workdir_config(tmp, cfg)
   num_params = sum(int(np.prod(v.shape)) for v in flat.values())
   tokenizer = cfg.data.tokenizer if found else (

@@ -43,7 +43,7 @@ from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.convert import calibrate as calibrate_lib
 from mmfree_jax.convert import student as student_lib
-from mmfree_jax.hf import convert, llama
+from mmfree_jax.hf import checkpoint_io, llama
 from mmfree_jax.hf import mapping as hf_mapping
 from mmfree_jax.nn import blockwise
 from mmfree_jax.nn.model import abstract_model
@@ -142,7 +142,7 @@ def read_teacher_config(settings: DistillSettings, student: ModelConfig) -> Mode
   if teacher_source(settings.teacher) == "workdir":
     section = loading.load_workdir_config(settings.teacher).model.to_dict()
   else:
-    section = llama.model_section_from_llama(convert.read_hf_config(settings.teacher),
+    section = llama.model_section_from_llama(checkpoint_io.read_hf_config(settings.teacher),
                                              student.param_dtype)
   section.update(overrides)
   teacher = ModelConfig.from_config(section)

@@ -1,0 +1,132 @@
+"""The shard files of a prepared folder: names, the writer, the commit, verification.
+
+A shard `shard-NNNNN.array_record` is written to `*.tmp`, fsynced, renamed, then its sidecar
+`shard-NNNNN.json` (counts, sha256, the input positions it spans) is written and renamed: the
+sidecar is the commit (`ShardWriter.commit`). `committed_shards` keeps the committed prefix
+that verifies and deletes the rest (a resumed `prepare`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "mmfree-tokens-array-record-v1"
+MANIFEST = "manifest.json"
+# The names prepare writes (and a resume may delete); anything else in the folder is left alone.
+_OWN_FILE = re.compile(r"shard-(\d{5})\.(array_record|json)(\.tmp)?")
+
+
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}.array_record"
+
+
+def sidecar_name(index: int) -> str:
+  return f"shard-{index:05d}.json"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  """Stored id type: uint16 when every id fits, else int32 (little-endian)."""
+  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+
+
+def sha256_file(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 24), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def write_json_atomic(path: str, value) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class ShardWriter:
+  """Writes one shard's token stream as fixed-size records to `*.tmp`; `commit` publishes."""
+
+  def __init__(self, out: str, index: int, record_tokens: int, dtype, start, options: str):
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    self.out, self.index, self.record_tokens, self.dtype = out, index, record_tokens, dtype
+    self.path = os.path.join(out, shard_name(index))
+    self.tmp = self.path + ".tmp"
+    self._writer = array_record_module.ArrayRecordWriter(self.tmp, options)
+    self._buffer = np.zeros(0, dtype)
+    self.tokens = self.documents = self.records = 0
+    self.start = list(start)
+
+  def add(self, tokens: np.ndarray, num_documents: int) -> None:
+    self._buffer = np.concatenate([self._buffer, tokens])
+    self.tokens += len(tokens)
+    self.documents += num_documents
+    full = len(self._buffer) // self.record_tokens * self.record_tokens
+    for lo in range(0, full, self.record_tokens):
+      self._writer.write(self._buffer[lo:lo + self.record_tokens].tobytes())
+    self.records += full // self.record_tokens
+    self._buffer = self._buffer[full:]
+
+  def commit(self, end, final: bool, plan_id: str) -> dict:
+    if len(self._buffer):
+      self._writer.write(self._buffer.tobytes())
+      self.records += 1
+    self._writer.close()
+    self._writer = None
+    with open(self.tmp, "rb+") as f:
+      os.fsync(f.fileno())
+    meta = {"index": self.index, "path": shard_name(self.index), "documents": self.documents,
+            "tokens": self.tokens, "records": self.records,
+            "bytes": os.path.getsize(self.tmp), "sha256": sha256_file(self.tmp),
+            "start": self.start, "end": list(end), "final": final, "plan": plan_id}
+    os.replace(self.tmp, self.path)
+    write_json_atomic(os.path.join(self.out, sidecar_name(self.index)), meta)
+    return meta
+
+  def abort(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None
+    if os.path.exists(self.tmp):
+      os.remove(self.tmp)
+
+
+def committed_shards(out: str, plan_id: str) -> list[dict]:
+  """The sidecars of shards 0..k-1 that are committed and verify; removes everything after.
+
+  A shard counts only if its sidecar belongs to this plan and its file has the recorded size
+  and sha256; the first one that does not, and every later shard, are deleted (redone).
+  """
+  done = []
+  while True:
+    side = os.path.join(out, sidecar_name(len(done)))
+    if not os.path.isfile(side):
+      break
+    try:
+      with open(side) as f:
+        meta = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      meta = {}
+    path = os.path.join(out, str(meta.get("path", "")))
+    if (meta.get("plan") != plan_id or not os.path.isfile(path)
+        or os.path.getsize(path) != meta["bytes"] or sha256_file(path) != meta["sha256"]):
+      log.warning("shard %d does not verify; redoing it and every later shard", len(done))
+      break
+    done.append(meta)
+  stale = [name for name in os.listdir(out) if name.endswith(".tmp") or (
+      _OWN_FILE.fullmatch(name) and int(name[6:11]) >= len(done))]
+  if stale and os.path.exists(os.path.join(out, MANIFEST)):
+    os.remove(os.path.join(out, MANIFEST))  # first: the folder stops being complete
+  for name in stale:
+    os.remove(os.path.join(out, name))
+  return done
