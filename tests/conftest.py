@@ -3,12 +3,23 @@ compilation cache (shared with the worker subprocesses through the environment),
 small end-to-end runs compile each distinct program once."""
 
 import os
+import sys
 import tempfile
 
+# The compile-only TPU/CUDA toolchains (requirements-accel.txt) live in their own folder, which
+# the README's test command fills (`pip install --target .venv-accel`), so that the runtime
+# venv's CLIs never load them (tests/test_cli_clean.py). Here, and in every subprocess a test
+# starts, they go on the path.
+ACCEL_TOOLCHAINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                ".venv-accel")
+if os.path.isdir(ACCEL_TOOLCHAINS) and ACCEL_TOOLCHAINS not in sys.path:
+  sys.path.insert(0, ACCEL_TOOLCHAINS)
+  os.environ["PYTHONPATH"] = os.pathsep.join(
+      p for p in (ACCEL_TOOLCHAINS, os.environ.get("PYTHONPATH")) if p)
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu and the CUDA plugin are installed
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the toolchains above are compile-only
 # Tests compile for TPU topologies with libtpu in several processes at once (xdist workers):
 # without this libtpu's per-host lockfile lets only one of them load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

@@ -343,7 +343,7 @@ def test_eval_cli_end_to_end(tmp_path):
     other.model.d_model = 64
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
     ev.load_for_eval(str(workdir), config=other)
-  with pytest.raises(ckpt_lib.CheckpointError, match="no checkpoint step 7 .* available: \[0\]"):
+  with pytest.raises(ckpt_lib.CheckpointError, match=r"no checkpoint step 7 .* available: \[0\]"):
     ev.load_for_eval(str(workdir), step=7)
 
 
