@@ -37,27 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, setups
+from mmfree_jax import accounting, hardware
 from mmfree_jax import config as config_lib
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import attention
 from mmfree_jax.ops import bitlinear as bitlinear_lib
 from mmfree_jax.ops import recurrence
-from mmfree_jax.train import flops as flops_lib
 
 NAME = "accel_check"
-
-# Datasheet peaks per chip: (dense bf16 FLOP/s, dense int8 OP/s, HBM bytes/s). NVIDIA H100/H200
-# SXM datasheets; cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (v5p int8: the v5p launch post).
-DATASHEET = {
-    "NVIDIA H200": (989e12, 1979e12, 4.8e12),
-    "NVIDIA H100": (989e12, 1979e12, 3.35e12),
-    "NVIDIA A100": (312e12, 624e12, 2.04e12),
-    "TPU v4": (275e12, 275e12, 1.2e12),
-    "TPU v5 lite": (197e12, 393e12, 0.819e12),
-    "TPU v5p": (459e12, 918e12, 2.765e12),
-    "TPU v5": (459e12, 918e12, 2.765e12),  # libtpu's device_kind for v5p
-    "TPU v6 lite": (918e12, 1836e12, 1.638e12),
-}
 
 SHAPES = {  # d_model, num_layers, vocab, seq_len, decode contexts, decode steps
     "device": dict(d=1024, layers=24, vocab=32000, seq=2048, contexts=(1024, 16384), steps=64),
@@ -67,12 +54,14 @@ SHAPES = {  # d_model, num_layers, vocab, seq_len, decode contexts, decode steps
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
 
-def datasheet(kind: str):
-  for name in sorted(DATASHEET, key=len, reverse=True):
-    if kind.startswith(name):
-      return dict(zip(("bf16_flops", "int8_ops", "hbm_bytes_per_s"), DATASHEET[name]),
-                  source=name)
-  return None
+def datasheet(kind: str) -> dict | None:
+  """The chip table's entry for this exact device kind (`mmfree_jax.hardware`), or None."""
+  chip = hardware.lookup(kind)
+  if chip is None:
+    return None
+  return {"bf16_flops": chip.bf16_flops, "int8_ops": chip.int8_ops,
+          "hbm_bytes_per_s": chip.hbm_bytes_per_s, "hbm_bytes": chip.hbm_bytes,
+          "source": chip.name}
 
 
 def device_info() -> dict:
@@ -239,7 +228,7 @@ def train(smoke: bool, budget_end: float, peak: float | None) -> list[dict]:
       times = common.interleaved_times({"step": runner}, rounds=2 if smoke else 4, warmup=1)
       step_s = times["step"]["median_s"]
       tok_s = batch * seq / step_s
-      fpt = flops_lib.train_flops_per_token(cfg, seq)
+      fpt = accounting.train_flops_per_token(cfg, seq)
       row.update(step_s=step_s, tokens_per_s=tok_s, flops_per_token=fpt,
                  compile_s=lower_s + compile_s, compiled_peak_bytes=mem.get("peak_bytes"),
                  compiled_temp_bytes=mem.get("temp_bytes"),

@@ -27,7 +27,7 @@ time are undercounted, so these are NOT used for the estimate), and the ESTIMATE
 
     step time = max(compute, HBM, ICI)            (a roofline: perfect overlap, upper bound
                                                    on throughput)
-    compute   = hardware FLOPs / peak;  FLOPs = analytic 6N + attention (train.flops) per
+    compute   = hardware FLOPs / peak;  FLOPs = analytic 6N + attention (mmfree_jax.accounting) per
                 token, plus the forward recomputed by the remat policy (full: +2N)
     HBM       = optimizer state read+written once, weights read 3x per microbatch (forward,
                 backward, remat), activations ACT_BYTES[kind] x d bytes per token per layer
@@ -66,6 +66,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU from this host;
 # could hold its lock file otherwise.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+from mmfree_jax import hardware  # pylint: disable=g-import-not-at-top  (jax-free)
+
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "aot_tpu.json")
 GLOBAL_BATCH, SEQ_LEN = 256, 2048
@@ -77,8 +79,7 @@ SKIP_FACTOR = 1.0  # do not compile a point predicted to need more than the HBM
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Datasheet values per chip (cloud.google.com/tpu/docs/{v5e,v5p,v6e}; v5p int8 from the
-  Cloud TPU v5p launch post, 2023-12-06)."""
+  """A TPU slice and its chip's datasheet values (from `mmfree_jax.hardware`)."""
   slice_name: str
   topology: str
   chips: int
@@ -89,10 +90,16 @@ class Chip:
   ici_bytes_per_s: float  # bidirectional, per chip
 
 
+def _slice(slice_name: str, topology: str, chips: int, chip_name: str) -> Chip:
+  c = hardware.chip(chip_name)
+  return Chip(slice_name, topology, chips, c.bf16_flops, c.int8_ops, c.hbm_bytes,
+              c.hbm_bytes_per_s, c.ici_bytes_per_s)
+
+
 CHIPS = {
-    "v5e": Chip("v5e-8", "v5e:2x4", 8, 197e12, 393e12, 16e9, 819e9, 400e9),
-    "v5p": Chip("v5p-8", "v5p:2x2x1", 4, 459e12, 918e12, 95e9, 2765e9, 1200e9),
-    "v6e": Chip("v6e-8", "v6e:2x4", 8, 918e12, 1836e12, 32e9, 1638e9, 800e9),
+    "v5e": _slice("v5e-8", "v5e:2x4", 8, "TPU v5e"),
+    "v5p": _slice("v5p-8", "v5p:2x2x1", 4, "TPU v5p"),
+    "v6e": _slice("v6e-8", "v6e:2x4", 8, "TPU v6e"),
 }
 # The paper's training throughput per H100 (tokens/s/GPU), the target's reference.
 PAPER_H100_TOKENS_PER_S = {"370m": 104e3, "1.3b": 41e3, "2.7b": 20e3}
@@ -150,19 +157,19 @@ def model_config(kind: str, size: str, remat: str, overrides: dict | None = None
 
 
 def param_count(model_cfg) -> int:
-  from mmfree_jax.nn import model as model_lib
-  return model_lib.count_params(model_lib.abstract_model(model_cfg))
+  from mmfree_jax import accounting
+  return accounting.param_count(model_cfg)
 
 
 def estimate(kind: str, model_cfg, n_params: int, chip: Chip, mesh: dict, micro: int,
              remat: str) -> dict:
   """The analytic roofline ESTIMATE of one step per chip (see the module docstring)."""
-  from mmfree_jax.train import flops as flops_lib
+  from mmfree_jax import accounting
   d, L, T = model_cfg.d_model, model_cfg.num_layers, SEQ_LEN
   dp, f, t = mesh["data"] * mesh["fsdp"], mesh["fsdp"], mesh["tensor"]
   tokens_chip = GLOBAL_BATCH * T / chip.chips
-  n_mm = flops_lib.matmul_params(model_cfg)
-  model_flops = flops_lib.train_flops_per_token(model_cfg, T) * tokens_chip
+  n_mm = accounting.matmul_params(model_cfg)
+  model_flops = accounting.train_flops_per_token(model_cfg, T) * tokens_chip
   recompute = {"none": 0.0, "dots_no_batch": 0.0, "full": 2.0 * n_mm}[remat] * tokens_chip
   if kind == "transformer" and remat != "none":  # batched attention dots are recomputed
     recompute += 2.0 * L * d * T * tokens_chip

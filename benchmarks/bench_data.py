@@ -21,8 +21,9 @@ against what the training step consumes.
    is timed here (tokens/s of the compiled step, fp32 on CPU); a 370M step
    is not timed on CPU (one step of 256 x 2048 tokens is ~10^15 FLOPs: hours here) but
    bounded from above: the fp32 matmul peak measured here x the best MFU `bench_train`
-   measured (1.0 if absent) / `flops.train_flops_per_token(370M)`. An accelerator line gives
-   the same arithmetic for one H100 (989 TFLOP/s bf16 dense, 50% MFU): not measured.
+   measured (1.0 if absent) / `accounting.train_flops_per_token(370M)`. An accelerator line
+   gives the same arithmetic for one H100 SXM (its `mmfree_jax.hardware` dense bf16 peak, 50%
+   MFU): not measured.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ import time
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before `tokenizers` starts its pool
 
 from benchmarks import common, setups  # pylint: disable=g-import-not-at-top
+from mmfree_jax import accounting, hardware  # pylint: disable=g-import-not-at-top
 from mmfree_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import prepare as prep  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import shards as shards_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import sources  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
-from mmfree_jax.train import flops  # pylint: disable=g-import-not-at-top
 
 NAME = "bench_data"
 # KJV copies (1 copy: 4.1 M chars, 1.1 M spm tokens); cpu: 4, so that the once-per-process
@@ -56,7 +57,6 @@ LOADER_SHAPES = {"toy": [("tiny", 128, 16, 5), ("370m", 2048, 256, 1)],
 SHARD_TOKENS = {"toy": 20_000, "cpu": 250_000, "accel": 1_000_000}
 ROUNDS = {"toy": 1, "cpu": 2, "accel": 3}  # round-robin timings of encode and prepare
 WORKERS = (0, 1, 2)
-H100_BF16_FLOPS = 989e12
 TARGET_LOADER_X = 20.0
 TARGET_PREPARE_TOKENS_PER_S = 1e6
 
@@ -226,7 +226,7 @@ def tiny_step_tokens_per_s(preset: str) -> dict:
 
 def consumption_370m(preset: str) -> dict:
   model_cfg = config_lib.ModelConfig.from_config(config_lib.paper_config("370m").model)
-  per_token = flops.train_flops_per_token(model_cfg, 2048)
+  per_token = accounting.train_flops_per_token(model_cfg, 2048)
   sizes = {"toy": (256,), "cpu": (1024,), "accel": (4096,)}[preset]
   peak = common.matmul_peaks(sizes, ("float32",), rounds=2)["float32"]["flops_per_s"]
   best_mfu, source = 1.0, "no bench_train results: MFU 1.0 assumed"
@@ -239,7 +239,8 @@ def consumption_370m(preset: str) -> dict:
              f"T={best['seq_len']})"
   return {"flops_per_token": per_token, "cpu_fp32_peak_flops_per_s": peak, "mfu": best_mfu,
           "mfu_source": source, "cpu_tokens_per_s": peak * best_mfu / per_token,
-          "h100_tokens_per_s_at_50pct_mfu": H100_BF16_FLOPS * 0.5 / per_token}
+          "h100_tokens_per_s_at_50pct_mfu":
+              hardware.chip("H100 SXM").bf16_flops * 0.5 / per_token}
 
 
 def run(preset: str) -> dict:

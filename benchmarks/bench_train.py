@@ -3,7 +3,7 @@ at equal d/L, for several sizes and sequence lengths.
 
     python -m benchmarks.bench_train [--preset toy|cpu|accel]
 
-MFU = flops.train_flops_per_token(cfg, T) x tokens/s / the matmul peak measured in this run
+MFU = accounting.train_flops_per_token(cfg, T) x tokens/s / the matmul peak measured in this run
 (fp32 peak for fp32 compute, bf16 peak for bf16 compute). The variants of one (size, T) are
 timed round-robin; tokens/s uses the median step time.
 """
@@ -11,7 +11,7 @@ timed round-robin; tokens/s uses the median step time.
 from __future__ import annotations
 
 from benchmarks import common, setups
-from mmfree_jax.train import flops
+from mmfree_jax import accounting
 
 NAME = "bench_train"
 
@@ -68,7 +68,7 @@ def run(preset: str, dtype: str = "float32", scan_type: str | None = None,
       row = {"variant": name, "d_model": d, "num_layers": num_layers, "seq_len": seq,
              "batch": batch, "vocab": cfg.vocab_size, "scan_type": cfg.scan_type,
              "step_s": t["median_s"], "step_min_s": t["min_s"], "tokens_per_s": tok_s,
-             "flops_per_token": flops.train_flops_per_token(cfg, seq),
+             "flops_per_token": accounting.train_flops_per_token(cfg, seq),
              "compile_s": compile_s, "speedup_vs_transformer": base / t["median_s"],
              "peak_flops_per_s": peak}
       row["mfu"] = row["flops_per_token"] * tok_s / peak

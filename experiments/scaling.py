@@ -18,7 +18,7 @@ re-picks each rate over all parts' tuning-seed rows.
 
 Each run row: kind, d_model, num_layers, intermediate_size, num_heads, params
 (`model.count_params`), non_embedding_params (params minus the input embedding table),
-tokens, train_flops (`flops.train_flops_per_token` x tokens), final_train_loss (mean of the
+tokens, train_flops (`accounting.train_flops_per_token` x tokens), final_train_loss (mean of the
 last 10 steps), last_train_loss, val_loss, val_perplexity, tokens_per_s (median step),
 wall_time_s (the whole `train()` call: data, compile, steps, eval, checkpoint).
 
@@ -137,7 +137,7 @@ def run_one(args, kind: str, d_model: int, num_layers: int, vocab_size: int,
 
   from mmfree_jax import config as config_lib
   from mmfree_jax.nn.model import count_params
-  from mmfree_jax.train import flops
+  from mmfree_jax import accounting
   from mmfree_jax.train import trainer as training
 
   cfg = make_config(args, kind, d_model, num_layers, vocab_size, lr, seed)
@@ -148,7 +148,7 @@ def run_one(args, kind: str, d_model: int, num_layers: int, vocab_size: int,
   params = count_params(result.model)
   losses = [row["loss"] for row in result.history]
   tokens = args.steps * args.batch * args.seq_len
-  per_token = flops.train_flops_per_token(model_cfg, args.seq_len)
+  per_token = accounting.train_flops_per_token(model_cfg, args.seq_len)
   # Skip the first (compiling) steps for the throughput.
   speeds = [row["tokens_per_s"] for row in result.history[min(3, len(result.history) - 1):]]
   val = result.eval_history[-1]

@@ -14,10 +14,10 @@ ROOT = os.path.dirname(mmfree_jax.__file__)
 
 # Layer of each subpackage / top-level module; a module may import only its own layer or lower.
 LAYERS = {
-    "ops": 0, "kernels": 0,
+    "ops": 0, "kernels": 0, "hardware": 0,
     "config": 1,
     "parallel": 2,
-    "nn": 3,
+    "nn": 3, "accounting": 3,
     "data": 4, "checkpoint": 4,
     "generate": 5,
     "eval": 6, "hf": 6, "export": 6,

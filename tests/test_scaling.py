@@ -13,7 +13,7 @@ import pytest
 
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.nn.model import abstract_model, count_params
-from mmfree_jax.train import flops
+from mmfree_jax import accounting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "scaling.py"
@@ -47,7 +47,7 @@ def _check_results(results: dict, *, sizes, kinds) -> None:
     assert r["non_embedding_params"] == r["params"] - r["vocab_size"] * r["d_model"]
     assert r["intermediate_size"] == model_cfg.intermediate_size
     assert r["tokens"] == s["tokens_per_run"]  # identical tokens for every run
-    assert r["train_flops_per_token"] == flops.train_flops_per_token(model_cfg, s["seq_len"])
+    assert r["train_flops_per_token"] == accounting.train_flops_per_token(model_cfg, s["seq_len"])
     assert r["train_flops"] == pytest.approx(r["train_flops_per_token"] * r["tokens"])
     assert r["peak_lr"] in s["lr"][r["kind"]] and r["seed"] in s["seeds"]
     for key in ("final_train_loss", "last_train_loss", "val_loss", "tokens_per_s",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -260,9 +261,20 @@ def write_results(results: dict, output_dir: str) -> str:
       merged[key] = value
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(merged, f, indent=2, sort_keys=True)
+    json.dump(_finite_or_null(merged), f, indent=2, sort_keys=True, allow_nan=False)
   os.replace(tmp, path)
   return path
+
+
+def _finite_or_null(value):
+  """The results with NaN / Infinity (not JSON: strict readers refuse them) as null."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite_or_null(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite_or_null(v) for v in value]
+  return value
 
 
 def format_table(results: dict) -> str:

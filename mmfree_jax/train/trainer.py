@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmfree_jax import accounting
 from mmfree_jax import config as config_lib
 from mmfree_jax import data as data_lib
 from mmfree_jax.checkpoint import loading
@@ -35,7 +36,7 @@ from mmfree_jax.ops.loss import perplexity
 from mmfree_jax.parallel import distributed, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.train import distill
-from mmfree_jax.train import banner, flops, optim, steps, trackers
+from mmfree_jax.train import banner, optim, steps, trackers
 from mmfree_jax.train import metrics as metrics_lib
 from mmfree_jax.train import state as state_lib
 from mmfree_jax.train.workdir_lock import WorkdirLock
@@ -196,7 +197,7 @@ class Run:
   val_batches: list
   checkpointer: ckpt_lib.Checkpointer
   writer: metrics_lib.MetricsWriter
-  throughput: "Throughput"
+  throughput: metrics_lib.Throughput
   first_step: int
   last_step: int
   resumed_from: int | None
@@ -225,21 +226,6 @@ class Run:
     finally:
       if self.lock is not None:
         self.lock.release()
-
-
-@dataclasses.dataclass
-class Throughput:
-  """Turns step wall times into tokens/s and MFU (model FLOPs / device peak)."""
-  tokens_per_step: int
-  flops_per_token: float
-  peak_flops: float
-  peak_source: str
-  devices: int
-
-  def row(self, step_time: float) -> dict:
-    tokens_per_s = self.tokens_per_step / step_time
-    return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.devices)}
 
 
 def check_steps_unchanged(saved_config: dict, cfg, step: int, allow: bool) -> None:
@@ -382,10 +368,12 @@ def _finish_setup(cfg, model_cfg, workdir, tx, schedule, mesh, rules, state_shar
 
   if is_main:
     loading.save_workdir_config(workdir, cfg)
-  peak, peak_source = metrics_lib.device_peak_flops(train_cfg.peak_flops_per_device)
-  throughput = Throughput(train_cfg.global_batch * cfg.data.seq_len,
-                          flops.train_flops_per_token(model_cfg, cfg.data.seq_len), peak,
-                          peak_source, jax.device_count())
+  peak, peak_source, peak_note = metrics_lib.device_peak_flops(
+      train_cfg.peak_flops_per_device)
+  throughput = metrics_lib.Throughput(
+      train_cfg.global_batch * cfg.data.seq_len,
+      accounting.train_flops_per_token(model_cfg, cfg.data.seq_len), peak, peak_source,
+      jax.device_count(), peak_note)
   first_step = int(state.step)
   last_step = train_cfg.steps
   if stop_after_steps is not None:
@@ -565,7 +553,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     log.warning("%d step(s) had non-finite values and were skipped: %s", len(logger.skipped),
                 logger.skipped[:20])
   log.info("peak FLOP/s per device for MFU: %.3g (%s)", run.throughput.peak_flops,
-           run.throughput.peak_source)
+           run.throughput.peak_note)
   return TrainResult(run.state, final_model(run), run.tokenizer, logger.history,
                      logger.eval_history, interrupted, time.time() - run.started,
                      list(logger.skipped))
