@@ -9,6 +9,9 @@
                 global batch) and `validation_batches`
   formats.py    corpus files for prepare: Parquet, JSONL/text (.gz, .zst), save_to_disk dirs
   prepare.py    `python -m mmfree_jax.data.prepare`: tokenize once into ArrayRecord shards
+  cutting.py    prepare's token stream -> shards of whole documents
+  shards.py     shard files: names, writer, commit, resume, verification (sha256, counts)
+  untrusted.py  paths read from files confined to their folder; JSON read without a crash
   prepared.py   `data.source=array_record`: prepared folders as windows, weighted mixtures
 
 Typical use:

@@ -32,8 +32,9 @@ checksum verifies, deletes anything after it and resumes reading at the recorded
 position. `manifest.json` is written last; training refuses a folder without it.
 
 Held-out validation: `--val_shards N` (or `--val_fraction F` of the shards) marks N shards
-spread evenly over the corpus as validation in the manifest; rerunning with another value
-only rewrites the manifest.
+spread evenly over the corpus as validation in the manifest (default one, so that `train.py`'s
+defaults find validation data; a corpus that fits one shard is cut in two, `cutting.py`);
+rerunning with another value only rewrites the manifest.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from typing import Iterator
 
 import numpy as np
 
+from mmfree_jax.data import cutting
 from mmfree_jax.data import formats
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import tokenizer as tok_lib
@@ -84,7 +86,7 @@ class PrepareOptions:
   num_proc: int = 1
   shard_tokens: int = 100_000_000
   record_tokens: int = 4096
-  val_shards: int = 0
+  val_shards: int | None = None  # None: one when the corpus made two shards or more
   val_fraction: float = 0.0
   hf_split: str = "train"
   compression: str = "zstd"
@@ -98,7 +100,7 @@ class PrepareOptions:
     if self.shard_tokens < self.record_tokens:
       raise ValueError(f"--shard_tokens={self.shard_tokens} must be >= --record_tokens="
                        f"{self.record_tokens}")
-    if self.val_shards < 0:
+    if self.val_shards is not None and self.val_shards < 0:
       raise ValueError(f"--val_shards={self.val_shards} must be >= 0")
     if not 0.0 <= self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
@@ -243,7 +245,13 @@ def _tokenized(chunks, tok, worker_spec: str, num_proc: int, dtype, cache_dir: s
 
 
 def validation_shards(num_shards: int, val_shards: int, val_fraction: float) -> list[int]:
-  """Indices of the held-out shards: `n` spread evenly over `range(num_shards)`."""
+  """Indices of the held-out shards: `n` spread evenly over `range(num_shards)`; by default
+  (val_shards None, no val_fraction) one shard, none if the corpus made only one."""
+  if val_shards is None and not val_fraction:
+    if num_shards < 2:  # a single document: nothing to cut
+      log.warning("the corpus made one shard: none is held out for validation; train with "
+                  "--config.train.eval_batches=0, or add documents")
+    return [num_shards // 2] if num_shards >= 2 else []
   n = val_shards or (max(1, round(val_fraction * num_shards)) if val_fraction else 0)
   if n and n >= num_shards:
     raise ValueError(f"the corpus made {num_shards} shard(s): too few to hold out {n} for "
@@ -303,40 +311,10 @@ def prepare(opts: PrepareOptions) -> dict:
     start = tuple(shards[-1]["end"]) if shards else (0, 0)
     if shards:
       log.info("resuming after %d committed shards at input %d, unit %d", len(shards), *start)
-    cache_dir = opts.cache_dir or default_cache_dir()
-    chunks = input_chunks(paths, opts, start)
-    writer = None
-    try:
-      for tokens, lengths, where in _tokenized(chunks, tok, worker_spec, opts.num_proc, dtype,
-                                               cache_dir):
-        new_tokens += len(tokens)
-        ends = np.cumsum(lengths)
-        lo_doc, lo_tok = 0, 0
-        while lo_doc < len(lengths):
-          if writer is None:
-            writer = shards_lib.ShardWriter(out, len(shards), opts.record_tokens, dtype,
-                                            where[lo_doc], plan["writer_options"])
-          room = opts.shard_tokens - writer.tokens  # > 0
-          # The first document whose end brings the shard to shard_tokens closes it.
-          last = int(np.searchsorted(ends - lo_tok, room, side="left"))
-          hi_doc = min(last + 1, len(lengths))
-          hi_tok = int(ends[hi_doc - 1])
-          writer.add(tokens[lo_tok:hi_tok], hi_doc - lo_doc)
-          if writer.tokens >= opts.shard_tokens:
-            f, unit = where[hi_doc - 1]
-            shards.append(writer.commit((f, unit + 1), final=False, plan_id=plan_id))
-            writer = None
-          lo_doc, lo_tok = hi_doc, hi_tok
-      if writer is not None:
-        shards.append(writer.commit((len(paths), 0), final=True, plan_id=plan_id))
-        writer = None
-      elif shards:  # the stream ended exactly at a shard boundary: mark the last one final
-        shards[-1]["final"] = True
-        shards_lib.write_json_atomic(
-            os.path.join(out, shards_lib.sidecar_name(len(shards) - 1)), shards[-1])
-    finally:
-      if writer is not None:
-        writer.abort()
+    stream = _tokenized(input_chunks(paths, opts, start), tok, worker_spec, opts.num_proc,
+                        dtype, opts.cache_dir or default_cache_dir())
+    new_tokens = cutting.write_shards(
+        stream, shards, cutting.Target(out, paths, opts, plan, plan_id, tok))
   if not shards:
     raise ValueError(f"the inputs ({', '.join(paths)}) hold no documents (every "
                      f"{opts.text_field!r} is empty?); fix --inputs/--text_field")
@@ -388,7 +366,8 @@ def parse_args(argv=None) -> PrepareOptions:
                       help="tokens per shard (a shard closes at the document reaching it)")
   parser.add_argument("--record_tokens", type=int, default=4096,
                       help="tokens per ArrayRecord record (random-read unit)")
-  parser.add_argument("--val_shards", type=int, default=0, help="held-out validation shards")
+  parser.add_argument("--val_shards", type=int, default=None,
+                      help="held-out validation shards (default 1, 0 for none)")
   parser.add_argument("--val_fraction", type=float, default=0.0,
                       help="held-out fraction of the shards (instead of --val_shards)")
   parser.add_argument("--hf_split", default="train",

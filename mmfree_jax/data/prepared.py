@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 
 import grain
@@ -29,6 +28,7 @@ import numpy as np
 from mmfree_jax import config as config_lib
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import split as split_lib
+from mmfree_jax.data import untrusted
 from mmfree_jax.data.corpus import Runs
 from mmfree_jax.data.sequence_packing import PackedWindows
 from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -36,6 +36,9 @@ from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 SOURCE = "array_record"  # the data.source value
 FORMAT_VERSION = shards_lib.FORMAT_VERSION
 MANIFEST = shards_lib.MANIFEST
+_DTYPES = ("<u2", "<i4")  # prepare's token_dtype
+_REWRITE = ("rerun the prepare command that wrote the folder (a rerun rewrites the manifest "
+            "from the shards' sidecars)")
 _COMPONENT_STREAM = 3  # seed stream of the per-folder shuffles of a mixture
 
 
@@ -55,9 +58,21 @@ class PreparedDir:
   def split_tokens(self, split: str) -> int:
     return sum(self.manifest["shards"][i]["tokens"] for i in self.split_shards(split))
 
+  def shard_path(self, index: int) -> str:
+    """Shard `index`'s file, refused if the manifest names one outside the folder."""
+    return untrusted.confined_join(self.directory, self.manifest["shards"][index].get("path"),
+                                   what=f"{MANIFEST} shards[{index}].path", fix=_REWRITE)
+
+  def tokenizer_path(self) -> str | None:
+    """The tokenizer file stored in the folder (None for `byte`), confined to it."""
+    name = self.tokenizer.get("file")
+    return None if name is None else untrusted.confined_join(
+        self.directory, name, what=f"{MANIFEST} tokenizer.file", fix=_REWRITE)
+
 
 def open_prepared(directory: str) -> PreparedDir:
-  """Reads and checks a prepared folder's manifest; every shard file must have its size."""
+  """Reads and checks a prepared folder's manifest (every field, every path inside the
+  folder); every shard file must have its size. Shard contents are verified at first read."""
   directory = os.path.abspath(os.path.expanduser(directory))
   path = os.path.join(directory, MANIFEST)
   if not os.path.isdir(directory):
@@ -69,17 +84,68 @@ def open_prepared(directory: str) -> PreparedDir:
         f"{directory!r} has no {MANIFEST}: " + (
             "its prepare did not finish; rerun the same prepare command to complete it"
             if partial else "it is not a prepared folder (python -m mmfree_jax.data.prepare)"))
-  with open(path) as f:
-    manifest = json.load(f)
-  if manifest.get("format") != FORMAT_VERSION:
-    raise ValueError(f"{path} has format {manifest.get('format')!r}, this version reads "
+  manifest = untrusted.load_json(path, what="a prepared folder's manifest", fix=_REWRITE)
+  if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
+    found = manifest.get("format") if isinstance(manifest, dict) else manifest
+    raise ValueError(f"{path} has format {found!r}, this version reads "
                      f"{FORMAT_VERSION!r}; re-run prepare with this version")
-  for shard in manifest["shards"]:
-    file = os.path.join(directory, shard["path"])
+  _check_shard_fields(path, manifest)
+  _check_tokenizer_fields(path, manifest)
+  prepared = PreparedDir(directory, manifest)
+  for i, shard in enumerate(manifest["shards"]):
+    file = prepared.shard_path(i)
     if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"]:
       raise ValueError(f"shard {file} is missing or has another size than its manifest "
                        "records (a partial copy?); copy the folder again or re-run prepare")
-  return PreparedDir(directory, manifest)
+  return prepared
+
+
+def _is_count(value, low: int = 0) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _need(ok: bool, path: str, field: str, why: str) -> None:
+  if not ok:
+    raise ValueError(f"{path}: {field} {why}; {_REWRITE}")
+
+
+def _check_shard_fields(path: str, m: dict) -> None:
+  """Refuses shard, dtype and split fields that cannot describe the folder (edited?)."""
+  _need(m.get("dtype") in _DTYPES, path, "dtype", f"is {m.get('dtype')!r}, not one of {_DTYPES}")
+  size = m.get("record_tokens")
+  _need(_is_count(size, 1), path, "record_tokens", f"is {size!r}, not a positive int")
+  shards = m.get("shards")
+  _need(isinstance(shards, list) and shards, path, "shards", "is not a non-empty list")
+  for i, s in enumerate(shards):
+    keys = ("tokens", "records", "bytes", "documents")
+    _need(isinstance(s, dict) and all(_is_count(s.get(k)) for k in keys)
+          and isinstance(s.get("sha256"), str), path, f"shards[{i}]",
+          f"lacks one of {keys} (counts) or its sha256")
+    records = -(-s["tokens"] // size)
+    _need(s["tokens"] >= 1 and s["records"] == records, path, f"shards[{i}].records",
+          f"is {s['records']}, but {s['tokens']} tokens in records of {size} make {records}")
+  splits = m.get("splits")
+  _need(isinstance(splits, dict) and all(isinstance(splits.get(k), list)
+                                         for k in ("train", "validation")),
+        path, "splits", "lacks its train and validation lists of shard indices")
+  ids = splits["train"] + splits["validation"]
+  _need(all(_is_count(i) for i in ids) and sorted(ids) == list(range(len(shards))), path,
+        "splits", f"does not put each shard 0..{len(shards) - 1} in exactly one of train and "
+        "validation")
+
+
+def _check_tokenizer_fields(path: str, m: dict) -> None:
+  tok = m.get("tokenizer")
+  _need(isinstance(tok, dict) and isinstance(tok.get("spec"), str)
+        and isinstance(tok.get("fingerprint"), str), path, "tokenizer", "lacks its spec or "
+        "fingerprint")
+  vocab, limit = tok.get("vocab_size"), 1 << (8 * np.dtype(m["dtype"]).itemsize)
+  _need(_is_count(vocab, 1) and vocab <= limit, path, "tokenizer.vocab_size",
+        f"is {vocab!r}, not a count that {m['dtype']} ids can hold")
+  for key in ("eos_id", "pad_id", "bos_id"):
+    value = tok.get(key)
+    _need((key == "bos_id" and value is None) or (_is_count(value) and value < vocab), path,
+          f"tokenizer.{key}", f"is {value!r}, not an id below vocab_size {vocab}")
 
 
 def resolve_dirs(paths: str) -> list[str]:
@@ -137,35 +203,46 @@ def tokenizer_for(data_cfg, prepared: list[PreparedDir], *, cache_dir: str) -> T
       raise ValueError(f"data.tokenizer={spec!r} but {first.directory} was tokenized with "
                        f"{first.tokenizer['spec']!r}; set --config.data.tokenizer="
                        f"{first.tokenizer['spec']}")
-    tokenizer = load_tokenizer("hf:" + os.path.join(first.directory, first.tokenizer["file"]),
-                               cache_dir=cache_dir)
+    tokenizer = load_tokenizer("hf:" + first.tokenizer_path(), cache_dir=cache_dir)
   else:
     tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
   for p in prepared:
     if p.tokenizer["fingerprint"] != tokenizer.fingerprint:
-      stored = f" (its copy: {os.path.join(p.directory, p.tokenizer['file'])})" if (
-          p.tokenizer.get("file")) else ""
+      stored = f" (its copy: {p.tokenizer_path()})" if p.tokenizer.get("file") else ""
       raise ValueError(
           f"{p.directory} was tokenized with {p.tokenizer['spec']!r}{stored}, fingerprint "
           f"{p.tokenizer['fingerprint']}, but data.tokenizer={spec!r} has fingerprint "
           f"{tokenizer.fingerprint}; set --config.data.tokenizer={p.tokenizer['spec']} or "
           "re-run prepare with this tokenizer (all data.paths folders need the same one)")
+    ids = {k: getattr(tokenizer, k) for k in ("vocab_size", "eos_id", "pad_id", "bos_id")}
+    recorded = {k: p.tokenizer.get(k) for k in ids}
+    if recorded != ids:
+      raise ValueError(f"{os.path.join(p.directory, MANIFEST)} records tokenizer ids "
+                       f"{recorded}, but its tokenizer (same fingerprint) has {ids}: the "
+                       f"manifest was edited; {_REWRITE}")
   return tokenizer
 
 
 class _ShardTokens:
-  """Slice access `[lo:hi]` to one shard's token stream, read record by record."""
+  """Slice access `[lo:hi]` to one shard's token stream, read record by record; the shard
+  is verified (`shards.verify_shard`) before its first read in each process."""
 
   def __init__(self, windows: "PreparedWindows", shard: int):
     self._windows, self._shard = windows, shard
 
   def __getitem__(self, index: slice) -> np.ndarray:
     w = self._windows
+    path, meta = w.shard_paths[self._shard], w.shard_meta[self._shard]
+    shards_lib.verify_shard(path, meta, record_tokens=w.record_tokens, dtype=w.dtype)
     size = w.record_tokens
     lo, hi = index.start, index.stop
     first, last = lo // size, (hi - 1) // size
     offset = int(w.record_offsets[self._shard])
-    data = b"".join(w.source[offset + r] for r in range(first, last + 1))
+    try:
+      data = b"".join(w.source[offset + r] for r in range(first, last + 1))
+    except RuntimeError as e:  # riegeli: the file changed after it verified
+      raise ValueError(f"shard {path} cannot be read ({str(e).splitlines()[0][:200]}); "
+                       f"{shards_lib.REDO}") from None
     return np.frombuffer(data, w.dtype)[lo - first * size:hi - first * size]
 
 
@@ -180,7 +257,8 @@ class PreparedWindows(PackedWindows):
   def __init__(self, prepared: PreparedDir, split: str, *, seq_len: int, eos_id: int,
                pad_id: int):
     shards = [prepared.manifest["shards"][i] for i in prepared.split_shards(split)]
-    paths = [os.path.join(prepared.directory, s["path"]) for s in shards]
+    paths = [prepared.shard_path(i) for i in prepared.split_shards(split)]
+    self.shard_meta = shards
     tokens = np.asarray([s["tokens"] for s in shards], np.int64)
     zeros = np.zeros(len(shards), np.int64)
     super().__init__(paths, Runs(np.arange(len(shards)), zeros, tokens, zeros.astype(bool)),

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import threading
 
 import numpy as np
 
@@ -43,6 +44,59 @@ def sha256_file(path: str) -> str:
     for block in iter(lambda: f.read(1 << 24), b""):
       digest.update(block)
   return digest.hexdigest()
+
+
+# Shards that verified in this process, by (path, size, mtime, sha256): each is hashed once.
+_VERIFIED: set[tuple] = set()
+_VERIFY_LOCK = threading.Lock()
+REDO = ("copy the folder again, or rerun its prepare command (it keeps the shards that "
+         "verify against their sidecars, redoes the rest and rewrites the manifest)")
+
+
+def _stored_counts(path: str) -> tuple[int, int]:
+  """(records, bytes of the last record) of an ArrayRecord file."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  reader = array_record_module.ArrayRecordReader(path)
+  try:
+    n = reader.num_records()
+    return n, (len(reader.read([n - 1])[0]) if n else 0)
+  finally:
+    reader.close()
+
+
+def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) -> None:
+  """Checks a shard against its manifest entry `meta` once per process (then cached): size
+  and sha256 (bit rot, a damaged copy), then records and tokens (a manifest that lies).
+
+  Thread-safe (grain reads from several threads). Raises ValueError naming the shard and the
+  fix.
+  """
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    raise ValueError(f"shard {path} cannot be opened ({e.strerror}); {REDO}") from None
+  key = (path, stat.st_size, stat.st_mtime_ns, meta["sha256"])
+  if key in _VERIFIED:
+    return
+  with _VERIFY_LOCK:
+    if key in _VERIFIED:
+      return
+    if stat.st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
+      raise ValueError(f"shard {path} does not match the size and sha256 its manifest "
+                       f"records (damaged on disk or in a copy); {REDO}")
+    try:
+      records, last_bytes = _stored_counts(path)
+    except RuntimeError as e:  # a file whose checksum the manifest was edited to match
+      raise ValueError(f"shard {path} is not a readable ArrayRecord file "
+                       f"({str(e).splitlines()[0][:200]}); {REDO}") from None
+    last_tokens = meta["tokens"] - (meta["records"] - 1) * record_tokens
+    if records != meta["records"] or last_bytes != last_tokens * dtype.itemsize:
+      raise ValueError(
+          f"shard {path} holds {records} records (last {last_bytes} bytes), but the manifest "
+          f"says {meta['records']} records and {meta['tokens']} {dtype.str} tokens "
+          f"({last_tokens * dtype.itemsize} bytes in the last record): the manifest does not "
+          f"describe the file; {REDO}")
+    _VERIFIED.add(key)
 
 
 def write_json_atomic(path: str, value) -> None:
@@ -92,6 +146,20 @@ class ShardWriter:
     os.replace(self.tmp, self.path)
     write_json_atomic(os.path.join(self.out, sidecar_name(self.index)), meta)
     return meta
+
+  def read_back(self) -> np.ndarray:
+    """Closes the shard uncommitted and returns its tokens `[tokens]` (then call `abort`)."""
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+    if len(self._buffer):
+      self._writer.write(self._buffer.tobytes())
+      self._buffer = self._buffer[:0]
+    self._writer.close()
+    self._writer = None
+    reader = array_record_module.ArrayRecordReader(self.tmp)
+    try:
+      return np.frombuffer(b"".join(reader.read_all()), self.dtype)
+    finally:
+      reader.close()
 
   def abort(self) -> None:
     if self._writer is not None:
