@@ -22,6 +22,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from mmfree_jax import registry
+
 if __name__ == "__main__":  # an unknown --config.x key: one line, not ml_collections' ~70
   from mmfree_jax.config import check_override_keys  # pylint: disable=g-import-not-at-top
   try:
@@ -36,7 +38,7 @@ flags.DEFINE_string("workdir", None, "Training or import workdir (config.json, c
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 flags.DEFINE_string("packed", None, "A packed directory (python -m mmfree_jax.export) to "
                     "evaluate instead of --workdir; results go to DIR/eval.")
-flags.DEFINE_enum("packed_method", "popcount", ["popcount", "lut", "unpack"],
+flags.DEFINE_enum("packed_method", registry.DEFAULT_MATVEC_METHOD, registry.MATVEC_METHODS,
                   "With --packed: the ternary product. popcount (fastest on CPU) holds the codes "
                   "as bit planes, 2 bits/weight; lut keeps base-3 files at 1.6 bits in memory.")
 flags.DEFINE_enum("ppl_split", "", ["", "val"], "Perplexity of the validation split.")

@@ -39,6 +39,7 @@ import numpy as np
 from benchmarks import common, setups
 from mmfree_jax import accounting, hardware
 from mmfree_jax import config as config_lib
+from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import attention
 from mmfree_jax.ops import bitlinear as bitlinear_lib
@@ -112,7 +113,7 @@ def attention_impls() -> list[str]:
   reference `naive`; cudnn only on a GPU, the splash kernel on a TPU and on CPU (interpreted:
   the smoke run checks its plumbing; on a GPU it would be XLA's under another name)."""
   backend = dispatch.platform_of(jax.default_backend())
-  return [a for a in attention.ATTENTION_IMPLS if a not in ("auto", "naive")
+  return [a for a in registry.ATTENTION_IMPLS if a not in ("auto", "naive")
           and (a != "cudnn" or backend == "gpu") and (a != "splash" or backend != "gpu")]
 
 
@@ -130,7 +131,7 @@ def parity(smoke: bool) -> list[dict]:
     # the reference sees the same (rounded) inputs, in fp32
     ref = lambda f, i, h0: recurrence.get_recurrence("sequential")(
         f.astype(jnp.float32), i.astype(jnp.float32), h0)
-    for name in recurrence.SCAN_TYPES:
+    for name in registry.SCAN_TYPES:
       if name == "sequential":
         continue
       try:
@@ -144,7 +145,7 @@ def parity(smoke: bool) -> list[dict]:
     w = jnp.asarray(0.05 * rng.normal(size=(d_in, d_out)), jnp.float32)
     g = jnp.asarray(1 + 0.1 * rng.normal(size=(d_in,)), jnp.float32)
     ref_bl = functools.partial(bitlinear_lib.get_bitlinear("autodiff"), dtype=dtype)
-    for name in bitlinear_lib.BITLINEAR_IMPLS:
+    for name in registry.BITLINEAR_IMPLS:
       if name == "autodiff":
         continue
       try:
@@ -184,8 +185,8 @@ def parity(smoke: bool) -> list[dict]:
 def train_variants() -> list[tuple[str, str, dict]]:
   """(name, kind, model overrides): every scan_type and bitlinear_impl, and Transformer++ per
   attention implementation ('auto' entries are aliases of concrete ones and are skipped)."""
-  scans = [s for s in recurrence.SCAN_TYPES if s != "auto"]
-  impls = [b for b in bitlinear_lib.BITLINEAR_IMPLS if b != "auto"]
+  scans = [s for s in registry.SCAN_TYPES if s != "auto"]
+  impls = [b for b in registry.BITLINEAR_IMPLS if b != "auto"]
   best_scan = "pallas" if "pallas" in scans else "sequential"
   out = [(f"mmfree scan={s}", "mmfree", {"scan_type": s, "bitlinear_impl": "autodiff"})
          for s in scans]

@@ -22,8 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common, setups
+from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
-from mmfree_jax.ops import attention, quant, recurrence
+from mmfree_jax.numerics import attention as attention_ref
+from mmfree_jax.numerics import quant
+from mmfree_jax.ops import recurrence
 from mmfree_jax.ops import bitlinear as bitlinear_lean
 
 NAME = "bench_components"
@@ -67,10 +70,10 @@ def run(preset: str) -> dict:
   counts_tf["rmsnorm d"] = 2 * num_layers + 1
   f = jnp.asarray(rng.uniform(0.8, 1.0, (batch, seq, d)), jnp.float32)
   i = arr(batch, seq, d, s=0.1)
-  for scan_type in recurrence.native_scan_types(dispatch.default_platform()):
+  for scan_type in registry.native_scan_types(dispatch.default_platform()):
     rec = recurrence.get_recurrence(scan_type, mm_cfg.chunk_size)
     fns[f"recurrence {scan_type}"] = _fwd_bwd(lambda f, i, rec=rec: rec(f, i)[0], f, i)
-  scan_type = recurrence.resolve_scan_type(mm_cfg.scan_type, dispatch.default_platform())
+  scan_type = registry.resolve_scan_type(mm_cfg.scan_type, dispatch.default_platform())
   counts_mm[f"recurrence {scan_type}"] = num_layers
 
   def gates(fz, iz, gz, h, lb):  # the MLGRU element-wise arithmetic around the recurrence
@@ -91,9 +94,9 @@ def run(preset: str) -> dict:
   pos = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
 
   def attn(q, k, v):
-    mask = attention.causal_mask(pos, pos)
-    return attention.dot_product_attention(attention.rope(q, pos), attention.rope(k, pos), v,
-                                           mask)
+    mask = attention_ref.causal_mask(pos, pos)
+    return attention_ref.dot_product_attention(attention_ref.rope(q, pos),
+                                               attention_ref.rope(k, pos), v, mask)
 
   fns["attention (rope+softmax)"] = _fwd_bwd(attn, q, q, q)
   counts_tf["attention (rope+softmax)"] = num_layers

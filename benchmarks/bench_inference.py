@@ -148,7 +148,7 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit",
   """A packed directory of the 2.7B shape with random ternary codes (written streaming)."""
   from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mmfree_jax.export import layout, writer  # pylint: disable=import-outside-toplevel
-  from mmfree_jax.ops import ternary_packing  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.numerics import ternary_packing  # pylint: disable=import-outside-toplevel
   cfg = _config_27b(preset)
   model_cfg = ModelConfig.from_config(cfg.model)
   emb = layout.EMBEDDING_DTYPES[embedding]

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, setups
+from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import bitlinear as bitlinear_lean
 
@@ -80,7 +81,7 @@ def run(preset: str, dtype: str = "float32") -> dict:
               f"  ({row['peak_vs_autodiff']:.2f}x autodiff)", flush=True)
   tokens, d, layers = STACK[preset]
   stack = {impl: bitlinear_stack_memory(tokens, d, layers, impl)
-           for impl in bitlinear_lean.native_bitlinear_impls(dispatch.default_platform())}
+           for impl in registry.native_bitlinear_impls(dispatch.default_platform())}
   stack_summary = {"tokens": tokens, "d": d, "layers": layers, "stats": stack,
                    "temp_lean_over_autodiff": stack["lean"]["temp_bytes"]
                    / stack["autodiff"]["temp_bytes"],

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import recurrence
 
@@ -36,7 +37,7 @@ ROUNDS = {"toy": 2, "cpu": 5, "accel": 10}
 
 def timed_scan_types() -> list[str]:
   """All but the alias `auto`; `pallas` only on GPU/TPU (on CPU: `kernels_interpret`)."""
-  return list(recurrence.native_scan_types(dispatch.default_platform()))
+  return list(registry.native_scan_types(dispatch.default_platform()))
 
 
 def kernels_interpret(batch: int = 2, seq: int = 37, dim: int = 256) -> list[dict]:

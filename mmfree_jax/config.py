@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_dict
 
-from mmfree_jax.ops.bitlinear import BITLINEAR_IMPLS, resolve_bitlinear_impl
-from mmfree_jax.ops.attention import ATTENTION_IMPLS, SPLASH_MIN_SEQ, resolve_attention_impl
-from mmfree_jax.ops.recurrence import SCAN_TYPES, resolve_scan_type
+from mmfree_jax.registry import (ATTENTION_IMPLS, BITLINEAR_IMPLS, SCAN_TYPES, SPLASH_MIN_SEQ,
+                                 resolve_attention_impl, resolve_bitlinear_impl,
+                                 resolve_scan_type)
 
 MODEL_KINDS = ("mmfree", "transformer")
 DTYPES = {
@@ -69,20 +69,20 @@ def base_model_config() -> ml_collections.ConfigDict:
       # transformer only: grouped-query K/V heads (Llama's num_key_value_heads); None = num_heads
       "num_kv_heads": config_dict.placeholder(int),
       "rope_theta": 10000.0,  # transformer only
-      # transformer only (ops.attention.ATTENTION_IMPLS): auto = the Pallas splash attention
+      # transformer only (registry.ATTENTION_IMPLS): auto = the Pallas splash attention
       # kernel on TPU, cuDNN flash attention on GPU, XLA's jax.nn.dot_product_attention
       # elsewhere; naive = the T x T reference
       "attention_impl": "auto",
       "use_lower_bound": True,
       "rms_norm_eps": 1e-6,
-      # auto: the Pallas kernel on GPU/TPU, sequential on CPU (ops.recurrence.SCAN_TYPES)
+      # auto: the Pallas kernel on GPU/TPU, sequential on CPU (registry.SCAN_TYPES)
       "scan_type": "auto",
       "chunk_size": 64,
       "reset_at_doc_start": True,
       "dtype": "auto",  # compute dtype: bf16 on accelerators, fp32 on CPU
       "param_dtype": "float32",
       "remat": "none",
-      # mmfree only (ops.bitlinear.BITLINEAR_IMPLS): 'autodiff' (quant.bitlinear), 'lean'
+      # mmfree only (registry.BITLINEAR_IMPLS): 'autodiff' (quant.bitlinear), 'lean'
       # (custom backward keeping int8 codes instead of fp32 intermediates; same numbers),
       # 'fused' (lean with the Pallas quantizer kernel); auto = fused on GPU/TPU, lean on CPU
       "bitlinear_impl": "auto",
@@ -311,8 +311,8 @@ def describe_impls(cfg: ModelConfig, platform: str) -> str:
   "scan_type=auto -> pallas (Mosaic kernel); bitlinear_impl=auto -> fused (Mosaic quantizer
   kernel + XLA matmul)"."""
   if cfg.kind != "mmfree":
-    attn = resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype, cfg.head_dim,
-                                  platform=platform)
+    attn = resolve_attention_impl(cfg.attention_impl, jnp.dtype(cfg.compute_dtype).name,
+                                  cfg.head_dim, platform=platform)
     attn_what = {"cudnn": "cuDNN flash attention", "xla": "XLA attention",
                  "naive": "T x T reference"}.get(attn)
     if attn == "splash":

@@ -25,7 +25,7 @@ from flax import nnx
 
 from mmfree_jax.data.tokenizer import document_start
 from mmfree_jax.nn.model import check_token_ids, freeze_copies_layers
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
 # A decode loop longer than this is a mistake (1e9 would pre-allocate 4 GB of output and run for

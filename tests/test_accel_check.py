@@ -36,13 +36,13 @@ def test_smoke_writes_every_section(tmp_path):
   res = payload["results"]
   assert res["device"]["backend"] == "cpu" and res["smoke"] is True
   # parity: every registered scan_type / bitlinear_impl, both dtypes, within tolerance
-  from mmfree_jax.ops import bitlinear, recurrence
+  from mmfree_jax import registry
   checks = {(r["check"], r["dtype"]) for r in res["parity"]}
-  for name in recurrence.SCAN_TYPES:
+  for name in registry.SCAN_TYPES:
     if name != "sequential":
       for dtype in ("float32", "bfloat16"):
         assert (f"scan_type={name} vs sequential", dtype) in checks
-  for name in bitlinear.BITLINEAR_IMPLS:
+  for name in registry.BITLINEAR_IMPLS:
     if name != "autodiff":
       assert (f"bitlinear_impl={name} vs autodiff", "float32") in checks
   for name in ("xla", "splash"):  # splash interpreted on CPU

@@ -19,8 +19,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, Sing
 
 from mmfree_jax.kernels import bitlinear_quant
 from mmfree_jax.kernels import dispatch
-from mmfree_jax.kernels import sharding as kernel_sharding
 from mmfree_jax.ops import bitlinear as bitlinear_ops
+from mmfree_jax.parallel import kernel_sharding
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 MOSAIC_CALL = "tpu_custom_call"

@@ -5,6 +5,8 @@ import ast
 import importlib
 import os
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -14,14 +16,18 @@ ROOT = os.path.dirname(mmfree_jax.__file__)
 
 # Layer of each subpackage / top-level module; a module may import only its own layer or lower.
 LAYERS = {
-    "ops": 0, "kernels": 0, "hardware": 0,
-    "config": 1,
+    "registry": 0, "hardware": 0,
+    "numerics": 1,
     "parallel": 2,
-    "nn": 3, "accounting": 3,
-    "data": 4, "checkpoint": 4,
-    "generate": 5,
-    "eval": 6, "hf": 6, "export": 6,
-    "convert": 7, "train": 7,
+    "kernels": 3,
+    "ops": 4,
+    "config": 5,
+    "nn": 6,
+    "accounting": 7,
+    "data": 8, "checkpoint": 8,
+    "generate": 9,
+    "eval": 10, "hf": 10, "export": 10,
+    "convert": 11, "train": 11,
 }
 # Optional dependencies a module may import only inside a function (with the reason there).
 OPTIONAL = {"lm_eval", "tqdm", "tensorboardX", "wandb", "mlflow", "datasets", "pyarrow",
@@ -125,7 +131,8 @@ def test_imports_run_one_way():
 def test_eval_and_generation_never_import_training():
   for name in _modules():
     if name.startswith(("mmfree_jax.eval", "mmfree_jax.generate", "mmfree_jax.hf",
-                        "mmfree_jax.nn", "mmfree_jax.ops", "mmfree_jax.data",
+                        "mmfree_jax.nn", "mmfree_jax.ops", "mmfree_jax.numerics",
+                        "mmfree_jax.kernels", "mmfree_jax.parallel", "mmfree_jax.data",
                         "mmfree_jax.checkpoint")):
       assert not any(d.startswith("mmfree_jax.train") for d in _imports(name)), name
 
@@ -154,3 +161,35 @@ def test_no_cross_module_private_names():
           and node.value.id in module_aliases and _private(node.attr)):
         bad.append(f"{name}: {node.value.id}.{node.attr}")
   assert not bad, "\n".join(bad)
+
+
+def test_config_imports_no_kernel():
+  """The config validates against `registry` (jax-free names), so importing it loads no Pallas
+  kernel module and no `jax.experimental.pallas` (checked in a fresh interpreter)."""
+  code = ("import sys, mmfree_jax.config, mmfree_jax.registry\n"
+          "bad = sorted(m for m in sys.modules if m.startswith(('mmfree_jax.kernels', "
+          "'mmfree_jax.ops', 'jax.experimental.pallas')))\n"
+          "print(repr(bad))\n")
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
+
+
+def test_registry_imports_nothing():
+  """`registry` imports no jax and nothing from the package (a CLI may read it before jax)."""
+  tree = ast.parse(open(_source("mmfree_jax.registry"), encoding="utf-8").read())
+  imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+  imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+  assert set(imported) <= {"__future__"}, imported
+
+
+def test_registries_match_their_names():
+  from mmfree_jax import registry  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.numerics import ternary_packing  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.ops import bitlinear, recurrence  # pylint: disable=import-outside-toplevel
+  assert tuple(recurrence.IMPLS) == registry.SCAN_TYPES
+  assert tuple(bitlinear.IMPLS) == registry.BITLINEAR_IMPLS
+  assert ternary_packing.MATVEC_METHODS == registry.MATVEC_METHODS
+  assert registry.DEFAULT_MATVEC_METHOD in registry.MATVEC_METHODS

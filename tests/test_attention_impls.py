@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mmfree_jax
 from mmfree_jax import ModelConfig
+import mmfree_jax
+from mmfree_jax.numerics import attention as attention_ref
 from mmfree_jax.ops import attention
 
 
@@ -57,7 +58,7 @@ def test_masked_decode_xla_equals_naive():
   _, k, v = _qkv(2, seq=12)
   key_pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
   query_pos = jnp.full((2, 1), 6)
-  mask = attention.causal_mask(query_pos, key_pos, 7)
+  mask = attention_ref.causal_mask(query_pos, key_pos, 7)
   out = attention.masked_attention(q, k, v, mask, impl="xla")
   assert _rel(out, attention.masked_attention(q, k, v, mask, impl="naive")) < 2e-6
   # cudnn is not used for the cache path (it falls to XLA's even when asked)

@@ -25,8 +25,8 @@ from mmfree_jax.config import describe_impls
 from mmfree_jax.kernels import attention_tpu
 from mmfree_jax.kernels import common
 from mmfree_jax.kernels import dispatch
-from mmfree_jax.kernels import sharding as kernel_sharding
 from mmfree_jax.ops import attention
+from mmfree_jax.parallel import kernel_sharding
 from tests.test_accel_compile import (MOSAIC_CALL, _tpu_mesh, _train_step,  # noqa: F401
                                       no_persistent_cache_writes, tpu_devices)
 

@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import mmfree_jax
 from mmfree_jax import ModelConfig
-from mmfree_jax.ops import bitlinear, quant
+import mmfree_jax
+from mmfree_jax.numerics import quant
+from mmfree_jax.ops import bitlinear
 
 EPS = 1e-6
 

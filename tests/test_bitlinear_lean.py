@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mmfree_jax
 from mmfree_jax import ModelConfig
+import mmfree_jax
 from mmfree_jax.nn import layers
+from mmfree_jax.numerics import quant
 from mmfree_jax.ops import bitlinear as bitlinear_lean
-from mmfree_jax.ops import quant
 
 EPS = 1e-6
 F64_TOL = 1e-12

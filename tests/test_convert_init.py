@@ -14,7 +14,7 @@ from mmfree_jax.convert import (Calibration, calibration_from_teacher, init_stud
                                 ternary_gain)
 from mmfree_jax.nn import blockwise
 from mmfree_jax.nn.model import build_model
-from mmfree_jax.ops import quant
+from mmfree_jax.numerics import quant
 
 
 @pytest.fixture(scope="module")

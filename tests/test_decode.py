@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mmfree_jax
 from mmfree_jax import ModelConfig
+import mmfree_jax
 from mmfree_jax.nn import layers
-from mmfree_jax.ops import attention
-from mmfree_jax.ops.recurrence import SCAN_TYPES
+from mmfree_jax.numerics import attention
+from mmfree_jax.registry import SCAN_TYPES
 from tests.perturb import perturb_params
 
 B, T, PREFIX = 2, 8, 4

@@ -21,7 +21,7 @@ from mmfree_jax.config import ModelConfig
 from mmfree_jax.convert import ConversionError, init_student_params, student_config
 from mmfree_jax.nn import blockwise
 from mmfree_jax.nn.model import abstract_model
-from mmfree_jax.ops import distill_loss, quant
+from mmfree_jax.numerics import distill_loss, quant
 from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.parallel import sharding
 from mmfree_jax.train import distill, optim
@@ -347,7 +347,7 @@ def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh
   from mmfree_jax.convert import named_calibration
   from mmfree_jax.data.cache import default_cache_dir
   from mmfree_jax.nn.model import build_model
-  from mmfree_jax.ops import loss as loss_lib
+  from mmfree_jax.numerics import loss as loss_lib
 
   teacher_dir = _teacher_workdir(tmp_path / "teacher")
   cfg = _distill_config(teacher_dir, **{"train.steps": 1, "optim.lr": 0.0,

@@ -25,12 +25,12 @@ from mmfree_jax import eval as ev
 from mmfree_jax import export
 from mmfree_jax import generate as generate_lib
 from mmfree_jax.checkpoint import loading
-from mmfree_jax.config import ModelConfig
-from mmfree_jax.nn.model import build_model
 from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.config import ModelConfig
 from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.export import __main__ as export_cli
-from mmfree_jax.ops import ternary_packing
+from mmfree_jax.nn.model import build_model
+from mmfree_jax.numerics import ternary_packing
 from tests.perturb import perturb_params
 from tests.test_eval import ByteTok, _make_workdir, _tiny_config
 
@@ -209,9 +209,10 @@ def test_eval_cli_packed(exported, tmp_path):
 
 
 def test_eval_cli_packed_method_choices_are_the_library_s():
-  """eval.py spells the choices for its --help (it imports no jax at module level): they
-  must be the library's methods and default."""
+  """eval.py takes the choices for its --help from the jax-free `registry`: they are the
+  library's methods and default."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+  from mmfree_jax import registry  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn import packed  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(REPO, "eval.py"))
   module = importlib.util.module_from_spec(spec)
@@ -219,6 +220,10 @@ def test_eval_cli_packed_method_choices_are_the_library_s():
   flag = module.flags.FLAGS["packed_method"]
   assert set(flag.parser.enum_values) == set(ternary_packing.MATVEC_METHODS)
   assert flag.default == packed.DEFAULT_METHOD
+  assert ternary_packing.MATVEC_METHODS == registry.MATVEC_METHODS
+  assert packed.DEFAULT_METHOD == registry.DEFAULT_MATVEC_METHOD
+  with open(os.path.join(REPO, "eval.py"), encoding="utf-8") as f:
+    assert '"unpack"' not in f.read()  # no copy of the choices
 
 
 def _copy(src, dst):

@@ -22,7 +22,7 @@ from flax import nnx
 from mmfree_jax import ModelConfig, generate
 from mmfree_jax.nn import layers
 from mmfree_jax.nn.model import build_model, keeps_latent_weights
-from mmfree_jax.ops import quant
+from mmfree_jax.numerics import quant
 from tests.perturb import perturb_params
 
 

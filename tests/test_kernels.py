@@ -5,7 +5,7 @@ differentiated by JAX: with fp32 inputs both evaluate the same expressions in th
 the forward, the final state and all three gradients must be bitwise equal. With bf16 inputs the
 outputs are equal too, and `df` uses h rounded to bf16 (the kernels keep h in the output dtype,
 as fla does): stated tolerance below. Quantizer (`kernels.bitlinear_quant`) vs
-`ops.quant.bitlinear_input`: int8 codes exactly equal; scale and r to 1e-6 relative (a row sum
+`numerics.quant.bitlinear_input`: int8 codes exactly equal; scale and r to 1e-6 relative (a row sum
 reduced in another order by XLA's CPU vectorizer).
 """
 
@@ -22,10 +22,10 @@ from mmfree_jax.kernels import common
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.kernels import recurrence_gpu
 from mmfree_jax.kernels import recurrence_tpu
-from mmfree_jax.kernels import sharding as kernel_sharding
+from mmfree_jax.numerics import quant
 from mmfree_jax.ops import bitlinear as bitlinear_ops
-from mmfree_jax.ops import quant
 from mmfree_jax.ops import recurrence as reference
+from mmfree_jax.parallel import kernel_sharding
 
 
 def _gates(batch, seq, dim, dtype=jnp.float32, seed=0, resets=True):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mmfree_jax
 from mmfree_jax import ModelConfig
 from mmfree_jax import config as config_lib
-from mmfree_jax.ops.recurrence import SCAN_TYPES
+import mmfree_jax
 from mmfree_jax.parallel import sharding
+from mmfree_jax.registry import SCAN_TYPES
 
 # ------------------------------------------------------------------------ parameter counts
 

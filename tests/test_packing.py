@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mmfree_jax
 from mmfree_jax import ModelConfig
+import mmfree_jax
 from mmfree_jax.nn import packed as packed_model
-from mmfree_jax.ops import quant
-from mmfree_jax.ops import ternary_packing as packing
+from mmfree_jax.numerics import quant
+from mmfree_jax.numerics import ternary_packing as packing
 from tests.perturb import perturb_params
 
 PACKED = sorted(packing.FORMATS)

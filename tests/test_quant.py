@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from mmfree_jax.nn import layers
-from mmfree_jax.ops import quant
+from mmfree_jax.numerics import quant
 
 F64_TOL = 1e-10
 EPS = 1e-6  # the BitLinear RMSNorm epsilon of docs/architecture.md §1

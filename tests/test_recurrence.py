@@ -1,4 +1,4 @@
-"""Every `recurrence.SCAN_TYPES` implementation against a plain numpy for-loop, forward and
+"""Every `registry.SCAN_TYPES` implementation against a plain numpy for-loop, forward and
 backward, in float64 (tolerance 1e-12: all sides compute the same sums in f64)."""
 
 import jax
@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mmfree_jax import registry
 from mmfree_jax.ops import recurrence
 
 F64_TOL = 1e-12
@@ -26,7 +27,7 @@ IDS = [f"{s}-c{c}" for s, c, _ in IMPLS]
 
 
 def test_impls_cover_all_scan_types():
-  assert {s for s, _, _ in IMPLS} == set(recurrence.SCAN_TYPES)
+  assert {s for s, _, _ in IMPLS} == set(registry.SCAN_TYPES)
 
 
 def np_forward(f, i, h0):
@@ -143,7 +144,7 @@ def test_unknown_scan_type_names_the_choices():
   f = jnp.ones((1, 2, 3))
   with pytest.raises(ValueError, match="unknown scan_type 'parallel'") as e:
     recurrence.linear_recurrence(f, f, scan_type="parallel")
-  for name in recurrence.SCAN_TYPES:
+  for name in registry.SCAN_TYPES:
     assert name in str(e.value)
   assert "model.scan_type" in str(e.value)  # names where to fix it
 
@@ -154,7 +155,7 @@ def test_mismatched_shapes_raise():
     recurrence.linear_recurrence(f, jnp.ones((2, 5, 4)))
   with pytest.raises(ValueError, match=r"same shape \[batch, seq, dim\]"):
     recurrence.linear_recurrence(jnp.ones((5, 3)), jnp.ones((5, 3)))  # no batch axis
-  for scan_type in recurrence.SCAN_TYPES:
+  for scan_type in registry.SCAN_TYPES:
     with pytest.raises(ValueError, match=r"initial_state must be \[batch, dim\] = \(2, 3\)"):
       recurrence.linear_recurrence(f, f, jnp.zeros((3, 2)), scan_type=scan_type)
 

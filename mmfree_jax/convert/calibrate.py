@@ -39,7 +39,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.ops import quant
+from mmfree_jax.numerics import quant
 
 GAINS = ("lsq", "norm")
 # name -> (ternary gain, its kind inside the blocks, teacher input RMS): 'none' the plain copy,

@@ -19,7 +19,7 @@ from flax import nnx
 from mmfree_jax.data.tokenizer import prefix_token
 from mmfree_jax.eval.scoring import Tokenizer, score_continuations, target_logprobs
 from mmfree_jax.nn.model import check_token_ids
-from mmfree_jax.ops import loss as loss_lib
+from mmfree_jax.numerics import loss as loss_lib
 
 log = logging.getLogger("mmfree_jax")
 

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from mmfree_jax.nn.model import RecurrentState, check_token_ids, prepare_for_scoring
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
 

@@ -33,7 +33,7 @@ import numpy as np
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.hf import tensors
 from mmfree_jax.nn import packed
-from mmfree_jax.ops import ternary_packing as packing
+from mmfree_jax.numerics import ternary_packing as packing
 
 VERSION = 1
 WEIGHTS = "model.safetensors"

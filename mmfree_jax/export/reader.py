@@ -21,8 +21,8 @@ from mmfree_jax.export.layout import (CONFIG, EMBEDDING_DTYPES, F32, INT8, MANIF
                                       STORED_DTYPES, VERSION, WEIGHTS, PackedDirError, layout,
                                       linear_shapes)
 from mmfree_jax.nn import packed
-from mmfree_jax.ops import ternary_packing as packing
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import ternary_packing as packing
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 
 def _read_json(path: str) -> dict:

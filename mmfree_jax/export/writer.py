@@ -33,7 +33,7 @@ from mmfree_jax.hf import tensors
 from mmfree_jax.hf.checkpoint_io import check_destination, staged_directory
 from mmfree_jax.nn import packed
 from mmfree_jax.nn.model import abstract_model
-from mmfree_jax.ops import mlgru
+from mmfree_jax.numerics import mlgru
 
 
 def _tokenizer_files(cfg, tmp: str) -> str | None:

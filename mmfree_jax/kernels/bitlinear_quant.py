@@ -7,8 +7,8 @@ Per row (token) of `x [N, d]`, reading `x` once (statistics in fp32):
     scale = 127 / max(max|xn|, 1e-5)               [N, 1] fp32
     codes = clip(round_half_away(xn scale), -128, 127)   [N, d] int8
 
-the formulas of `ops.quant.rms_norm` and `ops.quant.quantize_activations_int8` (the pure-JAX
-reference, `rmsnorm_quantize_reference`), in the same order, so the codes are equal. The matmul
+the formulas of `numerics.quant.rms_norm` and `numerics.quant.quantize_activations_int8` (the
+pure-JAX reference, `rmsnorm_quantize_reference`), in the same order, so the codes are equal. The matmul
 stays an XLA dot. GPU: one program per row, the row padded to a power of two in registers with
 masked loads (the reference's Triton kernel). TPU: blocks of rows with the whole row in lanes.
 Statistics are fp32 (f64 for f64 inputs, interpret mode only).
@@ -28,9 +28,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from mmfree_jax.kernels import common
-from mmfree_jax.kernels import sharding as kernel_sharding
-from mmfree_jax.ops import quant
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import quant
+from mmfree_jax.numerics.dtypes import acc_dtype
+from mmfree_jax.parallel import kernel_sharding
 
 PLATFORMS = ("gpu", "tpu")
 GPU_PLATFORMS = ("cuda", "rocm")  # lowering platforms Pallas compiles through Triton
@@ -62,8 +62,8 @@ def _quantize_rows(x, gamma, eps, acc):
 
 
 def rmsnorm_quantize_reference(x: jax.Array, gamma: jax.Array, eps: float):
-  """Pure JAX (`ops.quant.bitlinear_input`, `ops.quant.rms_factor`): `x [..., d]`, `gamma [d]`
-  → codes int8 `[..., d]`, scale and r fp32 `[..., 1]`."""
+  """Pure JAX (`numerics.quant.bitlinear_input`, `numerics.quant.rms_factor`): `x [..., d]`,
+  `gamma [d]` → codes int8 `[..., d]`, scale and r fp32 `[..., 1]`."""
   _, codes, scale = quant.bitlinear_input(x, gamma, eps)
   return codes, scale, quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)
 
@@ -151,7 +151,7 @@ def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEA
     gamma: `[d]` RMSNorm scale.
     eps: RMSNorm epsilon.
     platform: 'gpu' (Triton) or 'tpu' (Mosaic) kernel.
-    Under `kernels.sharding.kernel_sharding(mesh)` it runs per shard of x's leading dim.
+    Under `parallel.kernel_sharding.kernel_sharding(mesh)` it runs per shard of x's leading dim.
     interpret: None (the compiled kernel when the program is lowered for `platform`, also AOT
       from a CPU host; Pallas' interpreter elsewhere), False (always compile), True (the
       generic interpreter) or "tpu" (the TPU interpreter; platform 'tpu' only).
@@ -168,7 +168,7 @@ def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEA
     reason = "empty input"
   if reason is None and d > MAX_FEATURES:
     reason = f"rows of {d} features exceed the kernel's {MAX_FEATURES}"
-  if reason is not None:  # the reference is ops.quant: always there to fall back on
+  if reason is not None:  # the reference is numerics.quant: always there to fall back on
     common.warn_fallback(f"rmsnorm_quantize[{platform}]", reason)
     return rmsnorm_quantize_reference(x, gamma, eps)
   call = _call_gpu if platform == "gpu" else _call_tpu

@@ -15,13 +15,14 @@ import warnings
 
 import jax
 
+from mmfree_jax import registry
 from mmfree_jax.kernels import attention_tpu
 from mmfree_jax.kernels import common
 from mmfree_jax.kernels import recurrence_gpu
 from mmfree_jax.kernels import recurrence_tpu
-from mmfree_jax.kernels import sharding
+from mmfree_jax.parallel import kernel_sharding
 
-KERNEL_PLATFORMS = ("gpu", "tpu")
+KERNEL_PLATFORMS = registry.KERNEL_PLATFORMS
 _GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
 
@@ -59,12 +60,12 @@ def kernel_platform(platform: str, interpret=None):
 
 def current_platform() -> str:
   """The platform kernels are traced for: a `kernel_platform` override, else the devices of the
-  active `sharding.kernel_sharding` mesh (TPU topology devices for an AOT compile from a CPU
+  active `parallel.kernel_sharding` mesh (TPU topology devices for an AOT compile from a CPU
   host), else `jax.default_backend()`."""
   override = _OVERRIDE.get()
   if override is not None:
     return override[0]
-  active = sharding.active()
+  active = kernel_sharding.active()
   if active is not None:
     return platform_of(active.mesh.devices.flat[0].platform)
   return default_platform()
@@ -98,7 +99,7 @@ def _check(platform: str) -> None:
 
 def recurrence(f, i, initial_state=None, *, platform: str, interpret=None, fallback=None):
   """`h_t = f_t h_{t-1} + i_t` with the `platform` kernel, per shard under
-  `sharding.kernel_sharding`. Shapes as in `ops.recurrence`; `interpret` and `fallback` as in
+  `parallel.kernel_sharding`. Shapes as in `ops.recurrence`; `interpret` and `fallback` as in
   the kernels (interpret None: compiled when lowered for the platform, interpreted elsewhere,
   or as a `kernel_platform` block says)."""
   _check(platform)
@@ -106,12 +107,12 @@ def recurrence(f, i, initial_state=None, *, platform: str, interpret=None, fallb
   kernel = (recurrence_gpu.recurrence_gpu if platform == "gpu"
             else recurrence_tpu.recurrence_tpu)
   fn = lambda f, i, h0: kernel(f, i, h0, interpret=interpret, fallback=fallback)
-  return sharding.recurrence(fn, f, i, initial_state)
+  return kernel_sharding.recurrence(fn, f, i, initial_state)
 
 
 def attention(q, k, v, segment_ids=None, *, interpret=None, fallback=None):
   """Causal (segment-masked) attention with the TPU splash kernel (`kernels.attention_tpu`),
-  per shard under `sharding.kernel_sharding` (batch and heads split). Shapes as in
+  per shard under `parallel.kernel_sharding` (batch and heads split). Shapes as in
   `ops.attention.causal_attention`; inputs the kernel cannot take run `fallback(q, k, v,
   segment_ids)` on the whole arrays with a one-line warning (a ValueError without one)."""
   interpret = interpret_mode(interpret)
@@ -119,4 +120,4 @@ def attention(q, k, v, segment_ids=None, *, interpret=None, fallback=None):
   if reason is not None:
     return common.fall_back("splash attention", reason, fallback, q, k, v, segment_ids)
   fn = lambda q, k, v, s: attention_tpu.splash_attention(q, k, v, s, interpret=interpret)
-  return sharding.attention(fn, q, k, v, segment_ids)
+  return kernel_sharding.attention(fn, q, k, v, segment_ids)

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from mmfree_jax.kernels import common
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 GPU_PLATFORMS = ("cuda", "rocm")  # lowering platforms Pallas compiles through Triton
 # Two programs per SM of an H100/H200 (132 SMs) before a feature block grows past 32.

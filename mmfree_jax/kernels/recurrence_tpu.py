@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from mmfree_jax.kernels import common
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 LANES = 128
 # Sublane rows of 128 features per grid step: 8 rows = one fp32 vreg (1024 features).

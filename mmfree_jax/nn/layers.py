@@ -13,8 +13,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.numerics import attention as attn_ref
+from mmfree_jax.numerics import mlgru, quant
 from mmfree_jax.ops import attention as attn_lib
-from mmfree_jax.ops import bitlinear, mlgru, quant, recurrence
+from mmfree_jax.ops import bitlinear, recurrence
 
 Initializer = nnx.initializers.Initializer
 
@@ -182,7 +184,7 @@ def kv_cache_shape(batch: int, max_len: int, kv_heads: int, head_dim: int) -> tu
   there is a single row (batch 1, one K/V head).
 
   Heads-major with positions on the minor axis, so a decode step streams every cached byte
-  once, in long contiguous rows: both attention matmuls (`ops.attention.kv_cache_attention`)
+  once, in long contiguous rows: both attention matmuls (`numerics.attention.kv_cache_attention`)
   then run at close to copy bandwidth on XLA:CPU, ~1.4x faster than with `[max_len,
   head_dim]` rows (measured). The batch and head axes are fused, and a size-1 one dropped,
   because XLA:CPU's dot does so, and any reshape between the in-place update and the dot costs
@@ -232,8 +234,8 @@ class Attention(nnx.Module):
     kv_heads = self.cfg.num_kv_heads or heads
     split = lambda t, n: t.reshape(batch, seq, n, head_dim)
     impl = self.cfg.attention_impl
-    q = attn_lib.rope(split(self.q_proj(x), heads), positions, self.cfg.rope_theta)
-    k = attn_lib.rope(split(self.k_proj(x), kv_heads), positions, self.cfg.rope_theta)
+    q = attn_ref.rope(split(self.q_proj(x), heads), positions, self.cfg.rope_theta)
+    k = attn_ref.rope(split(self.k_proj(x), kv_heads), positions, self.cfg.rope_theta)
     v = split(self.v_proj(x), kv_heads)
     if cache is None:
       out = attn_lib.causal_attention(q, k, v, segment_ids, impl=impl)
@@ -247,6 +249,6 @@ class Attention(nnx.Module):
           k_cache, to_cache(k).astype(k_cache.dtype), cache_index, axis=-1)
       v_cache = jax.lax.dynamic_update_slice_in_dim(
           v_cache, to_cache(v).astype(v_cache.dtype), cache_index, axis=-1)
-      out = attn_lib.kv_cache_attention(q, k_cache, v_cache, positions, cache_index + seq)
+      out = attn_ref.kv_cache_attention(q, k_cache, v_cache, positions, cache_index + seq)
       new_cache = (k_cache, v_cache)
     return self.o_proj(out.reshape(batch, seq, heads * head_dim)), new_cache

@@ -17,11 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mmfree_jax import registry
 from mmfree_jax.config import REMAT_POLICIES, ModelConfig
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.nn import layers
-from mmfree_jax.ops import bitlinear, mlgru
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import mlgru
+from mmfree_jax.numerics.dtypes import acc_dtype
 from mmfree_jax.parallel.sharding import constrain
 
 
@@ -128,7 +129,7 @@ def keeps_latent_weights(cfg: ModelConfig) -> bool:
   float BitLinear. A frozen per-layer copy saves no work there (each call converts it again)
   and cost memory: the bf16 2.7B generate peaked at 22.6 GB for 5.4 GB of weights. In the
   loop, each layer's ternary weights come from one fused pass over its latent kernel."""
-  return converts_dot_operands(cfg) and bitlinear.resolve_bitlinear_impl(
+  return converts_dot_operands(cfg) and registry.resolve_bitlinear_impl(
       cfg.bitlinear_impl, dispatch.current_platform()) != "int8"
 
 

@@ -39,11 +39,13 @@ import jax.numpy as jnp
 
 from flax import nnx
 
+from mmfree_jax import registry
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.nn.model import MatMulFreeLM, RecurrentState, check_token_ids, reset_mask
-from mmfree_jax.ops import mlgru, quant, recurrence
-from mmfree_jax.ops import ternary_packing as packing
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import mlgru, quant
+from mmfree_jax.numerics import ternary_packing as packing
+from mmfree_jax.numerics.dtypes import acc_dtype
+from mmfree_jax.ops import recurrence
 
 # The packed-format registry: name -> how the ternary codes are stored (PACKED = bit-packed by
 # `ternary_packing`, else that dtype). Export, loading and decode all read it.
@@ -58,7 +60,7 @@ FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.flo
 # 25 / 57 against unpack 12.9 / 13.7 / 13.4 / 13.0 (a 1024 x 1024 matrix: the LUT wins to 2
 # rows for both formats).
 LUT_MAX_ROWS = {"2bit": 2, "base3": 2}
-DEFAULT_METHOD = "popcount"
+DEFAULT_METHOD = registry.DEFAULT_MATVEC_METHOD
 
 
 class PackedLinear(NamedTuple):

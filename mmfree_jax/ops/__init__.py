@@ -1,11 +1,9 @@
-"""Numerics: pure functions on arrays, no parameters, no config (docs/architecture.md §2).
+"""Registries: the functions behind each `model.*_impl` / `scan_type` name, dispatching between
+the pure-JAX numerics (`numerics/`) and the Pallas kernels (`kernels/`) for the platform. The
+names themselves are `registry` (jax-free), which the config validates against.
 
-  dtypes.py           `acc_dtype`: the fp32 (f64 under x64) accumulation/statistics dtype
-  quant.py            RMSNorm, int8 absmax activations, ternary weights, STE, `bitlinear`
-  bitlinear.py        the `model.bitlinear_impl` registry (autodiff, lean custom_vjp, ...)
-  recurrence.py       the `model.scan_type` registry for `h_t = f_t h_{t-1} + i_t`
-  mlgru.py            the MLGRU gate and output formulas
-  attention.py        RoPE, masks, attention (the numerics reference)
-  ternary_packing.py  2-bit / base-3 ternary weight codes and the packed integer matvec
-  loss.py             cross entropy, z-loss, perplexity
+  bitlinear.py        `model.bitlinear_impl`: autodiff, lean custom_vjp, int8, fused, auto;
+                      and the frozen (quantize-once) forward for inference
+  recurrence.py       `model.scan_type`: the pure-JAX scans, pallas, auto
+  attention.py        `model.attention_impl`: splash kernel, cuDNN / XLA, naive, auto
 """

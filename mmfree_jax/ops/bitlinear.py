@@ -1,11 +1,11 @@
-"""BitLinear implementations: the `model.bitlinear_impl` registry (`BITLINEAR_IMPLS`).
+"""BitLinear implementations: the `model.bitlinear_impl` registry (`IMPLS`).
 
   autodiff  `quant.bitlinear` differentiated by JAX
   lean      the same forward and STE gradients, with a hand-written backward that keeps only
             what it needs (below)
   fused     lean with its input path (RMSNorm, absmax, int8 codes) in one Pallas kernel
             pass (`kernels.bitlinear_quant`, GPU/TPU)
-  auto      fused on GPU/TPU, lean on CPU (`resolve_bitlinear_impl`)
+  auto      fused on GPU/TPU, lean on CPU (`registry.resolve_bitlinear_impl`)
   int8      the integer forward the paper promises: int8 activation codes x ternary weight
             codes on the int8 matmul units (`lax.dot_general`, int32 accumulator), the two
             scales applied after (`quant.integer_output`); lean's backward (STE in the compute
@@ -44,10 +44,11 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from mmfree_jax import registry
 from mmfree_jax.kernels import bitlinear_quant
 from mmfree_jax.kernels import dispatch
-from mmfree_jax.ops import quant
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import quant
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 
 def _check_operands(name: str, x, kernel, dtype) -> jnp.dtype:
@@ -158,16 +159,6 @@ def bitlinear_int8(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   return _bitlinear_int8(x, kernel, norm_scale, float(eps), dtype)
 
 
-def resolve_bitlinear_impl(impl: str, platform: str) -> str:
-  """The implementation `impl` names on `platform` ('gpu', 'tpu' or 'cpu', as
-  `kernels.dispatch.platform_of` gives it): `auto` is `fused` on gpu/tpu and `lean` on cpu
-  (there is no CPU kernel; lean is the CPU benchmarks' choice); other names stand for
-  themselves."""
-  if impl == "auto":
-    return "fused" if platform in ("gpu", "tpu") else "lean"
-  return impl
-
-
 def _fused_forward(x, kernel, norm_scale, eps, dtype, platform, interpret, frozen=False):
   codes_x, sx, r = bitlinear_quant.rmsnorm_quantize(x, norm_scale, eps, platform=platform,
                                                     interpret=interpret)
@@ -216,16 +207,9 @@ def bitlinear_fused(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
   return _bitlinear_fused(x, kernel, norm_scale, float(eps), dtype, platform, interpret)
 
 
-def native_bitlinear_impls(platform: str) -> tuple[str, ...]:
-  """The distinct implementations worth running (timing, comparing) on `platform`: all but
-  the alias `auto`, and `fused` only on gpu/tpu (on cpu it is Pallas' interpreter)."""
-  return tuple(b for b in BITLINEAR_IMPLS
-               if b != "auto" and (b != "fused" or platform in ("gpu", "tpu")))
-
-
 def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
-  impl = resolve_bitlinear_impl("auto", dispatch.current_platform())
-  return BITLINEAR_IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
+  impl = registry.resolve_bitlinear_impl("auto", dispatch.current_platform())
+  return IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
 
 
 def freeze_weights(kernel: jax.Array, impl: str, dtype=None, *, keep_latent: bool = False
@@ -250,7 +234,7 @@ def freeze_weights(kernel: jax.Array, impl: str, dtype=None, *, keep_latent: boo
     an fp32 latent kernel under bf16 compute freezes to half its bytes) and `mean|W|`.
   """
   get_bitlinear(impl)  # fails early on an unknown impl
-  impl = resolve_bitlinear_impl(impl, dispatch.current_platform())
+  impl = registry.resolve_bitlinear_impl(impl, dispatch.current_platform())
   weights = lambda k, m: _weights_from_latent(k, m, impl, dtype)
   mean_abs = quant.weight_mean_abs
   for _ in range(kernel.ndim - 2):
@@ -288,9 +272,9 @@ def bitlinear_frozen(x: jax.Array, weights: jax.Array, w_mean_abs: jax.Array,
   return quant.bitlinear_fake_quant(x, weights, norm_scale, eps, dtype, frozen=True)[0]
 
 
-# The `model.bitlinear_impl` registry: name -> `fn(x, kernel, norm_scale, *, eps, dtype)`.
-# The config validation and `get_bitlinear` both read it.
-BITLINEAR_IMPLS: dict[str, Callable] = {
+# The `model.bitlinear_impl` registry: name (`registry.BITLINEAR_IMPLS`) ->
+# `fn(x, kernel, norm_scale, *, eps, dtype)`.
+IMPLS: dict[str, Callable] = {
     "autodiff": quant.bitlinear,
     "lean": bitlinear_lean,
     "int8": bitlinear_int8,
@@ -302,7 +286,7 @@ BITLINEAR_IMPLS: dict[str, Callable] = {
 def get_bitlinear(impl: str) -> Callable:
   """`fn(x, kernel, norm_scale, *, eps, dtype)` for `model.bitlinear_impl`."""
   try:
-    return BITLINEAR_IMPLS[impl]
+    return IMPLS[impl]
   except KeyError:
     raise ValueError(f"unknown bitlinear_impl {impl!r}; choose one of "
-                     f"{tuple(BITLINEAR_IMPLS)} (model.bitlinear_impl in the config)") from None
+                     f"{registry.BITLINEAR_IMPLS} (model.bitlinear_impl in the config)") from None

@@ -19,11 +19,11 @@ from typing import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mmfree_jax.kernels import sharding as kernel_sharding
+from mmfree_jax.parallel import kernel_sharding
 
 PARAM_AXES = ("embed", "mlp", "inner", "heads", "vocab", "layers")
 # activation_inner: the features of the MLGRU recurrence and of attention heads (the Pallas
-# kernels run per shard of them, `kernels.sharding`).
+# kernels run per shard of them, `parallel.kernel_sharding`).
 ACTIVATION_AXES = ("activation_batch", "activation_seq", "activation_embed", "activation_inner",
                    "activation_vocab")
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
@@ -47,7 +47,7 @@ def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ..
 @contextlib.contextmanager
 def logical_sharding(mesh: Mesh, rules: Rules):
   """Activates activation-sharding constraints for code traced inside the block, and runs the
-  Pallas kernels there per shard (`kernels.sharding`: batch on the 'activation_batch' rule's axes,
+  Pallas kernels there per shard (`parallel.kernel_sharding`: batch on the 'activation_batch' rule's axes,
   features on the 'activation_inner' rule's)."""
   token = _ACTIVE.set((mesh, normalize_rules(rules)))
   try:

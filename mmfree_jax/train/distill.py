@@ -11,7 +11,7 @@ step:
 
 1. `step < distill.stage1_steps`: per-layer hidden-state alignment. The frozen teacher runs
    once; every student block gets the teacher's input to that block and is trained to produce
-   the teacher block's output (`ops.distill_loss.hidden_mse_sums`, averaged over layers).
+   the teacher block's output (`numerics.distill_loss.hidden_mse_sums`, averaged over layers).
    Embedding and head get no gradient in this stage.
 2. afterwards: end to end, `alpha * T^2 KL(teacher || student) + (1 - alpha) * CE`.
 
@@ -47,13 +47,13 @@ from mmfree_jax.hf import checkpoint_io, llama
 from mmfree_jax.hf import mapping as hf_mapping
 from mmfree_jax.nn import blockwise
 from mmfree_jax.nn.model import abstract_model
-from mmfree_jax.ops import distill_loss
-from mmfree_jax.ops import loss as loss_lib
-from mmfree_jax.ops import quant
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import distill_loss
+from mmfree_jax.numerics import loss as loss_lib
+from mmfree_jax.numerics import quant
+from mmfree_jax.numerics.dtypes import acc_dtype
 from mmfree_jax.parallel import sharding
-from mmfree_jax.train import steps as steps_lib
 from mmfree_jax.train import state as state_lib
+from mmfree_jax.train import steps as steps_lib
 from mmfree_jax.train.state import TrainState
 
 INITS = ("teacher", "random")

@@ -18,8 +18,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.ops import loss as loss_lib
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics import loss as loss_lib
+from mmfree_jax.numerics.dtypes import acc_dtype
 from mmfree_jax.parallel import sharding
 from mmfree_jax.train.state import TrainState
 

@@ -32,7 +32,7 @@ from mmfree_jax import data as data_lib
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.data.cache import default_cache_dir
-from mmfree_jax.ops.loss import perplexity
+from mmfree_jax.numerics.loss import perplexity
 from mmfree_jax.parallel import distributed, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.train import distill

@@ -15,6 +15,10 @@ The mesh comes from `kernel_sharding(...)` (the trainer enters it through
 `parallel.sharding.logical_sharding`) or is passed explicitly. A dimension the mesh axes do not
 divide is replicated (each shard computes it whole: still correct). Without a mesh, or on a
 single device, the kernel runs as is.
+
+Placement: the kernels (`kernels/`) call these wrappers, so this module, and `parallel/` with
+it, sits below `kernels/` in the import layers; the wrappers take the kernel as a function
+argument and import nothing from the package (tests/test_architecture.py).
 """
 
 from __future__ import annotations

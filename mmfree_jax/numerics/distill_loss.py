@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 
 def _acc(x):

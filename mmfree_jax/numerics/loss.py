@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 # exp(700) is near float64's largest finite value: a diverged loss reports a huge, finite
 # perplexity rather than inf.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 
 def gates(f_pre: jax.Array, i_pre: jax.Array, lower_bound: jax.Array):

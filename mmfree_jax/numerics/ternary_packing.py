@@ -34,10 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mmfree_jax import registry
+
 # format -> (codes per byte, radix of a digit)
 FORMATS = {"2bit": (4, 4), "base3": (5, 3)}
 # lut / unpack read the byte-packed codes; popcount reads bit planes (`packed_to_planes`)
-MATVEC_METHODS = ("lut", "unpack", "popcount")
+MATVEC_METHODS = registry.MATVEC_METHODS
 WORD_BITS = 32
 # the weight of each two's-complement bit plane of an int8 activation
 _PLANE_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, -128)

@@ -26,7 +26,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.ops.dtypes import acc_dtype
+from mmfree_jax.numerics.dtypes import acc_dtype
 
 BITLINEAR_NORM_EPS = 1e-6
 ACT_SCALE_FLOOR = 1e-5
