@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import math
 import os
 from typing import Callable, NamedTuple
 
@@ -52,8 +53,9 @@ class SamplingConfig(NamedTuple):
       raise ValueError(f"max_new_tokens={self.max_new_tokens} is more than {MAX_NEW_TOKENS} "
                        "(the decode loop pre-allocates its output and would run for hours); "
                        "ask for fewer tokens")
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0 (0 = greedy); got {self.temperature}")
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
+                       f"{self.temperature}")
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}")
     if not 0.0 < self.top_p <= 1.0:

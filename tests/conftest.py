@@ -2,9 +2,12 @@
 compilation cache (shared with the worker subprocesses through the environment), so the many
 small end-to-end runs compile each distinct program once."""
 
+import math
 import os
 import sys
 import tempfile
+
+import pytest
 
 # The compile-only TPU/CUDA toolchains (requirements-accel.txt) live in their own folder, which
 # the README's test command fills (`pip install --target .venv-accel`), so that the runtime
@@ -29,3 +32,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Tokenizer/corpus caches of the tests stay out of the user's ~/.cache.
 os.environ.setdefault("MMFREE_CACHE", os.path.join(tempfile.gettempdir(), "mmfree_jax_test_cache"))
+
+
+@pytest.fixture
+def allow_exploding_lr(monkeypatch):
+  """Lifts optim.lr's sanity bound for the tests that blow the weights up on purpose (lr 1e30)
+  to make every later step non-finite."""
+  from mmfree_jax.config import schema  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(schema, "MAX_LR", math.inf)

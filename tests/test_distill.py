@@ -390,7 +390,7 @@ def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh
     ({"distill.alpha": 1.5}, ValueError, "alpha"),
     ({"model.bitlinear_impl": "lean"}, ValueError, "autodiff"),
     ({"distill.calibrate": "most"}, ValueError, "all_norm"),
-    ({"distill.mapping": "vvq"}, ConversionError, "permutation of 'vkq'"),
+    ({"distill.mapping": "vvq"}, ValueError, "permutation of 'vkq'"),
 ])
 def test_bad_distill_config_fails_before_compute(tmp_path, overrides, error, match):
   teacher = _teacher_workdir(tmp_path / "teacher")

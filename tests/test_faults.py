@@ -168,6 +168,7 @@ def _exploding(**extra):
                          "train.checkpoint_every": 1, **extra})
 
 
+@pytest.mark.usefixtures("allow_exploding_lr")
 def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
   result = training.train(_exploding(**{"train.nan_policy": "skip"}), str(tmp_path),
                           progress=False)
@@ -179,6 +180,7 @@ def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.usefixtures("allow_exploding_lr")
 def test_nan_policy_stop_names_the_step(tmp_path):
   with pytest.raises(training.NonFiniteLossError, match=r"at step 2\b"):
     training.train(_exploding(**{"train.nan_policy": "stop"}), str(tmp_path), progress=False)

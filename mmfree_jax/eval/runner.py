@@ -85,6 +85,9 @@ def _check_options(options: EvalOptions) -> dict[str, list[MCExample]]:
                      "--ppl_file)")
   if options.batch_size < 1 or options.chunk_len < 1 or options.val_batches < 1:
     raise ValueError("batch_size, chunk_len and val_batches must be >= 1")
+  if options.mc_limit < 0:
+    raise ValueError(f"mc_limit={options.mc_limit} must be >= 0 (0 = every item); pass "
+                     "--mc_limit=0 or a positive count")
   for path in options.ppl_files:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"perplexity file {path!r} not found")

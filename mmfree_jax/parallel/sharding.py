@@ -47,8 +47,8 @@ def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ..
 @contextlib.contextmanager
 def logical_sharding(mesh: Mesh, rules: Rules):
   """Activates activation-sharding constraints for code traced inside the block, and runs the
-  Pallas kernels there per shard (`parallel.kernel_sharding`: batch on the 'activation_batch' rule's axes,
-  features on the 'activation_inner' rule's)."""
+  Pallas kernels there per shard (`parallel.kernel_sharding`: batch on the 'activation_batch'
+  rule's axes, features on the 'activation_inner' rule's)."""
   token = _ACTIVE.set((mesh, normalize_rules(rules)))
   try:
     batch_axes = logical_to_spec(("activation_batch",), rules)[0]

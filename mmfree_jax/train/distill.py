@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mmfree_jax.checkpoint import loading
-from mmfree_jax.config import ModelConfig
+from mmfree_jax.config import DistillSettings, ModelConfig
 from mmfree_jax.convert import calibrate as calibrate_lib
 from mmfree_jax.convert import student as student_lib
 from mmfree_jax.hf import checkpoint_io, llama
@@ -55,65 +55,6 @@ from mmfree_jax.parallel import sharding
 from mmfree_jax.train import state as state_lib
 from mmfree_jax.train import steps as steps_lib
 from mmfree_jax.train.state import TrainState
-
-INITS = ("teacher", "random")
-
-
-@dataclasses.dataclass(frozen=True)
-class DistillSettings:
-  """The validated `distill` config section (hashable)."""
-  teacher: str
-  teacher_step: int | None = None
-  init: str = "teacher"
-  stage1_steps: int = 0
-  temperature: float = 1.0
-  alpha: float = 0.5
-  quant_ramp_steps: int = 0
-  calibrate: str = "all_norm"
-  mapping: str = student_lib.DEFAULT_MAPPING
-
-  @property
-  def enabled(self) -> bool:
-    return bool(self.teacher)
-
-  @classmethod
-  def from_config(cls, section) -> "DistillSettings":
-    values = dict(section.to_dict() if hasattr(section, "to_dict") else section)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown distill config keys {unknown}; known: {sorted(known)}")
-    settings = cls(**values)
-    settings.validate()
-    return settings
-
-  def validate(self) -> None:
-    if self.init not in INITS:
-      raise ValueError(f"unknown distill.init {self.init!r}; choose one of {INITS}")
-    if not isinstance(self.stage1_steps, int) or self.stage1_steps < 0:
-      raise ValueError(f"distill.stage1_steps must be an int >= 0; got {self.stage1_steps!r}")
-    if not isinstance(self.quant_ramp_steps, int) or self.quant_ramp_steps < 0:
-      raise ValueError("distill.quant_ramp_steps must be an int >= 0 (0: ternary throughout); "
-                       f"got {self.quant_ramp_steps!r}")
-    if not self.temperature > 0:
-      raise ValueError(f"distill.temperature must be > 0; got {self.temperature!r}")
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f"distill.alpha must be in [0, 1] (weight of the KL term); got "
-                       f"{self.alpha!r}")
-    calibrate_lib.check_calibration(self.calibrate)
-    student_lib.check_mapping(self.mapping)
-    if self.teacher and not os.path.isfile(os.path.join(self.teacher, "config.json")):
-      raise FileNotFoundError(
-          f"distill.teacher={self.teacher!r} has no config.json: pass one of our Transformer++ "
-          "workdirs or an HF Llama folder (config.json + safetensors)")
-
-  def check_student(self, student: ModelConfig) -> None:
-    if student.kind != "mmfree":
-      raise ValueError(f"distillation trains a MatMul-free student: set model.kind='mmfree' "
-                       f"(got {student.kind!r})")
-    if self.quant_ramp_steps and student.bitlinear_impl != "autodiff":
-      raise ValueError("distill.quant_ramp_steps > 0 needs model.bitlinear_impl='autodiff' (the "
-                       "lean BitLinear's custom backward assumes full quantization)")
 
 
 # -------------------------------------------------------------------------------- teacher
