@@ -4,21 +4,26 @@
     python -m benchmarks.accel_check --smoke    # tiny shapes on any backend (CI runs it)
 
 On the device it
-1. prints the device (kind, count, memory) and its datasheet peaks (bf16, int8, HBM);
-2. checks every `model.scan_type` against `sequential` and every `model.bitlinear_impl`
-   against `autodiff` ON THE DEVICE, forward and gradients, fp32 and bf16 inputs, with the
-   tolerances stated in the JSON (the Pallas kernels take part through these registries);
+1. prints the device (kind, count, memory) and its datasheet peaks (`mmfree_jax.hardware`,
+   matched by the exact device kind);
+2. checks every `model.scan_type` against `sequential`, every `model.bitlinear_impl` against
+   `autodiff` and every attention implementation against `naive` ON THE DEVICE, forward and
+   gradients, fp32 and bf16 inputs, with the tolerances stated in the JSON;
 3. times the train step (the library's step: AdamW, clipping) at the 370M shape (d 1024,
-   L 24, vocab 32000, T 2048, bf16, remat dots_no_batch): MatMul-free for each scan_type
-   and each bitlinear_impl, and Transformer++ for each attention implementation; tokens/s,
-   MFU against the device's bf16 datasheet peak, compiled and measured peak memory;
+   L 24, vocab 32000, T 2048, bf16, remat dots_no_batch), most valuable variant first: the
+   Pallas recurrence, the default Transformer++, int8 BitLinear, the associative scan, then
+   the rest; tokens/s, MFU against the bf16 datasheet peak, compiled peak memory and the
+   measured peak of the variant's own process;
 4. times greedy decode (batch 1) at 1k and 16k context for both models;
-and writes everything to `benchmarks/results/accel_check_<device>.json`.
+and writes `benchmarks/results/accel_check_<device>.json` after every row.
 
-A variant that fails (out of memory, a kernel that does not lower) is reported with its
-error and the others go on; variants left when the time budget (`--budget_s`, default 420 s)
-runs out are reported as skipped. On a CPU host without `--smoke` it refuses: CPU numbers are
-what `python -m benchmarks.run_all` measures.
+Each section has a hard budget (`--parity_s`, `--train_s`, `--decode_s`; 480 s in all) and
+runs in child processes (`benchmarks.budget`): a train variant per process (its memory peak
+is its own), parity and decode one process per section. A process still running at its
+section's deadline is killed and its row says so; rows never started are reported as
+skipped; a variant that fails (out of memory, a kernel that does not lower) is reported with
+its error and the others go on. Decode always gets its own budget. On a CPU host without
+`--smoke` it refuses: CPU numbers are what `python -m benchmarks.run_all` measures.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ import os
 import re
 import sys
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import budget as budget_lib
 from benchmarks import common, setups
 from mmfree_jax import accounting, hardware
 from mmfree_jax import config as config_lib
@@ -46,11 +51,12 @@ from mmfree_jax.ops import bitlinear as bitlinear_lib
 from mmfree_jax.ops import recurrence
 
 NAME = "accel_check"
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # d_model, num_layers, vocab, seq_len, decode contexts, decode steps
     "device": dict(d=1024, layers=24, vocab=32000, seq=2048, contexts=(1024, 16384), steps=64),
     "smoke": dict(d=64, layers=2, vocab=256, seq=64, contexts=(64,), steps=4),
 }
+BUDGET_S = {"parity": 90.0, "train": 300.0, "decode": 90.0}
 # Parity tolerances: max |kernel - reference| / max(|reference|, 1).
 TOLERANCE = {"float32": 1e-5, "bfloat16": 2e-2}
 
@@ -117,84 +123,114 @@ def attention_impls() -> list[str]:
           and (a != "cudnn" or backend == "gpu") and (a != "splash" or backend != "gpu")]
 
 
-def parity(smoke: bool) -> list[dict]:
-  """Each scan_type vs `sequential`, each bitlinear_impl vs `autodiff`, each attention_impl vs
-  `naive`, on the device."""
-  rows = []
-  batch, seq, dim = (2, 37, 128) if smoke else (2, 1031, 384)
-  rng = np.random.default_rng(0)
-  for dtype in (jnp.float32, jnp.bfloat16):
-    dname = jnp.dtype(dtype).name
-    f = jnp.asarray(1 / (1 + np.exp(-rng.normal(size=(batch, seq, dim)) - 2)), dtype)
-    i = jnp.asarray(0.1 * rng.normal(size=(batch, seq, dim)), dtype)
-    h0 = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
+# ---------------------------------------------------------------------------------- parity
+
+
+def parity_keys(smoke: bool) -> list[str]:
+  """`"<what> vs <reference>|<dtype>"` for every check, fp32 first (a wrong kernel shows
+  there; bf16 adds rounding)."""
+  keys = []
+  for dname in ("float32", "bfloat16"):
+    keys += [f"scan_type={s} vs sequential|{dname}" for s in registry.SCAN_TYPES
+             if s != "sequential"]
+    keys += [f"bitlinear_impl={b} vs autodiff|{dname}" for b in registry.BITLINEAR_IMPLS
+             if b != "autodiff"]
+    # smoke: fp32 only (each interpreted splash program costs ~7 s of CPU compile)
+    if dname == "float32" or not smoke:
+      keys += [f"attention_impl={a} vs naive|{dname}" for a in attention_impls()]
+  return keys
+
+
+@functools.lru_cache(maxsize=None)
+def _parity_inputs(family: str, dname: str, smoke: bool):
+  """(args, reference fn, shape) of one family of checks, seeded per family and dtype."""
+  rng = np.random.default_rng([("scan", "bitlinear", "attention").index(family),
+                               ("float32", "bfloat16").index(dname)])
+  dtype = jnp.dtype(dname)
+  if family == "scan":
+    b, t, d = (2, 37, 128) if smoke else (2, 1031, 384)
+    f = jnp.asarray(1 / (1 + np.exp(-rng.normal(size=(b, t, d)) - 2)), dtype)
+    i = jnp.asarray(0.1 * rng.normal(size=(b, t, d)), dtype)
+    h0 = jnp.asarray(rng.normal(size=(b, d)), jnp.float32)
     # the reference sees the same (rounded) inputs, in fp32
     ref = lambda f, i, h0: recurrence.get_recurrence("sequential")(
         f.astype(jnp.float32), i.astype(jnp.float32), h0)
-    for name in registry.SCAN_TYPES:
-      if name == "sequential":
-        continue
-      try:
-        row = _check_grads(recurrence.get_recurrence(name), ref, (f, i, h0), dname)
-      except Exception as e:
-        row = {"dtype": dname, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-      rows.append({"check": f"scan_type={name} vs sequential", "shape": [batch, seq, dim],
-                   **row})
+    return (f, i, h0), ref, [b, t, d]
+  if family == "bitlinear":
     n, t, d_in, d_out = (3, 17, 32, 64) if smoke else (4, 255, 512, 1024)
     x = jnp.asarray(rng.normal(size=(n, t, d_in)), dtype)
     w = jnp.asarray(0.05 * rng.normal(size=(d_in, d_out)), jnp.float32)
     g = jnp.asarray(1 + 0.1 * rng.normal(size=(d_in,)), jnp.float32)
-    ref_bl = functools.partial(bitlinear_lib.get_bitlinear("autodiff"), dtype=dtype)
-    for name in registry.BITLINEAR_IMPLS:
-      if name == "autodiff":
-        continue
-      try:
-        row = _check_grads(functools.partial(bitlinear_lib.get_bitlinear(name), dtype=dtype),
-                           ref_bl, (x, w, g), dname)
-      except Exception as e:
-        row = {"dtype": dname, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-      rows.append({"check": f"bitlinear_impl={name} vs autodiff", "shape": list(x.shape) +
-                   [d_out], **row})
-    # causal attention over packed documents with grouped-query K/V, vs the naive T x T path
-    shape = (1, 128, 2, 1, 16) if smoke else (2, 2048, 8, 4, 128)  # b, t, heads, kv, head_dim
-    b, t, heads, kv_heads, hd = shape
-    q = jnp.asarray(rng.normal(size=(b, t, heads, hd)), dtype)
-    k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, hd)), dtype) for _ in range(2))
-    seg = jnp.asarray(np.repeat([[1, 2, 3]], b, 0).repeat([t // 2, t // 4, t - 3 * t // 4], 1),
-                      jnp.int32)
-    ref_attn = lambda q, k, v: attention.causal_attention(
-        *(a.astype(jnp.float32) for a in (q, k, v)), seg, impl="naive")
-    # smoke: fp32 only (each interpreted splash program costs ~7 s of CPU compile)
-    names = attention_impls() if dtype == jnp.float32 or not smoke else []
-    for name in names:
-      try:
-        row = _check_grads(
-            lambda q, k, v, name=name: attention.causal_attention(q, k, v, seg, impl=name),
-            ref_attn, (q, k, v), dname)
-      except Exception as e:
-        row = {"dtype": dname, "ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
-      rows.append({"check": f"attention_impl={name} vs naive", "shape": list(shape), **row})
-  for r in rows:
-    status = "ok" if r["ok"] else "FAIL"
-    detail = r.get("error") or (f"fwd {r['forward_rel_err']:.2e} grad {r['grad_rel_err']:.2e} "
-                                f"(tol {r['tolerance']:.0e})")
-    print(f"parity {r['check']:38s} {r['dtype']:8s} {status:4s} {detail}", flush=True)
-  return rows
+    ref = functools.partial(bitlinear_lib.get_bitlinear("autodiff"), dtype=dtype)
+    return (x, w, g), ref, [n, t, d_in, d_out]
+  # causal attention over packed documents with grouped-query K/V, vs the naive T x T path
+  shape = (1, 128, 2, 1, 16) if smoke else (2, 2048, 8, 4, 128)  # b, t, heads, kv, head_dim
+  b, t, heads, kv_heads, hd = shape
+  q = jnp.asarray(rng.normal(size=(b, t, heads, hd)), dtype)
+  k, v = (jnp.asarray(rng.normal(size=(b, t, kv_heads, hd)), dtype) for _ in range(2))
+  seg = jnp.asarray(np.repeat([[1, 2, 3]], b, 0).repeat([t // 2, t // 4, t - 3 * t // 4], 1),
+                    jnp.int32)
+  ref = lambda q, k, v: attention.causal_attention(
+      *(a.astype(jnp.float32) for a in (q, k, v)), seg, impl="naive")
+  return (q, k, v, seg), ref, list(shape)
+
+
+def parity_row(key: str, smoke: bool) -> dict:
+  """One parity check, at the full fp32 matmul precision (TPU's default passes bf16 operands,
+  which the 1e-5 tolerance would flag as a kernel error)."""
+  check, dname = key.split("|")
+  what, name = check.split(" vs ")[0].split("=")
+  family = {"scan_type": "scan", "bitlinear_impl": "bitlinear", "attention_impl": "attention"}
+  args, ref, shape = _parity_inputs(family[what], dname, smoke)
+  if what == "scan_type":
+    fn = recurrence.get_recurrence(name)
+  elif what == "bitlinear_impl":
+    fn = functools.partial(bitlinear_lib.get_bitlinear(name), dtype=jnp.dtype(dname))
+  else:
+    q, k, v, seg = args
+    args = (q, k, v)
+    fn = lambda q, k, v: attention.causal_attention(q, k, v, seg, impl=name)
+  row = {"key": key, "check": check, "shape": shape}
+  try:
+    with jax.default_matmul_precision("highest"):
+      row.update(_check_grads(fn, ref, args, dname))
+  except Exception as e:
+    row.update(dtype=dname, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+  detail = row.get("error") or (f"fwd {row['forward_rel_err']:.2e} grad "
+                                f"{row['grad_rel_err']:.2e} (tol {row['tolerance']:.0e})")
+  print(f"parity {check:38s} {dname:8s} {'ok' if row['ok'] else 'FAIL':4s} {detail}",
+        flush=True)
+  return row
+
+
+# ----------------------------------------------------------------------------------- train
 
 
 def train_variants() -> list[tuple[str, str, dict]]:
-  """(name, kind, model overrides): every scan_type and bitlinear_impl, and Transformer++ per
-  attention implementation ('auto' entries are aliases of concrete ones and are skipped)."""
+  """(name, kind, model overrides), most valuable first: the Pallas recurrence (the
+  MatMul-free claim), the default Transformer++ (its reference), int8 BitLinear (the int8
+  claim), the associative scan (the Pallas-vs-associative claim); then every other
+  scan_type, bitlinear_impl and attention implementation ('auto' aliases skipped)."""
   scans = [s for s in registry.SCAN_TYPES if s != "auto"]
-  impls = [b for b in registry.BITLINEAR_IMPLS if b != "auto"]
+  impls = [b for b in registry.BITLINEAR_IMPLS if b not in ("auto", "autodiff")]
   best_scan = "pallas" if "pallas" in scans else "sequential"
-  out = [(f"mmfree scan={s}", "mmfree", {"scan_type": s, "bitlinear_impl": "autodiff"})
-         for s in scans]
-  out += [(f"mmfree scan={best_scan} bitlinear={b}", "mmfree",
-           {"scan_type": best_scan, "bitlinear_impl": b}) for b in impls if b != "autodiff"]
   attn = attention_impls() + ["naive"]
-  out += [(f"transformer attention={a}", "transformer", {"attention_impl": a}) for a in attn]
-  return out
+  mm = lambda s, b="autodiff": ((f"mmfree scan={s}" if b == "autodiff" else
+                                 f"mmfree scan={s} bitlinear={b}"), "mmfree",
+                                {"scan_type": s, "bitlinear_impl": b})
+  tf = lambda a: (f"transformer attention={a}", "transformer", {"attention_impl": a})
+  first = [mm(best_scan), tf(attn[0])]
+  first += [mm(best_scan, "int8")] if "int8" in impls else []
+  first += [mm("associative")] if "associative" in scans else []
+  rest = [mm(best_scan, b) for b in impls] + [mm(s) for s in scans] + [tf(a) for a in attn]
+  return first + [v for v in rest if v not in first]
+
+
+def train_keys(smoke: bool) -> list[str]:
+  variants = train_variants()
+  if smoke:  # one of each model: the smoke run checks the plumbing, not the variants
+    variants = [next(v for v in variants if v[1] == k) for k in ("mmfree", "transformer")]
+  return [v[0] for v in variants]
 
 
 def _supported_overrides(overrides: dict) -> dict:
@@ -202,111 +238,178 @@ def _supported_overrides(overrides: dict) -> dict:
   return {k: v for k, v in overrides.items() if k in known}
 
 
-def train(smoke: bool, budget_end: float, peak: float | None) -> list[dict]:
+def train_row(key: str, smoke: bool) -> dict:
+  """One train variant, timed in this process (its own: the device's peak memory is then
+  this variant's)."""
+  name, kind, overrides = next(v for v in train_variants() if v[0] == key)
   shape = SHAPES["smoke" if smoke else "device"]
-  limit = device_info().get("bytes_limit") or 0
+  info = device_info()
+  limit = info.get("bytes_limit") or 0
   batch = 2 if smoke else (8 if limit > 60e9 else 4 if limit > 24e9 else 2)
   seq = shape["seq"]
-  rows = []
-  variants = train_variants()
-  if smoke:  # one of each model: the smoke run checks the plumbing, not the variants
-    variants = [next(v for v in variants if v[1] == k) for k in ("mmfree", "transformer")]
-  for name, kind, overrides in variants:
-    row = {"variant": name, "kind": kind, "overrides": overrides, "batch": batch,
-           "seq_len": seq}
-    if time.time() > budget_end:
-      rows.append({**row, "skipped": "time budget"})
-      print(f"train {name}: skipped (time budget)", flush=True)
-      continue
+  peak = info["datasheet"]["bf16_flops"] if info["datasheet"] else None
+  row = {"key": key, "variant": name, "kind": kind, "overrides": overrides, "batch": batch,
+         "seq_len": seq}
+  try:
+    cfg = setups.model_config(kind, shape["d"], shape["layers"], shape["vocab"],
+                              dtype="bfloat16", remat="dots_no_batch",
+                              **_supported_overrides(overrides))
+    setup = setups.train_setup(cfg)
+    compiled, lower_s, compile_s = setups.compile_step(setup, batch, seq)
+    mem = common.memory_stats(compiled)
+    runner = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, cfg.vocab_size))
+    times = common.interleaved_times({"step": runner}, rounds=2 if smoke else 4, warmup=1)
+    step_s = times["step"]["median_s"]
+    tok_s = batch * seq / step_s
+    fpt = accounting.train_flops_per_token(cfg, seq)
+    row.update(step_s=step_s, tokens_per_s=tok_s, flops_per_token=fpt,
+               compile_s=lower_s + compile_s, compiled_peak_bytes=mem.get("peak_bytes"),
+               compiled_temp_bytes=mem.get("temp_bytes"),
+               mfu_vs_bf16_datasheet=(fpt * tok_s / peak) if peak else None)
     try:
-      cfg = setups.model_config(kind, shape["d"], shape["layers"], shape["vocab"],
-                                dtype="bfloat16", remat="dots_no_batch",
-                                **_supported_overrides(overrides))
-      setup = setups.train_setup(cfg)
-      compiled, lower_s, compile_s = setups.compile_step(setup, batch, seq)
-      mem = common.memory_stats(compiled)
-      runner = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, cfg.vocab_size))
-      times = common.interleaved_times({"step": runner}, rounds=2 if smoke else 4, warmup=1)
-      step_s = times["step"]["median_s"]
-      tok_s = batch * seq / step_s
-      fpt = accounting.train_flops_per_token(cfg, seq)
-      row.update(step_s=step_s, tokens_per_s=tok_s, flops_per_token=fpt,
-                 compile_s=lower_s + compile_s, compiled_peak_bytes=mem.get("peak_bytes"),
-                 compiled_temp_bytes=mem.get("temp_bytes"),
-                 mfu_vs_bf16_datasheet=(fpt * tok_s / peak) if peak else None)
-      try:
-        stats = jax.devices()[0].memory_stats() or {}
-        row["measured_peak_bytes"] = stats.get("peak_bytes_in_use")
-      except Exception:
-        row["measured_peak_bytes"] = None
-      del runner
-      mfu = row["mfu_vs_bf16_datasheet"]
-      print(f"train {name:40s} {tok_s:10,.0f} tok/s  MFU "
-            + (f"{mfu:6.1%}" if mfu is not None else "  n/a ")
-            + f"  peak {common.fmt_bytes(mem.get('peak_bytes', 0))}  compile "
-            f"{row['compile_s']:.0f} s", flush=True)
-    except Exception as e:
-      row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-      print(f"train {name}: FAILED {row['error']}", flush=True)
-    rows.append(row)
-  mm = [r for r in rows if r.get("tokens_per_s") and r["kind"] == "mmfree"]
-  tf = [r for r in rows if r.get("tokens_per_s") and r["kind"] == "transformer"]
-  if tf:
-    best_tf = max(r["tokens_per_s"] for r in tf)
-    for r in mm + tf:
-      r["vs_best_transformer"] = r["tokens_per_s"] / best_tf
-  return rows
+      stats = jax.devices()[0].memory_stats() or {}
+      row["measured_peak_bytes"] = stats.get("peak_bytes_in_use")
+    except Exception:  # not every backend reports memory stats
+      row["measured_peak_bytes"] = None
+    mfu = row["mfu_vs_bf16_datasheet"]
+    print(f"train {name:40s} {tok_s:10,.0f} tok/s  MFU "
+          + (f"{mfu:6.1%}" if mfu is not None else "  n/a ")
+          + f"  peak {common.fmt_bytes(mem.get('peak_bytes', 0))}  compile "
+          f"{row['compile_s']:.0f} s", flush=True)
+  except Exception as e:
+    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    print(f"train {name}: FAILED {row['error']}", flush=True)
+  return row
 
 
-def decode(smoke: bool, budget_end: float) -> list[dict]:
+def add_transformer_ratios(rows: list[dict]) -> None:
+  """`vs_best_transformer` on every timed row: its tokens/s over the best Transformer++'s."""
+  tf = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s") and r["kind"] == "transformer"]
+  for r in rows:
+    if tf and r.get("tokens_per_s"):
+      r["vs_best_transformer"] = r["tokens_per_s"] / max(tf)
+
+
+# ---------------------------------------------------------------------------------- decode
+
+
+def decode_keys(smoke: bool) -> list[str]:
+  contexts = SHAPES["smoke" if smoke else "device"]["contexts"]
+  return [f"{kind}|{c}" for c in contexts for kind in ("mmfree", "transformer")]
+
+
+@functools.lru_cache(maxsize=None)
+def _decode_setup(kind: str, smoke: bool):
   from benchmarks import bench_decode
   import mmfree_jax
   shape = SHAPES["smoke" if smoke else "device"]
-  steps = shape["steps"]
-  tokens = jnp.zeros((1, 1), jnp.int32)
-  rows = []
-  for kind in ("mmfree", "transformer"):
-    cfg = setups.model_config(kind, shape["d"], shape["layers"], shape["vocab"],
-                              dtype="bfloat16")
-    model = mmfree_jax.build_model(cfg, 0)
-    # as generate runs it: weights frozen once per loop, the KV cache donated and carried
-    loop, params = bench_decode.model_decode_loop(model, steps, freeze=True,
-                                                  donate_state=kind == "transformer")
-    for context in shape["contexts"]:
-      row = {"variant": kind, "context": context, "batch": 1, "steps": steps}
-      if time.time() > budget_end:
-        rows.append({**row, "skipped": "time budget"})
-        continue
-      try:
-        state = model.init_state(1, context + steps)
-        if kind == "transformer":
-          state = state._replace(index=jnp.asarray(context, jnp.int32))
-        compiled = loop.lower(params, tokens, state).compile()
-        if kind == "transformer":
-          run = bench_decode.carried(compiled, params, tokens, state, context)
-        else:
-          run = lambda: compiled(params, tokens, state)  # pylint: disable=cell-var-from-loop
-        t = common.interleaved_times({"d": run}, rounds=2 if smoke else 3, warmup=1)["d"]
-        row.update(tokens_per_s=steps / t["median_s"], ms_per_token=1e3 * t["median_s"] / steps)
-        print(f"decode {kind:12s} ctx {context:6d} {row['tokens_per_s']:10,.1f} tok/s",
-              flush=True)
-      except Exception as e:
-        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        print(f"decode {kind} ctx {context}: FAILED {row['error']}", flush=True)
-      rows.append(row)
-  return rows
+  cfg = setups.model_config(kind, shape["d"], shape["layers"], shape["vocab"], dtype="bfloat16")
+  model = mmfree_jax.build_model(cfg, 0)
+  # as generate runs it: weights frozen once per loop, the KV cache donated and carried
+  loop, params = bench_decode.model_decode_loop(model, shape["steps"], freeze=True,
+                                                donate_state=kind == "transformer")
+  return model, loop, params
 
 
-def main(argv=None) -> int:
+def decode_row(key: str, smoke: bool) -> dict:
+  """Greedy decode of `steps` tokens at batch 1 after `context` positions."""
+  from benchmarks import bench_decode
+  kind, context = key.split("|")[0], int(key.split("|")[1])
+  steps = SHAPES["smoke" if smoke else "device"]["steps"]
+  row = {"key": key, "variant": kind, "context": context, "batch": 1, "steps": steps}
+  try:
+    model, loop, params = _decode_setup(kind, smoke)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    state = model.init_state(1, context + steps)
+    if kind == "transformer":
+      state = state._replace(index=jnp.asarray(context, jnp.int32))
+    compiled = loop.lower(params, tokens, state).compile()
+    if kind == "transformer":
+      run = bench_decode.carried(compiled, params, tokens, state, context)
+    else:
+      run = lambda: compiled(params, tokens, state)
+    t = common.interleaved_times({"d": run}, rounds=2 if smoke else 3, warmup=1)["d"]
+    row.update(tokens_per_s=steps / t["median_s"], ms_per_token=1e3 * t["median_s"] / steps)
+    print(f"decode {kind:12s} ctx {context:6d} {row['tokens_per_s']:10,.1f} tok/s", flush=True)
+  except Exception as e:
+    row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+    print(f"decode {kind} ctx {context}: FAILED {row['error']}", flush=True)
+  return row
+
+
+# ------------------------------------------------------------------------------------ main
+
+SECTIONS = {"parity": (parity_keys, parity_row), "train": (train_keys, train_row),
+            "decode": (decode_keys, decode_row)}
+ONE_PROCESS_PER_KEY = {"train"}  # a train variant's memory peak must be its own
+
+
+def _child_main(section: str, smoke: bool, keys: list[str]) -> int:
+  for key in keys[:1] if section in ONE_PROCESS_PER_KEY else keys:
+    budget_lib.print_row(SECTIONS[section][1](key, smoke))
+  return 0
+
+
+def _launcher(section: str, smoke: bool):
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  argv = ["-m", "benchmarks.accel_check", "--_child", section] + (["--smoke"] if smoke else [])
+  return lambda keys, budget: budget_lib.child_rows(argv, keys, budget, cwd=ROOT, env=env)
+
+
+def _write(path: str, results: dict, smoke: bool) -> None:
+  notes = ["train: the library's train step (AdamW) at bf16, remat dots_no_batch; tokens/s "
+           "from the median of timed steps; MFU = accounting.train_flops_per_token x "
+           "tokens/s / the device's bf16 datasheet peak; each variant in its own process",
+           "parity: relative max error = max|x - ref| / max(|ref|, 1), forward outputs and "
+           "gradients of a fixed random projection of the outputs",
+           "budgets: each section's rows say cut (killed at its deadline) or skipped"]
+  if smoke:
+    notes.append("--smoke: tiny shapes; the numbers mean nothing, only that the check runs")
+  payload = {"benchmark": NAME, "preset": "smoke" if smoke else "device",
+             "machine": common.machine_info(), "notes": notes, "results": results,
+             "unix_time": time.time()}
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(payload, f, indent=1, default=float)
+  os.replace(path + ".tmp", path)
+
+
+def run_sections(results: dict, budgets: dict, launchers: dict, keys: dict,
+                 write, clock=time.monotonic) -> None:
+  """Each section in turn under its own budget; `write()` after every row."""
+  for section in ("parity", "train", "decode"):
+    results[section] = []
+
+    def on_row(row, section=section):
+      results[section].append(row)
+      if section == "train":
+        add_transformer_ratios(results[section])
+      write()
+
+    budget_lib.run_section(keys[section], launchers[section],
+                           budget_lib.Budget(budgets[section], clock), on_row)
+
+
+def _parse(argv):
   parser = argparse.ArgumentParser(prog="python -m benchmarks.accel_check", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, any backend (the CI test runs this)")
   parser.add_argument("--out", default=None,
                       help="default: benchmarks/results/accel_check_<device>.json")
-  parser.add_argument("--budget_s", type=float, default=420.0,
-                      help="stop starting new variants after this many seconds")
-  args = parser.parse_args(argv)
+  for section, seconds in BUDGET_S.items():
+    parser.add_argument(f"--{section}_s", type=float, default=seconds,
+                        help=f"hard budget of the {section} section (seconds)")
+  parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--_keys", default="[]", help=argparse.SUPPRESS)
+  return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
+  if args._child:
+    return _child_main(args._child, args.smoke, json.loads(args._keys))
   start = time.time()
   info = device_info()
   if info["backend"] == "cpu" and not args.smoke:
@@ -316,46 +419,28 @@ def main(argv=None) -> int:
           "`python -m benchmarks.run_all`. `--smoke` runs tiny shapes anywhere.",
           file=sys.stderr)
     return 2
+  sheet = info["datasheet"]
   print(f"device: {info['device_count']} x {info['device_kind']} ({info['backend']}), "
         f"jax {info['jax_version']}, memory limit "
         + (common.fmt_bytes(info['bytes_limit']) if info['bytes_limit'] else "n/a")
-        + (f"; datasheet bf16 {info['datasheet']['bf16_flops'] / 1e12:.0f} TFLOP/s, int8 "
-           f"{info['datasheet']['int8_ops'] / 1e12:.0f} TOP/s, HBM "
-           f"{info['datasheet']['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
-           if info["datasheet"] else "; no datasheet peak known for this device (MFU n/a)"),
+        + (f"; {sheet['source']} datasheet bf16 {sheet['bf16_flops'] / 1e12:.0f} TFLOP/s, "
+           f"int8 {sheet['int8_ops'] / 1e12:.0f} TOP/s, HBM "
+           f"{sheet['hbm_bytes_per_s'] / 1e12:.2f} TB/s"
+           if sheet else "; no datasheet peak known for this device kind (MFU n/a)"),
         flush=True)
-  budget_end = start + args.budget_s
-  peak = info["datasheet"]["bf16_flops"] if info["datasheet"] else None
-  results = {"device": info, "smoke": args.smoke, "shapes": SHAPES["smoke" if args.smoke
-                                                                   else "device"]}
-  # fp32 parity at the full fp32 matmul precision (TPU's default passes bf16 operands, which
-  # the 1e-5 tolerance would flag as a kernel error)
-  def full_precision_parity():
-    with jax.default_matmul_precision("highest"):
-      return parity(args.smoke)
-
-  sections = (("parity", full_precision_parity),
-              ("train", lambda: train(args.smoke, budget_end, peak)),
-              ("decode", lambda: decode(args.smoke, budget_end)))
-  for section, fn in sections:
-    try:
-      results[section] = fn()
-    except Exception:
-      results[section] = {"error": traceback.format_exc(limit=3)[-1500:]}
-      print(f"{section}: FAILED\n{results[section]['error']}", flush=True)
-  results["wall_s"] = time.time() - start
   out = args.out or os.path.join(common.RESULTS_DIR,
                                  f"{NAME}_{device_slug(info['device_kind'])}.json")
-  notes = ["train: the library's train step (AdamW) at bf16, remat dots_no_batch; tokens/s from "
-           "the median of timed steps; MFU = train_flops_per_token x tokens/s / the device's "
-           "bf16 datasheet peak",
-           "parity: relative max error = max|x - ref| / max(|ref|, 1), forward outputs and "
-           "gradients of a fixed random projection of the outputs"]
-  if args.smoke:
-    notes.append("--smoke: tiny shapes; the numbers mean nothing, only that the check runs")
-  common.write_json(out, NAME, "smoke" if args.smoke else "device", results, notes)
-  failed = [r["check"] for r in results.get("parity", []) if isinstance(r, dict)
-            and not r.get("ok")] if isinstance(results.get("parity"), list) else ["parity"]
+  results = {"device": info, "smoke": args.smoke,
+             "shapes": SHAPES["smoke" if args.smoke else "device"],
+             "budgets_s": {s: getattr(args, f"{s}_s") for s in BUDGET_S}}
+  keys = {s: fns[0](args.smoke) for s, fns in SECTIONS.items()}
+  launchers = {s: _launcher(s, args.smoke) for s in SECTIONS}
+  run_sections(results, results["budgets_s"], launchers, keys,
+               lambda: _write(out, results, args.smoke))
+  results["wall_s"] = time.time() - start
+  _write(out, results, args.smoke)
+  print(f"wrote {out}")
+  failed = [r["key"] for r in results["parity"] if r.get("ok") is False or "error" in r]
   print(f"accel_check done in {results['wall_s']:.0f} s; parity failures: {failed or 'none'}")
   return 1 if failed else 0
 

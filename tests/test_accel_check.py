@@ -57,3 +57,95 @@ def test_smoke_writes_every_section(tmp_path):
       assert r["mfu_vs_bf16_datasheet"] is None  # no datasheet peak for a CPU
   dec = {r["variant"] for r in res["decode"] if r.get("tokens_per_s", 0) > 0}
   assert dec == {"mmfree", "transformer"}, res["decode"]
+
+
+# ------------------------------------------------------- section budgets, on a fake clock
+
+
+class FakeClock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def fake_launcher(clock, cost, *, one_per_launch=False, dies_on=()):
+  """Runs keys in order, each taking `cost[key]` seconds of the fake clock; stops (as a
+  killed child) at the budget, or (as a crashed one) on a key in `dies_on`."""
+  launches = []
+
+  def launch(keys, budget):
+    launches.append(list(keys))
+    for key in keys[:1] if one_per_launch else keys:
+      if key in dies_on:
+        clock.now += 1
+        return
+      if cost[key] > budget.left():
+        clock.now = budget.end  # killed at the deadline
+        return
+      clock.now += cost[key]
+      yield {"key": key, "t": clock.now}
+  return launch, launches
+
+
+def test_section_budget_cuts_the_running_item_and_skips_the_rest():
+  from benchmarks import budget
+  clock = FakeClock()
+  launch, _ = fake_launcher(clock, {"a": 10, "b": 30, "c": 50, "d": 1})
+  seen = []
+  rows = budget.run_section(["a", "b", "c", "d"], launch, budget.Budget(60, clock), seen.append)
+  assert [r["key"] for r in rows] == ["a", "b", "c", "d"] and seen == rows
+  assert "error" not in rows[0] and "error" not in rows[1]
+  assert rows[2]["error"].startswith("cut") and "60 s budget" in rows[2]["error"]
+  assert "skipped" in rows[3] and clock.now == 60  # the hard deadline, not past it
+
+
+def test_a_dead_process_is_reported_and_the_rest_relaunched():
+  from benchmarks import budget
+  clock = FakeClock()
+  launch, launches = fake_launcher(clock, {"a": 1, "b": 1, "c": 1}, dies_on={"b"})
+  rows = budget.run_section(["a", "b", "c"], launch, budget.Budget(100, clock))
+  # b is tried once more on its own before it is reported
+  assert "died" in rows[1]["error"] and rows[2] == {"key": "c", "t": 4.0}
+  assert launches == [["a", "b", "c"], ["b", "c"], ["c"]]
+
+
+def test_every_section_gets_its_own_budget_and_the_json_follows_each_row():
+  from benchmarks import accel_check
+  clock = FakeClock()
+  cost = {"p1": 5, "p2": 5, "t1": 100, "t2": 500, "t3": 10, "d1": 20, "d2": 20}
+  launchers = {"parity": fake_launcher(clock, cost)[0],
+               "train": fake_launcher(clock, cost, one_per_launch=True)[0],
+               "decode": fake_launcher(clock, cost)[0]}
+  keys = {"parity": ["p1", "p2"], "train": ["t1", "t2", "t3"], "decode": ["d1", "d2"]}
+  results, writes = {}, []
+  accel_check.run_sections(results, {"parity": 60, "train": 300, "decode": 60}, launchers,
+                           keys, lambda: writes.append(sum(len(results[s]) for s in results)),
+                           clock=clock)
+  assert [r["key"] for r in results["train"]] == ["t1", "t2", "t3"]
+  assert results["train"][1]["error"].startswith("cut") and "skipped" in results["train"][2]
+  # train overran its budget, decode still ran in full on its own
+  # (parity 10 s, train cut at 10 + 300, decode 2 x 20 s)
+  assert all("t" in r for r in results["decode"]) and clock.now == 350
+  assert writes == list(range(1, 8))  # written after every one of the 7 rows
+
+
+def test_child_rows_kills_a_child_at_the_deadline(tmp_path):
+  import time as time_lib
+  from benchmarks import budget
+  script = ("import sys, time\nfrom benchmarks import budget\n"
+            "budget.print_row({'key': 'fast'})\ntime.sleep(60)\n"
+            "budget.print_row({'key': 'slow'})\n")
+  t = time_lib.monotonic()
+  rows = list(budget.child_rows(["-c", script], ["fast", "slow"], budget.Budget(8),
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)))
+  assert rows == [{"key": "fast"}] and time_lib.monotonic() - t < 30
+
+
+def test_train_variants_most_valuable_first():
+  from benchmarks import accel_check
+  names = [v[0] for v in accel_check.train_variants()]
+  assert names[:4] == ["mmfree scan=pallas", names[1], "mmfree scan=pallas bitlinear=int8",
+                       "mmfree scan=associative"]
+  assert names[1].startswith("transformer attention=") and len(names) == len(set(names))

@@ -18,6 +18,7 @@ from jax.experimental import topologies
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from mmfree_jax.kernels import bitlinear_quant
+from mmfree_jax.kernels import common as kernel_common
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import bitlinear as bitlinear_ops
 from mmfree_jax.parallel import kernel_sharding
@@ -209,3 +210,19 @@ def test_cuda_lowering_of_sharded_train_step(cuda_plugin):
     lowered = step.trace(*args).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert text.count(TRITON_CALL) >= 3 and "mmfree_recurrence_bwd" in text
+
+
+@pytest.mark.parametrize("scan_type", ["pallas"])
+def test_cuda_lowering_refuses_the_interpreted_tpu_kernel(cuda_plugin, scan_type):
+  """Without `kernel_platform("gpu")` a CPU host resolves the Pallas recurrence to the TPU
+  kernel, interpreted; lowering that for CUDA is an error naming the fix, not a warning."""
+  from mmfree_jax.ops import recurrence
+  f = jax.ShapeDtypeStruct((1, 16, 128), jnp.float32)
+  h0 = jax.ShapeDtypeStruct((1, 128), jnp.float32)
+  step = lambda: jax.jit(lambda f, i, h0: recurrence.get_recurrence(scan_type)(f, i, h0))
+  with pytest.warns(kernel_common.KernelFallbackWarning), \
+       pytest.raises(ValueError, match=r"lowered for cuda.*kernel_platform\('gpu'\)"):
+    step().trace(f, f, h0).lower(lowering_platforms=("cuda",))
+  with dispatch.kernel_platform("gpu"):  # the fix the message names (traced anew under it)
+    text = step().trace(f, f, h0).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count(TRITON_CALL) == 1

@@ -13,7 +13,9 @@ import warnings
 from typing import Callable
 
 import jax
+import jax.extend
 import jax.numpy as jnp
+from jax.interpreters import ad, batching, mlir
 
 # Inputs the kernels load and upcast to their fp32 state/statistics.
 KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -86,9 +88,35 @@ def run_kernel(call: Callable, *, compiled_on: tuple[str, ...], interpret):
 
   `interpret=None` decides when lowering (`lax.platform_dependent`): the compiled kernel where
   the program is lowered for one of `compiled_on` (e.g. ('tpu',), also for an AOT target from
-  a CPU host), Pallas' interpreter anywhere else. Any other value is passed through.
+  a CPU host), Pallas' interpreter on CPU (tests), and a ValueError for any other platform
+  (lowering for CUDA from a CPU host without `dispatch.kernel_platform("gpu")` would otherwise
+  embed the interpreted TPU kernel in the GPU program). Any other value is passed through.
   """
   if interpret is not None:
     return call(interpret)
   branches = {platform: functools.partial(call, False) for platform in compiled_on}
-  return jax.lax.platform_dependent(**branches, default=functools.partial(call, True))
+  branches.setdefault("cpu", functools.partial(call, True))
+  refuse = lambda: jax.tree.map(functools.partial(_refuse_p.bind, compiled_on=compiled_on),
+                                call(True))
+  return jax.lax.platform_dependent(**branches, default=refuse)
+
+
+def _refuse_lowering(ctx, x, *, compiled_on):
+  platforms = ", ".join(ctx.module_context.platforms)
+  raise ValueError(
+      f"a Pallas kernel compiled for {'/'.join(compiled_on)} is being lowered for {platforms}, "
+      "where only Pallas' slow interpreter could run it; lower inside "
+      "`mmfree_jax.kernels.dispatch.kernel_platform('gpu')` (or 'tpu') to get that "
+      "platform's kernel, or choose a pure-JAX scan_type / bitlinear_impl / attention_impl")
+
+
+# Identity that refuses to lower: marks an interpreted kernel on a platform it must not reach.
+_refuse_p = jax.extend.core.Primitive("mmfree_interpreted_kernel_refused")
+_refuse_p.def_abstract_eval(lambda x, **_: x)
+_refuse_p.def_impl(lambda x, **_: x)
+mlir.register_lowering(_refuse_p, _refuse_lowering)
+# Gradients and vmap pass through: the marked forward already refuses to lower.
+ad.primitive_jvps[_refuse_p] = lambda primals, tangents, **kw: (_refuse_p.bind(*primals, **kw),
+                                                                tangents[0])
+batching.primitive_batchers[_refuse_p] = lambda args, dims, **kw: (_refuse_p.bind(*args, **kw),
+                                                                   dims[0])
