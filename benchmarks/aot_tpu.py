@@ -21,29 +21,13 @@ with the code version it was compiled from), so the script can be stopped and re
 in pieces with `--only`; `--refresh` recompiles the selected searches after a code change.
 
 Reported per point: compiled per-chip memory (XLA memory_analysis: arguments, temporaries,
-peak = arguments + outputs + temporaries - donated aliases), XLA `cost_analysis()` FLOPs and
-bytes AS REPORTED (XLA counts a while-loop body once: the scans over microbatches, layers and
-time are undercounted, so these are NOT used for the estimate), and the ESTIMATE:
-
-    step time = max(compute, HBM, ICI)            (a roofline: perfect overlap, upper bound
-                                                   on throughput)
-    compute   = hardware FLOPs / peak;  FLOPs = analytic 6N + attention (mmfree_jax.accounting) per
-                token, plus the forward recomputed by the remat policy (full: +2N)
-    HBM       = optimizer state read+written once, weights read 3x per microbatch (forward,
-                backward, remat), activations ACT_BYTES[kind] x d bytes per token per layer
-                (a hand count of the tensor passes of today's step, not a measurement), and
-                for Transformer++ its attention's traffic: with the splash kernel (what
-                `attention_impl=auto` compiles to on TPU) Q/K/V/dO re-read once per 512-block
-                by its three kernels, causal half (no T x T array); with XLA's attention the
-                materialized T x T logits
-    ICI       = FSDP weight all-gathers (2 per microbatch) and gradient reduce-scatters,
-                tensor-parallel activation all-reduces (4 per layer), data-parallel gradient
-                all-reduce; ring cost bytes * (n-1)/n at half the chip's ICI bandwidth
-
-`int8` estimate (MatMul-free): the forward's BitLinear matmuls (2N of the 6N) at the int8 peak
-(`model.bitlinear_impl=int8`), the backward at the bf16 peak.
-
-Every step time and tokens/s here is an ESTIMATE from datasheet peaks, never a measurement.
+peak = arguments + outputs + temporaries - donated aliases) and XLA `cost_analysis()` FLOPs
+and bytes AS REPORTED (XLA counts a while-loop body once: the scans over microbatches, layers
+and time are undercounted, so they are not used). For MatMul-free the chosen point is
+compiled again with `model.bitlinear_impl=int8`: the int8 column is only filled where that
+program compiled and fits. The step-time ESTIMATE is `benchmarks.roofline` (a bound from
+datasheet peaks; its HBM term counts only the weight and optimizer traffic), recomputed from
+the current code when the table is printed; never a measurement.
 """
 
 from __future__ import annotations
@@ -66,56 +50,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for TPU from this host;
 # could hold its lock file otherwise.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from mmfree_jax import hardware  # pylint: disable=g-import-not-at-top  (jax-free)
+from benchmarks import roofline  # pylint: disable=g-import-not-at-top
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "aot_tpu.json")
-GLOBAL_BATCH, SEQ_LEN = 256, 2048
 SIZES = ("370m", "1.3b", "2.7b")
 KINDS = ("mmfree", "transformer")
 REMATS = ("none", "dots_no_batch", "full")
 SKIP_FACTOR = 1.0  # do not compile a point predicted to need more than the HBM
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """A TPU slice and its chip's datasheet values (from `mmfree_jax.hardware`)."""
-  slice_name: str
-  topology: str
-  chips: int
-  bf16_flops: float
-  int8_ops: float
-  hbm_bytes: float
-  hbm_bytes_per_s: float
-  ici_bytes_per_s: float  # bidirectional, per chip
-
-
-def _slice(slice_name: str, topology: str, chips: int, chip_name: str) -> Chip:
-  c = hardware.chip(chip_name)
-  return Chip(slice_name, topology, chips, c.bf16_flops, c.int8_ops, c.hbm_bytes,
-              c.hbm_bytes_per_s, c.ici_bytes_per_s)
-
-
-CHIPS = {
-    "v5e": _slice("v5e-8", "v5e:2x4", 8, "TPU v5e"),
-    "v5p": _slice("v5p-8", "v5p:2x2x1", 4, "TPU v5p"),
-    "v6e": _slice("v6e-8", "v6e:2x4", 8, "TPU v6e"),
-}
-# The paper's training throughput per H100 (tokens/s/GPU), the target's reference.
-PAPER_H100_TOKENS_PER_S = {"370m": 104e3, "1.3b": 41e3, "2.7b": 20e3}
-TARGET_RATIO = 1.3
-
-# Activation HBM traffic per token per layer, in units of d_model bytes, forward + backward
-# (a hand count of the [tokens, width] tensor passes of today's step in bf16/fp32: MatMul-free
-# has 7 BitLinear input paths (norm, absmax, codes), the gates and the recurrence in fp32;
-# Transformer++ has 7 plain matmul inputs). Remat adds a forward's worth (about 1/3).
-ACT_BYTES = {"mmfree": 300, "transformer": 180}
-REMAT_RECOMPUTE = {"none": 0.0, "dots_no_batch": 1 / 3, "full": 1 / 3}
-ATTN_LOGIT_PASSES = 8  # fp32 logits/probs written and read, forward and backward (XLA path)
-# splash, bytes per token per layer per (T / block), in units of d: the forward and dq kernels
-# re-read K and V, the dkv kernel Q and dO, once per block of the other side over the causal
-# half: 3 kernels x 2 tensors x 2 bytes (bf16) / 2 (an upper bound: GQA K/V are narrower)
-SPLASH_PASSES_PER_BLOCK = 3 * 2 * 2 / 2
+CHIPS = roofline.SLICES
+GLOBAL_BATCH, SEQ_LEN = roofline.GLOBAL_BATCH, roofline.SEQ_LEN
 
 
 def tpu_attention(model_cfg) -> str:
@@ -136,17 +80,6 @@ def _code_version() -> str:
     return "?"
 
 
-# ----------------------------------------------------------------------------- the estimate
-
-
-def mesh_candidates(chips: int) -> list[dict]:
-  out = [{"data": 1, "fsdp": chips, "tensor": 1}]
-  if chips >= 4:
-    out.append({"data": 1, "fsdp": chips // 2, "tensor": 2})
-    out.append({"data": 2, "fsdp": chips // 2, "tensor": 1})
-  return out
-
-
 def model_config(kind: str, size: str, remat: str, overrides: dict | None = None):
   from mmfree_jax import config as config_lib
   cfg = config_lib.paper_config(size, kind)
@@ -159,67 +92,6 @@ def model_config(kind: str, size: str, remat: str, overrides: dict | None = None
 def param_count(model_cfg) -> int:
   from mmfree_jax import accounting
   return accounting.param_count(model_cfg)
-
-
-def estimate(kind: str, model_cfg, n_params: int, chip: Chip, mesh: dict, micro: int,
-             remat: str) -> dict:
-  """The analytic roofline ESTIMATE of one step per chip (see the module docstring)."""
-  from mmfree_jax import accounting
-  d, L, T = model_cfg.d_model, model_cfg.num_layers, SEQ_LEN
-  dp, f, t = mesh["data"] * mesh["fsdp"], mesh["fsdp"], mesh["tensor"]
-  tokens_chip = GLOBAL_BATCH * T / chip.chips
-  n_mm = accounting.matmul_params(model_cfg)
-  model_flops = accounting.train_flops_per_token(model_cfg, T) * tokens_chip
-  recompute = {"none": 0.0, "dots_no_batch": 0.0, "full": 2.0 * n_mm}[remat] * tokens_chip
-  if kind == "transformer" and remat != "none":  # batched attention dots are recomputed
-    recompute += 2.0 * L * d * T * tokens_chip
-  hw_flops = model_flops + recompute
-  compute_s = hw_flops / chip.bf16_flops
-  # int8 forward: the forward's 2N BitLinear FLOPs at the int8 rate.
-  int8_s = None
-  if kind == "mmfree":
-    fwd = 2.0 * n_mm * tokens_chip
-    int8_s = fwd / chip.int8_ops + (hw_flops - fwd) / chip.bf16_flops
-  shards = f * t
-  state_bytes = n_params * (4 + 4 + 4) / shards  # params, two AdamW moments (fp32)
-  hbm = 2 * state_bytes + 2 * 4 * n_params / shards  # + grads written and read
-  hbm += micro * 3 * 2 * n_params / t  # bf16 weights read: forward, backward, remat
-  if micro > 1:
-    hbm += micro * 2 * 4 * n_params / shards  # gradient accumulation (read + write fp32)
-  # Tensor parallelism does not shrink a chip's activation traffic: it holds t x the rows
-  # (the batch is split dp ways, not chips ways) with the sharded widths cut by t.
-  act = ACT_BYTES[kind] * d * L * tokens_chip * (1 + REMAT_RECOMPUTE[remat])
-  if kind == "transformer" and tpu_attention(model_cfg) == "splash":
-    from mmfree_jax.kernels import attention_tpu
-    blocks = T / attention_tpu.block_size(T)
-    act += SPLASH_PASSES_PER_BLOCK * blocks * d * L * tokens_chip
-  elif kind == "transformer":
-    heads = model_cfg.num_heads
-    act += ATTN_LOGIT_PASSES * 4 * heads * T * L * tokens_chip / 2  # causal half
-  act += 3 * 4 * model_cfg.vocab_size * tokens_chip  # fp32 logits fwd + bwd
-  hbm += act
-  hbm_s = hbm / chip.hbm_bytes_per_s
-  ici = 0.0
-  if f > 1:
-    ici += micro * (2 * 4 + 4) * n_params / t * (f - 1) / f  # gathers + reduce-scatter fp32
-  if t > 1:
-    # 4 all-reduces per layer of the [rows, T, d] bf16 activations a chip holds (t x its share
-    # of the tokens), ring all-reduce moves 2 (t-1)/t of it
-    ici += 4 * L * 2 * 2 * tokens_chip * t * d * (t - 1) / t
-  if mesh["data"] > 1:
-    ici += 2 * 4 * n_params / shards * (mesh["data"] - 1) / mesh["data"]
-  ici_s = ici / (chip.ici_bytes_per_s / 2)
-  step_s = max(compute_s, hbm_s, ici_s)
-  out = {"flops_analytic_model": model_flops, "flops_analytic_hw": hw_flops,
-         "compute_s": compute_s, "hbm_bytes": hbm, "hbm_s": hbm_s, "ici_bytes": ici,
-         "ici_s": ici_s, "step_s": step_s, "bound": ("compute", "HBM", "ICI")[
-             [compute_s, hbm_s, ici_s].index(step_s)],
-         "tokens_per_s_chip": tokens_chip / step_s,
-         "mfu_at_estimate": model_flops / step_s / chip.bf16_flops}
-  if int8_s is not None:
-    step8 = max(int8_s, hbm_s, ici_s)
-    out.update(int8_step_s=step8, int8_tokens_per_s_chip=tokens_chip / step8)
-  return out
 
 
 # ------------------------------------------------------------------------------ compilation
@@ -425,7 +297,8 @@ def _predicted_peak(cache: Cache, kind, size, chip_name, mesh, micro, remat) -> 
   rows = GLOBAL_BATCH // micro // (mesh["data"] * mesh["fsdp"])
   best = None
   for key, p in cache.points.items():
-    if p.get("status") not in ("fits", "oom") or (cache.refresh and key not in cache.fresh):
+    if (p.get("status") not in ("fits", "oom") or (cache.refresh and key not in cache.fresh)
+        or key.endswith(INT8_SUFFIX)):
       continue
     k_kind, k_size, k_chip, k_mesh, k_mb, k_remat = key.split("/")
     if (k_kind, k_remat) != (kind, remat):
@@ -450,13 +323,22 @@ def _mesh_str(mesh):
   return f"d{mesh['data']}f{mesh['fsdp']}t{mesh['tensor']}"
 
 
-def search(kind: str, size: str, chip_name: str, cache: Cache, *, jobs_timeout: int,
-           dry_run: bool, log=print) -> dict:
-  chip = CHIPS[chip_name]
-  _, model_cfg0 = model_config(kind, size, "none")
-  n_params = param_count(model_cfg0)
-  candidates = []
-  for mesh in mesh_candidates(chip.chips):
+def _compile_into(cache: Cache, key: str, spec: dict, extra: dict, timeout: int, log) -> dict:
+  log(f"compiling {key} ...")
+  point = run_point_subprocess(spec, timeout)
+  point.update(extra)
+  cache.put(key, point)
+  log(f"  {key}: {point['status']} in {point.get('compile_s', 0):.0f} s"
+      + (f", peak {point['memory']['peak_bytes'] / 2**30:.2f} GiB"
+         if point["status"] == "fits" else ""))
+  return point
+
+
+def _candidates(kind: str, size: str, chip_name: str, n_params: int) -> list[tuple]:
+  """(estimated step s, mesh, microbatches, remat) of every point, best first; ties
+  (compute-bound points) go to fewer microbatches, then less recomputation."""
+  sl, out = CHIPS[chip_name], []
+  for mesh in roofline.mesh_candidates(sl.chips):
     dp = mesh["data"] * mesh["fsdp"]
     for rows in (1, 2, 4, 8, 16, 32, 64):
       if GLOBAL_BATCH % (rows * dp):
@@ -464,12 +346,20 @@ def search(kind: str, size: str, chip_name: str, cache: Cache, *, jobs_timeout: 
       micro = GLOBAL_BATCH // (rows * dp)
       for remat in REMATS:
         _, model_cfg = model_config(kind, size, remat)
-        est = estimate(kind, model_cfg, n_params, chip, mesh, micro, remat)
-        candidates.append((est["step_s"], mesh, micro, remat, est))
-  # ties (compute-bound points) go to fewer microbatches, then less recomputation
-  candidates.sort(key=lambda c: (round(c[0], 6), c[2], REMATS.index(c[3])))
+        est = roofline.estimate(model_cfg, n_params, sl, mesh, micro, remat)
+        out.append((est["step_s"], mesh, micro, remat))
+  return sorted(out, key=lambda c: (round(c[0], 6), c[2], REMATS.index(c[3])))
+
+
+def search(kind: str, size: str, chip_name: str, cache: Cache, *, jobs_timeout: int,
+           dry_run: bool, log=print) -> dict:
+  """Compiles the points of `_candidates` in order until one fits; for MatMul-free, that
+  point again with `bitlinear_impl=int8` (key + "/int8")."""
+  chip = CHIPS[chip_name]
+  _, model_cfg0 = model_config(kind, size, "none")
+  n_params = param_count(model_cfg0)
   tried = []
-  for _, mesh, micro, remat, est in candidates:
+  for est_s, mesh, micro, remat in _candidates(kind, size, chip_name, n_params):
     key = _key(kind, size, chip_name, mesh, micro, remat)
     point = cache.get(key)
     if point is None:
@@ -478,26 +368,62 @@ def search(kind: str, size: str, chip_name: str, cache: Cache, *, jobs_timeout: 
         rows = GLOBAL_BATCH // micro // (mesh["data"] * mesh["fsdp"])
         _, model_cfg = model_config(kind, size, remat)
         pred = _prior_peak(model_cfg, n_params, mesh, rows, remat)
-      if pred > SKIP_FACTOR * chip.hbm_bytes:
+      if pred > SKIP_FACTOR * chip.chip.hbm_bytes:
         tried.append({"key": key, "status": "skipped", "predicted_peak_bytes": pred})
         continue
       if dry_run:
-        log(f"would compile {key} (estimate {est['step_s']:.3f} s)")
+        log(f"would compile {key} (estimate {est_s:.3f} s)")
         return {"chosen": None, "tried": tried}
-      log(f"compiling {key} (estimate {est['step_s']:.3f} s/step) ...")
       spec = dict(kind=kind, size=size, chip_name=chip_name, mesh_shape=mesh, micro=micro,
                   remat=remat)
-      point = run_point_subprocess(spec, jobs_timeout)
-      point.update(mesh=mesh, microbatches=micro, remat=remat, estimate=est,
-                   n_params=n_params)
-      cache.put(key, point)
-      log(f"  {key}: {point['status']} in {point.get('compile_s', 0):.0f} s"
-          + (f", peak {point['memory']['peak_bytes'] / 2**30:.2f} GiB"
-             if point["status"] == "fits" else ""))
+      extra = dict(mesh=mesh, microbatches=micro, remat=remat, n_params=n_params)
+      point = _compile_into(cache, key, spec, extra, jobs_timeout, log)
     tried.append({"key": key, "status": point["status"]})
     if point["status"] == "fits":
+      if kind == "mmfree" and cache.get(key + INT8_SUFFIX) is None:
+        extra = {k: cache.points[key][k] for k in ("mesh", "microbatches", "remat", "n_params")}
+        _compile_into(cache, key + INT8_SUFFIX, dict(spec_of(key), overrides=INT8), extra,
+                      jobs_timeout, log)
       return {"chosen": key, "tried": tried}
   return {"chosen": None, "tried": tried}
+
+
+INT8 = {"bitlinear_impl": "int8"}
+INT8_SUFFIX = "/int8"
+
+
+def spec_of(key: str) -> dict:
+  """The compile spec of a point key `kind/size/chip/d?f?t?/mb?/remat`."""
+  kind, size, chip_name, mesh, mb, remat = key.split("/")[:6]
+  d, f, t = (int(x) for x in re.findall(r"\d+", mesh))
+  return dict(kind=kind, size=size, chip_name=chip_name, micro=int(mb[2:]), remat=remat,
+              mesh_shape={"data": d, "fsdp": f, "tensor": t})
+
+
+def _fitted_row(cache: Cache, kind: str, size: str, chip_name: str, key: str) -> dict:
+  """The chosen point's compiled memory and its roofline (recomputed by the current code),
+  the int8 program's compile, and the like-for-like comparison with the paper."""
+  p, sl = cache.points[key], CHIPS[chip_name]
+  _, model_cfg = model_config(kind, size, p["remat"])
+  est = roofline.estimate(model_cfg, p["n_params"], sl, p["mesh"], p["microbatches"],
+                          p["remat"])
+  row = dict(fits=True, key=key, mesh=p["mesh"], microbatches=p["microbatches"],
+             remat=p["remat"], memory=p["memory"], compile_s=p["compile_s"],
+             xla_flops=p["xla_flops"], xla_bytes_accessed=p["xla_bytes_accessed"],
+             xla_flops_over_analytic=p["xla_flops"] / est["flops_analytic_hw"],
+             n_params=p["n_params"], tokens_per_chip_step=GLOBAL_BATCH * SEQ_LEN / sl.chips)
+  int8_tok = est.pop("int8_tokens_per_s_chip", None)
+  est.pop("int8_step_s", None)
+  if kind == "mmfree":
+    q = cache.points.get(key + INT8_SUFFIX)
+    row["int8"] = {"status": q["status"] if q else "not compiled"}
+    if q and q["status"] == "fits":  # an estimate only for a program that compiled
+      row["int8"].update(memory=q["memory"], tokens_per_s_chip=int8_tok,
+                         model=q.get("model", {}))
+    row["vs_paper"] = roofline.vs_paper(model_cfg, size, sl.chip, est["tokens_per_s_chip"],
+                                        p["remat"])
+  row["estimate"] = est
+  return row
 
 
 def summarize(cache: Cache) -> list[dict]:
@@ -507,32 +433,17 @@ def summarize(cache: Cache) -> list[dict]:
   for kind, size, chip_name in [(k, s, c) for k in KINDS for s in SIZES for c in CHIPS]:
     s = searches.get((kind, size, chip_name))
     chip = CHIPS[chip_name]
+    row = {"kind": kind, "size": size, "slice": chip.slice_name, "chips": chip.chips,
+           "topology": chip.topology, "hbm_bytes": chip.chip.hbm_bytes}
     if s is None:  # never searched (or a search that was stopped before it finished)
-      tried = [{"key": k, "status": p["status"]} for k, p in cache.points.items()
-               if k.startswith(f"{kind}/{size}/{chip_name}/")]
-      rows.append({"kind": kind, "size": size, "slice": chip.slice_name, "chips": chip.chips,
-                   "topology": chip.topology, "hbm_bytes": chip.hbm_bytes, "fits": None,
-                   "tried": tried})
-      continue
-    row = {"kind": kind, "size": size, "slice": chip.slice_name, "topology": chip.topology,
-           "chips": chip.chips, "hbm_bytes": chip.hbm_bytes, "tried": s["tried"]}
-    if s["chosen"]:
-      p = cache.points[s["chosen"]]
-      est = p["estimate"]
-      tokens_chip = GLOBAL_BATCH * SEQ_LEN / chip.chips
-      row.update(fits=True, key=s["chosen"], mesh=p["mesh"], microbatches=p["microbatches"],
-                 remat=p["remat"], memory=p["memory"], compile_s=p["compile_s"],
-                 xla_flops=p["xla_flops"], xla_bytes_accessed=p["xla_bytes_accessed"],
-                 xla_flops_over_analytic=p["xla_flops"] / est["flops_analytic_hw"],
-                 estimate=est, n_params=p["n_params"], tokens_per_chip_step=tokens_chip)
-      if chip_name == "v5p" and kind == "mmfree":
-        ref = PAPER_H100_TOKENS_PER_S[size]
-        row["vs_paper_h100"] = est["tokens_per_s_chip"] / ref
-        if "int8_tokens_per_s_chip" in est:
-          row["int8_vs_paper_h100"] = est["int8_tokens_per_s_chip"] / ref
+      row.update(fits=None, tried=[{"key": k, "status": p["status"]}
+                                   for k, p in cache.points.items()
+                                   if k.startswith(f"{kind}/{size}/{chip_name}/")])
+    elif s["chosen"]:
+      row.update(tried=s["tried"], **_fitted_row(cache, kind, size, chip_name, s["chosen"]))
     else:
       misses = [cache.points[t["key"]] for t in s["tried"] if t["status"] == "oom"]
-      row["fits"] = False
+      row.update(tried=s["tried"], fits=False)
       if misses:
         best = min(misses, key=lambda p: p["exceeded_bytes"])
         row.update(closest_miss=best, exceeded_bytes=best["exceeded_bytes"])
@@ -624,11 +535,15 @@ def main(argv=None) -> int:
       list(pool.map(one, todo))
   rows = summarize(cache)
   cache.save({"rows": rows, "global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN,
-              "chips": {k: dataclasses.asdict(v) for k, v in CHIPS.items()},
-              "paper_h100_tokens_per_s": PAPER_H100_TOKENS_PER_S,
-              "act_bytes_per_d": ACT_BYTES, "unix_time": time.time(),
+              "chips": {k: dict(dataclasses.asdict(v.chip), slice_name=v.slice_name,
+                                topology=v.topology, chips=v.chips)
+                        for k, v in CHIPS.items()},
+              "paper_h100_tokens_per_s": roofline.PAPER_H100_TOKENS_PER_S,
+              "paper_gpu": roofline.PAPER_GPU, "unix_time": time.time(),
               "notes": ["every step time / tokens/s is an ESTIMATE from datasheet peaks "
-                        "(roofline: max of compute, HBM, ICI terms), not a measurement",
+                        "(benchmarks.roofline: max of compute, known HBM traffic, ICI), not "
+                        "a measurement; vs_paper compares like with like (bound vs bound, "
+                        "or both chips at the paper's MFU)",
                         "xla_flops/xla_bytes_accessed are XLA cost_analysis as reported: "
                         "loop bodies (microbatch, layer and time scans) are counted once",
                         "memory is XLA's compiled memory_analysis per chip for the TPU target"]})
