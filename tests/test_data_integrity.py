@@ -6,6 +6,7 @@ damage is survived. Expected shard contents come from the documents with plain P
 `byte` tokenizer: utf-8 bytes, EOS 256) and the ArrayRecord reader, never from `prepared.py`.
 """
 
+from concurrent import futures
 import json
 import os
 import shutil
@@ -100,6 +101,21 @@ def test_each_shard_is_hashed_once_per_process(folder, tmp_path, monkeypatch):
   assert read_everything(folder, str(tmp_path)) > 0
   assert sorted(os.path.basename(p) for p in calls) == sorted(
       s["path"] for s in manifest["shards"])
+
+
+def test_threads_reading_at_once_hash_each_shard_once(folder, tmp_path, monkeypatch):
+  calls = []
+  real = shards_lib.sha256_file
+  monkeypatch.setattr(shards_lib, "sha256_file", lambda p: calls.append(p) or real(p))
+  cfg = cfg_for(folder)
+  tok = data.tokenizer_from_config(cfg, cache_dir=str(tmp_path))
+  (windows, _), = prepared_lib.split_windows(cfg, tok, "train")
+  with futures.ThreadPoolExecutor(8) as pool:
+    rows = list(pool.map(lambda i: windows[i * len(windows) // 64]["tokens"], range(64)))
+  assert len(rows) == 64
+  manifest = json.load(open(folder / "manifest.json"))
+  assert sorted(calls) == sorted(str(folder / manifest["shards"][i]["path"])
+                                 for i in manifest["splits"]["train"])
 
 
 def test_a_flipped_bit_names_the_shard_and_the_fix(folder, tmp_path):

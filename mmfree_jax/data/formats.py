@@ -26,6 +26,8 @@ import json
 import os
 from typing import Iterator
 
+from mmfree_jax.data import untrusted
+
 SOURCE_FORMATS = ("parquet", "jsonl", "text", "hf_disk")
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -122,8 +124,9 @@ def _hf_table(path: str, text_field: str, split: str):
   DatasetDict), checked to have a string column text_field."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-    with open(os.path.join(path, "dataset_dict.json")) as f:
-      splits = json.load(f).get("splits", [])
+    splits = untrusted.load_json(os.path.join(path, "dataset_dict.json"),
+                                 what="a DatasetDict index", fix="re-save the dataset")
+    splits = splits.get("splits", []) if isinstance(splits, dict) else []
     if split not in splits:
       raise ValueError(f"{path!r} is a DatasetDict with splits {splits}; pass --hf_split with "
                        "one of them")
@@ -132,9 +135,11 @@ def _hf_table(path: str, text_field: str, split: str):
   if not os.path.isfile(state_path):
     raise ValueError(f"{path!r} is not a `datasets` save_to_disk folder (no state.json); "
                      "save it with Dataset.save_to_disk or pick another --format")
-  with open(state_path) as f:
-    state = json.load(f)
-  files = [os.path.join(path, d["filename"]) for d in state.get("_data_files", [])]
+  state = untrusted.load_json(state_path, what="a save_to_disk state", fix="re-save the dataset")
+  entries = state.get("_data_files", []) if isinstance(state, dict) else []
+  files = [untrusted.confined_join(path, d.get("filename") if isinstance(d, dict) else d,
+                                   what=f"{state_path} _data_files", fix="re-save the dataset")
+           for d in entries]
   if not files:
     raise ValueError(f"{state_path} lists no data files; re-save the dataset")
   tables = []
@@ -249,8 +254,9 @@ def json_text(line: str, where: str, text_field: str, *, flag: str = "--text_fie
   name `where` (file:line) and the `flag` that picks the field."""
   try:
     row = json.loads(line)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{where} is not valid JSON ({e.msg}); fix or remove that line") from None
+  except (json.JSONDecodeError, RecursionError) as e:
+    reason = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply to parse"
+    raise ValueError(f"{where} is not valid JSON ({reason}); fix or remove that line") from None
   if not isinstance(row, dict) or text_field not in row:
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
     raise ValueError(f"{where} has no field {text_field!r} (has {keys}); set {flag} to the "

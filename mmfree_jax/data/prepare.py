@@ -59,6 +59,7 @@ from mmfree_jax.data import cutting
 from mmfree_jax.data import formats
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import tokenizer as tok_lib
+from mmfree_jax.data import untrusted
 from mmfree_jax.data.cache import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -272,9 +273,10 @@ def _check_out_dir(out: str) -> None:
 def _check_plan(out: str, plan: dict) -> None:
   path = os.path.join(out, PLAN)
   if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = untrusted.load_json(path, what="the settings of the prepare in --out",
+                              fix="pass a new --out, or delete the folder to start over")
     if old != plan:
+      old = old if isinstance(old, dict) else {}
       keys = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
       raise ValueError(f"--out {out!r} holds a prepare with other settings (differing: {keys}); "
                        "pass a new --out, or delete the folder to start over")

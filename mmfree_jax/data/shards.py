@@ -48,7 +48,10 @@ def sha256_file(path: str) -> str:
 
 # Shards that verified in this process, by (path, size, mtime, sha256): each is hashed once.
 _VERIFIED: set[tuple] = set()
-_VERIFY_LOCK = threading.Lock()
+# One lock per shard: grain's reader threads hash different shards at once (hashlib releases
+# the GIL), and threads reading one shard wait for its single hash.
+_LOCKS: dict[tuple, threading.Lock] = {}
+_LOCKS_LOCK = threading.Lock()
 REDO = ("copy the folder again, or rerun its prepare command (it keeps the shards that "
          "verify against their sidecars, redoes the rest and rewrites the manifest)")
 
@@ -78,7 +81,9 @@ def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) 
   key = (path, stat.st_size, stat.st_mtime_ns, meta["sha256"])
   if key in _VERIFIED:
     return
-  with _VERIFY_LOCK:
+  with _LOCKS_LOCK:
+    lock = _LOCKS.setdefault(key, threading.Lock())
+  with lock:
     if key in _VERIFIED:
       return
     if stat.st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
@@ -183,10 +188,13 @@ def committed_shards(out: str, plan_id: str) -> list[dict]:
     try:
       with open(side) as f:
         meta = json.load(f)
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deeply
       meta = {}
-    path = os.path.join(out, str(meta.get("path", "")))
-    if (meta.get("plan") != plan_id or not os.path.isfile(path)
+    if not isinstance(meta, dict):
+      meta = {}
+    path = os.path.join(out, shard_name(len(done)))  # never a path read from the sidecar
+    if (meta.get("plan") != plan_id or meta.get("path") != shard_name(len(done))
+        or not os.path.isfile(path)
         or os.path.getsize(path) != meta["bytes"] or sha256_file(path) != meta["sha256"]):
       log.warning("shard %d does not verify; redoing it and every later shard", len(done))
       break

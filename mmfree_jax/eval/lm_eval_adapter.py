@@ -185,6 +185,34 @@ def evaluate_tasks(workdir: str, tasks: list[str], *, step: int | None = None, c
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
   lm = MMFreeLM(workdir, step, config=config, batch_size=batch_size, packed=packed,
                 packed_method=packed_method)
-  manager = TaskManager(include_path=include_path) if include_path else None
-  out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
+  manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+  try:
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
+                                  task_manager=manager)
+  except (OSError, KeyError) as e:  # a dataset download refused or failed; an unknown name
+    raise ValueError(_task_error(list(tasks), manager, e)) from None
   return {"step": lm.step, "lm_eval": out["results"]}
+
+
+def _task_error(tasks: list[str], manager, error: Exception) -> str:
+  """One line naming the task that cannot load (found by loading each alone, only after a
+  failure) and the offline recipe."""
+  from lm_eval.tasks import get_task_dict  # pylint: disable=g-import-not-at-top
+  task = None
+  for name in tasks:
+    try:
+      get_task_dict([name], manager)
+    except (OSError, KeyError) as e:
+      task, error = name, e
+      break
+  if task is None:
+    raise error  # not a task's loading: a genuine bug, with its traceback
+  reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+  if isinstance(error, KeyError):
+    return (f"lm-eval task {task!r} is not a known task or group ({reason}); list them with "
+            "`lm-eval ls tasks`, or pass the folder of its YAML with --lm_eval_include_path")
+  return (f"lm-eval task {task!r} cannot load its dataset ({reason}): it is downloaded from "
+          "the Hugging Face Hub. Offline: run it once where the Hub is reachable (the cache "
+          "under HF_HOME fills), then set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; or write a "
+          "task YAML over local files (dataset_path: json, dataset_kwargs: {data_files: ...}) "
+          "and pass its folder with --lm_eval_include_path")

@@ -24,6 +24,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       choices=sorted(layout.EMBEDDING_DTYPES),
                       help="stored embedding dtype (default: the checkpoint's param dtype); int8: "
                            "per-row absmax codes + fp32 scales, the one lossy choice")
+  parser.add_argument("--tokenizer", default=None,
+                      help="data.tokenizer spec to store (byte | hf:<tokenizer.json> | "
+                           "spm:<model> | spm:mistral); default: the workdir's, and a workdir "
+                           "that records none exports ids-only")
   return parser.parse_args(argv)
 
 
@@ -32,14 +36,15 @@ def main(argv: list[str] | None = None) -> int:
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
     out = writer.export_workdir(args.workdir, args.dst, fmt=args.format, step=args.step,
-                                embedding_dtype=args.embedding_dtype)
+                                embedding_dtype=args.embedding_dtype, tokenizer=args.tokenizer)
   except (layout.PackedDirError, CheckpointError, FileNotFoundError, FileExistsError,
           ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"exported step {out['step']} as {out['format']} ({out['bytes'] / 2**20:.1f} MiB "
         f"model.safetensors, embedding {out['embedding_dtype']}) to {out['dst']}; tokenizer: "
-        f"{out['tokenizer'] or 'none (byte)'}; largest checkpoint leaf held: "
+        f"{out['tokenizer'] or 'none stored (byte, or ids only: eval.py --tokenizer)'}; "
+        "largest checkpoint leaf held: "
         f"{out['peak_leaf_bytes'] / 2**20:.1f} MiB")
   return 0
 

@@ -17,6 +17,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from mmfree_jax.config import ModelConfig, config_from_dict
+from mmfree_jax.data import untrusted
 from mmfree_jax.export.layout import (CONFIG, EMBEDDING_DTYPES, F32, INT8, MANIFEST,
                                       STORED_DTYPES, VERSION, WEIGHTS, PackedDirError, layout,
                                       linear_shapes)
@@ -32,8 +33,10 @@ def _read_json(path: str) -> dict:
   try:
     with open(path) as f:
       return json.load(f)
-  except ValueError as e:
-    raise PackedDirError(f"{path} is not valid JSON ({e}); export the directory again") from e
+  except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
+    reason = "nested too deeply" if isinstance(e, RecursionError) else e
+    raise PackedDirError(f"{path} is not valid JSON ({reason}); export the directory again"
+                         ) from None
 
 
 def load_config(directory: str):
@@ -44,9 +47,15 @@ def load_config(directory: str):
   except (KeyError, TypeError) as e:
     raise PackedDirError(f"{path}: not a mmfree_jax config ({e})") from e
   kind, _, arg = cfg.data.tokenizer.partition(":")
-  if kind in ("hf", "spm") and arg and not os.path.isabs(arg):
+  if kind in ("hf", "spm") and arg and arg != "mistral":  # the export stores a relative file
+    try:
+      file = untrusted.confined_join(os.path.abspath(directory), arg,
+                                     what=f"{path} data.tokenizer",
+                                     fix="export the directory again")
+    except ValueError as e:
+      raise PackedDirError(str(e)) from None
     with cfg.unlocked():
-      cfg.data.tokenizer = f"{kind}:{os.path.join(os.path.abspath(directory), arg)}"
+      cfg.data.tokenizer = f"{kind}:{file}"
   return cfg
 
 

@@ -41,7 +41,7 @@ def _tokenizer_files(cfg, tmp: str) -> str | None:
   the copy (relative to the directory). Returns the file name or None (`byte`)."""
   spec = cfg.data.tokenizer
   kind = spec.partition(":")[0]
-  if spec == "byte":
+  if spec in ("byte", ""):  # "": none recorded (an HF import without one): ids only
     return None
   if kind == "bpe":  # trained on the corpus and cached: store the trained file itself
     tok = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
@@ -148,7 +148,7 @@ def _producers(reader: _LeafReader, cfg: ModelConfig, fmt: str,
 
 
 def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | None = None,
-                   embedding_dtype: str | None = None) -> dict:
+                   embedding_dtype: str | None = None, tokenizer: str | None = None) -> dict:
   """Writes the packed directory of a MatMul-free workdir's checkpoint.
 
   Args:
@@ -159,12 +159,17 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
     embedding_dtype: dtype of the stored embedding (default: the checkpoint's param dtype;
       'bfloat16' halves its bytes, as the released models store it; 'int8' stores per-row
       absmax codes and scales, a quarter of fp32, and is the one lossy choice).
+    tokenizer: a `data.tokenizer` spec to store instead of the workdir's; a workdir that
+      records none (an HF import of a folder without a tokenizer file) exports ids-only.
   Returns:
     a summary: dst, step, format, bytes of model.safetensors, peak restored leaf bytes.
   """
   if fmt not in packed.FORMATS:
     raise PackedDirError(f"unknown packed format {fmt!r}; choose one of {EXPORT_FORMATS}")
   cfg = loading.load_workdir_config(workdir)
+  if tokenizer is not None:
+    with cfg.unlocked():
+      cfg.data.tokenizer = tokenizer
   model_cfg = ModelConfig.from_config(cfg.model)
   if model_cfg.kind != "mmfree":
     raise PackedDirError(

@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hgrn_bit: data.tokenizer spec to record (e.g. spm:mistral, "
                         "hf:<tokenizer.json>, byte); default: the folder's tokenizer.model / "
                         "tokenizer.json, or none")
+  imp.add_argument("--allow_nonfinite", action="store_true",
+                   help="import tensors holding NaN/inf (refused by default: such a model "
+                        "computes NaN losses)")
   exp = sub.add_parser("export", help="workdir → HF folder (config.json + model.safetensors)")
   exp.add_argument("--workdir", required=True, help="training or import workdir")
   exp.add_argument("--dst", required=True, help="new HF folder (must not exist or be empty)")
@@ -45,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     if args.command == "import":
       if args.arch == "llama":
-        out = llama.import_llama(args.src, args.workdir, dtype=args.dtype)
+        out = llama.import_llama(args.src, args.workdir, dtype=args.dtype,
+                                 allow_nonfinite=args.allow_nonfinite)
       else:
         out = checkpoint_io.import_checkpoint(args.src, args.workdir, dtype=args.dtype,
-                                        tokenizer=args.tokenizer)
+                                              tokenizer=args.tokenizer,
+                                              allow_nonfinite=args.allow_nonfinite)
       model = out["model"]
       tokenizer = out["tokenizer"] or ("none (the folder has no tokenizer file; pass "
                                        "--tokenizer to eval.py)")

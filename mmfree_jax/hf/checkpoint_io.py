@@ -31,7 +31,7 @@ from flax import nnx
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig, config_from_dict
-from mmfree_jax.data import tokenizer_from_config
+from mmfree_jax.data import tokenizer_from_config, untrusted
 from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.data.tokenizer import load_tokenizer, mistral_tokenizer_path
 from mmfree_jax.hf import mapping, tensors
@@ -103,10 +103,10 @@ def read_hf_config(src: str) -> dict:
     raise HFCheckpointError(f"{path} not found: --src must be an HF model folder holding "
                             "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)")
   try:
-    with open(path) as f:
-      config = json.load(f)
+    config = untrusted.load_json(path, what="an HF model config",
+                                 fix="re-download the model's config.json")
   except ValueError as e:
-    raise HFCheckpointError(f"{path} is not valid JSON: {e}") from e
+    raise HFCheckpointError(str(e)) from None
   if not isinstance(config, dict):
     raise HFCheckpointError(f"{path} must hold a JSON object; got {type(config).__name__}")
   return config
@@ -238,7 +238,7 @@ def _check_special_ids(spec: str, hf_config: dict, tmp: str, workdir: str) -> li
 
 
 def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
-                      tokenizer: str | None = None) -> dict:
+                      tokenizer: str | None = None, allow_nonfinite: bool = False) -> dict:
   """Converts an HF hgrn_bit folder into a workdir `loading.load_model` can open.
 
   Args:
@@ -248,6 +248,7 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
     dtype: param (and compute) dtype of the imported model: float32 (default), float64,
       bfloat16 or float16. Weights stay latent full precision in that dtype.
     tokenizer: a `data.tokenizer` spec to record instead of the folder's tokenizer file.
+    allow_nonfinite: import tensors holding NaN/inf (refused by default, naming the tensor).
   Returns:
     a summary dict (workdir, num_params, tokenizer ('' = none), notes, model config).
   """
@@ -261,7 +262,7 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
                    ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
                     "hidden_ratio", "use_lower_bound"))
   workdir = check_destination(workdir)
-  with tensors.open_weights(src) as weights:
+  with tensors.open_weights(src, allow_nonfinite=allow_nonfinite) as weights:
     check_weights(weights, layout, note)
     with staged_directory(workdir) as tmp:
       tokenizer = _import_tokenizer(src, tmp, workdir, tokenizer)

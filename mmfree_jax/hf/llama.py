@@ -251,10 +251,12 @@ def _config_note(hf_config: dict) -> str:
                     "tie_word_embeddings"))
 
 
-def load_llama(src: str, *, dtype: str = "float32") -> tuple[dict, dict[str, np.ndarray]]:
+def load_llama(src: str, *, dtype: str = "float32",
+               allow_nonfinite: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
   """Reads an HF Llama folder into memory: `(our model section, flat {path: numpy array})`.
 
   What `import_llama` writes to a workdir, and what distillation uses directly as a teacher.
+  A tensor holding NaN/inf is refused unless allow_nonfinite.
   """
   np_dtype = checkpoint_io.numpy_dtype(dtype)
   hf_config = checkpoint_io.read_hf_config(src)
@@ -262,7 +264,7 @@ def load_llama(src: str, *, dtype: str = "float32") -> tuple[dict, dict[str, np.
   model_cfg = ModelConfig.from_config(section)
   shapes = checkpoint_io.our_shapes(model_cfg)
   layout = slots(shapes, model_cfg.num_layers, is_tied(hf_config))
-  with tensors.open_weights(src) as weights:
+  with tensors.open_weights(src, allow_nonfinite=allow_nonfinite) as weights:
     check_weights(weights, layout, _config_note(hf_config))
     flat = read_params(weights, layout, shapes, np_dtype)
   return section, flat
@@ -276,7 +278,8 @@ def tokenizer_spec(folder: str) -> tuple[str, str] | None:
   return None
 
 
-def import_llama(src: str, workdir: str, *, dtype: str = "float32") -> dict:
+def import_llama(src: str, workdir: str, *, dtype: str = "float32",
+                 allow_nonfinite: bool = False) -> dict:
   """Converts an HF Llama folder into a Transformer++ workdir (params-only step 0).
 
   The tokenizer file (tokenizer.json, else tokenizer.model) is copied and named in the
@@ -284,7 +287,7 @@ def import_llama(src: str, workdir: str, *, dtype: str = "float32") -> dict:
   teacher's tokenizer before training on it.
   """
   workdir = checkpoint_io.check_destination(workdir)
-  section, flat = load_llama(src, dtype=dtype)
+  section, flat = load_llama(src, dtype=dtype, allow_nonfinite=allow_nonfinite)
   with checkpoint_io.staged_directory(workdir) as tmp:
     data = {}
     found = tokenizer_spec(src)

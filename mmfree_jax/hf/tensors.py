@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from mmfree_jax.data import untrusted
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 SAFETENSORS_DTYPES = {
@@ -138,6 +139,7 @@ class WeightFiles:
     self._shards = shards
     self._where = where  # tensor name -> shard
     self.description = description
+    self.allow_nonfinite = False  # read() refuses NaN/inf unless set (open_weights' flag)
 
   @property
   def names(self) -> list[str]:
@@ -153,7 +155,17 @@ class WeightFiles:
     return os.path.basename(self._where[name].path)
 
   def read(self, name: str) -> np.ndarray:
-    return self._where[name].read(name)
+    """The tensor `name` as stored; a NaN or inf in it is an HFCheckpointError unless
+    `allow_nonfinite` (a model imported with one computes NaN losses and perplexities)."""
+    tensor = self._where[name].read(name)
+    if not self.allow_nonfinite:
+      bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
+      if bad:
+        raise HFCheckpointError(
+            f"{name} in {self.file_of(name)} holds {bad} non-finite value(s) (NaN/inf) of "
+            f"{tensor.size}: a damaged download or a diverged run; re-download it, or import "
+            "it anyway with --allow_nonfinite (allow_nonfinite=True)")
+    return tensor
 
   def close(self) -> None:
     for shard in self._shards:
@@ -166,14 +178,19 @@ class WeightFiles:
     self.close()
 
 
-def open_weights(folder: str) -> WeightFiles:
+def open_weights(folder: str, *, allow_nonfinite: bool = False) -> WeightFiles:
   """Opens `model.safetensors`, or the shards of `model.safetensors.index.json`, or (torch
-  only) `pytorch_model.bin` / its index, in that order of preference."""
+  only) `pytorch_model.bin` / its index, in that order of preference. Reading a tensor with a
+  NaN or inf fails unless allow_nonfinite."""
   for single, index in ((SINGLE_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
     if os.path.isfile(os.path.join(folder, single)):
-      return _open_single(os.path.join(folder, single))
-    if os.path.isfile(os.path.join(folder, index)):
-      return _open_index(folder, index)
+      weights = _open_single(os.path.join(folder, single))
+    elif os.path.isfile(os.path.join(folder, index)):
+      weights = _open_index(folder, index)
+    else:
+      continue
+    weights.allow_nonfinite = allow_nonfinite
+    return weights
   present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "(folder does not exist)"
   raise HFCheckpointError(
       f"no weights in {folder}: expected {SINGLE_FILE}, or {SAFETENSORS_INDEX} with its "
@@ -189,20 +206,29 @@ def _open_single(path: str) -> WeightFiles:
 def _open_index(folder: str, index_name: str) -> WeightFiles:
   """Opens every shard the index names and checks that each holds the tensors listed for it."""
   index_path = os.path.join(folder, index_name)
+  fix = "re-download the index"
   try:
-    with open(index_path) as f:
-      weight_map = json.load(f)["weight_map"]
+    weight_map = untrusted.load_json(index_path, what="an HF weight index", fix=fix)
+    weight_map = weight_map["weight_map"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise HFCheckpointError(f"cannot read the weight_map of {index_path}: {e}") from e
+    raise HFCheckpointError(f"cannot read the weight_map of {index_path}: {e}") from None
+  if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+    raise HFCheckpointError(f"{index_path}: weight_map is not an object of tensor name -> "
+                            f"shard file name; {fix}")
   files = sorted(set(weight_map.values()))
-  absent = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+  try:
+    paths = {name: untrusted.confined_join(folder, name, what=f"{index_path} weight_map",
+                                           fix=fix) for name in files}
+  except ValueError as e:
+    raise HFCheckpointError(str(e)) from None
+  absent = [name for name in files if not os.path.isfile(paths[name])]
   if absent:
     raise HFCheckpointError(f"{index_path} references shards missing from {folder}: {absent}. "
                             "Download all shards listed in the index")
   shards = {}
   try:
     for name in files:
-      shards[name] = _open_shard(os.path.join(folder, name))
+      shards[name] = _open_shard(paths[name])
     held = {name: set(shard.names()) for name, shard in shards.items()}
     where = {}
     for tensor, name in weight_map.items():
