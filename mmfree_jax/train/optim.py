@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import optax
 
-SCHEDULES = ("cosine", "linear", "constant")
+from mmfree_jax.config.schema import SCHEDULES
 # Runs of non-finite gradients tolerated by `optax.apply_if_finite` before it gives up and
 # applies them; the trainer's nan_policy decides what happens long before that.
 MAX_CONSECUTIVE_NONFINITE = 1_000_000
