@@ -3,7 +3,7 @@
     python -m mmfree_jax.hf import --arch llama --src HF_DIR --workdir DIR [--dtype float32]
 
 Llama's layout in our terms: RMSNorm, rotate-half RoPE (HF stores q/k already permuted for
-it, as our `ops.attention.rope` expects), causal softmax attention with grouped K/V heads
+it, as our `numerics.attention.rope` expects), causal softmax attention with grouped K/V heads
 (`num_key_value_heads` → `model.num_kv_heads`), SwiGLU whose `gate_proj` and `up_proj` we hold
 fused in one `[d, 2I]` kernel (gate columns first), untied or tied (`tie_word_embeddings`: the
 embedding is copied into our untied `lm_head`).
