@@ -129,6 +129,23 @@ def test_a_flipped_bit_names_the_shard_and_the_fix(folder, tmp_path):
     read_everything(bad, str(tmp_path))
 
 
+def test_a_read_error_after_verification_names_the_shard(folder, tmp_path):
+  cfg = cfg_for(folder)
+  tok = data.tokenizer_from_config(cfg, cache_dir=str(tmp_path))
+  (windows, _), = prepared_lib.split_windows(cfg, tok, "train")
+  assert windows[0]["tokens"].size  # verifies shard 0
+
+  class Broken:  # what riegeli raises for a file damaged after it verified
+    def __getitem__(self, index):
+      raise RuntimeError("Corrupted Riegeli/records file: block header hash mismatch\nmore")
+
+  windows.source = Broken()
+  with pytest.raises(ValueError, match=r"shard .*shard-00000\.array_record cannot be read "
+                     r"\(Corrupted Riegeli.*mismatch\); copy the folder again") as info:
+    windows[0]
+  assert "\n" not in str(info.value)
+
+
 def lie_records(m):
   m["shards"][0]["records"] += 1
 

@@ -60,7 +60,10 @@ def write_shards(stream, shards: list[dict], target: Target) -> int:
           writer = None
         lo_doc, lo_tok = hi_doc, hi_tok
     if writer is not None and writer.index == 0 and writer.documents >= 2:
-      shards += split_only_shard(writer, target)
+      tokens, documents, start = writer.read_back(), writer.documents, writer.start
+      writer.abort()  # its file is rewritten as two shards
+      writer = None
+      shards += split_only_shard(tokens, documents, start, target)
     elif writer is not None:
       shards.append(writer.commit((len(target.paths), 0), final=True, plan_id=target.plan_id))
     elif shards:  # the stream ended exactly at a shard boundary: mark the last one final
@@ -73,22 +76,27 @@ def write_shards(stream, shards: list[dict], target: Target) -> int:
   return new_tokens
 
 
-def split_only_shard(writer: shards_lib.ShardWriter, target: Target) -> list[dict]:
-  """Commits a corpus that fits one shard as two, cut at the document that brings the first
-  to `ONLY_SHARD_CUT` of the tokens, so that one can be held out for validation whatever
-  --val_shards says (the shards never depend on it). Returns both sidecars."""
-  tokens = writer.read_back()
+def split_only_shard(tokens: np.ndarray, documents: int, start, target: Target) -> list[dict]:
+  """Commits a corpus that fits one shard (`tokens`, its `documents`, from input `start`) as
+  two, cut at the document that brings the first to `ONLY_SHARD_CUT` of the tokens, so that
+  one can be held out for validation whatever --val_shards says (the shards never depend on
+  it). Returns both sidecars (one, final, if the EOS tokens do not mark the documents)."""
   doc_ends = np.flatnonzero(tokens == target.tok.eos_id) + 1  # encode never emits EOS
-  k = min(int(np.searchsorted(doc_ends, ONLY_SHARD_CUT * len(tokens))), len(doc_ends) - 2)
-  cut_docs, cut = k + 1, int(doc_ends[k])
-  middle = position_after(target.paths, target.opts, cut_docs)
+  end = (len(target.paths), 0)
+  if len(doc_ends) != documents or doc_ends[-1] != len(tokens):  # never for our tokenizers
+    pieces = [((0, len(tokens)), documents, start, end)]
+  else:
+    k = min(int(np.searchsorted(doc_ends, ONLY_SHARD_CUT * len(tokens))), documents - 2)
+    cut = int(doc_ends[k])
+    middle = position_after(target.paths, target.opts, k + 1)
+    pieces = [((0, cut), k + 1, start, middle), ((cut, len(tokens)), documents - k - 1, middle,
+                                                 end)]
   sidecars = []
-  for index, (lo, hi), docs, start, end in ((0, (0, cut), cut_docs, writer.start, middle),
-                                            (1, (cut, len(tokens)), len(doc_ends) - cut_docs,
-                                             middle, (len(target.paths), 0))):
-    piece = target.writer(index, start)
+  for index, ((lo, hi), docs, first, last) in enumerate(pieces):
+    piece = target.writer(index, first)
     piece.add(tokens[lo:hi], docs)
-    sidecars.append(piece.commit(end, final=index == 1, plan_id=target.plan_id))
+    sidecars.append(piece.commit(last, final=index == len(pieces) - 1,
+                                 plan_id=target.plan_id))
   return sidecars
 
 
