@@ -59,8 +59,11 @@ def test_frozen_configs_take_their_fields_and_defaults_from_the_schema(cls, sect
 def test_registry_names_match_the_modules_that_dispatch_on_them():
   from mmfree_jax.convert import calibrate, student  # pylint: disable=import-outside-toplevel
   from mmfree_jax.data import sources  # pylint: disable=import-outside-toplevel
-  from mmfree_jax.train import optim  # pylint: disable=import-outside-toplevel
-  assert schema.SCHEDULES == optim.SCHEDULES
+  from mmfree_jax.parallel import mesh  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.train import distill, optim  # pylint: disable=import-outside-toplevel
+  assert schema.SCHEDULES is optim.SCHEDULES
+  assert distill.DistillSettings is DistillSettings
+  assert schema.MESH_AXES == mesh.MESH_AXES
   assert schema.DATA_SOURCES == sources.SOURCES
   assert schema.CALIBRATIONS == tuple(calibrate.CALIBRATIONS)
   assert schema.SCHEMA["distill"]["mapping"].default == student.DEFAULT_MAPPING
