@@ -1,4 +1,9 @@
-"""Device mesh `('data', 'fsdp', 'tensor')` from the `mesh` config section."""
+"""Device mesh `('data', 'fsdp', 'tensor')` from the `mesh` config section.
+
+Devices of several TPU slices (multi-slice, `device.slice_index`) get a hybrid mesh: the
+`mesh.dcn` factor of each axis spans slices (the data-center network), the rest stays inside
+a slice (ICI).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -43,16 +49,61 @@ def resolve_mesh_shape(shape_cfg, num_devices: int) -> dict[str, int]:
   return shape
 
 
-def make_mesh(shape_cfg, devices=None) -> Mesh:
-  """A mesh with Auto axis types (so `with_sharding_constraint` applies) over `devices`."""
+def num_slices(devices) -> int:
+  """How many TPU slices `devices` span (1 for devices without `slice_index`: CPU, GPU)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def split_over_slices(shape: dict[str, int], dcn_cfg, slices: int):
+  """Splits a resolved mesh shape into per-slice (ICI) and across-slice (DCN) factors.
+
+  Args:
+    shape: the resolved mesh, `{axis: size}` over `MESH_AXES`, all devices together.
+    dcn_cfg: mapping axis -> slices it spans; at most one -1 (= the remaining slices).
+    slices: the number of slices the devices form.
+  Returns:
+    `(ici, dcn)`: tuples of sizes in `MESH_AXES` order, `ici[i] * dcn[i] == shape[axis]`.
+  """
+  try:
+    dcn_shape = resolve_mesh_shape(dcn_cfg, slices)
+  except ValueError:
+    raise ValueError(
+        f"mesh.dcn={dict(dcn_cfg)} does not fit the {slices} slice(s) the devices form: make "
+        "the product of --config.mesh.dcn.{data,fsdp,tensor} equal the number of slices, or "
+        "set one axis to -1") from None
+  for axis in MESH_AXES:
+    if shape[axis] % dcn_shape[axis]:
+      raise ValueError(
+          f"mesh.shape.{axis}={shape[axis]} cannot span {dcn_shape[axis]} slices "
+          f"(mesh.dcn.{axis}); make mesh.shape.{axis} a multiple of mesh.dcn.{axis}")
+  ici = tuple(shape[a] // dcn_shape[a] for a in MESH_AXES)
+  return ici, tuple(dcn_shape[a] for a in MESH_AXES)
+
+
+def make_mesh(shape_cfg, devices=None, dcn_cfg=None) -> Mesh:
+  """A mesh with Auto axis types (so `with_sharding_constraint` applies) over `devices`.
+
+  Args:
+    shape_cfg: `mesh.shape`, sizes of the whole mesh per axis (one may be -1).
+    devices: the devices (default: all of them); an AOT topology's devices work too.
+    dcn_cfg: `mesh.dcn`, slices spanned per axis (default `{"data": -1}`: the batch is what
+      crosses slices, so a step's only DCN traffic is the gradient reduction). Used only when
+      the devices span more than one slice.
+  """
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(shape_cfg, len(devices))
   sizes = tuple(shape[a] for a in MESH_AXES)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  slices = num_slices(devices)
+  if slices > 1:
+    ici, dcn = split_over_slices(shape, {"data": -1} if dcn_cfg is None else dcn_cfg, slices)
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES, axis_types=axis_types)
+  if dcn_cfg is not None:
+    split_over_slices(shape, dcn_cfg, 1)  # a mesh.dcn asking for slices that are not there
   if len(devices) == len(jax.devices()):
-    return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
-  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+  return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=axis_types)
 
 
 def data_parallel_size(mesh: Mesh, batch_axes=("data", "fsdp")) -> int:

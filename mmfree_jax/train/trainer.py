@@ -265,7 +265,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
   train_cfg = cfg.train
   schedule = optim.learning_rate_schedule(cfg.optim, train_cfg.steps)
   tx = optim.make_optimizer(cfg.optim, train_cfg.steps)
-  mesh = mesh_lib.make_mesh(cfg.mesh.shape)
+  mesh = mesh_lib.make_mesh(cfg.mesh.shape, dcn_cfg=cfg.mesh.dcn)
   rules = sharding.normalize_rules(cfg.mesh.axis_rules)
   check_batch_layout(train_cfg, mesh)
   check_workdir_writable(workdir)
