@@ -63,6 +63,10 @@ class TrainResult:
 
 def check_workdir_writable(workdir: str) -> None:
   """Fails before any compute if the workdir cannot be created or written."""
+  if "://" in workdir:  # os.makedirs would make a local folder named 'gs:'
+    raise ValueError(f"workdir {workdir!r}: object-storage workdirs (gs://, s3://) are not "
+                     "supported yet; mount the bucket (e.g. Cloud Storage FUSE) and pass "
+                     "its local path")
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{os.getpid()}")

@@ -1,0 +1,210 @@
+"""The launchers in launch/: SLURM discovery trains like an explicit coordinator, the JobSet
+gives every pod what `dist.coordinator=auto` reads, the TPU VM command is the README's."""
+
+import json
+import os
+import random
+import re
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import portpicker
+import pytest
+import yaml
+
+from mmfree_jax.parallel import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO, "tests", "_train_worker.py")
+LAUNCH = os.path.join(REPO, "launch")
+
+
+def _read(*path):
+  with open(os.path.join(*path)) as f:
+    return f.read()
+
+
+# ---- SLURM: dist.coordinator=auto from the SLURM_* variables ----
+
+def _slurm_job_id() -> int:
+  """A job id whose coordinator port is free: JAX's SLURM detection listens on
+  `SLURM_JOB_ID % 4096 + 61440` on the step's first node."""
+  for _ in range(200):
+    port = random.randint(61440, 65535)
+    if portpicker.is_port_free(port):
+      return 4096 * 1000 + port - 61440
+  raise RuntimeError("no free port in 61440-65535 for the SLURM coordinator")
+
+
+def _start(workdir, out, overrides, env_extra):
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith(("SLURM_", "MMFREE_COORDINATOR", "MMFREE_NUM_", "MMFREE_PROCESS"))}
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             **env_extra)
+  return subprocess.Popen([sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait(procs):
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_slurm_auto_discovery_trains_like_explicit_coordinator(tmp_path):
+  overrides = {"train.steps": 3, "train.global_batch": 4}
+  port = portpicker.pick_unused_port()
+  _wait([_start(tmp_path / "explicit", tmp_path / "explicit", overrides,
+                {"MMFREE_COORDINATOR": f"127.0.0.1:{port}", "MMFREE_NUM_PROCESSES": "2",
+                 "MMFREE_PROCESS_ID": str(i)}) for i in range(2)])
+  job = {"SLURM_JOB_ID": str(_slurm_job_id()), "SLURM_STEP_NODELIST": "127.0.0.1",
+         "SLURM_STEP_NUM_NODES": "1", "SLURM_NTASKS": "2"}  # what srun sets, one node
+  tasks = [{**job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)} for i in range(2)]
+  assert set(distributed.AUTO_ENV["slurm"]) <= set(tasks[0])
+  slurm = [_start(tmp_path / "slurm", tmp_path / "slurm", {**overrides, "dist.coordinator": "auto"},
+                  task) for task in tasks]
+  _wait(slurm)
+  explicit = json.loads((tmp_path / "explicit.json").read_text())
+  auto = json.loads((tmp_path / "slurm.json").read_text())
+  assert explicit["process_count"] == auto["process_count"] == 2
+  assert explicit["final_step"] == auto["final_step"] == 3
+  assert auto["losses"] == explicit["losses"]  # the same program on the same devices: bitwise
+  p1, p2 = np.load(tmp_path / "explicit.npz"), np.load(tmp_path / "slurm.npz")
+  assert sorted(p1.files) == sorted(p2.files)
+  for k in p1.files:
+    np.testing.assert_array_equal(p2[k], p1[k], err_msg=k)
+
+
+def test_auto_without_a_cluster_is_one_clear_line(monkeypatch):
+  for k in list(os.environ):
+    if k.startswith(("SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "KUBERNETES_")):
+      monkeypatch.delenv(k)
+  script = ("from mmfree_jax.config import base_config\n"
+            "from mmfree_jax.parallel import distributed\n"
+            "c = base_config(); c.dist.coordinator = 'auto'\n"
+            "distributed.maybe_initialize(c.dist)\n")
+  run = subprocess.run([sys.executable, "-c", script], check=False,
+                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       timeout=120)
+  assert run.returncode != 0
+  last = run.stderr.strip().splitlines()[-1]
+  assert last.startswith("ValueError: dist.coordinator=auto found no cluster environment")
+  assert "launch/" in last
+
+
+def test_sbatch_script_runs_train_py_under_srun_with_auto(tmp_path):
+  """The script, with a stand-in `srun` that records its argv: one task per GPU and every
+  argument passed on to train.py after `--config.dist.coordinator=auto`."""
+  text = _read(LAUNCH, "slurm.sbatch")
+  directives = dict(re.findall(r"^#SBATCH --([\w-]+)=(\S+)", text, re.MULTILINE))
+  assert directives["ntasks-per-node"] == directives["gpus-per-node"]
+  fake = tmp_path / "bin"
+  fake.mkdir()
+  (fake / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
+  (fake / "srun").chmod(0o755)
+  env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "a"),
+         "MMFREE_REPO": REPO, "MMFREE_PYTHON": "/opt/py/bin/python"}
+  subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--workdir=/shared/w",
+                  "--config.train.steps=5"], env=env, check=True, timeout=60)
+  argv = (tmp_path / "a").read_text().splitlines()
+  assert argv == ["--kill-on-bad-exit=1", "/opt/py/bin/python", "train.py",
+                  "--config.dist.coordinator=auto", "--noprogress", "--workdir=/shared/w",
+                  "--config.train.steps=5"]
+
+
+# ---- GKE JobSet ----
+
+def _pod_env(container, slice_id, host):
+  """The container's environment in pod `host` of slice `slice_id`, as Kubernetes renders it:
+  the JobSet/Job index annotations and `$(VAR)` references to earlier variables."""
+  annotations = {"jobset.sigs.k8s.io/job-index": str(slice_id),
+                 "batch.kubernetes.io/job-completion-index": str(host)}
+  env = {}
+  for var in container["env"]:
+    if "valueFrom" in var:
+      path = var["valueFrom"]["fieldRef"]["fieldPath"]
+      key = re.fullmatch(r"metadata\.annotations\['([^']+)'\]", path).group(1)
+      env[var["name"]] = annotations[key]
+    else:
+      env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
+  return env
+
+
+def test_jobset_sets_everything_auto_needs(monkeypatch):
+  # what dist.coordinator=auto runs on GKE TPU
+  from jax._src.clusters import cloud_tpu_cluster
+  jobset = yaml.safe_load(_read(LAUNCH, "jobset.yaml"))
+  assert jobset["kind"] == "JobSet" and jobset["spec"]["network"]["enableDNSHostnames"]
+  name = jobset["metadata"]["name"]
+  (rjob,) = jobset["spec"]["replicatedJobs"]
+  job = rjob["template"]["spec"]
+  assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"]
+  pod = job["template"]["spec"]
+  (container,) = pod["containers"]
+  assert "--config.dist.coordinator=auto" in container["command"]
+  assert any(a.startswith("--workdir=gs://") for a in container["command"])
+  config = next(a for a in container["command"] if a.startswith("--config="))
+  assert os.path.exists(os.path.join(REPO, config.split("=", 1)[1]))
+  chips = int(container["resources"]["limits"]["google.com/tpu"])
+  x, y = map(int, pod["nodeSelector"]["cloud.google.com/gke-tpu-topology"].split("x"))
+  assert job["completions"] * chips == x * y  # one pod per host of the slice
+
+  slices, hosts = rjob["replicas"], job["completions"]
+  ids = []
+  for s in range(slices):
+    for h in range(hosts):
+      env = _pod_env(container, s, h)
+      needed = distributed.AUTO_ENV["gke_tpu"] + distributed.AUTO_ENV["multislice"]
+      assert set(needed) <= set(env), set(needed) - set(env)
+      for k, v in env.items():
+        monkeypatch.setenv(k, v)
+      cluster = cloud_tpu_cluster.GkeTpuCluster
+      own_name = f"{name}-{rjob['name']}-{s}-{h}.{name}"  # the pod's DNS name in the JobSet
+      assert cluster._get_worker_list_in_slice()[h] == own_name
+      assert cluster.get_process_count() == slices * hosts
+      ids.append(cluster.get_process_id())
+      assert env["MEGASCALE_COORDINATOR_ADDRESS"] == f"{name}-{rjob['name']}-0-0.{name}"
+  assert ids == list(range(slices * hosts))
+
+
+# ---- TPU VM ----
+
+def _readme_block(marker):
+  """The README's bash block whose first command line starts with `marker`: (command, output)."""
+  readme = _read(REPO, "README.md")
+  for block in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL):
+    if block.startswith(marker):
+      command, output = block.split("\n", 1)
+      return command, output.strip()
+  raise AssertionError(f"README has no ```bash block starting with {marker!r}")
+
+
+def test_tpu_vm_command_is_the_readmes():
+  command, shown = _readme_block("python launch/tpu_vm.py")
+  argv = shlex.split(command)
+  printed = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True,
+                           text=True, check=True, timeout=60).stdout.strip()
+  assert printed == shown
+  assert shown.startswith("gcloud compute tpus tpu-vm ssh ") and " --worker=all " in shown
+  remote = shlex.split(shown)[-1].removeprefix("--command=")
+  assert "train.py --config.dist.coordinator=auto" in remote
+
+
+def test_tpu_vm_refuses_dist_flags():
+  run = subprocess.run([sys.executable, os.path.join(LAUNCH, "tpu_vm.py"), "--name=a",
+                        "--zone=z", "--", "--config.dist.num_processes=4"],
+                       check=False, capture_output=True, text=True, timeout=60)
+  assert run.returncode != 0
+  assert "--config.dist.num_processes=4 is set by the launcher" in run.stderr
+
+
+def test_object_storage_workdir_is_refused_before_a_local_gs_folder(tmp_path, monkeypatch):
+  from mmfree_jax.train import trainer
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ValueError, match="object-storage workdirs .* not supported yet"):
+    trainer.check_workdir_writable("gs://bucket/run")
+  assert not os.path.exists(tmp_path / "gs:")
