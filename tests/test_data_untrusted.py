@@ -176,6 +176,14 @@ def test_a_deeply_nested_corpus_line_names_its_file_and_line(tmp_path):
                                      cache_dir=str(tmp_path / "cache")))
 
 
+def test_a_deeply_nested_multiple_choice_line_names_its_file_and_line(tmp_path):
+  path = tmp_path / "mc.jsonl"
+  path.write_text(DEEP + "\n")
+  with pytest.raises(ValueError, match=r"mc\.jsonl:1: invalid JSON \(nested too deeply") as info:
+    ev.load_mc_jsonl(str(path))
+  one_line(info)
+
+
 def test_lm_eval_tasks_that_need_the_network_name_the_task(tmp_path, monkeypatch):
   pytest.importorskip("lm_eval", reason="lm-eval is an optional install")
   from mmfree_jax.eval import lm_eval_adapter

@@ -37,6 +37,8 @@ def parse_mc_line(line: str, where: str) -> MCExample:
     item = json.loads(line)
   except json.JSONDecodeError as e:
     fail(f"invalid JSON ({e.msg} at column {e.colno})")
+  except RecursionError:
+    fail("invalid JSON (nested too deeply to parse)")
   if not isinstance(item, dict):
     fail(f"expected a JSON object, got {type(item).__name__}")
   missing = [k for k in ("context", "choices", "label") if k not in item]
