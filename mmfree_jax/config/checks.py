@@ -10,8 +10,8 @@ from typing import Any, Callable, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Check:
-  """`ok(value)` is whether `value` is accepted; `rule` (or what it returns, when a callable)
-  completes "must be ..."."""
+  """`ok(value)` is whether `value` is accepted; `rule` (or what it returns, when a callable:
+  a bound read at check time) completes "must be ..."."""
   rule: str | Callable[[], str]
   ok: Callable[[Any], bool]
 
@@ -37,17 +37,16 @@ def is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def integer(minimum: int | None = None, *, allow_none: bool = False, what: str = "") -> Check:
+def integer(minimum: int | None = None, *, allow_none: bool = False) -> Check:
   """An int (not a bool) >= `minimum`; `allow_none` also accepts None."""
   rule = "an int" + (f" >= {minimum}" if minimum is not None else "")
   rule += " or None" if allow_none else ""
-  rule += f" ({what})" if what else ""
   return Check(rule, lambda v: (allow_none and v is None) or (
       is_int(v) and (minimum is None or v >= minimum)))
 
 
 def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False, what: str = "") -> Check:
+           high_open: bool = False) -> Check:
   """A finite int or float within the bounds (closed unless `*_open`)."""
   if low is not None and high is not None:
     rule = (f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}"
@@ -58,7 +57,6 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
     rule = f"a finite number {'<' if high_open else '<='} {high:g}"
   else:
     rule = "a finite number"
-  rule += f" ({what})" if what else ""
 
   def ok(v) -> bool:
     if not is_number(v) or not math.isfinite(v):
@@ -70,11 +68,10 @@ def number(low: float | None = None, high: float | None = None, *, low_open: boo
   return Check(rule, ok)
 
 
-def one_of(choices: Sequence[str] | Callable[[], Sequence[str]]) -> Check:
-  """One of `choices`, or of what the callable returns (a registry imported when first read)."""
-  names = choices if callable(choices) else (lambda: tuple(choices))
-  return Check(lambda: f"one of {tuple(names())}",
-               lambda v: isinstance(v, str) and v in tuple(names()))
+def one_of(choices: Sequence[str]) -> Check:
+  """One of `choices` (a registry's names)."""
+  choices = tuple(choices)
+  return Check(f"one of {choices}", lambda v: isinstance(v, str) and v in choices)
 
 
 BOOL = Check("True or False", lambda v: isinstance(v, bool))

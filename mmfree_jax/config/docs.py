@@ -24,8 +24,7 @@ def render_markdown() -> str:
   for section, fields in schema.SCHEMA.items():
     parts.append(f"#### `{section}`\n\n| key | default | must be | what |\n|---|---|---|---|")
     for key, field in fields.items():
-      rule = field.check.text if field.check is not None else ""
-      parts.append(f"| `{key}` | `{_cell(repr(field.default))}` | {_cell(rule)} | "
+      parts.append(f"| `{key}` | `{_cell(repr(field.default))}` | {_cell(field.check.text)} | "
                    f"{_cell(field.help)} |")
     parts.append("")
   return "\n".join(parts).rstrip() + "\n"

@@ -62,7 +62,7 @@ def field_errors(section: str, values: dict) -> list[str]:
   """Each schema check of `section` that `values` fails, one line each."""
   out = []
   for key, field in schema.SCHEMA[section].items():
-    if field.check is not None and key in values:
+    if key in values:
       error = field.check.error(f"{section}.{key}", values[key])
       if error:
         out.append(error)

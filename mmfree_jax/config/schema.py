@@ -37,11 +37,11 @@ EVERY_KEYS = ("log_every", "eval_every", "checkpoint_every")
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-  """One config key. `placeholder`: the type of a key whose default is None (so that a
-  `--config.a.b=v` override parses); `check`: None for keys only a cross-key rule reads."""
+  """One config key: its default, help text and validator. `placeholder`: the type of a key
+  whose default is None (so that a `--config.a.b=v` override parses)."""
   default: Any
   help: str
-  check: Check | None = None
+  check: Check
   placeholder: type | None = None
 
 
