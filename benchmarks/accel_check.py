@@ -445,5 +445,49 @@ def main(argv=None) -> int:
   return 1 if failed else 0
 
 
+# --------------------------------------------------------------------------------- report
+
+
+def _gib(b) -> str:
+  return "-" if b is None else f"{b / 2**30:.2f}"
+
+
+def targets(r: dict | None, res: dict) -> list[list]:
+  """The RESULTS.md targets rows (`benchmarks.report`): the device targets are read off the
+  section; without a device run, a row saying so."""
+  if r and not r.get("smoke"):
+    return []
+  return [["on a device: MatMul-free >= 1.3x paper per-GPU, int8 >= 1.3x bf16 step, "
+           "Pallas recurrence >= 2.5x associative", "no accelerator run exists yet "
+           "(`python -m benchmarks.accel_check` is ready)", common.yes(None)]]
+
+
+def markdown(r: dict | None, res: dict) -> str:
+  """The RESULTS.md section of a device run (`benchmarks.report`), or how to make one."""
+  if not r or r.get("smoke"):
+    return ("## 10. Device check (`accel_check`)\n\nNo accelerator run exists yet. On a GPU "
+            "or TPU host, `python -m benchmarks.accel_check` (< 8 minutes) checks kernel "
+            "parity on the device and measures train tokens/s, MFU and peak memory at the "
+            "370M shape for every scan_type / bitlinear_impl and Transformer++, and decode "
+            "at 1k/16k context; it writes `results/accel_check_<device>.json`, from which "
+            "this section is rebuilt.")
+  dev = r["device"]
+  lines = [f"## 10. Device check (`accel_check`, {dev['device_count']} x {dev['device_kind']})",
+           "", "| variant | tokens/s | MFU (bf16 datasheet) | compiled peak GiB | measured "
+           "peak GiB (own process) | vs best Transformer++ |", "|---|---|---|---|---|---|"]
+  for t in r.get("train", []):
+    name = t.get("variant", t.get("key"))
+    if "tokens_per_s" in t:
+      mfu = t.get("mfu_vs_bf16_datasheet")
+      lines.append(f"| {name} | {t['tokens_per_s']:,.0f} | "
+                   + (f"{mfu:.1%}" if mfu is not None else "-")
+                   + f" | {_gib(t.get('compiled_peak_bytes'))} | "
+                   f"{_gib(t.get('measured_peak_bytes'))} | "
+                   f"{t.get('vs_best_transformer', float('nan')):.2f}x |")
+    else:
+      lines.append(f"| {name} | {t.get('error') or t.get('skipped')} | | | | |")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
   sys.exit(main())

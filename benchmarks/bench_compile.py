@@ -60,5 +60,27 @@ def main(argv=None):
                      "every (kind, depth) is a new shape: nothing comes from a cache"])
 
 
+def targets(comp: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  rows = []
+  for kind in sorted({r["kind"] for r in comp["rows"]}):
+    at = [r for r in comp["rows"] if r["kind"] == kind]
+    deep = at[-1]
+    rows.append([f"compile time at L={deep['num_layers']} <= 1.5x L={at[0]['num_layers']} "
+                 f"({kind})", f"{deep['total_vs_shallowest']:.2f}x",
+                 common.yes(deep["total_vs_shallowest"] <= 1.5)])
+  return rows
+
+
+def markdown(cp: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  rows = [[x["kind"], x["num_layers"], x["lower_s"], x["compile_s"], x["total_s"],
+           f"{x['total_vs_shallowest']:.2f}x"] for x in cp["rows"]]
+  return (f"## 5. Compile time vs depth (`bench_compile`, d={cp['rows'][0]['d_model']}, "
+          f"remat={cp['rows'][0]['remat']})\n\n"
+          + common.md_table(["model", "L", "trace+lower s", "XLA compile s", "total s",
+                             "vs shallowest"], rows))
+
+
 if __name__ == "__main__":
   main()

@@ -44,6 +44,27 @@ def _fwd_bwd(fn, *args):
   return functools.partial(g, *args)
 
 
+def _summarize(ms: dict, components: list, steps: list, counts_mm: dict,
+               counts_tf: dict) -> tuple[list, dict]:
+  """Per-component rows, and each step against the sum of its counted components."""
+  rows = [{"component": k, "ms": ms[k], "count_mmfree": counts_mm.get(k, 0),
+           "count_transformer": counts_tf.get(k, 0)} for k in components]
+  est_mm = sum(ms[k] * c for k, c in counts_mm.items())
+  est_mm_lean = est_mm + sum(
+      (ms[k.replace("bitlinear", "bitlinear_lean")] - ms[k]) * c
+      for k, c in counts_mm.items() if k.startswith("bitlinear "))
+  est_tf = sum(ms[k] * c for k, c in counts_tf.items())
+  estimates = {"mmfree": est_mm, "mmfree_lean": est_mm_lean, "transformer": est_tf}
+  summary = {
+      "step_ms": {k: ms[k] for k in steps},
+      "estimate_ms": estimates,
+      "other_ms": {k: ms[f"step {k}"] - v for k, v in estimates.items() if f"step {k}" in ms},
+      "over_transformer": {k: ms[f"step {k}"] / ms["step transformer"] for k in estimates
+                           if f"step {k}" in ms and k != "transformer"},
+  }
+  return rows, summary
+
+
 def run(preset: str) -> dict:
   d, num_layers, seq, batch, vocab = SHAPE[preset]
   mm_cfg = setups.model_config("mmfree", d, num_layers, vocab)
@@ -114,21 +135,7 @@ def run(preset: str) -> dict:
     steps[name] = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, vocab))
   times = common.interleaved_times({**fns, **steps}, ROUNDS[preset], warmup=1)
   ms = {k: 1e3 * v["median_s"] for k, v in times.items()}
-  components = [{"component": k, "ms": ms[k], "count_mmfree": counts_mm.get(k, 0),
-                 "count_transformer": counts_tf.get(k, 0)} for k in fns]
-  est_mm = sum(ms[k] * c for k, c in counts_mm.items())
-  est_mm_lean = est_mm + sum(
-      (ms[k.replace("bitlinear", "bitlinear_lean")] - ms[k]) * c
-      for k, c in counts_mm.items() if k.startswith("bitlinear "))
-  est_tf = sum(ms[k] * c for k, c in counts_tf.items())
-  estimates = {"mmfree": est_mm, "mmfree_lean": est_mm_lean, "transformer": est_tf}
-  summary = {
-      "step_ms": {k: ms[k] for k in steps},
-      "estimate_ms": estimates,
-      "other_ms": {k: ms[f"step {k}"] - v for k, v in estimates.items() if f"step {k}" in ms},
-      "over_transformer": {k: ms[f"step {k}"] / ms["step transformer"] for k in estimates
-                           if f"step {k}" in ms and k != "transformer"},
-  }
+  components, summary = _summarize(ms, list(fns), list(steps), counts_mm, counts_tf)
   for c in components:
     print(f"{c['component']:32s} {c['ms']:8.2f} ms  x{c['count_mmfree']} mmfree  "
           f"x{c['count_transformer']} transformer")
@@ -147,6 +154,22 @@ def main(argv=None):
                     ["each component: jitted grad of sum(y*ct) on the step's shapes; "
                      "median of round-robin rounds with the full train steps",
                      "estimate = sum(component ms x count per step); other = step - estimate"])
+
+
+def markdown(c: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  sh, sm = c["shape"], c["summary"]
+  rows = [[x["component"], x["ms"], x["count_mmfree"], x["count_transformer"]]
+          for x in c["components"]]
+  rows += [[k, v, "", ""] for k, v in sm["step_ms"].items()]
+  rows += [[f"sum of counted components: {k}", v, "", ""] for k, v in sm["estimate_ms"].items()]
+  return (f"### Train step by component (`bench_components`, d={sh['d_model']}, "
+          f"L={sh['num_layers']}, T={sh['seq_len']}, B={sh['batch']}, vocab {sh['vocab']}; "
+          "fwd+bwd ms, median of round-robin rounds)\n\n"
+          + common.md_table(["component", "ms", "x per mmfree step", "x per Transformer++ step"],
+                            rows)
+          + "\n\nstep time / Transformer++ step time: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sm["over_transformer"].items()))
 
 
 if __name__ == "__main__":

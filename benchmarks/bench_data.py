@@ -322,5 +322,47 @@ def main(argv=None):
       "bytes/token on disk include ArrayRecord's fixed ~128 KiB per file (small shards here)"])
 
 
+def targets(dt: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  t = dt["targets"]
+  best = max(dt["prepare"], key=lambda r: r["prepare_1proc_tokens_per_s"])
+  return [["prepared-shard loader (1 grain worker) >= 20x the tokens/s of a 370M train step "
+           "on this machine (seq 2048, batch 256; step = measured peak x best MFU, an upper "
+           "bound)", f"{t['loader_1_worker_over_370m_step']:,.0f}x",
+           common.yes(t["loader_1_worker_over_370m_step"] >= 20)],
+          ["`prepare` >= 1M tokens/s per process with a BPE tokenizer",
+           f"{best['prepare_1proc_tokens_per_s']:,.0f} tokens/s ({best['spec']}; encode "
+           f"alone {best['encode_tokens_per_s']:,.0f})",
+           common.yes(best["prepare_1proc_tokens_per_s"] >= 1e6)]]
+
+
+def markdown(dt: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  prep_rows = [[r["spec"], r["vocab_size"], f"{r['tokens']:,}", f"{r['chars_per_token']:.2f}",
+                r["encode_tokens_per_s"], r["prepare_1proc_tokens_per_s"],
+                r.get("prepare_2proc_tokens_per_s", "")]
+               for r in dt["prepare"]]
+  load_rows = [[r["shape"], r["seq_len"], r["batch"], r["workers"], r["tokens_per_s"],
+                r["step_tokens_per_s"], f"{r['loader_over_step']:,.1f}x",
+                f"{r['first_batch_s']:.2f}"] for r in dt["loader"]]
+  big = dt["step_370m"]
+  return (
+      "## 8. Data: `prepare` and the prepared-shard loader (`bench_data`)\n\n"
+      + common.md_table(["tokenizer", "vocab", "tokens", "chars/token",
+                         "encode tokens/s (1 core)", "prepare tokens/s (1 process)",
+                         "prepare tokens/s (2 processes)"], prep_rows)
+      + "\n\n" + common.md_table(["shape", "seq", "batch", "grain workers", "loader tokens/s",
+                                  "step consumes tokens/s", "loader / step", "first batch s"],
+                                 load_rows)
+      + f"\n\nStep consumption: tiny (d=256, L=4) timed in the same run; 370M: "
+        f"{big['cpu_fp32_peak_flops_per_s'] / 1e9:.0f} GFLOP/s measured fp32 peak x MFU "
+        f"{big['mfu']:.1%} ({big['mfu_source']}) / {big['flops_per_token'] / 1e9:.2f} GFLOP "
+        f"per token = {big['cpu_tokens_per_s']:,.0f} tokens/s (an upper bound; not a timed "
+        f"step). For scale: one H100 at 50% MFU would consume "
+        f"{big['h100_tokens_per_s_at_50pct_mfu']:,.0f} tokens/s of a 370M step (arithmetic); "
+        f"the 1-worker loader here is "
+        f"{dt['targets']['loader_1_worker_370m_over_h100_50pct']:.1f}x that.")
+
+
 if __name__ == "__main__":
   main()

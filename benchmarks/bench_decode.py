@@ -212,5 +212,64 @@ def main(argv=None):
                      "compares against it"])
 
 
+def targets(dec: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  rows = []
+  for variant in ("mmfree", "mmfree_exported", "mmfree_packed"):
+    at = [r for r in dec["rows"] if r["variant"] == variant]
+    if not at:
+      continue
+    peaks = [r["peak_bytes"] for r in at]
+    flat = max(peaks) == min(peaks) and len({r["state_bytes"] for r in at}) == 1
+    rows.append([f"decode memory flat in context ({variant}, {at[0]['context']}.."
+                 f"{at[-1]['context']})",
+                 f"state {common.fmt_bytes(at[0]['state_bytes'])}, peak "
+                 f"{common.fmt_bytes(min(peaks))}..{common.fmt_bytes(max(peaks))}",
+                 common.yes(flat)])
+    ctx16 = [r for r in at if r["context"] == 16384]
+    if ctx16:
+      s = ctx16[0]["speedup_vs_transformer"]
+      b = ctx16[0]["speedup_vs_transformer_bound"]
+      rows.append([f"decode >= 5x Transformer++ tokens/s at 16k context ({variant})",
+                   f"{s:.1f}x measured ({b:.1f}x an ideal bandwidth-bound KV-cache decode)",
+                   common.yes(s >= 5)])
+  own = [r for r in dec["rows"] if "fraction_of_own_bound" in r]
+  if own:
+    low = min(r["fraction_of_own_bound"] for r in own)
+    rows.append(["MatMul-free latent-model decode >= 0.7x its own bandwidth bound at every "
+                 "context (weights quantized once, as generate runs it)",
+                 f"{low:.2f}x..{max(r['fraction_of_own_bound'] for r in own):.2f}x "
+                 f"({own[0]['context']}..{own[-1]['context']})", common.yes(low >= 0.7)])
+  tf16 = [r for r in dec["rows"] if r["variant"] == "transformer" and r["context"] == 16384]
+  if tf16:
+    b = tf16[0]["speedup_vs_transformer_bound"]
+    moves = tf16[0].get("cache_moves_in_hlo")
+    rows.append(["Transformer++ decode at 16k context >= 0.7x its ideal bandwidth bound",
+                 f"{b:.2f}x" + ("" if moves is None else
+                                f" ({moves} cache copies/transposes in its optimized HLO)"),
+                 common.yes(b >= 0.7)])
+  return rows
+
+
+def markdown(d: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  rows = [[x["context"], x["variant"], x["tokens_per_s"], x["ms_per_token"],
+           common.fmt_bytes(x["state_bytes"]), common.fmt_bytes(x["peak_bytes"] or 0),
+           f"{x['speedup_vs_transformer']:.2f}x",
+           f"{x['speedup_vs_transformer_bound']:.2f}x"] for x in d["rows"]]
+  footer = (f"ideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
+            "(Transformer++ weight bytes + filled cache bytes) per token")
+  moves = [x["cache_moves_in_hlo"] for x in d["rows"] if "cache_moves_in_hlo" in x]
+  if moves:
+    footer += ("; copies/transposes of a cache-sized array in the optimized HLO of the "
+               f"Transformer++ decode loop, per context: {', '.join(map(str, moves))}")
+  return (f"## 6. Decode vs context (`bench_decode`, d={d['d_model']}, L={d['num_layers']}, "
+          f"vocab {d['vocab']}, batch {d['rows'][0]['batch']})\n\n"
+          + common.md_table(["context", "variant", "tokens/s", "ms/token", "state",
+                             "compiled peak", "vs Transformer++ (measured)",
+                             "vs ideal KV-cache bound"], rows)
+          + "\n\n" + footer)
+
+
 if __name__ == "__main__":
   main()

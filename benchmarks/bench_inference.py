@@ -344,5 +344,79 @@ def main(argv=None):
       "13b shape assumed d=5120, L=40, vocab 32000; bytes from jax.eval_shape of export_packed"])
 
 
+def _packed_name(r: dict) -> str:
+  """A packed27 entry as '<format>, <dtype> embedding[, <matvec method>]'."""
+  method = f", {r['method']}" if "method" in r else ""
+  return f"{r['format']}, {r['embedding_dtype']} embedding{method}"
+
+
+def targets(inf: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  rows = []
+  for r in inf.get("packed27", {}).values():
+    fmt = _packed_name(r)
+    rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt})",
+                 f"{r['file_bytes'] / 1e9:.3f} GB", common.yes(r["file_bytes"] <= 0.75e9)])
+    # sampled during the timed (second) call: no load or compiler peak in it
+    steady = [run["rss_max_while_generating"] for run in r["runs"] if run["prompt_len"] == 1]
+    prefill = [run for run in r["runs"] if run["prompt_len"] > 1]
+    rows.append([f"packed 2.7B resident memory while generating <= 1.2 GB ({fmt})",
+                 f"{max(steady) / 1e9:.2f} GB RSS decoding at batch 1 and 8 "
+                 f"({(max(steady) - r['rss_before_load']) / 1e9:.2f} GB above the bare "
+                 f"runtime's {r['rss_before_load'] / 1e9:.2f})" + "".join(
+                     f"; {run['rss_max_while_generating'] / 1e9:.2f} GB with a "
+                     f"{run['prompt_len']}-token prefill" for run in prefill)
+                 + ("" if r.get("cuda_plugin_loaded", True) else
+                    "; the README's install (with requirements-accel's CUDA plugin: +0.11)"),
+                 common.yes(max(steady) <= 1.2e9)])
+  for r in inf.get("batched", {}).get("rows", []):
+    rows.append([f"batched generation of 32 prompts >= 10x one at a time ({r['model']})",
+                 f"{r['speedup']:.1f}x", common.yes(r["speedup"] >= 10)])
+  return rows
+
+
+def _packed27_table(inf: dict) -> str:
+  # latent27 runs reset the peak after the model's (eager, random) init: generate's own peak
+  row = lambda model, file_gb, loaded, run: [
+      model, file_gb, f"{loaded / 1e9:.2f}", f"{run['rss_max_while_generating'] / 1e9:.2f}",
+      f"{run.get('generate_peak_rss', run['peak_rss_bytes']) / 1e9:.2f}", run["batch"],
+      run["prompt_len"], f"{run['tokens_per_s']:.3g}"]
+  rows = [row(f"packed {_packed_name(r)}", f"{r['file_bytes'] / 1e9:.3f}", r["rss_after_load"],
+              run) for r in inf["packed27"].values() for run in r["runs"]]
+  lat = inf.get("latent27")
+  if lat:
+    rows += [row("latent bf16", "", lat["rss_after_build"], run) for run in lat["runs"]]
+  return common.md_table(["2.7B model", "file GB", "RSS after load GB",
+                          "RSS while generating GB", "process peak RSS GB", "batch",
+                          "prompt tokens", "tokens/s"], rows)
+
+
+def markdown(inf: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`): packed sizes
+  (eval_shape), the 2.7B packed directory, batched generation."""
+  parts = []
+  if "shapes" in inf:
+    rows = [[r["size"], f"{r['params'] / 1e9:.2f}B", f"{r['latent_bf16_bytes'] / 1e9:.2f}",
+             f"{r['2bit_bytes'] / 1e9:.3f}", f"{r['base3_bytes'] / 1e9:.3f}",
+             f"{r['2bit_int8_embedding_bytes'] / 1e9:.3f}", f"{r['2bit_vs_bf16']:.1f}x",
+             f"{r['2bit_embedding_share']:.0%}"]
+            for r in inf["shapes"]["rows"]]
+    parts.append(common.md_table(["size", "params", "latent bf16 GB", "2bit GB", "base3 GB",
+                                  "2bit, int8 embedding GB", "bf16 / 2bit",
+                                  "embedding share of 2bit"], rows))
+  if "packed27" in inf:
+    parts.append(_packed27_table(inf))
+  if "batched" in inf:
+    b = inf["batched"]
+    rows = [[r["model"], r["tokens"], r["batched_tokens_per_s"], r["one_at_a_time_tokens_per_s"],
+             f"{r['speedup']:.1f}x"] for r in b["rows"]]
+    parts.append(f"{b['prompts']} prompts of {min(b['prompt_lengths'])}-"
+                 f"{max(b['prompt_lengths'])} tokens, {b['max_new_tokens']} new tokens each "
+                 f"(d={b['d_model']}, L={b['num_layers']}, vocab {b['vocab']}):\n\n"
+                 + common.md_table(["model", "tokens", "batched tokens/s",
+                                    "one at a time tokens/s", "speedup"], rows))
+  return "## 11. Packed inference (`bench_inference`)\n\n" + "\n\n".join(parts)
+
+
 if __name__ == "__main__":
   main()

@@ -105,5 +105,41 @@ def main(argv=None):
                      "are arguments)"])
 
 
+def targets(mem: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  rows = []
+  for r in mem["rows"]:
+    if r["variant"] == "mmfree_lean":
+      red = 1 - r["peak_vs_autodiff"]
+      rows.append([f"lean BitLinear >= 40% lower peak train memory than autodiff "
+                   f"(d={r['d_model']}, L={r['num_layers']}, B={r['batch']}, T={r['seq_len']}, "
+                   f"remat={r['remat']})",
+                   f"{red:.0%} lower peak ({1 - r['temp_vs_autodiff']:.0%} lower temporaries)",
+                   common.yes(red >= 0.4)])
+  st = mem["bitlinear_stack"]
+  rows.append([f"  (BitLinear-only stack, N={st['tokens']}, d={st['d']}, {st['layers']} layers)",
+               f"{1 - st['peak_lean_over_autodiff']:.0%} lower peak "
+               f"({1 - st['temp_lean_over_autodiff']:.0%} lower temporaries)",
+               common.yes(1 - st["peak_lean_over_autodiff"] >= 0.4)])
+  return rows
+
+
+def markdown(m: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  mib = lambda b: b / 2**20
+  rows = [[x["d_model"], x["num_layers"], x["batch"], x["seq_len"], x["remat"], x["variant"],
+           f"{mib(x['peak_bytes']):,.0f}", f"{mib(x['temp_bytes']):,.0f}",
+           f"{mib(x['argument_bytes']):,.0f}", f"{x['peak_vs_autodiff']:.2f}"]
+          for x in m["rows"]]
+  st = m["bitlinear_stack"]
+  return ("## 4. Peak training memory, XLA compiled memory analysis (`bench_memory`)\n\n"
+          + common.md_table(["d", "L", "B", "T", "remat", "variant", "peak MiB", "temp MiB",
+                             "args MiB", "peak / autodiff"], rows)
+          + f"\n\nBitLinear-only stack (N={st['tokens']}, d={st['d']}, {st['layers']} layers): "
+            f"temp autodiff {mib(st['stats']['autodiff']['temp_bytes']):.1f} MiB, lean "
+            f"{mib(st['stats']['lean']['temp_bytes']):.1f} MiB "
+            f"({st['temp_lean_over_autodiff']:.2f}x)")
+
+
 if __name__ == "__main__":
   main()

@@ -118,5 +118,35 @@ def main(argv=None):
                      "int32-accumulating dot"])
 
 
+def targets(pk: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  packed = [r for r in pk["rows"] if r["variant"].startswith(("2bit", "base3"))]
+  best = max(packed, key=lambda r: r["tokens_per_s"])
+  latent = [r for r in pk["rows"] if r["variant"].startswith("latent")][0]["tokens_per_s"]
+  return [["packed weights <= 2 bits/weight",
+           ", ".join(f"{r['variant']}: {r['bits_per_weight']:.2f}" for r in packed
+                     if r["variant"].endswith("lut")),
+           common.yes(all(r["bits_per_weight"] <= 2.0 for r in packed))],
+          [f"packed batch-1 decode >= 3x the fp32-codes path at d={pk['d_model']} "
+           f"(best: {best['variant']})",
+           f"{best['speedup_vs_float32_codes']:.2f}x fp32 codes, "
+           f"{best['tokens_per_s'] / latent:.1f}x the latent-fp32 model",
+           common.yes(best["speedup_vs_float32_codes"] >= 3)]]
+
+
+def markdown(pk: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  rows = [[x["variant"], f"{x['bits_per_weight']:.2f}", common.fmt_bytes(x["weight_bytes"]),
+           x["tokens_per_s"], x["bandwidth_bound_tokens_per_s"],
+           f"{x['fraction_of_bound']:.1%}", f"{x['speedup_vs_float32_codes']:.2f}x",
+           "yes" if x["same_tokens_as_float32"] else "NO"] for x in pk["rows"]]
+  return (f"## 7. Packed ternary decode, batch 1 (`bench_packed`, d={pk['d_model']}, "
+          f"L={pk['num_layers']}, vocab {pk['vocab']}, {pk['bitlinear_params']:,} BitLinear "
+          f"weights; copy bandwidth {pk['copy_gb_per_s']:.1f} GB/s)\n\n"
+          + common.md_table(["weights", "bits/weight", "weight bytes", "tokens/s",
+                             "bandwidth bound tokens/s", "of bound", "vs fp32 codes",
+                             "same tokens"], rows))
+
+
 if __name__ == "__main__":
   main()

@@ -33,5 +33,18 @@ def main(argv=None):
                      "read + write; read: max(x)"])
 
 
+def markdown(p: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  m = p["matmul"]
+  return "## 1. Machine peaks (`bench_peak`)\n\n" + common.md_table(
+      ["quantity", "value"],
+      [["fp32 matmul",
+        f"{m['float32']['flops_per_s'] / 1e9:.1f} GFLOP/s (n={m['float32']['best_n']})"],
+       ["bf16 matmul",
+        f"{m['bfloat16']['flops_per_s'] / 1e9:.1f} GFLOP/s (n={m['bfloat16']['best_n']})"],
+       ["copy bandwidth (in place, read+write)", f"{p['copy']['gb_per_s']:.1f} GB/s"],
+       ["read bandwidth (max reduction)", f"{p['copy']['read_gb_per_s']:.1f} GB/s"]])
+
+
 if __name__ == "__main__":
   main()

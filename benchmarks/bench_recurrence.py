@@ -129,5 +129,24 @@ def main(argv=None):
                      "peak = args + outputs + temp)"])
 
 
+def markdown(r: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  seqs = sorted({x["seq_len"] for x in r["rows"]})
+  types = list(dict.fromkeys(x["scan_type"] for x in r["rows"]))
+  get = {(x["scan_type"], x["seq_len"]): x for x in r["rows"]}
+  rows = [[st] + [f"{1e3 * get[(st, s)]['fwd_bwd_s']:.2f} ms / "
+                  f"{get[(st, s)]['temp_bytes'] / 2**20:.1f} MiB" for s in seqs] for st in types]
+  x0 = r["rows"][0]
+  return (f"## 3. Recurrence fwd+bwd time / compiled temp memory vs T (`bench_recurrence`, "
+          f"batch {x0['batch']}, dim {x0['dim']}, chunk {r['chunk_size']})\n\n"
+          + common.md_table(["scan_type"] + [f"T={s}" for s in seqs], rows)
+          + "\n\nfastest: " + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items())
+          + ("\n\ntotal time over all T relative to the fastest: "
+             + ", ".join(f"{k} {v:.2f}" for k, v in r["total_time_vs_best"].items())
+             + f". **Recommended default `scan_type` on {r['backend']}: "
+               f"`{r['recommended']}`** (least total time; within 5% of it, least memory)"
+             if "recommended" in r else ""))
+
+
 if __name__ == "__main__":
   main()

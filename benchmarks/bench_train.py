@@ -99,5 +99,42 @@ def main(argv=None):
   common.write_json(args.out, NAME, args.preset, results, notes)
 
 
+def targets(tr: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows of these results (`benchmarks.report`)."""
+  rows = []
+  at = [r for r in tr["rows"] if r["seq_len"] == 2048 and r["variant"] != "transformer"]
+  for r in at:
+    rows.append([f"train tokens/s >= 1.2x Transformer++ at T=2048 ({r['variant']}, "
+                 f"d={r['d_model']}, L={r['num_layers']})",
+                 f"{r['speedup_vs_transformer']:.2f}x",
+                 common.yes(r["speedup_vs_transformer"] >= 1.2)])
+  big = [r for r in tr["rows"] if r["d_model"] >= 512 and r["variant"] != "transformer"]
+  peak = res.get("bench_peak", {}).get("results")
+  dtype = tr["peak_dtype"]
+  standalone = peak["matmul"][dtype]["flops_per_s"] if peak and dtype in peak["matmul"] else None
+  for r in big:
+    also = ""
+    if standalone:
+      also = (f" (vs the bench_peak peak {standalone / 1e9:.0f} GFLOP/s: "
+              f"{r['mfu'] * r['peak_flops_per_s'] / standalone:.1%})")
+    rows.append([f"MFU >= 50% of measured {dtype} peak at d>=512 ({r['variant']}, "
+                 f"d={r['d_model']}, T={r['seq_len']})",
+                 f"{r['mfu']:.1%} vs the peak timed in the same rounds "
+                 f"({r['peak_flops_per_s'] / 1e9:.0f} GFLOP/s){also}", common.yes(r["mfu"] >= 0.5)])
+  return rows
+
+
+def markdown(t: dict, res: dict) -> str:
+  """The RESULTS.md section of these results (`benchmarks.report`)."""
+  rows = [[r["d_model"], r["num_layers"], r["seq_len"], r["batch"], r["variant"],
+           r["tokens_per_s"], f"{r['mfu']:.1%}", f"{r['speedup_vs_transformer']:.2f}x",
+           f"{r['compile_s']:.1f}", f"{r['peak_flops_per_s'] / 1e9:.0f}"]
+          for r in t["rows"]]
+  return (f"## 2. Train step (`bench_train`, {t['dtype']}, remat={t['remat']}; MFU vs the "
+          f"{t['peak_dtype']} matmul peak timed in the same rounds)\n\n"
+          + common.md_table(["d", "L", "T", "B", "variant", "tokens/s", "MFU", "vs Transformer++",
+                             "compile s", "peak GFLOP/s"], rows))
+
+
 if __name__ == "__main__":
   main()

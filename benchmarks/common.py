@@ -219,3 +219,19 @@ def fmt_bytes(b: float) -> str:
       return f"{b:.1f} {unit}" if unit != "B" else f"{int(b)} B"
     b /= 1024
   return str(b)
+
+
+def md_table(header: list[str], rows: list[list]) -> str:
+  """A markdown table; floats as 3 significant digits (thousands separated from 1000 up)."""
+  def cell(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def yes(ok: bool | None) -> str:
+  """A targets-table verdict."""
+  return "n/a" if ok is None else ("**yes**" if ok else "no")

@@ -2,18 +2,30 @@
 
     python -m benchmarks.report [--results_dir DIR] [--markdown PATH]
 
-(`python -m benchmarks.run_all` runs every benchmark and then this.)
+(`python -m benchmarks.run_all` runs every benchmark and then this.) Each benchmark module
+renders its own part: `targets(result, all_results)` gives its rows of the targets table and
+`markdown(result, all_results)` its section; this module only loads the JSON and puts the
+parts in order.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 
-from benchmarks import common, report_accel
+from benchmarks import common
 
 COMMAND = "python -m benchmarks.run_all"
+# Section order of RESULTS.md, and the order of their rows in the targets table.
+SECTIONS = ("bench_peak", "bench_train", "bench_components", "bench_recurrence", "bench_memory",
+            "bench_compile", "bench_decode", "bench_packed", "bench_data", "aot_tpu",
+            "accel_check", "bench_inference")
+TARGETS = ("bench_train", "bench_memory", "bench_compile", "bench_decode", "bench_packed",
+           "bench_data", "bench_inference", "aot_tpu", "accel_check")
+ACCELERATOR = ("aot_tpu", "accel_check")  # no CPU machine block; rendered even when absent
+ALWAYS = ("accel_check",)  # says how to make the missing run
 
 
 def _load(results_dir: str) -> dict:
@@ -28,293 +40,23 @@ def _load(results_dir: str) -> dict:
   return out
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-  def cell(v):
-    if isinstance(v, float):
-      return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-  return "\n".join(lines)
+def _result(res: dict, name: str):
+  """A benchmark's results (aot_tpu keeps its table at the top level of its file)."""
+  payload = res.get(name)
+  if payload is None:
+    return None
+  return payload.get("results", payload)
 
 
-def _mib(b):
-  return None if b is None else b / 2**20
-
-
-def _gflops(x):
-  return x / 1e9
-
-
-def _packed_name(r: dict) -> str:
-  """A bench_inference packed27 entry as '<format>, <dtype> embedding[, <matvec method>]'."""
-  method = f", {r['method']}" if "method" in r else ""
-  return f"{r['format']}, {r['embedding_dtype']} embedding{method}"
-
-
-def _yes(ok: bool | None) -> str:
-  return "n/a" if ok is None else ("**yes**" if ok else "no")
-
-
-def targets(res: dict) -> list[list]:
-  rows = []
-  tr = res.get("bench_train", {}).get("results")
-  if tr:
-    at = [r for r in tr["rows"] if r["seq_len"] == 2048 and r["variant"] != "transformer"]
-    for r in at:
-      rows.append([f"train tokens/s >= 1.2x Transformer++ at T=2048 ({r['variant']}, "
-                   f"d={r['d_model']}, L={r['num_layers']})",
-                   f"{r['speedup_vs_transformer']:.2f}x", _yes(r["speedup_vs_transformer"] >= 1.2)])
-    big = [r for r in tr["rows"] if r["d_model"] >= 512 and r["variant"] != "transformer"]
-    standalone = _standalone_peak(res, tr["peak_dtype"])
-    for r in big:
-      also = ""
-      if standalone:
-        also = (f" (vs the bench_peak peak {_gflops(standalone):.0f} GFLOP/s: "
-                f"{r['mfu'] * r['peak_flops_per_s'] / standalone:.1%})")
-      rows.append([f"MFU >= 50% of measured {tr['peak_dtype']} peak at d>=512 ({r['variant']}, "
-                   f"d={r['d_model']}, T={r['seq_len']})",
-                   f"{r['mfu']:.1%} vs the peak timed in the same rounds "
-                   f"({_gflops(r['peak_flops_per_s']):.0f} GFLOP/s){also}", _yes(r["mfu"] >= 0.5)])
-  mem = res.get("bench_memory", {}).get("results")
-  if mem:
-    for r in mem["rows"]:
-      if r["variant"] == "mmfree_lean":
-        red = 1 - r["peak_vs_autodiff"]
-        rows.append([f"lean BitLinear >= 40% lower peak train memory than autodiff "
-                     f"(d={r['d_model']}, L={r['num_layers']}, B={r['batch']}, T={r['seq_len']}, "
-                     f"remat={r['remat']})",
-                     f"{red:.0%} lower peak ({1 - r['temp_vs_autodiff']:.0%} lower temporaries)",
-                     _yes(red >= 0.4)])
-    st = mem["bitlinear_stack"]
-    rows.append([f"  (BitLinear-only stack, N={st['tokens']}, d={st['d']}, {st['layers']} layers)",
-                 f"{1 - st['peak_lean_over_autodiff']:.0%} lower peak "
-                 f"({1 - st['temp_lean_over_autodiff']:.0%} lower temporaries)",
-                 _yes(1 - st["peak_lean_over_autodiff"] >= 0.4)])
-  comp = res.get("bench_compile", {}).get("results")
-  if comp:
-    for kind in sorted({r["kind"] for r in comp["rows"]}):
-      at = [r for r in comp["rows"] if r["kind"] == kind]
-      deep = at[-1]
-      rows.append([f"compile time at L={deep['num_layers']} <= 1.5x L={at[0]['num_layers']} ({kind})",
-                   f"{deep['total_vs_shallowest']:.2f}x", _yes(deep["total_vs_shallowest"] <= 1.5)])
-  dec = res.get("bench_decode", {}).get("results")
-  if dec:
-    for variant in ("mmfree", "mmfree_exported", "mmfree_packed"):
-      at = [r for r in dec["rows"] if r["variant"] == variant]
-      if not at:
-        continue
-      peaks = [r["peak_bytes"] for r in at]
-      flat = max(peaks) == min(peaks) and len({r["state_bytes"] for r in at}) == 1
-      rows.append([f"decode memory flat in context ({variant}, {at[0]['context']}..{at[-1]['context']})",
-                   f"state {common.fmt_bytes(at[0]['state_bytes'])}, peak "
-                   f"{common.fmt_bytes(min(peaks))}..{common.fmt_bytes(max(peaks))}", _yes(flat)])
-      ctx16 = [r for r in at if r["context"] == 16384]
-      if ctx16:
-        s = ctx16[0]["speedup_vs_transformer"]
-        b = ctx16[0]["speedup_vs_transformer_bound"]
-        rows.append([f"decode >= 5x Transformer++ tokens/s at 16k context ({variant})",
-                     f"{s:.1f}x measured ({b:.1f}x an ideal bandwidth-bound KV-cache decode)",
-                     _yes(s >= 5)])
-    own = [r for r in dec["rows"] if "fraction_of_own_bound" in r]
-    if own:
-      low = min(r["fraction_of_own_bound"] for r in own)
-      rows.append(["MatMul-free latent-model decode >= 0.7x its own bandwidth bound at every "
-                   "context (weights quantized once, as generate runs it)",
-                   f"{low:.2f}x..{max(r['fraction_of_own_bound'] for r in own):.2f}x "
-                   f"({own[0]['context']}..{own[-1]['context']})", _yes(low >= 0.7)])
-    tf16 = [r for r in dec["rows"] if r["variant"] == "transformer" and r["context"] == 16384]
-    if tf16:
-      b = tf16[0]["speedup_vs_transformer_bound"]
-      moves = tf16[0].get("cache_moves_in_hlo")
-      rows.append(["Transformer++ decode at 16k context >= 0.7x its ideal bandwidth bound",
-                   f"{b:.2f}x" + ("" if moves is None else
-                                  f" ({moves} cache copies/transposes in its optimized HLO)"),
-                   _yes(b >= 0.7)])
-  pk = res.get("bench_packed", {}).get("results")
-  if pk:
-    packed = [r for r in pk["rows"] if r["variant"].startswith(("2bit", "base3"))]
-    best = max(packed, key=lambda r: r["tokens_per_s"])
-    rows.append(["packed weights <= 2 bits/weight",
-                 ", ".join(f"{r['variant']}: {r['bits_per_weight']:.2f}" for r in packed
-                           if r["variant"].endswith("lut")),
-                 _yes(all(r["bits_per_weight"] <= 2.0 for r in packed))])
-    rows.append([f"packed batch-1 decode >= 3x the fp32-codes path at d={pk['d_model']} "
-                 f"(best: {best['variant']})",
-                 f"{best['speedup_vs_float32_codes']:.2f}x fp32 codes, "
-                 f"{best['tokens_per_s'] / _latent(pk):.1f}x the latent-fp32 model",
-                 _yes(best["speedup_vs_float32_codes"] >= 3)])
-  dt = res.get("bench_data", {}).get("results")
-  if dt:
-    t = dt["targets"]
-    rows.append(["prepared-shard loader (1 grain worker) >= 20x the tokens/s of a 370M train step "
-                 "on this machine (seq 2048, batch 256; step = measured peak x best MFU, an upper "
-                 "bound)", f"{t['loader_1_worker_over_370m_step']:,.0f}x", _yes(
-                     t["loader_1_worker_over_370m_step"] >= 20)])
-    best = max(dt["prepare"], key=lambda r: r["prepare_1proc_tokens_per_s"])
-    rows.append(["`prepare` >= 1M tokens/s per process with a BPE tokenizer",
-                 f"{best['prepare_1proc_tokens_per_s']:,.0f} tokens/s ({best['spec']}; encode "
-                 f"alone {best['encode_tokens_per_s']:,.0f})",
-                 _yes(best["prepare_1proc_tokens_per_s"] >= 1e6)])
-  inf = res.get("bench_inference", {}).get("results") or {}
-  for key, r in inf.get("packed27", {}).items():
-    fmt = _packed_name(r)
-    rows.append([f"packed 2.7B on disk <= 0.75 GB ({fmt})",
-                 f"{r['file_bytes'] / 1e9:.3f} GB", _yes(r["file_bytes"] <= 0.75e9)])
-    # sampled during the timed (second) call: no load or compiler peak in it
-    steady = [run["rss_max_while_generating"] for run in r["runs"] if run["prompt_len"] == 1]
-    prefill = [run for run in r["runs"] if run["prompt_len"] > 1]
-    rows.append([f"packed 2.7B resident memory while generating <= 1.2 GB ({fmt})",
-                 f"{max(steady) / 1e9:.2f} GB RSS decoding at batch 1 and 8 "
-                 f"({(max(steady) - r['rss_before_load']) / 1e9:.2f} GB above the bare "
-                 f"runtime's {r['rss_before_load'] / 1e9:.2f})" + "".join(
-                     f"; {run['rss_max_while_generating'] / 1e9:.2f} GB with a "
-                     f"{run['prompt_len']}-token prefill" for run in prefill)
-                 + ("" if r.get("cuda_plugin_loaded", True) else
-                    "; the README's install (with requirements-accel's CUDA plugin: +0.11)"),
-                 _yes(max(steady) <= 1.2e9)])
-  for r in inf.get("batched", {}).get("rows", []):
-    rows.append([f"batched generation of 32 prompts >= 10x one at a time ({r['model']})",
-                 f"{r['speedup']:.1f}x", _yes(r["speedup"] >= 10)])
-  return rows
-
-
-def _standalone_peak(res, dtype):
-  p = res.get("bench_peak", {}).get("results")
-  return p["matmul"][dtype]["flops_per_s"] if p and dtype in p["matmul"] else None
-
-
-def _latent(pk):
-  return [r for r in pk["rows"] if r["variant"].startswith("latent")][0]["tokens_per_s"]
-
-
-def sections(res: dict) -> list[str]:
+def _parts(res: dict, names: tuple, what: str) -> list:
   out = []
-  p = res.get("bench_peak", {}).get("results")
-  if p:
-    m = p["matmul"]
-    out.append("## 1. Machine peaks (`bench_peak`)\n\n" + _table(
-        ["quantity", "value"],
-        [["fp32 matmul", f"{_gflops(m['float32']['flops_per_s']):.1f} GFLOP/s (n={m['float32']['best_n']})"],
-         ["bf16 matmul", f"{_gflops(m['bfloat16']['flops_per_s']):.1f} GFLOP/s (n={m['bfloat16']['best_n']})"],
-         ["copy bandwidth (in place, read+write)", f"{p['copy']['gb_per_s']:.1f} GB/s"],
-         ["read bandwidth (max reduction)", f"{p['copy']['read_gb_per_s']:.1f} GB/s"]]))
-  t = res.get("bench_train", {}).get("results")
-  if t:
-    rows = [[r["d_model"], r["num_layers"], r["seq_len"], r["batch"], r["variant"],
-             r["tokens_per_s"], f"{r['mfu']:.1%}", f"{r['speedup_vs_transformer']:.2f}x",
-             f"{r['compile_s']:.1f}", f"{_gflops(r['peak_flops_per_s']):.0f}"]
-            for r in t["rows"]]
-    out.append(f"## 2. Train step (`bench_train`, {t['dtype']}, remat={t['remat']}; MFU vs the "
-               f"{t['peak_dtype']} matmul peak timed in the same rounds)\n\n"
-               + _table(["d", "L", "T", "B", "variant", "tokens/s", "MFU", "vs Transformer++",
-                         "compile s", "peak GFLOP/s"], rows))
-  c = res.get("bench_components", {}).get("results")
-  if c:
-    sh, sm = c["shape"], c["summary"]
-    rows = [[x["component"], x["ms"], x["count_mmfree"], x["count_transformer"]]
-            for x in c["components"]]
-    rows += [[k, v, "", ""] for k, v in sm["step_ms"].items()]
-    rows += [[f"sum of counted components: {k}", v, "", ""] for k, v in sm["estimate_ms"].items()]
-    out.append(f"### Train step by component (`bench_components`, d={sh['d_model']}, "
-               f"L={sh['num_layers']}, T={sh['seq_len']}, B={sh['batch']}, vocab {sh['vocab']}; "
-               "fwd+bwd ms, median of round-robin rounds)\n\n"
-               + _table(["component", "ms", "x per mmfree step", "x per Transformer++ step"],
-                        rows)
-               + "\n\nstep time / Transformer++ step time: "
-               + ", ".join(f"{k} {v:.2f}" for k, v in sm["over_transformer"].items()))
-  r = res.get("bench_recurrence", {}).get("results")
-  if r:
-    seqs = sorted({x["seq_len"] for x in r["rows"]})
-    types = list(dict.fromkeys(x["scan_type"] for x in r["rows"]))
-    get = {(x["scan_type"], x["seq_len"]): x for x in r["rows"]}
-    rows = [[st] + [f"{1e3 * get[(st, s)]['fwd_bwd_s']:.2f} ms / {_mib(get[(st, s)]['temp_bytes']):.1f} MiB"
-                    for s in seqs] for st in types]
-    x0 = r["rows"][0]
-    out.append(f"## 3. Recurrence fwd+bwd time / compiled temp memory vs T (`bench_recurrence`, "
-               f"batch {x0['batch']}, dim {x0['dim']}, chunk {r['chunk_size']})\n\n"
-               + _table(["scan_type"] + [f"T={s}" for s in seqs], rows)
-               + "\n\nfastest: " + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items())
-               + (f"\n\ntotal time over all T relative to the fastest: "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in r["total_time_vs_best"].items())
-                  + f". **Recommended default `scan_type` on {r['backend']}: "
-                    f"`{r['recommended']}`** (least total time; within 5% of it, least memory)"
-                  if "recommended" in r else ""))
-  m = res.get("bench_memory", {}).get("results")
-  if m:
-    rows = [[x["d_model"], x["num_layers"], x["batch"], x["seq_len"], x["remat"], x["variant"],
-             f"{_mib(x['peak_bytes']):,.0f}", f"{_mib(x['temp_bytes']):,.0f}",
-             f"{_mib(x['argument_bytes']):,.0f}", f"{x['peak_vs_autodiff']:.2f}"] for x in m["rows"]]
-    st = m["bitlinear_stack"]
-    out.append("## 4. Peak training memory, XLA compiled memory analysis (`bench_memory`)\n\n"
-               + _table(["d", "L", "B", "T", "remat", "variant", "peak MiB", "temp MiB",
-                         "args MiB", "peak / autodiff"], rows)
-               + f"\n\nBitLinear-only stack (N={st['tokens']}, d={st['d']}, {st['layers']} layers): "
-                 f"temp autodiff {_mib(st['stats']['autodiff']['temp_bytes']):.1f} MiB, lean "
-                 f"{_mib(st['stats']['lean']['temp_bytes']):.1f} MiB "
-                 f"({st['temp_lean_over_autodiff']:.2f}x)")
-  cp = res.get("bench_compile", {}).get("results")
-  if cp:
-    rows = [[x["kind"], x["num_layers"], x["lower_s"], x["compile_s"], x["total_s"],
-             f"{x['total_vs_shallowest']:.2f}x"] for x in cp["rows"]]
-    out.append(f"## 5. Compile time vs depth (`bench_compile`, d={cp['rows'][0]['d_model']}, "
-               f"remat={cp['rows'][0]['remat']})\n\n"
-               + _table(["model", "L", "trace+lower s", "XLA compile s", "total s",
-                         "vs shallowest"], rows))
-  d = res.get("bench_decode", {}).get("results")
-  if d:
-    rows = [[x["context"], x["variant"], x["tokens_per_s"], x["ms_per_token"],
-             common.fmt_bytes(x["state_bytes"]), common.fmt_bytes(x["peak_bytes"] or 0),
-             f"{x['speedup_vs_transformer']:.2f}x",
-             f"{x['speedup_vs_transformer_bound']:.2f}x"] for x in d["rows"]]
-    footer = (f"ideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
-              "(Transformer++ weight bytes + filled cache bytes) per token")
-    moves = [x["cache_moves_in_hlo"] for x in d["rows"] if "cache_moves_in_hlo" in x]
-    if moves:
-      footer += ("; copies/transposes of a cache-sized array in the optimized HLO of the "
-                 f"Transformer++ decode loop, per context: {', '.join(map(str, moves))}")
-    out.append(f"## 6. Decode vs context (`bench_decode`, d={d['d_model']}, L={d['num_layers']}, "
-               f"vocab {d['vocab']}, batch {d['rows'][0]['batch']})\n\n"
-               + _table(["context", "variant", "tokens/s", "ms/token", "state", "compiled peak",
-                         "vs Transformer++ (measured)", "vs ideal KV-cache bound"], rows)
-               + "\n\n" + footer)
-  pk = res.get("bench_packed", {}).get("results")
-  if pk:
-    rows = [[x["variant"], f"{x['bits_per_weight']:.2f}", common.fmt_bytes(x["weight_bytes"]),
-             x["tokens_per_s"], x["bandwidth_bound_tokens_per_s"],
-             f"{x['fraction_of_bound']:.1%}", f"{x['speedup_vs_float32_codes']:.2f}x",
-             "yes" if x["same_tokens_as_float32"] else "NO"] for x in pk["rows"]]
-    out.append(f"## 7. Packed ternary decode, batch 1 (`bench_packed`, d={pk['d_model']}, "
-               f"L={pk['num_layers']}, vocab {pk['vocab']}, {pk['bitlinear_params']:,} BitLinear "
-               f"weights; copy bandwidth {pk['copy_gb_per_s']:.1f} GB/s)\n\n"
-               + _table(["weights", "bits/weight", "weight bytes", "tokens/s",
-                         "bandwidth bound tokens/s", "of bound", "vs fp32 codes",
-                         "same tokens"], rows))
-  dt = res.get("bench_data", {}).get("results")
-  if dt:
-    prep_rows = [[r["spec"], r["vocab_size"], f"{r['tokens']:,}", f"{r['chars_per_token']:.2f}",
-                  r["encode_tokens_per_s"], r["prepare_1proc_tokens_per_s"],
-                  r.get("prepare_2proc_tokens_per_s", "")]
-                 for r in dt["prepare"]]
-    load_rows = [[r["shape"], r["seq_len"], r["batch"], r["workers"], r["tokens_per_s"],
-                  r["step_tokens_per_s"], f"{r['loader_over_step']:,.1f}x",
-                  f"{r['first_batch_s']:.2f}"] for r in dt["loader"]]
-    big = dt["step_370m"]
-    out.append(
-        "## 8. Data: `prepare` and the prepared-shard loader (`bench_data`)\n\n"
-        + _table(["tokenizer", "vocab", "tokens", "chars/token", "encode tokens/s (1 core)",
-                  "prepare tokens/s (1 process)", "prepare tokens/s (2 processes)"], prep_rows)
-        + "\n\n" + _table(["shape", "seq", "batch", "grain workers", "loader tokens/s",
-                           "step consumes tokens/s", "loader / step", "first batch s"],
-                          load_rows)
-        + f"\n\nStep consumption: tiny (d=256, L=4) timed in the same run; 370M: "
-          f"{_gflops(big['cpu_fp32_peak_flops_per_s']):.0f} GFLOP/s measured fp32 peak x MFU "
-          f"{big['mfu']:.1%} ({big['mfu_source']}) / {big['flops_per_token'] / 1e9:.2f} GFLOP "
-          f"per token = {big['cpu_tokens_per_s']:,.0f} tokens/s (an upper bound; not a timed "
-          f"step). For scale: one H100 at 50% MFU would consume "
-          f"{big['h100_tokens_per_s_at_50pct_mfu']:,.0f} tokens/s of a 370M step (arithmetic); "
-          f"the 1-worker loader here is {dt['targets']['loader_1_worker_370m_over_h100_50pct']:.1f}x "
-          "that.")
+  for name in names:
+    result = _result(res, name)
+    if result is None and name not in ALWAYS:
+      continue
+    part = getattr(importlib.import_module(f"benchmarks.{name}"), what, None)
+    if part is not None:
+      out.append(part(result, res))
   return out
 
 
@@ -328,47 +70,6 @@ def _load_text(run: dict) -> str:
                                    for part, (a, b) in sorted(part_loads.items())) + ")"
   return (f"{name} {run['machine'].get('load_average_1m_start')}→"
           f"{run['machine'].get('load_average_1m_end')}")
-
-
-def _inference_section(inf: dict | None) -> list[str]:
-  """`bench_inference`: packed sizes (eval_shape), the 2.7B packed directory, batched generation."""
-  if not inf:
-    return []
-  parts = []
-  if "shapes" in inf:
-    rows = [[r["size"], f"{r['params'] / 1e9:.2f}B", f"{r['latent_bf16_bytes'] / 1e9:.2f}",
-             f"{r['2bit_bytes'] / 1e9:.3f}", f"{r['base3_bytes'] / 1e9:.3f}",
-             f"{r['2bit_int8_embedding_bytes'] / 1e9:.3f}", f"{r['2bit_vs_bf16']:.1f}x",
-             f"{r['2bit_embedding_share']:.0%}"]
-            for r in inf["shapes"]["rows"]]
-    parts.append(_table(["size", "params", "latent bf16 GB", "2bit GB", "base3 GB",
-                         "2bit, int8 embedding GB", "bf16 / 2bit",
-                         "embedding share of 2bit"], rows))
-  if "packed27" in inf:
-    # latent27 runs reset the peak after the model's (eager, random) init: generate's own peak
-    row = lambda model, file_gb, loaded, run: [
-        model, file_gb, f"{loaded / 1e9:.2f}", f"{run['rss_max_while_generating'] / 1e9:.2f}",
-        f"{run.get('generate_peak_rss', run['peak_rss_bytes']) / 1e9:.2f}", run["batch"],
-        run["prompt_len"], f"{run['tokens_per_s']:.3g}"]
-    rows = [row(f"packed {_packed_name(r)}",
-                f"{r['file_bytes'] / 1e9:.3f}", r["rss_after_load"], run)
-            for r in inf["packed27"].values() for run in r["runs"]]
-    lat = inf.get("latent27")
-    if lat:
-      rows += [row("latent bf16", "", lat["rss_after_build"], run) for run in lat["runs"]]
-    parts.append(_table(["2.7B model", "file GB", "RSS after load GB",
-                         "RSS while generating GB", "process peak RSS GB", "batch",
-                         "prompt tokens", "tokens/s"], rows))
-  if "batched" in inf:
-    b = inf["batched"]
-    rows = [[r["model"], r["tokens"], r["batched_tokens_per_s"], r["one_at_a_time_tokens_per_s"],
-             f"{r['speedup']:.1f}x"] for r in b["rows"]]
-    parts.append(f"{b['prompts']} prompts of {min(b['prompt_lengths'])}-"
-                 f"{max(b['prompt_lengths'])} tokens, {b['max_new_tokens']} new tokens each "
-                 f"(d={b['d_model']}, L={b['num_layers']}, vocab {b['vocab']}):\n\n"
-                 + _table(["model", "tokens", "batched tokens/s", "one at a time tokens/s",
-                           "speedup"], rows))
-  return ["## 11. Packed inference (`bench_inference`)\n\n" + "\n\n".join(parts)]
 
 
 NOTES = """## Notes on reading these numbers
@@ -506,13 +207,11 @@ NOTES = """## Notes on reading these numbers
 
 
 def make_markdown(res: dict, preset: str | None = None) -> str:
-  res = dict(res)  # the accelerator results (no CPU machine block) get their own sections
-  accel = {k: res.pop(k) for k in report_accel.RESULT_NAMES if k in res}
-  if not res:
+  cpu = {k: v for k, v in res.items() if k not in ACCELERATOR}
+  if not cpu:
     return "# Benchmarks\n\nNo results yet: run `" + COMMAND + "`.\n"
-  any_run = next(iter(res.values()))
-  mach = any_run["machine"]
-  presets = sorted({v["preset"] for v in res.values()})
+  mach = next(iter(cpu.values()))["machine"]
+  presets = sorted({v["preset"] for v in cpu.values()})
   head = [
       "# Benchmarks",
       "",
@@ -529,16 +228,14 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
       f"Machine: {mach.get('cpu_model')} ({mach.get('cpu_count')} cores visible), backend "
       f"{mach['backend']}, jax {mach['jax_version']}; preset {', '.join(presets)}.",
       "1-minute load average (start → end) per benchmark: "
-      + ", ".join(_load_text(v) for v in res.values()) + ".",
+      + ", ".join(_load_text(v) for v in cpu.values()) + ".",
       "",
       "## Targets",
       "",
-      _table(["target", "measured", "met"], targets(res) + report_accel.targets(accel)),
+      common.md_table(["target", "measured", "met"], sum(_parts(res, TARGETS, "targets"), [])),
   ]
-  inference = _inference_section(res.get("bench_inference", {}).get("results"))
-  return ("\n".join(head) + "\n\n"
-          + "\n\n".join(sections(res) + report_accel.sections(accel) + inference)
-          + "\n\n" + NOTES)
+  sections = [text for text in _parts(res, SECTIONS, "markdown") if text]
+  return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n\n" + NOTES
 
 
 def main():

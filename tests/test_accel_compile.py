@@ -129,7 +129,8 @@ def test_tpu_kernels_need_shard_map_on_a_mesh(tpu_devices):
 
 # ---- the full sharded train step ----
 
-def _train_step(kind, mesh, *, d_model=256, num_layers=1, vocab=256, seq=64, batch=8):
+def _train_step(kind, mesh, *, d_model=256, num_layers=1, vocab=256, seq=64, batch=8,
+                overrides=None):
   """The trainer's jitted step (same shardings, donation) for abstract inputs on `mesh`."""
   from mmfree_jax import config as config_lib
   from mmfree_jax.parallel import sharding
@@ -138,8 +139,10 @@ def _train_step(kind, mesh, *, d_model=256, num_layers=1, vocab=256, seq=64, bat
   cfg = config_lib.base_config()
   cfg.model.update(kind=kind, vocab_size=vocab, d_model=d_model, num_layers=num_layers,
                    num_heads=max(1, d_model // 64), dtype="bfloat16", remat="dots_no_batch")
+  cfg.model.update(overrides or {})
   model_cfg = config_lib.ModelConfig.from_config(cfg.model)
-  assert (model_cfg.scan_type, model_cfg.bitlinear_impl) == ("auto", "auto")  # the defaults
+  if not overrides:
+    assert (model_cfg.scan_type, model_cfg.bitlinear_impl) == ("auto", "auto")  # the defaults
   rules = sharding.normalize_rules(cfg.mesh.axis_rules)
   tx = optim.make_optimizer(cfg.optim, 100)
   schedule = optim.learning_rate_schedule(cfg.optim, 100)
@@ -175,6 +178,15 @@ def test_tpu_compile_of_sharded_train_step(tpu_devices, kind):
   else:
     assert MOSAIC_CALL not in text
   assert compiled.memory_analysis().temp_size_in_bytes > 0
+
+
+def test_tpu_compile_of_int8_bitlinear_train_step(tpu_devices):
+  """aot_tpu's int8 column compiles the chosen point again with `bitlinear_impl=int8`: that
+  program (int8 codes in the forward matmuls) compiles for TPU, here at a small shape."""
+  step, args = _train_step("mmfree", _tpu_mesh(tpu_devices),
+                           overrides={"bitlinear_impl": "int8"})
+  compiled = step.lower(*args).compile()
+  assert "s8[" in compiled.as_text() and compiled.memory_analysis().temp_size_in_bytes > 0
 
 
 # Lowest XLA effort: the program and its kernels are the same, the compile takes ~40% less
