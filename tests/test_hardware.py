@@ -77,6 +77,11 @@ def test_a_low_measured_peak_is_measured_again_not_clamped():
   row = t.row(step_time=1.0)  # 1e8 FLOP/s achieved > the 5e7 measured first
   assert calls == [1] and t.peak_flops == 2e8
   assert row["mfu"] == pytest.approx(0.5) and row["mfu_peak"] == "measured"
+  # at most remeasures_left times: past that the row says what was measured (> 1)
+  low = metrics.Throughput(100, 1e6, 5e7, "measured", 1, remeasure=lambda: calls.append(1) or 6e7,
+                           remeasures_left=2)
+  assert [low.row(1.0)["mfu"] for _ in range(3)] == [pytest.approx(1e8 / 6e7)] * 3
+  assert len(calls) == 3
   # a datasheet peak is never re-measured, and nothing is clamped
   d = metrics.Throughput(100, 1e6, 5e7, "datasheet", 1, remeasure=lambda: 1 / 0)
   assert d.row(1.0)["mfu"] == pytest.approx(2.0)

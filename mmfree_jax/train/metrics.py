@@ -17,7 +17,7 @@ from mmfree_jax import hardware
 PEAK_SOURCES = ("config", "datasheet", "measured")
 
 
-def measure_matmul_peak(sizes=(1024, 2048), dtype=jnp.float32, repeats: int = 5,
+def measure_matmul_peak(sizes=(512, 1024), dtype=jnp.float32, repeats: int = 3,
                         rounds: int = 3) -> float:
   """Measured FLOP/s of square matmuls on the default device: the best single call over
   `rounds` rounds of `repeats` calls per size. On a shared, loaded host one short burst
@@ -68,11 +68,14 @@ class Throughput:
   devices: int
   peak_note: str = ""
   remeasure: object = measure_matmul_peak
+  remeasures_left: int = 3  # each costs ~1 s on a CPU; a device that truly beats it stays > 1
 
   def row(self, step_time: float) -> dict:
     tokens_per_s = self.tokens_per_step / step_time
     per_device = tokens_per_s * self.flops_per_token / self.devices
-    if self.peak_source == "measured" and per_device > self.peak_flops:
+    if (self.peak_source == "measured" and per_device > self.peak_flops
+        and self.remeasures_left > 0):
+      self.remeasures_left -= 1
       self.peak_flops = max(self.peak_flops, self.remeasure())
     return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
             "mfu": per_device / self.peak_flops, "mfu_peak": self.peak_source}
