@@ -1,11 +1,13 @@
 """Checkpoints with orbax's CheckpointManager: train state, data iterator, config.
 
-Layout: `WORKDIR/checkpoints/<step>/{state, data, config}`; a step written by an importer
-(`mmfree_jax.hf import`) holds `{params, config}` only, and training starts from it with a
-fresh optimizer state (fine-tuning). Orbax writes each step into a
-temporary directory and renames it when complete (atomic), asynchronously, keeping the newest
+Layout: `WORKDIR/checkpoints/<step>/{state, data, config, checksums}`; a step written by an
+importer (`mmfree_jax.hf import`) holds `{params, config, checksums}` only, and training starts
+from it with a fresh optimizer state (fine-tuning). Orbax writes each step into a temporary
+directory and renames it when complete (atomic), asynchronously, keeping the newest
 `keep` steps. A checkpoint records the config it was made with; resuming with a different
-model architecture is refused before any compute.
+model architecture is refused before any compute. Each step also holds `checksums`: a digest of
+every saved array (`checksum.py`), verified on every restore, so corrupted bytes are an error
+naming the step and the arrays, never silently loaded.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mmfree_jax.checkpoint import checksum
 from mmfree_jax.config import ModelConfig
 
 log = logging.getLogger("mmfree_jax")
 # Orbax writes this into a step's folder when the whole step is committed.
 COMMIT_MARKER = "commit_success.txt"
 
-ITEMS = ("state", "params", "data", "config")
+ITEMS = ("state", "params", "data", "config", "checksums")
 # Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
 # config that agrees on all of them.
 ARCHITECTURE_KEYS = ("kind", "vocab_size", "d_model", "num_layers", "hidden_ratio",
@@ -122,7 +125,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
            force: bool = False) -> bool:
     """Starts an (async) save of step; returns whether a save was started."""
-    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict)}
+    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict),
+            "checksums": _checksums_arg("state", state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
@@ -130,7 +134,8 @@ class Checkpointer:
   def save_params(self, step: int, params: Any, config_dict: dict) -> None:
     """Saves params alone (no optimizer state, no data position), e.g. imported weights."""
     self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                    config=ocp.args.JsonSave(config_dict)),
+                                                    config=ocp.args.JsonSave(config_dict),
+                                                    checksums=_checksums_arg("params", params)),
                       force=True)
 
   def has_train_state(self, step: int) -> bool:
@@ -156,17 +161,22 @@ class Checkpointer:
         args = ocp.args.PyTreeRestore(item={"params": abstract_params},
                                       restore_args={"params": restore_args},
                                       partial_restore=True)
-        return reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
-      # partial_restore: a subtree of the params (e.g. one leaf, as `mmfree_jax.export` reads)
-      args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args,
-                                    partial_restore=True)
-      return reader.restore(step, args=ocp.args.Composite(params=args))["params"]
+        params = reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+        checked, item = {"params": params}, "state"
+      else:
+        # partial_restore: a subtree of the params (e.g. one leaf, as `mmfree_jax.export` reads)
+        args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args,
+                                      partial_restore=True)
+        params = reader.restore(step, args=ocp.args.Composite(params=args))["params"]
+        checked, item = params, "params"
     except Exception as e:
       raise CheckpointError(
           f"could not restore the params of checkpoint step {step} from {self.directory}: "
           f"{e}. Pick another step (available: {self.all_steps()})") from e
     finally:
       reader.close()
+    self.verify(step, item, checked)
+    return params
 
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
@@ -203,7 +213,41 @@ class Checkpointer:
       raise CheckpointError(
           f"could not restore checkpoint step {step} from {self.directory}: {e}. Pick an older "
           f"step with --restore_step (available: {self.all_steps()})") from e
+    self.verify(step, "state", restored["state"])
     return restored["state"]
+
+  def verify(self, step: int, item: str, tree: Any) -> None:
+    """Raises CheckpointError naming the step and the arrays if any array of `tree` (restored
+    from `item` of `step`) differs from the checksums saved with it. Steps saved before
+    checksums existed are not checked."""
+    path = epath.Path(self.directory) / str(step) / "checksums"
+    if not path.exists():
+      log.info("checkpoint step %d has no checksums (saved by an older version): not verified",
+               step)
+      return
+    try:
+      saved = self.manager.restore(
+          step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+    except Exception as e:  # orbax raises many types
+      raise CheckpointError(f"the checksums of checkpoint step {step} ({path}) are unreadable: "
+                            f"{e}. {self._fallback(step)}") from e
+    if saved.get("algorithm") != checksum.ALGORITHM:
+      log.warning("checkpoint step %d: unknown checksum algorithm %r, not verified", step,
+                  saved.get("algorithm"))
+      return
+    bad = checksum.mismatches(tree, saved.get(item, {}))
+    if bad:
+      shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} is corrupted: the bytes read for {shown} "
+          f"do not match the checksums saved with it. {self._fallback(step)}")
+
+  def _fallback(self, step: int) -> str:
+    others = [s for s in self.all_steps() if s != step]
+    if not others:
+      return "No other step to fall back to: restore the files, or start a fresh --workdir"
+    return (f"Resume from another step with train.py --restore_step=N, or evaluate one with "
+            f"eval.py --step=N (available: {others})")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -211,6 +255,11 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _checksums_arg(item: str, tree: Any):
+  """The `checksums` item of a step that saves `tree` as `item`."""
+  return ocp.args.JsonSave({"algorithm": checksum.ALGORITHM, item: checksum.digests(tree)})
 
 
 def check_compatible(saved_config: dict, model_config: dict, where: str) -> None:
