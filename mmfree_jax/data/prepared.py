@@ -36,7 +36,6 @@ from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 SOURCE = "array_record"  # the data.source value
 FORMAT_VERSION = shards_lib.FORMAT_VERSION
 MANIFEST = shards_lib.MANIFEST
-_DTYPES = ("<u2", "<i4")  # prepare's token_dtype
 _REWRITE = ("rerun the prepare command that wrote the folder (a rerun rewrites the manifest "
             "from the shards' sidecars)")
 _COMPONENT_STREAM = 3  # seed stream of the per-folder shuffles of a mixture
@@ -111,7 +110,8 @@ def _need(ok: bool, path: str, field: str, why: str) -> None:
 
 def _check_shard_fields(path: str, m: dict) -> None:
   """Refuses shard, dtype and split fields that cannot describe the folder (edited?)."""
-  _need(m.get("dtype") in _DTYPES, path, "dtype", f"is {m.get('dtype')!r}, not one of {_DTYPES}")
+  dtypes = shards_lib.TOKEN_DTYPES
+  _need(m.get("dtype") in dtypes, path, "dtype", f"is {m.get('dtype')!r}, not one of {dtypes}")
   size = m.get("record_tokens")
   _need(_is_count(size, 1), path, "record_tokens", f"is {size!r}, not a positive int")
   shards = m.get("shards")

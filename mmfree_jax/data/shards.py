@@ -33,9 +33,12 @@ def sidecar_name(index: int) -> str:
   return f"shard-{index:05d}.json"
 
 
+TOKEN_DTYPES = ("<u2", "<i4")  # what token_dtype picks from
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
   """Stored id type: uint16 when every id fits, else int32 (little-endian)."""
-  return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<i4")
+  return np.dtype(TOKEN_DTYPES[0] if vocab_size <= 1 << 16 else TOKEN_DTYPES[1])
 
 
 def sha256_file(path: str) -> str:
