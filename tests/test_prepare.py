@@ -253,6 +253,10 @@ def test_validation_shards_are_spread_and_recorded(tmp_path):
   assert prep.validation_shards(10, 2, 0.0) == [2, 7]
   assert prep.validation_shards(10, 0, 0.3) == [1, 5, 8]
   assert prep.validation_shards(10, 0, 0.0) == []
+  assert prep.validation_shards(10, None, 0.0) == [5]  # the default: one, mid-corpus
+  assert prep.validation_shards(2, None, 0.0) == [1]
+  assert prep.validation_shards(1, None, 0.0) == []  # one document: nothing to hold out
+  assert prep.validation_shards(10, None, 0.3) == [1, 5, 8]
   assert prep.validation_shards(3, 0, 0.01) == [1]
   with pytest.raises(ValueError, match="too few to hold out 3"):
     prep.validation_shards(3, 3, 0.0)
