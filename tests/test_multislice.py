@@ -1,9 +1,6 @@
 """Multi-slice TPU meshes, compiled from this CPU for two `v5e:2x2` slices (libtpu AOT).
 
-libtpu compiles a multi-slice program per slice (`num_partitions` = one slice's chips): the
-collectives inside a slice keep `replica_groups`, and each collective that crosses slices
-becomes a `send`/`recv` pair handed to the megascale (DCN) runtime, tagged with
-`_xla_megascale_transfer_type`. The tests read those tags in the compiled HLO text.
+The cross-slice collectives are read from the compiled HLO text by `parallel.dcn`.
 """
 
 import importlib.util
@@ -16,8 +13,8 @@ import pytest
 from jax.experimental import topologies
 
 from mmfree_jax import config as config_lib
+from mmfree_jax.parallel import dcn, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
-from mmfree_jax.parallel import sharding
 from mmfree_jax.train import optim, steps
 from mmfree_jax.train import state as state_lib
 
@@ -113,47 +110,6 @@ def _compile_step(mesh, batch, microbatches):
   return compiled, per_chip_grads
 
 
-def _computations(text):
-  """HLO text -> {computation name: its instruction lines}."""
-  comps, name = {}, None
-  for line in text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
-    if header:
-      name = header.group(1)
-      comps[name] = []
-    elif name and line.startswith("  "):
-      comps[name].append(line)
-  return comps
-
-
-def _inside_loops(comps):
-  """Names of the computations that run per iteration of a while loop (layer or microbatch
-  scans), and of everything they call."""
-  todo = [c for lines in comps.values() for line in lines if " while(" in line
-          for c in re.findall(r"(?:body|condition)=%([\w.\-]+)", line)]
-  seen = set()
-  while todo:
-    name = todo.pop()
-    if name in seen or name not in comps:
-      continue
-    seen.add(name)
-    for line in comps[name]:
-      todo += re.findall(r"(?:calls|body|condition|to_apply)=%([\w.\-]+)", line)
-  return seen
-
-
-def _dcn_transfers(text):
-  """(computation, transfer type, elements) of each cross-slice send."""
-  found = []
-  for name, lines in _computations(text).items():
-    for line in lines:
-      if " send(" in line and "_xla_megascale_transfer_type" in line:
-        dims = re.search(r"= \(\w+\[([\d,]*)\]", line).group(1)
-        kind = re.search(r'_xla_megascale_transfer_type="(\w+)"', line).group(1)
-        found.append((name, kind, math.prod(int(d) for d in dims.split(",") if d)))
-  return found
-
-
 @pytest.fixture(scope="module")
 def compiled_steps(one_slice, two_slices):
   """The same per-chip work on one slice (batch 4) and on two (batch 8, data across)."""
@@ -168,12 +124,11 @@ def test_only_the_gradient_reduction_crosses_slices_once_per_step(compiled_steps
   _, two, per_chip_grads = compiled_steps
   text = two.as_text()
   assert re.search(r"num_partitions=4\b", text)  # one slice's program; the rest is DCN
-  transfers = _dcn_transfers(text)
-  assert transfers and {kind for _, kind, _ in transfers} == {"ALL_REDUCE"}
-  loops = _inside_loops(_computations(text))
-  assert loops, "the layer scan should be a while loop"
-  assert [name for name, _, _ in transfers if name in loops] == []  # not per layer
-  sent = sum(n for _, _, n in transfers)
+  transfers = dcn.dcn_transfers(text)
+  assert transfers and {t.kind for t in transfers} == {"ALL_REDUCE"}
+  assert dcn.loop_computations(dcn.computations(text)), "the layer scan is a while loop"
+  assert [t for t in transfers if t.in_loop] == []  # not per layer
+  sent = sum(t.elements for t in transfers)
   # every gradient element crosses once; beyond that only the loss/token/finite scalars,
   # each padded to one 128-lane row
   assert per_chip_grads <= sent <= per_chip_grads + 128 * 16, (sent, per_chip_grads)
@@ -198,9 +153,7 @@ def test_per_chip_memory_matches_one_slice(compiled_steps):
 def test_microbatches_reduce_over_dcn_once(two_slices):
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, two_slices)
   compiled, _ = _compile_step(mesh, 8, 2)
-  text = compiled.as_text()
-  loops = _inside_loops(_computations(text))
-  assert [name for name, _, _ in _dcn_transfers(text) if name in loops] == []
+  assert [t for t in dcn.dcn_transfers(compiled.as_text()) if t.in_loop] == []
 
 
 def test_fsdp_across_slices_is_seen_crossing(two_slices):
@@ -209,8 +162,6 @@ def test_fsdp_across_slices_is_seen_crossing(two_slices):
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 2}, two_slices,
                             dcn_cfg={"fsdp": 2})
   compiled, _ = _compile_step(mesh, 8, 1)
-  text = compiled.as_text()
-  loops = _inside_loops(_computations(text))
-  transfers = _dcn_transfers(text)
-  assert "ALL_GATHER" in {kind for _, kind, _ in transfers}
-  assert [name for name, _, _ in transfers if name in loops]
+  transfers = dcn.dcn_transfers(compiled.as_text())
+  assert "ALL_GATHER" in {t.kind for t in transfers}
+  assert [t for t in transfers if t.in_loop]
