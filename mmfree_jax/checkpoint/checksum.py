@@ -12,10 +12,11 @@ order or partition. Orbax's files are never read back or touched.
 For an array whose elements, viewed as uint32 words `w_i` (2-byte and 1-byte dtypes widened,
 8-byte ones split into two words) at row-major index `i`:
 
-    digest = (sum_i mix(w_i ^ mix(i) ^ S0), sum_i mix(w_i ^ mix(i) ^ S1))   mod 2^32 each
+    h_i = mix(w_i ^ (i * K) ^ S),   digest = (sum_i h_i, sum_i h_i * (i | 1))   mod 2^32 each
 
-`mix` is murmur3's 32-bit finalizer, a bijection, so a change of any single word always changes
-the digest; the index term makes moved or swapped elements count too.
+`mix` is murmur3's 32-bit finalizer, a bijection, and `i | 1` is odd (invertible mod 2^32), so
+a change of any single word always changes both halves; the index term makes moved or swapped
+elements count too.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ALGORITHM = "murmur3-fmix32-indexed-sum-x2-v1"
-_SEEDS = (0x9E3779B9, 0x85EBCA6B)
+ALGORITHM = "murmur3-fmix32-indexed-sums-v2"
+_K, _S = 0x9E3779B1, 0x85EBCA77
 
 
 def _mix(h: jax.Array) -> jax.Array:
@@ -59,8 +60,8 @@ def _digest(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   for axis in reversed(range(words.ndim)):  # row-major flat index, wrapping past 2^32
     index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride)
     stride = stride * words.shape[axis] % 2**32
-  mixed = words ^ _mix(index)
-  return tuple(jnp.sum(_mix(mixed ^ jnp.uint32(s)), dtype=jnp.uint32) for s in _SEEDS)
+  h = _mix(words ^ (index * jnp.uint32(_K)) ^ jnp.uint32(_S))
+  return jnp.sum(h, dtype=jnp.uint32), jnp.sum(h * (index | 1), dtype=jnp.uint32)
 
 
 @jax.jit
