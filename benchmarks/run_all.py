@@ -20,7 +20,8 @@ import time
 from benchmarks import common, report
 
 BENCHMARKS = ("bench_peak", "bench_components", "bench_train", "bench_recurrence",
-              "bench_memory", "bench_compile", "bench_decode", "bench_packed", "bench_data")
+              "bench_memory", "bench_compile", "bench_decode", "bench_packed", "bench_data",
+              "bench_checkpoint")
 
 
 def main(argv=None) -> int:
