@@ -8,10 +8,20 @@ Per row (token) of `x [N, d]`, reading `x` once (statistics in fp32):
     codes = clip(round_half_away(xn scale), -128, 127)   [N, d] int8
 
 the formulas of `numerics.quant.rms_norm` and `numerics.quant.quantize_activations_int8` (the
-pure-JAX reference, `rmsnorm_quantize_reference`), in the same order, so the codes are equal. The matmul
-stays an XLA dot. GPU: one program per row, the row padded to a power of two in registers with
-masked loads (the reference's Triton kernel). TPU: blocks of rows with the whole row in lanes.
-Statistics are fp32 (f64 for f64 inputs, interpret mode only).
+pure-JAX reference, `rmsnorm_quantize_reference`), in the same order. The matmul stays an XLA
+dot. GPU: a block of rows per program (narrow rows share one), each row padded to a power of two
+with masked loads. TPU: blocks of rows with the whole row in lanes. Statistics are fp32 (f64 for
+f64 inputs, interpret mode only).
+
+How equal: every step is element-wise or a max except the row sum of squares, whose order is the
+compiler's. Interpreted on CPU with a power-of-two d, the kernels (GPU and TPU) and the reference
+sum in the same order: r, scale and codes are bitwise equal (tests/test_kernels.py, 1e5 rows per
+dtype). With another d, XLA orders the reference's row sum and the kernel's (zero-padded to a
+power of two on GPU) differently: r may move by an ulp, and a code whose `xn * scale` lies within
+a few ulps of a half-integer may flip by one (measured 0-1 flips in 4.8M codes at d=48 and in
+7.7M at d=384; the test bounds the rate at 1e-5). Compiled, Triton and Mosaic pick their own
+reduction order (and fused multiply-adds), so expect the same: a flip only at a rounding
+boundary, never more than one code step (not measured on a device here).
 
 `ops.bitlinear.bitlinear_fused` (`model.bitlinear_impl=fused`) runs it in the forward, with
 the memory-lean backward (same residuals: x, r, codes, scale).
@@ -37,6 +47,9 @@ GPU_PLATFORMS = ("cuda", "rocm")  # lowering platforms Pallas compiles through T
 # Rows per TPU block: a multiple of 32 (int8 tiles are 32 x 128), about 2 MiB of fp32 rows.
 _TPU_BLOCK_BYTES = 2 * 1024 * 1024
 _TPU_MAX_ROWS = 512
+# Values a GPU program holds (rows x padded features): one row of up to 4096, or several
+# narrower ones.
+_GPU_BLOCK_ELEMENTS = 16384
 # A row lives in registers (GPU) or 32 rows in VMEM (TPU): wider rows run the reference.
 MAX_FEATURES = 16384
 
@@ -75,12 +88,15 @@ def _tpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps):
   r_ref[...] = r
 
 
-def _gpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps, d, d_pow2):
-  # One row per program; the row is padded to d_pow2 lanes with zeros (they change no sum/max).
+def _gpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps, n, d, d_pow2):
+  # A block of rows per program, each padded to d_pow2 lanes with zeros (they change no sum or
+  # max); rows of a ragged last block past n are masked (Triton does not mask them itself).
+  rows = x_ref.shape[0]
   cols = pl.ds(0, d_pow2)
-  mask = jnp.arange(d_pow2) < d
-  x = plgpu.load(x_ref.at[cols], mask=mask, other=0.0)[None]
-  g = plgpu.load(g_ref.at[cols], mask=mask, other=0.0)[None]
+  rows_in = (pl.program_id(0) * rows + jnp.arange(rows) < n)[:, None]
+  cols_in = (jnp.arange(d_pow2) < d)[None, :]
+  x = plgpu.load(x_ref.at[:, cols], mask=rows_in & cols_in, other=0.0)
+  g = plgpu.load(g_ref.at[cols], mask=cols_in[0], other=0.0)[None]
   acc = scale_ref.dtype
   xf = x.astype(acc)
   # The mean over the true d (the padded zeros add nothing to the sum).
@@ -89,9 +105,9 @@ def _gpu_kernel(x_ref, g_ref, codes_ref, scale_ref, r_ref, *, eps, d, d_pow2):
   amax = jnp.max(jnp.abs(xn), axis=-1, keepdims=True)
   scale = quant.ACT_QMAX / jnp.maximum(amax, quant.ACT_SCALE_FLOOR)
   codes = jnp.clip(_round_half_away(xn * scale), quant.ACT_QMIN, quant.ACT_QMAX)
-  plgpu.store(codes_ref.at[cols], codes[0].astype(jnp.int8), mask=mask)
-  scale_ref[...] = scale[0]
-  r_ref[...] = r[0]
+  plgpu.store(codes_ref.at[:, cols], codes.astype(jnp.int8), mask=rows_in & cols_in)
+  plgpu.store(scale_ref.at[:, :], scale, mask=rows_in)
+  plgpu.store(r_ref.at[:, :], r, mask=rows_in)
 
 
 def _tpu_rows(n: int, d: int) -> int:
@@ -126,15 +142,17 @@ def _call_tpu(x2, gamma, eps, interpret):
 def _call_gpu(x2, gamma, eps, interpret):
   n, d = x2.shape
   d_pow2 = pl.next_power_of_2(d)
-  row = pl.BlockSpec((None, d), lambda r: (r, 0))
-  stat = pl.BlockSpec((None, 1), lambda r: (r, 0))
+  # Rows per program: about _GPU_BLOCK_ELEMENTS values, so narrow rows share a program.
+  rows = max(1, min(pl.next_power_of_2(n), _GPU_BLOCK_ELEMENTS // d_pow2))
+  row = pl.BlockSpec((rows, d), lambda r: (r, 0))
+  stat = pl.BlockSpec((rows, 1), lambda r: (r, 0))
   call = lambda interpret: pl.pallas_call(
-      functools.partial(_gpu_kernel, eps=eps, d=d, d_pow2=d_pow2),
+      functools.partial(_gpu_kernel, eps=eps, n=n, d=d, d_pow2=d_pow2),
       out_shape=_out_shapes(n, d, x2.dtype),
-      grid=(n,),
+      grid=(pl.cdiv(n, rows),),
       in_specs=[row, pl.BlockSpec((d,), lambda r: (0,))],
       out_specs=[row, stat, stat],
-      compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, d_pow2 // 512)),
+      compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, rows * d_pow2 // 512)),
                                            num_stages=1),
       interpret=bool(interpret),
       name="mmfree_rmsnorm_quantize",
@@ -156,7 +174,8 @@ def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEA
       from a CPU host; Pallas' interpreter elsewhere), False (always compile), True (the
       generic interpreter) or "tpu" (the TPU interpreter; platform 'tpu' only).
   Returns:
-    codes int8 `[..., d]`, scale fp32 `[..., 1]` (x·r·gamma ≈ codes / scale), r fp32 `[..., 1]`.
+    codes int8 `[..., d]`, scale fp32 `[..., 1]` (x·r·gamma ≈ codes / scale), r fp32 `[..., 1]`;
+    equal to the reference's as the module docstring says.
   """
   if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS}; got {platform!r}")
