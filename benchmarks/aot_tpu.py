@@ -418,7 +418,7 @@ def _fitted_row(cache: Cache, kind: str, size: str, chip_name: str, key: str) ->
     row["int8"] = {"status": q["status"] if q else "not compiled"}
     if q and q["status"] == "fits":  # an estimate only for a program that compiled
       row["int8"].update(memory=q["memory"], tokens_per_s_chip=int8_tok,
-                         model=q.get("model", {}))
+                         model=q.get("model", {}), code=q.get("code", "?"))
     row["vs_paper"] = roofline.vs_paper(model_cfg, size, sl.chip, est["tokens_per_s_chip"],
                                         p["remat"])
   row["estimate"] = est
@@ -611,7 +611,8 @@ def _section_table(aot: dict) -> list[str]:
         f"{_gib(m['temp_bytes'])} | {_gib(m['peak_bytes'])} | {r['xla_flops'] / 1e9:,.0f} | "
         f"{e['flops_analytic_hw'] / 1e9:,.0f} | {e['step_s']:.3f} | "
         f"{e['tokens_per_s_chip']:,.0f} | {e['bound']} | "
-        + (f"{int8:,.0f}" if int8 else r.get("int8", {}).get("status", "-"))
+        + (f"{int8:,.0f} (peak {_gib(r['int8']['memory']['peak_bytes'])} GiB)" if int8
+           else r.get("int8", {}).get("status", "-"))
         + f" | {tried} |")
   return table
 
@@ -621,7 +622,8 @@ def _section_notes(aot: dict) -> list[str]:
   not_run = [f"{r['kind']} {r['size']} on {r['slice']}" for r in aot["rows"]
              if r["fits"] is None]
   codes = sorted({aot["points"][r["key"]].get("code", "?") for r in aot["rows"]
-                  if r.get("fits") and r.get("key") in aot.get("points", {})})
+                  if r.get("fits") and r.get("key") in aot.get("points", {})}
+                 | {r["int8"]["code"] for r in aot["rows"] if "code" in r.get("int8", {})})
   models = sorted({json.dumps(aot["points"][r["key"]].get("model", {}), sort_keys=True)
                    for r in aot["rows"] if r.get("fits") and r.get("key") in aot["points"]})
   if codes:
@@ -674,7 +676,8 @@ def markdown(aot: dict, res: dict) -> str:
       "HBM traffic known without measuring (weights, optimizer state; activations not "
       "modelled, so a lower bound) / datasheet bandwidth, ICI model / half the datasheet ICI "
       "bandwidth), never measured. The int8 column is filled only where the same point "
-      "compiled with `model.bitlinear_impl=int8`. "
+      "compiled with `model.bitlinear_impl=int8` (its tokens/s estimate, and that "
+      "program's compiled peak). "
       "XLA FLOPs are `cost_analysis()` as reported: it counts each while-loop body once "
       "(microbatch, layer and time scans), so it is far below the analytic count; the "
       "estimate uses the analytic FLOPs (6N + attention + remat recompute, per chip).",
