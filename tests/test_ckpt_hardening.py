@@ -132,6 +132,13 @@ def test_corrupted_array_bytes_are_refused_on_resume_and_load_sharded(tmp_path):
     trainer.train(cfg(6), work, progress=False, allow_steps_change=True)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 4 .* params/embedding do .*--step"):
     loading.load_model(work)
+  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={work}",
+                         "--ppl_split=val"],
+                        capture_output=True, text=True, env=dict(_env(), JAX_PLATFORMS="cpu"),
+                        timeout=300, check=False)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith(
+      "eval.py: error: checkpoint step 4 "), proc.stderr[-2000:]
   assert loading.load_model(work, step=2)[2] == 2  # eval.py --step=2
   result = trainer.train(cfg(6), work, progress=False, restore_step=2, allow_steps_change=True)
   assert int(result.state.step) == 6
