@@ -1,6 +1,6 @@
 """Pallas kernels in interpret mode on CPU against their pure-JAX references.
 
-Recurrence (`kernels.recurrence_gpu`, `kernels.recurrence_tpu`) vs `ops.recurrence.sequential`
+Recurrence (`kernels.recurrence_gpu`, `kernels.recurrence_tpu`) vs `numerics.recurrence.sequential`
 differentiated by JAX: with fp32 inputs both evaluate the same expressions in the same order, so
 the forward, the final state and all three gradients must be bitwise equal. With bf16 inputs the
 outputs are equal too, and `df` uses h rounded to bf16 (the kernels keep h in the output dtype,

@@ -30,8 +30,8 @@ from 1 to 256 compiles for v5e (libtpu 0.0.42.1), so there is no head_dim check.
 
 Shapes (the `ops.attention` layout): q `[batch, seq, heads, head_dim]`, k, v `[batch, seq,
 kv_heads, head_dim]` (one dtype), segment_ids `[batch, seq]` int or None; returns `[batch,
-seq, heads, head_dim]` in q's dtype. Reference: `ops.attention.dot_product_attention` under
-`ops.attention.causal_mask` (tests/test_attention_tpu.py).
+seq, heads, head_dim]` in q's dtype. Reference: `numerics.attention.dot_product_attention` under
+`numerics.attention.causal_mask` (tests/test_attention_tpu.py).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and writing `h_t` once. The backward is the reverse-time recurrence, itself a ke
 
 Residuals are `f` and the output `h` (in the output dtype, as fla): exact for fp32 inputs; for
 bf16 inputs `df` sees `h` rounded to bf16. The pure-JAX reference is
-`mmfree_jax.ops.recurrence.sequential`; with fp32 inputs both compute the very same
+`mmfree_jax.numerics.recurrence.sequential`; with fp32 inputs both compute the very same
 expressions in the same order. Document resets are the caller's `f = 0`.
 
 Shapes: `f, i: [batch, seq, dim]` (fp32, bf16 or fp16, one dtype), `initial_state: [batch,
@@ -142,7 +142,7 @@ def recurrence_gpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
     block_d: feature block (a power of two dividing dim); default `choose_block_d`.
     num_warps: Triton warps per program; default 1 per 64 features.
     fallback: `fn(f, i, initial_state)` run (with a `KernelFallbackWarning`) for inputs the
-      kernel cannot take (the registry passes `ops.recurrence.sequential`); None raises a
+      kernel cannot take (the registry passes `numerics.recurrence.sequential`); None raises a
       ValueError naming the reason instead.
   Returns:
     `(h [batch, seq, dim] in i's dtype, final_state [batch, dim] fp32)`.

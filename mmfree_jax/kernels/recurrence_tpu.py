@@ -15,7 +15,7 @@ kernel walking the time blocks in reverse:
 the block-boundary states. Residuals are `f` and the output `h` (in the output dtype): exact
 for fp32 inputs; for bf16 inputs `df` sees `h` rounded to bf16. A length that the time block
 does not divide is padded with `f = 1, i = 0` (the state passes through unchanged). The
-reference is `mmfree_jax.ops.recurrence.sequential` (same expressions, same order for fp32).
+reference is `mmfree_jax.numerics.recurrence.sequential` (same expressions, same order for fp32).
 Document resets are the caller's `f = 0`.
 
 Shapes: `f, i: [batch, seq, dim]` (fp32, bf16 or fp16, one dtype; dim a multiple of 128, else
@@ -190,7 +190,7 @@ def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
       generic interpreter) or "tpu" (the TPU interpreter, `pltpu.InterpretParams()`).
     time_block: steps per grid step; default `choose_time_block(seq)`.
     fallback: `fn(f, i, initial_state)` run (with a `KernelFallbackWarning`) for inputs the
-      kernel cannot take (the registry passes `ops.recurrence.sequential`); None raises a
+      kernel cannot take (the registry passes `numerics.recurrence.sequential`); None raises a
       ValueError naming the reason instead.
   Returns:
     `(h [batch, seq, dim] in i's dtype, final_state [batch, dim] fp32)`.
