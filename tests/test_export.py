@@ -276,3 +276,36 @@ def test_bad_export_requests(exported, tmp_path):
   assert export_cli.main(["--workdir", str(tmp_path / "tf"), "--dst",
                           str(tmp_path / "out")]) == 1
   assert not os.path.exists(tmp_path / "out")  # staged: nothing left behind
+
+
+def _mapped(path) -> int:
+  """How many of this process's memory mappings are of `path` (an open safetensors handle
+  maps its file until closed)."""
+  with open("/proc/self/maps") as f:
+    return sum(line.rstrip().endswith(str(path)) for line in f)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc (Linux)")
+def test_rejected_packed_directories_leave_no_open_file(exported, tmp_path):
+  """Each check of the tensors that raises closes the file it read them from, also while the
+  error (and the loader's frames, through its traceback) is still alive."""
+  _, _, dirs = exported
+  manifest = json.loads((dirs["2bit"] / "packed.json").read_text())
+  shapes = _copy(dirs["2bit"], tmp_path / "shapes")
+  config = json.loads((shapes / "config.json").read_text())
+  config["model"]["d_model"] = 64
+  (shapes / "config.json").write_text(json.dumps(config))
+  wrong_format = _copy(dirs["2bit"], tmp_path / "wrong_format")
+  (wrong_format / "packed.json").write_text(json.dumps(dict(manifest, format="base3")))
+  layers = _copy(dirs["2bit"], tmp_path / "layers")
+  config = json.loads((layers / "config.json").read_text())
+  config["model"]["num_layers"] += 1
+  (layers / "config.json").write_text(json.dumps(config))
+  for bad in (shapes, wrong_format, layers):
+    try:
+      export.load_packed(str(bad))
+    except export.PackedDirError as e:
+      error = e
+    assert error.__traceback__ is not None
+    assert _mapped(bad / "model.safetensors") == 0, bad
+    del error

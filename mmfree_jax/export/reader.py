@@ -60,16 +60,16 @@ def load_config(directory: str):
 
 
 def _open(path: str):
+  """`safe_open(path)` for a `with` block (header checks only; tensors are read by
+  `_TensorReader`)."""
   if not os.path.isfile(path):
     raise PackedDirError(f"{path} not found: the packed directory is incomplete; export it "
                          "again")
   try:
-    handle = safe_open(path, framework="numpy")
-    handle.__enter__()
+    return safe_open(path, framework="numpy")
   except (SafetensorError, OSError) as e:
     raise PackedDirError(f"cannot read {path}: {e}. The file is truncated or not safetensors; "
                          "export it again (or copy it again, comparing sizes)") from e
-  return handle
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
@@ -154,6 +154,97 @@ def _read_planes(reader: _TensorReader, names: list[str], fmt: str, n_in: int) -
   return out
 
 
+def _read_manifest(directory: str, method: str) -> tuple[dict, str]:
+  """The manifest and its format, checked against this version and `method`."""
+  path = os.path.join(directory, MANIFEST)
+  manifest = _read_json(path)
+  fmt = manifest.get("format")
+  if fmt not in packed.FORMATS:
+    raise PackedDirError(f"{path}: unknown packed format {fmt!r}; this version reads "
+                         f"{tuple(packed.FORMATS)}")
+  if manifest.get("version") != VERSION:
+    raise PackedDirError(f"{path}: packed format version {manifest.get('version')!r}, this "
+                         f"version reads {VERSION}")
+  if method not in packing.MATVEC_METHODS:
+    raise PackedDirError(f"unknown matvec method {method!r}; choose one of "
+                         f"{packing.MATVEC_METHODS}")
+  return manifest, fmt
+
+
+def _check_tensors(path: str, config_path: str, model_cfg, fmt: str) -> tuple[list, str]:
+  """`(expected layout, embedding dtype)` after checking every tensor's name, shape and
+  dtype in `path` against the config and format; the file is closed on every exit."""
+  with _open(path) as handle:
+    names = set(handle.keys())
+    dtype_of = lambda name: STORED_DTYPES.get(handle.get_slice(name).get_dtype())
+    emb_dtype = dtype_of("embedding") if "embedding" in names else F32
+    if emb_dtype not in EMBEDDING_DTYPES.values():
+      raise PackedDirError(f"{path}: embedding stored as {emb_dtype}; expected one of "
+                           f"{sorted(EMBEDDING_DTYPES)}")
+    expected = layout(model_cfg, fmt, emb_dtype)
+    missing = [n for n, _, _ in expected if n not in names]
+    extra = sorted(names - {n for n, _, _ in expected})
+    if missing or extra:
+      raise PackedDirError(f"{path} does not match {config_path}: missing "
+                           f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+                           f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    for name, shape, dtype in expected:
+      got = tuple(handle.get_slice(name).get_shape())
+      if dtype_of(name) != dtype:
+        raise PackedDirError(f"{path}: tensor {name} is stored as "
+                             f"{handle.get_slice(name).get_dtype()}, format {fmt!r} needs "
+                             f"{dtype}")
+      if got != tuple(shape):
+        raise PackedDirError(
+            f"{path}: tensor {name} has shape {got}, but config.json (d_model="
+            f"{model_cfg.d_model}, num_layers={model_cfg.num_layers}, vocab_size="
+            f"{model_cfg.vocab_size}, intermediate_size={model_cfg.intermediate_size}) and "
+            f"format {fmt!r} need {tuple(shape)}: the config and the codes disagree")
+  return expected, emb_dtype
+
+
+def _read_params(reader: _TensorReader, model_cfg, fmt: str, method: str,
+                 int8_embedding: bool) -> packed.PackedParams:
+  """The tensors of a checked file as `PackedParams` (stacked or per layer, as `fmt` keeps
+  them; bit planes where `method` reads them)."""
+  read = lambda name: _to_device(reader.read(name))
+  lower_bounds = jnp.asarray(reader.read("lower_bounds"), acc_dtype(model_cfg.compute_dtype))
+  linear = lambda get, prefix: packed.PackedLinear(
+      get(f"{prefix}.codes"), get(f"{prefix}.scale")[..., 0], get(f"{prefix}.norm_scale"))
+
+  def block(get, lower_bound):
+    return packed.PackedBlock(
+        attn_norm=get("attn_norm"), i_proj=linear(get, "i_proj"), f_proj=linear(get, "f_proj"),
+        g_proj=linear(get, "g_proj"), o_proj=linear(get, "o_proj"), g_norm=get("g_norm"),
+        mlp_norm=get("mlp_norm"), gate_proj=linear(get, "gate_proj"),
+        down_proj=linear(get, "down_proj"), lower_bound=lower_bound)
+
+  layers = range(model_cfg.num_layers)
+  n_in = {f"{proj}.codes": shape[0] for proj, shape in linear_shapes(model_cfg).items()}
+  n_in["lm_head.codes"] = model_cfg.d_model
+  planes = packed.holds_planes(fmt, method)
+
+  def stacked(name):
+    names = [f"blocks.{l}.{name}" for l in layers]
+    if planes and name in n_in:
+      return _to_device(_read_planes(reader, names, fmt, n_in[name]))
+    return _to_device(reader.read_stacked(names))
+
+  def head(name):
+    if planes and name in n_in:
+      return _to_device(_read_planes(reader, [name], fmt, n_in[name])[0])
+    return read(name)
+
+  if packed.stacked(fmt):  # one [layers, ...] array per tensor (nn.packed.PackedParams)
+    blocks = block(stacked, lower_bounds)
+  else:
+    blocks = tuple(block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l])
+                   for l in layers)
+  return packed.PackedParams(read("embedding"), blocks, read("final_norm"),
+                             linear(head, "lm_head"),
+                             read("embedding.scale") if int8_embedding else None)
+
+
 def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
   """Reads a packed directory. Returns `(PackedLM, config, manifest)`.
 
@@ -161,87 +252,18 @@ def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
   any is read; errors name the file. With `method='popcount'` the bit-packed codes are
   converted to bit planes while loading (`nn.packed`).
   """
-  manifest = _read_json(os.path.join(directory, MANIFEST))
-  fmt = manifest.get("format")
-  if fmt not in packed.FORMATS:
-    raise PackedDirError(f"{os.path.join(directory, MANIFEST)}: unknown packed format {fmt!r}; "
-                         f"this version reads {tuple(packed.FORMATS)}")
-  if manifest.get("version") != VERSION:
-    raise PackedDirError(f"{os.path.join(directory, MANIFEST)}: packed format version "
-                         f"{manifest.get('version')!r}, this version reads {VERSION}")
-  if method not in packing.MATVEC_METHODS:
-    raise PackedDirError(f"unknown matvec method {method!r}; choose one of "
-                         f"{packing.MATVEC_METHODS}")
+  manifest, fmt = _read_manifest(directory, method)
   cfg = load_config(directory)
   model_cfg = ModelConfig.from_config(cfg.model)
+  config_path = os.path.join(directory, CONFIG)
   if model_cfg.kind != "mmfree":
-    raise PackedDirError(f"{os.path.join(directory, CONFIG)}: model.kind={model_cfg.kind!r}; "
-                         "a packed directory holds a MatMul-free model")
+    raise PackedDirError(f"{config_path}: model.kind={model_cfg.kind!r}; a packed directory "
+                         "holds a MatMul-free model")
   path = os.path.join(directory, WEIGHTS)
-  handle = _open(path)
-  names = set(handle.keys())
-  dtype_of = lambda name: STORED_DTYPES.get(handle.get_slice(name).get_dtype())
-  emb_dtype = dtype_of("embedding") if "embedding" in names else F32
-  if emb_dtype not in EMBEDDING_DTYPES.values():
-    raise PackedDirError(f"{path}: embedding stored as {emb_dtype}; expected one of "
-                         f"{sorted(EMBEDDING_DTYPES)}")
-  expected = layout(model_cfg, fmt, emb_dtype)
-  missing = [n for n, _, _ in expected if n not in names]
-  extra = sorted(names - {n for n, _, _ in expected})
-  if missing or extra:
-    raise PackedDirError(f"{path} does not match {os.path.join(directory, CONFIG)}: missing "
-                         f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
-                         f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
-  for name, shape, dtype in expected:
-    got = tuple(handle.get_slice(name).get_shape())
-    if dtype_of(name) != dtype:
-      raise PackedDirError(f"{path}: tensor {name} is stored as "
-                           f"{handle.get_slice(name).get_dtype()}, format {fmt!r} needs {dtype}")
-    if got != tuple(shape):
-      raise PackedDirError(
-          f"{path}: tensor {name} has shape {got}, but config.json (d_model="
-          f"{model_cfg.d_model}, num_layers={model_cfg.num_layers}, vocab_size="
-          f"{model_cfg.vocab_size}, intermediate_size={model_cfg.intermediate_size}) and "
-          f"format {fmt!r} need {tuple(shape)}: the config and the codes disagree")
-  handle.__exit__(None, None, None)
+  expected, emb_dtype = _check_tensors(path, config_path, model_cfg, fmt)
   reader = _TensorReader(path, {n: d for n, _, d in expected})
   try:
-    read = lambda name: _to_device(reader.read(name))
-    lower_bounds = jnp.asarray(reader.read("lower_bounds"), acc_dtype(model_cfg.compute_dtype))
-    linear = lambda get, prefix: packed.PackedLinear(
-        get(f"{prefix}.codes"), get(f"{prefix}.scale")[..., 0], get(f"{prefix}.norm_scale"))
-
-    def block(get, lower_bound):
-      return packed.PackedBlock(
-          attn_norm=get("attn_norm"), i_proj=linear(get, "i_proj"), f_proj=linear(get, "f_proj"),
-          g_proj=linear(get, "g_proj"), o_proj=linear(get, "o_proj"), g_norm=get("g_norm"),
-          mlp_norm=get("mlp_norm"), gate_proj=linear(get, "gate_proj"),
-          down_proj=linear(get, "down_proj"), lower_bound=lower_bound)
-
-    layers = range(model_cfg.num_layers)
-    n_in = {f"{proj}.codes": shape[0] for proj, shape in linear_shapes(model_cfg).items()}
-    n_in["lm_head.codes"] = model_cfg.d_model
-    planes = packed.holds_planes(fmt, method)
-
-    def stacked(name):
-      names = [f"blocks.{l}.{name}" for l in layers]
-      if planes and name in n_in:
-        return _to_device(_read_planes(reader, names, fmt, n_in[name]))
-      return _to_device(reader.read_stacked(names))
-
-    def head(name):
-      if planes and name in n_in:
-        return _to_device(_read_planes(reader, [name], fmt, n_in[name])[0])
-      return read(name)
-
-    if packed.stacked(fmt):  # one [layers, ...] array per tensor (nn.packed.PackedParams)
-      blocks = block(stacked, lower_bounds)
-    else:
-      blocks = tuple(block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l])
-                     for l in layers)
-    params = packed.PackedParams(
-        read("embedding"), blocks, read("final_norm"), linear(head, "lm_head"),
-        read("embedding.scale") if emb_dtype == INT8 else None)
+    params = _read_params(reader, model_cfg, fmt, method, emb_dtype == INT8)
   except (ValueError, KeyError, OSError) as e:
     raise PackedDirError(f"cannot read {path}: {e}; export it again") from e
   finally:
