@@ -11,8 +11,9 @@ what is measured). The MatMul-free state is the same size at any context (the co
 is the same program); it is timed at each context anyway.
 
 Both models run as `generate` runs them: their weights frozen once per loop
-(`freeze_weights`: one block per layer, so steps do not slice the stacked weights; the
-MatMul-free BitLinears also quantize their weights there, once, instead of at every token),
+(`infer.prepare_for_decoding`: one block per layer, so steps do not slice the stacked
+weights; the MatMul-free BitLinears also quantize their weights there, once, instead of at
+every token),
 and the Transformer++ cache donated and carried from call to call, so the loop updates it in
 place. Its row
 records `cache_moves_in_hlo`: copies and transposes of a cache-sized array in the optimized
@@ -41,6 +42,7 @@ from flax import nnx
 
 import mmfree_jax
 from benchmarks import common, setups
+from mmfree_jax.infer import prepare_for_decoding
 from mmfree_jax.nn import packed as packed_model
 
 NAME = "bench_decode"
@@ -59,8 +61,8 @@ def _tree_bytes(tree) -> int:
 def model_decode_loop(model, steps: int, *, freeze: bool = False, donate_state: bool = False):
   """`loop(params, tokens [B,1], state) -> (tokens, state)`: `steps` greedy decode steps.
 
-  freeze: call `model.freeze_weights()` (where it has one) once per loop, before the steps,
-  as `generate` does. donate_state: the state argument is donated (updated in place; pass
+  freeze: prepare the model for decoding (`infer.prepare_for_decoding`: its plan's weights
+  once per loop, before the steps), as `generate` does. donate_state: the state argument is donated (updated in place; pass
   the returned state to the next call).
   """
   graphdef, params = nnx.split(model)
@@ -68,8 +70,8 @@ def model_decode_loop(model, steps: int, *, freeze: bool = False, donate_state: 
   @functools.partial(jax.jit, donate_argnums=(2,) if donate_state else ())
   def loop(params, tokens, state):
     model = nnx.merge(graphdef, params)
-    if freeze and hasattr(model, "freeze_weights"):
-      model.freeze_weights()
+    if freeze:
+      model = prepare_for_decoding(model)
     step_graphdef, step_params = nnx.split(model)
 
     def body(_, carry):

@@ -2,7 +2,7 @@
 stored as 2-bit (4/byte) or base-3 (5/byte) packed codes (read by table lookup, by unpacking,
 or as bit planes by popcount), int8 codes, bf16 or fp32 codes
 (`packed_model.export_packed`), and the latent-weight model as `generate` runs it
-(`freeze_weights` once per loop: per-layer fp32 weights quantized once, then
+(`infer.prepare_for_decoding` once per loop: per-layer fp32 weights quantized once, then
 `mmfree_jax.decode` steps); against the memory-bandwidth bound
 `copy GB/s / bytes read per token` with the copy bandwidth measured in this run.
 

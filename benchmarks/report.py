@@ -88,7 +88,8 @@ NOTES = """## Notes on reading these numbers
   reads the weights and the filled cache once at the measured copy bandwidth (read+write bytes
   of an in-place `x + 1`; a read-only stream, a `max` or a matrix-vector product over 16 MiB,
   measured 0.3-0.9x of that rate on this shared machine). The latent-weight MatMul-free decode
-  runs as `generate` runs it: `freeze_weights` slices the stacked blocks into per-layer blocks
+  runs as `generate` runs it: `infer.prepare_for_decoding` slices the stacked blocks into
+  per-layer blocks
   and quantizes every BitLinear's weights once, before the loop (before this round every token
   re-quantized all fp32 latent weights: 0.22x the fp32-codes export at d=1024, now 0.5x). Its
   own bound reads all its fp32 parameters and state once per token; at d=256 a step is ~60
@@ -153,14 +154,15 @@ NOTES = """## Notes on reading these numbers
   temporaries) and its peak is generate's own (reset after that): XLA:CPU upcasts bf16 dot
   operands to fp32, so on CPU under bf16 the freeze keeps the latent kernels (scales only)
   and a loop over the layers, its carry behind an optimization barrier, converts one layer at
-  a time (`keeps_latent_weights`). Before, per-layer frozen
+  a time (`infer.plan_for`, `CPU_CONVERTS_DOT_OPERANDS`). Before, per-layer frozen
   copies sat next to the stacked weights and XLA converted every layer's up front: 22.2 GB
   resident at 0.11 tokens/s (batch 1), on this 23 GB machine. Scoring (perplexity, multiple
   choice) loops the same way under bf16 on CPU, for Transformer++ too (a bf16 forward held
   3x each layer's weights in temporaries), and so does the Transformer++ decode step: its
   per-layer KV caches keep the layers unrolled, where XLA:CPU drops an optimization barrier,
   so each layer's weights get an exact +0 taken from the previous layer's output
-  (`ordered_after`), which orders the conversions (one probe, d=512, L=8, bf16: a decode
+  (`infer.loops.ordered_after`), which orders the conversions (one probe, d=512, L=8, bf16:
+  a decode
   step's temporaries 167 -> 17 MB, 22.5 -> 10.5-11.0 ms; fp32 13 ms).
   Batched generation feeds shorter prompts their
   remaining prompt tokens inside the shared loop (one program for both model kinds), so its
@@ -179,7 +181,8 @@ NOTES = """## Notes on reading these numbers
   (`[batch * kv_heads, head_dim, max_len]`, heads-major, positions minor), layers unrolled,
   the new position written with `dynamic_update_slice` in place on the loop-carried (in the
   benchmark also donated) buffer, and `kv_cache_attention` reading the cache as stored; the
-  weights are sliced per layer once per call (`freeze_weights`). The optimized HLO of the
+  weights are sliced per layer once per call (`infer.prepare_for_decoding`). The optimized
+  HLO of the
   decode loop holds no copy or transpose of a cache-sized array (the count is in the section
   footer; `tests/test_decode.py` checks it with XLA's memory analysis). What XLA:CPU forced:
   a stacked `[layers, ...]` cache is sliced per layer with a copy; any reshape between the

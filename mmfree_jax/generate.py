@@ -7,7 +7,8 @@ positions for the Transformer++.
 (per-row EOS), `generate(model, prompt_ids [B, P], cfg)` equal-length rows; `generate_text(model,
 tokenizer, prompt, cfg)` works on text (`eval.py --prompt`). Any model with the
 `model(tokens, state=) -> (logits, state)` / `init_state` contract works: the latent
-MatMul-free LM, the Transformer++ and the packed `nn.packed.PackedLM`.
+MatMul-free LM, the Transformer++ and the packed `nn.packed.PackedLM`; the loop runs a latent
+model as `mmfree_jax.infer` plans it for decoding (weights quantized / sliced per layer once).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import ctypes
 import functools
 import logging
 import math
-import os
 from typing import Callable, NamedTuple
 
 import jax
@@ -25,7 +25,9 @@ import numpy as np
 from flax import nnx
 
 from mmfree_jax.data.tokenizer import document_start
-from mmfree_jax.nn.model import check_token_ids, freeze_copies_layers
+from mmfree_jax.infer import memory
+from mmfree_jax.infer.runner import prepare_for_decoding
+from mmfree_jax.nn.model import MatMulFreeLM, TransformerLM, check_token_ids
 from mmfree_jax.numerics.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
@@ -63,69 +65,10 @@ class SamplingConfig(NamedTuple):
     return self
 
 
-def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *,
-                            frozen_copy: bool = False) -> dict:
-  """Rough device bytes of a `generate` call by part (the big allocations only).
-
-  prefill_logits `[batch, prompt_len, vocab]` fp32; Transformer++: KV cache of prompt + new
-  positions and the prefill's `[batch, heads, prompt_len, prompt_len]` fp32 attention scores
-  (the XLA / naive attention materializes them); output ids `[batch, max_new_tokens]` int32;
-  decode_weights: the per-layer copy of the block and head weights `freeze_weights` makes
-  (compute dtype; int8 codes for a MatMul-free `bitlinear_impl=int8`; none for packed models,
-  nor where the freeze keeps the layers stacked: `nn.model.freeze_copies_layers`).
-  """
-  acc = 4
-  total_len = prompt_len + max_new_tokens
-  itemsize = np.dtype(model_cfg.compute_dtype).itemsize
-  parts = {"prefill_logits": batch * prompt_len * model_cfg.vocab_size * acc,
-           "prefill_activations": 8 * batch * prompt_len * model_cfg.d_model * acc,
-           "output_ids": batch * max_new_tokens * 4}
-  if frozen_copy and freeze_copies_layers(model_cfg):
-    d = model_cfg.d_model
-    weights = model_cfg.num_layers * (4 * d * d + 3 * d * model_cfg.intermediate_size)
-    weights += d * model_cfg.vocab_size
-    int8 = model_cfg.kind == "mmfree" and model_cfg.bitlinear_impl == "int8"
-    parts["decode_weights"] = weights * (1 if int8 else itemsize)
-  if model_cfg.kind == "transformer":
-    kv_heads = getattr(model_cfg, "num_kv_heads", None) or model_cfg.num_heads
-    parts["kv_cache"] = (2 * model_cfg.num_layers * batch * total_len * kv_heads
-                         * model_cfg.head_dim * itemsize)
-    parts["prefill_attention_scores"] = batch * model_cfg.num_heads * prompt_len**2 * acc
-  return parts
-
-
-def available_memory_bytes() -> int | None:
-  """Free memory of the first local device (its allocator's limit minus use), or the host's
-  available RAM on CPU; None when unknown."""
-  device = jax.local_devices()[0]
-  try:
-    stats = device.memory_stats()
-  except Exception:  # pylint: disable=broad-except  # not implemented on some backends
-    stats = None
-  if stats and "bytes_limit" in stats:
-    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (ValueError, OSError, AttributeError):
-    return None
-
-
-def check_generation_fits(model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *,
-                          frozen_copy: bool = False) -> None:
-  """Raises ValueError, before anything is allocated, when a generation cannot fit memory."""
-  if prompt_len + max_new_tokens >= 2**31 - 1:
-    raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) positions do "
-                     "not fit int32 positions; shorten them")
-  parts = generation_memory_bytes(model_cfg, batch, prompt_len, max_new_tokens,
-                                  frozen_copy=frozen_copy)
-  need, free = sum(parts.values()), available_memory_bytes()
-  if free is not None and need > free:
-    detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(parts.items(),
-                                                                  key=lambda kv: -kv[1]) if v)
-    raise ValueError(
-        f"generating {max_new_tokens} tokens after a {prompt_len}-token prompt (batch {batch}) "
-        f"needs about {need / 2**30:.1f} GiB ({detail} GiB) but {free / 2**30:.1f} GiB are "
-        f"free on {jax.local_devices()[0].platform}; shorten the prompt or max_new_tokens")
+# generation's memory estimate lives with the inference plans; these names stay here too
+generation_memory_bytes = memory.generation_memory_bytes
+check_generation_fits = memory.check_generation_fits
+available_memory_bytes = memory.available_memory_bytes
 
 
 _STREAM_SINK: list = []  # the `on_tokens` callback of the generate call running now
@@ -190,9 +133,7 @@ def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *
   vocab_limit: only ids below it are sampled. stream: each step's tokens go to
   `_emit_tokens` (host callback, in order).
   """
-  model = nnx.merge(graphdef, params)
-  if hasattr(model, "freeze_weights"):  # weights per layer (MatMul-free: quantized) once
-    model.freeze_weights()
+  model = prepare_for_decoding(nnx.merge(graphdef, params))  # weights prepared once
   batch, prompt_len = prompt.shape
   rows = jnp.arange(batch)
   sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
@@ -288,7 +229,7 @@ def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingCon
     padded[row, :p.size] = p
   check_token_ids(padded, model.cfg.vocab_size)
   check_generation_fits(model.cfg, len(prompts), padded.shape[1], cfg.max_new_tokens,
-                        frozen_copy=hasattr(model, "freeze_weights"))
+                        frozen_copy=isinstance(model, (MatMulFreeLM, TransformerLM)))
   graphdef, params = nnx.split(model)
   eos = -1 if cfg.eos_id is None else cfg.eos_id
   if on_tokens is not None:

@@ -30,7 +30,7 @@ LAYERS = {
     "config": 5,
     "nn": 6,
     "accounting": 7,
-    "data": 8, "checkpoint": 8,
+    "data": 8, "checkpoint": 8, "infer": 8,
     "generate": 9,
     "eval": 10, "hf": 10, "export": 10,
     "convert": 11, "train": 11,

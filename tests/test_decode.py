@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmfree_jax import ModelConfig
 import mmfree_jax
+from mmfree_jax import ModelConfig, infer
 from mmfree_jax.nn import layers
 from mmfree_jax.numerics import attention
 from mmfree_jax.registry import SCAN_TYPES
@@ -105,8 +105,7 @@ def test_transformer_kv_cache_decode_matches_full_forward(kv_heads):
     layer = (B * kv_heads, model.cfg.head_dim, T)
     assert [a.shape for a in state.k + state.v] == [layer] * (2 * model.cfg.num_layers)
     if kv_heads == 2:  # per-layer weights sliced once (`generate` does this): same numbers
-      model.freeze_weights()
-      _check_decoding(model)
+      _check_decoding(infer.prepare(model, infer.InferencePlan("frozen", "unrolled")))
 
 
 @pytest.mark.parametrize("batch,kv_heads", [(2, 2), (1, 1)])  # GQA; MQA at batch 1
@@ -148,7 +147,7 @@ def test_transformer_decode_step_updates_the_cache_in_place(batch, kv_heads):
   arrays (a copy of one layer's cache, or of one layer's weights, would need more). The
   donated step after a prefill gives the full forward's logits (fp32, 1e-5 of the scale)."""
   model = mmfree_jax.build_model(ModelConfig.tiny(kind="transformer", num_kv_heads=kv_heads), 0)
-  model.freeze_weights()
+  model = infer.prepare(model, infer.InferencePlan("frozen", "unrolled"))
   graphdef, params = nnx.split(model)
   max_len = 1000
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, 256, (batch, 6)), jnp.int32)

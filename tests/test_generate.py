@@ -16,6 +16,7 @@ from flax import nnx
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.generate import (SamplingConfig, context_notes, generate, generate_text,
                                  sample_from_logits)
+from mmfree_jax.infer.memory import generation_memory_bytes
 from mmfree_jax.nn.model import build_model
 from tests.perturb import perturb_params
 
@@ -139,3 +140,24 @@ def test_bad_generation_inputs():
                        (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
     with pytest.raises(ValueError, match=message):
       generate(model, [[1, 2]], SamplingConfig(**bad))
+
+
+def test_memory_estimate_counts_the_cache_and_weights_the_model_has_under_gqa():
+  """Generation's memory estimate under grouped K/V heads (2 or 1 of 4 query heads): the KV
+  cache part is the bytes of the cache `init_state` makes, and the per-layer weight copy the
+  bytes of the blocks' kernels and the head (k/v projections `[d, kv_heads * head_dim]`, not
+  `[d, d]`)."""
+  for kv_heads in (4, 2, 1):
+    cfg = ModelConfig.tiny(kind="transformer", vocab_size=64, d_model=32, num_heads=4,
+                           num_kv_heads=kv_heads)
+    model = build_model(cfg, 0)
+    parts = generation_memory_bytes(cfg, 3, 10, 6, frozen_copy=True)
+    state = model.init_state(3, 10 + 6)
+    assert parts["kv_cache"] == sum(a.nbytes for a in state.k + state.v), kv_heads
+    assert parts["kv_cache"] == 2 * cfg.num_layers * 3 * 16 * kv_heads * cfg.head_dim * 4
+    kernels = [a for a in jax.tree.leaves(nnx.state(model.blocks, nnx.Param)) if a.ndim == 3]
+    want = sum(a.nbytes for a in kernels) + model.lm_head.kernel[...].nbytes
+    assert parts["decode_weights"] == want, kv_heads
+    d, width = cfg.d_model, kv_heads * cfg.head_dim
+    per_layer = 2 * d * d + 2 * d * width + 3 * d * cfg.intermediate_size
+    assert want == 4 * (cfg.num_layers * per_layer + d * cfg.vocab_size)

@@ -24,7 +24,7 @@ from mmfree_jax.numerics import quant
 from mmfree_jax.numerics import ternary_packing as packing
 from tests.perturb import perturb_params
 
-PACKED = sorted(packing.FORMATS)
+PACKED = sorted(packing.PACKING_LAYOUTS)
 
 
 def _random_codes(shape, seed=0):
@@ -36,7 +36,7 @@ def _random_codes(shape, seed=0):
 
 @pytest.mark.parametrize("fmt", PACKED)
 def test_round_trip_every_group_value(fmt):
-  k, _ = packing.FORMATS[fmt]
+  k, _ = packing.PACKING_LAYOUTS[fmt]
   groups = np.array(list(itertools.product([-1, 0, 1], repeat=k)), np.int8)  # [3^k, k]
   packed = np.asarray(packing.pack_ternary(groups, fmt, axis=1))
   assert packed.dtype == np.uint8 and packed.shape == (3**k, 1)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmfree_jax.nn.model import RecurrentState, check_token_ids, prepare_for_scoring
+from mmfree_jax.infer.runner import prepare_for_scoring
+from mmfree_jax.nn.model import RecurrentState, check_token_ids
 from mmfree_jax.numerics.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
@@ -76,8 +77,7 @@ def target_logprobs(graphdef, params, inputs, targets, segment_ids):
 
   Returns log p(target) `[B, T]` fp32 and `[B, T]` bool (target is the argmax).
   """
-  model = nnx.merge(graphdef, params)
-  prepare_for_scoring(model)
+  model = prepare_for_scoring(nnx.merge(graphdef, params))
   logits, _ = model(inputs, segment_ids=segment_ids)
   return _gather(_log_softmax(logits), targets)
 
@@ -94,8 +94,7 @@ def _prefill_chunk(graphdef, params, tokens, segment_ids, state):
     zeroed where no context token has been seen yet (so a context starting exactly at a chunk
     boundary starts from the zero state; one starting inside a chunk is reset there).
   """
-  model = nnx.merge(graphdef, params)
-  prepare_for_scoring(model)
+  model = prepare_for_scoring(nnx.merge(graphdef, params))
   logits, state = model(tokens, segment_ids=segment_ids, state=state)
   started = (segment_ids != 0).any(axis=1)
   h = jnp.where(started[None, :, None], state.h, jnp.zeros_like(state.h))
@@ -114,8 +113,7 @@ def _continuation_chunk(graphdef, params, tokens, state, first_logprobs):
     log p(tokens) `[B, T]`, is-argmax `[B, T]`, the new state, `[B, V]` log-probs predicting
     the token after the chunk.
   """
-  model = nnx.merge(graphdef, params)
-  prepare_for_scoring(model)
+  model = prepare_for_scoring(nnx.merge(graphdef, params))
   logits, state = model(tokens, state=state)
   logprobs = _log_softmax(logits)  # position t predicts token t + 1
   predicting = jnp.concatenate([first_logprobs[:, None], logprobs[:, :-1]], axis=1)

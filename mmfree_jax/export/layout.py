@@ -16,7 +16,7 @@ Tensors (L layers, P = every BitLinear: i/f/g/o_proj, gate_proj, down_proj, lm_h
     final_norm, lower_bounds       [d], [L, d]          fp32 (the effective forget-gate bounds)
     blocks.<l>.{attn,g,mlp}_norm   [d]                  fp32
     <P>.codes                      uint8 [packed_length(in), out] ('2bit', 'base3') or int8 /
-                                   float [in, out]: `nn.packed.FORMATS`
+                                   float [in, out]: `nn.packed.CODE_FORMATS`
     <P>.scale                      fp32 [1]: max(mean|W|, 1e-5)
     <P>.norm_scale                 fp32 [in]
 
@@ -39,7 +39,8 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MANIFEST = "packed.json"
-EXPORT_FORMATS = ("2bit", "base3", "int8")  # what the CLI offers; loading reads any FORMATS
+# what the CLI offers; loading reads any of packed.CODE_FORMATS
+EXPORT_FORMATS = ("2bit", "base3", "int8")
 LAYER_LINEARS = (("attn", "i_proj"), ("attn", "f_proj"), ("attn", "g_proj"), ("attn", "o_proj"),
                  ("mlp", "gate_proj"), ("mlp", "down_proj"))
 LAYER_NORMS = {"attn_norm": ("attn_norm", "scale"), "g_norm": ("attn", "g_norm", "scale"),
@@ -57,7 +58,7 @@ class PackedDirError(ValueError):
 
 def code_shape(n_in: int, n_out: int, fmt: str) -> tuple[tuple[int, int], np.dtype]:
   """Shape and dtype of the stored codes of an `[n_in, n_out]` kernel in `fmt`."""
-  kind = packed.FORMATS[fmt]
+  kind = packed.CODE_FORMATS[fmt]
   if kind == packed.PACKED:
     return (packing.packed_length(n_in, fmt), n_out), np.dtype(np.uint8)
   return (n_in, n_out), np.dtype(ml_dtypes.bfloat16 if kind == jnp.bfloat16 else kind)

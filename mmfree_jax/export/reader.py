@@ -159,9 +159,9 @@ def _read_manifest(directory: str, method: str) -> tuple[dict, str]:
   path = os.path.join(directory, MANIFEST)
   manifest = _read_json(path)
   fmt = manifest.get("format")
-  if fmt not in packed.FORMATS:
+  if fmt not in packed.CODE_FORMATS:
     raise PackedDirError(f"{path}: unknown packed format {fmt!r}; this version reads "
-                         f"{tuple(packed.FORMATS)}")
+                         f"{tuple(packed.CODE_FORMATS)}")
   if manifest.get("version") != VERSION:
     raise PackedDirError(f"{path}: packed format version {manifest.get('version')!r}, this "
                          f"version reads {VERSION}")

@@ -154,7 +154,7 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
   Args:
     workdir: a training or import workdir (config.json + checkpoints/).
     dst: destination folder; must not exist or be empty.
-    fmt: '2bit', 'base3' or 'int8' (also the float code formats of `nn.packed.FORMATS`).
+    fmt: '2bit', 'base3' or 'int8' (also the float code formats of `nn.packed.CODE_FORMATS`).
     step: checkpoint step (default: the latest).
     embedding_dtype: dtype of the stored embedding (default: the checkpoint's param dtype;
       'bfloat16' halves its bytes, as the released models store it; 'int8' stores per-row
@@ -164,7 +164,7 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
   Returns:
     a summary: dst, step, format, bytes of model.safetensors, peak restored leaf bytes.
   """
-  if fmt not in packed.FORMATS:
+  if fmt not in packed.CODE_FORMATS:
     raise PackedDirError(f"unknown packed format {fmt!r}; choose one of {EXPORT_FORMATS}")
   cfg = loading.load_workdir_config(workdir)
   if tokenizer is not None:

@@ -55,6 +55,7 @@ class BitLinear(nnx.Module):
   Params: `kernel [in, out]` (latent full precision), `norm_scale [in]`.
   `[..., in]` → `[..., out]` in the compute dtype. `impl` picks the backward:
   'autodiff' (`quant.bitlinear`) or 'lean' (`bitlinear_lean`, same numbers, less memory).
+  For inference, `mmfree_jax.infer.frozen.FrozenBitLinear` takes its place, quantized once.
   """
 
   def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
@@ -65,29 +66,11 @@ class BitLinear(nnx.Module):
     self.eps = eps
     self.dtype = dtype
     self.impl = impl
-    self.frozen = None  # the resolved impl once `freeze` ran
-    self.frozen_latent = False  # `freeze(keep_latent=True)`: kernel latent, scale stored
     self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
     self.norm_scale = param(None, nnx.initializers.ones, (in_features,), param_dtype,
                              (axes[0],))
 
-  def freeze(self, keep_latent: bool = False) -> None:
-    """Inference only: replaces the latent `kernel` by its quantized weights, computed once
-    (`bitlinear.freeze_weights`), and adds their `w_mean_abs`; the outputs stay identical and
-    a decode step no longer re-quantizes every weight at every token. keep_latent: keep the
-    kernel and add only its scale (each call derives the weights in one fused pass; no second
-    copy of them). Not trainable after."""
-    self.frozen, weights, mean_abs = bitlinear.freeze_weights(
-        self.kernel[...], self.impl, self.dtype, keep_latent=keep_latent)
-    self.frozen_latent = keep_latent
-    self.kernel = nnx.Param(weights)
-    self.w_mean_abs = nnx.Param(mean_abs)
-
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.frozen is not None:
-      return bitlinear.bitlinear_frozen(x, self.kernel[...], self.w_mean_abs[...],
-                                        self.norm_scale[...], impl=self.frozen, eps=self.eps,
-                                        dtype=self.dtype, latent=self.frozen_latent)
     fn = bitlinear.get_bitlinear(self.impl)
     return fn(x, self.kernel[...], self.norm_scale[...], eps=self.eps, dtype=self.dtype)
 
@@ -133,14 +116,29 @@ class MLGRU(nnx.Module):
       initial_state: `[batch, d_in]` fp32 or None.
       reset: `[batch, seq]` bool, True where a new document starts (forget gate set to 0).
     """
-    f, i = mlgru.gates(self.f_proj(x), self.i_proj(x), lower_bound)
-    if reset is not None:
-      f = jnp.where(reset[..., None], 0.0, f)
-    h, h_last = recurrence.linear_recurrence(
-        f, i, initial_state, scan_type=self.cfg.scan_type, chunk_size=self.cfg.chunk_size)
-    g = self.g_norm(self.g_proj(x).astype(f.dtype))
-    o = mlgru.output(g, h)
-    return self.o_proj(o.astype(self.cfg.compute_dtype)), h_last
+    return mlgru_mix(x, lower_bound, i_proj=self.i_proj, f_proj=self.f_proj,
+                     g_proj=self.g_proj, o_proj=self.o_proj, g_norm=self.g_norm, cfg=self.cfg,
+                     initial_state=initial_state, reset=reset)
+
+
+def mlgru_mix(x: jax.Array, lower_bound: jax.Array, *, i_proj, f_proj, g_proj, o_proj, g_norm,
+              cfg: ModelConfig, initial_state: jax.Array | None = None,
+              reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """The MLGRU's wiring, on any projections and norm (callables `[..., in]` → `[..., out]`):
+  the trained layer's BitLinears, or stored codes (`nn.packed`). Arguments and results as
+  `MLGRU.__call__`. One step with a state (`seq` 1, a decode step) skips the scan."""
+  f, i = mlgru.gates(f_proj(x), i_proj(x), lower_bound)
+  if reset is not None:
+    f = jnp.where(reset[..., None], 0.0, f)
+  if x.shape[1] == 1 and initial_state is not None:
+    h = f * initial_state[:, None] + i
+    h_last = h[:, 0]
+  else:
+    h, h_last = recurrence.linear_recurrence(f, i, initial_state, scan_type=cfg.scan_type,
+                                             chunk_size=cfg.chunk_size)
+  g = g_norm(g_proj(x).astype(f.dtype))
+  o = mlgru.output(g, h)
+  return o_proj(o.astype(cfg.compute_dtype)), h_last
 
 
 class GLU(nnx.Module):
@@ -158,8 +156,14 @@ class GLU(nnx.Module):
                                **common)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gate, up = jnp.split(self.gate_proj(x), 2, axis=-1)
-    return self.down_proj(jax.nn.silu(gate) * up)
+    return glu_mix(x, gate_proj=self.gate_proj, down_proj=self.down_proj)
+
+
+def glu_mix(x: jax.Array, *, gate_proj, down_proj) -> jax.Array:
+  """`down(silu(gate) * up)` with gate and up from one fused projection (callables, as in
+  `mlgru_mix`). `[batch, seq, d]` → `[batch, seq, d]`."""
+  gate, up = jnp.split(gate_proj(x), 2, axis=-1)
+  return down_proj(jax.nn.silu(gate) * up)
 
 
 class SwiGLU(nnx.Module):

@@ -6,20 +6,23 @@ state)`. The state is what decoding carries: for the MatMul-free LM a constant-s
 `RecurrentState` (`h [layers, batch, d]` fp32), for the Transformer++ a `KVCache`.
 `model.init_state(batch, max_len)` makes an empty one; feeding a prompt with it is the prefill,
 feeding `[batch, 1]` tokens with the returned state is a decode step.
+
+Each model has one `__call__`: embed, its blocks in a layer loop, head. The loop is the
+model's own (`own_layer_loop`: `lax.scan` over the stacked blocks, unrolled over the
+Transformer++'s per-layer KV caches) unless the caller passes one (`LayerLoop`): how a trained
+model runs for decoding and scoring on a platform is `mmfree_jax.infer`'s business.
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mmfree_jax import registry
 from mmfree_jax.config import REMAT_POLICIES, ModelConfig
-from mmfree_jax.kernels import dispatch
 from mmfree_jax.nn import layers
 from mmfree_jax.numerics import mlgru
 from mmfree_jax.numerics.dtypes import acc_dtype
@@ -115,78 +118,48 @@ def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
           for l in range(num_layers)]
 
 
-def converts_dot_operands(cfg: ModelConfig) -> bool:
-  """XLA:CPU under a bf16/fp16 compute dtype: it converts the operands of every dot to fp32,
-  and given stacked (or per-layer) weights it runs every layer's conversion up front and keeps
-  them all (3x the weights' bytes); `loop_blocks_in_place` converts one layer at a time."""
-  return (dispatch.current_platform() == "cpu"
-          and jnp.dtype(cfg.compute_dtype).itemsize < 4)
-
-
-def keeps_latent_weights(cfg: ModelConfig) -> bool:
-  """Whether a MatMul-free model's `freeze_weights` keeps its stacked latent kernels (scales
-  only) and runs its layers in `loop_blocks_in_place`: where `converts_dot_operands`, with a
-  float BitLinear. A frozen per-layer copy saves no work there (each call converts it again)
-  and cost memory: the bf16 2.7B generate peaked at 22.6 GB for 5.4 GB of weights. In the
-  loop, each layer's ternary weights come from one fused pass over its latent kernel."""
-  return converts_dot_operands(cfg) and registry.resolve_bitlinear_impl(
-      cfg.bitlinear_impl, dispatch.current_platform()) != "int8"
-
-
-def freeze_copies_layers(cfg: ModelConfig) -> bool:
-  """Whether `freeze_weights` copies the blocks' weights per layer (`frozen_layers`): not
-  where every call converts them anyway (`converts_dot_operands`; a MatMul-free model there
-  with a float BitLinear, `keeps_latent_weights`), which keeps them stacked instead."""
-  if cfg.kind == "mmfree":
-    return not keeps_latent_weights(cfg)
-  return not converts_dot_operands(cfg)
-
-
-def loop_blocks_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body, outputs):
-  """`scan_blocks` for inference where the weights need an element-wise pass before their dot
-  (`converts_dot_operands`): a loop over the layers whose carry holds the stacked params behind
-  an optimization barrier. Given them as scanned inputs, XLA:CPU moves such a pass (at least
-  the fp32 conversion of bf16 weights) ahead of the loop and keeps its result for every layer
-  at once; here each step computes its own layer's slice of it, fused.
-
-  `body(block, x, per_layer_slice) -> (x, out)`; `outputs`: an array shaped like the stacked
-  outs (`[layers, ...]`), which they overwrite, or None (the outs are dropped). Returns the
-  final x and the stacked outs (None).
-  """
-  graphdef, params = nnx.split(blocks)
-  take = lambda tree, l: jax.tree.map(
-      lambda a: jax.lax.dynamic_index_in_dim(a, l, 0, keepdims=False), tree)
-
-  def step(l, carry):
-    x, outs, params = carry
-    params = jax.lax.optimization_barrier(params)
-    x, out = body(nnx.merge(graphdef, take(params, l)), x, take(per_layer, l))
-    if outs is not None:
-      outs = jax.lax.dynamic_update_index_in_dim(outs, out.astype(outs.dtype), l, 0)
-    return x, outs, params
-
-  num_layers = jax.tree.leaves(params)[0].shape[0]
-  x, outs, _ = jax.lax.fori_loop(0, num_layers, step, (x, outputs, params))
+def unroll_blocks(blocks, x: jax.Array, per_layer, body):
+  """Runs `body(block, x, per_layer_slice) -> (x, out)` over a sequence of per-layer blocks,
+  unrolled. `per_layer`: a list with one entry per layer, or a pytree of stacked leaves
+  (sliced statically). Returns the final x and the outs in `per_layer`'s form (a list, or
+  stacked on a leading axis)."""
+  per_layer_list = isinstance(per_layer, list)
+  outs = []
+  for l, block in enumerate(blocks):
+    layer_inputs = per_layer[l] if per_layer_list else jax.tree.map(lambda a, l=l: a[l],
+                                                                     per_layer)
+    x, out = body(block, x, layer_inputs)
+    outs.append(out)
+  if not per_layer_list:
+    outs = jax.tree.map(lambda *o: jnp.stack(o), *outs)
   return x, outs
 
 
-def ordered_after(module: nnx.Module, x: jax.Array) -> nnx.Module:
-  """`module` with its float params unchanged in value (+0) but computed only once `x` is:
-  the element-wise pass XLA:CPU puts before a bf16 dot (`converts_dot_operands`) then runs
-  where the weights are used. XLA:CPU drops an optimization barrier outside a loop and ran
-  every unrolled layer's conversion up front (a Transformer++ bf16 decode step held all
-  layers' fp32 weights: 3x the bf16 bytes). The zero is a finite element of `x` times 0,
-  which XLA does not fold for floats."""
-  v = x.reshape(-1)[0]
-  zero = jnp.where(jnp.isfinite(v), v, 0) * 0
-  graphdef, params = nnx.split(module)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-      params))
+class LayerLoop(Protocol):
+  """`loop(blocks, x, per_layer, body) -> (x, outs)`: runs `body(block, x, per_layer_slice)
+  -> (x, out)` over the stacked `blocks` (an `nnx.Module` whose params carry a leading
+  'layers' axis). `per_layer`: a pytree with a leading layer axis on each leaf, or a list with
+  one entry per layer; `outs` in the same form."""
+
+  def __call__(self, blocks: nnx.Module, x: jax.Array, per_layer, body
+               ) -> tuple[jax.Array, object]: ...
+
+
+def own_layer_loop(remat: str) -> LayerLoop:
+  """The models' own loop: `scan_blocks` (with the `remat` policy) over stacked inputs;
+  unrolled over static slices where the inputs are a per-layer list (the Transformer++'s
+  KV caches: XLA copies a layer out of a stacked cache at every step)."""
+
+  def loop(blocks, x, per_layer, body):
+    if isinstance(per_layer, list):
+      return unroll_blocks(layer_blocks(blocks), x, per_layer, body)
+    return scan_blocks(blocks, x, per_layer, body, remat)
+
+  return loop
 
 
 class _LMBase(nnx.Module):
-  """Embedding table, input checks and the per-layer decode blocks shared by both models."""
+  """Embedding table, input checks and the head shared by both models."""
 
   def embed_tokens(self, tokens: jax.Array) -> jax.Array:
     if tokens.ndim != 2:
@@ -200,14 +173,10 @@ class _LMBase(nnx.Module):
     x = jnp.take(table, tokens, axis=0).astype(self.cfg.compute_dtype)
     return constrain(x, ("activation_batch", "activation_seq", "activation_embed"))
 
-  def freeze_weights(self) -> None:
-    """Inference only, in place: slices the stacked blocks into one block per layer once
-    (`layer_blocks`, kept in `frozen_layers`); calls with a state then run these, unrolled.
-    XLA copies a layer's weights out of a stacked array wherever a dot reads a slice of it,
-    so without this every decode step copies every weight; outputs are unchanged.
-    Generation calls it on its own copy, before its decode loop."""
-    if self.frozen_layers is None:
-      self.frozen_layers = nnx.data(nnx.List(layer_blocks(self.blocks)))
+  def head(self, x: jax.Array) -> jax.Array:
+    """`x [batch, seq, d]` (the last block's output) → logits `[batch, seq, vocab]`."""
+    return constrain(self.lm_head(self.final_norm(x)),
+                     ("activation_batch", "activation_seq", "activation_vocab"))
 
   def check_segments(self, tokens, segment_ids):
     if segment_ids is not None and segment_ids.shape != tokens.shape:
@@ -227,11 +196,20 @@ class MatMulFreeBlock(nnx.Module):
 
   def __call__(self, x, lower_bound, *, initial_state=None, reset=None):
     """`x [batch, seq, d]`, `lower_bound [d]` → `x`, final recurrent state `[batch, d]`."""
-    y, h_last = self.attn(self.attn_norm(x), lower_bound, initial_state=initial_state,
-                          reset=reset)
-    x = x + y
-    x = x + self.mlp(self.mlp_norm(x))
-    return constrain(x, ("activation_batch", "activation_seq", "activation_embed")), h_last
+    return mmfree_block(x, lower_bound, attn_norm=self.attn_norm, attn=self.attn,
+                        mlp_norm=self.mlp_norm, mlp=self.mlp, initial_state=initial_state,
+                        reset=reset)
+
+
+def mmfree_block(x, lower_bound, *, attn_norm, attn, mlp_norm, mlp, initial_state=None,
+                 reset=None):
+  """The MatMul-free block's wiring on any parts (callables as `MatMulFreeBlock`'s: the
+  trained layers, or stored codes in `nn.packed`): `x [batch, seq, d]`, `lower_bound [d]`,
+  `initial_state [batch, d]` or None → `x`, final recurrent state `[batch, d]`."""
+  y, h_last = attn(attn_norm(x), lower_bound, initial_state=initial_state, reset=reset)
+  x = x + y
+  x = x + mlp(mlp_norm(x))
+  return constrain(x, ("activation_batch", "activation_seq", "activation_embed")), h_last
 
 
 class MatMulFreeLM(_LMBase):
@@ -253,26 +231,6 @@ class MatMulFreeLM(_LMBase):
                                     kernel_init=layers.normal_init(0.02),
                                     dtype=cfg.compute_dtype, param_dtype=dtype,
                                     impl=cfg.bitlinear_impl, rngs=rngs)
-    self.frozen_layers = None  # one block per layer, quantized, once `freeze_weights` ran
-    self.frozen_stacked = False  # `freeze_weights` kept the stacked latent kernels
-
-  def freeze_weights(self) -> None:
-    """`_LMBase.freeze_weights`, and every BitLinear of those layers and the head quantizes
-    its weights once (`BitLinear.freeze`) instead of at every call. Outputs are unchanged
-    (up to a dot's summation order).
-
-    Where `keeps_latent_weights`, instead: the stacked blocks and the head store only their
-    scales (`BitLinear.freeze(keep_latent=True)`) and every call runs the stacked blocks in
-    `loop_blocks_in_place`."""
-    if self.frozen_layers is not None or self.frozen_stacked:
-      return
-    self.frozen_stacked = not freeze_copies_layers(self.cfg)
-    if not self.frozen_stacked:
-      super().freeze_weights()
-    for root in (self.blocks if self.frozen_stacked else self.frozen_layers, self.lm_head):
-      for _, module in nnx.iter_modules(root):
-        if isinstance(module, layers.BitLinear) and module.frozen is None:
-          module.freeze(keep_latent=self.frozen_stacked)
 
   def layer_lower_bounds(self) -> jax.Array:
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
@@ -289,13 +247,16 @@ class MatMulFreeLM(_LMBase):
                                     acc_dtype(self.cfg.compute_dtype)))
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
+               state: RecurrentState | None = None, layer_loop: LayerLoop | None = None
+               ) -> tuple[jax.Array, RecurrentState]:
     """
     Args:
       tokens: `[batch, seq]` int32 ids in [0, vocab).
       segment_ids: `[batch, seq]` document ids of a packed window; with
         `reset_at_doc_start` the recurrence restarts at each new document.
       state: `RecurrentState` to continue from (prefill/decode) or None (zeros).
+      layer_loop: runs the blocks (default `own_layer_loop`; `mmfree_jax.infer` passes its
+        plan's).
     Returns:
       logits `[batch, seq, vocab]` in the compute dtype, the final `RecurrentState`.
     """
@@ -310,25 +271,9 @@ class MatMulFreeLM(_LMBase):
       return block(x, lower_bound, initial_state=h0, reset=reset)
 
     h0 = None if state is None else state.h
-    if state is not None and not self.frozen_stacked and (tokens.shape[1] == 1
-                                                          or self.frozen_layers is not None):
-      # decode step (or frozen weights): layers unrolled
-      lower_bounds, h_last = self.layer_lower_bounds(), []
-      for l, block in enumerate(self.frozen_layers or layer_blocks(self.blocks)):
-        x, h_l = body(block, x, (lower_bounds[l], h0[l]))
-        h_last.append(h_l)
-      h_last = jnp.stack(h_last)
-    elif self.frozen_stacked:  # inference where keeps_latent_weights: one layer at a time
-      if h0 is None:
-        h0 = self.init_state(tokens.shape[0]).h
-      x, h_last = loop_blocks_in_place(self.blocks, x, (self.layer_lower_bounds(), h0), body,
-                                       h0)
-    else:
-      x, h_last = scan_blocks(self.blocks, x, (self.layer_lower_bounds(), h0), body,
-                               self.cfg.remat)
-    logits = self.lm_head(self.final_norm(x))
-    return (constrain(logits, ("activation_batch", "activation_seq", "activation_vocab")),
-            RecurrentState(h_last))
+    layer_loop = layer_loop or own_layer_loop(self.cfg.remat)
+    x, h_last = layer_loop(self.blocks, x, (self.layer_lower_bounds(), h0), body)
+    return self.head(x), RecurrentState(h_last)
 
 
 class TransformerBlock(nnx.Module):
@@ -365,21 +310,6 @@ class TransformerLM(_LMBase):
     self.lm_head = layers.Dense(d, cfg.vocab_size, axes=("embed", "vocab"),
                                 kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
                                 param_dtype=dtype, rngs=rngs)
-    self.frozen_layers = None  # one block per layer once `freeze_weights` ran
-    # `prepare_for_scoring` / `freeze_weights` where `converts_dot_operands`: one layer's
-    # weights converted at a time, in stateless calls (`loop_blocks_in_place`) and in prefill
-    # and decode steps (`ordered_after`)
-    self.layers_in_place = False
-
-  def freeze_weights(self) -> None:
-    """`_LMBase.freeze_weights`; where `converts_dot_operands`, instead, the layers stay
-    stacked and calls convert one layer's weights at a time (`layers_in_place`): a per-layer
-    copy saves no work there (each step converts it again), and XLA:CPU held every layer's
-    copy and fp32 conversion at once (3x the bf16 weights in temporaries)."""
-    if freeze_copies_layers(self.cfg):
-      super().freeze_weights()
-    else:
-      self.layers_in_place = True
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
@@ -414,8 +344,10 @@ class TransformerLM(_LMBase):
                        f"max_len >= prompt + new tokens")
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               state: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without)."""
+               state: KVCache | None = None, layer_loop: LayerLoop | None = None
+               ) -> tuple[jax.Array, KVCache | None]:
+    """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without),
+    whose per-layer caches go to the layer loop as a list (one `(k, v)` per layer)."""
     self.check_segments(tokens, segment_ids)
     if state is not None and segment_ids is not None:
       raise ValueError("segment_ids (packed training windows) cannot be combined with a KV "
@@ -436,36 +368,14 @@ class TransformerLM(_LMBase):
       return block(x, positions, segment_ids=segment_ids, cache=layer_cache,
                    cache_index=cache_index)
 
+    layer_loop = layer_loop or own_layer_loop(self.cfg.remat)
+    per_layer = None if state is None else list(zip(state.k, state.v))
+    x, caches = layer_loop(self.blocks, x, per_layer, body)
     new_state = None
-    if state is None and self.layers_in_place:
-      x, _ = loop_blocks_in_place(self.blocks, x, None, body, None)
-    elif state is None:
-      x, _ = scan_blocks(self.blocks, x, None, body, self.cfg.remat)
-    else:  # prefill and decode: layers unrolled, each updating its own cache in place
-      new_k, new_v = [], []
-      blocks = self.frozen_layers or layer_blocks(self.blocks)
-      for block, k, v in zip(blocks, state.k, state.v, strict=True):
-        if self.layers_in_place:  # this layer's weights are read (and converted) after the last
-          block = ordered_after(block, x)
-        x, (k, v) = body(block, x, (k, v))
-        new_k.append(k)
-        new_v.append(v)
-      new_state = KVCache(tuple(new_k), tuple(new_v), state.index + seq)
-    logits = self.lm_head(self.final_norm(x))
-    return (constrain(logits, ("activation_batch", "activation_seq", "activation_vocab")),
-            new_state)
-
-
-def prepare_for_scoring(model: nnx.Module) -> None:
-  """In place, inside a jitted inference function that runs the model once (scoring,
-  perplexity), where `converts_dot_operands`: the layers run in `loop_blocks_in_place`, which
-  converts one layer's weights at a time (XLA:CPU otherwise converts every layer's bf16
-  weights to fp32 up front: 3x the weights' bytes) - a MatMul-free model through its
-  scales-only freeze (`keeps_latent_weights`), a Transformer++ through its in-place freeze
-  (`freeze_copies_layers` is false for both there). Elsewhere nothing changes: a per-layer frozen copy pays for itself over many decode steps,
-  where `generate` makes one."""
-  if isinstance(model, (MatMulFreeLM, TransformerLM)) and not freeze_copies_layers(model.cfg):
-    model.freeze_weights()  # there: stacked layers, converted one at a time
+    if state is not None:
+      new_state = KVCache(tuple(k for k, _ in caches), tuple(v for _, v in caches),
+                          state.index + seq)
+    return self.head(x), new_state
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:

@@ -41,16 +41,17 @@ from flax import nnx
 
 from mmfree_jax import registry
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.nn.model import MatMulFreeLM, RecurrentState, check_token_ids, reset_mask
-from mmfree_jax.numerics import mlgru, quant
+from mmfree_jax.nn import layers
+from mmfree_jax.nn.model import (MatMulFreeLM, RecurrentState, check_token_ids, mmfree_block,
+                                 reset_mask)
+from mmfree_jax.numerics import quant
 from mmfree_jax.numerics import ternary_packing as packing
 from mmfree_jax.numerics.dtypes import acc_dtype
-from mmfree_jax.ops import recurrence
 
 # The packed-format registry: name -> how the ternary codes are stored (PACKED = bit-packed by
 # `ternary_packing`, else that dtype). Export, loading and decode all read it.
 PACKED = "packed"
-FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
+CODE_FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
            "bfloat16": jnp.bfloat16}
 # With method 'lut', bit-packed formats use the lookup-table matvec up to this many rows
 # (tokens) per product: its table and gathered partial sums grow with the rows, while
@@ -117,7 +118,7 @@ class PackedSpec:
 
 def stacked(fmt: str) -> bool:
   """Whether `fmt` stores its layers stacked (see `PackedParams`)."""
-  return FORMATS[fmt] == PACKED
+  return CODE_FORMATS[fmt] == PACKED
 
 
 def holds_planes(fmt: str, method: str) -> bool:
@@ -126,12 +127,12 @@ def holds_planes(fmt: str, method: str) -> bool:
   return method == "popcount" and stacked(fmt)
 
 
-def stack_blocks(blocks: list[PackedBlock]) -> PackedBlock:
+def stack_packed_blocks(blocks: list[PackedBlock]) -> PackedBlock:
   """Per-layer blocks → one block of `[layers, ...]` leaves."""
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *blocks)
 
 
-def layer_blocks(params: PackedParams) -> tuple[PackedBlock, ...]:
+def packed_layers(params: PackedParams) -> tuple[PackedBlock, ...]:
   """The stored blocks as a tuple (one stacked block for the bit-packed formats)."""
   return (params.blocks,) if isinstance(params.blocks, PackedBlock) else params.blocks
 
@@ -140,10 +141,10 @@ def pack_kernel(kernel: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
   """`kernel [in, out]` → codes stored in `fmt` and the scale mean|W| (floored)."""
   codes, _ = quant.quantize_weights_ternary(kernel)
   scale = quant.weight_mean_abs(kernel)
-  if FORMATS[fmt] == PACKED:
+  if CODE_FORMATS[fmt] == PACKED:
     w = packing.pack_ternary(codes, fmt, axis=0)
   else:
-    w = codes.astype(FORMATS[fmt])
+    w = codes.astype(CODE_FORMATS[fmt])
   return w, scale
 
 
@@ -183,8 +184,8 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_
   """
   if not isinstance(model, MatMulFreeLM):
     raise TypeError(f"export_packed needs a MatMulFreeLM; got {type(model).__name__}")
-  if fmt not in FORMATS:
-    raise ValueError(f"unknown packed format {fmt!r}; choose one of {tuple(FORMATS)}")
+  if fmt not in CODE_FORMATS:
+    raise ValueError(f"unknown packed format {fmt!r}; choose one of {tuple(CODE_FORMATS)}")
   if method not in packing.MATVEC_METHODS:
     raise ValueError(f"unknown matvec method {method!r}; choose one of "
                      f"{packing.MATVEC_METHODS}")
@@ -201,7 +202,7 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_
   embedding, embedding_scale = model.embedding[...], None
   if int8_embedding:
     embedding, embedding_scale = quantize_embedding(embedding)
-  blocks = stack_blocks(blocks) if stacked(fmt) else tuple(blocks)
+  blocks = stack_packed_blocks(blocks) if stacked(fmt) else tuple(blocks)
   params = PackedParams(embedding, blocks, model.final_norm.scale[...],
                         _export_linear(model.lm_head, fmt, method), embedding_scale)
   return params, PackedSpec(model.cfg, fmt, method)
@@ -210,9 +211,9 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_
 def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) -> int:
   """Bytes of all BitLinear weights (codes, and their per-matrix scales if asked): what a
   decode step must read."""
-  linears = [params.lm_head] + [getattr(block, name) for block in layer_blocks(params) for name in
-                                ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj",
-                                 "down_proj")]
+  names = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
+  linears = [params.lm_head] + [getattr(block, name) for block in packed_layers(params)
+                                for name in names]
   return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
 
 
@@ -222,7 +223,7 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
   layer of a stacked `w [layers, ...]`."""
   if holds_planes(spec.fmt, spec.method):
     return packing.planes_matvec(x_codes, w, n_in, layer=layer)
-  if FORMATS[spec.fmt] == PACKED:
+  if CODE_FORMATS[spec.fmt] == PACKED:
     if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS[spec.fmt]:
       # many rows (prefill, big batches): unpack and multiply, a block of columns at a time
       return packing.unpacked_matmul(x_codes, w, spec.fmt, n_in, layer=layer)
@@ -252,7 +253,8 @@ def _at(block: PackedBlock, index: jax.Array) -> PackedBlock:
 
 
 def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None, index=None):
-  """One MLGRU + GLU block: `x [B, T, d]`, `h0 [B, d]` fp32 or None → (x, final h [B, d]).
+  """One MLGRU + GLU block on stored codes, wired as the trained model's
+  (`nn.model.mmfree_block`): `x [B, T, d]`, `h0 [B, d]` fp32 or None → (x, final h [B, d]).
 
   `reset [B, T]` bool restarts the recurrence (forget gate 0) where a new document starts.
   `index`: with a stacked `layer`, the (traced) layer to run.
@@ -260,26 +262,16 @@ def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None, index=None):
   cfg = spec.cfg
   if index is not None:
     layer = _at(layer, index)
-  bitlinear = functools.partial(_bitlinear, spec=spec, layer=index)
-  a = quant.rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-  f, i = mlgru.gates(bitlinear(layer.f_proj, a), bitlinear(layer.i_proj, a),
-                     layer.lower_bound)
-  if reset is not None:
-    f = jnp.where(reset[..., None], 0.0, f)
-  if x.shape[1] == 1 and h0 is not None:  # one decode step: no scan
-    h = f * h0[:, None] + i
-    h_last = h[:, 0]
-  else:
-    h, h_last = recurrence.linear_recurrence(f, i, h0, scan_type=cfg.scan_type,
-                                             chunk_size=cfg.chunk_size)
-  g = quant.rms_norm(bitlinear(layer.g_proj, a).astype(f.dtype), layer.g_norm,
-                     cfg.rms_norm_eps)
-  o = mlgru.output(g, h)
-  x = x + bitlinear(layer.o_proj, o.astype(cfg.compute_dtype))
-  m = quant.rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-  gate, up = jnp.split(bitlinear(layer.gate_proj, m), 2, axis=-1)
-  x = x + bitlinear(layer.down_proj, jax.nn.silu(gate) * up)
-  return x, h_last
+  linear = lambda p: functools.partial(_bitlinear, p, spec=spec, layer=index)
+  norm = lambda scale: functools.partial(quant.rms_norm, scale=scale, eps=cfg.rms_norm_eps)
+  attn = functools.partial(
+      layers.mlgru_mix, i_proj=linear(layer.i_proj), f_proj=linear(layer.f_proj),
+      g_proj=linear(layer.g_proj), o_proj=linear(layer.o_proj), g_norm=norm(layer.g_norm),
+      cfg=cfg)
+  mlp = functools.partial(layers.glu_mix, gate_proj=linear(layer.gate_proj),
+                          down_proj=linear(layer.down_proj))
+  return mmfree_block(x, layer.lower_bound, attn_norm=norm(layer.attn_norm), attn=attn,
+                      mlp_norm=norm(layer.mlp_norm), mlp=mlp, initial_state=h0, reset=reset)
 
 
 def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
@@ -348,8 +340,9 @@ class PackedLM(nnx.Module):
   """
 
   def __init__(self, params: PackedParams, spec: PackedSpec):
-    if spec.fmt not in FORMATS:
-      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of {tuple(FORMATS)}")
+    if spec.fmt not in CODE_FORMATS:
+      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of "
+                       f"{tuple(CODE_FORMATS)}")
     self.cfg = spec.cfg
     self.fmt = spec.fmt
     self.method = spec.method

@@ -37,7 +37,7 @@ import numpy as np
 from mmfree_jax import registry
 
 # format -> (codes per byte, radix of a digit)
-FORMATS = {"2bit": (4, 4), "base3": (5, 3)}
+PACKING_LAYOUTS = {"2bit": (4, 4), "base3": (5, 3)}
 # lut / unpack read the byte-packed codes; popcount reads bit planes (`packed_to_planes`)
 MATVEC_METHODS = registry.MATVEC_METHODS
 WORD_BITS = 32
@@ -47,9 +47,10 @@ _PLANE_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, -128)
 
 def _format(fmt: str) -> tuple[int, int]:
   try:
-    return FORMATS[fmt]
+    return PACKING_LAYOUTS[fmt]
   except KeyError:
-    raise ValueError(f"unknown packing format {fmt!r}; choose one of {sorted(FORMATS)}") from None
+    raise ValueError(f"unknown packing format {fmt!r}; choose one of "
+                     f"{sorted(PACKING_LAYOUTS)}") from None
 
 
 def bits_per_weight(fmt: str) -> float:

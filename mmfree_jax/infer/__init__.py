@@ -1,0 +1,11 @@
+"""Inference: how a trained model runs for decoding and scoring on a platform.
+
+`plan` (`InferencePlan`, `plan_for`, the one platform switch `CPU_CONVERTS_DOT_OPERANDS`),
+`runner` (`prepare`, `PlannedLM`), `loops` (the in-place and ordered layer loops), `frozen`
+(quantize-once BitLinears), `memory` (generation's memory estimate and check).
+"""
+
+from mmfree_jax.infer.plan import (CPU_CONVERTS_DOT_OPERANDS, InferencePlan,  # noqa: F401
+                                   plan_for)
+from mmfree_jax.infer.runner import (PlannedLM, prepare, prepare_for_decoding,  # noqa: F401
+                                     prepare_for_scoring)
