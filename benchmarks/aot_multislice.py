@@ -22,7 +22,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-from benchmarks import aot_tpu  # pylint: disable=g-import-not-at-top
+from benchmarks import aot_tpu, common  # pylint: disable=g-import-not-at-top
 
 RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                             "aot_multislice.json")
@@ -66,13 +66,7 @@ def compile_step(kind: str, chip_name: str, num_slices: int) -> dict:
   abstract = state_lib.abstract_train_state(model_cfg, tx, shardings)
   t0 = time.perf_counter()
   compiled = step.lower(abstract, {"tokens": window, "segment_ids": window}).compile()
-  mem = compiled.memory_analysis()
-  memory = {"argument_bytes": int(mem.argument_size_in_bytes),
-            "output_bytes": int(mem.output_size_in_bytes),
-            "temp_bytes": int(mem.temp_size_in_bytes),
-            "alias_bytes": int(mem.alias_size_in_bytes)}
-  memory["peak_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
-                          + memory["temp_bytes"] - memory["alias_bytes"])
+  memory = common.memory_stats(compiled)
   transfers = dcn.dcn_transfers(compiled.as_text())
   return {"kind": kind, "slice": aot_tpu.CHIPS[chip_name].slice_name, "num_slices": num_slices,
           "mesh": dict(mesh.shape), "microbatches": micro, "remat": remat,
@@ -82,6 +76,69 @@ def compile_step(kind: str, chip_name: str, num_slices: int) -> dict:
                   "kinds": sorted({t.kind for t in transfers}),
                   "elements_per_chip": sum(t.elements for t in transfers),
                   "in_loop": sum(t.in_loop for t in transfers)}}
+
+
+def _gib(b) -> str:
+  return f"{b / 2**30:.2f}"
+
+
+def _pairs(result: dict):
+  """(one-slice row, two-slice row) per (kind, slice), in POINTS order."""
+  rows = {(r["kind"], r["slice"], r["num_slices"]): r for r in (result or {}).get("rows", [])}
+  for kind, chip_name in POINTS:
+    name = aot_tpu.CHIPS[chip_name].slice_name
+    if (kind, name, 1) in rows and (kind, name, 2) in rows:
+      yield rows[(kind, name, 1)], rows[(kind, name, 2)]
+
+
+def targets(result: dict, res: dict) -> list[list]:
+  """The RESULTS.md targets rows (`benchmarks.report`)."""
+  out = []
+  for one, two in _pairs(result):
+    what = f"{two['kind']} 370m, 2 x {two['slice']} (XLA TPU compile on CPU)"
+    out.append([f"only the gradient all-reduce crosses slices, once per step: {what}",
+                (f"{two['dcn']['transfers']} DCN transfers ({', '.join(two['dcn']['kinds'])}), "
+                 f"{two['dcn']['in_loop']} inside a loop ({two['microbatches']} microbatches)"),
+                common.yes(two["dcn"]["kinds"] == ["ALL_REDUCE"]
+                           and two["dcn"]["in_loop"] == 0)])
+    out.append([f"per-chip memory of 2 slices = 1 slice: {what}",
+                (f"peak {_gib(two['memory']['peak_bytes'])} vs "
+                 f"{_gib(one['memory']['peak_bytes'])} GiB / chip"),
+                common.yes(two["memory"]["peak_bytes"] == one["memory"]["peak_bytes"])])
+  return out
+
+
+def markdown(result: dict, res: dict) -> str:
+  """The RESULTS.md section (`benchmarks.report`)."""
+  rows = []
+  for one, two in _pairs(result):
+    for r in (one, two):
+      mesh = "/".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
+      rows.append([f"{r['kind']} 370m", f"{r['num_slices']} x {r['slice']}", mesh,
+                   r["microbatches"], r["remat"], r["global_batch"],
+                   _gib(r["memory"]["argument_bytes"]), _gib(r["memory"]["temp_bytes"]),
+                   _gib(r["memory"]["peak_bytes"]), r["dcn"]["transfers"],
+                   ", ".join(r["dcn"]["kinds"]) or "-",
+                   f"{r['dcn']['elements_per_chip'] / 2**20:.1f}", r["dcn"]["in_loop"],
+                   f"{r['compile_s']:.0f}"])
+  if not rows:
+    return ""
+  return "\n".join([
+      "## 9b. Two TPU slices (multi-slice, DCN), compiled on CPU (`aot_multislice`)",
+      "",
+      ("The 370M step at the one-slice point of section 9 (mesh, microbatches, remat), compiled "
+       "again for two slices of the same type (`get_topology_desc(..., num_slices=2)`; the mesh "
+       "from `parallel.mesh.make_mesh`, data across the slices) with twice the global batch, so "
+       "each chip does the same work. DCN columns come from the compiled per-slice HLO "
+       "(`parallel.dcn`): transfers = collectives that cross slices, their kinds, their "
+       "elements per chip per step (M = 2^20), and how many run inside a loop (once per layer "
+       "or per microbatch instead of once per step)."),
+      "",
+      common.md_table(["model", "slices", "mesh d/f/t", "micro-batches", "remat",
+                       "global batch", "args GiB", "temp GiB", "peak GiB", "DCN transfers",
+                       "DCN kinds", "DCN M elements / chip", "DCN in loops", "compile s"],
+                      rows),
+  ])
 
 
 def main(argv=None) -> int:
@@ -95,16 +152,19 @@ def main(argv=None) -> int:
     for num_slices in (1, 2):
       row = compile_step(kind, chip_name, num_slices)
       print(json.dumps(row), flush=True)
-      results = []
-      if os.path.exists(RESULTS_PATH):  # re-read: runs for other slices may have written
-        with open(RESULTS_PATH) as f:
-          results = json.load(f)
-      results = [r for r in results if (r["kind"], r["slice"], r["num_slices"])
-                 != (kind, aot_tpu.CHIPS[chip_name].slice_name, num_slices)] + [row]
-      os.makedirs(os.path.dirname(RESULTS_PATH), exist_ok=True)
-      with open(RESULTS_PATH, "w") as f:
-        json.dump(results, f, indent=1)
+      save(row)
   return 0
+
+
+def save(row: dict) -> None:
+  """Adds (or replaces) one point in the JSON, re-read first: other runs may have written."""
+  rows = []
+  if os.path.exists(RESULTS_PATH):
+    with open(RESULTS_PATH) as f:
+      rows = json.load(f)["results"]["rows"]
+  key = lambda r: (r["kind"], r["slice"], r["num_slices"])
+  rows = [r for r in rows if key(r) != key(row)] + [row]
+  common.write_json(RESULTS_PATH, "aot_multislice", "accel", {"rows": rows}, [])
 
 
 if __name__ == "__main__":

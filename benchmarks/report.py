@@ -21,10 +21,11 @@ COMMAND = "python -m benchmarks.run_all"
 # Section order of RESULTS.md, and the order of their rows in the targets table.
 SECTIONS = ("bench_peak", "bench_train", "bench_components", "bench_recurrence", "bench_memory",
             "bench_compile", "bench_decode", "bench_packed", "bench_data", "aot_tpu",
-            "accel_check", "bench_inference", "bench_checkpoint")
+            "aot_multislice", "accel_check", "bench_inference", "bench_checkpoint")
 TARGETS = ("bench_train", "bench_memory", "bench_compile", "bench_decode", "bench_packed",
-           "bench_data", "bench_inference", "aot_tpu", "accel_check")
-ACCELERATOR = ("aot_tpu", "accel_check")  # no CPU machine block; rendered even when absent
+           "bench_data", "bench_inference", "aot_tpu", "aot_multislice", "accel_check")
+# no CPU machine block; rendered even when absent
+ACCELERATOR = ("aot_tpu", "aot_multislice", "accel_check")
 ALWAYS = ("accel_check",)  # says how to make the missing run
 
 

@@ -165,3 +165,23 @@ def test_fsdp_across_slices_is_seen_crossing(two_slices):
   transfers = dcn.dcn_transfers(compiled.as_text())
   assert "ALL_GATHER" in {t.kind for t in transfers}
   assert [t for t in transfers if t.in_loop]
+
+
+def test_aot_multislice_report_verdicts():
+  """benchmarks.aot_multislice's RESULTS.md rows: a reduction inside a loop or a per-chip
+  peak above the one-slice figure is a 'no'."""
+  from benchmarks import aot_multislice
+
+  def row(slices, peak, in_loop):
+    return {"kind": "mmfree", "slice": "v5e-8", "num_slices": slices,
+            "mesh": {"data": slices, "fsdp": 4, "tensor": 2}, "microbatches": 32,
+            "remat": "none", "global_batch": 256 * slices, "compile_s": 1.0,
+            "memory": {"argument_bytes": 1, "temp_bytes": 1, "peak_bytes": peak},
+            "dcn": {"transfers": 3 * (slices - 1), "kinds": ["ALL_REDUCE"] * (slices > 1),
+                    "elements_per_chip": 2**20, "in_loop": in_loop}}
+
+  good = {"rows": [row(1, 10, 0), row(2, 10, 0)]}
+  bad = {"rows": [row(1, 10, 0), row(2, 11, 3)]}
+  assert [r[-1] for r in aot_multislice.targets(good, {})] == ["**yes**", "**yes**"]
+  assert [r[-1] for r in aot_multislice.targets(bad, {})] == ["no", "no"]
+  assert "| mmfree 370m | 2 x v5e-8 | 2/4/2 |" in aot_multislice.markdown(good, {})
