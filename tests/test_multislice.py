@@ -53,7 +53,7 @@ def two_slices():
 def test_hybrid_mesh_puts_data_across_slices(two_slices):
   """Default `mesh.dcn`: data spans the slices, fsdp and tensor stay inside one."""
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, two_slices)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "context": 1, "tensor": 2}
   for i in range(2):
     assert {d.slice_index for d in mesh.devices[i].flat} == {i}
 
@@ -61,7 +61,7 @@ def test_hybrid_mesh_puts_data_across_slices(two_slices):
 def test_hybrid_mesh_dcn_on_another_axis(two_slices):
   mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 2}, two_slices,
                             dcn_cfg={"data": 1, "fsdp": 2, "tensor": 1})
-  assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
   # fsdp index j lies in slice j // 2: the slices are the outer factor of the axis
   slices = [{d.slice_index for d in mesh.devices[0, j].flat} for j in range(4)]
   assert slices == [{0}, {0}, {1}, {1}]
@@ -81,7 +81,7 @@ def test_dcn_needs_slices(one_slice):
     mesh_lib.make_mesh({"data": -1}, one_slice, dcn_cfg={"data": 2})
   assert mesh_lib.num_slices(one_slice) == 1
   mesh = mesh_lib.make_mesh({"data": -1}, one_slice, dcn_cfg={"data": -1})  # the default fits
-  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 1, "context": 1, "tensor": 1}
 
 
 # ---- the compiled train step ----

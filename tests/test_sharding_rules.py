@@ -36,13 +36,14 @@ def test_every_param_spec_resolves_without_a_mesh_axis_twice(kind):
 
 def test_activation_specs_keep_the_layout_flax_chose_before():
   # Before the split, ("batch", "seq", "embed") resolved to this only because flax dropped
-  # 'fsdp' from embed (already taken by batch); now it is what the rules say.
+  # 'fsdp' from embed (already taken by batch); now it is what the rules say. The sequence goes
+  # on 'context', of size 1 (the layout as before) unless context parallelism is on.
   assert sharding.logical_to_spec(
       ("activation_batch", "activation_seq", "activation_embed"), RULES) == P(
-          ("data", "fsdp"), None, None)
+          ("data", "fsdp"), "context", None)
   assert sharding.logical_to_spec(
       ("activation_batch", "activation_seq", "activation_vocab"), RULES) == P(
-          ("data", "fsdp"), None, "tensor")
+          ("data", "fsdp"), "context", "tensor")
   assert sharding.logical_to_spec(("vocab", "embed"), RULES) == P("tensor", "fsdp")
 
 

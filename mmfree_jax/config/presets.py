@@ -39,5 +39,5 @@ def paper_config(size: str, kind: str = "mmfree") -> ml_collections.ConfigDict:
   cfg.optim.update(lr=mmfree_lr if kind == "mmfree" else transformer_lr, schedule="cosine",
                    warmup_steps=1000, end_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.95,
                    clip_norm=1.0)
-  cfg.mesh.shape = {"data": 1, "fsdp": -1, "tensor": 1}
+  cfg.mesh.shape = {"data": 1, "fsdp": -1, "context": 1, "tensor": 1}
   return cfg

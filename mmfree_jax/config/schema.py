@@ -28,7 +28,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DATA_SOURCES = ("builtin_kjv", "text", "jsonl", "tokens", "array_record")
 DISTILL_INITS = ("teacher", "random")
 CALIBRATIONS = ("none", "ternary", "rms", "all", "all_norm")
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 # An Adam step moves each weight by about lr: far above 1 the weights overflow within steps.
 MAX_LR = 1.0
 # `*_every` keys: 0 turns the periodic action off.
@@ -185,16 +185,17 @@ SCHEMA: dict[str, dict[str, Field]] = {
                              v, str) and sorted(v) == sorted("vkq"))),
     },
     "mesh": {
-        "shape": Field({"data": -1, "fsdp": 1, "tensor": 1}, "device mesh sizes per axis; "
-                       "one may be -1 (= the remaining devices)",
+        "shape": Field({"data": -1, "fsdp": 1, "context": 1, "tensor": 1}, "device mesh sizes "
+                       "per axis (context splits the sequence); one may be -1 (= the "
+                       "remaining devices)",
                        Check(f"a dict of {MESH_AXES} sizes >= 1, at most one -1",
                              _mesh_shape_ok)),
-        "dcn": Field({"data": -1, "fsdp": 1, "tensor": 1}, "multi-slice TPU: how many slices "
-                     "each mesh axis spans, within mesh.shape; one may be -1 (= the remaining "
+        "dcn": Field({"data": -1, "fsdp": 1, "context": 1, "tensor": 1}, "multi-slice TPU: "
+                     "how many slices each mesh axis spans, within mesh.shape; one may be -1 (= the remaining "
                      "slices; the default: data spans them)",
                      Check(f"a dict of {MESH_AXES} sizes >= 1, at most one -1", _mesh_shape_ok)),
         "axis_rules": Field(
-            [("activation_batch", ("data", "fsdp")), ("activation_seq", None),
+            [("activation_batch", ("data", "fsdp")), ("activation_seq", "context"),
              ("activation_embed", None), ("activation_inner", "tensor"),
              ("activation_vocab", "tensor"), ("embed", "fsdp"), ("mlp", "tensor"),
              ("inner", "tensor"), ("heads", "tensor"), ("vocab", "tensor"), ("layers", None)],

@@ -1,4 +1,7 @@
-"""Device mesh `('data', 'fsdp', 'tensor')` from the `mesh` config section.
+"""Device mesh `('data', 'fsdp', 'context', 'tensor')` from the `mesh` config section.
+
+`context` splits the sequence (context parallelism, `parallel.context_scan`); it sits after
+`data`/`fsdp` so that a mesh with `context=1` keeps the device order it had without the axis.
 
 Devices of several TPU slices (multi-slice, `device.slice_index`) get a hybrid mesh: the
 `mesh.dcn` factor of each axis spans slices (the data-center network), the rest stays inside
@@ -14,14 +17,14 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
 def resolve_mesh_shape(shape_cfg, num_devices: int) -> dict[str, int]:
   """Fills one `-1` axis with the remaining devices and checks the product.
 
   Args:
-    shape_cfg: mapping with keys `data, fsdp, tensor`; at most one value may be -1.
+    shape_cfg: mapping with keys of `MESH_AXES` (a missing one is 1); at most one may be -1.
     num_devices: devices available (all processes together).
   """
   shape = dict(shape_cfg)
@@ -44,7 +47,7 @@ def resolve_mesh_shape(shape_cfg, num_devices: int) -> dict[str, int]:
   if math.prod(shape.values()) != num_devices:
     raise ValueError(
         f"mesh {shape} has {math.prod(shape.values())} devices but {num_devices} are "
-        "available; make the product of --config.mesh.shape.{data,fsdp,tensor} equal the "
+        "available; make the product of --config.mesh.shape.{data,fsdp,context,tensor} equal the "
         "device count, or set one axis to -1")
   return shape
 
@@ -69,7 +72,7 @@ def split_over_slices(shape: dict[str, int], dcn_cfg, slices: int):
   except ValueError:
     raise ValueError(
         f"mesh.dcn={dict(dcn_cfg)} does not fit the {slices} slice(s) the devices form: make "
-        "the product of --config.mesh.dcn.{data,fsdp,tensor} equal the number of slices, or "
+        "the product of --config.mesh.dcn.{data,fsdp,context,tensor} equal the number of slices, or "
         "set one axis to -1") from None
   for axis in MESH_AXES:
     if shape[axis] % dcn_shape[axis]:

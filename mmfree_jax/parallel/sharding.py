@@ -1,4 +1,4 @@
-"""Logical axis names → mesh axes (MaxText's idea, cut down to `data, fsdp, tensor`).
+"""Logical axis names → mesh axes (MaxText's idea, cut down to `data, fsdp, context, tensor`).
 
 Parameters carry logical names (`nnx.Param(..., out_sharding=...)`) from `PARAM_AXES`;
 activations are constrained with names from `ACTIVATION_AXES`, e.g.
@@ -8,6 +8,9 @@ separate (as MaxText's `activation_embed` vs `embed`), so a parameter's `embed` 
 while the activations' batch takes `data x fsdp`, without a rule both use. The rules live in
 the config (`mesh.axis_rules`); each name has one rule, and a spec whose names would use one
 mesh axis twice is an error here instead of a conflict flax resolves silently.
+
+A rule's mesh axis that the mesh lacks (e.g. `activation_seq -> context` on a mesh built without
+the `context` axis) counts as size 1: that dimension is replicated.
 """
 
 from __future__ import annotations
@@ -105,8 +108,8 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   if active is None:
     return x
   mesh, rules = active
-  return jax.lax.with_sharding_constraint(
-      x, NamedSharding(mesh, logical_to_spec(logical_axes, rules)))
+  spec = fit_spec_to_shape(logical_to_spec(logical_axes, rules), x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _mesh_axis_size(mesh: Mesh, axis) -> int:
@@ -119,9 +122,20 @@ def _mesh_axis_size(mesh: Mesh, axis) -> int:
   return size
 
 
+def _present(mesh: Mesh, axis):
+  """`axis` without the mesh axes `mesh` lacks (None when nothing is left)."""
+  if axis is None:
+    return None
+  axes = tuple(a for a in (axis if isinstance(axis, tuple) else (axis,)) if a in mesh.shape)
+  if not axes:
+    return None
+  return axes if isinstance(axis, tuple) else axes[0]
+
+
 def fit_spec_to_shape(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-  """Replicates any dimension the mesh axes do not divide (e.g. a vocab of 50257 on 2 shards)."""
-  entries = list(spec) + [None] * (len(shape) - len(spec))
+  """Replicates any dimension the mesh axes do not divide (e.g. a vocab of 50257 on 2 shards, a
+  decode step's one position on the context axis); mesh axes the mesh lacks are dropped."""
+  entries = [_present(mesh, axis) for axis in list(spec) + [None] * (len(shape) - len(spec))]
   fitted = [axis if dim % _mesh_axis_size(mesh, axis) == 0 else None
             for axis, dim in zip(entries, shape)]
   return PartitionSpec(*fitted)
@@ -143,7 +157,7 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:
   """Sharding of a `[batch, ...]` input: the 'activation_batch' rule on dim 0, the rest
   replicated."""
   spec = logical_to_spec(("activation_batch",) + (None,) * (ndim - 1), rules)
-  return NamedSharding(mesh, spec)
+  return NamedSharding(mesh, PartitionSpec(*(_present(mesh, a) for a in spec)))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
