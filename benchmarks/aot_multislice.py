@@ -131,12 +131,13 @@ def markdown(result: dict, res: dict) -> str:
        "from `parallel.mesh.make_mesh`, data across the slices) with twice the global batch, so "
        "each chip does the same work. DCN columns come from the compiled per-slice HLO "
        "(`parallel.dcn`): transfers = collectives that cross slices, their kinds, their "
-       "elements per chip per step (M = 2^20), and how many run inside a loop (once per layer "
-       "or per microbatch instead of once per step)."),
+       "elements per chip as the program spells them (M = 2^20; a transfer inside a loop "
+       "counted once, though it runs per iteration), and how many run inside a loop (per layer "
+       "or per microbatch instead of once per step). A one-slice row needs no DCN."),
       "",
       common.md_table(["model", "slices", "mesh d/f/t", "micro-batches", "remat",
                        "global batch", "args GiB", "temp GiB", "peak GiB", "DCN transfers",
-                       "DCN kinds", "DCN M elements / chip", "DCN in loops", "compile s"],
+                       "DCN kinds", "DCN M elements / chip (static)", "DCN in loops", "compile s"],
                       rows),
   ])
 
