@@ -19,6 +19,7 @@ from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.convert import ConversionError, init_student_params, student_config
+from mmfree_jax.convert import teacher as teacher_lib
 from mmfree_jax.nn import blockwise
 from mmfree_jax.nn.model import abstract_model
 from mmfree_jax.numerics import distill_loss, quant
@@ -26,6 +27,8 @@ from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.parallel import sharding
 from mmfree_jax.train import distill, optim
 from mmfree_jax.train import state as state_lib
+from mmfree_jax.train import steps as steps_lib
+from mmfree_jax.train.steps import StepContext
 from mmfree_jax.train.trainer import train
 from tests.train_configs import small_config
 
@@ -226,19 +229,23 @@ def test_teacher_gets_no_gradient_and_stage1_is_zero_for_identity_blocks(pair):
   stage = 1
   teacher_cfg, student_cfg, t, fresh = pair
   settings = distill.DistillSettings(teacher="", alpha=0.5, temperature=2.0)
-  loss = distill.make_distill_loss(student_cfg, state_lib.model_graphdef(student_cfg),
+  loss = distill.distill_objective(student_cfg, state_lib.model_graphdef(student_cfg),
                                    teacher_cfg, state_lib.model_graphdef(teacher_cfg),
-                                   settings, stage=stage)
+                                   settings, stage=stage).loss
   batch, tokens = _batch(1), jnp.asarray(16 * 8, jnp.float32)
-  fn = jax.jit(jax.value_and_grad(lambda sp, tp: loss(sp, tp, batch, tokens, None),
-                                  argnums=(0, 1), has_aux=True))
+  sums = lambda s: (s["nll"], s["kl"], s["hidden_err"], s["hidden_ref"])
+  fn = jax.jit(jax.value_and_grad(
+      lambda sp, tp: loss(sp, batch, StepContext(tokens, jnp.zeros((), jnp.int32), tp)),
+      argnums=(0, 1), has_aux=True))
   s = init_student_params(t, teacher_cfg, fresh, student_cfg)
-  (value, (nll, kl, err, ref)), (student_grads, teacher_grads) = fn(s, t)
+  (value, aux), (student_grads, teacher_grads) = fn(s, t)
+  nll, kl, err, ref = sums(aux)
   assert float(value) > 0.0
   assert all(float(jnp.max(jnp.abs(g))) == 0.0 for g in jax.tree.leaves(teacher_grads))
   assert any(float(jnp.max(jnp.abs(g))) > 0.0 for g in jax.tree.leaves(student_grads))
   assert float(nll) == float(kl) == 0.0 and float(ref) > 0.0
-  (value, (_, _, err, _)), _ = fn(_zero_residual_branches(s), _zero_residual_branches(t))
+  (value, aux), _ = fn(_zero_residual_branches(s), _zero_residual_branches(t))
+  err = aux["hidden_err"]
   assert float(value) == 0.0 and float(err) == 0.0
 
 
@@ -251,7 +258,7 @@ def _distill_run(pair, stage, mesh_shape, devices, microbatches, batches):
   tx, schedule = optim.make_optimizer(cfg.optim, 10), optim.learning_rate_schedule(cfg.optim, 10)
   mesh = mesh_lib.make_mesh(mesh_shape, devices)
   shardings = state_lib.train_state_shardings(student_cfg, tx, mesh, RULES)
-  teacher_shardings = distill.param_shardings(teacher_cfg, mesh, RULES)
+  teacher_shardings = state_lib.param_shardings(teacher_cfg, mesh, RULES)
   f64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
   teacher = jax.device_put(f64(t), teacher_shardings)
   params = distill.student_params_from_teacher(teacher, teacher_cfg, f64(fresh), student_cfg,
@@ -263,12 +270,12 @@ def _distill_run(pair, stage, mesh_shape, devices, microbatches, batches):
       student_cfg, state_lib.model_graphdef(student_cfg), teacher_cfg,
       state_lib.model_graphdef(teacher_cfg), tx, schedule, settings, stage,
       microbatches=microbatches, mesh=mesh, rules=RULES),
-      in_shardings=(shardings, teacher_shardings, batch_sharding))
+      in_shardings=(shardings, batch_sharding, teacher_shardings))
   metrics = []
   for b in batches:
     before = jax.device_get(state)
-    new_state, m = step(state, teacher, jax.device_put(b, batch_sharding))
-    again, m2 = step(state, teacher, jax.device_put(b, batch_sharding))  # pure: same inputs,
+    new_state, m = step(state, jax.device_put(b, batch_sharding), teacher)
+    again, m2 = step(state, jax.device_put(b, batch_sharding), teacher)  # pure: same inputs,
     assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(m), jax.device_get(m2)))
     assert jax.tree.all(jax.tree.map(np.array_equal, before, jax.device_get(state)))
     state = new_state
@@ -291,6 +298,33 @@ def test_sharded_distill_step_equals_one_device(pair):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-10, err_msg=key)
   assert one[1]["distill_loss"] < one[0]["distill_loss"]  # it learns
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-9), p_one, p_eight)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_accumulate_gradients_k_microbatches_equal_one_batch_distill_loss(pair, stage):
+  """The one accumulation helper (`steps.accumulate_gradients`) on both distillation losses:
+  4 strided microbatches equal one batch in loss, metric sums and gradients (f64); the
+  teacher's params are the step's inputs and get no gradient either way."""
+  teacher_cfg, student_cfg, t, fresh = pair
+  with jax.enable_x64(True):
+    teacher_cfg = dataclasses.replace(teacher_cfg, dtype="float64", param_dtype="float64")
+    student_cfg = dataclasses.replace(student_cfg, dtype="float64", param_dtype="float64")
+    f64 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), tree)
+    teacher = f64(t)
+    student = init_student_params(teacher, teacher_cfg, f64(fresh), student_cfg)
+    settings = distill.DistillSettings(teacher="", alpha=0.7, temperature=2.0)
+    objective = distill.distill_objective(
+        student_cfg, state_lib.model_graphdef(student_cfg), teacher_cfg,
+        state_lib.model_graphdef(teacher_cfg), settings, stage, z_loss=1e-4)
+    batch = jax.tree.map(jnp.asarray, _batch(12))
+    ctx = StepContext(steps_lib.target_count(batch, jnp.float64), jnp.int32(1), teacher)
+    run = jax.jit(lambda p, k: steps_lib.accumulate_gradients(objective.loss, p, batch, ctx, k),
+                  static_argnums=1)
+    one, four = run(student, 1), run(student, 4)
+  assert float(one[0]) > 0
+  key = "hidden_err" if stage == 1 else "kl"
+  assert float(one[1][key]) > 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14), four, one)
 
 
 # ---------------------------------------------------------------- through train()
@@ -361,8 +395,8 @@ def test_distill_init_is_calibrated_on_the_batch_step_0_trains_on(tmp_path, mesh
 
   student = config_lib.validate(cfg)
   settings = distill.DistillSettings.from_config(cfg.distill)
-  teacher_cfg = distill.read_teacher_config(settings, student)
-  teacher_params = distill.load_teacher_params(settings, teacher_cfg, None)
+  teacher_cfg = teacher_lib.read_teacher_config(settings.teacher, student)
+  teacher_params = teacher_lib.load_teacher_params(settings.teacher, teacher_cfg)
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
   batch = next(iter(data_lib.train_iterator(cfg.data, tokenizer,
                                             global_batch=cfg.train.global_batch,

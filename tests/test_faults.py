@@ -4,6 +4,7 @@ non-finite steps, a dead peer process, unusable workdirs."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -170,8 +171,9 @@ def _exploding(**extra):
 
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
-  result = training.train(_exploding(**{"train.nan_policy": "skip"}), str(tmp_path),
-                          progress=False)
+  # no validation: a non-finite final validation loss would end the run with an error
+  result = training.train(_exploding(**{"train.nan_policy": "skip", "train.eval_batches": 0}),
+                          str(tmp_path), progress=False)
   skipped = [r["skipped_steps"] for r in result.history]
   assert skipped[-1] >= 3 and skipped == sorted(skipped)  # counted, monotone
   assert [r["finite"] for r in result.history][0] == 1.0
@@ -197,8 +199,8 @@ def test_unwritable_workdir_fails_before_compute(tmp_path):
 
 
 def test_full_disk_fails_before_compute(tmp_path, monkeypatch):
-  real = training.shutil.disk_usage
-  monkeypatch.setattr(training.shutil, "disk_usage",
+  real = shutil.disk_usage
+  monkeypatch.setattr(shutil, "disk_usage",
                       lambda p: real(p)._replace(free=1024))
   with pytest.raises(OSError, match="MiB free"):
     training.train(small_config(), str(tmp_path), progress=False)

@@ -2,7 +2,7 @@
 
     python train.py --config=configs/tiny.py --config.distill.teacher=TEACHER --workdir=W
 
-TEACHER is one of our Transformer++ workdirs or an HF Llama folder (`mmfree_jax.hf.llama`).
+TEACHER is one of our Transformer++ workdirs or an HF Llama folder (`mmfree_jax.convert.teacher`).
 With `distill.init='teacher'` the student starts from `convert.init_student_params`: the
 teacher's V/K/Q in the MLGRU's i/f/g in `distill.mapping`'s order, norm_scales scaled by
 `distill.calibrate` (default 'all_norm': each kernel's ternary gain and the teacher's
@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import os
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,76 +37,18 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import DistillSettings, ModelConfig
 from mmfree_jax.convert import calibrate as calibrate_lib
 from mmfree_jax.convert import student as student_lib
-from mmfree_jax.hf import checkpoint_io, llama
-from mmfree_jax.hf import mapping as hf_mapping
+from mmfree_jax.convert import teacher as teacher_lib
 from mmfree_jax.nn import blockwise
-from mmfree_jax.nn.model import abstract_model
-from mmfree_jax.numerics import distill_loss
+from mmfree_jax.numerics import distill_loss, quant
 from mmfree_jax.numerics import loss as loss_lib
-from mmfree_jax.numerics import quant
 from mmfree_jax.numerics.dtypes import acc_dtype
 from mmfree_jax.parallel import sharding
 from mmfree_jax.train import state as state_lib
 from mmfree_jax.train import steps as steps_lib
 from mmfree_jax.train.state import TrainState
-
-
-# -------------------------------------------------------------------------------- teacher
-
-
-def teacher_source(path: str) -> str:
-  """'workdir' (ours: config.json with a model section) or 'llama' (an HF folder)."""
-  with open(os.path.join(path, "config.json")) as f:
-    config = json.load(f)
-  if isinstance(config, dict) and "model" in config:
-    return "workdir"
-  if isinstance(config, dict) and "model_type" in config:
-    return "llama"
-  raise ValueError(f"{path}/config.json is neither an mmfree_jax workdir config nor an HF "
-                   "config (no 'model' section, no 'model_type')")
-
-
-def read_teacher_config(settings: DistillSettings, student: ModelConfig) -> ModelConfig:
-  """The teacher's model config, from its config.json only (nothing loaded).
-
-  The teacher computes in the student's compute dtype (`model.dtype`) with the student's remat
-  policy; its params keep their stored dtype (an HF teacher is read in the student's
-  param_dtype).
-  """
-  overrides = {"dtype": student.dtype, "remat": student.remat}
-  if teacher_source(settings.teacher) == "workdir":
-    section = loading.load_workdir_config(settings.teacher).model.to_dict()
-  else:
-    section = llama.model_section_from_llama(checkpoint_io.read_hf_config(settings.teacher),
-                                             student.param_dtype)
-  section.update(overrides)
-  teacher = ModelConfig.from_config(section)
-  if teacher.kind != "transformer":
-    raise ValueError(f"distill.teacher={settings.teacher!r} holds a model.kind={teacher.kind!r} "
-                     "model; the teacher must be a Transformer++ (kind 'transformer') or an HF "
-                     "Llama")
-  return teacher
-
-
-def load_teacher_params(settings: DistillSettings, teacher: ModelConfig, shardings) -> dict:
-  """The teacher's params, placed with `shardings` (a workdir restores straight into them)."""
-  if teacher_source(settings.teacher) == "workdir":
-    params, _ = loading.load_params(settings.teacher, teacher, settings.teacher_step,
-                                    param_shardings=shardings)
-    return params
-  _, flat = llama.load_llama(settings.teacher, dtype=teacher.param_dtype)
-  return jax.device_put(hf_mapping.unflatten(flat), shardings)
-
-
-def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
-  """NamedShardings of a model's params from their logical axes (as the train state's)."""
-  _, abstract = nnx.split(abstract_model(cfg))
-  logical = nnx.get_partition_spec(abstract).to_pure_dict()
-  return sharding.tree_shardings(abstract.to_pure_dict(), logical, mesh, rules)
 
 
 def student_params_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig,
@@ -138,106 +78,80 @@ def quant_strength(step, ramp_steps: int):
   return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
 
 
-def make_distill_loss(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
+def distill_objective(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
                       teacher_graphdef, settings: DistillSettings, stage: int,
-                      z_loss: float = 0.0) -> Callable:
-  """`loss_fn(student_params, teacher_params, batch, total_tokens, strength) -> (loss, aux)`.
+                      z_loss: float = 0.0) -> steps_lib.Objective:
+  """The distillation loss of `stage` (1 or 2) for `steps_lib.build_train_step`.
 
-  aux: `(nll, kl, hidden_err, hidden_ref)` sums (zeros for the terms a stage lacks). Stage 1
-  has no logits (nll = kl = 0); stage 2 has no hidden terms.
+  The loss reads the teacher's params from `ctx.inputs` (under `stop_gradient`) and the
+  quantization strength from `ctx.step`. Sums: `nll`, `kl`, `hidden_err`, `hidden_ref` (zeros
+  for the terms a stage lacks: stage 1 has no logits, stage 2 no hidden states). Metrics:
+  `loss` (stage 2: the student's next-token NLL; stage 1, which computes no logits: the
+  hidden-state MSE), `stage`, `distill_loss` (what is minimised), `kl`, `hidden_mse` (mean
+  over layers), `hidden_rel_err` (`hidden_mse / mean t^2`), `quant_strength`, `z_loss` (0).
   """
   if stage not in (1, 2):
     raise ValueError(f"stage must be 1 or 2; got {stage}")
   student_lib.check_compatible(teacher_cfg, student_cfg, student_lib.MATCHING[:3])
+  acc = acc_dtype(student_cfg.compute_dtype)
+  layers = student_cfg.num_layers
 
-  def loss_fn(student_params, teacher_params, batch, total_tokens, strength):
+  def loss_fn(student_params, batch, ctx: steps_lib.StepContext):
     inputs, segments, targets, mask = loss_lib.split_window(batch["tokens"],
                                                             batch["segment_ids"])
-    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+    teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(ctx.inputs))
     student = nnx.merge(student_graphdef, student_params)
     t_seg = segments if teacher_cfg.reset_at_doc_start else None
     s_seg = segments if student_cfg.reset_at_doc_start else None
-    zero = jnp.zeros((), acc_dtype(student_cfg.compute_dtype))
-    ctx = quant.quantization_strength(strength) if strength is not None \
+    zero = jnp.zeros((), acc)
+    strength = quant_strength(ctx.step, settings.quant_ramp_steps)
+    ctx_quant = quant.quantization_strength(strength) if strength is not None \
         else contextlib.nullcontext()
-    with ctx:
+    with ctx_quant:
       if stage == 1:
         hidden = jax.lax.stop_gradient(blockwise.transformer_hidden_states(teacher, inputs, t_seg))
         outputs = blockwise.mmfree_block_outputs(student, hidden[:-1], s_seg)
         err, ref, _ = distill_loss.hidden_mse_sums(outputs, hidden[1:], mask)
-        loss = err / (total_tokens * student_cfg.num_layers)
-        return loss, (zero, zero, err, ref)
+        loss = err / (ctx.total_tokens * layers)
+        return loss, {"nll": zero, "kl": zero, "hidden_err": err, "hidden_ref": ref}
       teacher_logits = jax.lax.stop_gradient(teacher(inputs, segment_ids=t_seg)[0])
       logits, _ = student(inputs, segment_ids=s_seg)
     kl, _ = distill_loss.kl_divergence_sums(logits, teacher_logits, mask, settings.temperature)
     nll, z, _ = loss_lib.cross_entropy_sums(logits, targets, mask, z_loss)
-    loss = (settings.alpha * kl + (1.0 - settings.alpha) * (nll + z)) / total_tokens
-    return loss, (nll, kl, zero, zero)
+    loss = (settings.alpha * kl + (1.0 - settings.alpha) * (nll + z)) / ctx.total_tokens
+    return loss, {"nll": nll, "kl": kl, "hidden_err": zero, "hidden_ref": zero}
 
-  return loss_fn
+  def metrics(loss, sums, ctx: steps_lib.StepContext):
+    tokens = ctx.total_tokens
+    hidden_mse = sums["hidden_err"] / (tokens * layers)
+    strength = quant_strength(ctx.step, settings.quant_ramp_steps)
+    return {
+        "loss": sums["nll"] / tokens if stage == 2 else hidden_mse,
+        "stage": jnp.asarray(stage, acc),
+        "distill_loss": loss,
+        "kl": sums["kl"] / tokens,
+        "hidden_mse": hidden_mse,
+        "hidden_rel_err": sums["hidden_err"] / jnp.maximum(sums["hidden_ref"],
+                                                           jnp.finfo(acc).tiny),
+        "quant_strength": jnp.asarray(1.0 if strength is None else strength, acc),
+        "z_loss": jnp.zeros((), acc),
+    }
+
+  return steps_lib.Objective(loss_fn, metrics)
 
 
 def make_distill_step(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
-                      teacher_graphdef, tx: optax.GradientTransformation,
+                      teacher_graphdef, tx: optax.GradientTransformationExtraArgs,
                       schedule: optax.Schedule, settings: DistillSettings, stage: int, *,
                       microbatches: int = 1, z_loss: float = 0.0, mesh: Mesh | None = None,
                       rules=None) -> Callable:
-  """Returns `step(state, teacher_params, batch) -> (state, metrics)` (pure; not yet jitted).
-
-  Metrics (fp32 scalars): `loss` (stage 2: the student's next-token NLL; stage 1, which
-  computes no logits: the hidden-state MSE), `stage`, `distill_loss` (what is minimised),
-  `kl`, `hidden_mse` (mean over layers), `hidden_rel_err` (`hidden_mse / mean t^2`),
-  `quant_strength`, `grad_norm`, `lr`, `tokens`, `finite`, `skipped_steps`, `z_loss` (0).
-  """
-  loss_fn = make_distill_loss(student_cfg, student_graphdef, teacher_cfg, teacher_graphdef,
-                              settings, stage, z_loss)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state: TrainState, teacher_params: dict, batch: dict):
-    ctx = sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
-    with ctx:
-      acc = acc_dtype(student_cfg.compute_dtype)
-      total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(acc)
-      strength = quant_strength(state.step, settings.quant_ramp_steps)
-      if microbatches == 1:
-        (loss, sums), grads = grad_fn(state.params, teacher_params, batch, total_tokens,
-                                      strength)
-      else:
-        def accumulate(carry, microbatch):
-          grads_acc, loss_acc, sums_acc = carry
-          (loss, sums), grads = grad_fn(state.params, teacher_params, microbatch, total_tokens,
-                                        strength)
-          return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss,
-                  jax.tree.map(jnp.add, sums_acc, sums)), None
-
-        init = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), acc),
-                tuple(jnp.zeros((), acc) for _ in range(4)))
-        (grads, loss, sums), _ = jax.lax.scan(
-            accumulate, init, steps_lib.split_microbatches(batch, microbatches))
-      nll, kl, err, ref = sums
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      grad_norm = optax.global_norm(grads)
-      finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
-      layers = student_cfg.num_layers
-      metrics = {
-          "loss": nll / total_tokens if stage == 2 else err / (total_tokens * layers),
-          "stage": jnp.asarray(stage, acc),
-          "distill_loss": loss,
-          "kl": kl / total_tokens,
-          "hidden_mse": err / (total_tokens * layers),
-          "hidden_rel_err": err / jnp.maximum(ref, jnp.finfo(acc).tiny),
-          "quant_strength": jnp.asarray(1.0 if strength is None else strength, acc),
-          "z_loss": jnp.zeros((), acc),
-          "grad_norm": grad_norm,
-          "lr": jnp.asarray(schedule(state.step), acc),
-          "tokens": total_tokens,
-          "finite": finite.astype(jnp.float32),
-          "skipped_steps": opt_state.total_notfinite.astype(jnp.float32),
-      }
-      return TrainState(state.step + 1, params, opt_state, state.rng), metrics
-
-  return step
+  """`steps_lib.build_train_step` of `distill_objective`: `step(state, batch, teacher_params)
+  -> (state, metrics)` (pure; not yet jitted)."""
+  objective = distill_objective(student_cfg, student_graphdef, teacher_cfg, teacher_graphdef,
+                                settings, stage, z_loss)
+  return steps_lib.build_train_step(objective, tx, schedule,
+                                   acc=acc_dtype(student_cfg.compute_dtype),
+                                   microbatches=microbatches, mesh=mesh, rules=rules)
 
 
 class DistillStepper:
@@ -257,7 +171,12 @@ class DistillStepper:
   def __call__(self, state: TrainState, batch: dict):
     fn = self._stage1 if self.stage() == 1 else self._stage2
     self.step += 1
-    return fn(state, self.teacher_params, batch)
+    return fn(state, batch, self.teacher_params)
+
+  def lower(self, state, batch) -> list:
+    """The lowered stage steps this stepper will run (for `train.memory`'s estimate)."""
+    stages = [f for f in (self._stage1, self._stage2) if f is not None]
+    return [f.lower(state, batch, self.teacher_params) for f in stages]
 
 
 @dataclasses.dataclass
@@ -322,7 +241,7 @@ class Distillation:
       step = make_distill_step(self.student_cfg, graphdef, self.teacher_cfg, teacher_graphdef,
                                tx, schedule, self.settings, stage, microbatches=microbatches,
                                z_loss=z_loss, mesh=self.mesh, rules=self.rules)
-      return jax.jit(step, in_shardings=(shardings, self.teacher_shardings, batch_sharding),
+      return jax.jit(step, in_shardings=(shardings, batch_sharding, self.teacher_shardings),
                      out_shardings=(shardings, sharding.replicated(self.mesh)),
                      donate_argnums=0)
 
@@ -351,10 +270,11 @@ def setup(cfg, student: ModelConfig, mesh: Mesh, rules) -> Distillation | None:
   if not settings.enabled:
     return None
   settings.check_student(student)
-  teacher = read_teacher_config(settings, student)
+  teacher = teacher_lib.read_teacher_config(settings.teacher, student)
   # Stage 1 needs the same d and L, the KL the same vocabulary; copying the MLP also the same I.
   keys = student_lib.MATCHING if settings.init == "teacher" else student_lib.MATCHING[:3]
   student_lib.check_compatible(teacher, student, keys)
-  shardings = param_shardings(teacher, mesh, rules)
-  params = load_teacher_params(settings, teacher, shardings)
+  shardings = state_lib.param_shardings(teacher, mesh, rules)
+  params = teacher_lib.load_teacher_params(settings.teacher, teacher, settings.teacher_step,
+                                           shardings)
   return Distillation(settings, student, teacher, params, shardings, mesh, rules)

@@ -42,21 +42,26 @@ def init_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: i
   return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), rng)
 
 
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
+  """NamedShardings of a model's params (pure dict) from their logical axes."""
+  _, abstract_params = nnx.split(abstract_model(cfg))
+  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
+  return sharding.tree_shardings(abstract_params.to_pure_dict(), logical, mesh, rules)
+
+
 def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
                           rules) -> TrainState:
   """NamedShardings for every leaf of the train state, from the params' logical axes.
 
   Optimizer moments follow their params; scalars (counts, step, rng) are replicated.
   """
-  _, abstract_params = nnx.split(abstract_model(cfg))
-  logical = nnx.get_partition_spec(abstract_params).to_pure_dict()
-  abstract_params = abstract_params.to_pure_dict()
-  param_shardings = sharding.tree_shardings(abstract_params, logical, mesh, rules)
+  params = param_shardings(cfg, mesh, rules)
+  abstract_params = nnx.split(abstract_model(cfg))[1].to_pure_dict()
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
                                         transform_non_params=lambda _: replicated)
-  return TrainState(replicated, param_shardings, opt_shardings, replicated)
+  return TrainState(replicated, params, opt_shardings, replicated)
 
 
 def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation,

@@ -1,15 +1,24 @@
-"""The jitted train and eval steps (pure functions of the train state and a batch).
+"""Every train step, built from a loss function; the LM loss; the eval step.
 
 A batch is `{"tokens": int32 [global_batch, seq+1], "segment_ids": int32 [global_batch,
-seq+1]}` (packed windows, see `mmfree_jax.data`). The train step splits it into
-`microbatches` along the batch axis, accumulates gradients with `lax.scan` and applies one
-optimizer update, so k microbatches equal one batch k times larger.
+seq+1]}` (packed windows, see `mmfree_jax.data`). `build_train_step(objective, ...)` is the one
+step skeleton: it splits the batch into `microbatches` along the batch axis, accumulates the
+loss, its metric sums and the gradients with `accumulate_gradients` (one `lax.scan`), and
+applies one optimizer update through the optimizer's finiteness guard
+(`optim.skip_nonfinite`), so k microbatches equal one batch k times larger. The LM loss below
+and the distillation stages (`train/distill.py`) are objectives for it.
+
+A loss function is `loss(params, batch, ctx) -> (loss, sums)`: `loss` a scalar, this batch's
+share of the objective (already divided by the global batch's target count
+`ctx.total_tokens`, so the shares of microbatches add up), `sums` a dict of additive metric
+sums (acc-dtype scalars).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +33,17 @@ from mmfree_jax.parallel import sharding
 from mmfree_jax.train.state import TrainState
 
 
-def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float):
-  inputs, input_segments, targets, mask = loss_lib.split_window(batch["tokens"],
-                                                                batch["segment_ids"])
-  model = nnx.merge(graphdef, params)
-  segments = input_segments if cfg.reset_at_doc_start else None
-  logits, _ = model(inputs, segment_ids=segments)
-  return loss_lib.cross_entropy_sums(logits, targets, mask, z_loss)
+class StepContext(NamedTuple):
+  """What a loss function sees besides params and batch (the same for every microbatch)."""
+  total_tokens: jax.Array  # acc-dtype scalar: target tokens of the whole global batch (>= 1)
+  step: jax.Array          # int32 scalar: the step being taken (0-based)
+  inputs: Any = None       # the step's extra arguments (e.g. the frozen teacher's params)
+
+
+class Objective(NamedTuple):
+  """A loss function and the metrics it reports from its accumulated sums."""
+  loss: Callable  # (params, batch, ctx) -> (loss, sums)
+  metrics: Callable[[jax.Array, dict, StepContext], dict]  # (loss, sums, ctx) -> {name: scalar}
 
 
 def split_microbatches(batch: dict, microbatches: int) -> dict:
@@ -45,56 +58,112 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, *, microbatches: int = 1, z_loss: float = 0.0,
-                    mesh: Mesh | None = None, rules=None) -> Callable:
-  """Returns `train_step(state, batch) -> (state, metrics)` (not yet jitted).
+def accumulate_gradients(loss_fn: Callable, params, batch: dict, ctx: StepContext,
+                         microbatches: int = 1):
+  """`(loss, sums, grads)` of `loss_fn` over `batch`, summed over `microbatches` parts.
 
-  Metrics (fp32 scalars): `loss` (mean NLL per target token), `z_loss`, `grad_norm`
-  (before clipping), `lr`, `tokens` (counted targets), `finite` (1 if the update was applied).
+  One `lax.scan` over the strided microbatches (`split_microbatches`), carrying the running
+  sums of loss, metric sums and gradients (each in its own dtype); `microbatches=1` is one
+  `value_and_grad`. Since each part's loss is already normalised by the global batch's
+  count, the sums equal the whole batch's loss and gradient.
+  """
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if microbatches == 1:
+    (loss, sums), grads = grad_fn(params, batch, ctx)
+    return loss, sums, grads
+  parts = split_microbatches(batch, microbatches)
+
+  def add(carry, microbatch):
+    (loss, sums), grads = grad_fn(params, microbatch, ctx)
+    return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+  first = jax.tree.map(lambda x: x[0], parts)
+  (loss, sums), grads = jax.eval_shape(grad_fn, params, first, ctx)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, sums, grads))
+  (loss, sums, grads), _ = jax.lax.scan(add, zeros, parts)
+  return loss, sums, grads
+
+
+def target_count(batch: dict, dtype) -> jax.Array:
+  """Target tokens of a batch (`segment_ids != 0` past the first column), at least 1."""
+  return jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(dtype)
+
+
+def _sharding_context(mesh: Mesh | None, rules):
+  return sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
+
+
+def build_train_step(objective: Objective, tx: optax.GradientTransformationExtraArgs,
+                    schedule: optax.Schedule, *, acc, microbatches: int = 1,
+                    mesh: Mesh | None = None, rules=None) -> Callable:
+  """Returns `train_step(state, batch, inputs=None) -> (state, metrics)` (pure, not jitted).
+
+  `inputs` reaches the loss as `ctx.inputs`. `tx` is `optim.make_optimizer`'s (its state an
+  `optax.ApplyIfFiniteState`): it receives the loss and decides, by one predicate, whether the
+  update is applied. `acc` is the accumulation dtype (`ops.dtypes.acc_dtype`).
+
+  Metrics (scalars): the objective's, plus `grad_norm` (before clipping), `lr`, `tokens`
+  (counted targets), `finite` (1 if the update was applied) and `skipped_steps` (updates not
+  applied so far in the run).
   """
 
-  def loss_fn(params, microbatch, total_tokens):
-    nll, z, count = _forward_sums(graphdef, params, microbatch, cfg, z_loss)
-    return (nll + z) / total_tokens, (nll, z, count)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def train_step(state: TrainState, batch: dict):
-    ctx = sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
-    with ctx:
-      acc = acc_dtype(cfg.compute_dtype)  # fp32 (f64 under x64)
-      total_tokens = jnp.maximum(jnp.sum(batch["segment_ids"][:, 1:] != 0), 1).astype(acc)
-      if microbatches == 1:
-        (_, (nll, z, _)), grads = grad_fn(state.params, batch, total_tokens)
-      else:
-        def accumulate(carry, microbatch):
-          grads_acc, nll_acc, z_acc = carry
-          (_, (nll, z, _)), grads = grad_fn(state.params, microbatch, total_tokens)
-          grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-          return (grads_acc, nll_acc + nll, z_acc + z), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), acc), jnp.zeros((), acc))
-        (grads, nll, z), _ = jax.lax.scan(accumulate, init,
-                                          split_microbatches(batch, microbatches))
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  def train_step(state: TrainState, batch: dict, inputs=None):
+    with _sharding_context(mesh, rules):
+      ctx = StepContext(target_count(batch, acc), state.step, inputs)
+      loss, sums, grads = accumulate_gradients(objective.loss, state.params, batch, ctx,
+                                               microbatches)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
       params = optax.apply_updates(state.params, updates)
-      finite = jnp.isfinite(optax.global_norm(grads)) & jnp.isfinite(nll)
-      metrics = {
-          "loss": nll / total_tokens,
-          "z_loss": z / total_tokens,
+      metrics = dict(objective.metrics(loss, sums, ctx))
+      metrics.update({
           "grad_norm": optax.global_norm(grads),
           "lr": jnp.asarray(schedule(state.step), acc),
-          "tokens": total_tokens,
-          "finite": finite.astype(jnp.float32),
-          # updates skipped so far because of non-finite gradients (optax.apply_if_finite)
+          "tokens": ctx.total_tokens,
+          "finite": opt_state.last_finite.astype(jnp.float32),
           "skipped_steps": opt_state.total_notfinite.astype(jnp.float32),
-      }
-      new_state = TrainState(state.step + 1, params, opt_state, state.rng)
-      return new_state, metrics
+      })
+      return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return train_step
+
+
+# --------------------------------------------------------------------------- the LM loss
+
+
+def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float):
+  inputs, input_segments, targets, mask = loss_lib.split_window(batch["tokens"],
+                                                                batch["segment_ids"])
+  model = nnx.merge(graphdef, params)
+  segments = input_segments if cfg.reset_at_doc_start else None
+  logits, _ = model(inputs, segment_ids=segments)
+  return loss_lib.cross_entropy_sums(logits, targets, mask, z_loss)
+
+
+def lm_objective(cfg: ModelConfig, graphdef, z_loss: float = 0.0) -> Objective:
+  """Next-token cross-entropy (+ z-loss) per target token.
+
+  Sums `nll`, `z`; metrics `loss` (mean NLL per target token) and `z_loss`.
+  """
+
+  def loss(params, batch, ctx: StepContext):
+    nll, z, _ = _forward_sums(graphdef, params, batch, cfg, z_loss)
+    return (nll + z) / ctx.total_tokens, {"nll": nll, "z": z}
+
+  def metrics(loss_value, sums, ctx: StepContext):
+    del loss_value
+    return {"loss": sums["nll"] / ctx.total_tokens, "z_loss": sums["z"] / ctx.total_tokens}
+
+  return Objective(loss, metrics)
+
+
+def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformationExtraArgs,
+                       schedule: optax.Schedule, *, microbatches: int = 1,
+                       z_loss: float = 0.0, mesh: Mesh | None = None,
+                       rules=None) -> Callable:
+  """`build_train_step` of `lm_objective`: `train_step(state, batch) -> (state, metrics)`."""
+  return build_train_step(lm_objective(cfg, graphdef, z_loss), tx, schedule,
+                         acc=acc_dtype(cfg.compute_dtype), microbatches=microbatches,
+                         mesh=mesh, rules=rules)
 
 
 def make_eval_step(cfg: ModelConfig, graphdef, *, mesh: Mesh | None = None,
@@ -102,10 +171,8 @@ def make_eval_step(cfg: ModelConfig, graphdef, *, mesh: Mesh | None = None,
   """Returns `eval_step(params, batch) -> {"nll_sum", "tokens"}` (not yet jitted)."""
 
   def eval_step(params, batch):
-    ctx = sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
-    with ctx:
+    with _sharding_context(mesh, rules):
       nll, _, count = _forward_sums(graphdef, params, batch, cfg, 0.0)
       return {"nll_sum": nll, "tokens": count}
 
   return eval_step
-
