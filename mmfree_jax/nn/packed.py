@@ -1,8 +1,8 @@
 """Inference export of a MatMul-free LM with packed ternary weights, and its decode step.
 
 `export_packed(model, fmt)` quantizes every BitLinear kernel of a trained `MatMulFreeLM`
-once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), scale = mean|W| with the
-1e-5 floor) and stores the codes as
+once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), scale = mean|W|
+with the 1e-5 floor) and stores the codes as
 
     '2bit'      4 codes per byte (2 bits/weight)        } packing.pack_ternary, unpacked on
     'base3'     5 codes per byte (1.6 bits/weight)      } the fly by packing.packed_matvec
@@ -21,11 +21,12 @@ and within ~1.1-1.7x of unpacking to fp32 on a 256-token prefill.
 these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
 scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,
 segment_ids=, state=) -> (logits, RecurrentState)`, `init_state`, `cfg`), so generation and
-every evaluation run on it unchanged. Every BitLinear computes
-`y = (x_codes @ w_codes) * mean|W| / sx` from int8 activation codes with an exact integer
-accumulator, so all formats
-give bit-identical logits, equal to `model.decode` up to float round-off (the float model
-multiplies de-quantized values, `sum (c_x / sx)(c_w / sw)`).
+every evaluation run on it unchanged. Its blocks are wired by the trained model's own
+`nn.model.mmfree_block` (MLGRU and GLU: `nn.layers.mlgru_mix`, `glu_mix`), each BitLinear
+replaced by one on stored codes, which computes `y = (x_codes @ w_codes) * mean|W| / sx` from
+int8 activation codes with an exact integer accumulator, so all formats give bit-identical
+logits, equal to `model.decode` up to float round-off (the float model multiplies
+de-quantized values, `sum (c_x / sx)(c_w / sw)`).
 """
 
 from __future__ import annotations
