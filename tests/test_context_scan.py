@@ -1,0 +1,159 @@
+"""The MLGRU recurrence across sequence shards (`parallel.context_scan`, issue 27 item 2):
+outputs, final states and gradients (wrt f, i, h0) with the sequence split over the context
+axis equal the one-device scan in float64 (tolerance 1e-12 relative: the same sums in f64, only
+grouped at the shard edges), for every scan_type, with document resets; and the compiled HLO
+moves only `[batch, dim]` states across the context axis."""
+
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from mmfree_jax.kernels import common, dispatch
+from mmfree_jax.ops import recurrence
+from mmfree_jax.parallel import context_scan
+from mmfree_jax.parallel import mesh as mesh_lib
+
+F64_TOL = 1e-12
+MESHES = {"context8": {"data": 1, "context": 8}, "data2_context4": {"data": 2, "context": 4}}
+
+
+def _data(batch, seq, dim, seed=0):
+  rng = np.random.default_rng(seed)
+  f = rng.uniform(0.5, 0.99, (batch, seq, dim))
+  f[0, seq // 3, :] = 0.0            # a document start inside a shard
+  f[-1, seq // 2, 1] = 0.0           # one on a shard's first position (seq/2 is a boundary)
+  i = rng.normal(size=(batch, seq, dim))
+  h0 = rng.normal(size=(batch, dim))
+  return f, i, h0
+
+
+def _loss_and_grads(scan, f, i, h0):
+  """A loss reading every output and the final state, its value, outputs and d/d(f, i, h0)."""
+
+  def loss(f, i, h0):
+    h, last = scan(f, i, h0)
+    return jnp.sum(jnp.sin(h) * jnp.cos(i)) + jnp.sum(1.3 * last), (h, last)
+
+  (_, outs), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(f, i, h0)
+  return outs + grads
+
+
+def _assert_close(got, want):
+  names = ("h", "final_state", "df", "di", "dh0")
+  for name, g, w in zip(names, got, want):
+    err = np.max(np.abs(np.asarray(g) - np.asarray(w))) / np.max(np.abs(np.asarray(w)))
+    assert err <= F64_TOL, (name, err)
+
+
+def _check(scan_type, mesh_shape, combine="ppermute", chunk_size=3, shape=(2, 64, 6),
+           with_state=True):
+  mesh = mesh_lib.make_mesh(MESHES[mesh_shape])
+  fn = recurrence.get_recurrence(scan_type, chunk_size)
+  f, i, h0 = _data(*shape)
+  h0 = h0 if with_state else None
+  sharded = lambda f, i, h0: context_scan.context_recurrence(fn, f, i, h0, mesh=mesh,
+                                                              combine=combine)
+  one = lambda f, i, h0: recurrence.linear_recurrence(f, i, h0, scan_type="sequential")
+  if with_state:
+    _assert_close(_loss_and_grads(sharded, f, i, h0), _loss_and_grads(one, f, i, h0))
+  else:
+    got = _loss_and_grads(lambda f, i, _: sharded(f, i, None), f, i, np.zeros(shape[::2]))
+    want = _loss_and_grads(lambda f, i, _: one(f, i, None), f, i, np.zeros(shape[::2]))
+    _assert_close(got[:4], want[:4])
+
+
+@pytest.mark.parametrize("mesh_shape", sorted(MESHES))
+@pytest.mark.parametrize("scan_type", ["sequential", "associative", "chunked",
+                                       "sequential_custom_vjp"])
+def test_sharded_scan_equals_one_device(scan_type, mesh_shape):
+  with jax.enable_x64(True):
+    _check(scan_type, mesh_shape)
+
+
+@pytest.mark.parametrize("mesh_shape", sorted(MESHES))
+def test_all_gather_combine_equals_one_device(mesh_shape):
+  with jax.enable_x64(True):
+    _check("sequential", mesh_shape, combine="all_gather")
+    _check("chunked", mesh_shape, combine="all_gather", with_state=False)
+
+
+def test_without_initial_state():
+  with jax.enable_x64(True):
+    _check("associative", "context8", with_state=False)
+
+
+def test_batch_the_data_axis_does_not_divide():
+  # batch 1 on data 2: replicated over data, each data shard computes it whole.
+  with jax.enable_x64(True):
+    _check("sequential", "data2_context4", shape=(1, 16, 3))
+
+
+def test_pallas_kernel_per_shard():
+  """The TPU kernel, interpreted (f64 rows of 128 lanes), as each shard's scan."""
+  with (jax.enable_x64(True), dispatch.kernel_platform("tpu", interpret=True),
+        warnings.catch_warnings()):
+    warnings.simplefilter("error", common.KernelFallbackWarning)  # the kernel, not sequential
+    _check("pallas", "data2_context4", shape=(2, 16, 128))
+
+
+def test_bad_input_is_refused_with_the_fix():
+  f = jnp.ones((2, 12, 4))
+  fn = recurrence.get_recurrence("sequential")
+  mesh = mesh_lib.make_mesh({"data": 1, "context": 8})
+  with pytest.raises(ValueError, match="not a multiple of mesh.shape.context=8"):
+    context_scan.context_recurrence(fn, f, f, mesh=mesh)
+  with pytest.raises(ValueError, match="combine must be one of"):
+    context_scan.context_recurrence(fn, f, f, mesh=mesh, combine="ring")
+  plain = jax.make_mesh((8,), ("data",))
+  with pytest.raises(ValueError, match="no 'context' axis"):
+    context_scan.context_recurrence(fn, f, f, mesh=plain)
+
+
+# ---- the compiled HLO: what crosses the context axis ----
+
+_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute"
+                         r"|all-to-all)(?:-start)?\(")
+_ARRAY = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
+
+
+def _collectives(combine, mesh_shape, shape):
+  """(op, elements) of every collective in the compiled fwd+bwd of the sharded scan."""
+  mesh = mesh_lib.make_mesh(MESHES[mesh_shape])
+  fn = recurrence.get_recurrence("sequential")
+
+  def loss(f, i, h0):
+    h, last = context_scan.context_recurrence(fn, f, i, h0, mesh=mesh, combine=combine)
+    return jnp.sum(jnp.sin(h)) + jnp.sum(last)
+
+  seq_sharding = NamedSharding(mesh, P(("data", "fsdp"), "context", None))
+  x = jax.ShapeDtypeStruct(shape, jnp.float64, sharding=seq_sharding)
+  h0 = jax.ShapeDtypeStruct((shape[0], shape[2]), jnp.float64)
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, h0).compile().as_text()
+  found = []
+  for match in _COLLECTIVE.finditer(text):
+    for dims in _ARRAY.findall(match.group(1)):
+      found.append((match.group(2), int(np.prod([int(n) for n in dims.split(",") if n]))))
+  return found
+
+
+@pytest.mark.parametrize("mesh_shape", sorted(MESHES))
+def test_only_states_cross_the_context_axis(mesh_shape):
+  batch, seq, dim = 2, 512, 8
+  context = MESHES[mesh_shape]["context"]
+  with jax.enable_x64(True):
+    chain = _collectives("ppermute", mesh_shape, (batch, seq, dim))
+    gather = _collectives("all_gather", mesh_shape, (batch, seq, dim))
+  local_chunk = batch * (seq // context) * dim  # what a seq-sized exchange would move
+  for ops in (chain, gather):
+    assert ops, "no collective at all: the shards did not exchange their states"
+    # O(batch * dim) per shard boundary: at most the [context, batch, dim] gathered pairs.
+    assert max(n for _, n in ops) <= context * batch * dim < local_chunk, ops
+  # Forward and backward each pass one [batch_shard, dim] state per chain step.
+  assert sum(op == "collective-permute" for op, _ in chain) >= 2 * (context - 1)
+  assert sum(n for _, n in chain) < sum(n for _, n in gather)
