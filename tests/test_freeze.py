@@ -244,3 +244,31 @@ def test_bf16_scoring_on_cpu_equals_the_plain_forward_and_holds_one_layer(kind):
       nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param)))
   one, four = (temp(_bf16_model(n, d_model=128, kind=kind)) for n in (1, 4))
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
+
+
+def test_models_hold_no_inference_mode_and_nn_asks_no_platform():
+  """How a model runs for inference lives in `mmfree_jax.infer`: the models' modules carry no
+  mode attributes (frozen copies, in-place flags), not even once a plan prepared a copy, and
+  no module of `nn/` imports or calls anything that names the platform."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from mmfree_jax import nn  # pylint: disable=import-outside-toplevel
+  for kind in ("mmfree", "transformer"):
+    model = _bf16_model(kind=kind)
+    infer.prepare(model, infer.InferencePlan("frozen", "unrolled"))
+    for _, module in nnx.iter_modules(model):
+      modes = [a for a in vars(module) if a.startswith("frozen") or "in_place" in a]
+      assert not modes, (type(module).__name__, modes)
+  platform_names = {"dispatch", "default_backend", "current_platform", "devices",
+                    "local_devices", "platform_of"}
+  folder = os.path.dirname(nn.__file__)
+  for name in sorted(os.listdir(folder)):
+    if not name.endswith(".py"):
+      continue
+    tree = ast.parse(open(os.path.join(folder, name), encoding="utf-8").read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom):
+        named = {node.module or ""} | {a.name for a in node.names}
+        assert not {n.rsplit(".", 1)[-1] for n in named} & platform_names, (name, named)
+      if isinstance(node, ast.Attribute):
+        assert node.attr not in platform_names, (name, node.attr)
