@@ -137,6 +137,8 @@ def test_a_step_that_cannot_fit_is_refused_from_its_compiled_estimate(tmp_path):
 
 def test_memory_check_compares_the_estimate_with_the_limit():
   memory.check_fits(2**30, 2**31, "test memory")
+  with pytest.raises(ValueError, match=r"needs about 3.0 MiB per device .* is 2.0 MiB"):
+    memory.check_fits(3 * 2**20, 2 * 2**20, "test memory")
   memory.check_fits(2**40, None, "unknown")  # nothing to compare against: allowed
   with pytest.raises(ValueError, match=r"needs about 4.00 GiB per device .* test memory is "
                                        r"2.00 GiB"):

@@ -58,8 +58,9 @@ def memory_limit(device: jax.Device | None = None) -> tuple[int | None, str]:
   return host // count, f"available host memory{per}"
 
 
-def _gib(n: int) -> str:
-  return f"{n / 2**30:.2f} GiB"
+def _size(n: int) -> str:
+  """Bytes in GiB (MiB below one GiB, so a small step does not read '0.00 GiB')."""
+  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def check_fits(needed: int, limit: int | None, source: str) -> None:
@@ -67,8 +68,8 @@ def check_fits(needed: int, limit: int | None, source: str) -> None:
   if limit is None or needed <= limit:
     return
   raise ValueError(
-      f"the train step needs about {_gib(needed)} per device (XLA's estimate of the compiled "
-      f"step) but {source} is {_gib(limit)}: lower data.seq_len or train.global_batch, raise "
+      f"the train step needs about {_size(needed)} per device (XLA's estimate of the compiled "
+      f"step) but {source} is {_size(limit)}: lower data.seq_len or train.global_batch, raise "
       "train.microbatches, set model.remat, or shard over more devices (mesh.shape)")
 
 
@@ -90,5 +91,5 @@ def check_step_memory(train_step, abstract_state, abstract_batch) -> str:
   needed = max(known)
   limit, source = memory_limit()
   check_fits(needed, limit, source)
-  of = f" of {_gib(limit)} ({source})" if limit is not None else ""
-  return f"train step: compiled in {seconds:.1f}s, needs about {_gib(needed)} per device{of}"
+  of = f" of {_size(limit)} ({source})" if limit is not None else ""
+  return f"train step: compiled in {seconds:.1f}s, needs about {_size(needed)} per device{of}"
