@@ -11,13 +11,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+import mmfree_jax
+from mmfree_jax import ModelConfig
+from mmfree_jax import config as config_lib
 from mmfree_jax.kernels import common, dispatch
 from mmfree_jax.ops import recurrence
-from mmfree_jax.parallel import context_scan
+from mmfree_jax.parallel import context_scan, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
+from tests.test_model_reference import randomize_params
 
 F64_TOL = 1e-12
 MESHES = {"context8": {"data": 1, "context": 8}, "data2_context4": {"data": 2, "context": 4}}
@@ -106,7 +110,7 @@ def test_bad_input_is_refused_with_the_fix():
   f = jnp.ones((2, 12, 4))
   fn = recurrence.get_recurrence("sequential")
   mesh = mesh_lib.make_mesh({"data": 1, "context": 8})
-  with pytest.raises(ValueError, match="not a multiple of mesh.shape.context=8"):
+  with pytest.raises(ValueError, match="not a multiple of the 8 context shards"):
     context_scan.context_recurrence(fn, f, f, mesh=mesh)
   with pytest.raises(ValueError, match="combine must be one of"):
     context_scan.context_recurrence(fn, f, f, mesh=mesh, combine="ring")
@@ -157,3 +161,43 @@ def test_only_states_cross_the_context_axis(mesh_shape):
   # Forward and backward each pass one [batch_shard, dim] state per chain step.
   assert sum(op == "collective-permute" for op, _ in chain) >= 2 * (context - 1)
   assert sum(n for _, n in chain) < sum(n for _, n in gather)
+
+
+# ---- the model: the registry runs the context scan under a mesh that splits the sequence ----
+
+@pytest.mark.parametrize("mesh_shape", sorted(MESHES))
+def test_model_with_context_parallelism_equals_one_device(mesh_shape):
+  """A tiny MatMul-free LM (float64, random parameters, packed documents) under
+  `logical_sharding` on a context mesh: logits, final states and parameter gradients equal the
+  run without a mesh."""
+  mesh = mesh_lib.make_mesh(MESHES[mesh_shape])
+  rules = sharding.normalize_rules(config_lib.base_config().mesh.axis_rules)
+  rng = np.random.default_rng(5)
+  tokens = jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
+  segments = jnp.asarray([[1] * 5 + [2] * 11, [3] * 8 + [4] * 8], jnp.int32)
+  with jax.enable_x64(True):
+    cfg = ModelConfig.tiny(dtype="float64", param_dtype="float64", scan_type="chunked",
+                           chunk_size=3)
+    model = mmfree_jax.build_model(cfg, 0)
+    randomize_params(model, seed=3)
+    graphdef, params = nnx.split(model)
+    weights = jnp.asarray(rng.normal(size=(2, 16, cfg.vocab_size)))
+
+    def run(params, split):
+      def loss(params):
+        logits, state = nnx.merge(graphdef, params)(tokens, segment_ids=segments)
+        return jnp.sum(jnp.tanh(logits) * weights), (logits, state)
+
+      if not split:
+        return jax.grad(loss, has_aux=True)(params)
+      with sharding.logical_sharding(mesh, rules):
+        return jax.grad(loss, has_aux=True)(params)
+
+    one = jax.jit(lambda p: run(p, False))(params)
+    split = jax.jit(lambda p: run(p, True))
+    assert "collective_permute" in split.lower(params).as_text()  # the context scan ran
+    got = split(params)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(one)):
+    err = np.max(np.abs(np.asarray(g) - np.asarray(w))) / max(np.max(np.abs(np.asarray(w))),
+                                                              1e-300)
+    assert err <= F64_TOL, err

@@ -9,18 +9,22 @@ Shapes and dtypes as in `numerics.recurrence`, which holds the pure-JAX implemen
 - `auto` (default): `pallas` on GPU/TPU, `sequential` on CPU (`registry.resolve_scan_type`).
 
 The names are `registry.SCAN_TYPES` (jax-free, read by the config); `IMPLS` maps each to its
-function.
+function. Under a mesh whose `context` axis splits the sequence (`parallel.sharding.
+logical_sharding` with `activation_seq -> context`), every one of them runs per sequence shard
+with the states passed between shards (`parallel.context_scan`).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable
 
 from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.numerics.recurrence import (associative, chunked, sequential,
                                             sequential_custom_vjp)
+from mmfree_jax.parallel import context_scan, kernel_sharding
 
 def pallas(f, i, initial_state=None):
   """The Pallas kernel for the current platform; inputs it cannot take (see the kernels) run
@@ -54,7 +58,24 @@ def get_recurrence(scan_type: str, chunk_size: int = 64) -> Callable:
   except KeyError:
     raise ValueError(f"unknown scan_type {scan_type!r}; choose one of {registry.SCAN_TYPES} "
                      "(model.scan_type in the config)") from None
-  return functools.partial(impl, chunk_size=chunk_size)
+  return functools.partial(_split_over_context, functools.partial(impl, chunk_size=chunk_size))
+
+
+def _split_over_context(fn, f, i, initial_state=None):
+  """`fn` over the whole sequence, or, when the active `parallel.kernel_sharding` (the
+  trainer's `logical_sharding`) puts the sequence on mesh axes it divides, per sequence shard
+  with the states passed between them (`parallel.context_scan`)."""
+  active = kernel_sharding.active()
+  axes = None if active is None else active.seq_axes
+  if axes is None:
+    return fn(f, i, initial_state)
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(active.mesh.shape[a] for a in names)
+  if shards == 1 or f.shape[1] % shards:  # e.g. a decode step or a ragged prompt: unsplit
+    return fn(f, i, initial_state)
+  return context_scan.context_recurrence(
+      fn, f, i, initial_state, mesh=active.mesh, context_axis=axes,
+      batch_axes=active.batch_axes, feature_axes=active.feature_axes)
 
 
 def linear_recurrence(f, i, initial_state=None, *, scan_type: str = "sequential",

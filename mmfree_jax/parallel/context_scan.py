@@ -40,8 +40,9 @@ The shard_map runs with `check_vma=False`, which the Pallas kernels need (as in
 `parallel.kernel_sharding`); tests/test_context_scan.py checks the gradients that setting could
 get wrong (an `h0` and a batch the data axis does not divide, both replicated operands).
 
-Placement: as `parallel.kernel_sharding`, this module imports nothing from the package; the scan
-comes in as `fn(f, i, initial_state) -> (h, final_state)` (`ops.recurrence.get_recurrence`).
+Placement: the scan comes in as `fn(f, i, initial_state) -> (h, final_state)`, so this module
+imports only `parallel.kernel_sharding` (whose wrappers it turns off inside its own shard_map);
+`ops.recurrence` calls it when the active `kernel_sharding` splits the sequence.
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
+
+from mmfree_jax.parallel import kernel_sharding
 
 Axes = str | tuple[str, ...] | None
 COMBINES = ("ppermute", "all_gather")
@@ -92,7 +94,7 @@ def _incoming_all_gather(p, s, axis: str, c: int):
 
 def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
                        initial_state: jax.Array | None = None, *, mesh: Mesh,
-                       context_axis: str = "context", batch_axes: Axes = ("data", "fsdp"),
+                       context_axis: str | tuple[str, ...] = "context", batch_axes: Axes = ("data", "fsdp"),
                        feature_axes: Axes = "tensor", combine: str = "ppermute"):
   """`h_t = f_t h_{t-1} + i_t` with time split over `context_axis` (module docstring).
 
@@ -101,7 +103,8 @@ def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
     f: `[batch, seq, dim]` forget gates; `seq` a multiple of the context size.
     i: `[batch, seq, dim]` inputs.
     initial_state: `[batch, dim]` or None (zeros): the state before position 0.
-    mesh: the device mesh; batch goes on `batch_axes`, dim on `feature_axes` where they divide.
+    mesh: the device mesh; time goes on `context_axis` (one mesh axis or several, in order),
+      batch on `batch_axes` and dim on `feature_axes` where they divide.
     combine: how the shards' carries meet, one of `COMBINES`.
   Returns:
     h `[batch, seq, dim]` in i's dtype and the final state `[batch, dim]` in `fn`'s state dtype
@@ -109,16 +112,17 @@ def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
   """
   if combine not in COMBINES:
     raise ValueError(f"combine must be one of {COMBINES}; got {combine!r}")
-  if context_axis not in mesh.shape:
+  names = (context_axis,) if isinstance(context_axis, str) else tuple(context_axis)
+  if not names or not all(a in mesh.shape for a in names):
     raise ValueError(f"mesh axes {mesh.axis_names} have no {context_axis!r} axis; build the "
                      "mesh with parallel.mesh.make_mesh")
-  c = mesh.shape[context_axis]
+  c = math.prod(mesh.shape[a] for a in names)
   if c == 1:
     return fn(f, i, initial_state)
   batch, seq, dim = f.shape
   if seq % c:
-    raise ValueError(f"sequence length {seq} is not a multiple of mesh.shape.context={c}; "
-                     "make data.seq_len a multiple of it")
+    raise ValueError(f"sequence length {seq} is not a multiple of the {c} context shards "
+                     f"({context_axis!r}); make data.seq_len a multiple of mesh.shape.context")
   acc = jax.eval_shape(fn, f[:, :1], i[:, :1], None)[1].dtype
   h0 = jnp.zeros((batch, dim), acc) if initial_state is None else initial_state.astype(acc)
   # h0 enters on shard 0 only, as an input sharded like the carries (no replicated operand).
@@ -135,6 +139,7 @@ def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
     h, last = fn(f, i, start + incoming(p, s, context_axis, c))
     return h, last[None]
 
-  h, last = jax.shard_map(shard, mesh=mesh, in_specs=(seq_spec, seq_spec, carry_spec),
-                          out_specs=(seq_spec, carry_spec), check_vma=False)(f, i, starts)
+  with kernel_sharding.suspended():  # fn runs per shard already: no nested shard_map
+    h, last = jax.shard_map(shard, mesh=mesh, in_specs=(seq_spec, seq_spec, carry_spec),
+                            out_specs=(seq_spec, carry_spec), check_vma=False)(f, i, starts)
   return h, last[-1]

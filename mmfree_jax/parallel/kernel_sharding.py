@@ -38,10 +38,12 @@ Axes = str | tuple[str, ...] | None
 
 @dataclasses.dataclass(frozen=True)
 class KernelSharding:
-  """Where the kernels' batch and feature dims live on `mesh`."""
+  """Where the kernels' batch and feature dims live on `mesh`; `seq_axes`: where the sequence
+  is split (context parallelism: `ops.recurrence` then runs `parallel.context_scan`)."""
   mesh: Mesh
   batch_axes: Axes = ("data", "fsdp")
   feature_axes: Axes = "tensor"
+  seq_axes: Axes = None
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding",
@@ -50,13 +52,23 @@ _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding
 
 @contextlib.contextmanager
 def kernel_sharding(mesh: Mesh, batch_axes: Axes = ("data", "fsdp"),
-                    feature_axes: Axes = "tensor"):
+                    feature_axes: Axes = "tensor", seq_axes: Axes = None):
   """Kernels traced inside the block run per shard of `mesh` (module docstring).
 
   It is read while tracing, and `jax.jit` caches traces by function and argument types only:
   enter it inside the jitted function (as `train.steps` does with `logical_sharding`).
   """
-  token = _ACTIVE.set(KernelSharding(mesh, batch_axes, feature_axes))
+  token = _ACTIVE.set(KernelSharding(mesh, batch_axes, feature_axes, seq_axes))
+  try:
+    yield
+  finally:
+    _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def suspended():
+  """Kernels traced inside the block run as is: for code already inside a `shard_map`."""
+  token = _ACTIVE.set(None)
   try:
     yield
   finally:

@@ -51,12 +51,14 @@ def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ..
 def logical_sharding(mesh: Mesh, rules: Rules):
   """Activates activation-sharding constraints for code traced inside the block, and runs the
   Pallas kernels there per shard (`parallel.kernel_sharding`: batch on the 'activation_batch'
-  rule's axes, features on the 'activation_inner' rule's)."""
+  rule's axes, features on the 'activation_inner' rule's); a sequence split by the
+  'activation_seq' rule runs the recurrence with `parallel.context_scan`."""
   token = _ACTIVE.set((mesh, normalize_rules(rules)))
   try:
     batch_axes = logical_to_spec(("activation_batch",), rules)[0]
     feature_axes = logical_to_spec(("activation_inner",), rules)[0]
-    with kernel_sharding.kernel_sharding(mesh, batch_axes, feature_axes):
+    seq_axes = _present(mesh, logical_to_spec(("activation_seq",), rules)[0])
+    with kernel_sharding.kernel_sharding(mesh, batch_axes, feature_axes, seq_axes):
       yield
   finally:
     _ACTIVE.reset(token)
