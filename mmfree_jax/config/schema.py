@@ -191,8 +191,8 @@ SCHEMA: dict[str, dict[str, Field]] = {
                        Check(f"a dict of {MESH_AXES} sizes >= 1, at most one -1",
                              _mesh_shape_ok)),
         "dcn": Field({"data": -1, "fsdp": 1, "context": 1, "tensor": 1}, "multi-slice TPU: "
-                     "how many slices each mesh axis spans, within mesh.shape; one may be -1 (= the remaining "
-                     "slices; the default: data spans them)",
+                     "how many slices each mesh axis spans, within mesh.shape; one may be -1 "
+                     "(= the remaining slices; the default: data spans them)",
                      Check(f"a dict of {MESH_AXES} sizes >= 1, at most one -1", _mesh_shape_ok)),
         "axis_rules": Field(
             [("activation_batch", ("data", "fsdp")), ("activation_seq", "context"),

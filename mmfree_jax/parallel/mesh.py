@@ -72,8 +72,8 @@ def split_over_slices(shape: dict[str, int], dcn_cfg, slices: int):
   except ValueError:
     raise ValueError(
         f"mesh.dcn={dict(dcn_cfg)} does not fit the {slices} slice(s) the devices form: make "
-        "the product of --config.mesh.dcn.{data,fsdp,context,tensor} equal the number of slices, or "
-        "set one axis to -1") from None
+        "the product of --config.mesh.dcn.{data,fsdp,context,tensor} equal the number of "
+        "slices, or set one axis to -1") from None
   for axis in MESH_AXES:
     if shape[axis] % dcn_shape[axis]:
       raise ValueError(
