@@ -21,6 +21,7 @@ from mmfree_jax.kernels import common, dispatch
 from mmfree_jax.ops import recurrence
 from mmfree_jax.parallel import context_scan, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
+from tests import test_train_step as train_step_test
 from tests.test_model_reference import randomize_params
 
 F64_TOL = 1e-12
@@ -201,3 +202,22 @@ def test_model_with_context_parallelism_equals_one_device(mesh_shape):
     err = np.max(np.abs(np.asarray(g) - np.asarray(w))) / max(np.max(np.abs(np.asarray(w))),
                                                               1e-300)
     assert err <= F64_TOL, err
+
+
+def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch):
+  """Two trainer steps (float64, packed documents) on data 2 x context 4 equal one device, to
+  the tolerances of tests/test_train_step.py."""
+  calls = []
+  real = context_scan.context_recurrence
+  monkeypatch.setattr(context_scan, "context_recurrence",
+                      lambda *a, **k: calls.append(k["mesh"].shape["context"]) or real(*a, **k))
+  with jax.enable_x64(True):
+    model_cfg, tx, schedule = train_step_test._setup("mmfree")
+    batches = [train_step_test._batch(0), train_step_test._batch(1)]
+    ref_losses, ref_params, _ = train_step_test._run(
+        model_cfg, tx, schedule, {"data": 1}, jax.devices()[:1], batches)
+    losses, params, _ = train_step_test._run(
+        model_cfg, tx, schedule, MESHES["data2_context4"], jax.devices(), batches)
+  assert calls and set(calls) == {4}, calls  # each layer's recurrence ran split
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), params, ref_params)
