@@ -203,8 +203,8 @@ def test_tpu_vm_refuses_dist_flags():
 
 
 def test_object_storage_workdir_is_refused_before_a_local_gs_folder(tmp_path, monkeypatch):
-  from mmfree_jax.train import trainer
+  from mmfree_jax.train import checks
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match="object-storage workdirs .* not supported yet"):
-    trainer.check_workdir_writable("gs://bucket/run")
+    checks.check_workdir_writable("gs://bucket/run")
   assert not os.path.exists(tmp_path / "gs:")
