@@ -88,7 +88,8 @@ def test_short_run_scales_warmup_with_a_note():
 
 
 def test_unknown_override_key_is_one_line_naming_the_fix():
-  with pytest.raises(ValueError, match=r"mesh.shape has no key 'model'.*\['data', 'fsdp'"):
+  with pytest.raises(ValueError, match=r"mesh.shape has no key 'model'.*"
+                                       r"\['context', 'data', 'fsdp', 'tensor'\]"):
     config_lib.check_override_keys(["--config.mesh.shape.model=2"])
   with pytest.raises(ValueError, match="did you mean 'train.steps'"):
     config_lib.check_override_keys(["--workdir=x", "--config.train.stepz", "3"])
