@@ -21,6 +21,8 @@ from mmfree_jax.kernels import common, dispatch
 from mmfree_jax.ops import recurrence
 from mmfree_jax.parallel import context_scan, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
+from mmfree_jax.train import state as state_lib
+from mmfree_jax.train import steps
 from tests import test_train_step as train_step_test
 from tests.test_model_reference import randomize_params
 
@@ -221,3 +223,30 @@ def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch):
   assert calls and set(calls) == {4}, calls  # each layer's recurrence ran split
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), params, ref_params)
+
+
+def test_train_step_moves_no_seq_sized_activation_over_context():
+  """The compiled MatMul-free train step (fwd + bwd + update) on context 8: no float array with
+  a sequence dimension (whole, 320, or one shard's, 40) is in any collective; the recurrence's
+  states are `[batch, d]`. Only the integer/bool token-level inputs (the reset mask, the
+  shifted targets) move, as the batch arrives unsplit over context."""
+  batch, seq, context = 2, 320, 8
+  with jax.enable_x64(True):
+    mesh = mesh_lib.make_mesh(MESHES["context8"])
+    model_cfg, tx, schedule = train_step_test._setup("mmfree")
+    rules = train_step_test.RULES
+    shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    x = jax.ShapeDtypeStruct((batch, seq + 1), np.int32, sharding=batch_sharding)
+    step = jax.jit(steps.make_train_step(model_cfg, state_lib.model_graphdef(model_cfg), tx,
+                                         schedule, mesh=mesh, rules=rules),
+                   in_shardings=(shardings, batch_sharding))
+    text = step.lower(state_lib.abstract_train_state(model_cfg, tx, shardings),
+                      {"tokens": x, "segment_ids": x}).compile().as_text()
+  arrays = [(dtype, [int(n) for n in dims.split(",") if n])
+            for match in _COLLECTIVE.finditer(text)
+            for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))]
+  float_arrays = [(t, dims) for t, dims in arrays if t.startswith(("f", "bf"))]
+  assert ("f64", [batch, model_cfg.d_model]) in float_arrays  # the states crossing shards
+  seq_sized = [(t, dims) for t, dims in float_arrays if {seq, seq // context} & set(dims)]
+  assert not seq_sized, seq_sized

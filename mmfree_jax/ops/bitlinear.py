@@ -79,18 +79,20 @@ def _bitlinear_lean_bwd(eps, dtype, residuals, dy):
   del eps  # r was saved
   x, r, codes_x, sx, kernel, norm_scale = residuals
   stat = acc_dtype(x.dtype)
-  d_in, d_out = kernel.shape
   # Re-materialize the de-quantized operands (STE: the quantizers are the identity).
-  xq = (codes_x.astype(stat) / sx).astype(dtype).reshape(-1, d_in)             # [N, in]
+  # No reshape to [batch * seq, ...]: with seq split over the context axis (and batch not
+  # split the same way) merging the dims would make the partitioner gather the activations.
+  lead = tuple(range(x.ndim - 1))
+  xq = (codes_x.astype(stat) / sx).astype(dtype)                               # [..., in]
   wq = quant.fake_quantize_weights(kernel).astype(dtype)                       # [in, out]
-  dy2 = dy.astype(dtype).reshape(-1, d_out)                                    # [N, out]
-  d_kernel = jnp.matmul(xq.T, dy2).astype(kernel.dtype)                        # xq^T dy
-  dxn = jnp.matmul(dy2, wq.T).astype(stat).reshape(x.shape)                    # dy wq^T
+  dy = dy.astype(dtype)                                                        # [..., out]
+  d_kernel = jax.lax.dot_general(xq, dy, ((lead, lead), ((), ()))).astype(kernel.dtype)
+  dxn = jnp.matmul(dy, wq.T).astype(stat)                                      # dy wq^T
   # RMSNorm backward in fp32 (f64 under x64): xn = (x r) gamma.
   xf = x.astype(stat)
   gamma = norm_scale.astype(stat)
   u = xf * r
-  d_gamma = jnp.sum((dxn * u).reshape(-1, d_in), axis=0).astype(norm_scale.dtype)
+  d_gamma = jnp.sum(dxn * u, axis=lead).astype(norm_scale.dtype)
   du = dxn * gamma
   dxf = r * du - xf * (r * r * r) * jnp.mean(du * xf, axis=-1, keepdims=True)
   return dxf.astype(x.dtype), d_kernel, d_gamma
