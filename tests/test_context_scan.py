@@ -206,21 +206,24 @@ def test_model_with_context_parallelism_equals_one_device(mesh_shape):
     assert err <= F64_TOL, err
 
 
-def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch):
+@pytest.mark.parametrize("kind", ["mmfree", "transformer"])
+def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch, kind):
   """Two trainer steps (float64, packed documents) on data 2 x context 4 equal one device, to
-  the tolerances of tests/test_train_step.py."""
+  the tolerances of tests/test_train_step.py (the Transformer++ through the partitioner's own
+  handling of a split sequence)."""
   calls = []
   real = context_scan.context_recurrence
   monkeypatch.setattr(context_scan, "context_recurrence",
                       lambda *a, **k: calls.append(k["mesh"].shape["context"]) or real(*a, **k))
   with jax.enable_x64(True):
-    model_cfg, tx, schedule = train_step_test._setup("mmfree")
+    model_cfg, tx, schedule = train_step_test._setup(kind)
     batches = [train_step_test._batch(0), train_step_test._batch(1)]
     ref_losses, ref_params, _ = train_step_test._run(
         model_cfg, tx, schedule, {"data": 1}, jax.devices()[:1], batches)
     losses, params, _ = train_step_test._run(
         model_cfg, tx, schedule, MESHES["data2_context4"], jax.devices(), batches)
-  assert calls and set(calls) == {4}, calls  # each layer's recurrence ran split
+  if kind == "mmfree":
+    assert calls and set(calls) == {4}, calls  # each layer's recurrence ran split
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), params, ref_params)
 
