@@ -91,7 +91,6 @@ def _options():
 
 def _run_lm_eval() -> str:
   """Runs --lm_eval_tasks through the adapter; returns the JSON path."""
-  from mmfree_jax import eval as evaluation
   from mmfree_jax.eval import lm_eval_adapter
   f = flags.FLAGS
   out = lm_eval_adapter.evaluate_tasks(
@@ -123,6 +122,7 @@ def _config():
   """The config to evaluate with: --config or the workdir's, with --tokenizer applied; enables
   x64 when its dtypes are float64 (else JAX would silently compute in float32)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from mmfree_jax.checkpoint import loading  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   cfg = f.config

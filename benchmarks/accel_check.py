@@ -42,13 +42,11 @@ import numpy as np
 
 from benchmarks import budget as budget_lib
 from benchmarks import common, setups
-from mmfree_jax import accounting, hardware
+from mmfree_jax import accounting, hardware, registry
 from mmfree_jax import config as config_lib
-from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
-from mmfree_jax.ops import attention
+from mmfree_jax.ops import attention, recurrence
 from mmfree_jax.ops import bitlinear as bitlinear_lib
-from mmfree_jax.ops import recurrence
 
 NAME = "accel_check"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -300,8 +298,8 @@ def decode_keys(smoke: bool) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _decode_setup(kind: str, smoke: bool):
-  from benchmarks import bench_decode
   import mmfree_jax
+  from benchmarks import bench_decode
   shape = SHAPES["smoke" if smoke else "device"]
   cfg = setups.model_config(kind, shape["d"], shape["layers"], shape["vocab"], dtype="bfloat16")
   model = mmfree_jax.build_model(cfg, 0)

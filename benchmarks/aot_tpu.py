@@ -129,6 +129,7 @@ def compile_point(kind: str, size: str, chip_name: str, mesh_shape: dict, micro:
   import jax.numpy as jnp
   from jax.experimental import topologies
   from jax.sharding import AxisType
+
   from mmfree_jax.parallel import sharding
   from mmfree_jax.train import optim, steps
   from mmfree_jax.train import state as state_lib

@@ -26,8 +26,8 @@ from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.numerics import attention as attention_ref
 from mmfree_jax.numerics import quant
-from mmfree_jax.ops import recurrence
 from mmfree_jax.ops import bitlinear as bitlinear_lean
+from mmfree_jax.ops import recurrence
 
 NAME = "bench_components"
 

@@ -62,8 +62,8 @@ def model_decode_loop(model, steps: int, *, freeze: bool = False, donate_state: 
   """`loop(params, tokens [B,1], state) -> (tokens, state)`: `steps` greedy decode steps.
 
   freeze: prepare the model for decoding (`infer.prepare_for_decoding`: its plan's weights
-  once per loop, before the steps), as `generate` does. donate_state: the state argument is donated (updated in place; pass
-  the returned state to the next call).
+  once per loop, before the steps), as `generate` does. donate_state: the state argument is
+  donated (updated in place; pass the returned state to the next call).
   """
   graphdef, params = nnx.split(model)
 
@@ -187,7 +187,8 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
                        tok_s / mm_bound} if name == "mmfree" else {}),
                    **({"cache_moves_in_hlo": len(tf_moves)} if name == "transformer" else {})})
       print(f"ctx={context:6d} {name:16s} {tok_s:9.1f} tok/s  state "
-            f"{common.fmt_bytes(state_bytes):>10s}  peak {common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
+            f"{common.fmt_bytes(state_bytes):>10s}  peak "
+            f"{common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
             f"  x{tok_s / tf_tok_s:.2f}", flush=True)
     del tf_state, tf_compiled, fns
   return {"d_model": d, "num_layers": num_layers, "vocab": vocab, "rows": rows,

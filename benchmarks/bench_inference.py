@@ -1,6 +1,7 @@
 """Packed ternary inference as a user runs it: bytes on disk and in memory, load, generate.
 
-    python -m benchmarks.bench_inference [--preset toy|cpu] [--parts shapes,batched,packed27,latent27]
+    python -m benchmarks.bench_inference [--preset toy|cpu] \
+        [--parts shapes,batched,packed27,latent27]
 
 Parts (each measured in its own process where memory matters; results merged into one JSON):
 - shapes: bytes of the packed forms vs the latent bf16 model for the paper's sizes and a 13B
@@ -70,9 +71,10 @@ def _reset_peak_rss() -> None:
 
 
 def shapes() -> dict:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
   from mmfree_jax.nn import packed as packed_lib  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn.model import build_model, count_params  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   rows = []
   for size, (d, layers) in SIZES.items():
     cfg = setups.model_config("mmfree", d, layers, 32000, param_dtype="bfloat16",
@@ -93,7 +95,8 @@ def shapes() -> dict:
                                                for x in jax.tree.leaves(tree)))
     rows.append(row)
     print(f"{size:5s} {n / 1e9:6.2f}B params  bf16 {2 * n / 1e9:6.2f} GB  2bit "
-          f"{row['2bit_bytes'] / 1e9:5.2f} GB  base3 {row['base3_bytes'] / 1e9:5.2f} GB", flush=True)
+          f"{row['2bit_bytes'] / 1e9:5.2f} GB  base3 {row['base3_bytes'] / 1e9:5.2f} GB",
+          flush=True)
   return {"rows": rows}
 
 
@@ -154,7 +157,7 @@ def write_random_packed(dst: str, preset: str, fmt: str = "2bit",
   emb = layout.EMBEDDING_DTYPES[embedding]
   rng = np.random.default_rng(0)
   produce = {}
-  for name, shape, dtype in layout.layout(model_cfg, fmt, emb):
+  for name, shape, _ in layout.layout(model_cfg, fmt, emb):
     if name.endswith(".codes"):
       n_in = {"down_proj": model_cfg.intermediate_size}.get(name.split(".")[-2],
                                                              model_cfg.d_model)
@@ -238,9 +241,10 @@ def packed27_child(directory: str, preset: str, batch: int, prompt_len: int) -> 
 
 
 def latent27_child(preset: str) -> dict:
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
   from mmfree_jax.config import ModelConfig  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn.model import build_model  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig.from_config(_config_27b(preset).model)
   base = _rss()
   # Weights placed leaf by leaf, as a checkpoint restore places them, each a fused

@@ -77,7 +77,8 @@ def run(preset: str, dtype: str = "float32") -> dict:
                "temp_vs_autodiff": s["temp_bytes"] / base["temp_bytes"]}
         rows.append(row)
         print(f"d={d} L={num_layers} B={batch} T={seq} remat={remat:13s} {name:16s} peak "
-              f"{common.fmt_bytes(s['peak_bytes']):>10s} temp {common.fmt_bytes(s['temp_bytes']):>10s}"
+              f"{common.fmt_bytes(s['peak_bytes']):>10s} temp "
+              f"{common.fmt_bytes(s['temp_bytes']):>10s}"
               f"  ({row['peak_vs_autodiff']:.2f}x autodiff)", flush=True)
   tokens, d, layers = STACK[preset]
   stack = {impl: bitlinear_stack_memory(tokens, d, layers, impl)

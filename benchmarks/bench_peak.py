@@ -29,8 +29,8 @@ def main(argv=None):
   common.write_json(args.out, NAME, args.preset, results,
                     ["matmul: chained n x n matmuls in one jit; best size, median of rounds; "
                      "fp32 and bf16 timed round-robin",
-                     "copy: x+1 in place (donated) over a buffer larger than the CPU caches; bytes = "
-                     "read + write; read: max(x)"])
+                     "copy: x+1 in place (donated) over a buffer larger than the CPU caches; "
+                     "bytes = read + write; read: max(x)"])
 
 
 def markdown(p: dict, res: dict) -> str:

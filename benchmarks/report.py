@@ -130,7 +130,8 @@ NOTES = """## Notes on reading these numbers
   longer import orbax, tensorstore or grain (0.30 -> 0.24 GB of imports in a probe). The
   bit-packed formats stack their
   layers and scan over them (the popcount and LUT products read a layer's codes in place), so
-  the program holds one layer: compiling the 2.7B generate adds 41 MB of RSS, 316 MB with the layers unrolled.
+  the program holds one layer: compiling the 2.7B generate adds 41 MB of RSS, 316 MB with the
+  layers unrolled.
   Loading hands 64-byte aligned arrays to `device_put(may_alias=True)`, which keeps them
   without a copy (load peak 1.59 -> 1.18 GB); with the default `popcount` method it converts
   the stored 2-bit or base-3 bytes to bit planes one layer at a time (load peak ~1.4 GB, the

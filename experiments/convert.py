@@ -130,6 +130,7 @@ def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: i
 def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: int,
             workdir: str, teacher: str = "", hp: dict | None = None) -> dict:
   import numpy as np
+
   from mmfree_jax.nn.model import count_params
   from mmfree_jax.train.trainer import train
 
@@ -161,6 +162,7 @@ def teacher_row(args, workdir: str) -> dict:
   """The teacher's row from a finished teacher workdir (its metrics.jsonl and config.json),
   for `--teacher_workdir` (a study split over several invocations trains it once)."""
   import numpy as np
+
   from mmfree_jax.checkpoint import loading
   cfg = loading.load_workdir_config(workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -388,37 +390,41 @@ def parse_args(argv=None):
   return args
 
 
+def merge_studies(args) -> dict:
+  """`--merge a.json,b.json`: one study from parts (the first part's teacher row)."""
+  parts = []
+  for path in args.merge.split(","):
+    with open(path) as f:
+      parts.append(json.load(f))
+  results = dict(parts[0])
+  runs = [r for r in parts[0]["runs"]]
+  for part in parts[1:]:
+    runs += [r for r in part["runs"] if r["variant"] != "teacher"]
+  mark_chosen(runs)
+  results.update(runs=runs, summary=summarize(runs),
+                 command=" ; ".join(p["command"] for p in parts),
+                 total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
+                 merged_from=args.merge.split(","))
+  if args.note:
+    results["notes"] = args.note
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
+    json.dump(results, f, indent=1)
+  plot(results, os.path.join(args.out_dir, PLOT_FILE))
+  print(json.dumps(results["summary"], indent=1))
+  return results
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.merge:
-    parts = []
-    for path in args.merge.split(","):
-      with open(path) as f:
-        parts.append(json.load(f))
-    results = dict(parts[0])
-    runs = [r for r in parts[0]["runs"]]
-    for part in parts[1:]:
-      runs += [r for r in part["runs"] if r["variant"] != "teacher"]
-    mark_chosen(runs)
-    results.update(runs=runs, summary=summarize(runs),
-                   command=" ; ".join(p["command"] for p in parts),
-                   total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
-                   merged_from=args.merge.split(","))
-    if args.note:
-      results["notes"] = args.note
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
-      json.dump(results, f, indent=1)
-    plot(results, os.path.join(args.out_dir, PLOT_FILE))
-    print(json.dumps(results["summary"], indent=1))
-    return results
+    return merge_studies(args)
   if args.replot:
     with open(os.path.join(args.out_dir, RESULTS_FILE)) as f:
       results = json.load(f)
     plot(results, os.path.join(args.out_dir, PLOT_FILE))
     return results
   start = time.time()
-  import jax
   from mmfree_jax import data as data_lib
   from mmfree_jax.data.cache import default_cache_dir
 

@@ -135,9 +135,9 @@ def run_one(args, kind: str, d_model: int, num_layers: int, vocab_size: int,
   """Trains one model from scratch in `workdir`; returns its results row."""
   import numpy as np
 
+  from mmfree_jax import accounting
   from mmfree_jax import config as config_lib
   from mmfree_jax.nn.model import count_params
-  from mmfree_jax import accounting
   from mmfree_jax.train import trainer as training
 
   cfg = make_config(args, kind, d_model, num_layers, vocab_size, lr, seed)
@@ -347,39 +347,57 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def merge_studies(args) -> dict:
+  """`--merge a.json,b.json`: one study from parts run with the same settings."""
+  parts = []
+  for path in args.merge.split(","):
+    with open(path) as f:
+      parts.append(json.load(f))
+  varying = ("sizes", "kinds", "lr", "seeds")
+  shared = lambda part: {k: v for k, v in part["settings"].items() if k not in varying}
+  for path, part in zip(args.merge.split(","), parts):
+    if shared(part) != shared(parts[0]):
+      raise SystemExit(f"--merge: {path} ran with other settings than {args.merge.split(',')[0]}")
+  results = dict(parts[0])
+  runs = mark_chosen([r for p in parts for r in p["runs"]])
+  results.update(runs=runs, summary=summarize(runs),
+                 command=" ; ".join(p["command"] for p in parts),
+                 total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
+                 merged_from=args.merge.split(","))
+  if args.note:
+    results["notes"] = args.note
+  results["settings"] = dict(results["settings"], seeds=sorted({r["seed"] for r in runs}),
+                             sizes=[list(s) for s in sorted({(r["d_model"], r["num_layers"])
+                                                              for r in runs})],
+                             kinds=[k for k in KINDS if any(r["kind"] == k for r in runs)],
+                             lr={k: sorted({r["peak_lr"] for r in runs if r["kind"] == k})
+                                 for k in KINDS})
+  os.makedirs(args.out_dir, exist_ok=True)
+  with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
+    json.dump(results, f, indent=2)
+  if not args.no_plot:
+    plot(results, os.path.join(args.out_dir, PLOT_FILE))
+  print(json.dumps(results["summary"], indent=1))
+  return results
+
+
+def study_settings(args, tokenizer_vocab: int, vocab_size: int) -> dict:
+  """The `settings` of a study's results: what every run shares."""
+  return {"sizes": [list(s) for s in args.size_list], "kinds": args.kind_list,
+          "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+          "tokens_per_run": args.steps * args.batch * args.seq_len,
+          "tokenizer": args.tokenizer, "tokenizer_vocab": tokenizer_vocab,
+          "model_vocab": vocab_size, "schedule": "cosine", "warmup": args.warmup,
+          "end_lr_ratio": 0.1, "lr": {k: args.lr_lists[k] for k in KINDS},
+          "seeds": args.seed_list, "eval_batches": args.eval_batches,
+          "val_tokens_per_eval": args.eval_batches * args.batch * args.seq_len,
+          "head_dim": args.head_dim, "dtype": "float32", "toy": bool(args.toy)}
+
+
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.merge:
-    parts = []
-    for path in args.merge.split(","):
-      with open(path) as f:
-        parts.append(json.load(f))
-    varying = ("sizes", "kinds", "lr", "seeds")
-    shared = lambda part: {k: v for k, v in part["settings"].items() if k not in varying}
-    for path, part in zip(args.merge.split(","), parts):
-      if shared(part) != shared(parts[0]):
-        raise SystemExit(f"--merge: {path} ran with other settings than {args.merge.split(',')[0]}")
-    results = dict(parts[0])
-    runs = mark_chosen([r for p in parts for r in p["runs"]])
-    results.update(runs=runs, summary=summarize(runs),
-                   command=" ; ".join(p["command"] for p in parts),
-                   total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
-                   merged_from=args.merge.split(","))
-    if args.note:
-      results["notes"] = args.note
-    results["settings"] = dict(results["settings"], seeds=sorted({r["seed"] for r in runs}),
-                               sizes=[list(s) for s in sorted({(r["d_model"], r["num_layers"])
-                                                                for r in runs})],
-                               kinds=[k for k in KINDS if any(r["kind"] == k for r in runs)],
-                               lr={k: sorted({r["peak_lr"] for r in runs if r["kind"] == k})
-                                   for k in KINDS})
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
-      json.dump(results, f, indent=2)
-    if not args.no_plot:
-      plot(results, os.path.join(args.out_dir, PLOT_FILE))
-    print(json.dumps(results["summary"], indent=1))
-    return results
+    return merge_studies(args)
   if args.replot:
     results = load_results(args.out_dir)
     plot(results, os.path.join(args.out_dir, PLOT_FILE))
@@ -414,15 +432,7 @@ def main(argv=None) -> dict:
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count(), "jax": jax.__version__,
                     "backend": jax.default_backend(), "devices": jax.device_count()},
-        "settings": {"sizes": [list(s) for s in args.size_list], "kinds": args.kind_list,
-                     "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-                     "tokens_per_run": args.steps * args.batch * args.seq_len,
-                     "tokenizer": args.tokenizer, "tokenizer_vocab": tokenizer.vocab_size,
-                     "model_vocab": vocab_size, "schedule": "cosine", "warmup": args.warmup,
-                     "end_lr_ratio": 0.1, "lr": {k: args.lr_lists[k] for k in KINDS},
-                     "seeds": args.seed_list, "eval_batches": args.eval_batches,
-                     "val_tokens_per_eval": args.eval_batches * args.batch * args.seq_len,
-                     "head_dim": args.head_dim, "dtype": "float32", "toy": bool(args.toy)},
+        "settings": study_settings(args, tokenizer.vocab_size, vocab_size),
         "run_fields": list(RUN_FIELDS),
         "summary": summarize(mark_chosen(runs)),
         "runs": runs,

@@ -133,6 +133,7 @@ def test_every_section_gets_its_own_budget_and_the_json_follows_each_row():
 
 def test_child_rows_kills_a_child_at_the_deadline(tmp_path):
   import time as time_lib
+
   from benchmarks import budget
   script = ("import sys, time\nfrom benchmarks import budget\n"
             "budget.print_row({'key': 'fast'})\ntime.sleep(60)\n"

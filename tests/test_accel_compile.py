@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.experimental import topologies
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
-from mmfree_jax.kernels import bitlinear_quant
+from mmfree_jax.kernels import bitlinear_quant, dispatch
 from mmfree_jax.kernels import common as kernel_common
-from mmfree_jax.kernels import dispatch
 from mmfree_jax.ops import bitlinear as bitlinear_ops
 from mmfree_jax.parallel import kernel_sharding
 

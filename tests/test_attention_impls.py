@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmfree_jax import ModelConfig
 import mmfree_jax
+from mmfree_jax import ModelConfig
 from mmfree_jax.numerics import attention as attention_ref
 from mmfree_jax.ops import attention
 

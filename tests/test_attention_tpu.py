@@ -22,13 +22,16 @@ from jax.sharding import AxisType
 
 from mmfree_jax import ModelConfig
 from mmfree_jax.config import describe_impls
-from mmfree_jax.kernels import attention_tpu
-from mmfree_jax.kernels import common
-from mmfree_jax.kernels import dispatch
+from mmfree_jax.kernels import attention_tpu, common, dispatch
 from mmfree_jax.ops import attention
 from mmfree_jax.parallel import kernel_sharding
-from tests.test_accel_compile import (MOSAIC_CALL, _tpu_mesh, _train_step,  # noqa: F401
-                                      no_persistent_cache_writes, tpu_devices)
+from tests.test_accel_compile import (  # noqa: F401
+  MOSAIC_CALL,
+  _tpu_mesh,
+  _train_step,
+  no_persistent_cache_writes,
+  tpu_devices,
+)
 
 FWD_TOL, GRAD_TOL = 2e-6, 1e-5
 

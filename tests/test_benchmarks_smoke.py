@@ -128,6 +128,7 @@ def test_report_renders_each_benchmark_from_its_module():
   """`benchmarks.report` holds no section of its own: every name it renders is a module with
   `markdown` (and `targets` where it lists any)."""
   import importlib
+
   from benchmarks import report
   for name in report.SECTIONS:
     assert callable(importlib.import_module(f"benchmarks.{name}").markdown), name

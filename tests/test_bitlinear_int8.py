@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmfree_jax import ModelConfig
 import mmfree_jax
+from mmfree_jax import ModelConfig
 from mmfree_jax.numerics import quant
 from mmfree_jax.ops import bitlinear
 

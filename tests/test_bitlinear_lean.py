@@ -1,8 +1,8 @@
 """The memory-lean BitLinear (custom_vjp) against the autodiff one (quant.bitlinear).
 
 Forward: the same expressions, so outputs are bit-identical (fp32 and bf16 compute).
-Backward: equal in float64 to 1e-12 relative (both are the STE of docs/architecture.md §1; they differ
-only in where an ulp of round-off lands), and to an independent numpy STE oracle. Memory: the
+Backward: equal in float64 to 1e-12 relative (both are the STE of docs/architecture.md §1; they
+differ only in where an ulp of round-off lands), and to an independent numpy STE oracle. Memory: the
 compiled backward keeps less (XLA's memory analysis, deterministic; no timings).
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmfree_jax import ModelConfig
 import mmfree_jax
+from mmfree_jax import ModelConfig
 from mmfree_jax.nn import layers
 from mmfree_jax.numerics import quant
 from mmfree_jax.ops import bitlinear as bitlinear_lean

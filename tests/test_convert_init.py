@@ -9,9 +9,15 @@ import pytest
 from flax import nnx
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.convert import (Calibration, calibration_from_teacher, init_student_params,
-                                input_rms, student_config, teacher_projection_inputs,
-                                ternary_gain)
+from mmfree_jax.convert import (
+  Calibration,
+  calibration_from_teacher,
+  init_student_params,
+  input_rms,
+  student_config,
+  teacher_projection_inputs,
+  ternary_gain,
+)
 from mmfree_jax.nn import blockwise
 from mmfree_jax.nn.model import build_model
 from mmfree_jax.numerics import quant

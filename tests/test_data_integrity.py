@@ -6,10 +6,10 @@ damage is survived. Expected shard contents come from the documents with plain P
 `byte` tokenizer: utf-8 bytes, EOS 256) and the ArrayRecord reader, never from `prepared.py`.
 """
 
-from concurrent import futures
 import json
 import os
 import shutil
+from concurrent import futures
 
 import numpy as np
 import pytest

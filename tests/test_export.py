@@ -212,6 +212,7 @@ def test_eval_cli_packed_method_choices_are_the_library_s():
   """eval.py takes the choices for its --help from the jax-free `registry`: they are the
   library's methods and default."""
   import importlib.util  # pylint: disable=import-outside-toplevel
+
   from mmfree_jax import registry  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn import packed  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(REPO, "eval.py"))

@@ -252,6 +252,7 @@ def test_models_hold_no_inference_mode_and_nn_asks_no_platform():
   no module of `nn/` imports or calls anything that names the platform."""
   import ast  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
+
   from mmfree_jax import nn  # pylint: disable=import-outside-toplevel
   for kind in ("mmfree", "transformer"):
     model = _bf16_model(kind=kind)

@@ -14,8 +14,13 @@ import pytest
 from flax import nnx
 
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.generate import (SamplingConfig, context_notes, generate, generate_text,
-                                 sample_from_logits)
+from mmfree_jax.generate import (
+  SamplingConfig,
+  context_notes,
+  generate,
+  generate_text,
+  sample_from_logits,
+)
 from mmfree_jax.infer.memory import generation_memory_bytes
 from mmfree_jax.nn.model import build_model
 from tests.perturb import perturb_params

@@ -222,6 +222,7 @@ def _tfrecords(path):
 
 def test_tracker_interface_tensorboard_none_and_missing_packages(tmp_path):
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+
   from mmfree_jax.train import metrics, trackers  # pylint: disable=import-outside-toplevel
   assert trackers.make_tracker("none", str(tmp_path), {}) is None
   writer = metrics.MetricsWriter(str(tmp_path), tracker=trackers.make_tracker(
@@ -251,6 +252,7 @@ def test_wandb_and_mlflow_trackers_offline_against_recording_fakes(tmp_path, mon
   flattened params, every scalar row with its step, the run closed."""
   import sys  # pylint: disable=import-outside-toplevel
   import types  # pylint: disable=import-outside-toplevel
+
   from mmfree_jax.train import trackers  # pylint: disable=import-outside-toplevel
 
   calls = []

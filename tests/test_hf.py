@@ -30,10 +30,10 @@ from mmfree_jax.hf.__main__ import main as hf_main
 from tests import hf_reference as ref
 
 F64_TOL = 1e-9
-# fp32 vs the f64 oracle (logits of magnitude ~1): where no int8 activation rounding flips,
-# only fp32 round-off (measured <= 4e-7); a flip at a .5 boundary (docs/architecture.md §1) shifts the
-# logits by ~1e-2 from that position on (the recurrence carries it). Measured at this shape:
-# one flip, in 5 of 24 positions, max 1.6e-2. So: most positions within F32_TOL, all within
+# fp32 vs the f64 oracle (logits of magnitude ~1): where no int8 activation rounding flips, only
+# fp32 round-off (measured <= 4e-7); a flip at a .5 boundary (docs/architecture.md §1) shifts the
+# logits by ~1e-2 from that position on (the recurrence carries it). Measured at this shape: one
+# flip, in 5 of 24 positions, max 1.6e-2. So: most positions within F32_TOL, all within
 # F32_FLIP_TOL.
 F32_TOL = 1e-5
 F32_FLIP_TOL = 5e-2

@@ -17,13 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from mmfree_jax.kernels import bitlinear_quant
-from mmfree_jax.kernels import common
-from mmfree_jax.kernels import dispatch
-from mmfree_jax.kernels import recurrence_gpu
-from mmfree_jax.kernels import recurrence_tpu
+from mmfree_jax.kernels import bitlinear_quant, common, dispatch, recurrence_gpu, recurrence_tpu
 from mmfree_jax.numerics import quant
 from mmfree_jax.ops import bitlinear as bitlinear_ops
 from mmfree_jax.ops import recurrence as reference

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import mmfree_jax
 from mmfree_jax import ModelConfig
 from mmfree_jax import config as config_lib
-import mmfree_jax
 from mmfree_jax.parallel import sharding
 from mmfree_jax.registry import SCAN_TYPES
 

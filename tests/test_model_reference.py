@@ -1,10 +1,10 @@
 """The full MatMul-free LM forward against a numpy re-implementation of docs/architecture.md §1.
 
-The numpy model below is written from the spec formulas (docs/architecture.md §1) (rmsnorm, bitlinear, sigmoid, silu,
-a for-loop recurrence, the lower-bound formula, the fused GLU split, the ternary lm_head) and
-reads the parameters by name from `nnx.state(model)`; it never calls mmfree_jax code. Both
-sides run in float64 with every parameter randomized (norm scales != 1, lower bounds != 0), so
-they agree to ~1e-12; the tolerance is 1e-9 relative to the logit scale.
+The numpy model below is written from the spec formulas (docs/architecture.md §1) (rmsnorm,
+bitlinear, sigmoid, silu, a for-loop recurrence, the lower-bound formula, the fused GLU split, the
+ternary lm_head) and reads the parameters by name from `nnx.state(model)`; it never calls mmfree_jax
+code. Both sides run in float64 with every parameter randomized (norm scales != 1, lower bounds !=
+0), so they agree to ~1e-12; the tolerance is 1e-9 relative to the logit scale.
 """
 
 import jax

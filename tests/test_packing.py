@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mmfree_jax import ModelConfig
 import mmfree_jax
+from mmfree_jax import ModelConfig
 from mmfree_jax.nn import packed as packed_model
 from mmfree_jax.numerics import quant
 from mmfree_jax.numerics import ternary_packing as packing
@@ -63,7 +63,8 @@ def test_round_trip_shapes_and_padding(fmt, n, axis):
 
 def test_byte_layout():
   # 2bit: digits c+1 at bits 2j; base3: digits c+1 times 3^j
-  assert int(packing.pack_ternary(np.array([-1, 0, 1, 1]), "2bit")[0]) == 0 + (1 << 2) + (2 << 4) + (2 << 6)
+  two_bit = packing.pack_ternary(np.array([-1, 0, 1, 1]), "2bit")
+  assert int(two_bit[0]) == 0 + (1 << 2) + (2 << 4) + (2 << 6)
   assert int(packing.pack_ternary(np.array([-1, 0, 1, 1, 0]), "base3")[0]) == 3 + 18 + 54 + 81
   # padding is code 0 (digit 1)
   assert int(packing.pack_ternary(np.array([1]), "2bit")[0]) == 2 + (1 << 2) + (1 << 4) + (1 << 6)

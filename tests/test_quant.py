@@ -1,9 +1,10 @@
-"""BitLinear (quant.bitlinear, layers.BitLinear) against a numpy implementation of docs/architecture.md §1.
+"""BitLinear (quant.bitlinear, layers.BitLinear) against a numpy implementation of
+docs/architecture.md §1.
 
-The numpy side is written from the spec formulas (docs/architecture.md §1) only; it never calls mmfree_jax. Semantics
-are compared in float64 (tolerance 1e-10: both sides are the same formula in f64, so they
-differ by a few ulps); one float32 check has a looser, stated tolerance. Rounding modes are
-tested on exact .5 inputs, which random f64 data never produces.
+The numpy side is written from the spec formulas (docs/architecture.md §1) only; it never calls
+mmfree_jax. Semantics are compared in float64 (tolerance 1e-10: both sides are the same formula in
+f64, so they differ by a few ulps); one float32 check has a looser, stated tolerance. Rounding modes
+are tested on exact .5 inputs, which random f64 data never produces.
 """
 
 import jax
@@ -278,7 +279,8 @@ def test_numpy_rmsnorm_backward_formula_by_finite_differences():
   for idx in np.ndindex(*x.shape):
     e = np.zeros_like(x)
     e[idx] = h
-    num[idx] = (np.sum(np_rmsnorm(x + e, gamma) * dxn) - np.sum(np_rmsnorm(x - e, gamma) * dxn)) / (2 * h)
+    plus = np.sum(np_rmsnorm(x + e, gamma) * dxn)
+    num[idx] = (plus - np.sum(np_rmsnorm(x - e, gamma) * dxn)) / (2 * h)
   np.testing.assert_allclose(dx, num, rtol=1e-7, atol=1e-7)
 
 

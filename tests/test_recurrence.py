@@ -73,7 +73,7 @@ def test_matches_numpy_loop_forward_and_backward(scan_type, chunk_size, cases):
       # All cases in one program (one compile per implementation). For each case the linear
       # functional L = <dh_out, h> + <dh_last, h_T> gives forward values and gradients.
       out = []
-      for (seq, with_h0), (f, i, h0, dh_out, dh_last) in zip(cases, data):
+      for (_, with_h0), (f, i, h0, dh_out, dh_last) in zip(cases, data):
         def functional(f, i, h0):
           h, last = recurrence.linear_recurrence(
               f, i, h0 if with_h0 else None, scan_type=scan_type, chunk_size=chunk_size)

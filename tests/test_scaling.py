@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from mmfree_jax import accounting
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.nn.model import abstract_model, count_params
-from mmfree_jax import accounting
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments" / "scaling.py"

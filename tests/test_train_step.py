@@ -72,7 +72,8 @@ def test_sharded_step_matches_single_device(kind, mesh_names):
   for shape in (MESHES[name] for name in mesh_names):
     losses, params, state = _run(model_cfg, tx, schedule, shape, jax.devices(), batches)
     # f64 reductions in another order: losses to 1e-10 relative, params after two Adam steps
-    # of lr 1e-2 to 1e-8 absolute (Adam divides small gradients by their magnitude) (a ternary flip at a rounding boundary would be ~1e-2).
+    # of lr 1e-2 to 1e-8 absolute (Adam divides small gradients by their magnitude; a ternary
+    # flip at a rounding boundary would be ~1e-2).
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-10, err_msg=str(shape))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8, err_msg=str(shape)),
                  params, ref_params)

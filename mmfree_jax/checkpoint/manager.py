@@ -271,7 +271,8 @@ def check_compatible(saved_config: dict, model_config: dict, where: str) -> None
   try:
     saved = dataclasses.asdict(ModelConfig.from_config(saved_config.get("model", {})))
   except ValueError as e:
-    raise CheckpointError(f"the checkpoint in {where} has an unreadable model config: {e}")
+    raise CheckpointError(
+        f"the checkpoint in {where} has an unreadable model config: {e}") from None
   current = dataclasses.asdict(ModelConfig.from_config(model_config))
   keys = [k for k in ARCHITECTURE_KEYS  # the MLGRU has one head: head counts shape nothing
           if not (k in TRANSFORMER_ONLY_KEYS and saved["kind"] == current["kind"] == "mmfree")]

@@ -10,15 +10,37 @@ of being silently ignored. `validate(cfg)` checks everything in one pass and ret
 from mmfree_jax.config.checks import Check
 from mmfree_jax.config.distill import DistillSettings
 from mmfree_jax.config.impls import describe_impls
-from mmfree_jax.config.model import (DTYPES, REMAT_POLICIES, ConfigError, ModelConfig,
-                                     intermediate_size_for, resolve_dtype)
+from mmfree_jax.config.model import (
+                                     DTYPES,
+                                     REMAT_POLICIES,
+                                     ConfigError,
+                                     ModelConfig,
+                                     intermediate_size_for,
+                                     resolve_dtype,
+)
 from mmfree_jax.config.presets import PAPER_RECIPE, PAPER_SIZES, paper_config
-from mmfree_jax.config.schema import (EVERY_KEYS, MODEL_KINDS, NAN_POLICIES, SCHEMA, TRACKERS,
-                                      Field, base_config, base_model_config,
-                                      check_override_keys, config_from_dict, config_help,
-                                      describe)
-from mmfree_jax.config.validation import (config_errors, fit_warmup, mixture_weights, validate,
-                                        validate_data, validate_run)
+from mmfree_jax.config.schema import (
+                                     EVERY_KEYS,
+                                     MODEL_KINDS,
+                                     NAN_POLICIES,
+                                     SCHEMA,
+                                     TRACKERS,
+                                     Field,
+                                     base_config,
+                                     base_model_config,
+                                     check_override_keys,
+                                     config_from_dict,
+                                     config_help,
+                                     describe,
+)
+from mmfree_jax.config.validation import (
+                                     config_errors,
+                                     fit_warmup,
+                                     mixture_weights,
+                                     validate,
+                                     validate_data,
+                                     validate_run,
+)
 
 __all__ = [
     "DTYPES", "EVERY_KEYS", "MODEL_KINDS", "NAN_POLICIES", "PAPER_RECIPE", "PAPER_SIZES",

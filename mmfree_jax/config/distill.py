@@ -6,8 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from mmfree_jax.config.model import (ConfigError, section_dataclass, field_errors,
-                                     section_values)
+from mmfree_jax.config.model import ConfigError, field_errors, section_dataclass, section_values
 
 
 def distill_errors(values: dict) -> list[str]:

@@ -5,8 +5,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from mmfree_jax.config.model import ModelConfig
-from mmfree_jax.registry import (SPLASH_MIN_SEQ, resolve_attention_impl, resolve_bitlinear_impl,
-                                 resolve_scan_type)
+from mmfree_jax.registry import (
+  SPLASH_MIN_SEQ,
+  resolve_attention_impl,
+  resolve_bitlinear_impl,
+  resolve_scan_type,
+)
 
 
 def describe_impls(cfg: ModelConfig, platform: str) -> str:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-from concurrent import futures
 import dataclasses
 import hashlib
 import json
@@ -51,15 +50,14 @@ import os
 import shutil
 import sys
 import time
+from concurrent import futures
 from typing import Iterator
 
 import numpy as np
 
-from mmfree_jax.data import cutting
-from mmfree_jax.data import formats
+from mmfree_jax.data import cutting, formats, untrusted
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import tokenizer as tok_lib
-from mmfree_jax.data import untrusted
 from mmfree_jax.data.cache import default_cache_dir
 
 log = logging.getLogger(__name__)

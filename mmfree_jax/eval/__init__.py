@@ -9,13 +9,31 @@
 The public names of the first four are re-exported here.
 """
 
-from mmfree_jax.eval.multiple_choice import (MCExample, encode_pair, evaluate_multiple_choice,
-                                             load_mc_jsonl, parse_mc_line)
-from mmfree_jax.eval.perplexity import (perplexity_of_batches, perplexity_of_texts,
-                                        rolling_requests, special_ids, summarize_nll)
-from mmfree_jax.eval.runner import (EvalOptions, evaluate_workdir, format_table, has_work,
-                                    load_for_eval, load_tokenizer_for, read_documents, scoring_note,
-                                    write_results)
+from mmfree_jax.eval.multiple_choice import (
+                                             MCExample,
+                                             encode_pair,
+                                             evaluate_multiple_choice,
+                                             load_mc_jsonl,
+                                             parse_mc_line,
+)
+from mmfree_jax.eval.perplexity import (
+                                             perplexity_of_batches,
+                                             perplexity_of_texts,
+                                             rolling_requests,
+                                             special_ids,
+                                             summarize_nll,
+)
+from mmfree_jax.eval.runner import (
+                                             EvalOptions,
+                                             evaluate_workdir,
+                                             format_table,
+                                             has_work,
+                                             load_for_eval,
+                                             load_tokenizer_for,
+                                             read_documents,
+                                             scoring_note,
+                                             write_results,
+)
 from mmfree_jax.eval.scoring import Scored, recurrent_scoring_model, score_continuations
 
 __all__ = [

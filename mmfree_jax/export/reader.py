@@ -18,9 +18,19 @@ from safetensors import SafetensorError, safe_open
 
 from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data import untrusted
-from mmfree_jax.export.layout import (CONFIG, EMBEDDING_DTYPES, F32, INT8, MANIFEST,
-                                      STORED_DTYPES, VERSION, WEIGHTS, PackedDirError, layout,
-                                      linear_shapes)
+from mmfree_jax.export.layout import (
+  CONFIG,
+  EMBEDDING_DTYPES,
+  F32,
+  INT8,
+  MANIFEST,
+  STORED_DTYPES,
+  VERSION,
+  WEIGHTS,
+  PackedDirError,
+  layout,
+  linear_shapes,
+)
 from mmfree_jax.nn import packed
 from mmfree_jax.numerics import ternary_packing as packing
 from mmfree_jax.numerics.dtypes import acc_dtype

@@ -26,9 +26,20 @@ from mmfree_jax.checkpoint.manager import Checkpointer, CheckpointError, check_c
 from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.data.tokenizer import tokenizer_file
-from mmfree_jax.export.layout import (CONFIG, EMBEDDING_DTYPES, EXPORT_FORMATS, INT8,
-                                      LAYER_LINEARS, LAYER_NORMS, MANIFEST, VERSION, WEIGHTS,
-                                      PackedDirError, layout, stat_dtype)
+from mmfree_jax.export.layout import (
+  CONFIG,
+  EMBEDDING_DTYPES,
+  EXPORT_FORMATS,
+  INT8,
+  LAYER_LINEARS,
+  LAYER_NORMS,
+  MANIFEST,
+  VERSION,
+  WEIGHTS,
+  PackedDirError,
+  layout,
+  stat_dtype,
+)
 from mmfree_jax.hf import tensors
 from mmfree_jax.hf.checkpoint_io import check_destination, staged_directory
 from mmfree_jax.nn import packed

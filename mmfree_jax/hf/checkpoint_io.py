@@ -33,7 +33,7 @@ from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data import tokenizer_from_config, untrusted
 from mmfree_jax.data.cache import default_cache_dir
-from mmfree_jax.data.tokenizer import load_tokenizer, mistral_tokenizer_path
+from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.hf import mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError, Slot
 from mmfree_jax.nn.model import abstract_model
@@ -57,7 +57,8 @@ def numpy_dtype(name: str) -> np.dtype:
   try:
     return NUMPY_DTYPES[name]
   except KeyError:
-    raise HFCheckpointError(f"unknown dtype {name!r}; choose one of {sorted(NUMPY_DTYPES)}")
+    raise HFCheckpointError(
+        f"unknown dtype {name!r}; choose one of {sorted(NUMPY_DTYPES)}") from None
 
 
 # ----------------------------------------------------------------------- staged destination

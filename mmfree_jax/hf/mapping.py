@@ -1,9 +1,9 @@
 """What a Hugging Face `hgrn_bit` checkpoint means in our terms: config keys and tensor names.
 
 `NAME_TABLE` is the one table of `(HF name pattern, our param path, transpose?)` that both
-import and export read (docs/architecture.md §1.6). A pattern with `{l}` is one tensor per layer; our side
-stacks those on a leading `layers` axis. Torch `Linear` weights are `[out, in]`, our kernels
-`[in, out]`: those rows say `transpose=True`.
+import and export read (docs/architecture.md §1.6). A pattern with `{l}` is one tensor per
+layer; our side stacks those on a leading `layers` axis. Torch `Linear` weights are
+`[out, in]`, our kernels `[in, out]`: those rows say `transpose=True`.
 """
 
 from __future__ import annotations

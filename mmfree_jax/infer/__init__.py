@@ -5,7 +5,5 @@
 (quantize-once BitLinears), `memory` (generation's memory estimate and check).
 """
 
-from mmfree_jax.infer.plan import (CPU_CONVERTS_DOT_OPERANDS, InferencePlan,  # noqa: F401
-                                   plan_for)
-from mmfree_jax.infer.runner import (PlannedLM, prepare, prepare_for_decoding,  # noqa: F401
-                                     prepare_for_scoring)
+from mmfree_jax.infer.plan import CPU_CONVERTS_DOT_OPERANDS, InferencePlan, plan_for  # noqa: F401
+from mmfree_jax.infer.runner import PlannedLM, prepare, prepare_for_decoding, prepare_for_scoring  # noqa: F401

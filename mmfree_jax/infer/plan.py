@@ -25,9 +25,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from mmfree_jax import registry
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.kernels import dispatch
-from mmfree_jax import registry
 
 # XLA:CPU under a bf16/fp16 compute dtype converts the operands of every dot to fp32 and, given
 # stacked (or per-layer) weights, runs every layer's conversion up front and keeps them all

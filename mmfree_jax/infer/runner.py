@@ -16,8 +16,13 @@ from flax import nnx
 from mmfree_jax.infer import loops
 from mmfree_jax.infer.frozen import freeze_bitlinears
 from mmfree_jax.infer.plan import InferencePlan, plan_for
-from mmfree_jax.nn.model import (MatMulFreeLM, TransformerLM, layer_blocks, scan_blocks,
-                                 unroll_blocks)
+from mmfree_jax.nn.model import (
+  MatMulFreeLM,
+  TransformerLM,
+  layer_blocks,
+  scan_blocks,
+  unroll_blocks,
+)
 from mmfree_jax.nn.packed import PackedLM
 
 

@@ -16,10 +16,7 @@ import warnings
 import jax
 
 from mmfree_jax import registry
-from mmfree_jax.kernels import attention_tpu
-from mmfree_jax.kernels import common
-from mmfree_jax.kernels import recurrence_gpu
-from mmfree_jax.kernels import recurrence_tpu
+from mmfree_jax.kernels import attention_tpu, common, recurrence_gpu, recurrence_tpu
 from mmfree_jax.parallel import kernel_sharding
 
 KERNEL_PLATFORMS = registry.KERNEL_PLATFORMS

@@ -11,8 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax.nn.model import (MatMulFreeLM, TransformerLM, scan_blocks,
-                                 positions_in_document, reset_mask)
+from mmfree_jax.nn.model import (
+  MatMulFreeLM,
+  TransformerLM,
+  positions_in_document,
+  reset_mask,
+  scan_blocks,
+)
 
 
 def transformer_hidden_states(model: TransformerLM, tokens: jax.Array,

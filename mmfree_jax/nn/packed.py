@@ -37,14 +37,18 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
 from flax import nnx
 
 from mmfree_jax import registry
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.nn import layers
-from mmfree_jax.nn.model import (MatMulFreeLM, RecurrentState, check_token_ids, mmfree_block,
-                                 reset_mask)
+from mmfree_jax.nn.model import (
+  MatMulFreeLM,
+  RecurrentState,
+  check_token_ids,
+  mmfree_block,
+  reset_mask,
+)
 from mmfree_jax.numerics import quant
 from mmfree_jax.numerics import ternary_packing as packing
 from mmfree_jax.numerics.dtypes import acc_dtype

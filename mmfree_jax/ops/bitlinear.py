@@ -45,8 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from mmfree_jax import registry
-from mmfree_jax.kernels import bitlinear_quant
-from mmfree_jax.kernels import dispatch
+from mmfree_jax.kernels import bitlinear_quant, dispatch
 from mmfree_jax.numerics import quant
 from mmfree_jax.numerics.dtypes import acc_dtype
 

@@ -22,9 +22,9 @@ from typing import Callable
 
 from mmfree_jax import registry
 from mmfree_jax.kernels import dispatch
-from mmfree_jax.numerics.recurrence import (associative, chunked, sequential,
-                                            sequential_custom_vjp)
+from mmfree_jax.numerics.recurrence import associative, chunked, sequential, sequential_custom_vjp
 from mmfree_jax.parallel import context_scan, kernel_sharding
+
 
 def pallas(f, i, initial_state=None):
   """The Pallas kernel for the current platform; inputs it cannot take (see the kernels) run

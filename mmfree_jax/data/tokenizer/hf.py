@@ -11,10 +11,10 @@ fast path). The fingerprint names the vocabulary, never the backend: both give i
 
 from __future__ import annotations
 
-from concurrent import futures
 import hashlib
 import logging
 import os
+from concurrent import futures
 
 from mmfree_jax.data.tokenizer.base import EOS_TOKEN, PAD_TOKEN, Tokenizer
 from mmfree_jax.data.tokenizer.fast_bpe import NotConvertible, tiktoken_core

@@ -9,8 +9,11 @@ from mmfree_jax.data.tokenizer.base import Tokenizer
 from mmfree_jax.data.tokenizer.bpe import load_bpe
 from mmfree_jax.data.tokenizer.byte import ByteTokenizer
 from mmfree_jax.data.tokenizer.hf import load_hf_file
-from mmfree_jax.data.tokenizer.spm import (MISTRAL_ALIAS, SentencePieceTokenizer,
-                                           mistral_tokenizer_path)
+from mmfree_jax.data.tokenizer.spm import (
+  MISTRAL_ALIAS,
+  SentencePieceTokenizer,
+  mistral_tokenizer_path,
+)
 
 SPEC_FORMS = ("byte", "bpe:<vocab_size>", "hf:<path/to/tokenizer.json>", "spm:<path/to/model>",
               "spm:mistral")
