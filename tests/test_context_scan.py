@@ -254,3 +254,27 @@ def test_train_step_moves_no_seq_sized_activation_over_context():
   assert ("f64", [batch, model_cfg.d_model]) in float_arrays  # the states crossing shards
   seq_sized = [(t, dims) for t, dims in float_arrays if {seq, seq // context} & set(dims)]
   assert not seq_sized, seq_sized
+
+
+def test_registry_splits_only_lengths_the_context_divides(monkeypatch):
+  """Under `logical_sharding` on context 8: a 16-step input runs the context scan; a 12-step
+  one (a ragged prompt) and a 1-step one (decode) run unsplit; all equal one device."""
+  calls = []
+  real = context_scan.context_recurrence
+  monkeypatch.setattr(context_scan, "context_recurrence",
+                      lambda *a, **k: calls.append(a[1].shape[1]) or real(*a, **k))
+  mesh = mesh_lib.make_mesh(MESHES["context8"])
+  rules = sharding.normalize_rules(config_lib.base_config().mesh.axis_rules)
+  with jax.enable_x64(True):
+    for seq in (16, 12, 1):
+      f, i, h0 = _data(2, seq, 3)
+
+      def split(f, i, h0):
+        with sharding.logical_sharding(mesh, rules):
+          return recurrence.linear_recurrence(f, i, h0, scan_type="associative")
+
+      got = jax.jit(split)(f, i, h0)
+      want = recurrence.linear_recurrence(f, i, h0)
+      for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=F64_TOL, atol=F64_TOL)
+  assert calls == [16]
