@@ -37,7 +37,8 @@ config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "tiny.p
                                 lock_config=True)
 flags.DEFINE_string("workdir", "workdir/tiny", "Checkpoints, metrics and logs go here.")
 flags.DEFINE_integer("stop_after_steps", None,
-                     "Stop (with a checkpoint) after this many steps, as if preempted.")
+                     "Stop (with a checkpoint) after this many steps of this invocation, "
+                     "counted from the resume point (not an absolute step), as if preempted.")
 flags.DEFINE_bool("progress", True, "Progress bar on a terminal; --noprogress (or no TTY) "
                   "prints a log line every train.log_every steps instead.")
 flags.DEFINE_string("sample_prompt", "In the beginning",
