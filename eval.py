@@ -26,28 +26,48 @@ from mmfree_jax import registry
 
 if __name__ == "__main__":  # an unknown --config.x key: one line, not ml_collections' ~70
   from mmfree_jax.config import check_override_keys  # pylint: disable=g-import-not-at-top
+
   try:
     check_override_keys(sys.argv[1:])
   except ValueError as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
     sys.exit(2)
 
-config_flags.DEFINE_config_file("config", None, "Optional config overriding the workdir's "
-                                "config.json (same model architecture).", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config",
+  None,
+  "Optional config overriding the workdir's config.json (same model architecture).",
+  lock_config=True,
+)
 flags.DEFINE_string("workdir", None, "Training or import workdir (config.json, checkpoints/).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("packed", None, "A packed directory (python -m mmfree_jax.export) to "
-                    "evaluate instead of --workdir; results go to DIR/eval.")
-flags.DEFINE_enum("packed_method", registry.DEFAULT_MATVEC_METHOD, registry.MATVEC_METHODS,
-                  "With --packed: the ternary product. popcount (fastest on CPU) holds the codes "
-                  "as bit planes, 2 bits/weight; lut keeps base-3 files at 1.6 bits in memory.")
+flags.DEFINE_string(
+  "packed",
+  None,
+  "A packed directory (python -m mmfree_jax.export) to "
+  "evaluate instead of --workdir; results go to DIR/eval.",
+)
+flags.DEFINE_enum(
+  "packed_method",
+  registry.DEFAULT_MATVEC_METHOD,
+  registry.MATVEC_METHODS,
+  "With --packed: the ternary product. popcount (fastest on CPU) holds the codes "
+  "as bit planes, 2 bits/weight; lut keeps base-3 files at 1.6 bits in memory.",
+)
 flags.DEFINE_enum("ppl_split", "", ["", "val"], "Perplexity of the validation split.")
-flags.DEFINE_multi_string("ppl_file", [], "Perplexity of a text file (one document per "
-                          "paragraph) or .jsonl file (one per line); repeatable.")
+flags.DEFINE_multi_string(
+  "ppl_file",
+  [],
+  "Perplexity of a text file (one document per "
+  "paragraph) or .jsonl file (one per line); repeatable.",
+)
 flags.DEFINE_string("text_field", "text", "The .jsonl field holding the text.")
 flags.DEFINE_integer("val_batches", 8, "Validation batches for --ppl_split=val.")
-flags.DEFINE_multi_string("mc_file", [], "Multiple-choice JSONL ({context, choices, label} "
-                          "per line); repeatable or comma-separated.")
+flags.DEFINE_multi_string(
+  "mc_file",
+  [],
+  "Multiple-choice JSONL ({context, choices, label} per line); repeatable or comma-separated.",
+)
 flags.DEFINE_integer("mc_limit", 0, "At most this many items per --mc_file (0 = all).")
 flags.DEFINE_multi_string("prompt", [], "Text to continue; repeatable.")
 flags.DEFINE_integer("max_new_tokens", 64, "Generation length (stops earlier at EOS).")
@@ -57,17 +77,28 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_integer("batch_size", 16, "Rows per forward when scoring.")
 flags.DEFINE_integer("chunk_len", 512, "MatMul-free: tokens per forward chunk (state carried).")
-flags.DEFINE_list("lm_eval_tasks", [], "lm-eval-harness tasks to run through the adapter "
-                  "(needs `pip install lm-eval`).")
+flags.DEFINE_list(
+  "lm_eval_tasks",
+  [],
+  "lm-eval-harness tasks to run through the adapter (needs `pip install lm-eval`).",
+)
 flags.DEFINE_string("lm_eval_include_path", None, "Folder of extra lm-eval task YAMLs.")
 flags.DEFINE_integer("lm_eval_limit", None, "lm-eval: at most this many documents per task.")
 flags.DEFINE_string("output_dir", None, "Where step_<N>.json goes (default WORKDIR/eval).")
-flags.DEFINE_string("tokenizer", None, "Tokenizer spec overriding the workdir's data.tokenizer "
-                    "(byte | bpe:<n> | hf:<tokenizer.json> | spm:<model> | spm:mistral), e.g. "
-                    "for an HF import that had no tokenizer file.")
-flags.DEFINE_string("mc_delimiter", " ", "Put between a multiple-choice context and each "
-                    "choice (lm-eval's target_delimiter, default one space); --mc_delimiter= "
-                    "for choices that start with their own space.")
+flags.DEFINE_string(
+  "tokenizer",
+  None,
+  "Tokenizer spec overriding the workdir's data.tokenizer "
+  "(byte | bpe:<n> | hf:<tokenizer.json> | spm:<model> | spm:mistral), e.g. "
+  "for an HF import that had no tokenizer file.",
+)
+flags.DEFINE_string(
+  "mc_delimiter",
+  " ",
+  "Put between a multiple-choice context and each "
+  "choice (lm-eval's target_delimiter, default one space); --mc_delimiter= "
+  "for choices that start with their own space.",
+)
 flags.DEFINE_bool("stream", True, "Print generated text as it is produced.")
 flags.mark_flags_as_mutual_exclusive(["workdir", "packed"], required=True)
 
@@ -79,24 +110,43 @@ def _split(values):
 def _options():
   from mmfree_jax.eval import EvalOptions  # import after flags: jax sees XLA_FLAGS
   from mmfree_jax.generate import SamplingConfig
+
   f = flags.FLAGS
   return EvalOptions(
-      ppl_split=f.ppl_split, ppl_files=_split(f.ppl_file), text_field=f.text_field,
-      val_batches=f.val_batches, mc_files=_split(f.mc_file), mc_limit=f.mc_limit,
-      mc_delimiter=f.mc_delimiter, stream_to=sys.stdout if f.stream else None,
-      prompts=list(f.prompt), seed=f.seed, batch_size=f.batch_size, chunk_len=f.chunk_len,
-      sampling=SamplingConfig(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
-                              top_k=f.top_k, top_p=f.top_p))
+    ppl_split=f.ppl_split,
+    ppl_files=_split(f.ppl_file),
+    text_field=f.text_field,
+    val_batches=f.val_batches,
+    mc_files=_split(f.mc_file),
+    mc_limit=f.mc_limit,
+    mc_delimiter=f.mc_delimiter,
+    stream_to=sys.stdout if f.stream else None,
+    prompts=list(f.prompt),
+    seed=f.seed,
+    batch_size=f.batch_size,
+    chunk_len=f.chunk_len,
+    sampling=SamplingConfig(
+      max_new_tokens=f.max_new_tokens, temperature=f.temperature, top_k=f.top_k, top_p=f.top_p
+    ),
+  )
 
 
 def _run_lm_eval() -> str:
   """Runs --lm_eval_tasks through the adapter; returns the JSON path."""
   from mmfree_jax.eval import lm_eval_adapter
+
   f = flags.FLAGS
   out = lm_eval_adapter.evaluate_tasks(
-      f.workdir or f.packed, f.lm_eval_tasks, step=f.step, config=f.config,
-      batch_size=f.batch_size, limit=f.lm_eval_limit, include_path=f.lm_eval_include_path,
-      packed=f.packed is not None, packed_method=f.packed_method)
+    f.workdir or f.packed,
+    f.lm_eval_tasks,
+    step=f.step,
+    config=f.config,
+    batch_size=f.batch_size,
+    limit=f.lm_eval_limit,
+    include_path=f.lm_eval_include_path,
+    packed=f.packed is not None,
+    packed_method=f.packed_method,
+  )
   print(json.dumps(out["lm_eval"], indent=2, default=str))
   return _write(out)
 
@@ -110,11 +160,15 @@ def _write(results: dict) -> str | None:
   """Writes the results file; a failure (read-only workdir, full disk) is a warning, since the
   results are already on screen."""
   from mmfree_jax import eval as evaluation  # pylint: disable=g-import-not-at-top
+
   try:
     return evaluation.write_results(results, _output_dir())
   except OSError as e:
-    print(f"eval.py: warning: could not write the results to {_output_dir()} ({e}); they are "
-          "printed above. Pass --output_dir=<a writable folder> to keep them", file=sys.stderr)
+    print(
+      f"eval.py: warning: could not write the results to {_output_dir()} ({e}); they are "
+      "printed above. Pass --output_dir=<a writable folder> to keep them",
+      file=sys.stderr,
+    )
     return None
 
 
@@ -124,10 +178,14 @@ def _config():
   import jax  # pylint: disable=g-import-not-at-top
 
   from mmfree_jax.checkpoint import loading  # pylint: disable=g-import-not-at-top
+
   f = flags.FLAGS
   cfg = f.config
-  if cfg is None and f.workdir is not None and (f.tokenizer or os.path.exists(
-      os.path.join(f.workdir, "config.json"))):
+  if (
+    cfg is None
+    and f.workdir is not None
+    and (f.tokenizer or os.path.exists(os.path.join(f.workdir, "config.json")))
+  ):
     cfg = loading.load_workdir_config(f.workdir)
   if cfg is None:
     return None
@@ -143,28 +201,42 @@ def _config():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      stream=sys.stderr)
+  logging.basicConfig(
+    level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+  )
   for noisy in ("jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   from mmfree_jax import eval as evaluation
   from mmfree_jax.checkpoint.manager import CheckpointError
+
   f = flags.FLAGS
   if f.packed is not None and f.step is not None:
-    print("eval.py: error: --step picks a checkpoint of --workdir; a --packed directory holds "
-          "the one step it was exported from", file=sys.stderr)
+    print(
+      "eval.py: error: --step picks a checkpoint of --workdir; a --packed directory holds "
+      "the one step it was exported from",
+      file=sys.stderr,
+    )
     sys.exit(1)
   if f.packed is None and f["packed_method"].present:
-    print("eval.py: error: --packed_method applies to a --packed directory; a --workdir "
-          "checkpoint runs its latent weights", file=sys.stderr)
+    print(
+      "eval.py: error: --packed_method applies to a --packed directory; a --workdir "
+      "checkpoint runs its latent weights",
+      file=sys.stderr,
+    )
     sys.exit(1)
   try:
     options = _options()
     if not f.lm_eval_tasks or evaluation.has_work(options):
-      results = evaluation.evaluate_workdir(f.workdir or f.packed, options, step=f.step,
-                                            config=_config(), packed=f.packed is not None,
-                                            packed_method=f.packed_method, write=False)
+      results = evaluation.evaluate_workdir(
+        f.workdir or f.packed,
+        options,
+        step=f.step,
+        config=_config(),
+        packed=f.packed is not None,
+        packed_method=f.packed_method,
+        write=False,
+      )
       print(evaluation.format_table(results), flush=True)
       for note in results["notes"]:
         print("note:", note)
@@ -184,7 +256,8 @@ if __name__ == "__main__":
   try:
     app.run(main)
   except SystemExit as exit_:  # absl exits 1 after printing --help: asking for help succeeded
-    if exit_.code == 1 and any(a in ("--help", "-h", "--helpfull", "--helpshort")
-                               for a in sys.argv[1:]):
+    if exit_.code == 1 and any(
+      a in ("--help", "-h", "--helpfull", "--helpshort") for a in sys.argv[1:]
+    ):
       sys.exit(0)
     raise

@@ -27,8 +27,10 @@ LEAVES = 8
 def _state(mbytes: int) -> dict:
   rows = max(1, mbytes * 2**20 // (4 * 1024 * LEAVES))
   key = jax.random.key(0)
-  return {f"w{i}": jax.random.normal(jax.random.fold_in(key, i), (rows, 1024), jnp.float32)
-          for i in range(LEAVES)}
+  return {
+    f"w{i}": jax.random.normal(jax.random.fold_in(key, i), (rows, 1024), jnp.float32)
+    for i in range(LEAVES)
+  }
 
 
 def _time_size(mbytes: int, rounds: int, workdir: str) -> dict:
@@ -41,21 +43,35 @@ def _time_size(mbytes: int, rounds: int, workdir: str) -> dict:
     checkpointer.wait()
 
   def without_checksums():
-    checkpointer.manager.save(next(steps), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave({"bench": mbytes})))
+    checkpointer.manager.save(
+      next(steps),
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), config=ocp.args.JsonSave({"bench": mbytes})
+      ),
+    )
     checkpointer.wait()
 
   try:
-    times = common.interleaved_times({"with": with_checksums, "without": without_checksums,
-                                      "digest": lambda: checksum.digests(state)}, rounds)
+    times = common.interleaved_times(
+      {
+        "with": with_checksums,
+        "without": without_checksums,
+        "digest": lambda: checksum.digests(state),
+      },
+      rounds,
+    )
   finally:
     checkpointer.close()
   with_s, without_s = times["with"]["median_s"], times["without"]["median_s"]
-  return {"mbytes": mbytes, "with_checksums_s": with_s, "without_checksums_s": without_s,
-          "overhead_pct": 100 * (with_s - without_s) / without_s,
-          "digest_s": times["digest"]["median_s"],
-          "digest_gb_per_s": mbytes * 2**20 / 1e9 / times["digest"]["median_s"],
-          "times": times}
+  return {
+    "mbytes": mbytes,
+    "with_checksums_s": with_s,
+    "without_checksums_s": without_s,
+    "overhead_pct": 100 * (with_s - without_s) / without_s,
+    "digest_s": times["digest"]["median_s"],
+    "digest_gb_per_s": mbytes * 2**20 / 1e9 / times["digest"]["median_s"],
+    "times": times,
+  }
 
 
 def run(preset: str) -> dict:
@@ -72,29 +88,51 @@ def main(argv=None):
   args = common.parse_args(NAME, __doc__, None, argv)
   results = run(args.preset)
   for r in results["rows"]:
-    print(f"{r['mbytes']:5d} MiB  save {r['without_checksums_s']:.3f} s -> "
-          f"{r['with_checksums_s']:.3f} s with checksums ({r['overhead_pct']:+.1f}%), "
-          f"digests alone {r['digest_s']:.3f} s ({r['digest_gb_per_s']:.2f} GB/s)")
-  common.write_json(args.out, NAME, args.preset, results,
-                    [("save = Checkpointer.save + wait until committed, to a local temporary "
-                      "directory; with/without checksums and the digests alone timed "
-                      "round-robin, median of rounds"),
-                     f"state: {LEAVES} float32 arrays of [rows, 1024]"])
+    print(
+      f"{r['mbytes']:5d} MiB  save {r['without_checksums_s']:.3f} s -> "
+      f"{r['with_checksums_s']:.3f} s with checksums ({r['overhead_pct']:+.1f}%), "
+      f"digests alone {r['digest_s']:.3f} s ({r['digest_gb_per_s']:.2f} GB/s)"
+    )
+  common.write_json(
+    args.out,
+    NAME,
+    args.preset,
+    results,
+    [
+      (
+        "save = Checkpointer.save + wait until committed, to a local temporary "
+        "directory; with/without checksums and the digests alone timed "
+        "round-robin, median of rounds"
+      ),
+      f"state: {LEAVES} float32 arrays of [rows, 1024]",
+    ],
+  )
 
 
 def markdown(c: dict, res: dict) -> str:
   """The RESULTS.md section of these results (`benchmarks.report`)."""
-  rows = [[r["mbytes"], f"{r['without_checksums_s']:.3f}", f"{r['with_checksums_s']:.3f}",
-           f"{r['overhead_pct']:+.1f}%", f"{r['digest_s']:.3f}", f"{r['digest_gb_per_s']:.2f}"]
-          for r in c["rows"]]
-  return (f"## 12. Checkpoint save with per-array checksums (`bench_checkpoint`, "
-          f"{c['leaves']} float32 arrays, local disk, median of {c['rounds']} rounds)\n\n"
-          + common.md_table(["MiB", "save s", "save + checksums s", "overhead", "digests s",
-                             "digests GB/s"], rows)
-          + "\n\n`digests s` is what the checksums themselves cost: one pass over the arrays on "
-            "device, before the save returns (the write stays asynchronous). The two save "
-            "columns also carry the disk and CPU contention of the machine (see its load "
-            "average above): their difference beyond the digests' time is not attributed here.")
+  rows = [
+    [
+      r["mbytes"],
+      f"{r['without_checksums_s']:.3f}",
+      f"{r['with_checksums_s']:.3f}",
+      f"{r['overhead_pct']:+.1f}%",
+      f"{r['digest_s']:.3f}",
+      f"{r['digest_gb_per_s']:.2f}",
+    ]
+    for r in c["rows"]
+  ]
+  return (
+    f"## 12. Checkpoint save with per-array checksums (`bench_checkpoint`, "
+    f"{c['leaves']} float32 arrays, local disk, median of {c['rounds']} rounds)\n\n"
+    + common.md_table(
+      ["MiB", "save s", "save + checksums s", "overhead", "digests s", "digests GB/s"], rows
+    )
+    + "\n\n`digests s` is what the checksums themselves cost: one pass over the arrays on "
+    "device, before the save returns (the write stays asynchronous). The two save "
+    "columns also carry the disk and CPU contention of the machine (see its load "
+    "average above): their difference beyond the digests' time is not attributed here."
+  )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,11 @@ from mmfree_jax.ops import recurrence
 
 NAME = "bench_recurrence"
 
-SEQ_LENS = {"toy": [64, 256], "cpu": [256, 1024, 4096, 16384],
-            "accel": [256, 1024, 4096, 16384, 65536]}
+SEQ_LENS = {
+  "toy": [64, 256],
+  "cpu": [256, 1024, 4096, 16384],
+  "accel": [256, 1024, 4096, 16384, 65536],
+}
 BATCH_DIM = {"toy": (1, 32), "cpu": (2, 256), "accel": (8, 2048)}
 ROUNDS = {"toy": 2, "cpu": 5, "accel": 10}
 
@@ -52,10 +55,19 @@ def kernels_interpret(batch: int = 2, seq: int = 37, dim: int = 256) -> list[dic
     with dispatch.kernel_platform(platform, interpret=True):
       got = _grad_fn("pallas", 64)(f, i, w)
     err = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))
-    rows.append({"kernel": platform, "ran": True, "shape": [batch, seq, dim],
-                 "grad_max_abs_err_vs_sequential": err})
-    print(f"pallas ({platform} kernel, interpreted) ran; grad max |err| vs sequential {err:.1e} "
-          "(interpret timings are meaningless: not timed)", flush=True)
+    rows.append(
+      {
+        "kernel": platform,
+        "ran": True,
+        "shape": [batch, seq, dim],
+        "grad_max_abs_err_vs_sequential": err,
+      }
+    )
+    print(
+      f"pallas ({platform} kernel, interpreted) ran; grad max |err| vs sequential {err:.1e} "
+      "(interpret timings are meaningless: not timed)",
+      flush=True,
+    )
   return rows
 
 
@@ -86,14 +98,23 @@ def run(preset: str, chunk_size: int = 64) -> dict:
     times = common.interleaved_times(fns, ROUNDS[preset], warmup=1)
     best = min(t["median_s"] for t in times.values())
     for scan_type, t in times.items():
-      row = {"scan_type": scan_type, "seq_len": seq, "batch": batch, "dim": dim,
-             "fwd_bwd_s": t["median_s"], "fwd_bwd_min_s": t["min_s"],
-             "relative_to_best": t["median_s"] / best,
-             "temp_bytes": mem[scan_type].get("temp_bytes"),
-             "peak_bytes": mem[scan_type].get("peak_bytes")}
+      row = {
+        "scan_type": scan_type,
+        "seq_len": seq,
+        "batch": batch,
+        "dim": dim,
+        "fwd_bwd_s": t["median_s"],
+        "fwd_bwd_min_s": t["min_s"],
+        "relative_to_best": t["median_s"] / best,
+        "temp_bytes": mem[scan_type].get("temp_bytes"),
+        "peak_bytes": mem[scan_type].get("peak_bytes"),
+      }
       rows.append(row)
-      print(f"T={seq:6d} {scan_type:22s} {t['median_s'] * 1e3:9.2f} ms  "
-            f"temp {common.fmt_bytes(row['temp_bytes'] or 0)}", flush=True)
+      print(
+        f"T={seq:6d} {scan_type:22s} {t['median_s'] * 1e3:9.2f} ms  "
+        f"temp {common.fmt_bytes(row['temp_bytes'] or 0)}",
+        flush=True,
+      )
   # Recommendation: the fastest at the longest and at a typical training length.
   summary = {}
   for seq in SEQ_LENS[preset]:
@@ -110,9 +131,14 @@ def run(preset: str, chunk_size: int = 64) -> dict:
   close = [t for t in types if total[t] <= 1.05 * best]
   recommended = min(close, key=lambda t: mem[t])
   print(f"recommended scan_type on {jax.default_backend()}: {recommended}", flush=True)
-  out = {"chunk_size": chunk_size, "rows": rows, "fastest_by_seq_len": summary,
-         "total_time_vs_best": rel_time, "recommended": recommended,
-         "backend": jax.default_backend()}
+  out = {
+    "chunk_size": chunk_size,
+    "rows": rows,
+    "fastest_by_seq_len": summary,
+    "total_time_vs_best": rel_time,
+    "recommended": recommended,
+    "backend": jax.default_backend(),
+  }
   if dispatch.default_platform() not in dispatch.KERNEL_PLATFORMS:
     out["kernels_interpret"] = kernels_interpret()
   return out
@@ -121,12 +147,20 @@ def run(preset: str, chunk_size: int = 64) -> dict:
 def main(argv=None):
   def extra(p):
     p.add_argument("--chunk_size", type=int, default=64)
+
   args = common.parse_args(NAME, __doc__, extra, argv)
   results = run(args.preset, args.chunk_size)
-  common.write_json(args.out, NAME, args.preset, results,
-                    ["grad of sum(h*w)+sum(h_T) w.r.t. (f, i); median of round-robin rounds",
-                     "memory: XLA compiled memory analysis (temp = saved residuals + scratch; "
-                     "peak = args + outputs + temp)"])
+  common.write_json(
+    args.out,
+    NAME,
+    args.preset,
+    results,
+    [
+      "grad of sum(h*w)+sum(h_T) w.r.t. (f, i); median of round-robin rounds",
+      "memory: XLA compiled memory analysis (temp = saved residuals + scratch; "
+      "peak = args + outputs + temp)",
+    ],
+  )
 
 
 def markdown(r: dict, res: dict) -> str:
@@ -134,18 +168,30 @@ def markdown(r: dict, res: dict) -> str:
   seqs = sorted({x["seq_len"] for x in r["rows"]})
   types = list(dict.fromkeys(x["scan_type"] for x in r["rows"]))
   get = {(x["scan_type"], x["seq_len"]): x for x in r["rows"]}
-  rows = [[st] + [f"{1e3 * get[(st, s)]['fwd_bwd_s']:.2f} ms / "
-                  f"{get[(st, s)]['temp_bytes'] / 2**20:.1f} MiB" for s in seqs] for st in types]
+  rows = [
+    [st]
+    + [
+      f"{1e3 * get[(st, s)]['fwd_bwd_s']:.2f} ms / {get[(st, s)]['temp_bytes'] / 2**20:.1f} MiB"
+      for s in seqs
+    ]
+    for st in types
+  ]
   x0 = r["rows"][0]
-  return (f"## 3. Recurrence fwd+bwd time / compiled temp memory vs T (`bench_recurrence`, "
-          f"batch {x0['batch']}, dim {x0['dim']}, chunk {r['chunk_size']})\n\n"
-          + common.md_table(["scan_type"] + [f"T={s}" for s in seqs], rows)
-          + "\n\nfastest: " + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items())
-          + ("\n\ntotal time over all T relative to the fastest: "
-             + ", ".join(f"{k} {v:.2f}" for k, v in r["total_time_vs_best"].items())
-             + f". **Recommended default `scan_type` on {r['backend']}: "
-               f"`{r['recommended']}`** (least total time; within 5% of it, least memory)"
-             if "recommended" in r else ""))
+  return (
+    f"## 3. Recurrence fwd+bwd time / compiled temp memory vs T (`bench_recurrence`, "
+    f"batch {x0['batch']}, dim {x0['dim']}, chunk {r['chunk_size']})\n\n"
+    + common.md_table(["scan_type"] + [f"T={s}" for s in seqs], rows)
+    + "\n\nfastest: "
+    + ", ".join(f"T={k}: {v}" for k, v in r["fastest_by_seq_len"].items())
+    + (
+      "\n\ntotal time over all T relative to the fastest: "
+      + ", ".join(f"{k} {v:.2f}" for k, v in r["total_time_vs_best"].items())
+      + f". **Recommended default `scan_type` on {r['backend']}: "
+      f"`{r['recommended']}`** (least total time; within 5% of it, least memory)"
+      if "recommended" in r
+      else ""
+    )
+  )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,9 @@ class Budget:
 Launch = Callable[[list, Budget], Iterable[dict]]
 
 
-def run_section(keys: list, launch: Launch, budget: Budget,
-                on_row: Callable[[dict], None] = lambda row: None) -> list[dict]:
+def run_section(
+  keys: list, launch: Launch, budget: Budget, on_row: Callable[[dict], None] = lambda row: None
+) -> list[dict]:
   """Rows for `keys` in order (see the module docstring); each row has `"key"`."""
   rows, pending = [], list(keys)
 
@@ -58,9 +59,16 @@ def run_section(keys: list, launch: Launch, budget: Budget,
       done += 1
     cut = budget.left() <= 0
     if pending and (cut or not done):  # the launch stopped on its first key left, running
-      emit({"key": pending.pop(0), "error": (
-          f"cut: the section's {budget.seconds:.0f} s budget ran out while it ran" if cut
-          else "its process died before it finished (out of memory or a crash)")})
+      emit(
+        {
+          "key": pending.pop(0),
+          "error": (
+            f"cut: the section's {budget.seconds:.0f} s budget ran out while it ran"
+            if cut
+            else "its process died before it finished (out of memory or a crash)"
+          ),
+        }
+      )
   for key in pending:
     emit({"key": key, "skipped": f"time budget ({budget.seconds:.0f} s) spent"})
   return rows
@@ -71,13 +79,20 @@ def print_row(row: dict) -> None:
   print(ROW_PREFIX + json.dumps(row, default=float), flush=True)
 
 
-def child_rows(argv: list[str], keys: list, budget: Budget, *, cwd: str,
-               env: dict | None = None) -> Iterator[dict]:
+def child_rows(
+  argv: list[str], keys: list, budget: Budget, *, cwd: str, env: dict | None = None
+) -> Iterator[dict]:
   """Runs `python argv... --_keys JSON` and yields the rows it prints (`print_row`); kills it
   when `budget` runs out. Its other output passes through to this process's stdout."""
-  proc = subprocess.Popen([sys.executable] + argv + ["--_keys", json.dumps(keys)], cwd=cwd,
-                          env=env or dict(os.environ), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1)
+  proc = subprocess.Popen(
+    [sys.executable] + argv + ["--_keys", json.dumps(keys)],
+    cwd=cwd,
+    env=env or dict(os.environ),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    bufsize=1,
+  )
   lines: queue.Queue = queue.Queue()
 
   def pump():
@@ -95,7 +110,7 @@ def child_rows(argv: list[str], keys: list, budget: Budget, *, cwd: str,
       if line is None:
         return
       if line.startswith(ROW_PREFIX):
-        yield json.loads(line[len(ROW_PREFIX):])
+        yield json.loads(line[len(ROW_PREFIX) :])
       else:
         print(line, end="", flush=True)
   finally:

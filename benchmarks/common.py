@@ -30,13 +30,18 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 PRESETS = ("toy", "cpu", "accel")
 
 
-def parse_args(name: str, doc: str,
-               extra: Callable[[argparse.ArgumentParser], None] | None = None, argv=None):
+def parse_args(
+  name: str, doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None, argv=None
+):
   """`--preset toy|cpu|accel` (default cpu) and `--out` (default results/<name>.json)."""
   parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc)
-  parser.add_argument("--preset", choices=PRESETS, default="cpu",
-                      help="toy: seconds (smoke test); cpu: the CPU-sized default (< 3 min); "
-                           "accel: bigger shapes for a GPU/TPU")
+  parser.add_argument(
+    "--preset",
+    choices=PRESETS,
+    default="cpu",
+    help="toy: seconds (smoke test); cpu: the CPU-sized default (< 3 min); "
+    "accel: bigger shapes for a GPU/TPU",
+  )
   parser.add_argument("--out", default=os.path.join(RESULTS_DIR, f"{name}.json"))
   if extra is not None:
     extra(parser)
@@ -67,14 +72,14 @@ def _cpu_model() -> str:
 def machine_info() -> dict:
   dev = jax.devices()[0]
   info = {
-      "cpu_model": _cpu_model(),
-      "backend": jax.default_backend(),
-      "device_kind": dev.device_kind,
-      "device_count": jax.device_count(),
-      "cpu_count": os.cpu_count(),
-      "jax_version": jax.__version__,
-      "python": platform.python_version(),
-      "machine": platform.machine(),
+    "cpu_model": _cpu_model(),
+    "backend": jax.default_backend(),
+    "device_kind": dev.device_kind,
+    "device_count": jax.device_count(),
+    "cpu_count": os.cpu_count(),
+    "jax_version": jax.__version__,
+    "python": platform.python_version(),
+    "machine": platform.machine(),
   }
   info["load_average_1m_start"] = _START_LOAD
   info["load_average_1m_end"] = _load_average()
@@ -85,8 +90,9 @@ def block(x):
   return jax.block_until_ready(x)
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int,
-                      warmup: int = 1) -> dict[str, dict]:
+def interleaved_times(
+  fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
+) -> dict[str, dict]:
   """Times each zero-argument callable `rounds` times, round-robin, after `warmup` calls.
 
   Returns `{name: {"median_s", "min_s", "times_s"}}`.
@@ -100,12 +106,17 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int,
       t = time.perf_counter()
       block(fn())
       times[name].append(time.perf_counter() - t)
-  return {name: {"median_s": float(np.median(ts)), "min_s": float(np.min(ts)),
-                 "times_s": [float(t) for t in ts]} for name, ts in times.items()}
+  return {
+    name: {
+      "median_s": float(np.median(ts)),
+      "min_s": float(np.min(ts)),
+      "times_s": [float(t) for t in ts],
+    }
+    for name, ts in times.items()
+  }
 
 
-def matmul_peaks(sizes=(512, 1024, 2048), dtypes=("float32", "bfloat16"),
-                 rounds: int = 5) -> dict:
+def matmul_peaks(sizes=(512, 1024, 2048), dtypes=("float32", "bfloat16"), rounds: int = 5) -> dict:
   """Measured matmul FLOP/s per dtype: the best over `sizes` of the median over rounds.
 
   Each timed call runs `reps` chained matmuls inside one jit, so dispatch overhead is
@@ -129,8 +140,11 @@ def matmul_peaks(sizes=(512, 1024, 2048), dtypes=("float32", "bfloat16"),
   for dtype in dtypes:
     per_size = {n: flops[(dtype, n)] / times[f"{dtype}:{n}"]["median_s"] for n in sizes}
     best = max(per_size, key=per_size.get)
-    out[dtype] = {"flops_per_s": per_size[best], "best_n": best,
-                  "by_size": {str(n): v for n, v in per_size.items()}}
+    out[dtype] = {
+      "flops_per_s": per_size[best],
+      "best_n": best,
+      "by_size": {str(n): v for n, v in per_size.items()},
+    }
   return out
 
 
@@ -179,9 +193,11 @@ def copy_bandwidth(mbytes: int = 256, rounds: int = 5) -> dict:
     return box[0]
 
   t = interleaved_times({"copy": copy, "read": lambda: total(box[0])}, rounds, warmup=2)
-  return {"bytes": nbytes,
-          "gb_per_s": 2 * nbytes / t["copy"]["median_s"] / 1e9,
-          "read_gb_per_s": nbytes / t["read"]["median_s"] / 1e9}
+  return {
+    "bytes": nbytes,
+    "gb_per_s": 2 * nbytes / t["copy"]["median_s"] / 1e9,
+    "read_gb_per_s": nbytes / t["read"]["median_s"] / 1e9,
+  }
 
 
 def memory_stats(compiled) -> dict:
@@ -191,21 +207,27 @@ def memory_stats(compiled) -> dict:
   if m is None:
     return {}
   stats = {
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "temp_bytes": int(m.temp_size_in_bytes),
-      "alias_bytes": int(m.alias_size_in_bytes),
-      "generated_code_bytes": int(m.generated_code_size_in_bytes),
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
+    "generated_code_bytes": int(m.generated_code_size_in_bytes),
   }
-  stats["peak_bytes"] = (stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"]
-                         - stats["alias_bytes"])
+  stats["peak_bytes"] = (
+    stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"] - stats["alias_bytes"]
+  )
   return stats
 
 
 def write_json(path: str, name: str, preset: str, results: dict, notes: list[str]) -> dict:
-  payload = {"benchmark": name, "preset": preset, "machine": machine_info(),
-             "notes": notes, "results": results,
-             "unix_time": time.time()}
+  payload = {
+    "benchmark": name,
+    "preset": preset,
+    "machine": machine_info(),
+    "notes": notes,
+    "results": results,
+    "unix_time": time.time(),
+  }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(payload, f, indent=1, default=float)
@@ -223,10 +245,12 @@ def fmt_bytes(b: float) -> str:
 
 def md_table(header: list[str], rows: list[list]) -> str:
   """A markdown table; floats as 3 significant digits (thousands separated from 1000 up)."""
+
   def cell(v):
     if isinstance(v, float):
       return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return str(v)
+
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
   return "\n".join(lines)

@@ -19,11 +19,34 @@ from benchmarks import common
 
 COMMAND = "python -m benchmarks.run_all"
 # Section order of RESULTS.md, and the order of their rows in the targets table.
-SECTIONS = ("bench_peak", "bench_train", "bench_components", "bench_recurrence", "bench_memory",
-            "bench_compile", "bench_decode", "bench_packed", "bench_data", "aot_tpu",
-            "aot_multislice", "accel_check", "bench_inference", "bench_checkpoint")
-TARGETS = ("bench_train", "bench_memory", "bench_compile", "bench_decode", "bench_packed",
-           "bench_data", "bench_inference", "aot_tpu", "aot_multislice", "accel_check")
+SECTIONS = (
+  "bench_peak",
+  "bench_train",
+  "bench_components",
+  "bench_recurrence",
+  "bench_memory",
+  "bench_compile",
+  "bench_decode",
+  "bench_packed",
+  "bench_data",
+  "aot_tpu",
+  "aot_multislice",
+  "accel_check",
+  "bench_inference",
+  "bench_checkpoint",
+)
+TARGETS = (
+  "bench_train",
+  "bench_memory",
+  "bench_compile",
+  "bench_decode",
+  "bench_packed",
+  "bench_data",
+  "bench_inference",
+  "aot_tpu",
+  "aot_multislice",
+  "accel_check",
+)
 # no CPU machine block; rendered even when absent
 ACCELERATOR = ("aot_tpu", "aot_multislice", "accel_check")
 ALWAYS = ("accel_check",)  # says how to make the missing run
@@ -67,10 +90,15 @@ def _load_text(run: dict) -> str:
   results = run.get("results")
   part_loads = results.get("part_loads") if isinstance(results, dict) else None
   if part_loads:
-    return f"{name} (" + ", ".join(f"{part} {a}→{b}"
-                                   for part, (a, b) in sorted(part_loads.items())) + ")"
-  return (f"{name} {run['machine'].get('load_average_1m_start')}→"
-          f"{run['machine'].get('load_average_1m_end')}")
+    return (
+      f"{name} ("
+      + ", ".join(f"{part} {a}→{b}" for part, (a, b) in sorted(part_loads.items()))
+      + ")"
+    )
+  return (
+    f"{name} {run['machine'].get('load_average_1m_start')}→"
+    f"{run['machine'].get('load_average_1m_end')}"
+  )
 
 
 NOTES = """## Notes on reading these numbers
@@ -218,26 +246,27 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
   mach = next(iter(cpu.values()))["machine"]
   presets = sorted({v["preset"] for v in cpu.values()})
   head = [
-      "# Benchmarks",
-      "",
-      "Regenerate everything (results/*.json and this file) with one command:",
-      "",
-      "    " + COMMAND + "                  # CPU-sized defaults (each script < 3 min on 2 cores)",
-      "    " + COMMAND + " --preset accel   # bigger shapes for a GPU/TPU",
-      "",
-      "One benchmark: `python -m benchmarks.bench_train [--preset toy|cpu|accel]` (see each "
-      "script's docstring); `python -m benchmarks.report` rebuilds this file from the JSON.",
-      "Every number is measured in the run that reports it; comparisons are ratios inside one "
-      "run with the variants timed round-robin.",
-      "",
-      f"Machine: {mach.get('cpu_model')} ({mach.get('cpu_count')} cores visible), backend "
-      f"{mach['backend']}, jax {mach['jax_version']}; preset {', '.join(presets)}.",
-      "1-minute load average (start → end) per benchmark: "
-      + ", ".join(_load_text(v) for v in cpu.values()) + ".",
-      "",
-      "## Targets",
-      "",
-      common.md_table(["target", "measured", "met"], sum(_parts(res, TARGETS, "targets"), [])),
+    "# Benchmarks",
+    "",
+    "Regenerate everything (results/*.json and this file) with one command:",
+    "",
+    "    " + COMMAND + "                  # CPU-sized defaults (each script < 3 min on 2 cores)",
+    "    " + COMMAND + " --preset accel   # bigger shapes for a GPU/TPU",
+    "",
+    "One benchmark: `python -m benchmarks.bench_train [--preset toy|cpu|accel]` (see each "
+    "script's docstring); `python -m benchmarks.report` rebuilds this file from the JSON.",
+    "Every number is measured in the run that reports it; comparisons are ratios inside one "
+    "run with the variants timed round-robin.",
+    "",
+    f"Machine: {mach.get('cpu_model')} ({mach.get('cpu_count')} cores visible), backend "
+    f"{mach['backend']}, jax {mach['jax_version']}; preset {', '.join(presets)}.",
+    "1-minute load average (start → end) per benchmark: "
+    + ", ".join(_load_text(v) for v in cpu.values())
+    + ".",
+    "",
+    "## Targets",
+    "",
+    common.md_table(["target", "measured", "met"], sum(_parts(res, TARGETS, "targets"), [])),
   ]
   sections = [text for text in _parts(res, SECTIONS, "markdown") if text]
   return "\n".join(head) + "\n\n" + "\n\n".join(sections) + "\n\n" + NOTES
@@ -246,8 +275,9 @@ def make_markdown(res: dict, preset: str | None = None) -> str:
 def main():
   parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
   parser.add_argument("--results_dir", default=common.RESULTS_DIR)
-  parser.add_argument("--markdown", default=os.path.join(os.path.dirname(common.RESULTS_DIR),
-                                                         "RESULTS.md"))
+  parser.add_argument(
+    "--markdown", default=os.path.join(os.path.dirname(common.RESULTS_DIR), "RESULTS.md")
+  )
   args = parser.parse_args()
   write(args.results_dir, args.markdown)
 

@@ -40,6 +40,7 @@ TARGET_RATIO = 1.3
 @dataclasses.dataclass(frozen=True)
 class Slice:
   """A TPU slice: its GCP name, libtpu topology, chip count and chip (`mmfree_jax.hardware`)."""
+
   slice_name: str
   topology: str
   chips: int
@@ -47,9 +48,9 @@ class Slice:
 
 
 SLICES = {
-    "v5e": Slice("v5e-8", "v5e:2x4", 8, hardware.chip("TPU v5e")),
-    "v5p": Slice("v5p-8", "v5p:2x2x1", 4, hardware.chip("TPU v5p")),
-    "v6e": Slice("v6e-8", "v6e:2x4", 8, hardware.chip("TPU v6e")),
+  "v5e": Slice("v5e-8", "v5e:2x4", 8, hardware.chip("TPU v5e")),
+  "v5p": Slice("v5p-8", "v5p:2x2x1", 4, hardware.chip("TPU v5p")),
+  "v6e": Slice("v6e-8", "v6e:2x4", 8, hardware.chip("TPU v6e")),
 }
 
 
@@ -106,20 +107,31 @@ def estimate(model_cfg, n_params: int, sl: Slice, mesh: dict, micro: int, remat:
   ici = _ici_bytes(model_cfg, n_params, mesh, micro, tokens)
   ici_s = ici / (chip.ici_bytes_per_s / 2)
   step_s = max(compute_s, hbm_s, ici_s)
-  out = {"flops_analytic_model": model, "flops_analytic_hw": hw, "compute_s": compute_s,
-         "hbm_known_bytes": hbm, "hbm_s": hbm_s, "ici_bytes": ici, "ici_s": ici_s,
-         "step_s": step_s,
-         "bound": ("compute", "HBM", "ICI")[[compute_s, hbm_s, ici_s].index(step_s)],
-         "tokens_per_s_chip": tokens / step_s, "mfu_at_estimate": model / step_s / chip.bf16_flops}
+  out = {
+    "flops_analytic_model": model,
+    "flops_analytic_hw": hw,
+    "compute_s": compute_s,
+    "hbm_known_bytes": hbm,
+    "hbm_s": hbm_s,
+    "ici_bytes": ici,
+    "ici_s": ici_s,
+    "step_s": step_s,
+    "bound": ("compute", "HBM", "ICI")[[compute_s, hbm_s, ici_s].index(step_s)],
+    "tokens_per_s_chip": tokens / step_s,
+    "mfu_at_estimate": model / step_s / chip.bf16_flops,
+  }
   if int8_fwd:
     int8_s = int8_fwd / chip.int8_ops + (hw - int8_fwd) / chip.bf16_flops
-    out.update(int8_step_s=max(int8_s, hbm_s, ici_s),
-               int8_tokens_per_s_chip=tokens / max(int8_s, hbm_s, ici_s))
+    out.update(
+      int8_step_s=max(int8_s, hbm_s, ici_s),
+      int8_tokens_per_s_chip=tokens / max(int8_s, hbm_s, ici_s),
+    )
   return out
 
 
-def vs_paper(model_cfg, size: str, chip: hardware.Chip, bound_tokens_per_s: float,
-             remat: str = "none") -> dict:
+def vs_paper(
+  model_cfg, size: str, chip: hardware.Chip, bound_tokens_per_s: float, remat: str = "none"
+) -> dict:
   """Like-for-like comparisons of `chip` with the paper's measured H100 throughput at `size`.
 
   - `paper_mfu`: the paper's tokens/s x model FLOPs per token / the H100's bf16 peak;
@@ -132,8 +144,11 @@ def vs_paper(model_cfg, size: str, chip: hardware.Chip, bound_tokens_per_s: floa
   _, hw, _ = _flops(model_cfg, 1.0, remat)
   paper_mfu = paper * model_per_token / gpu.bf16_flops
   h100_bound = gpu.bf16_flops / hw
-  return {"paper_tokens_per_s": paper, "paper_mfu": paper_mfu,
-          "at_paper_mfu": paper_mfu * chip.bf16_flops / model_per_token / paper,
-          "h100_bound_tokens_per_s": h100_bound,
-          "bound_vs_bound": bound_tokens_per_s / h100_bound,
-          "bound_vs_paper_measured": bound_tokens_per_s / paper}
+  return {
+    "paper_tokens_per_s": paper,
+    "paper_mfu": paper_mfu,
+    "at_paper_mfu": paper_mfu * chip.bf16_flops / model_per_token / paper,
+    "h100_bound_tokens_per_s": h100_bound,
+    "bound_vs_bound": bound_tokens_per_s / h100_bound,
+    "bound_vs_paper_measured": bound_tokens_per_s / paper,
+  }

@@ -19,9 +19,18 @@ import time
 
 from benchmarks import common, report
 
-BENCHMARKS = ("bench_peak", "bench_components", "bench_train", "bench_recurrence",
-              "bench_memory", "bench_compile", "bench_decode", "bench_packed", "bench_data",
-              "bench_checkpoint")
+BENCHMARKS = (
+  "bench_peak",
+  "bench_components",
+  "bench_train",
+  "bench_recurrence",
+  "bench_memory",
+  "bench_compile",
+  "bench_decode",
+  "bench_packed",
+  "bench_data",
+  "bench_checkpoint",
+)
 
 
 def main(argv=None) -> int:
@@ -29,19 +38,26 @@ def main(argv=None) -> int:
   parser.add_argument("--preset", choices=common.PRESETS, default="cpu")
   parser.add_argument("--only", default="", help="comma-separated benchmark names")
   parser.add_argument("--results_dir", default=common.RESULTS_DIR)
-  parser.add_argument("--in_process", action="store_true",
-                      help="run the benchmarks in this process (saves the per-process start-up "
-                           "of jax; used by the smoke test). Default: one process each")
-  parser.add_argument("--markdown", default=None,
-                      help="default: RESULTS.md next to the results dir's parent "
-                           "(benchmarks/RESULTS.md for the default results dir)")
+  parser.add_argument(
+    "--in_process",
+    action="store_true",
+    help="run the benchmarks in this process (saves the per-process start-up "
+    "of jax; used by the smoke test). Default: one process each",
+  )
+  parser.add_argument(
+    "--markdown",
+    default=None,
+    help="default: RESULTS.md next to the results dir's parent "
+    "(benchmarks/RESULTS.md for the default results dir)",
+  )
   args = parser.parse_args(argv)
   names = [n for n in args.only.split(",") if n] or list(BENCHMARKS)
   unknown = sorted(set(names) - set(BENCHMARKS))
   if unknown:
     parser.error(f"unknown benchmarks {unknown}; choose from {BENCHMARKS}")
-  markdown = args.markdown or os.path.join(os.path.dirname(os.path.abspath(args.results_dir)),
-                                           "RESULTS.md")
+  markdown = args.markdown or os.path.join(
+    os.path.dirname(os.path.abspath(args.results_dir)), "RESULTS.md"
+  )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
@@ -59,11 +75,11 @@ def main(argv=None) -> int:
         print(f"{name} failed: {type(e).__name__}: {e}", file=sys.stderr)
         ok = False
     else:
-      proc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"] + bench_args,
-                            cwd=root, env=env)
+      proc = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{name}"] + bench_args, cwd=root, env=env
+      )
       ok = proc.returncode == 0
-    print(f"== {name}: {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.0f} s",
-          flush=True)
+    print(f"== {name}: {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.0f} s", flush=True)
     if not ok:
       failed.append(name)
   report.write(args.results_dir, markdown)

@@ -14,19 +14,28 @@ from mmfree_jax.train import optim, steps
 from mmfree_jax.train import state as state_lib
 
 
-def model_config(kind: str, d_model: int, num_layers: int, vocab_size: int,
-                 **overrides) -> config_lib.ModelConfig:
+def model_config(
+  kind: str, d_model: int, num_layers: int, vocab_size: int, **overrides
+) -> config_lib.ModelConfig:
   """A `ModelConfig` at the given size; heads of 64 dims for the Transformer++."""
   cfg = config_lib.base_config()
-  cfg.model.update(kind=kind, d_model=d_model, num_layers=num_layers, vocab_size=vocab_size,
-                   num_heads=max(1, d_model // 64), **overrides)
+  cfg.model.update(
+    kind=kind,
+    d_model=d_model,
+    num_layers=num_layers,
+    vocab_size=vocab_size,
+    num_heads=max(1, d_model // 64),
+    **overrides,
+  )
   return config_lib.ModelConfig.from_config(cfg.model)
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  return {"tokens": jnp.asarray(rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)),
-          "segment_ids": jnp.ones((batch, seq + 1), jnp.int32)}
+  return {
+    "tokens": jnp.asarray(rng.integers(0, vocab, (batch, seq + 1), dtype=np.int32)),
+    "segment_ids": jnp.ones((batch, seq + 1), jnp.int32),
+  }
 
 
 def abstract_batch(batch: int, seq: int) -> dict:
@@ -53,8 +62,9 @@ def train_setup(cfg: config_lib.ModelConfig) -> TrainSetup:
   optim_cfg.update(warmup_steps=0, schedule="constant")
   tx = optim.make_optimizer(optim_cfg, 1000)
   schedule = optim.learning_rate_schedule(optim_cfg, 1000)
-  step = jax.jit(steps.make_train_step(cfg, state_lib.model_graphdef(cfg), tx, schedule),
-                 donate_argnums=0)
+  step = jax.jit(
+    steps.make_train_step(cfg, state_lib.model_graphdef(cfg), tx, schedule), donate_argnums=0
+  )
   return TrainSetup(cfg, step, tx)
 
 

@@ -22,8 +22,11 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--name", required=True, help="TPU VM (or queued resource) name")
   p.add_argument("--zone", required=True, help="its zone, e.g. us-west4-a")
   p.add_argument("--project", default="", help="gcloud project ('' = gcloud's default)")
-  p.add_argument("--queued_resource", action="store_true",
-                 help="NAME is a queued resource (multi-slice: one node per slice)")
+  p.add_argument(
+    "--queued_resource",
+    action="store_true",
+    help="NAME is a queued resource (multi-slice: one node per slice)",
+  )
   p.add_argument("--repo", default="~/mmfree_jax", help="the checkout on every worker")
   p.add_argument("--venv", default=".venv", help="its virtual environment, relative to --repo")
   return p
@@ -31,14 +34,32 @@ def _parser() -> argparse.ArgumentParser:
 
 def tpu_command(args: argparse.Namespace, train_flags: list[str]) -> str:
   """The gcloud command line; its `--command` runs `train.py` with `train_flags` everywhere."""
-  remote = (f"cd {args.repo} && {args.venv}/bin/python train.py "
-            + shlex.join(["--config.dist.coordinator=auto", *train_flags]))
+  remote = f"cd {args.repo} && {args.venv}/bin/python train.py " + shlex.join(
+    ["--config.dist.coordinator=auto", *train_flags]
+  )
   if args.queued_resource:
-    argv = ["gcloud", "compute", "tpus", "queued-resources", "ssh", args.name,
-            f"--zone={args.zone}", "--node=all", "--worker=all"]
+    argv = [
+      "gcloud",
+      "compute",
+      "tpus",
+      "queued-resources",
+      "ssh",
+      args.name,
+      f"--zone={args.zone}",
+      "--node=all",
+      "--worker=all",
+    ]
   else:
-    argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.name, f"--zone={args.zone}",
-            "--worker=all"]
+    argv = [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "ssh",
+      args.name,
+      f"--zone={args.zone}",
+      "--worker=all",
+    ]
   if args.project:
     argv.append(f"--project={args.project}")
   return shlex.join(argv) + " --command=" + shlex.quote(remote)
@@ -47,13 +68,14 @@ def tpu_command(args: argparse.Namespace, train_flags: list[str]) -> str:
 def main(argv: list[str]) -> str:
   if "--" in argv:
     cut = argv.index("--")
-    own, train_flags = argv[:cut], argv[cut + 1:]
+    own, train_flags = argv[:cut], argv[cut + 1 :]
   else:
     own, train_flags = argv, []
   bad = [f for f in train_flags if f.startswith("--config.dist.")]
   if bad:
-    raise SystemExit(f"tpu_vm.py: error: {bad[0]} is set by the launcher "
-                     "(dist.coordinator=auto); drop it")
+    raise SystemExit(
+      f"tpu_vm.py: error: {bad[0]} is set by the launcher (dist.coordinator=auto); drop it"
+    )
   return tpu_command(_parser().parse_args(own), train_flags)
 
 

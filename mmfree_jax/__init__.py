@@ -7,16 +7,16 @@ processes) does not pay for importing jax and flax.
 import importlib
 
 _EXPORTS = {
-    "ModelConfig": "mmfree_jax.config",
-    "base_config": "mmfree_jax.config",
-    "KVCache": "mmfree_jax.nn.model",
-    "MatMulFreeLM": "mmfree_jax.nn.model",
-    "RecurrentState": "mmfree_jax.nn.model",
-    "TransformerLM": "mmfree_jax.nn.model",
-    "abstract_model": "mmfree_jax.nn.model",
-    "build_model": "mmfree_jax.nn.model",
-    "count_params": "mmfree_jax.nn.model",
-    "decode": "mmfree_jax.nn.model",
+  "ModelConfig": "mmfree_jax.config",
+  "base_config": "mmfree_jax.config",
+  "KVCache": "mmfree_jax.nn.model",
+  "MatMulFreeLM": "mmfree_jax.nn.model",
+  "RecurrentState": "mmfree_jax.nn.model",
+  "TransformerLM": "mmfree_jax.nn.model",
+  "abstract_model": "mmfree_jax.nn.model",
+  "build_model": "mmfree_jax.nn.model",
+  "count_params": "mmfree_jax.nn.model",
+  "decode": "mmfree_jax.nn.model",
 }
 
 __all__ = sorted(_EXPORTS)

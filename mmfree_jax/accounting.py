@@ -41,8 +41,9 @@ def param_count(cfg: ModelConfig) -> int:
 def matmul_params(cfg: ModelConfig) -> int:
   """Weights that take part in a matmul per token: every projection kernel (stacked layers
   included), the LM head's too; the embedding is a lookup and is excluded."""
-  return int(sum(np.prod(s.shape) for p, s in param_shapes(cfg).items()
-                 if p.rsplit("/", 1)[-1] == "kernel"))
+  return int(
+    sum(np.prod(s.shape) for p, s in param_shapes(cfg).items() if p.rsplit("/", 1)[-1] == "kernel")
+  )
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -85,8 +86,9 @@ def decode_state_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:
   `[layers, batch, d]` recurrent state for MatMul-free (the cache's position scalar aside)."""
   model = model_lib.abstract_model(cfg)
   state = jax.eval_shape(lambda: model.init_state(batch, max_len))
-  return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(state) if x.ndim))
+  return int(
+    sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state) if x.ndim)
+  )
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, max_len: int) -> int:

@@ -26,6 +26,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class Chip:
   """One accelerator chip's datasheet values (per chip; None where the datasheet has none)."""
+
   name: str
   bf16_flops: float  # dense bf16 matmul FLOP/s
   int8_ops: float  # dense int8 matmul OP/s
@@ -35,15 +36,16 @@ class Chip:
   device_kinds: tuple[str, ...]  # what `jax.Device.device_kind` reports for it
 
 
-CHIPS = {c.name: c for c in (
+CHIPS = {
+  c.name: c
+  for c in (
     Chip("H100 SXM", 989.5e12, 1979e12, 80e9, 3.35e12, 900e9, ("NVIDIA H100 80GB HBM3",)),
     Chip("H100 PCIe", 756.5e12, 1513e12, 80e9, 2.0e12, 600e9, ("NVIDIA H100 PCIe",)),
     Chip("H100 NVL", 835.5e12, 1670.5e12, 94e9, 3.9e12, 600e9, ("NVIDIA H100 NVL",)),
     Chip("H200 SXM", 989.5e12, 1979e12, 141e9, 4.8e12, 900e9, ("NVIDIA H200",)),
     Chip("H200 NVL", 835.5e12, 1670.5e12, 141e9, 4.8e12, 900e9, ("NVIDIA H200 NVL",)),
     Chip("GH200 96GB", 989.5e12, 1979e12, 96e9, 4.0e12, 900e9, ("NVIDIA GH200 480GB",)),
-    Chip("GH200 144GB", 989.5e12, 1979e12, 144e9, 4.9e12, 900e9,
-         ("NVIDIA GH200 144G HBM3e",)),
+    Chip("GH200 144GB", 989.5e12, 1979e12, 144e9, 4.9e12, 900e9, ("NVIDIA GH200 144G HBM3e",)),
     Chip("B200", 2250e12, 4500e12, 180e9, 8.0e12, 1800e9, ("NVIDIA B200",)),
     Chip("A100 SXM 80GB", 312e12, 624e12, 80e9, 2.039e12, 600e9, ("NVIDIA A100-SXM4-80GB",)),
     Chip("A100 SXM 40GB", 312e12, 624e12, 40e9, 1.555e12, 600e9, ("NVIDIA A100-SXM4-40GB",)),
@@ -53,7 +55,8 @@ CHIPS = {c.name: c for c in (
     Chip("TPU v5e", 197e12, 393e12, 16e9, 819e9, 400e9, ("TPU v5 lite", "TPU v5e")),
     Chip("TPU v5p", 459e12, 918e12, 95e9, 2765e9, 1200e9, ("TPU v5", "TPU v5p")),
     Chip("TPU v6e", 918e12, 1836e12, 32e9, 1638e9, 800e9, ("TPU v6 lite", "TPU v6e")),
-)}
+  )
+}
 
 _BY_KIND = {kind: chip for chip in CHIPS.values() for kind in chip.device_kinds}
 if len(_BY_KIND) != sum(len(c.device_kinds) for c in CHIPS.values()):

@@ -54,8 +54,9 @@ def resolve_scan_type(scan_type: str, platform: str) -> str:
 def native_scan_types(platform: str) -> tuple[str, ...]:
   """The distinct implementations worth running (timing, comparing) on `platform`: all but the
   alias `auto`, and `pallas` only on gpu/tpu (on cpu it is Pallas' interpreter)."""
-  return tuple(t for t in SCAN_TYPES
-               if t != "auto" and (t != "pallas" or platform in KERNEL_PLATFORMS))
+  return tuple(
+    t for t in SCAN_TYPES if t != "auto" and (t != "pallas" or platform in KERNEL_PLATFORMS)
+  )
 
 
 def resolve_bitlinear_impl(impl: str, platform: str) -> str:
@@ -70,12 +71,14 @@ def resolve_bitlinear_impl(impl: str, platform: str) -> str:
 def native_bitlinear_impls(platform: str) -> tuple[str, ...]:
   """The distinct implementations worth running (timing, comparing) on `platform`: all but
   the alias `auto`, and `fused` only on gpu/tpu (on cpu it is Pallas' interpreter)."""
-  return tuple(b for b in BITLINEAR_IMPLS
-               if b != "auto" and (b != "fused" or platform in KERNEL_PLATFORMS))
+  return tuple(
+    b for b in BITLINEAR_IMPLS if b != "auto" and (b != "fused" or platform in KERNEL_PLATFORMS)
+  )
 
 
-def resolve_attention_impl(impl: str, dtype_name: str, head_dim: int, *, platform: str,
-                           seq: int | None = None) -> str:
+def resolve_attention_impl(
+  impl: str, dtype_name: str, head_dim: int, *, platform: str, seq: int | None = None
+) -> str:
   """The implementation `impl` names (see ATTENTION_IMPLS) for inputs of dtype `dtype_name`
   ('float32', 'bfloat16', ...) and `head_dim` on `platform`; `seq` None: a training window of
   any length."""
@@ -85,10 +88,17 @@ def resolve_attention_impl(impl: str, dtype_name: str, head_dim: int, *, platfor
     return impl
   if dtype_name == "float64":
     return "naive"
-  if (platform == "tpu" and dtype_name in ("float32", "bfloat16")
-      and (seq is None or seq >= SPLASH_MIN_SEQ)):
+  if (
+    platform == "tpu"
+    and dtype_name in ("float32", "bfloat16")
+    and (seq is None or seq >= SPLASH_MIN_SEQ)
+  ):
     return "splash"
-  if (platform == "gpu" and dtype_name in ("bfloat16", "float16")
-      and head_dim % 8 == 0 and head_dim <= 128):
+  if (
+    platform == "gpu"
+    and dtype_name in ("bfloat16", "float16")
+    and head_dim % 8 == 0
+    and head_dim <= 128
+  ):
     return "cudnn"
   return "xla"

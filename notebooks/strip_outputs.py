@@ -71,8 +71,9 @@ def _write(path: str, nb: dict) -> None:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("paths", nargs="*", help="notebooks (default: notebooks/*.ipynb)")
-  parser.add_argument("--check", action="store_true",
-                      help="change nothing; exit 1 if any notebook has outputs")
+  parser.add_argument(
+    "--check", action="store_true", help="change nothing; exit 1 if any notebook has outputs"
+  )
   args = parser.parse_args(argv)
   paths = args.paths or notebook_paths()
   dirty = 0

@@ -28,14 +28,20 @@ def main():
     params = multihost_utils.process_allgather(params, tiled=True)
   params = jax.device_get(params)
   if jax.process_index() == 0:
-    flat = {jax.tree_util.keystr(p): np.asarray(v)
-            for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {
+      jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+    }
     np.savez(out_prefix + ".npz", **flat)
     with open(out_prefix + ".json", "w") as f:
-      json.dump({"losses": [r["loss"] for r in result.history],
-                 "steps": [r["step"] for r in result.history],
-                 "final_step": int(result.state.step),
-                 "process_count": jax.process_count()}, f)
+      json.dump(
+        {
+          "losses": [r["loss"] for r in result.history],
+          "steps": [r["step"] for r in result.history],
+          "final_step": int(result.state.step),
+          "process_count": jax.process_count(),
+        },
+        f,
+      )
 
 
 if __name__ == "__main__":

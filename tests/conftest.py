@@ -13,12 +13,14 @@ import pytest
 # the README's test command fills (`pip install --target .venv-accel`), so that the runtime
 # venv's CLIs never load them (tests/test_cli_clean.py). Here, and in every subprocess a test
 # starts, they go on the path.
-ACCEL_TOOLCHAINS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                ".venv-accel")
+ACCEL_TOOLCHAINS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".venv-accel"
+)
 if os.path.isdir(ACCEL_TOOLCHAINS) and ACCEL_TOOLCHAINS not in sys.path:
   sys.path.insert(0, ACCEL_TOOLCHAINS)
   os.environ["PYTHONPATH"] = os.pathsep.join(
-      p for p in (ACCEL_TOOLCHAINS, os.environ.get("PYTHONPATH")) if p)
+    p for p in (ACCEL_TOOLCHAINS, os.environ.get("PYTHONPATH")) if p
+  )
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
@@ -26,8 +28,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the toolchains above are compil
 # Tests compile for TPU topologies with libtpu in several processes at once (xdist workers):
 # without this libtpu's per-host lockfile lets only one of them load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "mmfree_jax_test_jit_cache"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "mmfree_jax_test_jit_cache")
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Tokenizer/corpus caches of the tests stay out of the user's ~/.cache.
@@ -39,4 +42,5 @@ def allow_exploding_lr(monkeypatch):
   """Lifts optim.lr's sanity bound for the tests that blow the weights up on purpose (lr 1e30)
   to make every later step non-finite."""
   from mmfree_jax.config import schema  # pylint: disable=import-outside-toplevel
+
   monkeypatch.setattr(schema, "MAX_LR", math.inf)

@@ -35,8 +35,12 @@ def hf_tensor_names(config: dict) -> dict[str, tuple[int, ...]]:
   """`{name: torch shape}` of every tensor of HGRNBitForCausalLM (1 head, expand 1)."""
   d, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
   inter = glu_width(config)
-  names = {"model.embeddings.weight": (vocab, d), "model.norm.weight": (d,),
-           "lm_head.weight": (vocab, d), "lm_head.norm.weight": (d,)}
+  names = {
+    "model.embeddings.weight": (vocab, d),
+    "model.norm.weight": (d,),
+    "lm_head.weight": (vocab, d),
+    "lm_head.norm.weight": (d,),
+  }
   if config.get("use_lower_bound", True):
     names["model.lower_bounds"] = (layers, d)
   for layer in range(layers):
@@ -155,8 +159,9 @@ def forward(weights: dict[str, np.ndarray], config: dict, tokens: np.ndarray) ->
   for layer in range(config["num_hidden_layers"]):
     p = f"model.layers.{layer}."
     lb = None if lbs is None else lbs[layer]
-    x = x + hgrn_bit_attention(w, p + "attn.", _rmsnorm(x, w[p + "attn_norm.weight"], eps),
-                               lb, layer, eps)
+    x = x + hgrn_bit_attention(
+      w, p + "attn.", _rmsnorm(x, w[p + "attn_norm.weight"], eps), lb, layer, eps
+    )
     x = x + hgrn_bit_mlp(w, p + "mlp.", _rmsnorm(x, w[p + "mlp_norm.weight"], eps))
   x = _rmsnorm(x, w["model.norm.weight"], eps)
   return bitlinear(x, w["lm_head.weight"], w["lm_head.norm.weight"])

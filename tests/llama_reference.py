@@ -111,8 +111,9 @@ def _mlp(w, p, x):
   return (_silu(gate) * up) @ w[p + "down_proj.weight"].T
 
 
-def forward(weights: dict[str, np.ndarray], config: dict, tokens: np.ndarray,
-            return_hidden: bool = False):
+def forward(
+  weights: dict[str, np.ndarray], config: dict, tokens: np.ndarray, return_hidden: bool = False
+):
   """LlamaForCausalLM logits `[B, T, vocab]` float64 for int tokens `[B, T]`.
 
   return_hidden: also return the residual stream before each layer and after the last,
@@ -124,11 +125,13 @@ def forward(weights: dict[str, np.ndarray], config: dict, tokens: np.ndarray,
   hidden = [x]
   for layer in range(config["num_hidden_layers"]):
     p = f"model.layers.{layer}."
-    x = x + _attention(w, p + "self_attn.", _rmsnorm(x, w[p + "input_layernorm.weight"], eps),
-                       config)
+    x = x + _attention(
+      w, p + "self_attn.", _rmsnorm(x, w[p + "input_layernorm.weight"], eps), config
+    )
     x = x + _mlp(w, p + "mlp.", _rmsnorm(x, w[p + "post_attention_layernorm.weight"], eps))
     hidden.append(x)
-  head = w["model.embed_tokens.weight"] if config.get("tie_word_embeddings") else \
-      w["lm_head.weight"]
+  head = (
+    w["model.embed_tokens.weight"] if config.get("tie_word_embeddings") else w["lm_head.weight"]
+  )
   logits = _rmsnorm(x, w["model.norm.weight"], eps) @ head.T
   return (logits, np.stack(hidden)) if return_hidden else logits

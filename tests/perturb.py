@@ -15,6 +15,10 @@ def perturb_params(model: nnx.Module, seed: int = 1, std: float = 0.3) -> nnx.Mo
   """
   rng = np.random.default_rng(seed)
   state = nnx.state(model, nnx.Param)
-  nnx.update(model, jax.tree.map(
-      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, std, p.shape), p.dtype), state))
+  nnx.update(
+    model,
+    jax.tree.map(
+      lambda p: jnp.asarray(np.asarray(p) + rng.normal(0.0, std, p.shape), p.dtype), state
+    ),
+  )
   return model

@@ -16,8 +16,14 @@ def _run(args, tmp_path):
   env["JAX_PLATFORMS"] = "cpu"
   env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   env["MMFREE_BENCH_ALLOW_COMPILATION_CACHE"] = "1"  # smoke timings mean nothing
-  return subprocess.run([sys.executable, "-m", "benchmarks.accel_check"] + args, cwd=ROOT,
-                        env=env, capture_output=True, text=True, timeout=900)
+  return subprocess.run(
+    [sys.executable, "-m", "benchmarks.accel_check"] + args,
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
 
 
 def test_refuses_on_cpu_without_smoke(tmp_path):
@@ -37,6 +43,7 @@ def test_smoke_writes_every_section(tmp_path):
   assert res["device"]["backend"] == "cpu" and res["smoke"] is True
   # parity: every registered scan_type / bitlinear_impl, both dtypes, within tolerance
   from mmfree_jax import registry
+
   checks = {(r["check"], r["dtype"]) for r in res["parity"]}
   for name in registry.SCAN_TYPES:
     if name != "sequential":
@@ -53,7 +60,8 @@ def test_smoke_writes_every_section(tmp_path):
   for r in res["train"]:
     if "tokens_per_s" in r:
       assert r["tokens_per_s"] > 0 and math.isclose(
-          r["tokens_per_s"], r["batch"] * r["seq_len"] / r["step_s"])
+        r["tokens_per_s"], r["batch"] * r["seq_len"] / r["step_s"]
+      )
       assert r["mfu_vs_bf16_datasheet"] is None  # no datasheet peak for a CPU
   dec = {r["variant"] for r in res["decode"] if r.get("tokens_per_s", 0) > 0}
   assert dec == {"mmfree", "transformer"}, res["decode"]
@@ -86,11 +94,13 @@ def fake_launcher(clock, cost, *, one_per_launch=False, dies_on=()):
         return
       clock.now += cost[key]
       yield {"key": key, "t": clock.now}
+
   return launch, launches
 
 
 def test_section_budget_cuts_the_running_item_and_skips_the_rest():
   from benchmarks import budget
+
   clock = FakeClock()
   launch, _ = fake_launcher(clock, {"a": 10, "b": 30, "c": 50, "d": 1})
   seen = []
@@ -103,6 +113,7 @@ def test_section_budget_cuts_the_running_item_and_skips_the_rest():
 
 def test_a_dead_process_is_reported_and_the_rest_relaunched():
   from benchmarks import budget
+
   clock = FakeClock()
   launch, launches = fake_launcher(clock, {"a": 1, "b": 1, "c": 1}, dies_on={"b"})
   rows = budget.run_section(["a", "b", "c"], launch, budget.Budget(100, clock))
@@ -113,16 +124,24 @@ def test_a_dead_process_is_reported_and_the_rest_relaunched():
 
 def test_every_section_gets_its_own_budget_and_the_json_follows_each_row():
   from benchmarks import accel_check
+
   clock = FakeClock()
   cost = {"p1": 5, "p2": 5, "t1": 100, "t2": 500, "t3": 10, "d1": 20, "d2": 20}
-  launchers = {"parity": fake_launcher(clock, cost)[0],
-               "train": fake_launcher(clock, cost, one_per_launch=True)[0],
-               "decode": fake_launcher(clock, cost)[0]}
+  launchers = {
+    "parity": fake_launcher(clock, cost)[0],
+    "train": fake_launcher(clock, cost, one_per_launch=True)[0],
+    "decode": fake_launcher(clock, cost)[0],
+  }
   keys = {"parity": ["p1", "p2"], "train": ["t1", "t2", "t3"], "decode": ["d1", "d2"]}
   results, writes = {}, []
-  accel_check.run_sections(results, {"parity": 60, "train": 300, "decode": 60}, launchers,
-                           keys, lambda: writes.append(sum(len(results[s]) for s in results)),
-                           clock=clock)
+  accel_check.run_sections(
+    results,
+    {"parity": 60, "train": 300, "decode": 60},
+    launchers,
+    keys,
+    lambda: writes.append(sum(len(results[s]) for s in results)),
+    clock=clock,
+  )
   assert [r["key"] for r in results["train"]] == ["t1", "t2", "t3"]
   assert results["train"][1]["error"].startswith("cut") and "skipped" in results["train"][2]
   # train overran its budget, decode still ran in full on its own
@@ -135,18 +154,33 @@ def test_child_rows_kills_a_child_at_the_deadline(tmp_path):
   import time as time_lib
 
   from benchmarks import budget
-  script = ("import sys, time\nfrom benchmarks import budget\n"
-            "budget.print_row({'key': 'fast'})\ntime.sleep(60)\n"
-            "budget.print_row({'key': 'slow'})\n")
+
+  script = (
+    "import sys, time\nfrom benchmarks import budget\n"
+    "budget.print_row({'key': 'fast'})\ntime.sleep(60)\n"
+    "budget.print_row({'key': 'slow'})\n"
+  )
   t = time_lib.monotonic()
-  rows = list(budget.child_rows(["-c", script], ["fast", "slow"], budget.Budget(8),
-                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT)))
+  rows = list(
+    budget.child_rows(
+      ["-c", script],
+      ["fast", "slow"],
+      budget.Budget(8),
+      cwd=ROOT,
+      env=dict(os.environ, PYTHONPATH=ROOT),
+    )
+  )
   assert rows == [{"key": "fast"}] and time_lib.monotonic() - t < 30
 
 
 def test_train_variants_most_valuable_first():
   from benchmarks import accel_check
+
   names = [v[0] for v in accel_check.train_variants()]
-  assert names[:4] == ["mmfree scan=pallas", names[1], "mmfree scan=pallas bitlinear=int8",
-                       "mmfree scan=associative"]
+  assert names[:4] == [
+    "mmfree scan=pallas",
+    names[1],
+    "mmfree scan=pallas bitlinear=int8",
+    "mmfree scan=associative",
+  ]
   assert names[1].startswith("transformer attention=") and len(names) == len(set(names))

@@ -22,29 +22,45 @@ ROOT = os.path.dirname(mmfree_jax.__file__)
 # Layer of each subpackage / top-level module (the second component of its name); a module may
 # import only its own layer or lower. A new subpackage or module fails until it is placed here.
 LAYERS = {
-    "registry": 0, "hardware": 0,
-    "numerics": 1,
-    "parallel": 2,
-    "kernels": 3,
-    "ops": 4,
-    "config": 5,
-    "nn": 6,
-    "accounting": 7,
-    "data": 8, "checkpoint": 8, "infer": 8,
-    "generate": 9,
-    "eval": 10, "hf": 10, "export": 10,
-    "convert": 11, "train": 11,
+  "registry": 0,
+  "hardware": 0,
+  "numerics": 1,
+  "parallel": 2,
+  "kernels": 3,
+  "ops": 4,
+  "config": 5,
+  "nn": 6,
+  "accounting": 7,
+  "data": 8,
+  "checkpoint": 8,
+  "infer": 8,
+  "generate": 9,
+  "eval": 10,
+  "hf": 10,
+  "export": 10,
+  "convert": 11,
+  "train": 11,
 }
 # Imports between two different packages of one layer (importer, imported); any other is an
 # error, so the layer picture stays true.
 ALLOWED_SIDEWAYS = {
-    ("eval", "export"),  # eval.py --packed scores an exported folder
-    ("export", "hf"),    # an HF import folder's tokenizer travels with the export
-    ("train", "convert"),  # distillation starts from a converted student
+  ("eval", "export"),  # eval.py --packed scores an exported folder
+  ("export", "hf"),  # an HF import folder's tokenizer travels with the export
+  ("train", "convert"),  # distillation starts from a converted student
 }
 # Optional dependencies a module may import only inside a function (with the reason there).
-OPTIONAL = {"lm_eval", "tqdm", "tensorboardX", "wandb", "mlflow", "datasets", "pyarrow",
-            "zstandard", "array_record", "torch"}
+OPTIONAL = {
+  "lm_eval",
+  "tqdm",
+  "tensorboardX",
+  "wandb",
+  "mlflow",
+  "datasets",
+  "pyarrow",
+  "zstandard",
+  "array_record",
+  "torch",
+}
 
 
 def _modules() -> list[str]:
@@ -99,7 +115,7 @@ def _imports(name: str) -> frozenset[str]:
       module = node.module or ""
       if node.level:
         parts = base.split(".")
-        parts = parts[:len(parts) - node.level + 1]
+        parts = parts[: len(parts) - node.level + 1]
         module = ".".join(parts + ([module] if module else []))
       if not module.startswith("mmfree_jax"):
         continue
@@ -109,8 +125,11 @@ def _imports(name: str) -> frozenset[str]:
         if target == f"{module}.{alias.name}":
           aliases[alias.asname or alias.name] = target
   for node in ast.walk(tree):
-    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-        and node.value.id in aliases):
+    if (
+      isinstance(node, ast.Attribute)
+      and isinstance(node.value, ast.Name)
+      and node.value.id in aliases
+    ):
       found.add(_target(aliases[node.value.id], node.attr))
   return frozenset(m for m in found if m != name and _is_module(m))
 
@@ -134,9 +153,11 @@ def _layer(name: str) -> int | None:
 
 def test_every_package_is_placed():
   unplaced = sorted({_package(n) for n in _modules()} - set(LAYERS) - {None})
-  assert not unplaced, (f"mmfree_jax.{unplaced[0]} has no layer: add it to LAYERS in "
-                        "tests/test_architecture.py (and docs/architecture.md §3, the README's "
-                        f"module map); unplaced: {unplaced}")
+  assert not unplaced, (
+    f"mmfree_jax.{unplaced[0]} has no layer: add it to LAYERS in "
+    "tests/test_architecture.py (and docs/architecture.md §3, the README's "
+    f"module map); unplaced: {unplaced}"
+  )
 
 
 def test_every_module_imports():
@@ -148,6 +169,7 @@ def test_every_module_imports():
 
 def test_no_import_cycle():
   graph = {name: {m for m in _imports(name) if _is_module(m)} for name in _modules()}
+
   # A package's __init__ re-exporting its submodules is not a cycle with them.
   def edges(name):
     return {m for m in graph.get(name, ()) if not name.startswith(m + ".")}
@@ -160,7 +182,7 @@ def test_no_import_cycle():
     path.append(node)
     for nxt in sorted(edges(node)):
       if state.get(nxt) == 1:
-        cycle = path[path.index(nxt):] + [nxt]
+        cycle = path[path.index(nxt) :] + [nxt]
         pytest.fail("import cycle: " + " -> ".join(cycle))
       if state.get(nxt) is None:
         visit(nxt)
@@ -186,7 +208,7 @@ def test_no_package_cycle():
     state[node] = 1
     for nxt in sorted(graph.get(node, ())):
       if state.get(nxt) == 1:
-        pytest.fail("package import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+        pytest.fail("package import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
       if state.get(nxt) is None:
         visit(nxt, path + [nxt])
     state[node] = 2
@@ -206,8 +228,11 @@ def test_imports_run_one_way():
         continue  # the top package (lazy exports only) and unplaced ones (test above)
       if dep_layer > own:
         bad.append(f"{name} (layer {own}) imports {dep} (layer {dep_layer})")
-      elif (dep_layer == own and _package(name) != _package(dep)
-            and (_package(name), _package(dep)) not in ALLOWED_SIDEWAYS):
+      elif (
+        dep_layer == own
+        and _package(name) != _package(dep)
+        and (_package(name), _package(dep)) not in ALLOWED_SIDEWAYS
+      ):
         bad.append(f"{name} imports {dep} sideways (both layer {own}): not in ALLOWED_SIDEWAYS")
   assert not bad, "imports running back up or sideways:\n" + "\n".join(bad)
 
@@ -219,10 +244,20 @@ def test_the_top_package_imports_nothing_eagerly():
 
 def test_eval_and_generation_never_import_training():
   for name in _modules():
-    if name.startswith(("mmfree_jax.eval", "mmfree_jax.generate", "mmfree_jax.hf",
-                        "mmfree_jax.nn", "mmfree_jax.ops", "mmfree_jax.numerics",
-                        "mmfree_jax.kernels", "mmfree_jax.parallel", "mmfree_jax.data",
-                        "mmfree_jax.checkpoint")):
+    if name.startswith(
+      (
+        "mmfree_jax.eval",
+        "mmfree_jax.generate",
+        "mmfree_jax.hf",
+        "mmfree_jax.nn",
+        "mmfree_jax.ops",
+        "mmfree_jax.numerics",
+        "mmfree_jax.kernels",
+        "mmfree_jax.parallel",
+        "mmfree_jax.data",
+        "mmfree_jax.checkpoint",
+      )
+    ):
       assert not any(d.startswith("mmfree_jax.train") for d in _imports(name)), name
 
 
@@ -238,16 +273,23 @@ def test_no_cross_module_private_names():
     module_aliases = set()
     for node in ast.walk(tree):
       if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmfree_jax"):
-        bad += [f"{name}: from {node.module} import {a.name}" for a in node.names
-                if _private(a.name)]
-        module_aliases.update(a.asname or a.name for a in node.names
-                              if _is_module(f"{node.module}.{a.name}"))
+        bad += [
+          f"{name}: from {node.module} import {a.name}" for a in node.names if _private(a.name)
+        ]
+        module_aliases.update(
+          a.asname or a.name for a in node.names if _is_module(f"{node.module}.{a.name}")
+        )
       elif isinstance(node, ast.Import):
-        module_aliases.update(a.asname for a in node.names
-                              if a.asname and a.name.startswith("mmfree_jax"))
+        module_aliases.update(
+          a.asname for a in node.names if a.asname and a.name.startswith("mmfree_jax")
+        )
     for node in ast.walk(tree):
-      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
-          and node.value.id in module_aliases and _private(node.attr)):
+      if (
+        isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in module_aliases
+        and _private(node.attr)
+      ):
         bad.append(f"{name}: {node.value.id}.{node.attr}")
   assert not bad, "\n".join(bad)
 
@@ -255,13 +297,16 @@ def test_no_cross_module_private_names():
 def test_config_imports_no_kernel():
   """The config validates against `registry` (jax-free names), so importing it loads no Pallas
   kernel module and no `jax.experimental.pallas` (checked in a fresh interpreter)."""
-  code = ("import sys, mmfree_jax.config, mmfree_jax.registry\n"
-          "bad = sorted(m for m in sys.modules if m.startswith(('mmfree_jax.kernels', "
-          "'mmfree_jax.ops', 'jax.experimental.pallas')))\n"
-          "print(repr(bad))\n")
+  code = (
+    "import sys, mmfree_jax.config, mmfree_jax.registry\n"
+    "bad = sorted(m for m in sys.modules if m.startswith(('mmfree_jax.kernels', "
+    "'mmfree_jax.ops', 'jax.experimental.pallas')))\n"
+    "print(repr(bad))\n"
+  )
   env = dict(os.environ, PYTHONPATH=os.path.dirname(ROOT), JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                        timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout
 
@@ -278,6 +323,7 @@ def test_registries_match_their_names():
   from mmfree_jax import registry  # pylint: disable=import-outside-toplevel
   from mmfree_jax.numerics import ternary_packing  # pylint: disable=import-outside-toplevel
   from mmfree_jax.ops import bitlinear, recurrence  # pylint: disable=import-outside-toplevel
+
   assert tuple(recurrence.IMPLS) == registry.SCAN_TYPES
   assert tuple(bitlinear.IMPLS) == registry.BITLINEAR_IMPLS
   assert ternary_packing.MATVEC_METHODS == registry.MATVEC_METHODS
@@ -288,9 +334,9 @@ def test_module_maps_list_every_package():
   """The README's module map and docs/architecture.md §3 name every placed package."""
   repo = os.path.dirname(ROOT)
   readme = open(os.path.join(repo, "README.md"), encoding="utf-8").read()
-  readme_map = readme[readme.index("Module map"):readme.index("## CLI reference")]
+  readme_map = readme[readme.index("Module map") : readme.index("## CLI reference")]
   docs = open(os.path.join(repo, "docs", "architecture.md"), encoding="utf-8").read()
-  docs_map = docs[docs.index("## 3. Module map"):docs.index("## 4.")]
+  docs_map = docs[docs.index("## 3. Module map") : docs.index("## 4.")]
   packages = {_package(n) for n in _modules()} - {None}
   assert set(LAYERS) == packages, "LAYERS names a package that does not exist"
   for pkg in sorted(packages):

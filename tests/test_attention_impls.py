@@ -67,7 +67,8 @@ def test_masked_decode_xla_equals_naive():
 
 def test_auto_dispatch_and_bad_input():
   assert attention.resolve_attention_impl("auto", jnp.float32, 64) == (
-      "cudnn" if jax.default_backend() == "gpu" else "xla")
+    "cudnn" if jax.default_backend() == "gpu" else "xla"
+  )
   assert attention.resolve_attention_impl("auto", jnp.float64, 64) == "naive"
   assert attention.resolve_attention_impl("naive", jnp.bfloat16, 64) == "naive"
   with pytest.raises(ValueError, match="attention_impl"):
@@ -99,6 +100,6 @@ def test_model_logits_and_kv_decode_match_naive():
   logits, state = fast(tokens[:, :8], state=state)
   steps = [logits]
   for t in range(8, 12):
-    logits, state = mmfree_jax.decode(fast, tokens[:, t:t + 1], state)
+    logits, state = mmfree_jax.decode(fast, tokens[:, t : t + 1], state)
     steps.append(logits)
   assert _rel(jnp.concatenate(steps, axis=1), full) < 1e-5

@@ -77,8 +77,9 @@ def test_splash_interpret_equals_naive(case):
   else:  # seq 200 padded to 256; 4 query heads on 2 K/V heads
     q, k, v, cot = _inputs(1, batch=2, seq=200, heads=4, kv_heads=2)
     segment_ids = jnp.asarray(_PACKED, jnp.int32)
-  fn = lambda q, k, v: attention_tpu.splash_attention(q, k, v, segment_ids, interpret=True,
-                                                      block=128)
+  fn = lambda q, k, v: attention_tpu.splash_attention(
+    q, k, v, segment_ids, interpret=True, block=128
+  )
   _check(fn, q, k, v, cot, segment_ids)
 
 
@@ -133,8 +134,10 @@ def test_splash_fallbacks_and_bad_input():
   assert _rel(out, xla) == 0.0
   # a GPU has no splash kernel: XLA's, with a warning naming the alternatives
   q32, k32, v32 = (t.astype(jnp.float32) for t in (q, k, v))
-  with dispatch.kernel_platform("gpu"), pytest.warns(common.KernelFallbackWarning,
-                                                     match="TPU .*'auto' or 'cudnn'"):
+  with (
+    dispatch.kernel_platform("gpu"),
+    pytest.warns(common.KernelFallbackWarning, match="TPU .*'auto' or 'cudnn'"),
+  ):
     out = attention.causal_attention(q32, k32, v32, impl="splash")
   assert _rel(out, attention.causal_attention(q32, k32, v32, impl="xla")) == 0.0
   # called directly, without a fallback: a ValueError naming the problem, no Mosaic trace
@@ -147,15 +150,19 @@ def test_splash_fallbacks_and_bad_input():
   with pytest.raises(ValueError, match="multiple of 128"):
     attention_tpu.splash_attention(q32, k32, v32, block=64)
   assert [attention_tpu.block_size(n) for n in (100, 128, 384, 2048, 2000)] == [
-      128, 128, 128, 512, 512]
+    128,
+    128,
+    128,
+    512,
+    512,
+  ]
 
 
 def test_tpu_compile_of_transformer_step_with_splash(tpu_devices):
   """`attention_impl=auto` resolves to splash from the mesh's TPU devices (the host is a CPU):
   the Transformer++ train step (packed windows: segment ids) compiles for v5e:2x2 with data=2
   x tensor=2 and holds the splash forward, dq and dkv Mosaic kernels."""
-  step, args = _train_step("transformer", _tpu_mesh(tpu_devices), d_model=128, seq=128,
-                           batch=4)
+  step, args = _train_step("transformer", _tpu_mesh(tpu_devices), d_model=128, seq=128, batch=4)
   compiled = step.lower(*args).compile()
   text = compiled.as_text()
   assert MOSAIC_CALL in text
@@ -168,10 +175,14 @@ def test_tpu_compile_of_gqa_splash_under_shard_map(tpu_devices):
   """Grouped-query K/V on the tensor axis: 4 query heads on 1 K/V head, tensor=2 (K/V repeated
   to 2 heads, one per shard), bf16, forward and backward compiled for v5e:2x2."""
   mesh = _tpu_mesh(tpu_devices)
-  spec = lambda shape, heads: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=jax.NamedSharding(
-      mesh, jax.P(("data", "fsdp"), None, heads, None)))
-  ids = jax.ShapeDtypeStruct((4, 256), jnp.int32, sharding=jax.NamedSharding(
-      mesh, jax.P(("data", "fsdp"), None)))
+  spec = lambda shape, heads: jax.ShapeDtypeStruct(
+    shape,
+    jnp.bfloat16,
+    sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None, heads, None)),
+  )
+  ids = jax.ShapeDtypeStruct(
+    (4, 256), jnp.int32, sharding=jax.NamedSharding(mesh, jax.P(("data", "fsdp"), None))
+  )
 
   def loss(q, k, v, segment_ids):
     with kernel_sharding.kernel_sharding(mesh):

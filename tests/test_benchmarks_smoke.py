@@ -16,8 +16,16 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHMARKS = ("bench_peak", "bench_components", "bench_train", "bench_recurrence",
-              "bench_memory", "bench_compile", "bench_decode", "bench_packed")
+BENCHMARKS = (
+  "bench_peak",
+  "bench_components",
+  "bench_train",
+  "bench_recurrence",
+  "bench_memory",
+  "bench_compile",
+  "bench_decode",
+  "bench_packed",
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +39,24 @@ def toy_run(tmp_path_factory):
   # toy timings mean nothing: reuse the tests' persistent jit cache if conftest set one
   env["MMFREE_BENCH_ALLOW_COMPILATION_CACHE"] = "1"
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.run_all", "--preset", "toy", "--in_process",
-       "--results_dir", str(results), "--markdown", str(markdown)],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.run_all",
+      "--preset",
+      "toy",
+      "--in_process",
+      "--results_dir",
+      str(results),
+      "--markdown",
+      str(markdown),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   data = {}
   for name in BENCHMARKS:
@@ -73,8 +96,12 @@ def test_peak_and_train_fields(toy_run):
 def test_recurrence_and_memory_fields(toy_run):
   data, _ = toy_run
   rec = data["bench_recurrence"]["results"]
-  assert {r["scan_type"] for r in rec["rows"]} == {"sequential", "associative", "chunked",
-                                                    "sequential_custom_vjp"}
+  assert {r["scan_type"] for r in rec["rows"]} == {
+    "sequential",
+    "associative",
+    "chunked",
+    "sequential_custom_vjp",
+  }
   assert all(_positive(r["fwd_bwd_s"]) and r["temp_bytes"] >= 0 for r in rec["rows"])
   mem = data["bench_memory"]["results"]
   by = {r["variant"]: r for r in mem["rows"]}
@@ -106,14 +133,22 @@ def test_compile_decode_packed_fields(toy_run):
 def test_markdown_report(toy_run):
   _, md = toy_run
   assert "python -m benchmarks.run_all" in md and "## Targets" in md
-  for section in ("Machine peaks", "Train step", "Recurrence", "Peak training memory",
-                  "Compile time", "Decode vs context", "Packed ternary"):
+  for section in (
+    "Machine peaks",
+    "Train step",
+    "Recurrence",
+    "Peak training memory",
+    "Compile time",
+    "Decode vs context",
+    "Packed ternary",
+  ):
     assert section in md
 
 
 def test_no_benchmark_function_over_80_lines():
   import ast
   import glob
+
   long = []
   for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))):
     for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
@@ -130,6 +165,7 @@ def test_report_renders_each_benchmark_from_its_module():
   import importlib
 
   from benchmarks import report
+
   for name in report.SECTIONS:
     assert callable(importlib.import_module(f"benchmarks.{name}").markdown), name
   for name in report.TARGETS:

@@ -63,11 +63,15 @@ def test_int8_forward_equals_fake_quant_in_integers_f64(seed):
 def test_int8_forward_is_an_integer_matmul():
   x, w, gamma, _ = _inputs(0)
   fn = lambda x, w, g: bitlinear.get_bitlinear("int8")(x, w, g, dtype=jnp.bfloat16)
-  jaxpr = jax.make_jaxpr(fn)(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
-                             jnp.asarray(gamma, jnp.float32))
+  jaxpr = jax.make_jaxpr(fn)(
+    jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(gamma, jnp.float32)
+  )
   dots = list(_dot_generals(jaxpr.jaxpr))  # the dot sits inside the custom_vjp call
-  assert any([str(v.aval.dtype) for v in e.invars] == ["int8", "int8"]
-             and e.params["preferred_element_type"] == jnp.int32 for e in dots), dots
+  assert any(
+    [str(v.aval.dtype) for v in e.invars] == ["int8", "int8"]
+    and e.params["preferred_element_type"] == jnp.int32
+    for e in dots
+  ), dots
 
 
 def _dot_generals(jaxpr):
@@ -75,7 +79,7 @@ def _dot_generals(jaxpr):
     if eqn.primitive.name == "dot_general":
       yield eqn
     for param in eqn.params.values():
-      for sub in (param if isinstance(param, (list, tuple)) else [param]):
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
         inner = getattr(sub, "jaxpr", sub)
         if hasattr(inner, "eqns"):
           yield from _dot_generals(inner)
@@ -84,8 +88,7 @@ def _dot_generals(jaxpr):
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
 def test_int8_forward_close_to_fake_quant_low_precision(dtype, tol):
   x, w, gamma, _ = _inputs(2)
-  args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32),
-          jnp.asarray(gamma, jnp.float32))
+  args = (jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(gamma, jnp.float32))
   y_int = bitlinear.get_bitlinear("int8")(*args, eps=EPS, dtype=dtype)
   y_fake = quant.bitlinear(*args, eps=EPS, dtype=dtype)
   assert y_int.dtype == dtype and y_int.shape == y_fake.shape
@@ -121,18 +124,24 @@ def test_int8_model_trains_like_lean():
 
   def loss_and_grads(impl):
     from flax import nnx
+
     model = mmfree_jax.build_model(ModelConfig.tiny(bitlinear_impl=impl), 0)
     graphdef, params = nnx.split(model)
 
     def loss(params):
       logits, _ = nnx.merge(graphdef, params)(tokens)
-      return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-          logits, tokens[..., None], -1)[..., 0])
+      return jnp.mean(
+        jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens[..., None], -1)[..., 0]
+      )
 
     return jax.value_and_grad(loss)(params)
 
   (l_int, g_int), (l_lean, g_lean) = loss_and_grads("int8"), loss_and_grads("lean")
   np.testing.assert_allclose(float(l_int), float(l_lean), rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_int), jax.tree.leaves(g_lean)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4,
-                               atol=2e-4 * float(np.max(np.abs(np.asarray(b)))) + 1e-12)
+    np.testing.assert_allclose(
+      np.asarray(a),
+      np.asarray(b),
+      rtol=2e-4,
+      atol=2e-4 * float(np.max(np.abs(np.asarray(b)))) + 1e-12,
+    )

@@ -39,8 +39,12 @@ def _np_ste_grads(x, w, gamma, dout):
   xn = u * gamma
   sx = 127.0 / np.maximum(np.max(np.abs(xn), -1, keepdims=True), 1e-5)
   t = xn * sx
-  xq = np.clip(np.where(np.abs(t - np.trunc(t)) == 0.5, np.trunc(t) + np.sign(t), np.rint(t)),
-               -128, 127) / sx
+  xq = (
+    np.clip(
+      np.where(np.abs(t - np.trunc(t)) == 0.5, np.trunc(t) + np.sign(t), np.rint(t)), -128, 127
+    )
+    / sx
+  )
   sw = 1.0 / max(np.mean(np.abs(w)), 1e-5)
   wq = np.clip(np.rint(w * sw), -1, 1) / sw
   dxn = dout2 @ wq.T
@@ -95,8 +99,9 @@ def test_gradients_bf16_compute_close_to_autodiff():
   x, w, gamma, dout = _inputs(3, (16,), d_in=32, d_out=16)
   args = [jnp.asarray(a, jnp.float32) for a in (x, w, gamma)]
   dout = jnp.asarray(dout, jnp.bfloat16)
-  f = lambda fn: _grads(lambda *a: fn(*a, dtype=jnp.bfloat16).astype(jnp.float32), *args,
-                        dout.astype(jnp.float32))
+  f = lambda fn: _grads(
+    lambda *a: fn(*a, dtype=jnp.bfloat16).astype(jnp.float32), *args, dout.astype(jnp.float32)
+  )
   for a, l in zip(f(quant.bitlinear), f(bitlinear_lean.bitlinear_lean)):
     np.testing.assert_allclose(l, a, atol=2e-2 * np.max(np.abs(a)))
 
@@ -108,9 +113,11 @@ def _stack_temp_bytes(impl, tokens=512, d=128, depth=4):
     y, _ = jax.lax.scan(lambda x, kg: (fn(x, kg[0], kg[1]), None), x, (kernels, gammas))
     return jnp.sum(y * y)
 
-  shapes = (jax.ShapeDtypeStruct((tokens, d), jnp.float32),
-            jax.ShapeDtypeStruct((depth, d, d), jnp.float32),
-            jax.ShapeDtypeStruct((depth, d), jnp.float32))
+  shapes = (
+    jax.ShapeDtypeStruct((tokens, d), jnp.float32),
+    jax.ShapeDtypeStruct((depth, d, d), jnp.float32),
+    jax.ShapeDtypeStruct((depth, d), jnp.float32),
+  )
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*shapes).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -132,8 +139,14 @@ def test_config_key_and_validation():
     ModelConfig.tiny(bitlinear_impl="fast")
   assert mmfree_jax.base_config().model.bitlinear_impl == "auto"
   with pytest.raises(ValueError, match="bitlinear_impl"):
-    layers.BitLinear(4, 4, axes=("embed", "mlp"), kernel_init=layers.normal_init(0.02),
-                     impl="nope", rngs=nnx.Rngs(0))
+    layers.BitLinear(
+      4,
+      4,
+      axes=("embed", "mlp"),
+      kernel_init=layers.normal_init(0.02),
+      impl="nope",
+      rngs=nnx.Rngs(0),
+    )
 
 
 def _model_grads(impl):

@@ -73,8 +73,15 @@ def _fmix(h):
 def _numpy_digest(x):
   """The documented digest in numpy (uint64 arithmetic, reduced mod 2^32)."""
   x = np.asarray(x)
-  words = (x.view(np.uint32) if x.dtype.itemsize == 4 else
-           x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize])).astype(np.uint64).ravel()
+  words = (
+    (
+      x.view(np.uint32)
+      if x.dtype.itemsize == 4
+      else x.view({1: np.uint8, 2: np.uint16}[x.dtype.itemsize])
+    )
+    .astype(np.uint64)
+    .ravel()
+  )
   index = np.arange(words.size, dtype=np.uint64)
   h = _fmix(words ^ (index * checksum._K % 2**32) ^ checksum._S)
   return f"{int(h.sum() % 2**32):08x}{int((h * (index | 1)).sum() % 2**32):08x}"
@@ -82,16 +89,20 @@ def _numpy_digest(x):
 
 def test_checksum_matches_numpy_is_sharding_invariant_and_sees_every_bit():
   rng = np.random.default_rng(0)
-  tree = {"w": rng.normal(size=(16, 24)).astype(np.float32),
-          "b": rng.normal(size=(16,)).astype(jnp.bfloat16),
-          "q": rng.integers(-128, 128, size=(8, 3), dtype=np.int8),
-          "step": np.int32(7)}
+  tree = {
+    "w": rng.normal(size=(16, 24)).astype(np.float32),
+    "b": rng.normal(size=(16,)).astype(jnp.bfloat16),
+    "q": rng.integers(-128, 128, size=(8, 3), dtype=np.int8),
+    "step": np.int32(7),
+  }
   saved = checksum.digests(tree)
   for name, x in tree.items():
     assert saved[name] == {"digest": _numpy_digest(x), "dtype": str(x.dtype)}, name
   mesh = jax.make_mesh((8,), ("fsdp",))
-  sharded = {k: jax.device_put(v, NamedSharding(mesh, P("fsdp") if np.ndim(v) else P()))
-             for k, v in tree.items()}
+  sharded = {
+    k: jax.device_put(v, NamedSharding(mesh, P("fsdp") if np.ndim(v) else P()))
+    for k, v in tree.items()
+  }
   assert len(sharded["w"].sharding.device_set) == 8
   assert checksum.digests(sharded) == saved  # any mesh gives the global array's digest
   for name in ("w", "b", "q"):
@@ -114,31 +125,39 @@ def _flip_16_bytes(state_dir, key):
   store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{state_dir}/"}).result()
   data = bytearray(store.read(key).result().value)
   middle = len(data) // 2
-  data[middle:middle + 16] = bytes(b ^ 0x5A for b in data[middle:middle + 16])
+  data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
   store.write(key, bytes(data)).result()
 
 
 def test_corrupted_array_bytes_are_refused_on_resume_and_load_sharded(tmp_path):
   work = str(tmp_path)
   fsdp = {"data": 1, "fsdp": 8, "tensor": 1}  # each array saved from 8 shards
-  cfg = lambda steps: small_config(**{"train.steps": steps, "train.checkpoint_every": 2,
-                                      "mesh.shape": fsdp})
+  cfg = lambda steps: small_config(
+    **{"train.steps": steps, "train.checkpoint_every": 2, "mesh.shape": fsdp}
+  )
   trainer.train(cfg(4), work, progress=False)
   assert loading.load_model(work)[2] == 4  # one device: another sharding, still verified
   _flip_16_bytes(tmp_path / "checkpoints" / "4" / "state", b"params.embedding/0.0")
-  refused = (r"checkpoint step 4 .* corrupted: the bytes read for params/embedding do not "
-             r"match .*--restore_step.*\[2\]")
+  refused = (
+    r"checkpoint step 4 .* corrupted: the bytes read for params/embedding do not "
+    r"match .*--restore_step.*\[2\]"
+  )
   with pytest.raises(ckpt_lib.CheckpointError, match=refused):
     trainer.train(cfg(6), work, progress=False, allow_steps_change=True)
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 4 .* params/embedding do .*--step"):
     loading.load_model(work)
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={work}",
-                         "--ppl_split=val"],
-                        capture_output=True, text=True, env=dict(_env(), JAX_PLATFORMS="cpu"),
-                        timeout=300, check=False)
+  proc = subprocess.run(
+    [sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={work}", "--ppl_split=val"],
+    capture_output=True,
+    text=True,
+    env=dict(_env(), JAX_PLATFORMS="cpu"),
+    timeout=300,
+    check=False,
+  )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  assert proc.stderr.strip().splitlines()[-1].startswith(
-      "eval.py: error: checkpoint step 4 "), proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("eval.py: error: checkpoint step 4 "), (
+    proc.stderr[-2000:]
+  )
   assert loading.load_model(work, step=2)[2] == 2  # eval.py --step=2
   result = trainer.train(cfg(6), work, progress=False, restore_step=2, allow_steps_change=True)
   assert int(result.state.step) == 6
@@ -175,13 +194,21 @@ def test_stale_lock_race_has_exactly_one_holder(tmp_path):
   for trial in range(trials):
     work = tmp_path / str(trial)
     work.mkdir()
-    (work / LOCK_NAME).write_text(json.dumps(
-        {"pid": _dead_pid(), "host": socket.gethostname(), "started": "earlier"}))
+    (work / LOCK_NAME).write_text(
+      json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "started": "earlier"})
+    )
     start = time.time() + 1.5
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(work), str(start)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=_env())
-             for _ in range(racers)]
+    procs = [
+      subprocess.Popen(
+        [sys.executable, "-c", _RACER, str(work), str(start)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+      )
+      for _ in range(racers)
+    ]
     verdicts = [_verdict(p) for p in procs]
     for p in procs:
       p.stdin.close()
@@ -220,12 +247,24 @@ def _descendants(pid):
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
 def test_grain_workers_die_with_a_sigkilled_trainer(tmp_path):
   work = tmp_path / "work"
-  overrides = {"data.worker_count": 2, "train.steps": 100000, "train.checkpoint_every": 0,
-               "train.log_every": 1}
+  overrides = {
+    "data.worker_count": 2,
+    "train.steps": 100000,
+    "train.checkpoint_every": 0,
+    "train.log_every": 1,
+  }
   proc = subprocess.Popen(
-      [sys.executable, os.path.join(REPO, "tests", "_train_worker.py"), str(work),
-       str(tmp_path / "out"), json.dumps(overrides)],
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    [
+      sys.executable,
+      os.path.join(REPO, "tests", "_train_worker.py"),
+      str(work),
+      str(tmp_path / "out"),
+      json.dumps(overrides),
+    ],
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    env=_env(),
+  )
   try:
     deadline = time.time() + 300
     while not (work / "metrics.jsonl").exists() or not (work / "metrics.jsonl").read_text():

@@ -41,7 +41,8 @@ def test_base_config_is_the_schema():
       assert value == field.default, (section, key)
       assert field.help and field.check.text, (section, key)
   assert config_lib.config_help() == {
-      f"{s}.{k}": f.help for s, fields in schema.SCHEMA.items() for k, f in fields.items()}
+    f"{s}.{k}": f.help for s, fields in schema.SCHEMA.items() for k, f in fields.items()
+  }
 
 
 @pytest.mark.parametrize("cls,section", [(ModelConfig, "model"), (DistillSettings, "distill")])
@@ -49,7 +50,8 @@ def test_frozen_configs_take_their_fields_and_defaults_from_the_schema(cls, sect
   fields = dataclasses.fields(cls)
   assert [f.name for f in fields] == list(schema.SCHEMA[section])
   assert {f.name: f.default for f in fields} == {
-      k: f.default for k, f in schema.SCHEMA[section].items()}
+    k: f.default for k, f in schema.SCHEMA[section].items()
+  }
   instance = cls.from_config({})
   assert hash(instance) == hash(cls.from_config({}))  # hashable: a static jit argument
   with pytest.raises(dataclasses.FrozenInstanceError):
@@ -61,6 +63,7 @@ def test_registry_names_match_the_modules_that_dispatch_on_them():
   from mmfree_jax.data import sources  # pylint: disable=import-outside-toplevel
   from mmfree_jax.parallel import mesh  # pylint: disable=import-outside-toplevel
   from mmfree_jax.train import distill, optim  # pylint: disable=import-outside-toplevel
+
   assert schema.SCHEDULES is optim.SCHEDULES
   assert distill.DistillSettings is DistillSettings
   assert schema.MESH_AXES == mesh.MESH_AXES
@@ -81,8 +84,15 @@ def test_docs_schema_section_is_current():
   assert docs.doc_is_current(), "docs §5 is stale: run python -m mmfree_jax.config --docs"
   with open(docs.DOC_PATH, encoding="utf-8") as f:
     text = f.read()
-  for key in ("num_kv_heads", "rope_theta", "attention_impl", "mixture", "tracker",
-              "teacher_step", "activation_batch"):
+  for key in (
+    "num_kv_heads",
+    "rope_theta",
+    "attention_impl",
+    "mixture",
+    "tracker",
+    "teacher_step",
+    "activation_batch",
+  ):
     assert f"`{key}`" in text or key in text, key
   assert "#### `distill`" in text
 
@@ -91,8 +101,9 @@ def test_stale_doc_is_detected_and_rewritten(tmp_path, monkeypatch, capsys):
   path = str(tmp_path / "architecture.md")
   shutil.copy(docs.DOC_PATH, path)
   assert config_main.main(["--check", "--path", path]) == 0
-  monkeypatch.setitem(schema.SCHEMA["train"], "steps",
-                      dataclasses.replace(schema.SCHEMA["train"]["steps"], default=7))
+  monkeypatch.setitem(
+    schema.SCHEMA["train"], "steps", dataclasses.replace(schema.SCHEMA["train"]["steps"], default=7)
+  )
   assert config_main.main(["--check", "--path", path]) == 1
   assert "stale" in capsys.readouterr().err
   assert config_main.main(["--docs", "--path", path]) == 0
@@ -105,25 +116,44 @@ def test_stale_doc_is_detected_and_rewritten(tmp_path, monkeypatch, capsys):
 
 
 def test_every_problem_is_reported_in_one_error():
-  cfg = _cfg(**{"model.d_model": -1, "model.scan_type": "fast", "data.source": "parquet",
-                "train.steps": 0, "optim.b2": 1.0, "distill.alpha": 2.0})
+  cfg = _cfg(
+    **{
+      "model.d_model": -1,
+      "model.scan_type": "fast",
+      "data.source": "parquet",
+      "train.steps": 0,
+      "optim.b2": 1.0,
+      "distill.alpha": 2.0,
+    }
+  )
   with pytest.raises(ConfigError) as e:
     config_lib.validate(cfg)
   problems = e.value.problems
   assert len(problems) == 6, problems
   text = str(e.value)
   assert text.startswith("6 config errors:")
-  for key, value in (("model.d_model", "-1"), ("model.scan_type", "'fast'"),
-                     ("data.source", "'parquet'"), ("train.steps", "0"), ("optim.b2", "1.0"),
-                     ("distill.alpha", "2.0")):
+  for key, value in (
+    ("model.d_model", "-1"),
+    ("model.scan_type", "'fast'"),
+    ("data.source", "'parquet'"),
+    ("train.steps", "0"),
+    ("optim.b2", "1.0"),
+    ("distill.alpha", "2.0"),
+  ):
     line = next(p for p in problems if p.startswith(key + " "))
     assert f"got {value}" in line and f"--config.{key}" in line, line
   config_lib.validate(config_lib.base_config())  # the defaults pass
 
 
 def test_cross_key_rules_join_the_same_pass():
-  cfg = _cfg(**{"model.scan_type": "chunked", "model.chunk_size": 48, "data.mixture": "1,1",
-                "train.tracker": "comet"})
+  cfg = _cfg(
+    **{
+      "model.scan_type": "chunked",
+      "model.chunk_size": 48,
+      "data.mixture": "1,1",
+      "train.tracker": "comet",
+    }
+  )
   with pytest.raises(ConfigError) as e:
     config_lib.validate(cfg)
   text = str(e.value)
@@ -134,10 +164,20 @@ def test_cross_key_rules_join_the_same_pass():
 
 def test_train_py_prints_all_errors_as_one_error_message(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "train.py", f"--workdir={tmp_path}", "--config.optim.lr=1e300",
-       "--config.optim.eps=0", "--config.model.rms_norm_eps=-1"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      "train.py",
+      f"--workdir={tmp_path}",
+      "--config.optim.lr=1e300",
+      "--config.optim.eps=0",
+      "--config.model.rms_norm_eps=-1",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode != 0
   err = proc.stderr.strip().splitlines()
   start = next(i for i, line in enumerate(err) if line.startswith("train.py: error:"))
@@ -152,31 +192,59 @@ def test_train_py_prints_all_errors_as_one_error_message(tmp_path):
 # ------------------------------------------------------------ issue 28 item 9 validators
 
 
-@pytest.mark.parametrize("key,value", [
-    ("optim.lr", 1e300), ("optim.lr", math.inf), ("optim.lr", math.nan), ("optim.lr", 2.0),
-    ("optim.b1", 1.0), ("optim.b1", -0.1), ("optim.b2", 1.0), ("optim.b2", math.nan),
-    ("optim.eps", 0.0), ("optim.eps", -1e-8), ("optim.weight_decay", -0.01),
-    ("optim.clip_norm", -1.0), ("optim.z_loss", -1e-4), ("model.rms_norm_eps", 0.0),
-    ("model.rms_norm_eps", -1.0), ("train.sample_tokens", -1),
-    ("train.peak_flops_per_device", -1.0), ("distill.temperature", math.nan),
-])
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("optim.lr", 1e300),
+    ("optim.lr", math.inf),
+    ("optim.lr", math.nan),
+    ("optim.lr", 2.0),
+    ("optim.b1", 1.0),
+    ("optim.b1", -0.1),
+    ("optim.b2", 1.0),
+    ("optim.b2", math.nan),
+    ("optim.eps", 0.0),
+    ("optim.eps", -1e-8),
+    ("optim.weight_decay", -0.01),
+    ("optim.clip_norm", -1.0),
+    ("optim.z_loss", -1e-4),
+    ("model.rms_norm_eps", 0.0),
+    ("model.rms_norm_eps", -1.0),
+    ("train.sample_tokens", -1),
+    ("train.peak_flops_per_device", -1.0),
+    ("distill.temperature", math.nan),
+  ],
+)
 def test_issue28_bad_values_are_refused(key, value):
-  with pytest.raises(ConfigError, match=f"^{key} must be .*; got {re.escape(repr(value))} "
-                     rf"\(set --config.{key}\)$"):
+  with pytest.raises(
+    ConfigError,
+    match=f"^{key} must be .*; got {re.escape(repr(value))} "
+    rf"\(set --config.{key}\)$",
+  ):
     config_lib.validate(_cfg(**{key: value}))
 
 
-@pytest.mark.parametrize("key,value", [
-    ("optim.lr", 0.0), ("optim.lr", 1.0), ("optim.b1", 0.0), ("optim.b2", 0.999),
-    ("optim.clip_norm", 0.0), ("optim.z_loss", 0.0), ("train.sample_tokens", 0),
-    ("train.peak_flops_per_device", 0.0), ("optim.weight_decay", 0.0),
-])
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("optim.lr", 0.0),
+    ("optim.lr", 1.0),
+    ("optim.b1", 0.0),
+    ("optim.b2", 0.999),
+    ("optim.clip_norm", 0.0),
+    ("optim.z_loss", 0.0),
+    ("train.sample_tokens", 0),
+    ("train.peak_flops_per_device", 0.0),
+    ("optim.weight_decay", 0.0),
+  ],
+)
 def test_issue28_edge_values_are_accepted(key, value):
   config_lib.validate(_cfg(**{key: value}))
 
 
 def test_sampling_temperature_nan_is_refused():
   from mmfree_jax import generate  # pylint: disable=import-outside-toplevel
+
   for bad in (math.nan, math.inf, -1.0):
     with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
       generate.SamplingConfig(temperature=bad).validate()
@@ -185,6 +253,7 @@ def test_sampling_temperature_nan_is_refused():
 
 def test_negative_mc_limit_is_refused(tmp_path):
   from mmfree_jax.eval import runner  # pylint: disable=import-outside-toplevel
+
   path = tmp_path / "mc.jsonl"
   path.write_text('{"context": "a", "choices": ["b", "c"], "label": 0}\n')
   with pytest.raises(ValueError, match="mc_limit=-1 must be >= 0"):
@@ -193,9 +262,18 @@ def test_negative_mc_limit_is_refused(tmp_path):
 
 
 def test_import_is_light():
-  code = ("import sys, mmfree_jax.config as c; c.base_config(); "
-          "print(sorted(m for m in sys.modules if m.startswith(('mmfree_jax.ops', "
-          "'mmfree_jax.kernels', 'jax.experimental.pallas'))))")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": ROOT}, timeout=120, check=True)
+  code = (
+    "import sys, mmfree_jax.config as c; c.base_config(); "
+    "print(sorted(m for m in sys.modules if m.startswith(('mmfree_jax.ops', "
+    "'mmfree_jax.kernels', 'jax.experimental.pallas'))))"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "PYTHONPATH": ROOT},
+    timeout=120,
+    check=True,
+  )
   assert proc.stdout.strip() == "[]", proc.stdout

@@ -35,13 +35,18 @@ def test_context_axis_from_the_config_override():
 def test_seq_goes_on_context():
   assert sharding.logical_to_spec(("activation_seq",), RULES) == P("context")
   mesh = mesh_lib.make_mesh({"data": 2, "context": 4})
-  x = jax.device_put(np.zeros((2, 8, 3), np.float32),
-                     NamedSharding(mesh, P(("data", "fsdp"), None, None)))
+  x = jax.device_put(
+    np.zeros((2, 8, 3), np.float32), NamedSharding(mesh, P(("data", "fsdp"), None, None))
+  )
   with sharding.logical_sharding(mesh, RULES):
-    y = jax.jit(lambda x: sharding.constrain(
-        x, ("activation_batch", "activation_seq", "activation_embed")))(x)
-    step = jax.jit(lambda x: sharding.constrain(
-        x[:, :1], ("activation_batch", "activation_seq", "activation_embed")))(x)
+    y = jax.jit(
+      lambda x: sharding.constrain(x, ("activation_batch", "activation_seq", "activation_embed"))
+    )(x)
+    step = jax.jit(
+      lambda x: sharding.constrain(
+        x[:, :1], ("activation_batch", "activation_seq", "activation_embed")
+      )
+    )(x)
   assert y.sharding.shard_shape(y.shape) == (1, 2, 3)
   # A decode step's one position cannot split 4 ways: replicated, not an error.
   assert step.sharding.shard_shape(step.shape) == (1, 1, 3)
@@ -51,7 +56,8 @@ def test_a_mesh_without_the_context_axis_replicates_the_sequence():
   mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
   x = np.zeros((4, 8, 6), np.float32)
   with sharding.logical_sharding(mesh, RULES):
-    y = jax.jit(lambda x: sharding.constrain(
-        x, ("activation_batch", "activation_seq", "activation_inner")))(x)
+    y = jax.jit(
+      lambda x: sharding.constrain(x, ("activation_batch", "activation_seq", "activation_inner"))
+    )(x)
   assert y.sharding.shard_shape(y.shape) == (1, 8, 3)
   assert sharding.batch_sharding(mesh, RULES).spec == P(("data", "fsdp"), None)

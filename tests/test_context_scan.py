@@ -34,8 +34,8 @@ MESHES = {"context8": {"data": 1, "context": 8}, "data2_context4": {"data": 2, "
 def _data(batch, seq, dim, seed=0):
   rng = np.random.default_rng(seed)
   f = rng.uniform(0.5, 0.99, (batch, seq, dim))
-  f[0, seq // 3, :] = 0.0            # a document start inside a shard
-  f[-1, seq // 2, 1] = 0.0           # one on a shard's first position (seq/2 is a boundary)
+  f[0, seq // 3, :] = 0.0  # a document start inside a shard
+  f[-1, seq // 2, 1] = 0.0  # one on a shard's first position (seq/2 is a boundary)
   i = rng.normal(size=(batch, seq, dim))
   h0 = rng.normal(size=(batch, dim))
   return f, i, h0
@@ -59,14 +59,16 @@ def _assert_close(got, want):
     assert err <= F64_TOL, (name, err)
 
 
-def _check(scan_type, mesh_shape, combine="ppermute", chunk_size=3, shape=(2, 64, 6),
-           with_state=True):
+def _check(
+  scan_type, mesh_shape, combine="ppermute", chunk_size=3, shape=(2, 64, 6), with_state=True
+):
   mesh = mesh_lib.make_mesh(MESHES[mesh_shape])
   fn = recurrence.get_recurrence(scan_type, chunk_size)
   f, i, h0 = _data(*shape)
   h0 = h0 if with_state else None
-  sharded = lambda f, i, h0: context_scan.context_recurrence(fn, f, i, h0, mesh=mesh,
-                                                              combine=combine)
+  sharded = lambda f, i, h0: context_scan.context_recurrence(
+    fn, f, i, h0, mesh=mesh, combine=combine
+  )
   one = lambda f, i, h0: recurrence.linear_recurrence(f, i, h0, scan_type="sequential")
   if with_state:
     _assert_close(_loss_and_grads(sharded, f, i, h0), _loss_and_grads(one, f, i, h0))
@@ -77,8 +79,9 @@ def _check(scan_type, mesh_shape, combine="ppermute", chunk_size=3, shape=(2, 64
 
 
 @pytest.mark.parametrize("mesh_shape", sorted(MESHES))
-@pytest.mark.parametrize("scan_type", ["sequential", "associative", "chunked",
-                                       "sequential_custom_vjp"])
+@pytest.mark.parametrize(
+  "scan_type", ["sequential", "associative", "chunked", "sequential_custom_vjp"]
+)
 def test_sharded_scan_equals_one_device(scan_type, mesh_shape):
   with jax.enable_x64(True):
     _check(scan_type, mesh_shape)
@@ -104,8 +107,11 @@ def test_batch_the_data_axis_does_not_divide():
 
 def test_pallas_kernel_per_shard():
   """The TPU kernel, interpreted (f64 rows of 128 lanes), as each shard's scan."""
-  with (jax.enable_x64(True), dispatch.kernel_platform("tpu", interpret=True),
-        warnings.catch_warnings()):
+  with (
+    jax.enable_x64(True),
+    dispatch.kernel_platform("tpu", interpret=True),
+    warnings.catch_warnings(),
+  ):
     warnings.simplefilter("error", common.KernelFallbackWarning)  # the kernel, not sequential
     _check("pallas", "data2_context4", shape=(2, 16, 128))
 
@@ -125,8 +131,10 @@ def test_bad_input_is_refused_with_the_fix():
 
 # ---- the compiled HLO: what crosses the context axis ----
 
-_COLLECTIVE = re.compile(r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute"
-                         r"|all-to-all)(?:-start)?\(")
+_COLLECTIVE = re.compile(
+  r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute"
+  r"|all-to-all)(?:-start)?\("
+)
 _ARRAY = re.compile(r"\b[a-z]+\d*\[([\d,]*)\]")
 
 
@@ -169,6 +177,7 @@ def test_only_states_cross_the_context_axis(mesh_shape):
 
 # ---- the model: the registry runs the context scan under a mesh that splits the sequence ----
 
+
 @pytest.mark.parametrize("mesh_shape", sorted(MESHES))
 def test_model_with_context_parallelism_equals_one_device(mesh_shape):
   """A tiny MatMul-free LM (float64, random parameters, packed documents) under
@@ -180,8 +189,9 @@ def test_model_with_context_parallelism_equals_one_device(mesh_shape):
   tokens = jnp.asarray(rng.integers(0, 256, (2, 16)), jnp.int32)
   segments = jnp.asarray([[1] * 5 + [2] * 11, [3] * 8 + [4] * 8], jnp.int32)
   with jax.enable_x64(True):
-    cfg = ModelConfig.tiny(dtype="float64", param_dtype="float64", scan_type="chunked",
-                           chunk_size=3)
+    cfg = ModelConfig.tiny(
+      dtype="float64", param_dtype="float64", scan_type="chunked", chunk_size=3
+    )
     model = mmfree_jax.build_model(cfg, 0)
     randomize_params(model, seed=3)
     graphdef, params = nnx.split(model)
@@ -202,8 +212,7 @@ def test_model_with_context_parallelism_equals_one_device(mesh_shape):
     assert "collective_permute" in split.lower(params).as_text()  # the context scan ran
     got = split(params)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(one)):
-    err = np.max(np.abs(np.asarray(g) - np.asarray(w))) / max(np.max(np.abs(np.asarray(w))),
-                                                              1e-300)
+    err = np.max(np.abs(np.asarray(g) - np.asarray(w))) / max(np.max(np.abs(np.asarray(w))), 1e-300)
     assert err <= F64_TOL, err
 
 
@@ -214,15 +223,20 @@ def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch, kind):
   handling of a split sequence)."""
   calls = []
   real = context_scan.context_recurrence
-  monkeypatch.setattr(context_scan, "context_recurrence",
-                      lambda *a, **k: calls.append(k["mesh"].shape["context"]) or real(*a, **k))
+  monkeypatch.setattr(
+    context_scan,
+    "context_recurrence",
+    lambda *a, **k: calls.append(k["mesh"].shape["context"]) or real(*a, **k),
+  )
   with jax.enable_x64(True):
     model_cfg, tx, schedule = train_step_test._setup(kind)
     batches = [train_step_test._batch(0), train_step_test._batch(1)]
     ref_losses, ref_params, _ = train_step_test._run(
-        model_cfg, tx, schedule, {"data": 1}, jax.devices()[:1], batches)
+      model_cfg, tx, schedule, {"data": 1}, jax.devices()[:1], batches
+    )
     losses, params, _ = train_step_test._run(
-        model_cfg, tx, schedule, MESHES["data2_context4"], jax.devices(), batches)
+      model_cfg, tx, schedule, MESHES["data2_context4"], jax.devices(), batches
+    )
   if kind == "mmfree":
     assert calls and set(calls) == {4}, calls  # each layer's recurrence ran split
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-10)
@@ -242,14 +256,24 @@ def test_train_step_moves_no_seq_sized_activation_over_context():
     shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     x = jax.ShapeDtypeStruct((batch, seq + 1), np.int32, sharding=batch_sharding)
-    step = jax.jit(steps.make_train_step(model_cfg, state_lib.model_graphdef(model_cfg), tx,
-                                         schedule, mesh=mesh, rules=rules),
-                   in_shardings=(shardings, batch_sharding))
-    text = step.lower(state_lib.abstract_train_state(model_cfg, tx, shardings),
-                      {"tokens": x, "segment_ids": x}).compile().as_text()
-  arrays = [(dtype, [int(n) for n in dims.split(",") if n])
-            for match in _COLLECTIVE.finditer(text)
-            for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))]
+    step = jax.jit(
+      steps.make_train_step(
+        model_cfg, state_lib.model_graphdef(model_cfg), tx, schedule, mesh=mesh, rules=rules
+      ),
+      in_shardings=(shardings, batch_sharding),
+    )
+    text = (
+      step.lower(
+        state_lib.abstract_train_state(model_cfg, tx, shardings), {"tokens": x, "segment_ids": x}
+      )
+      .compile()
+      .as_text()
+    )
+  arrays = [
+    (dtype, [int(n) for n in dims.split(",") if n])
+    for match in _COLLECTIVE.finditer(text)
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
+  ]
   float_arrays = [(t, dims) for t, dims in arrays if t.startswith(("f", "bf"))]
   assert ("f64", [batch, model_cfg.d_model]) in float_arrays  # the states crossing shards
   seq_sized = [(t, dims) for t, dims in float_arrays if {seq, seq // context} & set(dims)]
@@ -261,8 +285,9 @@ def test_registry_splits_only_lengths_the_context_divides(monkeypatch):
   one (a ragged prompt) and a 1-step one (decode) run unsplit; all equal one device."""
   calls = []
   real = context_scan.context_recurrence
-  monkeypatch.setattr(context_scan, "context_recurrence",
-                      lambda *a, **k: calls.append(a[1].shape[1]) or real(*a, **k))
+  monkeypatch.setattr(
+    context_scan, "context_recurrence", lambda *a, **k: calls.append(a[1].shape[1]) or real(*a, **k)
+  )
   mesh = mesh_lib.make_mesh(MESHES["context8"])
   rules = sharding.normalize_rules(config_lib.base_config().mesh.axis_rules)
   with jax.enable_x64(True):

@@ -27,15 +27,15 @@ from mmfree_jax.numerics import quant
 def setup():
   """A small randomly initialised Transformer++ (its own init: 0.02-std kernels, GQA) and a
   batch of packed random tokens."""
-  teacher_cfg = ModelConfig.tiny(kind="transformer", num_heads=4, num_kv_heads=2,
-                                 rms_norm_eps=1e-5)
+  teacher_cfg = ModelConfig.tiny(kind="transformer", num_heads=4, num_kv_heads=2, rms_norm_eps=1e-5)
   student_cfg = student_config(teacher_cfg)
   teacher = build_model(teacher_cfg, nnx.Rngs(params=0))
   student = build_model(student_cfg, nnx.Rngs(params=1))
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, teacher_cfg.vocab_size, (8, 32)), jnp.int32)
-  segments = jnp.asarray(np.where(np.arange(32)[None] < rng.integers(4, 28, (8, 1)), 1, 2),
-                         jnp.int32)
+  segments = jnp.asarray(
+    np.where(np.arange(32)[None] < rng.integers(4, 28, (8, 1)), 1, 2), jnp.int32
+  )
   return teacher_cfg, student_cfg, teacher, student, tokens, segments
 
 
@@ -88,8 +88,11 @@ def test_projection_inputs_rebuild_the_teacher_blocks(setup):
   assert down_in.shape == (teacher_cfg.num_layers, 8, 32, teacher_cfg.intermediate_size)
   p = _params(teacher)["blocks"]
   for layer in range(teacher_cfg.num_layers):
-    rebuilt = (hidden[layer] + o_in[layer] @ p["attn"]["o_proj"]["kernel"][layer]
-               + down_in[layer] @ p["mlp"]["down_proj"]["kernel"][layer])
+    rebuilt = (
+      hidden[layer]
+      + o_in[layer] @ p["attn"]["o_proj"]["kernel"][layer]
+      + down_in[layer] @ p["mlp"]["down_proj"]["kernel"][layer]
+    )
     np.testing.assert_allclose(rebuilt, hidden[layer + 1], atol=1e-6)
   # The teacher is left as it was, also with writable numpy leaves (whose per-layer slices are
   # views): its o_proj is swapped, not written into.
@@ -109,38 +112,60 @@ def test_calibration_is_folded_into_the_norm_scales(setup):
   same = init_student_params(t, teacher_cfg, fresh, student_cfg, Calibration())
   jax.tree.map(np.testing.assert_array_equal, plain, same)  # no calibration: the plain copy
   o_rms, down_rms = jnp.asarray([0.5, 0.25]), jnp.asarray([2.0, 4.0])
-  cal = init_student_params(t, teacher_cfg, fresh, student_cfg,
-                            Calibration(ternary=True, o_proj_rms=o_rms, down_proj_rms=down_rms))
+  cal = init_student_params(
+    t,
+    teacher_cfg,
+    fresh,
+    student_cfg,
+    Calibration(ternary=True, o_proj_rms=o_rms, down_proj_rms=down_rms),
+  )
   tb = t["blocks"]
   gain = lambda kernel: np.asarray(ternary_gain(kernel))[:, None]
-  for group, name, kernel, rms in (("attn", "o_proj", tb["attn"]["o_proj"]["kernel"], o_rms),
-                                   ("mlp", "down_proj", tb["mlp"]["down_proj"]["kernel"],
-                                    down_rms)):
+  for group, name, kernel, rms in (
+    ("attn", "o_proj", tb["attn"]["o_proj"]["kernel"], o_rms),
+    ("mlp", "down_proj", tb["mlp"]["down_proj"]["kernel"], down_rms),
+  ):
     np.testing.assert_array_equal(plain["blocks"][group][name]["norm_scale"], 1.0)
-    np.testing.assert_allclose(cal["blocks"][group][name]["norm_scale"],
-                               np.broadcast_to(gain(kernel) * np.asarray(rms)[:, None],
-                                               plain["blocks"][group][name]["norm_scale"].shape),
-                               rtol=1e-6)
-  np.testing.assert_allclose(cal["blocks"]["attn"]["g_proj"]["norm_scale"],
-                             plain["blocks"]["attn"]["g_proj"]["norm_scale"]
-                             * gain(tb["attn"]["q_proj"]["kernel"]), rtol=1e-6)
-  np.testing.assert_allclose(cal["blocks"]["mlp"]["gate_proj"]["norm_scale"],
-                             plain["blocks"]["mlp"]["gate_proj"]["norm_scale"]
-                             * gain(tb["mlp"]["gate_proj"]["kernel"]), rtol=1e-6)
-  np.testing.assert_allclose(cal["lm_head"]["norm_scale"], plain["lm_head"]["norm_scale"]
-                             * float(ternary_gain(t["lm_head"]["kernel"])), rtol=1e-6)
-  norm = init_student_params(t, teacher_cfg, fresh, student_cfg,
-                             Calibration(ternary=True, block_gain="norm"))
-  np.testing.assert_allclose(norm["blocks"]["mlp"]["down_proj"]["norm_scale"],
-                             np.broadcast_to(np.asarray(ternary_gain(
-                                 tb["mlp"]["down_proj"]["kernel"], "norm"))[:, None],
-                                 plain["blocks"]["mlp"]["down_proj"]["norm_scale"].shape),
-                             rtol=1e-6)
-  np.testing.assert_allclose(norm["lm_head"]["norm_scale"], cal["lm_head"]["norm_scale"],
-                             rtol=1e-6)  # the head keeps the least-squares gain
+    np.testing.assert_allclose(
+      cal["blocks"][group][name]["norm_scale"],
+      np.broadcast_to(
+        gain(kernel) * np.asarray(rms)[:, None], plain["blocks"][group][name]["norm_scale"].shape
+      ),
+      rtol=1e-6,
+    )
+  np.testing.assert_allclose(
+    cal["blocks"]["attn"]["g_proj"]["norm_scale"],
+    plain["blocks"]["attn"]["g_proj"]["norm_scale"] * gain(tb["attn"]["q_proj"]["kernel"]),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    cal["blocks"]["mlp"]["gate_proj"]["norm_scale"],
+    plain["blocks"]["mlp"]["gate_proj"]["norm_scale"] * gain(tb["mlp"]["gate_proj"]["kernel"]),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    cal["lm_head"]["norm_scale"],
+    plain["lm_head"]["norm_scale"] * float(ternary_gain(t["lm_head"]["kernel"])),
+    rtol=1e-6,
+  )
+  norm = init_student_params(
+    t, teacher_cfg, fresh, student_cfg, Calibration(ternary=True, block_gain="norm")
+  )
+  np.testing.assert_allclose(
+    norm["blocks"]["mlp"]["down_proj"]["norm_scale"],
+    np.broadcast_to(
+      np.asarray(ternary_gain(tb["mlp"]["down_proj"]["kernel"], "norm"))[:, None],
+      plain["blocks"]["mlp"]["down_proj"]["norm_scale"].shape,
+    ),
+    rtol=1e-6,
+  )
+  np.testing.assert_allclose(
+    norm["lm_head"]["norm_scale"], cal["lm_head"]["norm_scale"], rtol=1e-6
+  )  # the head keeps the least-squares gain
   for key in ("kernel",):  # the weights themselves are the plain copy's
-    np.testing.assert_array_equal(cal["blocks"]["attn"]["o_proj"][key],
-                                  plain["blocks"]["attn"]["o_proj"][key])
+    np.testing.assert_array_equal(
+      cal["blocks"]["attn"]["o_proj"][key], plain["blocks"]["attn"]["o_proj"][key]
+    )
 
 
 def test_calibrated_student_blocks_match_the_teacher_update_scale(setup):
@@ -158,8 +183,10 @@ def test_calibrated_student_blocks_match_the_teacher_update_scale(setup):
     params = init_student_params(t, teacher_cfg, fresh, student_cfg, calib)
     model = nnx.merge(graphdef, params)
     out = blockwise.mmfree_block_outputs(model, hidden[:-1, 4:], segments[4:])
-    return [rms(out[l] - hidden[l, 4:]) / rms(hidden[l + 1, 4:] - hidden[l, 4:])
-            for l in range(teacher_cfg.num_layers)]
+    return [
+      rms(out[l] - hidden[l, 4:]) / rms(hidden[l + 1, 4:] - hidden[l, 4:])
+      for l in range(teacher_cfg.num_layers)
+    ]
 
   calibrated, plain = ratios(calibration), ratios(None)
   assert all(0.5 <= r <= 2.0 for r in calibrated), calibrated
@@ -168,6 +195,7 @@ def test_calibrated_student_blocks_match_the_teacher_update_scale(setup):
 
 def test_mapping_picks_the_mlgru_sources(setup):
   from mmfree_jax.convert import ConversionError
+
   teacher_cfg, student_cfg, teacher, student, _, _ = setup
   t, fresh = _params(teacher), _params(student)
   default = init_student_params(t, teacher_cfg, fresh, student_cfg)

@@ -108,24 +108,27 @@ def test_bpe_on_kjv_trains_caches_and_round_trips(kjv_bpe, kjv_cache, monkeypatc
   assert len(cached) == 1
   # The second load reads the cache: training again would fail here.
   monkeypatch.setattr(tok_lib, "train_bpe", lambda *a: pytest.fail("retrained the BPE"))
-  again = data.tokenizer_from_config(data_cfg(source="builtin_kjv", tokenizer="bpe:512"),
-                                     cache_dir=kjv_cache)
+  again = data.tokenizer_from_config(
+    data_cfg(source="builtin_kjv", tokenizer="bpe:512"), cache_dir=kjv_cache
+  )
   assert again.fingerprint == kjv_bpe.fingerprint
   text = "In the beginning God created the heaven and the earth.\nAnd the earth was"
   ids = kjv_bpe.encode(text)
   assert len(ids) < len(text) / 2  # it learned English merges
   assert kjv_bpe.decode(ids) == text
   # hf: loads the same JSON file and gives the same ids.
-  hf = data.load_tokenizer("hf:" + os.path.join(kjv_cache, "tokenizers", cached[0]),
-                           cache_dir=kjv_cache)
+  hf = data.load_tokenizer(
+    "hf:" + os.path.join(kjv_cache, "tokenizers", cached[0]), cache_dir=kjv_cache
+  )
   assert hf.encode(text) == ids and hf.eos_id == kjv_bpe.eos_id
 
 
 def test_bpe_texts_digest_keys_cache(tmp_path):
   texts = ["one two three", "four five six"] * 20
   tok = data.load_tokenizer("bpe:300", corpus_texts=lambda: texts, cache_dir=str(tmp_path))
-  other = data.load_tokenizer("bpe:300", corpus_texts=lambda: texts + ["zzz qqq"],
-                              cache_dir=str(tmp_path))
+  other = data.load_tokenizer(
+    "bpe:300", corpus_texts=lambda: texts + ["zzz qqq"], cache_dir=str(tmp_path)
+  )
   assert len(os.listdir(tmp_path / "tokenizers")) == 2  # a different corpus, another cache
   assert tok.decode(tok.encode("four two")) == "four two"
   assert other.vocab_size <= 300
@@ -141,10 +144,18 @@ def test_bpe_round_trips_any_unicode(kjv_bpe, text):
 
 def test_sentencepiece_tokenizer(tmp_path):
   import sentencepiece as spm
+
   model = tmp_path / "sp.model"
   with open(model, "wb") as f:
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(doc_texts() * 5), model_writer=f,
-                                   vocab_size=40, bos_id=1, eos_id=2, unk_id=0, pad_id=-1)
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(doc_texts() * 5),
+      model_writer=f,
+      vocab_size=40,
+      bos_id=1,
+      eos_id=2,
+      unk_id=0,
+      pad_id=-1,
+    )
   tok = data.load_tokenizer(f"spm:{model}", cache_dir=str(tmp_path))
   assert (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id) == (40, 1, 2, 2)
   ids = tok.encode("doc 12: ccc")
@@ -174,13 +185,17 @@ def test_text_source_splits_paragraphs(tmp_path):
   (tmp_path / "b.txt").write_text("\n\nlast one")
   cfg = data_cfg(source="text", paths=f"{tmp_path}/a.txt, {tmp_path}/b*.txt")
   assert list(data.source_from_config(cfg).documents()) == [
-      "first line\nsecond line", "third", "last one"]
+    "first line\nsecond line",
+    "third",
+    "last one",
+  ]
 
 
 def test_jsonl_source_reads_field(tmp_path):
   path = write_jsonl(tmp_path / "x.jsonl", ["α", "", "β γ"], field="body")
-  docs = list(data.source_from_config(
-      data_cfg(source="jsonl", paths=path, text_field="body")).documents())
+  docs = list(
+    data.source_from_config(data_cfg(source="jsonl", paths=path, text_field="body")).documents()
+  )
   assert docs == ["α", "β γ"]  # empty strings are skipped
 
 
@@ -196,8 +211,9 @@ def test_tokenize_once_then_memory_map(small_corpus, tmp_path, monkeypatch):
   assert isinstance(tokens, np.memmap) and tokens.dtype == np.int32
   assert tokens.tolist() == stream_of(texts)
   assert corpus.num_documents == len(texts)
-  monkeypatch.setattr(corpus_lib, "tokenize_to_cache",
-                      lambda *a: pytest.fail("tokenized a cached corpus again"))
+  monkeypatch.setattr(
+    corpus_lib, "tokenize_to_cache", lambda *a: pytest.fail("tokenized a cached corpus again")
+  )
   corpus_lib.load_corpus(data.source_from_config(cfg), BYTE, str(tmp_path / "c"))
   # An edited file has a new identity and is tokenized again.
   monkeypatch.undo()
@@ -234,7 +250,7 @@ def test_windows_reassemble_the_split_streams(small_corpus, tmp_path, val_fracti
       w = windows[i]
       assert w["tokens"].dtype == np.int32 and w["segment_ids"].dtype == np.int32
       assert w["tokens"].shape == w["segment_ids"].shape == (16,)
-      assert w["tokens"].tolist() == full[16 * i:16 * (i + 1)]
+      assert w["tokens"].tolist() == full[16 * i : 16 * (i + 1)]
       assert w["segment_ids"].tolist() == loop_segment_ids(w["tokens"], 16)
   if val_fraction:
     train_docs, val_docs = seen
@@ -247,8 +263,9 @@ def test_windows_reassemble_the_split_streams(small_corpus, tmp_path, val_fracti
 
 def test_short_corpus_is_one_padded_window(tmp_path):
   path = write_jsonl(tmp_path / "s.jsonl", ["ab", "c"])
-  train, _ = data.split_windows(data_cfg(source="jsonl", paths=path, seq_len=9), BYTE,
-                                cache_dir=str(tmp_path))
+  train, _ = data.split_windows(
+    data_cfg(source="jsonl", paths=path, seq_len=9), BYTE, cache_dir=str(tmp_path)
+  )
   assert len(train) == 1
   w = train[0]
   assert w["tokens"].tolist() == [97, 98, EOS, 99, EOS] + [BYTE.pad_id] * 5
@@ -264,7 +281,10 @@ def test_token_files_source(tmp_path):
   expected = [5, 6, EOS, 7, EOS, 8, 9, EOS, 10, 11, EOS, 12, EOS]  # a virtual EOS ends b.npy
   assert train.stream_slice(0, train.num_tokens).tolist() == expected
   assert [train[i]["tokens"].tolist() for i in range(len(train))] == [
-      expected[0:4], expected[4:8], expected[8:12]]
+    expected[0:4],
+    expected[4:8],
+    expected[8:12],
+  ]
   assert train[2]["segment_ids"].tolist() == [1, 1, 1, 2]
   with pytest.raises(ValueError, match=r"b\.npy.*\[8, 300\].*data\.tokenizer"):
     np.save(tmp_path / "b.npy", np.array([8, 300, EOS], np.int64))
@@ -307,7 +327,7 @@ def test_train_batches_shape_determinism_and_epochs(small_corpus, tmp_path):
     assert b["tokens"].shape == b["segment_ids"].shape == (8, 16)
     assert b["tokens"].dtype == b["segment_ids"].dtype == np.int32
   rows = [tuple(r) for b in batches for r in b["tokens"].tolist()]
-  epoch0, epoch1 = rows[:n], rows[n:2 * n]
+  epoch0, epoch1 = rows[:n], rows[n : 2 * n]
   assert sorted(epoch0) == sorted(windows) == sorted(epoch1)  # each epoch: every window once
   assert epoch0 != epoch1 and epoch0 != windows  # shuffled, and reshuffled per epoch
   same = take(data.train_iterator(cfg, BYTE, global_batch=8, cache_dir=cache), steps)
@@ -324,22 +344,39 @@ def test_process_rows_concatenate_to_the_global_batch(small_corpus, tmp_path, pr
   cache = str(tmp_path / "c")
   steps = 15  # crosses an epoch boundary (about 50 train windows, 8 per step)
   single = take(data.train_iterator(cfg, BYTE, global_batch=8, cache_dir=cache), steps)
-  local = [take(data.train_iterator(cfg, BYTE, global_batch=8, process_index=p,
-                                    process_count=process_count, cache_dir=cache), steps)
-           for p in range(process_count)]
+  local = [
+    take(
+      data.train_iterator(
+        cfg, BYTE, global_batch=8, process_index=p, process_count=process_count, cache_dir=cache
+      ),
+      steps,
+    )
+    for p in range(process_count)
+  ]
   for s in range(steps):
     for key in ("tokens", "segment_ids"):
       assert local[0][s][key].shape == (8 // process_count, 16)
       np.testing.assert_array_equal(
-          np.concatenate([local[p][s][key] for p in range(process_count)]), single[s][key])
+        np.concatenate([local[p][s][key] for p in range(process_count)]), single[s][key]
+      )
   val_single = data.validation_batches(cfg, BYTE, batch_size=8, num_batches=3, cache_dir=cache)
-  val_local = [data.validation_batches(cfg, BYTE, batch_size=8, num_batches=3, process_index=p,
-                                       process_count=process_count, cache_dir=cache)
-               for p in range(process_count)]
+  val_local = [
+    data.validation_batches(
+      cfg,
+      BYTE,
+      batch_size=8,
+      num_batches=3,
+      process_index=p,
+      process_count=process_count,
+      cache_dir=cache,
+    )
+    for p in range(process_count)
+  ]
   for b in range(3):
     np.testing.assert_array_equal(
-        np.concatenate([val_local[p][b]["tokens"] for p in range(process_count)]),
-        val_single[b]["tokens"])
+      np.concatenate([val_local[p][b]["tokens"] for p in range(process_count)]),
+      val_single[b]["tokens"],
+    )
 
 
 def test_validation_batches_are_validation_windows(small_corpus, tmp_path):
@@ -373,6 +410,7 @@ def test_iterator_state_resumes(small_corpus, tmp_path):
 
 def test_iterator_checkpoints_with_orbax(small_corpus, tmp_path):
   import orbax.checkpoint as ocp
+
   path, _ = small_corpus
   cfg = data_cfg(source="jsonl", paths=path)
   cache = str(tmp_path / "c")
@@ -409,8 +447,7 @@ def test_kjv_bpe_batches(kjv_bpe, kjv_cache):
   batch = next(data.train_iterator(cfg, kjv_bpe, global_batch=4, cache_dir=kjv_cache))
   assert batch["tokens"].shape == (4, 65)
   assert batch["tokens"].max() < 512 and batch["tokens"].min() >= 0
-  (val,) = data.validation_batches(cfg, kjv_bpe, batch_size=4, num_batches=1,
-                                   cache_dir=kjv_cache)
+  (val,) = data.validation_batches(cfg, kjv_bpe, batch_size=4, num_batches=1, cache_dir=kjv_cache)
   text = kjv_bpe.decode(val["tokens"][0])
   assert len(text) > 100 and "\n" in text  # verses of a chapter are separated by newlines
   for tokens, segments in zip(batch["tokens"], batch["segment_ids"]):
@@ -421,23 +458,35 @@ def test_kjv_bpe_batches(kjv_bpe, kjv_cache):
 
 
 texts_strategy = st.lists(
-    st.one_of(st.text(max_size=40),
-              st.text(alphabet="\n \t", max_size=5),
-              st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=8),
-                        st.integers(50, 400))),  # very long documents
-    min_size=1, max_size=8)
+  st.one_of(
+    st.text(max_size=40),
+    st.text(alphabet="\n \t", max_size=5),
+    st.builds(lambda s, n: s * n, st.text(min_size=1, max_size=8), st.integers(50, 400)),
+  ),  # very long documents
+  min_size=1,
+  max_size=8,
+)
 
 
-@settings(max_examples=30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(texts=texts_strategy, seq_len=st.integers(1, 40), global_batch=st.sampled_from([1, 2, 4]),
-       val_fraction=st.sampled_from([0.0, 0.3]), use_bpe=st.booleans())
-def test_batches_always_well_formed(tmp_path_factory, kjv_bpe, texts, seq_len, global_batch,
-                                    val_fraction, use_bpe):
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+  texts=texts_strategy,
+  seq_len=st.integers(1, 40),
+  global_batch=st.sampled_from([1, 2, 4]),
+  val_fraction=st.sampled_from([0.0, 0.3]),
+  use_bpe=st.booleans(),
+)
+def test_batches_always_well_formed(
+  tmp_path_factory, kjv_bpe, texts, seq_len, global_batch, val_fraction, use_bpe
+):
   tmp = tmp_path_factory.mktemp("prop")
   tok = kjv_bpe if use_bpe else BYTE
-  cfg = data_cfg(source="jsonl", paths=write_jsonl(tmp / "p.jsonl", texts), seq_len=seq_len,
-                 val_fraction=val_fraction)
+  cfg = data_cfg(
+    source="jsonl",
+    paths=write_jsonl(tmp / "p.jsonl", texts),
+    seq_len=seq_len,
+    val_fraction=val_fraction,
+  )
   num_docs = sum(1 for t in texts if t)
   if num_docs == 0 or (val_fraction and num_docs < 2):
     with pytest.raises(ValueError, match="no documents|too few"):
@@ -445,8 +494,9 @@ def test_batches_always_well_formed(tmp_path_factory, kjv_bpe, texts, seq_len, g
     return
   batches = take(data.train_iterator(cfg, tok, global_batch=global_batch, cache_dir=str(tmp)), 3)
   if val_fraction:
-    batches += data.validation_batches(cfg, tok, batch_size=global_batch, num_batches=2,
-                                       cache_dir=str(tmp))
+    batches += data.validation_batches(
+      cfg, tok, batch_size=global_batch, num_batches=2, cache_dir=str(tmp)
+    )
   for b in batches:
     assert b["tokens"].shape == b["segment_ids"].shape == (global_batch, seq_len + 1)
     assert b["tokens"].dtype == b["segment_ids"].dtype == np.int32

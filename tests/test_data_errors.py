@@ -21,8 +21,9 @@ def data_cfg(**overrides):
 def batches(cfg, cache_dir, global_batch=2, process_count=1):
   """Builds the tokenizer and pulls one training batch, as training does."""
   tok = data.tokenizer_from_config(cfg, cache_dir=cache_dir)
-  it = data.train_iterator(cfg, tok, global_batch=global_batch, process_count=process_count,
-                           cache_dir=cache_dir)
+  it = data.train_iterator(
+    cfg, tok, global_batch=global_batch, process_count=process_count, cache_dir=cache_dir
+  )
   return next(it)
 
 
@@ -79,8 +80,11 @@ def test_unknown_source(tmp_path):
 def test_jsonl_missing_field_names_file_and_line(tmp_path):
   path = tmp_path / "d.jsonl"
   path.write_text(json.dumps({"text": "fine"}) + "\n\n" + json.dumps({"body": "oops"}) + "\n")
-  with pytest.raises(ValueError, match=r"d\.jsonl:3 has no field 'text' \(has \['body'\]\).*"
-                                       r"data\.text_field"):
+  with pytest.raises(
+    ValueError,
+    match=r"d\.jsonl:3 has no field 'text' \(has \['body'\]\).*"
+    r"data\.text_field",
+  ):
     batches(data_cfg(source="jsonl", paths=str(path)), str(tmp_path))
 
 
@@ -100,8 +104,11 @@ def test_non_utf8_text(tmp_path):
 
 
 def test_unknown_tokenizer_spec(tmp_path):
-  with pytest.raises(ValueError, match=r"unknown data\.tokenizer spec 'gpt2'.*byte.*bpe:.*hf:"
-                                       r".*spm:"):
+  with pytest.raises(
+    ValueError,
+    match=r"unknown data\.tokenizer spec 'gpt2'.*byte.*bpe:.*hf:"
+    r".*spm:",
+  ):
     data.load_tokenizer("gpt2", cache_dir=str(tmp_path))
   with pytest.raises(ValueError, match="vocab size must be an int"):
     data.load_tokenizer("bpe:big", corpus_texts=lambda: ["x"], cache_dir=str(tmp_path))
@@ -119,8 +126,9 @@ def test_tokenizer_file_missing(tmp_path):
 def test_bpe_needs_text(tmp_path):
   np.save(tmp_path / "t.npy", np.arange(5, dtype=np.int32))
   with pytest.raises(ValueError, match="bpe:300.*no corpus text.*hf:"):
-    batches(data_cfg(source="tokens", paths=str(tmp_path / "t.npy"), tokenizer="bpe:300"),
-            str(tmp_path))
+    batches(
+      data_cfg(source="tokens", paths=str(tmp_path / "t.npy"), tokenizer="bpe:300"), str(tmp_path)
+    )
 
 
 def test_bad_token_files(tmp_path):
@@ -134,20 +142,28 @@ def test_bad_token_files(tmp_path):
 
 def test_batch_not_divisible_by_processes(tmp_path):
   (tmp_path / "ok.txt").write_text("hello")
-  with pytest.raises(ValueError, match="global batch 3 is not a positive multiple of the 2 "
-                                       "processes.*train.global_batch"):
-    batches(data_cfg(source="text", paths=str(tmp_path / "ok.txt")), str(tmp_path),
-            global_batch=3, process_count=2)
+  with pytest.raises(
+    ValueError,
+    match="global batch 3 is not a positive multiple of the 2 processes.*train.global_batch",
+  ):
+    batches(
+      data_cfg(source="text", paths=str(tmp_path / "ok.txt")),
+      str(tmp_path),
+      global_batch=3,
+      process_count=2,
+    )
 
 
 def test_too_few_documents_for_validation(tmp_path):
   (tmp_path / "one.txt").write_text("a single paragraph")
   with pytest.raises(ValueError, match="1 document.*val_fraction=0"):
-    batches(data_cfg(source="text", paths=str(tmp_path / "one.txt"), val_fraction=0.1),
-            str(tmp_path))
+    batches(
+      data_cfg(source="text", paths=str(tmp_path / "one.txt"), val_fraction=0.1), str(tmp_path)
+    )
   with pytest.raises(ValueError, match=r"val_fraction=1.0 must be in \[0, 1\)"):
-    batches(data_cfg(source="text", paths=str(tmp_path / "one.txt"), val_fraction=1.0),
-            str(tmp_path))
+    batches(
+      data_cfg(source="text", paths=str(tmp_path / "one.txt"), val_fraction=1.0), str(tmp_path)
+    )
 
 
 def test_validation_without_split(tmp_path):

@@ -37,8 +37,15 @@ def write_jsonl(path, texts):
 
 def run(tmp_path, inputs, out="out", **kw):
   kw.setdefault("tokenizer", "byte")
-  return prep.prepare(prep.PrepareOptions(inputs=inputs, format="jsonl", out=str(tmp_path / out),
-                                          cache_dir=str(tmp_path / "cache"), **kw))
+  return prep.prepare(
+    prep.PrepareOptions(
+      inputs=inputs,
+      format="jsonl",
+      out=str(tmp_path / out),
+      cache_dir=str(tmp_path / "cache"),
+      **kw,
+    )
+  )
 
 
 def stored_tokens(path):
@@ -99,8 +106,7 @@ def test_each_shard_is_hashed_once_per_process(folder, tmp_path, monkeypatch):
   manifest = json.load(open(folder / "manifest.json"))
   assert read_everything(folder, str(tmp_path)) > len(manifest["shards"])
   assert read_everything(folder, str(tmp_path)) > 0
-  assert sorted(os.path.basename(p) for p in calls) == sorted(
-      s["path"] for s in manifest["shards"])
+  assert sorted(os.path.basename(p) for p in calls) == sorted(s["path"] for s in manifest["shards"])
 
 
 def test_threads_reading_at_once_hash_each_shard_once(folder, tmp_path, monkeypatch):
@@ -109,13 +115,14 @@ def test_threads_reading_at_once_hash_each_shard_once(folder, tmp_path, monkeypa
   monkeypatch.setattr(shards_lib, "sha256_file", lambda p: calls.append(p) or real(p))
   cfg = cfg_for(folder)
   tok = data.tokenizer_from_config(cfg, cache_dir=str(tmp_path))
-  (windows, _), = prepared_lib.split_windows(cfg, tok, "train")
+  ((windows, _),) = prepared_lib.split_windows(cfg, tok, "train")
   with futures.ThreadPoolExecutor(8) as pool:
     rows = list(pool.map(lambda i: windows[i * len(windows) // 64]["tokens"], range(64)))
   assert len(rows) == 64
   manifest = json.load(open(folder / "manifest.json"))
-  assert sorted(calls) == sorted(str(folder / manifest["shards"][i]["path"])
-                                 for i in manifest["splits"]["train"])
+  assert sorted(calls) == sorted(
+    str(folder / manifest["shards"][i]["path"]) for i in manifest["splits"]["train"]
+  )
 
 
 def test_a_flipped_bit_names_the_shard_and_the_fix(folder, tmp_path):
@@ -124,15 +131,18 @@ def test_a_flipped_bit_names_the_shard_and_the_fix(folder, tmp_path):
   raw = bytearray(path.read_bytes())
   raw[len(raw) // 2] ^= 0x10  # same size: only the checksum can tell
   path.write_bytes(bytes(raw))
-  with pytest.raises(ValueError, match=r"shard-00001\.array_record does not match the size "
-                     r"and sha256 .* rerun its prepare command"):
+  with pytest.raises(
+    ValueError,
+    match=r"shard-00001\.array_record does not match the size "
+    r"and sha256 .* rerun its prepare command",
+  ):
     read_everything(bad, str(tmp_path))
 
 
 def test_a_read_error_after_verification_names_the_shard(folder, tmp_path):
   cfg = cfg_for(folder)
   tok = data.tokenizer_from_config(cfg, cache_dir=str(tmp_path))
-  (windows, _), = prepared_lib.split_windows(cfg, tok, "train")
+  ((windows, _),) = prepared_lib.split_windows(cfg, tok, "train")
   assert windows[0]["tokens"].size  # verifies shard 0
 
   class Broken:  # what riegeli raises for a file damaged after it verified
@@ -140,8 +150,11 @@ def test_a_read_error_after_verification_names_the_shard(folder, tmp_path):
       raise RuntimeError("Corrupted Riegeli/records file: block header hash mismatch\nmore")
 
   windows.source = Broken()
-  with pytest.raises(ValueError, match=r"shard .*shard-00000\.array_record cannot be read "
-                     r"\(Corrupted Riegeli.*mismatch\); copy the folder again") as info:
+  with pytest.raises(
+    ValueError,
+    match=r"shard .*shard-00000\.array_record cannot be read "
+    r"\(Corrupted Riegeli.*mismatch\); copy the folder again",
+  ) as info:
     windows[0]
   assert "\n" not in str(info.value)
 
@@ -186,7 +199,9 @@ def lie_shards_not_list(m):
   m["shards"] = {"0": m["shards"][0]}
 
 
-@pytest.mark.parametrize("lie, match", [
+@pytest.mark.parametrize(
+  "lie, match",
+  [
     (lie_records, r"shards\[0\]\.records is \d+, but \d+ tokens in records of 64 make \d+"),
     (lie_tokens, r"shard-00000.* holds \d+ records .* the manifest does not describe the file"),
     (lie_dtype_int32, r"shard-00000.* holds \d+ records .* <i4 tokens"),
@@ -197,7 +212,8 @@ def lie_shards_not_list(m):
     (lie_eos_out_of_range, r"tokenizer\.eos_id is 999, not an id below vocab_size 258"),
     (lie_eos_in_range, r"records tokenizer ids .*'eos_id': 3.* the manifest was edited"),
     (lie_shards_not_list, r"shards is not a non-empty list"),
-])
+  ],
+)
 def test_manifest_fields_that_lie_are_named(folder, tmp_path, lie, match):
   bad = copy_of(folder, tmp_path)
   manifest = json.load(open(bad / "manifest.json"))
@@ -218,35 +234,47 @@ def test_stray_files_survive_a_resumed_prepare(tmp_path):
     (out / stray).write_text("mine")
   again = run(tmp_path, str(tmp_path / "x.jsonl"), shard_tokens=300, record_tokens=64)
   assert again == full
-  assert all((out / s).read_text() == "mine"
-             for s in ("shard-notes.txt", "shard-0001.json", "README.md"))
+  assert all(
+    (out / s).read_text() == "mine" for s in ("shard-notes.txt", "shard-0001.json", "README.md")
+  )
 
 
 def test_prepare_defaults_hold_out_a_shard_that_validation_reads(tmp_path):
   texts = docs(40)
   write_jsonl(tmp_path / "x.jsonl", texts)
-  opts = prep.parse_args(["--inputs", str(tmp_path / "x.jsonl"), "--format", "jsonl",
-                          "--tokenizer", "byte", "--out", str(tmp_path / "out")])
+  opts = prep.parse_args(
+    [
+      "--inputs",
+      str(tmp_path / "x.jsonl"),
+      "--format",
+      "jsonl",
+      "--tokenizer",
+      "byte",
+      "--out",
+      str(tmp_path / "out"),
+    ]
+  )
   opts.cache_dir = str(tmp_path / "cache")
   manifest = prep.prepare(opts)  # every other flag at its default: the corpus fits one shard
   assert manifest["splits"] == {"train": [0], "validation": [1]}
   # Cut at the first document whose end reaches 90% of the tokens.
   total = len(stream_of(texts))
-  k = next(i for i in range(len(texts)) if len(stream_of(texts[:i + 1])) >= 0.9 * total)
+  k = next(i for i in range(len(texts)) if len(stream_of(texts[: i + 1])) >= 0.9 * total)
   out = tmp_path / "out"
-  assert stored_tokens(out / shards_lib.shard_name(0)) == stream_of(texts[:k + 1])
-  assert stored_tokens(out / shards_lib.shard_name(1)) == stream_of(texts[k + 1:])
+  assert stored_tokens(out / shards_lib.shard_name(0)) == stream_of(texts[: k + 1])
+  assert stored_tokens(out / shards_lib.shard_name(1)) == stream_of(texts[k + 1 :])
   assert [s["documents"] for s in manifest["shards"]] == [k + 1, len(texts) - k - 1]
   # train's defaults (eval_batches > 0) find validation windows in it.
   train_cfg = base_config().train
   assert train_cfg.eval_batches > 0
   cfg = cfg_for(out)
   tok = data.tokenizer_from_config(cfg, cache_dir=str(tmp_path))
-  batches = data.validation_batches(cfg, tok, batch_size=2, num_batches=train_cfg.eval_batches,
-                                    cache_dir=str(tmp_path))
-  held_out = stream_of(texts[k + 1:])
+  batches = data.validation_batches(
+    cfg, tok, batch_size=2, num_batches=train_cfg.eval_batches, cache_dir=str(tmp_path)
+  )
+  held_out = stream_of(texts[k + 1 :])
   row = batches[0]["tokens"][0].tolist()
-  assert row == held_out[:len(row)]
+  assert row == held_out[: len(row)]
 
 
 def test_a_split_single_shard_resumes_to_the_same_bytes(tmp_path, monkeypatch):

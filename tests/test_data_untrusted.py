@@ -64,8 +64,11 @@ def test_a_manifest_tokenizer_file_cannot_leave_the_folder(folder, tmp_path):  #
     manifest["tokenizer"]["file"] = "../../tokenizer.json"
 
   bad = edited_copy(folder, tmp_path, edit)
-  with pytest.raises(ValueError, match=r"tokenizer\.file names '\.\./\.\./tokenizer\.json', "
-                     "which leaves"):
+  with pytest.raises(
+    ValueError,
+    match=r"tokenizer\.file names '\.\./\.\./tokenizer\.json', "
+    "which leaves",
+  ):
     prepared_lib.open_prepared(str(bad)).tokenizer_path()
 
 
@@ -81,10 +84,14 @@ def test_an_hf_index_cannot_point_outside_its_folder(tmp_path):
   hf = hf_folder(tmp_path)
   os.replace(hf / tensors.SINGLE_FILE, tmp_path / "outside.safetensors")
   names = list(load_file(tmp_path / "outside.safetensors"))
-  (hf / tensors.SAFETENSORS_INDEX).write_text(json.dumps(
-      {"weight_map": {n: "../outside.safetensors" for n in names}}))
-  with pytest.raises(HFCheckpointError, match=r"weight_map names '\.\./outside\.safetensors', "
-                     "which leaves"):
+  (hf / tensors.SAFETENSORS_INDEX).write_text(
+    json.dumps({"weight_map": {n: "../outside.safetensors" for n in names}})
+  )
+  with pytest.raises(
+    HFCheckpointError,
+    match=r"weight_map names '\.\./outside\.safetensors', "
+    "which leaves",
+  ):
     checkpoint_io.import_checkpoint(str(hf), str(tmp_path / "back"))
   assert not os.path.exists(tmp_path / "back")
 
@@ -104,8 +111,11 @@ def test_a_packed_config_tokenizer_cannot_leave_the_folder(packed_dir, tmp_path,
   cfg = json.load(open(bad / "config.json"))
   cfg["data"]["tokenizer"] = spec
   (bad / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(export.PackedDirError, match=r"data\.tokenizer names .*(leaves|not a "
-                     "relative path)"):
+  with pytest.raises(
+    export.PackedDirError,
+    match=r"data\.tokenizer names .*(leaves|not a "
+    "relative path)",
+  ):
     reader.load_config(str(bad))
 
 
@@ -132,9 +142,15 @@ def test_hf_import_refuses_nan_weights_unless_allowed(tmp_path, capsys):
 # ------------------------------------------------------------- 11. garbage and deep files
 
 
-@pytest.mark.parametrize("kind, content", [("hf", b"\x00\x01 not json"), ("hf", DEEP.encode()),
-                                           ("hf", b'{"version": "1.0"}'),
-                                           ("spm", b"\x00\x01garbage" * 10)])
+@pytest.mark.parametrize(
+  "kind, content",
+  [
+    ("hf", b"\x00\x01 not json"),
+    ("hf", DEEP.encode()),
+    ("hf", b'{"version": "1.0"}'),
+    ("spm", b"\x00\x01garbage" * 10),
+  ],
+)
 def test_garbage_tokenizer_files_are_one_line(tmp_path, kind, content):
   path = tmp_path / ("tokenizer.json" if kind == "hf" else "tokenizer.model")
   path.write_bytes(content)
@@ -169,11 +185,18 @@ def test_deeply_nested_json_files_are_one_line(folder, tmp_path, packed_dir):  #
 
 def test_a_deeply_nested_corpus_line_names_its_file_and_line(tmp_path):
   from mmfree_jax.data import prepare as prep
+
   (tmp_path / "x.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + DEEP + "\n")
   with pytest.raises(ValueError, match=r"x\.jsonl:2 is not valid JSON \(nested too deeply"):
-    prep.prepare(prep.PrepareOptions(inputs=str(tmp_path / "x.jsonl"), format="jsonl",
-                                     tokenizer="byte", out=str(tmp_path / "out"),
-                                     cache_dir=str(tmp_path / "cache")))
+    prep.prepare(
+      prep.PrepareOptions(
+        inputs=str(tmp_path / "x.jsonl"),
+        format="jsonl",
+        tokenizer="byte",
+        out=str(tmp_path / "out"),
+        cache_dir=str(tmp_path / "cache"),
+      )
+    )
 
 
 def test_a_deeply_nested_multiple_choice_line_names_its_file_and_line(tmp_path):
@@ -187,12 +210,16 @@ def test_a_deeply_nested_multiple_choice_line_names_its_file_and_line(tmp_path):
 def test_lm_eval_tasks_that_need_the_network_name_the_task(tmp_path, monkeypatch):
   pytest.importorskip("lm_eval", reason="lm-eval is an optional install")
   from mmfree_jax.eval import lm_eval_adapter
+
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))  # an empty cache
   _random_workdir(tmp_path / "w")
-  with pytest.raises(ValueError, match="lm-eval task 'lambada_openai' cannot load its dataset "
-                     r".*HF_DATASETS_OFFLINE=1.*--lm_eval_include_path") as info:
+  with pytest.raises(
+    ValueError,
+    match="lm-eval task 'lambada_openai' cannot load its dataset "
+    r".*HF_DATASETS_OFFLINE=1.*--lm_eval_include_path",
+  ) as info:
     lm_eval_adapter.evaluate_tasks(str(tmp_path / "w"), ["lambada_openai"], limit=1)
   one_line(info)
   with pytest.raises(ValueError, match="lm-eval task 'no_such_task_xyz' is not a known task"):
@@ -212,10 +239,15 @@ def test_export_of_a_workdir_without_a_tokenizer(tmp_path, capsys):
   model, cfg, _ = reader.load_packed(str(tmp_path / "ids"))
   assert cfg.data.tokenizer == "" and model is not None
   with pytest.raises(ValueError, match="records no tokenizer.*--tokenizer"):
-    ev.evaluate_workdir(str(tmp_path / "ids"), ev.EvalOptions(prompts=["x"]), write=False,
-                        packed=True)
-  assert export_cli.main(["--workdir", str(back), "--dst", str(tmp_path / "named"),
-                          "--tokenizer", "spm:mistral"]) == 0
+    ev.evaluate_workdir(
+      str(tmp_path / "ids"), ev.EvalOptions(prompts=["x"]), write=False, packed=True
+    )
+  assert (
+    export_cli.main(
+      ["--workdir", str(back), "--dst", str(tmp_path / "named"), "--tokenizer", "spm:mistral"]
+    )
+    == 0
+  )
   named = reader.load_config(str(tmp_path / "named")).data.tokenizer
   assert named == "spm:" + str(tmp_path / "named" / "tokenizer.model")
   assert load_tokenizer(named, cache_dir=str(tmp_path)).vocab_size == 32000

@@ -25,7 +25,6 @@ B, T, PREFIX = 2, 8, 4
 TOL = 1e-9
 
 
-
 @nnx.jit
 def _decoding_paths(model, tokens):
   """All decoding paths of one model in one compiled program (one compile per model config).
@@ -37,6 +36,7 @@ def _decoding_paths(model, tokens):
     def step(state, tok_b):
       logits, state = mmfree_jax.decode(model, tok_b[:, None], state)
       return state, logits[:, 0]
+
     state, logits = jax.lax.scan(step, state, toks.T)
     return jnp.swapaxes(logits, 0, 1), state
 
@@ -51,8 +51,14 @@ def _decoding_paths(model, tokens):
   continued, _ = model(tokens[:, PREFIX:], state=prefix_state)
   # (control) the rest from an empty state: must differ, or the checks above prove nothing
   from_empty, _ = model(tokens[:, PREFIX:], state=empty)
-  return dict(full=full, stepwise=stepwise, prefill=prefill, after_prefill=after_prefill,
-              continued=continued, from_empty=from_empty), final_state
+  return dict(
+    full=full,
+    stepwise=stepwise,
+    prefill=prefill,
+    after_prefill=after_prefill,
+    continued=continued,
+    from_empty=from_empty,
+  ), final_state
 
 
 def _model(**overrides):
@@ -64,8 +70,9 @@ def _model(**overrides):
 
 def _close(got, expected):
   expected = np.asarray(expected)
-  np.testing.assert_allclose(np.asarray(got), expected, rtol=TOL,
-                             atol=TOL * np.max(np.abs(expected)))
+  np.testing.assert_allclose(
+    np.asarray(got), expected, rtol=TOL, atol=TOL * np.max(np.abs(expected))
+  )
 
 
 def _check_decoding(model):
@@ -122,14 +129,18 @@ def test_kv_cache_attention_matches_naive_attention_on_the_documented_layout(bat
   k_cache, v_cache = (t.transpose(0, 2, 3, 1).reshape(shape) for t in (k, v))
   positions = np.broadcast_to(filled - q_len + np.arange(q_len), (batch, q_len))
   run = lambda k_cache, v_cache: attention.kv_cache_attention(
-      jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(positions), filled)
+    jnp.asarray(q), jnp.asarray(k_cache), jnp.asarray(v_cache), jnp.asarray(positions), filled
+  )
   with jax.enable_x64(True):
     got = run(k_cache, v_cache)
     key_pos = np.broadcast_to(np.arange(max_len), (batch, max_len))
     mask = attention.causal_mask(jnp.asarray(positions), jnp.asarray(key_pos), filled)
     want = attention.dot_product_attention(
-        jnp.asarray(q), attention.repeat_kv(jnp.asarray(k), heads),
-        attention.repeat_kv(jnp.asarray(v), heads), mask)
+      jnp.asarray(q),
+      attention.repeat_kv(jnp.asarray(k), heads),
+      attention.repeat_kv(jnp.asarray(v), heads),
+      mask,
+    )
     assert got.shape == (batch, q_len, heads, head_dim)
     _close(got, want)
     # the empty slots (filled..max_len) are masked: garbage there changes nothing
@@ -151,8 +162,9 @@ def test_transformer_decode_step_updates_the_cache_in_place(batch, kv_heads):
   graphdef, params = nnx.split(model)
   max_len = 1000
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, 256, (batch, 6)), jnp.int32)
-  full, state = nnx.jit(lambda m, t: (m(t)[0], m(t[:, :5], state=m.init_state(batch, max_len))[1])
-                        )(model, tokens)
+  full, state = nnx.jit(lambda m, t: (m(t)[0], m(t[:, :5], state=m.init_state(batch, max_len))[1]))(
+    model, tokens
+  )
   layer_bytes = state.k[0].nbytes
   cache_bytes = sum(a.nbytes for a in state.k + state.v)
   scores_bytes = 2 * batch * model.cfg.num_heads * max_len * 4  # two fp32 [rows, group, S]
@@ -165,20 +177,28 @@ def test_transformer_decode_step_updates_the_cache_in_place(batch, kv_heads):
       tokens, state = carry
       logits, state = step(params, tokens, state)
       return jnp.argmax(logits[:, -1], -1).astype(jnp.int32)[:, None], state
+
     return jax.lax.fori_loop(0, 3, body, (tokens, state))
 
   for fn in (loop, step):
     compiled = jax.jit(fn, donate_argnums=2).lower(params, tokens[:, 5:], state).compile()
     hlo = compiled.as_text()
-    moved = [line for line in hlo.splitlines()
-             if re.search(r"(copy|transpose)\(", line) and str(max_len) in line.split("(")[0]]
+    moved = [
+      line
+      for line in hlo.splitlines()
+      if re.search(r"(copy|transpose)\(", line) and str(max_len) in line.split("(")[0]
+    ]
     assert not moved, moved[:3]
     mem = compiled.memory_analysis()
     assert mem.alias_size_in_bytes >= cache_bytes
     assert mem.temp_size_in_bytes < layer_bytes / 2 + scores_bytes
   logits, state = compiled(params, tokens[:, 5:], state)
-  np.testing.assert_allclose(np.asarray(logits[:, 0]), np.asarray(full[:, 5]), rtol=0,
-                             atol=1e-5 * np.max(np.abs(np.asarray(full))))
+  np.testing.assert_allclose(
+    np.asarray(logits[:, 0]),
+    np.asarray(full[:, 5]),
+    rtol=0,
+    atol=1e-5 * np.max(np.abs(np.asarray(full))),
+  )
   assert int(state.index) == 6
 
 

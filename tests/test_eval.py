@@ -38,6 +38,7 @@ PAD = 32  # reference forwards run on [rows, PAD] right-padded sequences (one co
 
 class ByteTok:
   """UTF-8 bytes 0..255, eos 256, bos 257, pad 258 (a BOS exercises the document start)."""
+
   vocab_size, eos_id, bos_id, pad_id = 259, 256, 257, 258
 
   def encode(self, text):
@@ -79,7 +80,7 @@ def _reference_scores(model, requests):
   """
   rows = np.zeros((len(requests), PAD), np.int32)
   for r, (c, k) in enumerate(requests):
-    rows[r, :len(c) + len(k)] = c + k
+    rows[r, : len(c) + len(k)] = c + k
   logits = np.asarray(_full_logits(model, jnp.asarray(rows)), np.float64)
   shifted = logits - logits.max(-1, keepdims=True)
   logp = shifted - np.log(np.sum(np.exp(shifted), -1, keepdims=True))  # log softmax
@@ -106,8 +107,9 @@ def _requests(seed=0):
   return out
 
 
-@pytest.mark.parametrize("kind,resets", [("mmfree", True), ("mmfree", False),
-                                         ("transformer", True)])
+@pytest.mark.parametrize(
+  "kind,resets", [("mmfree", True), ("mmfree", False), ("transformer", True)]
+)
 def test_continuation_loglik_equals_full_forward_softmax(kind, resets):
   with jax.enable_x64(True):
     model = _model(kind)
@@ -139,13 +141,14 @@ def test_state_reuse_equals_scoring_each_choice_from_scratch(monkeypatch):
     shared = ev.score_continuations(model, requests, batch_size=8, chunk_len=8)
     distinct = {tuple(c) for c, _ in requests}
     assert sorted(prefilled) == sorted(distinct)  # each context prefilled exactly once
-    alone = [ev.score_continuations(model, [r], batch_size=8, chunk_len=8)[0]
-             for r in requests]
+    alone = [ev.score_continuations(model, [r], batch_size=8, chunk_len=8)[0] for r in requests]
     recomputed = scoring._score_full_forward(model, requests, 8, None)  # context + choice, no state
-  np.testing.assert_allclose([s.logprob for s in shared], [s.logprob for s in alone],
-                             rtol=0, atol=TOL)
-  np.testing.assert_allclose([s.logprob for s in shared], [s.logprob for s in recomputed],
-                             rtol=0, atol=TOL)
+  np.testing.assert_allclose(
+    [s.logprob for s in shared], [s.logprob for s in alone], rtol=0, atol=TOL
+  )
+  np.testing.assert_allclose(
+    [s.logprob for s in shared], [s.logprob for s in recomputed], rtol=0, atol=TOL
+  )
 
 
 def test_document_nll_uses_full_context_for_mmfree():
@@ -186,26 +189,29 @@ def test_uniform_logits_give_perplexity_equal_to_vocab_size(kind):
     segments[0, 9:] = 2  # a second document in row 0
     segments[1, 12:] = 0  # padding: not counted
     tokens[0, 8] = ByteTok.eos_id
-    out = ev.perplexity_of_batches(model, [{"tokens": tokens, "segment_ids": segments}],
-                                   ByteTok())
-    texts = ev.perplexity_of_texts(model, ByteTok(), TEXTS, max_len=24, batch_size=8,
-                                   chunk_len=8)
+    out = ev.perplexity_of_batches(model, [{"tokens": tokens, "segment_ids": segments}], ByteTok())
+    texts = ev.perplexity_of_texts(model, ByteTok(), TEXTS, max_len=24, batch_size=8, chunk_len=8)
   assert out["tokens"] == int((segments[:, 1:] != 0).sum()) == 59
   assert out["bytes"] == 59 - 1  # the EOS target counts as a token but adds no bytes
-  np.testing.assert_allclose([out["perplexity"], texts["perplexity"]], [VOCAB, VOCAB],
-                             rtol=1e-9)
+  np.testing.assert_allclose([out["perplexity"], texts["perplexity"]], [VOCAB, VOCAB], rtol=1e-9)
   assert texts["tokens"] == texts["bytes"] == 40  # ASCII: one byte per token
   np.testing.assert_allclose(texts["bits_per_byte"], math.log2(VOCAB), rtol=1e-9)
   np.testing.assert_allclose(out["bits_per_byte"], 59 * math.log2(VOCAB) / 58, rtol=1e-9)
 
 
 def test_multiple_choice_acc_and_length_normalised_acc(monkeypatch):
-  examples = [ev.MCExample("ctx", ("a", "bbbb"), 1), ev.MCExample("ctx", ("cc", "d"), 0),
-              ev.MCExample("", ("x", "yy", "z"), 2)]
+  examples = [
+    ev.MCExample("ctx", ("a", "bbbb"), 1),
+    ev.MCExample("ctx", ("cc", "d"), 0),
+    ev.MCExample("", ("x", "yy", "z"), 2),
+  ]
   # summed log-likelihoods: acc picks the higher sum, acc_norm the higher sum per byte.
   lls = [-2.0, -4.0, -3.0, -2.5, -1.0, -3.0, -0.5]
-  monkeypatch.setattr(multiple_choice, "score_continuations",
-                      lambda model, requests, **kw: [ev.Scored(v, False, 1) for v in lls])
+  monkeypatch.setattr(
+    multiple_choice,
+    "score_continuations",
+    lambda model, requests, **kw: [ev.Scored(v, False, 1) for v in lls],
+  )
   out = ev.evaluate_multiple_choice(None, ByteTok(), examples)
   assert out["predictions"] == [0, 1, 2]  # argmax of sums
   assert out["predictions_norm"] == [1, 0, 2]  # -2/1 < -4/4; -3/2 > -2.5/1; -1, -1.5, -0.5
@@ -230,7 +236,9 @@ def test_sample_mc_file_is_well_formed():
   assert len(set(labels)) > 1  # the right answer is not always in the same slot
 
 
-@pytest.mark.parametrize("line,message", [
+@pytest.mark.parametrize(
+  "line,message",
+  [
     ('{"context": "a", "choices": ["b"]}', r"missing field\(s\) \['label'\]"),
     ('{"choices": ["b"], "label": 0}', r"missing field\(s\) \['context'\]"),
     ('{"context": "a", "choices": ["b", "c"], "label": 2}', "label 2 out of range"),
@@ -240,7 +248,8 @@ def test_sample_mc_file_is_well_formed():
     ('{"context": "a", "choices": ["b"], "label": true}', "must be an int"),
     ('{"context": "a", "choices": ["b"], "label": 0', "invalid JSON"),
     ('["a", ["b"], 0]', "expected a JSON object"),
-])
+  ],
+)
 def test_malformed_mc_lines_name_file_and_line(tmp_path, line, message):
   path = tmp_path / "bad.jsonl"
   good = '{"context": "a", "choices": ["b"], "label": 0}'
@@ -304,15 +313,27 @@ def test_eval_cli_end_to_end(tmp_path):
   workdir = tmp_path / "wd"
   _make_workdir(workdir)
   doc = tmp_path / "doc.txt"
-  paragraphs = ["In the beginning God created the heaven and the earth.",
-                "And the earth was without form, and void."]
+  paragraphs = [
+    "In the beginning God created the heaven and the earth.",
+    "And the earth was without form, and void.",
+  ]
   doc.write_text("\n\n".join(paragraphs) + "\n")
   prompt = "In the beginning God created the heaven and the earth, and"
   env = dict(os.environ, MMFREE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={workdir}",
-         f"--mc_file={SAMPLE_MC}", "--mc_limit=6", f"--ppl_file={doc}", "--ppl_split=val",
-         "--val_batches=1", f"--prompt={prompt}", "--max_new_tokens=5", "--batch_size=8",
-         "--chunk_len=8"]  # chunk_len 8: every scoring forward has one shape (fewer compiles)
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "eval.py"),
+    f"--workdir={workdir}",
+    f"--mc_file={SAMPLE_MC}",
+    "--mc_limit=6",
+    f"--ppl_file={doc}",
+    "--ppl_split=val",
+    "--val_batches=1",
+    f"--prompt={prompt}",
+    "--max_new_tokens=5",
+    "--batch_size=8",
+    "--chunk_len=8",
+  ]  # chunk_len 8: every scoring forward has one shape (fewer compiles)
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "acc_norm" in proc.stdout and "perplexity" in proc.stdout
@@ -395,21 +416,25 @@ def test_lm_eval_adapter_runs_local_tasks_offline(tmp_path, monkeypatch):
   with jax.enable_x64(True):
     model = _model("mmfree")
     lm = MMFreeLM(model=model, tokenizer=ByteTok(), batch_size=8, chunk_len=8)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["mmfree_sample_mc", "mmfree_sample_ppl"],
-                                  task_manager=TaskManager(include_path=str(tmp_path)))
-    ours = ev.evaluate_multiple_choice(model, ByteTok(), ev.load_mc_jsonl(str(mc_path)),
-                                       batch_size=8, chunk_len=8)
+    out = lm_eval.simple_evaluate(
+      model=lm,
+      tasks=["mmfree_sample_mc", "mmfree_sample_ppl"],
+      task_manager=TaskManager(include_path=str(tmp_path)),
+    )
+    ours = ev.evaluate_multiple_choice(
+      model, ByteTok(), ev.load_mc_jsonl(str(mc_path)), batch_size=8, chunk_len=8
+    )
     ppl = ev.perplexity_of_texts(model, ByteTok(), TEXTS, batch_size=8, chunk_len=8)
     # generate_until: greedy, cut at the stop string
-    request = Instance("generate_until", {}, ("In the", {"until": ["\n"], "max_gen_toks": 3}),
-                       0)
+    request = Instance("generate_until", {}, ("In the", {"until": ["\n"], "max_gen_toks": 3}), 0)
     (text,) = lm.generate_until([request])
     prompt = [ByteTok.bos_id] + ByteTok().encode("In the")  # starts as a training document
-    new = generate_lib.generate(model, [prompt], generate_lib.SamplingConfig(
-        max_new_tokens=3, eos_id=ByteTok.eos_id))[0].tolist()
+    new = generate_lib.generate(
+      model, [prompt], generate_lib.SamplingConfig(max_new_tokens=3, eos_id=ByteTok.eos_id)
+    )[0].tolist()
   mc, rolling = out["results"]["mmfree_sample_mc"], out["results"]["mmfree_sample_ppl"]
   assert mc["acc,none"] == pytest.approx(ours["acc"], abs=1e-12)
   assert mc["acc_norm,none"] == pytest.approx(ours["acc_norm"], abs=1e-12)
   assert rolling["bits_per_byte,none"] == pytest.approx(ppl["bits_per_byte"], rel=1e-9)
-  expected = ByteTok().decode(new[:new.index(256)] if 256 in new else new).split("\n")[0]
+  expected = ByteTok().decode(new[: new.index(256)] if 256 in new else new).split("\n")[0]
   assert text == expected

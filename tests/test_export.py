@@ -65,8 +65,10 @@ def exported(tmp_path_factory):
     dirs = {}
     for fmt in ("2bit", "base3", "int8"):
       dirs[fmt] = root / fmt
-      assert export_cli.main(["--workdir", str(root / "wd"), "--dst", str(dirs[fmt]),
-                              "--format", fmt]) == 0
+      assert (
+        export_cli.main(["--workdir", str(root / "wd"), "--dst", str(dirs[fmt]), "--format", fmt])
+        == 0
+      )
   return root, model, dirs
 
 
@@ -89,7 +91,7 @@ def test_stored_codes_are_the_latent_weights_quantized(exported):
     words = -(-kernel.shape[0] // 32)
     padded = np.zeros((words * 32, kernel.shape[1]), bool)
     for plane, value in enumerate((1, -1)):
-      padded[:kernel.shape[0]] = codes == value
+      padded[: kernel.shape[0]] = codes == value
       expected = np.ascontiguousarray(np.packbits(padded.T, axis=-1, bitorder="little"))
       expected = expected.view("<u4")
       np.testing.assert_array_equal(planes[plane], expected, err_msg=f"{fmt} plane {value}")
@@ -104,8 +106,13 @@ def test_packed_logits_and_greedy_tokens_equal_latent(exported):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (3, 11)), jnp.int32)
   latent, latent_state = model(tokens)
   scale = float(np.max(np.abs(np.asarray(latent))))
-  for fmt, method in [("2bit", "popcount"), ("2bit", "lut"), ("base3", "popcount"),
-                      ("base3", "lut"), ("int8", "lut")]:
+  for fmt, method in [
+    ("2bit", "popcount"),
+    ("2bit", "lut"),
+    ("base3", "popcount"),
+    ("base3", "lut"),
+    ("int8", "lut"),
+  ]:
     packed_model, _, _ = export.load_packed(str(dirs[fmt]), method=method)
     logits, state = packed_model(tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(latent), atol=1e-12 * scale)
@@ -120,8 +127,9 @@ def _data_bytes(path) -> int:
   """Bytes of the tensors of a safetensors file (its header's offsets)."""
   with open(path, "rb") as f:
     header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-  return sum(e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items()
-             if k != "__metadata__")
+  return sum(
+    e["data_offsets"][1] - e["data_offsets"][0] for k, e in header.items() if k != "__metadata__"
+  )
 
 
 def test_int8_embedding_is_the_rows_quantized_and_the_rest_exact(exported, tmp_path):
@@ -129,8 +137,21 @@ def test_int8_embedding_is_the_rows_quantized_and_the_rest_exact(exported, tmp_p
   at most half a step, max|row| / 254); the model then equals the latent model whose
   embedding is those de-quantized rows (same 1e-12 tolerance as the other formats)."""
   root, model, dirs = exported
-  assert export_cli.main(["--workdir", str(root / "wd"), "--dst", str(tmp_path / "e8"),
-                          "--format", "2bit", "--embedding_dtype", "int8"]) == 0
+  assert (
+    export_cli.main(
+      [
+        "--workdir",
+        str(root / "wd"),
+        "--dst",
+        str(tmp_path / "e8"),
+        "--format",
+        "2bit",
+        "--embedding_dtype",
+        "int8",
+      ]
+    )
+    == 0
+  )
   packed_model, _, manifest = export.load_packed(str(tmp_path / "e8"))
   assert manifest["embedding_dtype"] == "int8"
   params = packed_model.packed_params()
@@ -155,12 +176,15 @@ def test_packed_perplexity_and_multiple_choice_equal_latent(exported, tmp_path):
   root, _, dirs = exported
   doc = tmp_path / "doc.txt"
   doc.write_text("In the beginning God created the heaven.\n\nAnd the earth was void.\n")
-  options = ev.EvalOptions(ppl_files=[str(doc)], mc_files=[SAMPLE_MC], mc_limit=8,
-                           batch_size=8, chunk_len=8)
-  latent = ev.evaluate_workdir(str(root / "wd"), options, tokenizer=ByteTok(),
-                               output_dir=str(tmp_path / "a"))
-  packed = ev.evaluate_workdir(str(dirs["base3"]), options, tokenizer=ByteTok(), packed=True,
-                               output_dir=str(tmp_path / "b"))
+  options = ev.EvalOptions(
+    ppl_files=[str(doc)], mc_files=[SAMPLE_MC], mc_limit=8, batch_size=8, chunk_len=8
+  )
+  latent = ev.evaluate_workdir(
+    str(root / "wd"), options, tokenizer=ByteTok(), output_dir=str(tmp_path / "a")
+  )
+  packed = ev.evaluate_workdir(
+    str(dirs["base3"]), options, tokenizer=ByteTok(), packed=True, output_dir=str(tmp_path / "b")
+  )
   assert packed["model"]["packed_format"] == "base3"
   a, b = latent["perplexity"][str(doc)], packed["perplexity"][str(doc)]
   assert a["tokens"] == b["tokens"]
@@ -176,8 +200,7 @@ def test_lm_eval_generate_until_from_packed(exported):
 
   _, model, dirs = exported
   packed_model, _, _ = export.load_packed(str(dirs["2bit"]))
-  requests = [type("R", (), {"args": (p, {"until": ["\n"], "max_gen_toks": 6})})()
-              for p in PROMPTS]
+  requests = [type("R", (), {"args": (p, {"until": ["\n"], "max_gen_toks": 6})})() for p in PROMPTS]
   latent = MMFreeLM(model=model, tokenizer=ByteTok()).generate_until(requests)
   packed = MMFreeLM(model=packed_model, tokenizer=ByteTok()).generate_until(requests)
   assert latent == packed and len(packed) == len(PROMPTS)
@@ -186,8 +209,13 @@ def test_lm_eval_generate_until_from_packed(exported):
 def test_eval_cli_packed(exported, tmp_path):
   _, _, dirs = exported
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")
-  cmd = [sys.executable, os.path.join(REPO, "eval.py"), f"--packed={dirs['2bit']}",
-         "--prompt=In the beginning", "--max_new_tokens=4"]
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "eval.py"),
+    f"--packed={dirs['2bit']}",
+    "--prompt=In the beginning",
+    "--max_new_tokens=4",
+  ]
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(dirs["2bit"] / "eval" / "step_1.json") as f:
@@ -195,16 +223,31 @@ def test_eval_cli_packed(exported, tmp_path):
   assert out["model"]["packed_format"] == "2bit" and len(out["generation"]) == 1
   assert out["model"]["packed_method"] == "popcount"
   # the table-lookup product: the same tokens (exact integers either way)
-  proc = subprocess.run(cmd + ["--packed_method=lut", f"--output_dir={tmp_path}"],
-                        capture_output=True, text=True, env=env, timeout=240)
+  proc = subprocess.run(
+    cmd + ["--packed_method=lut", f"--output_dir={tmp_path}"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(tmp_path / "step_1.json") as f:
     lut = json.load(f)
   assert lut["model"]["packed_method"] == "lut"
   assert lut["generation"][0]["text"] == out["generation"][0]["text"]
-  proc = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), "--workdir=/nonexistent",
-                         "--packed_method=lut", "--prompt=x"],
-                        capture_output=True, text=True, env=env, timeout=240)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(REPO, "eval.py"),
+      "--workdir=/nonexistent",
+      "--packed_method=lut",
+      "--prompt=x",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=240,
+  )
   assert proc.returncode == 1 and "--packed_method applies to a --packed" in proc.stderr
 
 
@@ -215,6 +258,7 @@ def test_eval_cli_packed_method_choices_are_the_library_s():
 
   from mmfree_jax import registry  # pylint: disable=import-outside-toplevel
   from mmfree_jax.nn import packed  # pylint: disable=import-outside-toplevel
+
   spec = importlib.util.spec_from_file_location("eval_cli", os.path.join(REPO, "eval.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -244,7 +288,7 @@ def test_bad_packed_directories_name_the_file(exported, tmp_path):
     export.load_packed(str(missing))
   truncated = _copy(src, tmp_path / "truncated")
   data = (truncated / "model.safetensors").read_bytes()
-  (truncated / "model.safetensors").write_bytes(data[:len(data) - 100])
+  (truncated / "model.safetensors").write_bytes(data[: len(data) - 100])
   with pytest.raises(export.PackedDirError, match=r"truncated/model.safetensors"):
     export.load_packed(str(truncated))
   unknown = _copy(src, tmp_path / "unknown")
@@ -256,8 +300,11 @@ def test_bad_packed_directories_name_the_file(exported, tmp_path):
   config = json.loads((shapes / "config.json").read_text())
   config["model"]["d_model"] = 64
   (shapes / "config.json").write_text(json.dumps(config))
-  with pytest.raises(export.PackedDirError, match=r"shapes/model.safetensors: tensor .* has "
-                     r"shape .* the config and the codes disagree"):
+  with pytest.raises(
+    export.PackedDirError,
+    match=r"shapes/model.safetensors: tensor .* has "
+    r"shape .* the config and the codes disagree",
+  ):
     export.load_packed(str(shapes))
   wrong_format = _copy(src, tmp_path / "wrong_format")
   (wrong_format / "packed.json").write_text(json.dumps(dict(manifest, format="base3")))
@@ -274,8 +321,7 @@ def test_bad_export_requests(exported, tmp_path):
     export.export_workdir(str(root / "wd"), str(tmp_path / "out"), fmt="1bit")
   with pytest.raises(FileExistsError, match="not empty"):
     export.export_workdir(str(root / "wd"), str(dirs["2bit"]))
-  assert export_cli.main(["--workdir", str(tmp_path / "tf"), "--dst",
-                          str(tmp_path / "out")]) == 1
+  assert export_cli.main(["--workdir", str(tmp_path / "tf"), "--dst", str(tmp_path / "out")]) == 1
   assert not os.path.exists(tmp_path / "out")  # staged: nothing left behind
 
 

@@ -23,15 +23,20 @@ from tests.train_configs import small_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "_train_worker.py")
 STEPS = 16
-OVERRIDES = {"train.steps": STEPS, "train.checkpoint_every": 2, "train.keep_checkpoints": 3,
-             "train.log_every": 1}
+OVERRIDES = {
+  "train.steps": STEPS,
+  "train.checkpoint_every": 2,
+  "train.keep_checkpoints": 3,
+  "train.log_every": 1,
+}
 
 
 def _start(workdir, out, overrides=OVERRIDES, env=None, extra_args=()):
   cmd = [sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides), *extra_args]
   full_env = dict(os.environ, **(env or {}))
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=full_env)
+  return subprocess.Popen(
+    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env
+  )
 
 
 def _metric_rows(workdir):
@@ -145,8 +150,7 @@ def test_corrupted_checkpoint_names_step_and_file_and_older_step_recovers(tmp_pa
   cfg8 = small_config(**{**OVERRIDES, "train.steps": 8})  # a longer schedule: allowed below
   with pytest.raises(ckpt_lib.CheckpointError, match=r"step 6.*--restore_step"):
     training.train(cfg8, str(work), progress=False, allow_steps_change=True)
-  result = training.train(cfg8, str(work), progress=False, restore_step=4,
-                          allow_steps_change=True)
+  result = training.train(cfg8, str(work), progress=False, restore_step=4, allow_steps_change=True)
   assert int(result.state.step) == 8
   assert os.listdir(os.path.join(work, "abandoned_checkpoints"))
 
@@ -164,21 +168,33 @@ def test_corrupted_checkpoint_config_is_a_clear_error(tmp_path):
 
 def _exploding(**extra):
   # lr 1e30: the first update makes the params ~1e30, the next forward overflows (inf/NaN).
-  return small_config(**{"train.steps": 5, "optim.lr": 1e30, "optim.warmup_steps": 0,
-                         "optim.schedule": "constant", "optim.clip_norm": 0.0,
-                         "train.checkpoint_every": 1, **extra})
+  return small_config(
+    **{
+      "train.steps": 5,
+      "optim.lr": 1e30,
+      "optim.warmup_steps": 0,
+      "optim.schedule": "constant",
+      "optim.clip_norm": 0.0,
+      "train.checkpoint_every": 1,
+      **extra,
+    }
+  )
 
 
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
   # no validation: a non-finite final validation loss would end the run with an error
-  result = training.train(_exploding(**{"train.nan_policy": "skip", "train.eval_batches": 0}),
-                          str(tmp_path), progress=False)
+  result = training.train(
+    _exploding(**{"train.nan_policy": "skip", "train.eval_batches": 0}),
+    str(tmp_path),
+    progress=False,
+  )
   skipped = [r["skipped_steps"] for r in result.history]
   assert skipped[-1] >= 3 and skipped == sorted(skipped)  # counted, monotone
   assert [r["finite"] for r in result.history][0] == 1.0
-  params, _ = loading.load_params(str(tmp_path), loading.config_lib.ModelConfig.from_config(
-      _exploding().model))
+  params, _ = loading.load_params(
+    str(tmp_path), loading.config_lib.ModelConfig.from_config(_exploding().model)
+  )
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
@@ -200,21 +216,28 @@ def test_unwritable_workdir_fails_before_compute(tmp_path):
 
 def test_full_disk_fails_before_compute(tmp_path, monkeypatch):
   real = shutil.disk_usage
-  monkeypatch.setattr(shutil, "disk_usage",
-                      lambda p: real(p)._replace(free=1024))
+  monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
   with pytest.raises(OSError, match="MiB free"):
     training.train(small_config(), str(tmp_path), progress=False)
   assert not os.path.exists(ckpt_lib.checkpoint_dir(str(tmp_path))) or not os.listdir(
-      ckpt_lib.checkpoint_dir(str(tmp_path)))
+    ckpt_lib.checkpoint_dir(str(tmp_path))
+  )
 
 
 def test_dead_peer_process_ends_the_other_within_bounded_time(tmp_path):
   port = portpicker.pick_unused_port()
-  overrides = {"train.steps": 100000, "train.global_batch": 4, "train.checkpoint_every": 100000,
-               "dist.heartbeat_timeout_s": 5}
-  env = lambda i: {"XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                   "MMFREE_COORDINATOR": f"localhost:{port}", "MMFREE_NUM_PROCESSES": "2",
-                   "MMFREE_PROCESS_ID": str(i)}
+  overrides = {
+    "train.steps": 100000,
+    "train.global_batch": 4,
+    "train.checkpoint_every": 100000,
+    "dist.heartbeat_timeout_s": 5,
+  }
+  env = lambda i: {
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+    "MMFREE_COORDINATOR": f"localhost:{port}",
+    "MMFREE_NUM_PROCESSES": "2",
+    "MMFREE_PROCESS_ID": str(i),
+  }
   procs = [_start(tmp_path / "work", tmp_path / f"out{i}", overrides, env(i)) for i in range(2)]
   assert _wait_for_rows(procs[0], tmp_path / "work", 3)
   procs[1].kill()

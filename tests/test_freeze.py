@@ -83,8 +83,7 @@ def test_freeze_stores_quantized_weights_per_layer():
     assert proj.impl == "int8" and proj.weights[...].dtype == jnp.int8
     codes, _ = quant.quantize_weights_ternary(jnp.asarray(latent[l]))
     np.testing.assert_array_equal(np.asarray(proj.weights[...]), np.asarray(codes))
-    np.testing.assert_allclose(float(proj.w_mean_abs[...]), np.abs(latent[l]).mean(),
-                               rtol=1e-6)
+    np.testing.assert_allclose(float(proj.w_mean_abs[...]), np.abs(latent[l]).mean(), rtol=1e-6)
   assert prepared.model.lm_head.impl == "int8"
 
 
@@ -92,10 +91,23 @@ def _weight_abs_in_decode_loop(model) -> int:
   """How many `abs` ops on a weight-shaped operand (`[..., in, out]`, in > 1; activations in
   a decode step are `[batch, 1, d]`) the jaxpr of `generate` runs inside its while loop."""
   graphdef, params = nnx.split(model)
-  jaxpr = jax.make_jaxpr(lambda p: generate._generate.__wrapped__(  # pylint: disable=protected-access
-      graphdef, p, jnp.zeros((1, 4), jnp.int32), jnp.asarray([4], jnp.int32),
-      jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(-1), max_new_tokens=3,
-      min_len=4, greedy=True, top_k=0, nucleus=False))(params)
+  jaxpr = jax.make_jaxpr(
+    lambda p: generate._generate.__wrapped__(  # pylint: disable=protected-access
+      graphdef,
+      p,
+      jnp.zeros((1, 4), jnp.int32),
+      jnp.asarray([4], jnp.int32),
+      jax.random.key(0),
+      jnp.float32(0),
+      jnp.float32(1),
+      jnp.int32(-1),
+      max_new_tokens=3,
+      min_len=4,
+      greedy=True,
+      top_k=0,
+      nucleus=False,
+    )
+  )(params)
 
   def count(jaxpr, in_loop):
     n = 0
@@ -113,19 +125,27 @@ def _weight_abs_in_decode_loop(model) -> int:
 def test_generate_quantizes_weights_outside_the_decode_loop(monkeypatch):
   model = _model("lean")
   assert _weight_abs_in_decode_loop(model) == 0
-  out = generate.generate(model, np.zeros((1, 4), np.int32),
-                          generate.SamplingConfig(max_new_tokens=3))
+  out = generate.generate(
+    model, np.zeros((1, 4), np.int32), generate.SamplingConfig(max_new_tokens=3)
+  )
   assert out.shape == (1, 3)
   # control: with the latent weights every BitLinear re-quantizes its weights at every step
   jax.clear_caches()  # generate's jitted function would reuse its trace
-  monkeypatch.setattr(infer.runner, "plan_for",
-                      lambda cfg, **_: infer.InferencePlan("latent", "unrolled"))
+  monkeypatch.setattr(
+    infer.runner, "plan_for", lambda cfg, **_: infer.InferencePlan("latent", "unrolled")
+  )
   assert _weight_abs_in_decode_loop(model) >= 2 * 6 + 1  # 2 layers x (4 MLGRU + 2 GLU) + head
 
 
 def _bf16_model(num_layers=2, d_model=32, kind="mmfree"):
-  cfg = ModelConfig.tiny(vocab_size=97, d_model=d_model, num_layers=num_layers, kind=kind,
-                         dtype="bfloat16", param_dtype="bfloat16")
+  cfg = ModelConfig.tiny(
+    vocab_size=97,
+    d_model=d_model,
+    num_layers=num_layers,
+    kind=kind,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  )
   return perturb_params(build_model(cfg, 0))
 
 
@@ -151,16 +171,28 @@ def test_bf16_in_place_plan_keeps_the_latent_weights_and_equals_the_latent_model
   proj = prepared.model.blocks.mlp.down_proj
   assert proj.latent and proj.weights[...].dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(proj.weights[...], np.float32), kernel)
-  np.testing.assert_allclose(np.asarray(proj.w_mean_abs[...]), np.abs(kernel).mean((1, 2)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(proj.w_mean_abs[...]), np.abs(kernel).mean((1, 2)), rtol=1e-5
+  )
 
 
 def _generate_temp_bytes(model) -> int:
   graphdef, params = nnx.split(model)
   compiled = generate._generate.lower(  # pylint: disable=protected-access
-      graphdef, params, jnp.zeros((1, 4), jnp.int32), jnp.asarray([4], jnp.int32),
-      jax.random.key(0), jnp.float32(0), jnp.float32(1), jnp.int32(-1), max_new_tokens=3,
-      min_len=4, greedy=True, top_k=0, nucleus=False).compile()
+    graphdef,
+    params,
+    jnp.zeros((1, 4), jnp.int32),
+    jnp.asarray([4], jnp.int32),
+    jax.random.key(0),
+    jnp.float32(0),
+    jnp.float32(1),
+    jnp.int32(-1),
+    max_new_tokens=3,
+    min_len=4,
+    greedy=True,
+    top_k=0,
+    nucleus=False,
+  ).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -171,13 +203,20 @@ def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries(kind):
   the in-place loop; Transformer++, whose per-layer KV caches keep its layers unrolled:
   ordered layers). A property of the program: growth by a layer's weights fails it."""
   one, four = (_generate_temp_bytes(_bf16_model(n, d_model=128, kind=kind)) for n in (1, 4))
-  layer_bf16 = sum(x.size * 2 for x in jax.tree.leaves(
-      nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param)))
+  layer_bf16 = sum(
+    x.size * 2
+    for x in jax.tree.leaves(nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param))
+  )
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
 
 
-@pytest.mark.parametrize("plan", [infer.InferencePlan("latent", "in_place", order_layers=True),
-                                  infer.InferencePlan("frozen", "unrolled")])
+@pytest.mark.parametrize(
+  "plan",
+  [
+    infer.InferencePlan("latent", "in_place", order_layers=True),
+    infer.InferencePlan("frozen", "unrolled"),
+  ],
+)
 def test_bf16_transformer_plans_give_the_models_own_outputs(plan):
   """A Transformer++ prefill and decode step run by each plan (the in-place one: weights
   ordered after the previous layer by adding an exact zero) give the model's own logits and
@@ -213,8 +252,9 @@ def test_cpu_switch_off_gives_the_plans_of_other_platforms(monkeypatch):
     assert infer.plan_for(cfg, "cpu").layer_loop == "in_place"
     monkeypatch.setattr(plan_lib, "CPU_CONVERTS_DOT_OPERANDS", False)
     for purpose in plan_lib.PURPOSES:
-      assert (infer.plan_for(cfg, "cpu", purpose=purpose)
-              == infer.plan_for(cfg, "gpu", purpose=purpose))
+      assert infer.plan_for(cfg, "cpu", purpose=purpose) == infer.plan_for(
+        cfg, "gpu", purpose=purpose
+      )
     monkeypatch.undo()
 
 
@@ -237,11 +277,14 @@ def test_bf16_scoring_on_cpu_equals_the_plain_forward_and_holds_one_layer(kind):
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   got, _ = scoring.target_logprobs(*nnx.split(model), inputs, targets, None)
   logits, _ = model(inputs)
-  want = np.take_along_axis(np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32))),
-                            np.asarray(targets)[..., None], -1)[..., 0]
+  want = np.take_along_axis(
+    np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32))), np.asarray(targets)[..., None], -1
+  )[..., 0]
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=2e-2)
-  layer_bf16 = sum(x.size * 2 for x in jax.tree.leaves(
-      nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param)))
+  layer_bf16 = sum(
+    x.size * 2
+    for x in jax.tree.leaves(nnx.state(_bf16_model(1, d_model=128, kind=kind).blocks, nnx.Param))
+  )
   one, four = (temp(_bf16_model(n, d_model=128, kind=kind)) for n in (1, 4))
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
 
@@ -254,14 +297,21 @@ def test_models_hold_no_inference_mode_and_nn_asks_no_platform():
   import os  # pylint: disable=import-outside-toplevel
 
   from mmfree_jax import nn  # pylint: disable=import-outside-toplevel
+
   for kind in ("mmfree", "transformer"):
     model = _bf16_model(kind=kind)
     infer.prepare(model, infer.InferencePlan("frozen", "unrolled"))
     for _, module in nnx.iter_modules(model):
       modes = [a for a in vars(module) if a.startswith("frozen") or "in_place" in a]
       assert not modes, (type(module).__name__, modes)
-  platform_names = {"dispatch", "default_backend", "current_platform", "devices",
-                    "local_devices", "platform_of"}
+  platform_names = {
+    "dispatch",
+    "default_backend",
+    "current_platform",
+    "devices",
+    "local_devices",
+    "platform_of",
+  }
   folder = os.path.dirname(nn.__file__)
   for name in sorted(os.listdir(folder)):
     if not name.endswith(".py"):

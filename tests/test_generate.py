@@ -41,7 +41,7 @@ _full_logits = nnx.jit(lambda m, t: m(t)[0])
 def _next_logits(model, rows):
   """Logits after the last token of each (equal-length) row, from one full forward."""
   padded = np.zeros((len(rows), LEN), np.int32)
-  padded[:, :len(rows[0])] = rows
+  padded[:, : len(rows[0])] = rows
   return np.asarray(_full_logits(model, jnp.asarray(padded)))[:, len(rows[0]) - 1]
 
 
@@ -68,9 +68,9 @@ def test_greedy_equals_argmax_of_repeated_full_forwards(kind):
   for row in expected:
     hits = np.flatnonzero(row == eos)
     if hits.size:
-      row[hits[0]:] = eos
+      row[hits[0] :] = eos
   stops = [np.flatnonzero(r == eos)[0] + 1 if (r == eos).any() else NEW for r in want]
-  np.testing.assert_array_equal(got, expected[:, :max(stops)])
+  np.testing.assert_array_equal(got, expected[:, : max(stops)])
 
 
 def test_sampled_tokens_come_from_the_top_k_of_the_full_forward():
@@ -85,7 +85,7 @@ def test_sampled_tokens_come_from_the_top_k_of_the_full_forward():
     for t in range(NEW):
       top3 = np.argsort(_next_logits(model, rows), -1)[:, -3:]
       assert all(got[b, t] in top3[b] for b in range(2)), (t, got[:, t], top3)
-      rows = np.concatenate([rows, got[:, t:t + 1]], 1)
+      rows = np.concatenate([rows, got[:, t : t + 1]], 1)
 
 
 def _draws(logits, cfg, n=4000):
@@ -140,9 +140,13 @@ def test_bad_generation_inputs():
     generate(model, np.zeros((1, 0), np.int32))
   with pytest.raises(ValueError, match="token ids must be in"):
     generate(model, [[1, 999]])
-  for bad, message in [(dict(max_new_tokens=0), "max_new_tokens"),
-                       (dict(temperature=-1.0), "temperature"), (dict(top_k=-2), "top_k"),
-                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+  for bad, message in [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+  ]:
     with pytest.raises(ValueError, match=message):
       generate(model, [[1, 2]], SamplingConfig(**bad))
 
@@ -153,8 +157,9 @@ def test_memory_estimate_counts_the_cache_and_weights_the_model_has_under_gqa():
   bytes of the blocks' kernels and the head (k/v projections `[d, kv_heads * head_dim]`, not
   `[d, d]`)."""
   for kv_heads in (4, 2, 1):
-    cfg = ModelConfig.tiny(kind="transformer", vocab_size=64, d_model=32, num_heads=4,
-                           num_kv_heads=kv_heads)
+    cfg = ModelConfig.tiny(
+      kind="transformer", vocab_size=64, d_model=32, num_heads=4, num_kv_heads=kv_heads
+    )
     model = build_model(cfg, 0)
     parts = generation_memory_bytes(cfg, 3, 10, 6, frozen_copy=True)
     state = model.init_state(3, 10 + 6)

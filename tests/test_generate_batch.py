@@ -43,11 +43,11 @@ def _greedy_reference(model, prompts, new):
   for _ in range(new):
     rows = np.zeros((len(seqs), PAD), np.int32)
     for r, seq in enumerate(seqs):
-      rows[r, :len(seq)] = seq
+      rows[r, : len(seq)] = seq
     logits = np.asarray(_full_logits(model, jnp.asarray(rows)))
     for r, seq in enumerate(seqs):
       seq.append(int(np.argmax(logits[r, len(seq) - 1])))
-  return [seq[len(p):] for seq, p in zip(seqs, prompts)]
+  return [seq[len(p) :] for seq, p in zip(seqs, prompts)]
 
 
 @pytest.mark.parametrize("kind", ["mmfree", "transformer", "packed"])
@@ -80,7 +80,7 @@ def test_batched_sampling_stays_in_the_top_k():
     seqs = [prompt + row for prompt, row in zip(prompts, rows)]
     padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
     for r, seq in enumerate(seqs):
-      padded[r, :len(seq)] = seq
+      padded[r, : len(seq)] = seq
     logits = np.asarray(_full_logits(model, jnp.asarray(padded)))
     for r, (prompt, row) in enumerate(zip(prompts, rows)):
       assert len(row) == 4
@@ -100,6 +100,7 @@ def test_freed_heap_is_returned_once_per_compiled_program(monkeypatch):
   """generate_batch trims glibc's heap after a call that compiled (the compiler's freed
   memory would otherwise stay resident), not after calls that reuse a program."""
   from mmfree_jax import generate as gen
+
   calls = []
   monkeypatch.setattr(gen, "_return_freed_heap", lambda: calls.append(1))
   model = build_model(ModelConfig.tiny(vocab_size=61, d_model=24, num_layers=1), 0)
@@ -117,9 +118,17 @@ def test_packed_inference_imports_no_checkpoint_or_data_stack():
   import os
   import subprocess
   import sys
-  code = ("import sys, mmfree_jax.generate; from mmfree_jax.export import load_packed; "
-          "print(sorted(m for m in ('orbax', 'tensorstore', 'grain', 'array_record') "
-          "if m in sys.modules))")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+  code = (
+    "import sys, mmfree_jax.generate; from mmfree_jax.export import load_packed; "
+    "print(sorted(m for m in ('orbax', 'tensorstore', 'grain', 'array_record') "
+    "if m in sys.modules))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    check=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -30,14 +30,25 @@ TEXT = "In the beginning God created the heaven and the earth.\n\nAnd the earth 
 
 def _random_workdir(path, *, param_dtype="float32", tokenizer="byte", vocab=320, seed=0):
   """A params-only workdir (as an importer writes it) with random weights, built in numpy."""
-  cfg = config_from_dict({
-      "model": {"vocab_size": vocab, "d_model": 32, "num_layers": 2, "num_heads": 4,
-                "param_dtype": param_dtype, "dtype": param_dtype},
-      "data": {"tokenizer": tokenizer, "seq_len": 16}})
+  cfg = config_from_dict(
+    {
+      "model": {
+        "vocab_size": vocab,
+        "d_model": 32,
+        "num_layers": 2,
+        "num_heads": 4,
+        "param_dtype": param_dtype,
+        "dtype": param_dtype,
+      },
+      "data": {"tokenizer": tokenizer, "seq_len": 16},
+    }
+  )
   _, state = nnx.split(abstract_model(ModelConfig.from_config(cfg.model)))
   rng = np.random.default_rng(seed)
-  flat = {p: (rng.normal(0, 0.3, leaf.shape) + ("scale" in p)).astype(param_dtype)
-          for p, leaf in mapping.flatten(state.to_pure_dict()).items()}
+  flat = {
+    p: (rng.normal(0, 0.3, leaf.shape) + ("scale" in p)).astype(param_dtype)
+    for p, leaf in mapping.flatten(state.to_pure_dict()).items()
+  }
   checkpointer = ckpt_lib.Checkpointer(str(path))
   checkpointer.save_params(0, mapping.unflatten(flat), cfg.to_dict())
   checkpointer.close()
@@ -72,15 +83,22 @@ def test_streaming_sees_each_token_and_ids_stay_in_the_tokenizer():
   model = build_model(ModelConfig.tiny(vocab_size=320, d_model=32), 0)  # byte tokenizer: 258
   seen = []
   cfg = gen.SamplingConfig(max_new_tokens=24, temperature=1.5)
-  out = gen.generate(model, [[5, 6, 7]], cfg, seed=3, vocab_limit=258,
-                     on_tokens=lambda i, t: seen.append((i, int(t[0]))))
+  out = gen.generate(
+    model,
+    [[5, 6, 7]],
+    cfg,
+    seed=3,
+    vocab_limit=258,
+    on_tokens=lambda i, t: seen.append((i, int(t[0]))),
+  )
   assert seen == list(enumerate(out[0].tolist()))  # in order, as produced
   assert out.max() < 258
   # Unmasked, the same sampling reaches ids the tokenizer cannot decode (the bug).
   assert gen.generate(model, [[5, 6, 7]], cfg, seed=3).max() >= 258
   pieces = []
-  g = gen.generate_text(model, ByteTokenizer(), "In the", cfg._replace(eos_id=-5), seed=3,
-                        on_text=pieces.append)
+  g = gen.generate_text(
+    model, ByteTokenizer(), "In the", cfg._replace(eos_id=-5), seed=3, on_text=pieces.append
+  )
   assert max(g.new_tokens) < 258 and "".join(pieces) == g.text and len(g.new_tokens) == 24
 
 
@@ -89,19 +107,22 @@ def test_streaming_sees_each_token_and_ids_stay_in_the_tokenizer():
 
 def test_mc_delimiter_scores_choices_that_carry_their_own_space(tmp_path):
   _random_workdir(tmp_path / "w")
-  items = [{"context": "The heaven and the", "choices": ["earth", "sea", "sky"], "label": 0},
-           {"context": "God said, let there be", "choices": ["light", "dark"], "label": 0}]
+  items = [
+    {"context": "The heaven and the", "choices": ["earth", "sea", "sky"], "label": 0},
+    {"context": "God said, let there be", "choices": ["light", "dark"], "label": 0},
+  ]
   plain, spaced = tmp_path / "plain.jsonl", tmp_path / "spaced.jsonl"
   plain.write_text("\n".join(json.dumps(i) for i in items))
-  spaced.write_text("\n".join(json.dumps(dict(i, choices=[" " + c for c in i["choices"]]))
-                              for i in items))
+  spaced.write_text(
+    "\n".join(json.dumps(dict(i, choices=[" " + c for c in i["choices"]])) for i in items)
+  )
   kw = dict(tokenizer=ByteTokenizer(), write=False)
   a = ev.evaluate_workdir(str(tmp_path / "w"), ev.EvalOptions(mc_files=[str(plain)]), **kw)
-  b = ev.evaluate_workdir(str(tmp_path / "w"), ev.EvalOptions(mc_files=[str(spaced)],
-                                                              mc_delimiter=""), **kw)
+  b = ev.evaluate_workdir(
+    str(tmp_path / "w"), ev.EvalOptions(mc_files=[str(spaced)], mc_delimiter=""), **kw
+  )
   c = ev.evaluate_workdir(str(tmp_path / "w"), ev.EvalOptions(mc_files=[str(spaced)]), **kw)
-  ra, rb, rc = (r["multiple_choice"][n] for r, n in ((a, "plain"), (b, "spaced"),
-                                                       (c, "spaced")))
+  ra, rb, rc = (r["multiple_choice"][n] for r, n in ((a, "plain"), (b, "spaced"), (c, "spaced")))
   assert ra["predictions"] == rb["predictions"] and ra["acc_norm"] == rb["acc_norm"]
   assert a["output"] is None  # write=False: the caller writes
   assert rc["n"] == 2  # a double space is scored differently (what the flag is for)
@@ -120,8 +141,9 @@ def test_import_of_a_tensor_over_the_concurrency_cap(tmp_path, monkeypatch):
   assert checkpoint_io.save_concurrent_gb(mapping.unflatten(flat)) > 1e-6
   back = str(tmp_path / "back")
   checkpoint_io.import_checkpoint(hf, back)
-  params, _ = loading.load_params(back, ModelConfig.from_config(
-      loading.load_workdir_config(back).model))
+  params, _ = loading.load_params(
+    back, ModelConfig.from_config(loading.load_workdir_config(back).model)
+  )
   for path, value in mapping.flatten(params).items():
     np.testing.assert_array_equal(np.asarray(value), flat[path], err_msg=path)
 
@@ -152,8 +174,7 @@ def test_import_records_the_tokenizer_it_has_and_compares_only_architecture(tmp_
 
 def test_trained_bpe_model_round_trips_through_hf(tmp_path):
   work = str(tmp_path / "work")
-  cfg = small_config(**{"data.tokenizer": "bpe:300", "train.steps": 2,
-                        "train.tracker": "none"})
+  cfg = small_config(**{"data.tokenizer": "bpe:300", "train.steps": 2, "train.tracker": "none"})
   trainer.train(cfg, work, progress=False)
   hf, back = str(tmp_path / "hf"), str(tmp_path / "back")
   out = checkpoint_io.export_checkpoint(work, hf)  # default: the weights' float32
@@ -165,8 +186,11 @@ def test_trained_bpe_model_round_trips_through_hf(tmp_path):
   assert not imported["notes"]
   doc = tmp_path / "doc.txt"
   doc.write_text(TEXT)
-  options = ev.EvalOptions(ppl_files=[str(doc)], prompts=["In the beginning"],
-                           sampling=gen.SamplingConfig(max_new_tokens=8))
+  options = ev.EvalOptions(
+    ppl_files=[str(doc)],
+    prompts=["In the beginning"],
+    sampling=gen.SamplingConfig(max_new_tokens=8),
+  )
   a = ev.evaluate_workdir(work, options, write=False)
   b = ev.evaluate_workdir(back, options, write=False)
   pa, pb = a["perplexity"][str(doc)], b["perplexity"][str(doc)]
@@ -186,19 +210,32 @@ def test_eval_cli_prints_first_warns_on_unwritable_output_and_enables_x64(tmp_pa
   blocker = tmp_path / "file"
   blocker.write_text("a file, not a folder")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  cmd = [sys.executable, os.path.join(REPO, "eval.py"), f"--workdir={work}",
-         f"--ppl_file={doc}", "--prompt=In the", "--max_new_tokens=4", "--chunk_len=8",
-         f"--output_dir={blocker / 'eval'}"]
-  proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                        env=env, timeout=300)
+  cmd = [
+    sys.executable,
+    os.path.join(REPO, "eval.py"),
+    f"--workdir={work}",
+    f"--ppl_file={doc}",
+    "--prompt=In the",
+    "--max_new_tokens=4",
+    "--chunk_len=8",
+    f"--output_dir={blocker / 'eval'}",
+  ]
+  proc = subprocess.run(
+    cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=300
+  )
   out = proc.stdout
   assert proc.returncode == 0, out[-3000:]
   assert "float64 model: x64 enabled" in out
   assert out.index("perplexity") < out.index("warning: could not write the results")
   assert "prompt: 'In the'\n→ " in out  # streamed
   good = tmp_path / "results"
-  proc = subprocess.run(cmd[:-1] + [f"--output_dir={good}", "--stream=false"],
-                        capture_output=True, text=True, env=env, timeout=300)
+  proc = subprocess.run(
+    cmd[:-1] + [f"--output_dir={good}", "--stream=false"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   saved = json.load(open(good / "step_0.json"))
   assert len(saved["generation"][0]["token_ids"]) == saved["generation"][0]["new_tokens"]

@@ -66,14 +66,17 @@ def test_train_refuses_a_workdir_in_use_before_any_compute(tmp_path):
 # ------------------------------------------------------------------------------ 7. config
 
 
-@pytest.mark.parametrize("key,value,message", [
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
     ("optim.lr", -1e-3, r"optim.lr must be a finite number in \[0, 1\]"),
     ("train.steps", 0, "train.steps must be an int >= 1"),
     ("train.steps", -5, "train.steps must be an int >= 1"),
     ("train.eval_every", -1, "train.eval_every must be an int >= 0"),
     ("train.max_consecutive_skips", 0, "train.max_consecutive_skips must be an int >= 1"),
     ("train.tracker", "comet", "train.tracker must be one of"),
-])
+  ],
+)
 def test_bad_run_settings_name_the_key(key, value, message):
   cfg = small_config(**{key: value})
   with pytest.raises(ValueError, match=message):
@@ -88,8 +91,11 @@ def test_short_run_scales_warmup_with_a_note():
 
 
 def test_unknown_override_key_is_one_line_naming_the_fix():
-  with pytest.raises(ValueError, match=r"mesh.shape has no key 'model'.*"
-                                       r"\['context', 'data', 'fsdp', 'tensor'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"mesh.shape has no key 'model'.*"
+    r"\['context', 'data', 'fsdp', 'tensor'\]",
+  ):
     config_lib.check_override_keys(["--config.mesh.shape.model=2"])
   with pytest.raises(ValueError, match="did you mean 'train.steps'"):
     config_lib.check_override_keys(["--workdir=x", "--config.train.stepz", "3"])
@@ -109,8 +115,15 @@ def test_every_config_key_has_help_text():
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_skip_policy_gives_up_and_never_checkpoints_a_skipped_step(tmp_path):
   # lr 1e30: step 2 blows the weights up (finite), every later step is non-finite.
-  cfg = small_config(**{"optim.lr": 1e30, "train.steps": 8, "train.checkpoint_every": 1,
-                        "train.max_consecutive_skips": 2, "optim.clip_norm": 0.0})
+  cfg = small_config(
+    **{
+      "optim.lr": 1e30,
+      "train.steps": 8,
+      "train.checkpoint_every": 1,
+      "train.max_consecutive_skips": 2,
+      "optim.clip_norm": 0.0,
+    }
+  )
   with pytest.raises(trainer.NonFiniteLossError, match="max_consecutive_skips=2"):
     trainer.train(cfg, str(tmp_path), progress=False)
   rows = _rows(tmp_path)
@@ -124,10 +137,19 @@ def test_skip_policy_gives_up_and_never_checkpoints_a_skipped_step(tmp_path):
 
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_zero_every_means_off_and_summary_lists_skipped_steps(tmp_path):
-  cfg = small_config(**{"optim.lr": 1e30, "train.steps": 5, "train.eval_every": 0,
-                        "train.eval_batches": 1, "train.checkpoint_every": 0,
-                        "train.log_every": 0, "train.max_consecutive_skips": 100,
-                        "optim.clip_norm": 0.0, "train.tracker": "none"})
+  cfg = small_config(
+    **{
+      "optim.lr": 1e30,
+      "train.steps": 5,
+      "train.eval_every": 0,
+      "train.eval_batches": 1,
+      "train.checkpoint_every": 0,
+      "train.log_every": 0,
+      "train.max_consecutive_skips": 100,
+      "optim.clip_norm": 0.0,
+      "train.tracker": "none",
+    }
+  )
   result = trainer.train(cfg, str(tmp_path), progress=False)
   assert result.skipped_steps and result.skipped_steps[-1] == 5
   assert not result.eval_history  # eval_every=0: no validation at all
@@ -168,8 +190,9 @@ def test_missing_metadata_and_uncommitted_steps(tmp_path):
   over = {"train.steps": 4, "train.checkpoint_every": 2}
   trainer.train(small_config(**over), work, progress=False)
   os.remove(tmp_path / "checkpoints" / "4" / "state" / "_METADATA")
-  with pytest.raises(ckpt_lib.CheckpointError,
-                     match=r"step 4 .* incomplete.*_METADATA is missing.*--restore_step"):
+  with pytest.raises(
+    ckpt_lib.CheckpointError, match=r"step 4 .* incomplete.*_METADATA is missing.*--restore_step"
+  ):
     trainer.train(small_config(**over), work, progress=False)
   # A step folder without orbax's commit marker is not a checkpoint: the latest is 2.
   os.remove(tmp_path / "checkpoints" / "4" / ckpt_lib.COMMIT_MARKER)
@@ -180,8 +203,14 @@ def test_missing_metadata_and_uncommitted_steps(tmp_path):
 
 def _cli(*args, cwd=None):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *args],
-                        capture_output=True, text=True, env=env, timeout=240, cwd=cwd)
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "train.py"), *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=240,
+    cwd=cwd,
+  )
 
 
 def test_cli_help_print_config_and_user_errors(tmp_path):
@@ -196,11 +225,14 @@ def test_cli_help_print_config_and_user_errors(tmp_path):
   trainer.train(small_config(**{"train.steps": 1}), str(work), progress=False)
   shutil.copy(os.path.join(REPO, "tests", "train_configs.py"), tmp_path / "cfg_mod.py")
   (tmp_path / "cfg.py").write_text(
-      "import sys; sys.path.insert(0, %r)\n" % str(tmp_path)
-      + "from cfg_mod import small_config\n"
-      "def get_config():\n  return small_config(**{'train.steps': 1})\n")
-  proc = _cli(f"--config={tmp_path / 'cfg.py'}", f"--workdir={work}",
-              "--config.data.tokenizer=spm:/nonexistent/tokenizer.model")
+    "import sys; sys.path.insert(0, %r)\n" % str(tmp_path) + "from cfg_mod import small_config\n"
+    "def get_config():\n  return small_config(**{'train.steps': 1})\n"
+  )
+  proc = _cli(
+    f"--config={tmp_path / 'cfg.py'}",
+    f"--workdir={work}",
+    "--config.data.tokenizer=spm:/nonexistent/tokenizer.model",
+  )
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr and "cannot schedule new futures" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1].startswith("train.py: error: sentencepiece")
@@ -212,10 +244,11 @@ def test_cli_help_print_config_and_user_errors(tmp_path):
 def _tfrecords(path):
   """The records of a TFRecord file (length, crc, data, crc), read by hand."""
   import struct  # pylint: disable=import-outside-toplevel
+
   data, records, at = open(path, "rb").read(), [], 0
   while at < len(data):
-    (length,) = struct.unpack("<Q", data[at:at + 8])
-    records.append(data[at + 12:at + 12 + length])
+    (length,) = struct.unpack("<Q", data[at : at + 8])
+    records.append(data[at + 12 : at + 12 + length])
     at += 12 + length + 4
   return records
 
@@ -224,9 +257,11 @@ def test_tracker_interface_tensorboard_none_and_missing_packages(tmp_path):
   from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
 
   from mmfree_jax.train import metrics, trackers  # pylint: disable=import-outside-toplevel
+
   assert trackers.make_tracker("none", str(tmp_path), {}) is None
-  writer = metrics.MetricsWriter(str(tmp_path), tracker=trackers.make_tracker(
-      "tensorboard", str(tmp_path), {}))
+  writer = metrics.MetricsWriter(
+    str(tmp_path), tracker=trackers.make_tracker("tensorboard", str(tmp_path), {})
+  )
   writer.write(3, {"loss": 1.5})
   writer.write(4, {"loss": 1.25}, prefix="val_")
   writer.close()
@@ -270,12 +305,13 @@ def test_wandb_and_mlflow_trackers_offline_against_recording_fakes(tmp_path, mon
 
   wandb = types.SimpleNamespace(init=init, util=types.SimpleNamespace(generate_id=lambda: "run42"))
   mlflow = types.SimpleNamespace(
-      set_tracking_uri=lambda uri: calls.append(("mlflow.uri", uri)),
-      set_experiment=lambda name: calls.append(("mlflow.experiment", name)),
-      start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
-      log_params=lambda params: calls.append(("mlflow.params", dict(params))),
-      log_metrics=lambda row, step: calls.append(("mlflow.log", step, dict(row))),
-      end_run=lambda: calls.append(("mlflow.end",)))
+    set_tracking_uri=lambda uri: calls.append(("mlflow.uri", uri)),
+    set_experiment=lambda name: calls.append(("mlflow.experiment", name)),
+    start_run=lambda run_name: calls.append(("mlflow.start", run_name)),
+    log_params=lambda params: calls.append(("mlflow.params", dict(params))),
+    log_metrics=lambda row, step: calls.append(("mlflow.log", step, dict(row))),
+    end_run=lambda: calls.append(("mlflow.end",)),
+  )
   monkeypatch.setitem(sys.modules, "wandb", wandb)
   monkeypatch.setitem(sys.modules, "mlflow", mlflow)
   monkeypatch.setenv("WANDB_MODE", "offline")

@@ -18,11 +18,21 @@ from mmfree_jax.train import metrics
 # ------------------------------------------------------------------------------ chip table
 
 
-@pytest.mark.parametrize("kind,name", [
-    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"),
-    ("NVIDIA H100 NVL", "H100 NVL"), ("NVIDIA H200", "H200 SXM"),
-    ("NVIDIA GH200 480GB", "GH200 96GB"), ("NVIDIA B200", "B200"), ("TPU v4", "TPU v4"),
-    ("TPU v5 lite", "TPU v5e"), ("TPU v5", "TPU v5p"), ("TPU v6 lite", "TPU v6e")])
+@pytest.mark.parametrize(
+  "kind,name",
+  [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+    ("NVIDIA H100 PCIe", "H100 PCIe"),
+    ("NVIDIA H100 NVL", "H100 NVL"),
+    ("NVIDIA H200", "H200 SXM"),
+    ("NVIDIA GH200 480GB", "GH200 96GB"),
+    ("NVIDIA B200", "B200"),
+    ("TPU v4", "TPU v4"),
+    ("TPU v5 lite", "TPU v5e"),
+    ("TPU v5", "TPU v5p"),
+    ("TPU v6 lite", "TPU v6e"),
+  ],
+)
 def test_device_kinds_resolve_exactly(kind, name):
   assert hardware.lookup(kind).name == name
 
@@ -51,6 +61,7 @@ def _fake_devices(monkeypatch, kind):
 
   def no_measurement(*a, **k):
     raise AssertionError("a chip in the table must not be measured")
+
   monkeypatch.setattr(metrics, "measure_matmul_peak", no_measurement)
 
 
@@ -58,8 +69,9 @@ def test_mfu_on_v5p_uses_its_datasheet_peak(monkeypatch):
   _fake_devices(monkeypatch, "TPU v5")  # what libtpu reports for a v5p
   peak, source, note = metrics.device_peak_flops()
   assert (peak, source) == (459e12, "datasheet") and "TPU v5p" in note
-  t = metrics.Throughput(tokens_per_step=1000, flops_per_token=1e9, peak_flops=peak,
-                         peak_source=source, devices=4)
+  t = metrics.Throughput(
+    tokens_per_step=1000, flops_per_token=1e9, peak_flops=peak, peak_source=source, devices=4
+  )
   row = t.row(step_time=0.01)  # 1e5 tok/s x 1e9 FLOP / (4 x 459e12)
   assert row["mfu"] == pytest.approx(1e14 / (4 * 459e12)) and row["mfu_peak"] == "datasheet"
 
@@ -71,15 +83,21 @@ def test_configured_peak_wins(monkeypatch):
 
 def test_a_low_measured_peak_is_measured_again_not_clamped():
   calls = []
-  t = metrics.Throughput(tokens_per_step=100, flops_per_token=1e6, peak_flops=5e7,
-                         peak_source="measured", devices=1,
-                         remeasure=lambda: calls.append(1) or 2e8)
+  t = metrics.Throughput(
+    tokens_per_step=100,
+    flops_per_token=1e6,
+    peak_flops=5e7,
+    peak_source="measured",
+    devices=1,
+    remeasure=lambda: calls.append(1) or 2e8,
+  )
   row = t.row(step_time=1.0)  # 1e8 FLOP/s achieved > the 5e7 measured first
   assert calls == [1] and t.peak_flops == 2e8
   assert row["mfu"] == pytest.approx(0.5) and row["mfu_peak"] == "measured"
   # at most remeasures_left times: past that the row says what was measured (> 1)
-  low = metrics.Throughput(100, 1e6, 5e7, "measured", 1, remeasure=lambda: calls.append(1) or 6e7,
-                           remeasures_left=2)
+  low = metrics.Throughput(
+    100, 1e6, 5e7, "measured", 1, remeasure=lambda: calls.append(1) or 6e7, remeasures_left=2
+  )
   assert [low.row(1.0)["mfu"] for _ in range(3)] == [pytest.approx(1e8 / 6e7)] * 3
   assert len(calls) == 3
   # a datasheet peak is never re-measured, and nothing is clamped
@@ -101,9 +119,9 @@ def test_metrics_row_keeps_the_peak_source(tmp_path):
 
 
 def test_eval_json_writes_null_for_non_finite(tmp_path):
-  path = runner.write_results({"step": 0, "perplexity": {"a": {"loss": math.nan,
-                                                                "perplexity": math.inf}}},
-                              str(tmp_path))
+  path = runner.write_results(
+    {"step": 0, "perplexity": {"a": {"loss": math.nan, "perplexity": math.inf}}}, str(tmp_path)
+  )
   text = open(path).read()
   assert "NaN" not in text and "Infinity" not in text
   assert json.loads(text)["perplexity"]["a"] == {"loss": None, "perplexity": None}
@@ -113,8 +131,15 @@ def test_eval_json_writes_null_for_non_finite(tmp_path):
 
 
 def _gqa_cfg(**kw):
-  values = dict(kind="transformer", vocab_size=96, d_model=64, num_layers=3, num_heads=8,
-                num_kv_heads=2, intermediate_size=160)
+  values = dict(
+    kind="transformer",
+    vocab_size=96,
+    d_model=64,
+    num_layers=3,
+    num_heads=8,
+    num_kv_heads=2,
+    intermediate_size=160,
+  )
   values.update(kw)
   return ModelConfig.tiny(**values)
 
@@ -126,10 +151,15 @@ def test_gqa_train_flops_match_a_count_of_the_shapes():
   by_hand = L * (2 * d * d + 2 * d * 2 * hd + 3 * d * i) + d * v
   # from the abstract model: every parameter but the embedding and the 1-d norm scales
   state = jax.tree_util.tree_flatten_with_path(
-      model_lib.nnx.state(model_lib.abstract_model(cfg), model_lib.nnx.Param))[0]
-  from_shapes = sum(int(np.prod(x.shape)) for p, x in state
-                    if "embedding" not in jax.tree_util.keystr(p) and x.ndim >= 2
-                    and not (x.ndim == 2 and "blocks" in jax.tree_util.keystr(p)))
+    model_lib.nnx.state(model_lib.abstract_model(cfg), model_lib.nnx.Param)
+  )[0]
+  from_shapes = sum(
+    int(np.prod(x.shape))
+    for p, x in state
+    if "embedding" not in jax.tree_util.keystr(p)
+    and x.ndim >= 2
+    and not (x.ndim == 2 and "blocks" in jax.tree_util.keystr(p))
+  )
   assert accounting.matmul_params(cfg) == by_hand == from_shapes
   seq = 128
   attention = 6 * L * seq * 8 * hd  # QK^T and AV, causal half, fwd + bwd
@@ -140,8 +170,9 @@ def test_gqa_train_flops_match_a_count_of_the_shapes():
 
 
 def test_mmfree_flops_have_no_attention_term():
-  cfg = ModelConfig.tiny(kind="mmfree", d_model=64, num_layers=2, vocab_size=96,
-                         intermediate_size=160)
+  cfg = ModelConfig.tiny(
+    kind="mmfree", d_model=64, num_layers=2, vocab_size=96, intermediate_size=160
+  )
   by_hand = 2 * (4 * 64 * 64 + 3 * 64 * 160) + 64 * 96
   assert accounting.train_flops_per_token(cfg, 4096) == 6 * by_hand
 

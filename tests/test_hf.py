@@ -39,20 +39,20 @@ F32_TOL = 1e-5
 F32_FLIP_TOL = 5e-2
 
 HF_CONFIG = {
-    "architectures": ["HGRNBitForCausalLM"],
-    "model_type": "hgrn_bit",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "vocab_size": 256,
-    "hidden_ratio": 4,
-    "intermediate_size": None,  # derived: 256 * ceil(170 / 256) = 256
-    "expand_ratio": 1,
-    "num_heads": 1,
-    "attn_mode": "fused_recurrent",
-    "use_short_conv": False,
-    "use_lower_bound": True,
-    "rms_norm_eps": 1e-5,  # not the default, so a mixed-up eps would show
-    "tie_word_embeddings": False,
+  "architectures": ["HGRNBitForCausalLM"],
+  "model_type": "hgrn_bit",
+  "hidden_size": 64,
+  "num_hidden_layers": 2,
+  "vocab_size": 256,
+  "hidden_ratio": 4,
+  "intermediate_size": None,  # derived: 256 * ceil(170 / 256) = 256
+  "expand_ratio": 1,
+  "num_heads": 1,
+  "attn_mode": "fused_recurrent",
+  "use_short_conv": False,
+  "use_lower_bound": True,
+  "rms_norm_eps": 1e-5,  # not the default, so a mixed-up eps would show
+  "tie_word_embeddings": False,
 }
 TOKENS = np.random.default_rng(1).integers(0, HF_CONFIG["vocab_size"], (2, 12))
 
@@ -81,8 +81,9 @@ def hf_weights():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, hf_weights):
-  return ref.write_hf_checkpoint(str(tmp_path_factory.mktemp("hf") / "model"), HF_CONFIG,
-                                 hf_weights)
+  return ref.write_hf_checkpoint(
+    str(tmp_path_factory.mktemp("hf") / "model"), HF_CONFIG, hf_weights
+  )
 
 
 # ----------------------------------------------------------------- import vs numpy oracle
@@ -103,7 +104,8 @@ def test_import_float64_matches_numpy_reference(hf_dir, hf_weights, tmp_path):
 
 
 def test_import_float32_matches_numpy_reference_and_keeps_latent_weights(
-    hf_dir, hf_weights, tmp_path):
+  hf_dir, hf_weights, tmp_path
+):
   workdir = str(tmp_path / "imported")
   checkpoint_io.import_checkpoint(hf_dir, workdir)  # default float32
   got = logits_of(workdir)
@@ -111,14 +113,16 @@ def test_import_float32_matches_numpy_reference_and_keeps_latent_weights(
   diff = np.abs(got - ref.forward(hf_weights, HF_CONFIG, TOKENS)).max(axis=-1)  # [B, T]
   assert diff.max() < F32_FLIP_TOL
   assert np.mean(diff < F32_TOL) >= 0.75
-  params, _ = loading.load_params(workdir, ModelConfig.from_config(
-      loading.load_workdir_config(workdir).model))
+  params, _ = loading.load_params(
+    workdir, ModelConfig.from_config(loading.load_workdir_config(workdir).model)
+  )
   # Stored exactly as the latent HF weights (transposed), never re-quantized (issue #18).
   kernel = np.asarray(params["blocks"]["attn"]["f_proj"]["kernel"][1])
   np.testing.assert_array_equal(kernel, hf_weights["model.layers.1.attn.f_proj.weight"].T)
   assert len(np.unique(kernel)) > 3
-  np.testing.assert_array_equal(np.asarray(params["lower_bounds"]),
-                                hf_weights["model.lower_bounds"])
+  np.testing.assert_array_equal(
+    np.asarray(params["lower_bounds"]), hf_weights["model.lower_bounds"]
+  )
 
 
 # -------------------------------------------------------------------------- round trip
@@ -126,8 +130,12 @@ def test_import_float32_matches_numpy_reference_and_keeps_latent_weights(
 
 def random_workdir(path, seed=0):
   """A workdir holding random params of the tiny model (every leaf randomized)."""
-  cfg = config_from_dict({"model": {"vocab_size": 256, "d_model": 64, "num_layers": 2},
-                                  "data": {"tokenizer": "spm:mistral"}})
+  cfg = config_from_dict(
+    {
+      "model": {"vocab_size": 256, "d_model": 64, "num_layers": 2},
+      "data": {"tokenizer": "spm:mistral"},
+    }
+  )
   model_cfg = ModelConfig.from_config(cfg.model)
   _, state = nnx.split(abstract_model(model_cfg))  # shapes only: eager init is slow
   flat = mapping.flatten(state.to_pure_dict())
@@ -154,14 +162,19 @@ def test_round_trip_float32_is_exact(tmp_path):
   assert hf_config["model_type"] == "hgrn_bit"
   assert hf_config["architectures"] == ["HGRNBitForCausalLM"]
   assert (hf_config["num_heads"], hf_config["expand_ratio"], hf_config["use_short_conv"]) == (
-      1, 1, False)
+    1,
+    1,
+    False,
+  )
   assert (hf_config["bos_token_id"], hf_config["eos_token_id"]) == (1, 2)
   # The exported file has exactly the reference layout (names, torch shapes).
   with safe_open(os.path.join(hf, "model.safetensors"), "numpy") as f:
     assert f.metadata() == {"format": "pt"}
     shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    np.testing.assert_array_equal(f.get_tensor("model.layers.1.mlp.gate_proj.weight"),
-                                  original["blocks.mlp.gate_proj.kernel"][1].T)
+    np.testing.assert_array_equal(
+      f.get_tensor("model.layers.1.mlp.gate_proj.weight"),
+      original["blocks.mlp.gate_proj.kernel"][1].T,
+    )
   assert shapes == ref.hf_tensor_names(hf_config)
   assert os.path.isfile(os.path.join(hf, "tokenizer.model"))
 
@@ -211,11 +224,12 @@ def write_sharded(folder, weights, config=HF_CONFIG):
   """Two safetensors shards and model.safetensors.index.json."""
   os.makedirs(folder)
   names = sorted(weights)
-  parts = {"model-00001-of-00002.safetensors": names[::2],
-           "model-00002-of-00002.safetensors": names[1::2]}
+  parts = {
+    "model-00001-of-00002.safetensors": names[::2],
+    "model-00002-of-00002.safetensors": names[1::2],
+  }
   for shard, keys in parts.items():
-    save_file({k: weights[k] for k in keys}, os.path.join(folder, shard),
-              metadata={"format": "pt"})
+    save_file({k: weights[k] for k in keys}, os.path.join(folder, shard), metadata={"format": "pt"})
   index = {"metadata": {}, "weight_map": {k: s for s, ks in parts.items() for k in ks}}
   with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
     json.dump(index, f)
@@ -229,18 +243,22 @@ def test_sharded_checkpoint_reads_like_the_single_file(hf_dir, hf_weights, tmp_p
   single, split = _read_all(hf_dir), _read_all(sharded)
   for path_ in single:
     np.testing.assert_array_equal(split[path_], single[path_], err_msg=path_)
-  np.testing.assert_array_equal(split["blocks.mlp.down_proj.kernel"][0],
-                                hf_weights["model.layers.0.mlp.down_proj.weight"].T)
+  np.testing.assert_array_equal(
+    split["blocks.mlp.down_proj.kernel"][0], hf_weights["model.layers.0.mlp.down_proj.weight"].T
+  )
 
 
 def test_bfloat16_weights_are_upcast_exactly(hf_weights, tmp_path):
   bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in hf_weights.items()}
   folder = ref.write_hf_checkpoint(str(tmp_path / "bf16"), HF_CONFIG, bf16)
   flat = _read_all(folder, np.float64)
-  np.testing.assert_array_equal(flat["embedding"],
-                                bf16["model.embeddings.weight"].astype(np.float64))
-  np.testing.assert_array_equal(flat["blocks.attn.o_proj.kernel"][1],
-                                bf16["model.layers.1.attn.o_proj.weight"].T.astype(np.float64))
+  np.testing.assert_array_equal(
+    flat["embedding"], bf16["model.embeddings.weight"].astype(np.float64)
+  )
+  np.testing.assert_array_equal(
+    flat["blocks.attn.o_proj.kernel"][1],
+    bf16["model.layers.1.attn.o_proj.weight"].T.astype(np.float64),
+  )
 
 
 class _FakeTensor:
@@ -278,8 +296,9 @@ def test_pytorch_bin_is_read_with_weights_only(hf_dir, hf_weights, tmp_path, mon
   monkeypatch.setitem(sys.modules, "torch", fake)
   flat = _read_all(str(folder))
   assert fake.calls and all(c.get("weights_only") is True for c in fake.calls)
-  np.testing.assert_array_equal(flat["blocks.attn.i_proj.kernel"][0],
-                                hf_weights["model.layers.0.attn.i_proj.weight"].T)
+  np.testing.assert_array_equal(
+    flat["blocks.attn.i_proj.kernel"][0], hf_weights["model.layers.0.attn.i_proj.weight"].T
+  )
 
 
 # --------------------------------------------------------------------------------- errors
@@ -290,31 +309,45 @@ def _variant(tmp_path, hf_weights, *, drop=(), add=None, reshape=None, config=No
   weights.update(add or {})
   for name, shape in (reshape or {}).items():
     weights[name] = np.zeros(shape, np.float32)
-  return ref.write_hf_checkpoint(str(tmp_path / "hf_variant"), {**HF_CONFIG, **(config or {})},
-                                 weights)
+  return ref.write_hf_checkpoint(
+    str(tmp_path / "hf_variant"), {**HF_CONFIG, **(config or {})}, weights
+  )
 
 
 ERROR_CASES = {
-    "missing_key": (dict(drop=["model.layers.1.mlp_norm.weight"]),
-                    ["lacks 1 tensor", "model.layers.1.mlp_norm.weight"]),
-    "missing_lower_bounds": (dict(drop=["model.lower_bounds"]),
-                             ["model.lower_bounds", "use_lower_bound=True"]),
-    "unexpected_key": (dict(add={"model.layers.0.attn.h_conv1d.weight":
-                                     np.zeros((64, 1, 4), np.float32)}),
-                       ["does not have", "model.layers.0.attn.h_conv1d.weight"]),
-    "wrong_shape": (dict(reshape={"model.layers.0.attn.f_proj.weight": (64, 32)}),
-                    ["model.layers.0.attn.f_proj.weight", "(64, 32)", "(64, 64)"]),
-    "wrong_layer_count": (dict(config={"num_hidden_layers": 3}),
-                          ["model.layers.2.", "num_hidden_layers=3"]),
-    "num_heads": (dict(config={"num_heads": 4}), ["num_heads=4", "num_heads in [1]"]),
-    "expand_ratio": (dict(config={"expand_ratio": 2}), ["expand_ratio=2", "expand_ratio in [1]"]),
-    "short_conv": (dict(config={"use_short_conv": True}),
-                   ["use_short_conv=True", "use_short_conv in [False]"]),
-    "attn_mode": (dict(config={"attn_mode": "chunk"}), ["attn_mode='chunk'", "fused_recurrent"]),
-    "tied": (dict(config={"tie_word_embeddings": True}), ["tie_word_embeddings in [False]"]),
-    "model_type": (dict(config={"model_type": "llama"}), ["model_type='llama'", "hgrn_bit"]),
-    "integer_weights": (dict(add={"lm_head.weight": np.zeros((256, 64), np.int8)}),
-                        ["lm_head.weight", "I8", "latent floating-point"]),
+  "missing_key": (
+    dict(drop=["model.layers.1.mlp_norm.weight"]),
+    ["lacks 1 tensor", "model.layers.1.mlp_norm.weight"],
+  ),
+  "missing_lower_bounds": (
+    dict(drop=["model.lower_bounds"]),
+    ["model.lower_bounds", "use_lower_bound=True"],
+  ),
+  "unexpected_key": (
+    dict(add={"model.layers.0.attn.h_conv1d.weight": np.zeros((64, 1, 4), np.float32)}),
+    ["does not have", "model.layers.0.attn.h_conv1d.weight"],
+  ),
+  "wrong_shape": (
+    dict(reshape={"model.layers.0.attn.f_proj.weight": (64, 32)}),
+    ["model.layers.0.attn.f_proj.weight", "(64, 32)", "(64, 64)"],
+  ),
+  "wrong_layer_count": (
+    dict(config={"num_hidden_layers": 3}),
+    ["model.layers.2.", "num_hidden_layers=3"],
+  ),
+  "num_heads": (dict(config={"num_heads": 4}), ["num_heads=4", "num_heads in [1]"]),
+  "expand_ratio": (dict(config={"expand_ratio": 2}), ["expand_ratio=2", "expand_ratio in [1]"]),
+  "short_conv": (
+    dict(config={"use_short_conv": True}),
+    ["use_short_conv=True", "use_short_conv in [False]"],
+  ),
+  "attn_mode": (dict(config={"attn_mode": "chunk"}), ["attn_mode='chunk'", "fused_recurrent"]),
+  "tied": (dict(config={"tie_word_embeddings": True}), ["tie_word_embeddings in [False]"]),
+  "model_type": (dict(config={"model_type": "llama"}), ["model_type='llama'", "hgrn_bit"]),
+  "integer_weights": (
+    dict(add={"lm_head.weight": np.zeros((256, 64), np.int8)}),
+    ["lm_head.weight", "I8", "latent floating-point"],
+  ),
 }
 
 
@@ -345,8 +378,9 @@ def test_folder_without_weights(tmp_path):
   src = tmp_path / "empty"
   src.mkdir()
   (src / "config.json").write_text(json.dumps(HF_CONFIG))
-  _expect_import_error(src, tmp_path, ["no weights", "model.safetensors",
-                                       "model.safetensors.index.json"])
+  _expect_import_error(
+    src, tmp_path, ["no weights", "model.safetensors", "model.safetensors.index.json"]
+  )
 
 
 def test_folder_without_config(hf_dir, tmp_path):
@@ -364,8 +398,9 @@ def test_truncated_safetensors(hf_weights, tmp_path):
 def test_index_with_missing_shard(hf_weights, tmp_path):
   src = write_sharded(str(tmp_path / "sharded"), hf_weights)
   os.remove(os.path.join(src, "model-00002-of-00002.safetensors"))
-  _expect_import_error(src, tmp_path, ["model-00002-of-00002.safetensors", "missing",
-                                       "model.safetensors.index.json"])
+  _expect_import_error(
+    src, tmp_path, ["model-00002-of-00002.safetensors", "missing", "model.safetensors.index.json"]
+  )
 
 
 def test_pytorch_bin_without_torch_explains_the_safe_route(tmp_path, monkeypatch):
@@ -374,8 +409,9 @@ def test_pytorch_bin_without_torch_explains_the_safe_route(tmp_path, monkeypatch
   (src / "config.json").write_text(json.dumps(HF_CONFIG))
   (src / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle we must not open")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
-  _expect_import_error(src, tmp_path, ["pytorch_model.bin", "torch", "weights_only=True",
-                                       "safetensors", "save_file"])
+  _expect_import_error(
+    src, tmp_path, ["pytorch_model.bin", "torch", "weights_only=True", "safetensors", "save_file"]
+  )
 
 
 def test_failure_while_writing_leaves_no_destination(hf_dir, tmp_path, monkeypatch):
@@ -396,8 +432,17 @@ def test_existing_destination_is_not_touched(hf_dir, tmp_path):
 
 
 def test_export_refuses_transformer_workdir(tmp_path):
-  cfg = config_from_dict({"model": {"kind": "transformer", "vocab_size": 256,
-                                            "d_model": 64, "num_layers": 2, "num_heads": 4}})
+  cfg = config_from_dict(
+    {
+      "model": {
+        "kind": "transformer",
+        "vocab_size": 256,
+        "d_model": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+      }
+    }
+  )
   loading.save_workdir_config(str(tmp_path / "w"), cfg)
   with pytest.raises(HFCheckpointError, match="only model.kind='mmfree'"):
     checkpoint_io.export_checkpoint(str(tmp_path / "w"), str(tmp_path / "hf"))
@@ -412,16 +457,25 @@ def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
 # -------------------------------------------------------------------- config translation
 
 
-@pytest.mark.parametrize("d,layers,inter", [(1024, 24, 2816), (2048, 24, 5632),
-                                            (2560, 32, 6912)])
+@pytest.mark.parametrize("d,layers,inter", [(1024, 24, 2816), (2048, 24, 5632), (2560, 32, 6912)])
 def test_released_sizes_derive_the_reference_intermediate_size(d, layers, inter):
   section = mapping.model_section_from_hf(
-      {"hidden_size": d, "num_hidden_layers": layers, "vocab_size": 32000,
-       "intermediate_size": None, "hidden_ratio": 4}, "bfloat16")
+    {
+      "hidden_size": d,
+      "num_hidden_layers": layers,
+      "vocab_size": 32000,
+      "intermediate_size": None,
+      "hidden_ratio": 4,
+    },
+    "bfloat16",
+  )
   assert section["intermediate_size"] == inter
   exported = mapping.hf_config_from_model(ModelConfig.from_config(section), torch_dtype="bf16")
-  assert (exported["hidden_size"], exported["num_hidden_layers"],
-          exported["intermediate_size"]) == (d, layers, inter)
+  assert (
+    exported["hidden_size"],
+    exported["num_hidden_layers"],
+    exported["intermediate_size"],
+  ) == (d, layers, inter)
 
 
 # ------------------------------------------------------------------------------ tokenizer
@@ -442,6 +496,7 @@ def test_mistral_tokenizer_missing_package_is_a_clear_error(monkeypatch):
 
 def test_spm_mistral_alias_resolves_in_the_data_package(tmp_path):
   from mmfree_jax.data import load_tokenizer
+
   tok = load_tokenizer("spm:mistral", cache_dir=str(tmp_path))
   assert tok.vocab_size == 32000 and tok.eos_id == 2 and tok.bos_id == 1
   assert tok.decode(tok.encode("In the beginning")) == "In the beginning"

@@ -39,36 +39,39 @@ def _gates(batch, seq, dim, dtype=jnp.float32, seed=0, resets=True):
 def _run(fn, f, i, h0):
   """Outputs and the gradients of f, i (and h0) for fixed cotangents of h and the final state,
   in one compiled program."""
+
   def both(f, i, h0):
     out, vjp = jax.vjp(fn, f, i, h0)
     h, h_last = out
     dh = jnp.cos(jnp.arange(h.size, dtype=jnp.float32)).reshape(h.shape).astype(h.dtype)
     return out, vjp((dh, jnp.sin(h_last)))
+
   if h0 is None:
     out, (df, di, _) = jax.jit(lambda f, i: both(f, i, None))(f, i)
     return out, (df, di, None)
   return jax.jit(both)(f, i, h0)
 
 
-GPU = lambda **kw: (lambda f, i, h0: recurrence_gpu.recurrence_gpu(f, i, h0, **kw))
-TPU = lambda **kw: (lambda f, i, h0: recurrence_tpu.recurrence_tpu(f, i, h0, **kw))
+GPU = lambda **kw: lambda f, i, h0: recurrence_gpu.recurrence_gpu(f, i, h0, **kw)
+TPU = lambda **kw: lambda f, i, h0: recurrence_tpu.recurrence_tpu(f, i, h0, **kw)
 
 # (name, kernel, shape, with initial state): odd lengths; a GPU feature dim without a factor
 # 128 (block 16) and one that is padded (100 -> 128); TPU rows of 128 lanes with several time
 # blocks and a padded tail, a ragged feature block (10 rows = 8 + 2), the TPU interpreter
 # (pltpu.InterpretParams), and interpret=None (lowered for CPU, so interpreted).
 RECURRENCE_CASES = [
-    ("gpu", GPU(interpret=True), (2, 37, 48), True),
-    ("gpu_pad_features", GPU(interpret=True), (3, 9, 100), False),
-    ("tpu_time_blocks", TPU(interpret=True, time_block=8), (2, 37, 256), True),
-    ("tpu_ragged_rows", TPU(interpret=True, time_block=4), (1, 6, 1280), False),
-    ("tpu_interpreter", TPU(interpret="tpu", time_block=4), (1, 7, 128), True),
-    ("tpu_auto", TPU(), (2, 11, 128), False),
+  ("gpu", GPU(interpret=True), (2, 37, 48), True),
+  ("gpu_pad_features", GPU(interpret=True), (3, 9, 100), False),
+  ("tpu_time_blocks", TPU(interpret=True, time_block=8), (2, 37, 256), True),
+  ("tpu_ragged_rows", TPU(interpret=True, time_block=4), (1, 6, 1280), False),
+  ("tpu_interpreter", TPU(interpret="tpu", time_block=4), (1, 7, 128), True),
+  ("tpu_auto", TPU(), (2, 11, 128), False),
 ]
 
 
-@pytest.mark.parametrize("name,fn,shape,with_state", RECURRENCE_CASES,
-                         ids=[c[0] for c in RECURRENCE_CASES])
+@pytest.mark.parametrize(
+  "name,fn,shape,with_state", RECURRENCE_CASES, ids=[c[0] for c in RECURRENCE_CASES]
+)
 def test_recurrence_fp32_bitwise_equals_sequential(name, fn, shape, with_state):
   f, i, h0 = _gates(*shape)
   h0 = h0 if with_state else None
@@ -82,8 +85,9 @@ def test_recurrence_fp32_bitwise_equals_sequential(name, fn, shape, with_state):
       np.testing.assert_array_equal(g, g_ref, err_msg=what)
 
 
-@pytest.mark.parametrize("fn", [GPU(interpret=True), TPU(interpret=True, time_block=8)],
-                         ids=["gpu", "tpu"])
+@pytest.mark.parametrize(
+  "fn", [GPU(interpret=True), TPU(interpret=True, time_block=8)], ids=["gpu", "tpu"]
+)
 def test_recurrence_bf16_inputs(fn):
   f, i, h0 = _gates(2, 19, 128, dtype=jnp.bfloat16)
   (h, h_last), (df, di, dh0) = _run(fn, f, i, h0)
@@ -129,17 +133,36 @@ def test_recurrence_fallbacks_warn_and_match_reference():
 
 def test_round_half_away_equals_reference_for_every_float_class():
   ties = jnp.arange(-130, 130) + 0.5
-  near = jnp.array([0.49999997, -0.49999997, 0.50000006, -0.50000006, 1.4999999, -1.4999999,
-                    0.0, -0.0, 1e-30, -1e-30, 127.0, -128.0])
+  near = jnp.array(
+    [
+      0.49999997,
+      -0.49999997,
+      0.50000006,
+      -0.50000006,
+      1.4999999,
+      -1.4999999,
+      0.0,
+      -0.0,
+      1e-30,
+      -1e-30,
+      127.0,
+      -128.0,
+    ]
+  )
   rand = jax.random.uniform(jax.random.key(0), (20000,), minval=-130.0, maxval=130.0)
   v = jnp.concatenate([ties, near, rand])
-  np.testing.assert_array_equal(bitlinear_quant._round_half_away(v),
-                                quant.round_half_away_from_zero(v))
+  np.testing.assert_array_equal(
+    bitlinear_quant._round_half_away(v), quant.round_half_away_from_zero(v)
+  )
 
 
-QUANT_CASES = [("gpu", True, (3, 7, 100), jnp.float32), ("gpu", True, (2, 5, 256), jnp.bfloat16),
-               ("tpu", True, (77, 384), jnp.float32), ("tpu", True, (2, 5, 256), jnp.bfloat16),
-               ("tpu", "tpu", (3, 11, 128), jnp.float32)]
+QUANT_CASES = [
+  ("gpu", True, (3, 7, 100), jnp.float32),
+  ("gpu", True, (2, 5, 256), jnp.bfloat16),
+  ("tpu", True, (77, 384), jnp.float32),
+  ("tpu", True, (2, 5, 256), jnp.bfloat16),
+  ("tpu", "tpu", (3, 11, 128), jnp.float32),
+]
 
 
 @pytest.mark.parametrize("platform,interpret,shape,dtype", QUANT_CASES)
@@ -148,8 +171,11 @@ def test_quantizer_codes_equal_reference(platform, interpret, shape, dtype):
   x = (3.0 * jax.random.normal(kx, shape)).astype(dtype)
   x = x.reshape(-1, shape[-1]).at[0].set(0.0).reshape(shape)  # an all-zero row: scale floor
   gamma = 1.0 + 0.3 * jax.random.normal(kg, shape[-1:])
-  codes, scale, r = jax.jit(lambda x, g: bitlinear_quant.rmsnorm_quantize(
-      x, g, 1e-6, platform=platform, interpret=interpret))(x, gamma)
+  codes, scale, r = jax.jit(
+    lambda x, g: bitlinear_quant.rmsnorm_quantize(
+      x, g, 1e-6, platform=platform, interpret=interpret
+    )
+  )(x, gamma)
   codes_ref, scale_ref = quant.bitlinear_input(x, gamma, 1e-6)[1:]
   r_ref = quant.rms_factor(x.astype(jnp.float32), 1e-6)
   assert codes.dtype == jnp.int8 and scale.dtype == r.dtype == jnp.float32
@@ -166,8 +192,9 @@ def _quantizer_rows(n, d, values):
   if values == "float32 holding bf16":
     x = x.astype(jnp.float32)
   gamma = jax.random.uniform(jax.random.key(8), (d,), minval=0.5, maxval=1.5)
-  run = jax.jit(lambda x, g: bitlinear_quant.rmsnorm_quantize(x, g, 1e-6, platform="gpu",
-                                                              interpret=True))
+  run = jax.jit(
+    lambda x, g: bitlinear_quant.rmsnorm_quantize(x, g, 1e-6, platform="gpu", interpret=True)
+  )
   xn, codes_ref, scale_ref = quant.bitlinear_input(x, gamma, 1e-6)
   r_ref = quant.rms_factor(x.astype(jnp.float32), 1e-6)
   return run(x, gamma), (codes_ref, scale_ref, r_ref), xn * scale_ref
@@ -223,16 +250,21 @@ def test_bitlinear_fused_matches_lean(platform, dtype):
   def loss(fn):
     return lambda x, w, g: jnp.sum(jnp.sin(fn(x, w, g).astype(jnp.float32)))
 
-  fused = lambda x, w, g: bitlinear_ops.bitlinear_fused(x, w, g, dtype=dtype,
-                                                         platform=platform, interpret=True)
+  fused = lambda x, w, g: bitlinear_ops.bitlinear_fused(
+    x, w, g, dtype=dtype, platform=platform, interpret=True
+  )
   lean = lambda x, w, g: bitlinear_ops.bitlinear_lean(x, w, g, dtype=dtype)
   y, y_ref = jax.jit(fused)(x, w, g), jax.jit(lean)(x, w, g)
   assert y.dtype == dtype
   # codes / scale vs the STE form xn + (codes / scale - xn): at most 1 fp32 ulp per input
   # before the cast to the compute dtype; a bf16 output is rounded after that.
   tol = 1e-6 if dtype == jnp.float32 else 2**-8
-  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32),
-                             rtol=tol, atol=tol * float(jnp.abs(y_ref).max()))
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32),
+    np.asarray(y_ref, np.float32),
+    rtol=tol,
+    atol=tol * float(jnp.abs(y_ref).max()),
+  )
   grads = jax.jit(jax.grad(loss(fused), argnums=(0, 1, 2)))(x, w, g)
   grads_ref = jax.jit(jax.grad(loss(lean), argnums=(0, 1, 2)))(x, w, g)
   for a, b, what in zip(grads, grads_ref, ("dx", "dW", "dgamma")):  # the same lean backward
@@ -247,8 +279,9 @@ def test_quantizer_fallback_and_errors():
       codes = bitlinear_quant.rmsnorm_quantize(x, jnp.ones(16), platform="gpu")[0]
     np.testing.assert_array_equal(codes, 127)
     x = jax.random.normal(jax.random.key(0), (3, 5, 16), jnp.float64)  # interpreted: f64 runs
-    codes, scale, _ = bitlinear_quant.rmsnorm_quantize(x, jnp.ones(16), platform="tpu",
-                                                       interpret=True)
+    codes, scale, _ = bitlinear_quant.rmsnorm_quantize(
+      x, jnp.ones(16), platform="tpu", interpret=True
+    )
     assert scale.dtype == jnp.float64
     np.testing.assert_array_equal(codes, quant.bitlinear_input(x, jnp.ones(16), 1e-6)[1])
   with pytest.raises(ValueError, match="platform must be one of"):
@@ -259,22 +292,32 @@ def test_quantizer_fallback_and_errors():
 
 def test_platform_names():
   assert [dispatch.platform_of(p) for p in ("cuda", "rocm", "gpu", "tpu", "cpu", "METAL")] == [
-      "gpu", "gpu", "gpu", "tpu", "cpu", "cpu"]
+    "gpu",
+    "gpu",
+    "gpu",
+    "tpu",
+    "cpu",
+    "cpu",
+  ]
   assert dispatch.default_platform() == "cpu"
 
 
 def _collectives(hlo_text: str) -> int:
-  return sum(hlo_text.count(op) for op in ("all-gather", "all-reduce", "all-to-all",
-                                           "collective-permute", "reduce-scatter"))
+  return sum(
+    hlo_text.count(op)
+    for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+  )
 
 
 def _kernels_step(platform):
   """Recurrence forward + VJP with fixed cotangents, and the quantizer: all element/row-wise."""
+
   def step(f, i, h0, dh, dh_last, x, gamma):
     fn = lambda f, i, h0: dispatch.recurrence(f, i, h0, platform=platform, interpret=True)
     out, vjp = jax.vjp(fn, f, i, h0)
     codes = bitlinear_quant.rmsnorm_quantize(x, gamma, platform=platform, interpret=True)[0]
     return out, vjp((dh, dh_last)), codes
+
   return step
 
 
@@ -296,9 +339,15 @@ def test_sharded_kernels_equal_unsharded_without_communication(platform):
   seq = NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))
   state = NamedSharding(mesh, P(("data", "fsdp"), "tensor"))
   rows = NamedSharding(mesh, P(("data", "fsdp")))
-  args = (jax.device_put(f, seq), jax.device_put(i, seq), jax.device_put(h0, state),
-          jax.device_put(dh, seq), jax.device_put(dh_last, state), jax.device_put(x, rows),
-          gamma)
+  args = (
+    jax.device_put(f, seq),
+    jax.device_put(i, seq),
+    jax.device_put(h0, state),
+    jax.device_put(dh, seq),
+    jax.device_put(dh_last, state),
+    jax.device_put(x, rows),
+    gamma,
+  )
   compiled = jax.jit(sharded).lower(*args).compile()
   assert _collectives(compiled.as_text()) == 0
   got = compiled(*args)
@@ -318,19 +367,32 @@ def test_no_warning_on_supported_inputs():
 
 # ---- the kernels inside the model and the train step ----
 
+
 def _kernel_model_setup(scan_type, bitlinear_impl):
   from mmfree_jax import config as config_lib
   from mmfree_jax.train import optim
+
   cfg = config_lib.base_config()
   # f64 as in test_train_step (the kernels take f64 in interpret mode); d = 256: on the 2x2x2
   # mesh each tensor shard holds 128 features, the TPU lane width.
-  cfg.model.update(kind="mmfree", vocab_size=128, d_model=256, num_layers=1, num_heads=4,
-                   dtype="float64", param_dtype="float64", scan_type=scan_type,
-                   bitlinear_impl=bitlinear_impl)
+  cfg.model.update(
+    kind="mmfree",
+    vocab_size=128,
+    d_model=256,
+    num_layers=1,
+    num_heads=4,
+    dtype="float64",
+    param_dtype="float64",
+    scan_type=scan_type,
+    bitlinear_impl=bitlinear_impl,
+  )
   cfg.optim.update(lr=1e-2, warmup_steps=0, schedule="constant")
   model_cfg = config_lib.ModelConfig.from_config(cfg.model)
-  return (model_cfg, optim.make_optimizer(cfg.optim, 10),
-          optim.learning_rate_schedule(cfg.optim, 10))
+  return (
+    model_cfg,
+    optim.make_optimizer(cfg.optim, 10),
+    optim.learning_rate_schedule(cfg.optim, 10),
+  )
 
 
 @pytest.mark.parametrize("platform", ["tpu"])  # the GPU kernel's shard_map: test above
@@ -339,6 +401,7 @@ def test_sharded_train_step_with_kernels_equals_unsharded(platform):
   data x fsdp x tensor mesh of 8 fake devices equals one device. f64, tolerances of
   test_train_step. (Each kernel equals its pure-JAX reference: the tests above.)"""
   from tests.test_train_step import _batch, _run
+
   batches = [_batch(0, vocab=128)]
   one = {"data": 1, "fsdp": 1, "tensor": 1}
   with jax.enable_x64(True):
@@ -346,9 +409,9 @@ def test_sharded_train_step_with_kernels_equals_unsharded(platform):
     with dispatch.kernel_platform(platform, interpret=True), warnings.catch_warnings():
       warnings.simplefilter("error", common.KernelFallbackWarning)  # the kernels really run
       losses, params, _ = _run(model_cfg, tx, schedule, one, jax.devices()[:1], batches)
-      sharded_losses, sharded_params, _ = _run(model_cfg, tx, schedule,
-                                               {"data": 2, "fsdp": 2, "tensor": 2},
-                                               jax.devices(), batches)
+      sharded_losses, sharded_params, _ = _run(
+        model_cfg, tx, schedule, {"data": 2, "fsdp": 2, "tensor": 2}, jax.devices(), batches
+      )
   # f64 reductions in another order (see test_train_step): losses to 1e-10 relative,
   # parameters after an Adam step of lr 1e-2 to 1e-8 absolute.
   np.testing.assert_allclose(sharded_losses, losses, rtol=1e-10)

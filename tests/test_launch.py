@@ -28,6 +28,7 @@ def _read(*path):
 
 # ---- SLURM: dist.coordinator=auto from the SLURM_* variables ----
 
+
 def _slurm_job_id() -> int:
   """A job id whose coordinator port is free: JAX's SLURM detection listens on
   `SLURM_JOB_ID % 4096 + 61440` on the step's first node."""
@@ -39,12 +40,19 @@ def _slurm_job_id() -> int:
 
 
 def _start(workdir, out, overrides, env_extra):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("SLURM_", "MMFREE_COORDINATOR", "MMFREE_NUM_", "MMFREE_PROCESS"))}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             **env_extra)
-  return subprocess.Popen([sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides)],
-                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "MMFREE_COORDINATOR", "MMFREE_NUM_", "MMFREE_PROCESS"))
+  }
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env_extra)
+  return subprocess.Popen(
+    [sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides)],
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _wait(procs):
@@ -58,15 +66,33 @@ def _wait(procs):
 def test_slurm_auto_discovery_trains_like_explicit_coordinator(tmp_path):
   overrides = {"train.steps": 3, "train.global_batch": 4}
   port = portpicker.pick_unused_port()
-  _wait([_start(tmp_path / "explicit", tmp_path / "explicit", overrides,
-                {"MMFREE_COORDINATOR": f"127.0.0.1:{port}", "MMFREE_NUM_PROCESSES": "2",
-                 "MMFREE_PROCESS_ID": str(i)}) for i in range(2)])
-  job = {"SLURM_JOB_ID": str(_slurm_job_id()), "SLURM_STEP_NODELIST": "127.0.0.1",
-         "SLURM_STEP_NUM_NODES": "1", "SLURM_NTASKS": "2"}  # what srun sets, one node
+  _wait(
+    [
+      _start(
+        tmp_path / "explicit",
+        tmp_path / "explicit",
+        overrides,
+        {
+          "MMFREE_COORDINATOR": f"127.0.0.1:{port}",
+          "MMFREE_NUM_PROCESSES": "2",
+          "MMFREE_PROCESS_ID": str(i),
+        },
+      )
+      for i in range(2)
+    ]
+  )
+  job = {
+    "SLURM_JOB_ID": str(_slurm_job_id()),
+    "SLURM_STEP_NODELIST": "127.0.0.1",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_NTASKS": "2",
+  }  # what srun sets, one node
   tasks = [{**job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)} for i in range(2)]
   assert set(distributed.AUTO_ENV["slurm"]) <= set(tasks[0])
-  slurm = [_start(tmp_path / "slurm", tmp_path / "slurm", {**overrides, "dist.coordinator": "auto"},
-                  task) for task in tasks]
+  slurm = [
+    _start(tmp_path / "slurm", tmp_path / "slurm", {**overrides, "dist.coordinator": "auto"}, task)
+    for task in tasks
+  ]
   _wait(slurm)
   explicit = json.loads((tmp_path / "explicit.json").read_text())
   auto = json.loads((tmp_path / "slurm.json").read_text())
@@ -83,13 +109,20 @@ def test_auto_without_a_cluster_is_one_clear_line(monkeypatch):
   for k in list(os.environ):
     if k.startswith(("SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "KUBERNETES_")):
       monkeypatch.delenv(k)
-  script = ("from mmfree_jax.config import base_config\n"
-            "from mmfree_jax.parallel import distributed\n"
-            "c = base_config(); c.dist.coordinator = 'auto'\n"
-            "distributed.maybe_initialize(c.dist)\n")
-  run = subprocess.run([sys.executable, "-c", script], check=False,
-                       capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                       timeout=120)
+  script = (
+    "from mmfree_jax.config import base_config\n"
+    "from mmfree_jax.parallel import distributed\n"
+    "c = base_config(); c.dist.coordinator = 'auto'\n"
+    "distributed.maybe_initialize(c.dist)\n"
+  )
+  run = subprocess.run(
+    [sys.executable, "-c", script],
+    check=False,
+    capture_output=True,
+    text=True,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    timeout=120,
+  )
   assert run.returncode != 0
   last = run.stderr.strip().splitlines()[-1]
   assert last.startswith("ValueError: dist.coordinator=auto found no cluster environment")
@@ -106,23 +139,41 @@ def test_sbatch_script_runs_train_py_under_srun_with_auto(tmp_path):
   fake.mkdir()
   (fake / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS"\n')
   (fake / "srun").chmod(0o755)
-  env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "a"),
-         "MMFREE_REPO": REPO, "MMFREE_PYTHON": "/opt/py/bin/python"}
-  subprocess.run(["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--workdir=/shared/w",
-                  "--config.train.steps=5"], env=env, check=True, timeout=60)
+  env = {
+    **os.environ,
+    "PATH": f"{fake}:{os.environ['PATH']}",
+    "SRUN_ARGS": str(tmp_path / "a"),
+    "MMFREE_REPO": REPO,
+    "MMFREE_PYTHON": "/opt/py/bin/python",
+  }
+  subprocess.run(
+    ["bash", os.path.join(LAUNCH, "slurm.sbatch"), "--workdir=/shared/w", "--config.train.steps=5"],
+    env=env,
+    check=True,
+    timeout=60,
+  )
   argv = (tmp_path / "a").read_text().splitlines()
-  assert argv == ["--kill-on-bad-exit=1", "/opt/py/bin/python", "train.py",
-                  "--config.dist.coordinator=auto", "--noprogress", "--workdir=/shared/w",
-                  "--config.train.steps=5"]
+  assert argv == [
+    "--kill-on-bad-exit=1",
+    "/opt/py/bin/python",
+    "train.py",
+    "--config.dist.coordinator=auto",
+    "--noprogress",
+    "--workdir=/shared/w",
+    "--config.train.steps=5",
+  ]
 
 
 # ---- GKE JobSet ----
 
+
 def _pod_env(container, slice_id, host):
   """The container's environment in pod `host` of slice `slice_id`, as Kubernetes renders it:
   the JobSet/Job index annotations and `$(VAR)` references to earlier variables."""
-  annotations = {"jobset.sigs.k8s.io/job-index": str(slice_id),
-                 "batch.kubernetes.io/job-completion-index": str(host)}
+  annotations = {
+    "jobset.sigs.k8s.io/job-index": str(slice_id),
+    "batch.kubernetes.io/job-completion-index": str(host),
+  }
   env = {}
   for var in container["env"]:
     if "valueFrom" in var:
@@ -137,6 +188,7 @@ def _pod_env(container, slice_id, host):
 def test_jobset_sets_everything_auto_needs(monkeypatch):
   # what dist.coordinator=auto runs on GKE TPU
   from jax._src.clusters import cloud_tpu_cluster
+
   jobset = yaml.safe_load(_read(LAUNCH, "jobset.yaml"))
   assert jobset["kind"] == "JobSet" and jobset["spec"]["network"]["enableDNSHostnames"]
   name = jobset["metadata"]["name"]
@@ -173,6 +225,7 @@ def test_jobset_sets_everything_auto_needs(monkeypatch):
 
 # ---- TPU VM ----
 
+
 def _readme_block(marker):
   """The README's bash block whose first command line starts with `marker`: (command, output)."""
   readme = _read(REPO, "README.md")
@@ -186,8 +239,9 @@ def _readme_block(marker):
 def test_tpu_vm_command_is_the_readmes():
   command, shown = _readme_block("python launch/tpu_vm.py")
   argv = shlex.split(command)
-  printed = subprocess.run([sys.executable, *argv[1:]], cwd=REPO, capture_output=True,
-                           text=True, check=True, timeout=60).stdout.strip()
+  printed = subprocess.run(
+    [sys.executable, *argv[1:]], cwd=REPO, capture_output=True, text=True, check=True, timeout=60
+  ).stdout.strip()
   assert printed == shown
   assert shown.startswith("gcloud compute tpus tpu-vm ssh ") and " --worker=all " in shown
   remote = shlex.split(shown)[-1].removeprefix("--command=")
@@ -195,15 +249,27 @@ def test_tpu_vm_command_is_the_readmes():
 
 
 def test_tpu_vm_refuses_dist_flags():
-  run = subprocess.run([sys.executable, os.path.join(LAUNCH, "tpu_vm.py"), "--name=a",
-                        "--zone=z", "--", "--config.dist.num_processes=4"],
-                       check=False, capture_output=True, text=True, timeout=60)
+  run = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(LAUNCH, "tpu_vm.py"),
+      "--name=a",
+      "--zone=z",
+      "--",
+      "--config.dist.num_processes=4",
+    ],
+    check=False,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert run.returncode != 0
   assert "--config.dist.num_processes=4 is set by the launcher" in run.stderr
 
 
 def test_object_storage_workdir_is_refused_before_a_local_gs_folder(tmp_path, monkeypatch):
   from mmfree_jax.train import checks
+
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ValueError, match="object-storage workdirs .* not supported yet"):
     checks.check_workdir_writable("gs://bucket/run")

@@ -22,26 +22,26 @@ from tests import llama_reference as ref
 
 F64_TOL = 1e-10
 BASE = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 64,
-    "intermediate_size": 96,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "vocab_size": 128,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 5000.0,  # not the default, so a mixed-up theta would show
-    "hidden_act": "silu",
-    "tie_word_embeddings": False,
-    "attention_bias": False,
-    "mlp_bias": False,
-    "rope_scaling": None,
+  "architectures": ["LlamaForCausalLM"],
+  "model_type": "llama",
+  "hidden_size": 64,
+  "intermediate_size": 96,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "num_key_value_heads": 2,
+  "vocab_size": 128,
+  "rms_norm_eps": 1e-5,
+  "rope_theta": 5000.0,  # not the default, so a mixed-up theta would show
+  "hidden_act": "silu",
+  "tie_word_embeddings": False,
+  "attention_bias": False,
+  "mlp_bias": False,
+  "rope_scaling": None,
 }
 TOKENS = np.random.default_rng(3).integers(0, BASE["vocab_size"], (2, 11))
 VARIANTS = {
-    "gqa_untied": {},
-    "mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
+  "gqa_untied": {},
+  "mha_tied": {"num_key_value_heads": 4, "tie_word_embeddings": True},
 }
 
 
@@ -60,8 +60,10 @@ def test_import_float64_matches_numpy_llama(tmp_path, variant):
   config = {**BASE, **VARIANTS[variant]}
   src, weights = _write(tmp_path / "hf", config)
   workdir = str(tmp_path / "imported")
-  assert hf_main(["import", "--arch", "llama", "--src", src, "--workdir", workdir,
-                  "--dtype", "float64"]) == 0
+  assert (
+    hf_main(["import", "--arch", "llama", "--src", src, "--workdir", workdir, "--dtype", "float64"])
+    == 0
+  )
   want_logits, want_hidden = ref.forward(weights, config, TOKENS, return_hidden=True)
   with jax.enable_x64(True):
     model, cfg, step = loading.load_model(workdir)
@@ -89,15 +91,15 @@ def test_fused_gate_up_and_tied_head_layout(tmp_path):
 
 
 BAD_CONFIGS = [
-    ({"model_type": "mixtral", "num_local_experts": 8}, "mixture-of-experts"),
-    ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
-    ({"attention_bias": True}, "bias"),
-    ({"mlp_bias": True}, "bias"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ({"head_dim": 32}, "head_dim"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"num_key_value_heads": 3}, "num_key_value_heads"),
-    ({"model_type": "gpt2"}, "model_type"),
+  ({"model_type": "mixtral", "num_local_experts": 8}, "mixture-of-experts"),
+  ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window"),
+  ({"attention_bias": True}, "bias"),
+  ({"mlp_bias": True}, "bias"),
+  ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+  ({"head_dim": 32}, "head_dim"),
+  ({"hidden_act": "gelu"}, "hidden_act"),
+  ({"num_key_value_heads": 3}, "num_key_value_heads"),
+  ({"model_type": "gpt2"}, "model_type"),
 ]
 
 
@@ -115,6 +117,7 @@ def test_unmappable_config_fails_before_reading_weights(tmp_path, change, match)
 def test_unmappable_weights_fail_with_the_tensor_named(tmp_path, capsys):
   src, weights = _write(tmp_path / "hf", BASE)
   from safetensors.numpy import save_file
+
   path = os.path.join(src, "model.safetensors")
   biased = {**weights, "model.layers.0.self_attn.q_proj.bias": np.zeros(64, np.float32)}
   save_file(biased, path)
@@ -126,8 +129,7 @@ def test_unmappable_weights_fail_with_the_tensor_named(tmp_path, capsys):
     llama.load_llama(src)
   missing = {k: v for k, v in weights.items() if k != "model.layers.1.self_attn.v_proj.weight"}
   save_file(missing, path)
-  assert hf_main(["import", "--arch", "llama", "--src", src,
-                  "--workdir", str(tmp_path / "w")]) == 1
+  assert hf_main(["import", "--arch", "llama", "--src", src, "--workdir", str(tmp_path / "w")]) == 1
   assert "v_proj.weight" in capsys.readouterr().err
   assert not (tmp_path / "w").exists()
 
@@ -148,7 +150,7 @@ def test_gqa_kv_cache_holds_kv_heads_and_decodes_like_the_full_forward(tmp_path)
       logits, state = model(TOKENS[:, :6], state=state)
       steps = [logits]
       for t in range(6, TOKENS.shape[1]):
-        out, state = model(TOKENS[:, t:t + 1], state=state)
+        out, state = model(TOKENS[:, t : t + 1], state=state)
         steps.append(out)
       return jnp.concatenate(steps, axis=1)
 

@@ -16,14 +16,18 @@ from mmfree_jax.registry import SCAN_TYPES
 # ------------------------------------------------------------------------ parameter counts
 
 
-@pytest.mark.parametrize("d_model,num_layers,expected", [
-    (1024, 24, 374_108_160),      # 370M, measured on the reference (docs/architecture.md §1)
-    (2048, 24, 1_364_779_008),    # 1.3B
-    (2560, 32, 2_702_357_504),    # 2.7B
-])
+@pytest.mark.parametrize(
+  "d_model,num_layers,expected",
+  [
+    (1024, 24, 374_108_160),  # 370M, measured on the reference (docs/architecture.md §1)
+    (2048, 24, 1_364_779_008),  # 1.3B
+    (2560, 32, 2_702_357_504),  # 2.7B
+  ],
+)
 def test_param_counts_match_reference(d_model, num_layers, expected):
   model = mmfree_jax.abstract_model(
-      ModelConfig.from_config(dict(d_model=d_model, num_layers=num_layers)))
+    ModelConfig.from_config(dict(d_model=d_model, num_layers=num_layers))
+  )
   assert mmfree_jax.count_params(model) == expected
 
 
@@ -81,18 +85,24 @@ def test_every_param_has_logical_axis_names(kind):
   if kind == "mmfree":
     assert tuple(flat_specs[("lower_bounds",)].get_value()) == ("layers", "embed")
     assert tuple(flat_specs[("blocks", "mlp", "gate_proj", "kernel")].get_value()) == (
-        "layers", "embed", "mlp")
+      "layers",
+      "embed",
+      "mlp",
+    )
 
 
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("field,value,choices", [
+@pytest.mark.parametrize(
+  "field,value,choices",
+  [
     ("scan_type", "parallel", SCAN_TYPES),
     ("dtype", "float8", ("bfloat16", "float32")),
     ("param_dtype", "fp32", ("bfloat16", "float32")),
     ("kind", "rnn", ("mmfree", "transformer")),
-])
+  ],
+)
 def test_bad_config_values_name_the_choices(field, value, choices):
   with pytest.raises(ValueError, match=repr(value)) as e:
     ModelConfig.from_config({field: value})
@@ -151,8 +161,9 @@ def test_eval_shape_of_370m_forward(kind):
   graphdef, state = nnx.split(model)
   leaves = jax.tree.leaves(state)
   assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-  out = jax.eval_shape(lambda s, t: nnx.merge(graphdef, s)(t)[0], state,
-                       jax.ShapeDtypeStruct((1, 16), jnp.int32))
+  out = jax.eval_shape(
+    lambda s, t: nnx.merge(graphdef, s)(t)[0], state, jax.ShapeDtypeStruct((1, 16), jnp.int32)
+  )
   assert out.shape == (1, 16, 32000) and out.dtype == jnp.float32
 
 

@@ -57,8 +57,9 @@ def np_mmfree_forward(params, tokens, *, num_layers, eps, use_lower_bound, segme
   """params: {path tuple: np.ndarray} from nnx.state(model); tokens [B, T] -> logits [B, T, V]."""
   P = params
   layer = lambda l, *path: P[("blocks",) + path][l]  # stacked: leading layers axis
-  proj = lambda l, name, x: np_bitlinear(x, layer(l, "attn", name, "kernel"),
-                                         layer(l, "attn", name, "norm_scale"))
+  proj = lambda l, name, x: np_bitlinear(
+    x, layer(l, "attn", name, "kernel"), layer(l, "attn", name, "norm_scale")
+  )
   batch, seq = tokens.shape
   if use_lower_bound:
     p = np_softmax(P[("lower_bounds",)], axis=0)
@@ -86,11 +87,15 @@ def np_mmfree_forward(params, tokens, *, num_layers, eps, use_lower_bound, segme
     x = x + proj(l, "o_proj", o)
     # channel mixer: GLU with one fused gate_proj, split (gate, up)
     m = np_rmsnorm(x, layer(l, "mlp_norm", "scale"), eps)
-    gu = np_bitlinear(m, layer(l, "mlp", "gate_proj", "kernel"),
-                      layer(l, "mlp", "gate_proj", "norm_scale"))
+    gu = np_bitlinear(
+      m, layer(l, "mlp", "gate_proj", "kernel"), layer(l, "mlp", "gate_proj", "norm_scale")
+    )
     gate, up = np.split(gu, 2, axis=-1)
-    x = x + np_bitlinear(np_silu(gate) * up, layer(l, "mlp", "down_proj", "kernel"),
-                         layer(l, "mlp", "down_proj", "norm_scale"))
+    x = x + np_bitlinear(
+      np_silu(gate) * up,
+      layer(l, "mlp", "down_proj", "kernel"),
+      layer(l, "mlp", "down_proj", "norm_scale"),
+    )
   x = np_rmsnorm(x, P[("final_norm", "scale")], eps)
   return np_bitlinear(x, P[("lm_head", "kernel")], P[("lm_head", "norm_scale")])
 
@@ -119,8 +124,10 @@ def randomize_params(model, seed):
     var.set_value(jnp.asarray(flat[path]))
   nnx.update(model, state)
   # read back what the model now holds, by name
-  out = {path: np.asarray(var.get_value())
-         for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  out = {
+    path: np.asarray(var.get_value())
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
   for path, value in flat.items():
     np.testing.assert_array_equal(out[path], value)
   return out
@@ -134,8 +141,10 @@ def _jit_forwards(model, calls):
 
 def _forwards(model, *calls):
   """calls: (tokens,) or (tokens, segment_ids) tuples of numpy arrays -> list of np logits."""
-  calls = tuple((jnp.asarray(c[0], jnp.int32),
-                 None if len(c) == 1 else jnp.asarray(c[1], jnp.int32)) for c in calls)
+  calls = tuple(
+    (jnp.asarray(c[0], jnp.int32), None if len(c) == 1 else jnp.asarray(c[1], jnp.int32))
+    for c in calls
+  )
   return [np.asarray(x) for x in _jit_forwards(model, calls)]
 
 
@@ -158,8 +167,14 @@ def _f64_model(seed=1, **overrides):
 
 
 def _np_reference(params, cfg, tokens, **kw):
-  return np_mmfree_forward(params, tokens, num_layers=cfg.num_layers, eps=cfg.rms_norm_eps,
-                           use_lower_bound=cfg.use_lower_bound, **kw)
+  return np_mmfree_forward(
+    params,
+    tokens,
+    num_layers=cfg.num_layers,
+    eps=cfg.rms_norm_eps,
+    use_lower_bound=cfg.use_lower_bound,
+    **kw,
+  )
 
 
 def test_mmfree_forward_matches_numpy_reference_f64():
@@ -173,8 +188,9 @@ def test_mmfree_forward_matches_numpy_reference_f64():
   scale = np.max(np.abs(expected))
   np.testing.assert_allclose(logits, expected, rtol=TOL, atol=TOL * scale)
   # the randomized lower bounds matter: without them the reference differs
-  other = np_mmfree_forward(params, tokens, num_layers=2, eps=model.cfg.rms_norm_eps,
-                            use_lower_bound=False)
+  other = np_mmfree_forward(
+    params, tokens, num_layers=2, eps=model.cfg.rms_norm_eps, use_lower_bound=False
+  )
   assert np.max(np.abs(other - expected)) > 1e-3 * scale
 
   # Packed documents with reset_at_doc_start: the reference restarts the recurrence (f = 0)
@@ -194,7 +210,7 @@ def test_mmfree_without_lower_bound_matches_numpy_reference_f64():
   with jax.enable_x64(True):
     model, params = _f64_model(use_lower_bound=False)
     assert ("lower_bounds",) not in params
-    logits, = _forwards(model, (tokens,))
+    (logits,) = _forwards(model, (tokens,))
   expected = _np_reference(params, model.cfg, tokens)
   scale = np.max(np.abs(expected))
   np.testing.assert_allclose(logits, expected, rtol=TOL, atol=TOL * scale)
@@ -206,7 +222,7 @@ def test_mmfree_reset_off_ignores_segments():
   tokens = _tokens(2)
   with jax.enable_x64(True):
     model, params = _f64_model(reset_at_doc_start=False)
-    packed, = _forwards(model, (tokens, SEGMENTS))
+    (packed,) = _forwards(model, (tokens, SEGMENTS))
   expected = _np_reference(params, model.cfg, tokens)  # no segment ids: no reset
   np.testing.assert_allclose(packed, expected, rtol=TOL, atol=TOL * np.max(np.abs(expected)))
   expected_reset = _np_reference(params, model.cfg, tokens, segment_ids=SEGMENTS)

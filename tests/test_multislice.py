@@ -50,6 +50,7 @@ def two_slices():
 
 # ---- the mesh ----
 
+
 def test_hybrid_mesh_puts_data_across_slices(two_slices):
   """Default `mesh.dcn`: data spans the slices, fsdp and tensor stay inside one."""
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, two_slices)
@@ -59,18 +60,22 @@ def test_hybrid_mesh_puts_data_across_slices(two_slices):
 
 
 def test_hybrid_mesh_dcn_on_another_axis(two_slices):
-  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 2}, two_slices,
-                            dcn_cfg={"data": 1, "fsdp": 2, "tensor": 1})
+  mesh = mesh_lib.make_mesh(
+    {"data": 1, "fsdp": -1, "tensor": 2}, two_slices, dcn_cfg={"data": 1, "fsdp": 2, "tensor": 1}
+  )
   assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "context": 1, "tensor": 2}
   # fsdp index j lies in slice j // 2: the slices are the outer factor of the axis
   slices = [{d.slice_index for d in mesh.devices[0, j].flat} for j in range(4)]
   assert slices == [{0}, {0}, {1}, {1}]
 
 
-@pytest.mark.parametrize("shape, dcn, match", [
+@pytest.mark.parametrize(
+  "shape, dcn, match",
+  [
     ({"data": -1, "fsdp": 1, "tensor": 1}, {"data": 4}, "mesh.dcn"),
     ({"data": 1, "fsdp": -1, "tensor": 1}, {"data": 2}, "mesh.shape.data=1 cannot span 2"),
-])
+  ],
+)
 def test_bad_dcn_is_refused(two_slices, shape, dcn, match):
   with pytest.raises(ValueError, match=match):
     mesh_lib.make_mesh(shape, two_slices, dcn_cfg=dcn)
@@ -86,27 +91,38 @@ def test_dcn_needs_slices(one_slice):
 
 # ---- the compiled train step ----
 
+
 def _compile_step(mesh, batch, microbatches):
   """The trainer's step (shardings, donation) for a 2-layer MatMul-free LM on `mesh`."""
   cfg = config_lib.base_config()
-  cfg.model.update(vocab_size=256, d_model=256, num_layers=2, num_heads=4, dtype="bfloat16",
-                   remat="dots_no_batch")
+  cfg.model.update(
+    vocab_size=256, d_model=256, num_layers=2, num_heads=4, dtype="bfloat16", remat="dots_no_batch"
+  )
   model_cfg = config_lib.ModelConfig.from_config(cfg.model)
   rules = sharding.normalize_rules(cfg.mesh.axis_rules)
   tx = optim.make_optimizer(cfg.optim, 100)
   state_shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   step = jax.jit(
-      steps.make_train_step(model_cfg, state_lib.model_graphdef(model_cfg), tx,
-                            optim.learning_rate_schedule(cfg.optim, 100),
-                            microbatches=microbatches, mesh=mesh, rules=rules),
-      in_shardings=(state_shardings, batch_sharding),
-      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    steps.make_train_step(
+      model_cfg,
+      state_lib.model_graphdef(model_cfg),
+      tx,
+      optim.learning_rate_schedule(cfg.optim, 100),
+      microbatches=microbatches,
+      mesh=mesh,
+      rules=rules,
+    ),
+    in_shardings=(state_shardings, batch_sharding),
+    out_shardings=(state_shardings, sharding.replicated(mesh)),
+    donate_argnums=0,
+  )
   window = jax.ShapeDtypeStruct((batch, 65), jnp.int32, sharding=batch_sharding)
   abstract = state_lib.abstract_train_state(model_cfg, tx, state_shardings)
   compiled = step.lower(abstract, {"tokens": window, "segment_ids": window}).compile()
-  per_chip_grads = sum(math.prod(p.sharding.shard_shape(p.shape))
-                       for p in jax.tree.leaves(abstract.params))
+  per_chip_grads = sum(
+    math.prod(p.sharding.shard_shape(p.shape)) for p in jax.tree.leaves(abstract.params)
+  )
   return compiled, per_chip_grads
 
 
@@ -143,13 +159,19 @@ def test_per_chip_memory_matches_one_slice(compiled_steps):
   assert m2.output_size_in_bytes == m1.output_size_in_bytes
   assert m1.temp_size_in_bytes <= m2.temp_size_in_bytes
   assert m2.temp_size_in_bytes - m1.temp_size_in_bytes <= 2 * 4 * per_chip_grads, (
-      m1.temp_size_in_bytes, m2.temp_size_in_bytes)
+    m1.temp_size_in_bytes,
+    m2.temp_size_in_bytes,
+  )
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(
+  strict=True,
+  reason=(
     "train.microbatches > 1 all-reduces the gradients over DCN inside the accumulation scan, "
     "once per microbatch: the accumulator takes the params' sharding (replicated over data). "
-    "Fix in train/steps.py: accumulate per data shard and reduce after the scan"))
+    "Fix in train/steps.py: accumulate per data shard and reduce after the scan"
+  ),
+)
 def test_microbatches_reduce_over_dcn_once(two_slices):
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, two_slices)
   compiled, _ = _compile_step(mesh, 8, 2)
@@ -159,8 +181,7 @@ def test_microbatches_reduce_over_dcn_once(two_slices):
 def test_fsdp_across_slices_is_seen_crossing(two_slices):
   """The control: with fsdp spanning the slices, the per-layer parameter all-gathers cross
   the DCN inside the layer scan, and the checks above see it."""
-  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 2}, two_slices,
-                            dcn_cfg={"fsdp": 2})
+  mesh = mesh_lib.make_mesh({"data": 1, "fsdp": -1, "tensor": 2}, two_slices, dcn_cfg={"fsdp": 2})
   compiled, _ = _compile_step(mesh, 8, 1)
   transfers = dcn.dcn_transfers(compiled.as_text())
   assert "ALL_GATHER" in {t.kind for t in transfers}
@@ -173,12 +194,23 @@ def test_aot_multislice_report_verdicts():
   from benchmarks import aot_multislice
 
   def row(slices, peak, in_loop):
-    return {"kind": "mmfree", "slice": "v5e-8", "num_slices": slices,
-            "mesh": {"data": slices, "fsdp": 4, "tensor": 2}, "microbatches": 32,
-            "remat": "none", "global_batch": 256 * slices, "compile_s": 1.0,
-            "memory": {"argument_bytes": 1, "temp_bytes": 1, "peak_bytes": peak},
-            "dcn": {"transfers": 3 * (slices - 1), "kinds": ["ALL_REDUCE"] * (slices > 1),
-                    "elements_per_chip": 2**20, "in_loop": in_loop}}
+    return {
+      "kind": "mmfree",
+      "slice": "v5e-8",
+      "num_slices": slices,
+      "mesh": {"data": slices, "fsdp": 4, "tensor": 2},
+      "microbatches": 32,
+      "remat": "none",
+      "global_batch": 256 * slices,
+      "compile_s": 1.0,
+      "memory": {"argument_bytes": 1, "temp_bytes": 1, "peak_bytes": peak},
+      "dcn": {
+        "transfers": 3 * (slices - 1),
+        "kinds": ["ALL_REDUCE"] * (slices > 1),
+        "elements_per_chip": 2**20,
+        "in_loop": in_loop,
+      },
+    }
 
   good = {"rows": [row(1, 10, 0), row(2, 10, 0)]}
   bad = {"rows": [row(1, 10, 0), row(2, 11, 3)]}

@@ -19,19 +19,24 @@ NB_STEPS = 5
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # What each notebook must print (besides running without an error and drawing its plots).
 EXPECTED_TEXT = {
-    "quickstart": [f"reloaded step {NB_STEPS}", "fraction of zero weights per layer",
-                   "max |logit difference|"],
-    "recurrence": ["sequential_custom_vjp", "decode steps vs one parallel forward",
-                   "recurrent state"],
-    "scaling": ["transformer", "mmfree", "gap"],
-    "convert": ["converted student, step 0", "ConversionError", "val loss: teacher"],
+  "quickstart": [
+    f"reloaded step {NB_STEPS}",
+    "fraction of zero weights per layer",
+    "max |logit difference|",
+  ],
+  "recurrence": [
+    "sequential_custom_vjp",
+    "decode steps vs one parallel forward",
+    "recurrent state",
+  ],
+  "scaling": ["transformer", "mmfree", "gap"],
+  "convert": ["converted student, step 0", "ConversionError", "val loss: teacher"],
 }
 MIN_PLOTS = {"quickstart": 2, "recurrence": 2, "scaling": 1, "convert": 1}
 
 
 def _strip_module():
-  spec = importlib.util.spec_from_file_location("strip_outputs",
-                                                NOTEBOOK_DIR / "strip_outputs.py")
+  spec = importlib.util.spec_from_file_location("strip_outputs", NOTEBOOK_DIR / "strip_outputs.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -58,11 +63,16 @@ def run_notebook(name: str, tmp_path, monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", FAST_XLA_FLAGS)  # kernel: 1 device, not the tests' 8
   monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
   monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-      [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+  monkeypatch.setenv(
+    "PYTHONPATH",
+    os.pathsep.join(
+      [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    ),
+  )
   nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
-  client = NotebookClient(nb, timeout=240, kernel_name="python3",
-                          resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
+  client = NotebookClient(
+    nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+  )
   client.execute()
   return nb
 
@@ -78,8 +88,9 @@ def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   assert not errors
   if name in ("quickstart", "recurrence"):  # trained and checkpointed into the temp workdir
     assert (tmp_path / "workdir" / "config.json").exists()
-    metrics = [json.loads(line) for line in
-               (tmp_path / "workdir" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+      json.loads(line) for line in (tmp_path / "workdir" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert metrics and max(row["step"] for row in metrics) == NB_STEPS
 
 
@@ -91,7 +102,8 @@ def test_committed_notebooks_have_no_outputs():
     with open(path) as f:
       nb = json.load(f)
     assert strip_outputs.problems(nb) == [], (
-        f"{path} has outputs; run python notebooks/strip_outputs.py")
+      f"{path} has outputs; run python notebooks/strip_outputs.py"
+    )
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
     nbformat.validate(nbformat.reads(json.dumps(nb), as_version=4))
 

@@ -24,8 +24,13 @@ def test_weight_decay_only_on_kernels_unless_embeddings_asked():
   flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
   assert flat["['blocks']['mlp']['gate_proj']['kernel']"] is True
   assert flat["['lm_head']['kernel']"] is True
-  for name in ("['lower_bounds']", "['embedding']", "['final_norm']['scale']",
-               "['lm_head']['norm_scale']", "['blocks']['attn']['g_norm']['scale']"):
+  for name in (
+    "['lower_bounds']",
+    "['embedding']",
+    "['final_norm']['scale']",
+    "['lm_head']['norm_scale']",
+    "['blocks']['attn']['g_norm']['scale']",
+  ):
     assert flat[name] is False, name
   with_embed = optim.weight_decay_mask(params, decay_embeddings=True)
   assert with_embed["embedding"] is True and with_embed["lower_bounds"] is False

@@ -41,8 +41,7 @@ def test_round_trip_every_group_value(fmt):
   packed = np.asarray(packing.pack_ternary(groups, fmt, axis=1))
   assert packed.dtype == np.uint8 and packed.shape == (3**k, 1)
   assert len(np.unique(packed)) == 3**k  # every group has its own byte
-  np.testing.assert_array_equal(np.asarray(packing.unpack_ternary(packed, fmt, k, axis=1)),
-                                groups)
+  np.testing.assert_array_equal(np.asarray(packing.unpack_ternary(packed, fmt, k, axis=1)), groups)
 
 
 @pytest.mark.parametrize("fmt", PACKED)
@@ -101,9 +100,11 @@ def test_packed_matvec_exact(fmt, method, n_in):
   x[1] = -128
   packed = packing.pack_ternary(codes, fmt, axis=0)
   got = jax.jit(functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in, method=method))(
-      jnp.asarray(x), packed)
-  np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
-                                x.astype(np.int64) @ codes.astype(np.int64))
+    jnp.asarray(x), packed
+  )
+  np.testing.assert_array_equal(
+    np.asarray(got).astype(np.int64), x.astype(np.int64) @ codes.astype(np.int64)
+  )
 
 
 @pytest.mark.parametrize("fmt", PACKED)
@@ -122,10 +123,12 @@ def test_packed_matvec_lut_blocks(fmt, chunk):
   x = rng.integers(-128, 128, (rows, n_in)).astype(np.int8)
   x[0] = 127
   packed = packing.pack_ternary(codes, fmt, axis=0)
-  got = jax.jit(functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in,
-                                  chunk_bytes=chunk_bytes))(jnp.asarray(x), packed)
-  np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
-                                x.astype(np.int64) @ codes.astype(np.int64))
+  got = jax.jit(
+    functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in, chunk_bytes=chunk_bytes)
+  )(jnp.asarray(x), packed)
+  np.testing.assert_array_equal(
+    np.asarray(got).astype(np.int64), x.astype(np.int64) @ codes.astype(np.int64)
+  )
 
 
 @pytest.mark.parametrize("fmt", PACKED)
@@ -139,15 +142,18 @@ def test_unpacked_matmul_blocks_and_stacked_layers(fmt, cols):
   codes = np.stack([_random_codes((n_in, n_out), seed=cols + l) for l in range(layers)])
   x = rng.integers(-128, 128, (rows, n_in)).astype(np.int8)
   packed = jnp.stack([packing.pack_ternary(c, fmt, axis=0) for c in codes])
-  product = jax.jit(functools.partial(packing.unpacked_matmul, fmt=fmt, n_in=n_in,
-                                      block_bytes=block_bytes))
+  product = jax.jit(
+    functools.partial(packing.unpacked_matmul, fmt=fmt, n_in=n_in, block_bytes=block_bytes)
+  )
   for layer in range(layers):
     got = product(jnp.asarray(x), packed, layer=jnp.int32(layer))
-    np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
-                                  x.astype(np.int64) @ codes[layer].astype(np.int64))
+    np.testing.assert_array_equal(
+      np.asarray(got).astype(np.int64), x.astype(np.int64) @ codes[layer].astype(np.int64)
+    )
   got = product(jnp.asarray(x), packed[1])  # one unstacked matrix
-  np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
-                                x.astype(np.int64) @ codes[1].astype(np.int64))
+  np.testing.assert_array_equal(
+    np.asarray(got).astype(np.int64), x.astype(np.int64) @ codes[1].astype(np.int64)
+  )
 
 
 def test_unpacked_matmul_holds_one_block_of_fp32_codes():
@@ -157,10 +163,16 @@ def test_unpacked_matmul_holds_one_block_of_fp32_codes():
   full_fp32 = 4 * n_in * n_out
 
   def temp(block_bytes):
-    compiled = jax.jit(functools.partial(packing.unpacked_matmul, fmt=fmt, n_in=n_in,
-                                         block_bytes=block_bytes)).lower(
+    compiled = (
+      jax.jit(
+        functools.partial(packing.unpacked_matmul, fmt=fmt, n_in=n_in, block_bytes=block_bytes)
+      )
+      .lower(
         jax.ShapeDtypeStruct((rows, n_in), jnp.int8),
-        jax.ShapeDtypeStruct((packing.packed_length(n_in, fmt), n_out), jnp.uint8)).compile()
+        jax.ShapeDtypeStruct((packing.packed_length(n_in, fmt), n_out), jnp.uint8),
+      )
+      .compile()
+    )
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp(full_fp32 // 16) < 0.25 * full_fp32 <= temp(full_fp32)
@@ -174,9 +186,11 @@ def test_packed_matvec_lut_does_not_copy_the_codes():
   chunk_bytes = 3 * rows * n_out * 4
   assert packing._block_size(rows, 50, n_out, chunk_bytes) == 3
   packed = jax.ShapeDtypeStruct((packing.packed_length(n_in, fmt), n_out), jnp.uint8)
-  compiled = jax.jit(functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in,
-                                       chunk_bytes=chunk_bytes)).lower(
-      jax.ShapeDtypeStruct((rows, n_in), jnp.int8), packed).compile()
+  compiled = (
+    jax.jit(functools.partial(packing.packed_matvec, fmt=fmt, n_in=n_in, chunk_bytes=chunk_bytes))
+    .lower(jax.ShapeDtypeStruct((rows, n_in), jnp.int8), packed)
+    .compile()
+  )
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 0.5 * 50 * n_out, temp
 
@@ -200,8 +214,9 @@ def test_to_planes_layout(n_in):
   np.testing.assert_array_equal(np.asarray(packing.to_planes(codes)), _numpy_planes(codes))
   for fmt in PACKED:  # the loader's conversion from the stored bytes
     np.testing.assert_array_equal(
-        np.asarray(packing.packed_to_planes(packing.pack_ternary(codes, fmt), fmt, n_in)),
-        _numpy_planes(codes))
+      np.asarray(packing.packed_to_planes(packing.pack_ternary(codes, fmt), fmt, n_in)),
+      _numpy_planes(codes),
+    )
 
 
 @pytest.mark.parametrize("cols", [1, 5, 24])
@@ -221,8 +236,9 @@ def test_planes_matvec_exact_in_blocks_and_stacked(cols, rows):
   for layer in range(3):
     got = matvec(jnp.asarray(x), planes, layer=jnp.int32(layer))
     assert got.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(got).astype(np.int64),
-                                  x.astype(np.int64) @ codes[layer].astype(np.int64))
+    np.testing.assert_array_equal(
+      np.asarray(got).astype(np.int64), x.astype(np.int64) @ codes[layer].astype(np.int64)
+    )
 
 
 # ---------------------------------------------------------------------------- packed model
@@ -240,7 +256,7 @@ _TOKENS = np.random.default_rng(2).integers(0, 256, (2, 4)).astype(np.int32)
 def _decode_all(step, state):
   out = []
   for t in range(_TOKENS.shape[1]):
-    logits, state = step(jnp.asarray(_TOKENS[:, t:t + 1]), state)
+    logits, state = step(jnp.asarray(_TOKENS[:, t : t + 1]), state)
     out.append(np.asarray(logits))
   return np.concatenate(out, axis=1), state
 
@@ -265,8 +281,9 @@ def test_packed_decode_equals_model_decode_f64():
       got, state = _packed_logits(model, fmt, method)
       assert got.shape == expected.shape == (2, 4, 256)
       np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9 * scale, err_msg=fmt)
-      np.testing.assert_allclose(np.asarray(state.h), np.asarray(expected_state.h),
-                                 rtol=1e-9, atol=1e-9)
+      np.testing.assert_allclose(
+        np.asarray(state.h), np.asarray(expected_state.h), rtol=1e-9, atol=1e-9
+      )
 
 
 def test_packed_decode_fp32_all_formats_identical_and_close_to_model():
@@ -276,8 +293,13 @@ def test_packed_decode_fp32_all_formats_identical_and_close_to_model():
   assert reference.dtype == np.float32
   scale = np.max(np.abs(expected))
   np.testing.assert_allclose(reference, expected, rtol=1e-4, atol=1e-4 * scale)
-  for fmt, method in [("2bit", "lut"), ("base3", "unpack"), ("bfloat16", "lut"),
-                      ("2bit", "popcount"), ("base3", "popcount")]:
+  for fmt, method in [
+    ("2bit", "lut"),
+    ("base3", "unpack"),
+    ("bfloat16", "lut"),
+    ("2bit", "popcount"),
+    ("base3", "popcount"),
+  ]:
     got, _ = _packed_logits(model, fmt, method)
     np.testing.assert_array_equal(got, reference, err_msg=f"{fmt}/{method}")
 
@@ -292,18 +314,25 @@ def test_export_stores_codes_and_mean_abs_scale():
   # 2 bits per weight, each column's inputs padded to whole 32-bit words (d=72 -> 96)
   shapes = [(72, 72)] * 4 * layers + [(72, 400), (200, 72)] * layers + [(72, 256)]
   assert packed_model.bitlinear_weight_bytes(planes, include_scales=False) == sum(
-      2 * n_out * 4 * -(-n_in // 32) for n_in, n_out in shapes)
+    2 * n_out * 4 * -(-n_in // 32) for n_in, n_out in shapes
+  )
   assert len(packed_model.export_packed(model, "int8")[0].blocks) == layers  # unrolled
   kernel = np.asarray(model.blocks.mlp.gate_proj.kernel[...][1])  # layer 1, [72, 400]
   lin = jax.tree.map(lambda a: a[1], params.blocks.gate_proj)  # stacked: layer 1
   assert lin.w.dtype == jnp.uint8 and lin.w.shape == (18, 400)
   codes, _ = quant.quantize_weights_ternary(jnp.asarray(kernel))
-  np.testing.assert_array_equal(np.asarray(packing.unpack_ternary(lin.w, "2bit", 72)),
-                                np.asarray(codes))
+  np.testing.assert_array_equal(
+    np.asarray(packing.unpack_ternary(lin.w, "2bit", 72)), np.asarray(codes)
+  )
   np.testing.assert_allclose(float(lin.scale), np.mean(np.abs(kernel)), rtol=1e-6)
   # all BitLinear weights at <= 2 bits each (+ one fp32 scale per matrix)
-  n_weights = sum(np.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(
-      nnx.to_pure_dict(nnx.state(model, nnx.Param))) if getattr(path[-1], "key", "") == "kernel")
+  n_weights = sum(
+    np.prod(x.shape)
+    for path, x in jax.tree_util.tree_leaves_with_path(
+      nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    )
+    if getattr(path[-1], "key", "") == "kernel"
+  )
   n_matrices = 6 * model.cfg.num_layers + 1
   assert packed_model.bitlinear_weight_bytes(params) <= n_weights * 2 / 8 + 4 * n_matrices + 64 * 8
 
@@ -324,8 +353,11 @@ def test_popcount_decode_reads_the_planes_in_place():
   the words would make, checked: 9.5x a layer's planes) or of a layer fails this."""
   cfg = ModelConfig.tiny(dtype="float32", d_model=512, num_layers=4, vocab_size=256)
   params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit", "popcount")
-  compiled = jax.jit(functools.partial(packed_model.decode, spec=spec)).lower(
-      params, jnp.zeros((1, 1), jnp.int32), packed_model.init_state(spec, 1)).compile()
+  compiled = (
+    jax.jit(functools.partial(packed_model.decode, spec=spec))
+    .lower(params, jnp.zeros((1, 1), jnp.int32), packed_model.init_state(spec, 1))
+    .compile()
+  )
   layer_bytes = params.blocks.gate_proj.w[0].nbytes
   assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * layer_bytes
 
@@ -340,11 +372,16 @@ def test_prefill_unpacks_one_layer_at_a_time(method):
   cfg = ModelConfig.tiny(dtype="float32", d_model=256, num_layers=layers, vocab_size=256)
   params, spec = packed_model.export_packed(mmfree_jax.build_model(cfg, 0), "2bit", method)
   rows = 4 * packed_model.LUT_MAX_ROWS["2bit"]
-  compiled = jax.jit(functools.partial(packed_model.forward, spec=spec)).lower(
-      params, jnp.zeros((1, rows), jnp.int32)).compile()
+  compiled = (
+    jax.jit(functools.partial(packed_model.forward, spec=spec))
+    .lower(params, jnp.zeros((1, rows), jnp.int32))
+    .compile()
+  )
   temp = compiled.memory_analysis().temp_size_in_bytes
   names = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
   n_out = lambda n: getattr(params.blocks, n).w.shape[-1 if method == "lut" else -2]
-  fp32_codes = [4 * layers * n_out(n) * (
-      cfg.intermediate_size if n == "down_proj" else cfg.d_model) for n in names]
+  fp32_codes = [
+    4 * layers * n_out(n) * (cfg.intermediate_size if n == "down_proj" else cfg.d_model)
+    for n in names
+  ]
   assert temp < 0.5 * sum(fp32_codes), (temp, fp32_codes)

@@ -66,8 +66,8 @@ def np_bitlinear_ste_grads(x, w, gamma, dout, eps=EPS):
   xn = u * gamma
   xq, _ = np_quant_act(xn)
   wq, _ = np_quant_weight(w)
-  dw = xq.T @ dout                 # dW = xq^T dout
-  dxn = dout @ wq.T                # d(xn) = dout wq^T
+  dw = xq.T @ dout  # dW = xq^T dout
+  dxn = dout @ wq.T  # d(xn) = dout wq^T
   dgamma = np.sum(dxn * u, axis=0)
   du = dxn * gamma
   # u = x r(x), r = (mean(x^2) + eps)^-1/2, dr/dx_j = -r^3 x_j / d
@@ -93,7 +93,7 @@ def test_bitlinear_matches_numpy_f64(case):
     # mean|W| = 5e-6 < 1e-5: the floor sw = 1e5 is active (codes still partly nonzero; a
     # scale of 1/mean|W| would make twice as many of them nonzero)
     w = w * (5e-6 / np.mean(np.abs(w)))
-    x[2] = 0.0     # an all-zero token: the activation-scale floor, output exactly 0
+    x[2] = 0.0  # an all-zero token: the activation-scale floor, output exactly 0
   expected = np_bitlinear(x, w, gamma)
   with jax.enable_x64(True):
     got = bitlinear(jnp.asarray(x), jnp.asarray(w), jnp.asarray(gamma))
@@ -122,8 +122,15 @@ def test_bitlinear_module_matches_numpy_f64():
   x, w, gamma = _random_inputs(2, d_in=16, d_out=8)
   expected = np_bitlinear(x, w, gamma)
   with jax.enable_x64(True):
-    layer = layers.BitLinear(16, 8, axes=("embed", "mlp"), kernel_init=layers.normal_init(0.02),
-                             dtype=jnp.float64, param_dtype=jnp.float64, rngs=nnx.Rngs(0))
+    layer = layers.BitLinear(
+      16,
+      8,
+      axes=("embed", "mlp"),
+      kernel_init=layers.normal_init(0.02),
+      dtype=jnp.float64,
+      param_dtype=jnp.float64,
+      rngs=nnx.Rngs(0),
+    )
     assert layer.kernel[...].shape == (16, 8)
     np.testing.assert_array_equal(np.asarray(layer.norm_scale[...]), np.ones(16))  # init 1
     layer.kernel[...] = jnp.asarray(w)
@@ -163,8 +170,7 @@ def test_ternary_codes_and_fake_quantized_weights():
   np.testing.assert_allclose(sw, sw_expected, rtol=1e-12)
   values = np.unique(wq)
   assert len(values) <= 3
-  np.testing.assert_allclose(np.sort(values), np.array([-1.0, 0.0, 1.0]) / sw_expected,
-                             rtol=1e-12)
+  np.testing.assert_allclose(np.sort(values), np.array([-1.0, 0.0, 1.0]) / sw_expected, rtol=1e-12)
   np.testing.assert_allclose(wq, codes_expected / sw_expected, rtol=1e-12)
 
 
@@ -189,23 +195,24 @@ def test_activations_on_int8_grid():
 
 
 def test_round_half_away_from_zero_exact_ties():
-  x = np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -127.5, 0.49, -0.51, 3.0, 0.0],
-               np.float32)
+  x = np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -127.5, 0.49, -0.51, 3.0, 0.0], np.float32)
   expected = np.array([1, -1, 2, -2, 3, -3, 127, -128, 0, -1, 3, 0], np.float32)
   got = np.asarray(quant.round_half_away_from_zero(jnp.asarray(x)))
   np.testing.assert_array_equal(got, expected)
   # the largest floats below 0.5 and 1.5 are not ties: they round down / to nearest
   below_half = np.nextafter(np.float32(0.5), np.float32(0))
-  near = np.array([below_half, -below_half, np.nextafter(np.float32(1.5), np.float32(0))],
-                  np.float32)
+  near = np.array(
+    [below_half, -below_half, np.nextafter(np.float32(1.5), np.float32(0))], np.float32
+  )
   np.testing.assert_array_equal(
-      np.asarray(quant.round_half_away_from_zero(jnp.asarray(near))), [0, 0, 1])
+    np.asarray(quant.round_half_away_from_zero(jnp.asarray(near))), [0, 0, 1]
+  )
 
 
 # 16 entries, sum of squares 16384, so mean(x^2) = 1024 and with eps = 0 the RMSNorm factor is
 # exactly 1/32; the absmax 127 gives sx = 32 exactly, so xn * sx == x: exact .5 ties reach the
 # activation rounding inside bitlinear.
-_TIE_X = np.array([127, .5, -.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5, 14, 4, 1, 0, 0, 0, 0])
+_TIE_X = np.array([127, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 3.5, -3.5, 14, 4, 1, 0, 0, 0, 0])
 _TIE_CODES_AWAY = np.array([127, 1, -1, 2, -2, 3, -3, 4, -4, 14, 4, 1, 0, 0, 0, 0])
 
 
@@ -216,8 +223,7 @@ def test_activation_rounding_half_away_through_quantizer_and_bitlinear():
   assert float(sx[0]) == 0.5
   np.testing.assert_array_equal(np.asarray(codes), _TIE_CODES_AWAY)
   # Through bitlinear: W = I (16x16) -> sw = 16, wq = I/16; xq = codes/32; y = codes/512.
-  y = bitlinear(x[None], jnp.eye(16, dtype=jnp.float32), jnp.ones(16, jnp.float32),
-                      eps=0.0)
+  y = bitlinear(x[None], jnp.eye(16, dtype=jnp.float32), jnp.ones(16, jnp.float32), eps=0.0)
   np.testing.assert_array_equal(np.asarray(y[0]) * 512.0, _TIE_CODES_AWAY)
 
 
@@ -247,11 +253,13 @@ def test_ste_gradients_match_numpy_f64():
   dx_e, dw_e, dg_e = np_bitlinear_ste_grads(x, w, gamma, dout)
 
   with jax.enable_x64(True):
+
     def loss(x, w, g):
       return jnp.sum(bitlinear(x, w, g) * dout)
 
     dx, dw, dg = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(
-        jnp.asarray(x), jnp.asarray(w), jnp.asarray(gamma))
+      jnp.asarray(x), jnp.asarray(w), jnp.asarray(gamma)
+    )
     dx, dw, dg = np.asarray(dx), np.asarray(dw), np.asarray(dg)
 
   for got, exp in ((dx, dx_e), (dw, dw_e), (dg, dg_e)):
@@ -292,6 +300,7 @@ def test_no_gradient_through_scales():
   dout = np.random.default_rng(10).normal(size=(x.shape[0], w.shape[1]))
 
   with jax.enable_x64(True):
+
     def manual(x, w, g, stop_scales):
       sg = jax.lax.stop_gradient
       xn = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + EPS) * g
@@ -318,6 +327,5 @@ def test_no_gradient_through_scales():
 def test_quantize_false_is_plain_rmsnorm_linear():
   x, w, gamma = _random_inputs(11)
   with jax.enable_x64(True):
-    got = np.asarray(bitlinear(jnp.asarray(x), jnp.asarray(w), jnp.asarray(gamma),
-                                     quantize=False))
+    got = np.asarray(bitlinear(jnp.asarray(x), jnp.asarray(w), jnp.asarray(gamma), quantize=False))
   np.testing.assert_allclose(got, np_rmsnorm(x, gamma) @ w, rtol=1e-10, atol=1e-12)

@@ -16,13 +16,19 @@ B, D = 2, 3
 # 7 or 13 (and exceeds T=1); 16 > T; 1 is the degenerate chunk. The chunk_size of the other
 # scan types is ignored.
 FULL = tuple((t, h0) for t in (1, 7, 13) for h0 in (False, True))
-IMPLS = [("sequential", 4, FULL), ("associative", 4, FULL), ("chunked", 4, FULL),
-         ("chunked", 16, ((13, True), (7, False))), ("chunked", 1, ((7, True),)),
-         ("sequential_custom_vjp", 4, FULL),
-         # on CPU: `auto` is sequential; `pallas` runs the TPU kernel interpreted, which falls
-         # back to sequential here (D = 3 is no multiple of 128; f64). The kernels themselves
-         # are tested in test_kernels.py.
-         ("auto", 4, FULL), ("pallas", 4, ((7, True), (13, False)))]
+IMPLS = [
+  ("sequential", 4, FULL),
+  ("associative", 4, FULL),
+  ("chunked", 4, FULL),
+  ("chunked", 16, ((13, True), (7, False))),
+  ("chunked", 1, ((7, True),)),
+  ("sequential_custom_vjp", 4, FULL),
+  # on CPU: `auto` is sequential; `pallas` runs the TPU kernel interpreted, which falls
+  # back to sequential here (D = 3 is no multiple of 128; f64). The kernels themselves
+  # are tested in test_kernels.py.
+  ("auto", 4, FULL),
+  ("pallas", 4, ((7, True), (13, False))),
+]
 IDS = [f"{s}-c{c}" for s, c, _ in IMPLS]
 
 
@@ -68,15 +74,18 @@ def test_matches_numpy_loop_forward_and_backward(scan_type, chunk_size, cases):
   data = [_data(seq, seed=seq + 100 * with_h0) for seq, with_h0 in cases]
 
   with jax.enable_x64(True):
+
     @jax.jit
     def run(data):
       # All cases in one program (one compile per implementation). For each case the linear
       # functional L = <dh_out, h> + <dh_last, h_T> gives forward values and gradients.
       out = []
       for (_, with_h0), (f, i, h0, dh_out, dh_last) in zip(cases, data):
+
         def functional(f, i, h0):
           h, last = recurrence.linear_recurrence(
-              f, i, h0 if with_h0 else None, scan_type=scan_type, chunk_size=chunk_size)
+            f, i, h0 if with_h0 else None, scan_type=scan_type, chunk_size=chunk_size
+          )
           return jnp.sum(h * dh_out) + jnp.sum(last * dh_last), (h, last)
 
         grads, (h, last) = jax.grad(functional, argnums=(0, 1, 2), has_aux=True)(f, i, h0)
@@ -86,7 +95,8 @@ def test_matches_numpy_loop_forward_and_backward(scan_type, chunk_size, cases):
     results = run([tuple(jnp.asarray(a) for a in d) for d in data])
 
   for (seq, with_h0), (f, i, h0, dh_out, dh_last), (h, last, (df, di, dh0)) in zip(
-      cases, data, results):
+    cases, data, results
+  ):
     case = f"{scan_type} chunk={chunk_size} T={seq} initial_state={with_h0}"
     assert h.dtype == jnp.float64 and last.dtype == jnp.float64, case
     assert h.shape == (B, seq, D) and last.shape == (B, D), case
@@ -94,13 +104,19 @@ def test_matches_numpy_loop_forward_and_backward(scan_type, chunk_size, cases):
       h0 = np.zeros((B, D))
     h_exp, last_exp = np_forward(f, i, h0)
     df_exp, di_exp, dh0_exp = np_backward(f, h_exp, h0, dh_out, dh_last)
-    for name, got, exp in (("h", h, h_exp), ("final_state", last, last_exp), ("df", df, df_exp),
-                           ("di", di, di_exp)):
-      np.testing.assert_allclose(np.asarray(got), exp, rtol=F64_TOL, atol=F64_TOL,
-                                 err_msg=f"{name}: {case}")
+    for name, got, exp in (
+      ("h", h, h_exp),
+      ("final_state", last, last_exp),
+      ("df", df, df_exp),
+      ("di", di, di_exp),
+    ):
+      np.testing.assert_allclose(
+        np.asarray(got), exp, rtol=F64_TOL, atol=F64_TOL, err_msg=f"{name}: {case}"
+      )
     if with_h0:
-      np.testing.assert_allclose(np.asarray(dh0), dh0_exp, rtol=F64_TOL, atol=F64_TOL,
-                                 err_msg=f"d initial_state: {case}")
+      np.testing.assert_allclose(
+        np.asarray(dh0), dh0_exp, rtol=F64_TOL, atol=F64_TOL, err_msg=f"d initial_state: {case}"
+      )
     else:
       assert np.all(np.asarray(dh0) == 0), case  # h0 unused: zero state
 
@@ -109,7 +125,8 @@ def test_numpy_backward_by_finite_differences():
   # Checks the hand-written oracle itself (central differences, step 1e-6, f64 -> ~1e-9 error).
   f, i, h0, dh_out, dh_last = _data(5, seed=3)
   L = lambda f, i, h0: (lambda h, last: np.sum(h * dh_out) + np.sum(last * dh_last))(
-      *np_forward(f, i, h0))
+    *np_forward(f, i, h0)
+  )
   h, _ = np_forward(f, i, h0)
   analytic = np_backward(f, h, h0, dh_out, dh_last)
   step = 1e-6
@@ -132,8 +149,9 @@ def test_bf16_inputs_accumulate_in_fp32(scan_type, chunk_size):
   seq = 64
   f = jnp.asarray(rng.uniform(0.97, 0.999, size=(B, seq, D)), jnp.bfloat16)
   i = jnp.asarray(rng.normal(size=(B, seq, D)), jnp.bfloat16)
-  h, last = jax.jit(lambda f, i: recurrence.linear_recurrence(
-      f, i, scan_type=scan_type, chunk_size=chunk_size))(f, i)
+  h, last = jax.jit(
+    lambda f, i: recurrence.linear_recurrence(f, i, scan_type=scan_type, chunk_size=chunk_size)
+  )(f, i)
   assert h.dtype == jnp.bfloat16  # outputs in the inputs' dtype
   assert last.dtype == jnp.float32  # state in fp32
   _, last_exp = np_forward(np.asarray(f, np.float64), np.asarray(i, np.float64), np.zeros((B, D)))

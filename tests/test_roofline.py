@@ -42,30 +42,44 @@ def test_estimate_terms():
   assert e["hbm_known_bytes"] == pytest.approx(known)
   assert e["step_s"] == max(e["compute_s"], e["hbm_s"], e["ici_s"])
   assert e["int8_tokens_per_s_chip"] > e["tokens_per_s_chip"]
-  assert "int8_tokens_per_s_chip" not in roofline.estimate(_cfg("transformer"), n, sl, mesh, 2,
-                                                           "none")
+  assert "int8_tokens_per_s_chip" not in roofline.estimate(
+    _cfg("transformer"), n, sl, mesh, 2, "none"
+  )
 
 
 def test_point_keys_round_trip():
   mesh = {"data": 2, "fsdp": 4, "tensor": 1}
   key = aot_tpu._key("mmfree", "1.3b", "v5e", mesh, 16, "dots_no_batch")
   assert aot_tpu.spec_of(key + aot_tpu.INT8_SUFFIX) == dict(
-      kind="mmfree", size="1.3b", chip_name="v5e", micro=16, remat="dots_no_batch",
-      mesh_shape=mesh)
+    kind="mmfree", size="1.3b", chip_name="v5e", micro=16, remat="dots_no_batch", mesh_shape=mesh
+  )
 
 
 def _cache(tmp_path, int8_status=None):
   key = "mmfree/370m/v5p/d1f4t1/mb2/dots_no_batch"
-  point = {"status": "fits", "mesh": {"data": 1, "fsdp": 4, "tensor": 1}, "microbatches": 2,
-           "remat": "dots_no_batch", "n_params": accounting.param_count(_cfg()),
-           "compile_s": 1.0, "xla_flops": 1e12, "xla_bytes_accessed": 1e12,
-           "memory": {"argument_bytes": 1, "temp_bytes": 2, "peak_bytes": 3}}
+  point = {
+    "status": "fits",
+    "mesh": {"data": 1, "fsdp": 4, "tensor": 1},
+    "microbatches": 2,
+    "remat": "dots_no_batch",
+    "n_params": accounting.param_count(_cfg()),
+    "compile_s": 1.0,
+    "xla_flops": 1e12,
+    "xla_bytes_accessed": 1e12,
+    "memory": {"argument_bytes": 1, "temp_bytes": 2, "peak_bytes": 3},
+  }
   points = {key: point}
   if int8_status:
     points[key + aot_tpu.INT8_SUFFIX] = dict(point, status=int8_status)
   path = tmp_path / "aot.json"
-  path.write_text(json.dumps({"points": points, "searches": {
-      "mmfree/370m/v5p": {"chosen": key, "tried": [{"key": key, "status": "fits"}]}}}))
+  path.write_text(
+    json.dumps(
+      {
+        "points": points,
+        "searches": {"mmfree/370m/v5p": {"chosen": key, "tried": [{"key": key, "status": "fits"}]}},
+      }
+    )
+  )
   return aot_tpu.Cache(str(path), "test")
 
 

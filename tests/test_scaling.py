@@ -35,14 +35,21 @@ def _check_results(results: dict, *, sizes, kinds) -> None:
   s = results["settings"]
   runs = results["runs"]
   assert {(r["d_model"], r["num_layers"], r["kind"]) for r in runs} == {
-      (d, layers, k) for d, layers in sizes for k in kinds}
+    (d, layers, k) for d, layers in sizes for k in kinds
+  }
   assert results["total_wall_time_s"] > 0
   assert s["tokens_per_run"] == s["steps"] * s["batch"] * s["seq_len"]
   for r in runs:
     assert set(scaling.RUN_FIELDS) <= set(r), set(scaling.RUN_FIELDS) - set(r)
-    model_cfg = ModelConfig.from_config(dict(
-        kind=r["kind"], vocab_size=r["vocab_size"], d_model=r["d_model"],
-        num_layers=r["num_layers"], num_heads=r["d_model"] // s["head_dim"]))
+    model_cfg = ModelConfig.from_config(
+      dict(
+        kind=r["kind"],
+        vocab_size=r["vocab_size"],
+        d_model=r["d_model"],
+        num_layers=r["num_layers"],
+        num_heads=r["d_model"] // s["head_dim"],
+      )
+    )
     assert r["params"] == count_params(abstract_model(model_cfg))
     assert r["non_embedding_params"] == r["params"] - r["vocab_size"] * r["d_model"]
     assert r["intermediate_size"] == model_cfg.intermediate_size
@@ -50,8 +57,7 @@ def _check_results(results: dict, *, sizes, kinds) -> None:
     assert r["train_flops_per_token"] == accounting.train_flops_per_token(model_cfg, s["seq_len"])
     assert r["train_flops"] == pytest.approx(r["train_flops_per_token"] * r["tokens"])
     assert r["peak_lr"] in s["lr"][r["kind"]] and r["seed"] in s["seeds"]
-    for key in ("final_train_loss", "last_train_loss", "val_loss", "tokens_per_s",
-                "wall_time_s"):
+    for key in ("final_train_loss", "last_train_loss", "val_loss", "tokens_per_s", "wall_time_s"):
       assert math.isfinite(r[key]) and r[key] > 0, (key, r[key])
     # Cross-entropy over the model vocabulary: at most ~log(V) plus noise after any training.
     assert r["val_loss"] < math.log(r["vocab_size"]) + 1.0
@@ -61,15 +67,22 @@ def _check_results(results: dict, *, sizes, kinds) -> None:
 def test_toy_study_end_to_end(tmp_path):
   out = tmp_path / "results"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA_FLAGS)
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--toy", "--out_dir", str(out)],
-                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), "--toy", "--out_dir", str(out)],
+    env=env,
+    cwd=tmp_path,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   results = json.loads((out / "scaling_results.json").read_text())
   assert results["settings"]["toy"] is True
   _check_results(results, sizes=[(32, 1), (48, 1)], kinds=["mmfree", "transformer"])
   assert len(results["runs"]) == 4 and all(r["chosen"] for r in results["runs"])
-  assert set(results["summary"]) == {f"{k}_d{d}_L1" for k in ("mmfree", "transformer")
-                                     for d in (32, 48)}
+  assert set(results["summary"]) == {
+    f"{k}_d{d}_L1" for k in ("mmfree", "transformer") for d in (32, 48)
+  }
   png = (out / "scaling.png").read_bytes()
   assert png.startswith(PNG_MAGIC) and len(png) > 10_000
   assert "wrote" in proc.stdout and "val_loss=" in proc.stdout
@@ -97,20 +110,34 @@ def test_committed_study_results():
     assert entry["n_seeds"] >= 3 and len(entry["lr_sweep"]) >= 3, entry
   # Bigger models reach a lower mean validation loss, for both kinds.
   for kind in ("mmfree", "transformer"):
-    means = [e["val_loss_mean"] for e in sorted(summary.values(), key=lambda e: e["params"])
-             if e["kind"] == kind]
+    means = [
+      e["val_loss_mean"]
+      for e in sorted(summary.values(), key=lambda e: e["params"])
+      if e["kind"] == kind
+    ]
     assert means == sorted(means, reverse=True), (kind, means)
   assert (RESULTS_DIR / "scaling.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_lr_pick_and_seed_summary():
   scaling = _scaling_module()
-  row = lambda kind, lr, seed, val: {"kind": kind, "d_model": 64, "num_layers": 2,
-                                     "params": 10, "peak_lr": lr, "seed": seed,
-                                     "val_loss": val}
-  runs = [row("mmfree", 3e-3, 0, 5.0), row("mmfree", 1e-2, 0, 4.8),
-          row("mmfree", 1e-2, 1, 4.9), row("mmfree", 1e-2, 2, 5.0),
-          row("transformer", 3e-3, 1, 4.0), row("transformer", 3e-3, 2, 4.2)]
+  row = lambda kind, lr, seed, val: {
+    "kind": kind,
+    "d_model": 64,
+    "num_layers": 2,
+    "params": 10,
+    "peak_lr": lr,
+    "seed": seed,
+    "val_loss": val,
+  }
+  runs = [
+    row("mmfree", 3e-3, 0, 5.0),
+    row("mmfree", 1e-2, 0, 4.8),
+    row("mmfree", 1e-2, 1, 4.9),
+    row("mmfree", 1e-2, 2, 5.0),
+    row("transformer", 3e-3, 1, 4.0),
+    row("transformer", 3e-3, 2, 4.2),
+  ]
   scaling.mark_chosen(runs)
   assert [r["chosen"] for r in runs] == [False, True, True, True, True, True]
   assert runs[0]["sweep"] and runs[1]["sweep"] and "sweep" not in runs[2]
@@ -166,21 +193,52 @@ def test_merge_repicks_rates_over_parts(tmp_path):
   """A study run in parts: the union of the runs, each (kind, size)'s rate re-picked over all
   parts' tuning-seed rows, settings that differ between parts refused."""
   scaling = _scaling_module()
-  settings = {"sizes": [[32, 2]], "kinds": ["mmfree"], "steps": 10, "batch": 2, "seq_len": 8,
-              "tokens_per_run": 160, "tokenizer": "byte", "lr": {"mmfree": [1e-2]},
-              "seeds": [0], "toy": False}
-  row = lambda lr, seed, val: {"kind": "mmfree", "d_model": 32, "num_layers": 2, "params": 10,
-                               "peak_lr": lr, "seed": seed, "val_loss": val}
-  parts = [[row(1e-2, 0, 4.0)], [row(3e-3, 0, 3.9), row(3e-2, 0, 4.5)],
-           [row(3e-3, 1, 3.95), row(3e-3, 2, 3.85)]]
+  settings = {
+    "sizes": [[32, 2]],
+    "kinds": ["mmfree"],
+    "steps": 10,
+    "batch": 2,
+    "seq_len": 8,
+    "tokens_per_run": 160,
+    "tokenizer": "byte",
+    "lr": {"mmfree": [1e-2]},
+    "seeds": [0],
+    "toy": False,
+  }
+  row = lambda lr, seed, val: {
+    "kind": "mmfree",
+    "d_model": 32,
+    "num_layers": 2,
+    "params": 10,
+    "peak_lr": lr,
+    "seed": seed,
+    "val_loss": val,
+  }
+  parts = [
+    [row(1e-2, 0, 4.0)],
+    [row(3e-3, 0, 3.9), row(3e-2, 0, 4.5)],
+    [row(3e-3, 1, 3.95), row(3e-3, 2, 3.85)],
+  ]
   paths = []
   for i, runs in enumerate(parts):
     path = tmp_path / f"part{i}.json"
-    path.write_text(json.dumps({"command": f"part {i}", "total_wall_time_s": 1.0,
-                                "settings": settings, "runs": runs}))
+    path.write_text(
+      json.dumps(
+        {"command": f"part {i}", "total_wall_time_s": 1.0, "settings": settings, "runs": runs}
+      )
+    )
     paths.append(str(path))
-  out = scaling.main(["--merge", ",".join(paths), "--out_dir", str(tmp_path / "m"),
-                      "--no_plot", "--note", "cut: nothing"])
+  out = scaling.main(
+    [
+      "--merge",
+      ",".join(paths),
+      "--out_dir",
+      str(tmp_path / "m"),
+      "--no_plot",
+      "--note",
+      "cut: nothing",
+    ]
+  )
   assert out["notes"] == "cut: nothing" and out["total_wall_time_s"] == 3.0
   assert [r["chosen"] for r in out["runs"]] == [False, True, False, True, True]
   entry = out["summary"]["mmfree_d32_L2"]
@@ -189,7 +247,10 @@ def test_merge_repicks_rates_over_parts(tmp_path):
   assert out["settings"]["seeds"] == [0, 1, 2]
   assert json.loads((tmp_path / "m" / "scaling_results.json").read_text()) == out
   other = tmp_path / "other.json"
-  other.write_text(json.dumps({"command": "x", "total_wall_time_s": 1.0,
-                               "settings": dict(settings, steps=20), "runs": []}))
+  other.write_text(
+    json.dumps(
+      {"command": "x", "total_wall_time_s": 1.0, "settings": dict(settings, steps=20), "runs": []}
+    )
+  )
   with pytest.raises(SystemExit):
     scaling.main(["--merge", f"{paths[0]},{other}", "--out_dir", str(tmp_path / "n")])

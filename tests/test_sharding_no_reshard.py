@@ -54,11 +54,14 @@ for spec in sys.argv[1:]:
 """
 
 SPECS = (
-    # the 3-axis CI mesh (test_train_step), with gradient accumulation, and Transformer++
-    "mmfree:2x2x2:2", "transformer:2x2x2:1",
-    # fsdp x tensor: CI's f4t2 and the 8-chip TPU table's; fsdp only (8 chips); the 4-chip
-    # (v5p-8) table's data x fsdp
-    "mmfree:1x4x2:1", "mmfree:1x8x1:1", "mmfree:2x2x1:1",
+  # the 3-axis CI mesh (test_train_step), with gradient accumulation, and Transformer++
+  "mmfree:2x2x2:2",
+  "transformer:2x2x2:1",
+  # fsdp x tensor: CI's f4t2 and the 8-chip TPU table's; fsdp only (8 chips); the 4-chip
+  # (v5p-8) table's data x fsdp
+  "mmfree:1x4x2:1",
+  "mmfree:1x8x1:1",
+  "mmfree:2x2x1:1",
 )
 
 
@@ -66,12 +69,20 @@ def test_train_step_compiles_without_involuntary_resharding():
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+  env["XLA_FLAGS"] = (
+    "--xla_force_host_platform_device_count=8 "
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  )
   env["TF_CPP_MIN_LOG_LEVEL"] = "0"  # the partitioner's warning is a C++ WARNING log line
   env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a cache hit would skip the partitioner
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT, *SPECS], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=1800)
+  proc = subprocess.run(
+    [sys.executable, "-c", _SCRIPT, *SPECS],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=1800,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   for spec in SPECS:
     assert f"compiled {spec}" in proc.stdout
@@ -104,7 +115,8 @@ jax.jit(embed).lower(table, tokens).compile()
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
   env["TF_CPP_MIN_LOG_LEVEL"] = "0"
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
-  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert WARNING in proc.stderr

@@ -29,8 +29,12 @@ def test_every_param_spec_resolves_without_a_mesh_axis_twice(kind):
   for spec in leaves:
     assert all(name in sharding.PARAM_AXES for name in spec if name is not None), spec
     resolved = sharding.logical_to_spec(tuple(spec), RULES)  # raises on a conflict
-    axes = [a for entry in resolved if entry is not None
-            for a in (entry if isinstance(entry, tuple) else (entry,))]
+    axes = [
+      a
+      for entry in resolved
+      if entry is not None
+      for a in (entry if isinstance(entry, tuple) else (entry,))
+    ]
     assert len(axes) == len(set(axes)), (spec, resolved)
 
 
@@ -39,18 +43,21 @@ def test_activation_specs_keep_the_layout_flax_chose_before():
   # 'fsdp' from embed (already taken by batch); now it is what the rules say. The sequence goes
   # on 'context', of size 1 (the layout as before) unless context parallelism is on.
   assert sharding.logical_to_spec(
-      ("activation_batch", "activation_seq", "activation_embed"), RULES) == P(
-          ("data", "fsdp"), "context", None)
+    ("activation_batch", "activation_seq", "activation_embed"), RULES
+  ) == P(("data", "fsdp"), "context", None)
   assert sharding.logical_to_spec(
-      ("activation_batch", "activation_seq", "activation_vocab"), RULES) == P(
-          ("data", "fsdp"), "context", "tensor")
+    ("activation_batch", "activation_seq", "activation_vocab"), RULES
+  ) == P(("data", "fsdp"), "context", "tensor")
   assert sharding.logical_to_spec(("vocab", "embed"), RULES) == P("tensor", "fsdp")
 
 
 def test_a_conflict_is_an_error_naming_both_axes():
   rules = [(n, t) for n, t in RULES if n != "activation_embed"] + [("activation_embed", "fsdp")]
-  with pytest.raises(ValueError, match=r"'activation_batch' and 'activation_embed' both map "
-                     r"to mesh axis 'fsdp'.*mesh.axis_rules"):
+  with pytest.raises(
+    ValueError,
+    match=r"'activation_batch' and 'activation_embed' both map "
+    r"to mesh axis 'fsdp'.*mesh.axis_rules",
+  ):
     sharding.logical_to_spec(("activation_batch", "activation_seq", "activation_embed"), rules)
   with pytest.raises(ValueError, match="'seq' has no rule in mesh.axis_rules"):
     sharding.logical_to_spec(("seq",), RULES)
@@ -58,7 +65,8 @@ def test_a_conflict_is_an_error_naming_both_axes():
 
 def test_old_rule_names_are_refused_with_the_fix():
   old = [("batch", ("data", "fsdp")), ("seq", None)] + [
-      (n, t) for n, t in RULES if n in sharding.PARAM_AXES]
+    (n, t) for n, t in RULES if n in sharding.PARAM_AXES
+  ]
   problems = sharding.check_rules(old + [("embed", None)])
   text = "\n".join(problems)
   assert "unknown logical axis 'batch'" in text and "unknown logical axis 'seq'" in text

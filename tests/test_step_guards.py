@@ -27,32 +27,46 @@ def _one_step(**optim_overrides):
   model_cfg = config_lib.ModelConfig.from_config(cfg.model)
   tx = optim.make_optimizer(cfg.optim, 10)
   schedule = optim.learning_rate_schedule(cfg.optim, 10)
-  step = jax.jit(steps.make_train_step(model_cfg, state_lib.model_graphdef(model_cfg), tx,
-                                       schedule, z_loss=cfg.optim.z_loss))
+  step = jax.jit(
+    steps.make_train_step(
+      model_cfg, state_lib.model_graphdef(model_cfg), tx, schedule, z_loss=cfg.optim.z_loss
+    )
+  )
   state = jax.jit(lambda: state_lib.init_train_state(model_cfg, tx, 0))()
   rng = np.random.default_rng(0)
-  batch = {"tokens": jnp.asarray(rng.integers(0, 256, (4, 17)), jnp.int32),
-           "segment_ids": jnp.ones((4, 17), jnp.int32)}
+  batch = {
+    "tokens": jnp.asarray(rng.integers(0, 256, (4, 17)), jnp.int32),
+    "segment_ids": jnp.ones((4, 17), jnp.int32),
+  }
   before = jax.device_get(state)
   after, metrics = step(state, batch)
   return before, jax.device_get(after), jax.device_get(metrics)
 
 
 def _leaves_finite(tree):
-  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(tree)
-             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+  return all(
+    np.all(np.isfinite(np.asarray(x)))
+    for x in jax.tree.leaves(tree)
+    if np.issubdtype(np.asarray(x).dtype, np.inexact)
+  )
 
 
 def _same(a, b):
-  return all(np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return all(
+    np.array_equal(np.asarray(x), np.asarray(y), equal_nan=True)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
-@pytest.mark.parametrize("overrides,applied", [
-    ({"lr": 1e300}, False),                       # fp32 lr inf: NaN/inf params
-    ({"z_loss": 1e30}, True),                     # grad norm inf, leaves finite: clipped to 0
+@pytest.mark.parametrize(
+  "overrides,applied",
+  [
+    ({"lr": 1e300}, False),  # fp32 lr inf: NaN/inf params
+    ({"z_loss": 1e30}, True),  # grad norm inf, leaves finite: clipped to 0
     ({"z_loss": 1e30, "clip_norm": 0.0}, False),  # unclipped: g**2 overflows Adam's nu
-], ids=["lr1e300", "zloss1e30", "zloss1e30_noclip"])
+  ],
+  ids=["lr1e300", "zloss1e30", "zloss1e30_noclip"],
+)
 def test_one_predicate_decides_applied_skipped_and_state(overrides, applied):
   """The step's `finite` flag, the skip count and the state agree. Each case once disagreed:
   `finite` 1 with NaN params; a step logged as skipped (grad norm inf) whose update (weight
@@ -88,8 +102,13 @@ def test_all_finite_is_the_predicate():
 def _nan_params_workdir(path, cfg):
   """A params-only checkpoint (as an import leaves it) whose embedding is NaN."""
   model_cfg = config_lib.ModelConfig.from_config(cfg.model)
-  params = jax.jit(lambda: state_lib.init_train_state(
-      model_cfg, optim.make_optimizer(cfg.optim, cfg.train.steps), 0).params)()
+  params = jax.jit(
+    lambda: (
+      state_lib.init_train_state(
+        model_cfg, optim.make_optimizer(cfg.optim, cfg.train.steps), 0
+      ).params
+    )
+  )()
   params = jax.device_get(params)
   params["embedding"] = np.full_like(params["embedding"], np.nan)
   checkpointer = Checkpointer(str(path))
@@ -101,9 +120,11 @@ def _nan_params_workdir(path, cfg):
 def test_run_whose_every_step_was_skipped_ends_with_an_error(tmp_path):
   cfg = small_config(**{"train.steps": 3, "train.eval_every": 3, "train.eval_batches": 1})
   _nan_params_workdir(tmp_path, cfg)
-  with pytest.raises(trainer.NonFiniteLossError,
-                     match=r"every step of this run \(3 of 3\) was skipped.*last checkpoint is "
-                           r"step 0"):
+  with pytest.raises(
+    trainer.NonFiniteLossError,
+    match=r"every step of this run \(3 of 3\) was skipped.*last checkpoint is "
+    r"step 0",
+  ):
     trainer.train(cfg, str(tmp_path), progress=False)
   checkpointer = Checkpointer(str(tmp_path), read_only=True)
   assert checkpointer.all_steps() == [0]  # nothing non-finite was checkpointed
@@ -127,9 +148,12 @@ def test_a_step_that_cannot_fit_is_refused_from_its_compiled_estimate(tmp_path):
   """seq_len 10M on the tiny model: XLA's estimate is terabytes; refused in one line before
   the data pipeline or the state exist (no OOM, no metrics, no checkpoint)."""
   cfg = small_config(**{"data.seq_len": 10_000_000, "train.global_batch": 8})
-  with pytest.raises(ValueError, match=r"the train step needs about [\d.]+ GiB per device .* "
-                                       r"but available host memory.* is [\d.]+ GiB: lower "
-                                       r"data.seq_len"):
+  with pytest.raises(
+    ValueError,
+    match=r"the train step needs about [\d.]+ GiB per device .* "
+    r"but available host memory.* is [\d.]+ GiB: lower "
+    r"data.seq_len",
+  ):
     trainer.train(cfg, str(tmp_path), progress=False)
   assert not os.path.exists(tmp_path / "metrics.jsonl")
   assert not os.path.exists(tmp_path / ".lock")
@@ -140,8 +164,11 @@ def test_memory_check_compares_the_estimate_with_the_limit():
   with pytest.raises(ValueError, match=r"needs about 3.0 MiB per device .* is 2.0 MiB"):
     memory.check_fits(3 * 2**20, 2 * 2**20, "test memory")
   memory.check_fits(2**40, None, "unknown")  # nothing to compare against: allowed
-  with pytest.raises(ValueError, match=r"needs about 4.00 GiB per device .* test memory is "
-                                       r"2.00 GiB"):
+  with pytest.raises(
+    ValueError,
+    match=r"needs about 4.00 GiB per device .* test memory is "
+    r"2.00 GiB",
+  ):
     memory.check_fits(4 * 2**30, 2 * 2**30, "test memory")
   limit, source = memory.memory_limit()
   assert limit is not None and limit > 0 and "host memory" in source

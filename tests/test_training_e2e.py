@@ -19,13 +19,21 @@ WORKER = os.path.join(REPO, "tests", "_train_worker.py")
 
 
 def _params_close(a, b, atol=0.0):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol),
-               a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol), a, b
+  )
 
 
 def test_tiny_loss_goes_down(tmp_path):
-  cfg = small_config(**{"train.steps": 60, "train.global_batch": 8, "optim.warmup_steps": 5,
-                        "train.eval_every": 60, "train.eval_batches": 2})
+  cfg = small_config(
+    **{
+      "train.steps": 60,
+      "train.global_batch": 8,
+      "optim.warmup_steps": 5,
+      "train.eval_every": 60,
+      "train.eval_batches": 2,
+    }
+  )
   result = train(cfg, str(tmp_path), progress=False)
   losses = [r["loss"] for r in result.history]
   assert len(losses) == 60
@@ -40,8 +48,9 @@ def test_tiny_loss_goes_down(tmp_path):
 def test_interrupt_and_resume_is_exact(tmp_path):
   overrides = {"train.steps": 8, "train.global_batch": 8, "train.checkpoint_every": 3}
   full = train(small_config(**overrides), str(tmp_path / "full"), progress=False)
-  first = train(small_config(**overrides), str(tmp_path / "split"), progress=False,
-                stop_after_steps=4)
+  first = train(
+    small_config(**overrides), str(tmp_path / "split"), progress=False, stop_after_steps=4
+  )
   assert first.interrupted and int(first.state.step) == 4
   second = train(small_config(**overrides), str(tmp_path / "split"), progress=False)
   assert int(second.state.step) == 8 and not second.interrupted
@@ -52,20 +61,25 @@ def test_interrupt_and_resume_is_exact(tmp_path):
 
 
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
-  train(small_config(**{"train.steps": 1, "train.global_batch": 8}), str(tmp_path),
-        progress=False)
+  train(small_config(**{"train.steps": 1, "train.global_batch": 8}), str(tmp_path), progress=False)
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
-    train(small_config(**{"train.steps": 2, "train.global_batch": 8, "model.d_model": 32}),
-          str(tmp_path), progress=False)
+    train(
+      small_config(**{"train.steps": 2, "train.global_batch": 8, "model.d_model": 32}),
+      str(tmp_path),
+      progress=False,
+    )
 
 
-@pytest.mark.parametrize("overrides,match", [
+@pytest.mark.parametrize(
+  "overrides,match",
+  [
     ({"train.global_batch": 12}, "data shards"),
     ({"train.global_batch": 8, "train.microbatches": 3}, "microbatches"),
     ({"mesh.shape": {"data": 3, "fsdp": 1, "tensor": 1}}, "mesh"),
     ({"data.source": "text", "data.paths": "/nonexistent/corpus.txt"}, "nonexistent"),
     ({"model.scan_type": "chunked", "model.chunk_size": 5}, "chunk_size"),
-])
+  ],
+)
 def test_bad_config_fails_before_compute(tmp_path, overrides, match):
   with pytest.raises(ValueError, match=match):
     train(small_config(**overrides), str(tmp_path), progress=False)
@@ -78,24 +92,39 @@ def _run_worker(workdir, out, overrides, env_extra, stop_after=None):
   cmd = [sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides)]
   if stop_after is not None:
     cmd.append(str(stop_after))
-  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def test_two_processes_match_one(tmp_path):
   # f64 so that the cross-process all-reduce order cannot show up in Adam's first steps.
-  overrides = {"train.steps": 4, "train.global_batch": 4, "model.dtype": "float64",
-               "model.param_dtype": "float64"}
+  overrides = {
+    "train.steps": 4,
+    "train.global_batch": 4,
+    "model.dtype": "float64",
+    "model.param_dtype": "float64",
+  }
   base_env = {"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
-  single = _run_worker(tmp_path / "single", tmp_path / "single", overrides,
-                       {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  single = _run_worker(
+    tmp_path / "single",
+    tmp_path / "single",
+    overrides,
+    {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+  )
   port = portpicker.pick_unused_port()
   procs = [
-      _run_worker(tmp_path / "multi", tmp_path / "multi", overrides,
-                  {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
-                   "MMFREE_COORDINATOR": f"localhost:{port}", "MMFREE_NUM_PROCESSES": "2",
-                   "MMFREE_PROCESS_ID": str(i)})
-      for i in range(2)
+    _run_worker(
+      tmp_path / "multi",
+      tmp_path / "multi",
+      overrides,
+      {
+        **base_env,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "MMFREE_COORDINATOR": f"localhost:{port}",
+        "MMFREE_NUM_PROCESSES": "2",
+        "MMFREE_PROCESS_ID": str(i),
+      },
+    )
+    for i in range(2)
   ]
   for p in [single] + procs:
     out, _ = p.communicate(timeout=300)

@@ -102,8 +102,10 @@ def digests(tree: Any) -> dict[str, dict]:
       x = jnp.asarray(x)
       (results[i],) = _digests([x])
     a, b = results[i]
-    out[path_name(path)] = {"digest": f"{_host_value(a):08x}{_host_value(b):08x}",
-                            "dtype": str(x.dtype)}
+    out[path_name(path)] = {
+      "digest": f"{_host_value(a):08x}{_host_value(b):08x}",
+      "dtype": str(x.dtype),
+    }
   return out
 
 
@@ -114,6 +116,10 @@ def mismatches(tree: Any, saved: dict[str, dict]) -> list[str]:
   the bytes), are not checked.
   """
   computed = digests(tree)
-  return [name for name, got in computed.items()
-          if name in saved and saved[name]["dtype"] == got["dtype"]
-          and saved[name]["digest"] != got["digest"]]
+  return [
+    name
+    for name, got in computed.items()
+    if name in saved
+    and saved[name]["dtype"] == got["dtype"]
+    and saved[name]["digest"] != got["digest"]
+  ]

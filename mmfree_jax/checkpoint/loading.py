@@ -19,8 +19,10 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained (or imported) with, from `WORKDIR/config.json`."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir!r} is not a training or import workdir "
-                            "(train.py and `python -m mmfree_jax.hf import` write it)")
+    raise FileNotFoundError(
+      f"{path} not found: {workdir!r} is not a training or import workdir "
+      "(train.py and `python -m mmfree_jax.hf import` write it)"
+    )
   with open(path) as f:
     return config_lib.config_from_dict(json.load(f))
 
@@ -31,29 +33,34 @@ def save_workdir_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
     f.write(cfg.to_json(indent=2))
 
 
-def load_params(workdir: str, model_cfg: config_lib.ModelConfig, step: int | None = None,
-                param_shardings=None):
+def load_params(
+  workdir: str, model_cfg: config_lib.ModelConfig, step: int | None = None, param_shardings=None
+):
   """Restores the params of `step` (default: latest). Returns `(params dict, step)`."""
   checkpointer = ckpt_lib.Checkpointer(workdir, read_only=True)
   try:
     steps = checkpointer.all_steps()
     if not steps:
       raise ckpt_lib.CheckpointError(
-          f"no checkpoint in {checkpointer.directory}; train first (train.py --workdir "
-          f"{workdir}) or import weights (python -m mmfree_jax.hf import)")
+        f"no checkpoint in {checkpointer.directory}; train first (train.py --workdir "
+        f"{workdir}) or import weights (python -m mmfree_jax.hf import)"
+      )
     step = max(steps) if step is None else step
     if step not in steps:
-      raise ckpt_lib.CheckpointError(f"no checkpoint step {step} in {checkpointer.directory}; "
-                                     f"available: {steps}")
-    ckpt_lib.check_compatible(checkpointer.read_config(step), dataclasses.asdict(model_cfg),
-                              checkpointer.directory)
+      raise ckpt_lib.CheckpointError(
+        f"no checkpoint step {step} in {checkpointer.directory}; available: {steps}"
+      )
+    ckpt_lib.check_compatible(
+      checkpointer.read_config(step), dataclasses.asdict(model_cfg), checkpointer.directory
+    )
     _, abstract = nnx.split(abstract_model(model_cfg))
     abstract = abstract.to_pure_dict()
     if param_shardings is None:
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       param_shardings = jax.tree.map(lambda _: device, abstract)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            abstract, param_shardings)
+    abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, param_shardings
+    )
     return checkpointer.restore_params(step, abstract), step
   finally:
     checkpointer.close()
@@ -74,4 +81,3 @@ def load_model(workdir: str, step: int | None = None, *, model_overrides: dict |
   params, step = load_params(workdir, model_cfg, step)
   graphdef, _ = nnx.split(abstract_model(model_cfg))
   return nnx.merge(graphdef, params), cfg, step
-

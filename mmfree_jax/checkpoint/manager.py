@@ -34,9 +34,18 @@ COMMIT_MARKER = "commit_success.txt"
 ITEMS = ("state", "params", "data", "config", "checksums")
 # Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
 # config that agrees on all of them.
-ARCHITECTURE_KEYS = ("kind", "vocab_size", "d_model", "num_layers", "hidden_ratio",
-                     "intermediate_size", "num_heads", "num_kv_heads", "use_lower_bound",
-                     "param_dtype")
+ARCHITECTURE_KEYS = (
+  "kind",
+  "vocab_size",
+  "d_model",
+  "num_layers",
+  "hidden_ratio",
+  "intermediate_size",
+  "num_heads",
+  "num_kv_heads",
+  "use_lower_bound",
+  "param_dtype",
+)
 
 
 # Architecture keys that only a Transformer++ has (the MatMul-free LM ignores them).
@@ -54,8 +63,9 @@ def checkpoint_dir(workdir: str) -> str:
 def move_aside(workdir: str, steps: list[int], why: str) -> str:
   """Moves the folders of `steps` to `WORKDIR/abandoned_checkpoints/<time>-<why>/` (kept, not
   deleted: a person may still want them); returns that folder."""
-  aside = os.path.join(os.path.abspath(workdir), "abandoned_checkpoints",
-                       f"{time.strftime('%Y%m%d-%H%M%S')}-{why}")
+  aside = os.path.join(
+    os.path.abspath(workdir), "abandoned_checkpoints", f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+  )
   os.makedirs(aside, exist_ok=True)
   for step in steps:
     shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), aside)
@@ -70,33 +80,57 @@ def set_aside_uncommitted(workdir: str) -> list[int]:
   directory = checkpoint_dir(workdir)
   if not os.path.isdir(directory):
     return []
-  steps = sorted(int(name) for name in os.listdir(directory)
-                 if name.isdigit() and os.path.isdir(os.path.join(directory, name))
-                 and not os.path.exists(os.path.join(directory, name, COMMIT_MARKER)))
+  steps = sorted(
+    int(name)
+    for name in os.listdir(directory)
+    if name.isdigit()
+    and os.path.isdir(os.path.join(directory, name))
+    and not os.path.exists(os.path.join(directory, name, COMMIT_MARKER))
+  )
   if steps:
     aside = move_aside(workdir, steps, "uncommitted")
-    log.warning("checkpoint steps %s in %s have no %s (a save cut short): moved to %s; they "
-                "will be saved again", steps, directory, COMMIT_MARKER, aside)
+    log.warning(
+      "checkpoint steps %s in %s have no %s (a save cut short): moved to %s; they "
+      "will be saved again",
+      steps,
+      directory,
+      COMMIT_MARKER,
+      aside,
+    )
   return steps
 
 
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the items this project saves."""
 
-  def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True,
-               read_only: bool = False, save_concurrent_gb: int | None = None):
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    keep: int = 3,
+    async_save: bool = True,
+    read_only: bool = False,
+    save_concurrent_gb: int | None = None,
+  ):
     """save_concurrent_gb: cap on the bytes orbax serializes at once (its default, 96 GB,
     lets it stage a second full copy of the arrays in host memory; importers set 1)."""
     self.directory = checkpoint_dir(workdir)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=not read_only, read_only=read_only,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
+      max_to_keep=keep,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
+    )
     handlers = None
     if save_concurrent_gb is not None:
-      handlers = {item: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
-                  for item in ("state", "params")}
-    self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS,
-                                         item_handlers=handlers, options=options)
+      handlers = {
+        item: ocp.StandardCheckpointHandler(save_concurrent_gb=save_concurrent_gb)
+        for item in ("state", "params")
+      }
+    self.manager = ocp.CheckpointManager(
+      self.directory, item_names=ITEMS, item_handlers=handlers, options=options
+    )
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -117,26 +151,39 @@ class Checkpointer:
       if saving or self.is_committed(step):  # our own save in flight commits when it ends
         steps.append(step)
       else:
-        log.warning("ignoring checkpoint step %d in %s: it has no %s (an interrupted save?); "
-                    "train.py moves it to abandoned_checkpoints/ and saves the step again",
-                    step, self.directory, COMMIT_MARKER)
+        log.warning(
+          "ignoring checkpoint step %d in %s: it has no %s (an interrupted save?); "
+          "train.py moves it to abandoned_checkpoints/ and saves the step again",
+          step,
+          self.directory,
+          COMMIT_MARKER,
+        )
     return steps
 
-  def save(self, step: int, state: Any, data_iterator, config_dict: dict, *,
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state: Any, data_iterator, config_dict: dict, *, force: bool = False
+  ) -> bool:
     """Starts an (async) save of step; returns whether a save was started."""
-    args = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config_dict),
-            "checksums": _checksums_arg("state", state)}
+    args = {
+      "state": ocp.args.StandardSave(state),
+      "config": ocp.args.JsonSave(config_dict),
+      "checksums": _checksums_arg("state", state),
+    }
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_params(self, step: int, params: Any, config_dict: dict) -> None:
     """Saves params alone (no optimizer state, no data position), e.g. imported weights."""
-    self.manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
-                                                    config=ocp.args.JsonSave(config_dict),
-                                                    checksums=_checksums_arg("params", params)),
-                      force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        config=ocp.args.JsonSave(config_dict),
+        checksums=_checksums_arg("params", params),
+      ),
+      force=True,
+    )
 
   def has_train_state(self, step: int) -> bool:
     """True if step holds a full train state, False if it holds params only."""
@@ -149,30 +196,36 @@ class Checkpointer:
       restores only those leaves.
     """
     restore_args = jax.tree.map(
-        lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape,
-                                       dtype=a.dtype), abstract_params)
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      abstract_params,
+    )
     self.check_item(step, "state" if self.has_train_state(step) else "params")
     # A fresh read-only manager: an item's handler is fixed by its first use, and the
     # training manager registered StandardSave for `state`.
-    reader = ocp.CheckpointManager(self.directory, item_names=ITEMS,
-                                   options=ocp.CheckpointManagerOptions(read_only=True))
+    reader = ocp.CheckpointManager(
+      self.directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
+    )
     try:
       if self.has_train_state(step):
-        args = ocp.args.PyTreeRestore(item={"params": abstract_params},
-                                      restore_args={"params": restore_args},
-                                      partial_restore=True)
+        args = ocp.args.PyTreeRestore(
+          item={"params": abstract_params},
+          restore_args={"params": restore_args},
+          partial_restore=True,
+        )
         params = reader.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
         checked, item = {"params": params}, "state"
       else:
         # partial_restore: a subtree of the params (e.g. one leaf, as `mmfree_jax.export` reads)
-        args = ocp.args.PyTreeRestore(item=abstract_params, restore_args=restore_args,
-                                      partial_restore=True)
+        args = ocp.args.PyTreeRestore(
+          item=abstract_params, restore_args=restore_args, partial_restore=True
+        )
         params = reader.restore(step, args=ocp.args.Composite(params=args))["params"]
         checked, item = params, "params"
     except Exception as e:
       raise CheckpointError(
-          f"could not restore the params of checkpoint step {step} from {self.directory}: "
-          f"{e}. Pick another step (available: {self.all_steps()})") from e
+        f"could not restore the params of checkpoint step {step} from {self.directory}: "
+        f"{e}. Pick another step (available: {self.all_steps()})"
+      ) from e
     finally:
       reader.close()
     self.verify(step, item, checked)
@@ -182,13 +235,13 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     path = os.path.join(self.directory, str(step), "config")
     try:
-      restored = self.manager.restore(step,
-                                      args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       return restored["config"]
     except Exception as e:
       raise CheckpointError(
-          f"the config of checkpoint step {step} ({path}) is unreadable: {e}. Pick an older "
-          f"step with --restore_step (available: {self.all_steps()})") from e
+        f"the config of checkpoint step {step} ({path}) is unreadable: {e}. Pick an older "
+        f"step with --restore_step (available: {self.all_steps()})"
+      ) from e
 
   def check_item(self, step: int, item: str) -> None:
     """Raises CheckpointError naming the step and the fix if `item`'s metadata is missing."""
@@ -196,10 +249,14 @@ class Checkpointer:
     if not metadata.exists():
       others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} is incomplete: {metadata} is missing. "
-          + (f"Resume from another step with --restore_step (available: {others}), or "
-             if others else "Move it away (or delete it) and start again, or ")
-          + "restore the file")
+        f"checkpoint step {step} in {self.directory} is incomplete: {metadata} is missing. "
+        + (
+          f"Resume from another step with --restore_step (available: {others}), or "
+          if others
+          else "Move it away (or delete it) and start again, or "
+        )
+        + "restore the file"
+      )
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state (into abstract_state's shapes/shardings) and the data iterator."""
@@ -211,8 +268,9 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # orbax raises many types; name the step and directory
       raise CheckpointError(
-          f"could not restore checkpoint step {step} from {self.directory}: {e}. Pick an older "
-          f"step with --restore_step (available: {self.all_steps()})") from e
+        f"could not restore checkpoint step {step} from {self.directory}: {e}. Pick an older "
+        f"step with --restore_step (available: {self.all_steps()})"
+      ) from e
     self.verify(step, "state", restored["state"])
     return restored["state"]
 
@@ -222,32 +280,42 @@ class Checkpointer:
     checksums existed are not checked."""
     path = epath.Path(self.directory) / str(step) / "checksums"
     if not path.exists():
-      log.info("checkpoint step %d has no checksums (saved by an older version): not verified",
-               step)
+      log.info(
+        "checkpoint step %d has no checksums (saved by an older version): not verified", step
+      )
       return
     try:
-      saved = self.manager.restore(
-          step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+      saved = self.manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))[
+        "checksums"
+      ]
     except Exception as e:  # orbax raises many types
-      raise CheckpointError(f"the checksums of checkpoint step {step} ({path}) are unreadable: "
-                            f"{e}. {self._fallback(step)}") from e
+      raise CheckpointError(
+        f"the checksums of checkpoint step {step} ({path}) are unreadable: "
+        f"{e}. {self._fallback(step)}"
+      ) from e
     if saved.get("algorithm") != checksum.ALGORITHM:
-      log.warning("checkpoint step %d: unknown checksum algorithm %r, not verified", step,
-                  saved.get("algorithm"))
+      log.warning(
+        "checkpoint step %d: unknown checksum algorithm %r, not verified",
+        step,
+        saved.get("algorithm"),
+      )
       return
     bad = checksum.mismatches(tree, saved.get(item, {}))
     if bad:
       shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
       raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} is corrupted: the bytes read for {shown} "
-          f"do not match the checksums saved with it. {self._fallback(step)}")
+        f"checkpoint step {step} in {self.directory} is corrupted: the bytes read for {shown} "
+        f"do not match the checksums saved with it. {self._fallback(step)}"
+      )
 
   def _fallback(self, step: int) -> str:
     others = [s for s in self.all_steps() if s != step]
     if not others:
       return "No other step to fall back to: restore the files, or start a fresh --workdir"
-    return (f"Resume from another step with train.py --restore_step=N, or evaluate one with "
-            f"eval.py --step=N (available: {others})")
+    return (
+      f"Resume from another step with train.py --restore_step=N, or evaluate one with "
+      f"eval.py --step=N (available: {others})"
+    )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -272,13 +340,22 @@ def check_compatible(saved_config: dict, model_config: dict, where: str) -> None
     saved = dataclasses.asdict(ModelConfig.from_config(saved_config.get("model", {})))
   except ValueError as e:
     raise CheckpointError(
-        f"the checkpoint in {where} has an unreadable model config: {e}") from None
+      f"the checkpoint in {where} has an unreadable model config: {e}"
+    ) from None
   current = dataclasses.asdict(ModelConfig.from_config(model_config))
-  keys = [k for k in ARCHITECTURE_KEYS  # the MLGRU has one head: head counts shape nothing
-          if not (k in TRANSFORMER_ONLY_KEYS and saved["kind"] == current["kind"] == "mmfree")]
-  diffs = [f"{k}: checkpoint={saved.get(k)!r} config={current.get(k)!r}"
-           for k in keys if saved.get(k) != current.get(k)]
+  keys = [
+    k
+    for k in ARCHITECTURE_KEYS  # the MLGRU has one head: head counts shape nothing
+    if not (k in TRANSFORMER_ONLY_KEYS and saved["kind"] == current["kind"] == "mmfree")
+  ]
+  diffs = [
+    f"{k}: checkpoint={saved.get(k)!r} config={current.get(k)!r}"
+    for k in keys
+    if saved.get(k) != current.get(k)
+  ]
   if diffs:
     raise CheckpointError(
-        f"the checkpoint in {where} was made by a different model architecture ("
-        + "; ".join(diffs) + "). Use a fresh --workdir, or pass the config it was trained with")
+      f"the checkpoint in {where} was made by a different model architecture ("
+      + "; ".join(diffs)
+      + "). Use a fresh --workdir, or pass the config it was trained with"
+    )

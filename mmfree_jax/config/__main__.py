@@ -21,8 +21,10 @@ def main(argv=None) -> int:
   if args.check:
     if docs.doc_is_current(args.path):
       return 0
-    print(f"{args.path}: the config schema section is stale; run python -m mmfree_jax.config "
-          "--docs", file=sys.stderr)
+    print(
+      f"{args.path}: the config schema section is stale; run python -m mmfree_jax.config --docs",
+      file=sys.stderr,
+    )
     return 1
   changed = docs.write_doc(args.path)
   print(f"{args.path}: {'updated' if changed else 'already current'}")

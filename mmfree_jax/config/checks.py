@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 class Check:
   """`ok(value)` is whether `value` is accepted; `rule` (or what it returns, when a callable:
   a bound read at check time) completes "must be ..."."""
+
   rule: str | Callable[[], str]
   ok: Callable[[Any], bool]
 
@@ -41,16 +42,23 @@ def integer(minimum: int | None = None, *, allow_none: bool = False) -> Check:
   """An int (not a bool) >= `minimum`; `allow_none` also accepts None."""
   rule = "an int" + (f" >= {minimum}" if minimum is not None else "")
   rule += " or None" if allow_none else ""
-  return Check(rule, lambda v: (allow_none and v is None) or (
-      is_int(v) and (minimum is None or v >= minimum)))
+  return Check(
+    rule, lambda v: (allow_none and v is None) or (is_int(v) and (minimum is None or v >= minimum))
+  )
 
 
-def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Check:
+def number(
+  low: float | None = None,
+  high: float | None = None,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+) -> Check:
   """A finite int or float within the bounds (closed unless `*_open`)."""
   if low is not None and high is not None:
-    rule = (f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}"
-            f"{')' if high_open else ']'}")
+    rule = (
+      f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    )
   elif low is not None:
     rule = f"a finite number {'>' if low_open else '>='} {low:g}"
   elif high is not None:

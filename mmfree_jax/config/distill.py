@@ -15,8 +15,10 @@ def distill_errors(values: dict) -> list[str]:
   problems = field_errors("distill", values)
   teacher = values.get("teacher")
   if not problems and teacher and not os.path.isfile(os.path.join(teacher, "config.json")):
-    problems.append(f"distill.teacher={teacher!r} has no config.json: pass one of our "
-                    "Transformer++ workdirs or an HF Llama folder (config.json + safetensors)")
+    problems.append(
+      f"distill.teacher={teacher!r} has no config.json: pass one of our "
+      "Transformer++ workdirs or an HF Llama folder (config.json + safetensors)"
+    )
   return problems
 
 
@@ -43,13 +45,19 @@ class _DistillMethods:
   def check_student(self, student) -> None:
     """Raises unless `student` (a ModelConfig) can be distilled into with these settings."""
     if student.kind != "mmfree":
-      raise ValueError(f"distillation trains a MatMul-free student: set model.kind='mmfree' "
-                       f"(got {student.kind!r})")
+      raise ValueError(
+        f"distillation trains a MatMul-free student: set model.kind='mmfree' (got {student.kind!r})"
+      )
     if self.quant_ramp_steps and student.bitlinear_impl != "autodiff":
-      raise ValueError("distill.quant_ramp_steps > 0 needs model.bitlinear_impl='autodiff' (the "
-                       "lean BitLinear's custom backward assumes full quantization)")
+      raise ValueError(
+        "distill.quant_ramp_steps > 0 needs model.bitlinear_impl='autodiff' (the "
+        "lean BitLinear's custom backward assumes full quantization)"
+      )
 
 
 DistillSettings = section_dataclass(
-    "DistillSettings", "distill", _DistillMethods,
-    "The validated `distill` config section (hashable); one field per `distill` key.")
+  "DistillSettings",
+  "distill",
+  _DistillMethods,
+  "The validated `distill` config section (hashable); one field per `distill` key.",
+)

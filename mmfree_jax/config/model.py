@@ -12,18 +12,18 @@ import jax.numpy as jnp
 from mmfree_jax.config import schema
 
 DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-    "float64": jnp.float64,
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+  "float16": jnp.float16,
+  "float64": jnp.float64,
 }
 assert tuple(DTYPES) == schema.DTYPE_NAMES
 # The `model.remat` registry: name -> what the layer scan saves for the backward (None: no remat).
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 assert tuple(REMAT_POLICIES) == schema.REMAT_NAMES
 
@@ -49,8 +49,7 @@ def resolve_dtype(name: str):
   try:
     return DTYPES[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES) + ['auto']}"
-                     ) from None
+    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES) + ['auto']}") from None
 
 
 def intermediate_size_for(d_model: int, hidden_ratio: int) -> int:
@@ -75,24 +74,27 @@ def section_values(section: str, given) -> dict:
   known = schema.SCHEMA[section]
   unknown = sorted(set(values) - set(known))
   if unknown:
-    raise ConfigError([f"unknown {section} config keys {unknown}; known keys: "
-                       f"{sorted(known)}"])
+    raise ConfigError([f"unknown {section} config keys {unknown}; known keys: {sorted(known)}"])
   return {**schema.section_defaults(section), **values}
 
 
 def model_errors(cfg) -> list[str]:
   """Checks across model keys (each key's own check is in the schema)."""
   if cfg.kind != "transformer" or any(
-      not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1
-      for k in ("d_model", "num_heads")):
+    not isinstance(getattr(cfg, k), int) or getattr(cfg, k) < 1 for k in ("d_model", "num_heads")
+  ):
     return []
   if cfg.d_model % cfg.num_heads:
-    return [f"model.d_model={cfg.d_model} is not divisible by model.num_heads="
-            f"{cfg.num_heads}; pick num_heads dividing d_model"]
+    return [
+      f"model.d_model={cfg.d_model} is not divisible by model.num_heads="
+      f"{cfg.num_heads}; pick num_heads dividing d_model"
+    ]
   out = []
   if isinstance(cfg.num_kv_heads, int) and cfg.num_heads % cfg.num_kv_heads:
-    out.append(f"model.num_kv_heads={cfg.num_kv_heads!r} must be a positive divisor of "
-               f"model.num_heads={cfg.num_heads} (grouped-query attention)")
+    out.append(
+      f"model.num_kv_heads={cfg.num_kv_heads!r} must be a positive divisor of "
+      f"model.num_heads={cfg.num_heads} (grouped-query attention)"
+    )
   if cfg.head_dim % 2:
     out.append(f"head_dim={cfg.head_dim} must be even for RoPE; change model.num_heads")
   return out
@@ -121,8 +123,9 @@ class _ModelConfigMethods:
     problems = field_errors("model", values)
     if not problems:
       if values["intermediate_size"] is None:
-        values["intermediate_size"] = intermediate_size_for(values["d_model"],
-                                                            values["hidden_ratio"])
+        values["intermediate_size"] = intermediate_size_for(
+          values["d_model"], values["hidden_ratio"]
+        )
       if values["num_kv_heads"] is None:
         values["num_kv_heads"] = values["num_heads"]
       problems = model_errors(cls(**values))
@@ -133,8 +136,9 @@ class _ModelConfigMethods:
   @classmethod
   def tiny(cls, **overrides) -> "ModelConfig":
     """A small model for tests and notebooks."""
-    return cls.from_config({"vocab_size": 256, "d_model": 64, "num_layers": 2, "num_heads": 4,
-                            **overrides})
+    return cls.from_config(
+      {"vocab_size": 256, "d_model": 64, "num_layers": 2, "num_heads": 4, **overrides}
+    )
 
   def validate(self) -> None:
     problems = field_errors("model", dataclasses.asdict(self)) or model_errors(self)
@@ -149,13 +153,21 @@ def section_dataclass(name: str, section: str, base: type, doc: str) -> type:
     kind = field.placeholder or type(field.default)
     annotation = f"{kind.__name__} | None" if field.placeholder else kind.__name__
     fields.append((key, annotation, dataclasses.field(default=field.default)))
-  cls = dataclasses.make_dataclass(name, fields, bases=(base,), frozen=True,
-                                   namespace={"__doc__": doc, "__module__": base.__module__})
+  cls = dataclasses.make_dataclass(
+    name,
+    fields,
+    bases=(base,),
+    frozen=True,
+    namespace={"__doc__": doc, "__module__": base.__module__},
+  )
   return cls
 
 
 ModelConfig = section_dataclass(
-    "ModelConfig", "model", _ModelConfigMethods,
-    "Validated model hyper-parameters (hashable: usable as a static jit argument); one field "
-    "per `model` key of the schema. `from_config` resolves `intermediate_size` and "
-    "`num_kv_heads` from None.")
+  "ModelConfig",
+  "model",
+  _ModelConfigMethods,
+  "Validated model hyper-parameters (hashable: usable as a static jit argument); one field "
+  "per `model` key of the schema. `from_config` resolves `intermediate_size` and "
+  "`num_kv_heads` from None.",
+)

@@ -19,11 +19,14 @@ def mixture_weights(mixture: str) -> list[float] | None:
   try:
     weights = [float(w) for w in mixture.split(",")]
   except ValueError:
-    raise ValueError(f"data.mixture={mixture!r} must be comma-separated numbers, one weight "
-                     "per data.paths folder (e.g. 0.7,0.3)") from None
+    raise ValueError(
+      f"data.mixture={mixture!r} must be comma-separated numbers, one weight "
+      "per data.paths folder (e.g. 0.7,0.3)"
+    ) from None
   if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-    raise ValueError(f"data.mixture={mixture!r}: weights must be finite, >= 0 and sum to a "
-                     "positive number")
+    raise ValueError(
+      f"data.mixture={mixture!r}: weights must be finite, >= 0 and sum to a positive number"
+    )
   return weights
 
 
@@ -31,8 +34,10 @@ def data_errors(data_cfg) -> list[str]:
   """The data section's rules across keys (files and folders are checked when opened)."""
   out = []
   if data_cfg.get("mixture") and data_cfg.get("source") != "array_record":
-    out.append("data.mixture weights prepared folders: set --config.data.source=array_record, "
-               "or clear --config.data.mixture")
+    out.append(
+      "data.mixture weights prepared folders: set --config.data.source=array_record, "
+      "or clear --config.data.mixture"
+    )
   try:
     mixture_weights(data_cfg.get("mixture", ""))
   except (ValueError, AttributeError) as e:
@@ -65,21 +70,26 @@ def config_errors(cfg: ml_collections.ConfigDict) -> tuple[list[str], ModelConfi
   for section in schema.SCHEMA:
     if section != "model" and section in cfg:
       values = dict(cfg[section])
-      problems += (distill_errors(values) if section == "distill"
-                   else field_errors(section, values))
+      problems += distill_errors(values) if section == "distill" else field_errors(section, values)
   if "data" in cfg:
     problems += data_errors(cfg.data)
   if "mesh" in cfg and field_errors("mesh", dict(cfg.mesh)) == []:
     from mmfree_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+
     problems += sharding.check_rules(cfg.mesh.axis_rules)
   if model is not None and "data" in cfg:
     seq_len = cfg.data.get("seq_len")
-    if (model.kind == "mmfree" and model.scan_type == "chunked" and isinstance(seq_len, int)
-        and seq_len % model.chunk_size):
+    if (
+      model.kind == "mmfree"
+      and model.scan_type == "chunked"
+      and isinstance(seq_len, int)
+      and seq_len % model.chunk_size
+    ):
       problems.append(
-          f"data.seq_len={seq_len} is not divisible by model.chunk_size={model.chunk_size} "
-          "with model.scan_type='chunked'; set --config.model.chunk_size to a divisor of "
-          "seq_len or --config.model.scan_type=sequential")
+        f"data.seq_len={seq_len} is not divisible by model.chunk_size={model.chunk_size} "
+        "with model.scan_type='chunked'; set --config.model.chunk_size to a divisor of "
+        "seq_len or --config.model.scan_type=sequential"
+      )
   return problems, model
 
 
@@ -108,6 +118,8 @@ def fit_warmup(cfg: ml_collections.ConfigDict) -> str | None:
   if warmup < steps:
     return None
   cfg.optim.warmup_steps = steps // 10
-  return (f"optim.warmup_steps={warmup} is not shorter than train.steps={steps}; using "
-          f"{cfg.optim.warmup_steps} (10% of the run). Set --config.optim.warmup_steps to "
-          "choose another")
+  return (
+    f"optim.warmup_steps={warmup} is not shorter than train.steps={steps}; using "
+    f"{cfg.optim.warmup_steps} (10% of the run). Set --config.optim.warmup_steps to "
+    "choose another"
+  )

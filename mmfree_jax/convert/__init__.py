@@ -6,22 +6,33 @@ training workdirs), and `mmfree_jax.train.distill` and the notebooks use it with
 """
 
 from mmfree_jax.convert.calibrate import (
-                                          CALIBRATIONS,
-                                          Calibration,
-                                          calibration_from_teacher,
-                                          input_rms,
-                                          named_calibration,
-                                          needs_batch,
-                                          teacher_projection_inputs,
-                                          ternary_gain,
+  CALIBRATIONS,
+  Calibration,
+  calibration_from_teacher,
+  input_rms,
+  named_calibration,
+  needs_batch,
+  teacher_projection_inputs,
+  ternary_gain,
 )
 from mmfree_jax.convert.student import (
-                                          ConversionError,
-                                          check_compatible,
-                                          init_student_params,
-                                          student_config,
+  ConversionError,
+  check_compatible,
+  init_student_params,
+  student_config,
 )
 
-__all__ = ["CALIBRATIONS", "Calibration", "ConversionError", "calibration_from_teacher",
-           "check_compatible", "init_student_params", "input_rms", "named_calibration",
-           "needs_batch", "student_config", "teacher_projection_inputs", "ternary_gain"]
+__all__ = [
+  "CALIBRATIONS",
+  "Calibration",
+  "ConversionError",
+  "calibration_from_teacher",
+  "check_compatible",
+  "init_student_params",
+  "input_rms",
+  "named_calibration",
+  "needs_batch",
+  "student_config",
+  "teacher_projection_inputs",
+  "ternary_gain",
+]

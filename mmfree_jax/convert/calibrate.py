@@ -45,9 +45,13 @@ GAINS = ("lsq", "norm")
 # name -> (ternary gain, its kind inside the blocks, teacher input RMS): 'none' the plain copy,
 # 'ternary' the gain alone (data-free), 'rms' the input RMS alone, 'all' both, 'all_norm' both
 # with the norm-preserving gain inside the blocks (the head's stays least-squares).
-CALIBRATIONS = {"none": (False, "lsq", False), "ternary": (True, "lsq", False),
-                "rms": (False, "lsq", True), "all": (True, "lsq", True),
-                "all_norm": (True, "norm", True)}
+CALIBRATIONS = {
+  "none": (False, "lsq", False),
+  "ternary": (True, "lsq", False),
+  "rms": (False, "lsq", True),
+  "all": (True, "lsq", True),
+  "all_norm": (True, "norm", True),
+}
 
 
 def ternary_gain(kernel: jax.Array, kind: str = "lsq") -> jax.Array:
@@ -94,15 +98,16 @@ class Calibration:
   block_gain: its kind inside the blocks ('lsq' or 'norm'); the lm_head's is always 'lsq'.
   o_proj_rms, down_proj_rms: `[layers]` `input_rms` of the teacher's o_proj / down_proj inputs.
   """
+
   ternary: bool = False
   block_gain: str = "lsq"
   o_proj_rms: jax.Array | None = None
   down_proj_rms: jax.Array | None = None
 
 
-def teacher_projection_inputs(teacher, tokens: jax.Array,
-                              segment_ids: jax.Array | None = None
-                              ) -> tuple[jax.Array, jax.Array]:
+def teacher_projection_inputs(
+  teacher, tokens: jax.Array, segment_ids: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """The teacher's inputs to `o_proj` and `down_proj` on a calibration batch.
 
   teacher: a `TransformerLM`; tokens, segment_ids: `[batch, seq]` as for its forward.
@@ -140,13 +145,23 @@ def teacher_projection_inputs(teacher, tokens: jax.Array,
   return jnp.stack(o_inputs), jnp.stack(down_inputs)
 
 
-def calibration_from_teacher(teacher, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                             mask: jax.Array | None = None, *, ternary: bool = True,
-                             block_gain: str = "lsq") -> Calibration:
+def calibration_from_teacher(
+  teacher,
+  tokens: jax.Array,
+  segment_ids: jax.Array | None = None,
+  mask: jax.Array | None = None,
+  *,
+  ternary: bool = True,
+  block_gain: str = "lsq",
+) -> Calibration:
   """`Calibration` with the input RMS of the teacher's o_proj/down_proj on this batch."""
   o_in, down_in = teacher_projection_inputs(teacher, tokens, segment_ids)
-  return Calibration(ternary=ternary, block_gain=block_gain, o_proj_rms=input_rms(o_in, mask),
-                     down_proj_rms=input_rms(down_in, mask))
+  return Calibration(
+    ternary=ternary,
+    block_gain=block_gain,
+    o_proj_rms=input_rms(o_in, mask),
+    down_proj_rms=input_rms(down_in, mask),
+  )
 
 
 def check_calibration(name: str) -> None:
@@ -160,9 +175,13 @@ def needs_batch(name: str) -> bool:
   return CALIBRATIONS[name][2]
 
 
-def named_calibration(name: str, teacher=None, tokens: jax.Array | None = None,
-                      segment_ids: jax.Array | None = None, mask: jax.Array | None = None
-                      ) -> Calibration:
+def named_calibration(
+  name: str,
+  teacher=None,
+  tokens: jax.Array | None = None,
+  segment_ids: jax.Array | None = None,
+  mask: jax.Array | None = None,
+) -> Calibration:
   """The `Calibration` that `CALIBRATIONS[name]` describes; the input-RMS kinds run `teacher`
   (a `TransformerLM`) on `tokens [batch, seq]` (`calibration_from_teacher`)."""
   check_calibration(name)
@@ -171,5 +190,6 @@ def named_calibration(name: str, teacher=None, tokens: jax.Array | None = None,
     return Calibration(ternary=ternary, block_gain=block_gain)
   if teacher is None or tokens is None:
     raise ValueError(f"calibration {name!r} needs the teacher and a batch of tokens")
-  return calibration_from_teacher(teacher, tokens, segment_ids, mask, ternary=ternary,
-                                  block_gain=block_gain)
+  return calibration_from_teacher(
+    teacher, tokens, segment_ids, mask, ternary=ternary, block_gain=block_gain
+  )

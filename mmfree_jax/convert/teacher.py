@@ -28,8 +28,10 @@ def teacher_source(path: str) -> str:
     return "workdir"
   if isinstance(config, dict) and "model_type" in config:
     return "llama"
-  raise ValueError(f"{path}/config.json is neither an mmfree_jax workdir config nor an HF "
-                   "config (no 'model' section, no 'model_type')")
+  raise ValueError(
+    f"{path}/config.json is neither an mmfree_jax workdir config nor an HF "
+    "config (no 'model' section, no 'model_type')"
+  )
 
 
 def read_teacher_config(path: str, student: ModelConfig) -> ModelConfig:
@@ -43,18 +45,22 @@ def read_teacher_config(path: str, student: ModelConfig) -> ModelConfig:
   if teacher_source(path) == "workdir":
     section = loading.load_workdir_config(path).model.to_dict()
   else:
-    section = llama.model_section_from_llama(checkpoint_io.read_hf_config(path),
-                                             student.param_dtype)
+    section = llama.model_section_from_llama(
+      checkpoint_io.read_hf_config(path), student.param_dtype
+    )
   section.update(overrides)
   teacher = ModelConfig.from_config(section)
   if teacher.kind != "transformer":
-    raise ValueError(f"distill.teacher={path!r} holds a model.kind={teacher.kind!r} model; the "
-                     "teacher must be a Transformer++ (kind 'transformer') or an HF Llama")
+    raise ValueError(
+      f"distill.teacher={path!r} holds a model.kind={teacher.kind!r} model; the "
+      "teacher must be a Transformer++ (kind 'transformer') or an HF Llama"
+    )
   return teacher
 
 
-def load_teacher_params(path: str, teacher: ModelConfig, step: int | None = None,
-                        shardings=None) -> dict:
+def load_teacher_params(
+  path: str, teacher: ModelConfig, step: int | None = None, shardings=None
+) -> dict:
   """The teacher's params (a workdir's `step`, default its latest), placed with `shardings`
   (None: the default device)."""
   if teacher_source(path) == "workdir":

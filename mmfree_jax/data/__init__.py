@@ -25,13 +25,22 @@ from mmfree_jax import lazy_exports
 
 # Imported on first use, so that a module needing one light piece (e.g. the tokenizer's
 # `document_start`, for generation) does not pay for grain and its readers.
-_EXPORTS = {name: f"mmfree_jax.data.{module}" for module, names in {
-    "pipeline": ("local_batch_size", "split_windows", "tokenizer_from_config", "train_iterator",
-                 "validation_batches"),
+_EXPORTS = {
+  name: f"mmfree_jax.data.{module}"
+  for module, names in {
+    "pipeline": (
+      "local_batch_size",
+      "split_windows",
+      "tokenizer_from_config",
+      "train_iterator",
+      "validation_batches",
+    ),
     "sequence_packing": ("PackedWindows", "segment_ids_for"),
     "sources": ("SOURCES", "source_from_config"),
     "tokenizer": ("SPEC_FORMS", "Tokenizer", "check_vocab", "load_tokenizer"),
-}.items() for name in names}
+  }.items()
+  for name in names
+}
 
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,5 +6,6 @@ import os
 
 
 def default_cache_dir() -> str:
-  return os.environ.get("MMFREE_CACHE",
-                        os.path.join(os.path.expanduser("~"), ".cache", "mmfree_jax"))
+  return os.environ.get(
+    "MMFREE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmfree_jax")
+  )

@@ -38,6 +38,7 @@ class Runs:
   All int64 `[R]` except `extra_eos` bool `[R]`: run r is `shard[start:stop]`, followed by
   one virtual EOS token when `extra_eos` (a token file whose last document lacks its EOS).
   """
+
   shard: np.ndarray
   start: np.ndarray
   stop: np.ndarray
@@ -60,6 +61,7 @@ class TokenCorpus:
   doc_shard: int64 `[D]` shard of each document; doc_start, doc_stop: int64 `[D]` its
     `[start, stop)` in that shard (the EOS included); doc_extra_eos: bool `[D]`.
   """
+
   shard_paths: tuple[str, ...]
   doc_shard: np.ndarray
   doc_start: np.ndarray
@@ -105,8 +107,11 @@ def _cache_key(*parts) -> str:
 
 def _write_npy_from_raw(raw_path: str, npy_path: str, dtype, count: int) -> None:
   """Wraps a raw little-endian array file in an .npy header (streams, no full copy in RAM)."""
-  header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-            "shape": (count,)}
+  header = {
+    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+    "fortran_order": False,
+    "shape": (count,),
+  }
   with open(npy_path, "wb") as out, open(raw_path, "rb") as raw:
     np.lib.format.write_array_header_1_0(out, header)
     shutil.copyfileobj(raw, out, 1 << 24)
@@ -117,6 +122,7 @@ def tokenize_to_cache(source: Source, tokenizer: Tokenizer, directory: str) -> N
   raw_path = os.path.join(directory, "tokens.raw")
   doc_ends, total, chunk = [], 0, []
   with open(raw_path, "wb") as raw:
+
     def flush():
       nonlocal total, chunk
       for ids in tokenizer.encode_documents(chunk):
@@ -124,34 +130,51 @@ def tokenize_to_cache(source: Source, tokenizer: Tokenizer, directory: str) -> N
         total += len(ids)
         doc_ends.append(total)
       chunk = []
+
     for text in source.documents():
       chunk.append(text)
       if len(chunk) >= _ENCODE_CHUNK:
         flush()
     flush()
   if not doc_ends:
-    raise ValueError(f"data.source={source.kind!r} ({', '.join(source.paths)}) holds no "
-                     "documents; fix --config.data.paths")
+    raise ValueError(
+      f"data.source={source.kind!r} ({', '.join(source.paths)}) holds no "
+      "documents; fix --config.data.paths"
+    )
   _write_npy_from_raw(raw_path, os.path.join(directory, "tokens.npy"), "<i4", total)
   os.remove(raw_path)
   np.save(os.path.join(directory, "doc_ends.npy"), np.asarray(doc_ends, np.int64))
   with open(os.path.join(directory, "meta.json"), "w") as f:
-    json.dump({"source": source.kind, "paths": source.paths, "tokenizer": tokenizer.spec,
-               "num_documents": len(doc_ends), "num_tokens": total}, f, indent=1)
+    json.dump(
+      {
+        "source": source.kind,
+        "paths": source.paths,
+        "tokenizer": tokenizer.spec,
+        "num_documents": len(doc_ends),
+        "num_tokens": total,
+      },
+      f,
+      indent=1,
+    )
 
 
 def text_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenCorpus:
   """Tokenizes a text source into the cache once; memory-maps it."""
-  directory = os.path.join(cache_dir, "tokens",
-                           _cache_key(source.fingerprint, tokenizer.fingerprint))
+  directory = os.path.join(
+    cache_dir, "tokens", _cache_key(source.fingerprint, tokenizer.fingerprint)
+  )
   if not os.path.isfile(os.path.join(directory, "meta.json")):
-    log.info("tokenizing %s with %s (once; cached in %s)", source.kind, tokenizer.spec,
-             directory)
+    log.info("tokenizing %s with %s (once; cached in %s)", source.kind, tokenizer.spec, directory)
     _atomic_dir(directory, lambda tmp: tokenize_to_cache(source, tokenizer, tmp))
   ends = np.load(os.path.join(directory, "doc_ends.npy"))
   starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
-  return TokenCorpus((os.path.join(directory, "tokens.npy"),), np.zeros(len(ends), np.int64),
-                     starts, ends, np.zeros(len(ends), bool))
+  return TokenCorpus(
+    (os.path.join(directory, "tokens.npy"),),
+    np.zeros(len(ends), np.int64),
+    starts,
+    ends,
+    np.zeros(len(ends), bool),
+  )
 
 
 def open_token_file(path: str) -> np.ndarray:
@@ -159,12 +182,16 @@ def open_token_file(path: str) -> np.ndarray:
   try:
     tokens = np.load(path, mmap_mode="r", allow_pickle=False)
   except (ValueError, OSError) as e:
-    raise ValueError(f"token file {path!r} is not a readable .npy array ({e}); data.source="
-                     "tokens needs .npy files of flat int arrays") from None
+    raise ValueError(
+      f"token file {path!r} is not a readable .npy array ({e}); data.source="
+      "tokens needs .npy files of flat int arrays"
+    ) from None
   if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
-    raise ValueError(f"token file {path!r} holds {getattr(tokens, 'dtype', '?')} "
-                     f"{getattr(tokens, 'shape', '?')}; data.source=tokens needs flat 1-D "
-                     "integer arrays (np.save(path, ids.astype(np.int32)))")
+    raise ValueError(
+      f"token file {path!r} holds {getattr(tokens, 'dtype', '?')} "
+      f"{getattr(tokens, 'shape', '?')}; data.source=tokens needs flat 1-D "
+      "integer arrays (np.save(path, ids.astype(np.int32)))"
+    )
   if not tokens.size:
     raise ValueError(f"token file {path!r} is empty; remove it from --config.data.paths")
   return tokens
@@ -175,14 +202,16 @@ def index_token_file(path: str, tokenizer: Tokenizer) -> tuple[np.ndarray, bool]
   tokens = open_token_file(path)
   ends, lo, hi = [], None, None
   for offset in range(0, tokens.size, _SCAN_CHUNK):
-    block = np.asarray(tokens[offset:offset + _SCAN_CHUNK])
+    block = np.asarray(tokens[offset : offset + _SCAN_CHUNK])
     ends.append(np.flatnonzero(block == tokenizer.eos_id) + offset + 1)
     lo = block.min() if lo is None else min(lo, block.min())
     hi = block.max() if hi is None else max(hi, block.max())
   if lo < 0 or hi >= tokenizer.vocab_size:
-    raise ValueError(f"token file {path!r} has ids in [{lo}, {hi}] but tokenizer "
-                     f"{tokenizer.spec!r} has {tokenizer.vocab_size} ids; set "
-                     "--config.data.tokenizer to the tokenizer that produced the file")
+    raise ValueError(
+      f"token file {path!r} has ids in [{lo}, {hi}] but tokenizer "
+      f"{tokenizer.spec!r} has {tokenizer.vocab_size} ids; set "
+      "--config.data.tokenizer to the tokenizer that produced the file"
+    )
   ends = np.concatenate(ends).astype(np.int64)
   ends_with_eos = bool(len(ends) and ends[-1] == tokens.size)
   if not ends_with_eos:
@@ -194,14 +223,17 @@ def token_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenC
   """The `tokens` source: the user's files as shards, their document index cached."""
   shard, start, stop, extra = [], [], [], []
   for i, path in enumerate(source.paths):
-    directory = os.path.join(cache_dir, "token_index",
-                             _cache_key(file_identity(path), tokenizer.fingerprint))
+    directory = os.path.join(
+      cache_dir, "token_index", _cache_key(file_identity(path), tokenizer.fingerprint)
+    )
     if not os.path.isfile(os.path.join(directory, "meta.json")):
+
       def write(tmp, path=path):
         ends, ends_with_eos = index_token_file(path, tokenizer)
         np.save(os.path.join(tmp, "doc_ends.npy"), ends)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
           json.dump({"path": path, "ends_with_eos": ends_with_eos}, f)
+
       _atomic_dir(directory, write)
     open_token_file(path)  # fail early if it was replaced by something unreadable
     ends = np.load(os.path.join(directory, "doc_ends.npy"))

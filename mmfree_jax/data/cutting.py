@@ -23,6 +23,7 @@ ONLY_SHARD_CUT = 0.9
 @dataclasses.dataclass(frozen=True)
 class Target:
   """Where and how `_write_shards` writes."""
+
   out: str
   paths: list[str]
   opts: object  # prepare.PrepareOptions
@@ -31,9 +32,14 @@ class Target:
   tok: object
 
   def writer(self, index: int, start) -> shards_lib.ShardWriter:
-    return shards_lib.ShardWriter(self.out, index, self.opts.record_tokens,
-                                  np.dtype(self.plan["dtype"]), start,
-                                  self.plan["writer_options"])
+    return shards_lib.ShardWriter(
+      self.out,
+      index,
+      self.opts.record_tokens,
+      np.dtype(self.plan["dtype"]),
+      start,
+      self.plan["writer_options"],
+    )
 
 
 def write_shards(stream, shards: list[dict], target: Target) -> int:
@@ -69,7 +75,8 @@ def write_shards(stream, shards: list[dict], target: Target) -> int:
     elif shards:  # the stream ended exactly at a shard boundary: mark the last one final
       shards[-1]["final"] = True
       shards_lib.write_json_atomic(
-          os.path.join(target.out, shards_lib.sidecar_name(len(shards) - 1)), shards[-1])
+        os.path.join(target.out, shards_lib.sidecar_name(len(shards) - 1)), shards[-1]
+      )
   finally:
     if writer is not None:
       writer.abort()
@@ -89,14 +96,15 @@ def split_only_shard(tokens: np.ndarray, documents: int, start, target: Target) 
     k = min(int(np.searchsorted(doc_ends, ONLY_SHARD_CUT * len(tokens))), documents - 2)
     cut = int(doc_ends[k])
     middle = position_after(target.paths, target.opts, k + 1)
-    pieces = [((0, cut), k + 1, start, middle), ((cut, len(tokens)), documents - k - 1, middle,
-                                                 end)]
+    pieces = [
+      ((0, cut), k + 1, start, middle),
+      ((cut, len(tokens)), documents - k - 1, middle, end),
+    ]
   sidecars = []
   for index, ((lo, hi), docs, first, last) in enumerate(pieces):
     piece = target.writer(index, first)
     piece.add(tokens[lo:hi], docs)
-    sidecars.append(piece.commit(last, final=index == len(pieces) - 1,
-                                 plan_id=target.plan_id))
+    sidecars.append(piece.commit(last, final=index == len(pieces) - 1, plan_id=target.plan_id))
   return sidecars
 
 
@@ -104,8 +112,9 @@ def position_after(paths, opts, num_documents: int) -> tuple[int, int]:
   """The input position (file, unit) right after the first num_documents documents."""
   count = 0
   for f, path in enumerate(paths):
-    for unit, text in formats.read_units(path, opts.format, opts.text_field,
-                                         hf_split=opts.hf_split):
+    for unit, text in formats.read_units(
+      path, opts.format, opts.text_field, hf_split=opts.hf_split
+    ):
       count += bool(text)
       if count == num_documents:
         return f, unit + 1

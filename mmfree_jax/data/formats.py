@@ -47,16 +47,21 @@ def resolve_inputs(inputs: str, fmt: str) -> list[str]:
   for entry in entries:
     pattern = os.path.expanduser(entry)
     if glob.has_magic(pattern):
-      matches = sorted(p for p in glob.glob(pattern, recursive=True)
-                       if (os.path.isdir(p) if want_dir else os.path.isfile(p)))
+      matches = sorted(
+        p
+        for p in glob.glob(pattern, recursive=True)
+        if (os.path.isdir(p) if want_dir else os.path.isfile(p))
+      )
       if not matches:
         raise ValueError(f"--inputs glob {entry!r} matches no {kind}s; fix the pattern")
       paths += matches
     elif not os.path.exists(pattern):
       raise ValueError(f"--inputs {kind} {entry!r} does not exist; fix --inputs")
     elif want_dir != os.path.isdir(pattern):
-      raise ValueError(f"--inputs entry {entry!r} is not a {kind}; --format={fmt} reads "
-                       + ("`datasets.save_to_disk` folders" if want_dir else "files"))
+      raise ValueError(
+        f"--inputs entry {entry!r} is not a {kind}; --format={fmt} reads "
+        + ("`datasets.save_to_disk` folders" if want_dir else "files")
+      )
     else:
       paths.append(pattern)
   paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
@@ -71,8 +76,10 @@ def input_identity(path: str) -> list:
   files = [path]
   if os.path.isdir(path):
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-  return [[os.path.relpath(f, path) if f != path else f, os.stat(f).st_size,
-           os.stat(f).st_mtime_ns] for f in files]
+  return [
+    [os.path.relpath(f, path) if f != path else f, os.stat(f).st_size, os.stat(f).st_mtime_ns]
+    for f in files
+  ]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -87,35 +94,46 @@ def _check_compressed(path: str) -> None:
   head = _magic(path)
   if path.endswith(".zst"):
     import zstandard  # pylint: disable=g-import-not-at-top
+
     try:
       if head != _ZSTD_MAGIC:
         raise zstandard.ZstdError("bad magic number")
       with open(path, "rb") as f:
         zstandard.get_frame_parameters(f.read(18))
     except zstandard.ZstdError as e:
-      raise ValueError(f"input file {path!r} is not valid zstd ({e}); re-download or "
-                       "re-compress it, or remove it from --inputs") from None
+      raise ValueError(
+        f"input file {path!r} is not valid zstd ({e}); re-download or "
+        "re-compress it, or remove it from --inputs"
+      ) from None
   elif path.endswith(".gz") and head[:2] != _GZIP_MAGIC:
-    raise ValueError(f"input file {path!r} is not gzip (bad magic bytes); re-download it or "
-                     "drop the .gz suffix if it is plain text")
+    raise ValueError(
+      f"input file {path!r} is not gzip (bad magic bytes); re-download it or "
+      "drop the .gz suffix if it is plain text"
+    )
 
 
 def _parquet_text_column(path: str, text_field: str):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq
+
   try:
     pf = pq.ParquetFile(path)
   except (pa.ArrowInvalid, OSError) as e:
-    raise ValueError(f"input file {path!r} is not a readable Parquet file ({e}); fix or "
-                     "remove it from --inputs") from None
+    raise ValueError(
+      f"input file {path!r} is not a readable Parquet file ({e}); fix or remove it from --inputs"
+    ) from None
   schema = pf.schema_arrow
   if text_field not in schema.names:
-    raise ValueError(f"Parquet file {path!r} has no column {text_field!r} (columns: "
-                     f"{schema.names}); set --text_field to the column holding the text")
+    raise ValueError(
+      f"Parquet file {path!r} has no column {text_field!r} (columns: "
+      f"{schema.names}); set --text_field to the column holding the text"
+    )
   kind = schema.field(text_field).type
   if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-    raise ValueError(f"Parquet column {text_field!r} of {path!r} is {kind}, not a string; set "
-                     "--text_field to the text column")
+    raise ValueError(
+      f"Parquet column {text_field!r} of {path!r} is {kind}, not a string; set "
+      "--text_field to the text column"
+    )
   return pf
 
 
@@ -123,23 +141,34 @@ def _hf_table(path: str, text_field: str, split: str):
   """The memory-mapped Arrow table of a `save_to_disk` folder (a Dataset, or one split of a
   DatasetDict), checked to have a string column text_field."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
+
   if os.path.isfile(os.path.join(path, "dataset_dict.json")):
-    splits = untrusted.load_json(os.path.join(path, "dataset_dict.json"),
-                                 what="a DatasetDict index", fix="re-save the dataset")
+    splits = untrusted.load_json(
+      os.path.join(path, "dataset_dict.json"), what="a DatasetDict index", fix="re-save the dataset"
+    )
     splits = splits.get("splits", []) if isinstance(splits, dict) else []
     if split not in splits:
-      raise ValueError(f"{path!r} is a DatasetDict with splits {splits}; pass --hf_split with "
-                       "one of them")
+      raise ValueError(
+        f"{path!r} is a DatasetDict with splits {splits}; pass --hf_split with one of them"
+      )
     path = os.path.join(path, split)
   state_path = os.path.join(path, "state.json")
   if not os.path.isfile(state_path):
-    raise ValueError(f"{path!r} is not a `datasets` save_to_disk folder (no state.json); "
-                     "save it with Dataset.save_to_disk or pick another --format")
+    raise ValueError(
+      f"{path!r} is not a `datasets` save_to_disk folder (no state.json); "
+      "save it with Dataset.save_to_disk or pick another --format"
+    )
   state = untrusted.load_json(state_path, what="a save_to_disk state", fix="re-save the dataset")
   entries = state.get("_data_files", []) if isinstance(state, dict) else []
-  files = [untrusted.confined_join(path, d.get("filename") if isinstance(d, dict) else d,
-                                   what=f"{state_path} _data_files", fix="re-save the dataset")
-           for d in entries]
+  files = [
+    untrusted.confined_join(
+      path,
+      d.get("filename") if isinstance(d, dict) else d,
+      what=f"{state_path} _data_files",
+      fix="re-save the dataset",
+    )
+    for d in entries
+  ]
   if not files:
     raise ValueError(f"{state_path} lists no data files; re-save the dataset")
   tables = []
@@ -147,16 +176,21 @@ def _hf_table(path: str, text_field: str, split: str):
     try:
       tables.append(pa.ipc.open_stream(pa.memory_map(file)).read_all())
     except (pa.ArrowInvalid, OSError) as e:
-      raise ValueError(f"Arrow file {file!r} of {path!r} is unreadable ({e}); re-save the "
-                       "dataset") from None
+      raise ValueError(
+        f"Arrow file {file!r} of {path!r} is unreadable ({e}); re-save the dataset"
+      ) from None
   table = pa.concat_tables(tables)
   if text_field not in table.column_names:
-    raise ValueError(f"dataset {path!r} has no column {text_field!r} (columns: "
-                     f"{table.column_names}); set --text_field to the column holding the text")
+    raise ValueError(
+      f"dataset {path!r} has no column {text_field!r} (columns: "
+      f"{table.column_names}); set --text_field to the column holding the text"
+    )
   kind = table.schema.field(text_field).type
   if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-    raise ValueError(f"dataset column {text_field!r} of {path!r} is {kind}, not a string; set "
-                     "--text_field to the text column")
+    raise ValueError(
+      f"dataset column {text_field!r} of {path!r} is {kind}, not a string; set "
+      "--text_field to the text column"
+    )
   return table.column(text_field)
 
 
@@ -201,6 +235,7 @@ class _ZstdRaw(io.RawIOBase):
 
   def __init__(self, path: str):
     import zstandard  # pylint: disable=g-import-not-at-top
+
     self._zstd = zstandard
     self._file = open(path, "rb")
     self._dobj = zstandard.ZstdDecompressor().decompressobj()
@@ -236,20 +271,25 @@ class _ZstdRaw(io.RawIOBase):
 def _lines(path: str) -> Iterator[str]:
   """Lines of a text file; decompression and encoding errors name the file and the fix."""
   import zstandard  # pylint: disable=g-import-not-at-top
+
   try:
     with open_text(path) as f:
       yield from f
   except UnicodeDecodeError as e:
-    raise ValueError(f"input file {path!r} is not UTF-8 text ({e}); convert it or remove it "
-                     "from --inputs") from None
+    raise ValueError(
+      f"input file {path!r} is not UTF-8 text ({e}); convert it or remove it from --inputs"
+    ) from None
   except (zstandard.ZstdError, EOFError, gzip.BadGzipFile, OSError) as e:
-    raise ValueError(f"input file {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "
-                     "re-download it or remove it from --inputs. Shards written so far are "
-                     "kept: rerun prepare to resume") from None
+    raise ValueError(
+      f"input file {path!r} is corrupt or truncated ({type(e).__name__}: {e}); "
+      "re-download it or remove it from --inputs. Shards written so far are "
+      "kept: rerun prepare to resume"
+    ) from None
 
 
-def json_text(line: str, where: str, text_field: str, *, flag: str = "--text_field",
-              allow_null: bool = True) -> str:
+def json_text(
+  line: str, where: str, text_field: str, *, flag: str = "--text_field", allow_null: bool = True
+) -> str:
   """The string `text_field` of one JSON line (`""` for a JSON null when `allow_null`); errors
   name `where` (file:line) and the `flag` that picks the field."""
   try:
@@ -259,12 +299,15 @@ def json_text(line: str, where: str, text_field: str, *, flag: str = "--text_fie
     raise ValueError(f"{where} is not valid JSON ({reason}); fix or remove that line") from None
   if not isinstance(row, dict) or text_field not in row:
     keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-    raise ValueError(f"{where} has no field {text_field!r} (has {keys}); set {flag} to the "
-                     "field holding the text")
+    raise ValueError(
+      f"{where} has no field {text_field!r} (has {keys}); set {flag} to the field holding the text"
+    )
   text = row[text_field]
   if not isinstance(text, str) and not (text is None and allow_null):
-    raise ValueError(f"{where}: field {text_field!r} is a {type(text).__name__}, not a "
-                     f"string; set {flag} to the text field")
+    raise ValueError(
+      f"{where}: field {text_field!r} is a {type(text).__name__}, not a "
+      f"string; set {flag} to the text field"
+    )
   return text or ""
 
 
@@ -303,20 +346,27 @@ def _column_units(chunks, start: int, offset: int = 0) -> Iterator[tuple[int, st
 def _parquet_units(path: str, text_field: str, start: int) -> Iterator[tuple[int, str]]:
   pf = _parquet_text_column(path, text_field)
   skipped, first_group = 0, 0
-  while (first_group < pf.num_row_groups
-         and skipped + pf.metadata.row_group(first_group).num_rows <= start):
+  while (
+    first_group < pf.num_row_groups
+    and skipped + pf.metadata.row_group(first_group).num_rows <= start
+  ):
     skipped += pf.metadata.row_group(first_group).num_rows  # from the footer, never read
     first_group += 1
   groups = list(range(first_group, pf.num_row_groups))
   if not groups:
     return
-  chunks = (batch.column(0) for batch in pf.iter_batches(
-      batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=[text_field]))
+  chunks = (
+    batch.column(0)
+    for batch in pf.iter_batches(
+      batch_size=_PARQUET_BATCH_ROWS, row_groups=groups, columns=[text_field]
+    )
+  )
   yield from _column_units(chunks, start, skipped)
 
 
-def read_units(path: str, fmt: str, text_field: str, start: int = 0,
-               hf_split: str = "train") -> Iterator[tuple[int, str]]:
+def read_units(
+  path: str, fmt: str, text_field: str, start: int = 0, hf_split: str = "train"
+) -> Iterator[tuple[int, str]]:
   """(unit index, text) of one input from unit `start` on; text is "" for no document."""
   if fmt == "parquet":
     yield from _parquet_units(path, text_field, start)

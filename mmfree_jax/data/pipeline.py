@@ -49,19 +49,21 @@ def tokenizer_from_config(data_cfg, *, cache_dir: str) -> Tokenizer:
     return prepared_lib.tokenizer_for(data_cfg, prepared, cache_dir=cache_dir)
   source = source_from_config(data_cfg)
   texts = source.documents if source.is_text else None
-  return load_tokenizer(data_cfg.tokenizer, corpus_texts=texts, cache_dir=cache_dir,
-                        corpus_id=source.fingerprint)
+  return load_tokenizer(
+    data_cfg.tokenizer, corpus_texts=texts, cache_dir=cache_dir, corpus_id=source.fingerprint
+  )
 
 
 def local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:
   """global_batch // process_count, with errors naming the fix."""
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in [0, process_count="
-                     f"{process_count})")
+    raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
   if global_batch < 1 or global_batch % process_count:
-    raise ValueError(f"global batch {global_batch} is not a positive multiple of the "
-                     f"{process_count} processes; set --config.train.global_batch to a "
-                     f"multiple of {process_count}")
+    raise ValueError(
+      f"global batch {global_batch} is not a positive multiple of the "
+      f"{process_count} processes; set --config.train.global_batch to a "
+      f"multiple of {process_count}"
+    )
   return global_batch // process_count
 
 
@@ -69,17 +71,25 @@ def split_windows(data_cfg, tokenizer: Tokenizer, *, cache_dir: str):
   """(train windows, validation windows or None) as `PackedWindows`."""
   source = source_from_config(data_cfg)
   corpus = corpus_lib.load_corpus(source, tokenizer, cache_dir)
-  train_docs, val_docs = split_lib.split_documents(corpus.num_documents,
-                                                   data_cfg.val_fraction, data_cfg.seed)
+  train_docs, val_docs = split_lib.split_documents(
+    corpus.num_documents, data_cfg.val_fraction, data_cfg.seed
+  )
 
   def windows(docs):
-    return PackedWindows(corpus.shard_paths, corpus.runs(docs), seq_len=data_cfg.seq_len,
-                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    return PackedWindows(
+      corpus.shard_paths,
+      corpus.runs(docs),
+      seq_len=data_cfg.seq_len,
+      eos_id=tokenizer.eos_id,
+      pad_id=tokenizer.pad_id,
+    )
+
   return windows(train_docs), (windows(val_docs) if len(val_docs) else None)
 
 
-def train_dataset(windows: PackedWindows, *, seed: int, local_batch: int, process_index: int,
-                  process_count: int) -> grain.MapDataset:
+def train_dataset(
+  windows: PackedWindows, *, seed: int, local_batch: int, process_index: int, process_count: int
+) -> grain.MapDataset:
   """This process's infinite dataset of local batches (element s = its rows of step s)."""
   ds = grain.MapDataset.source(windows).shuffle(seed=split_lib.shuffle_seed(seed)).repeat()
   return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
@@ -88,6 +98,7 @@ def train_dataset(windows: PackedWindows, *, seed: int, local_batch: int, proces
 def _allow_worker_processes() -> None:
   # grain's worker processes read absl flags; a library caller may not have parsed any.
   from absl import flags  # pylint: disable=g-import-not-at-top
+
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -108,8 +119,15 @@ def _exit_with_parent(parent_pid: int, worker_index: int, worker_count: int) -> 
   threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def train_iterator(data_cfg, tokenizer: Tokenizer, *, global_batch: int, process_index: int = 0,
-                   process_count: int = 1, cache_dir: str) -> grain.DatasetIterator:
+def train_iterator(
+  data_cfg,
+  tokenizer: Tokenizer,
+  *,
+  global_batch: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  cache_dir: str,
+) -> grain.DatasetIterator:
   """Endless training batches for this process, as a checkpointable grain iterator.
 
   Yields {"tokens", "segment_ids"}: int32 `[global_batch // process_count, seq_len + 1]`.
@@ -118,28 +136,47 @@ def train_iterator(data_cfg, tokenizer: Tokenizer, *, global_batch: int, process
   """
   local = local_batch_size(global_batch, process_index, process_count)
   if data_cfg.source == prepared_lib.SOURCE:
-    ds = prepared_lib.train_dataset(data_cfg, tokenizer, local_batch=local,
-                                    process_index=process_index, process_count=process_count)
+    ds = prepared_lib.train_dataset(
+      data_cfg,
+      tokenizer,
+      local_batch=local,
+      process_index=process_index,
+      process_count=process_count,
+    )
   else:
     train, _ = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
-    ds = train_dataset(train, seed=data_cfg.seed, local_batch=local,
-                       process_index=process_index, process_count=process_count)
-  iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=READ_THREADS,
-                                                 prefetch_buffer_size=PREFETCH_BATCHES))
+    ds = train_dataset(
+      train,
+      seed=data_cfg.seed,
+      local_batch=local,
+      process_index=process_index,
+      process_count=process_count,
+    )
+  iter_ds = ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=PREFETCH_BATCHES)
+  )
   workers = int(data_cfg.worker_count)
   if workers < 0:
     raise ValueError(f"data.worker_count={workers} must be >= 0; set --config.data.worker_count")
   if workers:
     _allow_worker_processes()
-    iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                                  worker_init_fn=functools.partial(_exit_with_parent,
-                                                                   os.getpid()))
+    iter_ds = iter_ds.mp_prefetch(
+      grain.MultiprocessingOptions(num_workers=workers),
+      worker_init_fn=functools.partial(_exit_with_parent, os.getpid()),
+    )
   return iter(iter_ds)
 
 
-def validation_batches(data_cfg, tokenizer: Tokenizer, *, batch_size: int, num_batches: int,
-                       process_index: int = 0, process_count: int = 1,
-                       cache_dir: str) -> list[dict[str, np.ndarray]]:
+def validation_batches(
+  data_cfg,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  num_batches: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  cache_dir: str,
+) -> list[dict[str, np.ndarray]]:
   """num_batches fixed validation batches (this process's rows), the same on every call.
 
   Global batch b holds validation windows `b * batch_size + j` for j < batch_size, in stream
@@ -150,14 +187,18 @@ def validation_batches(data_cfg, tokenizer: Tokenizer, *, batch_size: int, num_b
   if data_cfg.source == prepared_lib.SOURCE:
     val = prepared_lib.validation_windows(data_cfg, tokenizer)
     if val is None:
-      raise ValueError("the prepared folders in data.paths hold no validation shards; rerun "
-                       "their prepare command with --val_shards N (only the manifest is "
-                       "rewritten) or set --config.train.eval_batches=0")
+      raise ValueError(
+        "the prepared folders in data.paths hold no validation shards; rerun "
+        "their prepare command with --val_shards N (only the manifest is "
+        "rewritten) or set --config.train.eval_batches=0"
+      )
   else:
     _, val = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
   if val is None:
-    raise ValueError("data.val_fraction=0 leaves no validation documents; set "
-                     "--config.data.val_fraction > 0 or --config.train.eval_batches=0")
+    raise ValueError(
+      "data.val_fraction=0 leaves no validation documents; set "
+      "--config.data.val_fraction > 0 or --config.train.eval_batches=0"
+    )
   batches = []
   for b in range(num_batches):
     first = b * batch_size + process_index * local

@@ -36,14 +36,17 @@ from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
 SOURCE = "array_record"  # the data.source value
 FORMAT_VERSION = shards_lib.FORMAT_VERSION
 MANIFEST = shards_lib.MANIFEST
-_REWRITE = ("rerun the prepare command that wrote the folder (a rerun rewrites the manifest "
-            "from the shards' sidecars)")
+_REWRITE = (
+  "rerun the prepare command that wrote the folder (a rerun rewrites the manifest "
+  "from the shards' sidecars)"
+)
 _COMPONENT_STREAM = 3  # seed stream of the per-folder shuffles of a mixture
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedDir:
   """A complete prepare output folder and its manifest (see `prepare.write_manifest`)."""
+
   directory: str
   manifest: dict
 
@@ -59,14 +62,23 @@ class PreparedDir:
 
   def shard_path(self, index: int) -> str:
     """Shard `index`'s file, refused if the manifest names one outside the folder."""
-    return untrusted.confined_join(self.directory, self.manifest["shards"][index].get("path"),
-                                   what=f"{MANIFEST} shards[{index}].path", fix=_REWRITE)
+    return untrusted.confined_join(
+      self.directory,
+      self.manifest["shards"][index].get("path"),
+      what=f"{MANIFEST} shards[{index}].path",
+      fix=_REWRITE,
+    )
 
   def tokenizer_path(self) -> str | None:
     """The tokenizer file stored in the folder (None for `byte`), confined to it."""
     name = self.tokenizer.get("file")
-    return None if name is None else untrusted.confined_join(
-        self.directory, name, what=f"{MANIFEST} tokenizer.file", fix=_REWRITE)
+    return (
+      None
+      if name is None
+      else untrusted.confined_join(
+        self.directory, name, what=f"{MANIFEST} tokenizer.file", fix=_REWRITE
+      )
+    )
 
 
 def open_prepared(directory: str) -> PreparedDir:
@@ -75,27 +87,37 @@ def open_prepared(directory: str) -> PreparedDir:
   directory = os.path.abspath(os.path.expanduser(directory))
   path = os.path.join(directory, MANIFEST)
   if not os.path.isdir(directory):
-    raise ValueError(f"prepared folder {directory!r} does not exist; run `python -m "
-                     "mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths")
+    raise ValueError(
+      f"prepared folder {directory!r} does not exist; run `python -m "
+      "mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths"
+    )
   if not os.path.isfile(path):
     partial = any(n.startswith("shard-") for n in os.listdir(directory))
     raise ValueError(
-        f"{directory!r} has no {MANIFEST}: " + (
-            "its prepare did not finish; rerun the same prepare command to complete it"
-            if partial else "it is not a prepared folder (python -m mmfree_jax.data.prepare)"))
+      f"{directory!r} has no {MANIFEST}: "
+      + (
+        "its prepare did not finish; rerun the same prepare command to complete it"
+        if partial
+        else "it is not a prepared folder (python -m mmfree_jax.data.prepare)"
+      )
+    )
   manifest = untrusted.load_json(path, what="a prepared folder's manifest", fix=_REWRITE)
   if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
     found = manifest.get("format") if isinstance(manifest, dict) else manifest
-    raise ValueError(f"{path} has format {found!r}, this version reads "
-                     f"{FORMAT_VERSION!r}; re-run prepare with this version")
+    raise ValueError(
+      f"{path} has format {found!r}, this version reads "
+      f"{FORMAT_VERSION!r}; re-run prepare with this version"
+    )
   _check_shard_fields(path, manifest)
   _check_tokenizer_fields(path, manifest)
   prepared = PreparedDir(directory, manifest)
   for i, shard in enumerate(manifest["shards"]):
     file = prepared.shard_path(i)
     if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"]:
-      raise ValueError(f"shard {file} is missing or has another size than its manifest "
-                       "records (a partial copy?); copy the folder again or re-run prepare")
+      raise ValueError(
+        f"shard {file} is missing or has another size than its manifest "
+        "records (a partial copy?); copy the folder again or re-run prepare"
+      )
   return prepared
 
 
@@ -118,42 +140,73 @@ def _check_shard_fields(path: str, m: dict) -> None:
   _need(isinstance(shards, list) and shards, path, "shards", "is not a non-empty list")
   for i, s in enumerate(shards):
     keys = ("tokens", "records", "bytes", "documents")
-    _need(isinstance(s, dict) and all(_is_count(s.get(k)) for k in keys)
-          and isinstance(s.get("sha256"), str), path, f"shards[{i}]",
-          f"lacks one of {keys} (counts) or its sha256")
+    _need(
+      isinstance(s, dict)
+      and all(_is_count(s.get(k)) for k in keys)
+      and isinstance(s.get("sha256"), str),
+      path,
+      f"shards[{i}]",
+      f"lacks one of {keys} (counts) or its sha256",
+    )
     records = -(-s["tokens"] // size)
-    _need(s["tokens"] >= 1 and s["records"] == records, path, f"shards[{i}].records",
-          f"is {s['records']}, but {s['tokens']} tokens in records of {size} make {records}")
+    _need(
+      s["tokens"] >= 1 and s["records"] == records,
+      path,
+      f"shards[{i}].records",
+      f"is {s['records']}, but {s['tokens']} tokens in records of {size} make {records}",
+    )
   splits = m.get("splits")
-  _need(isinstance(splits, dict) and all(isinstance(splits.get(k), list)
-                                         for k in ("train", "validation")),
-        path, "splits", "lacks its train and validation lists of shard indices")
+  _need(
+    isinstance(splits, dict)
+    and all(isinstance(splits.get(k), list) for k in ("train", "validation")),
+    path,
+    "splits",
+    "lacks its train and validation lists of shard indices",
+  )
   ids = splits["train"] + splits["validation"]
-  _need(all(_is_count(i) for i in ids) and sorted(ids) == list(range(len(shards))), path,
-        "splits", f"does not put each shard 0..{len(shards) - 1} in exactly one of train and "
-        "validation")
+  _need(
+    all(_is_count(i) for i in ids) and sorted(ids) == list(range(len(shards))),
+    path,
+    "splits",
+    f"does not put each shard 0..{len(shards) - 1} in exactly one of train and validation",
+  )
 
 
 def _check_tokenizer_fields(path: str, m: dict) -> None:
   tok = m.get("tokenizer")
-  _need(isinstance(tok, dict) and isinstance(tok.get("spec"), str)
-        and isinstance(tok.get("fingerprint"), str), path, "tokenizer", "lacks its spec or "
-        "fingerprint")
+  _need(
+    isinstance(tok, dict)
+    and isinstance(tok.get("spec"), str)
+    and isinstance(tok.get("fingerprint"), str),
+    path,
+    "tokenizer",
+    "lacks its spec or fingerprint",
+  )
   vocab, limit = tok.get("vocab_size"), 1 << (8 * np.dtype(m["dtype"]).itemsize)
-  _need(_is_count(vocab, 1) and vocab <= limit, path, "tokenizer.vocab_size",
-        f"is {vocab!r}, not a count that {m['dtype']} ids can hold")
+  _need(
+    _is_count(vocab, 1) and vocab <= limit,
+    path,
+    "tokenizer.vocab_size",
+    f"is {vocab!r}, not a count that {m['dtype']} ids can hold",
+  )
   for key in ("eos_id", "pad_id", "bos_id"):
     value = tok.get(key)
-    _need((key == "bos_id" and value is None) or (_is_count(value) and value < vocab), path,
-          f"tokenizer.{key}", f"is {value!r}, not an id below vocab_size {vocab}")
+    _need(
+      (key == "bos_id" and value is None) or (_is_count(value) and value < vocab),
+      path,
+      f"tokenizer.{key}",
+      f"is {value!r}, not an id below vocab_size {vocab}",
+    )
 
 
 def resolve_dirs(paths: str) -> list[str]:
   """`data.paths` for array_record: comma-separated folders or globs, in sorted order."""
   entries = [p.strip() for p in (paths or "").split(",") if p.strip()]
   if not entries:
-    raise ValueError("data.source='array_record' needs data.paths: the folders written by "
-                     "`python -m mmfree_jax.data.prepare` (comma-separated)")
+    raise ValueError(
+      "data.source='array_record' needs data.paths: the folders written by "
+      "`python -m mmfree_jax.data.prepare` (comma-separated)"
+    )
   dirs = []
   for entry in entries:
     pattern = os.path.expanduser(entry)
@@ -174,8 +227,10 @@ def mixture_weights(mixture: str, prepared: list[PreparedDir]) -> list[float]:
   if weights is None:
     return [float(p.split_tokens("train")) for p in prepared]
   if len(weights) != len(prepared):
-    raise ValueError(f"data.mixture has {len(weights)} weights but data.paths names "
-                     f"{len(prepared)} folders; give one weight per folder")
+    raise ValueError(
+      f"data.mixture has {len(weights)} weights but data.paths names "
+      f"{len(prepared)} folders; give one weight per folder"
+    )
   return weights
 
 
@@ -185,8 +240,10 @@ def open_sources(data_cfg) -> tuple[list[PreparedDir], list[float]]:
   weights = mixture_weights(data_cfg.get("mixture", ""), prepared)
   for p, w in zip(prepared, weights):
     if w > 0 and not p.split_shards("train"):
-      raise ValueError(f"{p.directory} has no training shards (all are held out); re-run "
-                       "prepare with fewer --val_shards")
+      raise ValueError(
+        f"{p.directory} has no training shards (all are held out); re-run "
+        "prepare with fewer --val_shards"
+      )
   return prepared, weights
 
 
@@ -200,9 +257,11 @@ def tokenizer_for(data_cfg, prepared: list[PreparedDir], *, cache_dir: str) -> T
   first = prepared[0]
   if spec.startswith("bpe:"):
     if spec != first.tokenizer["spec"] or not first.tokenizer.get("file"):
-      raise ValueError(f"data.tokenizer={spec!r} but {first.directory} was tokenized with "
-                       f"{first.tokenizer['spec']!r}; set --config.data.tokenizer="
-                       f"{first.tokenizer['spec']}")
+      raise ValueError(
+        f"data.tokenizer={spec!r} but {first.directory} was tokenized with "
+        f"{first.tokenizer['spec']!r}; set --config.data.tokenizer="
+        f"{first.tokenizer['spec']}"
+      )
     tokenizer = load_tokenizer("hf:" + first.tokenizer_path(), cache_dir=cache_dir)
   else:
     tokenizer = load_tokenizer(spec, cache_dir=cache_dir)
@@ -210,16 +269,19 @@ def tokenizer_for(data_cfg, prepared: list[PreparedDir], *, cache_dir: str) -> T
     if p.tokenizer["fingerprint"] != tokenizer.fingerprint:
       stored = f" (its copy: {p.tokenizer_path()})" if p.tokenizer.get("file") else ""
       raise ValueError(
-          f"{p.directory} was tokenized with {p.tokenizer['spec']!r}{stored}, fingerprint "
-          f"{p.tokenizer['fingerprint']}, but data.tokenizer={spec!r} has fingerprint "
-          f"{tokenizer.fingerprint}; set --config.data.tokenizer={p.tokenizer['spec']} or "
-          "re-run prepare with this tokenizer (all data.paths folders need the same one)")
+        f"{p.directory} was tokenized with {p.tokenizer['spec']!r}{stored}, fingerprint "
+        f"{p.tokenizer['fingerprint']}, but data.tokenizer={spec!r} has fingerprint "
+        f"{tokenizer.fingerprint}; set --config.data.tokenizer={p.tokenizer['spec']} or "
+        "re-run prepare with this tokenizer (all data.paths folders need the same one)"
+      )
     ids = {k: getattr(tokenizer, k) for k in ("vocab_size", "eos_id", "pad_id", "bos_id")}
     recorded = {k: p.tokenizer.get(k) for k in ids}
     if recorded != ids:
-      raise ValueError(f"{os.path.join(p.directory, MANIFEST)} records tokenizer ids "
-                       f"{recorded}, but its tokenizer (same fingerprint) has {ids}: the "
-                       f"manifest was edited; {_REWRITE}")
+      raise ValueError(
+        f"{os.path.join(p.directory, MANIFEST)} records tokenizer ids "
+        f"{recorded}, but its tokenizer (same fingerprint) has {ids}: the "
+        f"manifest was edited; {_REWRITE}"
+      )
   return tokenizer
 
 
@@ -241,9 +303,10 @@ class _ShardTokens:
     try:
       data = b"".join(w.source[offset + r] for r in range(first, last + 1))
     except RuntimeError as e:  # riegeli: the file changed after it verified
-      raise ValueError(f"shard {path} cannot be read ({str(e).splitlines()[0][:200]}); "
-                       f"{shards_lib.REDO}") from None
-    return np.frombuffer(data, w.dtype)[lo - first * size:hi - first * size]
+      raise ValueError(
+        f"shard {path} cannot be read ({str(e).splitlines()[0][:200]}); {shards_lib.REDO}"
+      ) from None
+    return np.frombuffer(data, w.dtype)[lo - first * size : hi - first * size]
 
 
 class PreparedWindows(PackedWindows):
@@ -254,22 +317,29 @@ class PreparedWindows(PackedWindows):
   processes reopen the files). `self[i]` -> {"tokens", "segment_ids"}: int32 `[seq_len + 1]`.
   """
 
-  def __init__(self, prepared: PreparedDir, split: str, *, seq_len: int, eos_id: int,
-               pad_id: int):
+  def __init__(self, prepared: PreparedDir, split: str, *, seq_len: int, eos_id: int, pad_id: int):
     shards = [prepared.manifest["shards"][i] for i in prepared.split_shards(split)]
     paths = [prepared.shard_path(i) for i in prepared.split_shards(split)]
     self.shard_meta = shards
     tokens = np.asarray([s["tokens"] for s in shards], np.int64)
     zeros = np.zeros(len(shards), np.int64)
-    super().__init__(paths, Runs(np.arange(len(shards)), zeros, tokens, zeros.astype(bool)),
-                     seq_len=seq_len, eos_id=eos_id, pad_id=pad_id)
+    super().__init__(
+      paths,
+      Runs(np.arange(len(shards)), zeros, tokens, zeros.astype(bool)),
+      seq_len=seq_len,
+      eos_id=eos_id,
+      pad_id=pad_id,
+    )
     self.record_tokens = int(prepared.manifest["record_tokens"])
     self.dtype = np.dtype(prepared.manifest["dtype"])
     records = np.asarray([s["records"] for s in shards], np.int64)
     self.record_offsets = np.concatenate([[0], np.cumsum(records)[:-1]]).astype(np.int64)
     # `path[0:n]` gives the record count up front: no file is opened until read.
-    self.source = grain.sources.ArrayRecordDataSource(
-        [f"{p}[0:{int(n)}]" for p, n in zip(paths, records)]) if shards else None
+    self.source = (
+      grain.sources.ArrayRecordDataSource([f"{p}[0:{int(n)}]" for p, n in zip(paths, records)])
+      if shards
+      else None
+    )
 
   def _shard(self, i: int) -> _ShardTokens:
     return _ShardTokens(self, i)
@@ -287,23 +357,35 @@ def split_windows(data_cfg, tokenizer: Tokenizer, split: str):
   out = []
   for p, w in zip(prepared, weights):
     if w > 0 and p.split_shards(split):
-      out.append((PreparedWindows(p, split, seq_len=data_cfg.seq_len, eos_id=tokenizer.eos_id,
-                                  pad_id=tokenizer.pad_id), w))
+      out.append(
+        (
+          PreparedWindows(
+            p, split, seq_len=data_cfg.seq_len, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id
+          ),
+          w,
+        )
+      )
   return out
 
 
-def train_dataset(data_cfg, tokenizer: Tokenizer, *, local_batch: int, process_index: int,
-                  process_count: int) -> grain.MapDataset:
+def train_dataset(
+  data_cfg, tokenizer: Tokenizer, *, local_batch: int, process_index: int, process_count: int
+) -> grain.MapDataset:
   """This process's infinite dataset of local batches (element s = its rows of step s)."""
   components = split_windows(data_cfg, tokenizer, "train")
   if len(components) == 1:  # the same stream as any other single source
     windows = components[0][0]
-    ds = grain.MapDataset.source(windows).shuffle(
-        seed=split_lib.shuffle_seed(data_cfg.seed)).repeat()
+    ds = (
+      grain.MapDataset.source(windows).shuffle(seed=split_lib.shuffle_seed(data_cfg.seed)).repeat()
+    )
   else:
     ds = grain.MapDataset.mix(
-        [grain.MapDataset.source(w).shuffle(seed=component_seed(data_cfg.seed, i)).repeat()
-         for i, (w, _) in enumerate(components)], [w for _, w in components])
+      [
+        grain.MapDataset.source(w).shuffle(seed=component_seed(data_cfg.seed, i)).repeat()
+        for i, (w, _) in enumerate(components)
+      ],
+      [w for _, w in components],
+    )
   return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
 
 
@@ -314,5 +396,6 @@ def validation_windows(data_cfg, tokenizer: Tokenizer):
     return None
   if len(components) == 1:
     return components[0][0]
-  return grain.MapDataset.mix([grain.MapDataset.source(w) for w, _ in components],
-                              [w for _, w in components])
+  return grain.MapDataset.mix(
+    [grain.MapDataset.source(w) for w, _ in components], [w for _, w in components]
+  )

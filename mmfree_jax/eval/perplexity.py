@@ -24,9 +24,9 @@ from mmfree_jax.numerics import loss as loss_lib
 log = logging.getLogger("mmfree_jax")
 
 
-
-def rolling_requests(ids: Sequence[int], prefix_id: int,
-                     max_len: int | None) -> list[tuple[list[int], list[int]]]:
+def rolling_requests(
+  ids: Sequence[int], prefix_id: int, max_len: int | None
+) -> list[tuple[list[int], list[int]]]:
   """lm-eval's rolling windows (context_len 1) as disjoint `(context, continuation)` pairs.
 
   Every token of `ids` is predicted exactly once; the first from `prefix_id`; each window has
@@ -43,8 +43,8 @@ def rolling_requests(ids: Sequence[int], prefix_id: int,
   while predicted < len(ids):
     n = min(len(ids) - predicted, max_len)
     end = predicted + n
-    inputs = ids[end - max_len - 1:end - 1]  # max_len tokens right before the last target
-    out.append((inputs[:max_len - (n - 1)], ids[end - n:end]))  # drop the overlap
+    inputs = ids[end - max_len - 1 : end - 1]  # max_len tokens right before the last target
+    out.append((inputs[: max_len - (n - 1)], ids[end - n : end]))  # drop the overlap
     predicted = end
   return out
 
@@ -52,17 +52,28 @@ def rolling_requests(ids: Sequence[int], prefix_id: int,
 def summarize_nll(nll_nats: float, tokens: int, num_bytes: int | None) -> dict:
   """`{nll_nats, tokens, bytes, loss, perplexity, bits_per_token, bits_per_byte}` (floats)."""
   loss = nll_nats / max(tokens, 1)
-  out = {"nll_nats": nll_nats, "tokens": int(tokens), "loss": loss,
-         "perplexity": loss_lib.perplexity(loss), "bits_per_token": loss / math.log(2)}
+  out = {
+    "nll_nats": nll_nats,
+    "tokens": int(tokens),
+    "loss": loss,
+    "perplexity": loss_lib.perplexity(loss),
+    "bits_per_token": loss / math.log(2),
+  }
   if num_bytes is not None:
     out["bytes"] = int(num_bytes)
     out["bits_per_byte"] = nll_nats / math.log(2) / max(num_bytes, 1)
   return out
 
 
-def perplexity_of_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Iterable[str], *,
-                        max_len: int | None = None, batch_size: int = 8,
-                        chunk_len: int = 512) -> dict:
+def perplexity_of_texts(
+  model: nnx.Module,
+  tokenizer: Tokenizer,
+  texts: Iterable[str],
+  *,
+  max_len: int | None = None,
+  batch_size: int = 8,
+  chunk_len: int = 512,
+) -> dict:
   """Perplexity and bits per byte of whole documents.
 
   Args:
@@ -85,8 +96,9 @@ def perplexity_of_texts(model: nnx.Module, tokenizer: Tokenizer, texts: Iterable
     documents += 1
   if not requests:
     raise ValueError("no text to score: every document was empty")
-  scored = score_continuations(model, requests, batch_size=batch_size, max_len=max_len,
-                               chunk_len=chunk_len)
+  scored = score_continuations(
+    model, requests, batch_size=batch_size, max_len=max_len, chunk_len=chunk_len
+  )
   nll = -sum(s.logprob for s in scored)
   out = summarize_nll(nll, sum(s.num_tokens for s in scored), num_bytes)
   out["documents"] = documents
@@ -116,8 +128,9 @@ def _target_bytes(tokenizer: Tokenizer, targets: np.ndarray, segments: np.ndarra
   return total
 
 
-def perplexity_of_batches(model: nnx.Module, batches: Iterable[dict],
-                          tokenizer: Tokenizer | None = None) -> dict:
+def perplexity_of_batches(
+  model: nnx.Module, batches: Iterable[dict], tokenizer: Tokenizer | None = None
+) -> dict:
   """Perplexity over packed windows, the training loss's definition (`steps.make_eval_step`).
 
   Args:
@@ -142,4 +155,3 @@ def perplexity_of_batches(model: nnx.Module, batches: Iterable[dict],
   if tokens == 0:
     raise ValueError("the validation batches hold no counted target token")
   return summarize_nll(nll, tokens, num_bytes if tokenizer is not None else None)
-

@@ -45,6 +45,7 @@ class EvalOptions:
   stream_to: a text stream (e.g. sys.stdout) the generated text is written to as it is
     produced; None = no streaming.
   """
+
   ppl_split: str = ""
   ppl_files: Sequence[str] = ()
   text_field: str = "text"
@@ -66,8 +67,7 @@ def read_documents(path: str, text_field: str = "text") -> list[str]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"perplexity file {path!r} not found")
   is_jsonl = path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
-  docs = (sources.jsonl_documents(path, text_field) if is_jsonl
-          else sources.text_documents(path))
+  docs = sources.jsonl_documents(path, text_field) if is_jsonl else sources.text_documents(path)
   docs = [d for d in docs if d]
   if not docs:
     raise ValueError(f"perplexity file {path!r} holds no text")
@@ -81,28 +81,32 @@ def has_work(options: EvalOptions) -> bool:
 def _check_options(options: EvalOptions) -> dict[str, list[MCExample]]:
   """Fails on bad options or files before any model is loaded; returns the parsed MC files."""
   if options.ppl_split not in ("", "val"):
-    raise ValueError(f"unknown ppl split {options.ppl_split!r}; use 'val' (or a file with "
-                     "--ppl_file)")
+    raise ValueError(
+      f"unknown ppl split {options.ppl_split!r}; use 'val' (or a file with --ppl_file)"
+    )
   if options.batch_size < 1 or options.chunk_len < 1 or options.val_batches < 1:
     raise ValueError("batch_size, chunk_len and val_batches must be >= 1")
   if options.mc_limit < 0:
-    raise ValueError(f"mc_limit={options.mc_limit} must be >= 0 (0 = every item); pass "
-                     "--mc_limit=0 or a positive count")
+    raise ValueError(
+      f"mc_limit={options.mc_limit} must be >= 0 (0 = every item); pass "
+      "--mc_limit=0 or a positive count"
+    )
   for path in options.ppl_files:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"perplexity file {path!r} not found")
   if any(not p for p in options.prompts):
-    raise ValueError("empty prompt: generation needs some text to continue; pass --prompt "
-                     "with at least one character")
+    raise ValueError(
+      "empty prompt: generation needs some text to continue; pass --prompt "
+      "with at least one character"
+    )
   if options.prompts and options.sampling is not None:
     options.sampling.validate()
   mc = {}
   for path in options.mc_files:
     examples = load_mc_jsonl(path)
-    mc[path] = examples[:options.mc_limit] if options.mc_limit > 0 else examples
+    mc[path] = examples[: options.mc_limit] if options.mc_limit > 0 else examples
   if not has_work(options):
-    raise ValueError("nothing to evaluate: pass --ppl_split=val, --ppl_file, --mc_file or "
-                     "--prompt")
+    raise ValueError("nothing to evaluate: pass --ppl_split=val, --ppl_file, --mc_file or --prompt")
   return mc
 
 
@@ -122,6 +126,7 @@ def load_packed_for_eval(directory: str, config=None, method: str = DEFAULT_METH
   stored config, or `config` for the data/inference settings (same architecture). `method`:
   the ternary product (`nn.packed`; 'lut' holds base-3 codes at 1.6 bits, slower)."""
   from mmfree_jax.export import reader  # pylint: disable=g-import-not-at-top
+
   model, stored, manifest = reader.load_packed(directory, method=method)
   if config is not None:
     check_compatible({"model": stored.model.to_dict()}, config.model.to_dict(), directory)
@@ -131,8 +136,10 @@ def load_packed_for_eval(directory: str, config=None, method: str = DEFAULT_METH
 def load_tokenizer_for(cfg, model_cfg) -> Tokenizer:
   """The tokenizer of a config's `data` section, checked against the model's vocabulary."""
   if not cfg.data.tokenizer:
-    raise ValueError("this workdir records no tokenizer (its HF import folder had none): pass "
-                     "--tokenizer=spm:<tokenizer.model>|hf:<tokenizer.json>|byte|spm:mistral")
+    raise ValueError(
+      "this workdir records no tokenizer (its HF import folder had none): pass "
+      "--tokenizer=spm:<tokenizer.model>|hf:<tokenizer.json>|byte|spm:mistral"
+    )
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
   return tokenizer
@@ -146,19 +153,29 @@ def _mc_name(path: str, taken: dict) -> str:
 def scoring_note(model_cfg, seq_len: int) -> str:
   """How this model's documents and choices are scored (printed and saved with results)."""
   if model_cfg.kind == "mmfree":
-    return ("MatMul-free LM: no context limit; documents and contexts are scored with their "
-            "full context (recurrent state carried across chunks), each multiple-choice "
-            "context is prefilled once and its state reused for every choice")
-  return (f"Transformer++: at most data.seq_len={seq_len} input tokens per forward (rolling "
-          "windows for documents, oldest context tokens dropped otherwise); multiple-choice "
-          "context + choice recomputed for each choice (no KV-cache reuse)")
+    return (
+      "MatMul-free LM: no context limit; documents and contexts are scored with their "
+      "full context (recurrent state carried across chunks), each multiple-choice "
+      "context is prefilled once and its state reused for every choice"
+    )
+  return (
+    f"Transformer++: at most data.seq_len={seq_len} input tokens per forward (rolling "
+    "windows for documents, oldest context tokens dropped otherwise); multiple-choice "
+    "context + choice recomputed for each choice (no KV-cache reuse)"
+  )
 
 
 def _model_summary(model, seq_len: int, tokenizer) -> dict:
   cfg = model.cfg
-  out = {"kind": cfg.kind, "params": count_params(abstract_model(cfg)), "d_model": cfg.d_model,
-         "num_layers": cfg.num_layers, "vocab_size": cfg.vocab_size, "seq_len": seq_len,
-         "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__)}
+  out = {
+    "kind": cfg.kind,
+    "params": count_params(abstract_model(cfg)),
+    "d_model": cfg.d_model,
+    "num_layers": cfg.num_layers,
+    "vocab_size": cfg.vocab_size,
+    "seq_len": seq_len,
+    "tokenizer": getattr(tokenizer, "spec", type(tokenizer).__name__),
+  }
   if getattr(model, "fmt", None) is not None:  # a PackedLM
     out["packed_format"] = model.fmt
     out["packed_method"] = model.method
@@ -166,9 +183,13 @@ def _model_summary(model, seq_len: int, tokenizer) -> dict:
 
 
 def _validation_perplexity(model, cfg, tokenizer, options: EvalOptions) -> dict:
-  batches = data_lib.validation_batches(cfg.data, tokenizer, batch_size=options.batch_size,
-                                        num_batches=options.val_batches,
-                                        cache_dir=default_cache_dir())
+  batches = data_lib.validation_batches(
+    cfg.data,
+    tokenizer,
+    batch_size=options.batch_size,
+    num_batches=options.val_batches,
+    cache_dir=default_cache_dir(),
+  )
   return perplexity_of_batches(model, batches, tokenizer)
 
 
@@ -185,20 +206,35 @@ def _generation(model, tokenizer, prompt: str, options: EvalOptions, seq_len: in
       options.stream_to.write(piece)
       options.stream_to.flush()
 
-  g = generate_lib.generate_text(model, tokenizer, prompt, sampling, seed=options.seed,
-                                 context_limit=seq_len, on_text=on_text)
+  g = generate_lib.generate_text(
+    model, tokenizer, prompt, sampling, seed=options.seed, context_limit=seq_len, on_text=on_text
+  )
   if options.stream_to is not None:
     options.stream_to.write("\n")
-  return {"prompt": prompt, "text": g.text, "prompt_tokens": g.prompt_tokens,
-          "new_tokens": len(g.new_tokens), "token_ids": list(g.new_tokens),
-          "stopped_at_eos": g.stopped_at_eos,
-          "notes": g.notes, "sampling": dict(sampling._asdict(), seed=options.seed)}
+  return {
+    "prompt": prompt,
+    "text": g.text,
+    "prompt_tokens": g.prompt_tokens,
+    "new_tokens": len(g.new_tokens),
+    "token_ids": list(g.new_tokens),
+    "stopped_at_eos": g.stopped_at_eos,
+    "notes": g.notes,
+    "sampling": dict(sampling._asdict(), seed=options.seed),
+  }
 
 
-def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = None,
-                     config=None, tokenizer: Tokenizer | None = None,
-                     output_dir: str | None = None, packed: bool = False,
-                     packed_method: str = DEFAULT_METHOD, write: bool = True) -> dict:
+def evaluate_workdir(
+  workdir: str,
+  options: EvalOptions,
+  *,
+  step: int | None = None,
+  config=None,
+  tokenizer: Tokenizer | None = None,
+  output_dir: str | None = None,
+  packed: bool = False,
+  packed_method: str = DEFAULT_METHOD,
+  write: bool = True,
+) -> dict:
   """Loads a checkpoint, runs `options`, writes and returns the results.
 
   Args:
@@ -227,25 +263,34 @@ def evaluate_workdir(workdir: str, options: EvalOptions, *, step: int | None = N
   max_len = seq_len if model.cfg.kind == "transformer" else None
   common = dict(batch_size=options.batch_size, chunk_len=options.chunk_len)
   results: dict[str, Any] = {
-      "step": step, "workdir": os.path.abspath(workdir),
-      "model": _model_summary(model, seq_len, tokenizer), "perplexity": {},
-      "multiple_choice": {}, "generation": [], "notes": [scoring_note(model.cfg, seq_len)]}
+    "step": step,
+    "workdir": os.path.abspath(workdir),
+    "model": _model_summary(model, seq_len, tokenizer),
+    "perplexity": {},
+    "multiple_choice": {},
+    "generation": [],
+    "notes": [scoring_note(model.cfg, seq_len)],
+  }
   if options.ppl_split == "val":
     results["perplexity"]["val"] = _validation_perplexity(model, cfg, tokenizer, options)
   for path in options.ppl_files:
-    out = perplexity_of_texts(model, tokenizer, read_documents(path, options.text_field),
-                              max_len=max_len, **common)
+    out = perplexity_of_texts(
+      model, tokenizer, read_documents(path, options.text_field), max_len=max_len, **common
+    )
     results["perplexity"][path] = dict(out, file=os.path.abspath(path))
   for path, examples in mc_examples.items():
-    out = evaluate_multiple_choice(model, tokenizer, examples, max_len=max_len,
-                                   delimiter=options.mc_delimiter, **common)
+    out = evaluate_multiple_choice(
+      model, tokenizer, examples, max_len=max_len, delimiter=options.mc_delimiter, **common
+    )
     results["multiple_choice"][_mc_name(path, results["multiple_choice"])] = dict(
-        out, file=os.path.abspath(path))
+      out, file=os.path.abspath(path)
+    )
   for prompt in options.prompts:
     results["generation"].append(_generation(model, tokenizer, prompt, options, seq_len))
   results["seconds"] = time.time() - started
-  results["output"] = (write_results(results, output_dir or os.path.join(workdir, "eval"))
-                       if write else None)
+  results["output"] = (
+    write_results(results, output_dir or os.path.join(workdir, "eval")) if write else None
+  )
   return results
 
 
@@ -295,7 +340,7 @@ def format_table(results: dict) -> str:
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
   for g in results.get("generation", []):
-    lines.append(f"\nprompt: {g['prompt']!r}\n→ {g['text']!r}"
-                 + (" [eos]" if g["stopped_at_eos"] else ""))
+    lines.append(
+      f"\nprompt: {g['prompt']!r}\n→ {g['text']!r}" + (" [eos]" if g["stopped_at_eos"] else "")
+    )
   return "\n".join(lines)
-

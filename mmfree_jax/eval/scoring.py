@@ -40,6 +40,7 @@ log = logging.getLogger("mmfree_jax")
 
 class Tokenizer(Protocol):
   """What evaluation needs from a tokenizer (`mmfree_jax.data` provides one)."""
+
   vocab_size: int
   eos_id: int | None
   bos_id: int | None
@@ -51,6 +52,7 @@ class Tokenizer(Protocol):
 
 class Scored(NamedTuple):
   """Score of one continuation: summed log-prob (nats), all tokens greedy?, token count."""
+
   logprob: float
   is_greedy: bool
   num_tokens: int
@@ -59,6 +61,7 @@ class Scored(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # Jitted kernels (graphdef static, params a pytree; shapes bucketed to bound recompiles).
 # --------------------------------------------------------------------------------------------
+
 
 def _log_softmax(logits: jax.Array) -> jax.Array:
   # fp32 (f64 under x64) before the normalisation: bf16 logits lose ~3 digits in logsumexp.
@@ -125,6 +128,7 @@ def _continuation_chunk(graphdef, params, tokens, state, first_logprobs):
 # Host-side batching.
 # --------------------------------------------------------------------------------------------
 
+
 def _bucket(n: int, cap: int | None = None) -> int:
   """Smallest power of two >= max(n, 8) (bounded recompiles); above `cap`, a multiple of it."""
   size = max(8, 1 << max(n - 1, 0).bit_length())
@@ -151,10 +155,14 @@ def _check_requests(requests, vocab_size: int) -> list[tuple[list[int], list[int
   return out
 
 
-def score_continuations(model: nnx.Module, requests: Sequence[tuple[Sequence[int],
-                                                                    Sequence[int]]], *,
-                        batch_size: int = 16, max_len: int | None = None,
-                        chunk_len: int = 512) -> list[Scored]:
+def score_continuations(
+  model: nnx.Module,
+  requests: Sequence[tuple[Sequence[int], Sequence[int]]],
+  *,
+  batch_size: int = 16,
+  max_len: int | None = None,
+  chunk_len: int = 512,
+) -> list[Scored]:
   """Log-likelihood of each continuation given its context.
 
   Args:
@@ -182,29 +190,34 @@ def _score_full_forward(model, requests, batch_size, max_len) -> list[Scored]:
   sequences = []
   for k, (context, continuation) in enumerate(requests):
     if max_len is not None and len(continuation) > max_len:
-      raise ValueError(f"request {k}: continuation of {len(continuation)} tokens exceeds "
-                       f"max_len={max_len}; raise max_len or score it in rolling windows")
+      raise ValueError(
+        f"request {k}: continuation of {len(continuation)} tokens exceeds "
+        f"max_len={max_len}; raise max_len or score it in rolling windows"
+      )
     seq = context + continuation
     if max_len is not None:
-      seq = seq[-(max_len + 1):]  # drop the oldest context tokens, as lm-eval does
+      seq = seq[-(max_len + 1) :]  # drop the oldest context tokens, as lm-eval does
     sequences.append(seq)
   order = sorted(range(len(requests)), key=lambda k: -len(sequences[k]))
   results: list[Scored | None] = [None] * len(requests)
   for start in range(0, len(order), batch_size):
-    ids = order[start:start + batch_size]
+    ids = order[start : start + batch_size]
     length = _bucket(max(len(sequences[k]) for k in ids) - 1)
     inputs = np.zeros((_batch_rows(len(ids), batch_size), length), np.int32)
     targets = np.zeros_like(inputs)
     for row, k in enumerate(ids):
       seq = sequences[k]
-      inputs[row, :len(seq) - 1] = seq[:-1]
-      targets[row, :len(seq) - 1] = seq[1:]
+      inputs[row, : len(seq) - 1] = seq[:-1]
+      targets[row, : len(seq) - 1] = seq[1:]
     picked, greedy = jax.device_get(target_logprobs(graphdef, params, inputs, targets, None))
     for row, k in enumerate(ids):
       end = len(sequences[k]) - 1
       span = slice(end - len(requests[k][1]), end)
-      results[k] = Scored(float(np.sum(picked[row, span], dtype=np.float64)),
-                          bool(np.all(greedy[row, span])), len(requests[k][1]))
+      results[k] = Scored(
+        float(np.sum(picked[row, span], dtype=np.float64)),
+        bool(np.all(greedy[row, span])),
+        len(requests[k][1]),
+      )
   return results
 
 
@@ -236,8 +249,8 @@ def _prefill(graphdef, params, contexts, rows, chunk_len):
   tokens = np.zeros((rows, length), np.int32)
   segments = np.zeros_like(tokens)
   for row, context in enumerate(contexts):
-    tokens[row, length - len(context):] = context
-    segments[row, length - len(context):] = 1
+    tokens[row, length - len(context) :] = context
+    segments[row, length - len(context) :] = 1
   state = model.init_state(rows)
   step = min(length, chunk_len)
   for start in range(0, length, step):
@@ -251,12 +264,13 @@ def _continue(graphdef, params, state, first, continuations, rows, chunk_len):
   length = _bucket(max(map(len, continuations)), chunk_len)
   tokens = np.zeros((rows, length), np.int32)
   for row, continuation in enumerate(continuations):
-    tokens[row, :len(continuation)] = continuation
+    tokens[row, : len(continuation)] = continuation
   step = min(length, chunk_len)
   picked, greedy = [], []
   for start in range(0, length, step):
-    p, g, state, first = _continuation_chunk(graphdef, params, tokens[:, start:start + step],
-                                             state, first)
+    p, g, state, first = _continuation_chunk(
+      graphdef, params, tokens[:, start : start + step], state, first
+    )
     picked.append(p)
     greedy.append(g)
   return [np.concatenate(x, axis=1) for x in jax.device_get((picked, greedy))]
@@ -276,23 +290,30 @@ def _score_recurrent(model, requests, batch_size, chunk_len) -> list[Scored]:
   order = sorted(range(len(contexts)), key=lambda c: -len(contexts[c]))
   results: list[Scored | None] = [None] * len(requests)
   for start in range(0, len(order), batch_size):
-    group = order[start:start + batch_size]
+    group = order[start : start + batch_size]
     rows = _batch_rows(len(group), batch_size)
     state, last = _prefill(graphdef, params, [contexts[c] for c in group], rows, chunk_len)
     pairs = [(row, k) for row, c in enumerate(group) for k in by_context[c]]
     pairs.sort(key=lambda p: -len(requests[p[1]][1]))
     for p0 in range(0, len(pairs), batch_size):
-      batch = pairs[p0:p0 + batch_size]
+      batch = pairs[p0 : p0 + batch_size]
       n_rows = _batch_rows(len(batch), batch_size)
       source = np.zeros((n_rows,), np.int32)  # padding rows reuse context row 0
-      source[:len(batch)] = [row for row, _ in batch]
+      source[: len(batch)] = [row for row, _ in batch]
       # Broadcast: every continuation starts from its context's state and last log-probs.
       sub_state = RecurrentState(state.h[:, source])
-      picked, greedy = _continue(graphdef, params, sub_state, last[source],
-                                 [requests[k][1] for _, k in batch], n_rows, chunk_len)
+      picked, greedy = _continue(
+        graphdef,
+        params,
+        sub_state,
+        last[source],
+        [requests[k][1] for _, k in batch],
+        n_rows,
+        chunk_len,
+      )
       for row, (_, k) in enumerate(batch):
         n = len(requests[k][1])
-        results[k] = Scored(float(np.sum(picked[row, :n], dtype=np.float64)),
-                            bool(np.all(greedy[row, :n])), n)
+        results[k] = Scored(
+          float(np.sum(picked[row, :n], dtype=np.float64)), bool(np.all(greedy[row, :n])), n
+        )
   return results
-

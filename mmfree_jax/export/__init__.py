@@ -12,10 +12,14 @@ imports the writer's checkpoint and data libraries.
 
 from mmfree_jax import lazy_exports
 
-_EXPORTS = {"EXPORT_FORMATS": "mmfree_jax.export.layout",
-            "PackedDirError": "mmfree_jax.export.layout", "layout": "mmfree_jax.export.layout",
-            "export_workdir": "mmfree_jax.export.writer",
-            "write_packed": "mmfree_jax.export.writer",
-            "load_config": "mmfree_jax.export.reader", "load_packed": "mmfree_jax.export.reader"}
+_EXPORTS = {
+  "EXPORT_FORMATS": "mmfree_jax.export.layout",
+  "PackedDirError": "mmfree_jax.export.layout",
+  "layout": "mmfree_jax.export.layout",
+  "export_workdir": "mmfree_jax.export.writer",
+  "write_packed": "mmfree_jax.export.writer",
+  "load_config": "mmfree_jax.export.reader",
+  "load_packed": "mmfree_jax.export.reader",
+}
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

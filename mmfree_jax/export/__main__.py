@@ -12,22 +12,33 @@ from mmfree_jax.export import layout, writer
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog="python -m mmfree_jax.export",
-      description="Export a MatMul-free workdir's checkpoint as packed ternary weights "
-                  "(safetensors + config + tokenizer) for `eval.py --packed DIR`.")
+    prog="python -m mmfree_jax.export",
+    description="Export a MatMul-free workdir's checkpoint as packed ternary weights "
+    "(safetensors + config + tokenizer) for `eval.py --packed DIR`.",
+  )
   parser.add_argument("--workdir", required=True, help="training or import workdir")
   parser.add_argument("--dst", required=True, help="new directory (must not exist or be empty)")
-  parser.add_argument("--format", default="2bit", choices=layout.EXPORT_FORMATS,
-                      help="2bit: 4 codes/byte; base3: 5 codes/byte (1.6 bits); int8: 1/byte")
+  parser.add_argument(
+    "--format",
+    default="2bit",
+    choices=layout.EXPORT_FORMATS,
+    help="2bit: 4 codes/byte; base3: 5 codes/byte (1.6 bits); int8: 1/byte",
+  )
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-  parser.add_argument("--embedding_dtype", default=None,
-                      choices=sorted(layout.EMBEDDING_DTYPES),
-                      help="stored embedding dtype (default: the checkpoint's param dtype); int8: "
-                           "per-row absmax codes + fp32 scales, the one lossy choice")
-  parser.add_argument("--tokenizer", default=None,
-                      help="data.tokenizer spec to store (byte | hf:<tokenizer.json> | "
-                           "spm:<model> | spm:mistral); default: the workdir's, and a workdir "
-                           "that records none exports ids-only")
+  parser.add_argument(
+    "--embedding_dtype",
+    default=None,
+    choices=sorted(layout.EMBEDDING_DTYPES),
+    help="stored embedding dtype (default: the checkpoint's param dtype); int8: "
+    "per-row absmax codes + fp32 scales, the one lossy choice",
+  )
+  parser.add_argument(
+    "--tokenizer",
+    default=None,
+    help="data.tokenizer spec to store (byte | hf:<tokenizer.json> | "
+    "spm:<model> | spm:mistral); default: the workdir's, and a workdir "
+    "that records none exports ids-only",
+  )
   return parser.parse_args(argv)
 
 
@@ -35,17 +46,30 @@ def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
-    out = writer.export_workdir(args.workdir, args.dst, fmt=args.format, step=args.step,
-                                embedding_dtype=args.embedding_dtype, tokenizer=args.tokenizer)
-  except (layout.PackedDirError, CheckpointError, FileNotFoundError, FileExistsError,
-          ValueError) as e:
+    out = writer.export_workdir(
+      args.workdir,
+      args.dst,
+      fmt=args.format,
+      step=args.step,
+      embedding_dtype=args.embedding_dtype,
+      tokenizer=args.tokenizer,
+    )
+  except (
+    layout.PackedDirError,
+    CheckpointError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+  ) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  print(f"exported step {out['step']} as {out['format']} ({out['bytes'] / 2**20:.1f} MiB "
-        f"model.safetensors, embedding {out['embedding_dtype']}) to {out['dst']}; tokenizer: "
-        f"{out['tokenizer'] or 'none stored (byte, or ids only: eval.py --tokenizer)'}; "
-        "largest checkpoint leaf held: "
-        f"{out['peak_leaf_bytes'] / 2**20:.1f} MiB")
+  print(
+    f"exported step {out['step']} as {out['format']} ({out['bytes'] / 2**20:.1f} MiB "
+    f"model.safetensors, embedding {out['embedding_dtype']}) to {out['dst']}; tokenizer: "
+    f"{out['tokenizer'] or 'none stored (byte, or ids only: eval.py --tokenizer)'}; "
+    "largest checkpoint leaf held: "
+    f"{out['peak_leaf_bytes'] / 2**20:.1f} MiB"
+  )
   return 0
 
 

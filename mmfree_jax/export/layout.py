@@ -41,14 +41,27 @@ CONFIG = "config.json"
 MANIFEST = "packed.json"
 # what the CLI offers; loading reads any of packed.CODE_FORMATS
 EXPORT_FORMATS = ("2bit", "base3", "int8")
-LAYER_LINEARS = (("attn", "i_proj"), ("attn", "f_proj"), ("attn", "g_proj"), ("attn", "o_proj"),
-                 ("mlp", "gate_proj"), ("mlp", "down_proj"))
-LAYER_NORMS = {"attn_norm": ("attn_norm", "scale"), "g_norm": ("attn", "g_norm", "scale"),
-               "mlp_norm": ("mlp_norm", "scale")}
+LAYER_LINEARS = (
+  ("attn", "i_proj"),
+  ("attn", "f_proj"),
+  ("attn", "g_proj"),
+  ("attn", "o_proj"),
+  ("mlp", "gate_proj"),
+  ("mlp", "down_proj"),
+)
+LAYER_NORMS = {
+  "attn_norm": ("attn_norm", "scale"),
+  "g_norm": ("attn", "g_norm", "scale"),
+  "mlp_norm": ("mlp_norm", "scale"),
+}
 INT8 = np.dtype(np.int8)
 F32 = np.dtype(np.float32)
-EMBEDDING_DTYPES = {"float32": F32, "bfloat16": np.dtype(ml_dtypes.bfloat16),
-                    "float64": np.dtype(np.float64), "int8": INT8}
+EMBEDDING_DTYPES = {
+  "float32": F32,
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+  "float64": np.dtype(np.float64),
+  "int8": INT8,
+}
 STORED_DTYPES = {**tensors.SAFETENSORS_DTYPES, "U8": np.dtype(np.uint8), "I8": INT8}
 
 
@@ -66,8 +79,14 @@ def code_shape(n_in: int, n_out: int, fmt: str) -> tuple[tuple[int, int], np.dty
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
   d, inter = cfg.d_model, cfg.intermediate_size
-  return {"i_proj": (d, d), "f_proj": (d, d), "g_proj": (d, d), "o_proj": (d, d),
-          "gate_proj": (d, 2 * inter), "down_proj": (inter, d)}
+  return {
+    "i_proj": (d, d),
+    "f_proj": (d, d),
+    "g_proj": (d, d),
+    "o_proj": (d, d),
+    "gate_proj": (d, 2 * inter),
+    "down_proj": (inter, d),
+  }
 
 
 def stat_dtype(cfg: ModelConfig) -> np.dtype:
@@ -75,8 +94,9 @@ def stat_dtype(cfg: ModelConfig) -> np.dtype:
   return np.dtype(np.float64) if cfg.param_dtype == "float64" else F32
 
 
-def layout(cfg: ModelConfig, fmt: str,
-           embedding_dtype: np.dtype) -> list[tuple[str, tuple, np.dtype]]:
+def layout(
+  cfg: ModelConfig, fmt: str, embedding_dtype: np.dtype
+) -> list[tuple[str, tuple, np.dtype]]:
   """Every stored tensor `(name, shape, dtype)` in file order: the checkpoint's stacked leaves
   one after another (so export restores each leaf once)."""
   d, layers = cfg.d_model, cfg.num_layers
@@ -87,10 +107,16 @@ def layout(cfg: ModelConfig, fmt: str,
   out += [("final_norm", (d,), stat), ("lower_bounds", (layers, d), stat)]
   for name in LAYER_NORMS:
     out += [(f"blocks.{l}.{name}", (d,), stat) for l in range(layers)]
-  linears = [(f"blocks.{l}.{proj}", shape) for proj, shape in linear_shapes(cfg).items()
-             for l in range(layers)] + [("lm_head", (d, cfg.vocab_size))]
+  linears = [
+    (f"blocks.{l}.{proj}", shape)
+    for proj, shape in linear_shapes(cfg).items()
+    for l in range(layers)
+  ] + [("lm_head", (d, cfg.vocab_size))]
   for prefix, (n_in, n_out) in linears:
     shape, dtype = code_shape(n_in, n_out, fmt)
-    out += [(f"{prefix}.codes", shape, dtype), (f"{prefix}.scale", (1,), stat),
-            (f"{prefix}.norm_scale", (n_in,), stat)]
+    out += [
+      (f"{prefix}.codes", shape, dtype),
+      (f"{prefix}.scale", (1,), stat),
+      (f"{prefix}.norm_scale", (n_in,), stat),
+    ]
   return out

@@ -38,15 +38,18 @@ from mmfree_jax.numerics.dtypes import acc_dtype
 
 def _read_json(path: str) -> dict:
   if not os.path.isfile(path):
-    raise PackedDirError(f"{path} not found: not a packed directory (write one with "
-                         "`python -m mmfree_jax.export --workdir W --dst DIR`)")
+    raise PackedDirError(
+      f"{path} not found: not a packed directory (write one with "
+      "`python -m mmfree_jax.export --workdir W --dst DIR`)"
+    )
   try:
     with open(path) as f:
       return json.load(f)
   except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
     reason = "nested too deeply" if isinstance(e, RecursionError) else e
-    raise PackedDirError(f"{path} is not valid JSON ({reason}); export the directory again"
-                         ) from None
+    raise PackedDirError(
+      f"{path} is not valid JSON ({reason}); export the directory again"
+    ) from None
 
 
 def load_config(directory: str):
@@ -59,9 +62,12 @@ def load_config(directory: str):
   kind, _, arg = cfg.data.tokenizer.partition(":")
   if kind in ("hf", "spm") and arg and arg != "mistral":  # the export stores a relative file
     try:
-      file = untrusted.confined_join(os.path.abspath(directory), arg,
-                                     what=f"{path} data.tokenizer",
-                                     fix="export the directory again")
+      file = untrusted.confined_join(
+        os.path.abspath(directory),
+        arg,
+        what=f"{path} data.tokenizer",
+        fix="export the directory again",
+      )
     except ValueError as e:
       raise PackedDirError(str(e)) from None
     with cfg.unlocked():
@@ -73,13 +79,14 @@ def _open(path: str):
   """`safe_open(path)` for a `with` block (header checks only; tensors are read by
   `_TensorReader`)."""
   if not os.path.isfile(path):
-    raise PackedDirError(f"{path} not found: the packed directory is incomplete; export it "
-                         "again")
+    raise PackedDirError(f"{path} not found: the packed directory is incomplete; export it again")
   try:
     return safe_open(path, framework="numpy")
   except (SafetensorError, OSError) as e:
-    raise PackedDirError(f"cannot read {path}: {e}. The file is truncated or not safetensors; "
-                         "export it again (or copy it again, comparing sizes)") from e
+    raise PackedDirError(
+      f"cannot read {path}: {e}. The file is truncated or not safetensors; "
+      "export it again (or copy it again, comparing sizes)"
+    ) from e
 
 
 def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
@@ -89,7 +96,7 @@ def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> 
   nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
   raw = np.empty(nbytes + align, np.uint8)
   start = -raw.ctypes.data % align
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
+  return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _to_device(array: np.ndarray) -> jax.Array:
@@ -109,13 +116,15 @@ class _TensorReader:
     self._header = json.loads(self._file.read(header_len))
     self._base = 8 + header_len
     self._dtypes = dtypes
-    need = self._base + max((e["data_offsets"][1] for k, e in self._header.items()
-                             if k != "__metadata__"), default=0)
+    need = self._base + max(
+      (e["data_offsets"][1] for k, e in self._header.items() if k != "__metadata__"), default=0
+    )
     size = os.fstat(self._file.fileno()).st_size
     if size < need:
       self._file.close()
-      raise PackedDirError(f"{path} is truncated: {size} bytes, its tensors need {need}; "
-                           "export it again")
+      raise PackedDirError(
+        f"{path} is truncated: {size} bytes, its tensors need {need}; export it again"
+      )
 
   def shape(self, name: str) -> list[int]:
     return self._header[name]["shape"]
@@ -127,8 +136,9 @@ class _TensorReader:
     if out is None:
       out = _aligned_empty(tuple(entry["shape"]), self._dtypes[name])
     elif out.shape != tuple(entry["shape"]) or out.dtype != self._dtypes[name]:
-      raise ValueError(f"tensor {name} is {entry['shape']} {self._dtypes[name]}, not "
-                       f"{list(out.shape)} {out.dtype}")
+      raise ValueError(
+        f"tensor {name} is {entry['shape']} {self._dtypes[name]}, not {list(out.shape)} {out.dtype}"
+      )
     if out.nbytes != end - begin:
       raise ValueError(f"tensor {name} has {end - begin} bytes, its shape needs {out.nbytes}")
     self._file.seek(self._base + begin)
@@ -157,8 +167,7 @@ def _read_planes(reader: _TensorReader, names: list[str], fmt: str, n_in: int) -
   `[len(names), 2, n_out, words]` uint32, converted a layer at a time (so loading holds one
   layer's codes besides the planes)."""
   shape = tuple(reader.shape(names[0]))
-  out = _aligned_empty((len(names), 2, shape[-1], packing.plane_words(n_in)),
-                       np.dtype(np.uint32))
+  out = _aligned_empty((len(names), 2, shape[-1], packing.plane_words(n_in)), np.dtype(np.uint32))
   for i, name in enumerate(names):
     out[i] = np.asarray(_packed_to_planes(reader.read(name), fmt=fmt, n_in=n_in))
   return out
@@ -170,14 +179,17 @@ def _read_manifest(directory: str, method: str) -> tuple[dict, str]:
   manifest = _read_json(path)
   fmt = manifest.get("format")
   if fmt not in packed.CODE_FORMATS:
-    raise PackedDirError(f"{path}: unknown packed format {fmt!r}; this version reads "
-                         f"{tuple(packed.CODE_FORMATS)}")
+    raise PackedDirError(
+      f"{path}: unknown packed format {fmt!r}; this version reads {tuple(packed.CODE_FORMATS)}"
+    )
   if manifest.get("version") != VERSION:
-    raise PackedDirError(f"{path}: packed format version {manifest.get('version')!r}, this "
-                         f"version reads {VERSION}")
+    raise PackedDirError(
+      f"{path}: packed format version {manifest.get('version')!r}, this version reads {VERSION}"
+    )
   if method not in packing.MATVEC_METHODS:
-    raise PackedDirError(f"unknown matvec method {method!r}; choose one of "
-                         f"{packing.MATVEC_METHODS}")
+    raise PackedDirError(
+      f"unknown matvec method {method!r}; choose one of {packing.MATVEC_METHODS}"
+    )
   return manifest, fmt
 
 
@@ -189,45 +201,60 @@ def _check_tensors(path: str, config_path: str, model_cfg, fmt: str) -> tuple[li
     dtype_of = lambda name: STORED_DTYPES.get(handle.get_slice(name).get_dtype())
     emb_dtype = dtype_of("embedding") if "embedding" in names else F32
     if emb_dtype not in EMBEDDING_DTYPES.values():
-      raise PackedDirError(f"{path}: embedding stored as {emb_dtype}; expected one of "
-                           f"{sorted(EMBEDDING_DTYPES)}")
+      raise PackedDirError(
+        f"{path}: embedding stored as {emb_dtype}; expected one of {sorted(EMBEDDING_DTYPES)}"
+      )
     expected = layout(model_cfg, fmt, emb_dtype)
     missing = [n for n, _, _ in expected if n not in names]
     extra = sorted(names - {n for n, _, _ in expected})
     if missing or extra:
-      raise PackedDirError(f"{path} does not match {config_path}: missing "
-                           f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
-                           f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+      raise PackedDirError(
+        f"{path} does not match {config_path}: missing "
+        f"{missing[:5]}{' ...' if len(missing) > 5 else ''}, unexpected "
+        f"{extra[:5]}{' ...' if len(extra) > 5 else ''}"
+      )
     for name, shape, dtype in expected:
       got = tuple(handle.get_slice(name).get_shape())
       if dtype_of(name) != dtype:
-        raise PackedDirError(f"{path}: tensor {name} is stored as "
-                             f"{handle.get_slice(name).get_dtype()}, format {fmt!r} needs "
-                             f"{dtype}")
+        raise PackedDirError(
+          f"{path}: tensor {name} is stored as "
+          f"{handle.get_slice(name).get_dtype()}, format {fmt!r} needs "
+          f"{dtype}"
+        )
       if got != tuple(shape):
         raise PackedDirError(
-            f"{path}: tensor {name} has shape {got}, but config.json (d_model="
-            f"{model_cfg.d_model}, num_layers={model_cfg.num_layers}, vocab_size="
-            f"{model_cfg.vocab_size}, intermediate_size={model_cfg.intermediate_size}) and "
-            f"format {fmt!r} need {tuple(shape)}: the config and the codes disagree")
+          f"{path}: tensor {name} has shape {got}, but config.json (d_model="
+          f"{model_cfg.d_model}, num_layers={model_cfg.num_layers}, vocab_size="
+          f"{model_cfg.vocab_size}, intermediate_size={model_cfg.intermediate_size}) and "
+          f"format {fmt!r} need {tuple(shape)}: the config and the codes disagree"
+        )
   return expected, emb_dtype
 
 
-def _read_params(reader: _TensorReader, model_cfg, fmt: str, method: str,
-                 int8_embedding: bool) -> packed.PackedParams:
+def _read_params(
+  reader: _TensorReader, model_cfg, fmt: str, method: str, int8_embedding: bool
+) -> packed.PackedParams:
   """The tensors of a checked file as `PackedParams` (stacked or per layer, as `fmt` keeps
   them; bit planes where `method` reads them)."""
   read = lambda name: _to_device(reader.read(name))
   lower_bounds = jnp.asarray(reader.read("lower_bounds"), acc_dtype(model_cfg.compute_dtype))
   linear = lambda get, prefix: packed.PackedLinear(
-      get(f"{prefix}.codes"), get(f"{prefix}.scale")[..., 0], get(f"{prefix}.norm_scale"))
+    get(f"{prefix}.codes"), get(f"{prefix}.scale")[..., 0], get(f"{prefix}.norm_scale")
+  )
 
   def block(get, lower_bound):
     return packed.PackedBlock(
-        attn_norm=get("attn_norm"), i_proj=linear(get, "i_proj"), f_proj=linear(get, "f_proj"),
-        g_proj=linear(get, "g_proj"), o_proj=linear(get, "o_proj"), g_norm=get("g_norm"),
-        mlp_norm=get("mlp_norm"), gate_proj=linear(get, "gate_proj"),
-        down_proj=linear(get, "down_proj"), lower_bound=lower_bound)
+      attn_norm=get("attn_norm"),
+      i_proj=linear(get, "i_proj"),
+      f_proj=linear(get, "f_proj"),
+      g_proj=linear(get, "g_proj"),
+      o_proj=linear(get, "o_proj"),
+      g_norm=get("g_norm"),
+      mlp_norm=get("mlp_norm"),
+      gate_proj=linear(get, "gate_proj"),
+      down_proj=linear(get, "down_proj"),
+      lower_bound=lower_bound,
+    )
 
   layers = range(model_cfg.num_layers)
   n_in = {f"{proj}.codes": shape[0] for proj, shape in linear_shapes(model_cfg).items()}
@@ -248,11 +275,16 @@ def _read_params(reader: _TensorReader, model_cfg, fmt: str, method: str,
   if packed.stacked(fmt):  # one [layers, ...] array per tensor (nn.packed.PackedParams)
     blocks = block(stacked, lower_bounds)
   else:
-    blocks = tuple(block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l])
-                   for l in layers)
-  return packed.PackedParams(read("embedding"), blocks, read("final_norm"),
-                             linear(head, "lm_head"),
-                             read("embedding.scale") if int8_embedding else None)
+    blocks = tuple(
+      block(lambda name, l=l: read(f"blocks.{l}.{name}"), lower_bounds[l]) for l in layers
+    )
+  return packed.PackedParams(
+    read("embedding"),
+    blocks,
+    read("final_norm"),
+    linear(head, "lm_head"),
+    read("embedding.scale") if int8_embedding else None,
+  )
 
 
 def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
@@ -267,8 +299,9 @@ def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
   model_cfg = ModelConfig.from_config(cfg.model)
   config_path = os.path.join(directory, CONFIG)
   if model_cfg.kind != "mmfree":
-    raise PackedDirError(f"{config_path}: model.kind={model_cfg.kind!r}; a packed directory "
-                         "holds a MatMul-free model")
+    raise PackedDirError(
+      f"{config_path}: model.kind={model_cfg.kind!r}; a packed directory holds a MatMul-free model"
+    )
   path = os.path.join(directory, WEIGHTS)
   expected, emb_dtype = _check_tensors(path, config_path, model_cfg, fmt)
   reader = _TensorReader(path, {n: d for n, _, d in expected})

@@ -107,12 +107,14 @@ class _LeafReader:
     self.checkpointer.close()
 
 
-def _producers(reader: _LeafReader, cfg: ModelConfig, fmt: str,
-               embedding_dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
+def _producers(
+  reader: _LeafReader, cfg: ModelConfig, fmt: str, embedding_dtype: np.dtype
+) -> dict[str, Callable[[], np.ndarray]]:
   """name → function making that tensor from the checkpoint (called in `layout` order)."""
   stat = stat_dtype(cfg)
-  f32 = lambda path, index=None: lambda: np.asarray(
-      reader.get(path) if index is None else reader.get(path)[index], stat)
+  f32 = lambda path, index=None: (
+    lambda: np.asarray(reader.get(path) if index is None else reader.get(path)[index], stat)
+  )
   embedding_scale: list[np.ndarray] = []
 
   def embedding():
@@ -123,14 +125,16 @@ def _producers(reader: _LeafReader, cfg: ModelConfig, fmt: str,
     embedding_scale.append(np.asarray(scale, stat))
     return np.asarray(codes)
 
-  out = {"embedding": embedding, "embedding.scale": lambda: embedding_scale.pop(),
-         "final_norm": f32(("final_norm", "scale"))}
+  out = {
+    "embedding": embedding,
+    "embedding.scale": lambda: embedding_scale.pop(),
+    "final_norm": f32(("final_norm", "scale")),
+  }
 
   def lower_bounds():
     if not cfg.use_lower_bound:
       return np.zeros((cfg.num_layers, cfg.d_model), stat)
-    bounds = mlgru.layer_lower_bounds(jnp.asarray(reader.get(("lower_bounds",))),
-                                      cfg.compute_dtype)
+    bounds = mlgru.layer_lower_bounds(jnp.asarray(reader.get(("lower_bounds",))), cfg.compute_dtype)
     return np.asarray(bounds, stat)
 
   out["lower_bounds"] = lower_bounds
@@ -147,10 +151,14 @@ def _producers(reader: _LeafReader, cfg: ModelConfig, fmt: str,
       scales[prefix] = np.asarray(scale, stat).reshape(1)
       w = np.asarray(w)
       return w.astype(ml_dtypes.bfloat16) if w.dtype == jnp.bfloat16 else w
+
     return produce
 
-  linears = [(f"blocks.{l}.{proj}", ("blocks", group, proj), l)
-             for group, proj in LAYER_LINEARS for l in range(cfg.num_layers)]
+  linears = [
+    (f"blocks.{l}.{proj}", ("blocks", group, proj), l)
+    for group, proj in LAYER_LINEARS
+    for l in range(cfg.num_layers)
+  ]
   for prefix, path, index in linears + [("lm_head", ("lm_head",), None)]:
     out[f"{prefix}.codes"] = codes(prefix, path, index)
     out[f"{prefix}.scale"] = lambda prefix=prefix: scales.pop(prefix)
@@ -158,8 +166,15 @@ def _producers(reader: _LeafReader, cfg: ModelConfig, fmt: str,
   return out
 
 
-def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | None = None,
-                   embedding_dtype: str | None = None, tokenizer: str | None = None) -> dict:
+def export_workdir(
+  workdir: str,
+  dst: str,
+  *,
+  fmt: str = "2bit",
+  step: int | None = None,
+  embedding_dtype: str | None = None,
+  tokenizer: str | None = None,
+) -> dict:
   """Writes the packed directory of a MatMul-free workdir's checkpoint.
 
   Args:
@@ -184,13 +199,15 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
   model_cfg = ModelConfig.from_config(cfg.model)
   if model_cfg.kind != "mmfree":
     raise PackedDirError(
-        f"{workdir} holds a model.kind={model_cfg.kind!r} model: it has no ternary BitLinear "
-        "layers to pack. Only MatMul-free (kind='mmfree') workdirs export to packed formats; "
-        "use `python -m mmfree_jax.hf export` for full-precision weights")
+      f"{workdir} holds a model.kind={model_cfg.kind!r} model: it has no ternary BitLinear "
+      "layers to pack. Only MatMul-free (kind='mmfree') workdirs export to packed formats; "
+      "use `python -m mmfree_jax.hf export` for full-precision weights"
+    )
   emb_name = embedding_dtype or model_cfg.param_dtype
   if emb_name not in EMBEDDING_DTYPES:
-    raise PackedDirError(f"unknown embedding dtype {emb_name!r}; choose one of "
-                         f"{sorted(EMBEDDING_DTYPES)}")
+    raise PackedDirError(
+      f"unknown embedding dtype {emb_name!r}; choose one of {sorted(EMBEDDING_DTYPES)}"
+    )
   emb_dtype = EMBEDDING_DTYPES[emb_name]
   dst = check_destination(dst)
   checkpointer = Checkpointer(workdir, read_only=True)
@@ -200,26 +217,40 @@ def export_workdir(workdir: str, dst: str, *, fmt: str = "2bit", step: int | Non
       raise CheckpointError(f"no checkpoint in {checkpointer.directory}; train first")
     step = max(steps) if step is None else step
     if step not in steps:
-      raise CheckpointError(f"no checkpoint step {step} in {checkpointer.directory}; "
-                            f"available: {steps}")
-    check_compatible(checkpointer.read_config(step), cfg.model.to_dict(),
-                     checkpointer.directory)
+      raise CheckpointError(
+        f"no checkpoint step {step} in {checkpointer.directory}; available: {steps}"
+      )
+    check_compatible(checkpointer.read_config(step), cfg.model.to_dict(), checkpointer.directory)
   finally:
     checkpointer.close()
   x64 = model_cfg.param_dtype == "float64"
   reader = _LeafReader(workdir, step, model_cfg)
   try:
     with jax.enable_x64(True) if x64 else contextlib.nullcontext():
-      manifest = write_packed(dst, cfg, fmt, _producers(reader, model_cfg, fmt, emb_dtype),
-                              embedding_dtype=emb_name, step=step,
-                              source=os.path.abspath(workdir))
+      manifest = write_packed(
+        dst,
+        cfg,
+        fmt,
+        _producers(reader, model_cfg, fmt, emb_dtype),
+        embedding_dtype=emb_name,
+        step=step,
+        source=os.path.abspath(workdir),
+      )
   finally:
     reader.close()
   return dict(manifest, dst=dst, peak_leaf_bytes=reader.peak_leaf_bytes)
 
 
-def write_packed(dst: str, cfg, fmt: str, produce: dict[str, Callable[[], np.ndarray]], *,
-                 embedding_dtype: str, step: int | None, source: str) -> dict:
+def write_packed(
+  dst: str,
+  cfg,
+  fmt: str,
+  produce: dict[str, Callable[[], np.ndarray]],
+  *,
+  embedding_dtype: str,
+  step: int | None,
+  source: str,
+) -> dict:
   """Writes a packed directory (staged, renamed at the end) from a full config and one
   producer per `layout` tensor, called in file order. Returns the manifest."""
   model_cfg = ModelConfig.from_config(cfg.model)
@@ -227,14 +258,26 @@ def write_packed(dst: str, cfg, fmt: str, produce: dict[str, Callable[[], np.nda
   cfg = config_from_dict(json.loads(cfg.to_json()))  # a copy: the tokenizer moves
   with staged_directory(dst) as tmp:
     tok_name = _tokenizer_files(cfg, tmp)
-    entries = [(name, shape, dtype, produce[name])
-               for name, shape, dtype in layout(model_cfg, fmt, emb_dtype)]
-    nbytes = tensors.write_safetensors(os.path.join(tmp, WEIGHTS), entries, metadata={
-        "format": fmt, "mmfree_jax": f"packed/{VERSION}"})
+    entries = [
+      (name, shape, dtype, produce[name])
+      for name, shape, dtype in layout(model_cfg, fmt, emb_dtype)
+    ]
+    nbytes = tensors.write_safetensors(
+      os.path.join(tmp, WEIGHTS),
+      entries,
+      metadata={"format": fmt, "mmfree_jax": f"packed/{VERSION}"},
+    )
     with open(os.path.join(tmp, CONFIG), "w") as f:
       f.write(cfg.to_json(indent=2))
-    manifest = {"format": fmt, "version": VERSION, "step": step, "source": source,
-                "embedding_dtype": embedding_dtype, "bytes": nbytes, "tokenizer": tok_name}
+    manifest = {
+      "format": fmt,
+      "version": VERSION,
+      "step": step,
+      "source": source,
+      "embedding_dtype": embedding_dtype,
+      "bytes": nbytes,
+      "tokenizer": tok_name,
+    }
     with open(os.path.join(tmp, MANIFEST), "w") as f:
       json.dump(manifest, f, indent=2)
   return manifest

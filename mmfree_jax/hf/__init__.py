@@ -14,10 +14,13 @@ from mmfree_jax import lazy_exports
 
 # Imported on first use: `mmfree_jax.hf.tensors` (the safetensors reader the packed format
 # uses) must not pull in the conversions' checkpoint and data stacks.
-_EXPORTS = {"export_checkpoint": "mmfree_jax.hf.checkpoint_io",
-            "import_checkpoint": "mmfree_jax.hf.checkpoint_io",
-            "mistral_tokenizer_path": "mmfree_jax.hf.checkpoint_io",
-            "NAME_TABLE": "mmfree_jax.hf.mapping", "HFCheckpointError": "mmfree_jax.hf.mapping"}
+_EXPORTS = {
+  "export_checkpoint": "mmfree_jax.hf.checkpoint_io",
+  "import_checkpoint": "mmfree_jax.hf.checkpoint_io",
+  "mistral_tokenizer_path": "mmfree_jax.hf.checkpoint_io",
+  "NAME_TABLE": "mmfree_jax.hf.mapping",
+  "HFCheckpointError": "mmfree_jax.hf.mapping",
+}
 
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -39,10 +39,10 @@ from mmfree_jax.hf.mapping import HFCheckpointError, Slot
 from mmfree_jax.nn.model import abstract_model
 
 NUMPY_DTYPES = {
-    "float32": np.dtype(np.float32),
-    "float64": np.dtype(np.float64),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16),
+  "float32": np.dtype(np.float32),
+  "float64": np.dtype(np.float64),
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+  "float16": np.dtype(np.float16),
 }
 _SHOWN = 10  # names listed in an error before "... and N more"
 # Orbax's cap on bytes serialized at once while an import saves (bounds the host copies); it
@@ -58,7 +58,8 @@ def numpy_dtype(name: str) -> np.dtype:
     return NUMPY_DTYPES[name]
   except KeyError:
     raise HFCheckpointError(
-        f"unknown dtype {name!r}; choose one of {sorted(NUMPY_DTYPES)}") from None
+      f"unknown dtype {name!r}; choose one of {sorted(NUMPY_DTYPES)}"
+    ) from None
 
 
 # ----------------------------------------------------------------------- staged destination
@@ -68,8 +69,10 @@ def check_destination(path: str) -> str:
   """Absolute path of a destination that does not exist or is an empty directory."""
   path = os.path.abspath(path)
   if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-    raise FileExistsError(f"{path} already exists and is not empty; pick a new directory or "
-                          "remove it first (nothing is overwritten)")
+    raise FileExistsError(
+      f"{path} already exists and is not empty; pick a new directory or "
+      "remove it first (nothing is overwritten)"
+    )
   return path
 
 
@@ -101,11 +104,14 @@ def read_hf_config(src: str) -> dict:
   """The `config.json` of an HF model folder, as a dict."""
   path = os.path.join(src, "config.json")
   if not os.path.isfile(path):
-    raise HFCheckpointError(f"{path} not found: --src must be an HF model folder holding "
-                            "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)")
+    raise HFCheckpointError(
+      f"{path} not found: --src must be an HF model folder holding "
+      "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)"
+    )
   try:
-    config = untrusted.load_json(path, what="an HF model config",
-                                 fix="re-download the model's config.json")
+    config = untrusted.load_json(
+      path, what="an HF model config", fix="re-download the model's config.json"
+    )
   except ValueError as e:
     raise HFCheckpointError(str(e)) from None
   if not isinstance(config, dict):
@@ -118,8 +124,7 @@ def our_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   x64 = model_cfg.param_dtype == "float64"  # else eval_shape warns about f64 → f32
   with jax.enable_x64(True) if x64 else contextlib.nullcontext():
     _, state = nnx.split(abstract_model(model_cfg))
-  return {path: tuple(leaf.shape) for path, leaf in
-          mapping.flatten(state.to_pure_dict()).items()}
+  return {path: tuple(leaf.shape) for path, leaf in mapping.flatten(state.to_pure_dict()).items()}
 
 
 def _listing(names: list[str]) -> str:
@@ -137,35 +142,43 @@ def check_weights(weights: tensors.WeightFiles, layout: list[Slot], config_note:
   missing = sorted(set(expected) - present, key=natural_key)
   if missing:
     raise HFCheckpointError(
-        f"{weights.description} lacks {len(missing)} tensor(s) that config.json ({config_note}) "
-        f"implies: {_listing(missing)}. The weights and config.json disagree, or the download "
-        "is incomplete")
+      f"{weights.description} lacks {len(missing)} tensor(s) that config.json ({config_note}) "
+      f"implies: {_listing(missing)}. The weights and config.json disagree, or the download "
+      "is incomplete"
+    )
   unexpected = sorted(present - set(expected), key=natural_key)
   if unexpected:
     raise HFCheckpointError(
-        f"{weights.description} holds {len(unexpected)} tensor(s) that the model of "
-        f"config.json ({config_note}) does not have: {_listing(unexpected)}. This variant "
-        "(or a config.json that does not match the weights) is not supported")
+      f"{weights.description} holds {len(unexpected)} tensor(s) that the model of "
+      f"config.json ({config_note}) does not have: {_listing(unexpected)}. This variant "
+      "(or a config.json that does not match the weights) is not supported"
+    )
   for slot in layout:
     shape = weights.shape(slot.hf_name)
     if shape != slot.hf_shape:
       raise HFCheckpointError(
-          f"{slot.hf_name} in {weights.file_of(slot.hf_name)} has shape {shape}, but "
-          f"config.json ({config_note}) implies {slot.hf_shape}")
+        f"{slot.hf_name} in {weights.file_of(slot.hf_name)} has shape {shape}, but "
+        f"config.json ({config_note}) implies {slot.hf_shape}"
+      )
     dtype = weights.dtype_name(slot.hf_name)
     if dtype not in tensors.SAFETENSORS_DTYPES:
       raise HFCheckpointError(
-          f"{slot.hf_name} is stored as {dtype}; expected latent floating-point weights "
-          f"({sorted(tensors.SAFETENSORS_DTYPES)}). Packed/quantized checkpoints are not "
-          "supported: export the latent weights")
+        f"{slot.hf_name} is stored as {dtype}; expected latent floating-point weights "
+        f"({sorted(tensors.SAFETENSORS_DTYPES)}). Packed/quantized checkpoints are not "
+        "supported: export the latent weights"
+      )
 
 
 def natural_key(name: str):
   return [int(part) if part.isdigit() else part for part in name.split(".")]
 
 
-def read_params(weights: tensors.WeightFiles, layout: list[Slot],
-                shapes: dict[str, tuple[int, ...]], dtype: np.dtype) -> dict:
+def read_params(
+  weights: tensors.WeightFiles,
+  layout: list[Slot],
+  shapes: dict[str, tuple[int, ...]],
+  dtype: np.dtype,
+) -> dict:
   """Our nested param dict of numpy arrays in `dtype`, filled one HF tensor at a time.
 
   Each HF tensor is read, transposed if it is a Linear weight, cast, and written into its
@@ -200,8 +213,9 @@ def save_concurrent_gb(params: dict) -> float:
 
 def save_params(workdir: str, params: dict, cfg) -> None:
   """Params-only checkpoint step 0 (synchronous) with the full config dict."""
-  checkpointer = Checkpointer(workdir, keep=1, async_save=False,
-                              save_concurrent_gb=save_concurrent_gb(params))
+  checkpointer = Checkpointer(
+    workdir, keep=1, async_save=False, save_concurrent_gb=save_concurrent_gb(params)
+  )
   try:
     checkpointer.save_params(0, params, cfg.to_dict())
   finally:
@@ -233,13 +247,20 @@ def _check_special_ids(spec: str, hf_config: dict, tmp: str, workdir: str) -> li
   for key, ours in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
     theirs = hf_config.get(key)
     if theirs is not None and ours is not None and theirs != ours:
-      notes.append(f"config.json says {key}={theirs} but the tokenizer's is {ours}; the "
-                   "tokenizer's is used")
+      notes.append(
+        f"config.json says {key}={theirs} but the tokenizer's is {ours}; the tokenizer's is used"
+      )
   return notes
 
 
-def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
-                      tokenizer: str | None = None, allow_nonfinite: bool = False) -> dict:
+def import_checkpoint(
+  src: str,
+  workdir: str,
+  *,
+  dtype: str = "float32",
+  tokenizer: str | None = None,
+  allow_nonfinite: bool = False,
+) -> dict:
   """Converts an HF hgrn_bit folder into a workdir `loading.load_model` can open.
 
   Args:
@@ -259,9 +280,17 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
   model_cfg = ModelConfig.from_config(model_section)
   shapes = our_shapes(model_cfg)
   layout = list(mapping.slots(shapes, model_cfg.num_layers))
-  note = ", ".join(f"{k}={hf_config.get(k)}" for k in
-                   ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size",
-                    "hidden_ratio", "use_lower_bound"))
+  note = ", ".join(
+    f"{k}={hf_config.get(k)}"
+    for k in (
+      "hidden_size",
+      "num_hidden_layers",
+      "vocab_size",
+      "intermediate_size",
+      "hidden_ratio",
+      "use_lower_bound",
+    )
+  )
   workdir = check_destination(workdir)
   with tensors.open_weights(src, allow_nonfinite=allow_nonfinite) as weights:
     check_weights(weights, layout, note)
@@ -275,8 +304,13 @@ def import_checkpoint(src: str, workdir: str, *, dtype: str = "float32",
         save_params(tmp, mapping.unflatten(flat), cfg)
       del flat
       loading.save_workdir_config(tmp, cfg)
-  return {"workdir": workdir, "num_params": sum(int(np.prod(s)) for s in shapes.values()),
-          "tokenizer": tokenizer, "notes": notes, "model": model_section}
+  return {
+    "workdir": workdir,
+    "num_params": sum(int(np.prod(s)) for s in shapes.values()),
+    "tokenizer": tokenizer,
+    "notes": notes,
+    "model": model_section,
+  }
 
 
 # ----------------------------------------------------------------------------------- export
@@ -290,9 +324,10 @@ def workdir_tokenizer(cfg):
   try:
     return tokenizer_from_config(cfg.data, cache_dir=default_cache_dir())
   except (OSError, ValueError) as e:
-    raise FileNotFoundError(f"the workdir's tokenizer {cfg.data.tokenizer!r} cannot be loaded "
-                            f"({e}); restore its file or fix data.tokenizer in config.json"
-                            ) from e
+    raise FileNotFoundError(
+      f"the workdir's tokenizer {cfg.data.tokenizer!r} cannot be loaded "
+      f"({e}); restore its file or fix data.tokenizer in config.json"
+    ) from e
 
 
 def special_token_ids(tokenizer) -> dict:
@@ -300,8 +335,11 @@ def special_token_ids(tokenizer) -> dict:
   defaults (1, 2) without one."""
   if tokenizer is None:
     return {k: mapping.REFERENCE_DEFAULTS[k] for k in ("bos_token_id", "eos_token_id")}
-  return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
-          "pad_token_id": tokenizer.pad_id}
+  return {
+    "bos_token_id": tokenizer.bos_id,
+    "eos_token_id": tokenizer.eos_id,
+    "pad_token_id": tokenizer.pad_id,
+  }
 
 
 def _tensor_producer(leaf: jax.Array, slot: Slot, dtype: np.dtype):
@@ -317,8 +355,9 @@ def _tensor_producer(leaf: jax.Array, slot: Slot, dtype: np.dtype):
   return produce
 
 
-def export_checkpoint(workdir: str, dst: str, *, dtype: str | None = None,
-                      step: int | None = None) -> dict:
+def export_checkpoint(
+  workdir: str, dst: str, *, dtype: str | None = None, step: int | None = None
+) -> dict:
   """Writes an HF hgrn_bit folder (config.json, model.safetensors, tokenizer) from a workdir.
 
   Args:
@@ -335,24 +374,31 @@ def export_checkpoint(workdir: str, dst: str, *, dtype: str | None = None,
   dtype = dtype or model_cfg.param_dtype
   np_dtype = numpy_dtype(dtype)
   tokenizer = workdir_tokenizer(cfg)
-  hf_config = mapping.hf_config_from_model(model_cfg, torch_dtype=dtype,
-                                           **special_token_ids(tokenizer))
+  hf_config = mapping.hf_config_from_model(
+    model_cfg, torch_dtype=dtype, **special_token_ids(tokenizer)
+  )
   dst = check_destination(dst)
   x64 = model_cfg.param_dtype == "float64"
   with jax.enable_x64(True) if x64 else contextlib.nullcontext():
     params, step = loading.load_params(workdir, model_cfg, step)
     flat = mapping.flatten(params)
-    layout = list(mapping.slots({p: tuple(a.shape) for p, a in flat.items()},
-                                model_cfg.num_layers))
+    layout = list(mapping.slots({p: tuple(a.shape) for p, a in flat.items()}, model_cfg.num_layers))
     with staged_directory(dst) as tmp:
       with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)
         f.write("\n")
-      entries = [(s.hf_name, s.hf_shape, np_dtype, _tensor_producer(flat[s.ours], s, np_dtype))
-                 for s in layout]
-      tensors.write_safetensors(os.path.join(tmp, tensors.SINGLE_FILE), entries,
-                                metadata={"format": "pt"})
+      entries = [
+        (s.hf_name, s.hf_shape, np_dtype, _tensor_producer(flat[s.ours], s, np_dtype))
+        for s in layout
+      ]
+      tensors.write_safetensors(
+        os.path.join(tmp, tensors.SINGLE_FILE), entries, metadata={"format": "pt"}
+      )
       written = tokenizer.save(tmp) if tokenizer is not None else None
-  return {"dst": dst, "step": step, "dtype": dtype,
-          "num_params": sum(int(np.prod(s.hf_shape)) for s in layout),
-          "tokenizer": None if written is None else os.path.basename(written)}
+  return {
+    "dst": dst,
+    "step": step,
+    "dtype": dtype,
+    "num_params": sum(int(np.prod(s.hf_shape)) for s in layout),
+    "tokenizer": None if written is None else os.path.basename(written),
+  }

@@ -26,6 +26,7 @@ class Entry:
   ours: dotted path in our param dict (`nnx.split(model)[1].to_pure_dict()`).
   transpose: True for Linear weights (torch `[out, in]` vs our `[in, out]`).
   """
+
   hf: str
   ours: str
   transpose: bool
@@ -37,22 +38,23 @@ class Entry:
 
 _LAYER = "model.layers.{l}."
 NAME_TABLE: tuple[Entry, ...] = (
-    Entry("model.embeddings.weight", "embedding", False),
-    Entry("model.lower_bounds", "lower_bounds", False),  # only with use_lower_bound
-    Entry("model.norm.weight", "final_norm.scale", False),
-    Entry("lm_head.weight", "lm_head.kernel", True),
-    Entry("lm_head.norm.weight", "lm_head.norm_scale", False),
-    Entry(_LAYER + "attn_norm.weight", "blocks.attn_norm.scale", False),
-    *(Entry(_LAYER + f"attn.{p}_proj.weight", f"blocks.attn.{p}_proj.kernel", True)
-      for p in "ifgo"),
-    *(Entry(_LAYER + f"attn.{p}_proj.norm.weight", f"blocks.attn.{p}_proj.norm_scale", False)
-      for p in "ifgo"),
-    Entry(_LAYER + "attn.g_norm.weight", "blocks.attn.g_norm.scale", False),
-    Entry(_LAYER + "mlp_norm.weight", "blocks.mlp_norm.scale", False),
-    Entry(_LAYER + "mlp.gate_proj.weight", "blocks.mlp.gate_proj.kernel", True),
-    Entry(_LAYER + "mlp.gate_proj.norm.weight", "blocks.mlp.gate_proj.norm_scale", False),
-    Entry(_LAYER + "mlp.down_proj.weight", "blocks.mlp.down_proj.kernel", True),
-    Entry(_LAYER + "mlp.down_proj.norm.weight", "blocks.mlp.down_proj.norm_scale", False),
+  Entry("model.embeddings.weight", "embedding", False),
+  Entry("model.lower_bounds", "lower_bounds", False),  # only with use_lower_bound
+  Entry("model.norm.weight", "final_norm.scale", False),
+  Entry("lm_head.weight", "lm_head.kernel", True),
+  Entry("lm_head.norm.weight", "lm_head.norm_scale", False),
+  Entry(_LAYER + "attn_norm.weight", "blocks.attn_norm.scale", False),
+  *(Entry(_LAYER + f"attn.{p}_proj.weight", f"blocks.attn.{p}_proj.kernel", True) for p in "ifgo"),
+  *(
+    Entry(_LAYER + f"attn.{p}_proj.norm.weight", f"blocks.attn.{p}_proj.norm_scale", False)
+    for p in "ifgo"
+  ),
+  Entry(_LAYER + "attn.g_norm.weight", "blocks.attn.g_norm.scale", False),
+  Entry(_LAYER + "mlp_norm.weight", "blocks.mlp_norm.scale", False),
+  Entry(_LAYER + "mlp.gate_proj.weight", "blocks.mlp.gate_proj.kernel", True),
+  Entry(_LAYER + "mlp.gate_proj.norm.weight", "blocks.mlp.gate_proj.norm_scale", False),
+  Entry(_LAYER + "mlp.down_proj.weight", "blocks.mlp.down_proj.kernel", True),
+  Entry(_LAYER + "mlp.down_proj.norm.weight", "blocks.mlp.down_proj.norm_scale", False),
 )
 
 
@@ -63,6 +65,7 @@ class Slot:
   layer: index into the leading `layers` axis of our leaf, or None (the whole leaf).
   hf_shape: the HF tensor's shape (torch layout).
   """
+
   hf_name: str
   ours: str
   layer: int | None
@@ -102,16 +105,22 @@ def slots(our_shapes: dict[str, tuple[int, ...]], num_layers: int) -> Iterator[S
   mapped = {e.ours for e in NAME_TABLE}
   unmapped = sorted(set(our_shapes) - mapped)
   if unmapped:
-    raise HFCheckpointError(f"params {unmapped} have no HF name in mmfree_jax.hf.NAME_TABLE; "
-                            "add rows for them")
+    raise HFCheckpointError(
+      f"params {unmapped} have no HF name in mmfree_jax.hf.NAME_TABLE; add rows for them"
+    )
   for entry in NAME_TABLE:
     if entry.ours not in our_shapes:
       continue
     shape = tuple(our_shapes[entry.ours])
     if entry.per_layer:
       for layer in range(num_layers):
-        yield Slot(entry.hf.format(l=layer), entry.ours, layer, entry.transpose,
-                   _hf_shape(shape[1:], entry.transpose))
+        yield Slot(
+          entry.hf.format(l=layer),
+          entry.ours,
+          layer,
+          entry.transpose,
+          _hf_shape(shape[1:], entry.transpose),
+        )
     else:
       yield Slot(entry.hf, entry.ours, None, entry.transpose, _hf_shape(shape, entry.transpose))
 
@@ -125,37 +134,37 @@ def _hf_shape(shape: tuple[int, ...], transpose: bool) -> tuple[int, ...]:
 # HGRNBitConfig's defaults (ridgerchu/matmulfreellm, configuration_hgrn_bit.py): a key absent
 # from config.json takes these values, as `from_pretrained` would.
 REFERENCE_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 32000,
-    "hidden_size": 2048,
-    "num_hidden_layers": 24,
-    "attn_mode": "fused_recurrent",
-    "num_heads": 1,
-    "expand_ratio": 1,
-    "use_short_conv": False,
-    "conv_size": 4,
-    "share_conv_kernel": True,
-    "use_lower_bound": True,
-    "hidden_ratio": 4,
-    "intermediate_size": None,
-    "hidden_act": "swish",
-    "max_position_embeddings": 2048,
-    "rms_norm_eps": 1e-6,
-    "use_cache": True,
-    "pad_token_id": None,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "tie_word_embeddings": False,
-    "initializer_range": 0.02,
-    "fuse_cross_entropy": True,
+  "vocab_size": 32000,
+  "hidden_size": 2048,
+  "num_hidden_layers": 24,
+  "attn_mode": "fused_recurrent",
+  "num_heads": 1,
+  "expand_ratio": 1,
+  "use_short_conv": False,
+  "conv_size": 4,
+  "share_conv_kernel": True,
+  "use_lower_bound": True,
+  "hidden_ratio": 4,
+  "intermediate_size": None,
+  "hidden_act": "swish",
+  "max_position_embeddings": 2048,
+  "rms_norm_eps": 1e-6,
+  "use_cache": True,
+  "pad_token_id": None,
+  "bos_token_id": 1,
+  "eos_token_id": 2,
+  "tie_word_embeddings": False,
+  "initializer_range": 0.02,
+  "fuse_cross_entropy": True,
 }
 # Keys whose value must be one of these: our MLGRU is the released 1-head, expand-1,
 # no-conv variant, and the reference implements only the fused_recurrent mode.
 SUPPORTED_VALUES: dict[str, tuple] = {
-    "num_heads": (1,),
-    "expand_ratio": (1,),
-    "use_short_conv": (False,),
-    "attn_mode": ("fused_recurrent",),
-    "tie_word_embeddings": (False,),
+  "num_heads": (1,),
+  "expand_ratio": (1,),
+  "use_short_conv": (False,),
+  "attn_mode": ("fused_recurrent",),
+  "tie_word_embeddings": (False,),
 }
 REQUIRED_KEYS = ("hidden_size", "num_hidden_layers", "vocab_size")
 MODEL_TYPE = "hgrn_bit"
@@ -166,18 +175,22 @@ def check_supported(hf_config: dict) -> None:
   """Raises HFCheckpointError naming the supported values for any unsupported setting."""
   model_type = hf_config.get("model_type", MODEL_TYPE)
   if model_type != MODEL_TYPE:
-    raise HFCheckpointError(f"config.json has model_type={model_type!r}; only {MODEL_TYPE!r} "
-                            "(HGRNBitForCausalLM, ridger/MMfreeLM-*) can be imported")
+    raise HFCheckpointError(
+      f"config.json has model_type={model_type!r}; only {MODEL_TYPE!r} "
+      "(HGRNBitForCausalLM, ridger/MMfreeLM-*) can be imported"
+    )
   missing = [k for k in REQUIRED_KEYS if hf_config.get(k) is None]
   if missing:
-    raise HFCheckpointError(f"config.json lacks {missing}; an hgrn_bit config needs "
-                            f"{list(REQUIRED_KEYS)}")
+    raise HFCheckpointError(
+      f"config.json lacks {missing}; an hgrn_bit config needs {list(REQUIRED_KEYS)}"
+    )
   for key, allowed in SUPPORTED_VALUES.items():
     value = hf_config.get(key, REFERENCE_DEFAULTS[key])
     if value not in allowed or type(value) is not type(allowed[0]):
       raise HFCheckpointError(
-          f"config.json has {key}={value!r}, which mmfree_jax does not support; supported: "
-          f"{key} in {list(allowed)} (the released MMfreeLM models use {allowed[0]!r})")
+        f"config.json has {key}={value!r}, which mmfree_jax does not support; supported: "
+        f"{key} in {list(allowed)} (the released MMfreeLM models use {allowed[0]!r})"
+      )
 
 
 def positive_int(hf_config: dict, key: str) -> int:
@@ -207,39 +220,45 @@ def model_section_from_hf(hf_config: dict, dtype: str) -> dict:
   else:
     intermediate = positive_int(values, "intermediate_size")
   return {
-      "kind": "mmfree",
-      "vocab_size": positive_int(values, "vocab_size"),
-      "d_model": d_model,
-      "num_layers": positive_int(values, "num_hidden_layers"),
-      "hidden_ratio": hidden_ratio,
-      "intermediate_size": intermediate,
-      "use_lower_bound": bool(values["use_lower_bound"]),
-      "rms_norm_eps": float(values["rms_norm_eps"]),
-      "dtype": dtype,
-      "param_dtype": dtype,
+    "kind": "mmfree",
+    "vocab_size": positive_int(values, "vocab_size"),
+    "d_model": d_model,
+    "num_layers": positive_int(values, "num_hidden_layers"),
+    "hidden_ratio": hidden_ratio,
+    "intermediate_size": intermediate,
+    "use_lower_bound": bool(values["use_lower_bound"]),
+    "rms_norm_eps": float(values["rms_norm_eps"]),
+    "dtype": dtype,
+    "param_dtype": dtype,
   }
 
 
-def hf_config_from_model(model_cfg: config_lib.ModelConfig, *, torch_dtype: str,
-                         bos_token_id: int | None = 1, eos_token_id: int = 2,
-                         pad_token_id: int | None = None) -> dict:
+def hf_config_from_model(
+  model_cfg: config_lib.ModelConfig,
+  *,
+  torch_dtype: str,
+  bos_token_id: int | None = 1,
+  eos_token_id: int = 2,
+  pad_token_id: int | None = None,
+) -> dict:
   """The `config.json` HGRNBitForCausalLM would write for this model (reference keys)."""
   if model_cfg.kind != "mmfree":
-    raise HFCheckpointError(f"only model.kind='mmfree' exports to the {MODEL_TYPE} layout; "
-                            f"this workdir holds kind={model_cfg.kind!r}")
-  cfg = {"architectures": list(ARCHITECTURES), "model_type": MODEL_TYPE,
-         **REFERENCE_DEFAULTS}
+    raise HFCheckpointError(
+      f"only model.kind='mmfree' exports to the {MODEL_TYPE} layout; "
+      f"this workdir holds kind={model_cfg.kind!r}"
+    )
+  cfg = {"architectures": list(ARCHITECTURES), "model_type": MODEL_TYPE, **REFERENCE_DEFAULTS}
   cfg.update(
-      vocab_size=model_cfg.vocab_size,
-      hidden_size=model_cfg.d_model,
-      num_hidden_layers=model_cfg.num_layers,
-      hidden_ratio=model_cfg.hidden_ratio,
-      intermediate_size=model_cfg.intermediate_size,
-      use_lower_bound=model_cfg.use_lower_bound,
-      rms_norm_eps=model_cfg.rms_norm_eps,
-      bos_token_id=bos_token_id,
-      eos_token_id=eos_token_id,
-      pad_token_id=pad_token_id,
-      torch_dtype=torch_dtype,
+    vocab_size=model_cfg.vocab_size,
+    hidden_size=model_cfg.d_model,
+    num_hidden_layers=model_cfg.num_layers,
+    hidden_ratio=model_cfg.hidden_ratio,
+    intermediate_size=model_cfg.intermediate_size,
+    use_lower_bound=model_cfg.use_lower_bound,
+    rms_norm_eps=model_cfg.rms_norm_eps,
+    bos_token_id=bos_token_id,
+    eos_token_id=eos_token_id,
+    pad_token_id=pad_token_id,
+    torch_dtype=torch_dtype,
   )
   return dict(sorted(cfg.items()))

@@ -24,10 +24,10 @@ from mmfree_jax.data import untrusted
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 SAFETENSORS_DTYPES = {
-    "F64": np.dtype(np.float64),
-    "F32": np.dtype(np.float32),
-    "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F64": np.dtype(np.float64),
+  "F32": np.dtype(np.float32),
+  "F16": np.dtype(np.float16),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 SAFETENSORS_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # Integer tensors are written (packed ternary codes, `mmfree_jax.export`), never imported.
@@ -38,13 +38,14 @@ TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
 
 TORCH_SAFE_ROUTE = (
-    "Convert it to safetensors once, on a machine that has torch:\n"
-    "  python -c \"import torch; from safetensors.torch import save_file; "
-    "sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); "
-    "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors', "
-    "metadata={'format': 'pt'})\"\n"
-    "(or download the repository's model.safetensors; never unpickle untrusted files without "
-    "weights_only=True)")
+  "Convert it to safetensors once, on a machine that has torch:\n"
+  "  python -c \"import torch; from safetensors.torch import save_file; "
+  "sd = torch.load('pytorch_model.bin', map_location='cpu', weights_only=True); "
+  "save_file({k: v.contiguous() for k, v in sd.items()}, 'model.safetensors', "
+  "metadata={'format': 'pt'})\"\n"
+  "(or download the repository's model.safetensors; never unpickle untrusted files without "
+  "weights_only=True)"
+)
 
 
 class _SafetensorsShard:
@@ -57,8 +58,9 @@ class _SafetensorsShard:
       self._file.__enter__()
     except (SafetensorError, OSError) as e:
       raise HFCheckpointError(
-          f"cannot read {path}: {e}. The file is truncated or not safetensors; download it "
-          "again (compare its size with the repository's)") from e
+        f"cannot read {path}: {e}. The file is truncated or not safetensors; download it "
+        "again (compare its size with the repository's)"
+      ) from e
 
   def names(self) -> list[str]:
     return list(self._file.keys())
@@ -83,9 +85,10 @@ def _import_torch():
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError:
     raise HFCheckpointError(
-        "this checkpoint is a pytorch_model.bin (a pickle); reading it needs torch, which is "
-        "not installed here, and we will not unpickle it without torch.load(weights_only=True)."
-        " " + TORCH_SAFE_ROUTE) from None
+      "this checkpoint is a pytorch_model.bin (a pickle); reading it needs torch, which is "
+      "not installed here, and we will not unpickle it without torch.load(weights_only=True)."
+      " " + TORCH_SAFE_ROUTE
+    ) from None
   return torch
 
 
@@ -99,8 +102,9 @@ class _TorchShard:
     try:
       self._tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, ...)
-      raise HFCheckpointError(f"torch.load(weights_only=True) could not read {path}: {e}. "
-                              + TORCH_SAFE_ROUTE) from e
+      raise HFCheckpointError(
+        f"torch.load(weights_only=True) could not read {path}: {e}. " + TORCH_SAFE_ROUTE
+      ) from e
 
   def names(self) -> list[str]:
     return list(self._tensors)
@@ -109,8 +113,12 @@ class _TorchShard:
     return tuple(self._tensors[name].shape)
 
   def dtype_name(self, name: str) -> str:
-    names = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16",
-             "torch.bfloat16": "BF16"}
+    names = {
+      "torch.float64": "F64",
+      "torch.float32": "F32",
+      "torch.float16": "F16",
+      "torch.bfloat16": "BF16",
+    }
     return names.get(str(self._tensors[name].dtype), str(self._tensors[name].dtype))
 
   def read(self, name: str) -> np.ndarray:
@@ -162,9 +170,10 @@ class WeightFiles:
       bad = int(tensor.size - np.count_nonzero(np.isfinite(tensor)))
       if bad:
         raise HFCheckpointError(
-            f"{name} in {self.file_of(name)} holds {bad} non-finite value(s) (NaN/inf) of "
-            f"{tensor.size}: a damaged download or a diverged run; re-download it, or import "
-            "it anyway with --allow_nonfinite (allow_nonfinite=True)")
+          f"{name} in {self.file_of(name)} holds {bad} non-finite value(s) (NaN/inf) of "
+          f"{tensor.size}: a damaged download or a diverged run; re-download it, or import "
+          "it anyway with --allow_nonfinite (allow_nonfinite=True)"
+        )
     return tensor
 
   def close(self) -> None:
@@ -193,9 +202,10 @@ def open_weights(folder: str, *, allow_nonfinite: bool = False) -> WeightFiles:
     return weights
   present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "(folder does not exist)"
   raise HFCheckpointError(
-      f"no weights in {folder}: expected {SINGLE_FILE}, or {SAFETENSORS_INDEX} with its "
-      f"shards (or {TORCH_FILE}, read only when torch is installed). Found: {present}. "
-      "Download the model's weights into that folder")
+    f"no weights in {folder}: expected {SINGLE_FILE}, or {SAFETENSORS_INDEX} with its "
+    f"shards (or {TORCH_FILE}, read only when torch is installed). Found: {present}. "
+    "Download the model's weights into that folder"
+  )
 
 
 def _open_single(path: str) -> WeightFiles:
@@ -213,18 +223,23 @@ def _open_index(folder: str, index_name: str) -> WeightFiles:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise HFCheckpointError(f"cannot read the weight_map of {index_path}: {e}") from None
   if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
-    raise HFCheckpointError(f"{index_path}: weight_map is not an object of tensor name -> "
-                            f"shard file name; {fix}")
+    raise HFCheckpointError(
+      f"{index_path}: weight_map is not an object of tensor name -> shard file name; {fix}"
+    )
   files = sorted(set(weight_map.values()))
   try:
-    paths = {name: untrusted.confined_join(folder, name, what=f"{index_path} weight_map",
-                                           fix=fix) for name in files}
+    paths = {
+      name: untrusted.confined_join(folder, name, what=f"{index_path} weight_map", fix=fix)
+      for name in files
+    }
   except ValueError as e:
     raise HFCheckpointError(str(e)) from None
   absent = [name for name in files if not os.path.isfile(paths[name])]
   if absent:
-    raise HFCheckpointError(f"{index_path} references shards missing from {folder}: {absent}. "
-                            "Download all shards listed in the index")
+    raise HFCheckpointError(
+      f"{index_path} references shards missing from {folder}: {absent}. "
+      "Download all shards listed in the index"
+    )
   shards = {}
   try:
     for name in files:
@@ -233,8 +248,10 @@ def _open_index(folder: str, index_name: str) -> WeightFiles:
     where = {}
     for tensor, name in weight_map.items():
       if tensor not in held[name]:
-        raise HFCheckpointError(f"{index_path} says {tensor!r} is in {name}, but {name} does "
-                                "not hold it: the shard and the index disagree (re-download)")
+        raise HFCheckpointError(
+          f"{index_path} says {tensor!r} is in {name}, but {name} does "
+          "not hold it: the shard and the index disagree (re-download)"
+        )
       where[tensor] = shards[name]
   except BaseException:
     for shard in shards.values():
@@ -246,8 +263,9 @@ def _open_index(folder: str, index_name: str) -> WeightFiles:
 # ---------------------------------------------------------------------------------- writing
 
 
-def safetensors_header(tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
-                       metadata: dict[str, str] | None = None) -> bytes:
+def safetensors_header(
+  tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]], metadata: dict[str, str] | None = None
+) -> bytes:
   """The length-prefixed JSON header for tensors laid out back to back in the given order.
 
   Returns `8-byte little-endian length + JSON`, the JSON padded with spaces to a multiple of 8
@@ -257,18 +275,22 @@ def safetensors_header(tensors: Iterable[tuple[str, tuple[int, ...], np.dtype]],
   offset = 0
   for name, shape, dtype in tensors:
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    header[name] = {"dtype": SAFETENSORS_NAME[np.dtype(dtype)], "shape": list(shape),
-                    "data_offsets": [offset, offset + nbytes]}
+    header[name] = {
+      "dtype": SAFETENSORS_NAME[np.dtype(dtype)],
+      "shape": list(shape),
+      "data_offsets": [offset, offset + nbytes],
+    }
     offset += nbytes
   encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
   encoded += b" " * (-len(encoded) % 8)
   return struct.pack("<Q", len(encoded)) + encoded
 
 
-def write_safetensors(path: str,
-                      tensors: list[tuple[str, tuple[int, ...], np.dtype,
-                                          Callable[[], np.ndarray]]],
-                      metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(
+  path: str,
+  tensors: list[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+  metadata: dict[str, str] | None = None,
+) -> int:
   """Writes a safetensors file tensor by tensor.
 
   Args:
@@ -285,8 +307,10 @@ def write_safetensors(path: str,
     for name, shape, dtype, produce in tensors:
       array = np.ascontiguousarray(produce())
       if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-        raise AssertionError(f"{name}: produced {array.shape} {array.dtype}, header says "
-                             f"{tuple(shape)} {np.dtype(dtype)}")
+        raise AssertionError(
+          f"{name}: produced {array.shape} {array.dtype}, header says "
+          f"{tuple(shape)} {np.dtype(dtype)}"
+        )
       if array.dtype.byteorder == ">":
         array = array.byteswap().view(array.dtype.newbyteorder("<"))
       f.write(memoryview(array.reshape(-1).view(np.uint8)))

@@ -28,7 +28,8 @@ class FrozenBitLinear(nnx.Module):
 
   def __init__(self, layer: layers.BitLinear, *, latent: bool = False):
     self.impl, weights, mean_abs = bitlinear.freeze_weights(
-        layer.kernel[...], layer.impl, layer.dtype, keep_latent=latent)
+      layer.kernel[...], layer.impl, layer.dtype, keep_latent=latent
+    )
     self.latent = latent
     self.eps = layer.eps
     self.dtype = layer.dtype
@@ -37,9 +38,16 @@ class FrozenBitLinear(nnx.Module):
     self.norm_scale = nnx.Param(layer.norm_scale[...])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return bitlinear.bitlinear_frozen(x, self.weights[...], self.w_mean_abs[...],
-                                      self.norm_scale[...], impl=self.impl, eps=self.eps,
-                                      dtype=self.dtype, latent=self.latent)
+    return bitlinear.bitlinear_frozen(
+      x,
+      self.weights[...],
+      self.w_mean_abs[...],
+      self.norm_scale[...],
+      impl=self.impl,
+      eps=self.eps,
+      dtype=self.dtype,
+      latent=self.latent,
+    )
 
 
 def freeze_bitlinears(module: nnx.Module, *, latent: bool = False) -> nnx.Module:

@@ -28,8 +28,11 @@ def in_place_layers(blocks: nnx.Module, x: jax.Array, per_layer, body):
   graphdef, params = nnx.split(blocks)
   num_layers = jax.tree.leaves(params)[0].shape[0]
   out_shapes = jax.eval_shape(
-      lambda p, x, xs: body(nnx.merge(graphdef, _take(p, 0)), x, _take(xs, 0))[1],
-      params, x, per_layer)
+    lambda p, x, xs: body(nnx.merge(graphdef, _take(p, 0)), x, _take(xs, 0))[1],
+    params,
+    x,
+    per_layer,
+  )
   outs = jax.tree.map(lambda s: jnp.zeros((num_layers,) + s.shape, s.dtype), out_shapes)
 
   def step(l, carry):
@@ -37,7 +40,8 @@ def in_place_layers(blocks: nnx.Module, x: jax.Array, per_layer, body):
     params = jax.lax.optimization_barrier(params)
     x, out = body(nnx.merge(graphdef, _take(params, l)), x, _take(per_layer, l))
     outs = jax.tree.map(
-        lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), l, 0), outs, out)
+      lambda o, v: jax.lax.dynamic_update_index_in_dim(o, v.astype(o.dtype), l, 0), outs, out
+    )
     return x, outs, params
 
   x, outs, _ = jax.lax.fori_loop(0, num_layers, step, (x, outs, params))
@@ -53,9 +57,12 @@ def ordered_after(module: nnx.Module, x: jax.Array) -> nnx.Module:
   v = x.reshape(-1)[0]
   zero = jnp.where(jnp.isfinite(v), v, 0) * 0
   graphdef, params = nnx.split(module)
-  return nnx.merge(graphdef, jax.tree.map(
-      lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
-      params))
+  return nnx.merge(
+    graphdef,
+    jax.tree.map(
+      lambda a: a + zero.astype(a.dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params
+    ),
+  )
 
 
 def ordered(body):

@@ -16,8 +16,9 @@ from mmfree_jax import accounting
 from mmfree_jax.infer.plan import copies_layers, plan_for
 
 
-def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *,
-                            frozen_copy: bool = False) -> dict:
+def generation_memory_bytes(
+  model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *, frozen_copy: bool = False
+) -> dict:
   """Rough device bytes of a `generate` call by part (the big allocations only).
 
   prefill_logits `[batch, prompt_len, vocab]` fp32; Transformer++: its KV cache of prompt +
@@ -30,13 +31,16 @@ def generation_memory_bytes(model_cfg, batch: int, prompt_len: int, max_new_toke
   """
   acc = 4
   total_len = prompt_len + max_new_tokens
-  parts = {"prefill_logits": batch * prompt_len * model_cfg.vocab_size * acc,
-           "prefill_activations": 8 * batch * prompt_len * model_cfg.d_model * acc,
-           "output_ids": batch * max_new_tokens * 4}
+  parts = {
+    "prefill_logits": batch * prompt_len * model_cfg.vocab_size * acc,
+    "prefill_activations": 8 * batch * prompt_len * model_cfg.d_model * acc,
+    "output_ids": batch * max_new_tokens * 4,
+  }
   if frozen_copy and copies_layers(plan_for(model_cfg, purpose="decode")):
     int8 = model_cfg.kind == "mmfree" and model_cfg.bitlinear_impl == "int8"
     parts["decode_weights"] = accounting.param_bytes(
-        model_cfg, jnp.int8 if int8 else model_cfg.compute_dtype, matmul_only=True)
+      model_cfg, jnp.int8 if int8 else model_cfg.compute_dtype, matmul_only=True
+    )
   if model_cfg.kind == "transformer":
     parts["kv_cache"] = accounting.kv_cache_bytes(model_cfg, batch, total_len)
     parts["prefill_attention_scores"] = batch * model_cfg.num_heads * prompt_len**2 * acc
@@ -59,19 +63,25 @@ def available_memory_bytes() -> int | None:
     return None
 
 
-def check_generation_fits(model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *,
-                          frozen_copy: bool = False) -> None:
+def check_generation_fits(
+  model_cfg, batch: int, prompt_len: int, max_new_tokens: int, *, frozen_copy: bool = False
+) -> None:
   """Raises ValueError, before anything is allocated, when a generation cannot fit memory."""
   if prompt_len + max_new_tokens >= 2**31 - 1:
-    raise ValueError(f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) positions do "
-                     "not fit int32 positions; shorten them")
-  parts = generation_memory_bytes(model_cfg, batch, prompt_len, max_new_tokens,
-                                  frozen_copy=frozen_copy)
+    raise ValueError(
+      f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) positions do "
+      "not fit int32 positions; shorten them"
+    )
+  parts = generation_memory_bytes(
+    model_cfg, batch, prompt_len, max_new_tokens, frozen_copy=frozen_copy
+  )
   need, free = sum(parts.values()), available_memory_bytes()
   if free is not None and need > free:
-    detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in sorted(parts.items(),
-                                                                  key=lambda kv: -kv[1]) if v)
+    detail = ", ".join(
+      f"{k} {v / 2**30:.2f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]) if v
+    )
     raise ValueError(
-        f"generating {max_new_tokens} tokens after a {prompt_len}-token prompt (batch {batch}) "
-        f"needs about {need / 2**30:.1f} GiB ({detail} GiB) but {free / 2**30:.1f} GiB are "
-        f"free on {jax.local_devices()[0].platform}; shorten the prompt or max_new_tokens")
+      f"generating {max_new_tokens} tokens after a {prompt_len}-token prompt (batch {batch}) "
+      f"needs about {need / 2**30:.1f} GiB ({detail} GiB) but {free / 2**30:.1f} GiB are "
+      f"free on {jax.local_devices()[0].platform}; shorten the prompt or max_new_tokens"
+    )

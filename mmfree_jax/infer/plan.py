@@ -47,6 +47,7 @@ PURPOSES = ("decode", "score")
 @dataclasses.dataclass(frozen=True)
 class InferencePlan:
   """How to run a model for inference (hashable: it is static in jitted functions)."""
+
   weights: str = "latent"
   layer_loop: str = "scan"
   order_layers: bool = False
@@ -60,12 +61,14 @@ class InferencePlan:
 
 def converts_dot_operands(cfg: ModelConfig, platform: str) -> bool:
   """Whether `CPU_CONVERTS_DOT_OPERANDS` applies: XLA:CPU and a compute dtype under 32 bits."""
-  return (CPU_CONVERTS_DOT_OPERANDS and platform == "cpu"
-          and jnp.dtype(cfg.compute_dtype).itemsize < 4)
+  return (
+    CPU_CONVERTS_DOT_OPERANDS and platform == "cpu" and jnp.dtype(cfg.compute_dtype).itemsize < 4
+  )
 
 
-def plan_for(cfg: ModelConfig, platform: str | None = None, *,
-             purpose: str = "decode") -> InferencePlan:
+def plan_for(
+  cfg: ModelConfig, platform: str | None = None, *, purpose: str = "decode"
+) -> InferencePlan:
   """The plan for a latent `MatMulFreeLM` / `TransformerLM` of `cfg` on `platform` ('cpu',
   'gpu', 'tpu'; None = `kernels.dispatch.current_platform()`).
 

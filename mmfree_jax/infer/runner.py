@@ -56,27 +56,29 @@ class PlannedLM(nnx.Module):
     if self.layers is not None or per_layer_list or self.plan.layer_loop == "unrolled":
       if self.plan.order_layers:
         body = loops.ordered(body)
-      return unroll_blocks(self.layers if self.layers is not None else layer_blocks(blocks),
-                           x, per_layer, body)
+      return unroll_blocks(
+        self.layers if self.layers is not None else layer_blocks(blocks), x, per_layer, body
+      )
     if self.plan.layer_loop == "in_place":
       return loops.in_place_layers(blocks, x, per_layer, body)
     return scan_blocks(blocks, x, per_layer, body, "none")
 
   def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None, state=None):
     """The model's `__call__` (same contract), its layers run by the plan's loop."""
-    return self.model(tokens, segment_ids=segment_ids, state=state,
-                      layer_loop=self._layer_loop)
+    return self.model(tokens, segment_ids=segment_ids, state=state, layer_loop=self._layer_loop)
 
 
-def prepare(model: nnx.Module, plan: InferencePlan | None = None, *,
-            purpose: str = "decode") -> nnx.Module:
+def prepare(
+  model: nnx.Module, plan: InferencePlan | None = None, *, purpose: str = "decode"
+) -> nnx.Module:
   """`model` ready to run as `plan` says (default: `plan_for(model.cfg, purpose=purpose)`): a
   `PlannedLM` for a latent model; a `PackedLM` (or a model already prepared) as it is."""
   if isinstance(model, (PackedLM, PlannedLM)):
     return model
   if not isinstance(model, (MatMulFreeLM, TransformerLM)):
-    raise TypeError(f"prepare takes a MatMulFreeLM, TransformerLM or PackedLM; got "
-                    f"{type(model).__name__}")
+    raise TypeError(
+      f"prepare takes a MatMulFreeLM, TransformerLM or PackedLM; got {type(model).__name__}"
+    )
   return PlannedLM(model, plan or plan_for(model.cfg, purpose=purpose))
 
 

@@ -61,20 +61,23 @@ def block_size(seq: int) -> int:
 def unsupported(q, k, v, segment_ids=None) -> str | None:
   """A reason string when the kernel cannot take these inputs, else None."""
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-    return (f"expects q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, "
-            f"head_dim] of one shape; got q{q.shape}, k{k.shape}, v{v.shape}")
+    return (
+      f"expects q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, "
+      f"head_dim] of one shape; got q{q.shape}, k{k.shape}, v{v.shape}"
+    )
   batch, seq, heads, head_dim = q.shape
   if k.shape[:2] != (batch, seq) or k.shape[3] != head_dim or heads % k.shape[2]:
-    return (f"k/v {k.shape} do not match q {q.shape} (same batch, seq and head_dim; kv_heads "
-            "dividing heads)")
+    return (
+      f"k/v {k.shape} do not match q {q.shape} (same batch, seq and head_dim; kv_heads "
+      "dividing heads)"
+    )
   if segment_ids is not None and segment_ids.shape != (batch, seq):
     return f"segment_ids must be [batch, seq] = {(batch, seq)}; got {segment_ids.shape}"
   dtypes = {jnp.dtype(t.dtype) for t in (q, k, v)}
   if len(dtypes) != 1:
     return f"mixed input dtypes {sorted(str(d) for d in dtypes)} (cast them to one dtype)"
   if jnp.dtype(q.dtype) not in SPLASH_DTYPES:
-    return (f"dtype {q.dtype} is not supported (splash attention compiles for float32 and "
-            "bfloat16)")
+    return f"dtype {q.dtype} is not supported (splash attention compiles for float32 and bfloat16)"
   return None
 
 
@@ -83,12 +86,20 @@ def _kernel(heads: int, seq: int, block: int, interpret: bool | str):
   trace: it holds jax arrays (a cached one would leak tracers across traces); the numpy block
   mask behind them is cached by splash itself (`process_mask`)."""
   mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * heads)
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
+  sizes = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
   interpret_arg = pltpu.InterpretParams() if interpret == "tpu" else bool(interpret)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret_arg)
+  return splash.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret_arg
+  )
 
 
 def _splash(q, k, v, segment_ids, interpret, block):
@@ -98,27 +109,34 @@ def _splash(q, k, v, segment_ids, interpret, block):
   padded = common.round_up(seq, block)
   acc = jnp.promote_types(q.dtype, jnp.float32)
   q = (q.astype(acc) * (1.0 / np.sqrt(head_dim))).astype(q.dtype)  # one rounding in bf16
-  to_kernel = lambda t: jnp.pad(jnp.swapaxes(t, 1, 2),  # [batch, heads, padded, head_dim]
-                                ((0, 0), (0, 0), (0, padded - seq), (0, 0)))
+  to_kernel = lambda t: jnp.pad(
+    jnp.swapaxes(t, 1, 2),  # [batch, heads, padded, head_dim]
+    ((0, 0), (0, 0), (0, padded - seq), (0, 0)),
+  )
   q, k, v = to_kernel(q), to_kernel(k), to_kernel(v)
   kernel_for = lambda interpret_arg: _kernel(heads, padded, block, interpret_arg)
   if segment_ids is None:
     call = lambda interpret_arg: jax.vmap(kernel_for(interpret_arg))(q, k, v)
   else:
     # pads get their own id (-1): a padded query attends itself and other pads, never a token
-    ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - seq)),
-                  constant_values=-1)
+    ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - seq)), constant_values=-1)
     call = lambda interpret_arg: jax.vmap(
-        lambda q, k, v, ids: kernel_for(interpret_arg)(q, k, v, splash.SegmentIds(ids, ids)))(
-            q, k, v, ids)
+      lambda q, k, v, ids: kernel_for(interpret_arg)(q, k, v, splash.SegmentIds(ids, ids))
+    )(q, k, v, ids)
   out = common.run_kernel(call, compiled_on=("tpu",), interpret=interpret)
   return jnp.swapaxes(out[:, :, :seq], 1, 2)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                     segment_ids: jax.Array | None = None, *,
-                     interpret: bool | str | None = None, block: int | None = None,
-                     fallback: Callable | None = None) -> jax.Array:
+def splash_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  interpret: bool | str | None = None,
+  block: int | None = None,
+  fallback: Callable | None = None,
+) -> jax.Array:
   """Causal (segment-masked) softmax attention with the splash kernel; see the module docstring.
 
   Args:

@@ -117,8 +117,11 @@ def _tpu_rows(n: int, d: int) -> int:
 
 def _out_shapes(n, d, dtype):
   acc = acc_dtype(dtype)
-  return (jax.ShapeDtypeStruct((n, d), jnp.int8), jax.ShapeDtypeStruct((n, 1), acc),
-          jax.ShapeDtypeStruct((n, 1), acc))
+  return (
+    jax.ShapeDtypeStruct((n, d), jnp.int8),
+    jax.ShapeDtypeStruct((n, 1), acc),
+    jax.ShapeDtypeStruct((n, 1), acc),
+  )
 
 
 def _call_tpu(x2, gamma, eps, interpret):
@@ -127,14 +130,14 @@ def _call_tpu(x2, gamma, eps, interpret):
   row_block = pl.BlockSpec((rows, d), lambda r: (r, 0))
   stat_block = pl.BlockSpec((rows, 1), lambda r: (r, 0))
   call = lambda interpret: pl.pallas_call(
-      functools.partial(_tpu_kernel, eps=eps),
-      out_shape=_out_shapes(n, d, x2.dtype),
-      grid=(pl.cdiv(n, rows),),
-      in_specs=[row_block, pl.BlockSpec((1, d), lambda r: (0, 0))],
-      out_specs=[row_block, stat_block, stat_block],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=pltpu.InterpretParams() if interpret == "tpu" else bool(interpret),
-      name="mmfree_rmsnorm_quantize",
+    functools.partial(_tpu_kernel, eps=eps),
+    out_shape=_out_shapes(n, d, x2.dtype),
+    grid=(pl.cdiv(n, rows),),
+    in_specs=[row_block, pl.BlockSpec((1, d), lambda r: (0, 0))],
+    out_specs=[row_block, stat_block, stat_block],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    interpret=pltpu.InterpretParams() if interpret == "tpu" else bool(interpret),
+    name="mmfree_rmsnorm_quantize",
   )(x2, gamma.reshape(1, d))
   return common.run_kernel(call, compiled_on=("tpu",), interpret=interpret)
 
@@ -147,21 +150,28 @@ def _call_gpu(x2, gamma, eps, interpret):
   row = pl.BlockSpec((rows, d), lambda r: (r, 0))
   stat = pl.BlockSpec((rows, 1), lambda r: (r, 0))
   call = lambda interpret: pl.pallas_call(
-      functools.partial(_gpu_kernel, eps=eps, n=n, d=d, d_pow2=d_pow2),
-      out_shape=_out_shapes(n, d, x2.dtype),
-      grid=(pl.cdiv(n, rows),),
-      in_specs=[row, pl.BlockSpec((d,), lambda r: (0,))],
-      out_specs=[row, stat, stat],
-      compiler_params=plgpu.CompilerParams(num_warps=min(8, max(1, rows * d_pow2 // 512)),
-                                           num_stages=1),
-      interpret=bool(interpret),
-      name="mmfree_rmsnorm_quantize",
+    functools.partial(_gpu_kernel, eps=eps, n=n, d=d, d_pow2=d_pow2),
+    out_shape=_out_shapes(n, d, x2.dtype),
+    grid=(pl.cdiv(n, rows),),
+    in_specs=[row, pl.BlockSpec((d,), lambda r: (0,))],
+    out_specs=[row, stat, stat],
+    compiler_params=plgpu.CompilerParams(
+      num_warps=min(8, max(1, rows * d_pow2 // 512)), num_stages=1
+    ),
+    interpret=bool(interpret),
+    name="mmfree_rmsnorm_quantize",
   )(x2, gamma)
   return common.run_kernel(call, compiled_on=GPU_PLATFORMS, interpret=interpret)
 
 
-def rmsnorm_quantize(x: jax.Array, gamma: jax.Array, eps: float = quant.BITLINEAR_NORM_EPS, *,
-                     platform: str, interpret: bool | str | None = None):
+def rmsnorm_quantize(
+  x: jax.Array,
+  gamma: jax.Array,
+  eps: float = quant.BITLINEAR_NORM_EPS,
+  *,
+  platform: str,
+  interpret: bool | str | None = None,
+):
   """Fused RMSNorm + int8 absmax quantization (module docstring).
 
   Args:

@@ -27,8 +27,11 @@ class KernelFallbackWarning(UserWarning):
 
 def warn_fallback(kernel: str, reason: str) -> None:
   """One line: which kernel, why, and that the reference runs instead."""
-  warnings.warn(f"{kernel}: {reason}; running the pure-JAX reference instead",
-                KernelFallbackWarning, stacklevel=3)
+  warnings.warn(
+    f"{kernel}: {reason}; running the pure-JAX reference instead",
+    KernelFallbackWarning,
+    stacklevel=3,
+  )
 
 
 def fall_back(kernel: str, reason: str, fallback: Callable | None, *args):
@@ -53,8 +56,9 @@ def unsupported_dtype(*arrays, interpret=None) -> str | None:
   if dtype == jnp.float64 and interpret:
     return None
   if dtype not in KERNEL_DTYPES:
-    return (f"dtype {dtype} is not supported (kernels take "
-            f"{', '.join(str(d) for d in KERNEL_DTYPES)})")
+    return (
+      f"dtype {dtype} is not supported (kernels take {', '.join(str(d) for d in KERNEL_DTYPES)})"
+    )
   return None
 
 
@@ -62,12 +66,15 @@ def check_recurrence_shapes(f, i, initial_state) -> tuple[int, int, int]:
   """`(batch, seq, dim)` of `f, i: [batch, seq, dim]`; a ValueError for mismatched shapes or an
   `initial_state` that is not `[batch, dim]` (the same checks as `ops.recurrence`)."""
   if f.shape != i.shape or f.ndim != 3:
-    raise ValueError(f"recurrence expects f and i of the same shape [batch, seq, dim]; got "
-                     f"f{f.shape} and i{i.shape}")
+    raise ValueError(
+      f"recurrence expects f and i of the same shape [batch, seq, dim]; got "
+      f"f{f.shape} and i{i.shape}"
+    )
   batch, seq, dim = f.shape
   if initial_state is not None and initial_state.shape != (batch, dim):
     raise ValueError(
-        f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}")
+      f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}"
+    )
   return batch, seq, dim
 
 
@@ -96,18 +103,20 @@ def run_kernel(call: Callable, *, compiled_on: tuple[str, ...], interpret):
     return call(interpret)
   branches = {platform: functools.partial(call, False) for platform in compiled_on}
   branches.setdefault("cpu", functools.partial(call, True))
-  refuse = lambda: jax.tree.map(functools.partial(_refuse_p.bind, compiled_on=compiled_on),
-                                call(True))
+  refuse = lambda: jax.tree.map(
+    functools.partial(_refuse_p.bind, compiled_on=compiled_on), call(True)
+  )
   return jax.lax.platform_dependent(**branches, default=refuse)
 
 
 def _refuse_lowering(ctx, x, *, compiled_on):
   platforms = ", ".join(ctx.module_context.platforms)
   raise ValueError(
-      f"a Pallas kernel compiled for {'/'.join(compiled_on)} is being lowered for {platforms}, "
-      "where only Pallas' slow interpreter could run it; lower inside "
-      "`mmfree_jax.kernels.dispatch.kernel_platform('gpu')` (or 'tpu') to get that "
-      "platform's kernel, or choose a pure-JAX scan_type / bitlinear_impl / attention_impl")
+    f"a Pallas kernel compiled for {'/'.join(compiled_on)} is being lowered for {platforms}, "
+    "where only Pallas' slow interpreter could run it; lower inside "
+    "`mmfree_jax.kernels.dispatch.kernel_platform('gpu')` (or 'tpu') to get that "
+    "platform's kernel, or choose a pure-JAX scan_type / bitlinear_impl / attention_impl"
+  )
 
 
 # Identity that refuses to lower: marks an interpreted kernel on a platform it must not reach.
@@ -116,7 +125,11 @@ _refuse_p.def_abstract_eval(lambda x, **_: x)
 _refuse_p.def_impl(lambda x, **_: x)
 mlir.register_lowering(_refuse_p, _refuse_lowering)
 # Gradients and vmap pass through: the marked forward already refuses to lower.
-ad.primitive_jvps[_refuse_p] = lambda primals, tangents, **kw: (_refuse_p.bind(*primals, **kw),
-                                                                tangents[0])
-batching.primitive_batchers[_refuse_p] = lambda args, dims, **kw: (_refuse_p.bind(*args, **kw),
-                                                                   dims[0])
+ad.primitive_jvps[_refuse_p] = lambda primals, tangents, **kw: (
+  _refuse_p.bind(*primals, **kw),
+  tangents[0],
+)
+batching.primitive_batchers[_refuse_p] = lambda args, dims, **kw: (
+  _refuse_p.bind(*args, **kw),
+  dims[0],
+)

@@ -38,8 +38,7 @@ def default_platform() -> str:
   return platform_of(jax.default_backend())
 
 
-_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_platform",
-                                                           default=None)
+_OVERRIDE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_platform", default=None)
 
 
 @contextlib.contextmanager
@@ -74,9 +73,13 @@ def kernel_platform_or_interpret(what: str) -> str:
   platform = current_platform()
   if platform in KERNEL_PLATFORMS:
     return platform
-  warnings.warn(f"{what}: no Pallas kernel for the {platform} backend; running the TPU kernel "
-                "in Pallas interpret mode (slow, meant for tests; 'auto' picks the pure-JAX "
-                "implementation on CPU)", common.KernelFallbackWarning, stacklevel=3)
+  warnings.warn(
+    f"{what}: no Pallas kernel for the {platform} backend; running the TPU kernel "
+    "in Pallas interpret mode (slow, meant for tests; 'auto' picks the pure-JAX "
+    "implementation on CPU)",
+    common.KernelFallbackWarning,
+    stacklevel=3,
+  )
   return "tpu"
 
 
@@ -101,8 +104,7 @@ def recurrence(f, i, initial_state=None, *, platform: str, interpret=None, fallb
   or as a `kernel_platform` block says)."""
   _check(platform)
   interpret = interpret_mode(interpret)
-  kernel = (recurrence_gpu.recurrence_gpu if platform == "gpu"
-            else recurrence_tpu.recurrence_tpu)
+  kernel = recurrence_gpu.recurrence_gpu if platform == "gpu" else recurrence_tpu.recurrence_tpu
   fn = lambda f, i, h0: kernel(f, i, h0, interpret=interpret, fallback=fallback)
   return kernel_sharding.recurrence(fn, f, i, initial_state)
 

@@ -79,28 +79,38 @@ def _backward_kernel(f_ref, h_ref, dh_ref, h0_ref, dh_last_ref, df_ref, di_ref, 
   dh0_ref[...] = jax.lax.fori_loop(0, seq, step, dh_last_ref[...])
 
 
-def _call(kernel, tiling: _Tiling, args, out_shape, n_seq_in: int, n_state_in: int,
-          n_seq_out: int, n_state_out: int):
+def _call(
+  kernel,
+  tiling: _Tiling,
+  args,
+  out_shape,
+  n_seq_in: int,
+  n_state_in: int,
+  n_seq_out: int,
+  n_state_out: int,
+):
   batch, seq, dim = args[0].shape
   seq_spec = pl.BlockSpec((None, seq, tiling.block_d), lambda b, d: (b, 0, d))
   state_spec = pl.BlockSpec((None, tiling.block_d), lambda b, d: (b, d))
   call = lambda interpret: pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=(batch, dim // tiling.block_d),
-      in_specs=[seq_spec] * n_seq_in + [state_spec] * n_state_in,
-      out_specs=[seq_spec] * n_seq_out + [state_spec] * n_state_out,
-      compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
-      interpret=bool(interpret),
-      name="mmfree_recurrence_fwd" if kernel is _forward_kernel else "mmfree_recurrence_bwd",
+    kernel,
+    out_shape=out_shape,
+    grid=(batch, dim // tiling.block_d),
+    in_specs=[seq_spec] * n_seq_in + [state_spec] * n_state_in,
+    out_specs=[seq_spec] * n_seq_out + [state_spec] * n_state_out,
+    compiler_params=plgpu.CompilerParams(num_warps=tiling.num_warps, num_stages=1),
+    interpret=bool(interpret),
+    name="mmfree_recurrence_fwd" if kernel is _forward_kernel else "mmfree_recurrence_bwd",
   )(*args)
   return common.run_kernel(call, compiled_on=GPU_PLATFORMS, interpret=tiling.interpret)
 
 
 def _forward(f, i, h0, tiling):
   batch, seq, dim = f.shape
-  out_shape = (jax.ShapeDtypeStruct((batch, seq, dim), i.dtype),
-               jax.ShapeDtypeStruct((batch, dim), h0.dtype))
+  out_shape = (
+    jax.ShapeDtypeStruct((batch, seq, dim), i.dtype),
+    jax.ShapeDtypeStruct((batch, dim), h0.dtype),
+  )
   return _call(_forward_kernel, tiling, (f, i, h0), out_shape, 2, 1, 1, 1)
 
 
@@ -117,21 +127,37 @@ def _recurrence_fwd(f, i, h0, tiling):
 def _recurrence_bwd(tiling, residuals, cotangents):
   f, h, h0 = residuals
   dh, dh_last = cotangents
-  out_shape = (jax.ShapeDtypeStruct(f.shape, f.dtype), jax.ShapeDtypeStruct(f.shape, h.dtype),
-               jax.ShapeDtypeStruct(h0.shape, h0.dtype))
-  df, di, dh0 = _call(_backward_kernel, tiling,
-                      (f, h, dh.astype(h.dtype), h0, dh_last.astype(h0.dtype)), out_shape,
-                      3, 2, 2, 1)
+  out_shape = (
+    jax.ShapeDtypeStruct(f.shape, f.dtype),
+    jax.ShapeDtypeStruct(f.shape, h.dtype),
+    jax.ShapeDtypeStruct(h0.shape, h0.dtype),
+  )
+  df, di, dh0 = _call(
+    _backward_kernel,
+    tiling,
+    (f, h, dh.astype(h.dtype), h0, dh_last.astype(h0.dtype)),
+    out_shape,
+    3,
+    2,
+    2,
+    1,
+  )
   return df, di, dh0
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def recurrence_gpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None = None, *,
-                   interpret: bool | None = None, block_d: int | None = None,
-                   num_warps: int | None = None, fallback: Callable | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def recurrence_gpu(
+  f: jax.Array,
+  i: jax.Array,
+  initial_state: jax.Array | None = None,
+  *,
+  interpret: bool | None = None,
+  block_d: int | None = None,
+  num_warps: int | None = None,
+  fallback: Callable | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """`h_t = f_t h_{t-1} + i_t` with the Triton kernel (module docstring for shapes).
 
   Args:
@@ -165,8 +191,9 @@ def recurrence_gpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
   if pad:  # padded features: f = i = 0, state 0; sliced off below
     widen = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
     f, i, h0 = widen(f), widen(i), widen(h0)
-  tiling = _Tiling(block_d, num_warps or max(1, block_d // 64),
-                   None if interpret is None else bool(interpret))
+  tiling = _Tiling(
+    block_d, num_warps or max(1, block_d // 64), None if interpret is None else bool(interpret)
+  )
   h, h_last = _recurrence(f, i, h0, tiling)
   if pad:
     h, h_last = h[..., :dim], h_last[..., :dim]

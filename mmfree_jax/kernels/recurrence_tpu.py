@@ -83,8 +83,9 @@ def _forward_kernel(f_ref, i_ref, h0_ref, h_ref, h_last_ref, carry_ref):
   h_last_ref[...] = h  # the block index is constant over time: the last write lands
 
 
-def _backward_kernel(f_ref, h_ref, dh_ref, h_prev_ref, dh_last_ref, df_ref, di_ref, dh0_ref,
-                     carry_ref):
+def _backward_kernel(
+  f_ref, h_ref, dh_ref, h_prev_ref, dh_last_ref, df_ref, di_ref, dh0_ref, carry_ref
+):
   # Time blocks arrive in reverse. carry = f_{t+1} dh_{t+1}; h_prev_ref: h before this block.
   @pl.when(pl.program_id(2) == 0)
   def _():
@@ -111,8 +112,9 @@ def _backward_kernel(f_ref, h_ref, dh_ref, h_prev_ref, dh_last_ref, df_ref, di_r
 
 def _specs(tiling: _Tiling, n_blocks: int, reverse: bool):
   time = (lambda s: n_blocks - 1 - s) if reverse else (lambda s: s)
-  seq = pl.BlockSpec((None, tiling.time_block, tiling.rows, LANES),
-                     lambda b, d, s: (b, time(s), d, 0))
+  seq = pl.BlockSpec(
+    (None, tiling.time_block, tiling.rows, LANES), lambda b, d, s: (b, time(s), d, 0)
+  )
   state = pl.BlockSpec((None, tiling.rows, LANES), lambda b, d, s: (b, d, 0))
   boundary = pl.BlockSpec((None, None, tiling.rows, LANES), lambda b, d, s: (b, time(s), d, 0))
   return seq, state, boundary
@@ -120,16 +122,15 @@ def _specs(tiling: _Tiling, n_blocks: int, reverse: bool):
 
 def _pallas(kernel, tiling, grid, in_specs, out_specs, out_shape, name, acc, *args):
   call = lambda interpret: pl.pallas_call(
-      kernel,
-      out_shape=out_shape,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      scratch_shapes=[pltpu.VMEM((tiling.rows, LANES), acc)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=_interpret_arg(interpret),
-      name=name,
+    kernel,
+    out_shape=out_shape,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    scratch_shapes=[pltpu.VMEM((tiling.rows, LANES), acc)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    interpret=_interpret_arg(interpret),
+    name=name,
   )(*args)
   return common.run_kernel(call, compiled_on=("tpu",), interpret=tiling.interpret)
 
@@ -143,10 +144,20 @@ def _forward(f, i, h0, tiling):
   # f, i: [B, T, R, 128] (T a multiple of the time block); h0: [B, R, 128] fp32.
   grid = _grid(f.shape, tiling)
   seq, state, _ = _specs(tiling, grid[2], reverse=False)
-  out_shape = (jax.ShapeDtypeStruct(f.shape, i.dtype),
-               jax.ShapeDtypeStruct(h0.shape, h0.dtype))
-  return _pallas(_forward_kernel, tiling, grid, [seq, seq, state], [seq, state], out_shape,
-                 "mmfree_recurrence_fwd", h0.dtype, f, i, h0)
+  out_shape = (jax.ShapeDtypeStruct(f.shape, i.dtype), jax.ShapeDtypeStruct(h0.shape, h0.dtype))
+  return _pallas(
+    _forward_kernel,
+    tiling,
+    grid,
+    [seq, seq, state],
+    [seq, state],
+    out_shape,
+    "mmfree_recurrence_fwd",
+    h0.dtype,
+    f,
+    i,
+    h0,
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -165,21 +176,44 @@ def _recurrence_bwd(tiling, residuals, cotangents):
   grid = _grid(f.shape, tiling)
   block = tiling.time_block
   # The state entering each time block: h0, then the last row of every block but the last.
-  h_prev = jnp.concatenate([h0[:, None], h[:, block - 1:-1:block].astype(h0.dtype)], axis=1)
+  h_prev = jnp.concatenate([h0[:, None], h[:, block - 1 : -1 : block].astype(h0.dtype)], axis=1)
   seq, state, boundary = _specs(tiling, grid[2], reverse=True)
-  out_shape = (jax.ShapeDtypeStruct(f.shape, f.dtype), jax.ShapeDtypeStruct(f.shape, h.dtype),
-               jax.ShapeDtypeStruct(h0.shape, h0.dtype))
-  return tuple(_pallas(_backward_kernel, tiling, grid, [seq, seq, seq, boundary, state],
-                       [seq, seq, state], out_shape, "mmfree_recurrence_bwd", h0.dtype,
-                       f, h, dh.astype(h.dtype), h_prev, dh_last.astype(h0.dtype)))
+  out_shape = (
+    jax.ShapeDtypeStruct(f.shape, f.dtype),
+    jax.ShapeDtypeStruct(f.shape, h.dtype),
+    jax.ShapeDtypeStruct(h0.shape, h0.dtype),
+  )
+  return tuple(
+    _pallas(
+      _backward_kernel,
+      tiling,
+      grid,
+      [seq, seq, seq, boundary, state],
+      [seq, seq, state],
+      out_shape,
+      "mmfree_recurrence_bwd",
+      h0.dtype,
+      f,
+      h,
+      dh.astype(h.dtype),
+      h_prev,
+      dh_last.astype(h0.dtype),
+    )
+  )
 
 
 _recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
 
 
-def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None = None, *,
-                   interpret: bool | str | None = None, time_block: int | None = None,
-                   fallback: Callable | None = None) -> tuple[jax.Array, jax.Array]:
+def recurrence_tpu(
+  f: jax.Array,
+  i: jax.Array,
+  initial_state: jax.Array | None = None,
+  *,
+  interpret: bool | str | None = None,
+  time_block: int | None = None,
+  fallback: Callable | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """`h_t = f_t h_{t-1} + i_t` with the Mosaic kernel (module docstring for shapes).
 
   Args:
@@ -198,8 +232,10 @@ def recurrence_tpu(f: jax.Array, i: jax.Array, initial_state: jax.Array | None =
   batch, seq, dim = common.check_recurrence_shapes(f, i, initial_state)
   reason = common.unsupported_dtype(f, i, interpret=interpret)
   if reason is None and dim % LANES:
-    reason = (f"feature dim {dim} is not a multiple of the {LANES} TPU lanes (make d_model a "
-              f"multiple of {LANES})")
+    reason = (
+      f"feature dim {dim} is not a multiple of the {LANES} TPU lanes (make d_model a "
+      f"multiple of {LANES})"
+    )
   if reason is None and seq == 0:
     reason = "empty sequence"
   if reason is not None:

@@ -20,8 +20,9 @@ from mmfree_jax.nn.model import (
 )
 
 
-def transformer_hidden_states(model: TransformerLM, tokens: jax.Array,
-                              segment_ids: jax.Array | None = None) -> jax.Array:
+def transformer_hidden_states(
+  model: TransformerLM, tokens: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
   """`[layers + 1, batch, seq, d]` in the compute dtype: entry l is block l's input, entry
   `layers` the last block's output (before the final norm).
 
@@ -43,8 +44,9 @@ def transformer_hidden_states(model: TransformerLM, tokens: jax.Array,
   return jnp.concatenate([x[None], outputs], axis=0)
 
 
-def mmfree_block_outputs(model: MatMulFreeLM, inputs: jax.Array,
-                         segment_ids: jax.Array | None = None) -> jax.Array:
+def mmfree_block_outputs(
+  model: MatMulFreeLM, inputs: jax.Array, segment_ids: jax.Array | None = None
+) -> jax.Array:
   """Block l of the student applied to `inputs[l]`, for every l: `[layers, batch, seq, d]`.
 
   inputs: `[layers, batch, seq, d]` (e.g. `transformer_hidden_states(teacher, ...)[:-1]`).
@@ -52,8 +54,10 @@ def mmfree_block_outputs(model: MatMulFreeLM, inputs: jax.Array,
   """
   cfg = model.cfg
   if inputs.ndim != 4 or inputs.shape[0] != cfg.num_layers or inputs.shape[-1] != cfg.d_model:
-    raise ValueError(f"inputs must be [num_layers={cfg.num_layers}, batch, seq, "
-                     f"d_model={cfg.d_model}]; got {inputs.shape}")
+    raise ValueError(
+      f"inputs must be [num_layers={cfg.num_layers}, batch, seq, "
+      f"d_model={cfg.d_model}]; got {inputs.shape}"
+    )
   reset = None
   if segment_ids is not None and cfg.reset_at_doc_start:
     reset = reset_mask(segment_ids)
@@ -63,6 +67,11 @@ def mmfree_block_outputs(model: MatMulFreeLM, inputs: jax.Array,
     y, _ = block(x.astype(cfg.compute_dtype), lower_bound, reset=reset)
     return carry, y
 
-  _, outputs = scan_blocks(model.blocks, jnp.zeros((), cfg.compute_dtype),
-                            (model.layer_lower_bounds(), inputs), body, cfg.remat)
+  _, outputs = scan_blocks(
+    model.blocks,
+    jnp.zeros((), cfg.compute_dtype),
+    (model.layer_lower_bounds(), inputs),
+    body,
+    cfg.remat,
+  )
   return outputs

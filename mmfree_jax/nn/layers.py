@@ -40,8 +40,7 @@ def param(rngs: nnx.Rngs | None, init, shape, dtype, axes) -> nnx.Param:
 class RMSNorm(nnx.Module):
   """RMSNorm with scale `scale [dim]` (init 1). `[..., dim]` → same shape, x's dtype."""
 
-  def __init__(self, dim: int, *, eps: float, axis: str = "embed",
-               param_dtype=jnp.float32):
+  def __init__(self, dim: int, *, eps: float, axis: str = "embed", param_dtype=jnp.float32):
     self.eps = eps
     self.scale = param(None, nnx.initializers.ones, (dim,), param_dtype, (axis,))
 
@@ -58,17 +57,25 @@ class BitLinear(nnx.Module):
   For inference, `mmfree_jax.infer.frozen.FrozenBitLinear` takes its place, quantized once.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
-               kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
-               eps: float = quant.BITLINEAR_NORM_EPS, impl: str = "autodiff",
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str, str],
+    kernel_init: Initializer,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    eps: float = quant.BITLINEAR_NORM_EPS,
+    impl: str = "autodiff",
+    rngs: nnx.Rngs,
+  ):
     bitlinear.get_bitlinear(impl)  # fails early on an unknown impl
     self.eps = eps
     self.dtype = dtype
     self.impl = impl
     self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
-    self.norm_scale = param(None, nnx.initializers.ones, (in_features,), param_dtype,
-                             (axes[0],))
+    self.norm_scale = param(None, nnx.initializers.ones, (in_features,), param_dtype, (axes[0],))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     fn = bitlinear.get_bitlinear(self.impl)
@@ -78,9 +85,17 @@ class BitLinear(nnx.Module):
 class Dense(nnx.Module):
   """Plain linear layer without bias: `kernel [in, out]`. `[..., in]` → `[..., out]`."""
 
-  def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
-               kernel_init: Initializer, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: tuple[str, str],
+    kernel_init: Initializer,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
     self.kernel = param(rngs, kernel_init, (in_features, out_features), param_dtype, axes)
 
@@ -97,18 +112,27 @@ class MLGRU(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d = d_in = cfg.d_model
     self.cfg = cfg
-    proj = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
-                kernel_init=xavier_uniform_init(2**-2.5), impl=cfg.bitlinear_impl)
+    proj = dict(
+      dtype=cfg.compute_dtype,
+      param_dtype=cfg.weight_dtype,
+      rngs=rngs,
+      kernel_init=xavier_uniform_init(2**-2.5),
+      impl=cfg.bitlinear_impl,
+    )
     self.i_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
     self.f_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
     self.g_proj = BitLinear(d, d_in, axes=("embed", "inner"), **proj)
     self.o_proj = BitLinear(d_in, d, axes=("inner", "embed"), **proj)
-    self.g_norm = RMSNorm(d_in, eps=cfg.rms_norm_eps, axis="inner",
-                          param_dtype=cfg.weight_dtype)
+    self.g_norm = RMSNorm(d_in, eps=cfg.rms_norm_eps, axis="inner", param_dtype=cfg.weight_dtype)
 
-  def __call__(self, x: jax.Array, lower_bound: jax.Array, *,
-               initial_state: jax.Array | None = None,
-               reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(
+    self,
+    x: jax.Array,
+    lower_bound: jax.Array,
+    *,
+    initial_state: jax.Array | None = None,
+    reset: jax.Array | None = None,
+  ) -> tuple[jax.Array, jax.Array]:
     """
     Args:
       x: `[batch, seq, d]`.
@@ -116,14 +140,33 @@ class MLGRU(nnx.Module):
       initial_state: `[batch, d_in]` fp32 or None.
       reset: `[batch, seq]` bool, True where a new document starts (forget gate set to 0).
     """
-    return mlgru_mix(x, lower_bound, i_proj=self.i_proj, f_proj=self.f_proj,
-                     g_proj=self.g_proj, o_proj=self.o_proj, g_norm=self.g_norm, cfg=self.cfg,
-                     initial_state=initial_state, reset=reset)
+    return mlgru_mix(
+      x,
+      lower_bound,
+      i_proj=self.i_proj,
+      f_proj=self.f_proj,
+      g_proj=self.g_proj,
+      o_proj=self.o_proj,
+      g_norm=self.g_norm,
+      cfg=self.cfg,
+      initial_state=initial_state,
+      reset=reset,
+    )
 
 
-def mlgru_mix(x: jax.Array, lower_bound: jax.Array, *, i_proj, f_proj, g_proj, o_proj, g_norm,
-              cfg: ModelConfig, initial_state: jax.Array | None = None,
-              reset: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def mlgru_mix(
+  x: jax.Array,
+  lower_bound: jax.Array,
+  *,
+  i_proj,
+  f_proj,
+  g_proj,
+  o_proj,
+  g_norm,
+  cfg: ModelConfig,
+  initial_state: jax.Array | None = None,
+  reset: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """The MLGRU's wiring, on any projections and norm (callables `[..., in]` → `[..., out]`):
   the trained layer's BitLinears, or stored codes (`nn.packed`). Arguments and results as
   `MLGRU.__call__`. One step with a state (`seq` 1, a decode step) skips the scan."""
@@ -134,8 +177,9 @@ def mlgru_mix(x: jax.Array, lower_bound: jax.Array, *, i_proj, f_proj, g_proj, o
     h = f * initial_state[:, None] + i
     h_last = h[:, 0]
   else:
-    h, h_last = recurrence.linear_recurrence(f, i, initial_state, scan_type=cfg.scan_type,
-                                             chunk_size=cfg.chunk_size)
+    h, h_last = recurrence.linear_recurrence(
+      f, i, initial_state, scan_type=cfg.scan_type, chunk_size=cfg.chunk_size
+    )
   g = g_norm(g_proj(x).astype(f.dtype))
   o = mlgru.output(g, h)
   return o_proj(o.astype(cfg.compute_dtype)), h_last
@@ -146,14 +190,20 @@ class GLU(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, inter = cfg.d_model, cfg.intermediate_size
-    common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
-                  impl=cfg.bitlinear_impl)
+    common = dict(
+      dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs, impl=cfg.bitlinear_impl
+    )
     # gate and up are fused in one BitLinear: one input norm, one weight scale.
-    self.gate_proj = BitLinear(d, 2 * inter, axes=("embed", "mlp"),
-                               kernel_init=normal_init(0.02), **common)
-    self.down_proj = BitLinear(inter, d, axes=("mlp", "embed"),
-                               kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5),
-                               **common)
+    self.gate_proj = BitLinear(
+      d, 2 * inter, axes=("embed", "mlp"), kernel_init=normal_init(0.02), **common
+    )
+    self.down_proj = BitLinear(
+      inter,
+      d,
+      axes=("mlp", "embed"),
+      kernel_init=normal_init(0.02 / (2 * cfg.num_layers) ** 0.5),
+      **common,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return glu_mix(x, gate_proj=self.gate_proj, down_proj=self.down_proj)
@@ -172,10 +222,16 @@ class SwiGLU(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     d, inter = cfg.d_model, cfg.intermediate_size
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
-    self.gate_proj = Dense(d, 2 * inter, axes=("embed", "mlp"),
-                           kernel_init=normal_init(0.02), **common)
-    self.down_proj = Dense(inter, d, axes=("mlp", "embed"),
-                           kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5), **common)
+    self.gate_proj = Dense(
+      d, 2 * inter, axes=("embed", "mlp"), kernel_init=normal_init(0.02), **common
+    )
+    self.down_proj = Dense(
+      inter,
+      d,
+      axes=("mlp", "embed"),
+      kernel_init=normal_init(0.02 / (2 * cfg.num_layers) ** 0.5),
+      **common,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     gate, up = jnp.split(self.gate_proj(x), 2, axis=-1)
@@ -213,15 +269,29 @@ class Attention(nnx.Module):
     common = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
     self.q_proj = Dense(d, d, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common)
     kv_width = (cfg.num_kv_heads or cfg.num_heads) * cfg.head_dim  # grouped-query K/V
-    self.k_proj = Dense(d, kv_width, axes=("embed", "inner"), kernel_init=normal_init(0.02),
-                        **common)
-    self.v_proj = Dense(d, kv_width, axes=("embed", "inner"), kernel_init=normal_init(0.02),
-                        **common)
-    self.o_proj = Dense(d, d, axes=("inner", "embed"),
-                        kernel_init=normal_init(0.02 / (2 * cfg.num_layers)**0.5), **common)
+    self.k_proj = Dense(
+      d, kv_width, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common
+    )
+    self.v_proj = Dense(
+      d, kv_width, axes=("embed", "inner"), kernel_init=normal_init(0.02), **common
+    )
+    self.o_proj = Dense(
+      d,
+      d,
+      axes=("inner", "embed"),
+      kernel_init=normal_init(0.02 / (2 * cfg.num_layers) ** 0.5),
+      **common,
+    )
 
-  def __call__(self, x: jax.Array, positions: jax.Array, *, segment_ids=None,
-               cache: tuple[jax.Array, jax.Array] | None = None, cache_index=None):
+  def __call__(
+    self,
+    x: jax.Array,
+    positions: jax.Array,
+    *,
+    segment_ids=None,
+    cache: tuple[jax.Array, jax.Array] | None = None,
+    cache_index=None,
+  ):
     """
     Args:
       x: `[batch, seq, d]`.
@@ -250,9 +320,11 @@ class Attention(nnx.Module):
       # donated) buffer, which the attention then reads as stored.
       to_cache = lambda t: t.transpose(0, 2, 3, 1).reshape(k_cache.shape[:-1] + (seq,))
       k_cache = jax.lax.dynamic_update_slice_in_dim(
-          k_cache, to_cache(k).astype(k_cache.dtype), cache_index, axis=-1)
+        k_cache, to_cache(k).astype(k_cache.dtype), cache_index, axis=-1
+      )
       v_cache = jax.lax.dynamic_update_slice_in_dim(
-          v_cache, to_cache(v).astype(v_cache.dtype), cache_index, axis=-1)
+        v_cache, to_cache(v).astype(v_cache.dtype), cache_index, axis=-1
+      )
       out = attn_ref.kv_cache_attention(q, k_cache, v_cache, positions, cache_index + seq)
       new_cache = (k_cache, v_cache)
     return self.o_proj(out.reshape(batch, seq, heads * head_dim)), new_cache

@@ -31,6 +31,7 @@ from mmfree_jax.parallel.sharding import constrain
 
 class RecurrentState(NamedTuple):
   """MatMul-free decoding state: `h [layers, batch, d]` fp32. Independent of context length."""
+
   h: jax.Array
 
 
@@ -43,11 +44,10 @@ class KVCache(NamedTuple):
   Per-layer arrays rather than one stacked `[layers, ...]` array: XLA slices a layer out of a
   stacked array with a copy, so every decode step would move the whole cache once more.
   """
+
   k: tuple[jax.Array, ...]
   v: tuple[jax.Array, ...]
   index: jax.Array
-
-
 
 
 def check_token_ids(tokens, vocab_size: int) -> None:
@@ -59,9 +59,10 @@ def check_token_ids(tokens, vocab_size: int) -> None:
   tokens = np.asarray(tokens)
   if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
     raise ValueError(
-        f"token ids must be in [0, {vocab_size}); got min {tokens.min()}, max {tokens.max()}. "
-        "The tokenizer and model.vocab_size disagree: set --config.model.vocab_size to the "
-        "tokenizer's vocabulary size (or larger)")
+      f"token ids must be in [0, {vocab_size}); got min {tokens.min()}, max {tokens.max()}. "
+      "The tokenizer and model.vocab_size disagree: set --config.model.vocab_size to the "
+      "tokenizer's vocabulary size (or larger)"
+    )
 
 
 def reset_mask(segment_ids: jax.Array) -> jax.Array:
@@ -78,8 +79,9 @@ def positions_in_document(segment_ids: jax.Array) -> jax.Array:
   return steps - starts
 
 
-def stack_blocks(make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
-                  rngs: nnx.Rngs) -> nnx.Module:
+def stack_blocks(
+  make_block: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs
+) -> nnx.Module:
   """Builds `num_layers` blocks whose params carry a leading 'layers' axis."""
 
   @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -114,8 +116,7 @@ def layer_blocks(blocks: nnx.Module) -> list[nnx.Module]:
   """
   graphdef, params = nnx.split(blocks)
   num_layers = jax.tree.leaves(params)[0].shape[0]
-  return [nnx.merge(graphdef, jax.tree.map(lambda a, l=l: a[l], params))
-          for l in range(num_layers)]
+  return [nnx.merge(graphdef, jax.tree.map(lambda a, l=l: a[l], params)) for l in range(num_layers)]
 
 
 def unroll_blocks(blocks, x: jax.Array, per_layer, body):
@@ -126,8 +127,7 @@ def unroll_blocks(blocks, x: jax.Array, per_layer, body):
   per_layer_list = isinstance(per_layer, list)
   outs = []
   for l, block in enumerate(blocks):
-    layer_inputs = per_layer[l] if per_layer_list else jax.tree.map(lambda a, l=l: a[l],
-                                                                     per_layer)
+    layer_inputs = per_layer[l] if per_layer_list else jax.tree.map(lambda a, l=l: a[l], per_layer)
     x, out = body(block, x, layer_inputs)
     outs.append(out)
   if not per_layer_list:
@@ -141,8 +141,9 @@ class LayerLoop(Protocol):
   'layers' axis). `per_layer`: a pytree with a leading layer axis on each leaf, or a list with
   one entry per layer; `outs` in the same form."""
 
-  def __call__(self, blocks: nnx.Module, x: jax.Array, per_layer, body
-               ) -> tuple[jax.Array, object]: ...
+  def __call__(
+    self, blocks: nnx.Module, x: jax.Array, per_layer, body
+  ) -> tuple[jax.Array, object]: ...
 
 
 def own_layer_loop(remat: str) -> LayerLoop:
@@ -175,8 +176,9 @@ class _LMBase(nnx.Module):
 
   def head(self, x: jax.Array) -> jax.Array:
     """`x [batch, seq, d]` (the last block's output) → logits `[batch, seq, vocab]`."""
-    return constrain(self.lm_head(self.final_norm(x)),
-                     ("activation_batch", "activation_seq", "activation_vocab"))
+    return constrain(
+      self.lm_head(self.final_norm(x)), ("activation_batch", "activation_seq", "activation_vocab")
+    )
 
   def check_segments(self, tokens, segment_ids):
     if segment_ids is not None and segment_ids.shape != tokens.shape:
@@ -187,22 +189,26 @@ class MatMulFreeBlock(nnx.Module):
   """`x + MLGRU(RMSNorm(x))`, then `x + GLU(RMSNorm(x))`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
-                                    param_dtype=cfg.weight_dtype)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
     self.attn = layers.MLGRU(cfg, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
-                                   param_dtype=cfg.weight_dtype)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
     self.mlp = layers.GLU(cfg, rngs=rngs)
 
   def __call__(self, x, lower_bound, *, initial_state=None, reset=None):
     """`x [batch, seq, d]`, `lower_bound [d]` → `x`, final recurrent state `[batch, d]`."""
-    return mmfree_block(x, lower_bound, attn_norm=self.attn_norm, attn=self.attn,
-                        mlp_norm=self.mlp_norm, mlp=self.mlp, initial_state=initial_state,
-                        reset=reset)
+    return mmfree_block(
+      x,
+      lower_bound,
+      attn_norm=self.attn_norm,
+      attn=self.attn,
+      mlp_norm=self.mlp_norm,
+      mlp=self.mlp,
+      initial_state=initial_state,
+      reset=reset,
+    )
 
 
-def mmfree_block(x, lower_bound, *, attn_norm, attn, mlp_norm, mlp, initial_state=None,
-                 reset=None):
+def mmfree_block(x, lower_bound, *, attn_norm, attn, mlp_norm, mlp, initial_state=None, reset=None):
   """The MatMul-free block's wiring on any parts (callables as `MatMulFreeBlock`'s: the
   trained layers, or stored codes in `nn.packed`): `x [batch, seq, d]`, `lower_bound [d]`,
   `initial_state [batch, d]` or None → `x`, final recurrent state `[batch, d]`."""
@@ -220,17 +226,25 @@ class MatMulFreeLM(_LMBase):
       raise ValueError(f"MatMulFreeLM needs model.kind='mmfree'; got {cfg.kind!r}")
     self.cfg = cfg
     d, dtype = cfg.d_model, cfg.weight_dtype
-    self.embedding = layers.param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
-                                   ("vocab", "embed"))
+    self.embedding = layers.param(
+      rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype, ("vocab", "embed")
+    )
     if cfg.use_lower_bound:
-      self.lower_bounds = layers.param(None, nnx.initializers.zeros, (cfg.num_layers, d),
-                                        dtype, ("layers", "embed"))
+      self.lower_bounds = layers.param(
+        None, nnx.initializers.zeros, (cfg.num_layers, d), dtype, ("layers", "embed")
+      )
     self.blocks = stack_blocks(lambda r: MatMulFreeBlock(cfg, rngs=r), cfg.num_layers, rngs)
     self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
-    self.lm_head = layers.BitLinear(d, cfg.vocab_size, axes=("embed", "vocab"),
-                                    kernel_init=layers.normal_init(0.02),
-                                    dtype=cfg.compute_dtype, param_dtype=dtype,
-                                    impl=cfg.bitlinear_impl, rngs=rngs)
+    self.lm_head = layers.BitLinear(
+      d,
+      cfg.vocab_size,
+      axes=("embed", "vocab"),
+      kernel_init=layers.normal_init(0.02),
+      dtype=cfg.compute_dtype,
+      param_dtype=dtype,
+      impl=cfg.bitlinear_impl,
+      rngs=rngs,
+    )
 
   def layer_lower_bounds(self) -> jax.Array:
     """`[layers, d]` fp32 (f64 under a float64 config): `cumsum(softmax(lower_bounds, 0), 0)
@@ -243,12 +257,18 @@ class MatMulFreeLM(_LMBase):
   def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
     """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""
     del max_len
-    return RecurrentState(jnp.zeros((self.cfg.num_layers, batch, self.cfg.d_model),
-                                    acc_dtype(self.cfg.compute_dtype)))
+    return RecurrentState(
+      jnp.zeros((self.cfg.num_layers, batch, self.cfg.d_model), acc_dtype(self.cfg.compute_dtype))
+    )
 
-  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               state: RecurrentState | None = None, layer_loop: LayerLoop | None = None
-               ) -> tuple[jax.Array, RecurrentState]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    state: RecurrentState | None = None,
+    layer_loop: LayerLoop | None = None,
+  ) -> tuple[jax.Array, RecurrentState]:
     """
     Args:
       tokens: `[batch, seq]` int32 ids in [0, vocab).
@@ -280,16 +300,15 @@ class TransformerBlock(nnx.Module):
   """LLaMA block: `x + Attention(RMSNorm(x))`, then `x + SwiGLU(RMSNorm(x))`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
-                                    param_dtype=cfg.weight_dtype)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
     self.attn = layers.Attention(cfg, rngs=rngs)
-    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps,
-                                   param_dtype=cfg.weight_dtype)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype)
     self.mlp = layers.SwiGLU(cfg, rngs=rngs)
 
   def __call__(self, x, positions, *, segment_ids=None, cache=None, cache_index=None):
-    y, new_cache = self.attn(self.attn_norm(x), positions, segment_ids=segment_ids,
-                             cache=cache, cache_index=cache_index)
+    y, new_cache = self.attn(
+      self.attn_norm(x), positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index
+    )
     x = x + y
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, ("activation_batch", "activation_seq", "activation_embed")), new_cache
@@ -303,19 +322,25 @@ class TransformerLM(_LMBase):
       raise ValueError(f"TransformerLM needs model.kind='transformer'; got {cfg.kind!r}")
     self.cfg = cfg
     d, dtype = cfg.d_model, cfg.weight_dtype
-    self.embedding = layers.param(rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype,
-                                   ("vocab", "embed"))
+    self.embedding = layers.param(
+      rngs, layers.normal_init(0.02), (cfg.vocab_size, d), dtype, ("vocab", "embed")
+    )
     self.blocks = stack_blocks(lambda r: TransformerBlock(cfg, rngs=r), cfg.num_layers, rngs)
     self.final_norm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=dtype)
-    self.lm_head = layers.Dense(d, cfg.vocab_size, axes=("embed", "vocab"),
-                                kernel_init=layers.normal_init(0.02), dtype=cfg.compute_dtype,
-                                param_dtype=dtype, rngs=rngs)
+    self.lm_head = layers.Dense(
+      d,
+      cfg.vocab_size,
+      axes=("embed", "vocab"),
+      kernel_init=layers.normal_init(0.02),
+      dtype=cfg.compute_dtype,
+      param_dtype=dtype,
+      rngs=rngs,
+    )
 
   def init_state(self, batch: int, max_len: int) -> KVCache:
     """Empty KV cache of `max_len` positions (memory grows with the context)."""
     cfg = self.cfg
-    shape = layers.kv_cache_shape(batch, max_len, cfg.num_kv_heads or cfg.num_heads,
-                                  cfg.head_dim)
+    shape = layers.kv_cache_shape(batch, max_len, cfg.num_kv_heads or cfg.num_heads, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers))
     return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32))
 
@@ -324,12 +349,13 @@ class TransformerLM(_LMBase):
     cfg = self.cfg
     shapes = [tuple(a.shape) for a in state.k + state.v]
     max_len = shapes[0][-1] if shapes and shapes[0] else 0
-    want = layers.kv_cache_shape(batch, max_len, cfg.num_kv_heads or cfg.num_heads,
-                                 cfg.head_dim)
+    want = layers.kv_cache_shape(batch, max_len, cfg.num_kv_heads or cfg.num_heads, cfg.head_dim)
     if (len(state.k), len(state.v)) != (cfg.num_layers,) * 2 or any(s != want for s in shapes):
-      raise ValueError(f"KV cache of {len(state.k)} layers of {shapes[:1]} does not fit this "
-                       f"model ({cfg.num_layers} layers of {want} at batch {batch}); make it "
-                       f"with model.init_state({batch}, max_len)")
+      raise ValueError(
+        f"KV cache of {len(state.k)} layers of {shapes[:1]} does not fit this "
+        f"model ({cfg.num_layers} layers of {want} at batch {batch}); make it "
+        f"with model.init_state({batch}, max_len)"
+      )
 
   @staticmethod
   def _check_room(state: KVCache, seq: int) -> None:
@@ -339,19 +365,28 @@ class TransformerLM(_LMBase):
     max_len = state.k[0].shape[-1] if state.k else 0
     filled = None if isinstance(state.index, jax.core.Tracer) else int(state.index)
     if seq + (filled or 0) > max_len:
-      raise ValueError(f"KV cache of {max_len} positions has {filled or 0} filled and cannot "
-                       f"take {seq} more; make it with model.init_state(batch, max_len) for "
-                       f"max_len >= prompt + new tokens")
+      raise ValueError(
+        f"KV cache of {max_len} positions has {filled or 0} filled and cannot "
+        f"take {seq} more; make it with model.init_state(batch, max_len) for "
+        f"max_len >= prompt + new tokens"
+      )
 
-  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               state: KVCache | None = None, layer_loop: LayerLoop | None = None
-               ) -> tuple[jax.Array, KVCache | None]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    state: KVCache | None = None,
+    layer_loop: LayerLoop | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
     """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without),
     whose per-layer caches go to the layer loop as a list (one `(k, v)` per layer)."""
     self.check_segments(tokens, segment_ids)
     if state is not None and segment_ids is not None:
-      raise ValueError("segment_ids (packed training windows) cannot be combined with a KV "
-                       "cache; decode one document per row")
+      raise ValueError(
+        "segment_ids (packed training windows) cannot be combined with a KV "
+        "cache; decode one document per row"
+      )
     if state is not None:
       self._check_state(state, tokens.shape[0])
       self._check_room(state, tokens.shape[1])
@@ -365,16 +400,18 @@ class TransformerLM(_LMBase):
     cache_index = None if state is None else state.index
 
     def body(block, x, layer_cache):
-      return block(x, positions, segment_ids=segment_ids, cache=layer_cache,
-                   cache_index=cache_index)
+      return block(
+        x, positions, segment_ids=segment_ids, cache=layer_cache, cache_index=cache_index
+      )
 
     layer_loop = layer_loop or own_layer_loop(self.cfg.remat)
     per_layer = None if state is None else list(zip(state.k, state.v))
     x, caches = layer_loop(self.blocks, x, per_layer, body)
     new_state = None
     if state is not None:
-      new_state = KVCache(tuple(k for k, _ in caches), tuple(v for _, v in caches),
-                          state.index + seq)
+      new_state = KVCache(
+        tuple(k for k, _ in caches), tuple(v for _, v in caches), state.index + seq
+      )
     return self.head(x), new_state
 
 
@@ -396,8 +433,11 @@ def abstract_model(cfg: ModelConfig) -> nnx.Module:
 
 def count_params(model_or_state) -> int:
   """Number of parameters (works on abstract models too)."""
-  state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) \
-      else model_or_state
+  state = (
+    nnx.state(model_or_state, nnx.Param)
+    if isinstance(model_or_state, nnx.Module)
+    else model_or_state
+  )
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
 

@@ -56,8 +56,13 @@ from mmfree_jax.numerics.dtypes import acc_dtype
 # The packed-format registry: name -> how the ternary codes are stored (PACKED = bit-packed by
 # `ternary_packing`, else that dtype). Export, loading and decode all read it.
 PACKED = "packed"
-CODE_FORMATS = {"2bit": PACKED, "base3": PACKED, "int8": jnp.int8, "float32": jnp.float32,
-           "bfloat16": jnp.bfloat16}
+CODE_FORMATS = {
+  "2bit": PACKED,
+  "base3": PACKED,
+  "int8": jnp.int8,
+  "float32": jnp.float32,
+  "bfloat16": jnp.bfloat16,
+}
 # With method 'lut', bit-packed formats use the lookup-table matvec up to this many rows
 # (tokens) per product: its table and gathered partial sums grow with the rows, while
 # unpacking a block of codes and multiplying costs about the same for any row count. Both
@@ -76,6 +81,7 @@ class PackedLinear(NamedTuple):
   plane_words(in)]` (method 'popcount'), or codes `[..., in, out]` (int8/float);
   `scale`: `[...]` fp32 `max(mean|W|, 1e-5)`; `norm_scale`: `[..., in]` the RMSNorm gamma.
   """
+
   w: jax.Array
   scale: jax.Array
   norm_scale: jax.Array
@@ -83,6 +89,7 @@ class PackedLinear(NamedTuple):
 
 class PackedBlock(NamedTuple):
   """The parameters of one layer, or of all layers stacked (every leaf `[layers, ...]`)."""
+
   attn_norm: jax.Array
   i_proj: PackedLinear
   f_proj: PackedLinear
@@ -106,6 +113,7 @@ class PackedParams(NamedTuple):
     unrolled 2.7B generate took ~0.3 GB of the process's memory).
   - integer and float code formats: a tuple of per-layer `PackedBlock`s, unrolled.
   """
+
   embedding: jax.Array  # [vocab, d] float, or int8 codes when embedding_scale is given
   blocks: PackedBlock | tuple[PackedBlock, ...]
   final_norm: jax.Array
@@ -116,6 +124,7 @@ class PackedParams(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class PackedSpec:
   """Static description (hashable): the model config, storage format and matvec method."""
+
   cfg: ModelConfig
   fmt: str
   method: str = DEFAULT_METHOD
@@ -180,8 +189,9 @@ def _export_linear(layer, fmt: str, method: str, index: int | None = None) -> Pa
   return PackedLinear(w, scale, norm_scale)
 
 
-def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_METHOD,
-                  int8_embedding: bool = False) -> tuple[PackedParams, PackedSpec]:
+def export_packed(
+  model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_METHOD, int8_embedding: bool = False
+) -> tuple[PackedParams, PackedSpec]:
   """Quantizes and packs every BitLinear of `model` (latent weights are quantized once), and
   the embedding to int8 rows if `int8_embedding`.
 
@@ -192,24 +202,37 @@ def export_packed(model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_
   if fmt not in CODE_FORMATS:
     raise ValueError(f"unknown packed format {fmt!r}; choose one of {tuple(CODE_FORMATS)}")
   if method not in packing.MATVEC_METHODS:
-    raise ValueError(f"unknown matvec method {method!r}; choose one of "
-                     f"{packing.MATVEC_METHODS}")
+    raise ValueError(f"unknown matvec method {method!r}; choose one of {packing.MATVEC_METHODS}")
   b = model.blocks
   lower_bounds = model.layer_lower_bounds()
   blocks = []
   for l in range(model.cfg.num_layers):
     lin = functools.partial(_export_linear, fmt=fmt, method=method, index=l)
-    blocks.append(PackedBlock(
-        attn_norm=b.attn_norm.scale[l], i_proj=lin(b.attn.i_proj), f_proj=lin(b.attn.f_proj),
-        g_proj=lin(b.attn.g_proj), o_proj=lin(b.attn.o_proj), g_norm=b.attn.g_norm.scale[l],
-        mlp_norm=b.mlp_norm.scale[l], gate_proj=lin(b.mlp.gate_proj),
-        down_proj=lin(b.mlp.down_proj), lower_bound=lower_bounds[l]))
+    blocks.append(
+      PackedBlock(
+        attn_norm=b.attn_norm.scale[l],
+        i_proj=lin(b.attn.i_proj),
+        f_proj=lin(b.attn.f_proj),
+        g_proj=lin(b.attn.g_proj),
+        o_proj=lin(b.attn.o_proj),
+        g_norm=b.attn.g_norm.scale[l],
+        mlp_norm=b.mlp_norm.scale[l],
+        gate_proj=lin(b.mlp.gate_proj),
+        down_proj=lin(b.mlp.down_proj),
+        lower_bound=lower_bounds[l],
+      )
+    )
   embedding, embedding_scale = model.embedding[...], None
   if int8_embedding:
     embedding, embedding_scale = quantize_embedding(embedding)
   blocks = stack_packed_blocks(blocks) if stacked(fmt) else tuple(blocks)
-  params = PackedParams(embedding, blocks, model.final_norm.scale[...],
-                        _export_linear(model.lm_head, fmt, method), embedding_scale)
+  params = PackedParams(
+    embedding,
+    blocks,
+    model.final_norm.scale[...],
+    _export_linear(model.lm_head, fmt, method),
+    embedding_scale,
+  )
   return params, PackedSpec(model.cfg, fmt, method)
 
 
@@ -217,13 +240,15 @@ def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) ->
   """Bytes of all BitLinear weights (codes, and their per-matrix scales if asked): what a
   decode step must read."""
   names = ("i_proj", "f_proj", "g_proj", "o_proj", "gate_proj", "down_proj")
-  linears = [params.lm_head] + [getattr(block, name) for block in packed_layers(params)
-                                for name in names]
+  linears = [params.lm_head] + [
+    getattr(block, name) for block in packed_layers(params) for name in names
+  ]
   return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
 
 
-def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
-            layer: jax.Array | None = None) -> jax.Array:
+def _matvec(
+  x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int, layer: jax.Array | None = None
+) -> jax.Array:
   """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `layer`: the
   layer of a stacked `w [layers, ...]`."""
   if holds_planes(spec.fmt, spec.method):
@@ -239,22 +264,30 @@ def _matvec(x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int,
   return jnp.matmul(x_codes.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def _bitlinear(p: PackedLinear, x: jax.Array, spec: PackedSpec,
-               layer: jax.Array | None = None) -> jax.Array:
+def _bitlinear(
+  p: PackedLinear, x: jax.Array, spec: PackedSpec, layer: jax.Array | None = None
+) -> jax.Array:
   """BitLinear on stored codes: `[..., in]` → `[..., out]` in the compute dtype (`layer`: of
   stacked codes; the scales are that layer's already)."""
   _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
   lead = codes.shape[:-1]
   acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1], layer)
-  return quant.integer_output(acc.reshape(lead + acc.shape[-1:]), p.scale, sx,
-                              spec.cfg.compute_dtype)
+  return quant.integer_output(
+    acc.reshape(lead + acc.shape[-1:]), p.scale, sx, spec.cfg.compute_dtype
+  )
 
 
 def _at(block: PackedBlock, index: jax.Array) -> PackedBlock:
   """Layer `index` of a stacked block: norms and scales sliced, codes left stacked."""
   take = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
-  return PackedBlock(*(PackedLinear(v.w, take(v.scale), take(v.norm_scale))
-                       if isinstance(v, PackedLinear) else take(v) for v in block))
+  return PackedBlock(
+    *(
+      PackedLinear(v.w, take(v.scale), take(v.norm_scale))
+      if isinstance(v, PackedLinear)
+      else take(v)
+      for v in block
+    )
+  )
 
 
 def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None, index=None):
@@ -270,24 +303,40 @@ def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None, index=None):
   linear = lambda p: functools.partial(_bitlinear, p, spec=spec, layer=index)
   norm = lambda scale: functools.partial(quant.rms_norm, scale=scale, eps=cfg.rms_norm_eps)
   attn = functools.partial(
-      layers.mlgru_mix, i_proj=linear(layer.i_proj), f_proj=linear(layer.f_proj),
-      g_proj=linear(layer.g_proj), o_proj=linear(layer.o_proj), g_norm=norm(layer.g_norm),
-      cfg=cfg)
-  mlp = functools.partial(layers.glu_mix, gate_proj=linear(layer.gate_proj),
-                          down_proj=linear(layer.down_proj))
-  return mmfree_block(x, layer.lower_bound, attn_norm=norm(layer.attn_norm), attn=attn,
-                      mlp_norm=norm(layer.mlp_norm), mlp=mlp, initial_state=h0, reset=reset)
+    layers.mlgru_mix,
+    i_proj=linear(layer.i_proj),
+    f_proj=linear(layer.f_proj),
+    g_proj=linear(layer.g_proj),
+    o_proj=linear(layer.o_proj),
+    g_norm=norm(layer.g_norm),
+    cfg=cfg,
+  )
+  mlp = functools.partial(
+    layers.glu_mix, gate_proj=linear(layer.gate_proj), down_proj=linear(layer.down_proj)
+  )
+  return mmfree_block(
+    x,
+    layer.lower_bound,
+    attn_norm=norm(layer.attn_norm),
+    attn=attn,
+    mlp_norm=norm(layer.mlp_norm),
+    mlp=mlp,
+    initial_state=h0,
+    reset=reset,
+  )
 
 
 def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
   """Zero state `[layers, batch, d]` fp32, as `MatMulFreeLM.init_state`."""
   cfg = spec.cfg
-  return RecurrentState(jnp.zeros((cfg.num_layers, batch, cfg.d_model),
-                                  acc_dtype(cfg.compute_dtype)))
+  return RecurrentState(
+    jnp.zeros((cfg.num_layers, batch, cfg.d_model), acc_dtype(cfg.compute_dtype))
+  )
 
 
-def decode(params: PackedParams, tokens: jax.Array, state: RecurrentState, *,
-           spec: PackedSpec) -> tuple[jax.Array, RecurrentState]:
+def decode(
+  params: PackedParams, tokens: jax.Array, state: RecurrentState, *, spec: PackedSpec
+) -> tuple[jax.Array, RecurrentState]:
   """One decode step: `tokens [batch, 1]` int32 → `(logits [batch, 1, vocab], new state)`.
 
   Same contract as `mmfree_jax.decode` on the float model. Jit it with `spec` bound
@@ -298,9 +347,14 @@ def decode(params: PackedParams, tokens: jax.Array, state: RecurrentState, *,
   return forward(params, tokens, spec=spec, state=state)
 
 
-def forward(params: PackedParams, tokens: jax.Array, *, spec: PackedSpec,
-            segment_ids: jax.Array | None = None,
-            state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
+def forward(
+  params: PackedParams,
+  tokens: jax.Array,
+  *,
+  spec: PackedSpec,
+  segment_ids: jax.Array | None = None,
+  state: RecurrentState | None = None,
+) -> tuple[jax.Array, RecurrentState]:
   """The full-sequence forward (prefill, scoring) on stored codes: `MatMulFreeLM.__call__`'s
   contract. `tokens [B, T]` int32 → (logits `[B, T, vocab]` compute dtype, final state).
 
@@ -346,16 +400,20 @@ class PackedLM(nnx.Module):
 
   def __init__(self, params: PackedParams, spec: PackedSpec):
     if spec.fmt not in CODE_FORMATS:
-      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of "
-                       f"{tuple(CODE_FORMATS)}")
+      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of {tuple(CODE_FORMATS)}")
     self.cfg = spec.cfg
     self.fmt = spec.fmt
     self.method = spec.method
     self.weights = nnx.data(jax.tree.map(PackedWeight, params))
 
   @classmethod
-  def from_model(cls, model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_METHOD,
-                 int8_embedding: bool = False):
+  def from_model(
+    cls,
+    model: MatMulFreeLM,
+    fmt: str = "2bit",
+    method: str = DEFAULT_METHOD,
+    int8_embedding: bool = False,
+  ):
     """Packs an in-memory latent model (`export_packed`)."""
     return cls(*export_packed(model, fmt, method, int8_embedding))
 
@@ -364,15 +422,22 @@ class PackedLM(nnx.Module):
     return PackedSpec(self.cfg, self.fmt, self.method)
 
   def packed_params(self) -> PackedParams:
-    return jax.tree.map(lambda v: v[...], self.weights,
-                        is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return jax.tree.map(
+      lambda v: v[...], self.weights, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
 
   def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
     """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""
     del max_len
     return init_state(self.spec, batch)
 
-  def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
-               state: RecurrentState | None = None) -> tuple[jax.Array, RecurrentState]:
-    return forward(self.packed_params(), tokens, spec=self.spec, segment_ids=segment_ids,
-                   state=state)
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    state: RecurrentState | None = None,
+  ) -> tuple[jax.Array, RecurrentState]:
+    return forward(
+      self.packed_params(), tokens, spec=self.spec, segment_ids=segment_ids, state=state
+    )

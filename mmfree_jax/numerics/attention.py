@@ -32,8 +32,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float = 10000.0) -> jax.Arra
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def causal_mask(query_pos: jax.Array, key_pos: jax.Array, num_valid_keys=None,
-                query_segments=None, key_segments=None) -> jax.Array:
+def causal_mask(
+  query_pos: jax.Array,
+  key_pos: jax.Array,
+  num_valid_keys=None,
+  query_segments=None,
+  key_segments=None,
+) -> jax.Array:
   """Boolean `[batch, q_len, k_len]` mask: causal, optional key validity and same-segment.
 
   Args:
@@ -103,8 +108,9 @@ def kv_cache_attention(q, k_cache, v_cache, q_positions, num_valid_keys) -> jax.
   # [b, t, kv, g, d] -> [rows, g * t, d]: the (small) queries move, the cache does not
   qg = q.reshape(batch, q_len, kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
   qg = qg.reshape(k_cache.shape[:-2] + (group * q_len, head_dim))
-  logits = jnp.einsum(f"{r}md,{r}ds->{r}ms", qg, k_cache.astype(q.dtype),
-                      preferred_element_type=acc)
+  logits = jnp.einsum(
+    f"{r}md,{r}ds->{r}ms", qg, k_cache.astype(q.dtype), preferred_element_type=acc
+  )
   logits = logits / jnp.sqrt(jnp.asarray(head_dim, acc))
   key_pos = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (batch, max_len))
   mask = causal_mask(q_positions, key_pos, num_valid_keys)  # [b, t, s]

@@ -32,8 +32,9 @@ def hidden_mse_sums(student: jax.Array, teacher: jax.Array, mask: jax.Array):
     tokens of `mean_d t^2` (for a relative error), number of counted tokens), fp32 scalars.
   """
   if student.shape != teacher.shape or student.ndim != 4:
-    raise ValueError(f"hidden states must both be [layers, batch, seq, d]; got "
-                     f"{student.shape} and {teacher.shape}")
+    raise ValueError(
+      f"hidden states must both be [layers, batch, seq, d]; got {student.shape} and {teacher.shape}"
+    )
   s, t = _acc(student), _acc(jax.lax.stop_gradient(teacher))
   weights = mask.astype(s.dtype)[None]
   err = jnp.sum(jnp.mean(jnp.square(s - t), axis=-1) * weights)
@@ -41,8 +42,9 @@ def hidden_mse_sums(student: jax.Array, teacher: jax.Array, mask: jax.Array):
   return err, ref, jnp.sum(mask.astype(s.dtype))
 
 
-def kl_divergence_sums(student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array,
-                       temperature: float = 1.0):
+def kl_divergence_sums(
+  student_logits: jax.Array, teacher_logits: jax.Array, mask: jax.Array, temperature: float = 1.0
+):
   """Summed `T^2 KL(p_teacher || p_student)` of temperature-softened distributions.
 
   Args:

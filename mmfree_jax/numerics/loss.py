@@ -25,8 +25,7 @@ def split_window(tokens: jax.Array, segment_ids: jax.Array):
   return tokens[:, :-1], segment_ids[:, :-1], tokens[:, 1:], segment_ids[:, 1:] != 0
 
 
-def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array,
-                       z_loss: float = 0.0):
+def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0):
   """Summed token losses.
 
   Args:

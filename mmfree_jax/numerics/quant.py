@@ -109,8 +109,9 @@ def weight_mean_abs(w: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.mean(jnp.abs(w.astype(acc_dtype(w.dtype)))), WEIGHT_SCALE_FLOOR)
 
 
-def quantize_weights_ternary(w: jax.Array, sw: jax.Array | None = None
-                             ) -> tuple[jax.Array, jax.Array]:
+def quantize_weights_ternary(
+  w: jax.Array, sw: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """Ternary codes and their scale.
 
   Args:
@@ -175,9 +176,16 @@ def ste_weights(kernel: jax.Array, strength=None, sw: jax.Array | None = None) -
   return straight_through(kernel, fake_quantize_weights(kernel, sw), strength)
 
 
-def bitlinear_fake_quant(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, eps: float,
-                         dtype, strength=None, *, frozen: bool = False
-                         ) -> tuple[jax.Array, tuple]:
+def bitlinear_fake_quant(
+  x: jax.Array,
+  kernel: jax.Array,
+  norm_scale: jax.Array,
+  eps: float,
+  dtype,
+  strength=None,
+  *,
+  frozen: bool = False,
+) -> tuple[jax.Array, tuple]:
   """The one BitLinear forward with de-quantized operands and STE (every float impl runs it).
 
   Returns `y [..., d_out]` in `dtype` and `(xn, codes_x, sx)` for custom backwards.
@@ -200,13 +208,13 @@ def integer_output(acc: jax.Array, w_mean_abs: jax.Array, sx: jax.Array, dtype) 
 
 
 def bitlinear(
-    x: jax.Array,
-    kernel: jax.Array,
-    norm_scale: jax.Array,
-    *,
-    eps: float = BITLINEAR_NORM_EPS,
-    dtype: jnp.dtype | None = None,
-    quantize: bool = True,
+  x: jax.Array,
+  kernel: jax.Array,
+  norm_scale: jax.Array,
+  *,
+  eps: float = BITLINEAR_NORM_EPS,
+  dtype: jnp.dtype | None = None,
+  quantize: bool = True,
 ) -> jax.Array:
   """BitLinear forward: RMSNorm, int8 activations, ternary weights, matmul; STE backward.
 

@@ -27,8 +27,9 @@ from mmfree_jax.numerics.dtypes import acc_dtype
 def _prepare(f, i, initial_state):
   if f.shape != i.shape or f.ndim != 3:
     raise ValueError(
-        f"recurrence expects f and i of the same shape [batch, seq, dim]; got f{f.shape} "
-        f"and i{i.shape}")
+      f"recurrence expects f and i of the same shape [batch, seq, dim]; got f{f.shape} "
+      f"and i{i.shape}"
+    )
   acc = acc_dtype(f.dtype)
   batch, _, dim = f.shape
   if initial_state is None:
@@ -36,7 +37,8 @@ def _prepare(f, i, initial_state):
   else:
     if initial_state.shape != (batch, dim):
       raise ValueError(
-          f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}")
+        f"initial_state must be [batch, dim] = {(batch, dim)}; got {initial_state.shape}"
+      )
     h0 = initial_state.astype(acc)
   return f.astype(acc), i.astype(acc), h0
 

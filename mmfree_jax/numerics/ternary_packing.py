@@ -49,8 +49,9 @@ def _format(fmt: str) -> tuple[int, int]:
   try:
     return PACKING_LAYOUTS[fmt]
   except KeyError:
-    raise ValueError(f"unknown packing format {fmt!r}; choose one of "
-                     f"{sorted(PACKING_LAYOUTS)}") from None
+    raise ValueError(
+      f"unknown packing format {fmt!r}; choose one of {sorted(PACKING_LAYOUTS)}"
+    ) from None
 
 
 def bits_per_weight(fmt: str) -> float:
@@ -68,10 +69,13 @@ def _check_codes(codes) -> None:
   if isinstance(codes, jax.core.Tracer):
     return  # values cannot be checked inside jit
   values = np.asarray(codes)
-  if values.size and (values.min() < -1 or values.max() > 1 or
-                      not np.array_equal(values, np.round(values))):
-    raise ValueError("pack_ternary expects ternary codes in {-1, 0, 1} (e.g. from "
-                     "quant.quantize_weights_ternary); got values outside that set")
+  if values.size and (
+    values.min() < -1 or values.max() > 1 or not np.array_equal(values, np.round(values))
+  ):
+    raise ValueError(
+      "pack_ternary expects ternary codes in {-1, 0, 1} (e.g. from "
+      "quant.quantize_weights_ternary); got values outside that set"
+    )
 
 
 def pack_ternary(codes, fmt: str = "2bit", axis: int = 0) -> jax.Array:
@@ -104,8 +108,10 @@ def unpack_ternary(packed, fmt: str, n: int, axis: int = 0) -> jax.Array:
   packed = jnp.asarray(packed)
   axis = axis % packed.ndim
   if packed.shape[axis] != packed_length(n, fmt):
-    raise ValueError(f"packed axis has {packed.shape[axis]} bytes; {n} codes in {fmt!r} need "
-                     f"{packed_length(n, fmt)}")
+    raise ValueError(
+      f"packed axis has {packed.shape[axis]} bytes; {n} codes in {fmt!r} need "
+      f"{packed_length(n, fmt)}"
+    )
   # The k digits of each byte go on a new axis right after `axis` (no transpose: for a kernel
   # packed along `in`, the unpacked rows come out in memory order).
   if fmt == "2bit":
@@ -115,7 +121,7 @@ def unpack_ternary(packed, fmt: str, n: int, axis: int = 0) -> jax.Array:
   else:  # each byte's digits looked up: divisions by powers of 3 are slow on XLA:CPU
     codes = jnp.take(_digit_table(fmt, jnp.int8), packed.astype(jnp.int32), axis=0)
     codes = jnp.moveaxis(codes, -1, axis + 1)
-  shape = packed.shape[:axis] + (packed.shape[axis] * k,) + packed.shape[axis + 1:]
+  shape = packed.shape[:axis] + (packed.shape[axis] * k,) + packed.shape[axis + 1 :]
   return jax.lax.slice_in_dim(codes.reshape(shape), 0, n, axis=axis)
 
 
@@ -161,9 +167,15 @@ def _over_blocks(total: int, size: int, step, init):
   return step(acc, full * size, tail) if tail else acc
 
 
-def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
-                  method: str = "lut", chunk_bytes: int = MATVEC_BLOCK_BYTES,
-                  layer: jax.Array | None = None) -> jax.Array:
+def packed_matvec(
+  x_codes: jax.Array,
+  packed: jax.Array,
+  fmt: str,
+  n_in: int,
+  method: str = "lut",
+  chunk_bytes: int = MATVEC_BLOCK_BYTES,
+  layer: jax.Array | None = None,
+) -> jax.Array:
   """`x_codes @ unpack(packed)` exactly, for a kernel packed along its input axis.
 
   Args:
@@ -185,22 +197,21 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
   k, _ = _format(fmt)
   packed, layer = _stacked(packed, layer)
   groups, n_out = packed.shape[1:]
-  codes = lambda start, size: jax.lax.dynamic_slice(packed, (layer, start, 0),
-                                                    (1, size, n_out))[0]
+  codes = lambda start, size: jax.lax.dynamic_slice(packed, (layer, start, 0), (1, size, n_out))[0]
   if method == "unpack":
     w = unpack_ternary(codes(0, groups), fmt, n_in, axis=0)
     return jax.lax.dot(x_codes.astype(jnp.int8), w, preferred_element_type=jnp.int32)
   if method == "popcount":  # converts on every call: keep planes instead (`packed_to_planes`)
     return planes_matvec(x_codes, packed_to_planes(codes(0, groups), fmt, n_in), n_in)
   if method != "lut":
-    raise ValueError(f"unknown packed matvec method {method!r}; choose one of "
-                     f"{MATVEC_METHODS}")
+    raise ValueError(f"unknown packed matvec method {method!r}; choose one of {MATVEC_METHODS}")
   batch = x_codes.shape[0]
   x = x_codes.astype(jnp.float32)  # small integers: every partial sum below is exact
   x = jnp.pad(x, ((0, 0), (0, groups * k - n_in))).reshape(batch, groups, k)
   # table[b, g, v] = sum_j x[b, g*k + j] * code_j(v): the 256 possible partial sums per group
-  table = jnp.einsum("bgk,vk->bgv", x, _digit_table(fmt, jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+  table = jnp.einsum(
+    "bgk,vk->bgv", x, _digit_table(fmt, jnp.float32), precision=jax.lax.Precision.HIGHEST
+  )
 
   def block(acc, start, size):
     t = jax.lax.dynamic_slice_in_dim(table, start, size, axis=1)
@@ -209,11 +220,16 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
     # Sum over groups as a dot with ones: the matmul kernel streams it, where a float reduce
     # over a major axis is not vectorized on XLA:CPU (about 10x slower). Exact: all partial
     # sums are integers below 2^24.
-    return acc + jnp.einsum("g,bgo->bo", jnp.ones((size,), jnp.float32), gathered,
-                            precision=jax.lax.Precision.HIGHEST)
+    return acc + jnp.einsum(
+      "g,bgo->bo", jnp.ones((size,), jnp.float32), gathered, precision=jax.lax.Precision.HIGHEST
+    )
 
-  return _over_blocks(groups, _block_size(batch, groups, n_out, chunk_bytes), block,
-                      jnp.zeros((batch, n_out), jnp.float32))
+  return _over_blocks(
+    groups,
+    _block_size(batch, groups, n_out, chunk_bytes),
+    block,
+    jnp.zeros((batch, n_out), jnp.float32),
+  )
 
 
 # fp32 codes `unpacked_matmul` makes per loop step: one block of output columns. Unpacking a
@@ -223,9 +239,14 @@ def packed_matvec(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
 UNPACK_BLOCK_BYTES = 2 << 20
 
 
-def unpacked_matmul(x_codes: jax.Array, packed: jax.Array, fmt: str, n_in: int,
-                    layer: jax.Array | None = None,
-                    block_bytes: int = UNPACK_BLOCK_BYTES) -> jax.Array:
+def unpacked_matmul(
+  x_codes: jax.Array,
+  packed: jax.Array,
+  fmt: str,
+  n_in: int,
+  layer: jax.Array | None = None,
+  block_bytes: int = UNPACK_BLOCK_BYTES,
+) -> jax.Array:
   """`x_codes @ unpack(packed)` for many rows (a prefill), exactly: the codes are unpacked to
   fp32 one block of output columns (about `block_bytes`) at a time and multiplied.
 
@@ -270,8 +291,9 @@ def to_planes(codes) -> jax.Array:
   c = c.reshape(c.shape[:-1] + (words, WORD_BITS))
   shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
   # distinct bits: the sum is their OR
-  plane = lambda value: jnp.sum((c == value).astype(jnp.uint32) << shifts, axis=-1,
-                                dtype=jnp.uint32)
+  plane = lambda value: jnp.sum(
+    (c == value).astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32
+  )
   return jnp.stack([plane(1), plane(-1)], axis=-3)
 
 
@@ -290,9 +312,13 @@ def _activation_planes(x_codes: jax.Array, words: int) -> jax.Array:
   return jnp.sum(bits << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
-def planes_matvec(x_codes: jax.Array, planes: jax.Array, n_in: int,
-                  layer: jax.Array | None = None,
-                  chunk_bytes: int = MATVEC_BLOCK_BYTES) -> jax.Array:
+def planes_matvec(
+  x_codes: jax.Array,
+  planes: jax.Array,
+  n_in: int,
+  layer: jax.Array | None = None,
+  chunk_bytes: int = MATVEC_BLOCK_BYTES,
+) -> jax.Array:
   """`x_codes @ codes` exactly from bit planes, by AND and popcount.
 
   Args:
@@ -313,14 +339,14 @@ def planes_matvec(x_codes: jax.Array, planes: jax.Array, n_in: int,
   x = _activation_planes(x_codes, words)[:, :, None, :]  # [rows, 8, 1, words]
 
   def block(out, start, size):
-    plane = lambda p: jax.lax.dynamic_slice(planes, (layer, p, start, 0),
-                                            (1, 1, size, words))[0, 0]
+    plane = lambda p: jax.lax.dynamic_slice(planes, (layer, p, start, 0), (1, 1, size, words))[0, 0]
     pos, neg = plane(0), plane(1)
     count = lambda w, b: jax.lax.population_count(w & x[:, b]).astype(jnp.int32)
     # one elementwise sum over the 8 planes, then one reduce over the words
     terms = sum(c * (count(pos, b) - count(neg, b)) for b, c in enumerate(_PLANE_WEIGHTS))
-    return jax.lax.dynamic_update_slice_in_dim(out, jnp.sum(terms, axis=-1, dtype=jnp.int32),
-                                               start, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(
+      out, jnp.sum(terms, axis=-1, dtype=jnp.int32), start, axis=1
+    )
 
   size = _block_size(rows, n_out, words, chunk_bytes)
   return _over_blocks(n_out, size, block, jnp.zeros((rows, n_out), jnp.int32))

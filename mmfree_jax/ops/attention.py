@@ -21,13 +21,15 @@ from mmfree_jax.kernels import dispatch
 from mmfree_jax.numerics.attention import causal_mask, dot_product_attention, repeat_kv
 
 
-def resolve_attention_impl(impl: str, dtype, head_dim: int, *, seq: int | None = None,
-                           platform: str | None = None) -> str:
+def resolve_attention_impl(
+  impl: str, dtype, head_dim: int, *, seq: int | None = None, platform: str | None = None
+) -> str:
   """`registry.resolve_attention_impl` for inputs of `dtype` on `platform` ('gpu', 'tpu' or
   'cpu'; None = `kernels.dispatch.current_platform()`, which sees an AOT target's TPU mesh from
   a CPU host). `seq` None: a training window of any length."""
-  return registry.resolve_attention_impl(impl, jnp.dtype(dtype).name, head_dim, seq=seq,
-                                         platform=platform or dispatch.current_platform())
+  return registry.resolve_attention_impl(
+    impl, jnp.dtype(dtype).name, head_dim, seq=seq, platform=platform or dispatch.current_platform()
+  )
 
 
 def causal_attention(q, k, v, segment_ids=None, *, impl: str = "auto") -> jax.Array:
@@ -61,11 +63,15 @@ def _splash_attention(q, k, v, segment_ids):
   """The splash kernel where it runs (TPU; CPU interpreted, with the dispatcher's warning);
   XLA's attention, with a warning, on a GPU and for inputs the kernel cannot take."""
   fallback = lambda q, k, v, s: causal_attention(
-      q, k, v, s, impl="naive" if q.dtype == jnp.float64 else "xla")
+    q, k, v, s, impl="naive" if q.dtype == jnp.float64 else "xla"
+  )
   if dispatch.kernel_platform_or_interpret("attention_impl=splash") != "tpu":
-    warnings.warn("model.attention_impl='splash' is a TPU (Mosaic) kernel; running XLA's "
-                  "attention on this GPU (use 'auto' or 'cudnn')",
-                  kernel_common.KernelFallbackWarning, stacklevel=3)
+    warnings.warn(
+      "model.attention_impl='splash' is a TPU (Mosaic) kernel; running XLA's "
+      "attention on this GPU (use 'auto' or 'cudnn')",
+      kernel_common.KernelFallbackWarning,
+      stacklevel=3,
+    )
     return fallback(q, k, v, segment_ids)
   return dispatch.attention(q, k, v, segment_ids, fallback=fallback)
 
@@ -86,13 +92,15 @@ def masked_attention(q, k, v, mask, *, impl: str = "auto") -> jax.Array:
 def _jax_nn_attention(q, k, v, mask, is_causal: bool, impl: str, *, explicit: bool):
   if impl == "cudnn":
     try:
-      return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                          implementation="cudnn")
+      return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, implementation="cudnn"
+      )
     except (ValueError, NotImplementedError, RuntimeError, TypeError) as e:
       reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
       if explicit:
-        raise ValueError(f"model.attention_impl='cudnn' cannot run q{q.shape} {q.dtype} here "
-                         f"({reason}); use 'auto' or 'xla'") from None
+        raise ValueError(
+          f"model.attention_impl='cudnn' cannot run q{q.shape} {q.dtype} here "
+          f"({reason}); use 'auto' or 'xla'"
+        ) from None
       warnings.warn(f"cuDNN attention unavailable ({reason}); using XLA's", stacklevel=3)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
-                                      implementation="xla")
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation="xla")

@@ -54,8 +54,9 @@ def _check_operands(name: str, x, kernel, dtype) -> jnp.dtype:
   """The compute dtype (default: x's) after checking `x [..., d_in]` against `kernel
   [d_in, d_out]`."""
   if kernel.ndim != 2 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(f"{name}: x {x.shape} and kernel {kernel.shape} do not match "
-                     "([..., d_in] and [d_in, d_out])")
+    raise ValueError(
+      f"{name}: x {x.shape} and kernel {kernel.shape} do not match ([..., d_in] and [d_in, d_out])"
+    )
   return jnp.dtype(dtype or x.dtype)
 
 
@@ -82,11 +83,11 @@ def _bitlinear_lean_bwd(eps, dtype, residuals, dy):
   # No reshape to [batch * seq, ...]: with seq split over the context axis (and batch not
   # split the same way) merging the dims would make the partitioner gather the activations.
   lead = tuple(range(x.ndim - 1))
-  xq = (codes_x.astype(stat) / sx).astype(dtype)                               # [..., in]
-  wq = quant.fake_quantize_weights(kernel).astype(dtype)                       # [in, out]
-  dy = dy.astype(dtype)                                                        # [..., out]
+  xq = (codes_x.astype(stat) / sx).astype(dtype)  # [..., in]
+  wq = quant.fake_quantize_weights(kernel).astype(dtype)  # [in, out]
+  dy = dy.astype(dtype)  # [..., out]
   d_kernel = jax.lax.dot_general(xq, dy, ((lead, lead), ((), ()))).astype(kernel.dtype)
-  dxn = jnp.matmul(dy, wq.T).astype(stat)                                      # dy wq^T
+  dxn = jnp.matmul(dy, wq.T).astype(stat)  # dy wq^T
   # RMSNorm backward in fp32 (f64 under x64): xn = (x r) gamma.
   xf = x.astype(stat)
   gamma = norm_scale.astype(stat)
@@ -100,9 +101,14 @@ def _bitlinear_lean_bwd(eps, dtype, residuals, dy):
 _bitlinear_lean.defvjp(_bitlinear_lean_fwd, _bitlinear_lean_bwd)
 
 
-def bitlinear_lean(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
-                   eps: float = quant.BITLINEAR_NORM_EPS,
-                   dtype: jnp.dtype | None = None) -> jax.Array:
+def bitlinear_lean(
+  x: jax.Array,
+  kernel: jax.Array,
+  norm_scale: jax.Array,
+  *,
+  eps: float = quant.BITLINEAR_NORM_EPS,
+  dtype: jnp.dtype | None = None,
+) -> jax.Array:
   """`quant.bitlinear` (quantize=True) with the memory-lean custom backward.
 
   Args:
@@ -120,15 +126,15 @@ def bitlinear_lean(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
 
 def _int8_output(x, codes_w, w_mean_abs, norm_scale, eps, dtype):
   _, codes_x, sx = quant.bitlinear_input(x, norm_scale, eps)
-  acc = jax.lax.dot_general(codes_x, codes_w, (((codes_x.ndim - 1,), (0,)), ((), ())),
-                            preferred_element_type=jnp.int32)  # exact: |acc| <= 128 d_in
+  acc = jax.lax.dot_general(
+    codes_x, codes_w, (((codes_x.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.int32
+  )  # exact: |acc| <= 128 d_in
   return quant.integer_output(acc, w_mean_abs, sx, dtype), (codes_x, sx)
 
 
 def _int8_forward(x, kernel, norm_scale, eps, dtype):
   codes_w, _ = quant.quantize_weights_ternary(kernel)
-  y, (codes_x, sx) = _int8_output(x, codes_w, quant.weight_mean_abs(kernel), norm_scale, eps,
-                                  dtype)
+  y, (codes_x, sx) = _int8_output(x, codes_w, quant.weight_mean_abs(kernel), norm_scale, eps, dtype)
   r = quant.rms_factor(x.astype(acc_dtype(x.dtype)), eps)
   return y, (x, r, codes_x, sx, kernel, norm_scale)  # lean's residuals
 
@@ -141,9 +147,14 @@ def _bitlinear_int8(x, kernel, norm_scale, eps, dtype):
 _bitlinear_int8.defvjp(_int8_forward, _bitlinear_lean_bwd)
 
 
-def bitlinear_int8(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
-                   eps: float = quant.BITLINEAR_NORM_EPS,
-                   dtype: jnp.dtype | None = None) -> jax.Array:
+def bitlinear_int8(
+  x: jax.Array,
+  kernel: jax.Array,
+  norm_scale: jax.Array,
+  *,
+  eps: float = quant.BITLINEAR_NORM_EPS,
+  dtype: jnp.dtype | None = None,
+) -> jax.Array:
   """BitLinear with an integer forward (int8 x ternary codes, int32 accumulator) and the lean
   STE backward.
 
@@ -161,8 +172,9 @@ def bitlinear_int8(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
 
 
 def _fused_forward(x, kernel, norm_scale, eps, dtype, platform, interpret, frozen=False):
-  codes_x, sx, r = bitlinear_quant.rmsnorm_quantize(x, norm_scale, eps, platform=platform,
-                                                    interpret=interpret)
+  codes_x, sx, r = bitlinear_quant.rmsnorm_quantize(
+    x, norm_scale, eps, platform=platform, interpret=interpret
+  )
   xq = (codes_x.astype(sx.dtype) / sx).astype(dtype)
   wq = kernel if frozen else quant.ste_weights(kernel)
   y = jnp.matmul(xq, wq.astype(dtype))  # the compute dtype, as in quant.bitlinear_fake_quant
@@ -182,9 +194,16 @@ def _bitlinear_fused_bwd(eps, dtype, platform, interpret, residuals, dy):
 _bitlinear_fused.defvjp(_fused_forward, _bitlinear_fused_bwd)
 
 
-def bitlinear_fused(x: jax.Array, kernel: jax.Array, norm_scale: jax.Array, *,
-                    eps: float = quant.BITLINEAR_NORM_EPS, dtype: jnp.dtype | None = None,
-                    platform: str | None = None, interpret=None) -> jax.Array:
+def bitlinear_fused(
+  x: jax.Array,
+  kernel: jax.Array,
+  norm_scale: jax.Array,
+  *,
+  eps: float = quant.BITLINEAR_NORM_EPS,
+  dtype: jnp.dtype | None = None,
+  platform: str | None = None,
+  interpret=None,
+) -> jax.Array:
   """`bitlinear_lean` with its input path (RMSNorm, per-token absmax, int8 codes) in one
   Pallas kernel pass (`kernels.bitlinear_quant`); the matmul stays an XLA dot.
 
@@ -213,8 +232,9 @@ def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
   return IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
 
 
-def freeze_weights(kernel: jax.Array, impl: str, dtype=None, *, keep_latent: bool = False
-                   ) -> tuple[str, jax.Array, jax.Array]:
+def freeze_weights(
+  kernel: jax.Array, impl: str, dtype=None, *, keep_latent: bool = False
+) -> tuple[str, jax.Array, jax.Array]:
   """Quantizes a BitLinear's latent kernel once, for inference loops (a decode step would
   otherwise re-quantize every weight at every token).
 
@@ -254,9 +274,17 @@ def _weights_from_latent(kernel, w_mean_abs, impl: str, dtype):
   return quant.ste_weights(kernel, sw=sw).astype(dtype or kernel.dtype)
 
 
-def bitlinear_frozen(x: jax.Array, weights: jax.Array, w_mean_abs: jax.Array,
-                     norm_scale: jax.Array, *, impl: str, eps: float = quant.BITLINEAR_NORM_EPS,
-                     dtype: jnp.dtype | None = None, latent: bool = False) -> jax.Array:
+def bitlinear_frozen(
+  x: jax.Array,
+  weights: jax.Array,
+  w_mean_abs: jax.Array,
+  norm_scale: jax.Array,
+  *,
+  impl: str,
+  eps: float = quant.BITLINEAR_NORM_EPS,
+  dtype: jnp.dtype | None = None,
+  latent: bool = False,
+) -> jax.Array:
   """The forward of `impl` (resolved, as `freeze_weights` returns it) on frozen weights:
   `x [..., d_in]` → `[..., d_out]` in `dtype`, equal to the latent layer's output. Forward
   only (the weights carry no gradient). latent: `weights` is the latent kernel
@@ -268,19 +296,27 @@ def bitlinear_frozen(x: jax.Array, weights: jax.Array, w_mean_abs: jax.Array,
     return _int8_output(x, weights, w_mean_abs, norm_scale, eps, dtype)[0]
   if impl == "fused":
     platform = dispatch.kernel_platform_or_interpret("bitlinear_impl=fused")
-    return _fused_forward(x, weights, norm_scale, float(eps), dtype, platform,
-                          dispatch.interpret_mode(None), frozen=True)[0]
+    return _fused_forward(
+      x,
+      weights,
+      norm_scale,
+      float(eps),
+      dtype,
+      platform,
+      dispatch.interpret_mode(None),
+      frozen=True,
+    )[0]
   return quant.bitlinear_fake_quant(x, weights, norm_scale, eps, dtype, frozen=True)[0]
 
 
 # The `model.bitlinear_impl` registry: name (`registry.BITLINEAR_IMPLS`) ->
 # `fn(x, kernel, norm_scale, *, eps, dtype)`.
 IMPLS: dict[str, Callable] = {
-    "autodiff": quant.bitlinear,
-    "lean": bitlinear_lean,
-    "int8": bitlinear_int8,
-    "fused": bitlinear_fused,
-    "auto": _auto,
+  "autodiff": quant.bitlinear,
+  "lean": bitlinear_lean,
+  "int8": bitlinear_int8,
+  "fused": bitlinear_fused,
+  "auto": _auto,
 }
 
 
@@ -289,5 +325,7 @@ def get_bitlinear(impl: str) -> Callable:
   try:
     return IMPLS[impl]
   except KeyError:
-    raise ValueError(f"unknown bitlinear_impl {impl!r}; choose one of "
-                     f"{registry.BITLINEAR_IMPLS} (model.bitlinear_impl in the config)") from None
+    raise ValueError(
+      f"unknown bitlinear_impl {impl!r}; choose one of "
+      f"{registry.BITLINEAR_IMPLS} (model.bitlinear_impl in the config)"
+    ) from None

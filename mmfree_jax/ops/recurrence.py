@@ -42,12 +42,12 @@ def _auto(f, i, h0=None, *, chunk_size):
 
 # name (`registry.SCAN_TYPES`) -> `fn(f, i, initial_state=None, *, chunk_size)`.
 IMPLS: dict[str, Callable] = {
-    "sequential": lambda f, i, h0=None, *, chunk_size: sequential(f, i, h0),
-    "associative": lambda f, i, h0=None, *, chunk_size: associative(f, i, h0),
-    "chunked": chunked,
-    "sequential_custom_vjp": lambda f, i, h0=None, *, chunk_size: sequential_custom_vjp(f, i, h0),
-    "pallas": lambda f, i, h0=None, *, chunk_size: pallas(f, i, h0),
-    "auto": _auto,
+  "sequential": lambda f, i, h0=None, *, chunk_size: sequential(f, i, h0),
+  "associative": lambda f, i, h0=None, *, chunk_size: associative(f, i, h0),
+  "chunked": chunked,
+  "sequential_custom_vjp": lambda f, i, h0=None, *, chunk_size: sequential_custom_vjp(f, i, h0),
+  "pallas": lambda f, i, h0=None, *, chunk_size: pallas(f, i, h0),
+  "auto": _auto,
 }
 
 
@@ -56,8 +56,10 @@ def get_recurrence(scan_type: str, chunk_size: int = 64) -> Callable:
   try:
     impl = IMPLS[scan_type]
   except KeyError:
-    raise ValueError(f"unknown scan_type {scan_type!r}; choose one of {registry.SCAN_TYPES} "
-                     "(model.scan_type in the config)") from None
+    raise ValueError(
+      f"unknown scan_type {scan_type!r}; choose one of {registry.SCAN_TYPES} "
+      "(model.scan_type in the config)"
+    ) from None
   return functools.partial(_split_over_context, functools.partial(impl, chunk_size=chunk_size))
 
 
@@ -74,12 +76,20 @@ def _split_over_context(fn, f, i, initial_state=None):
   if shards == 1 or f.shape[1] % shards:  # e.g. a decode step or a ragged prompt: unsplit
     return fn(f, i, initial_state)
   return context_scan.context_recurrence(
-      fn, f, i, initial_state, mesh=active.mesh, context_axis=axes,
-      batch_axes=active.batch_axes, feature_axes=active.feature_axes)
+    fn,
+    f,
+    i,
+    initial_state,
+    mesh=active.mesh,
+    context_axis=axes,
+    batch_axes=active.batch_axes,
+    feature_axes=active.feature_axes,
+  )
 
 
-def linear_recurrence(f, i, initial_state=None, *, scan_type: str = "sequential",
-                      chunk_size: int = 64):
+def linear_recurrence(
+  f, i, initial_state=None, *, scan_type: str = "sequential", chunk_size: int = 64
+):
   """`h_t = f_t * h_{t-1} + i_t` with the named implementation.
 
   Args:

@@ -93,10 +93,18 @@ def _incoming_all_gather(p, s, axis: str, c: int):
   return h
 
 
-def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
-                       initial_state: jax.Array | None = None, *, mesh: Mesh,
-                       context_axis: str | tuple[str, ...] = "context", batch_axes: Axes = ("data", "fsdp"),
-                       feature_axes: Axes = "tensor", combine: str = "ppermute"):
+def context_recurrence(
+  fn: Callable,
+  f: jax.Array,
+  i: jax.Array,
+  initial_state: jax.Array | None = None,
+  *,
+  mesh: Mesh,
+  context_axis: str | tuple[str, ...] = "context",
+  batch_axes: Axes = ("data", "fsdp"),
+  feature_axes: Axes = "tensor",
+  combine: str = "ppermute",
+):
   """`h_t = f_t h_{t-1} + i_t` with time split over `context_axis` (module docstring).
 
   Args:
@@ -115,15 +123,19 @@ def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
     raise ValueError(f"combine must be one of {COMBINES}; got {combine!r}")
   names = (context_axis,) if isinstance(context_axis, str) else tuple(context_axis)
   if not names or not all(a in mesh.shape for a in names):
-    raise ValueError(f"mesh axes {mesh.axis_names} have no {context_axis!r} axis; build the "
-                     "mesh with parallel.mesh.make_mesh")
+    raise ValueError(
+      f"mesh axes {mesh.axis_names} have no {context_axis!r} axis; build the "
+      "mesh with parallel.mesh.make_mesh"
+    )
   c = math.prod(mesh.shape[a] for a in names)
   if c == 1:
     return fn(f, i, initial_state)
   batch, seq, dim = f.shape
   if seq % c:
-    raise ValueError(f"sequence length {seq} is not a multiple of the {c} context shards "
-                     f"({context_axis!r}); make data.seq_len a multiple of mesh.shape.context")
+    raise ValueError(
+      f"sequence length {seq} is not a multiple of the {c} context shards "
+      f"({context_axis!r}); make data.seq_len a multiple of mesh.shape.context"
+    )
   acc = jax.eval_shape(fn, f[:, :1], i[:, :1], None)[1].dtype
   h0 = jnp.zeros((batch, dim), acc) if initial_state is None else initial_state.astype(acc)
   # h0 enters on shard 0 only, as an input sharded like the carries (no replicated operand).
@@ -141,6 +153,11 @@ def context_recurrence(fn: Callable, f: jax.Array, i: jax.Array,
     return h, last[None]
 
   with kernel_sharding.suspended():  # fn runs per shard already: no nested shard_map
-    h, last = jax.shard_map(shard, mesh=mesh, in_specs=(seq_spec, seq_spec, carry_spec),
-                            out_specs=(seq_spec, carry_spec), check_vma=False)(f, i, starts)
+    h, last = jax.shard_map(
+      shard,
+      mesh=mesh,
+      in_specs=(seq_spec, seq_spec, carry_spec),
+      out_specs=(seq_spec, carry_spec),
+      check_vma=False,
+    )(f, i, starts)
   return h, last[-1]

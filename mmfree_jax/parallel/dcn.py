@@ -21,6 +21,7 @@ _KIND = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 @dataclasses.dataclass(frozen=True)
 class Transfer:
   """One cross-slice collective: where it is, what it does, its per-chip payload."""
+
   computation: str
   kind: str  # the megascale transfer type, e.g. ALL_REDUCE
   dtype: str
@@ -43,8 +44,13 @@ def computations(hlo_text: str) -> dict[str, list[str]]:
 
 def loop_computations(comps: dict[str, list[str]]) -> set[str]:
   """Computations that run per iteration of a while loop, and everything they call."""
-  todo = [c for lines in comps.values() for line in lines if " while(" in line
-          for c in re.findall(r"(?:body|condition)=%([\w.\-]+)", line)]
+  todo = [
+    c
+    for lines in comps.values()
+    for line in lines
+    if " while(" in line
+    for c in re.findall(r"(?:body|condition)=%([\w.\-]+)", line)
+  ]
   seen = set()
   while todo:
     name = todo.pop()
@@ -66,6 +72,13 @@ def dcn_transfers(hlo_text: str) -> list[Transfer]:
       if " send(" not in line or "_xla_megascale_transfer_type" not in line:
         continue
       dtype, dims = _SEND.search(line).groups()
-      found.append(Transfer(name, _KIND.search(line).group(1), dtype,
-                            math.prod(int(d) for d in dims.split(",") if d), name in loops))
+      found.append(
+        Transfer(
+          name,
+          _KIND.search(line).group(1),
+          dtype,
+          math.prod(int(d) for d in dims.split(",") if d),
+          name in loops,
+        )
+      )
   return found

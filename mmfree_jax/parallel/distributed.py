@@ -9,13 +9,11 @@ import jax
 # What `dist.coordinator=auto` reads, by cluster (JAX's cluster detection, jax._src.clusters):
 # the launchers in launch/ set these, and tests/test_launch.py checks that they do.
 AUTO_ENV = {
-    "slurm": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-              "SLURM_LOCALID"),
-    # GKE TPU pods (one JobSet replicated job per slice); on TPU VMs the metadata server
-    # answers instead
-    "gke_tpu": ("TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES"),
-    "multislice": ("MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES",
-                   "MEGASCALE_SLICE_ID"),
+  "slurm": ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"),
+  # GKE TPU pods (one JobSet replicated job per slice); on TPU VMs the metadata server
+  # answers instead
+  "gke_tpu": ("TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES"),
+  "multislice": ("MEGASCALE_COORDINATOR_ADDRESS", "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID"),
 }
 
 
@@ -33,9 +31,10 @@ def _initialize_auto(timeouts: dict) -> None:
     if "coordinator_address" not in str(e):
       raise
     raise ValueError(
-        "dist.coordinator=auto found no cluster environment (Cloud TPU, GKE TPU, SLURM under "
-        "srun, Kubernetes, Open MPI); start the processes with a launcher from launch/ or set "
-        "--config.dist.coordinator=HOST:PORT, dist.num_processes and dist.process_id") from None
+      "dist.coordinator=auto found no cluster environment (Cloud TPU, GKE TPU, SLURM under "
+      "srun, Kubernetes, Open MPI); start the processes with a launcher from launch/ or set "
+      "--config.dist.coordinator=HOST:PORT, dist.num_processes and dist.process_id"
+    ) from None
 
 
 def maybe_initialize(dist_cfg) -> bool:
@@ -49,8 +48,10 @@ def maybe_initialize(dist_cfg) -> bool:
   coordinator = dist_cfg.coordinator or os.environ.get("MMFREE_COORDINATOR", "")
   if not coordinator:
     return False
-  timeouts = {"heartbeat_timeout_seconds": int(dist_cfg.heartbeat_timeout_s),
-              "initialization_timeout": int(dist_cfg.initialization_timeout_s)}
+  timeouts = {
+    "heartbeat_timeout_seconds": int(dist_cfg.heartbeat_timeout_s),
+    "initialization_timeout": int(dist_cfg.initialization_timeout_s),
+  }
   if coordinator == "auto":
     _cpu_collectives_over_gloo()
     _initialize_auto(timeouts)
@@ -61,11 +62,13 @@ def maybe_initialize(dist_cfg) -> bool:
     process_id = int(os.environ.get("MMFREE_PROCESS_ID", "-1"))
   if num_processes < 1 or not 0 <= process_id < num_processes:
     raise ValueError(
-        f"distributed run needs dist.num_processes >= 1 and 0 <= dist.process_id < "
-        f"num_processes; got num_processes={num_processes}, process_id={process_id}. Set "
-        "--config.dist.num_processes/--config.dist.process_id or MMFREE_NUM_PROCESSES/"
-        "MMFREE_PROCESS_ID")
+      f"distributed run needs dist.num_processes >= 1 and 0 <= dist.process_id < "
+      f"num_processes; got num_processes={num_processes}, process_id={process_id}. Set "
+      "--config.dist.num_processes/--config.dist.process_id or MMFREE_NUM_PROCESSES/"
+      "MMFREE_PROCESS_ID"
+    )
   _cpu_collectives_over_gloo()
-  jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                             process_id=process_id, **timeouts)
+  jax.distributed.initialize(
+    coordinator_address=coordinator, num_processes=num_processes, process_id=process_id, **timeouts
+  )
   return True

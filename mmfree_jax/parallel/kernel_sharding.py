@@ -41,19 +41,23 @@ Axes = str | tuple[str, ...] | None
 class KernelSharding:
   """Where the kernels' batch and feature dims live on `mesh`; `seq_axes`: where the sequence
   is split (context parallelism: `ops.recurrence` then runs `parallel.context_scan`)."""
+
   mesh: Mesh
   batch_axes: Axes = ("data", "fsdp")
   feature_axes: Axes = "tensor"
   seq_axes: Axes = None
 
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding",
-                                                         default=None)
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding", default=None)
 
 
 @contextlib.contextmanager
-def kernel_sharding(mesh: Mesh, batch_axes: Axes = ("data", "fsdp"),
-                    feature_axes: Axes = "tensor", seq_axes: Axes = None):
+def kernel_sharding(
+  mesh: Mesh,
+  batch_axes: Axes = ("data", "fsdp"),
+  feature_axes: Axes = "tensor",
+  seq_axes: Axes = None,
+):
   """Kernels traced inside the block run per shard of `mesh` (module docstring).
 
   It is read while tracing, and `jax.jit` caches traces by function and argument types only:
@@ -98,8 +102,14 @@ def _get(sharding: KernelSharding | None) -> KernelSharding | None:
   return sharding
 
 
-def recurrence(fn: Callable, f: jax.Array, i: jax.Array, initial_state: jax.Array | None = None,
-               *, sharding: KernelSharding | None = None):
+def recurrence(
+  fn: Callable,
+  f: jax.Array,
+  i: jax.Array,
+  initial_state: jax.Array | None = None,
+  *,
+  sharding: KernelSharding | None = None,
+):
   """`fn(f, i, initial_state) -> (h, final_state)` per shard; shapes as in `ops.recurrence`."""
   sharding = _get(sharding)
   if sharding is None:
@@ -113,12 +123,14 @@ def recurrence(fn: Callable, f: jax.Array, i: jax.Array, initial_state: jax.Arra
   else:
     body, args = fn, (f, i, initial_state)
     in_specs = (seq_spec, seq_spec, state_spec)
-  return jax.shard_map(body, mesh=sharding.mesh, in_specs=in_specs,
-                       out_specs=(seq_spec, state_spec), check_vma=False)(*args)
+  return jax.shard_map(
+    body, mesh=sharding.mesh, in_specs=in_specs, out_specs=(seq_spec, state_spec), check_vma=False
+  )(*args)
 
 
-def rowwise(fn: Callable, x: jax.Array, *replicated: jax.Array,
-            sharding: KernelSharding | None = None):
+def rowwise(
+  fn: Callable, x: jax.Array, *replicated: jax.Array, sharding: KernelSharding | None = None
+):
   """`fn(x, *replicated) -> outputs [..., k]` per shard of x's rows (the leading dim on the
   batch axes, the last dim whole); `replicated` (e.g. gamma) is on every shard whole."""
   sharding = _get(sharding)
@@ -126,13 +138,24 @@ def rowwise(fn: Callable, x: jax.Array, *replicated: jax.Array,
     return fn(x, *replicated)
   b = _fit(sharding.mesh, sharding.batch_axes, x.shape[0])
   row_spec = P(b, *([None] * (x.ndim - 1)))
-  return jax.shard_map(fn, mesh=sharding.mesh,
-                       in_specs=(row_spec,) + tuple(P() for _ in replicated),
-                       out_specs=row_spec, check_vma=False)(x, *replicated)
+  return jax.shard_map(
+    fn,
+    mesh=sharding.mesh,
+    in_specs=(row_spec,) + tuple(P() for _ in replicated),
+    out_specs=row_spec,
+    check_vma=False,
+  )(x, *replicated)
 
 
-def attention(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
-              segment_ids: jax.Array | None = None, *, sharding: KernelSharding | None = None):
+def attention(
+  fn: Callable,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  segment_ids: jax.Array | None = None,
+  *,
+  sharding: KernelSharding | None = None,
+):
   """`fn(q, k, v, segment_ids) -> out` per shard for attention over whole windows: q, out
   `[batch, seq, heads, head_dim]`, k, v `[batch, seq, kv_heads, head_dim]`, segment_ids
   `[batch, seq]` or None. Batch goes on `batch_axes`, heads on `feature_axes` (the projections'
@@ -155,5 +178,4 @@ def attention(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
     body, args, in_specs = (lambda q, k, v: fn(q, k, v, None)), (q, k, v), (spec,) * 3
   else:
     body, args, in_specs = fn, (q, k, v, segment_ids), (spec,) * 3 + (P(b, None),)
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec,
-                       check_vma=False)(*args)
+  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)

@@ -41,14 +41,16 @@ def resolve_mesh_shape(shape_cfg, num_devices: int) -> dict[str, int]:
   if fill:
     if num_devices % fixed:
       raise ValueError(
-          f"mesh {shape} cannot fill {num_devices} devices: the fixed axes use {fixed}, which "
-          f"does not divide {num_devices}; change --config.mesh.shape")
+        f"mesh {shape} cannot fill {num_devices} devices: the fixed axes use {fixed}, which "
+        f"does not divide {num_devices}; change --config.mesh.shape"
+      )
     shape[fill[0]] = num_devices // fixed
   if math.prod(shape.values()) != num_devices:
     raise ValueError(
-        f"mesh {shape} has {math.prod(shape.values())} devices but {num_devices} are "
-        "available; make the product of --config.mesh.shape.{data,fsdp,context,tensor} equal the "
-        "device count, or set one axis to -1")
+      f"mesh {shape} has {math.prod(shape.values())} devices but {num_devices} are "
+      "available; make the product of --config.mesh.shape.{data,fsdp,context,tensor} equal the "
+      "device count, or set one axis to -1"
+    )
   return shape
 
 
@@ -71,14 +73,16 @@ def split_over_slices(shape: dict[str, int], dcn_cfg, slices: int):
     dcn_shape = resolve_mesh_shape(dcn_cfg, slices)
   except ValueError:
     raise ValueError(
-        f"mesh.dcn={dict(dcn_cfg)} does not fit the {slices} slice(s) the devices form: make "
-        "the product of --config.mesh.dcn.{data,fsdp,context,tensor} equal the number of "
-        "slices, or set one axis to -1") from None
+      f"mesh.dcn={dict(dcn_cfg)} does not fit the {slices} slice(s) the devices form: make "
+      "the product of --config.mesh.dcn.{data,fsdp,context,tensor} equal the number of "
+      "slices, or set one axis to -1"
+    ) from None
   for axis in MESH_AXES:
     if shape[axis] % dcn_shape[axis]:
       raise ValueError(
-          f"mesh.shape.{axis}={shape[axis]} cannot span {dcn_shape[axis]} slices "
-          f"(mesh.dcn.{axis}); make mesh.shape.{axis} a multiple of mesh.dcn.{axis}")
+        f"mesh.shape.{axis}={shape[axis]} cannot span {dcn_shape[axis]} slices "
+        f"(mesh.dcn.{axis}); make mesh.shape.{axis} a multiple of mesh.dcn.{axis}"
+      )
   ici = tuple(shape[a] // dcn_shape[a] for a in MESH_AXES)
   return ici, tuple(dcn_shape[a] for a in MESH_AXES)
 

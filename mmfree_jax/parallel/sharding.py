@@ -27,12 +27,16 @@ from mmfree_jax.parallel import kernel_sharding
 PARAM_AXES = ("embed", "mlp", "inner", "heads", "vocab", "layers")
 # activation_inner: the features of the MLGRU recurrence and of attention heads (the Pallas
 # kernels run per shard of them, `parallel.kernel_sharding`).
-ACTIVATION_AXES = ("activation_batch", "activation_seq", "activation_embed", "activation_inner",
-                   "activation_vocab")
+ACTIVATION_AXES = (
+  "activation_batch",
+  "activation_seq",
+  "activation_embed",
+  "activation_inner",
+  "activation_vocab",
+)
 LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_logical_sharding",
-                                                         default=None)
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_logical_sharding", default=None)
 
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
@@ -68,14 +72,22 @@ def check_rules(rules) -> list[str]:
   """Problems of a rule list, one line each (empty when fine): every name of `LOGICAL_AXES`
   has exactly one rule, and no other name has one."""
   names = [name for name, _ in normalize_rules(rules)]
-  problems = [f"mesh.axis_rules: unknown logical axis {n!r}; known: {list(LOGICAL_AXES)}"
-              for n in dict.fromkeys(names) if n not in LOGICAL_AXES]
-  problems += [f"mesh.axis_rules: {n!r} has {names.count(n)} rules; give it one"
-               for n in dict.fromkeys(names) if names.count(n) > 1]
+  problems = [
+    f"mesh.axis_rules: unknown logical axis {n!r}; known: {list(LOGICAL_AXES)}"
+    for n in dict.fromkeys(names)
+    if n not in LOGICAL_AXES
+  ]
+  problems += [
+    f"mesh.axis_rules: {n!r} has {names.count(n)} rules; give it one"
+    for n in dict.fromkeys(names)
+    if names.count(n) > 1
+  ]
   missing = [n for n in LOGICAL_AXES if n not in names]
   if missing:
-    problems.append(f"mesh.axis_rules: no rule for {missing}; add one per name (None = "
-                    "replicated), e.g. as in mmfree_jax.config's defaults")
+    problems.append(
+      f"mesh.axis_rules: no rule for {missing}; add one per name (None = "
+      "replicated), e.g. as in mmfree_jax.config's defaults"
+    )
   return problems
 
 
@@ -91,14 +103,17 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> Partiti
       spec.append(None)
       continue
     if name not in table:
-      raise ValueError(f"logical axis {name!r} has no rule in mesh.axis_rules ("
-                       f"{sorted(table)}); add one")
+      raise ValueError(
+        f"logical axis {name!r} has no rule in mesh.axis_rules ({sorted(table)}); add one"
+      )
     target = table[name]
-    for axis in (target if isinstance(target, tuple) else (target,)):
+    for axis in target if isinstance(target, tuple) else (target,):
       if axis is not None and axis in used:
-        raise ValueError(f"logical axes {used[axis]!r} and {name!r} both map to mesh axis "
-                         f"{axis!r} in {tuple(logical_axes)}; change mesh.axis_rules so that "
-                         "each mesh axis appears once per array")
+        raise ValueError(
+          f"logical axes {used[axis]!r} and {name!r} both map to mesh axis "
+          f"{axis!r} in {tuple(logical_axes)}; change mesh.axis_rules so that "
+          "each mesh axis appears once per array"
+        )
       used[axis] = name
     spec.append(target)
   return PartitionSpec(*spec)
@@ -138,8 +153,9 @@ def fit_spec_to_shape(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -
   """Replicates any dimension the mesh axes do not divide (e.g. a vocab of 50257 on 2 shards, a
   decode step's one position on the context axis); mesh axes the mesh lacks are dropped."""
   entries = [_present(mesh, axis) for axis in list(spec) + [None] * (len(shape) - len(spec))]
-  fitted = [axis if dim % _mesh_axis_size(mesh, axis) == 0 else None
-            for axis, dim in zip(entries, shape)]
+  fitted = [
+    axis if dim % _mesh_axis_size(mesh, axis) == 0 else None for axis, dim in zip(entries, shape)
+  ]
   return PartitionSpec(*fitted)
 
 
@@ -151,8 +167,9 @@ def tree_shardings(abstract_tree, logical_specs, mesh: Mesh, rules: Rules):
     spec = logical_to_spec(tuple(logical), rules)
     return NamedSharding(mesh, fit_spec_to_shape(spec, leaf.shape, mesh))
 
-  return jax.tree.map(one, abstract_tree, logical_specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+  return jax.tree.map(
+    one, abstract_tree, logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+  )
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2) -> NamedSharding:

@@ -41,19 +41,21 @@ def banner_lines(cfg, model_cfg, mesh, params, workdir: str, resume: str) -> lis
   m = model_cfg
   compute = np.dtype(m.compute_dtype).name
   dtype = f"{m.dtype} -> {compute}" if m.dtype != compute else compute
-  impls = (describe_impls(m, mesh.devices.flat[0].platform)
-           + f"; dtype={dtype} param_dtype={m.param_dtype} remat={m.remat}")
+  impls = (
+    describe_impls(m, mesh.devices.flat[0].platform)
+    + f"; dtype={dtype} param_dtype={m.param_dtype} remat={m.remat}"
+  )
   return [
-      f"model: {m.kind} d_model={m.d_model} num_layers={m.num_layers} vocab={m.vocab_size}: "
-      f"{n_params:,} params ({_human(n_params)})",
-      f"devices: {len(devices)} x {'/'.join(kinds)} ({jax.default_backend()}) in "
-      f"{jax.process_count()} process(es); mesh {mesh_shape}",
-      f"batch: {cfg.train.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens/step "
-      f"(microbatches {cfg.train.microbatches}); {cfg.train.steps} steps = "
-      f"{_human(tokens * cfg.train.steps)} tokens; lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
-      f"warmup {cfg.optim.warmup_steps}",
-      f"implementations: {impls}",
-      f"workdir: {workdir}; {resume}",
+    f"model: {m.kind} d_model={m.d_model} num_layers={m.num_layers} vocab={m.vocab_size}: "
+    f"{n_params:,} params ({_human(n_params)})",
+    f"devices: {len(devices)} x {'/'.join(kinds)} ({jax.default_backend()}) in "
+    f"{jax.process_count()} process(es); mesh {mesh_shape}",
+    f"batch: {cfg.train.global_batch} x {cfg.data.seq_len} = {tokens:,} tokens/step "
+    f"(microbatches {cfg.train.microbatches}); {cfg.train.steps} steps = "
+    f"{_human(tokens * cfg.train.steps)} tokens; lr {cfg.optim.lr:g} {cfg.optim.schedule}, "
+    f"warmup {cfg.optim.warmup_steps}",
+    f"implementations: {impls}",
+    f"workdir: {workdir}; {resume}",
   ]
 
 
@@ -65,8 +67,7 @@ def is_interactive() -> bool:
 class StepLines:
   """`step N/T: loss, tokens/s, MFU, ETA` lines every `every` steps (and at the last)."""
 
-  def __init__(self, first_step: int, last_step: int, total_steps: int, every: int,
-               stream=None):
+  def __init__(self, first_step: int, last_step: int, total_steps: int, every: int, stream=None):
     self.first, self.last, self.total, self.every = first_step, last_step, total_steps, every
     self.stream = stream or sys.stdout
     self.started = time.perf_counter()
@@ -81,6 +82,10 @@ class StepLines:
     elapsed = now - self.started
     done, since = step - self.rate_from[0], now - self.rate_from[1]
     eta = since / done * (self.last - step) if done else 0.0
-    print(f"step {step}/{self.total}: loss {row['loss']:.4f}, lr {row['lr']:.3g}, "
-          f"{row['tokens_per_s']:,.0f} tokens/s, MFU {100 * row['mfu']:.2f}%, "
-          f"elapsed {_seconds(elapsed)}, ETA {_seconds(eta)}", file=self.stream, flush=True)
+    print(
+      f"step {step}/{self.total}: loss {row['loss']:.4f}, lr {row['lr']:.3g}, "
+      f"{row['tokens_per_s']:,.0f} tokens/s, MFU {100 * row['mfu']:.2f}%, "
+      f"elapsed {_seconds(elapsed)}, ETA {_seconds(eta)}",
+      file=self.stream,
+      flush=True,
+    )

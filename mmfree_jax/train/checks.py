@@ -21,9 +21,11 @@ log = logging.getLogger("mmfree_jax")
 def check_workdir_writable(workdir: str) -> None:
   """Fails before any compute if the workdir cannot be created or written."""
   if "://" in workdir:  # os.makedirs would make a local folder named 'gs:'
-    raise ValueError(f"workdir {workdir!r}: object-storage workdirs (gs://, s3://) are not "
-                     "supported yet; mount the bucket (e.g. Cloud Storage FUSE) and pass "
-                     "its local path")
+    raise ValueError(
+      f"workdir {workdir!r}: object-storage workdirs (gs://, s3://) are not "
+      "supported yet; mount the bucket (e.g. Cloud Storage FUSE) and pass "
+      "its local path"
+    )
   try:
     os.makedirs(workdir, exist_ok=True)
     probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
@@ -31,17 +33,21 @@ def check_workdir_writable(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise OSError(f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a "
-                  "writable disk with free space") from e
+    raise OSError(
+      f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a "
+      "writable disk with free space"
+    ) from e
 
 
 def check_disk_space(workdir: str, needed_bytes: int) -> None:
   """Fails before compute if the workdir's disk cannot hold one more checkpoint."""
   free = shutil.disk_usage(workdir).free
   if free < needed_bytes:
-    raise OSError(f"workdir {workdir!r} has {free / 2**20:.1f} MiB free but one checkpoint "
-                  f"needs about {needed_bytes / 2**20:.1f} MiB; free space or pass another "
-                  "--workdir")
+    raise OSError(
+      f"workdir {workdir!r} has {free / 2**20:.1f} MiB free but one checkpoint "
+      f"needs about {needed_bytes / 2**20:.1f} MiB; free space or pass another "
+      "--workdir"
+    )
 
 
 def select_restore_step(workdir: str, restore_step: int | None) -> int | None:
@@ -62,13 +68,15 @@ def select_restore_step(workdir: str, restore_step: int | None) -> int | None:
     return max(steps_found) if steps_found else None
   if restore_step not in steps_found:
     raise ckpt_lib.CheckpointError(
-        f"--restore_step={restore_step} is not in {ckpt_lib.checkpoint_dir(workdir)}; "
-        f"available steps: {steps_found}")
+      f"--restore_step={restore_step} is not in {ckpt_lib.checkpoint_dir(workdir)}; "
+      f"available steps: {steps_found}"
+    )
   newer = [s for s in steps_found if s > restore_step]
   if newer and jax.process_index() == 0:
     aside = ckpt_lib.move_aside(workdir, newer, "newer")
-    log.warning("moved checkpoints %s (newer than --restore_step=%d) to %s", newer,
-                restore_step, aside)
+    log.warning(
+      "moved checkpoints %s (newer than --restore_step=%d) to %s", newer, restore_step, aside
+    )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("select_restore_step")
   return restore_step
@@ -79,16 +87,20 @@ def check_batch_layout(train_cfg, mesh) -> None:
   batch, micro = train_cfg.global_batch, train_cfg.microbatches
   shards = mesh_lib.data_parallel_size(mesh)
   if micro < 1 or batch % micro:
-    raise ValueError(f"train.global_batch={batch} is not divisible by train.microbatches="
-                     f"{micro}; pick microbatches dividing the global batch")
+    raise ValueError(
+      f"train.global_batch={batch} is not divisible by train.microbatches="
+      f"{micro}; pick microbatches dividing the global batch"
+    )
   if (batch // micro) % shards:
     raise ValueError(
-        f"the microbatch of {batch // micro} rows (global_batch {batch} / microbatches {micro}) "
-        f"is not divisible by the {shards} data shards (mesh data x fsdp); set "
-        f"--config.train.global_batch to a multiple of {shards * micro}")
+      f"the microbatch of {batch // micro} rows (global_batch {batch} / microbatches {micro}) "
+      f"is not divisible by the {shards} data shards (mesh data x fsdp); set "
+      f"--config.train.global_batch to a multiple of {shards * micro}"
+    )
   if batch % jax.process_count():
-    raise ValueError(f"train.global_batch={batch} is not divisible by the "
-                     f"{jax.process_count()} processes")
+    raise ValueError(
+      f"train.global_batch={batch} is not divisible by the {jax.process_count()} processes"
+    )
 
 
 def check_steps_unchanged(saved_config: dict, cfg, step: int, allow: bool) -> None:
@@ -97,10 +109,14 @@ def check_steps_unchanged(saved_config: dict, cfg, step: int, allow: bool) -> No
   saved = saved_config.get("train", {}).get("steps")
   if saved is None or saved == cfg.train.steps:
     return
-  msg = (f"train.steps changed from {saved} (checkpoint step {step}) to {cfg.train.steps}: the "
-         f"{cfg.optim.schedule} LR schedule spans train.steps, so the learning rate would jump "
-         "mid-run")
+  msg = (
+    f"train.steps changed from {saved} (checkpoint step {step}) to {cfg.train.steps}: the "
+    f"{cfg.optim.schedule} LR schedule spans train.steps, so the learning rate would jump "
+    "mid-run"
+  )
   if not allow:
-    raise ValueError(msg + "; pass --allow_steps_change (train(..., allow_steps_change=True)) "
-                     f"to accept that, or keep --config.train.steps={saved}")
+    raise ValueError(
+      msg + "; pass --allow_steps_change (train(..., allow_steps_change=True)) "
+      f"to accept that, or keep --config.train.steps={saved}"
+    )
   log.warning("%s (accepted: allow_steps_change)", msg)

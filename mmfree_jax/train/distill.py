@@ -51,11 +51,15 @@ from mmfree_jax.train import steps as steps_lib
 from mmfree_jax.train.state import TrainState
 
 
-def student_params_from_teacher(teacher_params: dict, teacher_cfg: ModelConfig,
-                                student_params: dict, student_cfg: ModelConfig,
-                                shardings=None,
-                                calibration: calibrate_lib.Calibration | None = None,
-                                mapping: str = student_lib.DEFAULT_MAPPING) -> dict:
+def student_params_from_teacher(
+  teacher_params: dict,
+  teacher_cfg: ModelConfig,
+  student_params: dict,
+  student_cfg: ModelConfig,
+  shardings=None,
+  calibration: calibrate_lib.Calibration | None = None,
+  mapping: str = student_lib.DEFAULT_MAPPING,
+) -> dict:
   """`convert.init_student_params`, jitted (sharded output when `shardings` is given)."""
   calibration = calibration or calibrate_lib.Calibration()
   rms = (calibration.o_proj_rms, calibration.down_proj_rms)
@@ -78,9 +82,15 @@ def quant_strength(step, ramp_steps: int):
   return jnp.minimum(1.0, (jnp.asarray(step, jnp.float32) + 1.0) / ramp_steps)
 
 
-def distill_objective(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
-                      teacher_graphdef, settings: DistillSettings, stage: int,
-                      z_loss: float = 0.0) -> steps_lib.Objective:
+def distill_objective(
+  student_cfg: ModelConfig,
+  student_graphdef,
+  teacher_cfg: ModelConfig,
+  teacher_graphdef,
+  settings: DistillSettings,
+  stage: int,
+  z_loss: float = 0.0,
+) -> steps_lib.Objective:
   """The distillation loss of `stage` (1 or 2) for `steps_lib.build_train_step`.
 
   The loss reads the teacher's params from `ctx.inputs` (under `stop_gradient`) and the
@@ -97,16 +107,16 @@ def distill_objective(student_cfg: ModelConfig, student_graphdef, teacher_cfg: M
   layers = student_cfg.num_layers
 
   def loss_fn(student_params, batch, ctx: steps_lib.StepContext):
-    inputs, segments, targets, mask = loss_lib.split_window(batch["tokens"],
-                                                            batch["segment_ids"])
+    inputs, segments, targets, mask = loss_lib.split_window(batch["tokens"], batch["segment_ids"])
     teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(ctx.inputs))
     student = nnx.merge(student_graphdef, student_params)
     t_seg = segments if teacher_cfg.reset_at_doc_start else None
     s_seg = segments if student_cfg.reset_at_doc_start else None
     zero = jnp.zeros((), acc)
     strength = quant_strength(ctx.step, settings.quant_ramp_steps)
-    ctx_quant = quant.quantization_strength(strength) if strength is not None \
-        else contextlib.nullcontext()
+    ctx_quant = (
+      quant.quantization_strength(strength) if strength is not None else contextlib.nullcontext()
+    )
     with ctx_quant:
       if stage == 1:
         hidden = jax.lax.stop_gradient(blockwise.transformer_hidden_states(teacher, inputs, t_seg))
@@ -126,40 +136,62 @@ def distill_objective(student_cfg: ModelConfig, student_graphdef, teacher_cfg: M
     hidden_mse = sums["hidden_err"] / (tokens * layers)
     strength = quant_strength(ctx.step, settings.quant_ramp_steps)
     return {
-        "loss": sums["nll"] / tokens if stage == 2 else hidden_mse,
-        "stage": jnp.asarray(stage, acc),
-        "distill_loss": loss,
-        "kl": sums["kl"] / tokens,
-        "hidden_mse": hidden_mse,
-        "hidden_rel_err": sums["hidden_err"] / jnp.maximum(sums["hidden_ref"],
-                                                           jnp.finfo(acc).tiny),
-        "quant_strength": jnp.asarray(1.0 if strength is None else strength, acc),
-        "z_loss": jnp.zeros((), acc),
+      "loss": sums["nll"] / tokens if stage == 2 else hidden_mse,
+      "stage": jnp.asarray(stage, acc),
+      "distill_loss": loss,
+      "kl": sums["kl"] / tokens,
+      "hidden_mse": hidden_mse,
+      "hidden_rel_err": sums["hidden_err"] / jnp.maximum(sums["hidden_ref"], jnp.finfo(acc).tiny),
+      "quant_strength": jnp.asarray(1.0 if strength is None else strength, acc),
+      "z_loss": jnp.zeros((), acc),
     }
 
   return steps_lib.Objective(loss_fn, metrics)
 
 
-def make_distill_step(student_cfg: ModelConfig, student_graphdef, teacher_cfg: ModelConfig,
-                      teacher_graphdef, tx: optax.GradientTransformationExtraArgs,
-                      schedule: optax.Schedule, settings: DistillSettings, stage: int, *,
-                      microbatches: int = 1, z_loss: float = 0.0, mesh: Mesh | None = None,
-                      rules=None) -> Callable:
+def make_distill_step(
+  student_cfg: ModelConfig,
+  student_graphdef,
+  teacher_cfg: ModelConfig,
+  teacher_graphdef,
+  tx: optax.GradientTransformationExtraArgs,
+  schedule: optax.Schedule,
+  settings: DistillSettings,
+  stage: int,
+  *,
+  microbatches: int = 1,
+  z_loss: float = 0.0,
+  mesh: Mesh | None = None,
+  rules=None,
+) -> Callable:
   """`steps_lib.build_train_step` of `distill_objective`: `step(state, batch, teacher_params)
   -> (state, metrics)` (pure; not yet jitted)."""
-  objective = distill_objective(student_cfg, student_graphdef, teacher_cfg, teacher_graphdef,
-                                settings, stage, z_loss)
-  return steps_lib.build_train_step(objective, tx, schedule,
-                                   acc=acc_dtype(student_cfg.compute_dtype),
-                                   microbatches=microbatches, mesh=mesh, rules=rules)
+  objective = distill_objective(
+    student_cfg, student_graphdef, teacher_cfg, teacher_graphdef, settings, stage, z_loss
+  )
+  return steps_lib.build_train_step(
+    objective,
+    tx,
+    schedule,
+    acc=acc_dtype(student_cfg.compute_dtype),
+    microbatches=microbatches,
+    mesh=mesh,
+    rules=rules,
+  )
 
 
 class DistillStepper:
   """The trainer's `train_step(state, batch)` in distill mode: the stage-1 or stage-2 jitted
   step by the (host-side) step count, with the placed teacher params bound."""
 
-  def __init__(self, stage1: Callable | None, stage2: Callable, teacher_params: dict,
-               stage1_steps: int, first_step: int):
+  def __init__(
+    self,
+    stage1: Callable | None,
+    stage2: Callable,
+    teacher_params: dict,
+    stage1_steps: int,
+    first_step: int,
+  ):
     self._stage1, self._stage2 = stage1, stage2
     self.teacher_params = teacher_params
     self.stage1_steps = stage1_steps
@@ -182,6 +214,7 @@ class DistillStepper:
 @dataclasses.dataclass
 class Distillation:
   """A loaded, placed teacher and what the trainer asks of it (see `setup`)."""
+
   settings: DistillSettings
   student_cfg: ModelConfig
   teacher_cfg: ModelConfig
@@ -195,16 +228,24 @@ class Distillation:
     """The start-up banner's line for this distillation."""
     s = self.settings
     t = self.teacher_cfg
-    stages = (f"stage 1 (per-layer hidden states) {s.stage1_steps} steps, then "
-              if s.stage1_steps else "")
+    stages = (
+      f"stage 1 (per-layer hidden states) {s.stage1_steps} steps, then " if s.stage1_steps else ""
+    )
     ramp = f", ternary ramped in over {s.quant_ramp_steps} steps" if s.quant_ramp_steps else ""
     init = f"init {s.init}" + (f" ({self.init_note})" if self.init_note else "")
-    return (f"distill: teacher {s.teacher} ({t.kind} d={t.d_model} L={t.num_layers}); {init}; "
-            f"{stages}KL T={s.temperature:g} alpha={s.alpha:g}{ramp}")
+    return (
+      f"distill: teacher {s.teacher} ({t.kind} d={t.d_model} L={t.num_layers}); {init}; "
+      f"{stages}KL T={s.temperature:g} alpha={s.alpha:g}{ramp}"
+    )
 
-  def init_state(self, state: TrainState, tx: optax.GradientTransformation, seed: int,
-                 shardings: TrainState, first_batch: Callable[[], dict] | None = None
-                 ) -> TrainState:
+  def init_state(
+    self,
+    state: TrainState,
+    tx: optax.GradientTransformation,
+    seed: int,
+    shardings: TrainState,
+    first_batch: Callable[[], dict] | None = None,
+  ) -> TrainState:
     """A fresh train state whose params come from the teacher (`distill.init='teacher'`),
     scaled by `distill.calibrate`, whose input-RMS kinds run the teacher on `first_batch()`
     (the global batch `{'tokens', 'segment_ids'} [batch, seq + 1]` step 0 trains on)."""
@@ -212,9 +253,15 @@ class Distillation:
       return state
     calibration = self.calibration(first_batch)
     self.init_note = _describe_calibration(self.settings, calibration)
-    params = student_params_from_teacher(self.teacher_params, self.teacher_cfg, state.params,
-                                         self.student_cfg, shardings.params, calibration,
-                                         self.settings.mapping)
+    params = student_params_from_teacher(
+      self.teacher_params,
+      self.teacher_cfg,
+      state.params,
+      self.student_cfg,
+      shardings.params,
+      calibration,
+      self.settings.mapping,
+    )
     return state_lib.train_state_from_params(params, tx, 0, seed, shardings)
 
   def calibration(self, first_batch: Callable[[], dict] | None) -> calibrate_lib.Calibration:
@@ -223,39 +270,67 @@ class Distillation:
     if not calibrate_lib.needs_batch(name):
       return calibrate_lib.named_calibration(name)
     if first_batch is None:
-      raise ValueError(f"distill.calibrate={name!r} needs a batch of text for the teacher's "
-                       "input RMS; pass first_batch, or use calibrate='ternary' (data-free)")
+      raise ValueError(
+        f"distill.calibrate={name!r} needs a batch of text for the teacher's "
+        "input RMS; pass first_batch, or use calibrate='ternary' (data-free)"
+      )
     batch = first_batch()
     inputs, segments, _, mask = loss_lib.split_window(batch["tokens"], batch["segment_ids"])
     teacher = nnx.merge(state_lib.model_graphdef(self.teacher_cfg), self.teacher_params)
     return calibrate_lib.named_calibration(
-        name, teacher, inputs, segments if self.teacher_cfg.reset_at_doc_start else None, mask)
+      name, teacher, inputs, segments if self.teacher_cfg.reset_at_doc_start else None, mask
+    )
 
-  def stepper(self, graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-              microbatches: int, z_loss: float, shardings: TrainState, batch_sharding,
-              first_step: int) -> DistillStepper:
+  def stepper(
+    self,
+    graphdef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    microbatches: int,
+    z_loss: float,
+    shardings: TrainState,
+    batch_sharding,
+    first_step: int,
+  ) -> DistillStepper:
     """The jitted stage steps (stage 1 only if it still has steps to run), teacher bound."""
     teacher_graphdef = state_lib.model_graphdef(self.teacher_cfg)
 
     def jitted(stage):
-      step = make_distill_step(self.student_cfg, graphdef, self.teacher_cfg, teacher_graphdef,
-                               tx, schedule, self.settings, stage, microbatches=microbatches,
-                               z_loss=z_loss, mesh=self.mesh, rules=self.rules)
-      return jax.jit(step, in_shardings=(shardings, batch_sharding, self.teacher_shardings),
-                     out_shardings=(shardings, sharding.replicated(self.mesh)),
-                     donate_argnums=0)
+      step = make_distill_step(
+        self.student_cfg,
+        graphdef,
+        self.teacher_cfg,
+        teacher_graphdef,
+        tx,
+        schedule,
+        self.settings,
+        stage,
+        microbatches=microbatches,
+        z_loss=z_loss,
+        mesh=self.mesh,
+        rules=self.rules,
+      )
+      return jax.jit(
+        step,
+        in_shardings=(shardings, batch_sharding, self.teacher_shardings),
+        out_shardings=(shardings, sharding.replicated(self.mesh)),
+        donate_argnums=0,
+      )
 
     stage1 = jitted(1) if first_step < self.settings.stage1_steps else None
-    return DistillStepper(stage1, jitted(2), self.teacher_params, self.settings.stage1_steps,
-                          first_step)
+    return DistillStepper(
+      stage1, jitted(2), self.teacher_params, self.settings.stage1_steps, first_step
+    )
 
 
-def _describe_calibration(settings: DistillSettings,
-                          calibration: calibrate_lib.Calibration) -> str:
+def _describe_calibration(settings: DistillSettings, calibration: calibrate_lib.Calibration) -> str:
   """'calibrate all_norm: o_proj input RMS [...], down_proj [...]; mapping vkq'."""
   parts = [f"calibrate {settings.calibrate}"]
-  for name, rms in (("o_proj input RMS", calibration.o_proj_rms),
-                    ("down_proj", calibration.down_proj_rms)):
+  for name, rms in (
+    ("o_proj input RMS", calibration.o_proj_rms),
+    ("down_proj", calibration.down_proj_rms),
+  ):
     if rms is not None:
       parts.append(f"{name} [{', '.join(f'{float(v):.3g}' for v in jax.device_get(rms))}]")
   return ", ".join(parts) + f"; mapping {settings.mapping}"
@@ -275,6 +350,7 @@ def setup(cfg, student: ModelConfig, mesh: Mesh, rules) -> Distillation | None:
   keys = student_lib.MATCHING if settings.init == "teacher" else student_lib.MATCHING[:3]
   student_lib.check_compatible(teacher, student, keys)
   shardings = state_lib.param_shardings(teacher, mesh, rules)
-  params = teacher_lib.load_teacher_params(settings.teacher, teacher, settings.teacher_step,
-                                           shardings)
+  params = teacher_lib.load_teacher_params(
+    settings.teacher, teacher, settings.teacher_step, shardings
+  )
   return Distillation(settings, student, teacher, params, shardings, mesh, rules)

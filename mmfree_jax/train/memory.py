@@ -21,8 +21,12 @@ def step_bytes(compiled) -> int | None:
   stats = compiled.memory_analysis()
   if stats is None:
     return None
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+  return (
+    stats.argument_size_in_bytes
+    + stats.output_size_in_bytes
+    - stats.alias_size_in_bytes
+    + stats.temp_size_in_bytes
+  )
 
 
 def _host_available_bytes() -> int | None:
@@ -68,9 +72,10 @@ def check_fits(needed: int, limit: int | None, source: str) -> None:
   if limit is None or needed <= limit:
     return
   raise ValueError(
-      f"the train step needs about {_size(needed)} per device (XLA's estimate of the compiled "
-      f"step) but {source} is {_size(limit)}: lower data.seq_len or train.global_batch, raise "
-      "train.microbatches, set model.remat, or shard over more devices (mesh.shape)")
+    f"the train step needs about {_size(needed)} per device (XLA's estimate of the compiled "
+    f"step) but {source} is {_size(limit)}: lower data.seq_len or train.global_batch, raise "
+    "train.microbatches, set model.remat, or shard over more devices (mesh.shape)"
+  )
 
 
 def check_step_memory(train_step, abstract_state, abstract_batch) -> str:
@@ -82,8 +87,9 @@ def check_step_memory(train_step, abstract_state, abstract_batch) -> str:
   """
   started = time.perf_counter()
   lowered = train_step.lower(abstract_state, abstract_batch)
-  estimates = [step_bytes(low.compile()) for low in
-               (lowered if isinstance(lowered, list) else [lowered])]
+  estimates = [
+    step_bytes(low.compile()) for low in (lowered if isinstance(lowered, list) else [lowered])
+  ]
   seconds = time.perf_counter() - started
   known = [e for e in estimates if e is not None]
   if not known:

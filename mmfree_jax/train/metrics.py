@@ -17,8 +17,9 @@ from mmfree_jax import hardware
 PEAK_SOURCES = ("config", "datasheet", "measured")
 
 
-def measure_matmul_peak(sizes=(512, 1024), dtype=jnp.float32, repeats: int = 3,
-                        rounds: int = 3) -> float:
+def measure_matmul_peak(
+  sizes=(512, 1024), dtype=jnp.float32, repeats: int = 3, rounds: int = 3
+) -> float:
   """Measured FLOP/s of square matmuls on the default device: the best single call over
   `rounds` rounds of `repeats` calls per size. On a shared, loaded host one short burst
   underestimates the peak (and an MFU above 1 follows); the best of several rounds of two
@@ -39,8 +40,9 @@ def measure_matmul_peak(sizes=(512, 1024), dtype=jnp.float32, repeats: int = 3,
   return best
 
 
-def device_peak_flops(configured: float = 0.0,
-                      device_kind: str | None = None) -> tuple[float, str, str]:
+def device_peak_flops(
+  configured: float = 0.0, device_kind: str | None = None
+) -> tuple[float, str, str]:
   """Per-device peak FLOP/s, its source (one of `PEAK_SOURCES`) and a description.
 
   `train.peak_flops_per_device` if set, else the chip table's dense bf16 peak for the exact
@@ -61,6 +63,7 @@ class Throughput:
   With a measured peak, a step faster than that peak means the measurement caught the host
   busy: the peak is measured again (best of several rounds) and the higher one kept, so an
   MFU above 1 is only recorded when the device really beats its measured matmul."""
+
   tokens_per_step: int
   flops_per_token: float
   peak_flops: float
@@ -73,12 +76,15 @@ class Throughput:
   def row(self, step_time: float) -> dict:
     tokens_per_s = self.tokens_per_step / step_time
     per_device = tokens_per_s * self.flops_per_token / self.devices
-    if (self.peak_source == "measured" and per_device > self.peak_flops
-        and self.remeasures_left > 0):
+    if self.peak_source == "measured" and per_device > self.peak_flops and self.remeasures_left > 0:
       self.remeasures_left -= 1
       self.peak_flops = max(self.peak_flops, self.remeasure())
-    return {"step_time_s": step_time, "tokens_per_s": tokens_per_s,
-            "mfu": per_device / self.peak_flops, "mfu_peak": self.peak_source}
+    return {
+      "step_time_s": step_time,
+      "tokens_per_s": tokens_per_s,
+      "mfu": per_device / self.peak_flops,
+      "mfu_peak": self.peak_source,
+    }
 
 
 class MetricsWriter:

@@ -45,8 +45,11 @@ def all_finite(tree) -> jax.Array:
 
   The one test of an update (`skip_nonfinite`) and of a checkpoint (the trainer's save).
   """
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -64,8 +67,11 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
 
   def init(params):
     return optax.ApplyIfFiniteState(
-        notfinite_count=jnp.zeros([], jnp.int32), last_finite=jnp.asarray(True),
-        total_notfinite=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
+      notfinite_count=jnp.zeros([], jnp.int32),
+      last_finite=jnp.asarray(True),
+      total_notfinite=jnp.zeros([], jnp.int32),
+      inner_state=inner.init(params),
+    )
 
   def update(grads, state, params=None, *, loss=None, **extra_args):
     del extra_args
@@ -73,13 +79,16 @@ def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransfo
     new_params = optax.apply_updates(params, updates) if params is not None else None
     ok = all_finite((loss, grads, new_params, inner_state))
     updates = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-    inner_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), inner_state,
-                               state.inner_state)
+    inner_state = jax.tree.map(
+      lambda new, old: jnp.where(ok, new, old), inner_state, state.inner_state
+    )
     skipped = jnp.where(ok, 0, 1).astype(jnp.int32)
     return updates, optax.ApplyIfFiniteState(
-        notfinite_count=jnp.where(ok, 0, state.notfinite_count + 1).astype(jnp.int32),
-        last_finite=ok, total_notfinite=state.total_notfinite + skipped,
-        inner_state=inner_state)
+      notfinite_count=jnp.where(ok, 0, state.notfinite_count + 1).astype(jnp.int32),
+      last_finite=ok,
+      total_notfinite=state.total_notfinite + skipped,
+      inner_state=inner_state,
+    )
 
   return optax.GradientTransformationExtraArgs(init, update)
 
@@ -94,8 +103,14 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformationE
   chain = []
   if optim_cfg.clip_norm and optim_cfg.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(optim_cfg.clip_norm))
-  chain.append(optax.adamw(
-      schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+  chain.append(
+    optax.adamw(
+      schedule,
+      b1=optim_cfg.b1,
+      b2=optim_cfg.b2,
+      eps=optim_cfg.eps,
       weight_decay=optim_cfg.weight_decay,
-      mask=lambda p: weight_decay_mask(p, optim_cfg.decay_embeddings)))
+      mask=lambda p: weight_decay_mask(p, optim_cfg.decay_embeddings),
+    )
+  )
   return skip_nonfinite(optax.chain(*chain))

@@ -22,6 +22,7 @@ from mmfree_jax.parallel import sharding
 
 class TrainState(NamedTuple):
   """`step` int32 scalar; `params` nested dict; `opt_state` optax state; `rng` uint32 [2]."""
+
   step: jax.Array
   params: dict
   opt_state: Any
@@ -49,8 +50,9 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules) -> dict:
   return sharding.tree_shardings(abstract_params.to_pure_dict(), logical, mesh, rules)
 
 
-def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
-                          rules) -> TrainState:
+def train_state_shardings(
+  cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, rules
+) -> TrainState:
   """NamedShardings for every leaf of the train state, from the params' logical axes.
 
   Optimizer moments follow their params; scalars (counts, step, rng) are replicated.
@@ -59,30 +61,35 @@ def train_state_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, me
   abstract_params = nnx.split(abstract_model(cfg))[1].to_pure_dict()
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   replicated = sharding.replicated(mesh)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, params,
-                                        transform_non_params=lambda _: replicated)
+  opt_shardings = optax.tree_map_params(
+    tx, lambda _, s: s, abstract_opt, params, transform_non_params=lambda _: replicated
+  )
   return TrainState(replicated, params, opt_shardings, replicated)
 
 
-def abstract_train_state(cfg: ModelConfig, tx: optax.GradientTransformation,
-                         shardings: TrainState | None = None) -> TrainState:
+def abstract_train_state(
+  cfg: ModelConfig, tx: optax.GradientTransformation, shardings: TrainState | None = None
+) -> TrainState:
   """ShapeDtypeStructs (with shardings if given) of the train state, e.g. to restore into."""
   abstract = jax.eval_shape(lambda: init_train_state(cfg, tx, 0))
   if shardings is None:
     return abstract
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
-def create_sharded_train_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                               shardings: TrainState) -> TrainState:
+def create_sharded_train_state(
+  cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, shardings: TrainState
+) -> TrainState:
   """Initializes the train state on device, each leaf born with its sharding."""
   init = jax.jit(lambda: init_train_state(cfg, tx, seed), out_shardings=shardings)
   return init()
 
 
-def train_state_from_params(params: dict, tx: optax.GradientTransformation, step: int,
-                            seed: int, shardings: TrainState) -> TrainState:
+def train_state_from_params(
+  params: dict, tx: optax.GradientTransformation, step: int, seed: int, shardings: TrainState
+) -> TrainState:
   """A train state around given params (e.g. imported weights): fresh optimizer moments."""
 
   def build(params):

@@ -40,13 +40,20 @@ class StepLog:
     self.bar = self.lines = None
     is_main = jax.process_index() == 0
     if is_main and not (progress and banner.is_interactive()):
-      self.lines = banner.StepLines(run.first_step, run.last_step, self.cfg.steps,
-                                    self.cfg.log_every)
+      self.lines = banner.StepLines(
+        run.first_step, run.last_step, self.cfg.steps, self.cfg.log_every
+      )
     elif is_main:
       from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top  # optional terminal UI
+
       m = run.model_cfg
-      self.bar = tqdm(total=self.cfg.steps, initial=run.first_step, unit="step",
-                      dynamic_ncols=True, desc=f"{m.kind} d={m.d_model} L={m.num_layers}")
+      self.bar = tqdm(
+        total=self.cfg.steps,
+        initial=run.first_step,
+        unit="step",
+        dynamic_ncols=True,
+        desc=f"{m.kind} d={m.d_model} L={m.num_layers}",
+      )
 
   def push(self, step: int, device_metrics) -> None:
     self.flush()
@@ -72,8 +79,9 @@ class StepLog:
       self.lines.maybe_print(step, row)
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
-      self.bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}",
-                           lr=f"{row['lr']:.2e}")
+      self.bar.set_postfix(
+        loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}", lr=f"{row['lr']:.2e}"
+      )
 
   @property
   def last_skipped(self) -> bool:
@@ -86,24 +94,28 @@ class StepLog:
       return
     self.skipped.append(step)
     self.consecutive_skips += 1
-    msg = (f"non-finite values at step {step} (loss={row['loss']}, grad_norm="
-           f"{row['grad_norm']}): the update was skipped (the loss, a gradient, the new params "
-           "or the optimizer state was not finite)")
-    stop = ("Lower optim.lr or check the data; the last checkpoint "
-            f"({self.run.checkpointer.latest_step()}) is intact")
+    msg = (
+      f"non-finite values at step {step} (loss={row['loss']}, grad_norm="
+      f"{row['grad_norm']}): the update was skipped (the loss, a gradient, the new params "
+      "or the optimizer state was not finite)"
+    )
+    stop = (
+      "Lower optim.lr or check the data; the last checkpoint "
+      f"({self.run.checkpointer.latest_step()}) is intact"
+    )
     if self.cfg.nan_policy == "stop":
       raise NonFiniteLossError(f"{msg}; stopping (train.nan_policy='stop'). {stop}")
     if self.consecutive_skips > self.cfg.max_consecutive_skips:
       raise NonFiniteLossError(
-          f"{msg}; {self.consecutive_skips} updates in a row were non-finite, more than "
-          f"train.max_consecutive_skips={self.cfg.max_consecutive_skips}: giving up "
-          f"({len(self.skipped)} skipped steps in all). {stop}")
+        f"{msg}; {self.consecutive_skips} updates in a row were non-finite, more than "
+        f"train.max_consecutive_skips={self.cfg.max_consecutive_skips}: giving up "
+        f"({len(self.skipped)} skipped steps in all). {stop}"
+      )
     log.warning(msg)
 
   def validation(self, step: int, ev: dict) -> None:
     self.eval_history.append(dict(ev, step=step))
-    self.run.writer.write(step, {"loss": ev["loss"], "perplexity": ev["perplexity"]},
-                          prefix="val_")
+    self.run.writer.write(step, {"loss": ev["loss"], "perplexity": ev["perplexity"]}, prefix="val_")
     if self.bar is not None:
       self.bar.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['perplexity']:.1f})")
 

@@ -35,13 +35,15 @@ from mmfree_jax.train.state import TrainState
 
 class StepContext(NamedTuple):
   """What a loss function sees besides params and batch (the same for every microbatch)."""
+
   total_tokens: jax.Array  # acc-dtype scalar: target tokens of the whole global batch (>= 1)
-  step: jax.Array          # int32 scalar: the step being taken (0-based)
-  inputs: Any = None       # the step's extra arguments (e.g. the frozen teacher's params)
+  step: jax.Array  # int32 scalar: the step being taken (0-based)
+  inputs: Any = None  # the step's extra arguments (e.g. the frozen teacher's params)
 
 
 class Objective(NamedTuple):
   """A loss function and the metrics it reports from its accumulated sums."""
+
   loss: Callable  # (params, batch, ctx) -> (loss, sums)
   metrics: Callable[[jax.Array, dict, StepContext], dict]  # (loss, sums, ctx) -> {name: scalar}
 
@@ -52,14 +54,17 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
   Strided rather than contiguous, so every data shard holds an equal part of every
   microbatch (a contiguous split would put each microbatch on a few devices only).
   """
+
   def split(x):
     x = x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:])
     return sharding.constrain(jnp.swapaxes(x, 0, 1), (None, "activation_batch", None))
+
   return jax.tree.map(split, batch)
 
 
-def accumulate_gradients(loss_fn: Callable, params, batch: dict, ctx: StepContext,
-                         microbatches: int = 1):
+def accumulate_gradients(
+  loss_fn: Callable, params, batch: dict, ctx: StepContext, microbatches: int = 1
+):
   """`(loss, sums, grads)` of `loss_fn` over `batch`, summed over `microbatches` parts.
 
   One `lax.scan` over the strided microbatches (`split_microbatches`), carrying the running
@@ -93,9 +98,16 @@ def _sharding_context(mesh: Mesh | None, rules):
   return sharding.logical_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext()
 
 
-def build_train_step(objective: Objective, tx: optax.GradientTransformationExtraArgs,
-                    schedule: optax.Schedule, *, acc, microbatches: int = 1,
-                    mesh: Mesh | None = None, rules=None) -> Callable:
+def build_train_step(
+  objective: Objective,
+  tx: optax.GradientTransformationExtraArgs,
+  schedule: optax.Schedule,
+  *,
+  acc,
+  microbatches: int = 1,
+  mesh: Mesh | None = None,
+  rules=None,
+) -> Callable:
   """Returns `train_step(state, batch, inputs=None) -> (state, metrics)` (pure, not jitted).
 
   `inputs` reaches the loss as `ctx.inputs`. `tx` is `optim.make_optimizer`'s (its state an
@@ -110,18 +122,21 @@ def build_train_step(objective: Objective, tx: optax.GradientTransformationExtra
   def train_step(state: TrainState, batch: dict, inputs=None):
     with _sharding_context(mesh, rules):
       ctx = StepContext(target_count(batch, acc), state.step, inputs)
-      loss, sums, grads = accumulate_gradients(objective.loss, state.params, batch, ctx,
-                                               microbatches)
+      loss, sums, grads = accumulate_gradients(
+        objective.loss, state.params, batch, ctx, microbatches
+      )
       updates, opt_state = tx.update(grads, state.opt_state, state.params, loss=loss)
       params = optax.apply_updates(state.params, updates)
       metrics = dict(objective.metrics(loss, sums, ctx))
-      metrics.update({
+      metrics.update(
+        {
           "grad_norm": optax.global_norm(grads),
           "lr": jnp.asarray(schedule(state.step), acc),
           "tokens": ctx.total_tokens,
           "finite": opt_state.last_finite.astype(jnp.float32),
           "skipped_steps": opt_state.total_notfinite.astype(jnp.float32),
-      })
+        }
+      )
       return TrainState(state.step + 1, params, opt_state, state.rng), metrics
 
   return train_step
@@ -131,8 +146,9 @@ def build_train_step(objective: Objective, tx: optax.GradientTransformationExtra
 
 
 def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float):
-  inputs, input_segments, targets, mask = loss_lib.split_window(batch["tokens"],
-                                                                batch["segment_ids"])
+  inputs, input_segments, targets, mask = loss_lib.split_window(
+    batch["tokens"], batch["segment_ids"]
+  )
   model = nnx.merge(graphdef, params)
   segments = input_segments if cfg.reset_at_doc_start else None
   logits, _ = model(inputs, segment_ids=segments)
@@ -156,18 +172,30 @@ def lm_objective(cfg: ModelConfig, graphdef, z_loss: float = 0.0) -> Objective:
   return Objective(loss, metrics)
 
 
-def make_train_step(cfg: ModelConfig, graphdef, tx: optax.GradientTransformationExtraArgs,
-                       schedule: optax.Schedule, *, microbatches: int = 1,
-                       z_loss: float = 0.0, mesh: Mesh | None = None,
-                       rules=None) -> Callable:
+def make_train_step(
+  cfg: ModelConfig,
+  graphdef,
+  tx: optax.GradientTransformationExtraArgs,
+  schedule: optax.Schedule,
+  *,
+  microbatches: int = 1,
+  z_loss: float = 0.0,
+  mesh: Mesh | None = None,
+  rules=None,
+) -> Callable:
   """`build_train_step` of `lm_objective`: `train_step(state, batch) -> (state, metrics)`."""
-  return build_train_step(lm_objective(cfg, graphdef, z_loss), tx, schedule,
-                         acc=acc_dtype(cfg.compute_dtype), microbatches=microbatches,
-                         mesh=mesh, rules=rules)
+  return build_train_step(
+    lm_objective(cfg, graphdef, z_loss),
+    tx,
+    schedule,
+    acc=acc_dtype(cfg.compute_dtype),
+    microbatches=microbatches,
+    mesh=mesh,
+    rules=rules,
+  )
 
 
-def make_eval_step(cfg: ModelConfig, graphdef, *, mesh: Mesh | None = None,
-                   rules=None) -> Callable:
+def make_eval_step(cfg: ModelConfig, graphdef, *, mesh: Mesh | None = None, rules=None) -> Callable:
   """Returns `eval_step(params, batch) -> {"nll_sum", "tokens"}` (not yet jitted)."""
 
   def eval_step(params, batch):

@@ -28,9 +28,9 @@ class Tracker:
 
 
 class TensorBoardTracker(Tracker):
-
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  # optional
+
     self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def log(self, step, scalars):
@@ -42,16 +42,21 @@ class TensorBoardTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-
   def __init__(self, workdir: str, config: dict):
     import wandb  # pylint: disable=import-outside-toplevel  # optional install
+
     id_path = os.path.join(workdir, "wandb_run_id")
     run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
     with open(id_path, "w") as f:
       f.write(run_id)
-    self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmfree_jax"), dir=workdir,
-                           id=run_id, resume="allow", config=config,
-                           name=os.path.basename(os.path.abspath(workdir)))
+    self._run = wandb.init(
+      project=os.environ.get("WANDB_PROJECT", "mmfree_jax"),
+      dir=workdir,
+      id=run_id,
+      resume="allow",
+      config=config,
+      name=os.path.basename(os.path.abspath(workdir)),
+    )
 
   def log(self, step, scalars):
     self._run.log({k: float(v) for k, v in scalars.items()}, step=int(step))
@@ -61,12 +66,13 @@ class WandbTracker(Tracker):
 
 
 class MlflowTracker(Tracker):
-
   def __init__(self, workdir: str, config: dict):
     import mlflow  # pylint: disable=import-outside-toplevel  # optional install
+
     self._mlflow = mlflow
     uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(
-        os.path.abspath(workdir), "mlruns")
+      os.path.abspath(workdir), "mlruns"
+    )
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("mmfree_jax")
     self._run = mlflow.start_run(run_name=os.path.basename(os.path.abspath(workdir)))
@@ -104,7 +110,8 @@ def make_tracker(name: str, workdir: str, config: dict) -> Tracker | None:
     if name == "mlflow":
       return MlflowTracker(workdir, config)
   except ImportError as e:
-    raise ImportError(f"train.tracker={name!r} needs `pip install {_INSTALL[name]}` ({e}); or "
-                      "pick another with --config.train.tracker=none|tensorboard|wandb|mlflow"
-                      ) from e
+    raise ImportError(
+      f"train.tracker={name!r} needs `pip install {_INSTALL[name]}` ({e}); or "
+      "pick another with --config.train.tracker=none|tensorboard|wandb|mlflow"
+    ) from e
   raise ValueError(f"unknown train.tracker {name!r}; choose none, tensorboard, wandb or mlflow")

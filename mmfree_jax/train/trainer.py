@@ -34,6 +34,7 @@ log = logging.getLogger("mmfree_jax")
 @dataclasses.dataclass
 class TrainResult:
   """What a finished (or interrupted) run leaves for the caller."""
+
   state: state_lib.TrainState
   model: nnx.Module  # the final params merged into a model (for sampling, notebooks)
   tokenizer: Any
@@ -74,15 +75,24 @@ def _save_unless_skipped(run: Run, logger: StepLog, step: int, force: bool = Fal
   """Checkpoints `step` unless its update was skipped for non-finite values."""
   logger.flush()  # the step's metrics say whether its update was applied
   if logger.last_skipped:
-    log.warning("not checkpointing step %d: its update was skipped (non-finite); the last "
-                "checkpoint is %s", step, run.checkpointer.latest_step())
+    log.warning(
+      "not checkpointing step %d: its update was skipped (non-finite); the last checkpoint is %s",
+      step,
+      run.checkpointer.latest_step(),
+    )
     return
   run.save(step, force=force)
 
 
-def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True,
-          stop_after_steps: int | None = None, restore_step: int | None = None,
-          allow_steps_change: bool = False) -> TrainResult:
+def train(
+  cfg: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  progress: bool = True,
+  stop_after_steps: int | None = None,
+  restore_step: int | None = None,
+  allow_steps_change: bool = False,
+) -> TrainResult:
   """Trains `cfg` in `workdir` (resuming from its latest checkpoint).
 
   Args:
@@ -97,8 +107,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
     allow_steps_change: accept a resume whose train.steps differs from the checkpoint's (the
       LR schedule changes mid-run); refused otherwise.
   """
-  run = setup(cfg, workdir, stop_after_steps=stop_after_steps, restore_step=restore_step,
-              allow_steps_change=allow_steps_change)
+  run = setup(
+    cfg,
+    workdir,
+    stop_after_steps=stop_after_steps,
+    restore_step=restore_step,
+    allow_steps_change=allow_steps_change,
+  )
   try:
     stop, logger = _StopSignal(), StepLog(run, progress)
   except BaseException:
@@ -116,15 +131,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
       stop.restore()
 
   if logger.skipped:
-    log.warning("%d step(s) had non-finite values and were skipped: %s", len(logger.skipped),
-                logger.skipped[:20])
-  log.info("peak FLOP/s per device for MFU: %.3g (%s)", run.throughput.peak_flops,
-           run.throughput.peak_note)
-  check_run_end(step - run.first_step, logger.skipped, logger.eval_history,
-                run.checkpointer.latest_step())
-  return TrainResult(run.state, final_model(run), run.tokenizer, logger.history,
-                     logger.eval_history, interrupted, time.time() - run.started,
-                     list(logger.skipped))
+    log.warning(
+      "%d step(s) had non-finite values and were skipped: %s",
+      len(logger.skipped),
+      logger.skipped[:20],
+    )
+  log.info(
+    "peak FLOP/s per device for MFU: %.3g (%s)", run.throughput.peak_flops, run.throughput.peak_note
+  )
+  check_run_end(
+    step - run.first_step, logger.skipped, logger.eval_history, run.checkpointer.latest_step()
+  )
+  return TrainResult(
+    run.state,
+    final_model(run),
+    run.tokenizer,
+    logger.history,
+    logger.eval_history,
+    interrupted,
+    time.time() - run.started,
+    list(logger.skipped),
+  )
 
 
 def _loop(run: Run, logger: StepLog, stop: _StopSignal) -> tuple[int, bool]:
@@ -142,8 +169,11 @@ def _loop(run: Run, logger: StepLog, stop: _StopSignal) -> tuple[int, bool]:
         print(f"first step {time.perf_counter() - started:.1f}s", flush=True)
     step += 1
     logger.push(step, device_metrics)
-    if run.val_batches and train_cfg.eval_every > 0 and due(step, train_cfg.eval_every,
-                                                              train_cfg.steps):
+    if (
+      run.val_batches
+      and train_cfg.eval_every > 0
+      and due(step, train_cfg.eval_every, train_cfg.steps)
+    ):
       logger.flush()
       logger.validation(step, run.evaluate())
     if due(step, train_cfg.checkpoint_every):
@@ -157,22 +187,28 @@ def _loop(run: Run, logger: StepLog, stop: _StopSignal) -> tuple[int, bool]:
   return step, interrupted or step < train_cfg.steps
 
 
-def check_run_end(steps_run: int, skipped: list[int], eval_history: list[dict],
-                  last_checkpoint: int | None) -> None:
+def check_run_end(
+  steps_run: int, skipped: list[int], eval_history: list[dict], last_checkpoint: int | None
+) -> None:
   """Raises `NonFiniteLossError` when the run learned nothing usable: every step it ran was
   skipped (non-finite), or its last validation loss is not finite."""
-  kept = f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None \
-      else "no checkpoint was written"
+  kept = (
+    f"the last checkpoint is step {last_checkpoint}"
+    if last_checkpoint is not None
+    else "no checkpoint was written"
+  )
   if steps_run > 0 and len(skipped) >= steps_run:
     raise NonFiniteLossError(
-        f"every step of this run ({steps_run} of {steps_run}) was skipped: its loss, gradients, "
-        f"new params or optimizer state were never finite, so nothing was learned and {kept}; "
-        "check the model settings (e.g. model.rms_norm_eps > 0) and the data, or lower optim.lr")
+      f"every step of this run ({steps_run} of {steps_run}) was skipped: its loss, gradients, "
+      f"new params or optimizer state were never finite, so nothing was learned and {kept}; "
+      "check the model settings (e.g. model.rms_norm_eps > 0) and the data, or lower optim.lr"
+    )
   if eval_history and not math.isfinite(eval_history[-1]["loss"]):
     last = eval_history[-1]
     raise NonFiniteLossError(
-        f"the validation loss at step {last['step']} is {last['loss']}: the model's outputs "
-        f"are not finite ({kept}); check the model settings and the data, or lower optim.lr")
+      f"the validation loss at step {last['step']} is {last['loss']}: the model's outputs "
+      f"are not finite ({kept}); check the model settings and the data, or lower optim.lr"
+    )
 
 
 def final_model(run: Run) -> nnx.Module:

@@ -100,15 +100,21 @@ class WorkdirLock:
     self.token = uuid.uuid4().hex
 
   def acquire(self) -> WorkdirLock:
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S"), "token": self.token}
+    me = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+      "token": self.token,
+    }
     for _ in range(3):  # a stale lock is removed, then the create is retried
       if _create(self.path, json.dumps(me).encode()):
         self.held = True
         return self
       self._handle_existing(me)
-    raise WorkdirLockedError(f"could not take the lock {self.path}: it keeps reappearing "
-                             "(another run starting at the same time?)")
+    raise WorkdirLockedError(
+      f"could not take the lock {self.path}: it keeps reappearing "
+      "(another run starting at the same time?)"
+    )
 
   def _handle_existing(self, me: dict) -> None:
     seen = _read_bytes(self.path)
@@ -128,21 +134,28 @@ class WorkdirLock:
     pid, host = owner.get("pid"), owner.get("host")
     if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
       if self._take_over(seen):
-        log.warning("took over the lock of a run that is gone (pid %s on %s, started %s): %s",
-                    pid, host, owner.get("started"), self.path)
+        log.warning(
+          "took over the lock of a run that is gone (pid %s on %s, started %s): %s",
+          pid,
+          host,
+          owner.get("started"),
+          self.path,
+        )
         print(f"note: workdir lock of a dead run (pid {pid} on {host}) taken over", flush=True)
       return
     where = "this host" if host == me["host"] else f"host {host}"
     raise WorkdirLockedError(
-        f"workdir {os.path.dirname(self.path)!r} is in use by another run: pid {pid} on "
-        f"{where} (started {owner.get('started')}). Wait for it, stop it, or use another "
-        f"--workdir. If that run is dead (e.g. its host went away), delete {self.path}")
+      f"workdir {os.path.dirname(self.path)!r} is in use by another run: pid {pid} on "
+      f"{where} (started {owner.get('started')}). Wait for it, stop it, or use another "
+      f"--workdir. If that run is dead (e.g. its host went away), delete {self.path}"
+    )
 
   def _take_over(self, seen: bytes) -> bool:
     """Removes the lock if it still holds `seen`, under the takeover flock; returns whether it
     did (if not, another run took it over first and the caller looks at the new lock)."""
-    mutex = os.open(os.path.join(os.path.dirname(self.path), TAKEOVER_NAME),
-                    os.O_CREAT | os.O_RDWR, 0o644)
+    mutex = os.open(
+      os.path.join(os.path.dirname(self.path), TAKEOVER_NAME), os.O_CREAT | os.O_RDWR, 0o644
+    )
     try:
       try:
         fcntl.flock(mutex, fcntl.LOCK_EX)

@@ -21,36 +21,57 @@ import this package for `document_start` alone).
 """
 
 from mmfree_jax.data.tokenizer.base import (
-                                            EOS_TOKEN,
-                                            PAD_TOKEN,
-                                            Tokenizer,
-                                            check_vocab,
-                                            document_start,
-                                            prefix_token,
+  EOS_TOKEN,
+  PAD_TOKEN,
+  Tokenizer,
+  check_vocab,
+  document_start,
+  prefix_token,
 )
 from mmfree_jax.data.tokenizer.bpe import BPE_FORMAT, BPE_TRAIN_MAX_CHARS, bpe_cache_path, train_bpe
 from mmfree_jax.data.tokenizer.byte import ByteTokenizer
 from mmfree_jax.data.tokenizer.fast_bpe import (
-                                            BYTELEVEL_PATTERN,
-                                            NotConvertible,
-                                            bytelevel_alphabet,
-                                            bytelevel_bytes,
-                                            tiktoken_core,
-                                            tiktoken_ranks,
+  BYTELEVEL_PATTERN,
+  NotConvertible,
+  bytelevel_alphabet,
+  bytelevel_bytes,
+  tiktoken_core,
+  tiktoken_ranks,
 )
 from mmfree_jax.data.tokenizer.hf import BACKEND_ENV, BACKENDS, HFTokenizer, load_hf_file
 from mmfree_jax.data.tokenizer.specs import SPEC_FORMS, load_tokenizer, tokenizer_file
 from mmfree_jax.data.tokenizer.spm import (
-                                            MISTRAL_ALIAS,
-                                            SentencePieceTokenizer,
-                                            mistral_tokenizer_path,
+  MISTRAL_ALIAS,
+  SentencePieceTokenizer,
+  mistral_tokenizer_path,
 )
 
 __all__ = [
-    "BACKENDS", "BACKEND_ENV", "BPE_FORMAT", "BPE_TRAIN_MAX_CHARS", "BYTELEVEL_PATTERN",
-    "ByteTokenizer", "EOS_TOKEN", "HFTokenizer", "MISTRAL_ALIAS", "NotConvertible",
-    "PAD_TOKEN", "SPEC_FORMS", "SentencePieceTokenizer", "Tokenizer", "bpe_cache_path",
-    "bytelevel_alphabet", "bytelevel_bytes", "check_vocab", "document_start", "load_hf_file",
-    "load_tokenizer", "mistral_tokenizer_path", "prefix_token", "tiktoken_core",
-    "tiktoken_ranks", "tokenizer_file", "train_bpe",
+  "BACKENDS",
+  "BACKEND_ENV",
+  "BPE_FORMAT",
+  "BPE_TRAIN_MAX_CHARS",
+  "BYTELEVEL_PATTERN",
+  "ByteTokenizer",
+  "EOS_TOKEN",
+  "HFTokenizer",
+  "MISTRAL_ALIAS",
+  "NotConvertible",
+  "PAD_TOKEN",
+  "SPEC_FORMS",
+  "SentencePieceTokenizer",
+  "Tokenizer",
+  "bpe_cache_path",
+  "bytelevel_alphabet",
+  "bytelevel_bytes",
+  "check_vocab",
+  "document_start",
+  "load_hf_file",
+  "load_tokenizer",
+  "mistral_tokenizer_path",
+  "prefix_token",
+  "tiktoken_core",
+  "tiktoken_ranks",
+  "tokenizer_file",
+  "train_bpe",
 ]

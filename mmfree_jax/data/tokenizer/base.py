@@ -79,8 +79,10 @@ class Tokenizer:
     raise NotImplementedError
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, "
-            f"eos_id={self.eos_id}, bos_id={self.bos_id}, pad_id={self.pad_id})")
+    return (
+      f"{type(self).__name__}(spec={self.spec!r}, vocab_size={self.vocab_size}, "
+      f"eos_id={self.eos_id}, bos_id={self.bos_id}, pad_id={self.pad_id})"
+    )
 
 
 def document_start(tokenizer: Tokenizer) -> list[int]:
@@ -94,8 +96,10 @@ def prefix_token(tokenizer: Tokenizer) -> int:
   precedes every document of a packed training stream)."""
   token = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
   if token is None:
-    raise ValueError(f"tokenizer {tokenizer!r} has neither a BOS nor an EOS id; the first "
-                     "token of a document needs one to be predicted from")
+    raise ValueError(
+      f"tokenizer {tokenizer!r} has neither a BOS nor an EOS id; the first "
+      "token of a document needs one to be predicted from"
+    )
   return token
 
 
@@ -103,7 +107,7 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
   """Raises unless every id the tokenizer produces fits a model with vocab_size rows."""
   if tokenizer.vocab_size > vocab_size:
     raise ValueError(
-        f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} ids but model.vocab_size="
-        f"{vocab_size}: the tokenizer vocab must fit the model's; set "
-        f"--config.model.vocab_size={tokenizer.vocab_size} (or more) or pick a smaller tokenizer")
-
+      f"tokenizer {tokenizer.spec!r} has {tokenizer.vocab_size} ids but model.vocab_size="
+      f"{vocab_size}: the tokenizer vocab must fit the model's; set "
+      f"--config.model.vocab_size={tokenizer.vocab_size} (or more) or pick a smaller tokenizer"
+    )

@@ -19,8 +19,9 @@ BPE_TRAIN_MAX_CHARS = 200_000_000  # BPE learns from at most this much text (the
 
 def bpe_cache_path(cache_dir: str, vocab_size: int, corpus_id: str) -> str:
   """Where the BPE of vocab_size trained on the corpus identified by corpus_id is cached."""
-  key = hashlib.sha256(json.dumps(
-      [BPE_FORMAT, BPE_TRAIN_MAX_CHARS, vocab_size, corpus_id]).encode()).hexdigest()[:16]
+  key = hashlib.sha256(
+    json.dumps([BPE_FORMAT, BPE_TRAIN_MAX_CHARS, vocab_size, corpus_id]).encode()
+  ).hexdigest()[:16]
   return os.path.join(cache_dir, "tokenizers", f"bpe{vocab_size}-{key}.json")
 
 
@@ -46,12 +47,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
   # `tokenizers` (Rust, ~0.2 s to import) only for bpe:/hf: specs, not in grain workers.
   from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
   from tokenizers import decoders, models, pre_tokenizers, trainers
+
   tok = HFTok(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
+  trainer = trainers.BpeTrainer(
+    vocab_size=vocab_size,
+    special_tokens=[EOS_TOKEN, PAD_TOKEN],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tok.train_from_iterator(_capped(texts, BPE_TRAIN_MAX_CHARS), trainer=trainer)
   return tok
 
@@ -59,12 +64,16 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
 def load_bpe(vocab_size: int, spec: str, corpus_texts, corpus_id, cache_dir) -> Tokenizer:
   min_vocab = 256 + 2
   if vocab_size < min_vocab:
-    raise ValueError(f"data.tokenizer={spec!r}: a byte-level BPE needs vocab_size >= "
-                     f"{min_vocab} (256 bytes + eos + pad)")
+    raise ValueError(
+      f"data.tokenizer={spec!r}: a byte-level BPE needs vocab_size >= "
+      f"{min_vocab} (256 bytes + eos + pad)"
+    )
   if corpus_texts is None:
-    raise ValueError(f"data.tokenizer={spec!r} trains on the corpus, but no corpus text is "
-                     "available (data.source=tokens?); use the tokenizer that produced the "
-                     "ids: --config.data.tokenizer=hf:<tokenizer.json> or spm:<model>")
+    raise ValueError(
+      f"data.tokenizer={spec!r} trains on the corpus, but no corpus text is "
+      "available (data.source=tokens?); use the tokenizer that produced the "
+      "ids: --config.data.tokenizer=hf:<tokenizer.json> or spm:<model>"
+    )
   path = bpe_cache_path(cache_dir, vocab_size, corpus_id or _texts_digest(corpus_texts))
   if os.path.exists(path):
     return load_hf_file(path, spec)

@@ -11,8 +11,10 @@ import functools
 import json
 
 # The GPT-2 split regex of the `tokenizers` ByteLevel pre-tokenizer (use_regex=True), verbatim.
-BYTELEVEL_PATTERN = (r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-                     r"|\s+")
+BYTELEVEL_PATTERN = (
+  r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+  r"|\s+"
+)
 
 
 class NotConvertible(ValueError):
@@ -22,8 +24,11 @@ class NotConvertible(ValueError):
 @functools.lru_cache(maxsize=1)
 def bytelevel_alphabet() -> dict[str, int]:
   """GPT-2's byte-level alphabet: the printable character standing for each byte, -> byte."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-               *range(ord("®"), ord("ÿ") + 1)]
+  printable = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("¡"), ord("¬") + 1),
+    *range(ord("®"), ord("ÿ") + 1),
+  ]
   chars, n = {}, 0
   for b in range(256):
     if b in printable:
@@ -56,23 +61,33 @@ _POST_PROCESSORS = ("ByteLevel", "TemplateProcessing", "RobertaProcessing", "Ber
 
 def _check_structure(cfg: dict) -> None:
   """Raises NotConvertible unless the pipeline is GPT-2's: ByteLevel regex split, plain BPE."""
+
   def need(ok, why):
     if not ok:
       raise NotConvertible(why)
-  need(cfg.get("normalizer") is None,
-       f"it has a normalizer ({(cfg.get('normalizer') or {}).get('type')})")
+
+  need(
+    cfg.get("normalizer") is None,
+    f"it has a normalizer ({(cfg.get('normalizer') or {}).get('type')})",
+  )
   pre = cfg.get("pre_tokenizer") or {}
   if pre.get("type") == "Sequence" and len(pre.get("pretokenizers", [])) == 1:
     pre = pre["pretokenizers"][0]
-  need(pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-       and not pre.get("add_prefix_space", False),
-       f"its pre-tokenizer is not ByteLevel(use_regex=True, add_prefix_space=False): {pre}")
+  need(
+    pre.get("type") == "ByteLevel"
+    and pre.get("use_regex", True)
+    and not pre.get("add_prefix_space", False),
+    f"its pre-tokenizer is not ByteLevel(use_regex=True, add_prefix_space=False): {pre}",
+  )
   post = cfg.get("post_processor") or {"type": "Sequence", "processors": []}
   posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
-  need(all(p.get("type") in _POST_PROCESSORS for p in posts),
-       f"unknown post-processor {post.get('type')}")
-  need(cfg.get("truncation") is None and cfg.get("padding") is None,
-       "it truncates or pads encodings")
+  need(
+    all(p.get("type") in _POST_PROCESSORS for p in posts),
+    f"unknown post-processor {post.get('type')}",
+  )
+  need(
+    cfg.get("truncation") is None and cfg.get("padding") is None, "it truncates or pads encodings"
+  )
   model = cfg.get("model") or {}
   need(model.get("type") == "BPE", f"its model is {model.get('type')}, not BPE")
   for key in ("dropout", "continuing_subword_prefix", "end_of_word_suffix"):
@@ -121,8 +136,10 @@ def tiktoken_ranks(tok) -> dict[bytes, int]:
       continue  # never applied: its result is never formed
     token_id = reachable[left + right][1]
     if token_id <= last:
-      raise NotConvertible(f"merge {left!r} + {right!r} -> id {token_id} comes after a merge "
-                           f"giving id {last}: merge priority does not follow the ids")
+      raise NotConvertible(
+        f"merge {left!r} + {right!r} -> id {token_id} comes after a merge "
+        f"giving id {last}: merge priority does not follow the ids"
+      )
     last = token_id
   return dict(reachable.values())
 
@@ -134,8 +151,9 @@ def tiktoken_core(tok, name: str):
   except ModuleNotFoundError:
     raise NotConvertible("tiktoken is not installed (`pip install tiktoken`)") from None
   ranks = tiktoken_ranks(tok)
-  encoding = tiktoken.Encoding(f"mmfree-{name}", pat_str=BYTELEVEL_PATTERN,
-                               mergeable_ranks=ranks, special_tokens={})
+  encoding = tiktoken.Encoding(
+    f"mmfree-{name}", pat_str=BYTELEVEL_PATTERN, mergeable_ranks=ranks, special_tokens={}
+  )
   # The core itself: Encoding.encode_ordinary turns lone surrogates into U+FFFD, where
   # tokenizers refuses the text; _encode_batch hands those texts to tokenizers.
   core = getattr(encoding, "_core_bpe", None)

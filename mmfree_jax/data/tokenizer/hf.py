@@ -44,8 +44,10 @@ class HFTokenizer(Tokenizer):
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
     self.eos_id = _first_id(tok, _HF_EOS)
     if self.eos_id is None:
-      raise ValueError(f"tokenizer {spec!r} has none of the end-of-text tokens {_HF_EOS}; "
-                       "add one to its added_tokens or use another tokenizer")
+      raise ValueError(
+        f"tokenizer {spec!r} has none of the end-of-text tokens {_HF_EOS}; "
+        "add one to its added_tokens or use another tokenizer"
+      )
     bos = _first_id(tok, _HF_BOS)
     self.bos_id = bos if bos != self.eos_id else None
     pad = _first_id(tok, _HF_PAD)
@@ -53,8 +55,10 @@ class HFTokenizer(Tokenizer):
     self.fingerprint = "hf-" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
     self._requested = backend or os.environ.get(BACKEND_ENV) or "auto"
     if self._requested not in BACKENDS:
-      raise ValueError(f"tokenizer backend {self._requested!r} (from {BACKEND_ENV} or the "
-                       f"backend argument) is not one of {BACKENDS}")
+      raise ValueError(
+        f"tokenizer backend {self._requested!r} (from {BACKEND_ENV} or the "
+        f"backend argument) is not one of {BACKENDS}"
+      )
     self._core = None  # the tiktoken encoder, built on first use (decode-only users skip it)
     self._resolved = self._requested == "tokenizers"
     self._reason = f"{BACKEND_ENV}=tokenizers" if self._resolved else None
@@ -65,7 +69,7 @@ class HFTokenizer(Tokenizer):
 
   @property
   def backend(self) -> str:
-    """"tiktoken" or "tokenizers": what `encode` runs."""
+    """ "tiktoken" or "tokenizers": what `encode` runs."""
     self._resolve()
     return "tokenizers" if self._core is None else "tiktoken"
 
@@ -84,9 +88,10 @@ class HFTokenizer(Tokenizer):
     except NotConvertible as e:
       self._reason = str(e)
       if self._requested == "tiktoken":
-        raise ValueError(f"tokenizer {self.spec!r} cannot be encoded with tiktoken exactly: "
-                         f"{e}; unset {BACKEND_ENV} (or set it to auto) to use tokenizers"
-                         ) from None
+        raise ValueError(
+          f"tokenizer {self.spec!r} cannot be encoded with tiktoken exactly: "
+          f"{e}; unset {BACKEND_ENV} (or set it to auto) to use tokenizers"
+        ) from None
       log.info("tokenizer %s encodes with `tokenizers`: %s", self.spec, e)
 
   def __getstate__(self):  # tiktoken's core does not pickle; a copy rebuilds it on first use
@@ -106,8 +111,9 @@ class HFTokenizer(Tokenizer):
       return self._hf_encode(texts)
     # As many threads as tokenizers' encode_batch would use (RAYON_NUM_THREADS, else every
     # allowed core); tiktoken releases the GIL. A pool per call: nothing to carry over a fork.
-    threads = min(len(texts), int(os.environ.get("RAYON_NUM_THREADS") or 0)
-                  or len(os.sched_getaffinity(0)))
+    threads = min(
+      len(texts), int(os.environ.get("RAYON_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    )
     if threads <= 1:
       return [self._encode_one(text) for text in texts]
     with futures.ThreadPoolExecutor(threads) as pool:
@@ -139,12 +145,14 @@ def load_hf_file(path: str, spec: str) -> HFTokenizer:
   JSON, truncated, nested past its recursion limit, another schema) is a one-line ValueError
   naming it."""
   from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
+
   try:
     tok = HFTok.from_file(path)
   except Exception as e:  # tokenizers raises a bare Exception for every parse error
     reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise ValueError(
-        f"{path} (from data.tokenizer={spec!r}) is not a tokenizers JSON file ({reason}); "
-        "copy a good tokenizer.json from the model's folder (no network needed), or pick a "
-        "spec with no file to read (byte, spm:mistral)") from None
+      f"{path} (from data.tokenizer={spec!r}) is not a tokenizers JSON file ({reason}); "
+      "copy a good tokenizer.json from the model's folder (no network needed), or pick a "
+      "spec with no file to read (byte, spm:mistral)"
+    ) from None
   return HFTokenizer(tok, spec)

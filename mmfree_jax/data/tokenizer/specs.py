@@ -15,8 +15,13 @@ from mmfree_jax.data.tokenizer.spm import (
   mistral_tokenizer_path,
 )
 
-SPEC_FORMS = ("byte", "bpe:<vocab_size>", "hf:<path/to/tokenizer.json>", "spm:<path/to/model>",
-              "spm:mistral")
+SPEC_FORMS = (
+  "byte",
+  "bpe:<vocab_size>",
+  "hf:<path/to/tokenizer.json>",
+  "spm:<path/to/model>",
+  "spm:mistral",
+)
 
 
 def _resolve_file(path: str, default_name: str, kind: str, spec: str) -> str:
@@ -24,9 +29,11 @@ def _resolve_file(path: str, default_name: str, kind: str, spec: str) -> str:
   if os.path.isdir(path):
     path = os.path.join(path, default_name)
   if not os.path.isfile(path):
-    raise ValueError(f"{kind} file {path!r} (from data.tokenizer={spec!r}) does not exist; "
-                     f"set --config.data.tokenizer to an existing file (or a folder holding "
-                     f"{default_name})")
+    raise ValueError(
+      f"{kind} file {path!r} (from data.tokenizer={spec!r}) does not exist; "
+      f"set --config.data.tokenizer to an existing file (or a folder holding "
+      f"{default_name})"
+    )
   return path
 
 
@@ -43,8 +50,13 @@ def tokenizer_file(spec: str) -> str | None:
   return None
 
 
-def load_tokenizer(spec: str, *, corpus_texts: Callable[[], Iterable[str]] | None = None,
-                   cache_dir: str, corpus_id: str | None = None) -> Tokenizer:
+def load_tokenizer(
+  spec: str,
+  *,
+  corpus_texts: Callable[[], Iterable[str]] | None = None,
+  cache_dir: str,
+  corpus_id: str | None = None,
+) -> Tokenizer:
   """Makes the tokenizer a spec string names (forms: `mmfree_jax.data.tokenizer`).
 
   A file that is not a tokenizer of its kind (garbage, truncated, too deeply nested) is a
@@ -66,8 +78,9 @@ def load_tokenizer(spec: str, *, corpus_texts: Callable[[], Iterable[str]] | Non
     try:
       vocab_size = int(arg)
     except ValueError:
-      raise ValueError(f"data.tokenizer={spec!r}: the vocab size must be an int, e.g. "
-                       "bpe:4096") from None
+      raise ValueError(
+        f"data.tokenizer={spec!r}: the vocab size must be an int, e.g. bpe:4096"
+      ) from None
     return load_bpe(vocab_size, spec, corpus_texts, corpus_id, cache_dir)
   if kind == "hf" and arg:
     return load_hf_file(_resolve_file(arg, "tokenizer.json", "tokenizer", spec), spec)
@@ -75,5 +88,6 @@ def load_tokenizer(spec: str, *, corpus_texts: Callable[[], Iterable[str]] | Non
     return SentencePieceTokenizer(mistral_tokenizer_path(), spec)
   if kind == "spm" and arg:
     return SentencePieceTokenizer(
-        _resolve_file(arg, "tokenizer.model", "sentencepiece model", spec), spec)
+      _resolve_file(arg, "tokenizer.model", "sentencepiece model", spec), spec
+    )
   raise ValueError(f"unknown data.tokenizer spec {spec!r}; valid forms: {', '.join(SPEC_FORMS)}")

@@ -22,12 +22,15 @@ def mistral_tokenizer_path() -> str:
     path = importlib.resources.files("mistral_common") / "data" / "tokenizer.model.v1"
   except ModuleNotFoundError:
     raise FileNotFoundError(
-        "the Mistral tokenizer comes from the mistral_common package, which is not installed: "
-        "`pip install --no-deps mistral_common` (only its data file is used), or pass a "
-        "tokenizer.model path with spm:<path>") from None
+      "the Mistral tokenizer comes from the mistral_common package, which is not installed: "
+      "`pip install --no-deps mistral_common` (only its data file is used), or pass a "
+      "tokenizer.model path with spm:<path>"
+    ) from None
   if not path.is_file():
-    raise FileNotFoundError(f"{path} is missing from the installed mistral_common; reinstall "
-                            "it (`pip install --no-deps --force-reinstall mistral_common`)")
+    raise FileNotFoundError(
+      f"{path} is missing from the installed mistral_common; reinstall "
+      "it (`pip install --no-deps --force-reinstall mistral_common`)"
+    )
   return str(path)
 
 
@@ -37,19 +40,23 @@ class SentencePieceTokenizer(Tokenizer):
   def __init__(self, path: str, spec: str):
     # Only spm: specs need it; importing it here keeps grain workers' start-up light.
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+
     try:
       self._sp = spm.SentencePieceProcessor(model_file=path)
     except (RuntimeError, OSError) as e:  # garbage: "could not parse ModelProto"
       reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
       raise ValueError(
-          f"{path} (from data.tokenizer={spec!r}) is not a sentencepiece model ({reason}); "
-          "copy a good tokenizer.model from the model's folder (no network needed), or use "
-          "spm:mistral (shipped inside mistral_common)") from None
+        f"{path} (from data.tokenizer={spec!r}) is not a sentencepiece model ({reason}); "
+        "copy a good tokenizer.model from the model's folder (no network needed), or use "
+        "spm:mistral (shipped inside mistral_common)"
+      ) from None
     self.spec = spec
     self.vocab_size = self._sp.get_piece_size()
     if self._sp.eos_id() < 0:
-      raise ValueError(f"sentencepiece model {path} has no eos id; retrain it with "
-                       "--eos_id set, or use another tokenizer")
+      raise ValueError(
+        f"sentencepiece model {path} has no eos id; retrain it with "
+        "--eos_id set, or use another tokenizer"
+      )
     self.eos_id = self._sp.eos_id()
     self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
     self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
