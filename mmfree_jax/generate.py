@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -27,44 +26,16 @@ from flax import nnx
 from mmfree_jax.data.tokenizer import document_start
 from mmfree_jax.infer import memory
 from mmfree_jax.infer.runner import prepare_for_decoding
+from mmfree_jax.infer.sampling import (  # noqa: F401 (the public API re-exported)
+  MAX_NEW_TOKENS,
+  SamplingConfig,
+  sample_from_logits,
+  sample_traced,
+  static_sampling,
+)
 from mmfree_jax.nn.model import MatMulFreeLM, TransformerLM, check_token_ids
-from mmfree_jax.numerics.dtypes import acc_dtype
 
 log = logging.getLogger("mmfree_jax")
-# A decode loop longer than this is a mistake (1e9 would pre-allocate 4 GB of output and run for
-# days); generate in pieces, carrying the text forward, if you really need more.
-MAX_NEW_TOKENS = 1 << 20
-
-
-class SamplingConfig(NamedTuple):
-  """`temperature == 0` is greedy; `top_k == 0` and `top_p == 1` disable those filters.
-
-  The loop compiles once per prompt shape, max_new_tokens, top_k and whether greedy / top-p
-  are on; temperature, top_p and eos_id values are traced.
-  """
-  max_new_tokens: int = 64
-  temperature: float = 0.0
-  top_k: int = 0
-  top_p: float = 1.0
-  eos_id: int | None = None
-
-  def validate(self) -> "SamplingConfig":
-    if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be an int >= 1; got {self.max_new_tokens!r}")
-    if self.max_new_tokens > MAX_NEW_TOKENS:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens} is more than {MAX_NEW_TOKENS} "
-                       "(the decode loop pre-allocates its output and would run for hours); "
-                       "ask for fewer tokens")
-    if not (math.isfinite(self.temperature) and self.temperature >= 0):
-      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy); got "
-                       f"{self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}")
-    if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1] (1 = off); got {self.top_p}")
-    return self
-
-
 # generation's memory estimate lives with the inference plans; these names stay here too
 generation_memory_bytes = memory.generation_memory_bytes
 check_generation_fits = memory.check_generation_fits
@@ -80,45 +51,65 @@ def _emit_tokens(position, tokens, emitting):
     _STREAM_SINK[-1](int(np.asarray(position)[0]), np.asarray(tokens))
 
 
-def sample_from_logits(logits: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> jax.Array:
-  """Picks one token per row. `logits [batch, vocab]` → `[batch]` int32.
-
-  Order: temperature, then top-k, then top-p (nucleus: the smallest set of most likely tokens
-  whose probability reaches top_p; the most likely token is always kept).
+def _decode_loop(model, emit, carry):
+  """Runs decode steps until every row is done. `carry = (t, feed, state, out, count, done,
+  rng)` after the prefill's first `emit`; `emit(t, logits [batch, vocab], out, count, done,
+  rng) -> (feed, out, count, done, rng)` samples a step. Returns `out [batch, max_new_tokens]`
+  int32 and `count [batch]` int32.
   """
-  return _sample(logits, rng, jnp.asarray(cfg.temperature, jnp.float32),
-                 jnp.asarray(cfg.top_p, jnp.float32), **_static_sampling(cfg))
+
+  def cond(carry):
+    return ~jnp.all(carry[5])
+
+  # The weights ride in the carry through an optimization barrier: XLA would otherwise hoist
+  # loop-invariant weight work out of the loop and keep its (larger) result for every layer
+  # at once, e.g. a packed model's codes unpacked to fp32 or their gather indices to int32
+  # (a 0.8 GB 2-bit 2.7B then needs 7-23 GB).
+  step_graphdef, step_params = nnx.split(model)
+
+  def body(carry):
+    t, feed, state, out, count, done, rng, params = carry
+    params = jax.lax.optimization_barrier(params)
+    logits, state = nnx.merge(step_graphdef, params)(feed[:, None], state=state)  # decode step
+    t = t + 1
+    feed, out, count, done, rng = emit(t, logits[:, -1], out, count, done, rng)
+    return t, feed, state, out, count, done, rng, params
+
+  carry = jax.lax.while_loop(cond, body, (*carry, step_params))
+  return carry[3], carry[4]
 
 
-def _static_sampling(cfg: SamplingConfig) -> dict:
-  """The settings that change the traced program (the rest are traced scalars)."""
-  return dict(greedy=cfg.temperature <= 0, top_k=cfg.top_k, nucleus=cfg.top_p < 1.0)
-
-
-def _sample(logits, rng, temperature, top_p, *, greedy: bool, top_k: int, nucleus: bool):
-  """`sample_from_logits` with temperature and top_p as traced scalars."""
-  logits = logits.astype(acc_dtype(logits.dtype))
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / temperature.astype(logits.dtype)
-  neg = jnp.finfo(logits.dtype).min
-  if top_k > 0:
-    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if nucleus:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # mass before it < top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < cutoff, neg, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "min_len", "greedy",
-                                             "top_k", "nucleus", "vocab_limit", "stream"))
-def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *,
-              max_new_tokens: int, min_len: int, greedy: bool, top_k: int, nucleus: bool,
-              vocab_limit: int | None = None, stream: bool = False):
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "graphdef",
+    "max_new_tokens",
+    "min_len",
+    "greedy",
+    "top_k",
+    "nucleus",
+    "vocab_limit",
+    "stream",
+  ),
+)
+def _generate(
+  graphdef,
+  params,
+  prompt,
+  lengths,
+  rng,
+  temperature,
+  top_p,
+  eos,
+  *,
+  max_new_tokens: int,
+  min_len: int,
+  greedy: bool,
+  top_k: int,
+  nucleus: bool,
+  vocab_limit: int | None = None,
+  stream: bool = False,
+):
   """`prompt [batch, P]` right-padded, `lengths [batch]` int32 (min_len <= lengths <= P).
 
   Returns `[batch, max_new_tokens]` int32 and the per-row count of generated tokens `[batch]`.
@@ -136,8 +127,9 @@ def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *
   model = prepare_for_decoding(nnx.merge(graphdef, params))  # weights prepared once
   batch, prompt_len = prompt.shape
   rows = jnp.arange(batch)
-  sample = functools.partial(_sample, temperature=temperature, top_p=top_p, greedy=greedy,
-                             top_k=top_k, nucleus=nucleus)
+  sample = functools.partial(
+    sample_traced, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, nucleus=nucleus
+  )
   fill = jnp.maximum(eos, 0)  # what a finished row is fed (its output repeats the EOS)
   # MatMul-free: `h [layers, batch, d]` whatever the length; Transformer++: KV cache of
   # prompt_len + max_new_tokens positions.
@@ -158,36 +150,18 @@ def _generate(graphdef, params, prompt, lengths, rng, temperature, top_p, eos, *
     out = out.at[rows, slot].set(jnp.where(emitting, token, out[rows, slot]))
     count = count + emitting
     done = done | (emitting & ((token == eos) | (count >= max_new_tokens)))
-    prompt_next = jax.lax.dynamic_index_in_dim(prompt, jnp.minimum(t, prompt_len - 1), 1,
-                                               keepdims=False)
+    prompt_next = jax.lax.dynamic_index_in_dim(
+      prompt, jnp.minimum(t, prompt_len - 1), 1, keepdims=False
+    )
     feed = jnp.where(t < lengths, prompt_next, jnp.where(done, fill, token))
     return feed, out, count, done, rng
 
   out = jnp.zeros((batch, max_new_tokens), jnp.int32)
   count = jnp.zeros((batch,), jnp.int32)
   t = jnp.int32(min_len)
-  feed, out, count, done, rng = emit(t, logits[:, -1], out, count,
-                                     jnp.zeros((batch,), bool), rng)
+  feed, out, count, done, rng = emit(t, logits[:, -1], out, count, jnp.zeros((batch,), bool), rng)
 
-  def cond(carry):
-    return ~jnp.all(carry[5])
-
-  # The weights ride in the carry through an optimization barrier: XLA would otherwise hoist
-  # loop-invariant weight work out of the loop and keep its (larger) result for every layer
-  # at once, e.g. a packed model's codes unpacked to fp32 or their gather indices to int32
-  # (a 0.8 GB 2-bit 2.7B then needs 7-23 GB).
-  step_graphdef, step_params = nnx.split(model)
-
-  def body(carry):
-    t, feed, state, out, count, done, rng, params = carry
-    params = jax.lax.optimization_barrier(params)
-    logits, state = nnx.merge(step_graphdef, params)(feed[:, None], state=state)  # decode step
-    t = t + 1
-    feed, out, count, done, rng = emit(t, logits[:, -1], out, count, done, rng)
-    return t, feed, state, out, count, done, rng, params
-
-  carry = jax.lax.while_loop(cond, body, (t, feed, state, out, count, done, rng, step_params))
-  return carry[3], carry[4]
+  return _decode_loop(model, emit, (t, feed, state, out, count, done, rng))
 
 
 def _return_freed_heap() -> None:
@@ -200,10 +174,15 @@ def _return_freed_heap() -> None:
     pass
 
 
-def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingConfig(), *,
-                   seed: int = 0, vocab_limit: int | None = None,
-                   on_tokens: Callable[[int, np.ndarray], None] | None = None
-                   ) -> list[list[int]]:
+def generate_batch(
+  model: nnx.Module,
+  prompts,
+  cfg: SamplingConfig = SamplingConfig(),
+  *,
+  seed: int = 0,
+  vocab_limit: int | None = None,
+  on_tokens: Callable[[int, np.ndarray], None] | None = None,
+) -> list[list[int]]:
   """Continues prompts of different lengths in one decode loop.
 
   Args:
@@ -220,40 +199,62 @@ def generate_batch(model: nnx.Module, prompts, cfg: SamplingConfig = SamplingCon
   """
   prompts = [np.asarray(p, np.int32).reshape(-1) for p in prompts]
   if not prompts or any(p.size == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token (e.g. BOS); got "
-                     f"{[int(p.size) for p in prompts]} tokens")
+    raise ValueError(
+      "every prompt needs at least one token (e.g. BOS); got "
+      f"{[int(p.size) for p in prompts]} tokens"
+    )
   cfg.validate()
   lengths = np.asarray([p.size for p in prompts], np.int32)
   padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
   for row, p in enumerate(prompts):
-    padded[row, :p.size] = p
+    padded[row, : p.size] = p
   check_token_ids(padded, model.cfg.vocab_size)
-  check_generation_fits(model.cfg, len(prompts), padded.shape[1], cfg.max_new_tokens,
-                        frozen_copy=isinstance(model, (MatMulFreeLM, TransformerLM)))
+  check_generation_fits(
+    model.cfg,
+    len(prompts),
+    padded.shape[1],
+    cfg.max_new_tokens,
+    frozen_copy=isinstance(model, (MatMulFreeLM, TransformerLM)),
+  )
   graphdef, params = nnx.split(model)
   eos = -1 if cfg.eos_id is None else cfg.eos_id
   if on_tokens is not None:
     _STREAM_SINK.append(on_tokens)
   compiled = _generate._cache_size()  # pylint: disable=protected-access
   try:
-    out, count = _generate(graphdef, params, jnp.asarray(padded), jnp.asarray(lengths),
-                           jax.random.key(seed), jnp.float32(cfg.temperature),
-                           jnp.float32(cfg.top_p), jnp.int32(eos),
-                           max_new_tokens=cfg.max_new_tokens, min_len=int(lengths.min()),
-                           vocab_limit=vocab_limit, stream=on_tokens is not None,
-                           **_static_sampling(cfg))
+    out, count = _generate(
+      graphdef,
+      params,
+      jnp.asarray(padded),
+      jnp.asarray(lengths),
+      jax.random.key(seed),
+      jnp.float32(cfg.temperature),
+      jnp.float32(cfg.top_p),
+      jnp.int32(eos),
+      max_new_tokens=cfg.max_new_tokens,
+      min_len=int(lengths.min()),
+      vocab_limit=vocab_limit,
+      stream=on_tokens is not None,
+      **static_sampling(cfg),
+    )
     out, count = np.asarray(out), np.asarray(count)
   finally:
     if on_tokens is not None:
       _STREAM_SINK.pop()
   if _generate._cache_size() > compiled:  # pylint: disable=protected-access
     _return_freed_heap()
-  return [out[row, :count[row]].tolist() for row in range(len(prompts))]
+  return [out[row, : count[row]].tolist() for row in range(len(prompts))]
 
 
-def generate(model: nnx.Module, prompt_tokens, cfg: SamplingConfig = SamplingConfig(), *,
-             seed: int = 0, vocab_limit: int | None = None,
-             on_tokens: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+def generate(
+  model: nnx.Module,
+  prompt_tokens,
+  cfg: SamplingConfig = SamplingConfig(),
+  *,
+  seed: int = 0,
+  vocab_limit: int | None = None,
+  on_tokens: Callable[[int, np.ndarray], None] | None = None,
+) -> np.ndarray:
   """Continues each prompt row.
 
   Args:
@@ -269,10 +270,13 @@ def generate(model: nnx.Module, prompt_tokens, cfg: SamplingConfig = SamplingCon
   """
   prompt = np.asarray(prompt_tokens, np.int32)
   if prompt.ndim != 2 or prompt.shape[1] == 0:
-    raise ValueError(f"prompt must be [batch, prompt_len >= 1] token ids; got {prompt.shape}. "
-                     "An empty prompt has no context: pass at least one token (e.g. BOS)")
-  rows = generate_batch(model, list(prompt), cfg, seed=seed, vocab_limit=vocab_limit,
-                        on_tokens=on_tokens)
+    raise ValueError(
+      f"prompt must be [batch, prompt_len >= 1] token ids; got {prompt.shape}. "
+      "An empty prompt has no context: pass at least one token (e.g. BOS)"
+    )
+  rows = generate_batch(
+    model, list(prompt), cfg, seed=seed, vocab_limit=vocab_limit, on_tokens=on_tokens
+  )
   n = max(len(r) for r in rows)
   fill = 0 if cfg.eos_id is None else cfg.eos_id
   return np.asarray([r + [fill] * (n - len(r)) for r in rows], np.int32).reshape(len(rows), n)
@@ -280,6 +284,7 @@ def generate(model: nnx.Module, prompt_tokens, cfg: SamplingConfig = SamplingCon
 
 class Generation(NamedTuple):
   """One text generation: the continuation, its ids, why it stopped, notes on the context."""
+
   prompt: str
   text: str
   prompt_tokens: int
@@ -288,27 +293,36 @@ class Generation(NamedTuple):
   notes: list[str]
 
 
-def context_notes(model_cfg, prompt_len: int, max_new_tokens: int,
-                  context_limit: int | None) -> list[str]:
+def context_notes(
+  model_cfg, prompt_len: int, max_new_tokens: int, context_limit: int | None
+) -> list[str]:
   """What a prompt of `prompt_len` tokens means for this model's memory and context.
 
   context_limit: the trained `data.seq_len` (None: not known).
   """
   total = prompt_len + max_new_tokens
   if model_cfg.kind == "mmfree":
-    note = (f"MatMul-free LM: no context limit; the decode state is a constant-size "
-            f"[{model_cfg.num_layers}, batch, {model_cfg.d_model}] recurrent state (no KV "
-            f"cache)")
+    note = (
+      f"MatMul-free LM: no context limit; the decode state is a constant-size "
+      f"[{model_cfg.num_layers}, batch, {model_cfg.d_model}] recurrent state (no KV "
+      f"cache)"
+    )
     if context_limit is not None and total > context_limit:
-      note += (f"; prompt + new tokens = {prompt_len} + {max_new_tokens} = {total} exceed "
-               f"the trained data.seq_len={context_limit}, which is fine for it")
+      note += (
+        f"; prompt + new tokens = {prompt_len} + {max_new_tokens} = {total} exceed "
+        f"the trained data.seq_len={context_limit}, which is fine for it"
+      )
     return [note]
-  notes = [f"Transformer++: KV cache sized to prompt + new tokens = {prompt_len} + "
-           f"{max_new_tokens} = {total} positions"]
+  notes = [
+    f"Transformer++: KV cache sized to prompt + new tokens = {prompt_len} + "
+    f"{max_new_tokens} = {total} positions"
+  ]
   if context_limit is not None and total > context_limit:
-    notes.append(f"Transformer++: {total} positions exceed the trained data.seq_len="
-                 f"{context_limit}; RoPE positions beyond it were never trained, quality may "
-                 "drop")
+    notes.append(
+      f"Transformer++: {total} positions exceed the trained data.seq_len="
+      f"{context_limit}; RoPE positions beyond it were never trained, quality may "
+      "drop"
+    )
   return notes
 
 
@@ -331,14 +345,20 @@ class _TextStream:
     if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
       return
     if text.startswith(self.shown):
-      self.on_text(text[len(self.shown):])
+      self.on_text(text[len(self.shown) :])
     self.shown = text
 
 
-def generate_text(model: nnx.Module, tokenizer, prompt: str,
-                  cfg: SamplingConfig = SamplingConfig(), *, seed: int = 0,
-                  context_limit: int | None = None,
-                  on_text: Callable[[str], None] | None = None) -> Generation:
+def generate_text(
+  model: nnx.Module,
+  tokenizer,
+  prompt: str,
+  cfg: SamplingConfig = SamplingConfig(),
+  *,
+  seed: int = 0,
+  context_limit: int | None = None,
+  on_text: Callable[[str], None] | None = None,
+) -> Generation:
   """Continues `prompt` (text) until EOS or `cfg.max_new_tokens`.
 
   The prompt starts as a training document does (`[bos]` where the tokenizer has one);
@@ -347,8 +367,10 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str,
   on_text: called with each new piece of text as it is generated (e.g. print it).
   """
   if not prompt:
-    raise ValueError("empty prompt: generation needs some text to continue; pass --prompt "
-                     "with at least one character")
+    raise ValueError(
+      "empty prompt: generation needs some text to continue; pass --prompt "
+      "with at least one character"
+    )
   ids = document_start(tokenizer) + tokenizer.encode(prompt)
   if not ids:
     raise ValueError(f"prompt {prompt!r} encodes to no tokens; pass some text")
@@ -359,9 +381,10 @@ def generate_text(model: nnx.Module, tokenizer, prompt: str,
     log.info(note)
   limit = tokenizer.vocab_size if tokenizer.vocab_size < model.cfg.vocab_size else None
   stream = _TextStream(tokenizer, cfg.eos_id, on_text) if on_text is not None else None
-  new = generate(model, np.asarray([ids], np.int32), cfg, seed=seed, vocab_limit=limit,
-                 on_tokens=stream)[0].tolist()
+  new = generate(
+    model, np.asarray([ids], np.int32), cfg, seed=seed, vocab_limit=limit, on_tokens=stream
+  )[0].tolist()
   stopped = cfg.eos_id in new
   if stopped:
-    new = new[:new.index(cfg.eos_id)]
+    new = new[: new.index(cfg.eos_id)]
   return Generation(prompt, tokenizer.decode(new), len(ids), new, stopped, notes)
