@@ -198,9 +198,27 @@ def _config():
   return cfg
 
 
+def _check_before_jax() -> None:
+  """Errors the flags alone show, before jax imports (10-50 s on a loaded machine)."""
+  f = flags.FLAGS
+  error = None
+  if not (f.ppl_split or _split(f.ppl_file) or _split(f.mc_file) or f.prompt or f.lm_eval_tasks):
+    error = "nothing to evaluate: pass --ppl_split=val, --ppl_file, --mc_file or --prompt"
+  elif not os.path.isdir(f.workdir or f.packed) and "://" not in (f.workdir or f.packed):
+    name = "workdir" if f.workdir else "packed"
+    error = (
+      f"--{name}={f.workdir or f.packed} does not exist; pass the folder of a training run, "
+      "an HF import (python -m mmfree_jax.hf import) or an export (python -m mmfree_jax.export)"
+    )
+  if error:
+    print(f"eval.py: error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+  _check_before_jax()
   logging.basicConfig(
     level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
   )

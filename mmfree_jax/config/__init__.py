@@ -7,12 +7,11 @@ of being silently ignored. `validate(cfg)` checks everything in one pass and ret
 `ModelConfig`; `ModelConfig.from_config(cfg.model)` validates the model section alone.
 """
 
+from mmfree_jax.config import model as _model
 from mmfree_jax.config.checks import Check
 from mmfree_jax.config.distill import DistillSettings
 from mmfree_jax.config.impls import describe_impls
 from mmfree_jax.config.model import (
-  DTYPES,
-  REMAT_POLICIES,
   ConfigError,
   ModelConfig,
   intermediate_size_for,
@@ -74,3 +73,10 @@ __all__ = [
   "validate_data",
   "validate_run",
 ]
+
+
+def __getattr__(name):  # pylint: disable=invalid-name
+  """`DTYPES` and `REMAT_POLICIES` import jax: built on first access (`config.model`)."""
+  if name in ("DTYPES", "REMAT_POLICIES"):
+    return getattr(_model, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

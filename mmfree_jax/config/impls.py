@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from mmfree_jax.config.model import ModelConfig
 from mmfree_jax.registry import (
   SPLASH_MIN_SEQ,
@@ -20,6 +18,8 @@ def describe_impls(cfg: ModelConfig, platform: str) -> str:
   "scan_type=auto -> pallas (Mosaic kernel); bitlinear_impl=auto -> fused (Mosaic quantizer
   kernel + XLA matmul)"."""
   if cfg.kind != "mmfree":
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
     attn = resolve_attention_impl(
       cfg.attention_impl, jnp.dtype(cfg.compute_dtype).name, cfg.head_dim, platform=platform
     )

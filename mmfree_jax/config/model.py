@@ -6,26 +6,48 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-import jax.numpy as jnp
-
 from mmfree_jax.config import schema
 
-DTYPES = {
-  "float32": jnp.float32,
-  "bfloat16": jnp.bfloat16,
-  "float16": jnp.float16,
-  "float64": jnp.float64,
-}
-assert tuple(DTYPES) == schema.DTYPE_NAMES
-# The `model.remat` registry: name -> what the layer scan saves for the backward (None: no remat).
-REMAT_POLICIES = {
-  "none": None,
-  "full": jax.checkpoint_policies.nothing_saveable,
-  "dots": jax.checkpoint_policies.checkpoint_dots,
-  "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-assert tuple(REMAT_POLICIES) == schema.REMAT_NAMES
+
+def _dtypes() -> dict:
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  out = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "float64": jnp.float64,
+  }
+  assert tuple(out) == schema.DTYPE_NAMES
+  return out
+
+
+def _remat_policies() -> dict:
+  """The `model.remat` registry: name -> what the layer scan saves for the backward (None: no
+  remat)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  out = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  assert tuple(out) == schema.REMAT_NAMES
+  return out
+
+
+# `DTYPES` and `REMAT_POLICIES` hold jax objects, built on first access: the config (its schema,
+# validation and `ModelConfig`) imports without jax, so a CLI reports a bad config in a second.
+_LAZY = {"DTYPES": _dtypes, "REMAT_POLICIES": _remat_policies}
+
+
+def __getattr__(name):  # pylint: disable=invalid-name
+  if name in _LAZY:
+    value = _LAZY[name]()
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(ValueError):
@@ -44,12 +66,16 @@ def resolve_dtype(name: str):
 
   `auto` is bfloat16 on accelerators and float32 on CPU (where bf16 matmuls are emulated).
   """
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
   if name == "auto":
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   try:
-    return DTYPES[name]
+    return _dtypes()[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES) + ['auto']}") from None
+    names = sorted(schema.DTYPE_NAMES) + ["auto"]
+    raise ValueError(f"unknown dtype {name!r}; choose one of {names}") from None
 
 
 def intermediate_size_for(d_model: int, hidden_ratio: int) -> int:

@@ -74,9 +74,9 @@ def config_errors(cfg: ml_collections.ConfigDict) -> tuple[list[str], ModelConfi
   if "data" in cfg:
     problems += data_errors(cfg.data)
   if "mesh" in cfg and field_errors("mesh", dict(cfg.mesh)) == []:
-    from mmfree_jax.parallel import sharding  # pylint: disable=import-outside-toplevel
+    from mmfree_jax.parallel import axes  # pylint: disable=import-outside-toplevel
 
-    problems += sharding.check_rules(cfg.mesh.axis_rules)
+    problems += axes.check_rules(cfg.mesh.axis_rules)
   if model is not None and "data" in cfg:
     seq_len = cfg.data.get("seq_len")
     if (

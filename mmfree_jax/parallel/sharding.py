@@ -23,32 +23,16 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfree_jax.parallel import kernel_sharding
-
-PARAM_AXES = ("embed", "mlp", "inner", "heads", "vocab", "layers")
-# activation_inner: the features of the MLGRU recurrence and of attention heads (the Pallas
-# kernels run per shard of them, `parallel.kernel_sharding`).
-ACTIVATION_AXES = (
-  "activation_batch",
-  "activation_seq",
-  "activation_embed",
-  "activation_inner",
-  "activation_vocab",
+from mmfree_jax.parallel.axes import (  # noqa: F401  (re-exported: the rules live there)
+  ACTIVATION_AXES,
+  LOGICAL_AXES,
+  PARAM_AXES,
+  Rules,
+  check_rules,
+  normalize_rules,
 )
-LOGICAL_AXES = PARAM_AXES + ACTIVATION_AXES
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_logical_sharding", default=None)
-
-Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
-
-
-def normalize_rules(rules) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
-  """Turns config rules (lists from ml-collections) into the tuple form flax expects."""
-  out = []
-  for name, target in rules:
-    if isinstance(target, list):
-      target = tuple(target)
-    out.append((name, target))
-  return tuple(out)
 
 
 @contextlib.contextmanager
@@ -66,29 +50,6 @@ def logical_sharding(mesh: Mesh, rules: Rules):
       yield
   finally:
     _ACTIVE.reset(token)
-
-
-def check_rules(rules) -> list[str]:
-  """Problems of a rule list, one line each (empty when fine): every name of `LOGICAL_AXES`
-  has exactly one rule, and no other name has one."""
-  names = [name for name, _ in normalize_rules(rules)]
-  problems = [
-    f"mesh.axis_rules: unknown logical axis {n!r}; known: {list(LOGICAL_AXES)}"
-    for n in dict.fromkeys(names)
-    if n not in LOGICAL_AXES
-  ]
-  problems += [
-    f"mesh.axis_rules: {n!r} has {names.count(n)} rules; give it one"
-    for n in dict.fromkeys(names)
-    if names.count(n) > 1
-  ]
-  missing = [n for n in LOGICAL_AXES if n not in names]
-  if missing:
-    problems.append(
-      f"mesh.axis_rules: no rule for {missing}; add one per name (None = "
-      "replicated), e.g. as in mmfree_jax.config's defaults"
-    )
-  return problems
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:

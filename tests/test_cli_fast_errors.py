@@ -1,0 +1,63 @@
+"""Cheap user errors are cheap: a config typo, a bad config value, a bad data path, a missing
+workdir and "nothing to evaluate" are reported in one line, with a non-zero exit, before jax is
+imported (which takes 10-50 s on a loaded machine). Each CLI runs in a subprocess through
+`runpy`, and the wrapper reports whether `jax` was in `sys.modules` when the CLI exited."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs a CLI as `__main__` and prints, after its exit, whether jax had been imported.
+WRAPPER = """
+import runpy, sys
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+code = 0
+try:
+  runpy.run_path(script, run_name="__main__")
+except SystemExit as e:
+  code = e.code
+print("JAX_IMPORTED=%s" % ("jax" in sys.modules))
+sys.exit(code)
+"""
+
+CASES = [
+  ("train.py", ["--config.train.stepsx=1"], "unknown config key 'train.stepsx'"),
+  ("train.py", ["--config.model.d_model=-3"], "model.d_model must be"),
+  ("train.py", ["--config.data.paths=/nonexistent/*.jsonl"], "data.source=builtin_kjv ignores"),
+  (
+    "train.py",
+    ["--config.data.source=jsonl", "--config.data.paths=/nonexistent/*.jsonl"],
+    "matches no files",
+  ),
+  ("eval.py", ["--workdir=/nonexistent"], "nothing to evaluate"),
+  ("eval.py", ["--workdir=/nonexistent", "--ppl_split=val"], "--workdir=/nonexistent does not"),
+  ("eval.py", ["--packed=/nonexistent", "--prompt=x"], "--packed=/nonexistent does not"),
+]
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("script,args,expected", CASES, ids=[" ".join(c[1]) for c in CASES])
+def test_user_error_is_one_line_before_jax(tmp_path, script, args, expected):
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["PYTHONPATH"] = REPO
+  workdir = tmp_path / "wd"
+  extra = [f"--workdir={workdir}"] if script == "train.py" else []
+  proc = subprocess.run(
+    [sys.executable, "-c", WRAPPER, os.path.join(REPO, script), *args, *extra],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=env,
+    timeout=120,
+    check=False,
+  )
+  assert proc.returncode != 0, proc.stdout + proc.stderr
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert lines[0].startswith(f"{script}: error: ") and expected in lines[0], lines[0]
+  assert "JAX_IMPORTED=False" in proc.stdout, (proc.stdout, proc.stderr)
+  assert not workdir.exists(), "a failed start created the workdir"
