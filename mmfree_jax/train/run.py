@@ -51,8 +51,9 @@ def to_global(batch: dict, batch_sharding) -> dict:
   out = {}
   for key, local in batch.items():
     global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
-    out[key] = jax.make_array_from_process_local_data(batch_sharding, np.asarray(local),
-                                                      global_shape)
+    out[key] = jax.make_array_from_process_local_data(
+      batch_sharding, np.asarray(local), global_shape
+    )
   return out
 
 
@@ -77,6 +78,7 @@ def note(text: str) -> None:
 @dataclasses.dataclass
 class Layout:
   """A run's optimizer, mesh and shardings: from the config alone, nothing on device."""
+
   tx: optax.GradientTransformationExtraArgs
   schedule: optax.Schedule
   mesh: Any
@@ -92,10 +94,16 @@ class Layout:
     mesh = mesh_lib.make_mesh(cfg.mesh.shape, dcn_cfg=cfg.mesh.dcn)
     rules = sharding.normalize_rules(cfg.mesh.axis_rules)
     shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
-    return cls(tx, optim.learning_rate_schedule(cfg.optim, cfg.train.steps), mesh, rules,
-               state_lib.model_graphdef(model_cfg), shardings,
-               sharding.batch_sharding(mesh, rules),
-               state_lib.abstract_train_state(model_cfg, tx, shardings))
+    return cls(
+      tx,
+      optim.learning_rate_schedule(cfg.optim, cfg.train.steps),
+      mesh,
+      rules,
+      state_lib.model_graphdef(model_cfg),
+      shardings,
+      sharding.batch_sharding(mesh, rules),
+      state_lib.abstract_train_state(model_cfg, tx, shardings),
+    )
 
   def abstract_batch(self, cfg) -> dict:
     """ShapeDtypeStructs of one global batch (int32 `[global_batch, seq_len + 1]`)."""
@@ -107,16 +115,17 @@ class Layout:
 @dataclasses.dataclass
 class Run:
   """Everything the loop needs, built once by `setup`."""
+
   cfg: ml_collections.ConfigDict
   model_cfg: config_lib.ModelConfig
   workdir: str
   graphdef: Any
   state: state_lib.TrainState
-  train_step: Any           # jitted (state, batch) -> (state, metrics)
-  eval_step: Any            # jitted (params, batch) -> {"nll_sum", "tokens"}
+  train_step: Any  # jitted (state, batch) -> (state, metrics)
+  eval_step: Any  # jitted (params, batch) -> {"nll_sum", "tokens"}
   batch_sharding: Any
   tokenizer: Any
-  train_iter: Any           # grain iterator; its position is checkpointed
+  train_iter: Any  # grain iterator; its position is checkpointed
   val_batches: list
   checkpointer: ckpt_lib.Checkpointer
   writer: metrics_lib.MetricsWriter
@@ -134,10 +143,12 @@ class Run:
       return
     if not bool(_all_finite(self.state)):
       raise NonFiniteLossError(
-          f"the train state is not finite at step {step}; not checkpointing. The last "
-          f"checkpoint ({self.checkpointer.latest_step()}) is intact")
-    self.checkpointer.save(step, self.state, self.train_iter, json.loads(self.cfg.to_json()),
-                           force=force)
+        f"the train state is not finite at step {step}; not checkpointing. The last "
+        f"checkpoint ({self.checkpointer.latest_step()}) is intact"
+      )
+    self.checkpointer.save(
+      step, self.state, self.train_iter, json.loads(self.cfg.to_json()), force=force
+    )
 
   def evaluate(self) -> dict:
     return evaluate(self.eval_step, self.state.params, self.val_batches, self.batch_sharding)
@@ -167,13 +178,21 @@ def _data(cfg, model_cfg, batch_sharding) -> _Data:
   procs = {"process_index": jax.process_index(), "process_count": jax.process_count()}
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=cache_dir)
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
-  iterator = lambda: data_lib.train_iterator(cfg.data, tokenizer,
-                                             global_batch=cfg.train.global_batch,
-                                             cache_dir=cache_dir, **procs)
-  val_batches = data_lib.validation_batches(
-      cfg.data, tokenizer, batch_size=cfg.train.global_batch,
-      num_batches=cfg.train.eval_batches, cache_dir=cache_dir,
-      **procs) if cfg.train.eval_batches > 0 else []
+  iterator = lambda: data_lib.train_iterator(
+    cfg.data, tokenizer, global_batch=cfg.train.global_batch, cache_dir=cache_dir, **procs
+  )
+  val_batches = (
+    data_lib.validation_batches(
+      cfg.data,
+      tokenizer,
+      batch_size=cfg.train.global_batch,
+      num_batches=cfg.train.eval_batches,
+      cache_dir=cache_dir,
+      **procs,
+    )
+    if cfg.train.eval_batches > 0
+    else []
+  )
   first_batch = lambda: to_global(next(iter(iterator())), batch_sharding)
   return _Data(tokenizer, iterator(), val_batches, first_batch)
 
@@ -188,23 +207,25 @@ def _check_resume(cfg, checkpointer, latest: int | None, allow_steps_change: boo
     checks.check_steps_unchanged(saved_config, cfg, latest, allow_steps_change)
 
 
-def _initial_state(cfg, model_cfg, layout: Layout, checkpointer, latest, data: _Data,
-                   distiller) -> tuple[state_lib.TrainState, str]:
+def _initial_state(
+  cfg, model_cfg, layout: Layout, checkpointer, latest, data: _Data, distiller
+) -> tuple[state_lib.TrainState, str]:
   """The state to start from and how it was obtained (for the banner)."""
   seed = cfg.train.seed
   if latest is not None and checkpointer.has_train_state(latest):
-    return (checkpointer.restore(latest, layout.abstract_state, data.train_iter),
-            f"resumed from step {latest}")
+    return (
+      checkpointer.restore(latest, layout.abstract_state, data.train_iter),
+      f"resumed from step {latest}",
+    )
   if latest is not None:  # params only (imported weights): fine-tune with a fresh optimizer
     params = checkpointer.restore_params(latest, layout.abstract_state.params)
-    state = state_lib.train_state_from_params(params, layout.tx, latest, seed,
-                                              layout.state_shardings)
+    state = state_lib.train_state_from_params(
+      params, layout.tx, latest, seed, layout.state_shardings
+    )
     return state, f"fine-tuning from the params of step {latest}"
-  state = state_lib.create_sharded_train_state(model_cfg, layout.tx, seed,
-                                               layout.state_shardings)
+  state = state_lib.create_sharded_train_state(model_cfg, layout.tx, seed, layout.state_shardings)
   if distiller is not None:  # the student starts from the teacher (distill.init)
-    state = distiller.init_state(state, layout.tx, seed, layout.state_shardings,
-                                 data.first_batch)
+    state = distiller.init_state(state, layout.tx, seed, layout.state_shardings, data.first_batch)
   return state, "fresh start"
 
 
@@ -212,21 +233,36 @@ def _jit_steps(cfg, model_cfg, layout: Layout, distiller, first_step: int):
   """The jitted train step (the distillation stepper in distill mode) and eval step."""
   if distiller is not None:  # same contract: (state, batch) -> (state, metrics)
     train_step = distiller.stepper(
-        layout.graphdef, layout.tx, layout.schedule, microbatches=cfg.train.microbatches,
-        z_loss=cfg.optim.z_loss, shardings=layout.state_shardings,
-        batch_sharding=layout.batch_sharding, first_step=first_step)
+      layout.graphdef,
+      layout.tx,
+      layout.schedule,
+      microbatches=cfg.train.microbatches,
+      z_loss=cfg.optim.z_loss,
+      shardings=layout.state_shardings,
+      batch_sharding=layout.batch_sharding,
+      first_step=first_step,
+    )
   else:
     train_step = jax.jit(
-        steps.make_train_step(model_cfg, layout.graphdef, layout.tx, layout.schedule,
-                                 microbatches=cfg.train.microbatches,
-                                 z_loss=cfg.optim.z_loss, mesh=layout.mesh, rules=layout.rules),
-        in_shardings=(layout.state_shardings, layout.batch_sharding),
-        out_shardings=(layout.state_shardings, sharding.replicated(layout.mesh)),
-        donate_argnums=0)
-  eval_step = jax.jit(steps.make_eval_step(model_cfg, layout.graphdef, mesh=layout.mesh,
-                                           rules=layout.rules),
-                      in_shardings=(layout.state_shardings.params, layout.batch_sharding),
-                      out_shardings=sharding.replicated(layout.mesh))
+      steps.make_train_step(
+        model_cfg,
+        layout.graphdef,
+        layout.tx,
+        layout.schedule,
+        microbatches=cfg.train.microbatches,
+        z_loss=cfg.optim.z_loss,
+        mesh=layout.mesh,
+        rules=layout.rules,
+      ),
+      in_shardings=(layout.state_shardings, layout.batch_sharding),
+      out_shardings=(layout.state_shardings, sharding.replicated(layout.mesh)),
+      donate_argnums=0,
+    )
+  eval_step = jax.jit(
+    steps.make_eval_step(model_cfg, layout.graphdef, mesh=layout.mesh, rules=layout.rules),
+    in_shardings=(layout.state_shardings.params, layout.batch_sharding),
+    out_shardings=sharding.replicated(layout.mesh),
+  )
   return train_step, eval_step
 
 
@@ -237,12 +273,15 @@ def _writer(cfg, workdir: str) -> metrics_lib.MetricsWriter:
 
 
 def _throughput(cfg, model_cfg) -> metrics_lib.Throughput:
-  peak, peak_source, peak_note = metrics_lib.device_peak_flops(
-      cfg.train.peak_flops_per_device)
+  peak, peak_source, peak_note = metrics_lib.device_peak_flops(cfg.train.peak_flops_per_device)
   return metrics_lib.Throughput(
-      cfg.train.global_batch * cfg.data.seq_len,
-      accounting.train_flops_per_token(model_cfg, cfg.data.seq_len), peak, peak_source,
-      jax.device_count(), peak_note)
+    cfg.train.global_batch * cfg.data.seq_len,
+    accounting.train_flops_per_token(model_cfg, cfg.data.seq_len),
+    peak,
+    peak_source,
+    jax.device_count(),
+    peak_note,
+  )
 
 
 def _validate(cfg) -> config_lib.ModelConfig:
@@ -254,8 +293,52 @@ def _validate(cfg) -> config_lib.ModelConfig:
   return model_cfg
 
 
-def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int | None = None,
-          restore_step: int | None = None, allow_steps_change: bool = False) -> Run:
+def _record_start(cfg, workdir: str, latest: int | None) -> None:
+  """Process 0: writes the run's config to the workdir and drops the metrics rows of steps
+  after the restored one (this run redoes those steps)."""
+  loading.save_workdir_config(workdir, cfg)
+  dropped = metrics_lib.drop_rows_after(workdir, latest or 0)
+  if dropped:
+    note(
+      f"dropped {dropped} metrics.jsonl row(s) after step {latest or 0}: this run "
+      "redoes those steps"
+    )
+
+
+def _banner_lines(
+  cfg, model_cfg, layout: Layout, workdir: str, resume: str, distiller, compiled: str
+) -> list[str]:
+  """The startup banner: the run's shape, the distiller's line (distill mode) and the step's
+  compiled memory."""
+  lines = banner.banner_lines(
+    cfg, model_cfg, layout.mesh, layout.abstract_state.params, os.path.abspath(workdir), resume
+  )
+  if distiller is not None:
+    lines.append(distiller.banner_line())
+  lines.append(compiled)
+  return lines
+
+
+def _close_opened(checkpointer, writer, lock) -> None:
+  """Closes what a failed `setup` opened (None: not opened yet); the lock is released last."""
+  try:
+    if checkpointer is not None:
+      checkpointer.close()
+    if writer is not None:
+      writer.close()
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def setup(
+  cfg: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  stop_after_steps: int | None = None,
+  restore_step: int | None = None,
+  allow_steps_change: bool = False,
+) -> Run:
   """Validates `cfg` and builds the run: every user error is raised here, before compute.
 
   Takes the workdir lock (process 0) and closes everything it opened when it raises.
@@ -274,41 +357,48 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str, *, stop_after_steps: int
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=cfg.train.keep_checkpoints)
     _check_resume(cfg, checkpointer, latest, allow_steps_change)
     distiller = distill.setup(cfg, model_cfg, layout.mesh, layout.rules)  # None: plain training
-    checks.check_disk_space(workdir, sum(x.size * x.dtype.itemsize
-                                         for x in jax.tree.leaves(layout.abstract_state)))
+    checks.check_disk_space(
+      workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract_state))
+    )
     train_step, eval_step = _jit_steps(cfg, model_cfg, layout, distiller, latest or 0)
-    compiled = memory.check_step_memory(train_step, layout.abstract_state,
-                                        layout.abstract_batch(cfg))
+    compiled = memory.check_step_memory(
+      train_step, layout.abstract_state, layout.abstract_batch(cfg)
+    )
     data = _data(cfg, model_cfg, layout.batch_sharding)
     state, resume = _initial_state(cfg, model_cfg, layout, checkpointer, latest, data, distiller)
     log.info("%s in %s", resume, checkpointer.directory)
-    if is_main:  # rows of steps after the restored one are redone by this run
-      loading.save_workdir_config(workdir, cfg)
-      dropped = metrics_lib.drop_rows_after(workdir, latest or 0)
-      if dropped:
-        note(f"dropped {dropped} metrics.jsonl row(s) after step {latest or 0}: this run "
-             "redoes those steps")
+    if is_main:
+      _record_start(cfg, workdir, latest)
     first_step = int(state.step)
-    last_step = cfg.train.steps if stop_after_steps is None else min(
-        cfg.train.steps, first_step + stop_after_steps)
+    last_step = (
+      cfg.train.steps
+      if stop_after_steps is None
+      else min(cfg.train.steps, first_step + stop_after_steps)
+    )
     writer = _writer(cfg, workdir)
-    run = Run(cfg, model_cfg, workdir, layout.graphdef, state, train_step, eval_step,
-              layout.batch_sharding, data.tokenizer, data.train_iter, data.val_batches,
-              checkpointer, writer, _throughput(cfg, model_cfg), first_step, last_step, latest,
-              started, lock)
-    run.banner = banner.banner_lines(cfg, model_cfg, layout.mesh, layout.abstract_state.params,
-                                     os.path.abspath(workdir), resume)
-    if distiller is not None:
-      run.banner.append(distiller.banner_line())
-    run.banner.append(compiled)
+    run = Run(
+      cfg,
+      model_cfg,
+      workdir,
+      layout.graphdef,
+      state,
+      train_step,
+      eval_step,
+      layout.batch_sharding,
+      data.tokenizer,
+      data.train_iter,
+      data.val_batches,
+      checkpointer,
+      writer,
+      _throughput(cfg, model_cfg),
+      first_step,
+      last_step,
+      latest,
+      started,
+      lock,
+    )
+    run.banner = _banner_lines(cfg, model_cfg, layout, workdir, resume, distiller, compiled)
     return run
   except BaseException:
-    try:
-      if checkpointer is not None:
-        checkpointer.close()
-      if writer is not None:
-        writer.close()
-    finally:
-      if lock is not None:
-        lock.release()
+    _close_opened(checkpointer, writer, lock)
     raise
