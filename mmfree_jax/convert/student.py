@@ -57,15 +57,18 @@ DEFAULT_MAPPING = "vkq"  # teacher V, K, Q -> the MLGRU's i, f, g
 def check_mapping(mapping: str) -> None:
   """A mapping names the teacher projection (v, k or q) of the MLGRU's i, f and g, in order."""
   if not isinstance(mapping, str) or sorted(mapping) != sorted(DEFAULT_MAPPING):
-    raise ConversionError(f"mapping {mapping!r} must be a permutation of 'vkq': the teacher "
-                          "projections copied into the MLGRU's i, f and g, in that order")
+    raise ConversionError(
+      f"mapping {mapping!r} must be a permutation of 'vkq': the teacher "
+      "projections copied into the MLGRU's i, f and g, in that order"
+    )
 
 
 def student_config(teacher: ModelConfig, **overrides) -> ModelConfig:
   """The MatMul-free config with the teacher's d, L, vocab, I and eps (overrides on top)."""
   if teacher.kind != "transformer":
-    raise ConversionError(f"the teacher must be a Transformer++ (model.kind='transformer'); got "
-                          f"{teacher.kind!r}")
+    raise ConversionError(
+      f"the teacher must be a Transformer++ (model.kind='transformer'); got {teacher.kind!r}"
+    )
   values = dataclasses.asdict(teacher)
   values.update(kind="mmfree")
   values.update(overrides)
@@ -74,18 +77,25 @@ def student_config(teacher: ModelConfig, **overrides) -> ModelConfig:
   return student
 
 
-def check_compatible(teacher: ModelConfig, student: ModelConfig,
-                     keys: tuple[str, ...] = MATCHING) -> None:
+def check_compatible(
+  teacher: ModelConfig, student: ModelConfig, keys: tuple[str, ...] = MATCHING
+) -> None:
   """Raises ConversionError naming every shape in `keys` that differs (before any compute)."""
   if teacher.kind != "transformer" or student.kind != "mmfree":
-    raise ConversionError(f"conversion maps a Transformer++ teacher onto a MatMul-free student; "
-                          f"got teacher kind {teacher.kind!r}, student kind {student.kind!r}")
-  diffs = [f"{k}: teacher {getattr(teacher, k)} vs student {getattr(student, k)}"
-           for k in keys if getattr(teacher, k) != getattr(student, k)]
+    raise ConversionError(
+      f"conversion maps a Transformer++ teacher onto a MatMul-free student; "
+      f"got teacher kind {teacher.kind!r}, student kind {student.kind!r}"
+    )
+  diffs = [
+    f"{k}: teacher {getattr(teacher, k)} vs student {getattr(student, k)}"
+    for k in keys
+    if getattr(teacher, k) != getattr(student, k)
+  ]
   if diffs:
     raise ConversionError(
-        "the student does not fit this teacher: " + "; ".join(diffs) + ". Give the student "
-        f"the teacher's {', '.join(keys)} (mmfree_jax.convert.student_config(teacher) does)")
+      "the student does not fit this teacher: " + "; ".join(diffs) + ". Give the student "
+      f"the teacher's {', '.join(keys)} (mmfree_jax.convert.student_config(teacher) does)"
+    )
 
 
 def _widen_kv(kernel: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
@@ -99,9 +109,67 @@ def _widen_kv(kernel: jnp.ndarray, cfg: ModelConfig) -> jnp.ndarray:
   return blocks.reshape(layers, d, cfg.num_heads * cfg.head_dim)
 
 
-def init_student_params(teacher_params: dict, teacher_cfg: ModelConfig, student_params: dict,
-                        student_cfg: ModelConfig, calibration: Calibration | None = None,
-                        mapping: str = DEFAULT_MAPPING) -> dict:
+def _cast(x, like):
+  """`x` in `like`'s dtype."""
+  return jnp.asarray(x, like.dtype)
+
+
+def _mlgru_params(
+  tb: dict, sb: dict, teacher_cfg: ModelConfig, mapping: str, norm_scale, o_proj_rms
+) -> dict:
+  """The student blocks' MLGRU params (`attn`) from the teacher blocks' attention: the
+  `mapping` projections into i, f, g, O into o (stacked `[L, ...]` leaves, student dtypes).
+
+  norm_scale: `(gamma, kernel, like, rms=None) -> [L, in]` (see `init_student_params`).
+  """
+  attn_gamma = tb["attn_norm"]["scale"]
+  teacher_kernels = {
+    "v": _widen_kv(tb["attn"]["v_proj"]["kernel"], teacher_cfg),
+    "k": _widen_kv(tb["attn"]["k_proj"]["kernel"], teacher_cfg),
+    "q": tb["attn"]["q_proj"]["kernel"],
+  }
+  mlgru_source = {gate: teacher_kernels[src] for gate, src in zip("ifg", mapping)}
+  mlgru_source["o"] = tb["attn"]["o_proj"]["kernel"]
+  attn = {}
+  for name, kernel in mlgru_source.items():
+    proj = sb["attn"][f"{name}_proj"]
+    if name == "o":
+      norm = norm_scale(None, kernel, proj["norm_scale"], o_proj_rms)
+    else:
+      norm = norm_scale(attn_gamma, kernel, proj["norm_scale"])
+    attn[f"{name}_proj"] = {"kernel": _cast(kernel, proj["kernel"]), "norm_scale": norm}
+  attn["g_norm"] = {"scale": jnp.ones_like(sb["attn"]["g_norm"]["scale"])}
+  return attn
+
+
+def _glu_params(tb: dict, sb: dict, norm_scale, down_proj_rms) -> dict:
+  """The student blocks' GLU params (`mlp`) from the teacher blocks' gate / down projections
+  (stacked `[L, ...]` leaves, student dtypes)."""
+  gate_kernel, down_kernel = tb["mlp"]["gate_proj"]["kernel"], tb["mlp"]["down_proj"]["kernel"]
+  return {
+    "gate_proj": {
+      "kernel": _cast(gate_kernel, sb["mlp"]["gate_proj"]["kernel"]),
+      "norm_scale": norm_scale(
+        tb["mlp_norm"]["scale"], gate_kernel, sb["mlp"]["gate_proj"]["norm_scale"]
+      ),
+    },
+    "down_proj": {
+      "kernel": _cast(down_kernel, sb["mlp"]["down_proj"]["kernel"]),
+      "norm_scale": norm_scale(
+        None, down_kernel, sb["mlp"]["down_proj"]["norm_scale"], down_proj_rms
+      ),
+    },
+  }
+
+
+def init_student_params(
+  teacher_params: dict,
+  teacher_cfg: ModelConfig,
+  student_params: dict,
+  student_cfg: ModelConfig,
+  calibration: Calibration | None = None,
+  mapping: str = DEFAULT_MAPPING,
+) -> dict:
   """Student params from the teacher's (pure; jit it with out_shardings for big models).
 
   Args:
@@ -121,7 +189,6 @@ def init_student_params(teacher_params: dict, teacher_cfg: ModelConfig, student_
   calibration = calibration or Calibration()
   t, s = teacher_params, student_params
   tb, sb = t["blocks"], s["blocks"]
-  cast = lambda x, like: jnp.asarray(x, like.dtype)
   layers = student_cfg.num_layers
   one = jnp.ones((layers,), jnp.float32)
 
@@ -130,45 +197,28 @@ def init_student_params(teacher_params: dict, teacher_cfg: ModelConfig, student_
     factor = ternary_gain(kernel, calibration.block_gain) if calibration.ternary else one
     if rms is not None:
       factor = factor * jnp.asarray(rms, jnp.float32).reshape(layers)
-    base = jnp.ones(like.shape, jnp.float32) if gamma is None else jnp.asarray(gamma,
-                                                                               jnp.float32)
+    base = jnp.ones(like.shape, jnp.float32) if gamma is None else jnp.asarray(gamma, jnp.float32)
     return (base * factor[:, None]).astype(like.dtype)
 
-  attn_gamma = tb["attn_norm"]["scale"]
-  teacher_kernels = {"v": _widen_kv(tb["attn"]["v_proj"]["kernel"], teacher_cfg),
-                     "k": _widen_kv(tb["attn"]["k_proj"]["kernel"], teacher_cfg),
-                     "q": tb["attn"]["q_proj"]["kernel"]}
-  mlgru_source = {gate: teacher_kernels[src] for gate, src in zip("ifg", mapping)}
-  mlgru_source["o"] = tb["attn"]["o_proj"]["kernel"]
-  attn = {}
-  for name, kernel in mlgru_source.items():
-    proj = sb["attn"][f"{name}_proj"]
-    if name == "o":
-      norm = norm_scale(None, kernel, proj["norm_scale"], calibration.o_proj_rms)
-    else:
-      norm = norm_scale(attn_gamma, kernel, proj["norm_scale"])
-    attn[f"{name}_proj"] = {"kernel": cast(kernel, proj["kernel"]), "norm_scale": norm}
-  attn["g_norm"] = {"scale": jnp.ones_like(sb["attn"]["g_norm"]["scale"])}
-  gate_kernel, down_kernel = tb["mlp"]["gate_proj"]["kernel"], tb["mlp"]["down_proj"]["kernel"]
-  mlp = {
-      "gate_proj": {"kernel": cast(gate_kernel, sb["mlp"]["gate_proj"]["kernel"]),
-                    "norm_scale": norm_scale(tb["mlp_norm"]["scale"], gate_kernel,
-                                             sb["mlp"]["gate_proj"]["norm_scale"])},
-      "down_proj": {"kernel": cast(down_kernel, sb["mlp"]["down_proj"]["kernel"]),
-                    "norm_scale": norm_scale(None, down_kernel,
-                                             sb["mlp"]["down_proj"]["norm_scale"],
-                                             calibration.down_proj_rms)},
-  }
+  attn = _mlgru_params(tb, sb, teacher_cfg, mapping, norm_scale, calibration.o_proj_rms)
+  mlp = _glu_params(tb, sb, norm_scale, calibration.down_proj_rms)
   ones = lambda like: jnp.ones_like(like)
   head_gain = ternary_gain(t["lm_head"]["kernel"]) if calibration.ternary else 1.0
   out = {
-      "embedding": cast(t["embedding"], s["embedding"]),
-      "blocks": {"attn_norm": {"scale": ones(sb["attn_norm"]["scale"])}, "attn": attn,
-                 "mlp_norm": {"scale": ones(sb["mlp_norm"]["scale"])}, "mlp": mlp},
-      "final_norm": {"scale": ones(s["final_norm"]["scale"])},
-      "lm_head": {"kernel": cast(t["lm_head"]["kernel"], s["lm_head"]["kernel"]),
-                  "norm_scale": cast(jnp.asarray(t["final_norm"]["scale"], jnp.float32) * head_gain,
-                                     s["lm_head"]["norm_scale"])},
+    "embedding": _cast(t["embedding"], s["embedding"]),
+    "blocks": {
+      "attn_norm": {"scale": ones(sb["attn_norm"]["scale"])},
+      "attn": attn,
+      "mlp_norm": {"scale": ones(sb["mlp_norm"]["scale"])},
+      "mlp": mlp,
+    },
+    "final_norm": {"scale": ones(s["final_norm"]["scale"])},
+    "lm_head": {
+      "kernel": _cast(t["lm_head"]["kernel"], s["lm_head"]["kernel"]),
+      "norm_scale": _cast(
+        jnp.asarray(t["final_norm"]["scale"], jnp.float32) * head_gain, s["lm_head"]["norm_scale"]
+      ),
+    },
   }
   if "lower_bounds" in s:
     out["lower_bounds"] = s["lower_bounds"]
