@@ -8,9 +8,9 @@ against what the training step consumes.
    (`bpe:32000` trained on the corpus first, untimed) on both its encode backends in the same
    run: `tokenizers` (forced with MMFREE_TOKENIZER_BACKEND=tokenizers) and tiktoken (the
    default where exact). Timed in this process pinned to one core with `RAYON_NUM_THREADS=1`
-   (one process = one core): the encode alone (`prepare.encode_chunk`, what a worker runs) and
-   the whole `prepare --num_proc 1` (load the tokenizer + read JSON + encode + write zstd
-   ArrayRecord + checksums), the backends round-robin, fastest of `ROUNDS` kept; then
+   (one process = one core): the encode alone (`prepare_encode.encode_chunk`, what a worker
+   runs) and the whole `prepare --num_proc 1` (load the tokenizer + read JSON + encode + write
+   zstd ArrayRecord + checksums), the backends round-robin, fastest of `ROUNDS` kept; then
    `--num_proc 2` unpinned, once. The two backends' shards are compared (identical sha256
    expected).
 2. Loader: `data.train_iterator` over the spm prepared folder (`data.source=array_record`),
@@ -42,8 +42,8 @@ from mmfree_jax import accounting, hardware  # pylint: disable=g-import-not-at-t
 from mmfree_jax import config as config_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import prepare as prep  # pylint: disable=g-import-not-at-top
+from mmfree_jax.data import prepare_encode, sources  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import shards as shards_lib  # pylint: disable=g-import-not-at-top
-from mmfree_jax.data import sources  # pylint: disable=g-import-not-at-top
 from mmfree_jax.data import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
 
 NAME = "bench_data"
@@ -114,7 +114,7 @@ def prepare_throughput(corpus: str, work: str, spec: str, label: str, backends: 
                                  cache_dir=os.path.join(work, "cache")) for b in backends}
   first = opts[backends[0]]
   prep.load_prepare_tokenizer(first, [corpus], work)  # trains a bpe: spec (untimed)
-  chunks = list(prep.input_chunks([corpus], first, (0, 0)))
+  chunks = list(prepare_encode.input_chunks([corpus], first, (0, 0)))
   chars = sum(len(t) for texts, _ in chunks for t in texts)
 
   def load(b):  # what every prepare process pays once: read the file, build the encoder
@@ -139,7 +139,7 @@ def prepare_throughput(corpus: str, work: str, spec: str, label: str, backends: 
     order = backends if r % 2 == 0 else backends[::-1]
     for b in order:
       count, dt = _pinned(lambda: sum(
-          len(prep.encode_chunk(toks[b], texts, dtype)[0]) for texts, _ in chunks))
+          len(prepare_encode.encode_chunk(toks[b], texts, dtype)[0]) for texts, _ in chunks))
       counts.add(count)
       encode_s[b].append(dt)
     for b in order:
@@ -304,7 +304,7 @@ def main(argv=None):
         f"{t['loader_1_worker_over_370m_step']:.0f}x (target >= {TARGET_LOADER_X:.0f}x)")
   common.write_json(args.out, NAME, args.preset, results, [
       "prepare: one process pinned to one core, RAYON_NUM_THREADS=1; encode = "
-      "prepare.encode_chunk alone; prepare = the whole command (tokenizer load, JSON read, "
+      "prepare_encode.encode_chunk alone; prepare = the whole command (tokenizer load, JSON read, "
       "encode, zstd ArrayRecord write, sha256); num_proc 2 unpinned, includes starting 2 "
       "spawned workers (each loads the tokenizer)",
       "prepare rows are per (tokenizer, encode backend): `spec [backend]`; bpe:32000 on "

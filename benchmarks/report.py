@@ -230,8 +230,8 @@ NOTES = """## Notes on reading these numbers
   of that rate, so the loop is near what a read stream reaches on this machine; the 0.7x
   target is within its noise, not met in this run.
 - **Data** (`bench_data`): `prepare` throughput is bounded by the tokenizer library's
-  single-thread encode (the `encode` column: `prepare.encode_chunk` alone, pinned to one core);
-  reading JSON, writing ArrayRecord and hashing add little. It scales with `--num_proc` on a
+  single-thread encode (the `encode` column: `prepare_encode.encode_chunk` alone, pinned to one
+  core); reading JSON, writing ArrayRecord and hashing add little. It scales with `--num_proc` on a
   machine with free cores (the 2-process column here includes starting two spawned workers on
   2 shared cores). The loader's 370M target compares with a CPU train step, which consumes
   almost nothing; the H100 line puts the same loader next to an accelerator's consumption. Look

@@ -19,6 +19,7 @@ from array_record.python import array_record_module
 from mmfree_jax import data
 from mmfree_jax.config import base_config
 from mmfree_jax.data import prepare as prep
+from mmfree_jax.data import prepare_encode
 from mmfree_jax.data import prepared as prepared_lib
 from mmfree_jax.data import shards as shards_lib
 
@@ -350,7 +351,7 @@ def test_bad_inputs_fail_before_any_tokenizing(tmp_path, monkeypatch):
   import pyarrow as pa
   import pyarrow.parquet as pq
 
-  monkeypatch.setattr(prep, "encode_chunk", lambda *a: pytest.fail("tokenized bad input"))
+  monkeypatch.setattr(prepare_encode, "encode_chunk", lambda *a: pytest.fail("tokenized bad input"))
   with pytest.raises(ValueError, match=r"glob '.*\*\.jsonl' matches no files"):
     run(tmp_path, f"{tmp_path}/*.jsonl", "jsonl")
   pq.write_table(pa.table({"content": ["x"]}), tmp_path / "p.parquet")

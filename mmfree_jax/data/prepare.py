@@ -40,25 +40,20 @@ rerunning with another value only rewrites the manifest.
 from __future__ import annotations
 
 import argparse
-import collections
 import dataclasses
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from concurrent import futures
-from typing import Iterator
-
-import numpy as np
 
 from mmfree_jax.data import cutting, formats, untrusted
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import tokenizer as tok_lib
 from mmfree_jax.data.cache import default_cache_dir
+from mmfree_jax.data.prepare_encode import input_chunks, input_texts, tokenized
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +64,13 @@ PLAN = "plan.json"
 # bytes/token (vs 2.0 raw uint16) at ~2x the read time of an uncompressed record (~130 vs
 # ~60 us under load), far below what the loader needs (bench_data); `--compression none` skips it.
 COMPRESSION = {"zstd": "group_size:1,zstd:1", "none": "group_size:1,uncompressed"}
-_CHUNK_CHARS = 1 << 20  # text per tokenize task
-_CHUNK_DOCS = 4096
 _TOKENIZER_FILES = {"hf": "tokenizer.json", "bpe": "tokenizer.json", "spm": "tokenizer.model"}
 
 
 @dataclasses.dataclass
 class PrepareOptions:
   """What `prepare` reads and writes (the CLI flags of the same names)."""
+
   inputs: str
   format: str
   tokenizer: str
@@ -97,15 +91,15 @@ class PrepareOptions:
     if self.record_tokens < 1:
       raise ValueError(f"--record_tokens={self.record_tokens} must be >= 1")
     if self.shard_tokens < self.record_tokens:
-      raise ValueError(f"--shard_tokens={self.shard_tokens} must be >= --record_tokens="
-                       f"{self.record_tokens}")
+      raise ValueError(
+        f"--shard_tokens={self.shard_tokens} must be >= --record_tokens={self.record_tokens}"
+      )
     if self.val_shards is not None and self.val_shards < 0:
       raise ValueError(f"--val_shards={self.val_shards} must be >= 0")
     if not 0.0 <= self.val_fraction < 1.0:
       raise ValueError(f"--val_fraction={self.val_fraction} must be in [0, 1)")
     if self.compression not in COMPRESSION:
-      raise ValueError(f"--compression={self.compression!r}; choose one of "
-                       f"{sorted(COMPRESSION)}")
+      raise ValueError(f"--compression={self.compression!r}; choose one of {sorted(COMPRESSION)}")
     if self.val_shards and self.val_fraction:
       raise ValueError("pass --val_shards or --val_fraction, not both")
 
@@ -131,13 +125,25 @@ def load_prepare_tokenizer(opts: PrepareOptions, paths: list[str], out: str):
   if kind == "bpe":
     source = os.path.join(out, "tokenizer.json")
     if not os.path.isfile(source):
-      corpus_id = hashlib.sha256(json.dumps(
-          ["prepare", opts.format, opts.text_field, opts.hf_split,
-           [formats.input_identity(p) for p in paths]]).encode()).hexdigest()
+      corpus_id = hashlib.sha256(
+        json.dumps(
+          [
+            "prepare",
+            opts.format,
+            opts.text_field,
+            opts.hf_split,
+            [formats.input_identity(p) for p in paths],
+          ]
+        ).encode()
+      ).hexdigest()
       source = tok_lib.bpe_cache_path(cache_dir, int(arg), corpus_id) if arg.isdigit() else ""
       if not os.path.isfile(source):  # train it once (load_tokenizer also rejects a bad spec)
-        tok_lib.load_tokenizer(spec, corpus_texts=lambda: _texts(paths, opts),
-                               corpus_id=corpus_id, cache_dir=cache_dir)
+        tok_lib.load_tokenizer(
+          spec,
+          corpus_texts=lambda: input_texts(paths, opts),
+          corpus_id=corpus_id,
+          cache_dir=cache_dir,
+        )
         source = tok_lib.bpe_cache_path(cache_dir, int(arg), corpus_id)
   else:
     source = tok_lib.tokenizer_file(spec)
@@ -160,84 +166,15 @@ def store_tokenizer(source: str | None, out: str, spec: str) -> str:
 def tokenizer_record(tok, spec: str, local_spec: str) -> dict:
   """The manifest's description of the tokenizer (training checks the fingerprint)."""
   file = os.path.basename(local_spec.partition(":")[2]) if ":" in local_spec else None
-  return {"spec": spec, "fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size,
-          "eos_id": tok.eos_id, "bos_id": tok.bos_id, "pad_id": tok.pad_id, "file": file}
-
-
-# ---------------------------------------------------------------------------- reading
-
-
-def _texts(paths, opts) -> Iterator[str]:
-  for path in paths:
-    for _, text in formats.read_units(path, opts.format, opts.text_field,
-                                      hf_split=opts.hf_split):
-      if text:
-        yield text
-
-
-def input_chunks(paths, opts, start: tuple[int, int]):
-  """Chunks of documents from input position `start`: (texts, positions [(file, unit)])."""
-  texts, where, chars = [], [], 0
-  for f in range(start[0], len(paths)):
-    first = start[1] if f == start[0] else 0
-    for unit, text in formats.read_units(paths[f], opts.format, opts.text_field, first,
-                                         hf_split=opts.hf_split):
-      if not text:
-        continue
-      texts.append(text)
-      where.append((f, unit))
-      chars += len(text)
-      if chars >= _CHUNK_CHARS or len(texts) >= _CHUNK_DOCS:
-        yield texts, where
-        texts, where, chars = [], [], 0
-  if texts:
-    yield texts, where
-
-
-_WORKER_TOKENIZER = None
-
-
-def _init_worker(spec: str, fingerprint: str, cache_dir: str) -> None:
-  global _WORKER_TOKENIZER
-  _WORKER_TOKENIZER = tok_lib.load_tokenizer(spec, cache_dir=cache_dir)
-  if _WORKER_TOKENIZER.fingerprint != fingerprint:
-    raise RuntimeError(f"worker tokenizer {spec} has fingerprint "
-                       f"{_WORKER_TOKENIZER.fingerprint}, expected {fingerprint}")
-
-
-def encode_chunk(tok, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens `[sum L]` of dtype, document lengths int64 `[D]`) of `encode_documents`."""
-  docs = tok.encode_documents(texts)
-  lengths = np.fromiter(map(len, docs), np.int64, len(docs))
-  # One array per document, then one copy: ~30% less time per token than fromiter(chain).
-  tokens = np.concatenate([np.array(d, dtype) for d in docs]) if docs else np.zeros(0, dtype)
-  return tokens, lengths
-
-
-def _encode_in_worker(texts, dtype_str):
-  return encode_chunk(_WORKER_TOKENIZER, texts, np.dtype(dtype_str))
-
-
-def _tokenized(chunks, tok, worker_spec: str, num_proc: int, dtype, cache_dir: str):
-  """(tokens, lengths, positions) per chunk, in input order; num_proc > 1 uses processes."""
-  if num_proc == 1:
-    for texts, where in chunks:
-      yield (*encode_chunk(tok, texts, dtype), where)
-    return
-  # spawn: never fork a process holding tokenizer (or jax) thread pools; one thread each.
-  os.environ.setdefault("RAYON_NUM_THREADS", "1")
-  with futures.ProcessPoolExecutor(num_proc, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker,
-                                   initargs=(worker_spec, tok.fingerprint, cache_dir)) as pool:
-    pending = collections.deque()
-    for texts, where in chunks:
-      pending.append((pool.submit(_encode_in_worker, texts, dtype.str), where))
-      if len(pending) >= 2 * num_proc:  # bounded: never read the corpus far ahead
-        result, w = pending.popleft()
-        yield (*result.result(), w)
-    while pending:
-      result, w = pending.popleft()
-      yield (*result.result(), w)
+  return {
+    "spec": spec,
+    "fingerprint": tok.fingerprint,
+    "vocab_size": tok.vocab_size,
+    "eos_id": tok.eos_id,
+    "bos_id": tok.bos_id,
+    "pad_id": tok.pad_id,
+    "file": file,
+  }
 
 
 # ---------------------------------------------------------------------------- prepare
@@ -248,15 +185,19 @@ def validation_shards(num_shards: int, val_shards: int, val_fraction: float) -> 
   (val_shards None, no val_fraction) one shard, none if the corpus made only one."""
   if val_shards is None and not val_fraction:
     if num_shards < 2:  # a single document: nothing to cut
-      log.warning("the corpus made one shard: none is held out for validation; train with "
-                  "--config.train.eval_batches=0, or add documents")
+      log.warning(
+        "the corpus made one shard: none is held out for validation; train with "
+        "--config.train.eval_batches=0, or add documents"
+      )
     return [num_shards // 2] if num_shards >= 2 else []
   n = val_shards or (max(1, round(val_fraction * num_shards)) if val_fraction else 0)
   if n and n >= num_shards:
-    raise ValueError(f"the corpus made {num_shards} shard(s): too few to hold out {n} for "
-                     "validation and train on the rest; rerun with a smaller --val_shards/"
-                     "--val_fraction (finished shards are kept, only the manifest is "
-                     "rewritten) or a smaller --shard_tokens (re-tokenizes, in a new --out)")
+    raise ValueError(
+      f"the corpus made {num_shards} shard(s): too few to hold out {n} for "
+      "validation and train on the rest; rerun with a smaller --val_shards/"
+      "--val_fraction (finished shards are kept, only the manifest is "
+      "rewritten) or a smaller --shard_tokens (re-tokenizes, in a new --out)"
+    )
   return sorted({int((i + 0.5) * num_shards / n) for i in range(n)})
 
 
@@ -264,20 +205,27 @@ def _check_out_dir(out: str) -> None:
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f"--out {out!r} is a file; pass a folder")
   if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, PLAN)):
-    raise ValueError(f"--out {out!r} is not empty and holds no {PLAN} (not a prepare output); "
-                     "pass a new or empty folder")
+    raise ValueError(
+      f"--out {out!r} is not empty and holds no {PLAN} (not a prepare output); "
+      "pass a new or empty folder"
+    )
 
 
 def _check_plan(out: str, plan: dict) -> None:
   path = os.path.join(out, PLAN)
   if os.path.isfile(path):
-    old = untrusted.load_json(path, what="the settings of the prepare in --out",
-                              fix="pass a new --out, or delete the folder to start over")
+    old = untrusted.load_json(
+      path,
+      what="the settings of the prepare in --out",
+      fix="pass a new --out, or delete the folder to start over",
+    )
     if old != plan:
       old = old if isinstance(old, dict) else {}
       keys = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-      raise ValueError(f"--out {out!r} holds a prepare with other settings (differing: {keys}); "
-                       "pass a new --out, or delete the folder to start over")
+      raise ValueError(
+        f"--out {out!r} holds a prepare with other settings (differing: {keys}); "
+        "pass a new --out, or delete the folder to start over"
+      )
   else:
     shards_lib.write_json_atomic(path, plan)
 
@@ -293,11 +241,18 @@ def prepare(opts: PrepareOptions) -> dict:
   os.makedirs(out, exist_ok=True)
   tok, tokenizer_file = load_prepare_tokenizer(opts, paths, out)
   dtype = shards_lib.token_dtype(tok.vocab_size)
-  plan = {"format": FORMAT_VERSION, "input_format": opts.format, "text_field": opts.text_field,
-          "hf_split": opts.hf_split, "inputs": [[p, formats.input_identity(p)] for p in paths],
-          "tokenizer_fingerprint": tok.fingerprint, "shard_tokens": int(opts.shard_tokens),
-          "record_tokens": int(opts.record_tokens), "dtype": dtype.str,
-          "writer_options": COMPRESSION[opts.compression]}
+  plan = {
+    "format": FORMAT_VERSION,
+    "input_format": opts.format,
+    "text_field": opts.text_field,
+    "hf_split": opts.hf_split,
+    "inputs": [[p, formats.input_identity(p)] for p in paths],
+    "tokenizer_fingerprint": tok.fingerprint,
+    "shard_tokens": int(opts.shard_tokens),
+    "record_tokens": int(opts.record_tokens),
+    "dtype": dtype.str,
+    "writer_options": COMPRESSION[opts.compression],
+  }
   _check_plan(out, plan)
   worker_spec = store_tokenizer(tokenizer_file, out, opts.tokenizer)
   plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
@@ -311,36 +266,53 @@ def prepare(opts: PrepareOptions) -> dict:
     start = tuple(shards[-1]["end"]) if shards else (0, 0)
     if shards:
       log.info("resuming after %d committed shards at input %d, unit %d", len(shards), *start)
-    stream = _tokenized(input_chunks(paths, opts, start), tok, worker_spec, opts.num_proc,
-                        dtype, opts.cache_dir or default_cache_dir())
+    stream = tokenized(
+      input_chunks(paths, opts, start),
+      tok,
+      worker_spec,
+      opts.num_proc,
+      dtype,
+      opts.cache_dir or default_cache_dir(),
+    )
     new_tokens = cutting.write_shards(
-        stream, shards, cutting.Target(out, paths, opts, plan, plan_id, tok))
+      stream, shards, cutting.Target(out, paths, opts, plan, plan_id, tok)
+    )
   if not shards:
-    raise ValueError(f"the inputs ({', '.join(paths)}) hold no documents (every "
-                     f"{opts.text_field!r} is empty?); fix --inputs/--text_field")
+    raise ValueError(
+      f"the inputs ({', '.join(paths)}) hold no documents (every "
+      f"{opts.text_field!r} is empty?); fix --inputs/--text_field"
+    )
   if new_tokens:
-    log.info("tokenized %d tokens in %.1f s (%.0f tokens/s)", new_tokens,
-             time.perf_counter() - start_time, new_tokens / (time.perf_counter() - start_time))
+    log.info(
+      "tokenized %d tokens in %.1f s (%.0f tokens/s)",
+      new_tokens,
+      time.perf_counter() - start_time,
+      new_tokens / (time.perf_counter() - start_time),
+    )
   val = validation_shards(len(shards), opts.val_shards, opts.val_fraction)
-  return write_manifest(out, tokenizer_record(tok, opts.tokenizer, worker_spec), plan, shards,
-                        val)
+  return write_manifest(out, tokenizer_record(tok, opts.tokenizer, worker_spec), plan, shards, val)
 
 
 def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], val) -> dict:
   """Writes manifest.json (atomically, last): the folder is complete from then on."""
   manifest = {
-      "format": FORMAT_VERSION,
-      "tokenizer": tokenizer,
-      "dtype": plan["dtype"], "record_tokens": plan["record_tokens"],
-      "writer_options": plan["writer_options"],
-      "inputs": {"format": plan["input_format"], "text_field": plan["text_field"],
-                 "files": [p for p, _ in plan["inputs"]]},
-      "num_documents": sum(s["documents"] for s in shards),
-      "num_tokens": sum(s["tokens"] for s in shards),
-      "shards": [{k: s[k] for k in ("path", "documents", "tokens", "records", "bytes", "sha256")}
-                 for s in shards],
-      "splits": {"train": [i for i in range(len(shards)) if i not in val],
-                 "validation": list(val)},
+    "format": FORMAT_VERSION,
+    "tokenizer": tokenizer,
+    "dtype": plan["dtype"],
+    "record_tokens": plan["record_tokens"],
+    "writer_options": plan["writer_options"],
+    "inputs": {
+      "format": plan["input_format"],
+      "text_field": plan["text_field"],
+      "files": [p for p, _ in plan["inputs"]],
+    },
+    "num_documents": sum(s["documents"] for s in shards),
+    "num_tokens": sum(s["tokens"] for s in shards),
+    "shards": [
+      {k: s[k] for k in ("path", "documents", "tokens", "records", "bytes", "sha256")}
+      for s in shards
+    ],
+    "splits": {"train": [i for i in range(len(shards)) if i not in val], "validation": list(val)},
   }
   shards_lib.write_json_atomic(os.path.join(out, MANIFEST), manifest)
   return manifest
@@ -351,35 +323,73 @@ def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], va
 
 def parse_args(argv=None) -> PrepareOptions:
   parser = argparse.ArgumentParser(
-      prog="python -m mmfree_jax.data.prepare",
-      description="Tokenize a corpus once into ArrayRecord shards for data.source=array_record.")
-  parser.add_argument("--inputs", required=True,
-                      help="comma-separated files, folders (hf_disk) or globs, in sorted order")
+    prog="python -m mmfree_jax.data.prepare",
+    description="Tokenize a corpus once into ArrayRecord shards for data.source=array_record.",
+  )
+  parser.add_argument(
+    "--inputs",
+    required=True,
+    help="comma-separated files, folders (hf_disk) or globs, in sorted order",
+  )
   parser.add_argument("--format", required=True, choices=formats.SOURCE_FORMATS)
-  parser.add_argument("--text_field", default="text",
-                      help="Parquet column / JSON field / dataset column holding the text")
-  parser.add_argument("--tokenizer", required=True,
-                      help=f"tokenizer spec, one of {', '.join(tok_lib.SPEC_FORMS)}")
+  parser.add_argument(
+    "--text_field",
+    default="text",
+    help="Parquet column / JSON field / dataset column holding the text",
+  )
+  parser.add_argument(
+    "--tokenizer", required=True, help=f"tokenizer spec, one of {', '.join(tok_lib.SPEC_FORMS)}"
+  )
   parser.add_argument("--out", required=True, help="output folder (new, or a partial run's)")
   parser.add_argument("--num_proc", type=int, default=1, help="tokenizer processes")
-  parser.add_argument("--shard_tokens", type=float, default=1e8,
-                      help="tokens per shard (a shard closes at the document reaching it)")
-  parser.add_argument("--record_tokens", type=int, default=4096,
-                      help="tokens per ArrayRecord record (random-read unit)")
-  parser.add_argument("--val_shards", type=int, default=None,
-                      help="held-out validation shards (default 1, 0 for none)")
-  parser.add_argument("--val_fraction", type=float, default=0.0,
-                      help="held-out fraction of the shards (instead of --val_shards)")
-  parser.add_argument("--hf_split", default="train",
-                      help="split of a DatasetDict folder (--format hf_disk)")
-  parser.add_argument("--compression", default="zstd", choices=sorted(COMPRESSION),
-                      help="per-record compression of the shards")
+  parser.add_argument(
+    "--shard_tokens",
+    type=float,
+    default=1e8,
+    help="tokens per shard (a shard closes at the document reaching it)",
+  )
+  parser.add_argument(
+    "--record_tokens",
+    type=int,
+    default=4096,
+    help="tokens per ArrayRecord record (random-read unit)",
+  )
+  parser.add_argument(
+    "--val_shards",
+    type=int,
+    default=None,
+    help="held-out validation shards (default 1, 0 for none)",
+  )
+  parser.add_argument(
+    "--val_fraction",
+    type=float,
+    default=0.0,
+    help="held-out fraction of the shards (instead of --val_shards)",
+  )
+  parser.add_argument(
+    "--hf_split", default="train", help="split of a DatasetDict folder (--format hf_disk)"
+  )
+  parser.add_argument(
+    "--compression",
+    default="zstd",
+    choices=sorted(COMPRESSION),
+    help="per-record compression of the shards",
+  )
   args = parser.parse_args(argv)
-  return PrepareOptions(inputs=args.inputs, format=args.format, tokenizer=args.tokenizer,
-                        out=args.out, text_field=args.text_field, num_proc=args.num_proc,
-                        shard_tokens=int(args.shard_tokens), record_tokens=args.record_tokens,
-                        val_shards=args.val_shards, val_fraction=args.val_fraction,
-                        hf_split=args.hf_split, compression=args.compression)
+  return PrepareOptions(
+    inputs=args.inputs,
+    format=args.format,
+    tokenizer=args.tokenizer,
+    out=args.out,
+    text_field=args.text_field,
+    num_proc=args.num_proc,
+    shard_tokens=int(args.shard_tokens),
+    record_tokens=args.record_tokens,
+    val_shards=args.val_shards,
+    val_fraction=args.val_fraction,
+    hf_split=args.hf_split,
+    compression=args.compression,
+  )
 
 
 def main(argv=None) -> int:
@@ -392,10 +402,12 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   splits = manifest["splits"]
-  print(f"{opts.out}: {len(manifest['shards'])} shards ({len(splits['validation'])} "
-        f"validation), {manifest['num_documents']:,} documents, {manifest['num_tokens']:,} "
-        f"tokens ({manifest['dtype']}), tokenizer {manifest['tokenizer']['spec']}; "
-        f"{time.perf_counter() - t:.1f} s")
+  print(
+    f"{opts.out}: {len(manifest['shards'])} shards ({len(splits['validation'])} "
+    f"validation), {manifest['num_documents']:,} documents, {manifest['num_tokens']:,} "
+    f"tokens ({manifest['dtype']}), tokenizer {manifest['tokenizer']['spec']}; "
+    f"{time.perf_counter() - t:.1f} s"
+  )
   return 0
 
 
