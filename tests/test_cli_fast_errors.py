@@ -61,3 +61,46 @@ def test_user_error_is_one_line_before_jax(tmp_path, script, args, expected):
   assert lines[0].startswith(f"{script}: error: ") and expected in lines[0], lines[0]
   assert "JAX_IMPORTED=False" in proc.stdout, (proc.stdout, proc.stderr)
   assert not workdir.exists(), "a failed start created the workdir"
+
+
+@pytest.mark.subprocess
+def test_failed_setup_leaves_no_folder_and_no_traceback(tmp_path):
+  """An error found inside `trainer.setup` (after the workdir, its lock and the checkpointer
+  were made: here the tokenizer does not fit the model's vocab) is one line on every try, with
+  no orbax shutdown traceback after it, and leaves neither `checkpoints/` nor the workdir."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env["PYTHONPATH"] = REPO
+  workdir = tmp_path / "wd"
+  args = [
+    f"--workdir={workdir}",
+    "--config.data.tokenizer=byte",
+    "--config.model.vocab_size=64",
+    "--config.train.steps=2",
+  ]
+  for _ in range(3):
+    proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "train.py"), *args],
+      capture_output=True,
+      text=True,
+      cwd=tmp_path,
+      env=env,
+      timeout=300,
+      check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and "model.vocab_size=64" in errors[0], proc.stderr
+    assert not workdir.exists(), sorted(str(p) for p in workdir.rglob("*"))
+  (workdir / "checkpoints").mkdir(parents=True)  # an existing (empty) workdir stays
+  proc = subprocess.run(
+    [sys.executable, os.path.join(REPO, "train.py"), *args],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=env,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+  assert sorted(p.name for p in workdir.iterdir()) == ["checkpoints"]

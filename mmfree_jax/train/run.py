@@ -348,6 +348,7 @@ def setup(
   model_cfg = _validate(cfg)
   layout = Layout.from_config(cfg, model_cfg)
   checks.check_batch_layout(cfg.train, layout.mesh)
+  created = [d for d in (workdir, ckpt_lib.checkpoint_dir(workdir)) if not os.path.exists(d)]
   checks.check_workdir_writable(workdir)
   is_main = jax.process_index() == 0
   lock = WorkdirLock(workdir).acquire() if is_main else None
@@ -400,5 +401,18 @@ def setup(
     run.banner = _banner_lines(cfg, model_cfg, layout, workdir, resume, distiller, compiled)
     return run
   except BaseException:
-    _close_opened(checkpointer, writer, lock)
+    try:
+      _close_opened(checkpointer, writer, lock)
+    finally:
+      _remove_if_empty(created)
     raise
+
+
+def _remove_if_empty(folders: list[str]) -> None:
+  """A failed start leaves none of the `folders` it created (innermost last) empty behind; a
+  folder with anything in it stays."""
+  for folder in reversed(folders):
+    try:
+      os.rmdir(folder)
+    except OSError:
+      pass
