@@ -504,36 +504,42 @@ def main(argv=None) -> int:
   parser.add_argument("--dry_run", action="store_true", help="print what would compile")
   parser.add_argument("--refresh", action="store_true",
                       help="recompile the selected searches (ignore cached points)")
-  parser.add_argument("--table", action="store_true", help="only print the cached table")
+  parser.add_argument("--table", action="store_true",
+                      help="only print the cached table (writes nothing)")
   args = parser.parse_args(argv)
+  cache = Cache(args.results, _code_version(), refresh=args.refresh)
+  if args.table:  # reading: the cached points as they are, nothing written
+    print_table(summarize(cache))
+    return 0
   try:
     import libtpu  # noqa: F401  (jax[tpu] brings it)
   except ImportError:
     print("aot_tpu needs libtpu to compile for TPU: pip install 'jax[tpu]==<your jax>'",
           file=sys.stderr)
     return 2
-  cache = Cache(args.results, _code_version(), refresh=args.refresh)
-  if not args.table:
-    filters = [f.split("/") for f in args.only.split(",") if f] or [["*", "*", "*"]]
+  filters = [f.split("/") for f in args.only.split(",") if f] or [["*", "*", "*"]]
 
-    def wanted(k, s, c):
-      return any(all(p in ("*", v) for p, v in zip(flt + ["*"] * 3, (k, s, c)))
-                 for flt in filters)
+  def wanted(k, s, c):
+    return any(all(p in ("*", v) for p, v in zip(flt + ["*"] * 3, (k, s, c)))
+               for flt in filters)
 
-    todo = [(k, s, c) for k in KINDS for s in SIZES for c in CHIPS if wanted(k, s, c)]
+  todo = [(k, s, c) for k in KINDS for s in SIZES for c in CHIPS if wanted(k, s, c)]
 
-    def one(item):
-      kind, size, chip_name = item
-      result = search(kind, size, chip_name, cache, jobs_timeout=args.timeout_s,
-                      dry_run=args.dry_run, log=lambda m: print(f"[{kind}/{size}/{chip_name}] "
-                                                                f"{m}", flush=True))
-      if not args.dry_run:
-        save_search(cache, kind, size, chip_name, result)
-      return result
+  def one(item):
+    kind, size, chip_name = item
+    result = search(kind, size, chip_name, cache, jobs_timeout=args.timeout_s,
+                    dry_run=args.dry_run, log=lambda m: print(f"[{kind}/{size}/{chip_name}] "
+                                                              f"{m}", flush=True))
+    if not args.dry_run:
+      save_search(cache, kind, size, chip_name, result)
+    return result
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-      list(pool.map(one, todo))
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    list(pool.map(one, todo))
   rows = summarize(cache)
+  if args.dry_run:  # compiled nothing: the file stays as it is
+    print_table(rows)
+    return 0
   cache.save({"rows": rows, "global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN,
               "chips": {k: dict(dataclasses.asdict(v.chip), slice_name=v.slice_name,
                                 topology=v.topology, chips=v.chips)

@@ -1,7 +1,10 @@
-"""Runs every benchmark (each in its own process) and rebuilds `benchmarks/RESULTS.md`.
+"""Runs every benchmark (each in its own process) and builds a RESULTS.md from their results.
 
     python -m benchmarks.run_all [--preset toy|cpu|accel] [--only bench_train,bench_memory]
-                                 [--results_dir DIR] [--markdown PATH]
+                                 [--results_dir DIR | --commit_results] [--markdown PATH]
+
+The results go to a new temporary folder unless `--results_dir` names one; only
+`--commit_results` rewrites the committed `benchmarks/results/*.json` and `benchmarks/RESULTS.md`.
 
 The default preset `cpu` keeps each script under ~3 minutes on 2 CPU cores; `accel` uses
 shapes for a GPU/TPU. A benchmark that fails is reported and the others still run; the exit
@@ -15,6 +18,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from benchmarks import common, report
@@ -37,7 +41,16 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="python -m benchmarks.run_all", description=__doc__)
   parser.add_argument("--preset", choices=common.PRESETS, default="cpu")
   parser.add_argument("--only", default="", help="comma-separated benchmark names")
-  parser.add_argument("--results_dir", default=common.RESULTS_DIR)
+  parser.add_argument(
+    "--results_dir",
+    default=None,
+    help="where the JSON files go (default: a new temporary folder; see --commit_results)",
+  )
+  parser.add_argument(
+    "--commit_results",
+    action="store_true",
+    help="write the committed benchmarks/results/*.json and benchmarks/RESULTS.md",
+  )
   parser.add_argument(
     "--in_process",
     action="store_true",
@@ -55,15 +68,20 @@ def main(argv=None) -> int:
   unknown = sorted(set(names) - set(BENCHMARKS))
   if unknown:
     parser.error(f"unknown benchmarks {unknown}; choose from {BENCHMARKS}")
+  if args.commit_results and args.results_dir:
+    parser.error("--commit_results writes benchmarks/results; pass it or --results_dir, not both")
+  results_dir = common.RESULTS_DIR if args.commit_results else args.results_dir
+  if results_dir is None:
+    results_dir = os.path.join(tempfile.mkdtemp(prefix="mmfree_bench_"), "results")
   markdown = args.markdown or os.path.join(
-    os.path.dirname(os.path.abspath(args.results_dir)), "RESULTS.md"
+    os.path.dirname(os.path.abspath(results_dir)), "RESULTS.md"
   )
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
   failed = []
   for name in names:
-    out = os.path.join(args.results_dir, f"{name}.json")
+    out = os.path.join(results_dir, f"{name}.json")
     print(f"== {name} ({args.preset})", flush=True)
     t = time.perf_counter()
     bench_args = ["--preset", args.preset, "--out", out]
@@ -82,7 +100,10 @@ def main(argv=None) -> int:
     print(f"== {name}: {'ok' if ok else 'FAILED'} in {time.perf_counter() - t:.0f} s", flush=True)
     if not ok:
       failed.append(name)
-  report.write(args.results_dir, markdown)
+  os.makedirs(results_dir, exist_ok=True)
+  report.write(results_dir, markdown)
+  if not args.commit_results and not args.markdown:
+    print(f"results in {results_dir}; --commit_results updates benchmarks/RESULTS.md")
   if failed:
     print(f"failed: {failed}", file=sys.stderr)
     return 1
