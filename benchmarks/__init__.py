@@ -1,1 +1,2 @@
-"""Benchmarks for mmfree_jax; `python -m benchmarks.run_all` regenerates results/ and RESULTS.md."""
+"""Benchmarks for mmfree_jax; `python -m benchmarks.run_all --commit_results` regenerates
+results/ and RESULTS.md."""

@@ -17,7 +17,7 @@ import os
 
 from benchmarks import common
 
-COMMAND = "python -m benchmarks.run_all"
+COMMAND = "python -m benchmarks.run_all --commit_results"
 # Section order of RESULTS.md, and the order of their rows in the targets table.
 SECTIONS = (
   "bench_peak",
