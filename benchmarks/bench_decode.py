@@ -47,8 +47,11 @@ from mmfree_jax.nn import packed as packed_model
 
 NAME = "bench_decode"
 
-CONTEXTS = {"toy": [64, 256], "cpu": [1024, 2048, 4096, 8192, 16384, 32768],
-            "accel": [1024, 4096, 16384, 32768, 131072]}
+CONTEXTS = {
+  "toy": [64, 256],
+  "cpu": [1024, 2048, 4096, 8192, 16384, 32768],
+  "accel": [1024, 4096, 16384, 32768, 131072],
+}
 SHAPE = {"toy": (64, 2, 256), "cpu": (256, 4, 4096), "accel": (1024, 24, 32000)}
 STEPS = {"toy": 4, "cpu": 16, "accel": 64}
 ROUNDS = {"toy": 2, "cpu": 3, "accel": 5}
@@ -80,6 +83,7 @@ def model_decode_loop(model, steps: int, *, freeze: bool = False, donate_state: 
       logits, state = mmfree_jax.decode(nnx.merge(step_graphdef, params), tokens, state)
       tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
       return tokens, state, params
+
     tokens, state, _ = jax.lax.fori_loop(0, steps, body, (tokens, state, step_params))
     return tokens, state
 
@@ -89,9 +93,12 @@ def model_decode_loop(model, steps: int, *, freeze: bool = False, donate_state: 
 def cache_moves(hlo_text: str, max_len: int) -> list[str]:
   """The copy and transpose instructions of an optimized HLO whose result has a `max_len`
   axis: what a decode step spends moving (rather than reading) its KV cache."""
-  return [line.strip() for line in hlo_text.splitlines()
-          if re.search(r"= \S+ (copy|transpose)\(", line)
-          and re.search(rf"[\[,]{max_len}[\],]", line.split("(")[0])]
+  return [
+    line.strip()
+    for line in hlo_text.splitlines()
+    if re.search(r"= \S+ (copy|transpose)\(", line)
+    and re.search(rf"[\[,]{max_len}[\],]", line.split("(")[0])
+  ]
 
 
 def carried(compiled, params, tokens, state, context: int):
@@ -118,10 +125,64 @@ def packed_decode_loop(spec, steps: int):
       logits, state = step(params, tokens, state)
       tokens = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)[:, None]
       return tokens, state, params
+
     tokens, state, _ = jax.lax.fori_loop(0, steps, body, (tokens, state, params))
     return tokens, state
 
   return loop
+
+
+def _context_rows(
+  times: dict,
+  mems: dict,
+  context: int,
+  batch: int,
+  steps: int,
+  tf_bound: float,
+  mm_bound: float,
+  cache_moves_in_hlo: int,
+) -> list[dict]:
+  """One result row per variant at one context (printed as it is made).
+
+  times: `common.interleaved_times` by variant; mems: (memory stats, state bytes) by variant;
+  tf_bound / mm_bound: the Transformer++'s / latent MatMul-free step's bandwidth-bound
+  tokens/s.
+  """
+  rows = []
+  tf_tok_s = batch * steps / times["transformer"]["median_s"]
+  for name, t in times.items():
+    tok_s = batch * steps / t["median_s"]
+    mem, state_bytes = mems[name]
+    rows.append(
+      {
+        "variant": name,
+        "context": context,
+        "batch": batch,
+        "steps": steps,
+        "tokens_per_s": tok_s,
+        "ms_per_token": 1e3 * t["median_s"] / steps,
+        "state_bytes": state_bytes,
+        "peak_bytes": mem.get("peak_bytes"),
+        "temp_bytes": mem.get("temp_bytes"),
+        "speedup_vs_transformer": tok_s / tf_tok_s,
+        "transformer_bandwidth_bound_tokens_per_s": tf_bound,
+        "speedup_vs_transformer_bound": tok_s / tf_bound,
+        **(
+          {"own_bound_tokens_per_s": mm_bound, "fraction_of_own_bound": tok_s / mm_bound}
+          if name == "mmfree"
+          else {}
+        ),
+        **({"cache_moves_in_hlo": cache_moves_in_hlo} if name == "transformer" else {}),
+      }
+    )
+    print(
+      f"ctx={context:6d} {name:16s} {tok_s:9.1f} tok/s  state "
+      f"{common.fmt_bytes(state_bytes):>10s}  peak "
+      f"{common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
+      f"  x{tok_s / tf_tok_s:.2f}",
+      flush=True,
+    )
+  return rows
 
 
 def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
@@ -155,64 +216,64 @@ def run(preset: str, batch: int = 1, contexts: list[int] | None = None) -> dict:
     tf_compiled = tf_loop.lower(tf_params, tokens, tf_state).compile()
     tf_moves = cache_moves(tf_compiled.as_text(), context + steps)
     state_bytes = _tree_bytes(tf_state)
-    fns = {"mmfree": functools.partial(mm_compiled, mm_params, tokens, mm_state),
-           "mmfree_exported": functools.partial(ex_compiled, ex_params, tokens, ex_state),
-           "mmfree_packed": functools.partial(pk_compiled, pk_params, tokens, ex_state),
-           "transformer": carried(tf_compiled, tf_params, tokens, tf_state, context)}
-    mems = {"mmfree": (common.memory_stats(mm_compiled), _tree_bytes(mm_state)),
-            "mmfree_exported": (common.memory_stats(ex_compiled), _tree_bytes(ex_state)),
-            "mmfree_packed": (common.memory_stats(pk_compiled), _tree_bytes(ex_state)),
-            "transformer": (common.memory_stats(tf_compiled), state_bytes)}
+    fns = {
+      "mmfree": functools.partial(mm_compiled, mm_params, tokens, mm_state),
+      "mmfree_exported": functools.partial(ex_compiled, ex_params, tokens, ex_state),
+      "mmfree_packed": functools.partial(pk_compiled, pk_params, tokens, ex_state),
+      "transformer": carried(tf_compiled, tf_params, tokens, tf_state, context),
+    }
+    mems = {
+      "mmfree": (common.memory_stats(mm_compiled), _tree_bytes(mm_state)),
+      "mmfree_exported": (common.memory_stats(ex_compiled), _tree_bytes(ex_state)),
+      "mmfree_packed": (common.memory_stats(pk_compiled), _tree_bytes(ex_state)),
+      "transformer": (common.memory_stats(tf_compiled), state_bytes),
+    }
     times = common.interleaved_times({**fns, "_copy": copy}, ROUNDS[preset], warmup=1)
     bw = {"gb_per_s": copy_bytes / times.pop("_copy")["median_s"] / 1e9}  # same rounds
     bws.append(bw["gb_per_s"])
-    tf_tok_s = batch * steps / times["transformer"]["median_s"]
     # What an ideal KV-cache decode could reach: every step reads the weights and the cache
     # filled so far (bytes at the measured copy bandwidth), nothing else.
     kv_bytes = state_bytes * context / (context + steps)
     tf_bound = bw["gb_per_s"] * 1e9 / (tf_weight_bytes + kv_bytes)
     # The latent MatMul-free step's own ideal: read its latent weights and state once.
     mm_bound = bw["gb_per_s"] * 1e9 / (mm_weight_bytes + _tree_bytes(mm_state))
-    for name, t in times.items():
-      tok_s = batch * steps / t["median_s"]
-      mem, state_bytes = mems[name]
-      rows.append({"variant": name, "context": context, "batch": batch, "steps": steps,
-                   "tokens_per_s": tok_s, "ms_per_token": 1e3 * t["median_s"] / steps,
-                   "state_bytes": state_bytes, "peak_bytes": mem.get("peak_bytes"),
-                   "temp_bytes": mem.get("temp_bytes"),
-                   "speedup_vs_transformer": tok_s / tf_tok_s,
-                   "transformer_bandwidth_bound_tokens_per_s": tf_bound,
-                   "speedup_vs_transformer_bound": tok_s / tf_bound,
-                   **({"own_bound_tokens_per_s": mm_bound, "fraction_of_own_bound":
-                       tok_s / mm_bound} if name == "mmfree" else {}),
-                   **({"cache_moves_in_hlo": len(tf_moves)} if name == "transformer" else {})})
-      print(f"ctx={context:6d} {name:16s} {tok_s:9.1f} tok/s  state "
-            f"{common.fmt_bytes(state_bytes):>10s}  peak "
-            f"{common.fmt_bytes(mem.get('peak_bytes', 0)):>10s}"
-            f"  x{tok_s / tf_tok_s:.2f}", flush=True)
+    rows += _context_rows(times, mems, context, batch, steps, tf_bound, mm_bound, len(tf_moves))
     del tf_state, tf_compiled, fns
-  return {"d_model": d, "num_layers": num_layers, "vocab": vocab, "rows": rows,
-          "copy_gb_per_s": float(np.median(bws))}
+  return {
+    "d_model": d,
+    "num_layers": num_layers,
+    "vocab": vocab,
+    "rows": rows,
+    "copy_gb_per_s": float(np.median(bws)),
+  }
 
 
 def main(argv=None):
   def extra(p):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--contexts", default="", help="comma-separated (default: the preset's)")
+
   args = common.parse_args(NAME, __doc__, extra, argv)
   contexts = [int(c) for c in args.contexts.split(",") if c]
   results = run(args.preset, args.batch, contexts or None)
-  common.write_json(args.out, NAME, args.preset, results,
-                    ["jitted fori_loop of greedy decode steps; params through an optimization "
-                     "barrier per step (no hoisting of per-token weight work)",
-                     "Transformer++ cache sized context+steps with index=context (no prefill); "
-                     "weights frozen once per loop (per-layer blocks) and the cache donated and "
-                     "carried between calls, as in generate; cache_moves_in_hlo = copies and "
-                     "transposes of cache-sized arrays in its optimized HLO",
-                     "peak = XLA compiled memory of the decode loop (params + state + temps)",
-                     "transformer bound = copy GB/s (timed in the same rounds) / (weight bytes "
-                     "+ filled KV bytes): an ideal KV-cache step; speedup_vs_transformer_bound "
-                     "compares against it"])
+  common.write_json(
+    args.out,
+    NAME,
+    args.preset,
+    results,
+    [
+      "jitted fori_loop of greedy decode steps; params through an optimization "
+      "barrier per step (no hoisting of per-token weight work)",
+      "Transformer++ cache sized context+steps with index=context (no prefill); "
+      "weights frozen once per loop (per-layer blocks) and the cache donated and "
+      "carried between calls, as in generate; cache_moves_in_hlo = copies and "
+      "transposes of cache-sized arrays in its optimized HLO",
+      "peak = XLA compiled memory of the decode loop (params + state + temps)",
+      "transformer bound = copy GB/s (timed in the same rounds) / (weight bytes "
+      "+ filled KV bytes): an ideal KV-cache step; speedup_vs_transformer_bound "
+      "compares against it",
+    ],
+  )
 
 
 def targets(dec: dict, res: dict) -> list[list]:
@@ -224,54 +285,96 @@ def targets(dec: dict, res: dict) -> list[list]:
       continue
     peaks = [r["peak_bytes"] for r in at]
     flat = max(peaks) == min(peaks) and len({r["state_bytes"] for r in at}) == 1
-    rows.append([f"decode memory flat in context ({variant}, {at[0]['context']}.."
-                 f"{at[-1]['context']})",
-                 f"state {common.fmt_bytes(at[0]['state_bytes'])}, peak "
-                 f"{common.fmt_bytes(min(peaks))}..{common.fmt_bytes(max(peaks))}",
-                 common.yes(flat)])
+    rows.append(
+      [
+        f"decode memory flat in context ({variant}, {at[0]['context']}..{at[-1]['context']})",
+        f"state {common.fmt_bytes(at[0]['state_bytes'])}, peak "
+        f"{common.fmt_bytes(min(peaks))}..{common.fmt_bytes(max(peaks))}",
+        common.yes(flat),
+      ]
+    )
     ctx16 = [r for r in at if r["context"] == 16384]
     if ctx16:
       s = ctx16[0]["speedup_vs_transformer"]
       b = ctx16[0]["speedup_vs_transformer_bound"]
-      rows.append([f"decode >= 5x Transformer++ tokens/s at 16k context ({variant})",
-                   f"{s:.1f}x measured ({b:.1f}x an ideal bandwidth-bound KV-cache decode)",
-                   common.yes(s >= 5)])
+      rows.append(
+        [
+          f"decode >= 5x Transformer++ tokens/s at 16k context ({variant})",
+          f"{s:.1f}x measured ({b:.1f}x an ideal bandwidth-bound KV-cache decode)",
+          common.yes(s >= 5),
+        ]
+      )
   own = [r for r in dec["rows"] if "fraction_of_own_bound" in r]
   if own:
     low = min(r["fraction_of_own_bound"] for r in own)
-    rows.append(["MatMul-free latent-model decode >= 0.7x its own bandwidth bound at every "
-                 "context (weights quantized once, as generate runs it)",
-                 f"{low:.2f}x..{max(r['fraction_of_own_bound'] for r in own):.2f}x "
-                 f"({own[0]['context']}..{own[-1]['context']})", common.yes(low >= 0.7)])
+    rows.append(
+      [
+        "MatMul-free latent-model decode >= 0.7x its own bandwidth bound at every "
+        "context (weights quantized once, as generate runs it)",
+        f"{low:.2f}x..{max(r['fraction_of_own_bound'] for r in own):.2f}x "
+        f"({own[0]['context']}..{own[-1]['context']})",
+        common.yes(low >= 0.7),
+      ]
+    )
   tf16 = [r for r in dec["rows"] if r["variant"] == "transformer" and r["context"] == 16384]
   if tf16:
     b = tf16[0]["speedup_vs_transformer_bound"]
     moves = tf16[0].get("cache_moves_in_hlo")
-    rows.append(["Transformer++ decode at 16k context >= 0.7x its ideal bandwidth bound",
-                 f"{b:.2f}x" + ("" if moves is None else
-                                f" ({moves} cache copies/transposes in its optimized HLO)"),
-                 common.yes(b >= 0.7)])
+    rows.append(
+      [
+        "Transformer++ decode at 16k context >= 0.7x its ideal bandwidth bound",
+        f"{b:.2f}x"
+        + ("" if moves is None else f" ({moves} cache copies/transposes in its optimized HLO)"),
+        common.yes(b >= 0.7),
+      ]
+    )
   return rows
 
 
 def markdown(d: dict, res: dict) -> str:
   """The RESULTS.md section of these results (`benchmarks.report`)."""
-  rows = [[x["context"], x["variant"], x["tokens_per_s"], x["ms_per_token"],
-           common.fmt_bytes(x["state_bytes"]), common.fmt_bytes(x["peak_bytes"] or 0),
-           f"{x['speedup_vs_transformer']:.2f}x",
-           f"{x['speedup_vs_transformer_bound']:.2f}x"] for x in d["rows"]]
-  footer = (f"ideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
-            "(Transformer++ weight bytes + filled cache bytes) per token")
+  rows = [
+    [
+      x["context"],
+      x["variant"],
+      x["tokens_per_s"],
+      x["ms_per_token"],
+      common.fmt_bytes(x["state_bytes"]),
+      common.fmt_bytes(x["peak_bytes"] or 0),
+      f"{x['speedup_vs_transformer']:.2f}x",
+      f"{x['speedup_vs_transformer_bound']:.2f}x",
+    ]
+    for x in d["rows"]
+  ]
+  footer = (
+    f"ideal KV-cache bound: copy bandwidth {d['copy_gb_per_s']:.1f} GB/s / "
+    "(Transformer++ weight bytes + filled cache bytes) per token"
+  )
   moves = [x["cache_moves_in_hlo"] for x in d["rows"] if "cache_moves_in_hlo" in x]
   if moves:
-    footer += ("; copies/transposes of a cache-sized array in the optimized HLO of the "
-               f"Transformer++ decode loop, per context: {', '.join(map(str, moves))}")
-  return (f"## 6. Decode vs context (`bench_decode`, d={d['d_model']}, L={d['num_layers']}, "
-          f"vocab {d['vocab']}, batch {d['rows'][0]['batch']})\n\n"
-          + common.md_table(["context", "variant", "tokens/s", "ms/token", "state",
-                             "compiled peak", "vs Transformer++ (measured)",
-                             "vs ideal KV-cache bound"], rows)
-          + "\n\n" + footer)
+    footer += (
+      "; copies/transposes of a cache-sized array in the optimized HLO of the "
+      f"Transformer++ decode loop, per context: {', '.join(map(str, moves))}"
+    )
+  return (
+    f"## 6. Decode vs context (`bench_decode`, d={d['d_model']}, L={d['num_layers']}, "
+    f"vocab {d['vocab']}, batch {d['rows'][0]['batch']})\n\n"
+    + common.md_table(
+      [
+        "context",
+        "variant",
+        "tokens/s",
+        "ms/token",
+        "state",
+        "compiled peak",
+        "vs Transformer++ (measured)",
+        "vs ideal KV-cache bound",
+      ],
+      rows,
+    )
+    + "\n\n"
+    + footer
+  )
 
 
 if __name__ == "__main__":
