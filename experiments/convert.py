@@ -59,24 +59,50 @@ if REPO_ROOT not in sys.path:
 RESULTS_FILE = "convert_results.json"
 PLOT_FILE = "convert.png"
 VARIANTS = ("teacher", "converted", "scratch_full", "scratch_frac")
-LABELS = {"teacher": "(a) Transformer++ teacher, T tokens",
-          "converted": "(b) converted MatMul-free, fraction x T",
-          "scratch_full": "(c) MatMul-free from scratch, T tokens",
-          "scratch_frac": "(d) MatMul-free from scratch, fraction x T"}
+LABELS = {
+  "teacher": "(a) Transformer++ teacher, T tokens",
+  "converted": "(b) converted MatMul-free, fraction x T",
+  "scratch_full": "(c) MatMul-free from scratch, T tokens",
+  "scratch_frac": "(d) MatMul-free from scratch, fraction x T",
+}
 
 # The (b) and (d) values are the ones the committed study's seed-0 tuning picked (its JSON has
 # every tuning run): (b) the calibrated init 'all_norm', LR 3e-3, alpha 0.8, T 1, stage 1 a
 # tenth, no ramp, mapping V/K/Q -> i/f/g; (d) 1e-2.
-DEFAULTS = dict(d_model=128, num_layers=2, head_dim=32, tokenizer="bpe:4096", seq_len=128,
-                batch=16, teacher_steps=500, fraction=0.1, seeds="0,1,2", full_seeds="0",
-                lr_teacher=3e-3, lr_full="3e-3,1e-2", lr_scratch="3e-3,1e-2,3e-2",
-                lr_student="3e-3", warmup_fraction=0.1,
-                stage1_fraction="0.1", alpha="0.8", temperature="1.0",
-                quant_ramp_fraction="0.0", calibrate="all_norm", mapping="vkq",
-                eval_batches=8)
+DEFAULTS = dict(
+  d_model=128,
+  num_layers=2,
+  head_dim=32,
+  tokenizer="bpe:4096",
+  seq_len=128,
+  batch=16,
+  teacher_steps=500,
+  fraction=0.1,
+  seeds="0,1,2",
+  full_seeds="0",
+  lr_teacher=3e-3,
+  lr_full="3e-3,1e-2",
+  lr_scratch="3e-3,1e-2,3e-2",
+  lr_student="3e-3",
+  warmup_fraction=0.1,
+  stage1_fraction="0.1",
+  alpha="0.8",
+  temperature="1.0",
+  quant_ramp_fraction="0.0",
+  calibrate="all_norm",
+  mapping="vkq",
+  eval_batches=8,
+)
 # The (b) hyperparameters tuned as a product of lists (each a comma-separated flag).
-STUDENT_HP = ("lr_student", "alpha", "temperature", "stage1_fraction", "quant_ramp_fraction",
-              "calibrate", "mapping")
+STUDENT_HP = (
+  "lr_student",
+  "alpha",
+  "temperature",
+  "stage1_fraction",
+  "quant_ramp_fraction",
+  "calibrate",
+  "mapping",
+)
 STRING_HP = ("calibrate", "mapping")
 # --calibrate: distill.calibrate, the student's init scales (mmfree_jax.convert.calibrate.
 # CALIBRATIONS) folded into its BitLinear norm_scales: 'ternary' the ternary gain of each
@@ -86,40 +112,78 @@ STRING_HP = ("calibrate", "mapping")
 # blocks (the head's stays least-squares), 'none' the plain copy.
 # --mapping: distill.mapping, the teacher projections (v, k, q) copied into the MLGRU's i, f, g,
 # in order (mmfree_jax.convert.init_student_params(mapping=); 'vkq' = V -> i, K -> f, Q -> g).
-TOY = dict(d_model=32, num_layers=1, head_dim=16, tokenizer="byte", seq_len=32, batch=8,
-           teacher_steps=10, seeds="0", full_seeds="0", eval_batches=1, lr_scratch="1e-2",
-           lr_full="3e-3")
+TOY = dict(
+  d_model=32,
+  num_layers=1,
+  head_dim=16,
+  tokenizer="byte",
+  seq_len=32,
+  batch=8,
+  teacher_steps=10,
+  seeds="0",
+  full_seeds="0",
+  eval_batches=1,
+  lr_scratch="1e-2",
+  lr_full="3e-3",
+)
 
 
 def model_vocab_size(tokenizer_vocab: int) -> int:
   return 64 * math.ceil(tokenizer_vocab / 64)
 
 
-def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: int,
-                teacher: str = "", hp: dict | None = None):
+def make_config(
+  args,
+  kind: str,
+  steps: int,
+  lr: float,
+  seed: int,
+  vocab_size: int,
+  teacher: str = "",
+  hp: dict | None = None,
+):
   """One run's full config; only kind, steps, lr, seed and the distill section (its knobs
   from `hp`, keys of STUDENT_HP) vary."""
   hp = dict(hp or {})
   from mmfree_jax.config import base_config
+
   cfg = base_config()
-  cfg.model.update(kind=kind, vocab_size=vocab_size, d_model=args.d_model,
-                   num_layers=args.num_layers, num_heads=args.d_model // args.head_dim,
-                   scan_type="sequential", dtype="float32")
-  cfg.data.update(source="builtin_kjv", tokenizer=args.tokenizer, seq_len=args.seq_len,
-                  seed=seed)
-  cfg.train.update(steps=steps, global_batch=args.batch, seed=seed,
-                   log_every=max(1, steps // 20), eval_every=steps,
-                   eval_batches=args.eval_batches, checkpoint_every=10**9, keep_checkpoints=1,
-                   sample_tokens=0)
-  cfg.optim.update(lr=lr, schedule="cosine",
-                   warmup_steps=max(1, int(round(args.warmup_fraction * steps))))
+  cfg.model.update(
+    kind=kind,
+    vocab_size=vocab_size,
+    d_model=args.d_model,
+    num_layers=args.num_layers,
+    num_heads=args.d_model // args.head_dim,
+    scan_type="sequential",
+    dtype="float32",
+  )
+  cfg.data.update(source="builtin_kjv", tokenizer=args.tokenizer, seq_len=args.seq_len, seed=seed)
+  cfg.train.update(
+    steps=steps,
+    global_batch=args.batch,
+    seed=seed,
+    log_every=max(1, steps // 20),
+    eval_every=steps,
+    eval_batches=args.eval_batches,
+    checkpoint_every=10**9,
+    keep_checkpoints=1,
+    sample_tokens=0,
+  )
+  cfg.optim.update(
+    lr=lr, schedule="cosine", warmup_steps=max(1, int(round(args.warmup_fraction * steps)))
+  )
   if teacher:
     ramp = int(round(hp["quant_ramp_fraction"] * steps))
-    cfg.distill.update(teacher=teacher, init="teacher",
-                       stage1_steps=int(round(hp["stage1_fraction"] * steps)),
-                       temperature=hp["temperature"], alpha=hp["alpha"],
-                       quant_ramp_steps=ramp, calibrate=hp["calibrate"],
-                       mapping=hp["mapping"])
+    cfg.distill.update(
+      teacher=teacher,
+      init="teacher",
+      stage1_steps=int(round(hp["stage1_fraction"] * steps)),
+      temperature=hp["temperature"],
+      alpha=hp["alpha"],
+      quant_ramp_steps=ramp,
+      calibrate=hp["calibrate"],
+      mapping=hp["mapping"],
+    )
     if ramp:  # the ramp blends x + s (q(x) - x) inside the autodiff BitLinear only
       cfg.model.bitlinear_impl = "autodiff"
   cfg.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
@@ -127,8 +191,17 @@ def make_config(args, kind: str, steps: int, lr: float, seed: int, vocab_size: i
   return cfg
 
 
-def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: int,
-            workdir: str, teacher: str = "", hp: dict | None = None) -> dict:
+def run_one(
+  args,
+  variant: str,
+  seed: int,
+  steps: int,
+  lr: float,
+  vocab_size: int,
+  workdir: str,
+  teacher: str = "",
+  hp: dict | None = None,
+) -> dict:
   import numpy as np
 
   from mmfree_jax.nn.model import count_params
@@ -142,19 +215,27 @@ def run_one(args, variant: str, seed: int, steps: int, lr: float, vocab_size: in
   if not result.eval_history:
     raise RuntimeError(f"{variant} seed {seed}: no validation loss was computed")
   tokens_per_step = args.batch * args.seq_len
-  curve = [(int(r["step"]) * tokens_per_step, float(r["loss"]), int(r.get("stage", 0)))
-           for r in result.history]
+  curve = [
+    (int(r["step"]) * tokens_per_step, float(r["loss"]), int(r.get("stage", 0)))
+    for r in result.history
+  ]
   val = result.eval_history[-1]
   return {
-      "variant": variant, "kind": kind, "seed": seed, "steps": steps,
-      "tokens": steps * tokens_per_step, "peak_lr": lr, "params": count_params(result.model),
-      "val_loss": float(val["loss"]), "val_tokens": float(val["tokens"]),
-      "final_train_loss": float(np.mean([c[1] for c in curve[-10:] if c[2] != 1] or [np.nan])),
-      "wall_time_s": float(result.wall_time_s),
-      "distill": dict(cfg.distill.to_dict()) if teacher else None,
-      "hp": {"peak_lr": lr, **(dict(hp or {}) if teacher else {})},
-      "bitlinear_impl": cfg.model.bitlinear_impl,
-      "curve": curve,
+    "variant": variant,
+    "kind": kind,
+    "seed": seed,
+    "steps": steps,
+    "tokens": steps * tokens_per_step,
+    "peak_lr": lr,
+    "params": count_params(result.model),
+    "val_loss": float(val["loss"]),
+    "val_tokens": float(val["tokens"]),
+    "final_train_loss": float(np.mean([c[1] for c in curve[-10:] if c[2] != 1] or [np.nan])),
+    "wall_time_s": float(result.wall_time_s),
+    "distill": dict(cfg.distill.to_dict()) if teacher else None,
+    "hp": {"peak_lr": lr, **(dict(hp or {}) if teacher else {})},
+    "bitlinear_impl": cfg.model.bitlinear_impl,
+    "curve": curve,
   }
 
 
@@ -164,26 +245,37 @@ def teacher_row(args, workdir: str) -> dict:
   import numpy as np
 
   from mmfree_jax.checkpoint import loading
+
   cfg = loading.load_workdir_config(workdir)
   rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   val = [r for r in rows if "val_loss" in r]
   if not val or val[-1]["step"] != cfg.train.steps:
     raise ValueError(f"{workdir} has no final validation loss (train.steps={cfg.train.steps})")
-  expected = make_config(args, "transformer", cfg.train.steps, cfg.optim.lr, 0,
-                         cfg.model.vocab_size)
+  expected = make_config(
+    args, "transformer", cfg.train.steps, cfg.optim.lr, 0, cfg.model.vocab_size
+  )
   # The MatMul-free-only fields (recurrence, BitLinear) do not touch a Transformer++ teacher.
   unused = ("scan_type", "chunk_size", "bitlinear_impl")
   model_of = lambda c: {k: v for k, v in c.model.to_dict().items() if k not in unused}
   if model_of(expected) != model_of(cfg) or expected.data.to_dict() != cfg.data.to_dict():
     raise ValueError(f"{workdir} was trained with other model/data settings than these flags")
   tokens_per_step = args.batch * args.seq_len
-  return {"variant": "teacher", "kind": "transformer", "seed": 0, "steps": cfg.train.steps,
-          "tokens": cfg.train.steps * tokens_per_step, "peak_lr": cfg.optim.lr, "params": None,
-          "val_loss": float(val[-1]["val_loss"]), "val_tokens": None,
-          "final_train_loss": float(np.mean([r["loss"] for r in rows if "loss" in r][-3:])),
-          "wall_time_s": None, "distill": None, "reused": workdir,
-          "curve": [(int(r["step"]) * tokens_per_step, float(r["loss"]), 0)
-                    for r in rows if "loss" in r]}
+  return {
+    "variant": "teacher",
+    "kind": "transformer",
+    "seed": 0,
+    "steps": cfg.train.steps,
+    "tokens": cfg.train.steps * tokens_per_step,
+    "peak_lr": cfg.optim.lr,
+    "params": None,
+    "val_loss": float(val[-1]["val_loss"]),
+    "val_tokens": None,
+    "final_train_loss": float(np.mean([r["loss"] for r in rows if "loss" in r][-3:])),
+    "wall_time_s": None,
+    "distill": None,
+    "reused": workdir,
+    "curve": [(int(r["step"]) * tokens_per_step, float(r["loss"]), 0) for r in rows if "loss" in r],
+  }
 
 
 def _row_hp(row: dict) -> dict:
@@ -223,80 +315,121 @@ def mark_chosen(runs: list[dict]) -> list[dict]:
 
 def summarize(runs: list[dict]) -> dict:
   import numpy as np
+
   counted = [r for r in runs if r["variant"] == "teacher" or r.get("chosen")]
   by = {v: [r["val_loss"] for r in counted if r["variant"] == v] for v in VARIANTS}
-  stats = {v: {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if len(x) > 1 else
-               None, "n": len(x), "values": x} for v, x in by.items() if x}
-  out = {"val_loss": stats,
-         "chosen_lr": {v: next((r["peak_lr"] for r in counted if r["variant"] == v), None)
-                       for v in VARIANTS},
-         "chosen_hp": {v: next((r.get("hp") for r in counted if r["variant"] == v), None)
-                       for v in VARIANTS[1:]},
-         "tuning_runs": {v: sum(1 for r in runs if r["variant"] == v and r.get("sweep"))
-                         for v in VARIANTS[1:]}}
+  stats = {
+    v: {
+      "mean": float(np.mean(x)),
+      "std": float(np.std(x, ddof=1)) if len(x) > 1 else None,
+      "n": len(x),
+      "values": x,
+    }
+    for v, x in by.items()
+    if x
+  }
+  out = {
+    "val_loss": stats,
+    "chosen_lr": {
+      v: next((r["peak_lr"] for r in counted if r["variant"] == v), None) for v in VARIANTS
+    },
+    "chosen_hp": {
+      v: next((r.get("hp") for r in counted if r["variant"] == v), None) for v in VARIANTS[1:]
+    },
+    "tuning_runs": {
+      v: sum(1 for r in runs if r["variant"] == v and r.get("sweep")) for v in VARIANTS[1:]
+    },
+  }
   if {"teacher", "converted", "scratch_frac"} <= set(stats):
     a, b, d = (stats[v]["mean"] for v in ("teacher", "converted", "scratch_frac"))
     out["gap_closed"] = (d - b) / (d - a) if d != a else None
     out["converted_minus_scratch_frac"] = b - d
     noise = [s for s in (stats["converted"]["std"], stats["scratch_frac"]["std"]) if s]
     out["seed_noise_std"] = float(max(noise)) if noise else None
-    out["target_gap_closed_0.8"] = bool(out["gap_closed"] is not None and
-                                        out["gap_closed"] >= 0.8)
-    out["target_beats_scratch_frac_beyond_noise"] = bool(
-        noise and d - b > max(noise))
+    out["target_gap_closed_0.8"] = bool(out["gap_closed"] is not None and out["gap_closed"] >= 0.8)
+    out["target_beats_scratch_frac_beyond_noise"] = bool(noise and d - b > max(noise))
   return out
 
 
-def plot(results: dict, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+_COLORS = {"teacher": "C1", "converted": "C2", "scratch_full": "C0", "scratch_frac": "C4"}
+
+
+def _plot_variants(ax, results: dict) -> None:
+  """Left panel: each variant's validation losses (chosen settings; x: the others), mean
+  line, and the share of the (d)->(a) gap that (b) closes."""
   import numpy as np
 
-  n_tuning = sum(1 for r in results["runs"] if r.get("sweep"))
-  fig, (left, mid, right) = plt.subplots(1, 3, figsize=(17, max(4.8, 1.2 + 0.18 * n_tuning)),
-                                        gridspec_kw={"width_ratios": [1, 1.1, 1.2]})
-  colors = {"teacher": "C1", "converted": "C2", "scratch_full": "C0", "scratch_frac": "C4"}
   for i, v in enumerate(VARIANTS):
     rows = [r for r in results["runs"] if r["variant"] == v]
     counted = lambda r: v == "teacher" or r.get("chosen")
     vals = [r["val_loss"] for r in rows if counted(r)]
     if not vals:
       continue
-    left.scatter([i] * len(vals), vals, color=colors[v], zorder=3)
-    left.hlines(np.mean(vals), i - 0.3, i + 0.3, color=colors[v])
+    ax.scatter([i] * len(vals), vals, color=_COLORS[v], zorder=3)
+    ax.hlines(np.mean(vals), i - 0.3, i + 0.3, color=_COLORS[v])
     for r in rows:  # tuning runs and other seeds of settings that were not picked
       if not counted(r):
-        left.scatter([i + 0.15], [r["val_loss"]], color=colors[v], marker="x", zorder=3)
-  left.set_xticks(range(len(VARIANTS)))
-  left.set_xticklabels(["(a) teacher", "(b) converted", "(c) scratch\nT tokens",
-                        "(d) scratch\nfraction"], fontsize=8)
-  left.set_ylabel("validation loss (nats/token); x: runs of settings not chosen", fontsize=8)
-  left.grid(True, axis="y", alpha=0.3)
+        ax.scatter([i + 0.15], [r["val_loss"]], color=_COLORS[v], marker="x", zorder=3)
+  ax.set_xticks(range(len(VARIANTS)))
+  ax.set_xticklabels(
+    ["(a) teacher", "(b) converted", "(c) scratch\nT tokens", "(d) scratch\nfraction"], fontsize=8
+  )
+  ax.set_ylabel("validation loss (nats/token); x: runs of settings not chosen", fontsize=8)
+  ax.grid(True, axis="y", alpha=0.3)
   s = results.get("summary", {})
   if s.get("gap_closed") is not None:
-    left.set_title(f"gap (d)->(a) closed by (b): {100 * s['gap_closed']:.1f}%", fontsize=9)
-  # Middle: every tuning run (first seed), labelled with its setting; the chosen one bold.
-  short = {"peak_lr": "lr", "alpha": "a", "temperature": "T", "stage1_fraction": "s1",
-           "quant_ramp_fraction": "ramp", "calibrate": "init", "mapping": "ifg<-"}
+    ax.set_title(f"gap (d)->(a) closed by (b): {100 * s['gap_closed']:.1f}%", fontsize=9)
+
+
+def _plot_tuning(ax, results: dict) -> None:
+  """Middle panel: every tuning run (first seed), labelled with its setting; the chosen one
+  bold."""
+  short = {
+    "peak_lr": "lr",
+    "alpha": "a",
+    "temperature": "T",
+    "stage1_fraction": "s1",
+    "quant_ramp_fraction": "ramp",
+    "calibrate": "init",
+    "mapping": "ifg<-",
+  }
   tuning = [r for r in results["runs"] if r.get("sweep")]
-  for j, r in enumerate(sorted(tuning, key=lambda r: (VARIANTS.index(r["variant"]),
-                                                      -r["val_loss"]))):
+  for j, r in enumerate(
+    sorted(tuning, key=lambda r: (VARIANTS.index(r["variant"]), -r["val_loss"]))
+  ):
     hp = _row_hp(r)
     label = f"({'abcd'[VARIANTS.index(r['variant'])]}) " + " ".join(
-        f"{short.get(k, k)} {x if isinstance(x, str) else format(x, 'g')}"
-        for k, x in hp.items())
-    mid.barh(j, r["val_loss"], color=colors[r["variant"]], alpha=1.0 if r.get("chosen") else 0.45)
-    mid.annotate(f"{r['val_loss']:.3f}", (r["val_loss"], j), xytext=(2, 0), fontsize=6,
-                 textcoords="offset points", va="center")
-    mid.text(0.02, j, label, transform=mid.get_yaxis_transform(), fontsize=6, va="center",
-             fontweight="bold" if r.get("chosen") else "normal")
+      f"{short.get(k, k)} {x if isinstance(x, str) else format(x, 'g')}" for k, x in hp.items()
+    )
+    ax.barh(j, r["val_loss"], color=_COLORS[r["variant"]], alpha=1.0 if r.get("chosen") else 0.45)
+    ax.annotate(
+      f"{r['val_loss']:.3f}",
+      (r["val_loss"], j),
+      xytext=(2, 0),
+      fontsize=6,
+      textcoords="offset points",
+      va="center",
+    )
+    ax.text(
+      0.02,
+      j,
+      label,
+      transform=ax.get_yaxis_transform(),
+      fontsize=6,
+      va="center",
+      fontweight="bold" if r.get("chosen") else "normal",
+    )
   if tuning:
     lo = min(r["val_loss"] for r in tuning)
-    mid.set_xlim(lo - 1.8, max(r["val_loss"] for r in tuning) + 0.15)
-  mid.set_yticks([])
-  mid.set_xlabel("validation loss, tuning seed (bold/solid: chosen)", fontsize=8)
-  mid.set_title("tuning runs", fontsize=9)
+    ax.set_xlim(lo - 1.8, max(r["val_loss"] for r in tuning) + 0.15)
+  ax.set_yticks([])
+  ax.set_xlabel("validation loss, tuning seed (bold/solid: chosen)", fontsize=8)
+  ax.set_title("tuning runs", fontsize=9)
+
+
+def _plot_curves(ax, results: dict) -> None:
+  """Right panel: the train-loss curves of the teacher and the chosen runs over training
+  tokens (converted: after the teacher's; stage-1 steps omitted)."""
   for r in results["runs"]:
     if r["variant"] != "teacher" and not r.get("chosen"):
       continue
@@ -305,36 +438,66 @@ def plot(results: dict, path: str) -> None:
     offset = 0
     if r["variant"] == "converted":  # after the teacher's tokens
       offset = results["settings"]["teacher_tokens"]
-    label = LABELS[r["variant"]] if r["seed"] == min(
-        x["seed"] for x in results["runs"] if x["variant"] == r["variant"]) else None
-    right.plot([x + offset for x in xs], ys, color=colors[r["variant"]], alpha=0.7, lw=1,
-               label=label)
-  right.set_xlabel("training tokens (converted: after the teacher's)")
-  right.set_ylabel("train loss (CE; stage-1 steps omitted)")
-  right.set_ylim(top=min(right.get_ylim()[1], 9.0))
-  right.grid(True, alpha=0.3)
-  right.legend(fontsize=7)
+    label = (
+      LABELS[r["variant"]]
+      if r["seed"] == min(x["seed"] for x in results["runs"] if x["variant"] == r["variant"])
+      else None
+    )
+    ax.plot([x + offset for x in xs], ys, color=_COLORS[r["variant"]], alpha=0.7, lw=1, label=label)
+  ax.set_xlabel("training tokens (converted: after the teacher's)")
+  ax.set_ylabel("train loss (CE; stage-1 steps omitted)")
+  ax.set_ylim(top=min(ax.get_ylim()[1], 9.0))
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=7)
+
+
+def plot(results: dict, path: str) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  n_tuning = sum(1 for r in results["runs"] if r.get("sweep"))
+  fig, (left, mid, right) = plt.subplots(
+    1, 3, figsize=(17, max(4.8, 1.2 + 0.18 * n_tuning)), gridspec_kw={"width_ratios": [1, 1.1, 1.2]}
+  )
+  _plot_variants(left, results)
+  _plot_tuning(mid, results)
+  _plot_curves(right, results)
   st = results["settings"]
-  fig.suptitle(f"KJV {st['tokenizer']}, d={st['d_model']} L={st['num_layers']}, teacher "
-               f"{st['teacher_tokens']:,} tokens, fraction {st['fraction']}", fontsize=10)
+  fig.suptitle(
+    f"KJV {st['tokenizer']}, d={st['d_model']} L={st['num_layers']}, teacher "
+    f"{st['teacher_tokens']:,} tokens, fraction {st['fraction']}",
+    fontsize=10,
+  )
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+  )
   for key, value in DEFAULTS.items():
     p.add_argument(f"--{key}", type=type(value), default=value)
   p.add_argument("--skip", default="", help="variants not to run, e.g. scratch_full")
-  p.add_argument("--teacher_workdir", default="",
-                 help="a finished teacher run of these settings: reuse it, train no teacher")
-  p.add_argument("--merge", default="",
-                 help="comma-separated results JSONs of one study run in parts: write their "
-                      "union (one teacher row) to OUT_DIR, train nothing")
-  p.add_argument("--note", default="",
-                 help="with --merge: free text stored as the JSON's `notes` (what was cut, why)")
+  p.add_argument(
+    "--teacher_workdir",
+    default="",
+    help="a finished teacher run of these settings: reuse it, train no teacher",
+  )
+  p.add_argument(
+    "--merge",
+    default="",
+    help="comma-separated results JSONs of one study run in parts: write their "
+    "union (one teacher row) to OUT_DIR, train nothing",
+  )
+  p.add_argument(
+    "--note",
+    default="",
+    help="with --merge: free text stored as the JSON's `notes` (what was cut, why)",
+  )
   p.add_argument("--out_dir", default=os.path.join(REPO_ROOT, "experiments", "results"))
   p.add_argument("--workdir", default=None, help="run directories (default: a temp dir)")
   p.add_argument("--toy", action="store_true", help="tiny and fast (the test)")
@@ -355,18 +518,24 @@ def parse_args(argv=None):
   floats = lambda text: [float(v) for v in text.split(",") if v.strip()]
   strings = lambda text: [v.strip() for v in text.split(",") if v.strip()]
   from mmfree_jax.convert.calibrate import CALIBRATIONS
+
   bad = [c for c in strings(args.calibrate) if c not in CALIBRATIONS]
   if bad:
     parser.error(f"--calibrate {bad}: choose from {tuple(CALIBRATIONS)}")
   from mmfree_jax.convert.student import ConversionError, check_mapping
+
   for mapping in strings(args.mapping):
     try:
       check_mapping(mapping)
     except ConversionError as e:
       parser.error(f"--mapping: {e}")
   try:
-    args.student_grid = [dict(zip(STUDENT_HP, values)) for values in itertools.product(
-        *((strings if k in STRING_HP else floats)(getattr(args, k)) for k in STUDENT_HP))]
+    args.student_grid = [
+      dict(zip(STUDENT_HP, values))
+      for values in itertools.product(
+        *((strings if k in STRING_HP else floats)(getattr(args, k)) for k in STUDENT_HP)
+      )
+    ]
     args.lr_scratch_list = floats(args.lr_scratch)
     args.lr_full_list = floats(args.lr_full)
   except ValueError as e:
@@ -401,10 +570,13 @@ def merge_studies(args) -> dict:
   for part in parts[1:]:
     runs += [r for r in part["runs"] if r["variant"] != "teacher"]
   mark_chosen(runs)
-  results.update(runs=runs, summary=summarize(runs),
-                 command=" ; ".join(p["command"] for p in parts),
-                 total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
-                 merged_from=args.merge.split(","))
+  results.update(
+    runs=runs,
+    summary=summarize(runs),
+    command=" ; ".join(p["command"] for p in parts),
+    total_wall_time_s=sum(p["total_wall_time_s"] for p in parts),
+    merged_from=args.merge.split(","),
+  )
   if args.note:
     results["notes"] = args.note
   os.makedirs(args.out_dir, exist_ok=True)
@@ -413,6 +585,58 @@ def merge_studies(args) -> dict:
   plot(results, os.path.join(args.out_dir, PLOT_FILE))
   print(json.dumps(results["summary"], indent=1))
   return results
+
+
+def _tune_and_repeat(
+  args,
+  variant: str,
+  grid: list[dict],
+  steps: int,
+  seeds: list[int],
+  teacher: str,
+  vocab_size: int,
+  root: str,
+  record,
+) -> None:
+  """Runs `variant` once per setting of `grid` on the first seed, marks the lowest validation
+  loss chosen, then runs the chosen setting on the other seeds; `record(row)` gets each run.
+
+  teacher: the teacher's workdir for `converted`, "" otherwise.
+  """
+  first, rest = seeds[0], seeds[1:]
+  sweep = []
+  for hp in grid:  # tune on the first seed
+    name = "_".join(v if isinstance(v, str) else format(v, "g") for v in hp.values())
+    row = run_one(
+      args,
+      variant,
+      first,
+      steps,
+      hp["peak_lr"],
+      vocab_size,
+      os.path.join(root, f"{variant}_{first}_{name}"),
+      teacher=teacher,
+      hp={k: v for k, v in hp.items() if k != "peak_lr"},
+    )
+    row["sweep"] = len(grid) > 1
+    sweep.append(row)
+    record(row)
+  best = min(sweep, key=lambda r: r["val_loss"])
+  best["chosen"] = True
+  for seed in rest:
+    row = run_one(
+      args,
+      variant,
+      seed,
+      steps,
+      best["peak_lr"],
+      vocab_size,
+      os.path.join(root, f"{variant}_{seed}"),
+      teacher=teacher,
+      hp={k: v for k, v in best["hp"].items() if k != "peak_lr"},
+    )
+    row["chosen"] = True
+    record(row)
 
 
 def main(argv=None) -> dict:
@@ -440,8 +664,11 @@ def main(argv=None) -> dict:
   def record(row):
     runs.append(row)
     write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs, plot_it=False)
-    print(f"{row['variant']:13s} seed={row['seed']} steps={row['steps']:5d} "
-          f"val_loss={row['val_loss']:.4f} wall={row['wall_time_s'] or 0:.0f}s", flush=True)
+    print(
+      f"{row['variant']:13s} seed={row['seed']} steps={row['steps']:5d} "
+      f"val_loss={row['val_loss']:.4f} wall={row['wall_time_s'] or 0:.0f}s",
+      flush=True,
+    )
 
   try:
     if args.teacher_workdir:
@@ -449,64 +676,62 @@ def main(argv=None) -> dict:
       record(teacher_row(args, teacher_dir))
     else:
       teacher_dir = os.path.join(root, "teacher")
-      record(run_one(args, "teacher", 0, args.teacher_steps, args.lr_teacher, vocab_size,
-                     teacher_dir))
+      record(
+        run_one(args, "teacher", 0, args.teacher_steps, args.lr_teacher, vocab_size, teacher_dir)
+      )
     scratch_grid = lambda lrs: [{"peak_lr": lr} for lr in lrs]
-    student_grid = [{"peak_lr": hp["lr_student"], **{k: hp[k] for k in STUDENT_HP[1:]}}
-                    for hp in args.student_grid]
-    plan = (("converted", student_grid, frac_steps, args.seed_list),
-            ("scratch_frac", scratch_grid(args.lr_scratch_list), frac_steps, args.seed_list),
-            ("scratch_full", scratch_grid(args.lr_full_list), args.teacher_steps,
-             args.full_seed_list))
+    student_grid = [
+      {"peak_lr": hp["lr_student"], **{k: hp[k] for k in STUDENT_HP[1:]}}
+      for hp in args.student_grid
+    ]
+    plan = (
+      ("converted", student_grid, frac_steps, args.seed_list),
+      ("scratch_frac", scratch_grid(args.lr_scratch_list), frac_steps, args.seed_list),
+      ("scratch_full", scratch_grid(args.lr_full_list), args.teacher_steps, args.full_seed_list),
+    )
     for variant, grid, steps, seeds in plan:
       if variant in args.skip_list:
         continue
       teacher = teacher_dir if variant == "converted" else ""
-      first, rest = seeds[0], seeds[1:]
-      sweep = []
-      for hp in grid:  # tune on the first seed
-        name = "_".join(v if isinstance(v, str) else format(v, "g") for v in hp.values())
-        row = run_one(args, variant, first, steps, hp["peak_lr"], vocab_size,
-                      os.path.join(root, f"{variant}_{first}_{name}"), teacher=teacher,
-                      hp={k: v for k, v in hp.items() if k != "peak_lr"})
-        row["sweep"] = len(grid) > 1
-        sweep.append(row)
-        record(row)
-      best = min(sweep, key=lambda r: r["val_loss"])
-      best["chosen"] = True
-      for seed in rest:
-        row = run_one(args, variant, seed, steps, best["peak_lr"], vocab_size,
-                      os.path.join(root, f"{variant}_{seed}"), teacher=teacher,
-                      hp={k: v for k, v in best["hp"].items() if k != "peak_lr"})
-        row["chosen"] = True
-        record(row)
+      _tune_and_repeat(args, variant, grid, steps, seeds, teacher, vocab_size, root, record)
   finally:
     if own:
       shutil.rmtree(root, ignore_errors=True)
 
-  return write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs,
-                       plot_it=not args.no_plot)
+  return write_results(
+    args, argv, start, tokenizer, vocab_size, frac_steps, runs, plot_it=not args.no_plot
+  )
 
 
 def write_results(args, argv, start, tokenizer, vocab_size, frac_steps, runs, plot_it):
   """Writes OUT_DIR/convert_results.json (after every run: a partial study is kept)."""
   import jax
+
   results = {
-      "description": __doc__.split("\n\n")[0],
-      "command": ("python experiments/convert.py " + " ".join(
-          argv if argv is not None else sys.argv[1:])).strip(),
-      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "total_wall_time_s": time.time() - start,
-      "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                  "jax": jax.__version__, "backend": jax.default_backend(),
-                  "devices": jax.device_count()},
-      "settings": {**{k: getattr(args, k) for k in DEFAULTS}, "toy": bool(args.toy),
-                   "tokenizer_vocab": tokenizer.vocab_size, "model_vocab": vocab_size,
-                   "teacher_tokens": args.teacher_steps * args.batch * args.seq_len,
-                   "student_steps": frac_steps,
-                   "student_tokens": frac_steps * args.batch * args.seq_len},
-      "summary": summarize(mark_chosen(runs)),
-      "runs": runs,
+    "description": __doc__.split("\n\n")[0],
+    "command": (
+      "python experiments/convert.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    ).strip(),
+    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "total_wall_time_s": time.time() - start,
+    "machine": {
+      "platform": platform.platform(),
+      "cpu_count": os.cpu_count(),
+      "jax": jax.__version__,
+      "backend": jax.default_backend(),
+      "devices": jax.device_count(),
+    },
+    "settings": {
+      **{k: getattr(args, k) for k in DEFAULTS},
+      "toy": bool(args.toy),
+      "tokenizer_vocab": tokenizer.vocab_size,
+      "model_vocab": vocab_size,
+      "teacher_tokens": args.teacher_steps * args.batch * args.seq_len,
+      "student_steps": frac_steps,
+      "student_tokens": frac_steps * args.batch * args.seq_len,
+    },
+    "summary": summarize(mark_chosen(runs)),
+    "runs": runs,
   }
   with open(os.path.join(args.out_dir, RESULTS_FILE), "w") as f:
     json.dump(results, f, indent=1)
