@@ -255,7 +255,9 @@ def main(argv):
         packed_method=f.packed_method,
         write=False,
       )
-      print(evaluation.format_table(results), flush=True)
+      table = evaluation.format_table(results, generation=not f.stream)  # streamed: printed
+      if table:
+        print(table, flush=True)
       for note in results["notes"]:
         print("note:", note)
       path = _write(results)

@@ -100,6 +100,12 @@ def set_aside_uncommitted(workdir: str) -> list[int]:
   return steps
 
 
+def read_only_options() -> ocp.CheckpointManagerOptions:
+  """Options of a manager that only reads: the writing options set to what read_only needs,
+  since orbax logs a warning for each one it has to reset (six per manager by default)."""
+  return ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with the items this project saves."""
 
@@ -115,12 +121,15 @@ class Checkpointer:
     """save_concurrent_gb: cap on the bytes orbax serializes at once (its default, 96 GB,
     lets it stage a second full copy of the arrays in host memory; importers set 1)."""
     self.directory = checkpoint_dir(workdir)
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep,
-      create=not read_only,
-      read_only=read_only,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=not read_only,
+    options = (
+      read_only_options()
+      if read_only
+      else ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+      )
     )
     handlers = None
     if save_concurrent_gb is not None:
@@ -202,9 +211,7 @@ class Checkpointer:
     self.check_item(step, "state" if self.has_train_state(step) else "params")
     # A fresh read-only manager: an item's handler is fixed by its first use, and the
     # training manager registered StandardSave for `state`.
-    reader = ocp.CheckpointManager(
-      self.directory, item_names=ITEMS, options=ocp.CheckpointManagerOptions(read_only=True)
-    )
+    reader = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=read_only_options())
     try:
       if self.has_train_state(step):
         args = ocp.args.PyTreeRestore(

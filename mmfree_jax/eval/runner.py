@@ -325,8 +325,9 @@ def _finite_or_null(value):
   return value
 
 
-def format_table(results: dict) -> str:
-  """A plain-text table of the headline numbers of `evaluate_workdir`'s results."""
+def format_table(results: dict, *, generation: bool = True) -> str:
+  """A plain-text table of the headline numbers of `evaluate_workdir`'s results ('' when there
+  are none), then the generated text unless `generation` is False (it was streamed)."""
   rows = [("what", "metric", "value")]
   for name, r in results.get("perplexity", {}).items():
     rows.append((f"ppl {os.path.basename(name)}", "perplexity", f"{r['perplexity']:.4g}"))
@@ -336,11 +337,13 @@ def format_table(results: dict) -> str:
   for name, r in results.get("multiple_choice", {}).items():
     rows.append((f"mc {name} (n={r['n']})", "acc", f"{r['acc']:.4f} ± {r['acc_stderr']:.4f}"))
     rows.append(("", "acc_norm", f"{r['acc_norm']:.4f} ± {r['acc_norm_stderr']:.4f}"))
-  widths = [max(len(row[i]) for row in rows) for i in range(3)]
-  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  for g in results.get("generation", []):
+  lines = []
+  if len(rows) > 1:  # no header over an empty table (a --prompt-only run)
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+  for g in results.get("generation", []) if generation else []:
     lines.append(
       f"\nprompt: {g['prompt']!r}\n→ {g['text']!r}" + (" [eos]" if g["stopped_at_eos"] else "")
     )
-  return "\n".join(lines)
+  return "\n".join(lines).lstrip("\n")

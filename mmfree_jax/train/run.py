@@ -69,10 +69,12 @@ def evaluate(eval_step, params, batches, batch_sharding) -> dict:
 
 
 def note(text: str) -> None:
-  """A warning that process 0 also prints (it matters to the person at the terminal)."""
-  log.warning(text)
+  """A warning for the person at the terminal: printed once by process 0 (logging it as well
+  showed it twice in a batch job's log), logged by the others."""
   if jax.process_index() == 0:
     print(f"note: {text}", flush=True)
+  else:
+    log.warning(text)
 
 
 @dataclasses.dataclass

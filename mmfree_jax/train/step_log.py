@@ -116,8 +116,11 @@ class StepLog:
   def validation(self, step: int, ev: dict) -> None:
     self.eval_history.append(dict(ev, step=step))
     self.run.writer.write(step, {"loss": ev["loss"], "perplexity": ev["perplexity"]}, prefix="val_")
+    text = f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['perplexity']:.1f})"
     if self.bar is not None:
-      self.bar.write(f"step {step}: val loss {ev['loss']:.4f} (ppl {ev['perplexity']:.1f})")
+      self.bar.write(text)
+    elif self.lines is not None:  # --noprogress / no terminal: the same line in the log
+      print(text, file=self.lines.stream, flush=True)
 
   def close(self) -> None:
     if self.bar is not None:

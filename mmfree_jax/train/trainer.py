@@ -114,13 +114,13 @@ def train(
     restore_step=restore_step,
     allow_steps_change=allow_steps_change,
   )
+  if jax.process_index() == 0:  # before the progress bar draws its first line
+    print("\n".join(run.banner), flush=True)
   try:
     stop, logger = _StopSignal(), StepLog(run, progress)
   except BaseException:
     run.close()
     raise
-  if jax.process_index() == 0:
-    print("\n".join(run.banner), flush=True)
   try:
     step, interrupted = _loop(run, logger, stop)
   finally:
