@@ -218,16 +218,12 @@ def _check_before_jax() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  _check_before_jax()
   logging.basicConfig(
     level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
   )
   for noisy in ("jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
-  from mmfree_jax import eval as evaluation
-  from mmfree_jax.checkpoint.manager import CheckpointError
-
   f = flags.FLAGS
   if f.packed is not None and f.step is not None:
     print(
@@ -243,6 +239,10 @@ def main(argv):
       file=sys.stderr,
     )
     sys.exit(1)
+  _check_before_jax()
+  from mmfree_jax import eval as evaluation
+  from mmfree_jax.checkpoint.manager import CheckpointError
+
   try:
     options = _options()
     if not f.lm_eval_tasks or evaluation.has_work(options):
