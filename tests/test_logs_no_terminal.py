@@ -3,6 +3,9 @@ step, each note once, the banner before the progress bar, generated text once (i
 streamed) without an empty table header, and no orbax warnings from read-only checkpoints."""
 
 import logging
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -12,6 +15,8 @@ from mmfree_jax.eval import format_table
 from mmfree_jax.train import run as run_lib
 from mmfree_jax.train import trainer
 from mmfree_jax.train.step_log import StepLog
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _fake_run(written):
@@ -77,3 +82,26 @@ def test_read_only_checkpointer_logs_no_orbax_warnings(tmp_path, caplog):
     caplog.text
   )
   assert checkpoint_dir(str(tmp_path)).endswith("checkpoints")
+
+
+@pytest.mark.subprocess
+def test_hf_export_prints_no_orbax_warnings(tmp_path):
+  """`python -m mmfree_jax.hf export` of a checkpoint: its result line, no orbax warnings."""
+  from tests.test_hf import random_workdir
+
+  work = tmp_path / "work"
+  random_workdir(str(work))
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "mmfree_jax.hf", "export", "--workdir", str(work)]
+  proc = subprocess.run(
+    cmd + ["--dst", str(tmp_path / "hf")],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "exported step 7" in proc.stdout
+  assert "read only" not in proc.stderr and "CheckpointManagerOptions" not in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from mmfree_jax.checkpoint.manager import CheckpointError
@@ -63,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   try:
     if args.command == "import":
       if args.arch == "llama":
