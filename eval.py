@@ -210,6 +210,13 @@ def _check_before_jax() -> None:
       f"--{name}={f.workdir or f.packed} does not exist; pass the folder of a training run, "
       "an HF import (python -m mmfree_jax.hf import) or an export (python -m mmfree_jax.export)"
     )
+  elif (
+    f.workdir and f.config is None and not os.path.exists(os.path.join(f.workdir, "config.json"))
+  ):
+    error = (  # as checkpoint.loading.load_workdir_config says it
+      f"{os.path.join(f.workdir, 'config.json')} not found: {f.workdir!r} is not a training or "
+      "import workdir (train.py and `python -m mmfree_jax.hf import` write it)"
+    )
   if error:
     print(f"eval.py: error: {error}", file=sys.stderr)
     sys.exit(1)

@@ -36,6 +36,7 @@ CASES = [
   ("eval.py", ["--workdir=/nonexistent"], "nothing to evaluate"),
   ("eval.py", ["--workdir=/nonexistent", "--ppl_split=val"], "--workdir=/nonexistent does not"),
   ("eval.py", ["--packed=/nonexistent", "--prompt=x"], "--packed=/nonexistent does not"),
+  ("eval.py", ["--workdir=.", "--prompt=x"], "is not a training or import workdir"),
 ]
 
 
