@@ -24,7 +24,10 @@ NOISE = (
 
 def _runtime_env():
   """The user's environment: no test-only path entries, no platform forced by the tests."""
-  env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "PYTHONPATH")}
+  # jax sets TPU_LIBRARY_PATH (and other TPU_* variables) in a process that loaded libtpu; a
+  # test worker that compiled for TPU passes them on to its subprocesses.
+  dropped = ("JAX_PLATFORMS", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL", "ALLOW_MULTIPLE_LIBTPU_LOAD")
+  env = {k: v for k, v in os.environ.items() if k not in dropped and not k.startswith("TPU_")}
   env["PYTHONPATH"] = REPO
   return env
 

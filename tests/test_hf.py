@@ -25,6 +25,7 @@ from mmfree_jax import abstract_model
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig, config_from_dict
+from mmfree_jax.data.tokenizer import mistral_tokenizer_path
 from mmfree_jax.hf import HFCheckpointError, checkpoint_io, mapping, tensors
 from mmfree_jax.hf.__main__ import main as hf_main
 from tests import hf_reference as ref
@@ -482,7 +483,7 @@ def test_released_sizes_derive_the_reference_intermediate_size(d, layers, inter)
 
 
 def test_mistral_tokenizer_from_mistral_common():
-  sp = sentencepiece.SentencePieceProcessor(model_file=checkpoint_io.mistral_tokenizer_path())
+  sp = sentencepiece.SentencePieceProcessor(model_file=mistral_tokenizer_path())
   assert sp.get_piece_size() == 32000
   assert (sp.bos_id(), sp.eos_id()) == (1, 2)
   assert sp.decode(sp.encode("MatMul-free language models")) == "MatMul-free language models"
@@ -491,7 +492,7 @@ def test_mistral_tokenizer_from_mistral_common():
 def test_mistral_tokenizer_missing_package_is_a_clear_error(monkeypatch):
   monkeypatch.setitem(sys.modules, "mistral_common", None)
   with pytest.raises(FileNotFoundError, match="pip install --no-deps mistral_common"):
-    checkpoint_io.mistral_tokenizer_path()
+    mistral_tokenizer_path()
 
 
 def test_spm_mistral_alias_resolves_in_the_data_package(tmp_path):

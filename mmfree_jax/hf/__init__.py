@@ -17,7 +17,7 @@ from mmfree_jax import lazy_exports
 _EXPORTS = {
   "export_checkpoint": "mmfree_jax.hf.checkpoint_io",
   "import_checkpoint": "mmfree_jax.hf.checkpoint_io",
-  "mistral_tokenizer_path": "mmfree_jax.hf.checkpoint_io",
+  "mistral_tokenizer_path": "mmfree_jax.data.tokenizer",
   "NAME_TABLE": "mmfree_jax.hf.mapping",
   "HFCheckpointError": "mmfree_jax.hf.mapping",
 }
