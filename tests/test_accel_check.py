@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -26,6 +28,7 @@ def _run(args, tmp_path):
   )
 
 
+@pytest.mark.subprocess
 def test_refuses_on_cpu_without_smoke(tmp_path):
   proc = _run(["--out", str(tmp_path / "x.json")], tmp_path)
   assert proc.returncode == 2
@@ -34,6 +37,8 @@ def test_refuses_on_cpu_without_smoke(tmp_path):
   assert not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_smoke_writes_every_section(tmp_path):
   out = tmp_path / "accel.json"
   proc = _run(["--smoke", "--out", str(out)], tmp_path)
@@ -150,6 +155,7 @@ def test_every_section_gets_its_own_budget_and_the_json_follows_each_row():
   assert writes == list(range(1, 8))  # written after every one of the 7 rows
 
 
+@pytest.mark.slow
 def test_child_rows_kills_a_child_at_the_deadline(tmp_path):
   import time as time_lib
 

@@ -93,6 +93,7 @@ def test_cuda_lowering_of_gpu_kernels(cuda_plugin, dtype):
   assert text.count(TRITON_CALL) == 3, text.count(TRITON_CALL)
 
 
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 def test_tpu_compile_of_tpu_kernels_single_device(tpu_devices, dtype):
   sharding = SingleDeviceSharding(tpu_devices[0])
@@ -101,6 +102,7 @@ def test_tpu_compile_of_tpu_kernels_single_device(tpu_devices, dtype):
   assert compiled.memory_analysis() is not None
 
 
+@pytest.mark.tpu_compile
 def test_tpu_compile_of_tpu_kernels_under_shard_map(tpu_devices):
   mesh = Mesh(
     np.asarray(tpu_devices).reshape(2, 1, 2),
@@ -130,6 +132,7 @@ def test_tpu_compile_of_tpu_kernels_under_shard_map(tpu_devices):
   assert compiled.as_text().count(MOSAIC_CALL) == 3
 
 
+@pytest.mark.tpu_compile
 def test_tpu_kernels_need_shard_map_on_a_mesh(tpu_devices):
   """Without `kernel_sharding` a Mosaic call on a mesh sharding fails (why the wrapper exists)."""
   mesh = Mesh(np.asarray(tpu_devices).reshape(4), ("data",))
@@ -203,6 +206,8 @@ def _tpu_mesh(devices, data=2, fsdp=1, tensor=2):
   )
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_tpu_compile_of_sharded_train_step(tpu_devices, kind):
   """scan_type/bitlinear_impl 'auto' resolve to the Mosaic kernels from the mesh's TPU devices
@@ -219,6 +224,8 @@ def test_tpu_compile_of_sharded_train_step(tpu_devices, kind):
   assert compiled.memory_analysis().temp_size_in_bytes > 0
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_tpu_compile_of_int8_bitlinear_train_step(tpu_devices):
   """aot_tpu's int8 column compiles the chosen point again with `bitlinear_impl=int8`: that
   program (int8 codes in the forward matmuls) compiles for TPU, here at a small shape."""
@@ -233,6 +240,8 @@ FAST_COMPILE = {"exec_time_optimization_effort": -1.0, "memory_fitting_effort": 
 V5E_HBM_BYTES = 16 * 2**30
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_tpu_compile_of_sharded_train_step_370m(tpu_devices, kind):
   """The paper's 370M shape (d=1024, 24 layers, vocab 32000, T=2048, bf16, remat

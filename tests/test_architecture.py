@@ -294,6 +294,7 @@ def test_no_cross_module_private_names():
   assert not bad, "\n".join(bad)
 
 
+@pytest.mark.subprocess
 def test_config_imports_no_kernel():
   """The config validates against `registry` (jax-free names), so importing it loads no Pallas
   kernel module and no `jax.experimental.pallas` (checked in a fresh interpreter)."""

@@ -85,6 +85,7 @@ def _model(impl):
   return mmfree_jax.build_model(ModelConfig.tiny(kind="transformer", attention_impl=impl), 0)
 
 
+@pytest.mark.slow
 def test_model_logits_and_kv_decode_match_naive():
   rng = np.random.default_rng(4)
   tokens = jnp.asarray(rng.integers(0, 256, (2, 12)), jnp.int32)

@@ -158,6 +158,7 @@ def test_splash_fallbacks_and_bad_input():
   ]
 
 
+@pytest.mark.tpu_compile
 def test_tpu_compile_of_transformer_step_with_splash(tpu_devices):
   """`attention_impl=auto` resolves to splash from the mesh's TPU devices (the host is a CPU):
   the Transformer++ train step (packed windows: segment ids) compiles for v5e:2x2 with data=2
@@ -171,6 +172,7 @@ def test_tpu_compile_of_transformer_step_with_splash(tpu_devices):
   assert compiled.memory_analysis().temp_size_in_bytes > 0
 
 
+@pytest.mark.tpu_compile
 def test_tpu_compile_of_gqa_splash_under_shard_map(tpu_devices):
   """Grouped-query K/V on the tensor axis: 4 query heads on 1 K/V head, tensor=2 (K/V repeated
   to 2 heads, one per shard), bf16, forward and backward compiled for v5e:2x2."""

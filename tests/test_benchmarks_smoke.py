@@ -69,6 +69,8 @@ def _positive(x):
   return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_every_benchmark_wrote_its_json(toy_run):
   data, _ = toy_run
   for name, payload in data.items():
@@ -76,6 +78,7 @@ def test_every_benchmark_wrote_its_json(toy_run):
     assert payload["machine"]["backend"] == "cpu" and payload["results"]
 
 
+@pytest.mark.subprocess
 def test_peak_and_train_fields(toy_run):
   data, _ = toy_run
   peak = data["bench_peak"]["results"]
@@ -93,6 +96,7 @@ def test_peak_and_train_fields(toy_run):
   assert tf["speedup_vs_transformer"] == 1.0
 
 
+@pytest.mark.subprocess
 def test_recurrence_and_memory_fields(toy_run):
   data, _ = toy_run
   rec = data["bench_recurrence"]["results"]
@@ -111,6 +115,7 @@ def test_recurrence_and_memory_fields(toy_run):
   assert mem["bitlinear_stack"]["temp_lean_over_autodiff"] < 1.0
 
 
+@pytest.mark.subprocess
 def test_compile_decode_packed_fields(toy_run):
   data, _ = toy_run
   comp = data["bench_compile"]["results"]["rows"]
@@ -130,6 +135,7 @@ def test_compile_decode_packed_fields(toy_run):
   assert all(_positive(r["bandwidth_bound_tokens_per_s"]) for r in packed)
 
 
+@pytest.mark.subprocess
 def test_markdown_report(toy_run):
   _, md = toy_run
   assert "python -m benchmarks.run_all" in md and "## Targets" in md

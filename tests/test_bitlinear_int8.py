@@ -118,6 +118,7 @@ def test_int8_gradients_equal_lean_and_autodiff():
       np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.max(np.abs(b)))
 
 
+@pytest.mark.slow
 def test_int8_model_trains_like_lean():
   """A tiny MatMul-free LM: int8 loss and gradients equal the lean model's (fp32)."""
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 16)), jnp.int32)

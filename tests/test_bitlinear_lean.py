@@ -163,6 +163,7 @@ def _model_grads(impl):
   return jax.jit(jax.grad(loss))(params), jaxpr
 
 
+@pytest.mark.slow
 def test_model_with_lean_bitlinear_same_gradients_f64():
   with jax.enable_x64(True):
     auto, auto_jaxpr = _model_grads("autodiff")

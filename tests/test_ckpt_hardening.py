@@ -41,6 +41,7 @@ def _dead_pid():
 # -------------------------------------------------------------------- uncommitted step folders
 
 
+@pytest.mark.slow
 def test_uncommitted_final_step_is_set_aside_and_saved_again(tmp_path):
   work = str(tmp_path)
   over = {"train.steps": 4, "train.checkpoint_every": 2}
@@ -129,6 +130,8 @@ def _flip_16_bytes(state_dir, key):
   store.write(key, bytes(data)).result()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_corrupted_array_bytes_are_refused_on_resume_and_load_sharded(tmp_path):
   work = str(tmp_path)
   fsdp = {"data": 1, "fsdp": 8, "tensor": 1}  # each array saved from 8 shards
@@ -189,6 +192,8 @@ def _verdict(proc):
   return "exited"
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_stale_lock_race_has_exactly_one_holder(tmp_path):
   racers, trials = 6, 10
   for trial in range(trials):
@@ -244,6 +249,8 @@ def _descendants(pid):
   return found
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads the process table from /proc")
 def test_grain_workers_die_with_a_sigkilled_trainer(tmp_path):
   work = tmp_path / "work"

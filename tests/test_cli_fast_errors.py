@@ -64,6 +64,7 @@ def test_user_error_is_one_line_before_jax(tmp_path, script, args, expected):
   assert not workdir.exists(), "a failed start created the workdir"
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_failed_setup_leaves_no_folder_and_no_traceback(tmp_path):
   """An error found inside `trainer.setup` (after the workdir, its lock and the checkpointer

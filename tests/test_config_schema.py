@@ -162,6 +162,7 @@ def test_cross_key_rules_join_the_same_pass():
   assert "train.tracker must be one of" in text and len(e.value.problems) == 3
 
 
+@pytest.mark.subprocess
 def test_train_py_prints_all_errors_as_one_error_message(tmp_path):
   proc = subprocess.run(
     [
@@ -261,6 +262,7 @@ def test_negative_mc_limit_is_refused(tmp_path):
   assert len(runner._check_options(runner.EvalOptions(mc_files=[str(path)]))[str(path)]) == 1
 
 
+@pytest.mark.subprocess
 def test_import_is_light():
   code = (
     "import sys, mmfree_jax.config as c; c.base_config(); "

@@ -78,6 +78,7 @@ def _check(
     _assert_close(got[:4], want[:4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", sorted(MESHES))
 @pytest.mark.parametrize(
   "scan_type", ["sequential", "associative", "chunked", "sequential_custom_vjp"]
@@ -178,6 +179,7 @@ def test_only_states_cross_the_context_axis(mesh_shape):
 # ---- the model: the registry runs the context scan under a mesh that splits the sequence ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_shape", sorted(MESHES))
 def test_model_with_context_parallelism_equals_one_device(mesh_shape):
   """A tiny MatMul-free LM (float64, random parameters, packed documents) under
@@ -216,6 +218,7 @@ def test_model_with_context_parallelism_equals_one_device(mesh_shape):
     assert err <= F64_TOL, err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch, kind):
   """Two trainer steps (float64, packed documents) on data 2 x context 4 equal one device, to
@@ -243,6 +246,7 @@ def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch, kind):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), params, ref_params)
 
 
+@pytest.mark.slow
 def test_train_step_moves_no_seq_sized_activation_over_context():
   """The compiled MatMul-free train step (fwd + bwd + update) on context 8: no float array with
   a sequence dimension (whole, 320, or one shard's, 40) is in any collective; the recurrence's

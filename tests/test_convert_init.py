@@ -79,6 +79,7 @@ def test_input_rms_is_the_mean_token_rms_over_counted_tokens():
   np.testing.assert_allclose(input_rms(jnp.asarray(x)), [104 / 3, 2.0], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_projection_inputs_rebuild_the_teacher_blocks(setup):
   """o_in @ W_o and down_in @ W_down are the two residual updates of each teacher block."""
   teacher_cfg, _, teacher, _, tokens, segments = setup
@@ -168,6 +169,7 @@ def test_calibration_is_folded_into_the_norm_scales(setup):
     )
 
 
+@pytest.mark.slow
 def test_calibrated_student_blocks_match_the_teacher_update_scale(setup):
   """On the teacher's block inputs, RMS(student block update) / RMS(teacher block update)
   lies within [1/2, 2] per layer with the calibration; the plain copy's is > 5 (the

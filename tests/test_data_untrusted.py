@@ -207,6 +207,7 @@ def test_a_deeply_nested_multiple_choice_line_names_its_file_and_line(tmp_path):
   one_line(info)
 
 
+@pytest.mark.slow
 def test_lm_eval_tasks_that_need_the_network_name_the_task(tmp_path, monkeypatch):
   pytest.importorskip("lm_eval", reason="lm-eval is an optional install")
   from mmfree_jax.eval import lm_eval_adapter

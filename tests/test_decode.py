@@ -90,6 +90,7 @@ def _check_decoding(model):
   return final_state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_type", SCAN_TYPES)
 def test_mmfree_decode_matches_full_forward(scan_type):
   with jax.enable_x64(True):
@@ -102,6 +103,7 @@ def test_mmfree_decode_matches_full_forward(scan_type):
     assert state.h.dtype == jnp.float64
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])  # of 4 query heads: MHA, GQA, MQA
 def test_transformer_kv_cache_decode_matches_full_forward(kv_heads):
   with jax.enable_x64(True):

@@ -327,6 +327,7 @@ def _distill_run(pair, stage, mesh_shape, devices, microbatches, batches):
   return metrics, jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_sharded_distill_step_equals_one_device(pair):
   """Stage 2 (teacher and student forward, KL + CE) on a data x fsdp x tensor mesh with 2
   microbatches vs one device and one batch; f64 so reduction order cannot show. Stage 1 runs
@@ -346,6 +347,7 @@ def test_sharded_distill_step_equals_one_device(pair):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-9), p_one, p_eight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2])
 def test_accumulate_gradients_k_microbatches_equal_one_batch_distill_loss(pair, stage):
   """The one accumulation helper (`steps.accumulate_gradients`) on both distillation losses:
@@ -425,6 +427,7 @@ def _distill_config(teacher, **overrides):
   )
 
 
+@pytest.mark.slow
 def test_distill_through_train_resumes_exactly(tmp_path):
   teacher = _teacher_workdir(tmp_path / "teacher")
   full = train(_distill_config(teacher), str(tmp_path / "full"), progress=False)
@@ -445,6 +448,7 @@ def test_distill_through_train_resumes_exactly(tmp_path):
   assert [r["loss"] for r in first.history + second.history] == [r["loss"] for r in full.history]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "mesh_shape", [{"data": -1, "fsdp": 1, "tensor": 1}, {"data": 2, "fsdp": 2, "tensor": 2}]
 )

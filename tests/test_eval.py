@@ -107,6 +107,7 @@ def _requests(seed=0):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "kind,resets", [("mmfree", True), ("mmfree", False), ("transformer", True)]
 )
@@ -309,6 +310,8 @@ def test_workdir_errors_are_clear(tmp_path):
     ev.evaluate_workdir(str(tmp_path), ev.EvalOptions())
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eval_cli_end_to_end(tmp_path):
   workdir = tmp_path / "wd"
   _make_workdir(workdir)
@@ -398,6 +401,7 @@ metric_list:
 """)
 
 
+@pytest.mark.slow
 def test_lm_eval_adapter_runs_local_tasks_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -72,6 +72,7 @@ def exported(tmp_path_factory):
   return root, model, dirs
 
 
+@pytest.mark.slow
 def test_stored_codes_are_the_latent_weights_quantized(exported):
   root, model, dirs = exported
   packed_model, cfg, manifest = export.load_packed(str(dirs["2bit"]), method="lut")
@@ -101,6 +102,7 @@ def test_stored_codes_are_the_latent_weights_quantized(exported):
   assert header["embedding"]["dtype"] == "F64"  # full precision, as the checkpoint
 
 
+@pytest.mark.slow
 def test_packed_logits_and_greedy_tokens_equal_latent(exported):
   _, model, dirs = exported
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 259, (3, 11)), jnp.int32)
@@ -172,6 +174,7 @@ def test_int8_embedding_is_the_rows_quantized_and_the_rest_exact(exported, tmp_p
   np.testing.assert_allclose(np.asarray(logits), np.asarray(latent), atol=1e-12 * scale)
 
 
+@pytest.mark.slow
 def test_packed_perplexity_and_multiple_choice_equal_latent(exported, tmp_path):
   root, _, dirs = exported
   doc = tmp_path / "doc.txt"
@@ -194,6 +197,7 @@ def test_packed_perplexity_and_multiple_choice_equal_latent(exported, tmp_path):
   assert mc_a["predictions"] == mc_b["predictions"]
 
 
+@pytest.mark.slow
 def test_lm_eval_generate_until_from_packed(exported):
   pytest.importorskip("lm_eval", reason="lm-eval not installed")
   from mmfree_jax.eval.lm_eval_adapter import MMFreeLM
@@ -206,6 +210,8 @@ def test_lm_eval_generate_until_from_packed(exported):
   assert latent == packed and len(packed) == len(PROMPTS)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eval_cli_packed(exported, tmp_path):
   _, _, dirs = exported
   env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="1")

@@ -82,6 +82,8 @@ def _assert_same_params(a, b):
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # same arithmetic: bitwise
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_sigterm_saves_current_step_exits_zero_and_resume_is_exact(tmp_path, reference):
   work = tmp_path / "work"
   proc = _start(work, tmp_path / "first")
@@ -99,6 +101,8 @@ def test_sigterm_saves_current_step_exits_zero_and_resume_is_exact(tmp_path, ref
   _assert_same_params(_params(tmp_path / "second"), reference[0])
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_kill9_at_random_points_always_restores_last_complete_checkpoint(tmp_path, reference):
   work = tmp_path / "work"
   rng = random.Random(0)
@@ -134,6 +138,7 @@ def test_kill9_at_random_points_always_restores_last_complete_checkpoint(tmp_pat
   _assert_same_params(_params(tmp_path / "run"), reference[0])
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_names_step_and_file_and_older_step_recovers(tmp_path):
   work = tmp_path / "work"
   cfg = small_config(**{**OVERRIDES, "train.steps": 6})
@@ -155,6 +160,7 @@ def test_corrupted_checkpoint_names_step_and_file_and_older_step_recovers(tmp_pa
   assert os.listdir(os.path.join(work, "abandoned_checkpoints"))
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_config_is_a_clear_error(tmp_path):
   work = tmp_path / "work"
   training.train(small_config(**{"train.steps": 2}), str(work), progress=False)
@@ -181,6 +187,7 @@ def _exploding(**extra):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
   # no validation: a non-finite final validation loss would end the run with an error
@@ -198,6 +205,7 @@ def test_nan_policy_skip_counts_and_never_checkpoints_nans(tmp_path):
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_nan_policy_stop_names_the_step(tmp_path):
   with pytest.raises(training.NonFiniteLossError, match=r"at step 2\b"):
@@ -224,6 +232,8 @@ def test_full_disk_fails_before_compute(tmp_path, monkeypatch):
   )
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_dead_peer_process_ends_the_other_within_bounded_time(tmp_path):
   port = portpicker.pick_unused_port()
   overrides = {

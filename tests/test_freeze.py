@@ -52,6 +52,7 @@ def _prefill_and_step(model, tokens, plan):
   return run(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["autodiff", "lean", "int8", "auto"])
 def test_frozen_outputs_equal_latent(impl):
   model = _model(impl)
@@ -149,6 +150,7 @@ def _bf16_model(num_layers=2, d_model=32, kind="mmfree"):
   return perturb_params(build_model(cfg, 0))
 
 
+@pytest.mark.slow
 def test_bf16_in_place_plan_keeps_the_latent_weights_and_equals_the_latent_model():
   """The in-place plan (XLA:CPU under bf16 compute: `plan.CPU_CONVERTS_DOT_OPERANDS`) stores
   only each stacked kernel's per-layer scale, and the prefill and a decode step through the
@@ -196,6 +198,7 @@ def _generate_temp_bytes(model) -> int:
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries(kind):
   """The compiled generate's temporaries do not grow with depth under the plan it runs on CPU
@@ -210,6 +213,7 @@ def test_bf16_generate_on_cpu_holds_one_layers_weight_temporaries(kind):
   assert four - one < 0.5 * layer_bf16, (one, four, layer_bf16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "plan",
   [
@@ -258,6 +262,7 @@ def test_cpu_switch_off_gives_the_plans_of_other_platforms(monkeypatch):
     monkeypatch.undo()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_bf16_scoring_on_cpu_equals_the_plain_forward_and_holds_one_layer(kind):
   """Perplexity's forward (`scoring.target_logprobs`) prepares a bf16 model

@@ -49,6 +49,7 @@ def _prompt():
   return np.random.default_rng(0).integers(0, VOCAB, (2, PROMPT)).astype(np.int32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_greedy_equals_argmax_of_repeated_full_forwards(kind):
   with jax.enable_x64(True):

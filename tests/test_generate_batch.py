@@ -50,6 +50,7 @@ def _greedy_reference(model, prompts, new):
   return [seq[len(p) :] for seq, p in zip(seqs, prompts)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mmfree", "transformer", "packed"])
 def test_batch_rows_equal_greedy_full_forwards(kind):
   with jax.enable_x64(True):
@@ -112,6 +113,7 @@ def test_freed_heap_is_returned_once_per_compiled_program(monkeypatch):
   assert len(calls) == 2
 
 
+@pytest.mark.subprocess
 def test_packed_inference_imports_no_checkpoint_or_data_stack():
   """Loading a packed directory and generating from it import neither orbax/tensorstore nor
   grain/array_record (~55 MB of resident memory in a serving process)."""

@@ -79,6 +79,7 @@ def test_generation_limits_are_checked_before_anything_is_allocated():
     assert "decode_weights" not in gen.generation_memory_bytes(bf16, 2, 10, 6, frozen_copy=True)
 
 
+@pytest.mark.slow
 def test_streaming_sees_each_token_and_ids_stay_in_the_tokenizer():
   model = build_model(ModelConfig.tiny(vocab_size=320, d_model=32), 0)  # byte tokenizer: 258
   seen = []
@@ -172,6 +173,7 @@ def test_import_records_the_tokenizer_it_has_and_compares_only_architecture(tmp_
   assert step == 0
 
 
+@pytest.mark.slow
 def test_trained_bpe_model_round_trips_through_hf(tmp_path):
   work = str(tmp_path / "work")
   cfg = small_config(**{"data.tokenizer": "bpe:300", "train.steps": 2, "train.tracker": "none"})
@@ -202,6 +204,8 @@ def test_trained_bpe_model_round_trips_through_hf(tmp_path):
 # -------------------------------------------------------------------------- 3. eval.py
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_eval_cli_prints_first_warns_on_unwritable_output_and_enables_x64(tmp_path):
   work = tmp_path / "w64"
   _random_workdir(work, param_dtype="float64")

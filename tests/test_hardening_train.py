@@ -39,6 +39,7 @@ def _write_lock(workdir, pid, host):
 # ------------------------------------------------------------------------------- 1. lock
 
 
+@pytest.mark.subprocess
 def test_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path, capsys):
   work = str(tmp_path)
   with WorkdirLock(work):
@@ -112,6 +113,7 @@ def test_every_config_key_has_help_text():
 # ------------------------------------------------------------ 2. NaN give-up, every=0
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_skip_policy_gives_up_and_never_checkpoints_a_skipped_step(tmp_path):
   # lr 1e30: step 2 blows the weights up (finite), every later step is non-finite.
@@ -135,6 +137,7 @@ def test_skip_policy_gives_up_and_never_checkpoints_a_skipped_step(tmp_path):
   assert not os.path.exists(tmp_path / LOCK_NAME)  # released on the error path
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("allow_exploding_lr")
 def test_zero_every_means_off_and_summary_lists_skipped_steps(tmp_path):
   cfg = small_config(
@@ -163,6 +166,7 @@ def test_zero_every_means_off_and_summary_lists_skipped_steps(tmp_path):
 # ---------------------------------------------------------------------------- 8. resume
 
 
+@pytest.mark.slow
 def test_resume_drops_superseded_rows_and_guards_the_schedule(tmp_path, capsys):
   work = str(tmp_path)
   over = {"train.steps": 4, "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
@@ -185,6 +189,7 @@ def test_resume_drops_superseded_rows_and_guards_the_schedule(tmp_path, capsys):
 # ------------------------------------------------------------------- 5. checkpoints
 
 
+@pytest.mark.slow
 def test_missing_metadata_and_uncommitted_steps(tmp_path):
   work = str(tmp_path)
   over = {"train.steps": 4, "train.checkpoint_every": 2}
@@ -213,6 +218,8 @@ def _cli(*args, cwd=None):
   )
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cli_help_print_config_and_user_errors(tmp_path):
   assert _cli("--help").returncode == 0
   proc = _cli("--print_config", "--config.train.steps=7")

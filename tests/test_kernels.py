@@ -69,6 +69,7 @@ RECURRENCE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "name,fn,shape,with_state", RECURRENCE_CASES, ids=[c[0] for c in RECURRENCE_CASES]
 )
@@ -165,6 +166,7 @@ QUANT_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform,interpret,shape,dtype", QUANT_CASES)
 def test_quantizer_codes_equal_reference(platform, interpret, shape, dtype):
   kx, kg = jax.random.split(jax.random.key(1))
@@ -203,6 +205,7 @@ def _quantizer_rows(n, d, values):
 VALUES = ["float32", "float32 holding bf16", "bfloat16"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("values", VALUES)
 def test_quantizer_gpu_bitwise_over_many_rows(values):
   """Issue 28 item 12: 1e5 rows of 64 features through the Triton kernel (interpreted). Its
@@ -395,6 +398,7 @@ def _kernel_model_setup(scan_type, bitlinear_impl):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("platform", ["tpu"])  # the GPU kernel's shard_map: test above
 def test_sharded_train_step_with_kernels_equals_unsharded(platform):
   """scan_type=pallas, bitlinear_impl=fused (Pallas interpret mode on CPU): a train step on a

@@ -105,6 +105,7 @@ def test_slurm_auto_discovery_trains_like_explicit_coordinator(tmp_path):
     np.testing.assert_array_equal(p2[k], p1[k], err_msg=k)
 
 
+@pytest.mark.subprocess
 def test_auto_without_a_cluster_is_one_clear_line(monkeypatch):
   for k in list(os.environ):
     if k.startswith(("SLURM_", "TPU_", "MEGASCALE_", "OMPI_", "KUBERNETES_")):
@@ -129,6 +130,7 @@ def test_auto_without_a_cluster_is_one_clear_line(monkeypatch):
   assert "launch/" in last
 
 
+@pytest.mark.subprocess
 def test_sbatch_script_runs_train_py_under_srun_with_auto(tmp_path):
   """The script, with a stand-in `srun` that records its argv: one task per GPU and every
   argument passed on to train.py after `--config.dist.coordinator=auto`."""
@@ -185,6 +187,7 @@ def _pod_env(container, slice_id, host):
   return env
 
 
+@pytest.mark.tpu_compile
 def test_jobset_sets_everything_auto_needs(monkeypatch):
   # what dist.coordinator=auto runs on GKE TPU
   from jax._src.clusters import cloud_tpu_cluster
@@ -236,6 +239,7 @@ def _readme_block(marker):
   raise AssertionError(f"README has no ```bash block starting with {marker!r}")
 
 
+@pytest.mark.subprocess
 def test_tpu_vm_command_is_the_readmes():
   command, shown = _readme_block("python launch/tpu_vm.py")
   argv = shlex.split(command)
@@ -248,6 +252,7 @@ def test_tpu_vm_command_is_the_readmes():
   assert "train.py --config.dist.coordinator=auto" in remote
 
 
+@pytest.mark.subprocess
 def test_tpu_vm_refuses_dist_flags():
   run = subprocess.run(
     [

@@ -51,6 +51,7 @@ def two_slices():
 # ---- the mesh ----
 
 
+@pytest.mark.tpu_compile
 def test_hybrid_mesh_puts_data_across_slices(two_slices):
   """Default `mesh.dcn`: data spans the slices, fsdp and tensor stay inside one."""
   mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 2, "tensor": 2}, two_slices)
@@ -59,6 +60,7 @@ def test_hybrid_mesh_puts_data_across_slices(two_slices):
     assert {d.slice_index for d in mesh.devices[i].flat} == {i}
 
 
+@pytest.mark.tpu_compile
 def test_hybrid_mesh_dcn_on_another_axis(two_slices):
   mesh = mesh_lib.make_mesh(
     {"data": 1, "fsdp": -1, "tensor": 2}, two_slices, dcn_cfg={"data": 1, "fsdp": 2, "tensor": 1}
@@ -69,6 +71,7 @@ def test_hybrid_mesh_dcn_on_another_axis(two_slices):
   assert slices == [{0}, {0}, {1}, {1}]
 
 
+@pytest.mark.tpu_compile
 @pytest.mark.parametrize(
   "shape, dcn, match",
   [
@@ -81,6 +84,7 @@ def test_bad_dcn_is_refused(two_slices, shape, dcn, match):
     mesh_lib.make_mesh(shape, two_slices, dcn_cfg=dcn)
 
 
+@pytest.mark.tpu_compile
 def test_dcn_needs_slices(one_slice):
   with pytest.raises(ValueError, match="1 slice"):
     mesh_lib.make_mesh({"data": -1}, one_slice, dcn_cfg={"data": 2})
@@ -136,6 +140,8 @@ def compiled_steps(one_slice, two_slices):
   return one, two, grads_two
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_only_the_gradient_reduction_crosses_slices_once_per_step(compiled_steps):
   _, two, per_chip_grads = compiled_steps
   text = two.as_text()
@@ -150,6 +156,7 @@ def test_only_the_gradient_reduction_crosses_slices_once_per_step(compiled_steps
   assert per_chip_grads <= sent <= per_chip_grads + 128 * 16, (sent, per_chip_grads)
 
 
+@pytest.mark.tpu_compile
 def test_per_chip_memory_matches_one_slice(compiled_steps):
   """Params and optimizer state per chip are the one-slice figure; temporaries add at most
   the DCN all-reduce's send and receive buffers (two fp32 copies of the chip's gradients)."""
@@ -164,6 +171,8 @@ def test_per_chip_memory_matches_one_slice(compiled_steps):
   )
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 @pytest.mark.xfail(
   strict=True,
   reason=(
@@ -178,6 +187,8 @@ def test_microbatches_reduce_over_dcn_once(two_slices):
   assert [t for t in dcn.dcn_transfers(compiled.as_text()) if t.in_loop] == []
 
 
+@pytest.mark.slow
+@pytest.mark.tpu_compile
 def test_fsdp_across_slices_is_seen_crossing(two_slices):
   """The control: with fsdp spanning the slices, the per-layer parameter all-gathers cross
   the DCN inside the layer scan, and the checks above see it."""
@@ -188,6 +199,7 @@ def test_fsdp_across_slices_is_seen_crossing(two_slices):
   assert [t for t in transfers if t.in_loop]
 
 
+@pytest.mark.tpu_compile
 def test_aot_multislice_report_verdicts():
   """benchmarks.aot_multislice's RESULTS.md rows: a reduction inside a loop or a per-chip
   peak above the one-slice figure is a 'no'."""

@@ -77,6 +77,7 @@ def run_notebook(name: str, tmp_path, monkeypatch):
   return nb
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_top_to_bottom(name, tmp_path, monkeypatch):
   nb = run_notebook(name, tmp_path, monkeypatch)

@@ -272,6 +272,7 @@ def _model_logits(model):
   return _decode_all(lambda t, s: step(model, t, s), model.init_state(2))
 
 
+@pytest.mark.slow
 def test_packed_decode_equals_model_decode_f64():
   with jax.enable_x64(True):
     model = _model("float64")
@@ -286,6 +287,7 @@ def test_packed_decode_equals_model_decode_f64():
       )
 
 
+@pytest.mark.slow
 def test_packed_decode_fp32_all_formats_identical_and_close_to_model():
   model = _model("float32")
   expected, _ = _model_logits(model)
@@ -347,6 +349,7 @@ def test_export_errors():
     packed_model.export_packed(model, "2bit", "simd")
 
 
+@pytest.mark.slow
 def test_popcount_decode_reads_the_planes_in_place():
   """The decode step's layer scan reads each layer's planes where they lie: its compiled
   temporaries stay under half of one layer's gate_proj planes. A copy of the stack (as padding
@@ -362,6 +365,7 @@ def test_popcount_decode_reads_the_planes_in_place():
   assert compiled.memory_analysis().temp_size_in_bytes < 0.5 * layer_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["lut", "popcount"])
 def test_prefill_unpacks_one_layer_at_a_time(method):
   """A prefill past `LUT_MAX_ROWS[fmt]` rows unpacks the codes to fp32 (a block at a time).

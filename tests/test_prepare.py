@@ -230,6 +230,7 @@ def test_num_proc_does_not_change_the_output(tmp_path):
     )
 
 
+@pytest.mark.subprocess
 def test_interrupted_prepare_resumes_without_redoing_shards(tmp_path, monkeypatch):
   texts = docs(200)
   write_jsonl(tmp_path / "a.jsonl", texts[:120])
@@ -293,6 +294,7 @@ def test_validation_shards_are_spread_and_recorded(tmp_path):
     prep.validation_shards(3, 3, 0.0)
 
 
+@pytest.mark.subprocess
 def test_cli(tmp_path, capsys):
   texts = docs(50)
   write_jsonl(tmp_path / "x.jsonl", texts)
@@ -599,6 +601,7 @@ def test_pipeline_batches_processes_workers_and_validation(tmp_path):
   assert {s[0] for s in sources} == {"a", "b"}
 
 
+@pytest.mark.slow
 def test_prepare_train_resume_is_exact_on_a_mixture(tmp_path):
   from mmfree_jax.train.trainer import train
   from tests.train_configs import small_config

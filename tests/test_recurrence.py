@@ -69,6 +69,7 @@ def _data(seq, seed):
   return f, i, h0, dh_out, dh_last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan_type,chunk_size,cases", IMPLS, ids=IDS)
 def test_matches_numpy_loop_forward_and_backward(scan_type, chunk_size, cases):
   data = [_data(seq, seed=seq + 100 * with_h0) for seq, with_h0 in cases]

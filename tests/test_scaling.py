@@ -64,6 +64,8 @@ def _check_results(results: dict, *, sizes, kinds) -> None:
     assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-6)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_toy_study_end_to_end(tmp_path):
   out = tmp_path / "results"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_XLA_FLAGS)

@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WARNING = "Involuntary full rematerialization"
 
@@ -65,6 +67,8 @@ SPECS = (
 )
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_train_step_compiles_without_involuntary_resharding():
   env = dict(os.environ)
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -95,6 +99,7 @@ def test_train_step_compiles_without_involuntary_resharding():
   assert not offenders, "\n".join(offenders)
 
 
+@pytest.mark.subprocess
 def test_detector_sees_the_warning():
   """The check can fail: the table constrained against the batch sharding reproduces it."""
   script = r"""

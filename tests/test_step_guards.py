@@ -58,6 +58,7 @@ def _same(a, b):
   )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "overrides,applied",
   [
@@ -84,6 +85,7 @@ def test_one_predicate_decides_applied_skipped_and_state(overrides, applied):
     assert _same(after.opt_state.inner_state, before.opt_state.inner_state)
 
 
+@pytest.mark.slow
 def test_a_finite_step_is_applied_and_counted_as_such():
   before, after, m = _one_step(lr=1e-3)
   assert m["finite"] == 1.0 and m["skipped_steps"] == 0.0
@@ -117,6 +119,7 @@ def _nan_params_workdir(path, cfg):
   loading.save_workdir_config(str(path), cfg)
 
 
+@pytest.mark.slow
 def test_run_whose_every_step_was_skipped_ends_with_an_error(tmp_path):
   cfg = small_config(**{"train.steps": 3, "train.eval_every": 3, "train.eval_batches": 1})
   _nan_params_workdir(tmp_path, cfg)
@@ -144,6 +147,7 @@ def test_run_end_judges_the_last_validation_loss():
 # ---------------------------------------------------------------------------- memory (11)
 
 
+@pytest.mark.slow
 def test_a_step_that_cannot_fit_is_refused_from_its_compiled_estimate(tmp_path):
   """seq_len 10M on the tiny model: XLA's estimate is terabytes; refused in one line before
   the data pipeline or the state exist (no OOM, no metrics, no checkpoint)."""

@@ -7,6 +7,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 80
@@ -24,11 +26,13 @@ def _ruff(*args):
   )
 
 
+@pytest.mark.subprocess
 def test_ruff_lint():
   proc = _ruff("check", "--no-cache")
   assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
+@pytest.mark.subprocess
 def test_ruff_format():
   proc = _ruff("format", "--check", "--no-cache")
   assert proc.returncode == 0, (

@@ -75,6 +75,7 @@ MESHES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "kind,mesh_names", [("mmfree", ("d2f2t2", "f4t2")), ("transformer", ("data8",))]
 )
@@ -106,6 +107,7 @@ def test_sharded_step_matches_single_device(kind, mesh_names):
     assert actual == expected, shape
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_equals_big_batch():
   model_cfg, tx, schedule = _setup()
   batches = [_batch(3), _batch(4)]
@@ -117,6 +119,7 @@ def test_gradient_accumulation_equals_big_batch():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-8), acc_params, big_params)
 
 
+@pytest.mark.slow
 def test_loss_mask_ignores_padding_targets():
   model_cfg, tx, schedule = _setup(lr=0.0)
   b = _batch(5)
@@ -136,6 +139,7 @@ def test_loss_mask_ignores_padding_targets():
     bad_batch()
 
 
+@pytest.mark.slow
 def test_accumulate_gradients_k_microbatches_equal_one_batch_lm_loss():
   """The one accumulation helper on the LM objective: loss, metric sums and gradients of 4
   strided microbatches (one lax.scan) equal one value_and_grad over the whole batch (f64)."""

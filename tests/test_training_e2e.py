@@ -24,6 +24,7 @@ def _params_close(a, b, atol=0.0):
   )
 
 
+@pytest.mark.slow
 def test_tiny_loss_goes_down(tmp_path):
   cfg = small_config(
     **{
@@ -45,6 +46,7 @@ def test_tiny_loss_goes_down(tmp_path):
   assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
 
 
+@pytest.mark.slow
 def test_interrupt_and_resume_is_exact(tmp_path):
   overrides = {"train.steps": 8, "train.global_batch": 8, "train.checkpoint_every": 3}
   full = train(small_config(**overrides), str(tmp_path / "full"), progress=False)
@@ -60,6 +62,7 @@ def test_interrupt_and_resume_is_exact(tmp_path):
   assert resumed_losses == [r["loss"] for r in full.history]
 
 
+@pytest.mark.slow
 def test_checkpoint_of_other_architecture_is_refused(tmp_path):
   train(small_config(**{"train.steps": 1, "train.global_batch": 8}), str(tmp_path), progress=False)
   with pytest.raises(ckpt_lib.CheckpointError, match="d_model"):
@@ -95,6 +98,8 @@ def _run_worker(workdir, out, overrides, env_extra, stop_after=None):
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_processes_match_one(tmp_path):
   # f64 so that the cross-process all-reduce order cannot show up in Adam's first steps.
   overrides = {
