@@ -81,7 +81,7 @@ def test_train_refuses_a_workdir_in_use_before_any_compute(tmp_path):
 def test_bad_run_settings_name_the_key(key, value, message):
   cfg = small_config(**{key: value})
   with pytest.raises(ValueError, match=message):
-    config_lib.validate_run(cfg)
+    config_lib.validate(cfg)
 
 
 def test_short_run_scales_warmup_with_a_note():

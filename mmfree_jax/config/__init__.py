@@ -38,7 +38,6 @@ from mmfree_jax.config.validation import (
   mixture_weights,
   validate,
   validate_data,
-  validate_run,
 )
 
 __all__ = [
@@ -71,7 +70,6 @@ __all__ = [
   "resolve_dtype",
   "validate",
   "validate_data",
-  "validate_run",
 ]
 
 

@@ -102,12 +102,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ModelConfig:
   return model
 
 
-def validate_run(cfg: ml_collections.ConfigDict) -> None:
-  """The same one-pass check as `validate` (kept for callers that validate the run settings
-  after the model)."""
-  validate(cfg)
-
-
 def fit_warmup(cfg: ml_collections.ConfigDict) -> str | None:
   """Scales `optim.warmup_steps` down for a run shorter than it (in place); returns a note.
 

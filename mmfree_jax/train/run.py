@@ -288,7 +288,6 @@ def _throughput(cfg, model_cfg) -> metrics_lib.Throughput:
 
 def _validate(cfg) -> config_lib.ModelConfig:
   model_cfg = config_lib.validate(cfg)
-  config_lib.validate_run(cfg)
   warmup_note = config_lib.fit_warmup(cfg)
   if warmup_note:
     note(warmup_note)
