@@ -88,25 +88,30 @@ def test_freeze_stores_quantized_weights_per_layer():
   assert prepared.model.lm_head.impl == "int8"
 
 
+def _prompt_args():
+  """`generate._generate`'s traced arguments after the params: one 4-token prompt, its length,
+  a key, temperature 0, top-p 1, no eos."""
+  return (
+    jnp.zeros((1, 4), jnp.int32),
+    jnp.asarray([4], jnp.int32),
+    jax.random.key(0),
+    jnp.float32(0),
+    jnp.float32(1),
+    jnp.int32(-1),
+  )
+
+
+# Its static arguments: three greedy new tokens.
+_GREEDY_3_TOKENS = dict(max_new_tokens=3, min_len=4, greedy=True, top_k=0, nucleus=False)
+
+
 def _weight_abs_in_decode_loop(model) -> int:
   """How many `abs` ops on a weight-shaped operand (`[..., in, out]`, in > 1; activations in
   a decode step are `[batch, 1, d]`) the jaxpr of `generate` runs inside its while loop."""
   graphdef, params = nnx.split(model)
   jaxpr = jax.make_jaxpr(
     lambda p: generate._generate.__wrapped__(  # pylint: disable=protected-access
-      graphdef,
-      p,
-      jnp.zeros((1, 4), jnp.int32),
-      jnp.asarray([4], jnp.int32),
-      jax.random.key(0),
-      jnp.float32(0),
-      jnp.float32(1),
-      jnp.int32(-1),
-      max_new_tokens=3,
-      min_len=4,
-      greedy=True,
-      top_k=0,
-      nucleus=False,
+      graphdef, p, *_prompt_args(), **_GREEDY_3_TOKENS
     )
   )(params)
 
@@ -181,19 +186,7 @@ def test_bf16_in_place_plan_keeps_the_latent_weights_and_equals_the_latent_model
 def _generate_temp_bytes(model) -> int:
   graphdef, params = nnx.split(model)
   compiled = generate._generate.lower(  # pylint: disable=protected-access
-    graphdef,
-    params,
-    jnp.zeros((1, 4), jnp.int32),
-    jnp.asarray([4], jnp.int32),
-    jax.random.key(0),
-    jnp.float32(0),
-    jnp.float32(1),
-    jnp.int32(-1),
-    max_new_tokens=3,
-    min_len=4,
-    greedy=True,
-    top_k=0,
-    nucleus=False,
+    graphdef, params, *_prompt_args(), **_GREEDY_3_TOKENS
   ).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
