@@ -151,20 +151,6 @@ def test_markdown_report(toy_run):
     assert section in md
 
 
-def test_no_benchmark_function_over_80_lines():
-  import ast
-  import glob
-
-  long = []
-  for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.py"))):
-    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-        lines = node.end_lineno - node.lineno + 1
-        if lines > 80:
-          long.append(f"{os.path.basename(path)}:{node.name} ({lines} lines)")
-  assert not long, long
-
-
 def test_report_renders_each_benchmark_from_its_module():
   """`benchmarks.report` holds no section of its own: every name it renders is a module with
   `markdown` (and `targets` where it lists any)."""
