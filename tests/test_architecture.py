@@ -24,6 +24,7 @@ ROOT = os.path.dirname(mmfree_jax.__file__)
 LAYERS = {
   "registry": 0,
   "hardware": 0,
+  "paths": 0,
   "numerics": 1,
   "parallel": 2,
   "kernels": 3,
