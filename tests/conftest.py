@@ -44,3 +44,11 @@ def allow_exploding_lr(monkeypatch):
   from mmfree_jax.config import schema  # pylint: disable=import-outside-toplevel
 
   monkeypatch.setattr(schema, "MAX_LR", math.inf)
+
+
+from tests.storage_emulators import (  # noqa: E402,F401  (fixtures)
+  gcs_emulator,
+  gcs_root,
+  s3_emulator,
+  s3_root,
+)
