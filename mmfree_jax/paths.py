@@ -77,6 +77,12 @@ def dirname(path: str | os.PathLike) -> str:
   return head if not head.endswith(":/") else head + "/"
 
 
+def expanduser(path: str | os.PathLike) -> str:
+  """A leading `~` expanded to the home folder (local paths; a bucket path is unchanged)."""
+  p = os.fspath(path)
+  return p if is_remote(p) else os.path.expanduser(p)
+
+
 def absolute(path: str | os.PathLike) -> str:
   """An absolute path (orbax wants one); a bucket path is already absolute."""
   p = os.fspath(path)
@@ -107,13 +113,20 @@ def listdir(path: str | os.PathLike) -> list[str]:
 
 
 def glob(pattern: str | os.PathLike) -> list[str]:
-  """Paths matching a glob `pattern` (`*`, `?`, `[…]` in the last components), sorted."""
+  """Paths matching a glob `pattern` (`*`, `?`, `[…]`; `**` spans folders), sorted."""
   p = os.fspath(pattern)
   if not is_remote(p):
     import glob as glob_lib  # pylint: disable=import-outside-toplevel
 
-    return sorted(glob_lib.glob(p))
+    return sorted(glob_lib.glob(p, recursive=True))  # `**` as fsspec reads it for buckets
   return sorted(f"{scheme(p)}://{m}" for m in _fs(p).glob(p))
+
+
+def has_magic(pattern: str | os.PathLike) -> bool:
+  """Whether `pattern` holds glob characters (`*`, `?`, `[`), i.e. names several paths."""
+  import glob as glob_lib  # pylint: disable=import-outside-toplevel
+
+  return glob_lib.has_magic(os.fspath(pattern))
 
 
 def size(path: str | os.PathLike) -> int:

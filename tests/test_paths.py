@@ -1,6 +1,8 @@
 """mmfree_jax.paths against a local folder, the GCS emulator and the S3 server (real processes,
 tests/storage_emulators.py): the same calls mean the same thing on every backend."""
 
+import os
+
 import pytest
 
 from mmfree_jax import paths
@@ -66,3 +68,14 @@ def test_join_dirname_keep_the_scheme():
   assert paths.dirname("gs://b/run/config.json") == "gs://b/run"
   assert paths.basename("s3://b/run/") == "run"
   assert paths.scheme("s3://b/x") == "s3" and paths.scheme("/tmp/x") == "file"
+
+
+def test_glob_double_star_spans_folders_and_user_paths_expand(root):
+  for name in ("a.txt", "sub/b.txt", "sub/deeper/c.txt", "sub/d.json"):
+    paths.makedirs(paths.dirname(paths.join(root, name)))
+    paths.write_atomic(paths.join(root, name), b"x")
+  want = [paths.join(root, n) for n in ("a.txt", "sub/b.txt", "sub/deeper/c.txt")]
+  assert [p for p in paths.glob(paths.join(root, "**", "*.txt")) if paths.isfile(p)] == want
+  assert paths.has_magic(paths.join(root, "*.txt")) and not paths.has_magic(root)
+  assert paths.expanduser(root) == root or not paths.is_remote(root)
+  assert paths.expanduser("~/x") == os.path.join(os.path.expanduser("~"), "x")

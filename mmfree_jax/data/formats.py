@@ -13,19 +13,24 @@ after any document and resume at `(file, unit)` without tokenizing what came bef
             through its `split` subfolder)
 Units whose text is empty are counted but hold no document (a row with a null or `""` text).
 
+Every input may be local or in a bucket (`gs://…`, `s3://…`): files are streamed through
+`mmfree_jax.paths` (Parquet through a seekable file object, so a resume still reads only the
+row groups it needs); a local `save_to_disk` folder's Arrow files are memory-mapped, a bucket's
+streamed.
+
 `check_inputs` opens every file cheaply (Parquet schema, compression magic bytes, first JSON
 line, dataset column) so that a wrong path, field or file fails before any tokenizing.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
 import io
 import json
 import os
 from typing import Iterator
 
+from mmfree_jax import paths as paths_lib
 from mmfree_jax.data import untrusted
 
 SOURCE_FORMATS = ("parquet", "jsonl", "text", "hf_disk")
@@ -45,48 +50,63 @@ def resolve_inputs(inputs: str, fmt: str) -> list[str]:
   kind = "folder" if want_dir else "file"
   paths = []
   for entry in entries:
-    pattern = os.path.expanduser(entry)
-    if glob.has_magic(pattern):
-      matches = sorted(
+    pattern = paths_lib.expanduser(entry)
+    if paths_lib.has_magic(pattern):
+      matches = [
         p
-        for p in glob.glob(pattern, recursive=True)
-        if (os.path.isdir(p) if want_dir else os.path.isfile(p))
-      )
+        for p in paths_lib.glob(pattern)
+        if (paths_lib.isdir(p) if want_dir else paths_lib.isfile(p))
+      ]
       if not matches:
         raise ValueError(f"--inputs glob {entry!r} matches no {kind}s; fix the pattern")
       paths += matches
-    elif not os.path.exists(pattern):
+    elif not paths_lib.exists(pattern):
       raise ValueError(f"--inputs {kind} {entry!r} does not exist; fix --inputs")
-    elif want_dir != os.path.isdir(pattern):
+    elif want_dir != paths_lib.isdir(pattern):
       raise ValueError(
         f"--inputs entry {entry!r} is not a {kind}; --format={fmt} reads "
         + ("`datasets.save_to_disk` folders" if want_dir else "files")
       )
     else:
       paths.append(pattern)
-  paths = list(dict.fromkeys(os.path.abspath(p) for p in paths))
+  paths = list(dict.fromkeys(paths_lib.absolute(p) for p in paths))
   for path in paths:
-    if not want_dir and os.path.getsize(path) == 0:
+    if not want_dir and paths_lib.size(path) == 0:
       raise ValueError(f"input file {path!r} is empty; remove it from --inputs")
   return paths
 
 
+def file_stamp(path: str) -> list[int]:
+  """[size, mtime in ns] of a file: changes whenever it is rewritten (an object in a bucket:
+  its size and last upload time)."""
+  if not paths_lib.is_remote(path):
+    st = os.stat(path)  # local: mtime_ns exactly (a float of seconds rounds it)
+    return [st.st_size, st.st_mtime_ns]
+  return [paths_lib.size(path), int(paths_lib.mtime(path) * 1e9)]
+
+
 def input_identity(path: str) -> list:
   """(path, size, mtime_ns) of a file, or of every file in a folder: changes on any rewrite."""
-  files = [path]
-  if os.path.isdir(path):
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-  return [
-    [os.path.relpath(f, path) if f != path else f, os.stat(f).st_size, os.stat(f).st_mtime_ns]
-    for f in files
-  ]
+  if not paths_lib.isdir(path):
+    return [[path, *file_stamp(path)]]
+  if paths_lib.is_remote(path):
+    prefix = path.rstrip("/") + "/"
+    found = [p for p in paths_lib.glob(prefix + "**") if paths_lib.isfile(p)]
+    files = sorted(p[len(prefix) :] for p in found)
+  else:
+    files = sorted(
+      os.path.relpath(os.path.join(root, f), path)
+      for root, _, names in os.walk(path)
+      for f in names
+    )
+  return [[f, *file_stamp(paths_lib.join(path, f))] for f in files]
 
 
 # ---------------------------------------------------------------------------- checks
 
 
 def _magic(path: str, n: int = 4) -> bytes:
-  with open(path, "rb") as f:
+  with paths_lib.open_file(path, "rb") as f:
     return f.read(n)
 
 
@@ -98,7 +118,7 @@ def _check_compressed(path: str) -> None:
     try:
       if head != _ZSTD_MAGIC:
         raise zstandard.ZstdError("bad magic number")
-      with open(path, "rb") as f:
+      with paths_lib.open_file(path, "rb") as f:
         zstandard.get_frame_parameters(f.read(18))
     except zstandard.ZstdError as e:
       raise ValueError(
@@ -116,8 +136,10 @@ def _parquet_text_column(path: str, text_field: str):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq
 
+  # A bucket's file as a seekable stream: pyarrow reads the footer, then only what it needs.
+  source = paths_lib.open_file(path, "rb") if paths_lib.is_remote(path) else path
   try:
-    pf = pq.ParquetFile(path)
+    pf = pq.ParquetFile(source)
   except (pa.ArrowInvalid, OSError) as e:
     raise ValueError(
       f"input file {path!r} is not a readable Parquet file ({e}); fix or remove it from --inputs"
@@ -142,18 +164,20 @@ def _hf_table(path: str, text_field: str, split: str):
   DatasetDict), checked to have a string column text_field."""
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
 
-  if os.path.isfile(os.path.join(path, "dataset_dict.json")):
+  if paths_lib.isfile(paths_lib.join(path, "dataset_dict.json")):
     splits = untrusted.load_json(
-      os.path.join(path, "dataset_dict.json"), what="a DatasetDict index", fix="re-save the dataset"
+      paths_lib.join(path, "dataset_dict.json"),
+      what="a DatasetDict index",
+      fix="re-save the dataset",
     )
     splits = splits.get("splits", []) if isinstance(splits, dict) else []
     if split not in splits:
       raise ValueError(
         f"{path!r} is a DatasetDict with splits {splits}; pass --hf_split with one of them"
       )
-    path = os.path.join(path, split)
-  state_path = os.path.join(path, "state.json")
-  if not os.path.isfile(state_path):
+    path = paths_lib.join(path, split)
+  state_path = paths_lib.join(path, "state.json")
+  if not paths_lib.isfile(state_path):
     raise ValueError(
       f"{path!r} is not a `datasets` save_to_disk folder (no state.json); "
       "save it with Dataset.save_to_disk or pick another --format"
@@ -174,7 +198,9 @@ def _hf_table(path: str, text_field: str, split: str):
   tables = []
   for file in files:
     try:
-      tables.append(pa.ipc.open_stream(pa.memory_map(file)).read_all())
+      stream = paths_lib.open_file(file, "rb") if paths_lib.is_remote(file) else pa.memory_map(file)
+      with stream:
+        tables.append(pa.ipc.open_stream(stream).read_all())
     except (pa.ArrowInvalid, OSError) as e:
       raise ValueError(
         f"Arrow file {file!r} of {path!r} is unreadable ({e}); re-save the dataset"
@@ -221,12 +247,27 @@ def check_inputs(paths: list[str], fmt: str, text_field: str, hf_split: str = "t
 
 
 def open_text(path: str):
-  """A UTF-8 text stream of a plain, `.gz` or `.zst` file."""
+  """A UTF-8 text stream of a plain, `.gz` or `.zst` file (local or in a bucket)."""
   if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
+    return io.TextIOWrapper(_GzipReader(path), encoding="utf-8")
   if path.endswith(".zst"):
     return io.TextIOWrapper(io.BufferedReader(_ZstdRaw(path)), encoding="utf-8")
-  return open(path, "r", encoding="utf-8")
+  return paths_lib.open_file(path, "r", encoding="utf-8")
+
+
+class _GzipReader(gzip.GzipFile):
+  """Decompressed bytes of a `.gz` file; closing it closes the file it reads (a GzipFile
+  leaves a stream it was handed open)."""
+
+  def __init__(self, path: str):
+    self._raw = paths_lib.open_file(path, "rb")
+    super().__init__(fileobj=self._raw, mode="rb")
+
+  def close(self) -> None:
+    try:
+      super().close()
+    finally:
+      self._raw.close()
 
 
 class _ZstdRaw(io.RawIOBase):
@@ -237,7 +278,7 @@ class _ZstdRaw(io.RawIOBase):
     import zstandard  # pylint: disable=g-import-not-at-top
 
     self._zstd = zstandard
-    self._file = open(path, "rb")
+    self._file = paths_lib.open_file(path, "rb")
     self._dobj = zstandard.ZstdDecompressor().decompressobj()
     self._pending = b""
     self._in_frame = False

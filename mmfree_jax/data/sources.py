@@ -12,20 +12,21 @@ Sources and what one document is:
                tokenizer's EOS id (handled by `corpus.py`; no text here).
   array_record folders written by `python -m mmfree_jax.data.prepare` (`prepared.py`; no
                documents here).
-`data.paths` is a comma-separated list of files or globs, expanded in sorted order.
+`data.paths` is a comma-separated list of files or globs, expanded in sorted order; each may be
+local or in a bucket (`gs://…`, `s3://…`), read through `mmfree_jax.paths` (streamed, no copy).
 Every bad input raises ValueError naming the path and the fix, before any training compute.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import importlib.util
 import json
 import os
 from typing import Iterator
 
+from mmfree_jax import paths as paths_lib
 from mmfree_jax.data import formats
 
 SOURCES = ("builtin_kjv", "text", "jsonl", "tokens", "array_record")
@@ -89,33 +90,33 @@ def resolve_paths(paths: str, kind: str) -> list[str]:
     )
   files = []
   for entry in entries:
-    pattern = os.path.expanduser(entry)
-    if glob.has_magic(pattern):
-      matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    pattern = paths_lib.expanduser(entry)
+    if paths_lib.has_magic(pattern):
+      matches = [p for p in paths_lib.glob(pattern) if paths_lib.isfile(p)]
       if not matches:
         raise ValueError(
           f"data.paths glob {entry!r} matches no files; fix the pattern in --config.data.paths"
         )
       files += matches
-    elif not os.path.exists(pattern):
+    elif not paths_lib.exists(pattern):
       raise ValueError(f"data.paths file {entry!r} does not exist; fix --config.data.paths")
-    elif not os.path.isfile(pattern):
+    elif not paths_lib.isfile(pattern):
       raise ValueError(
         f"data.paths entry {entry!r} is not a file; name files or a glob such "
-        f"as {os.path.join(entry, '*')!r} in --config.data.paths"
+        f"as {paths_lib.join(entry, '*')!r} in --config.data.paths"
       )
     else:
       files.append(pattern)
   for path in files:
-    if os.path.getsize(path) == 0:
+    if paths_lib.size(path) == 0:
       raise ValueError(f"data file {path!r} is empty; remove it from --config.data.paths")
-  return list(dict.fromkeys(os.path.abspath(p) for p in files))  # dedupe, keep order
+  return list(dict.fromkeys(paths_lib.absolute(p) for p in files))  # dedupe, keep order
 
 
 def file_identity(path: str) -> list:
-  """(absolute path, size, mtime_ns): changes whenever the file is rewritten."""
-  st = os.stat(path)
-  return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
+  """(absolute path, size, mtime in ns): changes whenever the file is rewritten (an object
+  in a bucket: its size and last upload time)."""
+  return [paths_lib.absolute(path), *formats.file_stamp(path)]
 
 
 def source_from_config(data_cfg) -> Source:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from typing import Callable, Iterable
 
+from mmfree_jax import paths
 from mmfree_jax.data.tokenizer.base import EOS_TOKEN, PAD_TOKEN, Tokenizer
 from mmfree_jax.data.tokenizer.hf import HFTokenizer, load_hf_file
 
@@ -22,7 +22,7 @@ def bpe_cache_path(cache_dir: str, vocab_size: int, corpus_id: str) -> str:
   key = hashlib.sha256(
     json.dumps([BPE_FORMAT, BPE_TRAIN_MAX_CHARS, vocab_size, corpus_id]).encode()
   ).hexdigest()[:16]
-  return os.path.join(cache_dir, "tokenizers", f"bpe{vocab_size}-{key}.json")
+  return paths.join(cache_dir, "tokenizers", f"bpe{vocab_size}-{key}.json")
 
 
 def _texts_digest(corpus_texts: Callable[[], Iterable[str]]) -> str:
@@ -75,12 +75,11 @@ def load_bpe(vocab_size: int, spec: str, corpus_texts, corpus_id, cache_dir) -> 
       "ids: --config.data.tokenizer=hf:<tokenizer.json> or spm:<model>"
     )
   path = bpe_cache_path(cache_dir, vocab_size, corpus_id or _texts_digest(corpus_texts))
-  if os.path.exists(path):
+  if paths.exists(path):
     return load_hf_file(path, spec)
   log.info("training a byte-level BPE with %d ids (once; cached at %s)", vocab_size, path)
   tok = train_bpe(corpus_texts(), vocab_size)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  tok.save(tmp)
-  os.replace(tmp, path)  # atomic: concurrent processes may race, each writes the same thing
+  paths.makedirs(paths.dirname(path))
+  # Atomic: concurrent processes may race, each writes the same thing.
+  paths.write_atomic(path, tok.to_str(pretty=True))
   return HFTokenizer(tok, spec)

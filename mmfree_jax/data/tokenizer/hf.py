@@ -16,6 +16,7 @@ import logging
 import os
 from concurrent import futures
 
+from mmfree_jax import paths
 from mmfree_jax.data.tokenizer.base import EOS_TOKEN, PAD_TOKEN, Tokenizer
 from mmfree_jax.data.tokenizer.fast_bpe import NotConvertible, tiktoken_core
 
@@ -101,8 +102,9 @@ class HFTokenizer(Tokenizer):
     return state
 
   def save(self, folder: str) -> str:
-    path = os.path.join(folder, self.file_name)
-    self._tok.save(path)
+    """Writes `folder/tokenizer.json` (local or in a bucket, atomically); returns its path."""
+    path = paths.join(folder, self.file_name)
+    paths.write_atomic(path, self._tok.to_str(pretty=True))
     return path
 
   def _encode_batch(self, texts):
@@ -141,13 +143,14 @@ def _first_id(tok, candidates) -> int | None:
 
 
 def load_hf_file(path: str, spec: str) -> HFTokenizer:
-  """The `HFTokenizer` of a `tokenizers` JSON file; a file `tokenizers` cannot read (not
-  JSON, truncated, nested past its recursion limit, another schema) is a one-line ValueError
-  naming it."""
+  """The `HFTokenizer` of a `tokenizers` JSON file (local, `gs://` or `s3://`); a file
+  `tokenizers` cannot read (not JSON, truncated, nested past its recursion limit, another
+  schema) is a one-line ValueError naming it."""
   from tokenizers import Tokenizer as HFTok  # pylint: disable=g-import-not-at-top
 
+  data = paths.read_bytes(path)
   try:
-    tok = HFTok.from_file(path)
+    tok = HFTok.from_buffer(data)
   except Exception as e:  # tokenizers raises a bare Exception for every parse error
     reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise ValueError(

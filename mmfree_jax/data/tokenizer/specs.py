@@ -1,10 +1,15 @@
-"""Spec strings (`data.tokenizer`) -> tokenizers: `load_tokenizer`, `tokenizer_file`."""
+"""Spec strings (`data.tokenizer`) -> tokenizers: `load_tokenizer`, `tokenizer_file`.
+
+An `hf:`/`spm:` file may be local or in a bucket (`gs://`, `s3://`): its bytes are read through
+`mmfree_jax.paths` and handed to the library from memory (`tokenizers.from_buffer`,
+sentencepiece's `model_proto`), so no local copy is made.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Iterable
 
+from mmfree_jax import paths
 from mmfree_jax.data.tokenizer.base import Tokenizer
 from mmfree_jax.data.tokenizer.bpe import load_bpe
 from mmfree_jax.data.tokenizer.byte import ByteTokenizer
@@ -25,10 +30,11 @@ SPEC_FORMS = (
 
 
 def _resolve_file(path: str, default_name: str, kind: str, spec: str) -> str:
-  path = os.path.expanduser(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, default_name)
-  if not os.path.isfile(path):
+  """The file `path` names (local, `gs://`, `s3://`), or `default_name` in the folder it names."""
+  path = paths.expanduser(path)
+  if paths.isdir(path):
+    path = paths.join(path, default_name)
+  if not paths.isfile(path):
     raise ValueError(
       f"{kind} file {path!r} (from data.tokenizer={spec!r}) does not exist; "
       f"set --config.data.tokenizer to an existing file (or a folder holding "

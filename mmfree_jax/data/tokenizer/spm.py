@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import os
 
+from mmfree_jax import paths
 from mmfree_jax.data.tokenizer.base import Tokenizer
 
 # The tokenizer of the released MMfreeLM checkpoints (Mistral-7B-v0.1, 32000 pieces), from the
@@ -38,11 +38,13 @@ class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model with its own bos/eos (pad = its pad id, else eos)."""
 
   def __init__(self, path: str, spec: str):
+    """`path`: a `tokenizer.model` file, local or in a bucket (read whole, parsed in memory)."""
     # Only spm: specs need it; importing it here keeps grain workers' start-up light.
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
+    proto = paths.read_bytes(path)
     try:
-      self._sp = spm.SentencePieceProcessor(model_file=path)
+      self._sp = spm.SentencePieceProcessor(model_proto=proto)
     except (RuntimeError, OSError) as e:  # garbage: "could not parse ModelProto"
       reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
       raise ValueError(
@@ -67,9 +69,9 @@ class SentencePieceTokenizer(Tokenizer):
   backend = "sentencepiece"
 
   def save(self, folder: str) -> str:
-    path = os.path.join(folder, self.file_name)
-    with open(path, "wb") as f:
-      f.write(self._sp.serialized_model_proto())
+    """Writes `folder/tokenizer.model` (local or in a bucket, atomically); returns its path."""
+    path = paths.join(folder, self.file_name)
+    paths.write_atomic(path, self._sp.serialized_model_proto())
     return path
 
   def _encode_batch(self, texts):

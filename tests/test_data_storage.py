@@ -1,0 +1,144 @@
+"""Data inputs and outputs in a bucket: the GCS emulator and the S3 server (real processes,
+tests/storage_emulators.py) against the same files on a local disk.
+
+Each test writes one input both locally and into the bucket and checks that reading the bucket
+gives exactly what reading the disk gives (documents, units, tokenizer ids and fingerprints,
+`prepare`'s shards and the token batches trained on), and that nothing lands in a local `gs:`
+or `s3:` folder instead.
+"""
+
+import gzip
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mmfree_jax import paths
+from mmfree_jax.config import base_config
+from mmfree_jax.data import formats, sources, untrusted
+from mmfree_jax.data import tokenizer as tok_lib
+
+TEXTS = [f"doc {i}: " + "lorem ipsum dolor " * (1 + i % 5) + "é" for i in range(40)]
+
+
+@pytest.fixture(params=["gs", "s3"])
+def bucket(request):
+  """A fresh `gs://` or `s3://` prefix in its emulator."""
+  return request.getfixturevalue(f"{'gcs' if request.param == 'gs' else 's3'}_root")
+
+
+@pytest.fixture(autouse=True)
+def no_local_bucket_folder(tmp_path, monkeypatch):
+  """Runs each test in an empty cwd and fails if a local `gs:`/`s3:` folder appears there."""
+  monkeypatch.chdir(tmp_path)
+  yield
+  assert not [n for n in os.listdir(tmp_path) if n in ("gs:", "s3:")]
+
+
+def put(path: str, data: bytes) -> None:
+  """Writes `data` to `path` (local or bucket) through the path layer."""
+  paths.makedirs(paths.dirname(path))
+  paths.write_atomic(path, data)
+
+
+def jsonl_bytes(texts) -> bytes:
+  import json  # pylint: disable=import-outside-toplevel
+
+  return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()
+
+
+def parquet_bytes(texts, row_group_size=7) -> bytes:
+  sink = pa.BufferOutputStream()
+  pq.write_table(
+    pa.table({"text": texts, "n": list(range(len(texts)))}), sink, row_group_size=row_group_size
+  )
+  return sink.getvalue().to_pybytes()
+
+
+def data_cfg(source: str, file_paths: str):
+  cfg = base_config().data
+  cfg.source, cfg.paths = source, file_paths
+  return cfg
+
+
+@pytest.mark.parametrize(
+  "source,name,payload",
+  [
+    ("text", "corpus.txt", "\n\n".join(TEXTS).encode()),
+    ("text", "corpus.txt.gz", gzip.compress("\n\n".join(TEXTS).encode())),
+    ("jsonl", "corpus.jsonl.gz", gzip.compress(jsonl_bytes(TEXTS))),
+  ],
+)
+def test_a_text_source_in_a_bucket_reads_as_the_local_file(bucket, tmp_path, source, name, payload):
+  local, remote = str(tmp_path / "in" / name), paths.join(bucket, "in", name)
+  put(local, payload)
+  put(remote, payload)
+  local_src = sources.source_from_config(data_cfg(source, local))
+  remote_src = sources.source_from_config(data_cfg(source, paths.join(bucket, "in", "*")))
+  assert remote_src.paths == (remote,)
+  assert list(remote_src.documents()) == list(local_src.documents()) == TEXTS
+  assert remote_src.fingerprint != local_src.fingerprint  # another file: another cache key
+
+
+def test_parquet_and_zstd_inputs_in_a_bucket_read_as_local(bucket, tmp_path):
+  zstandard = pytest.importorskip("zstandard")
+  files = {
+    "a.parquet": parquet_bytes(TEXTS),
+    "b.jsonl.zst": zstandard.ZstdCompressor().compress(jsonl_bytes(TEXTS)),
+  }
+  for name, payload in files.items():
+    put(str(tmp_path / name), payload)
+    put(paths.join(bucket, name), payload)
+  for name, fmt in (("a.parquet", "parquet"), ("b.jsonl.zst", "jsonl")):
+    local, remote = str(tmp_path / name), paths.join(bucket, name)
+    assert formats.resolve_inputs(remote, fmt) == [remote]
+    formats.check_inputs([remote], fmt, "text")
+    for start in (0, 9):  # from the top, and a resume inside the second row group
+      want = list(formats.read_units(local, fmt, "text", start))
+      assert list(formats.read_units(remote, fmt, "text", start)) == want
+      assert [t for _, t in want] == TEXTS[start:]
+  with pytest.raises(ValueError, match="has no column 'body'.*--text_field"):
+    formats.check_inputs([paths.join(bucket, "a.parquet")], "parquet", "body")
+
+
+def test_missing_bucket_inputs_are_one_line_errors(bucket):
+  with pytest.raises(ValueError, match=r"data\.paths file '.*nope\.txt' does not exist"):
+    sources.source_from_config(data_cfg("text", paths.join(bucket, "nope.txt")))
+  with pytest.raises(ValueError, match=r"glob .* matches no files"):
+    sources.source_from_config(data_cfg("text", paths.join(bucket, "*.txt")))
+  with pytest.raises(ValueError, match=r"--inputs file .* does not exist; fix --inputs"):
+    formats.resolve_inputs(paths.join(bucket, "nope.jsonl"), "jsonl")
+
+
+def test_tokenizer_files_in_a_bucket_load_as_local(bucket, tmp_path):
+  bpe = tok_lib.HFTokenizer(tok_lib.train_bpe(TEXTS, 300), "bpe:300")
+  bpe.save(str(tmp_path))
+  bpe.save(paths.join(bucket, "hf"))  # save writes to a bucket too
+  local = tok_lib.load_tokenizer(f"hf:{tmp_path}/tokenizer.json", cache_dir="/nonexistent")
+  for spec in (f"hf:{bucket}/hf/tokenizer.json", f"hf:{bucket}/hf"):  # the file, its folder
+    remote = tok_lib.load_tokenizer(spec, cache_dir="/nonexistent")
+    assert remote.fingerprint == local.fingerprint == bpe.fingerprint
+    assert remote.encode_documents(TEXTS) == local.encode_documents(TEXTS)
+  spm_file = tok_lib.mistral_tokenizer_path()
+  put(paths.join(bucket, "spm", "tokenizer.model"), paths.read_bytes(spm_file))
+  mistral = tok_lib.load_tokenizer("spm:mistral", cache_dir="/nonexistent")
+  remote = tok_lib.load_tokenizer(f"spm:{bucket}/spm", cache_dir="/nonexistent")
+  assert remote.fingerprint == mistral.fingerprint
+  assert remote.encode_documents(TEXTS) == mistral.encode_documents(TEXTS)
+  with pytest.raises(ValueError, match=r"tokenizer file '.*missing\.json'.*does not exist"):
+    tok_lib.load_tokenizer(f"hf:{bucket}/missing.json", cache_dir="/nonexistent")
+  put(paths.join(bucket, "bad.json"), b"{not json")
+  with pytest.raises(ValueError, match=r"bad\.json .* is not a tokenizers JSON file"):
+    tok_lib.load_tokenizer(f"hf:{bucket}/bad.json", cache_dir="/nonexistent")
+
+
+def test_confined_join_on_a_bucket_keeps_names_under_the_prefix(bucket):
+  ok = untrusted.confined_join(bucket, "a/./b/../shard.bin", what="w", fix="f")
+  assert ok == paths.join(bucket, "a", "shard.bin")
+  for name in ("../x", "a/../../x", "/abs", "gs://other/x", "..", ""):
+    with pytest.raises(ValueError, match="w names"):
+      untrusted.confined_join(bucket, name, what="w", fix="f")
+  put(paths.join(bucket, "m.json"), b"[1, {")
+  with pytest.raises(ValueError, match=r"m\.json \(what\) is not valid JSON: .*; fix"):
+    untrusted.load_json(paths.join(bucket, "m.json"), what="what", fix="fix")
