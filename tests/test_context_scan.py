@@ -222,8 +222,8 @@ def test_model_with_context_parallelism_equals_one_device(mesh_shape):
 @pytest.mark.parametrize("kind", ["mmfree", "transformer"])
 def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch, kind):
   """Two trainer steps (float64, packed documents) on data 2 x context 4 equal one device, to
-  the tolerances of tests/test_train_step.py (the Transformer++ through the partitioner's own
-  handling of a split sequence)."""
+  the tolerances of tests/test_train_step.py (the Transformer++ through
+  `parallel.context_attention`)."""
   calls = []
   real = context_scan.context_recurrence
   monkeypatch.setattr(

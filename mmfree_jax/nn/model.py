@@ -26,6 +26,10 @@ from mmfree_jax.config import REMAT_POLICIES, ModelConfig
 from mmfree_jax.nn import layers
 from mmfree_jax.numerics import mlgru
 from mmfree_jax.numerics.dtypes import acc_dtype
+from mmfree_jax.parallel.context_positions import (  # noqa: F401  (the model's API)
+  positions_in_document,
+  reset_mask,
+)
 from mmfree_jax.parallel.sharding import constrain
 
 
@@ -63,20 +67,6 @@ def check_token_ids(tokens, vocab_size: int) -> None:
       "The tokenizer and model.vocab_size disagree: set --config.model.vocab_size to the "
       "tokenizer's vocabulary size (or larger)"
     )
-
-
-def reset_mask(segment_ids: jax.Array) -> jax.Array:
-  """`[batch, seq]` bool: True where a new document starts inside the window (not at t=0)."""
-  change = segment_ids[:, 1:] != segment_ids[:, :-1]
-  return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
-
-
-def positions_in_document(segment_ids: jax.Array) -> jax.Array:
-  """`[batch, seq]` int32 position of each token inside its document (restarts at resets)."""
-  seq = segment_ids.shape[1]
-  steps = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), segment_ids.shape)
-  starts = jax.lax.cummax(jnp.where(reset_mask(segment_ids), steps, 0), axis=1)
-  return steps - starts
 
 
 def stack_blocks(

@@ -19,6 +19,7 @@ from mmfree_jax import registry
 from mmfree_jax.kernels import common as kernel_common
 from mmfree_jax.kernels import dispatch
 from mmfree_jax.numerics.attention import causal_mask, dot_product_attention, repeat_kv
+from mmfree_jax.parallel import context_attention, kernel_sharding
 
 
 def resolve_attention_impl(
@@ -44,6 +45,20 @@ def causal_attention(q, k, v, segment_ids=None, *, impl: str = "auto") -> jax.Ar
     `[batch, seq, heads, head_dim]` in q's dtype.
   """
   resolved = resolve_attention_impl(impl, q.dtype, q.shape[-1], seq=q.shape[1])
+  split = kernel_sharding.seq_split(q.shape[1])
+  if split is not None:  # the window split over the context axis
+    active = split[0]
+    return context_attention.context_attention(
+      _shard_attention(resolved, impl),
+      q,
+      k,
+      v,
+      segment_ids,
+      mesh=active.mesh,
+      context_axis=active.seq_axes,
+      batch_axes=active.batch_axes,
+      feature_axes=active.feature_axes,
+    )
   if resolved == "naive":
     batch, seq = q.shape[:2]
     pos = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
@@ -57,6 +72,37 @@ def causal_attention(q, k, v, segment_ids=None, *, impl: str = "auto") -> jax.Ar
   if segment_ids is not None:
     mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B, 1, T, T]
   return _jax_nn_attention(q, k, v, mask, True, resolved, explicit=impl == "cudnn")
+
+
+def _shard_attention(resolved: str, impl: str):
+  """The per-shard attention of `parallel.context_attention`: this shard's queries against the
+  gathered window's keys, causal by global position (`q_offset`)."""
+
+  def fn(q, k, v, q_segments, k_segments, q_offset):
+    batch, q_len, heads = q.shape[:3]
+    q_pos = jnp.broadcast_to(q_offset + jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
+    k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (batch, k.shape[1]))
+    mask = causal_mask(q_pos, k_pos, None, q_segments, k_segments)
+    if resolved == "naive":
+      return dot_product_attention(q, repeat_kv(k, heads), repeat_kv(v, heads), mask)
+    if resolved == "splash":
+      warnings.warn(
+        "model.attention_impl='splash' does not split the window over the context axis "
+        "yet; running XLA's attention per context shard",
+        kernel_common.KernelFallbackWarning,
+        stacklevel=2,
+      )
+    return _jax_nn_attention(
+      q,
+      k,
+      v,
+      mask[:, None],
+      False,
+      "cudnn" if resolved == "cudnn" else "xla",
+      explicit=impl == "cudnn",
+    )
+
+  return fn
 
 
 def _splash_attention(q, k, v, segment_ids):

@@ -17,7 +17,6 @@ with the states passed between shards (`parallel.context_scan`).
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 from mmfree_jax import registry
@@ -67,21 +66,17 @@ def _split_over_context(fn, f, i, initial_state=None):
   """`fn` over the whole sequence, or, when the active `parallel.kernel_sharding` (the
   trainer's `logical_sharding`) puts the sequence on mesh axes it divides, per sequence shard
   with the states passed between them (`parallel.context_scan`)."""
-  active = kernel_sharding.active()
-  axes = None if active is None else active.seq_axes
-  if axes is None:
+  split = kernel_sharding.seq_split(f.shape[1])
+  if split is None:  # e.g. a decode step or a ragged prompt: unsplit
     return fn(f, i, initial_state)
-  names = (axes,) if isinstance(axes, str) else tuple(axes)
-  shards = math.prod(active.mesh.shape[a] for a in names)
-  if shards == 1 or f.shape[1] % shards:  # e.g. a decode step or a ragged prompt: unsplit
-    return fn(f, i, initial_state)
+  active = split[0]
   return context_scan.context_recurrence(
     fn,
     f,
     i,
     initial_state,
     mesh=active.mesh,
-    context_axis=axes,
+    context_axis=active.seq_axes,
     batch_axes=active.batch_axes,
     feature_axes=active.feature_axes,
   )

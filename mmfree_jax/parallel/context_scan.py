@@ -61,7 +61,7 @@ Axes = str | tuple[str, ...] | None
 COMBINES = ("ppermute", "all_gather")
 
 
-def _fit(mesh: Mesh, axes: Axes, size: int) -> Axes:
+def fit_axes(mesh: Mesh, axes: Axes, size: int) -> Axes:
   """`axes` when they are on the mesh and their product divides `size`, else None."""
   if axes is None:
     return None
@@ -140,8 +140,8 @@ def context_recurrence(
   h0 = jnp.zeros((batch, dim), acc) if initial_state is None else initial_state.astype(acc)
   # h0 enters on shard 0 only, as an input sharded like the carries (no replicated operand).
   starts = jnp.zeros((c, batch, dim), acc).at[0].set(h0)
-  b = _fit(mesh, batch_axes, batch)
-  d = _fit(mesh, feature_axes, dim)
+  b = fit_axes(mesh, batch_axes, batch)
+  d = fit_axes(mesh, feature_axes, dim)
   seq_spec, carry_spec = P(b, context_axis, d), P(context_axis, b, d)
   incoming = _incoming_ppermute if combine == "ppermute" else _incoming_all_gather
 

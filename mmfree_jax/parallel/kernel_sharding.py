@@ -84,6 +84,19 @@ def active() -> KernelSharding | None:
   return _ACTIVE.get()
 
 
+def seq_split(seq: int) -> tuple[KernelSharding, int] | None:
+  """`(active sharding, shards)` when the active sharding splits a `seq`-long sequence over
+  its `seq_axes` (more than one shard, dividing `seq`), else None: a decode step or a ragged
+  prompt runs unsplit."""
+  sharding = _ACTIVE.get()
+  if sharding is None or sharding.seq_axes is None:
+    return None
+  shards = _axes_size(sharding.mesh, sharding.seq_axes)
+  if shards == 1 or seq % shards:
+    return None
+  return sharding, shards
+
+
 def _axes_size(mesh: Mesh, axes: Axes) -> int:
   if axes is None:
     return 1
