@@ -7,24 +7,31 @@ credentials for S3) in this process, and `Emulator.env` hands the same variables
 subprocesses a test starts (`train.py`, `eval.py`, …). Each test gets its own prefix in the
 one bucket (`gcs_root` / `s3_root`), so tests sharing a session's server never see each other.
 
-Known gap: gcp-storage-emulator ignores GCS preconditions (`ifGenerationMatch=0` creates even if
-the object exists); moto enforces S3's `If-None-Match: *`.
+gcp-storage-emulator runs through `gcs_emulator_server.py`, which adds two answers of the real
+API it lacks: the generation headers of a download (tensorstore's checkpoint writes need them)
+and `ifGenerationMatch` preconditions (the workdir lock's create-only write); moto enforces
+S3's `If-None-Match: *` itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
 BUCKET = "mmfree-test"
+# gcp-storage-emulator with the GCS answers it lacks (download generations, preconditions)
+_GCS_SERVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gcs_emulator_server.py")
 
 
 @dataclasses.dataclass
@@ -103,12 +110,13 @@ def _restore(old: dict[str, str | None]) -> None:
       os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
-def gcs_emulator():
-  """A GCS emulator with bucket `BUCKET`, and the standard variables set in this process."""
+@contextlib.contextmanager
+def gcs_server() -> Iterator[Emulator]:
+  """A GCS emulator process with bucket `BUCKET`, and the standard variables set in this
+  process while it runs (also for the benchmarks, which start one outside pytest)."""
   workdir = tempfile.mkdtemp(prefix="gcs-emulator-")
   port = _free_port()
-  argv = [_bin("gcp-storage-emulator"), "start", "--port", str(port)]
+  argv = [sys.executable, _GCS_SERVER, "start", "--port", str(port)]
   proc = _start([*argv, "--default-bucket", BUCKET, "-q"], port, workdir)
   url = f"http://127.0.0.1:{port}"
   env = {
@@ -123,11 +131,13 @@ def gcs_emulator():
     _restore(old)
     proc.kill()
     proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def s3_emulator():
-  """A moto S3 server with bucket `BUCKET`, and the standard variables set in this process."""
+@contextlib.contextmanager
+def s3_server() -> Iterator[Emulator]:
+  """A moto S3 server with bucket `BUCKET`, and the standard variables set in this process
+  while it runs."""
   workdir = tempfile.mkdtemp(prefix="s3-emulator-")
   port = _free_port()
   proc = _start([_bin("moto_server"), "-p", str(port)], port, workdir)
@@ -149,6 +159,21 @@ def s3_emulator():
     _restore(old)
     proc.kill()
     proc.wait()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """`gcs_server` for the whole session."""
+  with gcs_server() as emulator:
+    yield emulator
+
+
+@pytest.fixture(scope="session")
+def s3_emulator():
+  """`s3_server` for the whole session."""
+  with s3_server() as emulator:
+    yield emulator
 
 
 @pytest.fixture

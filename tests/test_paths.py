@@ -51,10 +51,10 @@ def test_local_dir_for_uploads_on_clean_exit_only(root):
   assert not paths.exists(paths.join(root, "bad", "y.bin"))
 
 
-@pytest.mark.parametrize("backend", ["local", "s3"])
-def test_create_exclusive_refuses_an_existing_object(backend, tmp_path, request):
-  """The precondition itself (the GCS emulator ignores ifGenerationMatch, so GCS is not here)."""
-  root = str(tmp_path) if backend == "local" else request.getfixturevalue("s3_root")
+def test_create_exclusive_refuses_an_existing_object(root):
+  """The precondition itself: a hard link locally, `ifGenerationMatch=0` on GCS,
+  `If-None-Match: *` on S3."""
+  paths.makedirs(root)
   lock = paths.join(root, ".lock")
   assert paths.create_exclusive(lock, b"first")
   assert not paths.create_exclusive(lock, b"second")
