@@ -33,6 +33,7 @@ from mmfree_jax.train import (
   banner,
   checks,
   distill,
+  goodput,
   memory,
   optim,
   steps,
@@ -138,6 +139,7 @@ class Run:
   started: float
   lock: WorkdirLock | None = None
   banner: list[str] = dataclasses.field(default_factory=list)
+  goodput: goodput.Recorder = dataclasses.field(default_factory=goodput.Recorder)
 
   def save(self, step: int, force: bool = False) -> None:
     """Checkpoints `state` at `step` (once per step; never a non-finite state)."""
@@ -344,7 +346,7 @@ def setup(
 
   Takes the workdir lock (process 0) and closes everything it opened when it raises.
   """
-  started = time.time()
+  started, recorder = time.time(), goodput.Recorder()
   distributed.maybe_initialize(cfg.dist)
   model_cfg = _validate(cfg)
   layout = Layout.from_config(cfg, model_cfg)
@@ -363,11 +365,13 @@ def setup(
       workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(layout.abstract_state))
     )
     train_step, eval_step = _jit_steps(cfg, model_cfg, layout, distiller, latest or 0)
-    compiled = memory.check_step_memory(
-      train_step, layout.abstract_state, layout.abstract_batch(cfg)
-    )
+    with recorder.phase("compile"):
+      compiled = memory.check_step_memory(
+        train_step, layout.abstract_state, layout.abstract_batch(cfg)
+      )
     data = _data(cfg, model_cfg, layout.batch_sharding)
-    state, resume = _initial_state(cfg, model_cfg, layout, checkpointer, latest, data, distiller)
+    with recorder.phase("checkpoint_restore" if latest is not None else None):
+      state, resume = _initial_state(cfg, model_cfg, layout, checkpointer, latest, data, distiller)
     log.info("%s in %s", resume, checkpointer.directory)
     if is_main:
       _record_start(cfg, workdir, latest)
@@ -400,6 +404,7 @@ def setup(
       lock,
     )
     run.banner = _banner_lines(cfg, model_cfg, layout, workdir, resume, distiller, compiled)
+    run.goodput = recorder
     return run
   except BaseException:
     try:

@@ -38,6 +38,7 @@ class StepLog:
     self.pending = None  # (step, metrics on device)
     self.last_time = time.perf_counter()
     self.bar = self.lines = None
+    self.goodput_row = None  # () -> the workdir's goodput fractions, added to logged rows
     is_main = jax.process_index() == 0
     if is_main and not (progress and banner.is_interactive()):
       self.lines = banner.StepLines(
@@ -74,7 +75,10 @@ class StepLog:
     row["step"] = step
     self.history.append(row)
     if due(step, self.cfg.log_every, self.run.last_step):
-      self.run.writer.write(step, {k: v for k, v in row.items() if k != "step"})
+      scalars = {k: v for k, v in row.items() if k != "step"}
+      if self.goodput_row is not None:  # cumulative, at log steps only (not in `history`)
+        scalars.update(self.goodput_row())
+      self.run.writer.write(step, scalars)
     if self.lines is not None:
       self.lines.maybe_print(step, row)
     if self.bar is not None:

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from mmfree_jax.train import goodput
 from mmfree_jax.train import state as state_lib
 from mmfree_jax.train.run import Run, setup, to_global
 from mmfree_jax.train.step_log import NonFiniteLossError, StepLog, due
@@ -43,6 +44,7 @@ class TrainResult:
   interrupted: bool
   wall_time_s: float
   skipped_steps: list[int] = dataclasses.field(default_factory=list)  # non-finite, not applied
+  goodput: dict = dataclasses.field(default_factory=dict)  # goodput.breakdown of the workdir
 
 
 class _StopSignal:
@@ -81,7 +83,8 @@ def _save_unless_skipped(run: Run, logger: StepLog, step: int, force: bool = Fal
       run.checkpointer.latest_step(),
     )
     return
-  run.save(step, force=force)
+  with run.goodput.phase("checkpoint_save"):
+    run.save(step, force=force)
 
 
 def train(
@@ -118,11 +121,16 @@ def train(
     print("\n".join(run.banner), flush=True)
   try:
     stop, logger = _StopSignal(), StepLog(run, progress)
+    ledger = goodput.Ledger(run.workdir, run.goodput, enabled=jax.process_index() == 0)
+    logger.goodput_row = ledger.fractions
   except BaseException:
     run.close()
     raise
   try:
-    step, interrupted = _loop(run, logger, stop)
+    step, interrupted = _loop(run, logger, stop, ledger)
+    with run.goodput.phase("checkpoint_save"):  # the last async save's commit
+      run.checkpointer.wait()
+    fractions = ledger.save()  # while the workdir lock is still held
   finally:
     try:
       run.close()
@@ -139,6 +147,8 @@ def train(
   log.info(
     "peak FLOP/s per device for MFU: %.3g (%s)", run.throughput.peak_flops, run.throughput.peak_note
   )
+  if jax.process_index() == 0:
+    print(goodput.summary_line(fractions), flush=True)
   check_run_end(
     step - run.first_step, logger.skipped, logger.eval_history, run.checkpointer.latest_step()
   )
@@ -151,16 +161,20 @@ def train(
     interrupted,
     time.time() - run.started,
     list(logger.skipped),
+    fractions,
   )
 
 
-def _loop(run: Run, logger: StepLog, stop: _StopSignal) -> tuple[int, bool]:
+def _loop(run: Run, logger: StepLog, stop: _StopSignal, ledger: goodput.Ledger) -> tuple[int, bool]:
   """Steps from `run.first_step` to `run.last_step` (or a stop signal), with validation and
   checkpoints; returns the step reached and whether the run stopped before `train.steps`."""
   train_cfg = run.cfg.train
   step, interrupted = run.first_step, False
+  timer = run.goodput
+  timer.begin_loop(step)
   while step < run.last_step:
-    batch = to_global(next(run.train_iter), run.batch_sharding)
+    with timer.phase("data"):
+      batch = to_global(next(run.train_iter), run.batch_sharding)
     started = time.perf_counter()
     run.state, device_metrics = run.train_step(run.state, batch)
     if step == run.first_step:
@@ -175,14 +189,22 @@ def _loop(run: Run, logger: StepLog, stop: _StopSignal) -> tuple[int, bool]:
       and due(step, train_cfg.eval_every, train_cfg.steps)
     ):
       logger.flush()
-      logger.validation(step, run.evaluate())
-    if due(step, train_cfg.checkpoint_every):
+      with timer.phase("eval"):
+        logger.validation(step, run.evaluate())
+    timer.lap(step, first=step == run.first_step + 1)
+    checkpoint = due(step, train_cfg.checkpoint_every)
+    if checkpoint:  # before the save: a run killed during it has still done this step
+      timer.mark(step)
+    if checkpoint or due(step, train_cfg.log_every, run.last_step):
+      ledger.save()
+    if checkpoint:
       _save_unless_skipped(run, logger, step)
     if stop.any_process_requested():
       interrupted = True
       break
   logger.flush()
   if step != run.first_step or run.resumed_from is None:
+    timer.mark(step)
     _save_unless_skipped(run, logger, step, force=True)
   return step, interrupted or step < train_cfg.steps
 
