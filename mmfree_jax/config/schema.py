@@ -155,6 +155,13 @@ SCHEMA: dict[str, dict[str, Field]] = {
       1, "gradient accumulation: the batch is split into this many parts", _POSITIVE
     ),
     "seed": Field(0, "init / dropout seed", integer()),
+    "loss_chunk_tokens": Field(
+      0,
+      "sequence positions per chunk of the head + cross-entropy (numerics.chunked_loss: no "
+      "[tokens, vocab] logits, the same loss, one more head forward); a multiple of "
+      "mesh.shape.context; 0 = unchunked",
+      _COUNT,
+    ),
     "log_every": Field(
       10, "metrics.jsonl row and log line every N steps (0 = only the last)", _COUNT
     ),

@@ -52,6 +52,21 @@ def validate_data(data_cfg) -> None:
     raise ConfigError(problems)
 
 
+def loss_chunk_errors(cfg: ml_collections.ConfigDict) -> list[str]:
+  """`train.loss_chunk_tokens` must split evenly over the context shards (each chunk's
+  positions are spread over them; `numerics.chunked_loss`)."""
+  chunk = cfg.train.get("loss_chunk_tokens", 0) if "train" in cfg else 0
+  context = cfg.mesh.shape.get("context", 1) if "mesh" in cfg else 1
+  if not (isinstance(chunk, int) and isinstance(context, int)) or chunk <= 0 or context <= 1:
+    return []
+  if chunk % context:
+    return [
+      f"train.loss_chunk_tokens={chunk} is not a multiple of mesh.shape.context={context}; "
+      f"set --config.train.loss_chunk_tokens to a multiple of {context} (or 0: unchunked)"
+    ]
+  return []
+
+
 def _model_problems(model_section) -> tuple[list[str], ModelConfig | None]:
   try:
     values = section_values("model", model_section)
@@ -77,6 +92,7 @@ def config_errors(cfg: ml_collections.ConfigDict) -> tuple[list[str], ModelConfi
     from mmfree_jax.parallel import axes  # pylint: disable=import-outside-toplevel
 
     problems += axes.check_rules(cfg.mesh.axis_rules)
+    problems += loss_chunk_errors(cfg)
   if model is not None and "data" in cfg:
     seq_len = cfg.data.get("seq_len")
     if (

@@ -258,6 +258,7 @@ class MatMulFreeLM(_LMBase):
     segment_ids: jax.Array | None = None,
     state: RecurrentState | None = None,
     layer_loop: LayerLoop | None = None,
+    apply_head: bool = True,
   ) -> tuple[jax.Array, RecurrentState]:
     """
     Args:
@@ -267,6 +268,8 @@ class MatMulFreeLM(_LMBase):
       state: `RecurrentState` to continue from (prefill/decode) or None (zeros).
       layer_loop: runs the blocks (default `own_layer_loop`; `mmfree_jax.infer` passes its
         plan's).
+      apply_head: False returns the last block's output `[batch, seq, d]` instead of logits
+        (the chunked loss, `numerics.chunked_loss`, applies `head` to it chunk by chunk).
     Returns:
       logits `[batch, seq, vocab]` in the compute dtype, the final `RecurrentState`.
     """
@@ -283,7 +286,7 @@ class MatMulFreeLM(_LMBase):
     h0 = None if state is None else state.h
     layer_loop = layer_loop or own_layer_loop(self.cfg.remat)
     x, h_last = layer_loop(self.blocks, x, (self.layer_lower_bounds(), h0), body)
-    return self.head(x), RecurrentState(h_last)
+    return (self.head(x) if apply_head else x), RecurrentState(h_last)
 
 
 class TransformerBlock(nnx.Module):
@@ -368,6 +371,7 @@ class TransformerLM(_LMBase):
     segment_ids: jax.Array | None = None,
     state: KVCache | None = None,
     layer_loop: LayerLoop | None = None,
+    apply_head: bool = True,
   ) -> tuple[jax.Array, KVCache | None]:
     """Same contract as `MatMulFreeLM.__call__`; the state is a `KVCache` (None without),
     whose per-layer caches go to the layer loop as a list (one `(k, v)` per layer)."""
@@ -397,12 +401,9 @@ class TransformerLM(_LMBase):
     layer_loop = layer_loop or own_layer_loop(self.cfg.remat)
     per_layer = None if state is None else list(zip(state.k, state.v))
     x, caches = layer_loop(self.blocks, x, per_layer, body)
-    new_state = None
     if state is not None:
-      new_state = KVCache(
-        tuple(k for k, _ in caches), tuple(v for _, v in caches), state.index + seq
-      )
-    return self.head(x), new_state
+      state = KVCache(tuple(k for k, _ in caches), tuple(v for _, v in caches), state.index + seq)
+    return (self.head(x) if apply_head else x), state
 
 
 def build_model(cfg: ModelConfig, rngs: nnx.Rngs | int = 0) -> nnx.Module:

@@ -255,6 +255,7 @@ def _jit_steps(cfg, model_cfg, layout: Layout, distiller, first_step: int):
         layout.schedule,
         microbatches=cfg.train.microbatches,
         z_loss=cfg.optim.z_loss,
+        loss_chunk_tokens=cfg.train.loss_chunk_tokens,
         mesh=layout.mesh,
         rules=layout.rules,
       ),
@@ -263,7 +264,13 @@ def _jit_steps(cfg, model_cfg, layout: Layout, distiller, first_step: int):
       donate_argnums=0,
     )
   eval_step = jax.jit(
-    steps.make_eval_step(model_cfg, layout.graphdef, mesh=layout.mesh, rules=layout.rules),
+    steps.make_eval_step(
+      model_cfg,
+      layout.graphdef,
+      loss_chunk_tokens=cfg.train.loss_chunk_tokens,
+      mesh=layout.mesh,
+      rules=layout.rules,
+    ),
     in_shardings=(layout.state_shardings.params, layout.batch_sharding),
     out_shardings=sharding.replicated(layout.mesh),
   )

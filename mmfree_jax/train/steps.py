@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.numerics import chunked_loss
 from mmfree_jax.numerics import loss as loss_lib
 from mmfree_jax.numerics.dtypes import acc_dtype
 from mmfree_jax.parallel import sharding
@@ -145,24 +146,29 @@ def build_train_step(
 # --------------------------------------------------------------------------- the LM loss
 
 
-def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float):
+def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float, loss_chunk: int = 0):
+  """The model's last hidden state, then its head and the loss over chunks of `loss_chunk`
+  positions (`numerics.chunked_loss`; 0 = the whole window at once)."""
   inputs, input_segments, targets, mask = loss_lib.split_window(
     batch["tokens"], batch["segment_ids"]
   )
   model = nnx.merge(graphdef, params)
   segments = input_segments if cfg.reset_at_doc_start else None
-  logits, _ = model(inputs, segment_ids=segments)
-  return loss_lib.cross_entropy_sums(logits, targets, mask, z_loss)
+  x, _ = model(inputs, segment_ids=segments, apply_head=False)
+  return chunked_loss.chunked_cross_entropy_sums(model.head, x, targets, mask, z_loss, loss_chunk)
 
 
-def lm_objective(cfg: ModelConfig, graphdef, z_loss: float = 0.0) -> Objective:
-  """Next-token cross-entropy (+ z-loss) per target token.
+def lm_objective(
+  cfg: ModelConfig, graphdef, z_loss: float = 0.0, loss_chunk_tokens: int = 0
+) -> Objective:
+  """Next-token cross-entropy (+ z-loss) per target token; the head and the loss run over
+  chunks of `loss_chunk_tokens` sequence positions (0 = unchunked; the same loss).
 
   Sums `nll`, `z`; metrics `loss` (mean NLL per target token) and `z_loss`.
   """
 
   def loss(params, batch, ctx: StepContext):
-    nll, z, _ = _forward_sums(graphdef, params, batch, cfg, z_loss)
+    nll, z, _ = _forward_sums(graphdef, params, batch, cfg, z_loss, loss_chunk_tokens)
     return (nll + z) / ctx.total_tokens, {"nll": nll, "z": z}
 
   def metrics(loss_value, sums, ctx: StepContext):
@@ -180,12 +186,13 @@ def make_train_step(
   *,
   microbatches: int = 1,
   z_loss: float = 0.0,
+  loss_chunk_tokens: int = 0,
   mesh: Mesh | None = None,
   rules=None,
 ) -> Callable:
   """`build_train_step` of `lm_objective`: `train_step(state, batch) -> (state, metrics)`."""
   return build_train_step(
-    lm_objective(cfg, graphdef, z_loss),
+    lm_objective(cfg, graphdef, z_loss, loss_chunk_tokens),
     tx,
     schedule,
     acc=acc_dtype(cfg.compute_dtype),
@@ -195,12 +202,14 @@ def make_train_step(
   )
 
 
-def make_eval_step(cfg: ModelConfig, graphdef, *, mesh: Mesh | None = None, rules=None) -> Callable:
+def make_eval_step(
+  cfg: ModelConfig, graphdef, *, loss_chunk_tokens: int = 0, mesh: Mesh | None = None, rules=None
+) -> Callable:
   """Returns `eval_step(params, batch) -> {"nll_sum", "tokens"}` (not yet jitted)."""
 
   def eval_step(params, batch):
     with _sharding_context(mesh, rules):
-      nll, _, count = _forward_sums(graphdef, params, batch, cfg, 0.0)
+      nll, _, count = _forward_sums(graphdef, params, batch, cfg, 0.0, loss_chunk_tokens)
       return {"nll_sum": nll, "tokens": count}
 
   return eval_step
