@@ -7,20 +7,24 @@ backward, its reduce-scatter, plus `[batch]`-sized position exchanges: no other 
 sequence dimension crosses the context axis."""
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 
 import mmfree_jax
 from mmfree_jax import ModelConfig
 from mmfree_jax import config as config_lib
+from mmfree_jax.kernels import attention_tpu, common
 from mmfree_jax.nn import model as model_lib
 from mmfree_jax.ops import attention
 from mmfree_jax.parallel import context_attention, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
+from tests.test_accel_compile import MOSAIC_CALL, _train_step, tpu_devices  # noqa: F401
 from tests.test_model_reference import randomize_params
 
 F64_TOL = 1e-12
@@ -78,6 +82,42 @@ def test_attention_op_equals_one_device(mesh_shape, impl):
     want, got = grad(False)(q, k, v), grad(True)(q, k, v)
   for g, w_ in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert _rel_err(g, w_) <= tol
+
+
+def test_splash_per_context_shard():
+  """`attention_impl=splash` on data 2 x context 4: the TPU kernel (interpreted) per shard with
+  an offset causal mask (a `lax.switch` over the shard's position), GQA and packed documents,
+  equal to the one-device naive attention in fp32 to tests/test_attention_tpu.py's tolerances
+  (2e-6 forward, 1e-5 gradients, relative to the largest magnitude)."""
+  mesh = mesh_lib.make_mesh(MESHES["data2_context4"])
+  batch, seq, heads, kv_heads, hd = 2, 128, 4, 2, 16
+  rng = np.random.default_rng(2)
+  q = jnp.asarray(rng.normal(size=(batch, seq, heads, hd)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(batch, seq, kv_heads, hd)), jnp.float32) for _ in "kv")
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  seg = jnp.asarray(_segments(batch, seq, seed=4))
+
+  def value_and_grads(impl, split):
+    def fn(q, k, v):
+      if not split:
+        return attention.causal_attention(q, k, v, seg, impl=impl)
+      with sharding.logical_sharding(mesh, RULES):
+        return attention.causal_attention(q, k, v, seg, impl=impl)
+
+    def run(q, k, v):
+      out, vjp = jax.vjp(fn, q, k, v)
+      return out, vjp(cot)
+
+    return jax.jit(run)(q, k, v)
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", common.KernelFallbackWarning)  # the kernel, not a fallback
+    warnings.filterwarnings("ignore", "attention_impl=splash.*interpret")
+    got = value_and_grads("splash", True)
+  want = value_and_grads("naive", False)
+  assert _rel_err(got[0], want[0]) <= 2e-6
+  for g, w in zip(got[1], want[1]):
+    assert _rel_err(g, w) <= 1e-5
 
 
 def test_positions_and_resets_equal_one_device():
@@ -195,3 +235,22 @@ def test_bad_input_is_refused_with_the_fix():
     context_attention.context_attention(fn, q, q, q, mesh=mesh)
   with pytest.raises(ValueError, match="no 'context' axis"):
     context_attention.context_attention(fn, q, q, q, mesh=jax.make_mesh((8,), ("data",)))
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+def test_tpu_compile_of_transformer_step_on_a_context_mesh(tpu_devices):  # noqa: F811
+  """The Transformer++ train step (`attention_impl=auto`: splash from the mesh's TPU devices,
+  packed windows) compiles for v5e:2x2 with context=4: the splash forward, dq and dkv kernels
+  run per shard (one per shard position, offset causal masks) against the gathered K/V."""
+  mesh = jax.make_mesh(
+    (1, 1, 4, 1),
+    ("data", "fsdp", "context", "tensor"),
+    axis_types=(AxisType.Auto,) * 4,
+    devices=tpu_devices,
+  )
+  step, args = _train_step("transformer", mesh, d_model=128, seq=512, batch=2)
+  text = step.lower(*args).compile().as_text()
+  assert MOSAIC_CALL in text and "all-gather" in text
+  for name in attention_tpu.KERNEL_NAMES:
+    assert f"{name}_segmented" in text, name

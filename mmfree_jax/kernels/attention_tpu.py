@@ -58,18 +58,20 @@ def block_size(seq: int) -> int:
   return common.largest_pow2_divisor(common.round_up(seq, LANES), MAX_BLOCK)
 
 
-def unsupported(q, k, v, segment_ids=None) -> str | None:
-  """A reason string when the kernel cannot take these inputs, else None."""
+def unsupported(q, k, v, segment_ids=None, q_offset: int = 0) -> str | None:
+  """A reason string when the kernel cannot take these inputs, else None. With `q_offset`
+  (a chunk of queries against the keys of the window up to its end) k, v hold `q_offset +
+  seq` positions."""
   if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
     return (
       f"expects q [batch, seq, heads, head_dim] and k, v [batch, seq, kv_heads, "
       f"head_dim] of one shape; got q{q.shape}, k{k.shape}, v{v.shape}"
     )
   batch, seq, heads, head_dim = q.shape
-  if k.shape[:2] != (batch, seq) or k.shape[3] != head_dim or heads % k.shape[2]:
+  if k.shape[:2] != (batch, q_offset + seq) or k.shape[3] != head_dim or heads % k.shape[2]:
     return (
-      f"k/v {k.shape} do not match q {q.shape} (same batch, seq and head_dim; kv_heads "
-      "dividing heads)"
+      f"k/v {k.shape} do not match q {q.shape} at offset {q_offset} (same batch and "
+      "head_dim, q_offset + seq keys, kv_heads dividing heads)"
     )
   if segment_ids is not None and segment_ids.shape != (batch, seq):
     return f"segment_ids must be [batch, seq] = {(batch, seq)}; got {segment_ids.shape}"
@@ -81,11 +83,12 @@ def unsupported(q, k, v, segment_ids=None) -> str | None:
   return None
 
 
-def _kernel(heads: int, seq: int, block: int, interpret: bool | str):
-  """The per-example splash kernel for `heads` query heads over a `seq` window. Built at each
-  trace: it holds jax arrays (a cached one would leak tracers across traces); the numpy block
-  mask behind them is cached by splash itself (`process_mask`)."""
-  mask = splash.MultiHeadMask([splash.CausalMask((seq, seq))] * heads)
+def _kernel(heads: int, q_len: int, kv_len: int, offset: int, block: int, interpret: bool | str):
+  """The per-example splash kernel for `heads` query heads, `q_len` queries starting at key
+  position `offset` against `kv_len` keys. Built at each trace: it holds jax arrays (a cached
+  one would leak tracers across traces); the numpy block mask behind them is cached by splash
+  itself (`process_mask`)."""
+  mask = splash.MultiHeadMask([splash.CausalMask((q_len, kv_len), offset=offset)] * heads)
   sizes = splash.BlockSizes(
     block_q=block,
     block_kv=block,
@@ -102,27 +105,32 @@ def _kernel(heads: int, seq: int, block: int, interpret: bool | str):
   )
 
 
-def _splash(q, k, v, segment_ids, interpret, block):
+def _splash(q, k, v, segment_ids, interpret, block, kv_segment_ids=None, q_offset=0):
   """The kernel on one shard, `[batch, seq, heads, head_dim]` layout in and out."""
   _, seq, heads, head_dim = q.shape
+  kv_len = k.shape[1]
   block = block or block_size(seq)
-  padded = common.round_up(seq, block)
+  q_pad, kv_pad = common.round_up(seq, block), common.round_up(kv_len, block)
   acc = jnp.promote_types(q.dtype, jnp.float32)
   q = (q.astype(acc) * (1.0 / np.sqrt(head_dim))).astype(q.dtype)  # one rounding in bf16
-  to_kernel = lambda t: jnp.pad(
+  to_kernel = lambda t, padded: jnp.pad(
     jnp.swapaxes(t, 1, 2),  # [batch, heads, padded, head_dim]
-    ((0, 0), (0, 0), (0, padded - seq), (0, 0)),
+    ((0, 0), (0, 0), (0, padded - t.shape[1]), (0, 0)),
   )
-  q, k, v = to_kernel(q), to_kernel(k), to_kernel(v)
-  kernel_for = lambda interpret_arg: _kernel(heads, padded, block, interpret_arg)
+  q, k, v = to_kernel(q, q_pad), to_kernel(k, kv_pad), to_kernel(v, kv_pad)
+  kernel_for = lambda interpret_arg: _kernel(heads, q_pad, kv_pad, q_offset, block, interpret_arg)
   if segment_ids is None:
     call = lambda interpret_arg: jax.vmap(kernel_for(interpret_arg))(q, k, v)
   else:
     # pads get their own id (-1): a padded query attends itself and other pads, never a token
-    ids = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, padded - seq)), constant_values=-1)
+    pad_ids = lambda ids, padded: jnp.pad(
+      ids.astype(jnp.int32), ((0, 0), (0, padded - ids.shape[1])), constant_values=-1
+    )
+    q_ids = pad_ids(segment_ids, q_pad)
+    kv_ids = pad_ids(segment_ids if kv_segment_ids is None else kv_segment_ids, kv_pad)
     call = lambda interpret_arg: jax.vmap(
-      lambda q, k, v, ids: kernel_for(interpret_arg)(q, k, v, splash.SegmentIds(ids, ids))
-    )(q, k, v, ids)
+      lambda q, k, v, qi, ki: kernel_for(interpret_arg)(q, k, v, splash.SegmentIds(qi, ki))
+    )(q, k, v, q_ids, kv_ids)
   out = common.run_kernel(call, compiled_on=("tpu",), interpret=interpret)
   return jnp.swapaxes(out[:, :, :seq], 1, 2)
 
@@ -136,6 +144,8 @@ def splash_attention(
   interpret: bool | str | None = None,
   block: int | None = None,
   fallback: Callable | None = None,
+  kv_segment_ids: jax.Array | None = None,
+  q_offset: int = 0,
 ) -> jax.Array:
   """Causal (segment-masked) softmax attention with the splash kernel; see the module docstring.
 
@@ -150,12 +160,16 @@ def splash_attention(
       None = `block_size(seq)`.
     fallback: `fallback(q, k, v, segment_ids)` run (after a one-line warning) for inputs the
       kernel cannot take; None raises a ValueError naming why.
+    kv_segment_ids, q_offset: a chunk of queries (context parallelism): q holds the window's
+      positions `[q_offset, q_offset + seq)`, k and v (and `kv_segment_ids`, `[batch,
+      q_offset + seq]`) its positions `[0, q_offset + seq)`; the causal mask is by position
+      (splash's `CausalMask` offset), static per trace.
   Returns:
     `[batch, seq, heads, head_dim]` in q's dtype.
   """
   if block is not None and (block < LANES or block % LANES):
     raise ValueError(f"splash attention block={block} must be a positive multiple of {LANES}")
-  reason = unsupported(q, k, v, segment_ids)
+  reason = unsupported(q, k, v, segment_ids, q_offset)
   if reason is not None:
     return common.fall_back("splash attention", reason, fallback, q, k, v, segment_ids)
-  return _splash(q, k, v, segment_ids, interpret, block)
+  return _splash(q, k, v, segment_ids, interpret, block, kv_segment_ids, q_offset)

@@ -109,14 +109,20 @@ def recurrence(f, i, initial_state=None, *, platform: str, interpret=None, fallb
   return kernel_sharding.recurrence(fn, f, i, initial_state)
 
 
-def attention(q, k, v, segment_ids=None, *, interpret=None, fallback=None):
+def attention(
+  q, k, v, segment_ids=None, *, interpret=None, fallback=None, kv_segment_ids=None, q_offset=0
+):
   """Causal (segment-masked) attention with the TPU splash kernel (`kernels.attention_tpu`),
   per shard under `parallel.kernel_sharding` (batch and heads split). Shapes as in
   `ops.attention.causal_attention`; inputs the kernel cannot take run `fallback(q, k, v,
-  segment_ids)` on the whole arrays with a one-line warning (a ValueError without one)."""
+  segment_ids)` on the whole arrays with a one-line warning (a ValueError without one).
+  `kv_segment_ids`, `q_offset`: a chunk of queries against the window's keys up to its end
+  (`attention_tpu.splash_attention`; inside `parallel.context_attention`'s shard_map)."""
   interpret = interpret_mode(interpret)
-  reason = attention_tpu.unsupported(q, k, v, segment_ids)
+  reason = attention_tpu.unsupported(q, k, v, segment_ids, q_offset)
   if reason is not None:
     return common.fall_back("splash attention", reason, fallback, q, k, v, segment_ids)
-  fn = lambda q, k, v, s: attention_tpu.splash_attention(q, k, v, s, interpret=interpret)
+  fn = lambda q, k, v, s: attention_tpu.splash_attention(
+    q, k, v, s, interpret=interpret, kv_segment_ids=kv_segment_ids, q_offset=q_offset
+  )
   return kernel_sharding.attention(fn, q, k, v, segment_ids)

@@ -78,20 +78,13 @@ def _shard_attention(resolved: str, impl: str):
   """The per-shard attention of `parallel.context_attention`: this shard's queries against the
   gathered window's keys, causal by global position (`q_offset`)."""
 
-  def fn(q, k, v, q_segments, k_segments, q_offset):
+  def masked(q, k, v, q_segments, k_segments, q_offset):
     batch, q_len, heads = q.shape[:3]
     q_pos = jnp.broadcast_to(q_offset + jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
     k_pos = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), (batch, k.shape[1]))
     mask = causal_mask(q_pos, k_pos, None, q_segments, k_segments)
-    if resolved == "naive":
+    if resolved == "naive" or (resolved == "splash" and q.dtype == jnp.float64):
       return dot_product_attention(q, repeat_kv(k, heads), repeat_kv(v, heads), mask)
-    if resolved == "splash":
-      warnings.warn(
-        "model.attention_impl='splash' does not split the window over the context axis "
-        "yet; running XLA's attention per context shard",
-        kernel_common.KernelFallbackWarning,
-        stacklevel=2,
-      )
     return _jax_nn_attention(
       q,
       k,
@@ -102,7 +95,46 @@ def _shard_attention(resolved: str, impl: str):
       explicit=impl == "cudnn",
     )
 
-  return fn
+  if resolved != "splash":
+    return masked
+  # The platform is read here, outside the shard_map (inside it no mesh is active).
+  if dispatch.kernel_platform_or_interpret("attention_impl=splash") != "tpu":
+    warnings.warn(
+      "model.attention_impl='splash' is a TPU (Mosaic) kernel; running XLA's "
+      "attention on this GPU (use 'auto' or 'cudnn')",
+      kernel_common.KernelFallbackWarning,
+      stacklevel=4,
+    )
+    return masked
+  return lambda *args: _context_splash(masked, *args)
+
+
+def _context_splash(masked, q, k, v, q_segments, k_segments, q_offset):
+  """Splash per context shard: its mask is static, so shard j runs branch j of a `lax.switch`
+  (one kernel per shard position), whose keys are the window's first `(j + 1) * q_len` (later
+  ones are all in the future: no compute, no block visits) under a causal mask of offset
+  `j * q_len`. Inputs the kernel cannot take: `masked` (XLA's) per shard, with a warning."""
+  q_len = q.shape[1]
+  fallback_args = lambda q, k, v, s: masked(q, k, v, s, k_segments, q_offset)
+
+  def branch(j):
+    def run(q, k, v, q_segments, k_segments):
+      kv = slice(0, (j + 1) * q_len)
+      fallback = lambda q, k_, v_, s: fallback_args(q, k, v, s)
+      return dispatch.attention(
+        q,
+        k[:, kv],
+        v[:, kv],
+        q_segments,
+        fallback=fallback,
+        kv_segment_ids=None if k_segments is None else k_segments[:, kv],
+        q_offset=j * q_len,
+      )
+
+    return run
+
+  branches = [branch(j) for j in range(k.shape[1] // q_len)]
+  return jax.lax.switch(q_offset // q_len, branches, q, k, v, q_segments, k_segments)
 
 
 def _splash_attention(q, k, v, segment_ids):
