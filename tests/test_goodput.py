@@ -196,6 +196,14 @@ def test_training_run_logs_goodput(tmp_path, capsys):
   assert record["first_step"] == 0 and record["last_step"] == 4
 
 
+def _committed(workdir) -> int | None:
+  checkpointer = ckpt_lib.Checkpointer(str(workdir), read_only=True)
+  try:
+    return checkpointer.latest_step()
+  finally:
+    checkpointer.close()
+
+
 def _ledger(workdir) -> list[dict]:
   with open(os.path.join(workdir, goodput.LEDGER)) as f:
     return [json.loads(line) for line in f]
@@ -207,32 +215,26 @@ def test_run_killed_after_a_checkpoint_reports_restarts_and_lost_steps(tmp_path)
   from mmfree_jax.train.trainer import train  # pylint: disable=import-outside-toplevel
 
   work = tmp_path / "work"
-  overrides = {"train.steps": 400, "train.checkpoint_every": 3, "train.log_every": 1}
+  # The next checkpoint is 50 steps after the first: the kill lands before it commits.
+  overrides = {"train.steps": 400, "train.checkpoint_every": 50, "train.log_every": 1}
   cmd = [sys.executable, WORKER, str(work), str(tmp_path / "out"), json.dumps(overrides)]
   log_file = open(tmp_path / "worker.log", "w")  # a pipe could fill and stall the worker
   proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT)
   deadline = time.time() + 240
-  checkpointer = None
-  # kill -9 once a checkpoint is committed and the ledger has recorded steps after it
-  while proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-    if not os.path.exists(work / goodput.LEDGER):
-      continue
-    checkpointer = ckpt_lib.Checkpointer(str(work), read_only=True)
-    committed = checkpointer.latest_step()
-    checkpointer.close()
-    if committed is not None and _ledger(work)[-1]["last_step"] > committed:
-      proc.kill()
-      break
-  log_file.close()
+  try:  # kill -9 once a checkpoint is committed and the ledger has recorded steps after it
+    while proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+      if os.path.exists(work / goodput.LEDGER) and _committed(work) is not None:
+        break
+  finally:
+    proc.kill()
+    log_file.close()
   assert proc.wait() == -9, (tmp_path / "worker.log").read_text()[-3000:]
   (killed,) = _ledger(work)
   with open(work / "metrics.jsonl") as f:
     last_row = max(json.loads(line)["step"] for line in f if line.endswith("\n"))
-  checkpointer = ckpt_lib.Checkpointer(str(work), read_only=True)
-  restored = checkpointer.latest_step()
-  checkpointer.close()
-  assert restored is not None and killed["last_step"] > restored
+  restored = _committed(work)
+  assert restored == 50 and killed["last_step"] > restored
   cfg = small_config(**overrides)
   result = train(cfg, str(work), progress=False, stop_after_steps=2)
   assert int(result.state.step) == restored + 2
