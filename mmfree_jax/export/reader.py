@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from mmfree_jax import paths
 from mmfree_jax.config import ModelConfig, config_from_dict
 from mmfree_jax.data import untrusted
 from mmfree_jax.export.layout import (
@@ -37,14 +38,13 @@ from mmfree_jax.numerics.dtypes import acc_dtype
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise PackedDirError(
       f"{path} not found: not a packed directory (write one with "
       "`python -m mmfree_jax.export --workdir W --dst DIR`)"
     )
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_bytes(path))
   except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply to parse
     reason = "nested too deeply" if isinstance(e, RecursionError) else e
     raise PackedDirError(
@@ -54,7 +54,7 @@ def _read_json(path: str) -> dict:
 
 def load_config(directory: str):
   """The full config stored with a packed directory, tokenizer paths made absolute."""
-  path = os.path.join(directory, CONFIG)
+  path = paths.join(directory, CONFIG)
   try:
     cfg = config_from_dict(_read_json(path))
   except (KeyError, TypeError) as e:
@@ -63,7 +63,7 @@ def load_config(directory: str):
   if kind in ("hf", "spm") and arg and arg != "mistral":  # the export stores a relative file
     try:
       file = untrusted.confined_join(
-        os.path.abspath(directory),
+        paths.absolute(directory),
         arg,
         what=f"{path} data.tokenizer",
         fix="export the directory again",
@@ -75,16 +75,14 @@ def load_config(directory: str):
   return cfg
 
 
-def _open(path: str):
-  """`safe_open(path)` for a `with` block (header checks only; tensors are read by
-  `_TensorReader`)."""
-  if not os.path.isfile(path):
-    raise PackedDirError(f"{path} not found: the packed directory is incomplete; export it again")
+def _open(path: str, shown: str):
+  """`safe_open(path)` (a local file) for a `with` block (header checks only; tensors are
+  read by `_TensorReader`); errors name `shown`, the file the user gave."""
   try:
     return safe_open(path, framework="numpy")
   except (SafetensorError, OSError) as e:
     raise PackedDirError(
-      f"cannot read {path}: {e}. The file is truncated or not safetensors; "
+      f"cannot read {shown}: {e}. The file is truncated or not safetensors; "
       "export it again (or copy it again, comparing sizes)"
     ) from e
 
@@ -110,8 +108,8 @@ class _TensorReader:
   file is closed, so loading held the file twice (a 0.82 GB 2.7B peaked at 2.09 GB RSS).
   A truncated file fails on opening, before any tensor is read (safetensors maps lazily)."""
 
-  def __init__(self, path: str, dtypes: dict[str, np.dtype]):
-    self._file = open(path, "rb")  # pylint: disable=consider-using-with
+  def __init__(self, path: str, dtypes: dict[str, np.dtype], shown: str):
+    self._file = open(path, "rb")  # noqa: SIM115  (a local file: `load_packed` downloads)
     header_len = int.from_bytes(self._file.read(8), "little")
     self._header = json.loads(self._file.read(header_len))
     self._base = 8 + header_len
@@ -123,7 +121,7 @@ class _TensorReader:
     if size < need:
       self._file.close()
       raise PackedDirError(
-        f"{path} is truncated: {size} bytes, its tensors need {need}; export it again"
+        f"{shown} is truncated: {size} bytes, its tensors need {need}; export it again"
       )
 
   def shape(self, name: str) -> list[int]:
@@ -175,7 +173,14 @@ def _read_planes(reader: _TensorReader, names: list[str], fmt: str, n_in: int) -
 
 def _read_manifest(directory: str, method: str) -> tuple[dict, str]:
   """The manifest and its format, checked against this version and `method`."""
-  path = os.path.join(directory, MANIFEST)
+  path = paths.join(directory, MANIFEST)
+  if not paths.isfile(path) and any(
+    paths.isfile(paths.join(directory, name)) for name in (CONFIG, WEIGHTS)
+  ):
+    raise PackedDirError(
+      f"{path} not found: {directory} is not a packed directory, or one still being written "
+      "or whose export failed (packed.json is written last); wait for it or export it again"
+    )
   manifest = _read_json(path)
   fmt = manifest.get("format")
   if fmt not in packed.CODE_FORMATS:
@@ -193,10 +198,13 @@ def _read_manifest(directory: str, method: str) -> tuple[dict, str]:
   return manifest, fmt
 
 
-def _check_tensors(path: str, config_path: str, model_cfg, fmt: str) -> tuple[list, str]:
+def _check_tensors(
+  local: str, path: str, config_path: str, model_cfg, fmt: str
+) -> tuple[list, str]:
   """`(expected layout, embedding dtype)` after checking every tensor's name, shape and
-  dtype in `path` against the config and format; the file is closed on every exit."""
-  with _open(path) as handle:
+  dtype in the local copy `local` of `path` against the config and format; the file is closed
+  on every exit."""
+  with _open(local, path) as handle:
     names = set(handle.keys())
     dtype_of = lambda name: STORED_DTYPES.get(handle.get_slice(name).get_dtype())
     emb_dtype = dtype_of("embedding") if "embedding" in names else F32
@@ -297,18 +305,21 @@ def load_packed(directory: str, *, method: str = packed.DEFAULT_METHOD):
   manifest, fmt = _read_manifest(directory, method)
   cfg = load_config(directory)
   model_cfg = ModelConfig.from_config(cfg.model)
-  config_path = os.path.join(directory, CONFIG)
+  config_path = paths.join(directory, CONFIG)
   if model_cfg.kind != "mmfree":
     raise PackedDirError(
       f"{config_path}: model.kind={model_cfg.kind!r}; a packed directory holds a MatMul-free model"
     )
-  path = os.path.join(directory, WEIGHTS)
-  expected, emb_dtype = _check_tensors(path, config_path, model_cfg, fmt)
-  reader = _TensorReader(path, {n: d for n, _, d in expected})
-  try:
-    params = _read_params(reader, model_cfg, fmt, method, emb_dtype == INT8)
-  except (ValueError, KeyError, OSError) as e:
-    raise PackedDirError(f"cannot read {path}: {e}; export it again") from e
-  finally:
-    reader.close()
+  path = paths.join(directory, WEIGHTS)
+  if not paths.isfile(path):
+    raise PackedDirError(f"{path} not found: the packed directory is incomplete; export it again")
+  with paths.local_copy(path) as local:  # a bucket's file is downloaded once, read locally
+    expected, emb_dtype = _check_tensors(local, path, config_path, model_cfg, fmt)
+    reader = _TensorReader(local, {n: d for n, _, d in expected}, path)
+    try:
+      params = _read_params(reader, model_cfg, fmt, method, emb_dtype == INT8)
+    except (ValueError, KeyError, OSError) as e:
+      raise PackedDirError(f"cannot read {path}: {e}; export it again") from e
+    finally:
+      reader.close()
   return packed.PackedLM(params, packed.PackedSpec(model_cfg, fmt, method)), cfg, manifest

@@ -2,16 +2,15 @@
 
 Export never holds the latent model: each stacked checkpoint leaf is restored alone (orbax
 partial restore), quantized layer by layer and written, so the peak is about one leaf (the
-largest is gate_proj's `[L, d, 2I]`). It writes into a hidden temporary directory renamed at
-the end (as `mmfree_jax.hf`).
+largest is gate_proj's `[L, d, 2I]`). It writes into a local staging folder published at the
+end (`hf.staging.staged_directory`: renamed on a disk; uploaded to a `gs://`/`s3://`
+destination with `packed.json`, which readers open first, uploaded last).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from typing import Callable
 
 import jax
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from mmfree_jax import data as data_lib
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer, CheckpointError, check_compatible
 from mmfree_jax.config import ModelConfig, config_from_dict
@@ -41,7 +41,7 @@ from mmfree_jax.export.layout import (
   stat_dtype,
 )
 from mmfree_jax.hf import tensors
-from mmfree_jax.hf.checkpoint_io import check_destination, staged_directory
+from mmfree_jax.hf.staging import check_destination, staged_directory
 from mmfree_jax.nn import packed
 from mmfree_jax.nn.model import abstract_model
 from mmfree_jax.numerics import mlgru
@@ -63,7 +63,7 @@ def _tokenizer_files(cfg, tmp: str) -> str | None:
     if src is None:
       raise PackedDirError(f"data.tokenizer={spec!r}: no tokenizer file to store with the model")
     name = "tokenizer.model" if src.endswith(".model") or kind == "spm" else "tokenizer.json"
-    shutil.copyfile(src, os.path.join(tmp, name))
+    paths.write_atomic(paths.join(tmp, name), paths.read_bytes(src))
     new_spec = ("spm:" if name.endswith(".model") else "hf:") + name
   with cfg.unlocked():
     cfg.data.tokenizer = new_spec
@@ -234,7 +234,7 @@ def export_workdir(
         _producers(reader, model_cfg, fmt, emb_dtype),
         embedding_dtype=emb_name,
         step=step,
-        source=os.path.abspath(workdir),
+        source=paths.absolute(workdir),
       )
   finally:
     reader.close()
@@ -251,24 +251,23 @@ def write_packed(
   step: int | None,
   source: str,
 ) -> dict:
-  """Writes a packed directory (staged, renamed at the end) from a full config and one
-  producer per `layout` tensor, called in file order. Returns the manifest."""
+  """Writes a packed directory (staged, published at the end, `packed.json` last) from a full
+  config and one producer per `layout` tensor, called in file order. Returns the manifest."""
   model_cfg = ModelConfig.from_config(cfg.model)
   emb_dtype = EMBEDDING_DTYPES[embedding_dtype]
   cfg = config_from_dict(json.loads(cfg.to_json()))  # a copy: the tokenizer moves
-  with staged_directory(dst) as tmp:
+  with staged_directory(dst, last=(MANIFEST,)) as tmp:
     tok_name = _tokenizer_files(cfg, tmp)
     entries = [
       (name, shape, dtype, produce[name])
       for name, shape, dtype in layout(model_cfg, fmt, emb_dtype)
     ]
     nbytes = tensors.write_safetensors(
-      os.path.join(tmp, WEIGHTS),
+      paths.join(tmp, WEIGHTS),
       entries,
       metadata={"format": fmt, "mmfree_jax": f"packed/{VERSION}"},
     )
-    with open(os.path.join(tmp, CONFIG), "w") as f:
-      f.write(cfg.to_json(indent=2))
+    paths.write_atomic(paths.join(tmp, CONFIG), cfg.to_json(indent=2))
     manifest = {
       "format": fmt,
       "version": VERSION,
@@ -278,6 +277,5 @@ def write_packed(
       "bytes": nbytes,
       "tokenizer": tok_name,
     }
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-      json.dump(manifest, f, indent=2)
+    paths.write_atomic(paths.join(tmp, MANIFEST), json.dumps(manifest, indent=2))
   return manifest

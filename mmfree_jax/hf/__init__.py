@@ -7,7 +7,8 @@
 `mapping` holds the config translation and the one name table import and export share,
 `tensors` the tensor-by-tensor readers and the streaming safetensors writer, `checkpoint_io`
 the checkpoint import and export (docs/architecture.md §1.6); `llama` imports
-LlamaForCausalLM-layout Transformers.
+LlamaForCausalLM-layout Transformers; `staging` publishes a new folder whole (on a disk or a
+`gs://`/`s3://` bucket). Sources and destinations may be bucket paths.
 """
 
 from mmfree_jax import lazy_exports

@@ -12,22 +12,24 @@ the dtype of the weights by default (bit-exact round trip; `--dtype bfloat16` as
 written tensor by tensor, with the workdir's tokenizer file and its true special ids.
 
 Both write into a hidden temporary directory next to the destination and rename it at the
-end, so a failure leaves no half-written destination.
+end, so a failure leaves no half-written destination. A `gs://`/`s3://` destination has no
+rename: an export is staged locally and uploaded with `config.json` last (what readers open
+first); an import writes the workdir in place, orbax's checkpoint then `config.json` last, and
+deletes it on failure. An HF source folder may be in a bucket (its weights are downloaded to a
+local temporary folder: safetensors maps local files only).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 
 import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig, config_from_dict
@@ -36,6 +38,7 @@ from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.hf import mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError, Slot
+from mmfree_jax.hf.staging import check_destination, staged_directory, workdir_destination
 from mmfree_jax.nn.model import abstract_model
 
 NUMPY_DTYPES = {
@@ -62,48 +65,20 @@ def numpy_dtype(name: str) -> np.dtype:
     ) from None
 
 
-# ----------------------------------------------------------------------- staged destination
-
-
-def check_destination(path: str) -> str:
-  """Absolute path of a destination that does not exist or is an empty directory."""
-  path = os.path.abspath(path)
-  if os.path.exists(path) and not (os.path.isdir(path) and not os.listdir(path)):
-    raise FileExistsError(
-      f"{path} already exists and is not empty; pick a new directory or "
-      "remove it first (nothing is overwritten)"
-    )
-  return path
-
-
-@contextlib.contextmanager
-def staged_directory(dst: str):
-  """Yields a temporary directory next to `dst`, renamed to `dst` if the block succeeds and
-  deleted if it raises."""
-  dst = check_destination(dst)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.partial-", dir=parent)
-  try:
-    yield tmp
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
-    if os.path.isdir(dst):
-      os.rmdir(dst)  # empty (check_destination); rename cannot replace a directory
-    os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
 # ----------------------------------------------------------------------------------- import
 
 
 def read_hf_config(src: str) -> dict:
   """The `config.json` of an HF model folder, as a dict."""
-  path = os.path.join(src, "config.json")
-  if not os.path.isfile(path):
+  path = paths.join(src, "config.json")
+  if not paths.isfile(path) and any(
+    paths.isfile(paths.join(src, name)) for name in (tensors.SINGLE_FILE, tensors.SAFETENSORS_INDEX)
+  ):
+    raise HFCheckpointError(
+      f"{path} not found, but {src} holds weights: an HF folder still being written, or whose "
+      "export failed (config.json is written last); wait for it, or export or download it again"
+    )
+  if not paths.isfile(path):
     raise HFCheckpointError(
       f"{path} not found: --src must be an HF model folder holding "
       "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)"
@@ -228,9 +203,9 @@ def _import_tokenizer(src: str, tmp: str, workdir: str, spec: str | None) -> str
   if spec:
     return spec
   for name, kind in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-      return f"{kind}:{os.path.join(workdir, name)}"
+    if paths.isfile(paths.join(src, name)):
+      paths.write_atomic(paths.join(tmp, name), paths.read_bytes(paths.join(src, name)))
+      return f"{kind}:{paths.join(workdir, name)}"
   return ""
 
 
@@ -240,8 +215,8 @@ def _check_special_ids(spec: str, hf_config: dict, tmp: str, workdir: str) -> li
   kind, _, path = spec.partition(":")
   if not spec or kind == "bpe":  # bpe: is trained on a corpus, not loadable here
     return []
-  if path.startswith(workdir + os.sep):  # still in the staging folder
-    spec = f"{kind}:{os.path.join(tmp, os.path.relpath(path, workdir))}"
+  if path.startswith(workdir.rstrip("/") + "/"):  # still in the staging folder
+    spec = f"{kind}:{paths.join(tmp, path[len(workdir.rstrip('/')) + 1 :])}"
   tok = load_tokenizer(spec, cache_dir=default_cache_dir())
   notes = []
   for key, ours in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id)):
@@ -294,7 +269,7 @@ def import_checkpoint(
   workdir = check_destination(workdir)
   with tensors.open_weights(src, allow_nonfinite=allow_nonfinite) as weights:
     check_weights(weights, layout, note)
-    with staged_directory(workdir) as tmp:
+    with workdir_destination(workdir) as tmp:
       tokenizer = _import_tokenizer(src, tmp, workdir, tokenizer)
       notes = _check_special_ids(tokenizer, hf_config, tmp, workdir)
       cfg = config_from_dict({"model": model_section, "data": {"tokenizer": tokenizer}})
@@ -383,16 +358,14 @@ def export_checkpoint(
     params, step = loading.load_params(workdir, model_cfg, step)
     flat = mapping.flatten(params)
     layout = list(mapping.slots({p: tuple(a.shape) for p, a in flat.items()}, model_cfg.num_layers))
-    with staged_directory(dst) as tmp:
-      with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-        f.write("\n")
+    with staged_directory(dst, last=("config.json",)) as tmp:
+      paths.write_atomic(paths.join(tmp, "config.json"), json.dumps(hf_config, indent=2) + "\n")
       entries = [
         (s.hf_name, s.hf_shape, np_dtype, _tensor_producer(flat[s.ours], s, np_dtype))
         for s in layout
       ]
       tensors.write_safetensors(
-        os.path.join(tmp, tensors.SINGLE_FILE), entries, metadata={"format": "pt"}
+        paths.join(tmp, tensors.SINGLE_FILE), entries, metadata={"format": "pt"}
       )
       written = tokenizer.save(tmp) if tokenizer is not None else None
   return {
@@ -400,5 +373,5 @@ def export_checkpoint(
     "step": step,
     "dtype": dtype,
     "num_params": sum(int(np.prod(s.hf_shape)) for s in layout),
-    "tokenizer": None if written is None else os.path.basename(written),
+    "tokenizer": None if written is None else paths.basename(written),
   }

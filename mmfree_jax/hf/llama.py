@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 
 import jax
 import numpy as np
 
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig, config_from_dict
-from mmfree_jax.hf import checkpoint_io, mapping, tensors
+from mmfree_jax.hf import checkpoint_io, mapping, staging, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 MODEL_TYPES = ("llama", "mistral")  # mistral: only without a sliding window (= Llama layout)
@@ -330,7 +329,7 @@ def load_llama(
 def tokenizer_spec(folder: str) -> tuple[str, str] | None:
   """`(HF file name, our tokenizer kind)` of the tokenizer an HF folder ships, or None."""
   for name, kind in (("tokenizer.json", "hf"), ("tokenizer.model", "spm")):
-    if os.path.isfile(os.path.join(folder, name)):
+    if paths.isfile(paths.join(folder, name)):
       return name, kind
   return None
 
@@ -344,15 +343,15 @@ def import_llama(
   workdir's data config; without one, data.tokenizer keeps its default and must be set to the
   teacher's tokenizer before training on it.
   """
-  workdir = checkpoint_io.check_destination(workdir)
+  workdir = staging.check_destination(workdir)
   section, flat = load_llama(src, dtype=dtype, allow_nonfinite=allow_nonfinite)
-  with checkpoint_io.staged_directory(workdir) as tmp:
+  with staging.workdir_destination(workdir) as tmp:
     data = {}
     found = tokenizer_spec(src)
     if found is not None:
       name, kind = found
-      shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
-      data["tokenizer"] = f"{kind}:{os.path.join(workdir, name)}"
+      paths.write_atomic(paths.join(tmp, name), paths.read_bytes(paths.join(src, name)))
+      data["tokenizer"] = f"{kind}:{paths.join(workdir, name)}"
     cfg = config_from_dict({"model": section, "data": data})
     with jax.enable_x64(True) if dtype == "float64" else contextlib.nullcontext():
       checkpoint_io.to_device_leaf_by_leaf(flat)

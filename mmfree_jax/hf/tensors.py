@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
+import tempfile
 from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from mmfree_jax import paths
 from mmfree_jax.data import untrusted
 from mmfree_jax.hf.mapping import HFCheckpointError
 
@@ -148,6 +151,7 @@ class WeightFiles:
     self._where = where  # tensor name -> shard
     self.description = description
     self.allow_nonfinite = False  # read() refuses NaN/inf unless set (open_weights' flag)
+    self.local_copy: str | None = None  # a bucket folder's downloaded files, removed on close
 
   @property
   def names(self) -> list[str]:
@@ -160,7 +164,7 @@ class WeightFiles:
     return self._where[name].dtype_name(name)
 
   def file_of(self, name: str) -> str:
-    return os.path.basename(self._where[name].path)
+    return paths.basename(self._where[name].path)
 
   def read(self, name: str) -> np.ndarray:
     """The tensor `name` as stored; a NaN or inf in it is an HFCheckpointError unless
@@ -179,6 +183,9 @@ class WeightFiles:
   def close(self) -> None:
     for shard in self._shards:
       shard.close()
+    if self.local_copy is not None:
+      shutil.rmtree(self.local_copy, ignore_errors=True)
+      self.local_copy = None
 
   def __enter__(self):
     return self
@@ -190,22 +197,73 @@ class WeightFiles:
 def open_weights(folder: str, *, allow_nonfinite: bool = False) -> WeightFiles:
   """Opens `model.safetensors`, or the shards of `model.safetensors.index.json`, or (torch
   only) `pytorch_model.bin` / its index, in that order of preference. Reading a tensor with a
-  NaN or inf fails unless allow_nonfinite."""
+  NaN or inf fails unless allow_nonfinite. A `gs://`/`s3://` folder's weight files are
+  downloaded to a local temporary folder first (safetensors and torch map local files only),
+  removed when the returned `WeightFiles` closes."""
   for single, index in ((SINGLE_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
-    if os.path.isfile(os.path.join(folder, single)):
-      weights = _open_single(os.path.join(folder, single))
-    elif os.path.isfile(os.path.join(folder, index)):
+    if paths.is_remote(folder) and paths.isfile(paths.join(folder, single)):
+      weights = _open_downloaded(folder, [single])
+    elif paths.is_remote(folder) and paths.isfile(paths.join(folder, index)):
+      weights = _open_downloaded(folder, [index, *_index_files(folder, index)])
+    elif paths.isfile(paths.join(folder, single)):
+      weights = _open_single(paths.join(folder, single))
+    elif paths.isfile(paths.join(folder, index)):
       weights = _open_index(folder, index)
     else:
       continue
     weights.allow_nonfinite = allow_nonfinite
     return weights
-  present = sorted(os.listdir(folder)) if os.path.isdir(folder) else "(folder does not exist)"
+  present = paths.listdir(folder) if paths.isdir(folder) else "(folder does not exist)"
   raise HFCheckpointError(
     f"no weights in {folder}: expected {SINGLE_FILE}, or {SAFETENSORS_INDEX} with its "
     f"shards (or {TORCH_FILE}, read only when torch is installed). Found: {present}. "
     "Download the model's weights into that folder"
   )
+
+
+def _index_files(folder: str, index_name: str) -> list[str]:
+  """The shard names an index lists that lie inside `folder` (what to download; `_open_index`
+  then checks the index in full and names any problem)."""
+  index_path = paths.join(folder, index_name)
+  try:
+    weight_map = untrusted.load_json(index_path, what="an HF weight index", fix="re-download it")
+    names = sorted({v for v in weight_map["weight_map"].values() if isinstance(v, str)})
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return []  # `_open_index` reports it
+  inside = []
+  for name in names:
+    try:
+      untrusted.confined_join(folder, name, what="", fix="")
+    except ValueError:
+      continue
+    if paths.isfile(paths.join(folder, name)):
+      inside.append(name)
+  return inside
+
+
+def _open_downloaded(folder: str, names: list[str]) -> WeightFiles:
+  """Opens the files `names` of the bucket folder `folder` from a local download; errors name
+  the bucket's paths."""
+  tmp = tempfile.mkdtemp(prefix="mmfree-hf-")
+  try:
+    for name in names:
+      local = os.path.join(tmp, *name.split("/"))
+      os.makedirs(os.path.dirname(local), exist_ok=True)
+      with paths.open_file(paths.join(folder, name), "rb") as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    try:
+      if len(names) == 1:
+        weights = _open_single(os.path.join(tmp, names[0]))
+      else:
+        weights = _open_index(tmp, names[0])
+    except HFCheckpointError as e:
+      raise HFCheckpointError(str(e).replace(tmp, folder)) from None
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  weights.description = weights.description.replace(tmp, folder)
+  weights.local_copy = tmp
+  return weights
 
 
 def _open_single(path: str) -> WeightFiles:
@@ -215,7 +273,7 @@ def _open_single(path: str) -> WeightFiles:
 
 def _open_index(folder: str, index_name: str) -> WeightFiles:
   """Opens every shard the index names and checks that each holds the tensors listed for it."""
-  index_path = os.path.join(folder, index_name)
+  index_path = paths.join(folder, index_name)
   fix = "re-download the index"
   try:
     weight_map = untrusted.load_json(index_path, what="an HF weight index", fix=fix)
@@ -228,13 +286,13 @@ def _open_index(folder: str, index_name: str) -> WeightFiles:
     )
   files = sorted(set(weight_map.values()))
   try:
-    paths = {
+    shard_paths = {
       name: untrusted.confined_join(folder, name, what=f"{index_path} weight_map", fix=fix)
       for name in files
     }
   except ValueError as e:
     raise HFCheckpointError(str(e)) from None
-  absent = [name for name in files if not os.path.isfile(paths[name])]
+  absent = [name for name in files if not paths.isfile(shard_paths[name])]
   if absent:
     raise HFCheckpointError(
       f"{index_path} references shards missing from {folder}: {absent}. "
@@ -243,7 +301,7 @@ def _open_index(folder: str, index_name: str) -> WeightFiles:
   shards = {}
   try:
     for name in files:
-      shards[name] = _open_shard(paths[name])
+      shards[name] = _open_shard(shard_paths[name])
     held = {name: set(shard.names()) for name, shard in shards.items()}
     where = {}
     for tensor, name in weight_map.items():

@@ -1,0 +1,192 @@
+"""Packed and HF exports, HF imports and eval outputs on object storage: the GCS emulator and
+the S3 server of tests/storage_emulators.py (real processes, nothing monkeypatched but a spy).
+
+What a bucket export holds must be byte-for-byte what a local export holds, load back to the
+same arrays (exact: the same bytes are read), and be published with its marker last (a packed
+folder's `packed.json`, an HF folder's `config.json`), so a reader refuses a half-written one.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mmfree_jax import export, paths
+from mmfree_jax.checkpoint import loading
+from mmfree_jax.config import ModelConfig
+from mmfree_jax.export import writer
+from mmfree_jax.hf import HFCheckpointError, checkpoint_io, mapping
+from tests.test_hf import random_workdir
+
+
+@pytest.fixture(params=["gs", "s3"])
+def bucket(request):
+  """`(emulator, fresh bucket prefix)` for each backend."""
+  emulator = request.getfixturevalue("gcs_emulator" if request.param == "gs" else "s3_emulator")
+  return emulator, emulator.root()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A local tiny MatMul-free workdir (random params at step 7, the mistral tokenizer)."""
+  path = str(tmp_path_factory.mktemp("storage") / "wd")
+  return path, random_workdir(path)
+
+
+@pytest.fixture(autouse=True)
+def no_local_scheme_folders(tmp_path, monkeypatch):
+  """Runs each test in an empty cwd and fails it if a local `gs:`/`s3:` folder appears there
+  (what a bucket path handed to `open`/`os.makedirs` makes)."""
+  monkeypatch.chdir(tmp_path)
+  yield
+  assert not [n for n in os.listdir(tmp_path) if n in ("gs:", "s3:")]
+
+
+def _files(folder: str) -> dict[str, bytes]:
+  """`{name: bytes}` of every file directly in `folder` (any backend)."""
+  return {name: paths.read_bytes(paths.join(folder, name)) for name in paths.listdir(folder)}
+
+
+def _leaves(model) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(nnx.split(model)[1].to_pure_dict())]
+
+
+def test_packed_export_on_a_bucket_equals_the_local_one(workdir, bucket, tmp_path):
+  src, _ = workdir
+  emulator, root = bucket
+  local, remote = str(tmp_path / "packed"), paths.join(root, "packed")
+  export.export_workdir(src, local)
+  out = export.export_workdir(src, remote)
+  assert out["dst"] == remote
+  assert emulator.list_objects(remote) == [
+    paths.join(remote, name)
+    for name in ("config.json", "model.safetensors", "packed.json", "tokenizer.model")
+  ]
+  assert _files(remote) == _files(local)  # byte for byte, the manifest's source included
+  model_local, cfg_local, manifest_local = export.load_packed(local)
+  model_remote, cfg_remote, manifest_remote = export.load_packed(remote)
+  assert manifest_remote == manifest_local and manifest_remote["step"] == 7
+  for a, b in zip(_leaves(model_local), _leaves(model_remote), strict=True):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  assert cfg_remote.model.to_dict() == cfg_local.model.to_dict()
+  assert cfg_remote.data.tokenizer == "spm:" + paths.join(remote, "tokenizer.model")
+
+
+def test_bucket_exports_upload_their_marker_last(workdir, bucket, tmp_path, monkeypatch):
+  """The last upload of a packed export is `packed.json` alone, of an HF export
+  `config.json` alone (a spy on the real upload)."""
+  src, _ = workdir
+  _, root = bucket
+  uploads: list[list[str]] = []
+  upload_tree = paths.upload_tree
+
+  def spy(local_dir, dest):
+    uploads.append(sorted(os.listdir(local_dir)))
+    upload_tree(local_dir, dest)
+
+  monkeypatch.setattr(paths, "upload_tree", spy)
+  export.export_workdir(src, paths.join(root, "packed"))
+  assert uploads == [["config.json", "model.safetensors", "tokenizer.model"], ["packed.json"]]
+  uploads.clear()
+  checkpoint_io.export_checkpoint(src, paths.join(root, "hf"))
+  assert uploads == [["model.safetensors", "tokenizer.model"], ["config.json"]]
+
+
+def test_hf_export_to_a_bucket_imports_back_exactly(workdir, bucket, tmp_path):
+  src, original = workdir
+  emulator, root = bucket
+  hf = paths.join(root, "hf")
+  checkpoint_io.export_checkpoint(src, hf)
+  assert [paths.basename(p) for p in emulator.list_objects(hf)] == [
+    "config.json",
+    "model.safetensors",
+    "tokenizer.model",
+  ]
+  back = str(tmp_path / "back")
+  out = checkpoint_io.import_checkpoint(hf, back)
+  assert out["tokenizer"] == "spm:" + os.path.join(back, "tokenizer.model")
+  cfg = loading.load_workdir_config(back)
+  params, _ = loading.load_params(back, ModelConfig.from_config(cfg.model))
+  imported = mapping.flatten(params)
+  assert sorted(imported) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(np.asarray(imported[name]), value, err_msg=name)
+  with open(os.path.join(back, "tokenizer.model"), "rb") as f:
+    assert f.read() == paths.read_bytes(paths.join(hf, "tokenizer.model"))
+
+
+def test_sharded_hf_folder_in_a_bucket_imports(workdir, gcs_root, tmp_path):
+  """An index and its shards in a bucket: only the listed shards are downloaded and read."""
+  src, original = workdir
+  local = str(tmp_path / "hf")
+  checkpoint_io.export_checkpoint(src, local)
+  from safetensors.numpy import load_file, save_file  # pylint: disable=import-outside-toplevel
+
+  tensors_ = load_file(os.path.join(local, "model.safetensors"))
+  names = sorted(tensors_)
+  halves = {"a.safetensors": names[::2], "b.safetensors": names[1::2]}
+  remote = paths.join(gcs_root, "sharded")
+  for shard, members in halves.items():
+    save_file({n: tensors_[n] for n in members}, str(tmp_path / shard), {"format": "pt"})
+    paths.write_atomic(paths.join(remote, shard), (tmp_path / shard).read_bytes())
+  index = {"weight_map": {n: s for s, members in halves.items() for n in members}}
+  paths.write_atomic(paths.join(remote, "model.safetensors.index.json"), json.dumps(index))
+  with open(os.path.join(local, "config.json"), "rb") as f:
+    paths.write_atomic(paths.join(remote, "config.json"), f.read())
+  back = str(tmp_path / "back")
+  checkpoint_io.import_checkpoint(remote, back)
+  params, _ = loading.load_params(
+    back, ModelConfig.from_config(loading.load_workdir_config(back).model)
+  )
+  for name, value in original.items():
+    np.testing.assert_array_equal(np.asarray(mapping.flatten(params)[name]), value)
+
+
+def test_half_written_exports_are_refused_in_one_line(workdir, bucket, tmp_path):
+  """A bucket folder whose marker was never uploaded (an interrupted export) is refused with a
+  one-line message naming the missing file; nothing is read from it."""
+  src, _ = workdir
+  _, root = bucket
+  local_packed, local_hf = str(tmp_path / "packed"), str(tmp_path / "hf")
+  export.export_workdir(src, local_packed)
+  checkpoint_io.export_checkpoint(src, local_hf)
+  packed_dir, hf_dir = paths.join(root, "packed"), paths.join(root, "hf")
+  for name in ("config.json", "model.safetensors"):  # all but packed.json
+    paths.write_atomic(paths.join(packed_dir, name), _files(local_packed)[name])
+  with pytest.raises(export.PackedDirError) as e:
+    export.load_packed(packed_dir)
+  assert "packed.json not found" in str(e.value) and "still being written" in str(e.value)
+  assert "\n" not in str(e.value)
+  paths.write_atomic(
+    paths.join(hf_dir, "model.safetensors"), _files(local_hf)["model.safetensors"]
+  )  # all but config.json
+  with pytest.raises(HFCheckpointError) as e:
+    checkpoint_io.import_checkpoint(hf_dir, str(tmp_path / "back"))
+  assert "config.json not found" in str(e.value) and "still being written" in str(e.value)
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "back")
+
+
+def test_failed_export_leaves_no_bucket_destination(workdir, bucket, monkeypatch):
+  """A failure while the export is being made leaves nothing under the destination, and the
+  same destination can then be used."""
+  src, _ = workdir
+  emulator, root = bucket
+  dst = paths.join(root, "packed")
+  real = writer.tensors.write_safetensors
+
+  def failing(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(writer.tensors, "write_safetensors", failing)
+  with pytest.raises(OSError, match="disk full"):
+    export.export_workdir(src, dst)
+  assert emulator.list_objects(dst) == []
+  monkeypatch.setattr(writer.tensors, "write_safetensors", real)
+  export.export_workdir(src, dst)
+  with pytest.raises(FileExistsError, match="not empty"):
+    export.export_workdir(src, dst)
