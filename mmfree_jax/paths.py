@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from etils import epath
+from fsspec import config as fsspec_config
 
 REMOTE_SCHEMES = ("gs://", "s3://")
 # Errors of os.link on file systems without hard links: then a create-only write uses O_EXCL.
@@ -37,6 +38,11 @@ _NO_LINK = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EML
 # gcsfs logs a credentials warning per bucket when it runs without Google credentials (an
 # emulator, or anonymous reads); the clients' own errors still reach the user.
 logging.getLogger("gcsfs").setLevel(logging.ERROR)
+# No client-side listing cache: epath keeps its own gcsfs instance (other arguments than
+# `_fs`'s), so a cached listing in one would hide what the other (or another process, another
+# host) wrote since; every query asks the store.
+for _proto in ("gs", "gcs", "s3", "s3a"):
+  fsspec_config.conf.setdefault(_proto, {}).setdefault("use_listings_cache", False)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

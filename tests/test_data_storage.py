@@ -7,16 +7,20 @@ gives exactly what reading the disk gives (documents, units, tokenizer ids and f
 or `s3:` folder instead.
 """
 
+import glob
 import gzip
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mmfree_jax import paths
+from mmfree_jax import data, paths
 from mmfree_jax.config import base_config
 from mmfree_jax.data import formats, sources, untrusted
+from mmfree_jax.data import prepare as prep
+from mmfree_jax.data import prepared as prepared_lib
 from mmfree_jax.data import tokenizer as tok_lib
 
 TEXTS = [f"doc {i}: " + "lorem ipsum dolor " * (1 + i % 5) + "é" for i in range(40)]
@@ -142,3 +146,104 @@ def test_confined_join_on_a_bucket_keeps_names_under_the_prefix(bucket):
   put(paths.join(bucket, "m.json"), b"[1, {")
   with pytest.raises(ValueError, match=r"m\.json \(what\) is not valid JSON: .*; fix"):
     untrusted.load_json(paths.join(bucket, "m.json"), what="what", fix="fix")
+
+
+# ---------------------------------------------------------------------------- prepare, reader
+
+
+def prepare_into(inputs: str, tokenizer: str, out: str, cache: str) -> dict:
+  return prep.prepare(
+    prep.PrepareOptions(
+      inputs=inputs,
+      format="jsonl",
+      tokenizer=tokenizer,
+      out=out,
+      shard_tokens=1500,
+      record_tokens=64,
+      val_shards=1,
+      cache_dir=cache,
+    )
+  )
+
+
+def batches(out: str, tokenizer: str, cache: str, steps: int = 5):
+  """(training batches, validation batches) streamed from the prepared folder `out`."""
+  cfg = base_config().data
+  cfg.update(source="array_record", paths=out, tokenizer=tokenizer, seq_len=47, seed=0)
+  tok = data.tokenizer_from_config(cfg, cache_dir=cache)
+  it = data.train_iterator(cfg, tok, global_batch=4, cache_dir=cache)
+  train = [next(it) for _ in range(steps)]
+  val = data.validation_batches(cfg, tok, batch_size=4, num_batches=2, cache_dir=cache)
+  return train, val
+
+
+def test_prepare_into_a_bucket_streams_the_local_batches(bucket, tmp_path, request):
+  emulator = request.getfixturevalue("gcs_emulator" if bucket.startswith("gs") else "s3_emulator")
+  texts = [t * 3 for t in TEXTS] * 3
+  hf = tok_lib.HFTokenizer(tok_lib.train_bpe(texts, 300), "bpe:300")
+  payload = gzip.compress(jsonl_bytes(texts))
+  put(str(tmp_path / "in.jsonl.gz"), payload)
+  put(paths.join(bucket, "in", "c.jsonl.gz"), payload)
+  local_tok, remote_tok = hf.save(str(tmp_path)), hf.save(paths.join(bucket, "tok"))
+  local = prepare_into(
+    str(tmp_path / "in.jsonl.gz"), f"hf:{local_tok}", str(tmp_path / "out"), str(tmp_path / "c1")
+  )
+  out = paths.join(bucket, "out")
+  remote = prepare_into(
+    paths.join(bucket, "in", "*.gz"), f"hf:{remote_tok}", out, str(tmp_path / "c2")
+  )
+  assert len(remote["shards"]) >= 3 and remote["shards"] == local["shards"]  # byte-identical
+  assert remote["splits"] == local["splits"]
+  assert remote["tokenizer"] == {**local["tokenizer"], "spec": f"hf:{remote_tok}"}
+  names = [paths.basename(p) for p in emulator.list_objects(out)]
+  shard_files = [s["path"] for s in remote["shards"]]
+  assert set(names) == {"manifest.json", "plan.json", "tokenizer.json", *shard_files} | {
+    f.replace(".array_record", ".json") for f in shard_files
+  }
+  cache = str(tmp_path / "reader-cache")
+  want = batches(str(tmp_path / "out"), f"hf:{local_tok}", str(tmp_path / "c3"))
+  got = batches(out, f"hf:{out}/tokenizer.json", cache)  # the copy prepare stored there
+  for w, g in zip(want[0] + want[1], got[0] + got[1]):
+    for key in ("tokens", "segment_ids"):
+      np.testing.assert_array_equal(g[key], w[key])
+  copies = sorted(os.path.basename(p) for p in glob.glob(f"{cache}/remote/*/*"))
+  assert copies and set(copies) <= set(shard_files)  # the shards read, cached by sha256
+
+
+def test_an_unpublished_bucket_folder_is_refused_and_a_rerun_completes_it(bucket, tmp_path):
+  paths.write_atomic(paths.join(bucket, "in.jsonl"), jsonl_bytes(TEXTS * 4))
+  out, cache = paths.join(bucket, "out"), str(tmp_path / "cache")
+  first = prepare_into(paths.join(bucket, "in.jsonl"), "byte", out, cache)
+  assert len(first["shards"]) >= 3
+  # A prepare killed after committing shard 0: the later shards, their sidecars and the
+  # manifest (the marker, written last) are missing.
+  for name in paths.listdir(out):
+    if name == "manifest.json" or name.startswith(("shard-00001", "shard-00002")):
+      paths.remove(paths.join(out, name))
+  with pytest.raises(ValueError) as err:
+    prepared_lib.open_prepared(out)
+  msg = str(err.value)
+  assert "\n" not in msg and "has no manifest.json" in msg
+  assert "rerun the same prepare command to complete it" in msg
+  again = prepare_into(paths.join(bucket, "in.jsonl"), "byte", out, cache)
+  assert again == first and prepared_lib.open_prepared(out).manifest == first
+  with pytest.raises(ValueError, match=r"'.*/elsewhere' does not exist; run `python -m"):
+    prepared_lib.open_prepared(paths.join(bucket, "elsewhere"))
+
+
+def test_a_damaged_shard_in_a_bucket_is_refused_at_download(bucket, tmp_path):
+  paths.write_atomic(paths.join(bucket, "in.jsonl"), jsonl_bytes(TEXTS * 4))
+  out, cache = paths.join(bucket, "out"), str(tmp_path / "cache")
+  manifest = prepare_into(paths.join(bucket, "in.jsonl"), "byte", out, cache)
+  shard = paths.join(out, manifest["shards"][0]["path"])
+  raw = bytearray(paths.read_bytes(shard))
+  raw[len(raw) // 2] ^= 0xFF  # same size: only the checksum can tell
+  paths.write_atomic(shard, bytes(raw))
+  cfg = base_config().data
+  cfg.update(source="array_record", paths=out, tokenizer="byte", seq_len=47, seed=0)
+  windows = prepared_lib.PreparedWindows(
+    prepared_lib.open_prepared(out), "train", seq_len=47, eos_id=256, pad_id=257, cache_dir=cache
+  )
+  with pytest.raises(ValueError, match=r"shard-00000\.array_record does not have the sha256"):
+    windows[0]
+  assert not glob.glob(f"{cache}/remote/*/*")  # nothing damaged is kept

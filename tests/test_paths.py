@@ -79,3 +79,19 @@ def test_glob_double_star_spans_folders_and_user_paths_expand(root):
   assert paths.has_magic(paths.join(root, "*.txt")) and not paths.has_magic(root)
   assert paths.expanduser(root) == root or not paths.is_remote(root)
   assert paths.expanduser("~/x") == os.path.join(os.path.expanduser("~"), "x")
+
+
+def test_listings_are_never_stale(root):
+  """A folder listed, then written to (through another client of the same store): every
+  query sees the new file (no cached listing hides it)."""
+  folder = paths.join(root, "out")
+  paths.makedirs(folder)
+  paths.write_atomic(paths.join(folder, "plan.json"), b"{}")
+  assert paths.listdir(folder) == ["plan.json"] and paths.isdir(folder)
+  paths.write_atomic(paths.join(folder, "manifest.json"), b"{}")
+  with paths.local_dir_for(folder) as local:
+    with open(f"{local}/shard.bin", "wb") as f:
+      f.write(b"x")
+  assert paths.listdir(folder) == ["manifest.json", "plan.json", "shard.bin"]
+  assert paths.exists(paths.join(folder, "manifest.json"))
+  assert paths.is_published(folder, "manifest.json") and paths.size(paths.join(folder, "shard.bin"))

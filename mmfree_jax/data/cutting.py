@@ -9,10 +9,10 @@ always has a shard to hold out, and the shards never depend on `--val_shards`.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
+from mmfree_jax import paths as paths_lib
 from mmfree_jax.data import formats
 from mmfree_jax.data import shards as shards_lib
 
@@ -75,7 +75,7 @@ def write_shards(stream, shards: list[dict], target: Target) -> int:
     elif shards:  # the stream ended exactly at a shard boundary: mark the last one final
       shards[-1]["final"] = True
       shards_lib.write_json_atomic(
-        os.path.join(target.out, shards_lib.sidecar_name(len(shards) - 1)), shards[-1]
+        paths_lib.join(target.out, shards_lib.sidecar_name(len(shards) - 1)), shards[-1]
       )
   finally:
     if writer is not None:

@@ -142,6 +142,7 @@ def train_iterator(
       local_batch=local,
       process_index=process_index,
       process_count=process_count,
+      cache_dir=cache_dir,
     )
   else:
     train, _ = split_windows(data_cfg, tokenizer, cache_dir=cache_dir)
@@ -185,7 +186,7 @@ def validation_batches(
   """
   local = local_batch_size(batch_size, process_index, process_count)
   if data_cfg.source == prepared_lib.SOURCE:
-    val = prepared_lib.validation_windows(data_cfg, tokenizer)
+    val = prepared_lib.validation_windows(data_cfg, tokenizer, cache_dir=cache_dir)
     if val is None:
       raise ValueError(
         "the prepared folders in data.paths hold no validation shards; rerun "

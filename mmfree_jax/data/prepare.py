@@ -6,6 +6,8 @@
 Reads Parquet, JSONL (`.gz`, `.zst`), text or `datasets.save_to_disk` folders (`formats.py`),
 tokenizes in `--num_proc` processes, and writes `DIR/shard-NNNNN.array_record` plus
 `DIR/manifest.json`; training reads DIR with `data.source=array_record` (`prepared.py`).
+`--inputs` and `--out` may be local or in a bucket (`gs://…`, `s3://…`): inputs are streamed,
+and each shard is staged on local disk and uploaded when committed (`shards.py`).
 
 What a shard holds. Each shard is a contiguous piece of the corpus token stream: its documents
 in input order, each `[bos] + ids + [eos]` (`Tokenizer.encode_document`), concatenated, and cut
@@ -26,10 +28,12 @@ Deterministic and restartable. Shards are cut from the token stream alone (a sha
 after the document that brings it to `--shard_tokens`), so the output is byte-identical
 whatever `--num_proc`: processes only tokenize chunks of documents, and the results are
 written in input order. Each shard is written to `*.tmp`, renamed, then its sidecar
-`shard-NNNNN.json` (counts, sha256, the input position where it ends) is written and renamed:
+`shard-NNNNN.json` (counts, sha256, the input position where it ends) is written atomically:
 the sidecar is the commit. Rerunning the same command keeps every committed shard whose
 checksum verifies, deletes anything after it and resumes reading at the recorded input
-position. `manifest.json` is written last; training refuses a folder without it.
+position. `manifest.json` is the folder's publish marker (`paths.publish_marker`), written
+last, after every shard and sidecar (on a bucket, after their uploads completed); training
+refuses a folder without it.
 
 Held-out validation: `--val_shards N` (or `--val_fraction F` of the shards) marks N shards
 spread evenly over the corpus as validation in the manifest (default one, so that `train.py`'s
@@ -44,11 +48,10 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 
+from mmfree_jax import paths as paths_lib
 from mmfree_jax.data import cutting, formats, untrusted
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import tokenizer as tok_lib
@@ -107,12 +110,6 @@ class PrepareOptions:
 # ---------------------------------------------------------------------------- tokenizer
 
 
-def _copy_atomic(src: str, dst: str) -> None:
-  tmp = f"{dst}.{os.getpid()}.tmp"
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
 def load_prepare_tokenizer(opts: PrepareOptions, paths: list[str], out: str):
   """(tokenizer, its file or None for `byte`), loaded from that file as training will.
 
@@ -123,8 +120,8 @@ def load_prepare_tokenizer(opts: PrepareOptions, paths: list[str], out: str):
   kind, _, arg = spec.partition(":")
   cache_dir = opts.cache_dir or default_cache_dir()
   if kind == "bpe":
-    source = os.path.join(out, "tokenizer.json")
-    if not os.path.isfile(source):
+    source = paths_lib.join(out, "tokenizer.json")
+    if not paths_lib.isfile(source):
       corpus_id = hashlib.sha256(
         json.dumps(
           [
@@ -137,7 +134,7 @@ def load_prepare_tokenizer(opts: PrepareOptions, paths: list[str], out: str):
         ).encode()
       ).hexdigest()
       source = tok_lib.bpe_cache_path(cache_dir, int(arg), corpus_id) if arg.isdigit() else ""
-      if not os.path.isfile(source):  # train it once (load_tokenizer also rejects a bad spec)
+      if not paths_lib.isfile(source):  # train it once (load_tokenizer also rejects a bad spec)
         tok_lib.load_tokenizer(
           spec,
           corpus_texts=lambda: input_texts(paths, opts),
@@ -157,15 +154,15 @@ def store_tokenizer(source: str | None, out: str, spec: str) -> str:
   """Copies the tokenizer file into `out`; returns the spec that loads the copy."""
   if source is None:
     return spec
-  local = os.path.join(out, _TOKENIZER_FILES[spec.partition(":")[0]])
-  if os.path.abspath(source) != local:
-    _copy_atomic(source, local)
+  local = paths_lib.join(out, _TOKENIZER_FILES[spec.partition(":")[0]])
+  if paths_lib.absolute(source) != local:
+    paths_lib.write_atomic(local, paths_lib.read_bytes(source))  # a few MB at most
   return f"{'hf' if local.endswith('.json') else 'spm'}:{local}"
 
 
 def tokenizer_record(tok, spec: str, local_spec: str) -> dict:
   """The manifest's description of the tokenizer (training checks the fingerprint)."""
-  file = os.path.basename(local_spec.partition(":")[2]) if ":" in local_spec else None
+  file = paths_lib.basename(local_spec.partition(":")[2]) if ":" in local_spec else None
   return {
     "spec": spec,
     "fingerprint": tok.fingerprint,
@@ -202,9 +199,13 @@ def validation_shards(num_shards: int, val_shards: int, val_fraction: float) -> 
 
 
 def _check_out_dir(out: str) -> None:
-  if os.path.exists(out) and not os.path.isdir(out):
+  if paths_lib.isfile(out):
     raise ValueError(f"--out {out!r} is a file; pass a folder")
-  if os.path.isdir(out) and os.listdir(out) and not os.path.isfile(os.path.join(out, PLAN)):
+  if (
+    paths_lib.isdir(out)
+    and paths_lib.listdir(out)
+    and not paths_lib.isfile(paths_lib.join(out, PLAN))
+  ):
     raise ValueError(
       f"--out {out!r} is not empty and holds no {PLAN} (not a prepare output); "
       "pass a new or empty folder"
@@ -212,8 +213,8 @@ def _check_out_dir(out: str) -> None:
 
 
 def _check_plan(out: str, plan: dict) -> None:
-  path = os.path.join(out, PLAN)
-  if os.path.isfile(path):
+  path = paths_lib.join(out, PLAN)
+  if paths_lib.isfile(path):
     old = untrusted.load_json(
       path,
       what="the settings of the prepare in --out",
@@ -236,9 +237,9 @@ def prepare(opts: PrepareOptions) -> dict:
   opts.validate()
   paths = formats.resolve_inputs(opts.inputs, opts.format)
   formats.check_inputs(paths, opts.format, opts.text_field, opts.hf_split)
-  out = os.path.abspath(os.path.expanduser(opts.out))
+  out = paths_lib.absolute(paths_lib.expanduser(opts.out))
   _check_out_dir(out)
-  os.makedirs(out, exist_ok=True)
+  paths_lib.makedirs(out)
   tok, tokenizer_file = load_prepare_tokenizer(opts, paths, out)
   dtype = shards_lib.token_dtype(tok.vocab_size)
   plan = {
@@ -258,8 +259,8 @@ def prepare(opts: PrepareOptions) -> dict:
   plan_id = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
 
   shards = shards_lib.committed_shards(out, plan_id)
-  if not (shards and shards[-1]["final"]) and os.path.exists(os.path.join(out, MANIFEST)):
-    os.remove(os.path.join(out, MANIFEST))
+  if not (shards and shards[-1]["final"]) and paths_lib.is_published(out, MANIFEST):
+    paths_lib.remove(paths_lib.join(out, MANIFEST))
   start_time = time.perf_counter()
   new_tokens = 0
   if not (shards and shards[-1]["final"]):
@@ -294,7 +295,8 @@ def prepare(opts: PrepareOptions) -> dict:
 
 
 def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], val) -> dict:
-  """Writes manifest.json (atomically, last): the folder is complete from then on."""
+  """Writes manifest.json, the publish marker (atomically, last): the folder is complete from
+  then on."""
   manifest = {
     "format": FORMAT_VERSION,
     "tokenizer": tokenizer,
@@ -314,7 +316,7 @@ def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], va
     ],
     "splits": {"train": [i for i in range(len(shards)) if i not in val], "validation": list(val)},
   }
-  shards_lib.write_json_atomic(os.path.join(out, MANIFEST), manifest)
+  paths_lib.publish_marker(out, MANIFEST, json.dumps(manifest, indent=1))
   return manifest
 
 

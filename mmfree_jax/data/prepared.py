@@ -14,18 +14,27 @@ interleave whose running proportions follow the weights at every prefix; then th
 independent and the grain iterator state (one index) restores the position exactly.
 Validation: the folders' held-out shards (in order, no shuffle), mixed by the same weights
 (folders without validation shards left out).
+
+Folders in a bucket (`gs://…`, `s3://…`): the manifest and tokenizer are read through
+`mmfree_jax.paths`; the ArrayRecord reader only opens local files, so each shard is streamed
+once into the local cache, keyed by the sha256 its manifest records (`cache.cached_copy`), at
+its first read (lazily: a run touches only the shards it reads) and checked against that
+sha256 as it downloads. A content-keyed cache rather than a temporary copy per process: grain
+workers, evaluation and every later run on the machine share one copy, and a re-prepared shard
+(another sha256) can never be read from a stale copy. A folder without its manifest (the
+publish marker `prepare` writes last) is refused, on a bucket as on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
 
 import grain
 import numpy as np
 
 from mmfree_jax import config as config_lib
+from mmfree_jax import paths
+from mmfree_jax.data import cache as cache_lib
 from mmfree_jax.data import shards as shards_lib
 from mmfree_jax.data import split as split_lib
 from mmfree_jax.data import untrusted
@@ -84,15 +93,15 @@ class PreparedDir:
 def open_prepared(directory: str) -> PreparedDir:
   """Reads and checks a prepared folder's manifest (every field, every path inside the
   folder); every shard file must have its size. Shard contents are verified at first read."""
-  directory = os.path.abspath(os.path.expanduser(directory))
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isdir(directory):
+  directory = paths.absolute(paths.expanduser(directory))
+  path = paths.join(directory, MANIFEST)
+  if not paths.isdir(directory):
     raise ValueError(
       f"prepared folder {directory!r} does not exist; run `python -m "
       "mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths"
     )
-  if not os.path.isfile(path):
-    partial = any(n.startswith("shard-") for n in os.listdir(directory))
+  if not paths.is_published(directory, MANIFEST):
+    partial = any(n.startswith("shard-") for n in paths.listdir(directory))
     raise ValueError(
       f"{directory!r} has no {MANIFEST}: "
       + (
@@ -113,7 +122,7 @@ def open_prepared(directory: str) -> PreparedDir:
   prepared = PreparedDir(directory, manifest)
   for i, shard in enumerate(manifest["shards"]):
     file = prepared.shard_path(i)
-    if not os.path.isfile(file) or os.path.getsize(file) != shard["bytes"]:
+    if not paths.isfile(file) or paths.size(file) != shard["bytes"]:
       raise ValueError(
         f"shard {file} is missing or has another size than its manifest "
         "records (a partial copy?); copy the folder again or re-run prepare"
@@ -199,9 +208,9 @@ def _check_tokenizer_fields(path: str, m: dict) -> None:
     )
 
 
-def resolve_dirs(paths: str) -> list[str]:
+def resolve_dirs(data_paths: str) -> list[str]:
   """`data.paths` for array_record: comma-separated folders or globs, in sorted order."""
-  entries = [p.strip() for p in (paths or "").split(",") if p.strip()]
+  entries = [p.strip() for p in (data_paths or "").split(",") if p.strip()]
   if not entries:
     raise ValueError(
       "data.source='array_record' needs data.paths: the folders written by "
@@ -209,15 +218,15 @@ def resolve_dirs(paths: str) -> list[str]:
     )
   dirs = []
   for entry in entries:
-    pattern = os.path.expanduser(entry)
-    if glob.has_magic(pattern):
-      matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
+    pattern = paths.expanduser(entry)
+    if paths.has_magic(pattern):
+      matches = [p for p in paths.glob(pattern) if paths.isdir(p)]
       if not matches:
         raise ValueError(f"data.paths glob {entry!r} matches no folders; fix --config.data.paths")
       dirs += matches
     else:
       dirs.append(pattern)
-  return [os.path.abspath(d) for d in dirs]
+  return [paths.absolute(d) for d in dirs]
 
 
 def mixture_weights(mixture: str, prepared: list[PreparedDir]) -> list[float]:
@@ -278,7 +287,7 @@ def tokenizer_for(data_cfg, prepared: list[PreparedDir], *, cache_dir: str) -> T
     recorded = {k: p.tokenizer.get(k) for k in ids}
     if recorded != ids:
       raise ValueError(
-        f"{os.path.join(p.directory, MANIFEST)} records tokenizer ids "
+        f"{paths.join(p.directory, MANIFEST)} records tokenizer ids "
         f"{recorded}, but its tokenizer (same fingerprint) has {ids}: the "
         f"manifest was edited; {_REWRITE}"
       )
@@ -294,7 +303,14 @@ class _ShardTokens:
 
   def __getitem__(self, index: slice) -> np.ndarray:
     w = self._windows
-    path, meta = w.shard_paths[self._shard], w.shard_meta[self._shard]
+    meta = w.shard_meta[self._shard]
+    path = cache_lib.cached_copy(
+      w.shard_paths[self._shard],
+      meta["sha256"],
+      w.cache_dir,
+      sha256=meta["sha256"],
+      fix=shards_lib.REDO,
+    )  # a shard in a bucket: its local copy, downloaded at the first read
     shards_lib.verify_shard(path, meta, record_tokens=w.record_tokens, dtype=w.dtype)
     size = w.record_tokens
     lo, hi = index.start, index.stop
@@ -315,28 +331,40 @@ class PreparedWindows(PackedWindows):
   Same windows, segment ids and padding as `PackedWindows` over the same tokens; the shards
   are read through one `grain.sources.ArrayRecordDataSource` (picklable: grain worker
   processes reopen the files). `self[i]` -> {"tokens", "segment_ids"}: int32 `[seq_len + 1]`.
+  Shards in a bucket are read from their copies in `cache_dir` (default `$MMFREE_CACHE`).
   """
 
-  def __init__(self, prepared: PreparedDir, split: str, *, seq_len: int, eos_id: int, pad_id: int):
+  def __init__(
+    self,
+    prepared: PreparedDir,
+    split: str,
+    *,
+    seq_len: int,
+    eos_id: int,
+    pad_id: int,
+    cache_dir: str | None = None,
+  ):
     shards = [prepared.manifest["shards"][i] for i in prepared.split_shards(split)]
-    paths = [prepared.shard_path(i) for i in prepared.split_shards(split)]
+    files = [prepared.shard_path(i) for i in prepared.split_shards(split)]
     self.shard_meta = shards
     tokens = np.asarray([s["tokens"] for s in shards], np.int64)
     zeros = np.zeros(len(shards), np.int64)
     super().__init__(
-      paths,
+      files,
       Runs(np.arange(len(shards)), zeros, tokens, zeros.astype(bool)),
       seq_len=seq_len,
       eos_id=eos_id,
       pad_id=pad_id,
     )
+    self.cache_dir = cache_dir or cache_lib.default_cache_dir()
+    local = [cache_lib.cached_path(f, s["sha256"], self.cache_dir) for f, s in zip(files, shards)]
     self.record_tokens = int(prepared.manifest["record_tokens"])
     self.dtype = np.dtype(prepared.manifest["dtype"])
     records = np.asarray([s["records"] for s in shards], np.int64)
     self.record_offsets = np.concatenate([[0], np.cumsum(records)[:-1]]).astype(np.int64)
     # `path[0:n]` gives the record count up front: no file is opened until read.
     self.source = (
-      grain.sources.ArrayRecordDataSource([f"{p}[0:{int(n)}]" for p, n in zip(paths, records)])
+      grain.sources.ArrayRecordDataSource([f"{p}[0:{int(n)}]" for p, n in zip(local, records)])
       if shards
       else None
     )
@@ -350,9 +378,10 @@ def component_seed(seed: int, index: int) -> int:
   return int(np.random.SeedSequence([seed, _COMPONENT_STREAM, index]).generate_state(1)[0])
 
 
-def split_windows(data_cfg, tokenizer: Tokenizer, split: str):
+def split_windows(data_cfg, tokenizer: Tokenizer, split: str, *, cache_dir: str | None = None):
   """[(windows, weight)] of the configured folders' `split` (train or validation), leaving
-  out zero weights and, for validation, folders without held-out shards."""
+  out zero weights and, for validation, folders without held-out shards. `cache_dir` holds
+  the copies of shards in a bucket (default `$MMFREE_CACHE`)."""
   prepared, weights = open_sources(data_cfg)
   out = []
   for p, w in zip(prepared, weights):
@@ -360,7 +389,12 @@ def split_windows(data_cfg, tokenizer: Tokenizer, split: str):
       out.append(
         (
           PreparedWindows(
-            p, split, seq_len=data_cfg.seq_len, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id
+            p,
+            split,
+            seq_len=data_cfg.seq_len,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            cache_dir=cache_dir,
           ),
           w,
         )
@@ -369,10 +403,16 @@ def split_windows(data_cfg, tokenizer: Tokenizer, split: str):
 
 
 def train_dataset(
-  data_cfg, tokenizer: Tokenizer, *, local_batch: int, process_index: int, process_count: int
+  data_cfg,
+  tokenizer: Tokenizer,
+  *,
+  local_batch: int,
+  process_index: int,
+  process_count: int,
+  cache_dir: str | None = None,
 ) -> grain.MapDataset:
   """This process's infinite dataset of local batches (element s = its rows of step s)."""
-  components = split_windows(data_cfg, tokenizer, "train")
+  components = split_windows(data_cfg, tokenizer, "train", cache_dir=cache_dir)
   if len(components) == 1:  # the same stream as any other single source
     windows = components[0][0]
     ds = (
@@ -389,9 +429,9 @@ def train_dataset(
   return ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
 
 
-def validation_windows(data_cfg, tokenizer: Tokenizer):
+def validation_windows(data_cfg, tokenizer: Tokenizer, *, cache_dir: str | None = None):
   """Random access to the validation windows (held-out shards, mixed by weight), or None."""
-  components = split_windows(data_cfg, tokenizer, "validation")
+  components = split_windows(data_cfg, tokenizer, "validation", cache_dir=cache_dir)
   if not components:
     return None
   if len(components) == 1:

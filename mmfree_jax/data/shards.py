@@ -1,9 +1,15 @@
 """The shard files of a prepared folder: names, the writer, the commit, verification.
 
 A shard `shard-NNNNN.array_record` is written to `*.tmp`, fsynced, renamed, then its sidecar
-`shard-NNNNN.json` (counts, sha256, the input positions it spans) is written and renamed: the
-sidecar is the commit (`ShardWriter.commit`). `committed_shards` keeps the committed prefix
-that verifies and deletes the rest (a resumed `prepare`).
+`shard-NNNNN.json` (counts, sha256, the input positions it spans) is written atomically
+(`paths.write_atomic`): the sidecar is the commit (`ShardWriter.commit`). `committed_shards`
+keeps the committed prefix that verifies and deletes the rest (a resumed `prepare`).
+
+An output folder in a bucket (`gs://`, `s3://`): the ArrayRecord writer only writes local
+files, so a shard is written to a local staging folder and uploaded whole when it is
+committed (an object appears only complete), then its sidecar is uploaded: the same commit
+order, one shard of local disk at a time, and a killed prepare resumes from the bucket. A
+resume re-reads each committed shard from the bucket to check its sha256.
 """
 
 from __future__ import annotations
@@ -13,9 +19,13 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
 
 import numpy as np
+
+from mmfree_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +52,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def sha256_file(path: str) -> str:
+  """Hex sha256 of a file, local or in a bucket (streamed)."""
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.open_file(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -74,8 +85,9 @@ def _stored_counts(path: str) -> tuple[int, int]:
 
 
 def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) -> None:
-  """Checks a shard against its manifest entry `meta` once per process (then cached): size
-  and sha256 (bit rot, a damaged copy), then records and tokens (a manifest that lies).
+  """Checks a local shard file against its manifest entry `meta` once per process (then
+  cached): size and sha256 (bit rot, a damaged copy), then records and tokens (a manifest
+  that lies). A shard in a bucket is checked on its local copy (`cache.cached_copy`).
 
   Thread-safe (grain reads from several threads). Raises ValueError naming the shard and the
   fix.
@@ -115,23 +127,22 @@ def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) 
 
 
 def write_json_atomic(path: str, value) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """`value` as indented JSON in `path` (local or bucket), never seen half-written."""
+  paths.write_atomic(path, json.dumps(value, indent=1))
 
 
 class ShardWriter:
-  """Writes one shard's token stream as fixed-size records to `*.tmp`; `commit` publishes."""
+  """Writes one shard's token stream as fixed-size records to a local `*.tmp` (in `out`, or
+  in a staging folder when `out` is in a bucket); `commit` publishes it."""
 
   def __init__(self, out: str, index: int, record_tokens: int, dtype, start, options: str):
     from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
 
     self.out, self.index, self.record_tokens, self.dtype = out, index, record_tokens, dtype
-    self.path = os.path.join(out, shard_name(index))
-    self.tmp = self.path + ".tmp"
+    self.path = paths.join(out, shard_name(index))
+    # A bucket: stage the shard locally (the writer only writes local files).
+    self._stage = tempfile.mkdtemp(prefix="mmfree-shard-") if paths.is_remote(out) else None
+    self.tmp = os.path.join(self._stage or out, shard_name(index) + ".tmp")
     self._writer = array_record_module.ArrayRecordWriter(self.tmp, options)
     self._buffer = np.zeros(0, dtype)
     self.tokens = self.documents = self.records = 0
@@ -153,7 +164,7 @@ class ShardWriter:
       self.records += 1
     self._writer.close()
     self._writer = None
-    with open(self.tmp, "rb+") as f:
+    with open(self.tmp, "rb+") as f:  # a local file (this writer's, or staged)
       os.fsync(f.fileno())
     meta = {
       "index": self.index,
@@ -168,9 +179,19 @@ class ShardWriter:
       "final": final,
       "plan": plan_id,
     }
-    os.replace(self.tmp, self.path)
-    write_json_atomic(os.path.join(self.out, sidecar_name(self.index)), meta)
+    if self._stage is None:
+      os.replace(self.tmp, self.path)
+    else:  # the upload publishes the whole object at once
+      os.replace(self.tmp, os.path.join(self._stage, shard_name(self.index)))
+      paths.upload_tree(self._stage, self.out)
+      self._drop_stage()
+    write_json_atomic(paths.join(self.out, sidecar_name(self.index)), meta)
     return meta
+
+  def _drop_stage(self) -> None:
+    if self._stage is not None:
+      shutil.rmtree(self._stage, ignore_errors=True)  # a local staging folder of ours
+      self._stage = None
 
   def read_back(self) -> np.ndarray:
     """Closes the shard uncommitted and returns its tokens `[tokens]` (then call `abort`)."""
@@ -193,6 +214,7 @@ class ShardWriter:
       self._writer = None
     if os.path.exists(self.tmp):
       os.remove(self.tmp)
+    self._drop_stage()
 
 
 def committed_shards(out: str, plan_id: str) -> list[dict]:
@@ -202,23 +224,21 @@ def committed_shards(out: str, plan_id: str) -> list[dict]:
   and sha256; the first one that does not, and every later shard, are deleted (redone).
   """
   done = []
-  while True:
-    side = os.path.join(out, sidecar_name(len(done)))
-    if not os.path.isfile(side):
-      break
+  names = set(paths.listdir(out)) if paths.isdir(out) else set()
+  while sidecar_name(len(done)) in names:
     try:
-      with open(side) as f:
-        meta = json.load(f)
+      meta = json.loads(paths.read_bytes(paths.join(out, sidecar_name(len(done)))))
     except (OSError, ValueError, RecursionError):  # unreadable, not JSON, nested too deeply
       meta = {}
     if not isinstance(meta, dict):
       meta = {}
-    path = os.path.join(out, shard_name(len(done)))  # never a path read from the sidecar
+    name = shard_name(len(done))  # never a path read from the sidecar
+    path = paths.join(out, name)
     if (
       meta.get("plan") != plan_id
-      or meta.get("path") != shard_name(len(done))
-      or not os.path.isfile(path)
-      or os.path.getsize(path) != meta["bytes"]
+      or meta.get("path") != name
+      or name not in names
+      or paths.size(path) != meta["bytes"]
       or sha256_file(path) != meta["sha256"]
     ):
       log.warning("shard %d does not verify; redoing it and every later shard", len(done))
@@ -226,11 +246,11 @@ def committed_shards(out: str, plan_id: str) -> list[dict]:
     done.append(meta)
   stale = [
     name
-    for name in os.listdir(out)
+    for name in sorted(names)
     if name.endswith(".tmp") or (_OWN_FILE.fullmatch(name) and int(name[6:11]) >= len(done))
   ]
-  if stale and os.path.exists(os.path.join(out, MANIFEST)):
-    os.remove(os.path.join(out, MANIFEST))  # first: the folder stops being complete
+  if stale and MANIFEST in names:
+    paths.remove(paths.join(out, MANIFEST))  # first: the folder stops being complete
   for name in stale:
-    os.remove(os.path.join(out, name))
+    paths.remove(paths.join(out, name))
   return done
