@@ -10,6 +10,8 @@ or `s3:` folder instead.
 import glob
 import gzip
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +25,7 @@ from mmfree_jax.data import prepare as prep
 from mmfree_jax.data import prepared as prepared_lib
 from mmfree_jax.data import tokenizer as tok_lib
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = [f"doc {i}: " + "lorem ipsum dolor " * (1 + i % 5) + "é" for i in range(40)]
 
 
@@ -247,3 +250,92 @@ def test_a_damaged_shard_in_a_bucket_is_refused_at_download(bucket, tmp_path):
   with pytest.raises(ValueError, match=r"shard-00000\.array_record does not have the sha256"):
     windows[0]
   assert not glob.glob(f"{cache}/remote/*/*")  # nothing damaged is kept
+
+
+def windows_of(cfg, cache: str):
+  """Every (train, validation) window of a text or tokens source, as arrays."""
+  tok = data.tokenizer_from_config(cfg, cache_dir=cache)
+  splits = data.split_windows(cfg, tok, cache_dir=cache)
+  return [[w[i]["tokens"] for i in range(len(w))] for w in splits]
+
+
+@pytest.mark.parametrize("source", ["text", "tokens"])
+def test_text_and_token_sources_in_a_bucket_train_on_the_local_windows(bucket, tmp_path, source):
+  if source == "text":
+    name, payload = "c.txt", "\n\n".join(TEXTS).encode()
+  else:
+    ids = np.concatenate([list(t.encode()) + [256] for t in TEXTS]).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    name, payload = "ids.npy", (tmp_path / "ids.npy").read_bytes()
+  put(str(tmp_path / "in" / name), payload)
+  put(paths.join(bucket, name), payload)
+  cfg = data_cfg(source, str(tmp_path / "in" / name))
+  cfg.update(tokenizer="byte", seq_len=31, val_fraction=0.2)
+  want = windows_of(cfg, str(tmp_path / "c1"))
+  cfg.paths = paths.join(bucket, name)
+  cache = str(tmp_path / "c2")
+  got = windows_of(cfg, cache)
+  assert len(want[0]) > 4 and len(want[1]) > 0
+  for w, g in zip(want[0] + want[1], got[0] + got[1]):
+    np.testing.assert_array_equal(g, w)
+  copied = glob.glob(f"{cache}/remote/*/*")
+  assert [os.path.basename(p) for p in copied] == ([name] if source == "tokens" else [])
+
+
+def test_hf_disk_dataset_in_a_bucket_reads_as_local(bucket, tmp_path):
+  datasets = pytest.importorskip("datasets")
+  datasets.DatasetDict(
+    {
+      "train": datasets.Dataset.from_dict({"text": TEXTS}),
+      "test": datasets.Dataset.from_dict({"text": TEXTS[:3]}),
+    }
+  ).save_to_disk(str(tmp_path / "ds"))
+  paths.upload_tree(str(tmp_path / "ds"), paths.join(bucket, "ds"))
+  remote = paths.join(bucket, "ds")
+  assert formats.resolve_inputs(paths.join(bucket, "d*"), "hf_disk") == [remote]
+  formats.check_inputs([remote], "hf_disk", "text", "test")
+  for split in ("train", "test"):
+    want = list(formats.read_units(str(tmp_path / "ds"), "hf_disk", "text", hf_split=split))
+    assert list(formats.read_units(remote, "hf_disk", "text", hf_split=split)) == want
+  local_id = formats.input_identity(str(tmp_path / "ds"))
+  assert [f for f, *_ in formats.input_identity(remote)] == [f for f, *_ in local_id]
+
+
+@pytest.mark.subprocess
+def test_prepare_cli_with_two_workers_on_a_bucket_needs_only_the_standard_variables(
+  gcs_root, gcs_emulator, tmp_path
+):
+  """The CLI in a fresh process, told only the emulator's standard variables, tokenizing in
+  two spawned workers that load the tokenizer from the bucket: the in-process shards."""
+  texts = [t * 3 for t in TEXTS] * 3
+  hf = tok_lib.HFTokenizer(tok_lib.train_bpe(texts, 300), "bpe:300")
+  spec = f"hf:{hf.save(paths.join(gcs_root, 'tok'))}"
+  put(paths.join(gcs_root, "in.jsonl"), jsonl_bytes(texts))
+  want = prepare_into(paths.join(gcs_root, "in.jsonl"), spec, paths.join(gcs_root, "a"), "/none")
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGE_", "TENSORSTORE_"))}
+  env.update(gcs_emulator.env, PYTHONPATH=REPO, MMFREE_CACHE=str(tmp_path / "cache"))
+  out = paths.join(gcs_root, "b")
+  flags = "--format jsonl --shard_tokens 1500 --record_tokens 64 --val_shards 1 --num_proc 2"
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "mmfree_jax.data.prepare",
+      "--inputs",
+      paths.join(gcs_root, "in.jsonl"),
+      "--tokenizer",
+      spec,
+      "--out",
+      out,
+      *flags.split(),
+    ],
+    env=env,
+    cwd=str(tmp_path),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  got = untrusted.load_json(paths.join(out, "manifest.json"), what="m", fix="f")
+  assert got["shards"] == want["shards"] and len(got["shards"]) >= 3

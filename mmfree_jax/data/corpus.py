@@ -7,6 +7,11 @@ document table. For text sources there is one shard, written once to
 the key hashes the source fingerprint (files' path, size, mtime) and the tokenizer's, so a
 later run with the same files and tokenizer only memory-maps. For `tokens` sources the user's
 files are the shards; their document ends (positions after each EOS) are cached the same way.
+
+Sources in a bucket (`gs://`, `s3://`): a text source is streamed once while it is tokenized
+(its fingerprint holds each object's size and upload time); a token file, memory-mapped, is
+first copied into the cache (`cache.cached_copy`, keyed by the same identity). The cache
+itself is a local folder (memory-mapped files).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import tempfile
 
 import numpy as np
 
+from mmfree_jax.data import cache as cache_lib
 from mmfree_jax.data.sources import Source, file_identity
 from mmfree_jax.data.tokenizer import Tokenizer
 
@@ -221,18 +227,19 @@ def index_token_file(path: str, tokenizer: Tokenizer) -> tuple[np.ndarray, bool]
 
 def token_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenCorpus:
   """The `tokens` source: the user's files as shards, their document index cached."""
-  shard, start, stop, extra = [], [], [], []
-  for i, path in enumerate(source.paths):
-    directory = os.path.join(
-      cache_dir, "token_index", _cache_key(file_identity(path), tokenizer.fingerprint)
-    )
+  shard, start, stop, extra, files = [], [], [], [], []
+  for i, remote in enumerate(source.paths):
+    identity = file_identity(remote)
+    path = cache_lib.cached_copy(remote, json.dumps(identity), cache_dir)  # a bucket's: copied
+    files.append(path)
+    directory = os.path.join(cache_dir, "token_index", _cache_key(identity, tokenizer.fingerprint))
     if not os.path.isfile(os.path.join(directory, "meta.json")):
 
-      def write(tmp, path=path):
+      def write(tmp, path=path, remote=remote):
         ends, ends_with_eos = index_token_file(path, tokenizer)
         np.save(os.path.join(tmp, "doc_ends.npy"), ends)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
-          json.dump({"path": path, "ends_with_eos": ends_with_eos}, f)
+          json.dump({"path": remote, "ends_with_eos": ends_with_eos}, f)
 
       _atomic_dir(directory, write)
     open_token_file(path)  # fail early if it was replaced by something unreadable
@@ -245,7 +252,7 @@ def token_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenC
     flags = np.zeros(len(ends), bool)
     flags[-1] = not ends_with_eos
     extra.append(flags)
-  return TokenCorpus(source.paths, *(np.concatenate(a) for a in (shard, start, stop, extra)))
+  return TokenCorpus(tuple(files), *(np.concatenate(a) for a in (shard, start, stop, extra)))
 
 
 def load_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenCorpus:
