@@ -31,6 +31,7 @@ SECTIONS = (
   "bench_data",
   "aot_tpu",
   "aot_multislice",
+  "aot_long_context",
   "accel_check",
   "bench_inference",
   "bench_checkpoint",
@@ -45,10 +46,11 @@ TARGETS = (
   "bench_inference",
   "aot_tpu",
   "aot_multislice",
+  "aot_long_context",
   "accel_check",
 )
 # no CPU machine block; rendered even when absent
-ACCELERATOR = ("aot_tpu", "aot_multislice", "accel_check")
+ACCELERATOR = ("aot_tpu", "aot_multislice", "aot_long_context", "accel_check")
 ALWAYS = ("accel_check",)  # says how to make the missing run
 
 
