@@ -16,13 +16,12 @@ is produced. A float64 workdir runs with x64 enabled.
 
 import json
 import logging
-import os
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmfree_jax import registry
+from mmfree_jax import paths, registry
 
 if __name__ == "__main__":  # an unknown --config.x key: one line, not ml_collections' ~70
   from mmfree_jax.config import check_override_keys  # pylint: disable=g-import-not-at-top
@@ -153,7 +152,7 @@ def _run_lm_eval() -> str:
 
 def _output_dir() -> str:
   f = flags.FLAGS
-  return f.output_dir or os.path.join(f.workdir or f.packed, "eval")
+  return f.output_dir or paths.join(f.workdir or f.packed, "eval")
 
 
 def _write(results: dict) -> str | None:
@@ -184,7 +183,7 @@ def _config():
   if (
     cfg is None
     and f.workdir is not None
-    and (f.tokenizer or os.path.exists(os.path.join(f.workdir, "config.json")))
+    and (f.tokenizer or paths.exists(paths.join(f.workdir, "config.json")))
   ):
     cfg = loading.load_workdir_config(f.workdir)
   if cfg is None:
@@ -204,17 +203,15 @@ def _check_before_jax() -> None:
   error = None
   if not (f.ppl_split or _split(f.ppl_file) or _split(f.mc_file) or f.prompt or f.lm_eval_tasks):
     error = "nothing to evaluate: pass --ppl_split=val, --ppl_file, --mc_file or --prompt"
-  elif not os.path.isdir(f.workdir or f.packed) and "://" not in (f.workdir or f.packed):
+  elif not paths.is_remote(f.workdir or f.packed) and not paths.isdir(f.workdir or f.packed):
     name = "workdir" if f.workdir else "packed"
     error = (
       f"--{name}={f.workdir or f.packed} does not exist; pass the folder of a training run, "
       "an HF import (python -m mmfree_jax.hf import) or an export (python -m mmfree_jax.export)"
     )
-  elif (
-    f.workdir and f.config is None and not os.path.exists(os.path.join(f.workdir, "config.json"))
-  ):
+  elif f.workdir and f.config is None and not paths.exists(paths.join(f.workdir, "config.json")):
     error = (  # as checkpoint.loading.load_workdir_config says it
-      f"{os.path.join(f.workdir, 'config.json')} not found: {f.workdir!r} is not a training or "
+      f"{paths.join(f.workdir, 'config.json')} not found: {f.workdir!r} is not a training or "
       "import workdir (train.py and `python -m mmfree_jax.hf import` write it)"
     )
   if error:

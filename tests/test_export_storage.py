@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mmfree_jax import eval as ev
 from mmfree_jax import export, paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.export import writer
 from mmfree_jax.hf import HFCheckpointError, checkpoint_io, mapping
+from tests.test_eval import ByteTok, _make_workdir
 from tests.test_hf import random_workdir
 
 
@@ -190,3 +193,43 @@ def test_failed_export_leaves_no_bucket_destination(workdir, bucket, monkeypatch
   export.export_workdir(src, dst)
   with pytest.raises(FileExistsError, match="not empty"):
     export.export_workdir(src, dst)
+
+
+def test_eval_of_a_bucket_export_reads_and_writes_the_bucket(bucket, tmp_path):
+  """`eval.py --packed gs://…` in process: the packed folder, the perplexity and
+  multiple-choice files in the bucket, the results file written there by one run and updated
+  there by a second, with the numbers of the same evaluation done locally."""
+  emulator, root = bucket
+  _make_workdir(tmp_path / "wd")
+  local_packed, remote_packed = str(tmp_path / "packed"), paths.join(root, "packed")
+  export.export_workdir(str(tmp_path / "wd"), local_packed)
+  export.export_workdir(str(tmp_path / "wd"), remote_packed)
+  docs = "".join(json.dumps({"text": t}) + "\n" for t in ("In the beginning", "God said"))
+  (tmp_path / "docs.jsonl").write_text(docs)
+  remote_docs, remote_mc = paths.join(root, "docs.jsonl"), paths.join(root, "mc.jsonl")
+  paths.write_atomic(remote_docs, docs)
+  with open(SAMPLE_MC, "rb") as f:
+    paths.write_atomic(remote_mc, f.read())
+  common = dict(mc_limit=4, batch_size=4, chunk_len=8)
+  run = lambda folder, **kw: ev.evaluate_workdir(
+    folder, ev.EvalOptions(**kw, **common), tokenizer=ByteTok(), packed=True
+  )
+  local = ev.evaluate_workdir(
+    local_packed,
+    ev.EvalOptions(mc_files=[SAMPLE_MC], ppl_files=[str(tmp_path / "docs.jsonl")], **common),
+    tokenizer=ByteTok(),
+    packed=True,
+    output_dir=str(tmp_path / "eval"),
+  )
+  first = run(remote_packed, ppl_files=[remote_docs])
+  results = paths.join(remote_packed, "eval", "step_0.json")
+  assert first["output"] == results
+  assert emulator.list_objects(paths.join(remote_packed, "eval")) == [results]
+  run(remote_packed, mc_files=[remote_mc])  # updates the bucket's file, keeps the perplexity
+  stored = json.loads(paths.read_text(results))
+  ppl, mc = stored["perplexity"][remote_docs], stored["multiple_choice"]["mc"]
+  assert ppl["file"] == remote_docs and mc["file"] == remote_mc
+  (ppl_local,) = local["perplexity"].values()
+  assert (ppl["perplexity"], ppl["tokens"]) == (ppl_local["perplexity"], ppl_local["tokens"])
+  mc_local = local["multiple_choice"]["sample_mc"]
+  assert (mc["acc"], mc["acc_norm"], mc["n"]) == (mc_local["acc"], mc_local["acc_norm"], 4)

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
+from mmfree_jax import paths
 from mmfree_jax.config.model import ConfigError, field_errors, section_dataclass, section_values
 
 
@@ -14,7 +14,7 @@ def distill_errors(values: dict) -> list[str]:
   config.json (only when the keys are fine and a teacher is set)."""
   problems = field_errors("distill", values)
   teacher = values.get("teacher")
-  if not problems and teacher and not os.path.isfile(os.path.join(teacher, "config.json")):
+  if not problems and teacher and not paths.isfile(paths.join(teacher, "config.json")):
     problems.append(
       f"distill.teacher={teacher!r} has no config.json: pass one of our "
       "Transformer++ workdirs or an HF Llama folder (config.json + safetensors)"

@@ -10,10 +10,10 @@ in `train/`.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.hf import checkpoint_io, llama
@@ -22,8 +22,7 @@ from mmfree_jax.hf import mapping as hf_mapping
 
 def teacher_source(path: str) -> str:
   """'workdir' (ours: config.json with a model section) or 'llama' (an HF folder)."""
-  with open(os.path.join(path, "config.json")) as f:
-    config = json.load(f)
+  config = json.loads(paths.read_text(paths.join(path, "config.json")))
   if isinstance(config, dict) and "model" in config:
     return "workdir"
   if isinstance(config, dict) and "model_type" in config:

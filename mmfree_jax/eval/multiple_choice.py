@@ -7,12 +7,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 from flax import nnx
 
+from mmfree_jax import paths
 from mmfree_jax.data.tokenizer import document_start, prefix_token
 from mmfree_jax.eval.scoring import Tokenizer, score_continuations
 
@@ -64,10 +64,10 @@ def parse_mc_line(line: str, where: str) -> MCExample:
 
 
 def load_mc_jsonl(path: str) -> list[MCExample]:
-  """Reads a multiple-choice JSONL file (blank lines skipped)."""
-  if not os.path.isfile(path):
+  """Reads a multiple-choice JSONL file, local or in a bucket (blank lines skipped)."""
+  if not paths.isfile(path):
     raise FileNotFoundError(f"multiple-choice file {path!r} not found")
-  with open(path, encoding="utf-8") as f:
+  with paths.open_file(path) as f:
     examples = [parse_mc_line(line, f"{path}:{n}") for n, line in enumerate(f, 1) if line.strip()]
   if not examples:
     raise ValueError(f"{path}: no examples (the file is empty)")

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from typing import Any, Sequence
 
@@ -16,6 +15,7 @@ from flax import nnx
 from mmfree_jax import config as config_lib
 from mmfree_jax import data as data_lib
 from mmfree_jax import generate as generate_lib
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import check_compatible
 from mmfree_jax.data import sources
@@ -62,9 +62,10 @@ class EvalOptions:
 
 
 def read_documents(path: str, text_field: str = "text") -> list[str]:
-  """Documents of a `.jsonl` file (field text_field) or a text file (paragraphs)."""
+  """Documents of a `.jsonl` file (field text_field) or a text file (paragraphs); local or in
+  a bucket."""
 
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise FileNotFoundError(f"perplexity file {path!r} not found")
   is_jsonl = path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
   docs = sources.jsonl_documents(path, text_field) if is_jsonl else sources.text_documents(path)
@@ -92,7 +93,7 @@ def _check_options(options: EvalOptions) -> dict[str, list[MCExample]]:
       "--mc_limit=0 or a positive count"
     )
   for path in options.ppl_files:
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise FileNotFoundError(f"perplexity file {path!r} not found")
   if any(not p for p in options.prompts):
     raise ValueError(
@@ -146,7 +147,8 @@ def load_tokenizer_for(cfg, model_cfg) -> Tokenizer:
 
 
 def _mc_name(path: str, taken: dict) -> str:
-  name = os.path.splitext(os.path.basename(path))[0]
+  name = paths.basename(path)
+  name = name[: name.rindex(".")] if name.rfind(".") > 0 else name  # the file name's stem
   return name if name not in taken else path
 
 
@@ -264,7 +266,7 @@ def evaluate_workdir(
   common = dict(batch_size=options.batch_size, chunk_len=options.chunk_len)
   results: dict[str, Any] = {
     "step": step,
-    "workdir": os.path.abspath(workdir),
+    "workdir": paths.absolute(workdir),
     "model": _model_summary(model, seq_len, tokenizer),
     "perplexity": {},
     "multiple_choice": {},
@@ -277,40 +279,38 @@ def evaluate_workdir(
     out = perplexity_of_texts(
       model, tokenizer, read_documents(path, options.text_field), max_len=max_len, **common
     )
-    results["perplexity"][path] = dict(out, file=os.path.abspath(path))
+    results["perplexity"][path] = dict(out, file=paths.absolute(path))
   for path, examples in mc_examples.items():
     out = evaluate_multiple_choice(
       model, tokenizer, examples, max_len=max_len, delimiter=options.mc_delimiter, **common
     )
     results["multiple_choice"][_mc_name(path, results["multiple_choice"])] = dict(
-      out, file=os.path.abspath(path)
+      out, file=paths.absolute(path)
     )
   for prompt in options.prompts:
     results["generation"].append(_generation(model, tokenizer, prompt, options, seq_len))
   results["seconds"] = time.time() - started
   results["output"] = (
-    write_results(results, output_dir or os.path.join(workdir, "eval")) if write else None
+    write_results(results, output_dir or paths.join(workdir, "eval")) if write else None
   )
   return results
 
 
 def write_results(results: dict, output_dir: str) -> str:
-  """Writes `output_dir/step_<N>.json`, updating the sections of an existing file."""
-  os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, f"step_{results['step']}.json")
+  """Writes `output_dir/step_<N>.json` (local or in a bucket), updating the sections of an
+  existing file; the file is replaced whole (`paths.write_atomic`), never seen half-written."""
+  paths.makedirs(output_dir)
+  path = paths.join(output_dir, f"step_{results['step']}.json")
   merged = {}
-  if os.path.exists(path):
-    with open(path) as f:
-      merged = json.load(f)
+  if paths.exists(path):
+    merged = json.loads(paths.read_text(path))
   for key, value in results.items():
     if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "model":
       merged[key] = {**merged[key], **value}
     elif key != "output":
       merged[key] = value
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(_finite_or_null(merged), f, indent=2, sort_keys=True, allow_nan=False)
-  os.replace(tmp, path)
+  text = json.dumps(_finite_or_null(merged), indent=2, sort_keys=True, allow_nan=False)
+  paths.write_atomic(path, text)
   return path
 
 
@@ -330,7 +330,7 @@ def format_table(results: dict, *, generation: bool = True) -> str:
   are none), then the generated text unless `generation` is False (it was streamed)."""
   rows = [("what", "metric", "value")]
   for name, r in results.get("perplexity", {}).items():
-    rows.append((f"ppl {os.path.basename(name)}", "perplexity", f"{r['perplexity']:.4g}"))
+    rows.append((f"ppl {paths.basename(name)}", "perplexity", f"{r['perplexity']:.4g}"))
     if "bits_per_byte" in r:
       rows.append(("", "bits/byte", f"{r['bits_per_byte']:.4f}"))
     rows.append(("", "tokens", str(r["tokens"])))
