@@ -35,6 +35,7 @@ SECTIONS = (
   "accel_check",
   "bench_inference",
   "bench_checkpoint",
+  "bench_checkpoint_storage",
 )
 TARGETS = (
   "bench_train",

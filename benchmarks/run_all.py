@@ -34,6 +34,7 @@ BENCHMARKS = (
   "bench_packed",
   "bench_data",
   "bench_checkpoint",
+  "bench_checkpoint_storage",
 )
 
 

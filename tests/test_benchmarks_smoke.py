@@ -25,6 +25,7 @@ BENCHMARKS = (
   "bench_compile",
   "bench_decode",
   "bench_packed",
+  "bench_checkpoint_storage",
 )
 
 
@@ -133,6 +134,18 @@ def test_compile_decode_packed_fields(toy_run):
   assert by["2bit_lut"]["bits_per_weight"] == 2.0
   assert by["float32"]["bits_per_weight"] == 32.0
   assert all(_positive(r["bandwidth_bound_tokens_per_s"]) for r in packed)
+
+
+@pytest.mark.subprocess
+def test_checkpoint_storage_fields(toy_run):
+  data, md = toy_run
+  res = data["bench_checkpoint_storage"]["results"]
+  assert [r["backend"] for r in res["rows"]] == ["local", "gcs_emulator"]
+  for r in res["rows"]:
+    for key in ("save_block_s", "commit_s", "restore_s", "interval_s", "plain_interval_s"):
+      assert _positive(r[key]), (r["backend"], key)
+    assert r["state_bytes"] > 0
+  assert "Checkpoint cost by storage" in md and "not a real bucket" in md
 
 
 @pytest.mark.subprocess

@@ -24,6 +24,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import checksum
 from mmfree_jax.config import ModelConfig
 
@@ -57,7 +58,7 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+  return paths.join(paths.absolute(workdir), "checkpoints")
 
 
 def move_aside(workdir: str, steps: list[int], why: str) -> str:
