@@ -247,15 +247,20 @@ def test_train_steps_on_a_context_mesh_equal_one_device(monkeypatch, kind):
 
 
 @pytest.mark.slow
-def test_train_step_moves_no_seq_sized_activation_over_context():
-  """The compiled MatMul-free train step (fwd + bwd + update) on context 8: no float array with
-  a sequence dimension (whole, 320, or one shard's, 40) is in any collective; the recurrence's
-  states are `[batch, d]`. Only the integer/bool token-level inputs (the reset mask, the
-  shifted targets) move, as the batch arrives unsplit over context."""
+@pytest.mark.parametrize("kind", ["mmfree", "transformer"])
+def test_train_step_moves_no_seq_sized_activation_over_context(kind):
+  """The compiled train step (fwd + bwd + update) on context 8, packed windows `[batch, seq+1]`
+  arriving split over the batch axes only: no array with a sequence dimension (whole, 320, the
+  window's 321, or one shard's, 40), float or integer, is in any collective, except for the
+  Transformer++ its K/V all-gather, dK/dV reduce-scatter and the keys' segment-id all-gather
+  (tests/test_context_attention.py). Each device cuts its own chunks of the inputs, targets and
+  segment ids (`context_positions.take_chunks`), and the reset mask and positions are computed
+  per chunk: the MatMul-free step's only collectives with a sequence-independent size are the
+  `[batch, d]` states and the `[batch]` id passed to the next shard."""
   batch, seq, context = 2, 320, 8
   with jax.enable_x64(True):
     mesh = mesh_lib.make_mesh(MESHES["context8"])
-    model_cfg, tx, schedule = train_step_test._setup("mmfree")
+    model_cfg, tx, schedule = train_step_test._setup(kind)
     rules = train_step_test.RULES
     shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
@@ -278,10 +283,16 @@ def test_train_step_moves_no_seq_sized_activation_over_context():
     for match in _COLLECTIVE.finditer(text)
     for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
   ]
-  float_arrays = [(t, dims) for t, dims in arrays if t.startswith(("f", "bf"))]
-  assert ("f64", [batch, model_cfg.d_model]) in float_arrays  # the states crossing shards
-  seq_sized = [(t, dims) for t, dims in float_arrays if {seq, seq // context} & set(dims)]
-  assert not seq_sized, seq_sized
+  seq_sized = [(t, dims) for t, dims in arrays if {seq + 1, seq, seq // context} & set(dims)]
+  if kind == "mmfree":
+    assert ("f64", [batch, model_cfg.d_model]) in arrays  # the states crossing shards
+    assert not seq_sized, seq_sized
+  else:
+    kv = [batch, seq, model_cfg.num_heads, model_cfg.head_dim]
+    allowed = [("f64", kv), ("f64", [batch, seq // context] + kv[2:]), ("s32", [batch, seq])]
+    assert ("f64", kv) in seq_sized
+    assert [a for a in seq_sized if a not in allowed] == []
+  assert ("s32", [batch]) in arrays  # the previous shard's last segment id
 
 
 def test_registry_splits_only_lengths_the_context_divides(monkeypatch):

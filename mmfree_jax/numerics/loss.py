@@ -15,14 +15,24 @@ from mmfree_jax.numerics.dtypes import acc_dtype
 PERPLEXITY_LOG_CAP = 700.0
 
 
-def split_window(tokens: jax.Array, segment_ids: jax.Array):
+def split_window(tokens: jax.Array, segment_ids: jax.Array, take=None):
   """Turns packed `[batch, seq+1]` windows into model inputs and targets.
+
+  `take(x, start, length)` cuts `x[:, start:start + length]` (default: a slice; the trainer
+  passes one that cuts each device's chunk locally, `parallel.context_positions.take_chunks`).
 
   Returns:
     inputs `[batch, seq]`, input segment ids `[batch, seq]`, targets `[batch, seq]`,
     loss mask `[batch, seq]` bool (False where the target is padding, segment id 0).
   """
-  return tokens[:, :-1], segment_ids[:, :-1], tokens[:, 1:], segment_ids[:, 1:] != 0
+  take = take or (lambda x, start, length: x[:, start : start + length])
+  seq = tokens.shape[1] - 1
+  return (
+    take(tokens, 0, seq),
+    take(segment_ids, 0, seq),
+    take(tokens, 1, seq),
+    take(segment_ids, 1, seq) != 0,
+  )
 
 
 def cross_entropy_sums(logits: jax.Array, targets: jax.Array, mask: jax.Array, z_loss: float = 0.0):

@@ -62,6 +62,33 @@ def _split(segment_ids, body):
     )(segment_ids)
 
 
+def take_chunks(window: jax.Array, start: int, length: int) -> jax.Array:
+  """`window[:, start:start + length]`; under a context split of `length`, each shard's chunk
+  cut on its own device from the `[batch, width]` window it holds whole (the trainer's batch
+  arrives split over the batch axes only: a `seq + 1` window does not split evenly, and its
+  int32 ids are a few bytes per token beside a layer's activations). Left to the partitioner,
+  the shifted slice of a window it split over context is a halo exchange between shards."""
+  split = kernel_sharding.seq_split(length)
+  if split is None:
+    return window[:, start : start + length]
+  active, c = split
+  b = fit_axes(active.mesh, active.batch_axes, window.shape[0])
+  local = length // c
+
+  def cut(w):
+    first = start + jax.lax.axis_index(active.seq_axes) * local
+    return jax.lax.dynamic_slice_in_dim(w, first, local, axis=1)
+
+  with kernel_sharding.suspended():
+    return jax.shard_map(
+      cut,
+      mesh=active.mesh,
+      in_specs=P(b, None),
+      out_specs=P(b, active.seq_axes),
+      check_vma=False,
+    )(window)
+
+
 def _previous_last(s, axis, c):
   """The id before this chunk: the previous shard's last (shard 0's own first: no reset)."""
   last = jax.lax.ppermute(s[:, -1], axis, [(j, j + 1) for j in range(c - 1)])

@@ -30,7 +30,7 @@ from mmfree_jax.config import ModelConfig
 from mmfree_jax.numerics import chunked_loss
 from mmfree_jax.numerics import loss as loss_lib
 from mmfree_jax.numerics.dtypes import acc_dtype
-from mmfree_jax.parallel import sharding
+from mmfree_jax.parallel import context_positions, sharding
 from mmfree_jax.train.state import TrainState
 
 
@@ -146,12 +146,17 @@ def build_train_step(
 # --------------------------------------------------------------------------- the LM loss
 
 
+def split_window_on_mesh(batch: dict):
+  """`loss.split_window` of the batch's `[batch, seq+1]` windows; under a mesh whose context
+  axis splits the sequence, each device cuts its own `[batch, seq / context]` chunks from the
+  windows it holds (`context_positions.take_chunks`: no collective)."""
+  return loss_lib.split_window(batch["tokens"], batch["segment_ids"], context_positions.take_chunks)
+
+
 def _forward_sums(graphdef, params, batch, cfg: ModelConfig, z_loss: float, loss_chunk: int = 0):
   """The model's last hidden state, then its head and the loss over chunks of `loss_chunk`
   positions (`numerics.chunked_loss`; 0 = the whole window at once)."""
-  inputs, input_segments, targets, mask = loss_lib.split_window(
-    batch["tokens"], batch["segment_ids"]
-  )
+  inputs, input_segments, targets, mask = split_window_on_mesh(batch)
   model = nnx.merge(graphdef, params)
   segments = input_segments if cfg.reset_at_doc_start else None
   x, _ = model(inputs, segment_ids=segments, apply_head=False)
