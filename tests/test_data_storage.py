@@ -214,41 +214,65 @@ def test_prepare_into_a_bucket_streams_the_local_batches(bucket, tmp_path, reque
 
 
 def test_an_unpublished_bucket_folder_is_refused_and_a_rerun_completes_it(bucket, tmp_path):
-  paths.write_atomic(paths.join(bucket, "in.jsonl"), jsonl_bytes(TEXTS * 4))
+  paths.write_atomic(paths.join(bucket, "in.jsonl"), jsonl_bytes(TEXTS * 10))
   out, cache = paths.join(bucket, "out"), str(tmp_path / "cache")
-  first = prepare_into(paths.join(bucket, "in.jsonl"), "byte", out, cache)
-  assert len(first["shards"]) >= 3
+  # bpe: trained on the bucket's text, stored in the bucket folder, reused by the rerun.
+  first = prepare_into(paths.join(bucket, "in.jsonl"), "bpe:300", out, cache)
+  assert len(first["shards"]) >= 3 and first["tokenizer"]["file"] == "tokenizer.json"
   # A prepare killed after committing shard 0: the later shards, their sidecars and the
   # manifest (the marker, written last) are missing.
   for name in paths.listdir(out):
     if name == "manifest.json" or name.startswith(("shard-00001", "shard-00002")):
       paths.remove(paths.join(out, name))
+  for name in glob.glob(f"{cache}/tokenizers/*"):  # the rerun reads the folder's copy
+    os.remove(name)
   with pytest.raises(ValueError) as err:
     prepared_lib.open_prepared(out)
   msg = str(err.value)
   assert "\n" not in msg and "has no manifest.json" in msg
   assert "rerun the same prepare command to complete it" in msg
-  again = prepare_into(paths.join(bucket, "in.jsonl"), "byte", out, cache)
+  again = prepare_into(paths.join(bucket, "in.jsonl"), "bpe:300", out, cache)
   assert again == first and prepared_lib.open_prepared(out).manifest == first
+  assert not glob.glob(f"{cache}/tokenizers/*")  # not retrained
+  cfg = base_config().data
+  cfg.update(source="array_record", paths=out, tokenizer="bpe:300", seq_len=47)
+  tok = data.tokenizer_from_config(cfg, cache_dir=str(tmp_path / "other-cache"))
+  assert tok.fingerprint == first["tokenizer"]["fingerprint"]
   with pytest.raises(ValueError, match=r"'.*/elsewhere' does not exist; run `python -m"):
     prepared_lib.open_prepared(paths.join(bucket, "elsewhere"))
 
 
-def test_a_damaged_shard_in_a_bucket_is_refused_at_download(bucket, tmp_path):
+def test_a_damaged_shard_in_a_bucket_or_its_copy_is_refused(bucket, tmp_path):
   paths.write_atomic(paths.join(bucket, "in.jsonl"), jsonl_bytes(TEXTS * 4))
   out, cache = paths.join(bucket, "out"), str(tmp_path / "cache")
   manifest = prepare_into(paths.join(bucket, "in.jsonl"), "byte", out, cache)
   shard = paths.join(out, manifest["shards"][0]["path"])
-  raw = bytearray(paths.read_bytes(shard))
-  raw[len(raw) // 2] ^= 0xFF  # same size: only the checksum can tell
-  paths.write_atomic(shard, bytes(raw))
-  cfg = base_config().data
-  cfg.update(source="array_record", paths=out, tokenizer="byte", seq_len=47, seed=0)
-  windows = prepared_lib.PreparedWindows(
-    prepared_lib.open_prepared(out), "train", seq_len=47, eos_id=256, pad_id=257, cache_dir=cache
-  )
+
+  def first_window():
+    prepared = prepared_lib.open_prepared(out)
+    return prepared_lib.PreparedWindows(
+      prepared, "train", seq_len=47, eos_id=256, pad_id=257, cache_dir=cache
+    )[0]
+
+  def flip(raw: bytes) -> bytes:  # same size: only the checksum can tell
+    raw = bytearray(raw)
+    raw[len(raw) // 2] ^= 0xFF
+    return bytes(raw)
+
+  first_window()  # downloads shard 0 into the cache
+  (copy,) = glob.glob(f"{cache}/remote/*/*")
+  with open(copy, "rb") as f:
+    good = f.read()
+  before = os.stat(copy).st_mtime_ns
+  with open(copy, "wb") as f:
+    f.write(flip(good))
+  os.utime(copy, ns=(before, before + 10**9))  # a new mtime even on a coarse clock
+  with pytest.raises(ValueError, match=rf"shard {shard} \(its local copy .*\) does not match"):
+    first_window()
+  os.remove(copy)
+  paths.write_atomic(shard, flip(paths.read_bytes(shard)))
   with pytest.raises(ValueError, match=r"shard-00000\.array_record does not have the sha256"):
-    windows[0]
+    first_window()
   assert not glob.glob(f"{cache}/remote/*/*")  # nothing damaged is kept
 
 

@@ -311,7 +311,8 @@ class _ShardTokens:
       sha256=meta["sha256"],
       fix=shards_lib.REDO,
     )  # a shard in a bucket: its local copy, downloaded at the first read
-    shards_lib.verify_shard(path, meta, record_tokens=w.record_tokens, dtype=w.dtype)
+    name = w.shard_paths[self._shard]
+    shards_lib.verify_shard(path, meta, record_tokens=w.record_tokens, dtype=w.dtype, name=name)
     size = w.record_tokens
     lo, hi = index.start, index.stop
     first, last = lo // size, (hi - 1) // size
@@ -320,7 +321,7 @@ class _ShardTokens:
       data = b"".join(w.source[offset + r] for r in range(first, last + 1))
     except RuntimeError as e:  # riegeli: the file changed after it verified
       raise ValueError(
-        f"shard {path} cannot be read ({str(e).splitlines()[0][:200]}); {shards_lib.REDO}"
+        f"shard {name} cannot be read ({str(e).splitlines()[0][:200]}); {shards_lib.REDO}"
       ) from None
     return np.frombuffer(data, w.dtype)[lo - first * size : hi - first * size]
 

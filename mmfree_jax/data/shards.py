@@ -84,18 +84,21 @@ def _stored_counts(path: str) -> tuple[int, int]:
     reader.close()
 
 
-def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) -> None:
+def verify_shard(
+  path: str, meta: dict, *, record_tokens: int, dtype: np.dtype, name: str | None = None
+) -> None:
   """Checks a local shard file against its manifest entry `meta` once per process (then
   cached): size and sha256 (bit rot, a damaged copy), then records and tokens (a manifest
   that lies). A shard in a bucket is checked on its local copy (`cache.cached_copy`).
 
-  Thread-safe (grain reads from several threads). Raises ValueError naming the shard and the
-  fix.
+  Thread-safe (grain reads from several threads). Raises ValueError naming the shard (`name`,
+  the bucket object a local copy was made of, when given) and the fix.
   """
+  shown = path if name in (None, path) else f"{name} (its local copy {path})"
   try:
     stat = os.stat(path)
   except OSError as e:
-    raise ValueError(f"shard {path} cannot be opened ({e.strerror}); {REDO}") from None
+    raise ValueError(f"shard {shown} cannot be opened ({e.strerror}); {REDO}") from None
   key = (path, stat.st_size, stat.st_mtime_ns, meta["sha256"])
   if key in _VERIFIED:
     return
@@ -106,19 +109,19 @@ def verify_shard(path: str, meta: dict, *, record_tokens: int, dtype: np.dtype) 
       return
     if stat.st_size != meta["bytes"] or sha256_file(path) != meta["sha256"]:
       raise ValueError(
-        f"shard {path} does not match the size and sha256 its manifest "
+        f"shard {shown} does not match the size and sha256 its manifest "
         f"records (damaged on disk or in a copy); {REDO}"
       )
     try:
       records, last_bytes = _stored_counts(path)
     except RuntimeError as e:  # a file whose checksum the manifest was edited to match
       raise ValueError(
-        f"shard {path} is not a readable ArrayRecord file ({str(e).splitlines()[0][:200]}); {REDO}"
+        f"shard {shown} is not a readable ArrayRecord file ({str(e).splitlines()[0][:200]}); {REDO}"
       ) from None
     last_tokens = meta["tokens"] - (meta["records"] - 1) * record_tokens
     if records != meta["records"] or last_bytes != last_tokens * dtype.itemsize:
       raise ValueError(
-        f"shard {path} holds {records} records (last {last_bytes} bytes), but the manifest "
+        f"shard {shown} holds {records} records (last {last_bytes} bytes), but the manifest "
         f"says {meta['records']} records and {meta['tokens']} {dtype.str} tokens "
         f"({last_tokens * dtype.itemsize} bytes in the last record): the manifest does not "
         f"describe the file; {REDO}"
