@@ -9,7 +9,6 @@ fp32 weights, and imports nothing of training (no orbax, grain or tokenizer libr
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -109,7 +108,7 @@ class _TensorReader:
   A truncated file fails on opening, before any tensor is read (safetensors maps lazily)."""
 
   def __init__(self, path: str, dtypes: dict[str, np.dtype], shown: str):
-    self._file = open(path, "rb")  # noqa: SIM115  (a local file: `load_packed` downloads)
+    self._file = paths.open_file(path, "rb")  # a local file: `load_packed` downloads
     header_len = int.from_bytes(self._file.read(8), "little")
     self._header = json.loads(self._file.read(header_len))
     self._base = 8 + header_len
@@ -117,7 +116,7 @@ class _TensorReader:
     need = self._base + max(
       (e["data_offsets"][1] for k, e in self._header.items() if k != "__metadata__"), default=0
     )
-    size = os.fstat(self._file.fileno()).st_size
+    size = paths.size(path)
     if size < need:
       self._file.close()
       raise PackedDirError(

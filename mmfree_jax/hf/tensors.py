@@ -12,7 +12,6 @@ export never holds a second full copy of the model.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import tempfile
@@ -247,13 +246,14 @@ def _open_downloaded(folder: str, names: list[str]) -> WeightFiles:
   tmp = tempfile.mkdtemp(prefix="mmfree-hf-")
   try:
     for name in names:
-      local = os.path.join(tmp, *name.split("/"))
-      os.makedirs(os.path.dirname(local), exist_ok=True)
-      with paths.open_file(paths.join(folder, name), "rb") as src, open(local, "wb") as dst:
-        shutil.copyfileobj(src, dst, 16 << 20)
+      local = paths.join(tmp, *name.split("/"))
+      paths.makedirs(paths.dirname(local))
+      with paths.open_file(paths.join(folder, name), "rb") as src:
+        with paths.open_file(local, "wb") as dst:
+          shutil.copyfileobj(src, dst, 16 << 20)
     try:
       if len(names) == 1:
-        weights = _open_single(os.path.join(tmp, names[0]))
+        weights = _open_single(paths.join(tmp, names[0]))
       else:
         weights = _open_index(tmp, names[0])
     except HFCheckpointError as e:
@@ -352,7 +352,7 @@ def write_safetensors(
   """Writes a safetensors file tensor by tensor.
 
   Args:
-    path: output file.
+    path: output file (local or a bucket path: `mmfree_jax.paths`).
     tensors: `(name, shape, dtype, produce)`; `produce()` returns that tensor as a numpy
       array of exactly that shape and dtype. It is called once, in order, right before its
       bytes are written, so at most one produced tensor is alive at a time.
@@ -360,7 +360,7 @@ def write_safetensors(
   Returns:
     the number of bytes written.
   """
-  with open(path, "wb") as f:
+  with paths.open_file(path, "wb") as f:
     f.write(safetensors_header([(n, s, d) for n, s, d, _ in tensors], metadata))
     for name, shape, dtype, produce in tensors:
       array = np.ascontiguousarray(produce())
