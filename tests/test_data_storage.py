@@ -20,6 +20,7 @@ import pytest
 
 from mmfree_jax import data, paths
 from mmfree_jax.config import base_config
+from mmfree_jax.data import cache as data_cache
 from mmfree_jax.data import formats, sources, untrusted
 from mmfree_jax.data import prepare as prep
 from mmfree_jax.data import prepared as prepared_lib
@@ -363,3 +364,9 @@ def test_prepare_cli_with_two_workers_on_a_bucket_needs_only_the_standard_variab
   assert proc.returncode == 0, proc.stderr[-2000:]
   got = untrusted.load_json(paths.join(out, "manifest.json"), what="m", fix="f")
   assert got["shards"] == want["shards"] and len(got["shards"]) >= 3
+
+
+def test_a_bucket_cache_dir_is_refused_in_one_line(monkeypatch):
+  monkeypatch.setenv("MMFREE_CACHE", "gs://bucket/cache")
+  with pytest.raises(ValueError, match=r"^MMFREE_CACHE=gs://bucket/cache is a bucket.*local"):
+    data_cache.default_cache_dir()

@@ -25,9 +25,16 @@ _LOCKS_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> str:
-  return os.environ.get(
+  """`$MMFREE_CACHE`, else `~/.cache/mmfree_jax`; refuses a bucket (see the module doc)."""
+  cache = os.environ.get(
     "MMFREE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mmfree_jax")
   )
+  if paths.is_remote(cache):
+    raise ValueError(
+      f"MMFREE_CACHE={cache} is a bucket, but the cache holds memory-mapped files and must be "
+      "local; set MMFREE_CACHE to a local folder (data in buckets is copied there as needed)"
+    )
+  return cache
 
 
 def cached_path(path: str, key: str, cache_dir: str) -> str:
