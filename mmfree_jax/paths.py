@@ -150,11 +150,40 @@ def remove(path: str | os.PathLike, *, missing_ok: bool = True) -> None:
   as_path(path).unlink(missing_ok=missing_ok)
 
 
+def remove_empty_dir(path: str | os.PathLike) -> bool:
+  """Deletes the folder `path` if it is empty; returns whether it did. A bucket has no empty
+  folders (a folder is only a name prefix), so there it does nothing."""
+  if is_remote(path):
+    return False
+  try:
+    os.rmdir(os.fspath(path))
+  except OSError:
+    return False
+  return True
+
+
 def rmtree(path: str | os.PathLike) -> None:
   """Deletes the folder `path` and everything under it (nothing if it is missing)."""
   p = as_path(path)
   if p.exists():
     p.rmtree()
+
+
+def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Moves the file or folder `src` to `dst`; on a bucket object by object (a server-side copy,
+  then a delete), so not atomic there."""
+  s, d = os.fspath(src), os.fspath(dst)
+  if not is_remote(s):
+    shutil.move(s, d)
+    return
+  fs = _fs(s)
+  fs.invalidate_cache()
+  prefix = s.split("://", 1)[1].rstrip("/")
+  for name in fs.find(s) if fs.isdir(s) else [prefix]:
+    target = d.rstrip("/") + name[len(prefix) :]
+    fs.cp_file(name, target)
+    fs.rm_file(name)
+  fs.invalidate_cache()  # the client caches listings: a later listing must not show `src`
 
 
 def open_file(path: str | os.PathLike, mode: str = "r", *, encoding: str | None = None) -> IO[Any]:

@@ -272,10 +272,10 @@ def test_tpu_vm_refuses_dist_flags():
   assert "--config.dist.num_processes=4 is set by the launcher" in run.stderr
 
 
-def test_object_storage_workdir_is_refused_before_a_local_gs_folder(tmp_path, monkeypatch):
+def test_s3_workdir_is_refused_before_a_local_s3_folder(tmp_path, monkeypatch):
   from mmfree_jax.train import checks
 
   monkeypatch.chdir(tmp_path)
-  with pytest.raises(ValueError, match="object-storage workdirs .* not supported yet"):
-    checks.check_workdir_writable("gs://bucket/run")
-  assert not os.path.exists(tmp_path / "gs:")
+  with pytest.raises(ValueError, match=r"s3:// workdirs are not supported \(orbax-checkpoint"):
+    checks.check_workdir_writable("s3://bucket/run")
+  assert not os.path.exists(tmp_path / "s3:")

@@ -95,3 +95,23 @@ def test_listings_are_never_stale(root):
   assert paths.listdir(folder) == ["manifest.json", "plan.json", "shard.bin"]
   assert paths.exists(paths.join(folder, "manifest.json"))
   assert paths.is_published(folder, "manifest.json") and paths.size(paths.join(folder, "shard.bin"))
+
+
+def test_move_a_folder_keeps_its_files(root):
+  paths.makedirs(paths.join(root, "ckpt", "7", "state"))
+  paths.write_atomic(paths.join(root, "ckpt", "7", "state", "a"), b"a")
+  paths.write_atomic(paths.join(root, "ckpt", "7", "marker"), b"m")
+  paths.makedirs(paths.join(root, "aside"))
+  paths.move(paths.join(root, "ckpt", "7"), paths.join(root, "aside", "7"))
+  assert paths.read_bytes(paths.join(root, "aside", "7", "state", "a")) == b"a"
+  assert paths.read_bytes(paths.join(root, "aside", "7", "marker")) == b"m"
+  assert not paths.exists(paths.join(root, "ckpt", "7", "marker"))
+
+
+def test_remove_empty_dir_keeps_a_folder_with_files(tmp_path):
+  (tmp_path / "full").mkdir()
+  (tmp_path / "full" / "x").write_bytes(b"x")
+  (tmp_path / "empty").mkdir()
+  assert not paths.remove_empty_dir(str(tmp_path / "full")) and (tmp_path / "full" / "x").exists()
+  assert paths.remove_empty_dir(str(tmp_path / "empty")) and not (tmp_path / "empty").exists()
+  assert not paths.remove_empty_dir("gs://bucket/never-empty")

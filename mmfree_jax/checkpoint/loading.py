@@ -4,33 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import jax
 import ml_collections
 from flax import nnx
 
 from mmfree_jax import config as config_lib
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.nn.model import abstract_model
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained (or imported) with, from `WORKDIR/config.json`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
     raise FileNotFoundError(
       f"{path} not found: {workdir!r} is not a training or import workdir "
       "(train.py and `python -m mmfree_jax.hf import` write it)"
     )
-  with open(path) as f:
-    return config_lib.config_from_dict(json.load(f))
+  return config_lib.config_from_dict(json.loads(paths.read_text(path)))
 
 
 def save_workdir_config(workdir: str, cfg: ml_collections.ConfigDict) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=2))
+  paths.makedirs(workdir)
+  paths.write_atomic(paths.join(workdir, "config.json"), cfg.to_json(indent=2))
 
 
 def load_params(

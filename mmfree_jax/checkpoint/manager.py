@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
 from mmfree_jax import paths
 from mmfree_jax.checkpoint import checksum
@@ -64,12 +61,12 @@ def checkpoint_dir(workdir: str) -> str:
 def move_aside(workdir: str, steps: list[int], why: str) -> str:
   """Moves the folders of `steps` to `WORKDIR/abandoned_checkpoints/<time>-<why>/` (kept, not
   deleted: a person may still want them); returns that folder."""
-  aside = os.path.join(
-    os.path.abspath(workdir), "abandoned_checkpoints", f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
+  aside = paths.join(
+    paths.absolute(workdir), "abandoned_checkpoints", f"{time.strftime('%Y%m%d-%H%M%S')}-{why}"
   )
-  os.makedirs(aside, exist_ok=True)
+  paths.makedirs(aside)
   for step in steps:
-    shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), aside)
+    paths.move(paths.join(checkpoint_dir(workdir), str(step)), paths.join(aside, str(step)))
   return aside
 
 
@@ -79,14 +76,14 @@ def set_aside_uncommitted(workdir: str) -> list[int]:
   instead of finding them taken. Call only while no save is in flight (the start of a run, on
   process 0). Returns the steps moved."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return []
   steps = sorted(
     int(name)
-    for name in os.listdir(directory)
+    for name in paths.listdir(directory)
     if name.isdigit()
-    and os.path.isdir(os.path.join(directory, name))
-    and not os.path.exists(os.path.join(directory, name, COMMIT_MARKER))
+    and paths.isdir(paths.join(directory, name))
+    and not paths.exists(paths.join(directory, name, COMMIT_MARKER))
   )
   if steps:
     aside = move_aside(workdir, steps, "uncommitted")
@@ -151,7 +148,7 @@ class Checkpointer:
     return step in self.manager.all_steps()
 
   def is_committed(self, step: int) -> bool:
-    return (epath.Path(self.directory) / str(step) / COMMIT_MARKER).exists()
+    return paths.exists(paths.join(self.directory, str(step), COMMIT_MARKER))
 
   def all_steps(self) -> list[int]:
     """Committed steps; a step folder without orbax's commit marker (a save cut short, files
@@ -197,7 +194,7 @@ class Checkpointer:
 
   def has_train_state(self, step: int) -> bool:
     """True if step holds a full train state, False if it holds params only."""
-    return os.path.isdir(os.path.join(self.directory, str(step), "state"))
+    return paths.isdir(paths.join(self.directory, str(step), "state"))
 
   def restore_params(self, step: int, abstract_params: Any) -> Any:
     """Restores only the params (from a full train state or a params-only step).
@@ -241,7 +238,7 @@ class Checkpointer:
 
   def read_config(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else step
-    path = os.path.join(self.directory, str(step), "config")
+    path = paths.join(self.directory, str(step), "config")
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       return restored["config"]
@@ -253,8 +250,8 @@ class Checkpointer:
 
   def check_item(self, step: int, item: str) -> None:
     """Raises CheckpointError naming the step and the fix if `item`'s metadata is missing."""
-    metadata = epath.Path(self.directory) / str(step) / item / "_METADATA"
-    if not metadata.exists():
+    metadata = paths.join(self.directory, str(step), item, "_METADATA")
+    if not paths.exists(metadata):
       others = [s for s in self.all_steps() if s != step]
       raise CheckpointError(
         f"checkpoint step {step} in {self.directory} is incomplete: {metadata} is missing. "
@@ -286,8 +283,8 @@ class Checkpointer:
     """Raises CheckpointError naming the step and the arrays if any array of `tree` (restored
     from `item` of `step`) differs from the checksums saved with it. Steps saved before
     checksums existed are not checked."""
-    path = epath.Path(self.directory) / str(step) / "checksums"
-    if not path.exists():
+    path = paths.join(self.directory, str(step), "checksums")
+    if not paths.exists(path):
       log.info(
         "checkpoint step %d has no checksums (saved by an older version): not verified", step
       )

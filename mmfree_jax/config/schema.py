@@ -184,6 +184,16 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "tracker": Field(
       "tensorboard", "metrics tracker (metrics.jsonl is always written)", one_of(TRACKERS)
     ),
+    "lock_heartbeat_s": Field(
+      60.0,
+      "bucket workdir: the lock's holder proves it is alive every N s",
+      number(0, low_open=True),
+    ),
+    "lock_stale_s": Field(
+      300.0,
+      "bucket workdir: a lock without a heartbeat for N s is taken over (>= 2 x heartbeat)",
+      number(0, low_open=True),
+    ),
   },
   "optim": {
     "lr": Field(

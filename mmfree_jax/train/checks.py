@@ -12,35 +12,44 @@ import shutil
 import jax
 from jax.experimental import multihost_utils
 
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.parallel import mesh as mesh_lib
 
 log = logging.getLogger("mmfree_jax")
 
 
+def check_workdir_scheme(workdir: str) -> None:
+  """Refuses a workdir orbax cannot write arrays to: orbax-checkpoint 0.12.8 builds its
+  TensorStore specs for `gs://` and local paths only (an `s3://` path fails there)."""
+  if paths.scheme(workdir) == "s3":
+    raise ValueError(
+      f"workdir {workdir!r}: s3:// workdirs are not supported (orbax-checkpoint 0.12.8 writes "
+      "arrays only to gs:// and local paths); pass a gs:// or local --workdir (s3:// works "
+      "for data, prepare and export paths)"
+    )
+
+
 def check_workdir_writable(workdir: str) -> None:
   """Fails before any compute if the workdir cannot be created or written."""
-  if "://" in workdir:  # os.makedirs would make a local folder named 'gs:'
-    raise ValueError(
-      f"workdir {workdir!r}: object-storage workdirs (gs://, s3://) are not "
-      "supported yet; mount the bucket (e.g. Cloud Storage FUSE) and pass "
-      "its local path"
-    )
+  check_workdir_scheme(workdir)
+  probe = paths.join(workdir, f".write_probe_{os.getpid()}")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    paths.makedirs(workdir)
+    paths.write_atomic(probe, "ok")
+    paths.remove(probe)
   except OSError as e:
     raise OSError(
-      f"workdir {workdir!r} is not writable ({e.strerror}); pass a --workdir on a "
+      f"workdir {workdir!r} is not writable ({e.strerror or e}); pass a --workdir on a "
       "writable disk with free space"
     ) from e
 
 
 def check_disk_space(workdir: str, needed_bytes: int) -> None:
-  """Fails before compute if the workdir's disk cannot hold one more checkpoint."""
+  """Fails before compute if the workdir's disk cannot hold one more checkpoint (a bucket has
+  no such limit to ask for)."""
+  if paths.is_remote(workdir):
+    return
   free = shutil.disk_usage(workdir).free
   if free < needed_bytes:
     raise OSError(

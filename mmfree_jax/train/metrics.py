@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
-from mmfree_jax import hardware
+from mmfree_jax import hardware, paths
 
 # Where an MFU's peak came from (the `mfu_peak` field of a metrics row).
 PEAK_SOURCES = ("config", "datasheet", "measured")
@@ -89,15 +88,33 @@ class Throughput:
 
 class MetricsWriter:
   """Writes scalar rows to `metrics.jsonl` and an optional tracker (`trackers.py`); no-op on
-  processes other than 0."""
+  processes other than 0.
 
-  def __init__(self, workdir: str, enabled: bool = True, tracker=None):
+  Locally each row is appended and flushed. An object in a bucket cannot be appended to, so
+  there the rows are kept in memory and the whole object is rewritten (`paths.write_atomic`):
+  at most every `upload_every_s` seconds, on `sync()` (each checkpoint save) and at close. A
+  run killed between uploads loses only rows after its last checkpoint, which a resume redoes.
+  """
+
+  def __init__(
+    self, workdir: str, enabled: bool = True, tracker=None, upload_every_s: float = 30.0
+  ):
     self.enabled = enabled
+    self._path = paths.join(workdir, "metrics.jsonl")
     self._jsonl = None
     self._tracker = tracker if enabled else None
-    if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._remote_text: list[str] | None = None  # a bucket's object: its whole text
+    self._upload_every_s = upload_every_s
+    self._uploaded_at = time.monotonic()
+    self._pending = False
+    if not enabled:
+      return
+    if paths.is_remote(workdir):
+      old = (paths.read_fresh(self._path) or b"").decode("utf-8")
+      self._remote_text = [old if not old or old.endswith("\n") else old + "\n"]
+    else:
+      paths.makedirs(workdir)
+      self._jsonl = paths.open_file(self._path, "a")
 
   def write(self, step: int, scalars: dict, prefix: str = "") -> None:
     if not self.enabled:
@@ -105,12 +122,30 @@ class MetricsWriter:
     row = {"step": int(step)}
     numbers = {prefix + k: float(v) for k, v in scalars.items() if not isinstance(v, str)}
     row.update({prefix + k: v if isinstance(v, str) else float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(row) + "\n")
-    self._jsonl.flush()
+    line = json.dumps(row) + "\n"
+    if self._remote_text is not None:
+      self._remote_text.append(line)
+      self._pending = True
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tracker is not None:
       self._tracker.log(int(step), numbers)
+    if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+      self.sync()
+
+  def sync(self) -> None:
+    """Puts every row written so far (and the tracker's files) in the workdir."""
+    if self._remote_text is not None and self._pending:
+      paths.write_atomic(self._path, "".join(self._remote_text))
+      self._pending = False
+    if self._tracker is not None:
+      self._tracker.sync()
+    self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
+    if self.enabled:
+      self.sync()
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
@@ -122,11 +157,11 @@ class MetricsWriter:
 def drop_rows_after(workdir: str, step: int) -> int:
   """Removes the `metrics.jsonl` rows of steps after `step` (a resumed run redoes them);
   returns how many were dropped. The file is replaced atomically."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  raw = paths.read_fresh(path)
+  if raw is None:
     return 0
-  with open(path) as f:
-    lines = f.readlines()
+  lines = raw.decode("utf-8").splitlines(keepends=True)
   kept = []
   for line in lines:
     try:
@@ -137,8 +172,5 @@ def drop_rows_after(workdir: str, step: int) -> int:
       kept.append(line if line.endswith("\n") else line + "\n")
   dropped = len(lines) - len(kept)
   if dropped:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, path)
+    paths.write_atomic(path, "".join(kept))
   return dropped

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmfree_jax import accounting
+from mmfree_jax import accounting, paths
 from mmfree_jax import config as config_lib
 from mmfree_jax import data as data_lib
 from mmfree_jax.checkpoint import loading
@@ -153,6 +152,7 @@ class Run:
     self.checkpointer.save(
       step, self.state, self.train_iter, json.loads(self.cfg.to_json()), force=force
     )
+    self.writer.sync()
 
   def evaluate(self) -> dict:
     return evaluate(self.eval_step, self.state.params, self.val_batches, self.batch_sharding)
@@ -321,7 +321,7 @@ def _banner_lines(
   """The startup banner: the run's shape, the distiller's line (distill mode) and the step's
   compiled memory."""
   lines = banner.banner_lines(
-    cfg, model_cfg, layout.mesh, layout.abstract_state.params, os.path.abspath(workdir), resume
+    cfg, model_cfg, layout.mesh, layout.abstract_state.params, paths.absolute(workdir), resume
   )
   if distiller is not None:
     lines.append(distiller.banner_line())
@@ -358,10 +358,14 @@ def setup(
   model_cfg = _validate(cfg)
   layout = Layout.from_config(cfg, model_cfg)
   checks.check_batch_layout(cfg.train, layout.mesh)
-  created = [d for d in (workdir, ckpt_lib.checkpoint_dir(workdir)) if not os.path.exists(d)]
+  created = [d for d in (workdir, ckpt_lib.checkpoint_dir(workdir)) if not paths.exists(d)]
   checks.check_workdir_writable(workdir)
   is_main = jax.process_index() == 0
-  lock = WorkdirLock(workdir).acquire() if is_main else None
+  lock = None
+  if is_main:
+    lock = WorkdirLock(
+      workdir, heartbeat_s=cfg.train.lock_heartbeat_s, stale_s=cfg.train.lock_stale_s
+    ).acquire()
   checkpointer = writer = None
   try:
     latest = checks.select_restore_step(workdir, restore_step)
@@ -425,7 +429,4 @@ def _remove_if_empty(folders: list[str]) -> None:
   """A failed start leaves none of the `folders` it created (innermost last) empty behind; a
   folder with anything in it stays."""
   for folder in reversed(folders):
-    try:
-      os.rmdir(folder)
-    except OSError:
-      pass
+    paths.remove_empty_dir(folder)

@@ -10,11 +10,23 @@ only when chosen:
           (its id is kept in WORKDIR/wandb_run_id).
   mlflow: tracking URI from `MLFLOW_TRACKING_URI`, else `file:WORKDIR/mlruns` (local files);
           the config is logged as params.
+
+With a bucket workdir (`gs://…`) TensorBoard writes its event file to a local temporary folder
+and uploads it to `WORKDIR/tensorboard` through `mmfree_jax.paths` on every `sync` (each
+checkpoint, and every `MetricsWriter.upload_every_s`) and at close: one path layer and one set
+of credentials for every backend, where tensorboardX's own bucket writers would need
+google-cloud-storage or boto3 with its own `S3_ENDPOINT` variable. wandb keeps its local files
+in the system's temporary folder then (its run id still goes to the workdir); mlflow needs
+`MLFLOW_TRACKING_URI`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+
+from mmfree_jax import paths
 
 
 class Tracker:
@@ -22,6 +34,9 @@ class Tracker:
 
   def log(self, step: int, scalars: dict[str, float]) -> None:
     raise NotImplementedError
+
+  def sync(self) -> None:
+    """Makes what was logged so far durable in the workdir (a no-op for most trackers)."""
 
   def close(self) -> None:
     pass
@@ -31,31 +46,44 @@ class TensorBoardTracker(Tracker):
   def __init__(self, workdir: str):
     from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel  # optional
 
-    self._writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._dest = paths.join(workdir, "tensorboard")
+    self._local = tempfile.mkdtemp(prefix="mmfree-tb-") if paths.is_remote(workdir) else None
+    self._writer = SummaryWriter(self._local or self._dest)
 
   def log(self, step, scalars):
     for k, v in scalars.items():
       self._writer.add_scalar(k, float(v), int(step))
 
+  def sync(self):
+    if self._local is not None:
+      self._writer.flush()
+      paths.upload_tree(self._local, self._dest)
+
   def close(self):
     self._writer.close()
+    if self._local is not None:
+      try:
+        paths.upload_tree(self._local, self._dest)
+      finally:
+        shutil.rmtree(self._local, ignore_errors=True)
+        self._local = None
 
 
 class WandbTracker(Tracker):
   def __init__(self, workdir: str, config: dict):
     import wandb  # pylint: disable=import-outside-toplevel  # optional install
 
-    id_path = os.path.join(workdir, "wandb_run_id")
-    run_id = open(id_path).read().strip() if os.path.exists(id_path) else wandb.util.generate_id()
-    with open(id_path, "w") as f:
-      f.write(run_id)
+    id_path = paths.join(workdir, "wandb_run_id")
+    saved = paths.read_fresh(id_path)
+    run_id = saved.decode().strip() if saved else wandb.util.generate_id()
+    paths.write_atomic(id_path, run_id)
     self._run = wandb.init(
       project=os.environ.get("WANDB_PROJECT", "mmfree_jax"),
-      dir=workdir,
+      dir=tempfile.gettempdir() if paths.is_remote(workdir) else workdir,
       id=run_id,
       resume="allow",
       config=config,
-      name=os.path.basename(os.path.abspath(workdir)),
+      name=paths.basename(paths.absolute(workdir)),
     )
 
   def log(self, step, scalars):
@@ -70,12 +98,16 @@ class MlflowTracker(Tracker):
     import mlflow  # pylint: disable=import-outside-toplevel  # optional install
 
     self._mlflow = mlflow
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or "file:" + os.path.join(
-      os.path.abspath(workdir), "mlruns"
-    )
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and paths.is_remote(workdir):
+      raise ValueError(
+        f"train.tracker=mlflow with the bucket workdir {workdir!r}: mlflow's file store is "
+        "local; set MLFLOW_TRACKING_URI to a tracking server (or a local file: URI)"
+      )
+    uri = uri or "file:" + paths.join(paths.absolute(workdir), "mlruns")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("mmfree_jax")
-    self._run = mlflow.start_run(run_name=os.path.basename(os.path.abspath(workdir)))
+    self._run = mlflow.start_run(run_name=paths.basename(paths.absolute(workdir)))
     mlflow.log_params({k: str(v)[:250] for k, v in _flat(config).items()})
 
   def log(self, step, scalars):

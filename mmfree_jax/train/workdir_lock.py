@@ -1,33 +1,47 @@
-"""One training run per workdir: an exclusive lock file `WORKDIR/.lock` held by process 0.
+"""One training run per workdir: an exclusive lock `WORKDIR/.lock` held by process 0.
 
 Two runs on one workdir would interleave `metrics.jsonl`, overwrite `config.json` and delete
-each other's checkpoint temporaries mid-save. The lock is a file holding `{"pid", "host",
-"started", "token"}`, written whole to a private name and hard-linked into place (the link fails
-if the lock exists), so no reader ever sees it half-written. A lock left by a run that died
-(same host, pid no longer alive) is taken over with a warning; a live one, or one from another
-host (whose pid cannot be checked from here), is refused with an error naming its pid and host.
+each other's checkpoint temporaries mid-save. The lock holds `{"pid", "host", "started",
+"token", "beat"}` and is created whole with a create-only write (`paths.create_exclusive`: a
+hard link locally, GCS `ifGenerationMatch=0`, S3 `If-None-Match: *`), so it fails if the lock
+exists and no reader ever sees it half-written.
 
-Takeover is atomic: racing runs serialize on an `flock` of `WORKDIR/.lock.takeover` (released
-by the kernel if its holder dies), and under it remove the lock only if its bytes are still the
-stale ones they read. Without that, a run could delete the lock another run had just taken.
+On a local disk a lock left by a run that died (same host, pid no longer alive) is taken over
+with a warning; a live one, or one from another host (whose pid cannot be checked from here),
+is refused with an error naming its pid and host. Takeover is atomic: racing runs serialize on
+an `flock` of `WORKDIR/.lock.takeover` (released by the kernel if its holder dies), and under it
+remove the lock only if its bytes are still the stale ones they read.
+
+In a bucket no pid can be checked, so the holder proves it is alive: a daemon thread rewrites
+`WORKDIR/.lock.heartbeat` (its token and the time) every `heartbeat_s` seconds, and a lock whose
+last beat is older than `stale_s` (and than twice the holder's own `heartbeat_s`, which the lock
+records) is taken over with a warning naming the old holder. A bucket
+has no flock; takeover removes the lock only if its bytes are still the stale ones read, and a
+new lock, created with the precondition, counts only if it still holds this run's token after
+`SETTLE_S` (a racer that removed it in between, or a store that ignores the precondition, such
+as the GCS emulator, shows up there): of racing runs, exactly one keeps it.
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+
+from mmfree_jax import paths
 
 log = logging.getLogger("mmfree_jax")
 LOCK_NAME = ".lock"
 TAKEOVER_NAME = ".lock.takeover"
-# Errors of os.link on file systems without hard links: then the lock is created with O_EXCL.
-_NO_LINK = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EMLINK)
+HEARTBEAT_NAME = ".lock.heartbeat"
+DEFAULT_HEARTBEAT_S = 60.0
+DEFAULT_STALE_S = 300.0
+SETTLE_S = 1.0  # bucket: how long a new lock must survive before it counts as held
 
 
 class WorkdirLockedError(RuntimeError):
@@ -44,14 +58,6 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
-def _read_bytes(path: str) -> bytes | None:
-  try:
-    with open(path, "rb") as f:
-      return f.read()
-  except FileNotFoundError:
-    return None
-
-
 def _parse(raw: bytes | None) -> dict | None:
   try:
     owner = json.loads(raw) if raw else None
@@ -60,44 +66,41 @@ def _parse(raw: bytes | None) -> dict | None:
   return owner if isinstance(owner, dict) else None
 
 
-def _read(path: str) -> dict | None:
+def _read_fresh(path: str) -> bytes | None:
   try:
-    return _parse(_read_bytes(path))
+    return paths.read_fresh(path)
   except OSError:
     return None
 
 
-def _create(path: str, content: bytes) -> bool:
-  """Creates `path` holding `content` unless it exists; returns whether it did."""
-  private = f"{path}.{os.getpid()}.{uuid.uuid4().hex}"
-  with open(private, "wb") as f:
-    f.write(content)
-  try:
-    os.link(private, path)
-    return True
-  except FileExistsError:
-    return False
-  except OSError as e:
-    if e.errno not in _NO_LINK:
-      raise
-  finally:
-    os.remove(private)
-  try:  # no hard links here: a reader may briefly see an empty file (then it waits)
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-  except FileExistsError:
-    return False
-  with os.fdopen(fd, "wb") as f:
-    f.write(content)
-  return True
-
-
 class WorkdirLock:
-  """`acquire()` / `release()` (or a `with` block) around a run in `workdir`."""
+  """`acquire()` / `release()` (or a `with` block) around a run in `workdir`.
 
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_NAME)
+  heartbeat_s, stale_s: bucket workdirs only (see the module doc); `stale_s` must exceed
+  `heartbeat_s` with room for a slow write (at least twice it).
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    stale_s: float = DEFAULT_STALE_S,
+  ):
+    if not 0 < 2 * heartbeat_s <= stale_s:
+      raise ValueError(
+        f"train.lock_stale_s={stale_s:g} must be at least twice train.lock_heartbeat_s="
+        f"{heartbeat_s:g} (> 0): a live run's lock would look stale between its beats"
+      )
+    self.path = paths.join(workdir, LOCK_NAME)
+    self.heartbeat_path = paths.join(workdir, HEARTBEAT_NAME)
+    self.remote = paths.is_remote(workdir)
+    self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
     self.held = False
     self.token = uuid.uuid4().hex
+    self._mine = b""
+    self._stop = threading.Event()
+    self._beater: threading.Thread | None = None
 
   def acquire(self) -> WorkdirLock:
     me = {
@@ -105,10 +108,17 @@ class WorkdirLock:
       "host": socket.gethostname(),
       "started": time.strftime("%Y-%m-%d %H:%M:%S"),
       "token": self.token,
+      "beat": time.time(),
+      "heartbeat_s": self.heartbeat_s,
     }
+    self._mine = json.dumps(me).encode()
     for _ in range(3):  # a stale lock is removed, then the create is retried
-      if _create(self.path, json.dumps(me).encode()):
+      if self._create():
         self.held = True
+        if self.remote:
+          self._beat()
+          self._beater = threading.Thread(target=self._beat_forever, daemon=True)
+          self._beater.start()
         return self
       self._handle_existing(me)
     raise WorkdirLockedError(
@@ -116,14 +126,23 @@ class WorkdirLock:
       "(another run starting at the same time?)"
     )
 
+  def _create(self) -> bool:
+    if not self.remote:
+      return paths.create_exclusive(self.path, self._mine)
+    # Existence first: some stores (the GCS emulator) ignore the create-only precondition.
+    if _read_fresh(self.path) is not None or not paths.create_exclusive(self.path, self._mine):
+      return False
+    time.sleep(SETTLE_S)
+    return _read_fresh(self.path) == self._mine
+
   def _handle_existing(self, me: dict) -> None:
-    seen = _read_bytes(self.path)
+    seen = _read_fresh(self.path)
     if seen is None:  # released in between: just retry
       return
     owner = _parse(seen)
     if owner is None:  # being written right now, or truncated by a crash mid-write
       time.sleep(0.2)
-      seen = _read_bytes(self.path)
+      seen = _read_fresh(self.path)
       owner = _parse(seen)
     if seen is not None and owner is None:
       log.warning("taking over the unreadable lock file %s", self.path)
@@ -132,27 +151,55 @@ class WorkdirLock:
     if owner is None:
       return
     pid, host = owner.get("pid"), owner.get("host")
-    if host == me["host"] and isinstance(pid, int) and not _pid_alive(pid):
+    why = self._why_stale(owner, me)
+    if why is not None:
       if self._take_over(seen):
         log.warning(
-          "took over the lock of a run that is gone (pid %s on %s, started %s): %s",
+          "took over the lock of a run that is gone (pid %s on %s, started %s; %s): %s",
           pid,
           host,
           owner.get("started"),
+          why,
           self.path,
         )
         print(f"note: workdir lock of a dead run (pid {pid} on {host}) taken over", flush=True)
       return
     where = "this host" if host == me["host"] else f"host {host}"
+    stale = (
+      f", or wait: a lock whose heartbeat stops for {self.stale_s:g} s is taken over"
+      if self.remote
+      else ""
+    )
     raise WorkdirLockedError(
-      f"workdir {os.path.dirname(self.path)!r} is in use by another run: pid {pid} on "
+      f"workdir {paths.dirname(self.path)!r} is in use by another run: pid {pid} on "
       f"{where} (started {owner.get('started')}). Wait for it, stop it, or use another "
-      f"--workdir. If that run is dead (e.g. its host went away), delete {self.path}"
+      f"--workdir. If that run is dead (e.g. its host went away), delete {self.path}{stale}"
     )
 
+  def _why_stale(self, owner: dict, me: dict) -> str | None:
+    """Why `owner`'s lock is stale (None: it may be live): a dead pid on this host (local
+    disk), or a heartbeat older than `stale_s` (bucket)."""
+    pid = owner.get("pid")
+    if not self.remote:
+      alive = owner.get("host") != me["host"] or not isinstance(pid, int) or _pid_alive(pid)
+      return None if alive else "its pid is not running"
+    beat = _parse(_read_fresh(self.heartbeat_path)) or {}
+    last = beat.get("beat") if beat.get("token") == owner.get("token") else owner.get("beat")
+    if not isinstance(last, (int, float)):  # a lock without beats: its object's age
+      last = paths.mtime(self.path)
+    age = time.time() - last
+    theirs = owner.get("heartbeat_s")  # a holder that beats slowly gets as long as it needs
+    limit = max(self.stale_s, 2 * theirs if isinstance(theirs, (int, float)) else 0)
+    return f"no heartbeat for {age:.0f} s" if age > limit else None
+
   def _take_over(self, seen: bytes) -> bool:
-    """Removes the lock if it still holds `seen`, under the takeover flock; returns whether it
-    did (if not, another run took it over first and the caller looks at the new lock)."""
+    """Removes the lock if it still holds `seen`; returns whether it did (if not, another run
+    took it over first and the caller looks at the new lock)."""
+    if self.remote:
+      if _read_fresh(self.path) != seen:
+        return False
+      self._remove()
+      return True
     mutex = os.open(
       os.path.join(os.path.dirname(self.path), TAKEOVER_NAME), os.O_CREAT | os.O_RDWR, 0o644
     )
@@ -161,25 +208,46 @@ class WorkdirLock:
         fcntl.flock(mutex, fcntl.LOCK_EX)
       except OSError as e:  # no flock on this file system: the takeover is not atomic
         log.warning("cannot flock %s (%s); taking over the lock without it", TAKEOVER_NAME, e)
-      if _read_bytes(self.path) != seen:
+      if _read_fresh(self.path) != seen:
         return False
       self._remove()
       return True
     finally:
       os.close(mutex)  # releases the flock
 
+  def _beat(self) -> None:
+    beat = {"token": self.token, "beat": time.time()}
+    paths.write_atomic(self.heartbeat_path, json.dumps(beat))
+
+  def _beat_forever(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        if _read_fresh(self.path) != self._mine:
+          log.error(
+            "the workdir lock %s no longer holds this run's token: another run took it over "
+            "(this run's heartbeat was older than %g s); stop one of the two runs",
+            self.path,
+            self.stale_s,
+          )
+          return
+        self._beat()
+      except Exception as e:  # pylint: disable=broad-except  # a storage hiccup: next beat
+        log.warning("could not write the lock heartbeat %s: %s", self.heartbeat_path, e)
+
   def _remove(self) -> None:
-    try:
-      os.remove(self.path)
-    except FileNotFoundError:
-      pass
+    paths.remove(self.path, missing_ok=True)
 
   def release(self) -> None:
     if not self.held:
       return
-    owner = _read(self.path)
-    if owner is not None and owner.get("token") == self.token:
+    self._stop.set()
+    if self._beater is not None:
+      self._beater.join()
+      self._beater = None
+    if _read_fresh(self.path) == self._mine:
       self._remove()
+      if self.remote:
+        paths.remove(self.heartbeat_path, missing_ok=True)
     self.held = False
 
   def __enter__(self):
