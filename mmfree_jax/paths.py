@@ -177,13 +177,11 @@ def move(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     shutil.move(s, d)
     return
   fs = _fs(s)
-  fs.invalidate_cache()
   prefix = s.split("://", 1)[1].rstrip("/")
   for name in fs.find(s) if fs.isdir(s) else [prefix]:
     target = d.rstrip("/") + name[len(prefix) :]
     fs.cp_file(name, target)
     fs.rm_file(name)
-  fs.invalidate_cache()  # the client caches listings: a later listing must not show `src`
 
 
 def open_file(path: str | os.PathLike, mode: str = "r", *, encoding: str | None = None) -> IO[Any]:

@@ -329,6 +329,12 @@ def _banner_lines(
   return lines
 
 
+def _lock(cfg, workdir: str) -> WorkdirLock:
+  """The workdir's lock, taken (process 0 only)."""
+  heartbeat_s, stale_s = cfg.train.lock_heartbeat_s, cfg.train.lock_stale_s
+  return WorkdirLock(workdir, heartbeat_s=heartbeat_s, stale_s=stale_s).acquire()
+
+
 def _close_opened(checkpointer, writer, lock) -> None:
   """Closes what a failed `setup` opened (None: not opened yet); the lock is released last."""
   try:
@@ -361,11 +367,7 @@ def setup(
   created = [d for d in (workdir, ckpt_lib.checkpoint_dir(workdir)) if not paths.exists(d)]
   checks.check_workdir_writable(workdir)
   is_main = jax.process_index() == 0
-  lock = None
-  if is_main:
-    lock = WorkdirLock(
-      workdir, heartbeat_s=cfg.train.lock_heartbeat_s, stale_s=cfg.train.lock_stale_s
-    ).acquire()
+  lock = _lock(cfg, workdir) if is_main else None
   checkpointer = writer = None
   try:
     latest = checks.select_restore_step(workdir, restore_step)
