@@ -118,6 +118,19 @@ def listdir(path: str | os.PathLike) -> list[str]:
   return sorted(p.name for p in as_path(path).iterdir())
 
 
+def find(folder: str | os.PathLike) -> list[str]:
+  """The `/`-separated names, relative to `folder`, of every file under it (any depth), sorted."""
+  p = os.fspath(folder).rstrip("/")
+  if not is_remote(p):
+    return sorted(
+      os.path.relpath(os.path.join(root, name), p).replace(os.sep, "/")
+      for root, _, names in os.walk(p)
+      for name in names
+    )
+  key = p.split("://", 1)[1] + "/"
+  return sorted(f[len(key) :] for f in _fs(p).find(p) if f.startswith(key))
+
+
 def glob(pattern: str | os.PathLike) -> list[str]:
   """Paths matching a glob `pattern` (`*`, `?`, `[…]`; `**` spans folders), sorted."""
   p = os.fspath(pattern)

@@ -77,6 +77,9 @@ def test_glob_double_star_spans_folders_and_user_paths_expand(root):
   want = [paths.join(root, n) for n in ("a.txt", "sub/b.txt", "sub/deeper/c.txt")]
   assert [p for p in paths.glob(paths.join(root, "**", "*.txt")) if paths.isfile(p)] == want
   assert paths.has_magic(paths.join(root, "*.txt")) and not paths.has_magic(root)
+  want = ["a.txt", "sub/b.txt", "sub/d.json", "sub/deeper/c.txt"]
+  assert paths.find(root) == want and paths.find(root + "/") == want
+  assert paths.find(paths.join(root, "sub", "deeper")) == ["c.txt"]
   assert paths.expanduser(root) == root or not paths.is_remote(root)
   assert paths.expanduser("~/x") == os.path.join(os.path.expanduser("~"), "x")
 

@@ -89,17 +89,7 @@ def input_identity(path: str) -> list:
   """(path, size, mtime_ns) of a file, or of every file in a folder: changes on any rewrite."""
   if not paths_lib.isdir(path):
     return [[path, *file_stamp(path)]]
-  if paths_lib.is_remote(path):
-    prefix = path.rstrip("/") + "/"
-    found = [p for p in paths_lib.glob(prefix + "**") if paths_lib.isfile(p)]
-    files = sorted(p[len(prefix) :] for p in found)
-  else:
-    files = sorted(
-      os.path.relpath(os.path.join(root, f), path)
-      for root, _, names in os.walk(path)
-      for f in names
-    )
-  return [[f, *file_stamp(paths_lib.join(path, f))] for f in files]
+  return [[f, *file_stamp(paths_lib.join(path, f))] for f in paths_lib.find(path)]
 
 
 # ---------------------------------------------------------------------------- checks
