@@ -201,7 +201,7 @@ class WorkdirLock:
       self._remove()
       return True
     mutex = os.open(
-      os.path.join(os.path.dirname(self.path), TAKEOVER_NAME), os.O_CREAT | os.O_RDWR, 0o644
+      paths.join(paths.dirname(self.path), TAKEOVER_NAME), os.O_CREAT | os.O_RDWR, 0o644
     )
     try:
       try:
