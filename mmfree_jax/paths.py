@@ -118,6 +118,18 @@ def listdir(path: str | os.PathLike) -> list[str]:
   return sorted(p.name for p in as_path(path).iterdir())
 
 
+def file_sizes(folder: str | os.PathLike) -> dict[str, int]:
+  """{name: bytes} of the files directly in `folder`, from one listing (one request on a
+  bucket, where a size per file would be a request each)."""
+  p = os.fspath(folder).rstrip("/")
+  if not is_remote(p):
+    with os.scandir(p) as entries:
+      return {e.name: e.stat().st_size for e in entries if e.is_file()}
+  return {
+    basename(e["name"]): int(e["size"]) for e in _fs(p).ls(p, detail=True) if e["type"] == "file"
+  }
+
+
 def find(folder: str | os.PathLike) -> list[str]:
   """The `/`-separated names, relative to `folder`, of every file under it (any depth), sorted."""
   p = os.fspath(folder).rstrip("/")

@@ -80,6 +80,7 @@ def test_glob_double_star_spans_folders_and_user_paths_expand(root):
   want = ["a.txt", "sub/b.txt", "sub/d.json", "sub/deeper/c.txt"]
   assert paths.find(root) == want and paths.find(root + "/") == want
   assert paths.find(paths.join(root, "sub", "deeper")) == ["c.txt"]
+  assert paths.file_sizes(paths.join(root, "sub")) == {"b.txt": 1, "d.json": 1}
   assert paths.expanduser(root) == root or not paths.is_remote(root)
   assert paths.expanduser("~/x") == os.path.join(os.path.expanduser("~"), "x")
 

@@ -120,9 +120,12 @@ def open_prepared(directory: str) -> PreparedDir:
   _check_shard_fields(path, manifest)
   _check_tokenizer_fields(path, manifest)
   prepared = PreparedDir(directory, manifest)
+  listed = paths.file_sizes(directory)  # one listing, not a request per shard on a bucket
   for i, shard in enumerate(manifest["shards"]):
     file = prepared.shard_path(i)
-    if not paths.isfile(file) or paths.size(file) != shard["bytes"]:
+    name = shard["path"]  # confined to the folder by shard_path
+    size = listed.get(name) if "/" not in name else paths.isfile(file) and paths.size(file)
+    if size != shard["bytes"]:
       raise ValueError(
         f"shard {file} is missing or has another size than its manifest "
         "records (a partial copy?); copy the folder again or re-run prepare"
