@@ -233,3 +233,48 @@ def test_eval_of_a_bucket_export_reads_and_writes_the_bucket(bucket, tmp_path):
   assert (ppl["perplexity"], ppl["tokens"]) == (ppl_local["perplexity"], ppl_local["tokens"])
   mc_local = local["multiple_choice"]["sample_mc"]
   assert (mc["acc"], mc["acc_norm"], mc["n"]) == (mc_local["acc"], mc_local["acc_norm"], 4)
+
+
+def test_eval_of_a_gs_workdir_reads_and_writes_the_bucket(gcs_emulator, gcs_root, tmp_path):
+  """A workdir in the bucket (its checkpoint written there by orbax): eval reads it and writes
+  its results there, with the numbers of the same workdir on disk."""
+  wd, local_wd = paths.join(gcs_root, "wd"), str(tmp_path / "wd")
+  _make_workdir(wd)
+  _make_workdir(local_wd)
+  options = ev.EvalOptions(mc_files=[SAMPLE_MC], mc_limit=2, batch_size=2, chunk_len=8)
+  out = ev.evaluate_workdir(wd, options, tokenizer=ByteTok())
+  assert out["output"] == paths.join(wd, "eval", "step_0.json") and out["workdir"] == wd
+  local = ev.evaluate_workdir(local_wd, options, tokenizer=ByteTok(), write=False)
+  stored = json.loads(paths.read_text(out["output"]))["multiple_choice"]["sample_mc"]
+  want = local["multiple_choice"]["sample_mc"]
+  assert (stored["acc"], stored["acc_norm"]) == (want["acc"], want["acc_norm"])
+
+
+@pytest.mark.slow  # one orbax restore per stacked leaf, each a round trip to the emulator
+def test_packed_export_of_a_gs_workdir_equals_the_local_one(gcs_emulator, gcs_root, tmp_path):
+  wd, local_wd = paths.join(gcs_root, "wd"), str(tmp_path / "wd")
+  _make_workdir(wd)
+  _make_workdir(local_wd)
+  export.export_workdir(wd, paths.join(gcs_root, "packed"))
+  export.export_workdir(local_wd, str(tmp_path / "packed"))
+  remote = _files(paths.join(gcs_root, "packed"))
+  local = _files(str(tmp_path / "packed"))
+  assert sorted(remote) == sorted(local)
+  assert remote["model.safetensors"] == local["model.safetensors"]
+  assert json.loads(remote["packed.json"])["source"] == wd
+
+
+def test_hf_export_of_a_gs_workdir_imports_into_a_gs_workdir(gcs_emulator, gcs_root):
+  """Every path in the bucket: workdir → HF folder → imported workdir, params exact."""
+  wd = paths.join(gcs_root, "wd")
+  original = random_workdir(wd)
+  hf, back = paths.join(gcs_root, "hf"), paths.join(gcs_root, "back")
+  checkpoint_io.export_checkpoint(wd, hf)
+  out = checkpoint_io.import_checkpoint(hf, back)
+  assert out["tokenizer"] == "spm:" + paths.join(back, "tokenizer.model")
+  params, _ = loading.load_params(
+    back, ModelConfig.from_config(loading.load_workdir_config(back).model)
+  )
+  imported = mapping.flatten(params)
+  for name, value in original.items():
+    np.testing.assert_array_equal(np.asarray(imported[name]), value, err_msg=name)
