@@ -19,6 +19,7 @@ from mmfree_jax import export, paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.eval.samples import SAMPLE_MC
+from mmfree_jax.export import __main__ as export_cli
 from mmfree_jax.export import writer
 from mmfree_jax.hf import HFCheckpointError, checkpoint_io, mapping
 from tests.test_eval import ByteTok, _make_workdir
@@ -174,7 +175,7 @@ def test_half_written_exports_are_refused_in_one_line(workdir, bucket, tmp_path)
   assert not os.path.exists(tmp_path / "back")
 
 
-def test_failed_export_leaves_no_bucket_destination(workdir, bucket, monkeypatch):
+def test_failed_export_leaves_no_bucket_destination(workdir, bucket, monkeypatch, capsys):
   """A failure while the export is being made leaves nothing under the destination, and the
   same destination can then be used."""
   src, _ = workdir
@@ -193,6 +194,10 @@ def test_failed_export_leaves_no_bucket_destination(workdir, bucket, monkeypatch
   export.export_workdir(src, dst)
   with pytest.raises(FileExistsError, match="not empty"):
     export.export_workdir(src, dst)
+  assert export_cli.main(["--workdir", src, "--dst", dst]) == 1
+  assert capsys.readouterr().err == f"error: {dst} already exists and is not empty; pick a new " + (
+    "directory or remove it first (nothing is overwritten)\n"
+  )
 
 
 def test_eval_of_a_bucket_export_reads_and_writes_the_bucket(bucket, tmp_path):

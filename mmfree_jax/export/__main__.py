@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
   except (
     layout.PackedDirError,
     CheckpointError,
-    FileNotFoundError,
-    FileExistsError,
+    OSError,  # a missing or existing file, or a bucket's refusal (permissions, quota)
     ValueError,
   ) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         f"exported step {out['step']} ({out['num_params']:,} params, {out['dtype']}) to "
         f"{out['dst']}; tokenizer file: {out['tokenizer'] or 'none'}"
       )
-  except (HFCheckpointError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+  # OSError: a missing or existing file, or a bucket's refusal (permissions, quota)
+  except (HFCheckpointError, CheckpointError, OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0
