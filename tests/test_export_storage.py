@@ -18,12 +18,15 @@ from mmfree_jax import eval as ev
 from mmfree_jax import export, paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
+from mmfree_jax.convert import teacher
 from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.export import __main__ as export_cli
 from mmfree_jax.export import writer
-from mmfree_jax.hf import HFCheckpointError, checkpoint_io, mapping
+from mmfree_jax.hf import HFCheckpointError, checkpoint_io, llama, mapping
 from tests.test_eval import ByteTok, _make_workdir
 from tests.test_hf import random_workdir
+from tests.test_llama import BASE as LLAMA_BASE
+from tests.test_llama import _write as _write_llama
 
 
 @pytest.fixture(params=["gs", "s3"])
@@ -283,3 +286,25 @@ def test_hf_export_of_a_gs_workdir_imports_into_a_gs_workdir(gcs_emulator, gcs_r
   imported = mapping.flatten(params)
   for name, value in original.items():
     np.testing.assert_array_equal(np.asarray(imported[name]), value, err_msg=name)
+
+
+def test_llama_folder_in_a_bucket_as_import_source_and_teacher(gcs_root, tmp_path):
+  """An HF Llama folder in the bucket imports, and serves as a distillation teacher, exactly as
+  the same folder on disk."""
+  local = str(tmp_path / "llama")
+  _write_llama(local, LLAMA_BASE)
+  remote = paths.join(gcs_root, "llama")
+  paths.upload_tree(local, remote)
+  student = ModelConfig.tiny()
+  assert teacher.teacher_source(remote) == "llama"
+  want_cfg = teacher.read_teacher_config(local, student)
+  assert teacher.read_teacher_config(remote, student) == want_cfg
+  want = mapping.flatten(teacher.load_teacher_params(local, want_cfg))
+  got = mapping.flatten(teacher.load_teacher_params(remote, want_cfg))
+  assert sorted(got) == sorted(want)
+  for name, value in want.items():
+    np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(value), err_msg=name)
+  llama.import_llama(remote, str(tmp_path / "wd"))
+  params, _ = loading.load_params(str(tmp_path / "wd"), want_cfg)
+  for name, value in want.items():
+    np.testing.assert_array_equal(np.asarray(mapping.flatten(params)[name]), np.asarray(value))
