@@ -37,16 +37,8 @@ RESULTS_PATH = os.path.join(
   os.path.dirname(os.path.abspath(__file__)), "results", "aot_long_context.json"
 )
 SIZE, CHIP, REMAT = "370m", "v5p", "full"
-# (kind, context) -> the two probes' tokens per chip. The Transformer++ split over context
-# runs XLA's attention per shard (`parallel.context_attention`: the shard's queries against the
-# gathered window), whose `[heads, seq / context, seq]` scores grow with the square: smaller
-# probes, and a quadratic line (`power`).
-SEARCHES = {
-  ("mmfree", 4): (65536, 131072),
-  ("transformer", 1): (65536, 131072),
-  ("mmfree", 1): (65536, 131072),
-  ("transformer", 4): (4096, 8192),
-}
+SEARCHES = (("mmfree", 4), ("transformer", 1), ("mmfree", 1), ("transformer", 4))
+PROBE_TOKENS_PER_CHIP = (65536, 131072)
 LOSS_CHUNK_PER_CHIP = 2048
 ROUND_PER_CHIP = 8192
 TARGET_FRACTION = 0.97  # of the HBM: XLA's estimate and the compiler's limit differ slightly
@@ -140,22 +132,16 @@ def peak_bytes(point: dict) -> float | None:
   return None
 
 
-def power(kind: str, context: int) -> int:
-  """How per-chip memory grows with the sequence: 1 (linear), 2 (per-shard XLA attention)."""
-  return 2 if kind == "transformer" and context > 1 else 1
-
-
-def extrapolate(points: list[dict], context: int, hbm: float, exponent: int = 1) -> dict:
-  """`peak = base + slope * tokens_per_chip ** exponent` through two probes, and the longest
+def extrapolate(points: list[dict], context: int, hbm: float) -> dict:
+  """The line `peak = base + slope * tokens_per_chip` through two probes, and the longest
   sequence under `TARGET_FRACTION * hbm`, rounded down to `ROUND_PER_CHIP` tokens per chip
-  (at least one step)."""
+  (at least one step). (The Transformer++ split over context also holds one layer's gathered
+  `[seq, kv]` K/V whole on each chip: linear in the sequence too.)"""
   (t0, p0), (t1, p1) = [(p["seq"] / context, peak_bytes(p)) for p in points]
-  slope = (p1 - p0) / (t1**exponent - t0**exponent)
-  base = p0 - slope * t0**exponent
-  per_chip = ((TARGET_FRACTION * hbm - base) / slope) ** (1 / exponent)
-  per_chip = max(int(per_chip) // ROUND_PER_CHIP, 1) * ROUND_PER_CHIP
-  line = {"base_bytes": base, "slope_bytes": slope, "exponent": exponent}
-  return {**line, "seq": per_chip * context}
+  slope = (p1 - p0) / (t1 - t0)
+  base = p0 - slope * t0
+  per_chip = max(int((TARGET_FRACTION * hbm - base) / slope) // ROUND_PER_CHIP, 1)
+  return {"base_bytes": base, "slope_bytes": slope, "seq": per_chip * ROUND_PER_CHIP * context}
 
 
 class Points:
@@ -201,10 +187,10 @@ def search(points: Points, kind: str, context: int, timeout_s: int, log=print) -
   """Two probes, the extrapolated longest sequence, one compile to verify it (and one step
   of `ROUND_PER_CHIP` per chip down if the compiler refuses it)."""
   hbm = aot_tpu.CHIPS[CHIP].chip.hbm_bytes
-  probes = [points.get(kind, context, t * context, timeout_s, log) for t in SEARCHES[kind, context]]
+  probes = [points.get(kind, context, t * context, timeout_s, log) for t in PROBE_TOKENS_PER_CHIP]
   if any(peak_bytes(p) is None for p in probes):
     return {"kind": kind, "context": context, "fits_seq": None, "probes": probes}
-  line = extrapolate(probes, context, hbm, power(kind, context))
+  line = extrapolate(probes, context, hbm)
   seq, verified = line["seq"], None
   for _ in range(2):
     verified = points.get(kind, context, seq, timeout_s, log)
@@ -217,6 +203,18 @@ def search(points: Points, kind: str, context: int, timeout_s: int, log=print) -
   points.data["searches"][f"{kind}/{context}"] = result
   points.save()
   return result
+
+
+def estimated_step_s(kind: str, seq: int) -> float:
+  """ESTIMATE, compute bound: the step's analytic FLOPs (6N + causal attention at `seq`, plus
+  remat=full's recomputed forward) over the slice's datasheet bf16 peak; never measured."""
+  from mmfree_jax import accounting
+
+  _, model_cfg = aot_tpu.model_config(kind, SIZE, REMAT)
+  per_token = accounting.train_flops_per_token(model_cfg, seq)
+  per_token += accounting.forward_flops_per_token(model_cfg, seq)  # remat=full's recompute
+  sl = aot_tpu.CHIPS[CHIP]
+  return per_token * seq / (sl.chips * sl.chip.bf16_flops)
 
 
 def _gib(b) -> str:
@@ -274,12 +272,13 @@ def markdown(result: dict, res: dict) -> str:
         mesh,
         f"{s['fits_seq']:,}" if s["fits_seq"] else "-",
         f"{s['seq']:,}",
-        f"{s['slope_bytes'] / 1024:.1f}" if s["exponent"] == 1 else f"{s['slope_bytes']:.3g} x t^2",
+        f"{s['slope_bytes'] / 1024:.1f}",
         _gib(s["base_bytes"]),
         _gib(m.get("argument_bytes")),
         _gib(m.get("temp_bytes")),
         _gib(m.get("peak_bytes")) if m else f"refused ({_gib(peak_bytes(v))} needed)",
         f"{v.get('compile_s', 0):.0f}",
+        f"{estimated_step_s(s['kind'], s['fits_seq']):,.1f}" if s["fits_seq"] else "-",
       ]
     )
   header = [
@@ -287,12 +286,13 @@ def markdown(result: dict, res: dict) -> str:
     "mesh d/f/c/t",
     "longest compiled seq",
     "extrapolated seq",
-    "KiB/token/chip (t = tokens/chip)",
+    "KiB/token/chip",
     "fixed GiB",
     "args GiB",
     "temp GiB",
     "peak GiB",
     "compile s",
+    "EST. step s at the longest",
   ]
   hbm = aot_tpu.CHIPS[CHIP].chip.hbm_bytes
   return "\n".join(
@@ -304,12 +304,12 @@ def markdown(result: dict, res: dict) -> str:
       f"for v5p-8 (4 chips, {hbm / 1e9:.0f} GB HBM each) with libtpu on this CPU host. "
       "Context 4: the sequence split over all 4 chips; context 1: each chip its own sequence "
       "(params fsdp-sharded). Per-chip memory is XLA's compiled memory analysis; the line "
-      "`fixed + KiB/token/chip x tokens per chip` through two probe compiles (quadratic "
-      "where the Transformer++ window is split over context: each shard's XLA attention holds "
-      "`[heads, tokens/chip, seq]` scores) gives the "
+      "`fixed + KiB/token/chip x tokens per chip` through two probe compiles gives the "
       f"extrapolated length at {TARGET_FRACTION:.0%} of the HBM, which is then compiled "
       "(its memory and compile time are the columns; the longest compiled length is the "
-      "longest that compiled and fits). No step time is reported.",
+      "longest that compiled and fits). **Step times are ESTIMATES**, compute bound: analytic "
+      "FLOPs (6N, causal attention at that length, remat's recomputed forward) over the "
+      "4 chips' datasheet bf16 peak; never measured.",
       "",
       common.md_table(header, rows),
     ]
