@@ -370,3 +370,13 @@ def test_a_bucket_cache_dir_is_refused_in_one_line(monkeypatch):
   monkeypatch.setenv("MMFREE_CACHE", "gs://bucket/cache")
   with pytest.raises(ValueError, match=r"^MMFREE_CACHE=gs://bucket/cache is a bucket.*local"):
     data_cache.default_cache_dir()
+
+
+def test_a_bad_token_file_in_a_bucket_is_named_in_the_error(bucket, tmp_path):
+  np.save(tmp_path / "ids.npy", np.array([5, 300, 256], np.int32))
+  put(paths.join(bucket, "ids.npy"), (tmp_path / "ids.npy").read_bytes())
+  cfg = data_cfg("tokens", paths.join(bucket, "ids.npy"))
+  cfg.update(tokenizer="byte", seq_len=31)
+  remote = paths.join(bucket, "ids.npy")
+  with pytest.raises(ValueError, match=rf"^token file '{remote}' has ids in \[5, 300\]"):
+    windows_of(cfg, str(tmp_path / "cache"))

@@ -183,29 +183,35 @@ def text_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenCo
   )
 
 
-def open_token_file(path: str) -> np.ndarray:
-  """Memory-maps a `.npy` token file, checking it is a non-empty flat integer array."""
+def open_token_file(path: str, name: str | None = None) -> np.ndarray:
+  """Memory-maps a local `.npy` token file, checking it is a non-empty flat integer array;
+  errors name it `name` (the bucket object it was copied from) when given."""
+  name = name or path
   try:
     tokens = np.load(path, mmap_mode="r", allow_pickle=False)
   except (ValueError, OSError) as e:
     raise ValueError(
-      f"token file {path!r} is not a readable .npy array ({e}); data.source="
+      f"token file {name!r} is not a readable .npy array ({e}); data.source="
       "tokens needs .npy files of flat int arrays"
     ) from None
   if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or tokens.dtype.kind not in "iu":
     raise ValueError(
-      f"token file {path!r} holds {getattr(tokens, 'dtype', '?')} "
+      f"token file {name!r} holds {getattr(tokens, 'dtype', '?')} "
       f"{getattr(tokens, 'shape', '?')}; data.source=tokens needs flat 1-D "
       "integer arrays (np.save(path, ids.astype(np.int32)))"
     )
   if not tokens.size:
-    raise ValueError(f"token file {path!r} is empty; remove it from --config.data.paths")
+    raise ValueError(f"token file {name!r} is empty; remove it from --config.data.paths")
   return tokens
 
 
-def index_token_file(path: str, tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
-  """(document ends int64 `[D]`, whether the file ends with EOS); checks ids are in vocab."""
-  tokens = open_token_file(path)
+def index_token_file(
+  path: str, tokenizer: Tokenizer, name: str | None = None
+) -> tuple[np.ndarray, bool]:
+  """(document ends int64 `[D]`, whether the file ends with EOS); checks ids are in vocab.
+  Errors name the file `name` when given (as `open_token_file`)."""
+  name = name or path
+  tokens = open_token_file(path, name)
   ends, lo, hi = [], None, None
   for offset in range(0, tokens.size, _SCAN_CHUNK):
     block = np.asarray(tokens[offset : offset + _SCAN_CHUNK])
@@ -214,7 +220,7 @@ def index_token_file(path: str, tokenizer: Tokenizer) -> tuple[np.ndarray, bool]
     hi = block.max() if hi is None else max(hi, block.max())
   if lo < 0 or hi >= tokenizer.vocab_size:
     raise ValueError(
-      f"token file {path!r} has ids in [{lo}, {hi}] but tokenizer "
+      f"token file {name!r} has ids in [{lo}, {hi}] but tokenizer "
       f"{tokenizer.spec!r} has {tokenizer.vocab_size} ids; set "
       "--config.data.tokenizer to the tokenizer that produced the file"
     )
@@ -236,13 +242,13 @@ def token_corpus(source: Source, tokenizer: Tokenizer, cache_dir: str) -> TokenC
     if not os.path.isfile(os.path.join(directory, "meta.json")):
 
       def write(tmp, path=path, remote=remote):
-        ends, ends_with_eos = index_token_file(path, tokenizer)
+        ends, ends_with_eos = index_token_file(path, tokenizer, remote)
         np.save(os.path.join(tmp, "doc_ends.npy"), ends)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
           json.dump({"path": remote, "ends_with_eos": ends_with_eos}, f)
 
       _atomic_dir(directory, write)
-    open_token_file(path)  # fail early if it was replaced by something unreadable
+    open_token_file(path, remote)  # fail early if it was replaced by something unreadable
     ends = np.load(os.path.join(directory, "doc_ends.npy"))
     with open(os.path.join(directory, "meta.json")) as f:
       ends_with_eos = json.load(f)["ends_with_eos"]
