@@ -225,7 +225,7 @@ def main(argv):
   logging.basicConfig(
     level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
   )
-  for noisy in ("jax._src", "orbax", "grain"):
+  for noisy in ("jax._src", "orbax", "grain", "fsspec"):  # fsspec: a line per bucket read
     logging.getLogger(noisy).setLevel(logging.WARNING)
   logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
   f = flags.FLAGS
