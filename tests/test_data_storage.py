@@ -380,3 +380,12 @@ def test_a_bad_token_file_in_a_bucket_is_named_in_the_error(bucket, tmp_path):
   remote = paths.join(bucket, "ids.npy")
   with pytest.raises(ValueError, match=rf"^token file '{remote}' has ids in \[5, 300\]"):
     windows_of(cfg, str(tmp_path / "cache"))
+
+
+def test_prepare_cli_reports_a_missing_bucket_in_one_line(s3_root, capsys):
+  put(paths.join(s3_root, "in.jsonl"), jsonl_bytes(TEXTS))
+  argv = ["--inputs", paths.join(s3_root, "in.jsonl"), "--format", "jsonl", "--tokenizer", "byte"]
+  assert prep.main([*argv, "--out", "s3://no-such-bucket/out"]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: reading --inputs or writing --out s3://no-such-bucket/out")
+  assert err.count("\n") == 1 and "bucket does not exist" in err and "credentials" in err

@@ -400,8 +400,16 @@ def main(argv=None) -> int:
   t = time.perf_counter()
   try:
     manifest = prepare(opts)
-  except (ValueError, FileNotFoundError) as e:
+  except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
+    return 1
+  except OSError as e:  # a missing file, a bucket's refusal (missing, permissions, quota)
+    reason = " ".join(str(e).split()) or type(e).__name__
+    print(
+      f"error: reading --inputs or writing --out {opts.out} failed: {reason}; check the "
+      "paths and, for a bucket, that it exists and your credentials may use it",
+      file=sys.stderr,
+    )
     return 1
   splits = manifest["splits"]
   print(
