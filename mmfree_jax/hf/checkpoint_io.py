@@ -38,7 +38,12 @@ from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.hf import mapping, tensors
 from mmfree_jax.hf.mapping import HFCheckpointError, Slot
-from mmfree_jax.hf.staging import check_destination, staged_directory, workdir_destination
+from mmfree_jax.hf.staging import (
+  check_destination,
+  check_workdir_destination,
+  staged_directory,
+  workdir_destination,
+)
 from mmfree_jax.nn.model import abstract_model
 
 NUMPY_DTYPES = {
@@ -266,7 +271,7 @@ def import_checkpoint(
       "use_lower_bound",
     )
   )
-  workdir = check_destination(workdir)
+  workdir = check_workdir_destination(workdir)
   with tensors.open_weights(src, allow_nonfinite=allow_nonfinite) as weights:
     check_weights(weights, layout, note)
     with workdir_destination(workdir) as tmp:

@@ -343,7 +343,7 @@ def import_llama(
   workdir's data config; without one, data.tokenizer keeps its default and must be set to the
   teacher's tokenizer before training on it.
   """
-  workdir = staging.check_destination(workdir)
+  workdir = staging.check_workdir_destination(workdir)
   section, flat = load_llama(src, dtype=dtype, allow_nonfinite=allow_nonfinite)
   with staging.workdir_destination(workdir) as tmp:
     data = {}

@@ -63,13 +63,26 @@ def staged_directory(dst: str, *, last: tuple[str, ...] = ()):
     raise
 
 
+def check_workdir_destination(workdir: str) -> str:
+  """`check_destination` for a new workdir, which holds an orbax checkpoint: orbax-checkpoint
+  0.12.8 writes arrays to local and `gs://` paths only (an `s3://` one would fail there, or
+  write to a local `s3:` folder), so an `s3://` workdir is refused first, in one line."""
+  if paths.scheme(workdir) == "s3":
+    raise ValueError(
+      f"workdir {workdir!r}: s3:// workdirs are not supported (orbax-checkpoint 0.12.8 writes "
+      "arrays only to gs:// and local paths); import into a gs:// or local --workdir (s3:// "
+      "works for HF folders and packed exports)"
+    )
+  return check_destination(workdir)
+
+
 @contextlib.contextmanager
 def workdir_destination(workdir: str):
   """Yields the folder an import writes a new workdir into: a staged local one
   (`staged_directory`), or on a bucket the workdir itself (orbax publishes a checkpoint there
   with its own commit marker, which a folder uploaded afterwards would lack; the caller writes
   `config.json`, what makes a folder a workdir, last). A failure leaves no workdir."""
-  workdir = check_destination(workdir)
+  workdir = check_workdir_destination(workdir)
   if not paths.is_remote(workdir):
     with staged_directory(workdir) as tmp:
       yield tmp
