@@ -14,6 +14,7 @@ import pytest
 from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.config import ModelConfig
 from mmfree_jax.train import trainer
 from tests.train_configs import small_config
 
@@ -21,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {"train.steps": 6, "train.checkpoint_every": 2, "train.eval_every": 2}
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_gs_workdir_resumes_past_an_uncommitted_step_bitwise(gcs_emulator, gcs_root, tmp_path):
   os.chdir(tmp_path)  # a path mistaken for a local one would make ./gs: here
@@ -41,13 +43,17 @@ def test_gs_workdir_resumes_past_an_uncommitted_step_bitwise(gcs_emulator, gcs_r
   assert len(want) == len(resumed.files)
   for path, leaf in want:
     np.testing.assert_array_equal(resumed[jax.tree_util.keystr(path)], np.asarray(leaf))
+  cfg = loading.load_workdir_config(work)
+  loaded, step = loading.load_params(work, ModelConfig.from_config(cfg.model))  # eval's reader
+  assert step == 6 and cfg.train.steps == 6
+  for got, leaf in zip(jax.tree.leaves(loaded), jax.tree.leaves(straight.state.params)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(leaf))
   objects = gcs_emulator.list_objects(work)
   aside = {
     n.split("/abandoned_checkpoints/")[1].split("/")[:2][1] for n in objects if "/abandoned_" in n
   }
   assert aside == {"4"}
   assert ckpt_lib.Checkpointer(work, read_only=True).all_steps() == [2, 4, 6]
-  assert loading.load_workdir_config(work).train.steps == 6
   rows = [json.loads(r) for r in paths.read_text(paths.join(work, "metrics.jsonl")).splitlines()]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
   assert any("/tensorboard/events.out.tfevents." in n for n in objects)
