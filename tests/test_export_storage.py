@@ -326,3 +326,19 @@ def test_import_into_an_s3_workdir_is_refused_in_one_line(
   err = capsys.readouterr().err
   assert err.startswith("error: workdir ") and err.count("\n") == 1
   assert s3_emulator.list_objects(s3_root) == []
+
+
+def test_packed_export_stores_a_tokenizer_file_from_a_bucket(workdir, gcs_root, tmp_path):
+  """`--tokenizer spm:gs://…`: the bucket's tokenizer file is copied into the export."""
+  src, _ = workdir
+  export.export_workdir(src, str(tmp_path / "a"))  # the workdir's own (mistral) tokenizer
+  with open(tmp_path / "a" / "tokenizer.model", "rb") as f:
+    data = f.read()
+  remote_tok = paths.join(gcs_root, "tok.model")
+  paths.write_atomic(remote_tok, data)
+  export.export_workdir(src, str(tmp_path / "b"), tokenizer="spm:" + remote_tok)
+  with open(tmp_path / "b" / "tokenizer.model", "rb") as f:
+    assert f.read() == data
+  assert json.loads((tmp_path / "b" / "config.json").read_text())["data"]["tokenizer"] == (
+    "spm:tokenizer.model"
+  )
