@@ -61,3 +61,49 @@ def test_a_mesh_without_the_context_axis_replicates_the_sequence():
     )(x)
   assert y.sharding.shard_shape(y.shape) == (1, 8, 3)
   assert sharding.batch_sharding(mesh, RULES).spec == P(("data", "fsdp"), None)
+
+
+class _Device:
+  def __init__(self, process_index):
+    self.process_index = process_index
+
+
+class _Mesh:
+  """A mesh's `devices` grid and axis names over fake devices of given process indices."""
+
+  def __init__(self, processes, axis_names=("data", "fsdp", "context", "tensor")):
+    self.devices = np.vectorize(_Device, otypes=[object])(np.asarray(processes))
+    self.axis_names = axis_names
+    self.shape = dict(zip(axis_names, self.devices.shape))
+
+
+@pytest.mark.parametrize(
+  "processes,want",
+  [
+    # data 2 x context 4, one host per data shard: block = process, as without context
+    (np.repeat(np.arange(2), 4).reshape(2, 1, 4, 1), {0: (0, 2), 1: (1, 2)}),
+    # context 8 across two hosts: both hold every batch row, both load the whole batch
+    (np.repeat(np.arange(2), 4).reshape(1, 1, 8, 1), {0: (0, 1), 1: (0, 1)}),
+    # data 2 x context 4, each host half of the context axis of both data shards
+    (np.tile(np.repeat(np.arange(2), 2), 2).reshape(2, 1, 4, 1), {0: (0, 1), 1: (0, 1)}),
+    # data 4 over four hosts listed in reverse: blocks follow the batch order
+    (np.arange(4)[::-1].reshape(4, 1, 1, 1), {3: (0, 4), 2: (1, 4), 1: (2, 4), 0: (3, 4)}),
+  ],
+)
+def test_process_batch_block(processes, want):
+  """Which rows of the global batch each process loads (`data.pipeline.process_batch_block`):
+  processes whose devices hold the same batch rows (a context axis across hosts) load the
+  same block."""
+  from mmfree_jax.data.pipeline import process_batch_block
+
+  mesh = _Mesh(processes)
+  got = {p: process_batch_block(mesh, ("data", "fsdp"), p) for p in want}
+  assert got == want
+
+
+def test_process_batch_block_refuses_overlapping_blocks():
+  from mmfree_jax.data.pipeline import process_batch_block
+
+  mesh = _Mesh(np.asarray([0, 0, 0, 1]).reshape(2, 1, 2, 1))  # host 1 holds half of row 1
+  with pytest.raises(ValueError, match="keep context and tensor within one host"):
+    process_batch_block(mesh, ("data", "fsdp"), 0)

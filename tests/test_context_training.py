@@ -6,9 +6,12 @@ Float64 throughout: in fp32 a reduction grouped per shard may round one BitLinea
 ternary weight to the other side of a rounding boundary, a legitimate O(1e-2) difference; in
 f64 the one-device and sharded runs agree to rounding (stated tolerances below)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import portpicker
 import pytest
 
 import mmfree_jax
@@ -18,6 +21,7 @@ from mmfree_jax.parallel import context_scan, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.train import run as run_lib
 from mmfree_jax.train.trainer import train
+from tests import test_training_e2e as e2e
 from tests.test_model_reference import randomize_params
 from tests.train_configs import small_config
 
@@ -131,3 +135,54 @@ def test_prefill_of_a_long_prompt_on_a_context_mesh_equals_one_device(kind):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     g, w = np.asarray(g), np.asarray(w)
     assert np.max(np.abs(g - w)) <= 1e-12 * max(np.max(np.abs(w)), 1e-300)
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_context_axis_across_two_processes_matches_one(tmp_path):
+  """Context 4 over two processes of two CPU devices each (each host holds half of every
+  sequence, both hold every batch row, so both load the whole batch:
+  `data.pipeline.process_batch_block`) trains as one process of four devices: losses to 1e-10
+  relative, parameters to 1e-8 absolute (f64; the cross-process collectives group sums
+  differently)."""
+  overrides = {
+    "train.steps": 3,
+    "train.global_batch": 2,
+    "model.dtype": "float64",
+    "model.param_dtype": "float64",
+    "mesh.shape": {"data": 1, "fsdp": 1, "context": 4, "tensor": 1},
+  }
+  base_env = {"JAX_ENABLE_X64": "1", "JAX_PLATFORMS": "cpu"}
+  single = e2e._run_worker(
+    tmp_path / "single",
+    tmp_path / "single",
+    overrides,
+    {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+  )
+  port = portpicker.pick_unused_port()
+  procs = [
+    e2e._run_worker(
+      tmp_path / "multi",
+      tmp_path / "multi",
+      overrides,
+      {
+        **base_env,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "MMFREE_COORDINATOR": f"localhost:{port}",
+        "MMFREE_NUM_PROCESSES": "2",
+        "MMFREE_PROCESS_ID": str(i),
+      },
+    )
+    for i in range(2)
+  ]
+  for p in [single] + procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+  one = json.load(open(tmp_path / "single.json"))
+  two = json.load(open(tmp_path / "multi.json"))
+  assert two["process_count"] == 2 and one["final_step"] == two["final_step"] == 3
+  np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-10)
+  p1, p2 = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
+  assert sorted(p1.files) == sorted(p2.files)
+  for k in p1.files:
+    np.testing.assert_allclose(p2[k], p1[k], atol=1e-8, err_msg=k)

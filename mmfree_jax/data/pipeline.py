@@ -3,7 +3,10 @@
 Batch format (train and validation): a dict of numpy arrays
   tokens       int32 `[local_batch, seq_len + 1]`
   segment_ids  int32 `[local_batch, seq_len + 1]`   (see `packing.py` for the convention)
-with `local_batch = global_batch // process_count`.
+with `local_batch = global_batch // process_count`. Under a mesh, `process_index` and
+`process_count` are the process's block of the batch and the number of blocks
+(`process_batch_block`): processes whose devices hold the same batch rows (a context axis
+across hosts) load the same rows.
 
 Multi-process contract: the GLOBAL batch at step s is the same whatever the process count;
 process p receives rows `[p * local_batch, (p+1) * local_batch)` of it and loads only those.
@@ -52,6 +55,41 @@ def tokenizer_from_config(data_cfg, *, cache_dir: str) -> Tokenizer:
   return load_tokenizer(
     data_cfg.tokenizer, corpus_texts=texts, cache_dir=cache_dir, corpus_id=source.fingerprint
   )
+
+
+def process_batch_block(mesh, batch_axes, process_index: int) -> tuple[int, int]:
+  """`(block, blocks)`: which block of the global batch `process_index` loads (the
+  `process_index` of `train_iterator`), and how many blocks the batch is cut into (its
+  `process_count`).
+
+  A process loads the rows its devices hold, and processes whose devices hold the same rows
+  (a `context` or `tensor` axis spanning processes: the devices of one batch shard on several
+  hosts) load the same block. Blocks are numbered in batch order; with the batch axes alone
+  spanning the processes, block = process index and blocks = process count, as before.
+
+  Args:
+    mesh: a `jax.sharding.Mesh` (its `devices` grid and `axis_names`; any objects with a
+      `process_index` work).
+    batch_axes: the mesh axes the batch dimension is split over (a name, a tuple, or None).
+  """
+  names = list(mesh.axis_names)
+  axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+  split = [names.index(a) for a in axes if a in names]
+  rest = [i for i in range(len(names)) if i not in split]
+  grid = np.transpose(np.asarray(mesh.devices), split + rest)
+  rows = grid.reshape(int(np.prod([grid.shape[i] for i in range(len(split))])), -1)
+  holds: dict[int, set] = {}
+  for shard, devices in enumerate(rows):
+    for device in devices:
+      holds.setdefault(device.process_index, set()).add(shard)
+  blocks = sorted({tuple(sorted(shards)) for shards in holds.values()})
+  if [r for b in blocks for r in b] != list(range(len(rows))) or len(set(map(len, blocks))) > 1:
+    raise ValueError(
+      f"the processes' devices do not hold disjoint, equal blocks of the batch (mesh "
+      f"{dict(mesh.shape)}, batch over {axes}); let the batch axes (data, fsdp) span the "
+      "processes and keep context and tensor within one host, or span them whole"
+    )
+  return blocks.index(tuple(sorted(holds[process_index]))), len(blocks)
 
 
 def local_batch_size(global_batch: int, process_index: int, process_count: int) -> int:

@@ -25,6 +25,7 @@ from mmfree_jax import data as data_lib
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint import manager as ckpt_lib
 from mmfree_jax.data.cache import default_cache_dir
+from mmfree_jax.data.pipeline import process_batch_block
 from mmfree_jax.numerics.loss import perplexity
 from mmfree_jax.parallel import distributed, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
@@ -46,11 +47,18 @@ from mmfree_jax.train.workdir_lock import WorkdirLock
 log = logging.getLogger("mmfree_jax")
 
 
+def _batch_block(batch_sharding) -> tuple[int, int]:
+  """This process's block of the global batch and the number of blocks (processes sharing
+  the batch rows of their devices, a context axis across hosts, load the same block)."""
+  return process_batch_block(batch_sharding.mesh, batch_sharding.spec[0], jax.process_index())
+
+
 def to_global(batch: dict, batch_sharding) -> dict:
   """Process-local numpy rows → one global jax.Array per key, sharded over the batch axis."""
   out = {}
+  blocks = _batch_block(batch_sharding)[1]
   for key, local in batch.items():
-    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    global_shape = (local.shape[0] * blocks,) + local.shape[1:]
     out[key] = jax.make_array_from_process_local_data(
       batch_sharding, np.asarray(local), global_shape
     )
@@ -179,7 +187,8 @@ class _Data:
 
 def _data(cfg, model_cfg, batch_sharding) -> _Data:
   cache_dir = default_cache_dir()
-  procs = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+  block, blocks = _batch_block(batch_sharding)
+  procs = {"process_index": block, "process_count": blocks}
   tokenizer = data_lib.tokenizer_from_config(cfg.data, cache_dir=cache_dir)
   data_lib.check_vocab(tokenizer, model_cfg.vocab_size)
   iterator = lambda: data_lib.train_iterator(
