@@ -36,6 +36,7 @@ SECTIONS = (
   "bench_inference",
   "bench_checkpoint",
   "bench_checkpoint_storage",
+  "bench_context",
 )
 TARGETS = (
   "bench_train",
