@@ -242,7 +242,11 @@ class MatMulFreeLM(_LMBase):
     cfg = self.cfg
     if not cfg.use_lower_bound:
       return jnp.zeros((cfg.num_layers, cfg.d_model), acc_dtype(cfg.compute_dtype))
-    return mlgru.layer_lower_bounds(self.lower_bounds[...], cfg.compute_dtype)
+    lower = mlgru.layer_lower_bounds(self.lower_bounds[...], cfg.compute_dtype)
+    # whole on every device (a few KB): left on the parameter's 'embed' layout, each layer's
+    # slice is resharded to its gates' feature layout, and on several slices XLA picks the
+    # partners of that reshard across them (the data-center network)
+    return constrain(lower, (None, None))
 
   def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
     """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""

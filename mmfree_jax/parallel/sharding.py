@@ -20,6 +20,7 @@ import contextvars
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfree_jax.parallel import kernel_sharding
@@ -50,6 +51,56 @@ def logical_sharding(mesh: Mesh, rules: Rules):
       yield
   finally:
     _ACTIVE.reset(token)
+
+
+def without_mesh_axis(rules: Rules, axis: str) -> Rules:
+  """`rules` with mesh axis `axis` dropped from every target (None when nothing is left): the
+  rules for code that runs per shard of `axis` (`sum_over_shards`)."""
+  out = []
+  for name, target in normalize_rules(rules):
+    kept = tuple(a for a in (target if isinstance(target, tuple) else (target,)) if a != axis)
+    kept = tuple(a for a in kept if a is not None)
+    out.append((name, None if not kept else kept if isinstance(target, tuple) else kept[0]))
+  return tuple(out)
+
+
+def sum_over_shards(fn, replicated, split, axis: str = "data"):
+  """`fn(replicated, part)` for each shard's part of `split`, the outputs summed once, after.
+
+  Args:
+    fn: `(replicated, part) -> pytree of arrays`, traced once.
+    replicated: a pytree every shard sees whole (e.g. params, which may be sharded over the
+      other mesh axes).
+    split: a pytree of `[rows, ...]` arrays; shard s of `axis` gets rows `s * rows / n ...`,
+      its own (with the batch rule `(data, fsdp)` these are the rows it holds already).
+  Returns:
+    the sum over the shards of `fn`'s outputs (one all-reduce over `axis`, outside anything
+    `fn` loops over). Outside a `logical_sharding` block, on a mesh whose `axis` has size 1,
+    or for rows `axis` does not divide: `fn(replicated, split)`.
+
+  `fn` runs under `jax.vmap` over the shards with `spmd_axis_name=axis` (each constraint in it
+  gets `axis` on the vmapped dim) and under the rules without `axis`. Not a `shard_map` manual
+  over `axis`: XLA's SPMD partitioner aborts on the embedding gather in such a partly manual
+  region.
+  """
+  current = _ACTIVE.get()
+  shards = 1 if current is None else current[0].shape.get(axis, 1)
+  if shards == 1 or any(x.shape[0] % shards for x in jax.tree.leaves(split)):
+    return fn(replicated, split)
+  mesh, rules = current
+  inner_rules = without_mesh_axis(rules, axis)
+
+  def per_shard(replicated, part):
+    with logical_sharding(mesh, inner_rules):
+      return fn(replicated, part)
+
+  def cut(x):
+    x = x.reshape((shards, x.shape[0] // shards) + x.shape[1:])
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(axis)))
+
+  parts = jax.tree.map(cut, split)
+  out = jax.vmap(per_shard, in_axes=(None, 0), spmd_axis_name=axis)(replicated, parts)
+  return jax.tree.map(lambda x: jnp.sum(x, axis=0), out)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules) -> PartitionSpec:

@@ -72,22 +72,32 @@ def accumulate_gradients(
   sums of loss, metric sums and gradients (each in its own dtype); `microbatches=1` is one
   `value_and_grad`. Since each part's loss is already normalised by the global batch's
   count, the sums equal the whole batch's loss and gradient.
+
+  Under a mesh with a `data` axis the scan runs per data shard on the rows it holds
+  (`sharding.sum_over_shards`), and the shards' sums are all-reduced once, after it: one scan
+  over the whole batch carries the gradients sharded like the params (replicated over
+  `data`), so XLA all-reduces every microbatch's gradients over `data`, which on several
+  slices is the data-center network.
   """
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
     (loss, sums), grads = grad_fn(params, batch, ctx)
     return loss, sums, grads
-  parts = split_microbatches(batch, microbatches)
 
-  def add(carry, microbatch):
-    (loss, sums), grads = grad_fn(params, microbatch, ctx)
-    return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+  def scan(replicated, rows):
+    params, ctx = replicated
+    parts = split_microbatches(rows, microbatches)
 
-  first = jax.tree.map(lambda x: x[0], parts)
-  (loss, sums), grads = jax.eval_shape(grad_fn, params, first, ctx)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, sums, grads))
-  (loss, sums, grads), _ = jax.lax.scan(add, zeros, parts)
-  return loss, sums, grads
+    def add(carry, microbatch):
+      (loss, sums), grads = grad_fn(params, microbatch, ctx)
+      return jax.tree.map(jnp.add, carry, (loss, sums, grads)), None
+
+    first = jax.tree.map(lambda x: x[0], parts)
+    (loss, sums), grads = jax.eval_shape(grad_fn, params, first, ctx)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss, sums, grads))
+    return jax.lax.scan(add, zeros, parts)[0]
+
+  return sharding.sum_over_shards(scan, (params, ctx), batch, "data")
 
 
 def target_count(batch: dict, dtype) -> jax.Array:
