@@ -50,15 +50,18 @@ def _rel_err(got, want):
   return np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300)
 
 
-@pytest.mark.parametrize("mesh_shape", sorted(MESHES))
+@pytest.mark.parametrize("mesh_shape", sorted(MESHES) + ["context4_tensor2"])
 @pytest.mark.parametrize("impl", ["naive", "xla"])
 def test_attention_op_equals_one_device(mesh_shape, impl):
   """`ops.attention.causal_attention` under a context mesh: out and d/d(q, k, v), GQA. XLA's
   attention (`jax.nn`, whose softmax runs in fp32 even for f64 inputs) in float32, to 1e-5
-  relative: fp32 sums in another order."""
+  relative: fp32 sums in another order. On context 4 x tensor 2 the heads split over tensor
+  and the one K/V head is repeated to two first (as `kernel_sharding.attention` does)."""
   dtype, tol = (jnp.float64, F64_TOL) if impl == "naive" else (jnp.float32, 1e-5)
-  mesh = mesh_lib.make_mesh(MESHES[mesh_shape])
-  batch, seq, heads, kv_heads, hd = 2, 32, 4, 2, 8
+  shapes = {**MESHES, "context4_tensor2": {"data": 1, "context": 4, "tensor": 2}}
+  mesh = mesh_lib.make_mesh(shapes[mesh_shape])
+  batch, seq, heads, hd = 2, 32, 4, 8
+  kv_heads = 1 if mesh_shape == "context4_tensor2" else 2
   rng = np.random.default_rng(1)
   with jax.enable_x64(True):
     q = jnp.asarray(rng.normal(size=(batch, seq, heads, hd)), dtype)
