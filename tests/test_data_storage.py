@@ -362,6 +362,8 @@ def test_prepare_cli_with_two_workers_on_a_bucket_needs_only_the_standard_variab
     check=False,
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-1].startswith("tokenized "), proc.stderr  # no fsspec lines
+  assert "Cache" not in proc.stderr
   got = untrusted.load_json(paths.join(out, "manifest.json"), what="m", fix="f")
   assert got["shards"] == want["shards"] and len(got["shards"]) >= 3
 

@@ -396,6 +396,7 @@ def parse_args(argv=None) -> PrepareOptions:
 
 def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(message)s")
+  logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line per file opened in a bucket
   opts = parse_args(argv)
   t = time.perf_counter()
   try:
