@@ -7,6 +7,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mmfree_jax import config as config_lib
+from mmfree_jax.config import validation
 from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.parallel import sharding
 
@@ -107,3 +108,13 @@ def test_process_batch_block_refuses_overlapping_blocks():
   mesh = _Mesh(np.asarray([0, 0, 0, 1]).reshape(2, 1, 2, 1))  # host 1 holds half of row 1
   with pytest.raises(ValueError, match="keep context and tensor within one host"):
     process_batch_block(mesh, ("data", "fsdp"), 0)
+
+
+def test_seq_len_the_context_does_not_divide_is_refused():
+  cfg = config_lib.base_config()
+  cfg.mesh.shape.context = 4
+  cfg.data.seq_len = 30
+  problems, _ = validation.config_errors(cfg)
+  assert any("data.seq_len=30 is not a multiple of mesh.shape.context=4" in p for p in problems)
+  cfg.data.seq_len = 32
+  assert not any("seq_len" in p for p in validation.config_errors(cfg)[0])

@@ -67,6 +67,21 @@ def loss_chunk_errors(cfg: ml_collections.ConfigDict) -> list[str]:
   return []
 
 
+def context_errors(cfg: ml_collections.ConfigDict) -> list[str]:
+  """`data.seq_len` must split evenly over the context shards: a length they do not divide
+  runs unsplit on every device (correct, but without the memory the context axis buys)."""
+  seq_len = cfg.data.get("seq_len") if "data" in cfg else None
+  context = cfg.mesh.shape.get("context", 1) if "mesh" in cfg else 1
+  if not (isinstance(seq_len, int) and isinstance(context, int)) or context <= 1:
+    return []
+  if seq_len % context:
+    return [
+      f"data.seq_len={seq_len} is not a multiple of mesh.shape.context={context}; set "
+      f"--config.data.seq_len to a multiple of {context}"
+    ]
+  return []
+
+
 def _model_problems(model_section) -> tuple[list[str], ModelConfig | None]:
   try:
     values = section_values("model", model_section)
@@ -92,7 +107,7 @@ def config_errors(cfg: ml_collections.ConfigDict) -> tuple[list[str], ModelConfi
     from mmfree_jax.parallel import axes  # pylint: disable=import-outside-toplevel
 
     problems += axes.check_rules(cfg.mesh.axis_rules)
-    problems += loss_chunk_errors(cfg)
+    problems += loss_chunk_errors(cfg) + context_errors(cfg)
   if model is not None and "data" in cfg:
     seq_len = cfg.data.get("seq_len")
     if (
