@@ -1,7 +1,7 @@
 """Checkpoint cost by storage: a small model's train state saved to and restored from a local
 disk and a `gs://` bucket (a GCS emulator process on loopback), and what the train loop loses.
 
-    python -m benchmarks.bench_checkpoint_storage [--preset toy|cpu|accel]
+    python -m benchmarks.bench_checkpoint_storage [--preset toy|cpu|accel] [--gcs_root gs://B/P]
 
 Saves go through `Checkpointer` (orbax, asynchronous, with checksums), as `train.py` saves.
 Per backend, round-robin with the other (median of rounds):
@@ -18,10 +18,13 @@ Per backend, round-robin with the other (median of rounds):
 The GCS emulator (`gcp-storage-emulator`, a Python server) on loopback is not a real bucket:
 no network latency or bandwidth limit, but a slow single-threaded server. Its numbers show the
 code path's overhead (per-object requests, no local rename), not what a GCS region gives.
+`--gcs_root gs://bucket/prefix` times a real bucket instead (the clients' own credentials),
+as the row `gcs`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -31,6 +34,7 @@ import jax
 import numpy as np
 
 from benchmarks import common, setups
+from mmfree_jax import paths
 from mmfree_jax.checkpoint import manager as ckpt_lib
 
 NAME = "bench_checkpoint_storage"
@@ -134,17 +138,19 @@ def _rows(times: dict, names, state_bytes: int) -> list[dict]:
   return rows
 
 
-def run(preset: str) -> dict:
+def run(preset: str, gcs_root: str | None = None) -> dict:
   d, num_layers, vocab, batch, seq = SHAPES[preset]
   setup = setups.train_setup(setups.model_config("mmfree", d, num_layers, vocab))
   compiled, _, _ = setups.compile_step(setup, batch, seq)
   runner = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, vocab))
   jax.block_until_ready(runner())
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.state))
-  names = ("local", "gcs_emulator")
+  names = ("local", "gcs" if gcs_root else "gcs_emulator")
   times = _empty_times(names)
-  with tempfile.TemporaryDirectory() as local, _gcs_server() as gcs:
-    backends = {"local": _Backend(local, 0), "gcs_emulator": _Backend(gcs.root(), 10**6)}
+  server = contextlib.nullcontext() if gcs_root else _gcs_server()
+  with tempfile.TemporaryDirectory() as local, server as emulator:
+    remote = paths.join(gcs_root, f"{NAME}-{os.getpid()}") if gcs_root else emulator.root()
+    backends = {names[0]: _Backend(local, 0), names[1]: _Backend(remote, 10**6)}
     try:
       if preset != "toy":  # warm-up: the first save and restore of each backend
         _time_round(backends, runner, _empty_times(names))
@@ -164,8 +170,11 @@ def run(preset: str) -> dict:
 
 
 def main(argv=None):
-  args = common.parse_args(NAME, __doc__, None, argv)
-  results = run(args.preset)
+  def extra(parser):
+    parser.add_argument("--gcs_root", default=None, help="a real gs:// prefix to time")
+
+  args = common.parse_args(NAME, __doc__, extra, argv)
+  results = run(args.preset, args.gcs_root)
   for r in results["rows"]:
     print(
       f"{r['backend']:>13}: {common.fmt_bytes(r['state_bytes'])} state, save blocks "
