@@ -130,7 +130,8 @@ def targets(result: dict, res: dict) -> list[list]:
         f"per-chip memory of 2 slices = 1 slice: {what}",
         (
           f"peak {_gib(two['memory']['peak_bytes'])} vs "
-          f"{_gib(one['memory']['peak_bytes'])} GiB / chip"
+          f"{_gib(one['memory']['peak_bytes'])} GiB / chip "
+          f"({(two['memory']['peak_bytes'] - one['memory']['peak_bytes']) / 2**20:+.1f} MiB)"
         ),
         common.yes(two["memory"]["peak_bytes"] == one["memory"]["peak_bytes"]),
       ]
@@ -176,7 +177,12 @@ def markdown(result: dict, res: dict) -> str:
         "(`parallel.dcn`): transfers = collectives that cross slices, their kinds, their "
         "elements per chip as the program spells them (M = 2^20; a transfer inside a loop "
         "counted once, though it runs per iteration), and how many run inside a loop (per layer "
-        "or per microbatch instead of once per step). A one-slice row needs no DCN."
+        "or per microbatch instead of once per step). A one-slice row needs no DCN. The "
+        "microbatches are accumulated per data shard (`parallel.sharding.sum_over_shards`), "
+        "so the gradients cross once, after the scan; arguments and outputs per chip equal one "
+        "slice's, and what the peak adds is in XLA's temporaries of the two-slice program "
+        "(another program than one slice's plain scan, with the DCN all-reduce's buffers), "
+        "below one fp32 copy of the chip's gradients."
       ),
       "",
       common.md_table(
