@@ -166,3 +166,49 @@ def test_long_context_search_solves_the_memory_line():
   assert got["seq"] == 4 * want and abs(got["base_bytes"] - 4 * gib) < 1, (got, want)
   refused = {"seq": 4, "status": "oom", "oom_counts": "all", "used_bytes": 3.0}
   assert lc.peak_bytes(refused) == 3.0 and lc.peak_bytes({"status": "error"}) is None
+
+
+@pytest.mark.slow
+def test_chunked_loss_moves_no_token_sized_array_over_context():
+  """The compiled MatMul-free train step on context 8 with chunks of 40 positions (5 per
+  shard): the strided chunks stay local to each context shard; no float array with a
+  sequence-sized (320, 40) or chunk-sized (40, 5) dimension is in any collective (only the
+  parameter gradients' reductions and the recurrence's `[batch, d]` states)."""
+  import re
+
+  from tests import test_train_step as train_step_test
+
+  batch, seq, chunk = 2, 320, 40
+  with jax.enable_x64(True):
+    mesh = mesh_lib.make_mesh({"data": 1, "context": 8})
+    model_cfg, tx, schedule = train_step_test._setup("mmfree")
+    shardings = state_lib.train_state_shardings(model_cfg, tx, mesh, RULES)
+    batch_sharding = sharding.batch_sharding(mesh, RULES)
+    step = steps.make_train_step(
+      model_cfg,
+      state_lib.model_graphdef(model_cfg),
+      tx,
+      schedule,
+      loss_chunk_tokens=chunk,
+      mesh=mesh,
+      rules=RULES,
+    )
+    x = jax.ShapeDtypeStruct((batch, seq + 1), np.int32, sharding=batch_sharding)
+    abstract = state_lib.abstract_train_state(model_cfg, tx, shardings)
+    lowered = jax.jit(step, in_shardings=(shardings, batch_sharding)).lower(
+      abstract, {"tokens": x, "segment_ids": x}
+    )
+    text = lowered.compile().as_text()
+  collective = re.compile(
+    r"=\s*(.*?)\s(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)"
+    r"(?:-start)?\("
+  )
+  arrays = [
+    (dtype, {int(n) for n in dims.split(",") if n})
+    for match in collective.finditer(text)
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", match.group(1))
+  ]
+  floats = [(t, dims) for t, dims in arrays if t.startswith(("f", "bf"))]
+  assert ("f64", {batch, model_cfg.d_model}) in floats  # the states crossing shards
+  token_sized = [(t, dims) for t, dims in floats if dims & {seq, seq // 8, chunk, chunk // 8}]
+  assert not token_sized, token_sized
