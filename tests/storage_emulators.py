@@ -117,7 +117,7 @@ def gcs_server() -> Iterator[Emulator]:
   workdir = tempfile.mkdtemp(prefix="gcs-emulator-")
   port = _free_port()
   argv = [sys.executable, _GCS_SERVER, "start", "--port", str(port)]
-  proc = _start([*argv, "--default-bucket", BUCKET, "-q"], port, workdir)
+  proc = _start([*argv, "--default-bucket", BUCKET, "--in-memory", "-q"], port, workdir)
   url = f"http://127.0.0.1:{port}"
   env = {
     "STORAGE_EMULATOR_HOST": url,

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, EVERY = 6, 2
+LOCK_STALE_S = 3
 MARKER = "commit_success.txt"
 TRAIN_FLAGS = [
   "--noprogress",
@@ -53,7 +54,7 @@ TRAIN_FLAGS = [
   # a bucket lock is taken over once its heartbeat stops (no pid check across hosts): short
   # beats so that the run after the kill -9 finds it stale in seconds, not minutes
   "--config.train.lock_heartbeat_s=1",
-  "--config.train.lock_stale_s=3",
+  f"--config.train.lock_stale_s={LOCK_STALE_S}",
 ]
 _STORAGE_VARS = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_CLOUD_PROJECT")
 
@@ -157,6 +158,7 @@ def _kill_after_commit(proc, emulator, workdir: str, timeout=240) -> list[int]:
   assert proc.poll() is None, f"the run ended before it could be killed: {proc.stdout.read()}"
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  time.sleep(LOCK_STALE_S + 1)  # its lock's heartbeat is stale now: the next run takes it over
   return steps
 
 
