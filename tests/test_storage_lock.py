@@ -138,6 +138,7 @@ def test_second_train_run_on_a_gs_workdir_is_refused_and_a_third_takes_over(
     first.wait()
     log.close()
   assert not os.path.exists(os.path.join(REPO, "gs:")) and not (tmp_path / "gs:").exists()
+  time.sleep(5)  # > lock_stale_s after the last beat: train.py can reach the lock in under 4 s
   kept = _committed_steps(gcs_emulator, work)[-1]
   third = _train(
     work,
