@@ -119,3 +119,20 @@ def test_remove_empty_dir_keeps_a_folder_with_files(tmp_path):
   assert not paths.remove_empty_dir(str(tmp_path / "full")) and (tmp_path / "full" / "x").exists()
   assert paths.remove_empty_dir(str(tmp_path / "empty")) and not (tmp_path / "empty").exists()
   assert not paths.remove_empty_dir("gs://bucket/never-empty")
+
+
+def test_gcs_emulator_answers_tensorstore_as_gcs_does(gcs_root):
+  """What tests/gcs_emulator_server.py adds to gcp-storage-emulator: a read carries the
+  object's generation, so TensorStore's next conditional read and write of it (an OCDBT
+  manifest during a checkpoint save) work; without it they fail with 'Malformed
+  StorageGeneration'."""
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
+
+  bucket, prefix = gcs_root[len("gs://") :].split("/", 1)
+  kv = ts.KvStore.open({"driver": "gcs", "bucket": bucket, "path": prefix + "/"}).result()
+  written = kv.write("manifest", b"one").result()
+  read = kv.read("manifest").result()
+  assert read.stamp.generation == written.generation
+  assert kv.read("manifest", if_not_equal=read.stamp.generation).result().state != "missing"
+  kv.write("manifest", b"two", if_equal=read.stamp.generation).result()
+  assert paths.read_bytes(paths.join(gcs_root, "manifest")) == b"two"
