@@ -150,18 +150,19 @@ class Points:
   def __init__(self, path: str):
     self.path = path
     self.data = {"benchmark": "aot_long_context", "points": {}, "searches": {}}
-    if os.path.exists(path):
-      with open(path) as f:
-        self.data.update(json.load(f))
+    self.written = {"points": set(), "searches": set()}  # keys this process wrote
+    self.save()
 
   def get(self, kind, context, seq, timeout_s, log) -> dict:
     key = f"{kind}/{context}/{seq}"
+    self.save()  # what other runs (`--only` pieces) compiled since
     point = self.data["points"].get(key)
     if point is None or point["status"] == "error":
       log(f"compiling {key} ...")
       point = run_point_subprocess(kind, context, seq, timeout_s)
       point["code"] = aot_tpu._code_version()  # pylint: disable=protected-access
       self.data["points"][key] = point
+      self.written["points"].add(key)
       self.save()
       log(
         f"  {key}: {point['status']} in {point.get('compile_s', 0):.0f} s, needs "
@@ -170,12 +171,13 @@ class Points:
     return point
 
   def save(self):
-    """Writes the file, merged with what other runs (`--only` pieces) wrote since."""
+    """Writes the file: what is on disk (other runs' points too), with this run's own keys."""
     if os.path.exists(self.path):
       with open(self.path) as f:
         disk = json.load(f)
-      for part in ("points", "searches"):
-        self.data[part] = {**disk.get(part, {}), **self.data[part]}
+      for part, mine in self.written.items():
+        ours = {k: self.data[part][k] for k in mine}
+        self.data[part] = {**disk.get(part, {}), **ours}
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
     tmp = self.path + f".tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -201,6 +203,7 @@ def search(points: Points, kind: str, context: int, timeout_s: int, log=print) -
   result = {"kind": kind, "context": context, "mesh": mesh_shape(context), **line}
   result.update(fits_seq=max(fits) if fits else None, verified=verified, hbm_bytes=hbm)
   points.data["searches"][f"{kind}/{context}"] = result
+  points.written["searches"].add(f"{kind}/{context}")
   points.save()
   return result
 
@@ -215,6 +218,13 @@ def estimated_step_s(kind: str, seq: int) -> float:
   per_token += accounting.forward_flops_per_token(model_cfg, seq)  # remat=full's recompute
   sl = aot_tpu.CHIPS[CHIP]
   return per_token * seq / (sl.chips * sl.chip.bf16_flops)
+
+
+def _refusal(point: dict) -> str:
+  """A verifying compile that did not fit: the bytes it needed, or the compiler's error."""
+  if point.get("status") == "oom":
+    return f"over HBM ({_gib(peak_bytes(point))} needed)"
+  return "compile error: " + point.get("error", "?").split(" :: ")[0][:160]
 
 
 def _gib(b) -> str:
@@ -276,7 +286,7 @@ def markdown(result: dict, res: dict) -> str:
         _gib(s["base_bytes"]),
         _gib(m.get("argument_bytes")),
         _gib(m.get("temp_bytes")),
-        _gib(m.get("peak_bytes")) if m else f"refused ({_gib(peak_bytes(v))} needed)",
+        _gib(m.get("peak_bytes")) if m else _refusal(v),
         f"{v.get('compile_s', 0):.0f}",
         f"{estimated_step_s(s['kind'], s['fits_seq']):,.1f}" if s["fits_seq"] else "-",
       ]
