@@ -222,6 +222,8 @@ def estimated_step_s(kind: str, seq: int) -> float:
 
 def _refusal(point: dict) -> str:
   """A verifying compile that did not fit: the bytes it needed, or the compiler's error."""
+  if not point:
+    return "verifying compile not finished"
   if point.get("status") == "oom":
     return f"over HBM ({_gib(peak_bytes(point))} needed)"
   return "compile error: " + point.get("error", "?").split(" :: ")[0][:160]
@@ -322,6 +324,10 @@ def markdown(result: dict, res: dict) -> str:
       "4 chips' datasheet bf16 peak; never measured.",
       "",
       common.md_table(header, rows),
+      "",
+      "Compiled from code "
+      + ", ".join(sorted({p.get("code", "?") for p in (result.get("points") or {}).values()}))
+      + " (`git describe` of each point's compile; the searches ran while main moved).",
     ]
   )
 
