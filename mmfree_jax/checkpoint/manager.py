@@ -29,6 +29,18 @@ log = logging.getLogger("mmfree_jax")
 # Orbax writes this into a step's folder when the whole step is committed.
 COMMIT_MARKER = "commit_success.txt"
 
+
+def check_workdir_store(workdir: str, fix: str) -> None:
+  """Refuses a workdir orbax cannot write a checkpoint to, in one line ending with `fix`:
+  orbax-checkpoint 0.12.8 builds its TensorStore specs for `gs://` and local paths only (an
+  `s3://` one fails there, or writes a local `s3:` folder)."""
+  if paths.scheme(workdir) == "s3":
+    raise ValueError(
+      f"workdir {workdir!r}: s3:// workdirs are not supported (orbax-checkpoint 0.12.8 writes "
+      f"arrays only to gs:// and local paths); {fix}"
+    )
+
+
 ITEMS = ("state", "params", "data", "config", "checksums")
 # Keys that change the shapes or meaning of the parameters: a checkpoint is only usable by a
 # config that agrees on all of them.

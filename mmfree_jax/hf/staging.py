@@ -17,6 +17,7 @@ import shutil
 import tempfile
 
 from mmfree_jax import paths
+from mmfree_jax.checkpoint import manager as ckpt_lib
 
 
 def check_destination(path: str) -> str:
@@ -67,12 +68,10 @@ def check_workdir_destination(workdir: str) -> str:
   """`check_destination` for a new workdir, which holds an orbax checkpoint: orbax-checkpoint
   0.12.8 writes arrays to local and `gs://` paths only (an `s3://` one would fail there, or
   write to a local `s3:` folder), so an `s3://` workdir is refused first, in one line."""
-  if paths.scheme(workdir) == "s3":
-    raise ValueError(
-      f"workdir {workdir!r}: s3:// workdirs are not supported (orbax-checkpoint 0.12.8 writes "
-      "arrays only to gs:// and local paths); import into a gs:// or local --workdir (s3:// "
-      "works for HF folders and packed exports)"
-    )
+  ckpt_lib.check_workdir_store(
+    workdir,
+    "import into a gs:// or local --workdir (s3:// works for HF folders and packed exports)",
+  )
   return check_destination(workdir)
 
 

@@ -20,14 +20,10 @@ log = logging.getLogger("mmfree_jax")
 
 
 def check_workdir_scheme(workdir: str) -> None:
-  """Refuses a workdir orbax cannot write arrays to: orbax-checkpoint 0.12.8 builds its
-  TensorStore specs for `gs://` and local paths only (an `s3://` path fails there)."""
-  if paths.scheme(workdir) == "s3":
-    raise ValueError(
-      f"workdir {workdir!r}: s3:// workdirs are not supported (orbax-checkpoint 0.12.8 writes "
-      "arrays only to gs:// and local paths); pass a gs:// or local --workdir (s3:// works "
-      "for data, prepare and export paths)"
-    )
+  """Refuses a workdir orbax cannot write arrays to (`checkpoint.manager.check_workdir_store`)."""
+  ckpt_lib.check_workdir_store(
+    workdir, "pass a gs:// or local --workdir (s3:// works for data, prepare and export paths)"
+  )
 
 
 def check_workdir_writable(workdir: str) -> None:
