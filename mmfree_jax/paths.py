@@ -11,7 +11,9 @@ Atomic writes: on a local disk a file is written to a private name and renamed i
 object store has no rename, but an object becomes visible only whole, when its upload completes,
 so `write_atomic` uploads straight to the final name (a reader sees the old object or the new
 one, never half). A folder of several files is published with a marker written last
-(`publish_marker` / `is_published`); readers check the marker, not the files.
+(`publish_marker` / `is_published`); readers check the marker, not the files. A delete that
+must not remove a newer write names the version it read (`read_versioned` /
+`remove_if_version`: GCS `ifGenerationMatch`, S3 `If-Match`).
 
 All functions take `str | os.PathLike` and return plain `str` paths (keeping `gs://`), so callers
 format them in messages and join them with `join`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import shutil
@@ -30,6 +33,7 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from etils import epath
+from fsspec import asyn as fsspec_asyn
 from fsspec import config as fsspec_config
 
 REMOTE_SCHEMES = ("gs://", "s3://")
@@ -260,12 +264,19 @@ def create_exclusive(path: str | os.PathLike, data: bytes) -> bool:
       fs.pipe_file(p, data, mode="create")
     except FileExistsError:
       return False
-    except OSError as e:  # some clients report the failed precondition as a plain 412
-      if "412" in str(e) or "precondition" in str(e).lower():
+    except OSError as e:
+      if _precondition_failed(e):
         return False
       raise
     return True
   return _create_local(p, data)
+
+
+def _precondition_failed(e: OSError) -> bool:
+  """Whether a client's error is a store's 412 (a failed precondition): gcsfs and s3fs report
+  some as a plain OSError (s3fs: EINVAL with S3's message, its cause the 412 response)."""
+  text = f"{e} {e.__cause__ or ''}".lower()
+  return "412" in text or "precondition" in text or "pre-condition" in text
 
 
 def _create_local(path: str, data: bytes) -> bool:
@@ -304,6 +315,69 @@ def read_fresh(path: str | os.PathLike) -> bytes | None:
       return f.read()
   except FileNotFoundError:
     return None
+
+
+def read_versioned(path: str | os.PathLike) -> tuple[bytes, str] | None:
+  """`(bytes, version)` of `path` from one read, or None if it does not exist; the version
+  (GCS generation, S3 ETag, a local file's sha256) is what `remove_if_version` checks."""
+  p = os.fspath(path)
+  try:
+    if scheme(p) == "gs":
+      fs = _fs(p)
+      headers, data = fs.call("GET", fs.url(p))
+      return data, headers["x-goog-generation"]
+    if scheme(p) == "s3":
+      fs = _fs(p)
+      bucket, key, _ = fs.split_path(p)
+      return fsspec_asyn.sync(fs.loop, _s3_get_versioned, fs, bucket, key)
+    with open(p, "rb") as f:
+      data = f.read()
+  except FileNotFoundError:
+    return None
+  return data, hashlib.sha256(data).hexdigest()
+
+
+async def _s3_get_versioned(fs, bucket: str, key: str) -> tuple[bytes, str]:
+  response = await fs._call_s3("get_object", Bucket=bucket, Key=key)  # pylint: disable=protected-access
+  async with response["Body"] as body:
+    return await body.read(), response["ETag"]
+
+
+def remove_if_version(path: str | os.PathLike, version: str) -> bool:
+  """Deletes `path` only if it is still `version` (from `read_versioned`); returns whether it
+  did (False: it changed or went away since that read).
+
+  In a bucket the store checks the version with the delete (GCS `ifGenerationMatch`, S3
+  `If-Match`), so a write between the read and the delete makes it fail: atomic. On a local
+  disk the check and the delete are two steps; racing callers serialize them (the workdir
+  lock's flock).
+  """
+  p = os.fspath(path)
+  try:
+    if scheme(p) == "gs":
+      fs = _fs(p)
+      bucket, key, _ = fs.split_path(p)
+      fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+    elif scheme(p) == "s3":
+      fs = _fs(p)
+      bucket, key, _ = fs.split_path(p)
+      fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+    else:
+      seen = read_versioned(p)
+      if seen is None or seen[1] != version:
+        return False
+      os.remove(p)
+  except FileExistsError:  # gcsfs's name for 412
+    return False
+  except FileNotFoundError:
+    return False
+  except OSError as e:
+    if _precondition_failed(e):
+      return False
+    raise
+  if is_remote(p):
+    fs.invalidate_cache(p)
+  return True
 
 
 @contextlib.contextmanager

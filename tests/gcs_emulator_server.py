@@ -7,8 +7,9 @@ orbax's tensorstore and the workdir lock rely on. Run as a program by `storage_e
   `x-goog-metageneration` headers. Without them tensorstore records generation 0 for every
   read, and its next conditional read of the same object (the OCDBT manifest of a checkpoint,
   re-read while a save runs) fails with "Malformed StorageGeneration".
-- An upload with `ifGenerationMatch=G` is refused with 412 unless the object's generation is G
-  (`0`: unless the object does not exist), as GCS does; the emulator ignores the parameter.
+- An upload or a delete with `ifGenerationMatch=G` is refused with 412 unless the object's
+  generation is G (`0`: unless the object does not exist), as GCS does; the emulator ignores
+  the parameter.
 
 It also keeps no metadata file (run it with `--in-memory`): the emulator rewrites one with
 every object's metadata on each write, which made a write take 45 ms instead of 6 ms once a
@@ -30,7 +31,7 @@ from gcp_storage_emulator.exceptions import NotFound
 from gcp_storage_emulator.handlers import objects
 from gcp_storage_emulator.storage import Storage
 
-_DOWNLOAD, _INSERT = objects.download, objects.insert
+_DOWNLOAD, _INSERT, _DELETE = objects.download, objects.insert, objects.delete
 
 
 def _generation(storage, bucket: str, name: str) -> dict | None:
@@ -64,17 +65,31 @@ def _upload_name(request) -> str | None:
   return None
 
 
-def insert(request, response, storage, *args, **kwargs):
+def _precondition_failed(request, response, storage, name: str | None) -> bool:
+  """Answers 412 (and returns True) if the request's `ifGenerationMatch` does not hold for
+  object `name` (`0`: it must not exist)."""
   wanted = request.query.get("ifGenerationMatch")
-  name = _upload_name(request)
-  if wanted and name:
-    obj = _generation(storage, request.params["bucket_name"], name)
-    current = "0" if obj is None else str(obj["generation"])
-    if current != wanted[0]:
-      response.status = HTTPStatus.PRECONDITION_FAILED
-      response.json({"error": {"code": 412, "message": "conditionNotMet"}})
-      return None
+  if not (wanted and name):
+    return False
+  obj = _generation(storage, request.params["bucket_name"], name)
+  current = "0" if obj is None else str(obj["generation"])
+  if current == wanted[0]:
+    return False
+  response.status = HTTPStatus.PRECONDITION_FAILED
+  response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+  return True
+
+
+def insert(request, response, storage, *args, **kwargs):
+  if _precondition_failed(request, response, storage, _upload_name(request)):
+    return None
   return _INSERT(request, response, storage, *args, **kwargs)
+
+
+def delete(request, response, storage, *args, **kwargs):
+  if _precondition_failed(request, response, storage, request.params["object_id"]):
+    return None
+  return _DELETE(request, response, storage, *args, **kwargs)
 
 
 # The emulator rewrites the metadata of every object it holds, as one JSON file, on each write:
@@ -82,7 +97,7 @@ def insert(request, response, storage, *args, **kwargs):
 # with --in-memory), so it is not written.
 Storage._write_config_to_file = lambda self: None
 
-_REPLACE = {_DOWNLOAD: download, _INSERT: insert}
+_REPLACE = {_DOWNLOAD: download, _INSERT: insert, _DELETE: delete}
 objects.download, objects.insert = download, insert  # the router's fallback for uploads
 server.HANDLERS = tuple(
   (regex, {method: _REPLACE.get(fn, fn) for method, fn in handlers.items()})

@@ -136,3 +136,25 @@ def test_gcs_emulator_answers_tensorstore_as_gcs_does(gcs_root):
   assert kv.read("manifest", if_not_equal=read.stamp.generation).result().state != "missing"
   kv.write("manifest", b"two", if_equal=read.stamp.generation).result()
   assert paths.read_bytes(paths.join(gcs_root, "manifest")) == b"two"
+  # a conditional delete (DELETE with ifGenerationMatch) of a stale generation keeps the object
+  assert not kv.write("manifest", None, if_equal=read.stamp.generation).result().generation
+  assert paths.read_bytes(paths.join(gcs_root, "manifest")) == b"two"
+  current = kv.read("manifest").result().stamp.generation
+  kv.write("manifest", None, if_equal=current).result()
+  assert not paths.exists(paths.join(gcs_root, "manifest"))
+
+
+def test_remove_if_version_keeps_a_rewritten_file(root):
+  """The conditional delete of the workdir lock's takeover: it deletes the version read, and
+  keeps the file once it was rewritten after that read (in a bucket, the store checks it)."""
+  path = paths.join(root, "lock")
+  paths.makedirs(root)
+  paths.write_atomic(path, b"old")
+  data, old = paths.read_versioned(path)
+  assert data == b"old"
+  paths.write_atomic(path, b"new")
+  assert not paths.remove_if_version(path, old)
+  data, new = paths.read_versioned(path)
+  assert data == b"new" and new != old
+  assert paths.remove_if_version(path, new)
+  assert paths.read_versioned(path) is None and not paths.remove_if_version(path, new)

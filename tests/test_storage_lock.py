@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -61,6 +62,39 @@ def test_lock_with_a_stale_heartbeat_is_taken_over(bucket_workdir, caplog):
   assert "pid 4242 on gone-host" in caplog.text and "no heartbeat for" in caplog.text
   assert json.loads(paths.read_fresh(paths.join(work, LOCK_NAME)))["token"] == lock.token
   lock.release()
+
+
+def test_two_takers_of_a_stale_lock_exactly_one_wins(bucket_workdir):
+  """Two runs find the same stale lock at once: both decide to take it over, one conditional
+  delete removes the stale version and the other's fails against the new lock; exactly one
+  holds the workdir and the other is refused."""
+  work = bucket_workdir
+  old = {"pid": 4242, "host": "gone-host", "started": "earlier", "token": "old", "beat": 0}
+  paths.write_atomic(paths.join(work, LOCK_NAME), json.dumps({**old, "heartbeat_s": 1.0}))
+  takers = [WorkdirLock(work, heartbeat_s=1.0, stale_s=5.0) for _ in range(2)]
+  start = threading.Barrier(2)
+  refused = []
+
+  def take(lock):
+    start.wait()
+    try:
+      lock.acquire()
+    except WorkdirLockedError as e:
+      refused.append(str(e))
+
+  threads = [threading.Thread(target=take, args=(lock,)) for lock in takers]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  winners = [lock for lock in takers if lock.held]
+  try:
+    assert len(winners) == 1 and len(refused) == 1, (len(winners), refused)
+    held = json.loads(paths.read_fresh(paths.join(work, LOCK_NAME)))
+    assert held["token"] == winners[0].token
+  finally:
+    for lock in winners:
+      lock.release()
 
 
 def test_recent_heartbeat_keeps_an_old_lock(bucket_workdir):

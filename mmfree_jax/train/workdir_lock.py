@@ -15,11 +15,12 @@ remove the lock only if its bytes are still the stale ones they read.
 In a bucket no pid can be checked, so the holder proves it is alive: a daemon thread rewrites
 `WORKDIR/.lock.heartbeat` (its token and the time) every `heartbeat_s` seconds, and a lock whose
 last beat is older than `stale_s` (and than twice the holder's own `heartbeat_s`, which the lock
-records) is taken over with a warning naming the old holder. A bucket
-has no flock; takeover removes the lock only if its bytes are still the stale ones read, and a
-new lock, created with the precondition, counts only if it still holds this run's token after
-`SETTLE_S` (a racer that removed it in between, or a store that ignores the precondition, such
-as the GCS emulator, shows up there): of racing runs, exactly one keeps it.
+records) is taken over with a warning naming the old holder. A bucket has no flock; takeover
+is a conditional delete of the stale version read (`paths.remove_if_version`: GCS
+`ifGenerationMatch`, S3 `If-Match`), so of racing runs only one removes it and the others'
+deletes fail against the new lock; the new lock is created with the create-only precondition.
+It counts only if it still holds this run's token after `SETTLE_S`: a store that ignores
+preconditions shows up there. Of racing runs, exactly one keeps it.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ class WorkdirLock:
   def _create(self) -> bool:
     if not self.remote:
       return paths.create_exclusive(self.path, self._mine)
-    # Existence first: some stores (the GCS emulator) ignore the create-only precondition.
+    # Existence first: a store that ignores the create-only precondition still refuses here.
     if _read_fresh(self.path) is not None or not paths.create_exclusive(self.path, self._mine):
       return False
     time.sleep(SETTLE_S)
@@ -196,10 +197,7 @@ class WorkdirLock:
     """Removes the lock if it still holds `seen`; returns whether it did (if not, another run
     took it over first and the caller looks at the new lock)."""
     if self.remote:
-      if _read_fresh(self.path) != seen:
-        return False
-      self._remove()
-      return True
+      return self._remove_if_holds(seen)
     mutex = os.open(
       paths.join(paths.dirname(self.path), TAKEOVER_NAME), os.O_CREAT | os.O_RDWR, 0o644
     )
@@ -208,10 +206,7 @@ class WorkdirLock:
         fcntl.flock(mutex, fcntl.LOCK_EX)
       except OSError as e:  # no flock on this file system: the takeover is not atomic
         log.warning("cannot flock %s (%s); taking over the lock without it", TAKEOVER_NAME, e)
-      if _read_fresh(self.path) != seen:
-        return False
-      self._remove()
-      return True
+      return self._remove_if_holds(seen)
     finally:
       os.close(mutex)  # releases the flock
 
@@ -234,8 +229,17 @@ class WorkdirLock:
       except Exception as e:  # pylint: disable=broad-except  # a storage hiccup: next beat
         log.warning("could not write the lock heartbeat %s: %s", self.heartbeat_path, e)
 
-  def _remove(self) -> None:
-    paths.remove(self.path, missing_ok=True)
+  def _remove_if_holds(self, raw: bytes) -> bool:
+    """Deletes the lock if it holds `raw`; returns whether it did. The delete names the
+    version read (`paths.remove_if_version`: in a bucket the store checks it), so a lock
+    rewritten since that read is kept."""
+    try:
+      current = paths.read_versioned(self.path)
+    except OSError:
+      return False
+    return (
+      current is not None and current[0] == raw and paths.remove_if_version(self.path, current[1])
+    )
 
   def release(self) -> None:
     if not self.held:
@@ -244,8 +248,7 @@ class WorkdirLock:
     if self._beater is not None:
       self._beater.join()
       self._beater = None
-    if _read_fresh(self.path) == self._mine:
-      self._remove()
+    if self._remove_if_holds(self._mine):
       if self.remote:
         paths.remove(self.heartbeat_path, missing_ok=True)
     self.held = False
