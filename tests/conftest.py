@@ -2,6 +2,7 @@
 compilation cache (shared with the worker subprocesses through the environment), so the many
 small end-to-end runs compile each distinct program once."""
 
+import gc
 import math
 import os
 import sys
@@ -44,6 +45,18 @@ def allow_exploding_lr(monkeypatch):
   from mmfree_jax.config import schema  # pylint: disable=import-outside-toplevel
 
   monkeypatch.setattr(schema, "MAX_LR", math.inf)
+
+
+def pytest_sessionfinish(session):
+  """Collects the session's garbage before an xdist worker reports that it finished, and
+  freezes what survives. pytest collects once more while it unconfigures, after that report;
+  in a worker that ran hundreds of jax tests this took over execnet's 5 s shutdown grace on a
+  loaded machine, so execnet sent the worker a SIGINT, which landed in hypothesis's gc
+  callback: a `PytestUnraisableExceptionWarning` with a `KeyboardInterrupt` after `[100%]`.
+  Here the controller waits for it; the later collection skips the frozen objects."""
+  del session
+  gc.collect()
+  gc.freeze()
 
 
 from tests.storage_emulators import (  # noqa: E402,F401  (fixtures)
