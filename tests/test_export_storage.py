@@ -23,7 +23,6 @@ from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.export import __main__ as export_cli
 from mmfree_jax.export import writer
 from mmfree_jax.hf import HFCheckpointError, checkpoint_io, llama, mapping
-from mmfree_jax.hf.__main__ import main as hf_main
 from tests.test_eval import ByteTok, _make_workdir
 from tests.test_hf import random_workdir
 from tests.test_llama import BASE as LLAMA_BASE
@@ -311,21 +310,22 @@ def test_llama_folder_in_a_bucket_as_import_source_and_teacher(gcs_root, tmp_pat
     np.testing.assert_array_equal(np.asarray(mapping.flatten(params)[name]), np.asarray(value))
 
 
-def test_import_into_an_s3_workdir_is_refused_in_one_line(
-  workdir, s3_emulator, s3_root, tmp_path, capsys
-):
-  """orbax cannot write a checkpoint to s3:// (it would write a local `s3:` folder): an import
-  there is refused before anything is written, and the CLI says so in one line."""
-  src, _ = workdir
+def test_import_into_an_s3_workdir_loads_back_bitwise(workdir, s3_emulator, s3_root, tmp_path):
+  """An import into an s3:// workdir: orbax saves in a local staging folder that is mirrored
+  to the bucket, commit marker last (checkpoint/staging.py); `load_model` there (a fresh
+  download) gives the source's params bitwise, and nothing lands in a local `s3:` folder."""
+  src, flat = workdir
   hf = str(tmp_path / "hf")
   checkpoint_io.export_checkpoint(src, hf)
-  with pytest.raises(ValueError, match=r"s3:// workdirs are not supported") as e:
-    checkpoint_io.import_checkpoint(hf, paths.join(s3_root, "wd"))
-  assert "\n" not in str(e.value)
-  assert hf_main(["import", "--src", hf, "--workdir", paths.join(s3_root, "wd")]) == 1
-  err = capsys.readouterr().err
-  assert err.startswith("error: workdir ") and err.count("\n") == 1
-  assert s3_emulator.list_objects(s3_root) == []
+  dst = paths.join(s3_root, "wd")
+  checkpoint_io.import_checkpoint(hf, dst)
+  names = s3_emulator.list_objects(dst)
+  assert [n for n in names if n.endswith("/checkpoints/0/commit_success.txt")], names
+  model, _, step = loading.load_model(dst)
+  got = mapping.flatten(nnx.split(model)[1].to_pure_dict())
+  assert step == 0 and sorted(got) == sorted(flat)
+  for name, value in flat.items():
+    np.testing.assert_array_equal(np.asarray(got[name]), value, err_msg=name)
 
 
 def test_packed_export_stores_a_tokenizer_file_from_a_bucket(workdir, gcs_root, tmp_path):

@@ -3,11 +3,13 @@
 Layout: `WORKDIR/checkpoints/<step>/{state, data, config, checksums}`; a step written by an
 importer (`mmfree_jax.hf import`) holds `{params, config, checksums}` only, and training starts
 from it with a fresh optimizer state (fine-tuning). Orbax writes each step into a temporary
-directory and renames it when complete (atomic), asynchronously, keeping the newest
-`keep` steps. A checkpoint records the config it was made with; resuming with a different
-model architecture is refused before any compute. Each step also holds `checksums`: a digest of
-every saved array (`checksum.py`), verified on every restore, so corrupted bytes are an error
-naming the step and the arrays, never silently loaded.
+directory and renames it when complete (atomic; in a `gs://` bucket it writes
+`commit_success.txt` last instead), asynchronously, keeping the newest `keep` steps; an
+`s3://` workdir's steps are staged in a local folder and mirrored to the bucket
+(`staging.py`). A checkpoint records the config it was made with; resuming with a different
+model architecture is refused before any compute. Each step also holds `checksums`: a digest
+of every saved array (`checksum.py`), verified on every restore, so corrupted bytes are an
+error naming the step and the arrays, never silently loaded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from mmfree_jax import paths
 from mmfree_jax.checkpoint import checksum
+from mmfree_jax.checkpoint.staging import StagedCheckpoints
 from mmfree_jax.config import ModelConfig
 
 log = logging.getLogger("mmfree_jax")
@@ -31,13 +34,14 @@ COMMIT_MARKER = "commit_success.txt"
 
 
 def check_workdir_store(workdir: str, fix: str) -> None:
-  """Refuses a workdir orbax cannot write a checkpoint to, in one line ending with `fix`:
-  orbax-checkpoint 0.12.8 builds its TensorStore specs for `gs://` and local paths only (an
-  `s3://` one fails there, or writes a local `s3:` folder)."""
-  if paths.scheme(workdir) == "s3":
+  """Refuses a workdir this run cannot checkpoint to, in one line ending with `fix`: an
+  `s3://` one is staged through a local folder (`staging.py`), which holds one process's
+  files only, while orbax's multi-process save merges all processes' files in one store."""
+  if paths.scheme(workdir) == "s3" and jax.process_count() > 1:
     raise ValueError(
-      f"workdir {workdir!r}: s3:// workdirs are not supported (orbax-checkpoint 0.12.8 writes "
-      f"arrays only to gs:// and local paths); {fix}"
+      f"workdir {workdir!r}: an s3:// workdir takes one process ({jax.process_count()} "
+      f"here): orbax-checkpoint 0.12.8 writes arrays only to gs:// and local paths, so s3:// "
+      f"checkpoints are staged on one process's local disk; {fix}"
     )
 
 
@@ -131,6 +135,11 @@ class Checkpointer:
     """save_concurrent_gb: cap on the bytes orbax serializes at once (its default, 96 GB,
     lets it stage a second full copy of the arrays in host memory; importers set 1)."""
     self.directory = checkpoint_dir(workdir)
+    # s3://: orbax works in a local folder that `staging` mirrors to the bucket
+    self._staged = None
+    if paths.scheme(self.directory) == "s3":
+      self._staged = StagedCheckpoints(self.directory, COMMIT_MARKER, None if read_only else keep)
+    self._orbax_dir = self.directory if self._staged is None else self._staged.local
     options = (
       read_only_options()
       if read_only
@@ -148,8 +157,13 @@ class Checkpointer:
         for item in ("state", "params")
       }
     self.manager = ocp.CheckpointManager(
-      self.directory, item_names=ITEMS, item_handlers=handlers, options=options
+      self._orbax_dir, item_names=ITEMS, item_handlers=handlers, options=options
     )
+
+  def _local(self, step: int) -> None:
+    """Makes `step` readable by orbax: an s3:// step is downloaded first."""
+    if self._staged is not None and self._staged.fetch(step):
+      self.manager.reload()
 
   def latest_step(self) -> int | None:
     steps = self.all_steps()
@@ -157,7 +171,8 @@ class Checkpointer:
 
   def has_step(self, step: int) -> bool:
     """Whether `step` exists at all (committed, or being saved right now)."""
-    return step in self.manager.all_steps()
+    remote = [] if self._staged is None else self._staged.step_folders()
+    return step in self.manager.all_steps() or step in remote
 
   def is_committed(self, step: int) -> bool:
     return paths.exists(paths.join(self.directory, str(step), COMMIT_MARKER))
@@ -165,9 +180,14 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     """Committed steps; a step folder without orbax's commit marker (a save cut short, files
     copied by hand) is not a checkpoint and is skipped with a warning."""
-    steps, saving = [], self.manager.is_saving_in_progress()
-    for step in sorted(self.manager.all_steps()):
-      if saving or self.is_committed(step):  # our own save in flight commits when it ends
+    pending = None if self._staged is None else self._staged.pending
+    if self._staged is None:
+      found, saving = set(self.manager.all_steps()), self.manager.is_saving_in_progress()
+    else:  # s3://: the bucket's step folders, and the step being saved and uploaded
+      found, saving = set(self._staged.step_folders()) | {pending}, False
+    steps = []
+    for step in sorted(found - {None}):
+      if saving or step == pending or self.is_committed(step):
         steps.append(step)
       else:
         log.warning(
@@ -190,18 +210,26 @@ class Checkpointer:
     }
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    return self._save(step, ocp.args.Composite(**args), force)
+
+  def _save(self, step: int, args: ocp.args.Composite, force: bool) -> bool:
+    if self._staged is not None:
+      self._staged.wait()  # the previous step is in the bucket before orbax may delete it
+    started = self.manager.save(step, args=args, force=force)
+    if started and self._staged is not None:
+      self._staged.upload_when_committed(step, self.manager.is_saving_in_progress)
+    return started
 
   def save_params(self, step: int, params: Any, config_dict: dict) -> None:
     """Saves params alone (no optimizer state, no data position), e.g. imported weights."""
-    self.manager.save(
+    self._save(
       step,
-      args=ocp.args.Composite(
+      ocp.args.Composite(
         params=ocp.args.StandardSave(params),
         config=ocp.args.JsonSave(config_dict),
         checksums=_checksums_arg("params", params),
       ),
-      force=True,
+      True,
     )
 
   def has_train_state(self, step: int) -> bool:
@@ -219,9 +247,10 @@ class Checkpointer:
       abstract_params,
     )
     self.check_item(step, "state" if self.has_train_state(step) else "params")
+    self._local(step)
     # A fresh read-only manager: an item's handler is fixed by its first use, and the
     # training manager registered StandardSave for `state`.
-    reader = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=read_only_options())
+    reader = ocp.CheckpointManager(self._orbax_dir, item_names=ITEMS, options=read_only_options())
     try:
       if self.has_train_state(step):
         args = ocp.args.PyTreeRestore(
@@ -252,6 +281,7 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     path = paths.join(self.directory, str(step), "config")
     try:
+      self._local(step)
       restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       return restored["config"]
     except Exception as e:
@@ -278,6 +308,7 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """Restores the state (into abstract_state's shapes/shardings) and the data iterator."""
     self.check_item(step, "state")
+    self._local(step)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -302,6 +333,7 @@ class Checkpointer:
       )
       return
     try:
+      self._local(step)
       saved = self.manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))[
         "checksums"
       ]
@@ -336,10 +368,14 @@ class Checkpointer:
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
+    if self._staged is not None:
+      self._staged.wait()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+    if self._staged is not None:
+      self._staged.close()
 
 
 def _checksums_arg(item: str, tree: Any):

@@ -65,13 +65,9 @@ def staged_directory(dst: str, *, last: tuple[str, ...] = ()):
 
 
 def check_workdir_destination(workdir: str) -> str:
-  """`check_destination` for a new workdir, which holds an orbax checkpoint: orbax-checkpoint
-  0.12.8 writes arrays to local and `gs://` paths only (an `s3://` one would fail there, or
-  write to a local `s3:` folder), so an `s3://` workdir is refused first, in one line."""
-  ckpt_lib.check_workdir_store(
-    workdir,
-    "import into a gs:// or local --workdir (s3:// works for HF folders and packed exports)",
-  )
+  """`check_destination` for a new workdir, which holds an orbax checkpoint: a workdir the
+  checkpoints cannot go to (`checkpoint.manager.check_workdir_store`) is refused first."""
+  ckpt_lib.check_workdir_store(workdir, "import with one process, or into a gs:// --workdir")
   return check_destination(workdir)
 
 

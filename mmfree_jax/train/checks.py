@@ -20,9 +20,9 @@ log = logging.getLogger("mmfree_jax")
 
 
 def check_workdir_scheme(workdir: str) -> None:
-  """Refuses a workdir orbax cannot write arrays to (`checkpoint.manager.check_workdir_store`)."""
+  """Refuses a workdir this run cannot checkpoint to (`checkpoint.manager.check_workdir_store`)."""
   ckpt_lib.check_workdir_store(
-    workdir, "pass a gs:// or local --workdir (s3:// works for data, prepare and export paths)"
+    workdir, "pass a gs:// or shared-disk --workdir for a multi-process run"
   )
 
 
