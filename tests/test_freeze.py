@@ -1,4 +1,5 @@
-"""Frozen BitLinear weights (quantized once for generation: `infer.frozen`) give the outputs of
+"""Frozen BitLinear weights (quantized once for generation: the frozen formats of the one
+quantized model, `nn.packed.PackedLM`, made by `infer.prepare`) give the outputs of
 the latent model, for the prefill and a decode step, every BitLinear impl that runs on CPU; and
 generation uses them. Every inference plan (`infer.plan`) gives the model's own outputs.
 
@@ -22,9 +23,9 @@ from flax import nnx
 
 from mmfree_jax import ModelConfig, generate, infer
 from mmfree_jax.infer import plan as plan_lib
-from mmfree_jax.infer.frozen import FrozenBitLinear
 from mmfree_jax.nn import layers
 from mmfree_jax.nn.model import build_model
+from mmfree_jax.nn.quantized import QuantizedLinear
 from mmfree_jax.numerics import quant
 from tests.perturb import perturb_params
 
@@ -69,9 +70,9 @@ def test_prepare_leaves_the_callers_model_untouched():
   model = _model("int8")
   kernel = np.asarray(model.blocks.attn.i_proj.kernel[...])
   prepared = infer.prepare(model, infer.InferencePlan("frozen", "unrolled"))
-  assert isinstance(prepared.model.lm_head, FrozenBitLinear)
+  assert isinstance(prepared.model.lm_head, QuantizedLinear)
   assert isinstance(model.lm_head, layers.BitLinear)
-  assert all(not isinstance(m, FrozenBitLinear) for _, m in nnx.iter_modules(model))
+  assert all(not isinstance(m, QuantizedLinear) for _, m in nnx.iter_modules(model))
   np.testing.assert_array_equal(np.asarray(model.blocks.attn.i_proj.kernel[...]), kernel)
 
 
@@ -79,13 +80,14 @@ def test_freeze_stores_quantized_weights_per_layer():
   model = _model("int8")
   latent = np.asarray(model.blocks.attn.i_proj.kernel[...])  # [layers, in, out]
   prepared = infer.prepare(model, infer.InferencePlan("frozen", "unrolled"))
-  for l, block in enumerate(prepared.layers):  # one scale per layer, as the scan uses
+  assert prepared.model.fmt == "frozen" and len(prepared.model.blocks) == len(latent)
+  for l, block in enumerate(prepared.model.blocks):  # one scale per layer, as the scan uses
     proj = block.attn.i_proj
-    assert proj.impl == "int8" and proj.weights[...].dtype == jnp.int8
+    assert proj.method == "int8" and proj.w[...].dtype == jnp.int8
     codes, _ = quant.quantize_weights_ternary(jnp.asarray(latent[l]))
-    np.testing.assert_array_equal(np.asarray(proj.weights[...]), np.asarray(codes))
-    np.testing.assert_allclose(float(proj.w_mean_abs[...]), np.abs(latent[l]).mean(), rtol=1e-6)
-  assert prepared.model.lm_head.impl == "int8"
+    np.testing.assert_array_equal(np.asarray(proj.w[...]), np.asarray(codes))
+    np.testing.assert_allclose(float(proj.scale[...]), np.abs(latent[l]).mean(), rtol=1e-6)
+  assert prepared.model.lm_head.method == "int8"
 
 
 def _prompt_args():
@@ -174,13 +176,10 @@ def test_bf16_in_place_plan_keeps_the_latent_weights_and_equals_the_latent_model
     np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * np.abs(a).max())
   kernel = np.asarray(model.blocks.mlp.down_proj.kernel[...], np.float32)  # [layers, in, out]
   prepared = infer.prepare(model, in_place)
-  assert prepared.layers is None
-  proj = prepared.model.blocks.mlp.down_proj
-  assert proj.latent and proj.weights[...].dtype == jnp.bfloat16
-  np.testing.assert_array_equal(np.asarray(proj.weights[...], np.float32), kernel)
-  np.testing.assert_allclose(
-    np.asarray(proj.w_mean_abs[...]), np.abs(kernel).mean((1, 2)), rtol=1e-5
-  )
+  proj = prepared.model.blocks.mlp.down_proj  # stacked: one module for all layers
+  assert proj.fmt == "latent_scale" and proj.w[...].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(proj.w[...], np.float32), kernel)
+  np.testing.assert_allclose(np.asarray(proj.scale[...]), np.abs(kernel).mean((1, 2)), rtol=1e-5)
 
 
 def _generate_temp_bytes(model) -> int:

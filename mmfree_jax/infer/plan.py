@@ -4,8 +4,10 @@ A plan is chosen once per model and platform (`plan_for`) and read by `infer.run
 models themselves hold no inference mode. Three fields:
 
   weights       'latent'  the parameters as trained (MatMul-free: quantized at every call)
-                'frozen'  every BitLinear quantized once (`infer.frozen`); the Transformer++
-                          has no quantizer, for it 'frozen' only slices the layers once
+                'frozen'  every BitLinear quantized once: the MatMul-free LM runs as the
+                          quantized inference model (`nn.packed.PackedLM`, a frozen format);
+                          the Transformer++ has no quantizer, for it 'frozen' only slices
+                          the layers once
                 'packed'  stored ternary codes (`nn.packed.PackedLM`, which is its own runner)
   layer_loop    'scan'     `lax.scan` over the stacked layers (the models' own loop)
                 'unrolled' one block per layer, statically sliced (per-layer frozen copies

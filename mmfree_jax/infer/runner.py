@@ -1,20 +1,24 @@
 """Runs a trained model for decoding or scoring as its `InferencePlan` says.
 
 `prepare(model, plan)` returns a `PlannedLM`: the model's call contract (`model(tokens,
-segment_ids=, state=) -> (logits, state)`, `init_state`, `cfg`) on a copy of the model whose
-weights are prepared once (frozen per layer, or scales only), driving the model's own
-`__call__` with the plan's layer loop. The caller's model is untouched. Generation prepares
-inside its jitted loop (`prepare_for_decoding`), scoring inside its jitted forward
-(`prepare_for_scoring`); a packed model is returned as it is (it runs its stored codes).
+segment_ids=, state=) -> (logits, state)`, `init_state`, `cfg`) on a prepared model, driving
+its own `__call__` with the plan's layer loop. A MatMul-free model with weights 'frozen' is
+prepared as the one quantized inference model (`nn.packed.PackedLM` in a frozen format:
+per-layer weights quantized once for an unrolled loop, the stacked kernels with their scales
+for the in-place loop); a Transformer++ (no quantizer) is a copy, its layers sliced once
+when unrolled. The caller's model is untouched. Generation prepares inside its jitted loop
+(`prepare_for_decoding`), scoring inside its jitted forward (`prepare_for_scoring`); a packed
+model is returned as it is (it runs its stored codes).
 """
 
 from __future__ import annotations
+
+import collections.abc
 
 import jax
 from flax import nnx
 
 from mmfree_jax.infer import loops
-from mmfree_jax.infer.frozen import freeze_bitlinears
 from mmfree_jax.infer.plan import InferencePlan, plan_for
 from mmfree_jax.nn.model import (
   MatMulFreeLM,
@@ -23,7 +27,7 @@ from mmfree_jax.nn.model import (
   scan_blocks,
   unroll_blocks,
 )
-from mmfree_jax.nn.packed import PackedLM
+from mmfree_jax.nn.packed import FROZEN, LATENT_SCALE, PackedLM
 
 
 class PlannedLM(nnx.Module):
@@ -32,18 +36,16 @@ class PlannedLM(nnx.Module):
   def __init__(self, model: MatMulFreeLM | TransformerLM, plan: InferencePlan):
     if plan.weights == "packed":
       raise ValueError("a packed plan runs a PackedLM: nn.packed.PackedLM.from_model(model)")
-    model = nnx.merge(*nnx.split(model))  # a copy: the prepared weights replace its layers
     self.cfg = model.cfg
     self.plan = plan
-    layers = None  # per-layer blocks, frozen once (weights='frozen', unrolled)
-    if plan.weights == "frozen":
-      per_layer = plan.layer_loop == "unrolled"
-      if isinstance(model, MatMulFreeLM):
-        model.lm_head = freeze_bitlinears(model.lm_head, latent=not per_layer)
-      if per_layer:
-        layers = nnx.data(nnx.List([freeze_bitlinears(b) for b in layer_blocks(model.blocks)]))
-      else:
-        model.blocks = freeze_bitlinears(model.blocks, latent=True)
+    layers = None  # per-layer blocks of a Transformer++ (weights='frozen', unrolled)
+    unrolled = plan.layer_loop == "unrolled"
+    if plan.weights == "frozen" and isinstance(model, MatMulFreeLM):
+      model = PackedLM.from_model(model, FROZEN if unrolled else LATENT_SCALE)
+    else:
+      model = nnx.merge(*nnx.split(model))  # a copy
+      if plan.weights == "frozen" and unrolled:
+        layers = nnx.data(nnx.List(layer_blocks(model.blocks)))
     self.layers = layers
     self.model = model
 
@@ -56,9 +58,11 @@ class PlannedLM(nnx.Module):
     if self.layers is not None or per_layer_list or self.plan.layer_loop == "unrolled":
       if self.plan.order_layers:
         body = loops.ordered(body)
-      return unroll_blocks(
-        self.layers if self.layers is not None else layer_blocks(blocks), x, per_layer, body
-      )
+      if self.layers is not None:
+        blocks = self.layers
+      elif not isinstance(blocks, collections.abc.Sequence):  # stacked: static slices
+        blocks = layer_blocks(blocks)
+      return unroll_blocks(blocks, x, per_layer, body)
     if self.plan.layer_loop == "in_place":
       return loops.in_place_layers(blocks, x, per_layer, body)
     return scan_blocks(blocks, x, per_layer, body, "none")

@@ -54,7 +54,7 @@ class BitLinear(nnx.Module):
   Params: `kernel [in, out]` (latent full precision), `norm_scale [in]`.
   `[..., in]` → `[..., out]` in the compute dtype. `impl` picks the backward:
   'autodiff' (`quant.bitlinear`) or 'lean' (`bitlinear_lean`, same numbers, less memory).
-  For inference, `mmfree_jax.infer.frozen.FrozenBitLinear` takes its place, quantized once.
+  For inference, `nn.quantized.QuantizedLinear` takes its place, quantized once.
   """
 
   def __init__(

@@ -1,36 +1,31 @@
-"""Inference export of a MatMul-free LM with packed ternary weights, and its decode step.
+"""The quantized inference model of the MatMul-free LM: `PackedLM`.
 
-`export_packed(model, fmt)` quantizes every BitLinear kernel of a trained `MatMulFreeLM`
-once (docs/architecture.md §1: codes = clip(round_even(W / mean|W|), -1, 1), scale = mean|W|
-with the 1e-5 floor) and stores the codes as
+`PackedLM` is a `MatMulFreeLM` whose tensors are stored once and whose BitLinears are each an
+`nn.quantized.QuantizedLinear` in one storage format (code formats: '2bit', 'base3', 'int8',
+'float32', 'bfloat16', also on disk; frozen formats: 'frozen', 'latent_scale', what
+`mmfree_jax.infer` makes of a latent model for decoding and scoring). It runs the model's own
+`__call__` (embed, the `MatMulFreeBlock` wiring, the MLGRU's T=1 decode shortcut, head).
+Why one model: the trained model's structure already is the inference program, so swapping
+each BitLinear for one quantized linear leaves one forward to fix and test; the formats
+differ only in the class that reads them.
 
-    '2bit'      4 codes per byte (2 bits/weight)        } packing.pack_ternary, unpacked on
-    'base3'     5 codes per byte (1.6 bits/weight)      } the fly by packing.packed_matvec
-    'int8'      one int8 code per weight
-    'float32' / 'bfloat16'  the codes as floats (the plain-storage baselines)
+Layers are stored so that a decode step reads every weight where it lies (slicing a stacked
+`[layers, ...]` array for a matmul copies the slice on XLA:CPU): the bit-packed formats keep
+stacked leaves, and their layer scan (`read_in_place`) leaves the codes (`PackedCodes`)
+unsliced: each product reads its layer's codes at a traced index, so the program holds one
+layer, not all of them unrolled; the other code formats and 'frozen' keep one block per
+layer, unrolled; 'latent_scale' keeps the stacked blocks for `infer`'s layer loops. The
+embedding stays full precision, or int8 rows with per-row absmax scales (`int8_embedding`:
+half of bf16's bytes, a lossy step the model then sees exactly).
 
-with the per-tensor scale; norm scales and lower bounds stay full precision, and so does the
-embedding unless it is stored as int8 rows with per-row absmax scales (`int8_embedding`: half
-the bytes of bf16, and a lossy step the rest of the model then sees exactly).
-In memory the bit-packed formats hold their codes as the matvec method reads them: bytes as
-stored for 'lut' and 'unpack', bit planes (`ternary_packing.to_planes`, 2 bits/weight, so
-base-3 grows by a quarter) for 'popcount', the default: AND + popcount over whole words is
-the fastest exact product on XLA:CPU from 1 to 64 rows (decoding; benchmarks/RESULTS.md §7),
-and within ~1.1-1.7x of unpacking to fp32 on a 256-token prefill.
-`decode(params, tokens [B, 1], state, spec=...)` is one decode step of the MLGRU model on
-these weights and `forward(params, tokens [B, T], spec=...)` the full-sequence forward (prefill,
-scoring); `PackedLM` wraps both behind the `MatMulFreeLM` call contract (`model(tokens,
-segment_ids=, state=) -> (logits, RecurrentState)`, `init_state`, `cfg`), so generation and
-every evaluation run on it unchanged. Its blocks are wired by the trained model's own
-`nn.model.mmfree_block` (MLGRU and GLU: `nn.layers.mlgru_mix`, `glu_mix`), each BitLinear
-replaced by one on stored codes, which computes `y = (x_codes @ w_codes) * mean|W| / sx` from
-int8 activation codes with an exact integer accumulator, so all formats give bit-identical
-logits, equal to `model.decode` up to float round-off (the float model multiplies
-de-quantized values, `sum (c_x / sx)(c_w / sw)`).
+`export_packed(model, fmt)` makes the stored tensors (`PackedParams`, also what
+`export.reader` reads) and `PackedLM(params, spec)` the model; `forward` and `decode` are its
+call as functions of the tensors.
 """
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -39,56 +34,32 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mmfree_jax import registry
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.nn import layers
-from mmfree_jax.nn.model import (
-  MatMulFreeLM,
-  RecurrentState,
-  check_token_ids,
-  mmfree_block,
-  reset_mask,
+from mmfree_jax.nn.model import MatMulFreeBlock, MatMulFreeLM, RecurrentState, unroll_blocks
+from mmfree_jax.nn.quantized import (  # noqa: F401  (the formats are part of this API)
+  CODE_FORMATS,
+  DEFAULT_METHOD,
+  FORMATS,
+  FROZEN,
+  FROZEN_FORMATS,
+  LATENT_SCALE,
+  LUT_MAX_ROWS,
+  PACKED,
+  PackedCodes,
+  PackedLinear,
+  PackedWeight,
+  QuantizedLinear,
+  holds_planes,
 )
 from mmfree_jax.numerics import quant
 from mmfree_jax.numerics import ternary_packing as packing
 from mmfree_jax.numerics.dtypes import acc_dtype
-
-# The packed-format registry: name -> how the ternary codes are stored (PACKED = bit-packed by
-# `ternary_packing`, else that dtype). Export, loading and decode all read it.
-PACKED = "packed"
-CODE_FORMATS = {
-  "2bit": PACKED,
-  "base3": PACKED,
-  "int8": jnp.int8,
-  "float32": jnp.float32,
-  "bfloat16": jnp.bfloat16,
-}
-# With method 'lut', bit-packed formats use the lookup-table matvec up to this many rows
-# (tokens) per product: its table and gathered partial sums grow with the rows, while
-# unpacking a block of codes and multiplying costs about the same for any row count. Both
-# are exact. One CPU run, ms for the 2.7B's gate_proj (2560 x 13824) at 1 / 2 / 4 / 8 rows:
-# 2-bit LUT 2.5 / 10.7 / 21 / 59 against unpack 7.3 / 7.4 / 8.6 / 10; base-3 LUT 2.2 / 9.7 /
-# 25 / 57 against unpack 12.9 / 13.7 / 13.4 / 13.0 (a 1024 x 1024 matrix: the LUT wins to 2
-# rows for both formats).
-LUT_MAX_ROWS = {"2bit": 2, "base3": 2}
-DEFAULT_METHOD = registry.DEFAULT_MATVEC_METHOD
-
-
-class PackedLinear(NamedTuple):
-  """One BitLinear (or a stack of them with a leading layer axis).
-
-  `w`: packed uint8 `[..., packed_length(in), out]`, bit planes uint32 `[..., 2, out,
-  plane_words(in)]` (method 'popcount'), or codes `[..., in, out]` (int8/float);
-  `scale`: `[...]` fp32 `max(mean|W|, 1e-5)`; `norm_scale`: `[..., in]` the RMSNorm gamma.
-  """
-
-  w: jax.Array
-  scale: jax.Array
-  norm_scale: jax.Array
+from mmfree_jax.ops import bitlinear
 
 
 class PackedBlock(NamedTuple):
-  """The parameters of one layer, or of all layers stacked (every leaf `[layers, ...]`)."""
+  """The tensors of one layer, or of all layers stacked (every leaf `[layers, ...]`)."""
 
   attn_norm: jax.Array
   i_proj: PackedLinear
@@ -103,16 +74,8 @@ class PackedBlock(NamedTuple):
 
 
 class PackedParams(NamedTuple):
-  """`blocks` is how the layers are stored, so that a decode step reads every weight where it
-  lies (slicing a stacked `[layers, ...]` array for a matmul copies the slice on XLA:CPU,
-  which doubles the bytes a step moves):
-
-  - bit-packed formats ('2bit', 'base3'): one `PackedBlock` of stacked leaves, scanned over.
-    The LUT matvec reads a layer's codes in place (`packed_matvec(layer=)`), so the scan
-    copies nothing, and the program holds one layer, not all of them unrolled (compiled, the
-    unrolled 2.7B generate took ~0.3 GB of the process's memory).
-  - integer and float code formats: a tuple of per-layer `PackedBlock`s, unrolled.
-  """
+  """A model's stored tensors. `blocks`: one `PackedBlock` of stacked leaves where `fmt` keeps
+  the layers stacked (`stacked`), else a tuple of per-layer `PackedBlock`s."""
 
   embedding: jax.Array  # [vocab, d] float, or int8 codes when embedding_scale is given
   blocks: PackedBlock | tuple[PackedBlock, ...]
@@ -123,7 +86,9 @@ class PackedParams(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PackedSpec:
-  """Static description (hashable): the model config, storage format and matvec method."""
+  """Static description (hashable): the model config, storage format and how its product is
+  computed (`method`: the matvec method of a code format; for a frozen format the resolved
+  `bitlinear_impl` whose forward it runs)."""
 
   cfg: ModelConfig
   fmt: str
@@ -131,14 +96,8 @@ class PackedSpec:
 
 
 def stacked(fmt: str) -> bool:
-  """Whether `fmt` stores its layers stacked (see `PackedParams`)."""
-  return CODE_FORMATS[fmt] == PACKED
-
-
-def holds_planes(fmt: str, method: str) -> bool:
-  """Whether codes of `fmt` are held in memory as bit planes (`ternary_packing.to_planes`)
-  for `method`: 'popcount' on a bit-packed format."""
-  return method == "popcount" and stacked(fmt)
+  """Whether `fmt` stores its layers stacked (module docstring)."""
+  return fmt == LATENT_SCALE or CODE_FORMATS.get(fmt) == PACKED
 
 
 def stack_packed_blocks(blocks: list[PackedBlock]) -> PackedBlock:
@@ -147,12 +106,12 @@ def stack_packed_blocks(blocks: list[PackedBlock]) -> PackedBlock:
 
 
 def packed_layers(params: PackedParams) -> tuple[PackedBlock, ...]:
-  """The stored blocks as a tuple (one stacked block for the bit-packed formats)."""
+  """The stored blocks as a tuple (one stacked block for the stacked formats)."""
   return (params.blocks,) if isinstance(params.blocks, PackedBlock) else params.blocks
 
 
 def pack_kernel(kernel: jax.Array, fmt: str) -> tuple[jax.Array, jax.Array]:
-  """`kernel [in, out]` → codes stored in `fmt` and the scale mean|W| (floored)."""
+  """`kernel [in, out]` → codes stored in code format `fmt` and the scale mean|W| (floored)."""
   codes, _ = quant.quantize_weights_ternary(kernel)
   scale = quant.weight_mean_abs(kernel)
   if CODE_FORMATS[fmt] == PACKED:
@@ -169,70 +128,70 @@ def quantize_embedding(embedding: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes, scale[:, 0]
 
 
-def embed(params: PackedParams, tokens: jax.Array, dtype) -> jax.Array:
-  """`tokens [B, T]` → rows `[B, T, d]` in `dtype` (de-quantized if stored as int8)."""
-  rows = jnp.take(params.embedding, tokens, axis=0)
-  if params.embedding_scale is None:
-    return rows.astype(dtype)
-  scale = jnp.take(params.embedding_scale, tokens, axis=0)[..., None]
-  return quant.dequantize_int8(rows, scale, dtype)
-
-
 def _export_linear(layer, fmt: str, method: str, index: int | None = None) -> PackedLinear:
-  """Packs `layer`'s kernel (layer `index` of a stacked one if given)."""
+  """`layer`'s kernel in `fmt` (layer `index` of a stacked one if given)."""
   kernel, norm_scale = layer.kernel[...], layer.norm_scale[...]
   if index is not None:
     kernel, norm_scale = kernel[index], norm_scale[index]
+  if fmt in FROZEN_FORMATS:
+    keep_latent = fmt == LATENT_SCALE
+    _, w, scale = bitlinear.freeze_weights(kernel, layer.impl, layer.dtype, keep_latent=keep_latent)
+    return PackedLinear(w, scale, norm_scale)
   w, scale = pack_kernel(kernel, fmt)
   if holds_planes(fmt, method):  # as loading a stored directory does
     w = packing.packed_to_planes(w, fmt, kernel.shape[0])
   return PackedLinear(w, scale, norm_scale)
 
 
+def _check_export(model, fmt: str, method: str) -> None:
+  if not isinstance(model, MatMulFreeLM) or isinstance(model, PackedLM):
+    raise TypeError(f"export_packed needs a latent MatMulFreeLM; got {type(model).__name__}")
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown packed format {fmt!r}; choose one of {tuple(CODE_FORMATS)}")
+  if fmt in CODE_FORMATS and method not in packing.MATVEC_METHODS:
+    raise ValueError(f"unknown matvec method {method!r}; choose one of {packing.MATVEC_METHODS}")
+
+
 def export_packed(
   model: MatMulFreeLM, fmt: str = "2bit", method: str = DEFAULT_METHOD, int8_embedding: bool = False
 ) -> tuple[PackedParams, PackedSpec]:
-  """Quantizes and packs every BitLinear of `model` (latent weights are quantized once), and
-  the embedding to int8 rows if `int8_embedding`.
+  """Quantizes every BitLinear of the latent `model` once into `fmt` (a code format, or a
+  frozen one: `method` is then the model's resolved `bitlinear_impl`), and the embedding to
+  int8 rows if `int8_embedding`.
 
-  Returns the packed parameter pytree and the static spec to decode with.
+  Returns the stored tensors and the static spec to run them with.
   """
-  if not isinstance(model, MatMulFreeLM):
-    raise TypeError(f"export_packed needs a MatMulFreeLM; got {type(model).__name__}")
-  if fmt not in CODE_FORMATS:
-    raise ValueError(f"unknown packed format {fmt!r}; choose one of {tuple(CODE_FORMATS)}")
-  if method not in packing.MATVEC_METHODS:
-    raise ValueError(f"unknown matvec method {method!r}; choose one of {packing.MATVEC_METHODS}")
-  b = model.blocks
-  lower_bounds = model.layer_lower_bounds()
-  blocks = []
-  for l in range(model.cfg.num_layers):
-    lin = functools.partial(_export_linear, fmt=fmt, method=method, index=l)
-    blocks.append(
-      PackedBlock(
-        attn_norm=b.attn_norm.scale[l],
-        i_proj=lin(b.attn.i_proj),
-        f_proj=lin(b.attn.f_proj),
-        g_proj=lin(b.attn.g_proj),
-        o_proj=lin(b.attn.o_proj),
-        g_norm=b.attn.g_norm.scale[l],
-        mlp_norm=b.mlp_norm.scale[l],
-        gate_proj=lin(b.mlp.gate_proj),
-        down_proj=lin(b.mlp.down_proj),
-        lower_bound=lower_bounds[l],
-      )
+  _check_export(model, fmt, method)
+  if fmt in FROZEN_FORMATS:
+    method = bitlinear.resolve_impl(model.cfg.bitlinear_impl)
+  b, bounds = model.blocks, model.layer_lower_bounds()
+
+  def block(index):  # None: all layers, stacked as the model holds them
+    take = (lambda a: a) if index is None else (lambda a: a[index])
+    lin = functools.partial(_export_linear, fmt=fmt, method=method, index=index)
+    return PackedBlock(
+      attn_norm=take(b.attn_norm.scale[...]),
+      i_proj=lin(b.attn.i_proj),
+      f_proj=lin(b.attn.f_proj),
+      g_proj=lin(b.attn.g_proj),
+      o_proj=lin(b.attn.o_proj),
+      g_norm=take(b.attn.g_norm.scale[...]),
+      mlp_norm=take(b.mlp_norm.scale[...]),
+      gate_proj=lin(b.mlp.gate_proj),
+      down_proj=lin(b.mlp.down_proj),
+      lower_bound=take(bounds),
     )
+
+  if fmt == LATENT_SCALE:  # the stacked kernels themselves: no per-layer copy
+    blocks = block(None)
+  else:
+    blocks = [block(l) for l in range(model.cfg.num_layers)]
+    blocks = stack_packed_blocks(blocks) if stacked(fmt) else tuple(blocks)
   embedding, embedding_scale = model.embedding[...], None
   if int8_embedding:
     embedding, embedding_scale = quantize_embedding(embedding)
-  blocks = stack_packed_blocks(blocks) if stacked(fmt) else tuple(blocks)
-  params = PackedParams(
-    embedding,
-    blocks,
-    model.final_norm.scale[...],
-    _export_linear(model.lm_head, fmt, method),
-    embedding_scale,
-  )
+  head = _export_linear(model.lm_head, fmt, method)
+  params = PackedParams(embedding, blocks, model.final_norm.scale[...], head, embedding_scale)
   return params, PackedSpec(model.cfg, fmt, method)
 
 
@@ -246,84 +205,141 @@ def bitlinear_weight_bytes(params: PackedParams, include_scales: bool = True) ->
   return int(sum(l.w.nbytes + (l.scale.nbytes if include_scales else 0) for l in linears))
 
 
-def _matvec(
-  x_codes: jax.Array, w: jax.Array, spec: PackedSpec, n_in: int, layer: jax.Array | None = None
-) -> jax.Array:
-  """Exact `x_codes @ w_codes` (integers), `[rows, in]` int8 → `[rows, out]`; `layer`: the
-  layer of a stacked `w [layers, ...]`."""
-  if holds_planes(spec.fmt, spec.method):
-    return packing.planes_matvec(x_codes, w, n_in, layer=layer)
-  if CODE_FORMATS[spec.fmt] == PACKED:
-    if spec.method == "lut" and x_codes.shape[0] > LUT_MAX_ROWS[spec.fmt]:
-      # many rows (prefill, big batches): unpack and multiply, a block of columns at a time
-      return packing.unpacked_matmul(x_codes, w, spec.fmt, n_in, layer=layer)
-    return packing.packed_matvec(x_codes, w, spec.fmt, n_in, spec.method, layer=layer)
-  if spec.fmt == "int8":
-    return jax.lax.dot(x_codes, w, preferred_element_type=jnp.int32)
-  # float storage: products and sums of small integers are exact in the fp32 accumulator
-  return jnp.matmul(x_codes.astype(w.dtype), w, preferred_element_type=jnp.float32)
-
-
-def _bitlinear(
-  p: PackedLinear, x: jax.Array, spec: PackedSpec, layer: jax.Array | None = None
-) -> jax.Array:
-  """BitLinear on stored codes: `[..., in]` → `[..., out]` in the compute dtype (`layer`: of
-  stacked codes; the scales are that layer's already)."""
-  _, codes, sx = quant.bitlinear_input(x, p.norm_scale, quant.BITLINEAR_NORM_EPS)
-  lead = codes.shape[:-1]
-  acc = _matvec(codes.reshape(-1, codes.shape[-1]), p.w, spec, x.shape[-1], layer)
-  return quant.integer_output(
-    acc.reshape(lead + acc.shape[-1:]), p.scale, sx, spec.cfg.compute_dtype
+def _block(template: MatMulFreeBlock, p: PackedBlock, spec: PackedSpec, layers) -> MatMulFreeBlock:
+  """A copy of the abstract `template` holding `p`'s tensors, its BitLinears
+  `QuantizedLinear`s (`layers`: as `QuantizedLinear` takes it)."""
+  block = nnx.merge(*nnx.split(template))
+  linear = functools.partial(
+    QuantizedLinear, fmt=spec.fmt, method=spec.method, dtype=spec.cfg.compute_dtype, layers=layers
   )
+  block.attn_norm.scale = PackedWeight(p.attn_norm)
+  block.attn.g_norm.scale = PackedWeight(p.g_norm)
+  block.mlp_norm.scale = PackedWeight(p.mlp_norm)
+  for proj in ("i_proj", "f_proj", "g_proj", "o_proj"):
+    setattr(block.attn, proj, linear(getattr(p, proj)))
+  block.mlp.gate_proj, block.mlp.down_proj = linear(p.gate_proj), linear(p.down_proj)
+  return block
 
 
-def _at(block: PackedBlock, index: jax.Array) -> PackedBlock:
-  """Layer `index` of a stacked block: norms and scales sliced, codes left stacked."""
-  take = lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False)
-  return PackedBlock(
-    *(
-      PackedLinear(v.w, take(v.scale), take(v.norm_scale))
-      if isinstance(v, PackedLinear)
-      else take(v)
-      for v in block
-    )
-  )
+def read_in_place(blocks: nnx.Module, x: jax.Array, per_layer, body):
+  """`PackedLM`'s loop over stacked blocks (`nn.model.LayerLoop`): a `lax.scan` whose steps
+  take their layer's slice of every leaf but the `PackedCodes`, which they read where they
+  lie (a scan over them would copy each layer's codes out of the stack at every token)."""
+  graphdef, codes, rest = nnx.split(blocks, PackedCodes, ...)
+
+  def step(x, xs):
+    rest_l, layer_inputs = xs
+    return body(nnx.merge(graphdef, codes, rest_l), x, layer_inputs)
+
+  return jax.lax.scan(step, x, (rest, per_layer))
 
 
-def _block(x, h0, layer: PackedBlock, spec: PackedSpec, reset=None, index=None):
-  """One MLGRU + GLU block on stored codes, wired as the trained model's
-  (`nn.model.mmfree_block`): `x [B, T, d]`, `h0 [B, d]` fp32 or None → (x, final h [B, d]).
+def packed_layer_loop(blocks, x: jax.Array, per_layer, body):
+  """`PackedLM`'s own layer loop: unrolled over per-layer blocks, `read_in_place` over
+  stacked ones."""
+  if isinstance(blocks, collections.abc.Sequence):
+    return unroll_blocks(blocks, x, per_layer, body)
+  return read_in_place(blocks, x, per_layer, body)
 
-  `reset [B, T]` bool restarts the recurrence (forget gate 0) where a new document starts.
-  `index`: with a stacked `layer`, the (traced) layer to run.
+
+class PackedLM(MatMulFreeLM):
+  """The quantized MatMul-free LM (module docstring): a `MatMulFreeLM` (its `__call__`,
+  `init_state`, `cfg`) on stored tensors, `PackedWeight` variables (`nnx.split` gives them),
+  so `generate`, `eval` and the lm-eval adapter take it as they take the latent model.
+  `fmt`, `method`: as `PackedSpec`.
   """
-  cfg = spec.cfg
-  if index is not None:
-    layer = _at(layer, index)
-  linear = lambda p: functools.partial(_bitlinear, p, spec=spec, layer=index)
-  norm = lambda scale: functools.partial(quant.rms_norm, scale=scale, eps=cfg.rms_norm_eps)
-  attn = functools.partial(
-    layers.mlgru_mix,
-    i_proj=linear(layer.i_proj),
-    f_proj=linear(layer.f_proj),
-    g_proj=linear(layer.g_proj),
-    o_proj=linear(layer.o_proj),
-    g_norm=norm(layer.g_norm),
-    cfg=cfg,
-  )
-  mlp = functools.partial(
-    layers.glu_mix, gate_proj=linear(layer.gate_proj), down_proj=linear(layer.down_proj)
-  )
-  return mmfree_block(
-    x,
-    layer.lower_bound,
-    attn_norm=norm(layer.attn_norm),
-    attn=attn,
-    mlp_norm=norm(layer.mlp_norm),
-    mlp=mlp,
-    initial_state=h0,
-    reset=reset,
-  )
+
+  def __init__(self, params: PackedParams, spec: PackedSpec):  # pylint: disable=super-init-not-called
+    if spec.fmt not in FORMATS:
+      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of {tuple(CODE_FORMATS)}")
+    cfg = self.cfg = spec.cfg
+    self.fmt, self.method = spec.fmt, spec.method
+    self.embedding = PackedWeight(params.embedding)
+    scale = params.embedding_scale
+    self.embedding_scale = None if scale is None else PackedWeight(scale)
+    template = nnx.eval_shape(lambda: MatMulFreeBlock(cfg, rngs=nnx.Rngs(params=0)))
+    if isinstance(params.blocks, PackedBlock):
+      self.blocks = _block(template, params.blocks, spec, cfg.num_layers)
+      bounds = params.blocks.lower_bound
+    else:
+      self.blocks = nnx.data(nnx.List([_block(template, b, spec, None) for b in params.blocks]))
+      bounds = jnp.stack([b.lower_bound for b in params.blocks])
+    self.stored_lower_bounds = PackedWeight(bounds)
+    self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.rms_norm_eps)
+    self.final_norm.scale = PackedWeight(params.final_norm)
+    self.lm_head = QuantizedLinear(
+      params.lm_head, fmt=spec.fmt, method=spec.method, dtype=cfg.compute_dtype
+    )
+
+  @classmethod
+  def from_model(
+    cls,
+    model: MatMulFreeLM,
+    fmt: str = "2bit",
+    method: str = DEFAULT_METHOD,
+    int8_embedding: bool = False,
+  ):
+    """Quantizes an in-memory latent model (`export_packed`)."""
+    return cls(*export_packed(model, fmt, method, int8_embedding))
+
+  @property
+  def spec(self) -> PackedSpec:
+    return PackedSpec(self.cfg, self.fmt, self.method)
+
+  def packed_params(self) -> PackedParams:
+    """The stored tensors as `PackedParams` (as `export_packed` made them)."""
+    linear = lambda q: PackedLinear(q.w[...], q.scale[...], q.norm_scale[...])
+
+    def block(b, lower_bound):
+      return PackedBlock(
+        b.attn_norm.scale[...],
+        *(linear(getattr(b.attn, n)) for n in ("i_proj", "f_proj", "g_proj", "o_proj")),
+        b.attn.g_norm.scale[...],
+        b.mlp_norm.scale[...],
+        linear(b.mlp.gate_proj),
+        linear(b.mlp.down_proj),
+        lower_bound,
+      )
+
+    bounds = self.stored_lower_bounds[...]
+    if isinstance(self.blocks, collections.abc.Sequence):
+      blocks = tuple(block(b, bounds[l]) for l, b in enumerate(self.blocks))
+    else:
+      blocks = block(self.blocks, bounds)
+    scale = None if self.embedding_scale is None else self.embedding_scale[...]
+    head = linear(self.lm_head)
+    return PackedParams(self.embedding[...], blocks, self.final_norm.scale[...], head, scale)
+
+  def layer_lower_bounds(self) -> jax.Array:
+    """The stored effective forget-gate lower bounds `[layers, d]`."""
+    return self.stored_lower_bounds[...]
+
+  def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+    """The model's lookup; int8 rows (exact in every compute dtype) are then de-quantized."""
+    x = super().embed_tokens(tokens)
+    if self.embedding_scale is None:
+      return x
+    scale = jnp.take(self.embedding_scale[...], tokens, axis=0)[..., None]
+    return quant.dequantize_int8(x, scale, self.cfg.compute_dtype)
+
+  def __call__(
+    self,
+    tokens: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    state: RecurrentState | None = None,
+    layer_loop=None,
+    apply_head: bool = True,
+  ) -> tuple[jax.Array, RecurrentState]:
+    """`MatMulFreeLM.__call__`, the layers run by `layer_loop` (default `packed_layer_loop`:
+    as the format stores them)."""
+    return super().__call__(
+      tokens,
+      segment_ids=segment_ids,
+      state=state,
+      layer_loop=layer_loop or packed_layer_loop,
+      apply_head=apply_head,
+    )
 
 
 def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
@@ -332,6 +348,19 @@ def init_state(spec: PackedSpec, batch: int) -> RecurrentState:
   return RecurrentState(
     jnp.zeros((cfg.num_layers, batch, cfg.d_model), acc_dtype(cfg.compute_dtype))
   )
+
+
+def forward(
+  params: PackedParams,
+  tokens: jax.Array,
+  *,
+  spec: PackedSpec,
+  segment_ids: jax.Array | None = None,
+  state: RecurrentState | None = None,
+) -> tuple[jax.Array, RecurrentState]:
+  """`PackedLM(params, spec)(tokens, ...)`: `tokens [B, T]` int32 → (logits `[B, T, vocab]`
+  compute dtype, final state). Jit it with `spec` bound."""
+  return PackedLM(params, spec)(tokens, segment_ids=segment_ids, state=state)
 
 
 def decode(
@@ -345,99 +374,3 @@ def decode(
   if tokens.ndim != 2 or tokens.shape[1] != 1:
     raise ValueError(f"decode takes tokens [batch, 1]; got {tokens.shape}")
   return forward(params, tokens, spec=spec, state=state)
-
-
-def forward(
-  params: PackedParams,
-  tokens: jax.Array,
-  *,
-  spec: PackedSpec,
-  segment_ids: jax.Array | None = None,
-  state: RecurrentState | None = None,
-) -> tuple[jax.Array, RecurrentState]:
-  """The full-sequence forward (prefill, scoring) on stored codes: `MatMulFreeLM.__call__`'s
-  contract. `tokens [B, T]` int32 → (logits `[B, T, vocab]` compute dtype, final state).
-
-  Layers run as stored (`PackedParams`): scanned over for the bit-packed formats, unrolled
-  for the others, each reading its weights where they lie; a one-token step with a state
-  skips the recurrence's scan.
-  """
-  cfg = spec.cfg
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens must be [batch, seq]; got shape {tokens.shape}")
-  if not isinstance(tokens, jax.core.Tracer):
-    check_token_ids(tokens, cfg.vocab_size)
-  if segment_ids is not None and segment_ids.shape != tokens.shape:
-    raise ValueError(f"segment_ids shape {segment_ids.shape} != tokens shape {tokens.shape}")
-  reset = None
-  if segment_ids is not None and cfg.reset_at_doc_start:
-    reset = reset_mask(segment_ids)
-  x = embed(params, tokens, cfg.compute_dtype)
-  h0 = None if state is None else state.h
-  if not isinstance(params.blocks, PackedBlock):  # a tuple of layers
-    h = []
-    for l, layer in enumerate(params.blocks):
-      x, h_l = _block(x, None if h0 is None else h0[l], layer, spec, reset)
-      h.append(h_l)
-    h = jnp.stack(h)
-  else:
-    body = lambda x, xs: _block(x, xs[1], params.blocks, spec, reset, index=xs[0])
-    x, h = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers), h0))
-  x = quant.rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-  return _bitlinear(params.lm_head, x, spec), RecurrentState(h)
-
-
-class PackedWeight(nnx.Variable):
-  """A stored inference tensor of `PackedLM` (codes, scales, embeddings, norms)."""
-
-
-class PackedLM(nnx.Module):
-  """A packed model behind the `MatMulFreeLM` interface: `model(tokens [B, T], segment_ids=,
-  state=) -> (logits, RecurrentState)`, `init_state(batch)`, `cfg`; `nnx.split` gives the
-  stored tensors (`PackedWeight` variables), so `generate`, `eval` and the lm-eval adapter
-  take it as they take the latent model.
-  """
-
-  def __init__(self, params: PackedParams, spec: PackedSpec):
-    if spec.fmt not in CODE_FORMATS:
-      raise ValueError(f"unknown packed format {spec.fmt!r}; choose one of {tuple(CODE_FORMATS)}")
-    self.cfg = spec.cfg
-    self.fmt = spec.fmt
-    self.method = spec.method
-    self.weights = nnx.data(jax.tree.map(PackedWeight, params))
-
-  @classmethod
-  def from_model(
-    cls,
-    model: MatMulFreeLM,
-    fmt: str = "2bit",
-    method: str = DEFAULT_METHOD,
-    int8_embedding: bool = False,
-  ):
-    """Packs an in-memory latent model (`export_packed`)."""
-    return cls(*export_packed(model, fmt, method, int8_embedding))
-
-  @property
-  def spec(self) -> PackedSpec:
-    return PackedSpec(self.cfg, self.fmt, self.method)
-
-  def packed_params(self) -> PackedParams:
-    return jax.tree.map(
-      lambda v: v[...], self.weights, is_leaf=lambda v: isinstance(v, nnx.Variable)
-    )
-
-  def init_state(self, batch: int, max_len: int | None = None) -> RecurrentState:
-    """Zero state `[layers, batch, d]` fp32; `max_len` is accepted and unused (no limit)."""
-    del max_len
-    return init_state(self.spec, batch)
-
-  def __call__(
-    self,
-    tokens: jax.Array,
-    *,
-    segment_ids: jax.Array | None = None,
-    state: RecurrentState | None = None,
-  ) -> tuple[jax.Array, RecurrentState]:
-    return forward(
-      self.packed_params(), tokens, spec=self.spec, segment_ids=segment_ids, state=state
-    )

@@ -232,6 +232,13 @@ def _auto(x, kernel, norm_scale, *, eps=quant.BITLINEAR_NORM_EPS, dtype=None):
   return IMPLS[impl](x, kernel, norm_scale, eps=eps, dtype=dtype)
 
 
+def resolve_impl(impl: str) -> str:
+  """`model.bitlinear_impl` as it runs on the current platform (`auto` resolved); fails early
+  on an unknown impl."""
+  get_bitlinear(impl)
+  return registry.resolve_bitlinear_impl(impl, dispatch.current_platform())
+
+
 def freeze_weights(
   kernel: jax.Array, impl: str, dtype=None, *, keep_latent: bool = False
 ) -> tuple[str, jax.Array, jax.Array]:
@@ -254,8 +261,7 @@ def freeze_weights(
     compute dtype (the very values their forward's matmul reads, so the outputs are the same;
     an fp32 latent kernel under bf16 compute freezes to half its bytes) and `mean|W|`.
   """
-  get_bitlinear(impl)  # fails early on an unknown impl
-  impl = registry.resolve_bitlinear_impl(impl, dispatch.current_platform())
+  impl = resolve_impl(impl)
   weights = lambda k, m: _weights_from_latent(k, m, impl, dtype)
   mean_abs = quant.weight_mean_abs
   for _ in range(kernel.ndim - 2):
