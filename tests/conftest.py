@@ -65,3 +65,10 @@ from tests.storage_emulators import (  # noqa: E402,F401  (fixtures)
   s3_emulator,
   s3_root,
 )
+from tests.xdist_order import (  # noqa: E402,F401  (hooks)
+  pytest_collection_modifyitems,
+  pytest_configure,
+  pytest_configure_node,
+  pytest_unconfigure,
+  pytest_xdist_make_scheduler,
+)
