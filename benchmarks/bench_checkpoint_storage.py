@@ -1,5 +1,7 @@
 """Checkpoint cost by storage: a small model's train state saved to and restored from a local
-disk and a `gs://` bucket (a GCS emulator process on loopback), and what the train loop loses.
+disk, a `gs://` bucket (a GCS emulator process on loopback) and an `s3://` one (moto's server
+on loopback; checkpoints staged through a local folder, `checkpoint/staging.py`), and what
+the train loop loses.
 
     python -m benchmarks.bench_checkpoint_storage [--preset toy|cpu|accel] [--gcs_root gs://B/P]
 
@@ -8,9 +10,11 @@ Per backend, round-robin with the other (median of rounds):
 
 - `save_block_s`: what `Checkpointer.save` blocks the loop for (the copy of the state to host
   memory and the checksums; the write itself runs in orbax's background thread);
-- `commit_s`: save until committed (`wait`), i.e. the whole write;
+- `commit_s`: save until committed (`wait`), i.e. the whole write (`s3://`: the local write
+  and the upload);
 - `restore_s`: `Checkpointer.restore` of the latest step into the state's shapes, checksums
-  verified;
+  verified, by a fresh read-only Checkpointer, as a resumed run restores (`s3://`: the
+  download included);
 - `interval_overhead_s`: a save followed by `INTERVAL` train steps, minus `INTERVAL` steps
   without a save: the loop's cost of one checkpoint, with the background write competing for
   the same CPUs (`overhead_pct` = that over the interval's step time).
@@ -48,14 +52,17 @@ ROUNDS = {"toy": 1, "cpu": 5, "accel": 5}
 INTERVAL = 10  # train steps after each timed save
 
 
-def _gcs_server():
-  """The tests' GCS emulator (tests/storage_emulators.py): one process for the whole run."""
+def _servers(gcs_root: str | None):
+  """The tests' emulators (tests/storage_emulators.py), one process each for the whole run:
+  S3 always, GCS unless a real `gcs_root` is timed."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   if root not in sys.path:
     sys.path.insert(0, root)
   from tests import storage_emulators  # pylint: disable=import-outside-toplevel
 
-  return storage_emulators.gcs_server()
+  stack = contextlib.ExitStack()
+  gcs = None if gcs_root else stack.enter_context(storage_emulators.gcs_server())
+  return stack, gcs, stack.enter_context(storage_emulators.s3_server())
 
 
 class _Backend:
@@ -100,8 +107,10 @@ def _time_round(backends: dict, runner, times: dict) -> None:
     times[name]["commit_s"].append(time.perf_counter() - t)
     abstract = _abstract(runner.state)
     t = time.perf_counter()
-    jax.block_until_ready(b.checkpointer.restore(b.step, abstract))
+    reader = ckpt_lib.Checkpointer(b.workdir, read_only=True)
+    jax.block_until_ready(reader.restore(b.step, abstract))
     times[name]["restore_s"].append(time.perf_counter() - t)
+    reader.close()
   t = time.perf_counter()
   for _ in range(INTERVAL):
     metrics = runner()
@@ -145,12 +154,16 @@ def run(preset: str, gcs_root: str | None = None) -> dict:
   runner = setups.StepRunner(setup, compiled, setups.random_batch(batch, seq, vocab))
   jax.block_until_ready(runner())
   state_bytes = sum(x.nbytes for x in jax.tree.leaves(runner.state))
-  names = ("local", "gcs" if gcs_root else "gcs_emulator")
+  names = ("local", "gcs" if gcs_root else "gcs_emulator", "s3_emulator")
   times = _empty_times(names)
-  server = contextlib.nullcontext() if gcs_root else _gcs_server()
-  with tempfile.TemporaryDirectory() as local, server as emulator:
-    remote = paths.join(gcs_root, f"{NAME}-{os.getpid()}") if gcs_root else emulator.root()
-    backends = {names[0]: _Backend(local, 0), names[1]: _Backend(remote, 10**6)}
+  stack, gcs, s3 = _servers(gcs_root)
+  with tempfile.TemporaryDirectory() as local, stack:
+    remote = paths.join(gcs_root, f"{NAME}-{os.getpid()}") if gcs_root else gcs.root()
+    backends = {
+      names[0]: _Backend(local, 0),
+      names[1]: _Backend(remote, 10**6),
+      names[2]: _Backend(s3.root(), 2 * 10**6),
+    }
     try:
       if preset != "toy":  # warm-up: the first save and restore of each backend
         _time_round(backends, runner, _empty_times(names))
@@ -189,7 +202,8 @@ def main(argv=None):
     results,
     [
       "Checkpointer.save (async, checksums) of the live train state; local = a temporary "
-      "directory, gcs_emulator = gcp-storage-emulator on loopback (not a real bucket)",
+      "directory, gcs_emulator = gcp-storage-emulator on loopback (not a real bucket), "
+      "s3_emulator = moto's server on loopback, staged through a local folder",
       f"overhead = (save + {INTERVAL} train steps) - ({INTERVAL} train steps), backends "
       "and the plain interval timed round-robin, median of rounds",
     ],
@@ -234,11 +248,13 @@ def markdown(c: dict, res: dict) -> str:
     f"slowdown of the next {c['interval_steps']} train steps ({plain:.3f} s without a save) "
     "while that write runs: on this CPU host the steps and the write share the cores (and "
     "the machine's other load, above), on an accelerator host the step runs on the device. "
-    "`commit` is the whole write. `gcs_emulator` is "
-    "gcp-storage-emulator on loopback, **not a real bucket**: no network, but a "
-    "single-threaded Python server; it measures the object-storage code path, not GCS "
-    "throughput. A checkpoint interval shorter than `commit` makes the next save wait for "
-    "the previous one."
+    "`commit` is the whole write. `restore` is a fresh reader's, as a resumed run's. "
+    "`gcs_emulator` is gcp-storage-emulator and `s3_emulator` moto's server, both on "
+    "loopback, **not real buckets**: no network, but Python servers; they measure the "
+    "object-storage code paths, not GCS or S3 throughput. `s3_emulator` stages through a "
+    "local folder (`checkpoint/staging.py`): its commit is the local write plus the upload, "
+    "its restore the download plus a local restore. A checkpoint interval shorter than "
+    "`commit` makes the next save wait for the previous one."
   )
 
 
