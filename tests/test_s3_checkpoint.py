@@ -6,6 +6,9 @@ kill -9 and resume on an s3:// workdir: tests/test_object_storage.py."""
 
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -115,3 +118,32 @@ def test_s3_uncommitted_step_is_set_aside_and_corruption_is_refused(s3_root, cap
       reader.restore(1, _abstract(_state(1)))
   finally:
     reader.close()
+
+
+@pytest.mark.subprocess
+def test_staging_folder_of_a_dead_process_is_deleted(s3_root, tmp_path, monkeypatch):
+  """A run killed with kill -9 leaves its staging folder; the next Checkpointer on the host
+  deletes it, and keeps a live process's."""
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+  gone = subprocess.Popen([sys.executable, "-c", "pass"])
+  gone.wait()  # its pid is free now
+  dead = tmp_path / f"mmfree-ckpt-{gone.pid}-abc"
+  live = tmp_path / f"mmfree-ckpt-{os.getppid()}-abc"
+  for folder in (dead, live):
+    (folder / "1").mkdir(parents=True)
+  reader = ckpt_lib.Checkpointer(s3_root + "/run", read_only=True)
+  try:
+    assert not dead.exists() and live.exists()
+    assert reader._staged.local.startswith(str(tmp_path))  # pylint: disable=protected-access
+  finally:
+    reader.close()
+
+
+def test_multi_process_run_on_an_s3_workdir_is_refused_in_one_line():
+  fix = "pass a gs:// or shared-disk --workdir for a multi-process run"
+  ckpt_lib.check_workdir_store("s3://bucket/run", fix, process_count=1)
+  ckpt_lib.check_workdir_store("gs://bucket/run", fix, process_count=2)
+  with pytest.raises(ValueError, match=r"s3:// workdir takes one process \(2 here\)") as e:
+    ckpt_lib.check_workdir_store("s3://bucket/run", fix, process_count=2)
+  assert "\n" not in str(e.value) and str(e.value).endswith(fix)

@@ -33,13 +33,15 @@ log = logging.getLogger("mmfree_jax")
 COMMIT_MARKER = "commit_success.txt"
 
 
-def check_workdir_store(workdir: str, fix: str) -> None:
+def check_workdir_store(workdir: str, fix: str, process_count: int | None = None) -> None:
   """Refuses a workdir this run cannot checkpoint to, in one line ending with `fix`: an
   `s3://` one is staged through a local folder (`staging.py`), which holds one process's
-  files only, while orbax's multi-process save merges all processes' files in one store."""
-  if paths.scheme(workdir) == "s3" and jax.process_count() > 1:
+  files only, while orbax's multi-process save merges all processes' files in one store.
+  process_count: the run's processes (default: `jax.process_count()`)."""
+  count = jax.process_count() if process_count is None else process_count
+  if paths.scheme(workdir) == "s3" and count > 1:
     raise ValueError(
-      f"workdir {workdir!r}: an s3:// workdir takes one process ({jax.process_count()} "
+      f"workdir {workdir!r}: an s3:// workdir takes one process ({count} "
       f"here): orbax-checkpoint 0.12.8 writes arrays only to gs:// and local paths, so s3:// "
       f"checkpoints are staged on one process's local disk; {fix}"
     )

@@ -15,14 +15,16 @@ module mirrors it to the bucket:
   export), so only the steps asked for cross the network.
 
 Local disk needed: what orbax keeps locally (up to `keep` steps of a writing run, one step of
-a reader). Cost: each save is written twice (local, then uploaded) in the background; a resume
-downloads its step before orbax reads it. One process only: orbax's multi-process save merges
-every process's files in one shared store, which separate local folders are not.
+a reader); a folder left by a killed process is deleted by the next one on the host. Cost:
+each save is written twice (local, then uploaded) in the background; a resume downloads its
+step before orbax reads it. One process only: orbax's multi-process save merges every
+process's files in one shared store, which separate local folders are not.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import threading
 import time
@@ -33,6 +35,27 @@ from mmfree_jax import paths
 log = logging.getLogger("mmfree_jax")
 _CHUNK = 1 << 24  # bytes per read while copying a file between the bucket and the disk
 _POLL_S = 0.05  # how often the uploader looks for orbax's local commit
+_PREFIX = "mmfree-ckpt-"  # + "<pid>-": a staging folder, named by the process that owns it
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by someone else
+    return True
+  return True
+
+
+def _sweep(tmp: str) -> None:
+  """Deletes the staging folders in `tmp` of processes that are gone (a run killed with
+  `kill -9` cannot delete its own)."""
+  for folder in paths.glob(paths.join(tmp, _PREFIX + "*")):
+    pid = paths.basename(folder)[len(_PREFIX) :].split("-", 1)[0]
+    if pid.isdigit() and not _pid_alive(int(pid)):
+      log.info("deleting the staging folder %s of a process that is gone", folder)
+      paths.rmtree(folder)
 
 
 def _copy(src: str, dst: str) -> None:
@@ -52,7 +75,8 @@ class StagedCheckpoints:
 
   def __init__(self, remote: str, marker: str, keep: int | None = None):
     self.remote, self.marker, self.keep = remote, marker, keep
-    self.local = tempfile.mkdtemp(prefix="mmfree-ckpt-")
+    _sweep(tempfile.gettempdir())
+    self.local = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-")
     self._cleanup = weakref.finalize(self, paths.rmtree, self.local)
     self._uploader: threading.Thread | None = None
     self._pending: int | None = None
