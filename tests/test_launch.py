@@ -1,23 +1,20 @@
-"""The launchers in launch/: SLURM discovery trains like an explicit coordinator, the JobSet
-gives every pod what `dist.coordinator=auto` reads, the TPU VM command is the README's."""
+"""The launchers in launch/: `dist.coordinator=auto` without a cluster, the JobSet gives every
+pod what `dist.coordinator=auto` reads, the TPU VM command is the README's. That SLURM
+discovery trains like an explicit coordinator (bitwise) is part of
+tests/test_training_e2e.py::test_two_processes_match_one, which runs that explicit pair anyway."""
 
-import json
 import os
-import random
 import re
 import shlex
 import subprocess
 import sys
 
-import numpy as np
-import portpicker
 import pytest
 import yaml
 
 from mmfree_jax.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKER = os.path.join(REPO, "tests", "_train_worker.py")
 LAUNCH = os.path.join(REPO, "launch")
 
 
@@ -27,82 +24,6 @@ def _read(*path):
 
 
 # ---- SLURM: dist.coordinator=auto from the SLURM_* variables ----
-
-
-def _slurm_job_id() -> int:
-  """A job id whose coordinator port is free: JAX's SLURM detection listens on
-  `SLURM_JOB_ID % 4096 + 61440` on the step's first node."""
-  for _ in range(200):
-    port = random.randint(61440, 65535)
-    if portpicker.is_port_free(port):
-      return 4096 * 1000 + port - 61440
-  raise RuntimeError("no free port in 61440-65535 for the SLURM coordinator")
-
-
-def _start(workdir, out, overrides, env_extra):
-  env = {
-    k: v
-    for k, v in os.environ.items()
-    if not k.startswith(("SLURM_", "MMFREE_COORDINATOR", "MMFREE_NUM_", "MMFREE_PROCESS"))
-  }
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1", **env_extra)
-  return subprocess.Popen(
-    [sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides)],
-    env=env,
-    stdout=subprocess.PIPE,
-    stderr=subprocess.STDOUT,
-    text=True,
-  )
-
-
-def _wait(procs):
-  for p in procs:
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
-
-
-@pytest.mark.subprocess
-@pytest.mark.slow
-def test_slurm_auto_discovery_trains_like_explicit_coordinator(tmp_path):
-  overrides = {"train.steps": 3, "train.global_batch": 4}
-  port = portpicker.pick_unused_port()
-  _wait(
-    [
-      _start(
-        tmp_path / "explicit",
-        tmp_path / "explicit",
-        overrides,
-        {
-          "MMFREE_COORDINATOR": f"127.0.0.1:{port}",
-          "MMFREE_NUM_PROCESSES": "2",
-          "MMFREE_PROCESS_ID": str(i),
-        },
-      )
-      for i in range(2)
-    ]
-  )
-  job = {
-    "SLURM_JOB_ID": str(_slurm_job_id()),
-    "SLURM_STEP_NODELIST": "127.0.0.1",
-    "SLURM_STEP_NUM_NODES": "1",
-    "SLURM_NTASKS": "2",
-  }  # what srun sets, one node
-  tasks = [{**job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)} for i in range(2)]
-  assert set(distributed.AUTO_ENV["slurm"]) <= set(tasks[0])
-  slurm = [
-    _start(tmp_path / "slurm", tmp_path / "slurm", {**overrides, "dist.coordinator": "auto"}, task)
-    for task in tasks
-  ]
-  _wait(slurm)
-  explicit = json.loads((tmp_path / "explicit.json").read_text())
-  auto = json.loads((tmp_path / "slurm.json").read_text())
-  assert explicit["process_count"] == auto["process_count"] == 2
-  assert explicit["final_step"] == auto["final_step"] == 3
-  assert auto["losses"] == explicit["losses"]  # the same program on the same devices: bitwise
-  p1, p2 = np.load(tmp_path / "explicit.npz"), np.load(tmp_path / "slurm.npz")
-  assert sorted(p1.files) == sorted(p2.files)
-  for k in p1.files:
-    np.testing.assert_array_equal(p2[k], p1[k], err_msg=k)
 
 
 @pytest.mark.subprocess

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import portpicker
 import pytest
 
 from mmfree_jax.checkpoint import manager as ckpt_lib
+from mmfree_jax.parallel import distributed
 from mmfree_jax.train.trainer import train
 from tests.train_configs import small_config
 
@@ -90,7 +92,13 @@ def test_bad_config_fails_before_compute(tmp_path, overrides, match):
 
 
 def _run_worker(workdir, out, overrides, env_extra, stop_after=None):
-  env = dict(os.environ)
+  """`tests/_train_worker.py` in a new process; the distributed settings come from `env_extra`
+  only (none inherited from a SLURM job or launcher the tests may run under)."""
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("SLURM_", "MMFREE_COORDINATOR", "MMFREE_NUM_", "MMFREE_PROCESS"))
+  }
   env.update(env_extra)
   cmd = [sys.executable, WORKER, str(workdir), str(out), json.dumps(overrides)]
   if stop_after is not None:
@@ -98,9 +106,30 @@ def _run_worker(workdir, out, overrides, env_extra, stop_after=None):
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _slurm_job_id() -> int:
+  """A job id whose coordinator port is free: JAX's SLURM detection listens on
+  `SLURM_JOB_ID % 4096 + 61440` on the step's first node."""
+  for _ in range(200):
+    port = random.randint(61440, 65535)
+    if portpicker.is_port_free(port):
+      return 4096 * 1000 + port - 61440
+  raise RuntimeError("no free port in 61440-65535 for the SLURM coordinator")
+
+
+def _wait(procs):
+  for p in procs:
+    out, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, out[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_two_processes_match_one(tmp_path):
+  """One process of two devices, two processes of one device with an explicit coordinator
+  (`MMFREE_COORDINATOR`…), and the same two found by `dist.coordinator=auto` from the
+  variables srun sets (launch/slurm.sbatch): losses to 1e-10 relative and params to 1e-8 of
+  the one process; the SLURM-discovered pair equals the explicit one bitwise (the same
+  program on the same devices)."""
   # f64 so that the cross-process all-reduce order cannot show up in Adam's first steps.
   overrides = {
     "train.steps": 4,
@@ -115,6 +144,7 @@ def test_two_processes_match_one(tmp_path):
     overrides,
     {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
   )
+  one_device = {**base_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
   port = portpicker.pick_unused_port()
   procs = [
     _run_worker(
@@ -122,8 +152,7 @@ def test_two_processes_match_one(tmp_path):
       tmp_path / "multi",
       overrides,
       {
-        **base_env,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        **one_device,
         "MMFREE_COORDINATOR": f"localhost:{port}",
         "MMFREE_NUM_PROCESSES": "2",
         "MMFREE_PROCESS_ID": str(i),
@@ -131,15 +160,29 @@ def test_two_processes_match_one(tmp_path):
     )
     for i in range(2)
   ]
-  for p in [single] + procs:
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
+  _wait([single] + procs)
+  job = {
+    "SLURM_JOB_ID": str(_slurm_job_id()),
+    "SLURM_STEP_NODELIST": "127.0.0.1",
+    "SLURM_STEP_NUM_NODES": "1",
+    "SLURM_NTASKS": "2",
+  }  # what srun sets, one node
+  tasks = [{**job, "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i)} for i in range(2)]
+  assert set(distributed.AUTO_ENV["slurm"]) <= set(tasks[0])
+  auto = {**overrides, "dist.coordinator": "auto"}
+  _wait(
+    [_run_worker(tmp_path / "slurm", tmp_path / "slurm", auto, {**one_device, **t}) for t in tasks]
+  )
   one = json.load(open(tmp_path / "single.json"))
   two = json.load(open(tmp_path / "multi.json"))
-  assert one["process_count"] == 1 and two["process_count"] == 2
-  assert one["final_step"] == two["final_step"] == 4
+  slurm = json.load(open(tmp_path / "slurm.json"))
+  assert one["process_count"] == 1 and two["process_count"] == slurm["process_count"] == 2
+  assert one["final_step"] == two["final_step"] == slurm["final_step"] == 4
   np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-10)
+  assert slurm["losses"] == two["losses"]
   p1, p2 = np.load(tmp_path / "single.npz"), np.load(tmp_path / "multi.npz")
-  assert sorted(p1.files) == sorted(p2.files)
+  p3 = np.load(tmp_path / "slurm.npz")
+  assert sorted(p1.files) == sorted(p2.files) == sorted(p3.files)
   for k in p1.files:
     np.testing.assert_allclose(p2[k], p1[k], atol=1e-8, err_msg=k)
+    np.testing.assert_array_equal(p3[k], p2[k], err_msg=k)
