@@ -15,13 +15,12 @@ is produced. A float64 workdir runs with x64 enabled.
 """
 
 import json
-import logging
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from mmfree_jax import paths, registry
+from mmfree_jax import cli_logging, paths, registry
 
 if __name__ == "__main__":  # an unknown --config.x key: one line, not ml_collections' ~70
   from mmfree_jax.config import check_override_keys  # pylint: disable=g-import-not-at-top
@@ -222,12 +221,7 @@ def _check_before_jax() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-  logging.basicConfig(
-    level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-  )
-  for noisy in ("jax._src", "orbax", "grain", "fsspec"):  # fsspec: a line per bucket read
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
+  cli_logging.setup(cli_logging.absl_verbosity())
   f = flags.FLAGS
   if f.packed is not None and f.step is not None:
     print(

@@ -9,7 +9,6 @@ A workdir that already holds checkpoints is resumed from the latest; one run per
 lock file). `--print_config` shows the resolved config with every key's help and exits.
 """
 
-import logging
 import os
 import sys
 
@@ -107,11 +106,9 @@ def _check_before_jax(cfg) -> None:
 
 def main(argv):
   del argv
-  logging.basicConfig(
-    level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
-  )
-  for noisy in ("absl", "jax._src", "orbax", "grain"):  # orbax logs read-only listings at WARNING
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+  from mmfree_jax import cli_logging  # pylint: disable=g-import-not-at-top
+
+  cli_logging.setup(cli_logging.absl_verbosity())
   if flags.FLAGS.print_config:
     from mmfree_jax.config import describe  # pylint: disable=g-import-not-at-top
 

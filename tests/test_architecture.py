@@ -25,6 +25,7 @@ LAYERS = {
   "registry": 0,
   "hardware": 0,
   "paths": 0,
+  "cli_logging": 0,
   "numerics": 1,
   "parallel": 2,
   "kernels": 3,

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from tests.test_cli_logging import log_headers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs a CLI as `__main__` and prints, after its exit, whether jax had been imported.
 WRAPPER = """
@@ -93,6 +95,7 @@ def test_failed_setup_leaves_no_folder_and_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and "model.vocab_size=64" in errors[0], proc.stderr
+    assert log_headers(proc.stdout + proc.stderr) == [], proc.stderr  # one log format
     assert not workdir.exists(), sorted(str(p) for p in workdir.rglob("*"))
   (workdir / "checkpoints").mkdir(parents=True)  # an existing (empty) workdir stays
   proc = subprocess.run(

@@ -29,6 +29,7 @@ from mmfree_jax.eval import multiple_choice, scoring
 from mmfree_jax.eval.samples import SAMPLE_MC
 from mmfree_jax.nn.model import build_model
 from tests.perturb import perturb_params
+from tests.test_cli_logging import log_headers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-9
@@ -322,7 +323,9 @@ def test_eval_cli_end_to_end(tmp_path):
   ]
   doc.write_text("\n\n".join(paragraphs) + "\n")
   prompt = "In the beginning God created the heaven and the earth, and"
-  env = dict(os.environ, MMFREE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu")
+  # PYTHONPATH: the user's runtime path, without the compile-only toolchains of .venv-accel
+  # (their CUDA plugin logs `I0000 … cudart_stub.cc` lines on a host without a GPU).
+  env = dict(os.environ, MMFREE_CACHE=str(tmp_path / "cache"), JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   cmd = [
     sys.executable,
     os.path.join(REPO, "eval.py"),
@@ -340,6 +343,11 @@ def test_eval_cli_end_to_end(tmp_path):
   proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "acc_norm" in proc.stdout and "perplexity" in proc.stdout
+  # One log format (tests/test_cli_logging.py): our info lines plain, no absl `I1208 …` header.
+  assert log_headers(proc.stdout + proc.stderr) == [], proc.stderr[-3000:]
+  assert any(
+    line.startswith("MatMul-free LM: no context limit") for line in proc.stderr.split("\n")
+  )
   with open(workdir / "eval" / "step_0.json") as f:
     out = json.load(f)
   assert out["step"] == 0 and out["model"]["kind"] == "mmfree"

@@ -15,6 +15,7 @@ from mmfree_jax.eval import format_table
 from mmfree_jax.train import run as run_lib
 from mmfree_jax.train import trainer
 from mmfree_jax.train.step_log import StepLog
+from tests.test_cli_logging import log_headers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -105,3 +106,4 @@ def test_hf_export_prints_no_orbax_warnings(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "exported step 7" in proc.stdout
   assert "read only" not in proc.stderr and "CheckpointManagerOptions" not in proc.stderr
+  assert log_headers(proc.stdout + proc.stderr) == [], proc.stderr  # tests/test_cli_logging.py

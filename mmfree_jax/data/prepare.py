@@ -51,6 +51,7 @@ import logging
 import sys
 import time
 
+from mmfree_jax import cli_logging
 from mmfree_jax import paths as paths_lib
 from mmfree_jax.data import cutting, formats, untrusted
 from mmfree_jax.data import shards as shards_lib
@@ -323,7 +324,8 @@ def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], va
 # ---------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv=None) -> PrepareOptions:
+def parse_args(argv=None) -> tuple[PrepareOptions, int | None]:
+  """The options, and `--verbosity` (the log level; None: the default)."""
   parser = argparse.ArgumentParser(
     prog="python -m mmfree_jax.data.prepare",
     description="Tokenize a corpus once into ArrayRecord shards for data.source=array_record.",
@@ -377,8 +379,9 @@ def parse_args(argv=None) -> PrepareOptions:
     choices=sorted(COMPRESSION),
     help="per-record compression of the shards",
   )
+  cli_logging.add_verbosity_flag(parser)
   args = parser.parse_args(argv)
-  return PrepareOptions(
+  opts = PrepareOptions(
     inputs=args.inputs,
     format=args.format,
     tokenizer=args.tokenizer,
@@ -392,12 +395,16 @@ def parse_args(argv=None) -> PrepareOptions:
     hf_split=args.hf_split,
     compression=args.compression,
   )
+  return opts, args.verbosity
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(message)s")
-  logging.getLogger("fsspec").setLevel(logging.WARNING)  # a line per file opened in a bucket
-  opts = parse_args(argv)
+  opts, verbosity = parse_args(argv)
+  with cli_logging.configured(verbosity):
+    return _run(opts)
+
+
+def _run(opts: PrepareOptions) -> int:
   t = time.perf_counter()
   try:
     manifest = prepare(opts)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mmfree_jax import cli_logging
 from mmfree_jax.checkpoint.manager import CheckpointError
 from mmfree_jax.export import layout, writer
 
@@ -39,12 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "spm:<model> | spm:mistral); default: the workdir's, and a workdir "
     "that records none exports ids-only",
   )
+  cli_logging.add_verbosity_flag(parser)
   return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
+  with cli_logging.configured(args.verbosity):
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
   try:
     out = writer.export_workdir(
       args.workdir,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from mmfree_jax import cli_logging
 from mmfree_jax.checkpoint.manager import CheckpointError
 from mmfree_jax.hf import checkpoint_io, llama
 from mmfree_jax.hf.mapping import HFCheckpointError
@@ -59,12 +59,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "bit-exact round trip; bfloat16 as released)",
   )
   exp.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+  for sub_parser in (imp, exp):
+    cli_logging.add_verbosity_flag(sub_parser)
   return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only notices
+  with cli_logging.configured(args.verbosity):
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
   try:
     if args.command == "import":
       if args.arch == "llama":
