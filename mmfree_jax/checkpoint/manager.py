@@ -84,7 +84,13 @@ def move_aside(workdir: str, steps: list[int], why: str) -> str:
   )
   paths.makedirs(aside)
   for step in steps:
-    paths.move(paths.join(checkpoint_dir(workdir), str(step)), paths.join(aside, str(step)))
+    src, dst = paths.join(checkpoint_dir(workdir), str(step)), paths.join(aside, str(step))
+    marker = paths.join(src, COMMIT_MARKER)
+    # A bucket moves object by object: unpublish first, so a move cut short leaves an
+    # uncommitted folder (set aside at the next start), never a committed one missing files.
+    if paths.is_remote(src) and paths.exists(marker):
+      paths.move(marker, paths.join(dst, COMMIT_MARKER))
+    paths.move(src, dst)
   return aside
 
 
