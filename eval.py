@@ -196,6 +196,20 @@ def _config():
   return cfg
 
 
+def _missing_local_input() -> str | None:
+  """The first --ppl_file / --mc_file / --lm_eval_include_path on this disk that is not there,
+  as eval.runner and eval.multiple_choice would say it after loading the model."""
+  f = flags.FLAGS
+  for what, values in (("perplexity", f.ppl_file), ("multiple-choice", f.mc_file)):
+    for path in _split(values):
+      if not paths.is_remote(path) and not paths.isfile(path):
+        return f"{what} file {path!r} not found"
+  folder = f.lm_eval_include_path
+  if folder and not paths.is_remote(folder) and not paths.isdir(folder):
+    return f"--lm_eval_include_path={folder} is not a folder; pass the folder of your task YAMLs"
+  return None
+
+
 def _check_before_jax() -> None:
   """Errors the flags alone show, before jax imports (10-50 s on a loaded machine)."""
   f = flags.FLAGS
@@ -213,6 +227,8 @@ def _check_before_jax() -> None:
       f"{paths.join(f.workdir, 'config.json')} not found: {f.workdir!r} is not a training or "
       "import workdir (train.py and `python -m mmfree_jax.hf import` write it)"
     )
+  else:
+    error = _missing_local_input()
   if error:
     print(f"eval.py: error: {error}", file=sys.stderr)
     sys.exit(1)

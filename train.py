@@ -91,12 +91,14 @@ def _check_before_jax(cfg) -> None:
   """The config and data-path checks `trainer.setup` starts with, run before jax imports (10-50
   s on a loaded machine) so that a typo is reported in about a second."""
   from mmfree_jax.config import validate  # pylint: disable=g-import-not-at-top
-  from mmfree_jax.data.sources import source_from_config  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.data import sources  # pylint: disable=g-import-not-at-top
 
   try:
     validate(cfg)
-    if cfg.data.source != "array_record":  # prepared folders are checked when opened
-      source_from_config(cfg.data)
+    if cfg.data.source == "array_record":  # their manifests are checked when opened
+      sources.prepared_dirs(cfg.data.paths)
+    else:
+      sources.source_from_config(cfg.data)
   except (ValueError, OSError) as e:
     if flags.FLAGS.traceback:
       raise

@@ -39,6 +39,29 @@ CASES = [
   ("eval.py", ["--workdir=/nonexistent", "--ppl_split=val"], "--workdir=/nonexistent does not"),
   ("eval.py", ["--packed=/nonexistent", "--prompt=x"], "--packed=/nonexistent does not"),
   ("eval.py", ["--workdir=.", "--prompt=x"], "is not a training or import workdir"),
+  (
+    "train.py",
+    ["--config.data.source=array_record", "--config.data.paths=/nonexistent/web"],
+    "prepared folder '/nonexistent/web' does not exist",
+  ),
+  ("eval.py", ["--packed=.", "--ppl_file=notes.txt"], "perplexity file 'notes.txt' not found"),
+  ("eval.py", ["--packed=.", "--mc_file=mc.jsonl"], "multiple-choice file 'mc.jsonl' not found"),
+  (
+    "eval.py",
+    ["--packed=.", "--lm_eval_tasks=my_mc", "--lm_eval_include_path=tasks"],
+    "--lm_eval_include_path=tasks is not a folder",
+  ),
+  # The module CLIs (`python -m mmfree_jax.hf import ...`) say `error: ...`.
+  (
+    "mmfree_jax/hf/__main__.py",
+    ["import", "--src=/nonexistent/MMfreeLM-370M", "--workdir=wd"],
+    "/nonexistent/MMfreeLM-370M/config.json not found: --src must be an HF model folder",
+  ),
+  (
+    "mmfree_jax/data/prepare.py",
+    ["--inputs=/nonexistent/*.jsonl", "--format=jsonl", "--tokenizer=byte", "--out=wd"],
+    "--inputs glob '/nonexistent/*.jsonl' matches no files",
+  ),
 ]
 
 
@@ -61,7 +84,8 @@ def test_user_error_is_one_line_before_jax(tmp_path, script, args, expected):
   assert proc.returncode != 0, proc.stdout + proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1, proc.stderr
-  assert lines[0].startswith(f"{script}: error: ") and expected in lines[0], lines[0]
+  prefix = "error: " if "/" in script else f"{script}: error: "
+  assert lines[0].startswith(prefix) and expected in lines[0], lines[0]
   assert "JAX_IMPORTED=False" in proc.stdout, (proc.stdout, proc.stderr)
   assert not workdir.exists(), "a failed start created the workdir"
 

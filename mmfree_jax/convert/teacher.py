@@ -16,8 +16,9 @@ import jax
 from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.config import ModelConfig
-from mmfree_jax.hf import checkpoint_io, llama
+from mmfree_jax.hf import llama
 from mmfree_jax.hf import mapping as hf_mapping
+from mmfree_jax.hf import tensors as hf_tensors
 
 
 def teacher_source(path: str) -> str:
@@ -44,9 +45,7 @@ def read_teacher_config(path: str, student: ModelConfig) -> ModelConfig:
   if teacher_source(path) == "workdir":
     section = loading.load_workdir_config(path).model.to_dict()
   else:
-    section = llama.model_section_from_llama(
-      checkpoint_io.read_hf_config(path), student.param_dtype
-    )
+    section = llama.model_section_from_llama(hf_tensors.read_hf_config(path), student.param_dtype)
   section.update(overrides)
   teacher = ModelConfig.from_config(section)
   if teacher.kind != "transformer":

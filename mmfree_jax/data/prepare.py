@@ -324,7 +324,12 @@ def write_manifest(out: str, tokenizer: dict, plan: dict, shards: list[dict], va
 # ---------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv=None) -> tuple[PrepareOptions, int | None]:
+def parse_args(argv=None) -> PrepareOptions:
+  """The options of a command line."""
+  return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv=None) -> tuple[PrepareOptions, int | None]:
   """The options, and `--verbosity` (the log level; None: the default)."""
   parser = argparse.ArgumentParser(
     prog="python -m mmfree_jax.data.prepare",
@@ -399,7 +404,7 @@ def parse_args(argv=None) -> tuple[PrepareOptions, int | None]:
 
 
 def main(argv=None) -> int:
-  opts, verbosity = parse_args(argv)
+  opts, verbosity = parse_command_line(argv)
   with cli_logging.configured(verbosity):
     return _run(opts)
 

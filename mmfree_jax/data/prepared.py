@@ -36,8 +36,8 @@ from mmfree_jax import config as config_lib
 from mmfree_jax import paths
 from mmfree_jax.data import cache as cache_lib
 from mmfree_jax.data import shards as shards_lib
+from mmfree_jax.data import sources, untrusted
 from mmfree_jax.data import split as split_lib
-from mmfree_jax.data import untrusted
 from mmfree_jax.data.corpus import Runs
 from mmfree_jax.data.sequence_packing import PackedWindows
 from mmfree_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -95,11 +95,7 @@ def open_prepared(directory: str) -> PreparedDir:
   folder); every shard file must have its size. Shard contents are verified at first read."""
   directory = paths.absolute(paths.expanduser(directory))
   path = paths.join(directory, MANIFEST)
-  if not paths.isdir(directory):
-    raise ValueError(
-      f"prepared folder {directory!r} does not exist; run `python -m "
-      "mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths"
-    )
+  sources.check_prepared_dir_exists(directory)
   if not paths.is_published(directory, MANIFEST):
     partial = any(n.startswith("shard-") for n in paths.listdir(directory))
     raise ValueError(
@@ -211,27 +207,6 @@ def _check_tokenizer_fields(path: str, m: dict) -> None:
     )
 
 
-def resolve_dirs(data_paths: str) -> list[str]:
-  """`data.paths` for array_record: comma-separated folders or globs, in sorted order."""
-  entries = [p.strip() for p in (data_paths or "").split(",") if p.strip()]
-  if not entries:
-    raise ValueError(
-      "data.source='array_record' needs data.paths: the folders written by "
-      "`python -m mmfree_jax.data.prepare` (comma-separated)"
-    )
-  dirs = []
-  for entry in entries:
-    pattern = paths.expanduser(entry)
-    if paths.has_magic(pattern):
-      matches = [p for p in paths.glob(pattern) if paths.isdir(p)]
-      if not matches:
-        raise ValueError(f"data.paths glob {entry!r} matches no folders; fix --config.data.paths")
-      dirs += matches
-    else:
-      dirs.append(pattern)
-  return [paths.absolute(d) for d in dirs]
-
-
 def mixture_weights(mixture: str, prepared: list[PreparedDir]) -> list[float]:
   """Weights of the folders: `data.mixture` (`config.mixture_weights`), or their train
   tokens when it is empty."""
@@ -248,7 +223,7 @@ def mixture_weights(mixture: str, prepared: list[PreparedDir]) -> list[float]:
 
 def open_sources(data_cfg) -> tuple[list[PreparedDir], list[float]]:
   """The configured prepared folders and their mixture weights, all checked."""
-  prepared = [open_prepared(d) for d in resolve_dirs(data_cfg.paths)]
+  prepared = [open_prepared(d) for d in sources.prepared_dirs(data_cfg.paths)]
   weights = mixture_weights(data_cfg.get("mixture", ""), prepared)
   for p, w in zip(prepared, weights):
     if w > 0 and not p.split_shards("train"):

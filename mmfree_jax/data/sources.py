@@ -113,6 +113,40 @@ def resolve_paths(paths: str, kind: str) -> list[str]:
   return list(dict.fromkeys(paths_lib.absolute(p) for p in files))  # dedupe, keep order
 
 
+def check_prepared_dir_exists(directory: str) -> None:
+  """A prepared folder (`data.source=array_record`) that is not there, in one line."""
+  if not paths_lib.isdir(directory):
+    raise ValueError(
+      f"prepared folder {directory!r} does not exist; run `python -m "
+      "mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths"
+    )
+
+
+def prepared_dirs(data_paths: str) -> list[str]:
+  """`data.paths` for array_record: comma-separated folders or globs, in sorted order, each
+  of which exists (jax-free: train.py checks it before importing jax)."""
+  entries = [p.strip() for p in (data_paths or "").split(",") if p.strip()]
+  if not entries:
+    raise ValueError(
+      "data.source='array_record' needs data.paths: the folders written by "
+      "`python -m mmfree_jax.data.prepare` (comma-separated)"
+    )
+  dirs = []
+  for entry in entries:
+    pattern = paths_lib.expanduser(entry)
+    if paths_lib.has_magic(pattern):
+      matches = [p for p in paths_lib.glob(pattern) if paths_lib.isdir(p)]
+      if not matches:
+        raise ValueError(f"data.paths glob {entry!r} matches no folders; fix --config.data.paths")
+      dirs += matches
+    else:
+      dirs.append(pattern)
+  dirs = [paths_lib.absolute(d) for d in dirs]
+  for directory in dirs:
+    check_prepared_dir_exists(directory)
+  return dirs
+
+
 def file_identity(path: str) -> list:
   """(absolute path, size, mtime in ns): changes whenever the file is rewritten (an object
   in a bucket: its size and last upload time)."""

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfree_jax import cli_logging
-from mmfree_jax.checkpoint.manager import CheckpointError
-from mmfree_jax.hf import checkpoint_io, llama
+from mmfree_jax import cli_logging, paths
+from mmfree_jax.hf import tensors
 from mmfree_jax.hf.mapping import HFCheckpointError
 
 
@@ -18,7 +17,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     "mmfree_jax workdirs.",
   )
   sub = parser.add_subparsers(dest="command", required=True)
-  dtypes = sorted(checkpoint_io.NUMPY_DTYPES)
+  dtypes = sorted(tensors.NUMPY_DTYPES)
   imp = sub.add_parser("import", help="HF folder → workdir (params-only checkpoint step 0)")
   imp.add_argument(
     "--arch",
@@ -71,6 +70,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+  if args.command == "import" and not paths.is_remote(args.src):
+    try:  # a folder that is not an HF model, in a second: before jax imports
+      tensors.read_hf_config(args.src)
+    except HFCheckpointError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+  # pylint: disable=g-import-not-at-top
+  from mmfree_jax.checkpoint.manager import CheckpointError
+  from mmfree_jax.hf import checkpoint_io, llama
+
   try:
     if args.command == "import":
       if args.arch == "llama":

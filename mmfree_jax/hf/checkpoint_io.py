@@ -25,7 +25,6 @@ import contextlib
 import json
 
 import jax
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -33,7 +32,7 @@ from mmfree_jax import paths
 from mmfree_jax.checkpoint import loading
 from mmfree_jax.checkpoint.manager import Checkpointer
 from mmfree_jax.config import ModelConfig, config_from_dict
-from mmfree_jax.data import tokenizer_from_config, untrusted
+from mmfree_jax.data import tokenizer_from_config
 from mmfree_jax.data.cache import default_cache_dir
 from mmfree_jax.data.tokenizer import load_tokenizer
 from mmfree_jax.hf import mapping, tensors
@@ -46,12 +45,6 @@ from mmfree_jax.hf.staging import (
 )
 from mmfree_jax.nn.model import abstract_model
 
-NUMPY_DTYPES = {
-  "float32": np.dtype(np.float32),
-  "float64": np.dtype(np.float64),
-  "bfloat16": np.dtype(ml_dtypes.bfloat16),
-  "float16": np.dtype(np.float16),
-}
 _SHOWN = 10  # names listed in an error before "... and N more"
 # Orbax's cap on bytes serialized at once while an import saves (bounds the host copies); it
 # is raised to fit the largest single array, which orbax cannot split.
@@ -63,40 +56,14 @@ TOKENIZER_FILES = (("tokenizer.model", "spm"), ("tokenizer.json", "hf"))
 def numpy_dtype(name: str) -> np.dtype:
   """`float32 | float64 | bfloat16 | float16` → numpy dtype (bf16 from ml_dtypes)."""
   try:
-    return NUMPY_DTYPES[name]
+    return tensors.NUMPY_DTYPES[name]
   except KeyError:
     raise HFCheckpointError(
-      f"unknown dtype {name!r}; choose one of {sorted(NUMPY_DTYPES)}"
+      f"unknown dtype {name!r}; choose one of {sorted(tensors.NUMPY_DTYPES)}"
     ) from None
 
 
 # ----------------------------------------------------------------------------------- import
-
-
-def read_hf_config(src: str) -> dict:
-  """The `config.json` of an HF model folder, as a dict."""
-  path = paths.join(src, "config.json")
-  if not paths.isfile(path) and any(
-    paths.isfile(paths.join(src, name)) for name in (tensors.SINGLE_FILE, tensors.SAFETENSORS_INDEX)
-  ):
-    raise HFCheckpointError(
-      f"{path} not found, but {src} holds weights: an HF folder still being written, or whose "
-      "export failed (config.json is written last); wait for it, or export or download it again"
-    )
-  if not paths.isfile(path):
-    raise HFCheckpointError(
-      f"{path} not found: --src must be an HF model folder holding "
-      "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)"
-    )
-  try:
-    config = untrusted.load_json(
-      path, what="an HF model config", fix="re-download the model's config.json"
-    )
-  except ValueError as e:
-    raise HFCheckpointError(str(e)) from None
-  if not isinstance(config, dict):
-    raise HFCheckpointError(f"{path} must hold a JSON object; got {type(config).__name__}")
-  return config
 
 
 def our_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -255,7 +222,7 @@ def import_checkpoint(
     a summary dict (workdir, num_params, tokenizer ('' = none), notes, model config).
   """
   np_dtype = numpy_dtype(dtype)
-  hf_config = read_hf_config(src)
+  hf_config = tensors.read_hf_config(src)
   model_section = mapping.model_section_from_hf(hf_config, dtype)
   model_cfg = ModelConfig.from_config(model_section)
   shapes = our_shapes(model_cfg)

@@ -315,7 +315,7 @@ def load_llama(
   A tensor holding NaN/inf is refused unless allow_nonfinite.
   """
   np_dtype = checkpoint_io.numpy_dtype(dtype)
-  hf_config = checkpoint_io.read_hf_config(src)
+  hf_config = tensors.read_hf_config(src)
   section = model_section_from_llama(hf_config, dtype)
   model_cfg = ModelConfig.from_config(section)
   shapes = checkpoint_io.our_shapes(model_cfg)

@@ -34,6 +34,13 @@ SAFETENSORS_DTYPES = {
 SAFETENSORS_NAME = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 # Integer tensors are written (packed ternary codes, `mmfree_jax.export`), never imported.
 SAFETENSORS_NAME.update({np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8"})
+# The dtypes an import or export may be asked for (`--dtype`).
+NUMPY_DTYPES = {
+  "float32": np.dtype(np.float32),
+  "float64": np.dtype(np.float64),
+  "bfloat16": np.dtype(ml_dtypes.bfloat16),
+  "float16": np.dtype(np.float16),
+}
 SINGLE_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
@@ -374,3 +381,29 @@ def write_safetensors(
       f.write(memoryview(array.reshape(-1).view(np.uint8)))
       del array
     return f.tell()
+
+
+def read_hf_config(src: str) -> dict:
+  """The `config.json` of an HF model folder, as a dict (jax-free: the CLI reads it first)."""
+  path = paths.join(src, "config.json")
+  if not paths.isfile(path) and any(
+    paths.isfile(paths.join(src, name)) for name in (SINGLE_FILE, SAFETENSORS_INDEX)
+  ):
+    raise HFCheckpointError(
+      f"{path} not found, but {src} holds weights: an HF folder still being written, or whose "
+      "export failed (config.json is written last); wait for it, or export or download it again"
+    )
+  if not paths.isfile(path):
+    raise HFCheckpointError(
+      f"{path} not found: --src must be an HF model folder holding "
+      "config.json and the weights (e.g. a download of ridger/MMfreeLM-370M)"
+    )
+  try:
+    config = untrusted.load_json(
+      path, what="an HF model config", fix="re-download the model's config.json"
+    )
+  except ValueError as e:
+    raise HFCheckpointError(str(e)) from None
+  if not isinstance(config, dict):
+    raise HFCheckpointError(f"{path} must hold a JSON object; got {type(config).__name__}")
+  return config
