@@ -46,12 +46,22 @@ def _package(record: logging.LogRecord) -> str:
 
 class PlainFormatter(logging.Formatter):
   """`message` for our INFO and below, `level: message` for our warnings and errors,
-  `level (package): message` for a library's records."""
+  `level (package): message` for a library's records. A library's exception is one line
+  (`: Type: message`) unless `tracebacks` (--verbosity): gcsfs logs its retries' traceback
+  before our one-line error says what failed."""
+
+  def __init__(self, tracebacks: bool = False):
+    super().__init__()
+    self.tracebacks = tracebacks
 
   def format(self, record: logging.LogRecord) -> str:
     text = record.getMessage()
-    if record.exc_info:
-      text = f"{text}\n{self.formatException(record.exc_info)}"
+    if record.exc_info and record.exc_info[1] is not None:
+      if self.tracebacks or _is_ours(record.name):
+        text = f"{text}\n{self.formatException(record.exc_info)}"
+      else:
+        error = record.exc_info[1]
+        text = f"{text}: {type(error).__name__}: {' '.join(str(error).split())}"
     level = record.levelname.lower()
     if _is_ours(record.name):
       return text if record.levelno < logging.WARNING else f"{level}: {text}"
@@ -136,7 +146,7 @@ def setup(verbosity: int | None = None) -> None:
     ):
       root.removeHandler(handler)
   handler = _StderrHandler()
-  handler.setFormatter(PlainFormatter())
+  handler.setFormatter(PlainFormatter(tracebacks=verbosity is not None))
   handler.addFilter(_LevelFilter(ours, libraries))
   root.addHandler(handler)
   root.setLevel(libraries)

@@ -112,3 +112,16 @@ def test_verbosity_levels_are_absl_s():
     logging.DEBUG,
     logging.DEBUG,
   ]
+
+
+def test_a_library_exception_is_one_line_unless_verbose():
+  try:
+    raise ConnectionError("Cannot connect to host\nstorage.googleapis.com:443")
+  except ConnectionError:
+    record = logging.getLogger("gcsfs").makeRecord(
+      "gcsfs", logging.ERROR, "retry.py", 1, "_request out of retries", (), sys.exc_info()
+    )
+  line = "error (gcsfs): _request out of retries: ConnectionError: Cannot connect to host "
+  assert cli_logging.PlainFormatter().format(record) == line + "storage.googleapis.com:443"
+  verbose = cli_logging.PlainFormatter(tracebacks=True).format(record)
+  assert verbose.startswith("error (gcsfs): _request out of retries\nTraceback")
