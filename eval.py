@@ -210,8 +210,30 @@ def _missing_local_input() -> str | None:
   return None
 
 
+def _unreachable(e: OSError) -> str:
+  """An OSError other than a missing file (a bucket's refusal, no network) as one line."""
+  f = flags.FLAGS
+  reason = " ".join(str(e).split()) or type(e).__name__
+  return (
+    f"reading {f.workdir or f.packed} failed: {reason}; check the path and, for a bucket, "
+    "that it exists and your credentials may use it"
+  )
+
+
 def _check_before_jax() -> None:
   """Errors the flags alone show, before jax imports (10-50 s on a loaded machine)."""
+  try:
+    error = _flags_error()
+  except FileNotFoundError as e:
+    error = str(e)
+  except OSError as e:
+    error = _unreachable(e)
+  if error:
+    print(f"eval.py: error: {error}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _flags_error() -> str | None:
   f = flags.FLAGS
   error = None
   if not (f.ppl_split or _split(f.ppl_file) or _split(f.mc_file) or f.prompt or f.lm_eval_tasks):
@@ -229,9 +251,7 @@ def _check_before_jax() -> None:
     )
   else:
     error = _missing_local_input()
-  if error:
-    print(f"eval.py: error: {error}", file=sys.stderr)
-    sys.exit(1)
+  return error
 
 
 def main(argv):
@@ -283,6 +303,9 @@ def main(argv):
         print(f"results: {path}")
   except (FileNotFoundError, ValueError, CheckpointError, ImportError) as e:
     print(f"eval.py: error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except OSError as e:
+    print(f"eval.py: error: {_unreachable(e)}", file=sys.stderr)
     sys.exit(1)
 
 
