@@ -15,6 +15,7 @@ is produced. A float64 workdir runs with x64 enabled.
 """
 
 import json
+import os
 import sys
 
 from absl import app, flags
@@ -33,8 +34,11 @@ if __name__ == "__main__":  # an unknown --config.x key: one line, not ml_collec
 
 config_flags.DEFINE_config_file(
   "config",
-  None,
-  "Optional config overriding the workdir's config.json (same model architecture).",
+  os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "base.py"),
+  "Optional config overriding the workdir's config.json (same model architecture). Without "
+  "it, --config.a.b=v overrides apply to the workdir's config. --config.mesh.shape.context=N "
+  "(and the other mesh.shape axes) runs on that device mesh: long documents, contexts and "
+  "prompts split over N devices, the params split as in training.",
   lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Training or import workdir (config.json, checkpoints/).")
@@ -138,7 +142,7 @@ def _run_lm_eval() -> str:
     f.workdir or f.packed,
     f.lm_eval_tasks,
     step=f.step,
-    config=f.config,
+    config=_given_config(),
     batch_size=f.batch_size,
     limit=f.lm_eval_limit,
     include_path=f.lm_eval_include_path,
@@ -170,21 +174,39 @@ def _write(results: dict) -> str | None:
     return None
 
 
+def _given_config():
+  """--config when given (the default file only parses overrides), else None."""
+  return flags.FLAGS.config if flags.FLAGS["config"].present else None
+
+
+def _overrides() -> dict:
+  """The `--config.a.b=v` overrides, `{"a.b": v}`."""
+  return dict(flags.FLAGS["config"].override_values)
+
+
+def _mesh_requested() -> bool:
+  return any(key.startswith("mesh.") for key in _overrides())
+
+
 def _config():
-  """The config to evaluate with: --config or the workdir's, with --tokenizer applied; enables
-  x64 when its dtypes are float64 (else JAX would silently compute in float32)."""
+  """The config to evaluate with: --config or the workdir's (with the --config.* overrides),
+  with --tokenizer applied; enables x64 when its dtypes are float64 (else JAX would silently
+  compute in float32)."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from mmfree_jax.checkpoint import loading  # pylint: disable=g-import-not-at-top
 
   f = flags.FLAGS
-  cfg = f.config
+  cfg = _given_config()
   if (
     cfg is None
     and f.workdir is not None
     and (f.tokenizer or paths.exists(paths.join(f.workdir, "config.json")))
   ):
     cfg = loading.load_workdir_config(f.workdir)
+    if _overrides():
+      with cfg.unlocked():
+        cfg.update_from_flattened_dict(_overrides())
   if cfg is None:
     return None
   if f.tokenizer:
@@ -220,6 +242,17 @@ def _unreachable(e: OSError) -> str:
   )
 
 
+def _mesh(cfg):
+  """The device mesh of `cfg.mesh` when --config.mesh.* is given, else None (one device)."""
+  if not _mesh_requested():
+    return None
+  from mmfree_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+
+  mesh = mesh_lib.make_mesh(cfg.mesh.shape, dcn_cfg=cfg.mesh.dcn)
+  print(f"mesh: {dict(mesh.shape)}")
+  return mesh
+
+
 def _check_before_jax() -> None:
   """Errors the flags alone show, before jax imports (10-50 s on a loaded machine)."""
   try:
@@ -244,10 +277,17 @@ def _flags_error() -> str | None:
       f"--{name}={f.workdir or f.packed} does not exist; pass the folder of a training run, "
       "an HF import (python -m mmfree_jax.hf import) or an export (python -m mmfree_jax.export)"
     )
-  elif f.workdir and f.config is None and not paths.exists(paths.join(f.workdir, "config.json")):
+  elif (
+    f.workdir and _given_config() is None and not paths.exists(paths.join(f.workdir, "config.json"))
+  ):
     error = (  # as checkpoint.loading.load_workdir_config says it
       f"{paths.join(f.workdir, 'config.json')} not found: {f.workdir!r} is not a training or "
       "import workdir (train.py and `python -m mmfree_jax.hf import` write it)"
+    )
+  elif _mesh_requested() and (f.packed or f.lm_eval_tasks):
+    error = (
+      "--config.mesh.shape runs a --workdir checkpoint on a device mesh; --packed and "
+      "--lm_eval_tasks run on one device: drop the mesh overrides for them"
     )
   else:
     error = _missing_local_input()
@@ -280,14 +320,16 @@ def main(argv):
   try:
     options = _options()
     if not f.lm_eval_tasks or evaluation.has_work(options):
+      config = _config()
       results = evaluation.evaluate_workdir(
         f.workdir or f.packed,
         options,
         step=f.step,
-        config=_config(),
+        config=config,
         packed=f.packed is not None,
         packed_method=f.packed_method,
         write=False,
+        mesh=_mesh(config),
       )
       table = evaluation.format_table(results, generation=not f.stream)  # streamed: printed
       if table:

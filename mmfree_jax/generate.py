@@ -34,6 +34,7 @@ from mmfree_jax.infer.sampling import (  # noqa: F401 (the public API re-exporte
   static_sampling,
 )
 from mmfree_jax.nn.model import MatMulFreeLM, TransformerLM, check_token_ids
+from mmfree_jax.parallel import kernel_sharding, sharding
 
 log = logging.getLogger("mmfree_jax")
 # generation's memory estimate lives with the inference plans; these names stay here too
@@ -90,6 +91,7 @@ def _decode_loop(model, emit, carry):
     "nucleus",
     "vocab_limit",
     "stream",
+    "layout",
   ),
 )
 def _generate(
@@ -109,6 +111,7 @@ def _generate(
   nucleus: bool,
   vocab_limit: int | None = None,
   stream: bool = False,
+  layout: sharding.Layout | None = None,
 ):
   """`prompt [batch, P]` right-padded, `lengths [batch]` int32 (min_len <= lengths <= P).
 
@@ -122,46 +125,61 @@ def _generate(
   is consumed and stops at its own EOS. Every row sits at the same position, so one
   `[batch, 1]` decode step serves all (no padding masks, exact for both model kinds).
   vocab_limit: only ids below it are sampled. stream: each step's tokens go to
-  `_emit_tokens` (host callback, in order).
+  `_emit_tokens` (host callback, in order). layout: the caller's `parallel.sharding.active()`
+  (`min_len` then a multiple of its context size, or the prefill runs unsplit).
   """
-  model = prepare_for_decoding(nnx.merge(graphdef, params))  # weights prepared once
-  batch, prompt_len = prompt.shape
-  rows = jnp.arange(batch)
-  sample = functools.partial(
-    sample_traced, temperature=temperature, top_p=top_p, greedy=greedy, top_k=top_k, nucleus=nucleus
-  )
-  fill = jnp.maximum(eos, 0)  # what a finished row is fed (its output repeats the EOS)
-  # MatMul-free: `h [layers, batch, d]` whatever the length; Transformer++: KV cache of
-  # prompt_len + max_new_tokens positions.
-  state = model.init_state(batch, prompt_len + max_new_tokens)
-  logits, state = model(prompt[:, :min_len], state=state)  # prefill: parallel
-
-  def emit(t, logits, out, count, done, rng):
-    """Samples after `t` consumed tokens; rows past their prompt record it."""
-    rng, key = jax.random.split(rng)
-    if vocab_limit is not None:
-      keep = jnp.arange(logits.shape[-1]) < vocab_limit
-      logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
-    token = sample(logits, key)
-    emitting = (t >= lengths) & ~done
-    slot = jnp.minimum(count, max_new_tokens - 1)
-    if stream:
-      jax.debug.callback(_emit_tokens, slot, token, emitting, ordered=True)
-    out = out.at[rows, slot].set(jnp.where(emitting, token, out[rows, slot]))
-    count = count + emitting
-    done = done | (emitting & ((token == eos) | (count >= max_new_tokens)))
-    prompt_next = jax.lax.dynamic_index_in_dim(
-      prompt, jnp.minimum(t, prompt_len - 1), 1, keepdims=False
+  with sharding.within(layout):  # the prefill splits the prompt over the context axis
+    model = prepare_for_decoding(nnx.merge(graphdef, params))  # weights prepared once
+    batch, prompt_len = prompt.shape
+    rows = jnp.arange(batch)
+    sample = functools.partial(
+      sample_traced,
+      temperature=temperature,
+      top_p=top_p,
+      greedy=greedy,
+      top_k=top_k,
+      nucleus=nucleus,
     )
-    feed = jnp.where(t < lengths, prompt_next, jnp.where(done, fill, token))
-    return feed, out, count, done, rng
+    fill = jnp.maximum(eos, 0)  # what a finished row is fed (its output repeats the EOS)
+    # MatMul-free: `h [layers, batch, d]` whatever the length; Transformer++: KV cache of
+    # prompt_len + max_new_tokens positions.
+    state = model.init_state(batch, prompt_len + max_new_tokens)
+    logits, state = model(prompt[:, :min_len], state=state)  # prefill: parallel
 
-  out = jnp.zeros((batch, max_new_tokens), jnp.int32)
-  count = jnp.zeros((batch,), jnp.int32)
-  t = jnp.int32(min_len)
-  feed, out, count, done, rng = emit(t, logits[:, -1], out, count, jnp.zeros((batch,), bool), rng)
+    def emit(t, logits, out, count, done, rng):
+      """Samples after `t` consumed tokens; rows past their prompt record it."""
+      rng, key = jax.random.split(rng)
+      if vocab_limit is not None:
+        keep = jnp.arange(logits.shape[-1]) < vocab_limit
+        logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+      token = sample(logits, key)
+      emitting = (t >= lengths) & ~done
+      slot = jnp.minimum(count, max_new_tokens - 1)
+      if stream:
+        jax.debug.callback(_emit_tokens, slot, token, emitting, ordered=True)
+      out = out.at[rows, slot].set(jnp.where(emitting, token, out[rows, slot]))
+      count = count + emitting
+      done = done | (emitting & ((token == eos) | (count >= max_new_tokens)))
+      prompt_next = jax.lax.dynamic_index_in_dim(
+        prompt, jnp.minimum(t, prompt_len - 1), 1, keepdims=False
+      )
+      feed = jnp.where(t < lengths, prompt_next, jnp.where(done, fill, token))
+      return feed, out, count, done, rng
 
-  return _decode_loop(model, emit, (t, feed, state, out, count, done, rng))
+    out = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    count = jnp.zeros((batch,), jnp.int32)
+    t = jnp.int32(min_len)
+    feed, out, count, done, rng = emit(t, logits[:, -1], out, count, jnp.zeros((batch,), bool), rng)
+
+    return _decode_loop(model, emit, (t, feed, state, out, count, done, rng))
+
+
+def prefill_length(shortest: int) -> int:
+  """How many prompt tokens the parallel prefill takes: the shortest prompt, rounded down to a
+  multiple of the active mesh's context size (the rest is fed one step at a time), so that a
+  long prompt is split over the context axis whatever its length."""
+  shards = kernel_sharding.seq_shards()
+  return shortest - shortest % shards if shortest >= shards else shortest
 
 
 def _return_freed_heap() -> None:
@@ -192,7 +210,9 @@ def generate_batch(
     seed: PRNG seed of the sampling (unused when greedy).
     vocab_limit: sample only ids below it (a model vocab padded past the tokenizer's).
     on_tokens: called as `on_tokens(position, tokens [batch])` at every step where row 0
-      emits (streaming; the whole batch's sampled tokens of that step).
+      emits (streaming; the whole batch's sampled tokens of that step). Under a
+      `parallel.sharding.logical_sharding` mesh (an ordered host callback needs one device)
+      it is called after the loop instead, once per token of row 0, with `out[:, position]`.
   Returns:
     the new tokens of each prompt, in order (at most max_new_tokens; ends with the EOS when
     it stopped there).
@@ -217,32 +237,38 @@ def generate_batch(
     frozen_copy=isinstance(model, (MatMulFreeLM, TransformerLM)),
   )
   graphdef, params = nnx.split(model)
+  layout = sharding.active()
+  params = sharding.place_params(params)
   eos = -1 if cfg.eos_id is None else cfg.eos_id
-  if on_tokens is not None:
+  stream = on_tokens is not None and layout is None
+  if stream:
     _STREAM_SINK.append(on_tokens)
   compiled = _generate._cache_size()  # pylint: disable=protected-access
   try:
     out, count = _generate(
       graphdef,
       params,
-      jnp.asarray(padded),
+      sharding.place(padded, ("activation_batch", "activation_seq")),
       jnp.asarray(lengths),
       jax.random.key(seed),
       jnp.float32(cfg.temperature),
       jnp.float32(cfg.top_p),
       jnp.int32(eos),
       max_new_tokens=cfg.max_new_tokens,
-      min_len=int(lengths.min()),
+      min_len=prefill_length(int(lengths.min())),
       vocab_limit=vocab_limit,
-      stream=on_tokens is not None,
+      stream=stream,
+      layout=layout,
       **static_sampling(cfg),
     )
     out, count = np.asarray(out), np.asarray(count)
   finally:
-    if on_tokens is not None:
+    if stream:
       _STREAM_SINK.pop()
   if _generate._cache_size() > compiled:  # pylint: disable=protected-access
     _return_freed_heap()
+  for position in range(count[0] if on_tokens is not None and not stream else 0):
+    on_tokens(position, out[:, position])
   return [out[row, : count[row]].tolist() for row in range(len(prompts))]
 
 

@@ -287,9 +287,10 @@ def _tiny_config(kind="mmfree"):
   return cfg
 
 
-def _make_workdir(workdir, kind="mmfree"):
-  """A workdir holding a random tiny model at step 0 (as an importer would write it)."""
-  cfg = _tiny_config(kind)
+def _make_workdir(workdir, kind="mmfree", config=None):
+  """A workdir holding a random tiny model at step 0 (as an importer would write it), of
+  `config` (default `_tiny_config(kind)`)."""
+  cfg = config or _tiny_config(kind)
   model = build_model(ModelConfig.from_config(cfg.model), 0)
   checkpointer = ckpt_lib.Checkpointer(str(workdir))
   checkpointer.save_params(0, nnx.split(model)[1].to_pure_dict(), json.loads(cfg.to_json()))

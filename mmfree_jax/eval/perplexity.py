@@ -20,6 +20,7 @@ from mmfree_jax.data.tokenizer import prefix_token
 from mmfree_jax.eval.scoring import Tokenizer, score_continuations, target_logprobs
 from mmfree_jax.nn.model import check_token_ids
 from mmfree_jax.numerics import loss as loss_lib
+from mmfree_jax.parallel import sharding
 
 log = logging.getLogger("mmfree_jax")
 
@@ -141,13 +142,19 @@ def perplexity_of_batches(
     `summarize_nll` of all counted targets.
   """
   graphdef, params = nnx.split(model)
+  params = sharding.place_params(params)
   nll, tokens, num_bytes = 0.0, 0, 0
   for batch in batches:
     tokens_np, segments_np = np.asarray(batch["tokens"]), np.asarray(batch["segment_ids"])
     check_token_ids(tokens_np, model.cfg.vocab_size)
     inputs, input_segments, targets, mask = loss_lib.split_window(tokens_np, segments_np)
     segments = input_segments if model.cfg.reset_at_doc_start else None
-    picked, _ = jax.device_get(target_logprobs(graphdef, params, inputs, targets, segments))
+    names = ("activation_batch", "activation_seq")
+    inputs, targets = sharding.place(inputs, names), sharding.place(targets, names)
+    segments = None if segments is None else sharding.place(segments, names)
+    picked, _ = jax.device_get(
+      target_logprobs(graphdef, params, inputs, targets, segments, layout=sharding.active())
+    )
     nll -= float(np.sum(np.where(mask, picked, 0.0), dtype=np.float64))
     tokens += int(mask.sum())
     if tokenizer is not None:

@@ -25,6 +25,7 @@ from mmfree_jax.eval.perplexity import perplexity_of_batches, perplexity_of_text
 from mmfree_jax.eval.scoring import Tokenizer
 from mmfree_jax.nn.model import abstract_model, count_params
 from mmfree_jax.nn.packed import DEFAULT_METHOD
+from mmfree_jax.parallel import sharding
 
 log = logging.getLogger("mmfree_jax")
 
@@ -236,6 +237,7 @@ def evaluate_workdir(
   packed: bool = False,
   packed_method: str = DEFAULT_METHOD,
   write: bool = True,
+  mesh=None,
 ) -> dict:
   """Loads a checkpoint, runs `options`, writes and returns the results.
 
@@ -250,20 +252,28 @@ def evaluate_workdir(
       step is updated (sections not run now are kept).
     write: False leaves the writing to the caller (`write_results`; eval.py shows the
       results first, so a read-only workdir loses nothing).
+    mesh: a `jax.sharding.Mesh` (`parallel.mesh.make_mesh(cfg.mesh.shape)`; eval.py's
+      `--config.mesh.shape.*`) to run on, under the config's `mesh.axis_rules`: the params
+      split as in training, each forward's tokens over the batch axes and the sequence over
+      the context axis (long documents, contexts and prompts prefilled split); None = one
+      device. Not for a packed model.
   Returns:
     `{"step", "workdir", "model", "perplexity": {name: ...}, "multiple_choice": {name: ...},
     "generation": [...], "notes": [...], "seconds", "output": path}`.
   """
   started = time.time()
   mc_examples = _check_options(options)  # bad options and files fail before loading
+  if packed and mesh is not None:
+    raise ValueError(
+      "a packed model runs on one device: drop the --config.mesh.shape overrides, or "
+      "evaluate the training --workdir on the mesh"
+    )
   if packed:
     model, cfg, step = load_packed_for_eval(workdir, config, packed_method)
   else:
     model, cfg, step = load_for_eval(workdir, step, config)
   tokenizer = tokenizer or load_tokenizer_for(cfg, model.cfg)
   seq_len = int(cfg.data.seq_len)
-  max_len = seq_len if model.cfg.kind == "transformer" else None
-  common = dict(batch_size=options.batch_size, chunk_len=options.chunk_len)
   results: dict[str, Any] = {
     "step": step,
     "workdir": paths.absolute(workdir),
@@ -273,6 +283,21 @@ def evaluate_workdir(
     "generation": [],
     "notes": [scoring_note(model.cfg, seq_len)],
   }
+  layout = None if mesh is None else (mesh, sharding.normalize_rules(cfg.mesh.axis_rules))
+  with sharding.within(layout):
+    _run(results, model, cfg, tokenizer, options, mc_examples)
+  results["seconds"] = time.time() - started
+  results["output"] = (
+    write_results(results, output_dir or paths.join(workdir, "eval")) if write else None
+  )
+  return results
+
+
+def _run(results: dict, model, cfg, tokenizer, options: EvalOptions, mc_examples) -> None:
+  """Fills `results`' perplexity, multiple-choice and generation sections."""
+  seq_len = int(cfg.data.seq_len)
+  max_len = seq_len if model.cfg.kind == "transformer" else None
+  common = dict(batch_size=options.batch_size, chunk_len=options.chunk_len)
   if options.ppl_split == "val":
     results["perplexity"]["val"] = _validation_perplexity(model, cfg, tokenizer, options)
   for path in options.ppl_files:
@@ -289,11 +314,6 @@ def evaluate_workdir(
     )
   for prompt in options.prompts:
     results["generation"].append(_generation(model, tokenizer, prompt, options, seq_len))
-  results["seconds"] = time.time() - started
-  results["output"] = (
-    write_results(results, output_dir or paths.join(workdir, "eval")) if write else None
-  )
-  return results
 
 
 def write_results(results: dict, output_dir: str) -> str:

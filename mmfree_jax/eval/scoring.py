@@ -15,7 +15,10 @@ have produced it (lm-eval-harness's `(logprob, is_greedy)`).
   their oldest context tokens, as lm-eval-harness does.
 
 Jitted functions take the graphdef static and the params as a pytree; shapes are bucketed to
-bound recompiles.
+bound recompiles. Inside `parallel.sharding.logical_sharding(mesh, rules)` everything runs on
+that mesh: params placed by their logical names, token rows split over the batch axes and the
+sequence over the context axis (a chunk the context size divides runs the split recurrence
+or attention), the block passed to each jitted function as its static `layout`.
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ from flax import nnx
 from mmfree_jax.infer.runner import prepare_for_scoring
 from mmfree_jax.nn.model import RecurrentState, check_token_ids
 from mmfree_jax.numerics.dtypes import acc_dtype
+from mmfree_jax.parallel import sharding
 
 log = logging.getLogger("mmfree_jax")
+_TOKENS = ("activation_batch", "activation_seq")  # a `[batch, seq]` token array's names
 
 
 class Tokenizer(Protocol):
@@ -74,19 +79,22 @@ def _gather(logprobs: jax.Array, tokens: jax.Array):
   return picked, jnp.argmax(logprobs, axis=-1) == tokens
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def target_logprobs(graphdef, params, inputs, targets, segment_ids):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
+def target_logprobs(graphdef, params, inputs, targets, segment_ids, layout=None):
   """One full forward. `inputs, targets [B, T]` int32, `segment_ids [B, T]` or None.
 
-  Returns log p(target) `[B, T]` fp32 and `[B, T]` bool (target is the argmax).
+  Returns log p(target) `[B, T]` fp32 and `[B, T]` bool (target is the argmax). layout: the
+  caller's `parallel.sharding.active()` (as every kernel here: the forward runs on its mesh,
+  the sequence split over its context axis).
   """
-  model = prepare_for_scoring(nnx.merge(graphdef, params))
-  logits, _ = model(inputs, segment_ids=segment_ids)
-  return _gather(_log_softmax(logits), targets)
+  with sharding.within(layout):
+    model = prepare_for_scoring(nnx.merge(graphdef, params))
+    logits, _ = model(inputs, segment_ids=segment_ids)
+    return _gather(_log_softmax(logits), targets)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill_chunk(graphdef, params, tokens, segment_ids, state):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
+def _prefill_chunk(graphdef, params, tokens, segment_ids, state, layout=None):
   """MatMul-free prefill of one chunk of left-padded contexts.
 
   Args:
@@ -97,15 +105,16 @@ def _prefill_chunk(graphdef, params, tokens, segment_ids, state):
     zeroed where no context token has been seen yet (so a context starting exactly at a chunk
     boundary starts from the zero state; one starting inside a chunk is reset there).
   """
-  model = prepare_for_scoring(nnx.merge(graphdef, params))
-  logits, state = model(tokens, segment_ids=segment_ids, state=state)
+  with sharding.within(layout):
+    model = prepare_for_scoring(nnx.merge(graphdef, params))
+    logits, state = model(tokens, segment_ids=segment_ids, state=state)
   started = (segment_ids != 0).any(axis=1)
   h = jnp.where(started[None, :, None], state.h, jnp.zeros_like(state.h))
   return _log_softmax(logits[:, -1]), RecurrentState(h)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _continuation_chunk(graphdef, params, tokens, state, first_logprobs):
+@functools.partial(jax.jit, static_argnames=("graphdef", "layout"))
+def _continuation_chunk(graphdef, params, tokens, state, first_logprobs, layout=None):
   """MatMul-free scoring of one chunk of right-padded continuations from a carried state.
 
   Args:
@@ -116,8 +125,9 @@ def _continuation_chunk(graphdef, params, tokens, state, first_logprobs):
     log p(tokens) `[B, T]`, is-argmax `[B, T]`, the new state, `[B, V]` log-probs predicting
     the token after the chunk.
   """
-  model = prepare_for_scoring(nnx.merge(graphdef, params))
-  logits, state = model(tokens, state=state)
+  with sharding.within(layout):
+    model = prepare_for_scoring(nnx.merge(graphdef, params))
+    logits, state = model(tokens, state=state)
   logprobs = _log_softmax(logits)  # position t predicts token t + 1
   predicting = jnp.concatenate([first_logprobs[:, None], logprobs[:, :-1]], axis=1)
   picked, greedy = _gather(predicting, tokens)
@@ -187,6 +197,7 @@ def score_continuations(
 def _score_full_forward(model, requests, batch_size, max_len) -> list[Scored]:
   """Transformer++ path: one causal forward over context + continuation per request."""
   graphdef, params = nnx.split(model)
+  params = sharding.place_params(params)
   sequences = []
   for k, (context, continuation) in enumerate(requests):
     if max_len is not None and len(continuation) > max_len:
@@ -209,7 +220,10 @@ def _score_full_forward(model, requests, batch_size, max_len) -> list[Scored]:
       seq = sequences[k]
       inputs[row, : len(seq) - 1] = seq[:-1]
       targets[row, : len(seq) - 1] = seq[1:]
-    picked, greedy = jax.device_get(target_logprobs(graphdef, params, inputs, targets, None))
+    inputs, targets = (sharding.place(x, _TOKENS) for x in (inputs, targets))
+    picked, greedy = jax.device_get(
+      target_logprobs(graphdef, params, inputs, targets, None, layout=sharding.active())
+    )
     for row, k in enumerate(ids):
       end = len(sequences[k]) - 1
       span = slice(end - len(requests[k][1]), end)
@@ -251,11 +265,14 @@ def _prefill(graphdef, params, contexts, rows, chunk_len):
   for row, context in enumerate(contexts):
     tokens[row, length - len(context) :] = context
     segments[row, length - len(context) :] = 1
+  tokens, segments = (sharding.place(x, _TOKENS) for x in (tokens, segments))
   state = model.init_state(rows)
   step = min(length, chunk_len)
   for start in range(0, length, step):
     chunk = slice(start, start + step)
-    last, state = _prefill_chunk(graphdef, params, tokens[:, chunk], segments[:, chunk], state)
+    last, state = _prefill_chunk(
+      graphdef, params, tokens[:, chunk], segments[:, chunk], state, layout=sharding.active()
+    )
   return state, last
 
 
@@ -265,11 +282,12 @@ def _continue(graphdef, params, state, first, continuations, rows, chunk_len):
   tokens = np.zeros((rows, length), np.int32)
   for row, continuation in enumerate(continuations):
     tokens[row, : len(continuation)] = continuation
+  tokens = sharding.place(tokens, _TOKENS)
   step = min(length, chunk_len)
   picked, greedy = [], []
   for start in range(0, length, step):
     p, g, state, first = _continuation_chunk(
-      graphdef, params, tokens[:, start : start + step], state, first
+      graphdef, params, tokens[:, start : start + step], state, first, layout=sharding.active()
     )
     picked.append(p)
     greedy.append(g)
@@ -280,6 +298,7 @@ def _score_recurrent(model, requests, batch_size, chunk_len) -> list[Scored]:
   """MatMul-free path: prefill each distinct context once, broadcast its state to its
   continuations (a gather over the batch axis), score the continuations from it."""
   graphdef, params = nnx.split(recurrent_scoring_model(model))
+  params = sharding.place_params(params)
   context_index: dict[tuple[int, ...], int] = {}
   for context, _ in requests:
     context_index.setdefault(tuple(context), len(context_index))

@@ -88,13 +88,18 @@ def seq_split(seq: int) -> tuple[KernelSharding, int] | None:
   """`(active sharding, shards)` when the active sharding splits a `seq`-long sequence over
   its `seq_axes` (more than one shard, dividing `seq`), else None: a decode step or a ragged
   prompt runs unsplit."""
-  sharding = _ACTIVE.get()
-  if sharding is None or sharding.seq_axes is None:
-    return None
-  shards = _axes_size(sharding.mesh, sharding.seq_axes)
+  shards = seq_shards()
   if shards == 1 or seq % shards:
     return None
-  return sharding, shards
+  return _ACTIVE.get(), shards
+
+
+def seq_shards() -> int:
+  """How many shards the active sharding splits a sequence into (1 when it does not)."""
+  sharding = _ACTIVE.get()
+  if sharding is None or sharding.seq_axes is None:
+    return 1
+  return _axes_size(sharding.mesh, sharding.seq_axes)
 
 
 def _axes_size(mesh: Mesh, axes: Axes) -> int:

@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mmfree_jax.parallel import kernel_sharding
@@ -51,6 +52,52 @@ def logical_sharding(mesh: Mesh, rules: Rules):
       yield
   finally:
     _ACTIVE.reset(token)
+
+
+Layout = tuple[Mesh, Rules]  # `(mesh, normalized rules)` of a `logical_sharding` block
+
+
+def active() -> Layout | None:
+  """The `(mesh, rules)` of the enclosing `logical_sharding` block, or None.
+
+  A jitted function that runs the model under a mesh takes it as a static argument and enters
+  `within(layout)` inside: the block is read while tracing, and jit caches traces by argument
+  types only (a trace made on one device would be reused on the mesh, and back)."""
+  return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def within(layout: Layout | None):
+  """`logical_sharding(*layout)` for the block, or nothing when `layout` is None."""
+  if layout is None:
+    yield
+    return
+  with logical_sharding(*layout):
+    yield
+
+
+def place(x: jax.Array, logical_axes: Sequence[str | None]):
+  """`x` on the active mesh split by its logical names, or `x` as is outside
+  `logical_sharding`: e.g. a prompt `[batch, seq]` placed on `("activation_batch",
+  "activation_seq")` reaches the devices already split over batch and context."""
+  return place_tree(x, PartitionSpec(*logical_axes))
+
+
+def place_tree(tree, logical_specs):
+  """`tree`'s arrays on the active mesh, each split by the logical `PartitionSpec` of a matching
+  tree (or one spec for a lone array), or `tree` as is outside `logical_sharding`."""
+  layout = _ACTIVE.get()
+  if layout is None:
+    return tree
+  return jax.device_put(tree, tree_shardings(tree, logical_specs, *layout))
+
+
+def place_params(params):
+  """A model's params (`nnx.split(model)[1]`) on the active mesh, split by the logical names
+  they carry (as in training); unchanged outside `logical_sharding`."""
+  if _ACTIVE.get() is None:
+    return params
+  return place_tree(params, nnx.get_partition_spec(params))
 
 
 def without_mesh_axis(rules: Rules, axis: str) -> Rules:
