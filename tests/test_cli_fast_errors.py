@@ -95,10 +95,11 @@ def test_user_error_is_one_line_before_jax(tmp_path, script, args, expected):
 def test_failed_setup_leaves_no_folder_and_no_traceback(tmp_path):
   """An error found inside `trainer.setup` (after the workdir, its lock and the checkpointer
   were made: here the tokenizer does not fit the model's vocab) is one line on every try, with
-  no orbax shutdown traceback after it, and leaves neither `checkpoints/` nor the workdir."""
+  no orbax shutdown traceback after it, and leaves neither `checkpoints/`, the workdir nor the
+  parent folder made for it."""
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env["PYTHONPATH"] = REPO
-  workdir = tmp_path / "wd"
+  workdir = tmp_path / "new" / "wd"  # its parent is created too, and removed
   args = [
     f"--workdir={workdir}",
     "--config.data.tokenizer=byte",
@@ -120,7 +121,7 @@ def test_failed_setup_leaves_no_folder_and_no_traceback(tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and "model.vocab_size=64" in errors[0], proc.stderr
     assert log_headers(proc.stdout + proc.stderr) == [], proc.stderr  # one log format
-    assert not workdir.exists(), sorted(str(p) for p in workdir.rglob("*"))
+    assert not (tmp_path / "new").exists(), sorted(str(p) for p in tmp_path.rglob("*"))
   (workdir / "checkpoints").mkdir(parents=True)  # an existing (empty) workdir stays
   proc = subprocess.run(
     [sys.executable, os.path.join(REPO, "train.py"), *args],

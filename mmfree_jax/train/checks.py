@@ -26,6 +26,18 @@ def check_workdir_scheme(workdir: str) -> None:
   )
 
 
+def missing_folders(workdir: str) -> list[str]:
+  """What a start creates, outermost first: the workdir's missing parents on a disk (`/ckpt`
+  of `/ckpt/370m`), the workdir, its `checkpoints/`."""
+  folders = [d for d in (workdir, ckpt_lib.checkpoint_dir(workdir)) if not paths.exists(d)]
+  parent = paths.dirname(workdir)
+  while (
+    not paths.is_remote(workdir) and parent != paths.dirname(parent) and not paths.exists(parent)
+  ):
+    folders, parent = [parent] + folders, paths.dirname(parent)
+  return folders
+
+
 def check_workdir_writable(workdir: str) -> None:
   """Fails before any compute if the workdir cannot be created or written."""
   check_workdir_scheme(workdir)

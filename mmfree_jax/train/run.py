@@ -373,7 +373,7 @@ def setup(
   model_cfg = _validate(cfg)
   layout = Layout.from_config(cfg, model_cfg)
   checks.check_batch_layout(cfg.train, layout.mesh)
-  created = [d for d in (workdir, ckpt_lib.checkpoint_dir(workdir)) if not paths.exists(d)]
+  created = checks.missing_folders(workdir)
   checks.check_workdir_writable(workdir)
   is_main = jax.process_index() == 0
   lock = _lock(cfg, workdir) if is_main else None
