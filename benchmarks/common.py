@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import tempfile
 import time
 from typing import Callable
 
@@ -33,7 +34,8 @@ PRESETS = ("toy", "cpu", "accel")
 def parse_args(
   name: str, doc: str, extra: Callable[[argparse.ArgumentParser], None] | None = None, argv=None
 ):
-  """`--preset toy|cpu|accel` (default cpu) and `--out` (default results/<name>.json)."""
+  """`--preset toy|cpu|accel` (default cpu) and `--out` (default: `<name>.json` in a
+  temporary folder; `--commit_results`: the committed results/<name>.json)."""
   parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}", description=doc)
   parser.add_argument(
     "--preset",
@@ -42,10 +44,22 @@ def parse_args(
     help="toy: seconds (smoke test); cpu: the CPU-sized default (< 3 min); "
     "accel: bigger shapes for a GPU/TPU",
   )
-  parser.add_argument("--out", default=os.path.join(RESULTS_DIR, f"{name}.json"))
+  parser.add_argument("--out", default=None, help="the JSON file (default: see --commit_results)")
+  parser.add_argument(
+    "--commit_results",
+    action="store_true",
+    help=f"write benchmarks/results/{name}.json (committed) instead of "
+    f"$TMPDIR/mmfree_bench/{name}.json",
+  )
   if extra is not None:
     extra(parser)
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.out is None:  # running one benchmark must not dirty the checkout (run_all: --out)
+    folder = (
+      RESULTS_DIR if args.commit_results else os.path.join(tempfile.gettempdir(), "mmfree_bench")
+    )
+    args.out = os.path.join(folder, f"{name}.json")
+  return args
 
 
 def _load_average() -> float | None:

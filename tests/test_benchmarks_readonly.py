@@ -1,6 +1,7 @@
 """Reading benchmark results leaves the checkout as it was: `benchmarks.aot_tpu --table` prints
 the cached table without rewriting `benchmarks/results/aot_tpu.json`, and `benchmarks.run_all`
-writes to a new temporary folder unless `--results_dir` or `--commit_results` says otherwise.
+and each benchmark write to a temporary folder unless `--results_dir`/`--out` or
+`--commit_results` says otherwise.
 Each check compares the bytes and mtimes of every file under benchmarks/ before and after."""
 
 import os
@@ -64,6 +65,16 @@ def test_run_all_writes_to_a_temporary_folder_by_default(tmp_path):
   assert (made / "results" / "bench_peak.json").is_file()
   assert "## " in (made / "RESULTS.md").read_text()
   assert str(made / "results") in proc.stdout
+
+
+@pytest.mark.subprocess
+def test_one_benchmark_writes_to_a_temporary_folder_by_default(tmp_path):
+  """`python -m benchmarks.bench_context` (a README command) rewrote its committed JSON."""
+  before = _snapshot()
+  proc = _run(["benchmarks.bench_peak", "--preset", "toy"], tmp_path)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  assert _changed(before, _snapshot()) == []
+  assert (tmp_path / "mmfree_bench" / "bench_peak.json").is_file(), proc.stdout[-2000:]
 
 
 def test_run_all_refuses_commit_results_with_results_dir(tmp_path, capsys):
