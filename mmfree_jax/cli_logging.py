@@ -68,6 +68,19 @@ class PlainFormatter(logging.Formatter):
     return f"{level} ({_package(record)}): {text}"
 
 
+def _printed_by_its_library(name: str) -> bool:
+  """Whether a logger on the record's way to the root has a handler of its own (huggingface_hub
+  adds one when lm-eval imports it): that one prints the record already."""
+  logger = logging.getLogger(name)
+  while logger.parent is not None:  # stops below the root
+    if logger.handlers:
+      return True
+    if not logger.propagate:
+      return False
+    logger = logger.parent
+  return False
+
+
 class _LevelFilter(logging.Filter):
   """Our records from `ours`, everyone else's from `libraries` up (a library may have set its
   own logger's level lower), less the QUIET ones unless --verbosity asked for INFO."""
@@ -79,6 +92,8 @@ class _LevelFilter(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     if _is_ours(record.name):
       return record.levelno >= self.ours
+    if _printed_by_its_library(record.name):
+      return False
     if record.levelno < self.libraries:
       return False
     return self.libraries < logging.WARNING or not str(record.msg).startswith(QUIET)

@@ -125,3 +125,16 @@ def test_a_library_exception_is_one_line_unless_verbose():
   assert cli_logging.PlainFormatter().format(record) == line + "storage.googleapis.com:443"
   verbose = cli_logging.PlainFormatter(tracebacks=True).format(record)
   assert verbose.startswith("error (gcsfs): _request out of retries\nTraceback")
+
+
+def test_a_library_with_its_own_handler_is_printed_once(capfd):
+  hub = logging.getLogger("huggingface_hub")
+  own = logging.StreamHandler(sys.__stderr__)  # as huggingface_hub adds when lm-eval imports it
+  hub.addHandler(own)
+  try:
+    with cli_logging.configured():
+      logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+      sys.__stderr__.flush()
+  finally:
+    hub.removeHandler(own)
+  assert capfd.readouterr().err.splitlines() == ["Retrying in 1s [Retry 1/5]."]
