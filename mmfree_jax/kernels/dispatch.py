@@ -56,14 +56,14 @@ def kernel_platform(platform: str, interpret=None):
 
 def current_platform() -> str:
   """The platform kernels are traced for: a `kernel_platform` override, else the devices of the
-  active `parallel.kernel_sharding` mesh (TPU topology devices for an AOT compile from a CPU
-  host), else `jax.default_backend()`."""
+  `parallel.kernel_sharding` mesh, active or suspended inside its shard_map (TPU topology
+  devices for an AOT compile from a CPU host), else `jax.default_backend()`."""
   override = _OVERRIDE.get()
   if override is not None:
     return override[0]
-  active = kernel_sharding.active()
-  if active is not None:
-    return platform_of(active.mesh.devices.flat[0].platform)
+  mesh = kernel_sharding.mesh()  # also inside a context shard_map (`suspended()`)
+  if mesh is not None:
+    return platform_of(mesh.devices.flat[0].platform)
   return default_platform()
 
 

@@ -49,6 +49,11 @@ class KernelSharding:
 
 
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("mmfree_kernel_sharding", default=None)
+# The mesh of a sharding `suspended()` inside its own shard_map: still the devices the kernels
+# are built for (an AOT compile for TPU from a CPU host would otherwise pick the CPU paths).
+_SUSPENDED_MESH: contextvars.ContextVar = contextvars.ContextVar(
+  "mmfree_kernel_sharding_suspended_mesh", default=None
+)
 
 
 @contextlib.contextmanager
@@ -72,16 +77,27 @@ def kernel_sharding(
 
 @contextlib.contextmanager
 def suspended():
-  """Kernels traced inside the block run as is: for code already inside a `shard_map`."""
+  """Kernels traced inside the block run as is: for code already inside a `shard_map`. The
+  mesh stays known to `mesh()` (the kernels' platform is its devices')."""
+  outer = _ACTIVE.get()
+  mesh_token = _SUSPENDED_MESH.set(outer.mesh if outer is not None else _SUSPENDED_MESH.get())
   token = _ACTIVE.set(None)
   try:
     yield
   finally:
     _ACTIVE.reset(token)
+    _SUSPENDED_MESH.reset(mesh_token)
 
 
 def active() -> KernelSharding | None:
   return _ACTIVE.get()
+
+
+def mesh() -> Mesh | None:
+  """The mesh of the active sharding, or of the one suspended around this code (inside its
+  shard_map), else None: its devices are the platform the kernels are traced for."""
+  sharding = _ACTIVE.get()
+  return sharding.mesh if sharding is not None else _SUSPENDED_MESH.get()
 
 
 def seq_split(seq: int) -> tuple[KernelSharding, int] | None:
@@ -150,12 +166,19 @@ def rowwise(
   fn: Callable, x: jax.Array, *replicated: jax.Array, sharding: KernelSharding | None = None
 ):
   """`fn(x, *replicated) -> outputs [..., k]` per shard of x's rows (the leading dim on the
-  batch axes, the last dim whole); `replicated` (e.g. gamma) is on every shard whole."""
+  batch axes, a `[batch, seq, ..., d]` x's seq dim on the `seq_axes`, the last dim whole);
+  `replicated` (e.g. gamma) is on every shard whole.
+
+  The seq dim stays split under context parallelism: with it whole, every context shard would
+  gather the whole sequence's rows and quantize all of them (a `[batch, seq, d]` activation
+  and its codes per chip, per BitLinear)."""
   sharding = _get(sharding)
   if sharding is None:
     return fn(x, *replicated)
-  b = _fit(sharding.mesh, sharding.batch_axes, x.shape[0])
-  row_spec = P(b, *([None] * (x.ndim - 1)))
+  mesh = sharding.mesh
+  b = _fit(mesh, sharding.batch_axes, x.shape[0])
+  s = _fit(mesh, sharding.seq_axes, x.shape[1]) if x.ndim > 2 else None
+  row_spec = P(b, s, *([None] * (x.ndim - 2))) if x.ndim > 2 else P(b, None)
   return jax.shard_map(
     fn,
     mesh=sharding.mesh,
