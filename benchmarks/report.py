@@ -34,6 +34,7 @@ SECTIONS = (
   "aot_long_context",
   "accel_check",
   "bench_inference",
+  "ab_inference",
   "bench_checkpoint",
   "bench_checkpoint_storage",
   "bench_context",
