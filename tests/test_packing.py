@@ -389,3 +389,18 @@ def test_prefill_unpacks_one_layer_at_a_time(method):
     for n in names
   ]
   assert temp < 0.5 * sum(fp32_codes), (temp, fp32_codes)
+
+
+@pytest.mark.parametrize("fmt", ["2bit", "int8", "frozen", "latent_scale"])
+def test_packed_model_holds_its_tensors_as_exported(fmt):
+  """`PackedLM(params, spec).packed_params()` gives back the exported tensors, leaf for leaf,
+  for a stacked and a per-layer code format and both frozen formats; the frozen ones record
+  the resolved impl whose product they run ('auto' is lean on CPU)."""
+  cfg = ModelConfig.tiny(vocab_size=97, d_model=32, num_layers=2, bitlinear_impl="auto")
+  model = perturb_params(mmfree_jax.build_model(cfg, 0))  # norms and bounds differ
+  params, spec = packed_model.export_packed(model, fmt, "lut")
+  got = packed_model.PackedLM(params, spec).packed_params()
+  assert jax.tree.structure(got) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert spec.method == ("lean" if fmt in packed_model.FROZEN_FORMATS else "lut")
