@@ -116,9 +116,14 @@ def resolve_paths(paths: str, kind: str) -> list[str]:
 def check_prepared_dir_exists(directory: str) -> None:
   """A prepared folder (`data.source=array_record`) that is not there, in one line."""
   if not paths_lib.isdir(directory):
+    reach = (  # gcsfs/s3fs answer "no folder" when the bucket cannot be reached
+      " (or the bucket cannot be reached: check the network and your credentials)"
+      if paths_lib.is_remote(directory)
+      else ""
+    )
     raise ValueError(
       f"prepared folder {directory!r} does not exist; run `python -m "
-      "mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths"
+      f"mmfree_jax.data.prepare --out <folder> ...` first, or fix data.paths{reach}"
     )
 
 
