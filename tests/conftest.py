@@ -10,6 +10,8 @@ import tempfile
 
 import pytest
 
+from tests.cpu_pipeline import FAST_FLAGS
+
 # The compile-only TPU/CUDA toolchains (requirements-accel.txt) live in their own folder, which
 # the README's test command fills (`pip install --target .venv-accel`), so that the runtime
 # venv's CLIs never load them (tests/test_cli_clean.py). Here, and in every subprocess a test
@@ -25,6 +27,8 @@ if os.path.isdir(ACCEL_TOOLCHAINS) and ACCEL_TOOLCHAINS not in sys.path:
 os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:  # tests/cpu_pipeline.py
+  os.environ["XLA_FLAGS"] += " " + FAST_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the toolchains above are compile-only
 # Tests compile for TPU topologies with libtpu in several processes at once (xdist workers):
 # without this libtpu's per-host lockfile lets only one of them load it.

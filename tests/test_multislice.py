@@ -21,6 +21,7 @@ from mmfree_jax.parallel import dcn, sharding
 from mmfree_jax.parallel import mesh as mesh_lib
 from mmfree_jax.train import optim, steps
 from mmfree_jax.train import state as state_lib
+from tests.cpu_pipeline import DEFAULT_CPU_PIPELINE
 
 TOPOLOGY = "v5e:2x2"  # 4 chips per slice: the meshes
 STEP_TOPOLOGY = "v5e:2x4"  # 8 chips per slice: the compiled steps, on the 370M's v5e-8 mesh
@@ -72,7 +73,7 @@ def _accumulated(dtype, mesh_shape, microbatches):
     return steps.accumulate_gradients(objective.loss, params, batch, ctx, microbatches)
 
   if mesh_shape is None:
-    return jax.device_get(jax.jit(run)(params, batch))
+    return jax.device_get(jax.jit(run, compiler_options=DEFAULT_CPU_PIPELINE)(params, batch))
   mesh = mesh_lib.make_mesh(mesh_shape)
   params = jax.device_put(params, state_lib.param_shardings(model_cfg, mesh, RULES))
   batch = jax.device_put(batch, sharding.batch_sharding(mesh, RULES))
@@ -81,7 +82,7 @@ def _accumulated(dtype, mesh_shape, microbatches):
     with sharding.logical_sharding(mesh, RULES):
       return run(params, batch)
 
-  return jax.device_get(jax.jit(sharded)(params, batch))
+  return jax.device_get(jax.jit(sharded, compiler_options=DEFAULT_CPU_PIPELINE)(params, batch))
 
 
 MESH_D2F2T2 = {"data": 2, "fsdp": 2, "tensor": 2}
