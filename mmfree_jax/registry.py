@@ -40,6 +40,11 @@ SPLASH_MIN_SEQ = 128
 # unpack expands them to int8 codes.
 MATVEC_METHODS = ("lut", "unpack", "popcount")
 DEFAULT_MATVEC_METHOD = "popcount"
+# `python -m mmfree_jax.export --format` and `--embedding_dtype` (export/layout.py): the code
+# formats the CLI writes (loading reads every `nn.packed.CODE_FORMATS`) and the stored
+# embedding dtypes.
+EXPORT_FORMATS = ("2bit", "base3", "int8")
+EMBEDDING_DTYPES = ("bfloat16", "float32", "float64", "int8")
 
 
 def resolve_scan_type(scan_type: str, platform: str) -> str:

@@ -330,6 +330,9 @@ def test_registries_match_their_names():
   assert tuple(recurrence.IMPLS) == registry.SCAN_TYPES
   assert tuple(bitlinear.IMPLS) == registry.BITLINEAR_IMPLS
   assert ternary_packing.MATVEC_METHODS == registry.MATVEC_METHODS
+  from mmfree_jax.export import layout  # pylint: disable=import-outside-toplevel
+
+  assert sorted(layout.EMBEDDING_DTYPES) == sorted(registry.EMBEDDING_DTYPES)
   assert registry.DEFAULT_MATVEC_METHOD in registry.MATVEC_METHODS
 
 

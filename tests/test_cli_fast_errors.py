@@ -58,6 +58,11 @@ CASES = [
     "/nonexistent/MMfreeLM-370M/config.json not found: --src must be an HF model folder",
   ),
   (
+    "mmfree_jax/export/__main__.py",
+    ["--workdir=/nonexistent/run", "--dst=out"],
+    "--workdir=/nonexistent/run does not exist",
+  ),
+  (
     "mmfree_jax/data/prepare.py",
     ["--inputs=/nonexistent/*.jsonl", "--format=jsonl", "--tokenizer=byte", "--out=wd"],
     "--inputs glob '/nonexistent/*.jsonl' matches no files",

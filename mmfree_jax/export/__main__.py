@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmfree_jax import cli_logging
-from mmfree_jax.checkpoint.manager import CheckpointError
-from mmfree_jax.export import layout, writer
+from mmfree_jax import cli_logging, paths, registry
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -21,14 +19,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   parser.add_argument(
     "--format",
     default="2bit",
-    choices=layout.EXPORT_FORMATS,
+    choices=registry.EXPORT_FORMATS,
     help="2bit: 4 codes/byte; base3: 5 codes/byte (1.6 bits); int8: 1/byte",
   )
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   parser.add_argument(
     "--embedding_dtype",
     default=None,
-    choices=sorted(layout.EMBEDDING_DTYPES),
+    choices=registry.EMBEDDING_DTYPES,
     help="stored embedding dtype (default: the checkpoint's param dtype); int8: "
     "per-row absmax codes + fp32 scales, the one lossy choice",
   )
@@ -50,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+  if not paths.exists(args.workdir):  # before jax loads: a typo costs no import
+    print(f"error: --workdir={args.workdir} does not exist", file=sys.stderr)
+    return 1
+  from mmfree_jax.checkpoint.manager import CheckpointError  # pylint: disable=import-outside-toplevel
+  from mmfree_jax.export import layout, writer  # pylint: disable=import-outside-toplevel
+
   try:
     out = writer.export_workdir(
       args.workdir,

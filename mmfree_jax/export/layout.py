@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from mmfree_jax import registry
 from mmfree_jax.config import ModelConfig
 from mmfree_jax.hf import tensors
 from mmfree_jax.nn import packed
@@ -39,8 +40,7 @@ VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 MANIFEST = "packed.json"
-# what the CLI offers; loading reads any of packed.CODE_FORMATS
-EXPORT_FORMATS = ("2bit", "base3", "int8")
+EXPORT_FORMATS = registry.EXPORT_FORMATS  # what the CLI offers; loading reads any CODE_FORMATS
 LAYER_LINEARS = (
   ("attn", "i_proj"),
   ("attn", "f_proj"),
