@@ -38,7 +38,8 @@ _POLL_S = 0.05  # how often the uploader looks for orbax's local commit
 _PREFIX = "mmfree-ckpt-"  # + "<pid>-": a staging folder, named by the process that owns it
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+  """Whether process `pid` exists on this host (owned by anyone)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -53,7 +54,7 @@ def _sweep(tmp: str) -> None:
   `kill -9` cannot delete its own)."""
   for folder in paths.glob(paths.join(tmp, _PREFIX + "*")):
     pid = paths.basename(folder)[len(_PREFIX) :].split("-", 1)[0]
-    if pid.isdigit() and not _pid_alive(int(pid)):
+    if pid.isdigit() and not pid_alive(int(pid)):
       log.info("deleting the staging folder %s of a process that is gone", folder)
       paths.rmtree(folder)
 

@@ -80,6 +80,16 @@ def kjv_path() -> str:
   return path
 
 
+def _glob(entry: str, pattern: str, keep, what: str) -> list[str]:
+  """The matches of `data.paths` glob `pattern` (written `entry`) that `keep` accepts."""
+  matches = [p for p in paths_lib.glob(pattern) if keep(p)]
+  if not matches:
+    raise ValueError(
+      f"data.paths glob {entry!r} matches no {what}; fix the pattern in --config.data.paths"
+    )
+  return matches
+
+
 def resolve_paths(paths: str, kind: str) -> list[str]:
   """Expands `data.paths` (comma-separated files or globs) to existing, non-empty files."""
   entries = [p.strip() for p in (paths or "").split(",") if p.strip()]
@@ -92,12 +102,7 @@ def resolve_paths(paths: str, kind: str) -> list[str]:
   for entry in entries:
     pattern = paths_lib.expanduser(entry)
     if paths_lib.has_magic(pattern):
-      matches = [p for p in paths_lib.glob(pattern) if paths_lib.isfile(p)]
-      if not matches:
-        raise ValueError(
-          f"data.paths glob {entry!r} matches no files; fix the pattern in --config.data.paths"
-        )
-      files += matches
+      files += _glob(entry, pattern, paths_lib.isfile, "files")
     elif not paths_lib.exists(pattern):
       raise ValueError(f"data.paths file {entry!r} does not exist; fix --config.data.paths")
     elif not paths_lib.isfile(pattern):
@@ -139,13 +144,11 @@ def prepared_dirs(data_paths: str) -> list[str]:
   dirs = []
   for entry in entries:
     pattern = paths_lib.expanduser(entry)
-    if paths_lib.has_magic(pattern):
-      matches = [p for p in paths_lib.glob(pattern) if paths_lib.isdir(p)]
-      if not matches:
-        raise ValueError(f"data.paths glob {entry!r} matches no folders; fix --config.data.paths")
-      dirs += matches
-    else:
-      dirs.append(pattern)
+    dirs += (
+      _glob(entry, pattern, paths_lib.isdir, "folders")
+      if paths_lib.has_magic(pattern)
+      else [pattern]
+    )
   dirs = [paths_lib.absolute(d) for d in dirs]
   for directory in dirs:
     check_prepared_dir_exists(directory)

@@ -35,6 +35,7 @@ import time
 import uuid
 
 from mmfree_jax import paths
+from mmfree_jax.checkpoint import staging
 
 log = logging.getLogger("mmfree_jax")
 LOCK_NAME = ".lock"
@@ -47,16 +48,6 @@ SETTLE_S = 1.0  # bucket: how long a new lock must survive before it counts as h
 
 class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir."""
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:  # exists, owned by someone else
-    return True
-  return True
 
 
 def _parse(raw: bytes | None) -> dict | None:
@@ -182,7 +173,7 @@ class WorkdirLock:
     disk), or a heartbeat older than `stale_s` (bucket)."""
     pid = owner.get("pid")
     if not self.remote:
-      alive = owner.get("host") != me["host"] or not isinstance(pid, int) or _pid_alive(pid)
+      alive = owner.get("host") != me["host"] or not isinstance(pid, int) or staging.pid_alive(pid)
       return None if alive else "its pid is not running"
     beat = _parse(_read_fresh(self.heartbeat_path)) or {}
     last = beat.get("beat") if beat.get("token") == owner.get("token") else owner.get("beat")
