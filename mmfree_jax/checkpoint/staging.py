@@ -103,12 +103,18 @@ class StagedCheckpoints:
     if paths.exists(paths.join(local, self.marker)):
       return False
     src = paths.join(self.remote, str(step))
+    count = self._copy_step(src, local)
+    log.info("downloaded checkpoint step %d (%d files) from %s", step, count, src)
+    return True
+
+  def _copy_step(self, src: str, dst: str) -> int:
+    """Copies the step folder `src` to `dst` (bucket to disk or back), the commit marker last;
+    returns how many files."""
     names = paths.find(src)
     for name in (n for n in names if n != self.marker):
-      _copy(paths.join(src, name), paths.join(local, name))
-    _copy(paths.join(src, self.marker), paths.join(local, self.marker))
-    log.info("downloaded checkpoint step %d (%d files) from %s", step, len(names), src)
-    return True
+      _copy(paths.join(src, name), paths.join(dst, name))
+    _copy(paths.join(src, self.marker), paths.join(dst, self.marker))
+    return len(names)
 
   @property
   def pending(self) -> int | None:
@@ -139,12 +145,9 @@ class StagedCheckpoints:
       self._error = e
 
   def _push(self, step: int) -> None:
-    local, dst = paths.join(self.local, str(step)), paths.join(self.remote, str(step))
-    names = paths.find(local)
-    for name in (n for n in names if n != self.marker):
-      _copy(paths.join(local, name), paths.join(dst, name))
-    _copy(paths.join(local, self.marker), paths.join(dst, self.marker))
-    log.info("uploaded checkpoint step %d (%d files) to %s", step, len(names), dst)
+    dst = paths.join(self.remote, str(step))
+    count = self._copy_step(paths.join(self.local, str(step)), dst)
+    log.info("uploaded checkpoint step %d (%d files) to %s", step, count, dst)
 
   def _retain(self) -> None:
     if not self.keep:
